@@ -1,0 +1,139 @@
+"""The exception hierarchy of flowpipe, and the boundary translators that map foreign errors into it.
+
+```
+FlowpipeError                      base; the CLI catches exactly this and exits 1 with str(exc)
+├── ConfigError                    bad flags or values; raised before anything starts
+├── SourceError                    stage = receiving
+│   ├── RelayError                 .address, .code (grpc.StatusCode name)
+│   │   └── RelayUnavailableError  retryable (UNAVAILABLE, DEADLINE_EXCEEDED); the source backs off
+│   └── FlowDecodeError            .path, .line_number, .reason; per record, normally counted
+├── SinkError                      stage = sending
+│   └── DatasetWriteError          .path; disk I/O on flush is fatal
+├── QueryError                     .question, .sql; wraps duckdb.Error
+│   ├── EmptyDatasetError          the dataset holds no flows yet
+│   ├── UnknownQuestionError       .name, .available (close matches)
+│   └── QuestionParameterError     missing or unexpected parameters
+└── PolicyError
+    └── PolicyParseError           .path, .document_index
+```
+
+Library code raises these; only `cli.py` turns them into exit codes. Foreign exceptions (grpc, duckdb,
+pyarrow, yaml) are translated where the dependency is used, always with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class FlowpipeError(Exception):
+    """Base of every error flowpipe raises on purpose."""
+
+    error_type = "error"
+
+
+class ConfigError(FlowpipeError):
+    """A flag, environment variable or config value is invalid."""
+
+    error_type = "config_error"
+
+
+class SourceError(FlowpipeError):
+    """Reading events failed (stage `receiving`)."""
+
+    error_type = "source_error"
+
+
+class RelayError(SourceError):
+    """hubble-relay answered with an error, or is not a Hubble server."""
+
+    error_type = "relay_error"
+
+    def __init__(self, message: str, *, address: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.code = code
+
+
+class RelayUnavailableError(RelayError):
+    """The relay cannot be reached right now; retrying may help."""
+
+    error_type = "relay_unavailable"
+
+
+class FlowDecodeError(SourceError):
+    """One record could not be decoded. Carries where it came from and why."""
+
+    error_type = "decode_error"
+
+    def __init__(self, message: str, *, path: str, line_number: int | None, reason: str) -> None:
+        where = f"{path}:{line_number}" if line_number is not None else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line_number = line_number
+        self.reason = reason
+
+
+class SinkError(FlowpipeError):
+    """Writing a batch failed (stage `sending`)."""
+
+    error_type = "sink_error"
+
+
+class DatasetWriteError(SinkError):
+    """A part file could not be written; nothing of that batch was acknowledged."""
+
+    error_type = "write_failed"
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class QueryError(FlowpipeError):
+    """A question or SQL statement failed."""
+
+    error_type = "query_failed"
+
+    def __init__(self, message: str, *, question: str | None = None, sql: str | None = None) -> None:
+        super().__init__(message)
+        self.question = question
+        self.sql = sql
+
+
+class EmptyDatasetError(QueryError):
+    """The dataset has no flows yet, so there is nothing to query."""
+
+
+class UnknownQuestionError(QueryError):
+    """No question of that name exists in the catalog."""
+
+    def __init__(self, name: str, available: Sequence[str], close: Sequence[str]) -> None:
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        super().__init__(
+            f"unknown question {name!r}.{hint} (`flowpipe query --list` shows all {len(available)})",
+            question=name,
+        )
+        self.name = name
+        self.available = list(available)
+        self.close = list(close)
+
+
+class QuestionParameterError(QueryError):
+    """A question was given an unknown parameter, lacks a required one, or got an invalid value."""
+
+
+class PolicyError(FlowpipeError):
+    """A policy could not be drafted, loaded or evaluated."""
+
+    error_type = "policy_error"
+
+
+class PolicyParseError(PolicyError):
+    """A policy file is not valid YAML or not a policy flowpipe understands."""
+
+    def __init__(self, message: str, *, path: str, document_index: int | None = None) -> None:
+        where = path if document_index is None else f"{path} (document {document_index + 1})"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.document_index = document_index
