@@ -1,0 +1,1 @@
+"""Generated stubs of the Hubble `flow` proto package (scripts/gen_protos.py; do not edit)."""
