@@ -23,7 +23,9 @@ IMPORT_PREFIX = "flowpipe._proto"
 # Suffixes of the files protoc writes; anything else in the output tree is left alone.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
-PACKAGE_INIT = '"""Generated stubs of the Hubble `{pkg}` proto package (scripts/gen_protos.py; do not edit)."""\n'
+PACKAGE_INIT = (
+    '"""Generated stubs of the Hubble `{pkg}` proto package (scripts/gen_protos.py; do not edit)."""\n'
+)
 ROOT_INIT = (
     '"""Generated Hubble protobuf and gRPC stubs, one subpackage per proto package '
     '(scripts/gen_protos.py; do not edit)."""\n'
@@ -61,7 +63,10 @@ def fix_imports(text: str, packages: list[str]) -> str:
     names = "|".join(re.escape(p) for p in packages)
     # `from flow import flow_pb2 as ...` and `from flow.flow_pb2 import *` / `import X as X`.
     pattern = re.compile(rf"^(\s*)from ({names})(\.[\w.]+)? import ", re.MULTILINE)
-    return pattern.sub(lambda m: f"{m.group(1)}from {IMPORT_PREFIX}.{m.group(2)}{m.group(3) or ''} import ", text)
+    def local(m: re.Match[str]) -> str:
+        return f"{m.group(1)}from {IMPORT_PREFIX}.{m.group(2)}{m.group(3) or ''} import "
+
+    return pattern.sub(local, text)
 
 
 def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -73,8 +78,9 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     includes = [f"-I{proto_root}", f"-I{well_known_include()}"]
     with tempfile.TemporaryDirectory(prefix="flowpipe-protoc-") as tmp:
         raw = Path(tmp)
-        run_protoc([*includes, f"--python_out={raw}", f"--pyi_out={raw}", *(str(f) for f in files)])
-        with_service = [str(f) for f in files if declares_service(proto_root / f)]
+        sources = [str(proto_root / f) for f in files]
+        run_protoc([*includes, f"--python_out={raw}", f"--pyi_out={raw}", *sources])
+        with_service = [str(proto_root / f) for f in files if declares_service(proto_root / f)]
         if with_service:
             run_protoc([*includes, f"--grpc_python_out={raw}", *with_service])
 
@@ -103,7 +109,15 @@ def main(argv: list[str]) -> int:
         print("usage: gen_protos.py [OUTPUT_DIR]", file=sys.stderr)
         return 2
     out_dir = Path(argv[0]).resolve() if argv else DEFAULT_OUT
-    for path in generate(out_dir):
+    try:
+        written = generate(out_dir)
+    except ModuleNotFoundError as exc:
+        print(f"gen_protos: {exc.name} is missing; install the dev extra: pip install -e '.[dev]'", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"gen_protos: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
         print(path.relative_to(out_dir))
     return 0
 

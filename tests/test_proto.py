@@ -1,7 +1,8 @@
-"""The committed Hubble stubs: current with proto/, faithful to the Hubble API facts, usable over real gRPC."""
+"""The committed Hubble stubs: current with proto/, true to the Hubble API facts, usable over real gRPC."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -53,8 +54,10 @@ SERVICES = {
     "/observer.Observer/GetDebugEvents": (
         "observer.GetDebugEventsRequest", "observer.GetDebugEventsResponse", True),
     "/observer.Observer/GetNodes": ("observer.GetNodesRequest", "observer.GetNodesResponse", False),
-    "/observer.Observer/GetNamespaces": ("observer.GetNamespacesRequest", "observer.GetNamespacesResponse", False),
-    "/observer.Observer/ServerStatus": ("observer.ServerStatusRequest", "observer.ServerStatusResponse", False),
+    "/observer.Observer/GetNamespaces": (
+        "observer.GetNamespacesRequest", "observer.GetNamespacesResponse", False),
+    "/observer.Observer/ServerStatus": (
+        "observer.ServerStatusRequest", "observer.ServerStatusResponse", False),
     "/peer.Peer/Notify": ("peer.NotifyRequest", "peer.ChangeNotification", True),
 }
 
@@ -101,7 +104,7 @@ def _numbers(text: str) -> set[int]:
 
 
 def parse_facts(text: str) -> dict[str, FactBlock]:
-    """The `#### message|enum|service` blocks of the facts file, with their table rows and reserved numbers."""
+    """The `#### message|enum|service` blocks of the facts file: table rows and reserved numbers."""
     blocks: dict[str, FactBlock] = {}
     current: FactBlock | None = None
     for line in text.splitlines():
@@ -224,6 +227,12 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
+    grpc_stub = (GENERATED / "observer" / "observer_pb2_grpc.py").read_text(encoding="utf-8")
+    pinned = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", grpc_stub)
+    assert pinned is not None
+    installed = importlib.metadata.version("grpcio-tools")
+    assert installed == pinned.group(1), (
+        f"the stubs come from grpcio-tools {pinned.group(1)} but {installed} is installed")
     out = tmp_path / "_proto"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(out)], check=True,
                    capture_output=True, cwd=tmp_path)
@@ -245,6 +254,16 @@ def test_stubs_import_from_any_directory(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "flow.Flow"
+
+
+def test_files_packages_and_public_import() -> None:
+    assert [(f.name, f.package) for f in FILES] == [
+        ("flow/flow.proto", "flow"), ("relay/relay.proto", "relay"),
+        ("observer/observer.proto", "observer"), ("peer/peer.proto", "peer"),
+    ]
+    # observer re-exports the flow types, as upstream does.
+    assert [d.name for d in observer_pb2.DESCRIPTOR.public_dependencies] == ["flow/flow.proto"]
+    assert observer_pb2.Flow is flow_pb2.Flow
 
 
 # --------------------------------------------------------------------------- (b) descriptors == facts
@@ -376,7 +395,8 @@ def test_every_real_capture_line_parses(capture_files: list[Path]) -> None:
                 where = f"{path.name}:{number}"
                 data = json.loads(line)
                 if ENVELOPE_KEYS & data.keys():
-                    loose = json_format.Parse(line, observer_pb2.GetFlowsResponse(), ignore_unknown_fields=True)
+                    loose = json_format.Parse(
+                        line, observer_pb2.GetFlowsResponse(), ignore_unknown_fields=True)
                     strict: Any = json_format.Parse(line, observer_pb2.ExportEvent())
                     assert loose.WhichOneof("response_types") == strict.WhichOneof("response_types"), where
                 else:
