@@ -1,0 +1,106 @@
+"""Configuration of each component: frozen dataclasses with defaults, unit-suffixed fields and validation.
+
+Every field carries its help text in `metadata["help"]`: the CLI options and the README use it, and a test
+checks that no field lacks it. Library code takes these objects; only the CLI builds them from flags and
+environment variables.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from flowpipe.dataset import check_writer_id
+from flowpipe.errors import ConfigError
+
+DEFAULT_DATASET = "flowpipe-data"
+
+
+def default_writer_id() -> str:
+    """A writer id unique to this process: the host name (cleaned, shortened) and 8 random hex digits."""
+    host = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()).strip("-.")[:40] or "flowpipe"
+    return f"{host}-{secrets.token_hex(4)}"
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not value > 0:
+            raise ConfigError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetSinkConfig:
+    """How the Parquet sink batches flows into part files."""
+
+    path: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "Dataset root: a local folder, or s3://bucket/prefix."},
+    )
+    writer_id: str = field(
+        default_factory=default_writer_id,
+        metadata={
+            "help": "Id of this writer in part-file names; unique among writers running on one dataset "
+            "(default: host name and a random suffix)."
+        },
+    )
+    max_batch_rows: int = field(
+        default=200_000,
+        metadata={"help": "Flush the open batch into part files once it holds this many flows."},
+    )
+    max_batch_bytes: int = field(
+        default=128 * 1024 * 1024,
+        metadata={"help": "Flush the open batch once its flows take this many bytes in memory."},
+    )
+    flush_interval_seconds: float = field(
+        default=60.0,
+        metadata={"help": "Flush the open batch at least this often, however small it is."},
+    )
+    zstd_level: int = field(
+        default=3,
+        metadata={"help": "zstd compression level of part files (1 fastest .. 22 smallest)."},
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_batch_rows", "max_batch_bytes", "flush_interval_seconds")
+        if not 1 <= self.zstd_level <= 22:
+            raise ConfigError(f"ParquetSinkConfig.zstd_level must be 1..22, got {self.zstd_level}")
+        if not self.path:
+            raise ConfigError("ParquetSinkConfig.path must not be empty")
+        check_writer_id(self.writer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """How batches move from a source to the sinks."""
+
+    buffer_batches: int = field(
+        default=4,
+        metadata={"help": "Batches the buffer between source and sinks holds; when full, the source waits."},
+    )
+    poll_interval_seconds: float = field(
+        default=0.5,
+        metadata={"help": "How often sinks are asked to flush batches that reached their age limit."},
+    )
+    stop_timeout_seconds: float = field(
+        default=10.0,
+        metadata={"help": "On stop, how long to wait for the source to hand over its current batch."},
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "buffer_batches", "poll_interval_seconds", "stop_timeout_seconds")
+
+
+def field_help(config_class: type) -> dict[str, str]:
+    """Field name → help text of a config dataclass (empty string where help is missing)."""
+    return {f.name: str(f.metadata.get("help", "")) for f in fields(config_class)}
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    """A copy of a frozen config with some fields changed (validated again)."""
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return type(config)(**values)

@@ -1,0 +1,372 @@
+"""The dataset on storage: table folders, Hive partitions, part-file names, atomic writes and `_state/` JSON.
+
+```
+<root>/flows/date=YYYY-MM-DD/hour=HH/part-<start>-<writer id>-<seq>.parquet
+<root>/lost_events/date=YYYY-MM-DD/hour=HH/part-<start>-<writer id>-<seq>.parquet
+<root>/_state/<name>.json                       checkpoints and other small state
+```
+
+Every file goes through a `pyarrow.fs.FileSystem`, so the same code serves a local folder and an object store
+(`s3://bucket/prefix`). On a local folder a part file is written under a temporary name (a leading `.` and a
+trailing `.tmp`, which every reader skips), fsynced, then renamed into place, so a reader never sees half a file
+and a crash leaves at most a temporary file behind, which the next writer with the same id (or any writer,
+once the file is older than an hour) removes. On an object store a single PUT is already atomic.
+
+Rows whose `time` is NULL are kept rather than dropped, in the partition whose `date` and `hour` are both
+`__HIVE_DEFAULT_PARTITION__` (Hive's spelling of NULL, which DuckDB, Spark and pyarrow read as NULL).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from flowpipe.errors import ConfigError, DatasetWriteError
+
+FLOWS_TABLE = "flows"
+LOST_EVENTS_TABLE = "lost_events"
+TABLES: tuple[str, ...] = (FLOWS_TABLE, LOST_EVENTS_TABLE)
+STATE_DIR = "_state"
+UNKNOWN_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+"""Partition value for rows without a time. It is Hive's name for a NULL partition value: DuckDB, Spark and
+pyarrow read it as NULL, so `date` and `hour` keep their DATE and integer types when such rows exist."""
+
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 3600.0
+"""A temporary file older than this belongs to a writer that died; any writer may remove it."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_START_FORMAT = "%Y%m%dT%H%M%S%fZ"
+_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PART_RE = re.compile(
+    r"^part-(?P<start>\d{8}T\d{12}Z)-(?P<writer>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<seq>\d{6,})\.parquet$"
+)
+
+
+def is_hidden_name(name: str) -> bool:
+    """True for names every reader skips: temporary and private files (`.x`, `_x`, `x.tmp`)."""
+    return name.startswith((".", "_")) or name.endswith(TEMP_SUFFIX)
+
+
+def check_writer_id(writer_id: str) -> str:
+    """Return `writer_id` if it can be part of a file name, else raise `ConfigError`."""
+    if not _WRITER_ID_RE.match(writer_id):
+        raise ConfigError(
+            f"writer id {writer_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return writer_id
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PartitionKey:
+    """One Hive partition: `date=YYYY-MM-DD/hour=HH`, or `UNKNOWN_PARTITION` for both when rows have no time."""
+
+    date: str
+    hour: str
+
+    @classmethod
+    def from_hour_index(cls, index: int | None) -> PartitionKey:
+        """The partition of hour number `index` since the epoch (None: the unknown partition)."""
+        if index is None:
+            return cls(UNKNOWN_PARTITION, UNKNOWN_PARTITION)
+        start = _EPOCH + timedelta(hours=index)
+        return cls(start.strftime("%Y-%m-%d"), f"{start.hour:02d}")
+
+    @classmethod
+    def from_time(cls, when: datetime | None) -> PartitionKey:
+        """The partition a row with this time belongs to."""
+        if when is None:
+            return cls.from_hour_index(None)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return cls.from_hour_index(int((when - _EPOCH) // timedelta(hours=1)))
+
+    @property
+    def path(self) -> str:
+        """The relative folder, e.g. `date=2024-03-22/hour=17`."""
+        return f"date={self.date}/hour={self.hour}"
+
+
+@dataclass(frozen=True, slots=True)
+class PartName:
+    """The parts of a part-file name."""
+
+    start: datetime
+    writer_id: str
+    seq: int
+
+
+def part_file_name(start: datetime, writer_id: str, seq: int) -> str:
+    """`part-<start>-<writer id>-<seq>.parquet`; `start` (UTC, microseconds) makes names sort by time."""
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    stamp = start.astimezone(UTC).strftime(_START_FORMAT)
+    return f"part-{stamp}-{writer_id}-{seq:06d}.parquet"
+
+
+def parse_part_file_name(name: str) -> PartName | None:
+    """The start, writer id and sequence number of a part-file name; None if it is not one."""
+    match = _PART_RE.match(name)
+    if match is None:
+        return None
+    start = datetime.strptime(match["start"], _START_FORMAT).replace(tzinfo=UTC)
+    return PartName(start=start, writer_id=match["writer"], seq=int(match["seq"]))
+
+
+def temp_file_name(final_name: str) -> str:
+    """The temporary name a file is written under before it is renamed to `final_name`."""
+    return f"{TEMP_PREFIX}{final_name}{TEMP_SUFFIX}"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{os.strerror(exc.errno)} (errno {errno.errorcode.get(exc.errno, exc.errno)})"
+    return str(exc) or type(exc).__name__
+
+
+@contextmanager
+def translate_write_errors(path: str) -> Iterator[None]:
+    """Turn an OS or Arrow I/O error while writing `path` into `DatasetWriteError` naming the path."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetWriteError(f"cannot write {path}: {_describe(exc)}", path=path) from exc
+
+
+class Dataset:
+    """A dataset root on a pyarrow filesystem: where tables, partitions, part files and state live.
+
+    >>> ds = Dataset("flowpipe-data")              # a local folder (created on first write)
+    >>> ds.list_part_files("flows")                # visible part files, sorted
+    []
+    """
+
+    def __init__(self, root: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> None:
+        text = os.fspath(root)
+        if filesystem is not None:
+            self.filesystem, self.root = filesystem, text.rstrip("/") or "/"
+        elif "://" in text:
+            try:
+                self.filesystem, path = pafs.FileSystem.from_uri(text)
+            except (pa.ArrowException, ValueError) as exc:
+                raise ConfigError(f"cannot open dataset {text}: {exc}") from exc
+            self.root = path.rstrip("/") or "/"
+        else:
+            self.filesystem, self.root = pafs.LocalFileSystem(), os.path.abspath(text)
+        self.uri = text
+        self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.uri!r})"
+
+    # -- layout -------------------------------------------------------------------------------------------
+
+    def table_dir(self, table: str) -> str:
+        """The folder of one table (`flows` or `lost_events`)."""
+        return _join(self.root, table)
+
+    def partition_dir(self, table: str, key: PartitionKey) -> str:
+        """The folder of one partition of a table."""
+        return _join(self.root, table, key.path)
+
+    def state_path(self, name: str) -> str:
+        """The path of the state file `_state/<name>` (e.g. `files.json`)."""
+        return _join(self.root, STATE_DIR, name)
+
+    def local_path(self, path: str) -> Path:
+        """A dataset path as a local `Path`; only for a local dataset."""
+        if not self.is_local:
+            raise ConfigError(f"dataset {self.uri} is not a local folder")
+        return Path(path)
+
+    # -- listing ------------------------------------------------------------------------------------------
+
+    def _walk(self, folder: str) -> list[pafs.FileInfo]:
+        try:
+            infos = self.filesystem.get_file_info(
+                pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+            )
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetWriteError(f"cannot list {folder}: {_describe(exc)}", path=folder) from exc
+        return [info for info in infos if info.type == pafs.FileType.File]
+
+    def list_part_files(self, table: str, partition: PartitionKey | None = None) -> list[str]:
+        """Paths of the visible part files of a table (or of one partition), sorted by path."""
+        folder = self.table_dir(table) if partition is None else self.partition_dir(table, partition)
+        paths = []
+        for info in self._walk(folder):
+            relative = info.path[len(folder) :].strip("/")
+            if not any(is_hidden_name(part) for part in relative.split("/")) and info.path.endswith(
+                ".parquet"
+            ):
+                paths.append(info.path)
+        return sorted(paths)
+
+    def list_partitions(self, table: str) -> list[PartitionKey]:
+        """The partitions of a table that hold at least one visible part file, sorted."""
+        keys: set[PartitionKey] = set()
+        prefix = self.table_dir(table)
+        for path in self.list_part_files(table):
+            date_part, hour_part, *_ = path[len(prefix) :].strip("/").split("/")
+            if date_part.startswith("date=") and hour_part.startswith("hour="):
+                keys.add(PartitionKey(date_part[5:], hour_part[5:]))
+        return sorted(keys)
+
+    def list_temp_files(self, table: str) -> list[pafs.FileInfo]:
+        """The temporary files of a table (writes in progress, or left by a writer that died)."""
+        return [
+            info
+            for info in self._walk(self.table_dir(table))
+            if info.base_name.startswith(TEMP_PREFIX) and info.base_name.endswith(TEMP_SUFFIX)
+        ]
+
+    def clean_temp_files(
+        self, *, writer_id: str | None = None, stale_after_seconds: float = STALE_TEMP_SECONDS
+    ) -> list[str]:
+        """Remove temporary files left by a crash; returns their paths.
+
+        A temporary file is removed when its part name carries `writer_id` (this writer's own leftovers: one
+        writer id is never used by two running writers) or when it is older than `stale_after_seconds`
+        (its writer is gone: no part file takes that long to write). Others' writes in progress are kept.
+        """
+        now = time.time()
+        removed = []
+        for table in TABLES:
+            for info in self.list_temp_files(table):
+                parsed = parse_part_file_name(info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)])
+                mine = writer_id is not None and parsed is not None and parsed.writer_id == writer_id
+                mtime = info.mtime.timestamp() if info.mtime is not None else now
+                if mine or now - mtime > stale_after_seconds:
+                    try:
+                        self.filesystem.delete_file(info.path)
+                    except FileNotFoundError:
+                        continue
+                    removed.append(info.path)
+        return removed
+
+    # -- writing part files ---------------------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        """True if a file exists at `path`."""
+        return bool(self.filesystem.get_file_info(path).type == pafs.FileType.File)
+
+    def make_dirs(self, folder: str) -> None:
+        """Create `folder` and its parents (no-op on object stores without folders)."""
+        with translate_write_errors(folder):
+            self.filesystem.create_dir(folder, recursive=True)
+
+    def write_parquet_temp(self, table: pa.Table, folder: str, final_name: str, **options: Any) -> str:
+        """Write `table` as Parquet under the temporary name of `final_name` in `folder`; returns its path.
+
+        On a local folder the file is fsynced before this returns. On failure the temporary file is removed
+        and `DatasetWriteError` names the path.
+        """
+        self.make_dirs(folder)
+        temp = _join(folder, temp_file_name(final_name))
+        try:
+            with translate_write_errors(temp):
+                if self.is_local:
+                    with open(temp, "wb") as handle:
+                        pq.write_table(table, handle, **options)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                else:
+                    with self.filesystem.open_output_stream(temp) as stream:
+                        pq.write_table(table, stream, **options)
+        except DatasetWriteError:
+            self.discard(temp)
+            raise
+        return temp
+
+    def publish(self, temp: str, final: str) -> None:
+        """Rename a finished temporary file to its final name (atomic on a local folder)."""
+        with translate_write_errors(final):
+            if self.is_local:
+                os.replace(temp, final)
+            else:
+                self.filesystem.move(temp, final)
+
+    def sync_dirs(self, folders: set[str]) -> None:
+        """fsync folders (and the table folders above new partitions) so that renames survive a power cut."""
+        if not self.is_local:
+            return
+        seen: set[str] = set()
+        for folder in folders:
+            for path in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+                if path in seen or not path.startswith(self.root):
+                    continue
+                seen.add(path)
+                with translate_write_errors(path):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+
+    def discard(self, path: str) -> None:
+        """Delete a file if it exists; errors are ignored (used to clean up after a failed write)."""
+        try:
+            self.filesystem.delete_file(path)
+        except (OSError, pa.ArrowException):
+            pass
+
+    # -- state ----------------------------------------------------------------------------------------------
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        """The JSON object stored in `_state/<name>`, or None when there is none yet."""
+        path = self.state_path(name)
+        try:
+            with self.filesystem.open_input_stream(path) as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetWriteError(f"cannot read {path}: {_describe(exc)}", path=path) from exc
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise DatasetWriteError(f"{path} is not valid JSON: {exc}", path=path) from exc
+        if not isinstance(value, dict):
+            raise DatasetWriteError(f"{path} does not hold a JSON object", path=path)
+        return value
+
+    def write_state(self, name: str, value: Mapping[str, Any]) -> None:
+        """Replace `_state/<name>` with `value` as JSON, atomically (temporary file, fsync, rename)."""
+        path = self.state_path(name)
+        folder = os.path.dirname(path) if self.is_local else _join(self.root, STATE_DIR)
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        self.make_dirs(folder)
+        if not self.is_local:
+            with translate_write_errors(path), self.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        temp = _join(folder, temp_file_name(os.path.basename(path)))
+        try:
+            with translate_write_errors(path):
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, path)
+        except DatasetWriteError:
+            self.discard(temp)
+            raise
+        self.sync_dirs({folder})

@@ -1,0 +1,258 @@
+"""Runs a source into sinks over a bounded buffer, moving the source's checkpoint only after sinks acknowledge.
+
+```
+source.batches() ──▶ [reader thread] ──▶ bounded buffer ──▶ [caller's thread] ──▶ sink.write() ... ──▶ acks
+                                                                                         │
+                         source.commit(position) ◀── once every sink acknowledged ───────┘
+```
+
+- The buffer holds at most `PipelineConfig.buffer_batches` batches. When it is full the reader thread waits
+  (backpressure), so memory stays flat however fast the source is.
+- Sinks acknowledge cumulatively (see `flowpipe.sinks`). A batch's position is committed to the source only
+  when every sink has acknowledged it, and positions are committed in order.
+- Idle sinks are polled every `poll_interval_seconds` so their age-based flush happens without new input.
+- Graceful stop: when the `stop` event is set (the CLI sets it on SIGINT/SIGTERM, see `handle_stop_signals`),
+  the reader stops taking batches from the source, the batches already buffered are written, every sink is
+  flushed, the last durable position is committed, and `run_pipeline` returns with `stopped=True`.
+- A source error is raised after the batches before it are flushed and committed; a sink error is raised at
+  once, committing nothing more (the batches not yet durable are read again on the next run).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Protocol
+
+from flowpipe.config import PipelineConfig
+from flowpipe.model import EventBatch
+from flowpipe.sinks import Ack, Sink
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_SAMPLES = 5
+
+
+class PipelineSource(Protocol):
+    """What the pipeline needs of a source (the `Source` protocol of `flowpipe.sources`)."""
+
+    def batches(self) -> Iterator[EventBatch]:
+        """Yield event batches, each with the position to commit once it is durable."""
+        ...
+
+    def commit(self, position: object) -> None:
+        """Record that everything up to `position` is durable."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading and release resources; may be called from another thread."""
+        ...
+
+
+@dataclass(slots=True)
+class PipelineResult:
+    """What one run moved: counts of batches, flows and counted events, the part files, and how it ended."""
+
+    batches: int = 0
+    flows: int = 0
+    lost_event_records: int = 0
+    events_lost: int = 0
+    node_status: int = 0
+    decode_errors: int = 0
+    decode_error_samples: list[str] = field(default_factory=list)
+    commits: int = 0
+    last_position: object | None = None
+    files: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+
+class _End:
+    """Marks the end of the source's batches (with the error that ended it, if any)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class _Reader(threading.Thread):
+    """Pulls batches from the source into the bounded buffer until the source ends or `halt` is set."""
+
+    def __init__(self, source: PipelineSource, buffer: queue.Queue[EventBatch | _End], tick: float) -> None:
+        super().__init__(name="flowpipe-source", daemon=True)
+        self.source = source
+        self.buffer = buffer
+        self.tick = tick
+        self.halt = threading.Event()
+        self.consumer_gone = threading.Event()
+
+    def _put(self, item: EventBatch | _End, *, until: threading.Event) -> bool:
+        while not until.is_set():
+            try:
+                self.buffer.put(item, timeout=self.tick)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        error: BaseException | None = None
+        batches = self.source.batches()
+        try:
+            for batch in batches:
+                if self.halt.is_set() or not self._put(batch, until=self.halt):
+                    break
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer, which raises it)
+            error = exc
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # the generator's own cleanup failing must not hide the real outcome
+                    log.exception("closing the source's batch iterator failed")
+            self._put(_End(error), until=self.consumer_gone)
+
+
+class _Acks:
+    """Tracks each sink's cumulative ack and the positions waiting for all of them."""
+
+    def __init__(self, sinks: Sequence[Sink], source: PipelineSource, result: PipelineResult) -> None:
+        self.acked = [0] * len(sinks)
+        self.pending: deque[tuple[int, object | None]] = deque()
+        self.source = source
+        self.result = result
+
+    def record(self, index: int, ack: Ack | None) -> None:
+        if ack is not None:
+            self.acked[index] = max(self.acked[index], ack.batches)
+            self.result.files.extend(ack.files)
+
+    def commit_durable(self, written: int) -> None:
+        durable = min(self.acked, default=written)
+        position: object | None = None
+        while self.pending and self.pending[0][0] <= durable:
+            _, candidate = self.pending.popleft()
+            if candidate is not None:
+                position = candidate
+        if position is not None:
+            self.source.commit(position)
+            self.result.commits += 1
+            self.result.last_position = position
+
+
+def run_pipeline(
+    source: PipelineSource,
+    sinks: Sequence[Sink],
+    *,
+    config: PipelineConfig | None = None,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[EventBatch], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> PipelineResult:
+    """Move every batch of `source` into `sinks`; returns when the source ends or `stop` is set.
+
+    `on_batch` is called with each batch after the sinks took it (progress display). The source is closed
+    on return; the sinks are flushed (`close()`) on a normal end or a stop, and left as they are after a
+    sink error.
+
+    >>> result = run_pipeline(FileSource(["flows.json"]), [ParquetSink(ParquetSinkConfig(path="data"))])
+    """
+    config = config or PipelineConfig()
+    stop = stop or threading.Event()
+    result = PipelineResult()
+    buffer: queue.Queue[EventBatch | _End] = queue.Queue(maxsize=config.buffer_batches)
+    reader = _Reader(source, buffer, tick=min(config.poll_interval_seconds, 0.1))
+    acks = _Acks(sinks, source, result)
+    written = 0
+    source_error: BaseException | None = None
+    reader.start()
+    try:
+        deadline: float | None = None
+        last_poll = clock()
+        while True:
+            if stop.is_set() and deadline is None:
+                log.info("stopping: writing buffered batches, flushing sinks")
+                result.stopped = True
+                reader.halt.set()
+                deadline = clock() + config.stop_timeout_seconds
+            try:
+                item = buffer.get(timeout=config.poll_interval_seconds)
+            except queue.Empty:
+                item = None
+            if isinstance(item, _End):
+                source_error = item.error
+                break
+            if item is not None:
+                written += 1
+                acks.pending.append((written, item.position))
+                for index, sink in enumerate(sinks):
+                    acks.record(index, sink.write(item))
+                _count(result, item)
+                if on_batch is not None:
+                    on_batch(item)
+            if clock() - last_poll >= config.poll_interval_seconds:
+                last_poll = clock()
+                for index, sink in enumerate(sinks):
+                    acks.record(index, sink.poll())
+            acks.commit_durable(written)
+            if deadline is not None and item is None and clock() >= deadline:
+                log.warning("the source did not stop within %.1fs; closing it", config.stop_timeout_seconds)
+                break
+        for index, sink in enumerate(sinks):
+            acks.record(index, sink.close())
+        acks.commit_durable(written)
+    except BaseException:
+        reader.halt.set()
+        raise
+    finally:
+        reader.consumer_gone.set()
+        reader.halt.set()
+        source.close()
+        reader.join(timeout=config.stop_timeout_seconds)
+    if source_error is not None:
+        raise source_error
+    return result
+
+
+def _count(result: PipelineResult, batch: EventBatch) -> None:
+    result.batches += 1
+    result.flows += batch.flows.num_rows
+    result.lost_event_records += len(batch.lost_events)
+    result.events_lost += sum(event.num_events_lost for event in batch.lost_events)
+    result.node_status += batch.node_status
+    result.decode_errors += len(batch.decode_errors)
+    room = MAX_ERROR_SAMPLES - len(result.decode_error_samples)
+    result.decode_error_samples.extend(str(error) for error in batch.decode_errors[: max(room, 0)])
+
+
+@contextmanager
+def handle_stop_signals(stop: threading.Event) -> Iterator[None]:
+    """While active, SIGINT and SIGTERM set `stop` (a graceful stop); a second signal interrupts at once.
+
+    Only the main thread can install signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning(
+            "received %s: finishing the current batch (send it again to abort)", signal.Signals(signum).name
+        )
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
