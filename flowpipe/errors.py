@@ -12,7 +12,8 @@ FlowpipeError                      base; the CLI catches exactly this and exits 
 ├── QueryError                     .question, .sql; wraps duckdb.Error
 │   ├── EmptyDatasetError          the dataset holds no flows yet
 │   ├── UnknownQuestionError       .name, .available (close matches)
-│   └── QuestionParameterError     missing or unexpected parameters
+│   ├── QuestionParameterError     missing or unexpected parameters
+│   └── QuestionDefinitionError    .path, .line_number; a question file breaks the header format
 └── PolicyError
     └── PolicyParseError           .path, .document_index
 ```
@@ -121,6 +122,16 @@ class UnknownQuestionError(QueryError):
 
 class QuestionParameterError(QueryError):
     """A question was given an unknown parameter, lacks a required one, or got an invalid value."""
+
+
+class QuestionDefinitionError(QueryError):
+    """A question file is malformed: bad header, or `$name` tokens that differ from its `params:` line."""
+
+    def __init__(self, message: str, *, path: str, line_number: int | None = None) -> None:
+        where = f"{path}:{line_number}" if line_number else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line_number = line_number
 
 
 class PolicyError(FlowpipeError):

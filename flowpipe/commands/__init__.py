@@ -5,3 +5,9 @@ from __future__ import annotations
 import click
 
 COMMANDS: list[click.Command] = []
+
+from flowpipe.commands.query import query  # noqa: E402
+from flowpipe.commands.schema import schema  # noqa: E402
+from flowpipe.commands.sql import sql  # noqa: E402
+
+COMMANDS += [query, sql, schema]

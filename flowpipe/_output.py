@@ -1,0 +1,212 @@
+"""Render an Arrow table for people or scripts: a rich table, one JSON array of objects, or CSV with a header.
+
+Every command that prints rows (`query`, `sql`, `schema`, and later `replay`, `suggest --explain`) goes through
+`render()`, so the formats agree everywhere:
+
+- `json`: ONE JSON array of objects keyed by column name, one object per line. Timestamps are ISO 8601 in UTC
+  with `Z`; dates and times ISO; NULL, NaN and infinities are `null`; integers stay exact however large
+  (DuckDB's HUGEINT sums arrive as decimals and are written as integers); lists and structs nest; intervals
+  are seconds (or ISO 8601 `P...` when they hold months); bytes are base64.
+- `csv`: a header row, then one row per record. NULL is an empty field; lists and structs are compact JSON;
+  timestamps as in JSON; booleans `true`/`false`.
+- `table`: a rich table with a row count caption; cell text is never read as rich markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, TextIO
+from uuid import UUID
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+FORMATS = ("table", "json", "csv")
+_PIPE_WIDTH = 200
+
+
+def render(
+    table: pa.Table,
+    output_format: str = "table",
+    *,
+    out: TextIO | None = None,
+    title: str | None = None,
+) -> None:
+    """Write `table` to `out` (default: stdout) as `table`, `json` or `csv`."""
+    stream = out if out is not None else sys.stdout
+    if output_format == "json":
+        write_json(table, stream)
+    elif output_format == "csv":
+        write_csv(table, stream)
+    elif output_format == "table":
+        print_table(table, stream, title=title)
+    else:
+        raise ValueError(f"unknown output format {output_format!r} (one of {', '.join(FORMATS)})")
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Column names made unique for use as object keys: a repeated `n` becomes `n_2`, `n_3`, ..."""
+    seen: dict[str, int] = {}
+    result = []
+    for name in names:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        result.append(name if count == 1 else f"{name}_{count}")
+    return result
+
+
+def to_records(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows of `table` as JSON-ready dicts (see the module docstring for how values are converted)."""
+    names = unique_names(table.column_names)
+    columns = [[json_value(v) for v in column.to_pylist()] for column in table.columns]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
+
+
+def write_json(table: pa.Table, out: TextIO) -> None:
+    """One JSON array of objects keyed by column name, one object per line."""
+    records = to_records(table)
+    if not records:
+        out.write("[]\n")
+        return
+    out.write("[\n")
+    for index, record in enumerate(records):
+        out.write(json.dumps(record, ensure_ascii=False, allow_nan=False))
+        out.write(",\n" if index < len(records) - 1 else "\n")
+    out.write("]\n")
+
+
+def write_csv(table: pa.Table, out: TextIO) -> None:
+    """CSV with a header row; NULL is empty, nested values are compact JSON."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(table.column_names)
+    for record in _rows(table):
+        writer.writerow([csv_value(v) for v in record])
+
+
+def print_table(table: pa.Table, out: TextIO, *, title: str | None = None) -> None:
+    """A rich table of `table` with a row-count caption."""
+    # A terminal gets a table that fits its width; a pipe or file gets a wide page (rich would otherwise
+    # squeeze every table into 80 columns), or $COLUMNS when set.
+    width = None if out.isatty() or os.environ.get("COLUMNS") else _PIPE_WIDTH
+    console = Console(file=out, highlight=False, soft_wrap=False, width=width)
+    count = table.num_rows
+    view = Table(title=title, caption=f"{count} row{'s' if count != 1 else ''}", show_lines=False)
+    for field in table.schema:
+        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
+        # numbers and times never wrap; long text columns give way instead
+        atomic = numeric or pa.types.is_temporal(field.type)
+        view.add_column(Text(field.name), justify="right" if numeric else "left", overflow="fold", no_wrap=atomic)
+    for record in _rows(table):
+        view.add_row(*(_cell(v) for v in record))
+    console.print(view)
+
+
+def json_value(value: Any) -> Any:
+    """A Python value from Arrow as something `json.dumps` writes exactly and without NaN."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, (date, time)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, pa.MonthDayNano):
+        return _interval(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, pa.MonthDayNano):
+        # map entries arrive as (key, value) pairs
+        return [json_value(value[0]), json_value(value[1])]
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    return str(value)
+
+
+def csv_value(value: Any) -> str:
+    """One CSV field: empty for NULL, JSON for nested values, ISO for times."""
+    converted = json_value(value)
+    if converted is None:
+        return ""
+    if isinstance(converted, bool):
+        return "true" if converted else "false"
+    if isinstance(converted, (list, dict)):
+        return json.dumps(converted, ensure_ascii=False, separators=(",", ":"))
+    return str(converted)
+
+
+def format_datetime(value: datetime) -> str:
+    """ISO 8601; aware values in UTC with `Z` (nanoseconds kept when the value has them)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+        text = value.isoformat()
+        return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
+    return value.isoformat()
+
+
+def _short_datetime(value: datetime) -> str:
+    """For tables: `2024-05-01 10:00:00.123Z`, milliseconds at most."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    text = value.strftime("%Y-%m-%d %H:%M:%S")
+    if value.microsecond:
+        text += f".{value.microsecond // 1000:03d}"
+    return text + ("Z" if value.tzinfo is not None else "")
+
+
+def _interval(value: pa.MonthDayNano) -> float | str:
+    months, days, nanoseconds = int(value.months), int(value.days), int(value.nanoseconds)
+    if months == 0:
+        return days * 86400 + nanoseconds / 1e9
+    return f"P{months}M{days}DT{nanoseconds / 1e9:g}S"
+
+
+def _rows(table: pa.Table) -> Iterable[tuple[Any, ...]]:
+    columns = [column.to_pylist() for column in table.columns]
+    return zip(*columns, strict=True) if columns else iter(())
+
+
+def _cell(value: Any) -> Text:
+    if value is None:
+        return Text("–", style="dim")
+    if isinstance(value, datetime):
+        return Text(_short_datetime(value))
+    if isinstance(value, list):
+        items = (json_value(v) for v in value)
+        return Text(", ".join("–" if v is None else v if isinstance(v, str) else json.dumps(v) for v in items))
+    converted = json_value(value)
+    if isinstance(converted, bool):
+        return Text("true" if converted else "false")
+    if isinstance(converted, dict):
+        return Text(json.dumps(converted, ensure_ascii=False))
+    if converted is None:
+        return Text("–", style="dim")
+    return Text(str(converted))
+
+
+def render_to_string(table: pa.Table, output_format: str) -> str:
+    """`render()` into a string (used by tests and by callers that embed the output)."""
+    buffer = io.StringIO()
+    render(table, output_format, out=buffer)
+    return buffer.getvalue()

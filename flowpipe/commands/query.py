@@ -1,0 +1,179 @@
+"""`flowpipe query`: run a named question from the SQL catalog over the dataset, or list the questions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import pyarrow as pa
+
+from flowpipe._cli_options import dataset_option, format_option
+from flowpipe._output import format_datetime, render
+from flowpipe.query.catalog import Catalog, Question, load_questions
+from flowpipe.query.engine import open_engine
+from flowpipe.query.run import RELATIVE_TO, QuestionResult, run_question
+from flowpipe.query.timeparse import parse_time
+
+# Flags that set a parameter of the same name, for questions that declare it.
+SHORTCUTS = ("since", "until", "namespace")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parse_param_options(values: tuple[str, ...]) -> dict[str, str]:
+    """`-p key=value` options as a dict; a malformed one or a key given twice is a usage error."""
+    params: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.UsageError(f"-p expects KEY=VALUE, got {item!r}")
+        if key in params:
+            raise click.UsageError(f"parameter {key} is given twice")
+        params[key] = value
+    return params
+
+
+def sql_dir_option(func: F) -> F:
+    """`--sql-dir DIR`: a folder of question files to use instead of the shipped ones."""
+    return click.option(
+        "--sql-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Folder of NAME.sql questions (default: the questions shipped with flowpipe).",
+    )(func)
+
+
+@click.command("query")
+@click.argument("name", required=False)
+@click.option("-p", "--param", "param_options", multiple=True, metavar="KEY=VALUE", help="Set a question parameter (repeatable).")
+@click.option("--since", help="Window start: 1h, 30m, 7d, 45s, now, or an ISO timestamp (sets `since`).")
+@click.option("--until", help="Window end, same forms as --since (sets `until`).")
+@click.option("--namespace", help="Only this Kubernetes namespace (sets `namespace`).")
+@click.option(
+    "--relative-to",
+    type=click.Choice(RELATIVE_TO),
+    default="auto",
+    show_default=True,
+    help="What relative times count back from: the clock (now), the newest flow (data), or the clock unless "
+    "the dataset is older than the window (auto).",
+)
+@click.option("--now", "now_text", metavar="TIME", help="Take this time (ISO timestamp) as the clock's now.")
+@click.option("--list", "list_only", is_flag=True, help="List the questions and their parameters.")
+@sql_dir_option
+@dataset_option
+@format_option("table", "json", "csv")
+def query(
+    name: str | None,
+    param_options: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    namespace: str | None,
+    relative_to: str,
+    now_text: str | None,
+    list_only: bool,
+    sql_dir: Path | None,
+    dataset: str,
+    output_format: str,
+) -> None:
+    """Run the question NAME over the dataset (`--list` shows them all).
+
+    \b
+    Examples:
+      flowpipe query --list
+      flowpipe query drops_by_reason --since 6h --namespace shop
+      flowpipe query top_talkers -p limit=5 --format json
+    """
+    catalog = load_questions(sql_dir)
+    if list_only:
+        if name is not None:
+            raise click.UsageError("--list takes no question name")
+        render_catalog(catalog, output_format)
+        return
+    if name is None:
+        raise click.UsageError("give a question name (see `flowpipe query --list`)")
+    question = catalog.question(name)
+    values: dict[str, object] = dict(parse_param_options(param_options))
+    for key, value in zip(SHORTCUTS, (since, until, namespace), strict=True):
+        if value is None:
+            continue
+        if key in values:
+            raise click.UsageError(f"--{key} and -p {key}=... both set {key}")
+        values[key] = value
+    now = parse_time(now_text, name="--now") if now_text is not None else None
+    question.check_values(values)
+    engine = open_engine(dataset, require_flows=True)
+    try:
+        result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]
+    finally:
+        engine.close()
+    if result.anchored_to == "data" and result.anchor is not None:
+        click.echo(
+            f"note: relative times count back from the newest flow ({format_datetime(result.anchor)}), "
+            "not the clock; use --relative-to now to change that",
+            err=True,
+        )
+    render(result.table, output_format, title=_title(result))
+
+
+def render_catalog(catalog: Catalog, output_format: str) -> None:
+    """Print the questions: a table, or (json/csv) records with name, description and parameters."""
+    if output_format == "json":
+        records = [
+            {
+                "name": q.name,
+                "description": q.description,
+                "parameters": [
+                    {"name": p.name, "type": p.type, "default": p.default, "required": p.required}
+                    for p in q.parameters
+                ],
+            }
+            for q in catalog
+        ]
+        table = pa.Table.from_pylist(records, schema=_CATALOG_SCHEMA)
+    else:
+        table = pa.table(
+            {
+                "name": [q.name for q in catalog],
+                "description": [q.description for q in catalog],
+                "parameters": [_describe_parameters(q) for q in catalog],
+            }
+        )
+    render(table, output_format, title=f"questions in {catalog.directory}")
+
+
+_CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field(
+            "parameters",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("name", pa.string()),
+                        pa.field("type", pa.string()),
+                        pa.field("default", pa.string()),
+                        pa.field("required", pa.bool_()),
+                    ]
+                )
+            ),
+        ),
+    ]
+)
+
+
+def _describe_parameters(question: Question) -> str:
+    return ", ".join(p.describe() for p in question.parameters)
+
+
+def _title(result: QuestionResult) -> str:
+    since, until = result.params.get("since"), result.params.get("until")
+    window = []
+    for label, value in (("from", since), ("to", until)):
+        if value is not None and hasattr(value, "isoformat"):
+            window.append(f"{label} {format_datetime(value)}")  # type: ignore[arg-type]
+    suffix = f" ({' '.join(window)})" if window else ""
+    return f"{result.question.name}{suffix}"

@@ -1,0 +1,45 @@
+"""`flowpipe sql`: run one SQL statement over the dataset's views (`flows`, `lost_events`) and print the rows."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flowpipe._cli_options import dataset_option, format_option
+from flowpipe._output import render
+from flowpipe.commands.query import parse_param_options
+from flowpipe.errors import QuestionParameterError
+from flowpipe.query.catalog import find_parameters
+from flowpipe.query.engine import open_engine
+
+
+@click.command("sql")
+@click.argument("statement")
+@click.option(
+    "-p", "--param", "param_options", multiple=True, metavar="KEY=VALUE", help="Bind $KEY to VALUE (repeatable)."
+)
+@dataset_option
+@format_option("table", "json", "csv")
+def sql(statement: str, param_options: tuple[str, ...], dataset: str, output_format: str) -> None:
+    """Run STATEMENT (DuckDB SQL; `-` reads it from stdin) over the views `flows` and `lost_events`.
+
+    \b
+    Examples:
+      flowpipe sql "SELECT verdict, count(*) AS flows FROM flows GROUP BY verdict"
+      flowpipe sql "SELECT * FROM flows WHERE source_namespace = \\$ns LIMIT 5" -p ns=shop --format json
+    """
+    text = sys.stdin.read() if statement == "-" else statement
+    params = parse_param_options(param_options)
+    used = set(find_parameters(text))
+    if used != set(params):
+        missing, extra = sorted(used - set(params)), sorted(set(params) - used)
+        problems = [f"no value for ${', $'.join(missing)} (-p NAME=VALUE)"] if missing else []
+        problems += [f"the statement does not use {', '.join(extra)}"] if extra else []
+        raise QuestionParameterError("; ".join(problems))
+    engine = open_engine(dataset, require_flows=True)
+    try:
+        table = engine.run(text, params)
+    finally:
+        engine.close()
+    render(table, output_format)

@@ -1,0 +1,79 @@
+"""Parse the time values users give questions: `1h`, `30m`, `7d`, `45s`, `now` and ISO 8601 timestamps.
+
+A relative value means "that long before the anchor". The anchor is normally the clock, but for an old capture
+it is more useful to anchor at the newest flow of the dataset; `flowpipe.query.run` decides which (see its
+docstring). Every result is an aware `datetime` in UTC.
+
+Accepted forms:
+
+- `now`: the anchor itself.
+- `<number><unit>` with units `s`, `m`, `h`, `d`, `w`, combinable (`1h30m`), optionally with a leading `-`
+  (`-1h` means the same as `1h`): that long before the anchor.
+- ISO 8601 (`2024-05-01`, `2024-05-01T10:00`, `2024-05-01 10:00:00.5`, with `Z` or an offset such as `+02:00`).
+  A timestamp without an offset is taken as UTC, the time zone of the dataset.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from flowpipe.errors import QuestionParameterError
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE = re.compile(r"^-?(?:\d+(?:\.\d+)?[smhdw])+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_ISO_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def is_relative_time(text: str) -> bool:
+    """True for values that depend on the anchor: `now` and durations such as `1h` or `1h30m`."""
+    value = text.strip().lower()
+    return value == "now" or bool(_RELATIVE.match(value))
+
+
+def looks_like_time(text: str) -> bool:
+    """True when `text` is a time value this module can parse (used to infer a parameter's type)."""
+    value = text.strip()
+    return is_relative_time(value) or bool(_ISO_START.match(value))
+
+
+def parse_duration(text: str) -> timedelta:
+    """The length of a duration such as `1h`, `30m`, `7d`, `45s` or `1h30m` (`now` is zero)."""
+    value = text.strip().lower()
+    if value == "now":
+        return timedelta(0)
+    if not _RELATIVE.match(value):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 45s, 30m, 1h, 7d, 2w)")
+    seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _PART.findall(value))
+    return timedelta(seconds=seconds)
+
+
+def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time") -> datetime:
+    """Parse a time value into an aware UTC datetime; relative values count back from `anchor` (default: now).
+
+    >>> parse_time("1h", anchor=datetime(2024, 5, 1, 12, tzinfo=UTC))
+    datetime.datetime(2024, 5, 1, 11, 0, tzinfo=datetime.timezone.utc)
+
+    Raises `QuestionParameterError` naming the parameter (`name`) when the value is not a time.
+    """
+    value = text.strip()
+    if is_relative_time(value):
+        base = to_utc(anchor) if anchor is not None else datetime.now(UTC)
+        return base - parse_duration(value)
+    try:
+        # Python 3.11 accepts `Z`, offsets, a space instead of `T`, and dates alone.
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise QuestionParameterError(
+            f"parameter {name}: {text!r} is not a time; use a duration back from now (45s, 30m, 1h, 7d), "
+            "`now`, or an ISO timestamp such as 2024-05-01T10:00:00Z"
+        ) from None
+    return to_utc(parsed)
+
+
+def to_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC datetime; a naive value is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
