@@ -103,10 +103,16 @@ def print_table(table: pa.Table, out: TextIO, *, title: str | None = None) -> No
     count = table.num_rows
     view = Table(title=title, caption=f"{count} row{'s' if count != 1 else ''}", show_lines=False)
     for field in table.schema:
-        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
+        numeric = (
+            pa.types.is_integer(field.type)
+            or pa.types.is_floating(field.type)
+            or pa.types.is_decimal(field.type)
+        )
         # numbers and times never wrap; long text columns give way instead
         atomic = numeric or pa.types.is_temporal(field.type)
-        view.add_column(Text(field.name), justify="right" if numeric else "left", overflow="fold", no_wrap=atomic)
+        view.add_column(
+            Text(field.name), justify="right" if numeric else "left", overflow="fold", no_wrap=atomic
+        )
     for record in _rows(table):
         view.add_row(*(_cell(v) for v in record))
     console.print(view)
@@ -194,7 +200,9 @@ def _cell(value: Any) -> Text:
         return Text(_short_datetime(value))
     if isinstance(value, list):
         items = (json_value(v) for v in value)
-        return Text(", ".join("–" if v is None else v if isinstance(v, str) else json.dumps(v) for v in items))
+        return Text(
+            ", ".join("–" if v is None else v if isinstance(v, str) else json.dumps(v) for v in items)
+        )
     converted = json_value(value)
     if isinstance(converted, bool):
         return Text("true" if converted else "false")

@@ -106,7 +106,10 @@ def synthetic_flows(count: int = 400, *, seed: int = 7) -> list[dict[str, Any]]:
             continue
         dst = rng.choice([p for p in pods if p != src] + [None])
         if dst is None:  # egress to the world, or from the host
-            destination = {"destination_ip": f"203.0.113.{rng.randrange(1, 4)}", "destination_names": ["api.example.com"]}
+            destination = {
+                "destination_ip": f"203.0.113.{rng.randrange(1, 4)}",
+                "destination_names": ["api.example.com"],
+            }
             if rng.random() < 0.3:
                 src = (None, None, None)
         else:
@@ -123,9 +126,11 @@ def synthetic_flows(count: int = 400, *, seed: int = 7) -> list[dict[str, Any]]:
             reason_number = rng.choice([0, 181])
             reason = None
         else:
-            reason_number = {"POLICY_DENIED": 133, "CT_MAP_INSERTION_FAILED": 155, "UNSUPPORTED_L3_PROTOCOL": 139}.get(
-                reason or "", 0
-            )
+            reason_number = {
+                "POLICY_DENIED": 133,
+                "CT_MAP_INSERTION_FAILED": 155,
+                "UNSUPPORTED_L3_PROTOCOL": 139,
+            }.get(reason or "", 0)
         rows.append(
             flow(
                 **common,

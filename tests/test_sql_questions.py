@@ -43,12 +43,19 @@ def ask(engine: DuckDBEngine, question: Question, **values: str) -> list[Row]:
 
 
 def in_window(rows: list[Row], since: datetime | None = None, until: datetime | None = None) -> list[Row]:
-    return [r for r in rows if (since is None or r["time"] >= since) and (until is None or r["time"] <= until)]
+    return [
+        r for r in rows if (since is None or r["time"] >= since) and (until is None or r["time"] <= until)
+    ]
 
 
 def endpoint(row: Row, side: str, *, use_names: bool = True) -> str | None:
     names = row[f"{side}_names"] if use_names else []
-    return row[f"{side}_workload_name"] or row[f"{side}_pod_name"] or (names[0] if names else None) or row[f"{side}_ip"]
+    return (
+        row[f"{side}_workload_name"]
+        or row[f"{side}_pod_name"]
+        or (names[0] if names else None)
+        or row[f"{side}_ip"]
+    )
 
 
 def group(rows: list[Row], key: Callable[[Row], tuple[Any, ...]]) -> dict[tuple[Any, ...], list[Row]]:
@@ -107,7 +114,9 @@ def expected_drops(rows: list[Row], namespace: str | None = None) -> dict[tuple[
         return r["drop_reason_desc"] or (str(number) if number else None) or "DROP_REASON_UNKNOWN"
 
     expected = {}
-    for key, members in group(dropped, lambda r: (reason(r), r["source_namespace"], r["destination_namespace"])).items():
+    for key, members in group(
+        dropped, lambda r: (reason(r), r["source_namespace"], r["destination_namespace"])
+    ).items():
         expected[key] = {
             "flows": len(members),
             "source_pods": len({m["source_pod_name"] for m in members} - {None}),
@@ -132,7 +141,12 @@ def test_drops_by_reason_counts_every_drop(engine: DuckDBEngine, catalog: Catalo
 
 def test_drops_by_reason_namespace_and_limit(engine: DuckDBEngine, catalog: Catalog, rows: list[Row]) -> None:
     question = catalog.question("drops_by_reason")
-    got = by_key(ask(engine, question, namespace="billing"), "drop_reason_desc", "source_namespace", "destination_namespace")
+    got = by_key(
+        ask(engine, question, namespace="billing"),
+        "drop_reason_desc",
+        "source_namespace",
+        "destination_namespace",
+    )
     assert set(got) == set(expected_drops(rows, "billing"))
     top = ask(engine, question, limit="2")
     assert len(top) == 2
@@ -141,7 +155,9 @@ def test_drops_by_reason_namespace_and_limit(engine: DuckDBEngine, catalog: Cata
 
 def test_drops_by_reason_window(engine: DuckDBEngine, catalog: Catalog, rows: list[Row]) -> None:
     since, until = T0 + timedelta(minutes=30), T0 + timedelta(minutes=50)
-    result = ask(engine, catalog.question("drops_by_reason"), since=since.isoformat(), until=until.isoformat())
+    result = ask(
+        engine, catalog.question("drops_by_reason"), since=since.isoformat(), until=until.isoformat()
+    )
     expected = expected_drops(in_window(rows, since, until))
     assert sum(r["flows"] for r in result) == sum(v["flows"] for v in expected.values()) > 0
     assert all(since <= r["first_seen"] and r["last_seen"] <= until for r in result)
@@ -173,7 +189,9 @@ def expected_talkers(rows: list[Row]) -> dict[tuple[Any, ...], Row]:
 
 def test_top_talkers_match_the_flows(engine: DuckDBEngine, catalog: Catalog, rows: list[Row]) -> None:
     result = ask(engine, catalog.question("top_talkers"))
-    got = by_key(result, "source_namespace", "source_workload", "destination_namespace", "destination_workload")
+    got = by_key(
+        result, "source_namespace", "source_workload", "destination_namespace", "destination_workload"
+    )
     expected = expected_talkers(rows)
     assert set(got) == set(expected)
     for key, values in expected.items():
@@ -198,7 +216,9 @@ def test_top_talkers_namespace_matches_either_side(engine: DuckDBEngine, catalog
 # -- dns_queries --------------------------------------------------------------------------------------------
 
 
-def expected_dns(rows: list[Row], pattern: Callable[[str], bool] = lambda _: True) -> dict[tuple[Any, ...], Row]:
+def expected_dns(
+    rows: list[Row], pattern: Callable[[str], bool] = lambda _: True
+) -> dict[tuple[Any, ...], Row]:
     dns = [r for r in rows if r["l7_protocol"] == "dns" and r["dns_query"] and pattern(r["dns_query"])]
 
     def client(r: Row) -> tuple[Any, ...]:
@@ -284,7 +304,9 @@ def test_relative_window_uses_the_clock_for_a_live_dataset(
 ) -> None:
     newest = max(r["time"] for r in rows)
     clock = newest + timedelta(minutes=5)
-    result = run_question(engine, catalog.question("top_talkers"), {"since": "1h", "limit": "1000"}, now=clock)
+    result = run_question(
+        engine, catalog.question("top_talkers"), {"since": "1h", "limit": "1000"}, now=clock
+    )
     assert result.anchored_to == "now" and result.anchor == clock
     assert result.params["since"] == clock - timedelta(hours=1)
     expected = expected_talkers(in_window(rows, clock - timedelta(hours=1), clock))
@@ -293,6 +315,8 @@ def test_relative_window_uses_the_clock_for_a_live_dataset(
 
 def test_absolute_times_ignore_the_anchor(engine: DuckDBEngine, catalog: Catalog) -> None:
     since, until = T0.isoformat(), (T0 + timedelta(hours=3)).isoformat()
-    result = run_question(engine, catalog.question("top_talkers"), {"since": since, "until": until}, relative_to="data")
+    result = run_question(
+        engine, catalog.question("top_talkers"), {"since": since, "until": until}, relative_to="data"
+    )
     assert result.anchored_to == "now"  # nothing relative, nothing to anchor
     assert result.params["since"] == T0

@@ -48,7 +48,14 @@ def sql_dir_option(func: F) -> F:
 
 @click.command("query")
 @click.argument("name", required=False)
-@click.option("-p", "--param", "param_options", multiple=True, metavar="KEY=VALUE", help="Set a question parameter (repeatable).")
+@click.option(
+    "-p",
+    "--param",
+    "param_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a question parameter (repeatable).",
+)
 @click.option("--since", help="Window start: 1h, 30m, 7d, 45s, now, or an ISO timestamp (sets `since`).")
 @click.option("--until", help="Window end, same forms as --since (sets `until`).")
 @click.option("--namespace", help="Only this Kubernetes namespace (sets `namespace`).")

@@ -17,7 +17,12 @@ from flowpipe.query.engine import open_engine
 @click.command("sql")
 @click.argument("statement")
 @click.option(
-    "-p", "--param", "param_options", multiple=True, metavar="KEY=VALUE", help="Bind $KEY to VALUE (repeatable)."
+    "-p",
+    "--param",
+    "param_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Bind $KEY to VALUE (repeatable).",
 )
 @dataset_option
 @format_option("table", "json", "csv")

@@ -78,7 +78,7 @@ _NOT_CODE = re.compile(
     | [eE]'(?:[^'\\]|\\.|'')*'          # E'...' with backslash escapes
     | '(?:[^']|'')*'                    # '...' with '' escapes
     | "(?:[^"]|"")*"                    # "quoted identifier"
-    | \$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)\$   # $tag$ ... $tag$ and $$ ... $$
+    | \$(?P<tag>[A-Za-z_]\w*|)\$.*?\$(?P=tag)\$   # $tag$ ... $tag$ and $$ ... $$
     """,
     re.DOTALL | re.VERBOSE,
 )
@@ -286,9 +286,7 @@ def parse_question(text: str, *, name: str, path: Path | None = None) -> Questio
             problems.append(f"used but not declared in params: {', '.join(sorted(used - declared))}")
         if declared - used:
             problems.append(f"declared in params but not used: {', '.join(sorted(declared - used))}")
-        raise QuestionDefinitionError(
-            "; ".join(problems), path=where, line_number=params_line or None
-        )
+        raise QuestionDefinitionError("; ".join(problems), path=where, line_number=params_line or None)
     return Question(name=name, description=description, parameters=parameters, sql=text, path=path)
 
 
@@ -308,7 +306,9 @@ def parse_params(text: str, *, where: str = "<params>", line_number: int = 0) ->
         position = match.end()
         name, declared_type, default = match.group(1), match.group(2), match.group(3)
         if any(p.name == name for p in parameters):
-            raise QuestionDefinitionError(f"parameter {name} is declared twice", path=where, line_number=line_number)
+            raise QuestionDefinitionError(
+                f"parameter {name} is declared twice", path=where, line_number=line_number
+            )
         if default is not None:
             default = default.strip()
             if len(default) >= 2 and default.startswith('"') and default.endswith('"'):
@@ -327,7 +327,9 @@ def parse_params(text: str, *, where: str = "<params>", line_number: int = 0) ->
             try:
                 parameter.convert(parameter.default)
             except QueryError as exc:
-                raise QuestionDefinitionError(f"bad default: {exc}", path=where, line_number=line_number) from None
+                raise QuestionDefinitionError(
+                    f"bad default: {exc}", path=where, line_number=line_number
+                ) from None
         parameters.append(parameter)
     return tuple(parameters)
 
@@ -376,7 +378,9 @@ def _parse_header(text: str, where: str) -> dict[str, tuple[str, int]]:
         if field is not None:
             key, value = field.group(1), field.group(2).strip()
             if key in fields:
-                raise QuestionDefinitionError(f"header field {key!r} appears twice", path=where, line_number=number)
+                raise QuestionDefinitionError(
+                    f"header field {key!r} appears twice", path=where, line_number=number
+                )
             fields[key] = (value, number)
             current = key
             continue

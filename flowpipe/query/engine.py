@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
+from flowpipe.query.views import install_views
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class Engine(Protocol):
     messages. Implementations raise `QueryError` (never their own exceptions).
     """
 
-    def run(self, sql: str, params: Mapping[str, object] | None = None, *, question: str | None = None) -> pa.Table:
+    def run(
+        self, sql: str, params: Mapping[str, object] | None = None, *, question: str | None = None
+    ) -> pa.Table:
         """Run one statement with bound parameters; the result as an Arrow table."""
         ...
 
@@ -154,6 +157,8 @@ class DuckDBEngine:
             self.files[view] = files
             with translate_duckdb_errors(f"-- define view {view}"):
                 self._define_view(view, schema, files)
+        # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
+        install_views(self._con)
         if self._setup is not None:
             self._setup(self._con)
 
@@ -192,7 +197,9 @@ class DuckDBEngine:
             source = f"_flowpipe_{view}_files"
             present = set(self._register_files(source, view, schema, files))
         columns = ",\n    ".join(
-            f'CAST("{name}" AS {types[name]}) AS "{name}"' if name in present else f'CAST(NULL AS {types[name]}) AS "{name}"'
+            f'CAST("{name}" AS {types[name]}) AS "{name}"'
+            if name in present
+            else f'CAST(NULL AS {types[name]}) AS "{name}"'
             for name in schema.names
         )
         self._con.execute(f'CREATE OR REPLACE VIEW "{view}" AS SELECT\n    {columns}\nFROM "{source}"')
@@ -222,10 +229,13 @@ class DuckDBEngine:
 
     # -- running SQL ----------------------------------------------------------------------------------------
 
-    def run(self, sql: str, params: Mapping[str, object] | None = None, *, question: str | None = None) -> pa.Table:
+    def run(
+        self, sql: str, params: Mapping[str, object] | None = None, *, question: str | None = None
+    ) -> pa.Table:
         """Run one SQL statement with `params` bound by DuckDB; the result as an Arrow table.
 
-        A statement that returns nothing (DDL) gives an empty table. Errors become `QueryError`.
+        A statement other than a query runs once and gives what DuckDB reports for it (possibly an empty
+        table). Errors become `QueryError`.
         """
         with translate_duckdb_errors(sql, question):
             relation = self._con.sql(sql, params=dict(params) if params else None)

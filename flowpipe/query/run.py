@@ -92,4 +92,6 @@ def run_question(
     anchor, anchored_to = resolve_anchor(engine, question, given, relative_to=relative_to, now=now)
     params = question.bind(given, anchor=anchor)
     table = engine.run(question.sql, params, question=question.name)
-    return QuestionResult(question=question, table=table, params=params, anchor=anchor, anchored_to=anchored_to)
+    return QuestionResult(
+        question=question, table=table, params=params, anchor=anchor, anchored_to=anchored_to
+    )
