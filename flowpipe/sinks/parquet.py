@@ -3,8 +3,8 @@
 A flush happens when the open batch reaches `max_batch_rows` flows or `max_batch_bytes` bytes, when it is older
 than `flush_interval_seconds` (by the injected clock), and on `flush()` / `close()`. Each flow goes to the
 partition of its own time, so flows that arrive out of time order (a relay merging nodes, exporter files read
-out of order) still land in the right hour: one flush writes one part file per partition it touches, rows
-sorted by time. Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
+out of order) still land in the right hour: one flush writes one part file per partition it touches, rows in
+arrival order (Parquet statistics on `time` still let readers skip row groups). Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
 (Hive's NULL partition, read back as NULL `date` and `hour`).
 
 Every part file is written under a temporary name, fsynced, and only once all files of the flush are complete
@@ -16,12 +16,14 @@ later `flush()` can retry.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -71,23 +73,44 @@ def lost_events_table(events: list[LostEvent]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=LOST_EVENTS_SCHEMA)
 
 
+MAX_RUNS_PER_PART = 256
+"""Above this many separate runs of rows per partition, a flush copies rows (filter) instead of slicing."""
+
+
 def split_by_hour(table: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
-    """Split rows by the hour of their `time` (NULL: the unknown partition); each part sorted by time."""
+    """Split rows by the hour of their `time` (NULL: the unknown partition), keeping their order.
+
+    Flows arrive nearly in time order, so each hour is a few contiguous runs of rows: those are sliced (no
+    copy) and chained. Only when the hours are finely interleaved are rows copied out with a filter.
+    """
     if table.num_rows == 0:
         return []
-    hours = pc.floor_temporal(table.column("time"), unit="hour")
-    distinct = pc.unique(hours).to_pylist()
-    if len(distinct) == 1:
-        return [(PartitionKey.from_time(distinct[0]), table.sort_by("time"))]
+    hour_ns = pc.cast(pc.floor_temporal(table.column("time"), unit="hour"), pa.int64())
+    hours = hour_ns.to_numpy() if hour_ns.null_count == 0 else pc.fill_null(hour_ns, _NULL_HOUR).to_numpy()
+    starts = np.flatnonzero(hours[1:] != hours[:-1]) + 1
+    if len(starts) == 0:
+        return [(_key(int(hours[0])), table)]
+    bounds = [0, *starts.tolist(), len(hours)]
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for begin, end in itertools.pairwise(bounds):
+        runs.setdefault(int(hours[begin]), []).append((begin, end - begin))
     parts = []
-    for value in distinct:
-        mask = (
-            pc.is_null(hours)
-            if value is None
-            else pc.fill_null(pc.equal(hours, pa.scalar(value, hours.type)), False)
-        )
-        parts.append((PartitionKey.from_time(value), table.filter(mask).sort_by("time")))
+    for hour, slices in runs.items():
+        if len(slices) <= MAX_RUNS_PER_PART:
+            part = pa.concat_tables([table.slice(offset, length) for offset, length in slices])
+        else:
+            part = table.filter(pa.array(hours == hour))
+        parts.append((_key(hour), part))
     return sorted(parts, key=lambda item: item[0])
+
+
+_NULL_HOUR = -(2**63)
+
+
+def _key(hour_ns: int) -> PartitionKey:
+    if hour_ns == _NULL_HOUR:
+        return PartitionKey.from_time(None)
+    return PartitionKey.from_time(datetime.fromtimestamp(hour_ns // 1_000_000_000, UTC))
 
 
 class ParquetSink:
