@@ -1,0 +1,546 @@
+"""Matching primitives for replay: Cilium labels, selectors, entities, CIDRs, FQDNs, ports and L7 rules.
+
+These follow what Cilium does when it enforces policies, because Cilium produced the flows being replayed:
+
+- An endpoint is seen through its Cilium labels (`k8s:app=web`, `reserved:world`). Its namespace adds
+  `k8s:io.kubernetes.pod.namespace=<ns>` and the namespace-name label when a flow lacks them; a flow without
+  labels gets its reserved label from the numeric identity (1 host, 2 world, ...), and an endpoint Hubble knows
+  nothing about is `world`, as the ipcache would classify it.
+- A selector key without a source prefix (`app`) matches the key of any source; `k8s:app` only `k8s:` labels;
+  `$host` is `reserved:host`.
+- CIDR and FQDN peers select only addresses outside the cluster's endpoints (world, and an API server that is
+  not also a node): Cilium gives pod and node addresses their own identities, which CIDR selectors do not
+  select in the default `policy-cidr-match-mode`.
+- HTTP `method`/`path`/`host` are regular expressions matched against the whole value; the path is the request
+  target including its query string, as Envoy's `:path` header is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from flowpipe.errors import PolicyError
+from flowpipe.policy.model import (
+    NAMESPACE_NAME_LABEL,
+    FQDNSelector,
+    HTTPRule,
+    KafkaRule,
+    LabelSelector,
+    Peer,
+    Policy,
+    Port,
+    PortRule,
+)
+
+Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+Requirement = tuple[str, str, Operator, frozenset[str]]
+"""(source, key, operator, values): one compiled selector requirement; source `any` matches every source."""
+
+RESERVED_IDENTITIES: dict[int, str] = {
+    1: "host",
+    2: "world",
+    3: "unmanaged",
+    4: "health",
+    5: "init",
+    6: "remote-node",
+    7: "kube-apiserver",
+    8: "ingress",
+    9: "world-ipv4",
+    10: "world-ipv6",
+}
+WORLD = frozenset({"world", "world-ipv4", "world-ipv6"})
+NODE_LIKE = frozenset({"host", "remote-node", "health", "init", "ingress", "unmanaged"})
+"""Reserved identities inside the cluster that CIDR selectors do not select."""
+
+POD_NAMESPACE_KEY = "io.kubernetes.pod.namespace"
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+
+KAFKA_API_KEYS = (
+    "produce fetch offsets metadata leaderandisr stopreplica updatemetadata controlledshutdown offsetcommit "
+    "offsetfetch findcoordinator joingroup heartbeat leavegroup syncgroup describegroups listgroups "
+    "saslhandshake apiversions createtopics deletetopics"
+).split()
+"""Kafka API keys by number (the order is the protocol's numbering)."""
+
+KAFKA_ROLES: dict[str, frozenset[str]] = {
+    # Cilium's role shorthands: the API keys a producer or a consumer needs.
+    "produce": frozenset({"produce", "metadata", "apiversions"}),
+    "consume": frozenset(
+        {
+            "fetch",
+            "offsets",
+            "metadata",
+            "offsetcommit",
+            "offsetfetch",
+            "findcoordinator",
+            "joingroup",
+            "heartbeat",
+            "leavegroup",
+            "syncgroup",
+            "apiversions",
+        }
+    ),
+}
+
+ICMP_TYPE_NAMES: dict[str, dict[str, int]] = {
+    "ICMP": {
+        "EchoReply": 0,
+        "DestinationUnreachable": 3,
+        "Redirect": 5,
+        "Echo": 8,
+        "EchoRequest": 8,
+        "RouterAdvertisement": 9,
+        "RouterSelection": 10,
+        "TimeExceeded": 11,
+        "ParameterProblem": 12,
+        "Timestamp": 13,
+        "TimestampReply": 14,
+        "Photuris": 40,
+        "ExtendedEchoRequest": 42,
+        "ExtendedEchoReply": 43,
+    },
+    "ICMPv6": {
+        "DestinationUnreachable": 1,
+        "PacketTooBig": 2,
+        "TimeExceeded": 3,
+        "ParameterProblem": 4,
+        "EchoRequest": 128,
+        "EchoReply": 129,
+        "MulticastListenerQuery": 130,
+        "MulticastListenerReport": 131,
+        "MulticastListenerDone": 132,
+        "RouterSolicitation": 133,
+        "RouterAdvertisement": 134,
+        "NeighborSolicitation": 135,
+        "NeighborAdvertisement": 136,
+        "RedirectMessage": 137,
+        "RouterRenumbering": 138,
+        "ICMPNodeInformationQuery": 139,
+        "ICMPNodeInformationResponse": 140,
+        "InverseNeighborDiscoverySolicitation": 141,
+        "InverseNeighborDiscoveryAdvertisement": 142,
+        "HomeAgentAddressDiscoveryRequest": 144,
+        "HomeAgentAddressDiscoveryReply": 145,
+        "MobilePrefixSolicitation": 146,
+        "MobilePrefixAdvertisement": 147,
+        "DuplicateAddressRequestCodeSuffix": 157,
+        "DuplicateAddressConfirmationCodeSuffix": 158,
+        "ExtendedEchoRequest": 160,
+        "ExtendedEchoReply": 161,
+    },
+}
+_FLOW_ICMP = {"ICMPv4": "ICMP", "ICMPv6": "ICMPv6"}
+
+
+def parse_label(text: str) -> tuple[str, str, str]:
+    """Split a Cilium label string into (source, key, value): `k8s:app=web` → (`k8s`, `app`, `web`).
+
+    A label without a source (`app=web`) gets source `unspec`; `reserved:world` has the value "".
+    """
+    key, _, value = text.partition("=")
+    source, sep, rest = key.partition(":")
+    if not sep:
+        return "unspec", key, value
+    return source, rest, value
+
+
+def parse_selector_key(key: str) -> tuple[str, str]:
+    """Split a selector key into (source, key) as Cilium does: `k8s:app` → (`k8s`, `app`), `app` → (`any`, `app`)."""
+    if key.startswith("$"):
+        return "reserved", key[1:]
+    source, sep, rest = key.partition(":")
+    if not sep:
+        return "any", key
+    return source, rest
+
+
+class Endpoint:
+    """One end of a flow as policies see it: namespace, labels by key, reserved identities, address, names."""
+
+    __slots__ = ("key", "namespace", "index", "reserved", "ip", "names", "_hash")
+
+    def __init__(
+        self,
+        namespace: str | None,
+        labels: Sequence[str] | None,
+        identity: int | None,
+        ip: str | None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.key = (namespace, tuple(labels or ()), identity, ip, tuple(names or ()))
+        self._hash = hash(self.key)
+        self.ip = ip
+        self.names = tuple(n.lower().rstrip(".") for n in names or ())
+        index: dict[str, dict[str, str]] = {}
+        for label in labels or ():
+            source, key, value = parse_label(label)
+            index.setdefault(key, {})[source] = value
+        if namespace is None and "k8s" in index.get(POD_NAMESPACE_KEY, {}):
+            namespace = index[POD_NAMESPACE_KEY]["k8s"]
+        self.namespace = namespace
+        reserved = {key for key, by_source in index.items() if "reserved" in by_source}
+        if identity is not None and identity in RESERVED_IDENTITIES and not reserved:
+            reserved.add(RESERVED_IDENTITIES[identity])
+        if namespace is not None:
+            index.setdefault(POD_NAMESPACE_KEY, {}).setdefault("k8s", namespace)
+            index.setdefault(NAMESPACE_LABELS_PREFIX + NAMESPACE_NAME_LABEL, {}).setdefault("k8s", namespace)
+        elif not reserved:
+            # Not a pod and no reserved identity: an address outside the cluster (CIDR or FQDN identity).
+            reserved.add("world")
+        for name in reserved:
+            index.setdefault(name, {}).setdefault("reserved", "")
+        self.index = index
+        self.reserved = frozenset(reserved)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Endpoint) and self.key == other.key
+
+    @property
+    def is_pod(self) -> bool:
+        """True for a Kubernetes pod (an endpoint with a namespace)."""
+        return self.namespace is not None
+
+    @property
+    def is_world(self) -> bool:
+        """True for addresses outside the cluster."""
+        return not self.is_pod and bool(self.reserved & WORLD)
+
+    @property
+    def cidr_selectable(self) -> bool:
+        """True when CIDR and FQDN selectors can select this endpoint (world, or an API server off the nodes)."""
+        return not self.is_pod and not (self.reserved & NODE_LIKE)
+
+    def values(self, source: str, key: str) -> tuple[str, ...]:
+        """The values of label `key` from `source` (`any`: from every source)."""
+        by_source = self.index.get(key)
+        if not by_source:
+            return ()
+        if source == "any":
+            return tuple(by_source.values())
+        value = by_source.get(source)
+        return () if value is None else (value,)
+
+
+# -- selectors ----------------------------------------------------------------------------------------------
+
+
+def compile_selector(selector: LabelSelector, *, key_prefix: str = "") -> tuple[Requirement, ...]:
+    """The requirements of a selector; `key_prefix` maps namespace-selector keys onto endpoint labels."""
+    reqs: list[Requirement] = []
+    for key, value in selector.match_labels:
+        source, name = parse_selector_key(key)
+        reqs.append((source, key_prefix + name, "In", frozenset({str(value)})))
+    for expr in selector.match_expressions:
+        source, name = parse_selector_key(expr.key)
+        reqs.append((source, key_prefix + name, expr.operator, frozenset(expr.values)))
+    return tuple(reqs)
+
+
+def compile_namespace_selector(selector: LabelSelector) -> tuple[Requirement, ...]:
+    """Requirements on an endpoint's namespace labels (`io.cilium.k8s.namespace.labels.<key>`)."""
+    return compile_selector(selector, key_prefix=NAMESPACE_LABELS_PREFIX)
+
+
+def requirements_match(reqs: tuple[Requirement, ...], endpoint: Endpoint) -> bool:
+    """True when the endpoint meets every requirement (Kubernetes semantics for NotIn and DoesNotExist)."""
+    for source, key, operator, values in reqs:
+        present = endpoint.values(source, key)
+        if operator == "In":
+            if not any(v in values for v in present):
+                return False
+        elif operator == "NotIn":
+            if any(v in values for v in present):
+                return False
+        elif operator == "Exists":
+            if not present:
+                return False
+        elif present:  # DoesNotExist
+            return False
+    return True
+
+
+def _names_namespace(reqs: tuple[Requirement, ...]) -> bool:
+    return any(key == POD_NAMESPACE_KEY and source in ("any", "k8s") for source, key, _, _ in reqs)
+
+
+def _names_reserved(reqs: tuple[Requirement, ...]) -> bool:
+    return any(source == "reserved" for source, _, _, _ in reqs)
+
+
+_NAMESPACE_EXISTS: Requirement = ("k8s", POD_NAMESPACE_KEY, "Exists", frozenset())
+
+
+def subject_requirements(policy: Policy) -> tuple[Requirement, ...] | None:
+    """What an endpoint must meet to be selected by `policy`; None when the policy selects no pod at all.
+
+    Kubernetes and namespaced Cilium policies select pods of their own namespace; a clusterwide policy selects
+    pods of any namespace. Host policies (`nodeSelector`) select nodes, which flows do not show as subjects.
+    """
+    if policy.node_selector is not None:
+        return None
+    reqs = compile_selector(policy.selector)
+    if policy.namespace is not None:
+        return reqs + (("k8s", POD_NAMESPACE_KEY, "In", frozenset({policy.namespace})),)
+    if _names_namespace(reqs):
+        return reqs
+    return reqs + (_NAMESPACE_EXISTS,)
+
+
+def peer_requirements(peer: Peer, policy: Policy) -> tuple[Requirement, ...]:
+    """The requirements an endpoints peer puts on the other end, with the namespace scoping of its flavour.
+
+    Kubernetes: a pod selector alone means the policy's namespace; a namespace selector alone means every pod
+    of those namespaces. Cilium: a selector that does not name a namespace is scoped to the policy's namespace
+    (clusterwide: to pods of any namespace), unless it selects reserved labels.
+    """
+    reqs = compile_selector(peer.selector) if peer.selector is not None else ()
+    if peer.namespace_selector is not None:
+        return reqs + compile_namespace_selector(peer.namespace_selector) + (_NAMESPACE_EXISTS,)
+    if policy.flavour == "kubernetes":
+        assert policy.namespace is not None
+        return reqs + (("k8s", POD_NAMESPACE_KEY, "In", frozenset({policy.namespace})),)
+    if _names_namespace(reqs) or _names_reserved(reqs):
+        return reqs
+    if policy.namespace is not None:
+        return reqs + (("k8s", POD_NAMESPACE_KEY, "In", frozenset({policy.namespace})),)
+    return reqs + (_NAMESPACE_EXISTS,)
+
+
+# -- entities, CIDRs, FQDNs ---------------------------------------------------------------------------------
+
+
+def entity_matches(entity: str, endpoint: Endpoint) -> bool:
+    """True when `endpoint` belongs to the Cilium entity."""
+    if entity == "all":
+        return True
+    if entity == "none":
+        return False
+    if entity == "world":
+        return endpoint.is_world
+    if entity in ("world-ipv4", "world-ipv6"):
+        if entity in endpoint.reserved:
+            return True
+        if not endpoint.is_world:
+            return False
+        if endpoint.ip is None:
+            return True  # family unknown
+        return (":" in endpoint.ip) == (entity == "world-ipv6")
+    if entity == "cluster":
+        return endpoint.is_pod or bool(endpoint.reserved & NODE_LIKE)
+    return entity in endpoint.reserved
+
+
+@lru_cache(maxsize=4096)
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise PolicyError(f"invalid CIDR {cidr!r}: {exc}") from exc
+
+
+@lru_cache(maxsize=65536)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+
+
+def cidr_matches(cidr: str, except_cidrs: Iterable[str], endpoint: Endpoint) -> bool:
+    """True when the endpoint's address is in `cidr` and in none of `except_cidrs`."""
+    if not endpoint.cidr_selectable or endpoint.ip is None:
+        return False
+    address = _address(endpoint.ip)
+    if address is None:
+        return False
+    network = _network(cidr)
+    if address.version != network.version or address not in network:
+        return False
+    for excluded in except_cidrs:
+        net = _network(excluded)
+        if address.version == net.version and address in net:
+            return False
+    return True
+
+
+@lru_cache(maxsize=4096)
+def fqdn_regex(selector: FQDNSelector) -> re.Pattern[str]:
+    """A regex for one FQDN selector, as Cilium builds it.
+
+    `matchName` is exact (case-insensitive, trailing dot ignored). In `matchPattern`, `*` stands for any run of
+    DNS name characters within one label, a leading `**.` for one or more labels, and `*` alone for every name.
+    """
+    if selector.match_name is not None:
+        return re.compile(re.escape(selector.match_name.lower().rstrip(".")))
+    pattern = (selector.match_pattern or "").lower().rstrip(".")
+    if pattern == "*":
+        return re.compile(r".+")
+    multi = pattern.startswith("**.")
+    if multi:
+        pattern = pattern[3:]
+    body = re.escape(pattern).replace(r"\*", r"[-a-z0-9_]*")
+    return re.compile((r"(?:[-a-z0-9_]+\.)+" if multi else "") + body)
+
+
+def fqdn_matches(selector: FQDNSelector, names: Iterable[str]) -> bool:
+    """True when any of `names` matches the selector."""
+    regex = fqdn_regex(selector)
+    return any(regex.fullmatch(name) for name in names)
+
+
+def peer_matches(peer: Peer, reqs: tuple[Requirement, ...] | None, endpoint: Endpoint) -> bool:
+    """True when `endpoint` is this peer; `reqs` are the peer's compiled requirements (endpoints peers)."""
+    if peer.kind == "endpoints":
+        return reqs is not None and endpoint.is_pod and requirements_match(reqs, endpoint)
+    if peer.kind == "entity":
+        return entity_matches(peer.entity or "none", endpoint)
+    if peer.kind == "cidr":
+        return cidr_matches(peer.cidr or "", peer.except_cidrs, endpoint)
+    if peer.kind == "fqdn":
+        return peer.fqdn is not None and endpoint.cidr_selectable and fqdn_matches(peer.fqdn, endpoint.names)
+    return False
+
+
+# -- ports and L7 -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """The L4 and L7 facts of a request that rules look at."""
+
+    protocol: str | None
+    port: int | None
+    icmp_type: int | None = None
+    l7: str | None = None
+    http_method: str | None = None
+    http_url: str | None = None
+    kafka_api_key: str | None = None
+    kafka_topic: str | None = None
+    dns_query: str | None = None
+
+
+def icmp_type_number(value: int | str, family: str) -> int | None:
+    """An ICMP type from a number or a Cilium type name (`EchoRequest`); None if unknown."""
+    if isinstance(value, int):
+        return value
+    if value.isdigit():
+        return int(value)
+    return ICMP_TYPE_NAMES.get(family, {}).get(value)
+
+
+def port_matches(port: Port, traffic: Traffic) -> bool:
+    """True when the request's protocol and destination port (or ICMP type) are covered by `port`."""
+    if port.is_icmp:
+        if _FLOW_ICMP.get(traffic.protocol or "") != port.protocol:
+            return False
+        if port.port is None:
+            return True
+        return icmp_type_number(port.port, port.protocol) == traffic.icmp_type
+    if port.protocol == "ANY":
+        if traffic.protocol not in ("TCP", "UDP", "SCTP"):
+            return False
+    elif traffic.protocol != port.protocol:
+        return False
+    number = port.port
+    if isinstance(number, str):
+        if not number.isdigit():
+            return False  # a named port: flows carry numbers, so it cannot be resolved here
+        number = int(number)
+    if number is None or number == 0:
+        return True
+    if traffic.port is None:
+        return False
+    if port.end_port is not None and port.end_port >= number:
+        return number <= traffic.port <= port.end_port
+    return traffic.port == number
+
+
+@lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise PolicyError(f"invalid regular expression {pattern!r}: {exc}") from exc
+
+
+@lru_cache(maxsize=65536)
+def split_url(url: str) -> tuple[str, str]:
+    """(host, request target) of an HTTP URL as Hubble records it; the target keeps the query string."""
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return parts.netloc, target
+
+
+def http_matches(rule: HTTPRule, traffic: Traffic) -> bool:
+    """True when the HTTP request meets the rule's method, path and host expressions."""
+    host, target = split_url(traffic.http_url or "")
+    if rule.method is not None and not _regex(rule.method).fullmatch(traffic.http_method or ""):
+        return False
+    if rule.path is not None and not _regex(rule.path).fullmatch(target):
+        return False
+    return rule.host is None or bool(_regex(rule.host).fullmatch(host))
+
+
+def kafka_api_key_name(value: str | None) -> str | None:
+    """A Kafka API key from Hubble (`produce`, `Fetch`, `offset_commit`, `1`) as Cilium's lower-case name."""
+    if value is None:
+        return None
+    if value.isdigit():
+        number = int(value)
+        return KAFKA_API_KEYS[number] if number < len(KAFKA_API_KEYS) else value
+    return re.sub(r"[^a-z0-9]", "", value.lower())
+
+
+def kafka_role(api_key: str | None) -> str | None:
+    """`produce` or `consume` for an API key that only one of the two roles uses, else None."""
+    name = kafka_api_key_name(api_key)
+    if name == "produce":
+        return "produce"
+    if name in KAFKA_ROLES["consume"] and name not in KAFKA_ROLES["produce"]:
+        return "consume"
+    return None
+
+
+def kafka_matches(rule: KafkaRule, traffic: Traffic) -> bool:
+    """True when the Kafka request's API key and topic are allowed by the rule."""
+    name = kafka_api_key_name(traffic.kafka_api_key)
+    if rule.role is not None and (name is None or name not in KAFKA_ROLES.get(rule.role.lower(), frozenset())):
+        return False
+    if rule.api_key is not None and name != kafka_api_key_name(rule.api_key):
+        return False
+    # A request without a topic (metadata, heartbeat) is not limited by the topic.
+    return rule.topic is None or traffic.kafka_topic is None or traffic.kafka_topic == rule.topic
+
+
+def port_rule_matches(port_rule: PortRule, traffic: Traffic) -> bool:
+    """True when the request's L4 is covered and, for L7 records of a restricted kind, an L7 rule allows it.
+
+    An L3/L4 flow to a port with L7 rules is allowed: the connection is redirected to the proxy, which then
+    judges each request (the L7 records).
+    """
+    if port_rule.ports and not any(port_matches(p, traffic) for p in port_rule.ports):
+        return False
+    if traffic.l7 == "http" and port_rule.http:
+        return any(http_matches(r, traffic) for r in port_rule.http)
+    if traffic.l7 == "kafka" and port_rule.kafka:
+        return any(kafka_matches(r, traffic) for r in port_rule.kafka)
+    if traffic.l7 == "dns" and port_rule.dns:
+        query = (traffic.dns_query or "").lower().rstrip(".")
+        return fqdn_matches_any(port_rule.dns, query)
+    return True
+
+
+def fqdn_matches_any(selectors: Iterable[FQDNSelector], name: str) -> bool:
+    """True when `name` matches any of the selectors."""
+    return any(fqdn_regex(s).fullmatch(name) for s in selectors)

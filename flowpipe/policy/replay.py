@@ -1,0 +1,399 @@
+"""Evaluate flows against a policy set with Kubernetes and Cilium semantics: allowed or denied, and by which rule.
+
+The semantics are those of the real implementations (Cilium enforces both flavours, and produced the flows):
+
+- A pod is isolated in a direction only when some policy that selects it isolates that direction (Kubernetes
+  `policyTypes`; Cilium: the policy has rules in that direction, unless `enableDefaultDeny` says otherwise).
+  A pod no policy isolates allows everything in that direction.
+- Allow rules are additive: any one allow rule of any selecting policy allows the request.
+- Cilium deny rules (`ingressDeny`, `egressDeny`) win over every allow rule.
+- Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true, no L7
+  `RESPONSE`, and a TCP `SYN,ACK` without `is_reply` is a reply too.
+- Each flow is judged where Hubble observed it: a flow with `traffic_direction` EGRESS by the source's egress
+  policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
+  that Hubble reports at both ends thus has each end judged by the policies enforced there.
+
+For speed, flows are first grouped into distinct edges (`EDGES_SQL`, run by DuckDB over the view `flows`); each
+edge is judged once and weighted by its flow count, and selector results are cached per distinct endpoint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from flowpipe.errors import QueryError
+from flowpipe.policy import _match as m
+from flowpipe.policy.model import Direction, Policy
+
+try:  # the shared DropReason classification, where present
+    from flowpipe.drop_reasons import is_policy_decision
+except ImportError:  # pragma: no cover - fallback for a checkout without it
+
+    def is_policy_decision(reason: str | int | None) -> bool:
+        return reason in ("POLICY_DENIED", "POLICY_DENY", "AUTH_REQUIRED", 133, 181, 189)
+
+
+PASSED_VERDICTS = frozenset({"FORWARDED", "REDIRECTED", "AUDIT"})
+"""Verdicts of requests that got through today (AUDIT: policy audit mode let a would-be drop pass)."""
+
+EVALUATED_VERDICTS = ("FORWARDED", "REDIRECTED", "AUDIT", "DROPPED")
+
+EDGES_SQL = """
+SELECT
+    verdict,
+    coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
+    traffic_direction,
+    (coalesce(is_reply, false)
+        OR coalesce(l7_type = 'RESPONSE', false)
+        OR (is_reply IS NULL AND coalesce(tcp_flags = 'SYN,ACK', false))) AS is_reply,
+    source_namespace,
+    coalesce(source_workload_name, source_pod_name) AS source_workload,
+    source_labels,
+    source_identity,
+    CASE WHEN source_namespace IS NULL THEN source_ip END AS source_ip,
+    destination_namespace,
+    coalesce(destination_workload_name, destination_pod_name) AS destination_workload,
+    destination_labels,
+    destination_identity,
+    CASE WHEN destination_namespace IS NULL THEN destination_ip END AS destination_ip,
+    CASE WHEN destination_namespace IS NULL THEN destination_names END AS destination_names,
+    l4_protocol,
+    destination_port,
+    icmp_type,
+    CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
+    http_method,
+    http_url,
+    kafka_api_key,
+    kafka_topic,
+    dns_query,
+    count(*) AS flows
+FROM flows
+WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
+  AND ($since IS NULL OR time >= $since)
+  AND ($until IS NULL OR time <= $until)
+GROUP BY ALL
+"""
+"""Distinct edges of the view `flows` with their flow counts: the input of `replay_edges` (params since, until).
+
+Addresses are kept only for endpoints outside the pods (CIDR rules need them; pods are judged by labels), so
+the number of edges grows with workloads, not with pods or connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuleUse:
+    """How many evaluated flows one rule matched (allow rules: allowed; deny rules: denied)."""
+
+    policy: str
+    rule: str
+    action: str
+    matched_flows: int
+    file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeniedEdge:
+    """Requests of one edge that the policies deny, where, and why."""
+
+    source: str
+    destination: str
+    protocol: str | None
+    port: int | None
+    direction: str
+    reason: str
+    flows: int
+    forwarded: int
+    dropped: int
+    l7: str | None = None
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """The outcome of a replay; `to_dict()` is the JSON shape of `flowpipe replay --format json`."""
+
+    flows_evaluated: int = 0
+    replies_skipped: int = 0
+    allowed: int = 0
+    denied: int = 0
+    would_break: int = 0
+    would_allow_dropped: int = 0
+    denied_edges: list[DeniedEdge] = field(default_factory=list)
+    rules: list[RuleUse] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def unused_rules(self) -> list[RuleUse]:
+        """Allow rules that matched no flow: candidates for removal (least privilege)."""
+        return [r for r in self.rules if r.matched_flows == 0 and r.action == "allow"]
+
+    def summary(self) -> str:
+        """One line: what was evaluated and what the policies would change."""
+        return (
+            f"{self.flows_evaluated} requests evaluated ({self.replies_skipped} replies skipped): "
+            f"{self.allowed} allowed, {self.denied} denied in {len(self.denied_edges)} edges; "
+            f"would break {self.would_break} forwarded requests, would allow {self.would_allow_dropped} "
+            f"policy-dropped requests; {len(self.unused_rules)} of {len(self.rules)} rules unused"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole report."""
+
+        def rule(r: RuleUse) -> dict[str, Any]:
+            return {"policy": r.policy, "rule": r.rule, "action": r.action, "matched_flows": r.matched_flows, "file": r.file}
+
+        return {
+            "flows_evaluated": self.flows_evaluated,
+            "replies_skipped": self.replies_skipped,
+            "allowed": self.allowed,
+            "denied": self.denied,
+            "would_break": self.would_break,
+            "would_allow_dropped": self.would_allow_dropped,
+            "denied_edges": [
+                {
+                    "source": e.source,
+                    "destination": e.destination,
+                    "protocol": e.protocol,
+                    "port": e.port,
+                    "l7": e.l7,
+                    "direction": e.direction,
+                    "reason": e.reason,
+                    "flows": e.flows,
+                    "forwarded": e.forwarded,
+                    "dropped": e.dropped,
+                }
+                for e in self.denied_edges
+            ],
+            "rules": [rule(r) for r in self.rules],
+            "unused_rules": [rule(r) for r in self.unused_rules],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(slots=True)
+class Decision:
+    """The verdict of one direction: allowed or not, the rules that matched, and a reason when denied."""
+
+    allowed: bool
+    matched: list[tuple[int, int]]
+    reason: str | None = None
+
+
+class _CompiledRule:
+    __slots__ = ("index", "rule", "peer_reqs", "cache")
+
+    def __init__(self, index: int, rule: Any, policy: Policy) -> None:
+        self.index = index
+        self.rule = rule
+        self.peer_reqs = [m.peer_requirements(p, policy) if p.kind == "endpoints" else None for p in rule.peers]
+        self.cache: dict[m.Endpoint, bool] = {}
+
+    def peer_matches(self, endpoint: m.Endpoint) -> bool:
+        hit = self.cache.get(endpoint)
+        if hit is None:
+            hit = any(m.peer_matches(p, r, endpoint) for p, r in zip(self.rule.peers, self.peer_reqs, strict=True))
+            self.cache[endpoint] = hit
+        return hit
+
+    def matches(self, endpoint: m.Endpoint, traffic: m.Traffic) -> bool:
+        if not self.rule.peers or not self.peer_matches(endpoint):
+            return False
+        return not self.rule.ports or any(m.port_rule_matches(pr, traffic) for pr in self.rule.ports)
+
+
+class PolicySet:
+    """Compiled policies, ready to judge requests; caches which policies select each endpoint."""
+
+    def __init__(self, policies: Sequence[Policy]) -> None:
+        self.policies = list(policies)
+        self.rule_ids = [p.rule_ids() for p in self.policies]
+        self._subjects = [m.subject_requirements(p) for p in self.policies]
+        self._rules: dict[tuple[int, str], list[_CompiledRule]] = defaultdict(list)
+        for pi, policy in enumerate(self.policies):
+            for ri, rule in enumerate(policy.rules):
+                self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy))
+        self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
+        self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
+
+    def selecting(self, direction: Direction, endpoint: m.Endpoint) -> list[int]:
+        """Indexes of the policies that select `endpoint` and say something about `direction`."""
+        key = (direction, endpoint)
+        found = self._selecting.get(key)
+        if found is None:
+            found = [
+                i
+                for i, (policy, reqs) in enumerate(zip(self.policies, self._subjects, strict=True))
+                if reqs is not None
+                and endpoint.is_pod
+                and (direction in policy.isolates or self._rules.get((i, direction)))
+                and m.requirements_match(reqs, endpoint)
+            ]
+            self._selecting[key] = found
+        return found
+
+    def decide(self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: m.Traffic) -> Decision:
+        """Judge one request in one direction at `subject` (the destination for ingress, the source for egress)."""
+        selecting = self.selecting(direction, subject) if subject.is_pod else []
+        if not selecting:
+            return Decision(True, [])
+        allows: list[tuple[int, int]] = []
+        denies: list[tuple[int, int]] = []
+        isolated = False
+        for pi in selecting:
+            isolated = isolated or direction in self.policies[pi].isolates
+            for compiled in self._rules.get((pi, direction), ()):
+                if compiled.matches(peer, traffic):
+                    (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
+        if denies:
+            names = ", ".join(f"{self.policies[p].key} {self.rule_ids[p][r]}" for p, r in denies)
+            return Decision(False, allows + denies, f"denied by {names}")
+        if allows or not isolated:
+            return Decision(True, allows)
+        isolating = sorted({self.policies[p].key for p in selecting if direction in self.policies[p].isolates})
+        return Decision(False, [], f"no {direction} rule allows it (isolated by {', '.join(isolating)})")
+
+
+def replay_flows(
+    policies: Sequence[Policy], flows: pa.Table, *, since: datetime | None = None, until: datetime | None = None
+) -> ReplayReport:
+    """Replay a table of flow rows (FLOW_SCHEMA) through `policies`.
+
+    >>> report = replay_flows(load_policies(["policies/"]), flows)    # doctest: +SKIP
+    >>> report.would_break
+    0
+    """
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("flows", flows)
+        relation = con.sql(EDGES_SQL, params={"since": since, "until": until})
+        edges = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    except duckdb.Error as exc:
+        raise QueryError(f"grouping flows into edges failed: {exc}", sql=EDGES_SQL) from exc
+    finally:
+        con.close()
+    return replay_edges(policies, edges)
+
+
+def replay_edges(policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[str, Any]]) -> ReplayReport:
+    """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`."""
+    rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
+    policy_set = PolicySet(policies)
+    report = ReplayReport(warnings=list(policy_set.warnings))
+    matched: Counter[tuple[int, int]] = Counter()
+    denied: dict[tuple[Any, ...], list[int]] = {}
+    endpoints: dict[tuple[Any, ...], m.Endpoint] = {}
+
+    def endpoint(row: Mapping[str, Any], side: str) -> m.Endpoint:
+        key = (
+            row.get(f"{side}_namespace"),
+            tuple(row.get(f"{side}_labels") or ()),
+            row.get(f"{side}_identity"),
+            row.get(f"{side}_ip"),
+            tuple(row.get(f"{side}_names") or ()),
+        )
+        found = endpoints.get(key)
+        if found is None:
+            found = endpoints[key] = m.Endpoint(*key)
+        return found
+
+    for row in rows:
+        flows = int(row.get("flows") or 1)
+        if row.get("is_reply"):
+            report.replies_skipped += flows
+            continue
+        src, dst = endpoint(row, "source"), endpoint(row, "destination")
+        traffic = m.Traffic(
+            protocol=row.get("l4_protocol"),
+            port=row.get("destination_port"),
+            icmp_type=row.get("icmp_type"),
+            l7=row.get("l7_protocol"),
+            http_method=row.get("http_method"),
+            http_url=row.get("http_url"),
+            kafka_api_key=row.get("kafka_api_key"),
+            kafka_topic=row.get("kafka_topic"),
+            dns_query=row.get("dns_query"),
+        )
+        observed = row.get("traffic_direction")
+        directions: tuple[Direction, ...] = (
+            ("egress",) if observed == "EGRESS" else ("ingress",) if observed == "INGRESS" else ("egress", "ingress")
+        )
+        reasons: list[str] = []
+        for direction in directions:
+            subject, peer = (src, dst) if direction == "egress" else (dst, src)
+            decision = policy_set.decide(direction, subject, peer, traffic)
+            for hit in decision.matched:
+                matched[hit] += flows
+            if not decision.allowed and decision.reason:
+                reasons.append(f"{direction}: {decision.reason}")
+        verdict = row.get("verdict")
+        report.flows_evaluated += flows
+        if not reasons:
+            report.allowed += flows
+            if verdict == "DROPPED" and is_policy_decision(row.get("drop_reason_desc")):
+                report.would_allow_dropped += flows
+            continue
+        report.denied += flows
+        passed = verdict in PASSED_VERDICTS
+        if passed:
+            report.would_break += flows
+        key = (
+            _describe(row, "source"),
+            _describe(row, "destination"),
+            traffic.protocol,
+            traffic.port if traffic.protocol not in ("ICMPv4", "ICMPv6") else traffic.icmp_type,
+            "+".join(directions) if len(directions) > 1 else directions[0],
+            "; ".join(reasons),
+            _l7_summary(traffic),
+        )
+        counts = denied.setdefault(key, [0, 0, 0])
+        counts[0] += flows
+        counts[1] += flows if passed else 0
+        counts[2] += flows if verdict == "DROPPED" else 0
+
+    report.denied_edges = sorted(
+        (
+            DeniedEdge(
+                source=k[0], destination=k[1], protocol=k[2], port=k[3], direction=k[4], reason=k[5], l7=k[6],
+                flows=v[0], forwarded=v[1], dropped=v[2],
+            )
+            for k, v in denied.items()
+        ),
+        key=lambda e: (-e.forwarded, -e.flows, e.source, e.destination, e.port or 0, e.l7 or ""),
+    )
+    for pi, policy in enumerate(policy_set.policies):
+        for ri, rule in enumerate(policy.rules):
+            if rule.allows_nothing:
+                continue  # a default-deny entry matches nothing by design
+            report.rules.append(
+                RuleUse(policy.key, policy_set.rule_ids[pi][ri], rule.action, matched[(pi, ri)], policy.file)
+            )
+    return report
+
+
+def _describe(row: Mapping[str, Any], side: str) -> str:
+    """A readable name for one end of an edge: `ns/workload`, or the reserved identity and address."""
+    namespace = row.get(f"{side}_namespace")
+    workload = row.get(f"{side}_workload")
+    if namespace is not None:
+        return f"{namespace}/{workload or '?'}"
+    reserved = [lbl.split(":", 1)[1] for lbl in row.get(f"{side}_labels") or () if lbl.startswith("reserved:")]
+    identity = row.get(f"{side}_identity")
+    name = reserved[0] if reserved else m.RESERVED_IDENTITIES.get(identity or 0, "world")
+    names = row.get(f"{side}_names") or ()
+    address = names[0] if names else row.get(f"{side}_ip")
+    return f"{name}:{address}" if address else name
+
+
+def _l7_summary(traffic: m.Traffic) -> str | None:
+    if traffic.l7 == "http":
+        return f"{traffic.http_method or '?'} {m.split_url(traffic.http_url or '')[1].split('?', 1)[0]}"
+    if traffic.l7 == "kafka":
+        return f"kafka {m.kafka_api_key_name(traffic.kafka_api_key) or '?'} {traffic.kafka_topic or ''}".rstrip()
+    if traffic.l7 == "dns":
+        return f"dns {traffic.dns_query or '?'}"
+    return None
