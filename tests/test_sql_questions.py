@@ -74,23 +74,39 @@ def by_key(result: list[Row], *columns: str) -> dict[tuple[Any, ...], Row]:
 # -- the catalog as a whole ---------------------------------------------------------------------------------
 
 
+OURS = ("drops_by_reason", "top_talkers", "dns_queries")
+
+
+def window_values(question: Question) -> dict[str, str]:
+    """The all-time window (and a large limit) for whichever of those parameters the question declares."""
+    return {k: v for k, v in ALL_TIME.items() if question.parameter(k) is not None}
+
+
 def test_shipped_questions_are_present_and_described(catalog: Catalog) -> None:
-    assert {"drops_by_reason", "top_talkers", "dns_queries"} <= set(catalog.names)
+    assert set(OURS) <= set(catalog.names)
     for question in catalog:
         assert len(question.description) > 20, question.name
-        assert question.parameter("since") is not None and question.parameter("until") is not None
+    for name in OURS:
+        question = catalog.question(name)
+        for parameter in ("since", "until", "namespace", "limit"):
+            assert question.parameter(parameter) is not None, (name, parameter)
 
 
 def test_every_question_runs_on_the_dataset(engine: DuckDBEngine, catalog: Catalog) -> None:
     for question in catalog:
-        result = run_question(engine, question, dict(ALL_TIME))
-        assert result.table.num_rows > 0, f"{question.name} found nothing in the fixture dataset"
+        result = run_question(engine, question, window_values(question))
+        assert result.table.num_columns > 0, question.name
+        if question.name in OURS:
+            assert result.table.num_rows > 0, f"{question.name} found nothing in the fixture dataset"
 
 
 def test_every_question_runs_on_an_empty_dataset(tmp_path: Path, catalog: Catalog) -> None:
     with DuckDBEngine(tmp_path / "empty") as empty:
         for question in catalog:
-            assert run_question(empty, question, {}).table.num_rows == 0
+            result = run_question(empty, question, window_values(question))
+            assert result.table.num_columns > 0, question.name
+            if question.name in OURS:
+                assert result.table.num_rows == 0
 
 
 def test_every_question_transpiles_to_spark(catalog: Catalog) -> None:
@@ -98,7 +114,8 @@ def test_every_question_transpiles_to_spark(catalog: Catalog) -> None:
         spark = sqlglot.transpile(
             question.sql, read="duckdb", write="spark", unsupported_level=sqlglot.ErrorLevel.RAISE
         )
-        assert len(spark) == 1 and "FROM flows" in spark[0], question.name
+        assert len(spark) == 1, question.name
+        assert ":since" in spark[0] or question.parameter("since") is None, question.name
 
 
 # -- drops_by_reason ----------------------------------------------------------------------------------------

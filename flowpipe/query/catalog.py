@@ -63,7 +63,7 @@ TIME_PARAMETER_NAMES = frozenset({"since", "until"})
 HEADER_FIELDS = ("description", "params")
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_FIELD_LINE = re.compile(rf"^--\s?({'|'.join(HEADER_FIELDS)})\s*:(.*)$")
+_FIELD_LINE = re.compile(rf"^--\s?({_NAME})\s*:(.*)$")
 _CONTINUATION = re.compile(r"^--\s{2,}(\S.*)$")
 _SPEC = re.compile(rf'\s*({_NAME})\s*(?::\s*({_NAME}))?\s*(?:=\s*("[^"]*"|[^,]*?))?\s*(?:,|$)')
 _TRUE = {"true", "yes", "on", "1"}
@@ -262,7 +262,7 @@ def load_questions(directory: Path | str | None = None) -> Catalog:
 def parse_question(text: str, *, name: str, path: Path | None = None) -> Question:
     """Parse one question file's text (header and SQL) and check it; see the module docstring for the format."""
     where = str(path) if path is not None else f"<question {name}>"
-    fields = _parse_header(text, where)
+    fields = parse_header(text, where=where)
     description = " ".join(fields.get("description", ("", 0))[0].split())
     if not description:
         raise QuestionDefinitionError("missing `-- description: ...` header line", path=where, line_number=1)
@@ -363,8 +363,14 @@ def _infer_type(name: str, default: str | None) -> ParamType:
     return "str"
 
 
-def _parse_header(text: str, where: str) -> dict[str, tuple[str, int]]:
-    """The header fields of a question file: field name → (value, line number where it starts)."""
+def parse_header(
+    text: str, *, where: str, fields_known: tuple[str, ...] = HEADER_FIELDS
+) -> dict[str, tuple[str, int]]:
+    """The header fields of an SQL file: field name → (value, line number where it starts).
+
+    Only `fields_known` are fields (`-- name: value`, continued on `--` lines indented by two or more
+    spaces); other comment lines are free comments. Shared by every SQL asset with this header style.
+    """
     fields: dict[str, tuple[str, int]] = {}
     current: str | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -375,7 +381,7 @@ def _parse_header(text: str, where: str) -> dict[str, tuple[str, int]]:
         if not line.startswith("--"):
             break
         field = _FIELD_LINE.match(line)
-        if field is not None:
+        if field is not None and field.group(1) in fields_known:
             key, value = field.group(1), field.group(2).strip()
             if key in fields:
                 raise QuestionDefinitionError(
