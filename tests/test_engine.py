@@ -107,6 +107,23 @@ def test_older_part_files_without_a_column_read_it_as_null(tmp_path: Path) -> No
     ]
 
 
+def test_rows_without_a_time_are_read_from_the_null_partition(tmp_path: Path) -> None:
+    write_dataset(tmp_path, [flow(time=None, verdict="DROPPED"), flow(time=T0, verdict="FORWARDED")])
+    assert (tmp_path / "flows" / "date=__HIVE_DEFAULT_PARTITION__").is_dir()
+    with DuckDBEngine(tmp_path) as engine:
+        rows = engine.run("SELECT time, verdict FROM flows ORDER BY time NULLS LAST").to_pylist()
+    assert rows == [{"time": T0, "verdict": "FORWARDED"}, {"time": None, "verdict": "DROPPED"}]
+
+
+def test_part_file_removed_after_listing_is_survived(tmp_path: Path) -> None:
+    write_dataset(tmp_path, [flow(time=T0, verdict="FORWARDED")], writer_id="a")
+    write_dataset(tmp_path, [flow(time=T0 + timedelta(hours=1), verdict="DROPPED")] * 2, writer_id="b")
+    with DuckDBEngine(tmp_path) as engine:
+        assert count(engine) == 3
+        Path(engine.flow_files[0]).unlink()  # compaction or retention removed it meanwhile
+        assert count(engine) == 2 and len(engine.flow_files) == 1
+
+
 def test_lost_events_view(tmp_path: Path) -> None:
     with DuckDBEngine(tmp_path) as engine:
         assert [name for name, _ in describe(engine, "lost_events")] == LOST_EVENTS_SCHEMA.names

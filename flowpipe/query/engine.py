@@ -235,13 +235,30 @@ class DuckDBEngine:
         """Run one SQL statement with `params` bound by DuckDB; the result as an Arrow table.
 
         A statement other than a query runs once and gives what DuckDB reports for it (possibly an empty
-        table). Errors become `QueryError`.
+        table). Errors become `QueryError`. A part file that vanished since the file list was taken
+        (compaction or retention ran meanwhile) makes the engine list the files again and retry once.
         """
         with translate_duckdb_errors(sql, question):
-            relation = self._con.sql(sql, params=dict(params) if params else None)
-            if relation is None:
-                return pa.table({})
-            return _to_arrow(relation)
+            try:
+                return self._run(sql, params)
+            except duckdb.IOException:
+                if self.dataset is None or all(self._still_there(f) for f in self._all_files()):
+                    raise
+            self.refresh()
+            return self._run(sql, params)
+
+    def _run(self, sql: str, params: Mapping[str, object] | None) -> pa.Table:
+        relation = self._con.sql(sql, params=dict(params) if params else None)
+        if relation is None:
+            return pa.table({})
+        return _to_arrow(relation)
+
+    def _all_files(self) -> list[str]:
+        return [path for files in self.files.values() for path in files]
+
+    def _still_there(self, path: str) -> bool:
+        assert self.dataset is not None
+        return self.dataset.exists(path)
 
     def close(self) -> None:
         """Close the DuckDB connection."""
