@@ -8,7 +8,7 @@ import pytest
 
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.replay import ReplayReport, replay_edges, replay_flows
-from tests.policy_flows import flow, pod, reserved, table
+from tests.policy_support import flow, pod, reserved, table
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
