@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from flowpipe import drop_reasons
+from flowpipe._proto.flow import flow_pb2
 from flowpipe.drop_reasons import (
     DROP_REASONS,
     EXPECTED_CLASSES,
@@ -17,12 +18,11 @@ from flowpipe.drop_reasons import (
     lookup,
     reason_class,
 )
-from flowpipe._proto.flow import flow_pb2
 
 
 def test_every_enum_value_of_the_protos_has_a_class() -> None:
     enum = flow_pb2.DropReason
-    missing = [name for name in enum.keys() if name not in DROP_REASONS]
+    missing = [name for name in enum.keys() if name not in DROP_REASONS]  # noqa: SIM118 (an enum wrapper, not a dict)
     assert missing == []
     for name, value in enum.items():
         assert DROP_REASONS[name].value == value, name

@@ -1,0 +1,194 @@
+"""Test helper: a real Prometheus server on 127.0.0.1 with a generated config, queried through its HTTP API.
+
+>>> with run_prometheus(tmp_path, targets=["127.0.0.1:9966"]) as prom:
+...     prom.wait_for_series('flowpipe_build_info')
+...     prom.query('sum(flowpipe_flows_received_total)')
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from conftest import require_binary
+
+T = TypeVar("T")
+
+STARTUP_TIMEOUT_SECONDS = 60.0
+WAIT_TIMEOUT_SECONDS = 60.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of a GET (error statuses returned, not raised)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def wait_until(
+    check: Callable[[], T | None], *, timeout: float = WAIT_TIMEOUT_SECONDS, what: str, interval: float = 0.25
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds (a bounded wait)."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+class PrometheusServer:
+    """A running Prometheus; `query()` runs PromQL through `/api/v1/query`."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of Prometheus's log, for failure messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET an API path; returns `data`, raises AssertionError with Prometheus's error otherwise."""
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        status, body = http_get(url, timeout=10)
+        payload = json.loads(body or b"{}")
+        if status != 200 or payload.get("status") != "success":
+            raise AssertionError(
+                f"Prometheus {path} {params}: HTTP {status}: {payload.get('error', body[:300])}"
+            )
+        return payload["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; the result vector (or a scalar wrapped as one sample)."""
+        data = self.api("/api/v1/query", query=expr)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def values(self, expr: str, label: str | None = None) -> dict[Any, float]:
+        """Instant query as {label value (or tuple of all labels): float value}."""
+        out: dict[Any, float] = {}
+        for sample in self.query(expr):
+            key = sample["metric"].get(label, "") if label else tuple(sorted(sample["metric"].items()))
+            out[key] = float(sample["value"][1])
+        return out
+
+    def targets_up(self) -> list[dict[str, Any]]:
+        """Active targets whose last scrape succeeded."""
+        data = self.api("/api/v1/targets", state="active")
+        return [t for t in data["activeTargets"] if t.get("health") == "up"]
+
+    def wait_for_series(self, expr: str, *, timeout: float = WAIT_TIMEOUT_SECONDS) -> list[dict[str, Any]]:
+        """Wait until `expr` returns at least one sample."""
+        return wait_until(lambda: self.query(expr), timeout=timeout, what=f"data for {expr}")
+
+    def stop(self) -> None:
+        """Terminate Prometheus and wait for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def write_config(
+    path: Path, targets: Sequence[str], *, job: str = "flowpipe", scrape_interval: str = "1s"
+) -> None:
+    """A Prometheus config scraping `targets` (host:port) every `scrape_interval`, written with PyYAML."""
+    config = {
+        "global": {
+            "scrape_interval": scrape_interval,
+            "evaluation_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,
+        },
+        "scrape_configs": [
+            {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": list(targets)}]}
+        ],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@contextmanager
+def run_prometheus(
+    workdir: Path, targets: Sequence[str], *, job: str = "flowpipe", scrape_interval: str = "1s"
+) -> Iterator[PrometheusServer]:
+    """Start Prometheus on a free 127.0.0.1 port scraping `targets`; stop it on exit. Skips without the binary."""
+    binary = require_binary("prometheus")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    write_config(config, targets, job=job, scrape_interval=scrape_interval)
+    server: PrometheusServer | None = None
+    for _attempt in range(3):  # another process may take the free port before Prometheus binds it
+        port = free_port()
+        log_path = workdir / f"prometheus-{port}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        candidate = PrometheusServer(process, port, log_path)
+        if _wait_ready(candidate):
+            server = candidate
+            break
+        candidate.stop()
+    if server is None:
+        raise AssertionError(f"Prometheus did not become ready; its log:\n{candidate.log_tail()}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_ready(server: PrometheusServer) -> bool:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            return False
+        try:
+            status, _ = http_get(f"{server.url}/-/ready", timeout=2)
+        except OSError:
+            status = 0
+        if status == 200:
+            return True
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,423 @@
+"""PrometheusSink: each analytics family counts the right flows, for the right namespace, with bounded labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from flowdata import flow, flows_table
+from prometheus_client import CollectorRegistry
+
+from flowpipe.errors import QueryError
+from flowpipe.metrics import PipelineMetrics
+from flowpipe.model import EventBatch
+from flowpipe.sinks import Ack, Sink
+from flowpipe.sinks.prometheus import (
+    DNS_RCODE_NAMES,
+    NamespaceCap,
+    PrometheusSink,
+    UnexpectedDropsRefresher,
+    unexpected_drop_counts,
+)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def sink(registry: CollectorRegistry) -> PrometheusSink:
+    return PrometheusSink(PipelineMetrics.create(registry, role="dataset"), max_namespaces=10)
+
+
+def drop(**values: Any) -> dict[str, Any]:
+    return flow(verdict="DROPPED", event_type=1, **values)
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def test_is_a_sink_and_acknowledges_every_batch_at_once(sink: PrometheusSink) -> None:
+    assert isinstance(sink, Sink)
+    assert sink.write(EventBatch(flows=flows_table([]))) == Ack(batches=1)
+    assert sink.write(flows_table([drop(source_namespace="a")])) == Ack(batches=2)
+    assert sink.poll() is None and sink.flush() is None and sink.close() is None
+
+
+def test_drops_count_for_the_enforcing_endpoint(sink: PrometheusSink, registry: CollectorRegistry) -> None:
+    rows = [
+        # ingress request: the destination enforces
+        drop(
+            traffic_direction="INGRESS",
+            is_reply=False,
+            source_namespace="a",
+            destination_namespace="b",
+            drop_reason=133,
+            drop_reason_desc="POLICY_DENIED",
+        ),
+        # egress request: the source enforces
+        drop(
+            traffic_direction="EGRESS",
+            is_reply=False,
+            source_namespace="a",
+            destination_namespace="b",
+            drop_reason=181,
+            drop_reason_desc="POLICY_DENY",
+        ),
+        # a reply on an egress connection travels back to the client, which is the destination
+        drop(
+            traffic_direction="EGRESS",
+            is_reply=True,
+            source_namespace="b",
+            destination_namespace="a",
+            drop_reason=136,
+            drop_reason_desc="CT_MISSING_TCP_ACK_FLAG",
+        ),
+        # no direction: the source of a request; the reason only as a number (old data)
+        drop(source_namespace="c", destination_namespace="b", drop_reason=151),
+        # a reason from a newer Cilium, and no namespace at all (host traffic)
+        drop(traffic_direction="INGRESS", is_reply=False, drop_reason=250, drop_reason_desc="SOMETHING_NEW"),
+        flow(
+            verdict="FORWARDED", traffic_direction="INGRESS", source_namespace="a", destination_namespace="b"
+        ),
+    ]
+    sink.write(flows_table(rows))
+    name = "flowpipe_observed_drops_total"
+    assert value(registry, name, namespace="b", direction="INGRESS", reason_class="policy") == 1
+    assert value(registry, name, namespace="a", direction="EGRESS", reason_class="policy") == 1
+    assert value(registry, name, namespace="a", direction="EGRESS", reason_class="conntrack") == 1
+    assert value(registry, name, namespace="c", direction="unknown", reason_class="routing") == 1
+    assert value(registry, name, namespace="", direction="INGRESS", reason_class="unknown") == 1
+    total = sum(
+        s.value
+        for m in registry.collect()
+        if m.name == "flowpipe_observed_drops"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
+    assert total == 5  # the forwarded flow is not a drop
+
+
+def test_dns_responses_failures_and_dropped_requests(
+    sink: PrometheusSink, registry: CollectorRegistry
+) -> None:
+    def answer(rcode: int, client: str = "shop") -> dict[str, Any]:
+        return flow(
+            verdict="FORWARDED",
+            l7_protocol="dns",
+            l7_type="RESPONSE",
+            is_reply=True,
+            dns_rcode=rcode,
+            traffic_direction="EGRESS",
+            source_namespace="kube-system",
+            destination_namespace=client,
+        )
+
+    rows = [
+        answer(0),
+        answer(0),
+        answer(3),
+        answer(3),
+        answer(2, "billing"),
+        answer(5),
+        answer(42),
+        # the request of a lookup is not a response
+        flow(
+            verdict="FORWARDED",
+            l7_protocol="dns",
+            l7_type="REQUEST",
+            is_reply=False,
+            dns_rcode=0,
+            source_namespace="shop",
+            destination_namespace="kube-system",
+            traffic_direction="EGRESS",
+        ),
+        # DNS blocked by a default-deny: an L3/L4 packet to port 53, and an L7 request the proxy denied
+        drop(
+            l4_protocol="UDP",
+            destination_port=53,
+            is_reply=False,
+            traffic_direction="EGRESS",
+            source_namespace="billing",
+            destination_namespace="kube-system",
+            drop_reason_desc="POLICY_DENIED",
+        ),
+        drop(
+            l7_protocol="dns",
+            l7_type="REQUEST",
+            is_reply=False,
+            traffic_direction="EGRESS",
+            source_namespace="shop",
+            destination_namespace="kube-system",
+            drop_reason_desc="POLICY_DENIED",
+        ),
+        # not a DNS request: a dropped reply from port 53, and TCP to another port
+        drop(
+            l4_protocol="UDP",
+            source_port=53,
+            destination_port=40000,
+            is_reply=True,
+            traffic_direction="EGRESS",
+            source_namespace="kube-system",
+            destination_namespace="shop",
+        ),
+        drop(l4_protocol="TCP", destination_port=5353, source_namespace="shop"),
+    ]
+    sink.write(flows_table(rows))
+    responses, failures = "flowpipe_observed_dns_responses_total", "flowpipe_observed_dns_failures_total"
+    assert value(registry, responses, namespace="shop", rcode="NOERROR") == 2
+    assert value(registry, responses, namespace="shop", rcode="NXDOMAIN") == 2
+    assert value(registry, responses, namespace="billing", rcode="SERVFAIL") == 1
+    assert value(registry, responses, namespace="shop", rcode="other") == 1
+    assert value(registry, failures, namespace="shop", reason="NXDOMAIN") == 2
+    assert value(registry, failures, namespace="shop", reason="REFUSED") == 1
+    assert value(registry, failures, namespace="shop", reason="NOERROR") == 0
+    assert value(registry, failures, namespace="billing", reason="dropped") == 1
+    assert value(registry, failures, namespace="shop", reason="dropped") == 1
+
+
+def test_rcode_names_cover_the_common_failures() -> None:
+    assert {DNS_RCODE_NAMES[c] for c in (0, 2, 3, 5)} == {"NOERROR", "SERVFAIL", "NXDOMAIN", "REFUSED"}
+
+
+def test_policy_verdicts_count_only_policy_verdict_events(
+    sink: PrometheusSink, registry: CollectorRegistry
+) -> None:
+    rows = [
+        flow(
+            event_type=5,
+            verdict="DROPPED",
+            traffic_direction="INGRESS",
+            is_reply=False,
+            source_namespace="other",
+            destination_namespace="shop",
+        ),
+        flow(
+            event_type=5,
+            verdict="FORWARDED",
+            traffic_direction="EGRESS",
+            is_reply=False,
+            source_namespace="shop",
+            destination_namespace="billing",
+        ),
+        flow(
+            event_type=5, verdict="AUDIT", traffic_direction="EGRESS", is_reply=False, source_namespace="shop"
+        ),
+        flow(
+            event_type=4, verdict="FORWARDED", traffic_direction="EGRESS", source_namespace="shop"
+        ),  # a trace
+    ]
+    sink.write(flows_table(rows))
+    name = "flowpipe_observed_policy_verdicts_total"
+    assert value(registry, name, namespace="shop", direction="INGRESS", verdict="DROPPED") == 1
+    assert value(registry, name, namespace="shop", direction="EGRESS", verdict="FORWARDED") == 1
+    assert value(registry, name, namespace="shop", direction="EGRESS", verdict="AUDIT") == 1
+    assert (
+        sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "flowpipe_observed_policy_verdicts"
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        == 3
+    )
+
+
+def test_world_requests_by_identity_or_label(sink: PrometheusSink, registry: CollectorRegistry) -> None:
+    rows = [
+        flow(
+            event_type=4, verdict="FORWARDED", source_namespace="shop", destination_identity=2, is_reply=False
+        ),
+        flow(
+            event_type=4,
+            verdict="FORWARDED",
+            source_namespace="shop",
+            destination_identity=16777220,
+            destination_labels=["cidr:203.0.113.0/24", "reserved:world-ipv4"],
+            is_reply=False,
+        ),
+        flow(
+            event_type=1,
+            verdict="DROPPED",
+            source_namespace="billing",
+            destination_identity=9,
+            is_reply=False,
+        ),
+        # not counted: the reply, the policy verdict event of the same packet, an in-cluster destination
+        flow(
+            event_type=4, verdict="FORWARDED", source_namespace="shop", destination_identity=2, is_reply=True
+        ),
+        flow(
+            event_type=5, verdict="FORWARDED", source_namespace="shop", destination_identity=2, is_reply=False
+        ),
+        flow(
+            event_type=4,
+            verdict="FORWARDED",
+            source_namespace="shop",
+            destination_identity=30001,
+            destination_labels=["k8s:app=api"],
+            is_reply=False,
+        ),
+    ]
+    sink.write(flows_table(rows))
+    name = "flowpipe_observed_world_flows_total"
+    assert value(registry, name, namespace="shop", verdict="FORWARDED") == 2
+    assert value(registry, name, namespace="billing", verdict="DROPPED") == 1
+
+
+def test_namespace_cap_keeps_the_largest_and_folds_the_rest(registry: CollectorRegistry) -> None:
+    sink = PrometheusSink(PipelineMetrics.create(registry, role="dataset"), max_namespaces=2)
+    rows = (
+        [drop(source_namespace="big", traffic_direction="EGRESS")] * 5
+        + [drop(source_namespace="mid", traffic_direction="EGRESS")] * 3
+        + [drop(source_namespace="small", traffic_direction="EGRESS")] * 1
+        + [drop(traffic_direction="EGRESS")] * 2
+    )
+    sink.write(flows_table(rows))
+    assert sink.namespaces.admitted == {"big", "mid"}
+    sink.write(
+        flows_table(
+            [drop(source_namespace="huge", traffic_direction="EGRESS")] * 50
+            + [drop(source_namespace="mid", traffic_direction="EGRESS")]
+        )
+    )
+    name = "flowpipe_observed_drops_total"
+    labels = {"direction": "EGRESS", "reason_class": "unknown"}
+    assert value(registry, name, namespace="big", **labels) == 5
+    assert value(registry, name, namespace="mid", **labels) == 4
+    assert value(registry, name, namespace="other", **labels) == 51  # small, then huge: the set never changes
+    assert value(registry, name, namespace="", **labels) == 2  # "no namespace" is not a namespace
+
+
+def test_namespace_cap_ranks_ties_by_name() -> None:
+    cap = NamespaceCap(1)
+    (folded,) = cap.apply(pa.array(["b", "a", "", "b", "a"]))
+    assert folded.to_pylist() == ["other", "a", "", "other", "a"]
+
+
+def test_label_sets_stay_bounded_however_many_namespaces(registry: CollectorRegistry) -> None:
+    sink = PrometheusSink(PipelineMetrics.create(registry, role="dataset"), max_namespaces=5)
+    for batch in range(4):
+        sink.write(
+            flows_table(
+                [
+                    drop(
+                        source_namespace=f"ns-{batch}-{i}",
+                        traffic_direction="EGRESS",
+                        drop_reason_desc="POLICY_DENIED",
+                    )
+                    for i in range(200)
+                ]
+            )
+        )
+    namespaces = {
+        s.labels["namespace"]
+        for m in registry.collect()
+        if m.name == "flowpipe_observed_drops"
+        for s in m.samples
+    }
+    assert len(namespaces) == 6 and "other" in namespaces
+
+
+def test_older_part_files_without_some_columns(sink: PrometheusSink, registry: CollectorRegistry) -> None:
+    table = pa.table({"verdict": ["DROPPED"], "source_namespace": ["a"], "traffic_direction": ["EGRESS"]})
+    sink.write(table)
+    assert (
+        value(
+            registry,
+            "flowpipe_observed_drops_total",
+            namespace="a",
+            direction="EGRESS",
+            reason_class="unknown",
+        )
+        == 1
+    )
+
+
+def test_chunked_batches_give_the_same_counts(registry: CollectorRegistry) -> None:
+    rows = [
+        drop(
+            source_namespace="a",
+            traffic_direction="EGRESS",
+            destination_identity=2,
+            is_reply=False,
+            destination_labels=["reserved:world"],
+        )
+    ] * 3
+    table = pa.concat_tables([flows_table(rows[:1]), flows_table(rows[1:])])
+    assert table.column("verdict").num_chunks == 2
+    PrometheusSink(PipelineMetrics.create(registry, role="dataset")).write(table)
+    assert value(registry, "flowpipe_observed_world_flows_total", namespace="a", verdict="DROPPED") == 3
+
+
+# -- the unexpected_drops gauge ---------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refresher_with(
+    runner: Callable[[], pa.Table | None], registry: CollectorRegistry, clock: Clock
+) -> UnexpectedDropsRefresher:
+    metrics = PipelineMetrics.create(registry, role="dataset")
+    return UnexpectedDropsRefresher(metrics, runner, interval_seconds=60, clock=clock)
+
+
+def test_unexpected_drops_gauge_from_question_results(registry: CollectorRegistry) -> None:
+    results = [pa.table({"why": ["regression", "dns_blocked", "regression"], "flows": [3, 1, 2]})]
+    clock = Clock()
+    refresher = refresher_with(lambda: results[-1], registry, clock)
+    assert refresher.poll() is True and refresher.available
+    assert value(registry, "flowpipe_unexpected_drops", why="regression") == 5
+    assert value(registry, "flowpipe_unexpected_drops", why="dns_blocked") == 1
+    results.append(pa.table({"why": pa.array([], pa.string()), "flows": pa.array([], pa.int64())}))
+    clock.now += 30
+    assert refresher.poll() is False  # not due yet
+    clock.now += 30
+    assert refresher.poll() is True
+    assert registry.get_sample_value("flowpipe_unexpected_drops", {"why": "regression"}) is None
+    assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="ok") == 2
+
+
+def test_without_the_question_the_gauge_is_not_exported(registry: CollectorRegistry) -> None:
+    refresher = refresher_with(lambda: None, registry, Clock())
+    assert refresher.refresh() is False
+    assert refresher.available is False
+    assert not [
+        s
+        for m in registry.collect()
+        if m.name in ("flowpipe_unexpected_drops", "flowpipe_question_runs")
+        for s in m.samples
+    ]
+
+
+def test_a_failed_run_keeps_the_last_values_and_is_counted(registry: CollectorRegistry) -> None:
+    calls = []
+
+    def runner() -> pa.Table:
+        calls.append(1)
+        if len(calls) > 1:
+            raise QueryError("duckdb said no", question="unexpected_drops")
+        return pa.table({"why": ["infrastructure"], "flows": [7]})
+
+    refresher = refresher_with(runner, registry, Clock())
+    refresher.refresh()
+    assert refresher.refresh() is False
+    assert value(registry, "flowpipe_unexpected_drops", why="infrastructure") == 7
+    assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="failed") == 1
+    assert value(registry, "flowpipe_errors_total", stage="processing", error_type="query_failed") == 1
+
+
+def test_counts_without_a_flows_column_are_rows() -> None:
+    assert unexpected_drop_counts(pa.table({"why": ["a", "a", None]})) == {"a": 2.0, "unknown": 1.0}
+    assert unexpected_drop_counts(pa.table({"x": [1]})) == {"unknown": 1.0}
