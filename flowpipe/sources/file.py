@@ -1,0 +1,552 @@
+"""The file source: Hubble JSON exports (`hubble observe -o jsonpb`, exporter files, legacy lines, JSON arrays).
+
+Reads each file as a stream of blocks of whole lines (`.gz` decompressed on the fly, whatever the name), so
+memory stays flat for any file size, and hands each block to `normalize` (vectorized, with a per-line fallback
+for blocks holding a bad line). Accepted inputs:
+
+- one event per line: `GetFlowsResponse` / `ExportEvent` envelopes (`flow`, `lost_events`, `node_status`,
+  `agent_event`, `debug_event`) or legacy bare `Flow` objects;
+- a JSON array of such objects (`[ {...}, {...} ]`, any layout);
+- Hubble exporter files: `events.log`, rotated backups `events-2024-01-01T00-00-00.000.log`, `.gz` backups,
+  given one by one or as the directory holding them (read oldest first);
+- `-` for standard input.
+
+Bad lines are reported as `FlowDecodeError` (path, line, reason) and skipped; `strict=True` raises the first.
+With a `checkpoint_path`, content already made durable is skipped (see `_file_state`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
+from flowpipe.model import EventBatch, empty_flows
+from flowpipe.sources._file_state import HEAD_BYTES, FilePosition, FileState, content_key
+from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, guess_block_layout
+from flowpipe.transforms._json_schema import ENVELOPE
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 16 * 1024 * 1024
+"""Bytes of whole lines decoded at once (and the size of one EventBatch's input)."""
+MAX_LINE_BYTES = 64 * 1024 * 1024
+"""A longer line is reported (`line_too_long`) and skipped instead of growing memory without bound."""
+ARRAY_BATCH_ITEMS = 10_000
+STDIN = "-"
+
+REASON_TRUNCATED = "truncated"
+REASON_LINE_TOO_LONG = "line_too_long"
+REASON_UNKNOWN_EVENT = "unknown_event"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_COMPRESSED_READ_BYTES = 1024 * 1024
+_INPUT_SUFFIXES = (".log", ".json", ".jsonl", ".ndjson", ".jsonpb")
+# lumberjack's rotated backups: <name>-<YYYY-MM-DDTHH-MM-SS.mmm><ext>[.gz]
+_BACKUP = re.compile(r"(?P<stem>.+)-(?P<time>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}\.\d{3})(?P<ext>\.[^.]+)(\.gz)?")
+
+
+@dataclass(slots=True)
+class FileIngestSummary:
+    """What the file source read: flows, counted events, and lines skipped by reason."""
+
+    files: int = 0
+    flows: int = 0
+    lost_event_records: Counter[str] = field(default_factory=Counter)
+    """`lost_events` records by source (HUBBLE_RING_BUFFER, PERF_EVENT_RING_BUFFER, ...)."""
+    events_lost: Counter[str] = field(default_factory=Counter)
+    """Sum of `num_events_lost` by source."""
+    node_status: int = 0
+    agent_events: int = 0
+    debug_events: int = 0
+    lines_skipped: Counter[str] = field(default_factory=Counter)
+    """Lines not ingested, by reason: invalid_json, not_an_object, invalid_value, truncated, line_too_long,
+    unknown_event (valid JSON of an event kind flowpipe does not read)."""
+    lines_already_ingested: int = 0
+    """Lines skipped because the checkpoint says they are already in the dataset."""
+
+    @property
+    def decode_errors(self) -> int:
+        """Lines skipped because they could not be decoded (everything but unknown events)."""
+        return sum(n for reason, n in self.lines_skipped.items() if reason != REASON_UNKNOWN_EVENT)
+
+
+class _Truncated(Exception):
+    """The compressed stream ended early or is corrupt; everything before it was delivered."""
+
+
+class FileSource:
+    """Hubble JSON files (or stdin) → EventBatches, one per block; `commit` records durable progress.
+
+    >>> source = FileSource(["events.log"], checkpoint_path="data/_state/files.json")  # doctest: +SKIP
+    >>> for batch in source.batches():  # doctest: +SKIP
+    ...     write(batch.flows); source.commit(batch.position)
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        cluster_name: str | None = None,
+        strict: bool = False,
+        block_bytes: int = BLOCK_BYTES,
+        stdin: BinaryIO | None = None,
+    ) -> None:
+        if not paths:
+            raise ConfigError("no input files given")
+        if block_bytes <= 0:
+            raise ConfigError(f"block_bytes must be > 0, got {block_bytes}")
+        self.paths = expand_paths(paths)
+        self.cluster_name = cluster_name or None
+        self.strict = strict
+        self.block_bytes = block_bytes
+        self.summary = FileIngestSummary()
+        self._state = FileState(checkpoint_path)
+        # Per content key, (records, offset, partial) read in this run: the same content given twice (a file and
+        # its .gz copy, say) is read once even before anything is durable.
+        self._read: dict[str, tuple[int, int, bool]] = {}
+        self._stdin = stdin
+        self._closed = threading.Event()
+
+    # -- Source protocol -------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[EventBatch]:
+        """Yield one EventBatch per block of every file, in order; each carries its `FilePosition`."""
+        for path in self.paths:
+            if self._closed.is_set():
+                return
+            yield from self._read_file(path)
+
+    def commit(self, position: object) -> None:
+        """Record that everything up to `position` (a FilePosition from a batch) is durable."""
+        if position is None:
+            return
+        if not isinstance(position, FilePosition):
+            raise TypeError(f"not a file position: {position!r}")
+        self._state.commit(position)
+
+    def close(self) -> None:
+        """Stop reading after the current block (safe to call from another thread)."""
+        self._closed.set()
+
+    # -- one file --------------------------------------------------------------------------------------
+
+    def _read_file(self, path: str) -> Iterator[EventBatch]:
+        name = "<stdin>" if path == STDIN else path
+        try:
+            raw: BinaryIO = (self._stdin or sys.stdin.buffer) if path == STDIN else open(path, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+        self.summary.files += 1
+        try:
+            reader = _Reader(raw, self.block_bytes)
+            head = reader.head(HEAD_BYTES)
+            key = content_key(head)
+            old_key, records, offset, partial = self._state.find(head)
+            in_run = self._read.get(key)
+            if in_run is not None and in_run[0] > records:
+                records, offset, partial = in_run
+            start = _Start(path=name, key=key, replaces=old_key if old_key not in (None, key) else None,
+                           records=records, offset=offset, partial=partial)
+            if head.lstrip()[:1] == b"[":
+                yield from self._read_array(reader, start)
+            else:
+                yield from self._read_lines(reader, start)
+        finally:
+            if path != STDIN:
+                raw.close()
+
+    def _read_lines(self, reader: _Reader, start: _Start) -> Iterator[EventBatch]:
+        name = start.path
+        records, offset = 0, 0
+        layout = None
+        carry = b""
+        truncated: _Truncated | None = None
+        discarding = False
+        try:
+            if start.records:
+                offset = reader.skip(start.offset, start.partial)
+                records = start.records
+                self.summary.lines_already_ingested += start.records
+            for chunk in reader.chunks():
+                if self._closed.is_set():
+                    return
+                if discarding:
+                    cut = chunk.find(b"\n")
+                    if cut < 0:
+                        offset += len(chunk)
+                        continue
+                    offset += cut + 1
+                    records += 1
+                    chunk, discarding = chunk[cut + 1 :], False
+                buf = carry + chunk if carry else chunk
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    carry = buf
+                    if len(carry) > MAX_LINE_BYTES:
+                        yield self._emit(DecodedEvents(errors=[FlowDecodeError(
+                            f"line longer than {MAX_LINE_BYTES} bytes; skipped", path=name,
+                            line_number=records + 1, reason=REASON_LINE_TOO_LONG)]), start, records, offset)
+                        offset += len(carry)
+                        carry, discarding = b"", True
+                    continue
+                block, carry = buf[: cut + 1], buf[cut + 1 :]
+                if layout is None:
+                    layout = guess_block_layout(block)
+                decoded = decode_lines(
+                    block, path=name, first_line=records + 1, cluster_name=self.cluster_name, layout=layout
+                )
+                records += block.count(b"\n")
+                offset += len(block)
+                yield self._emit(decoded, start, records, offset)
+        except _Truncated as exc:
+            truncated = exc
+        if discarding or self._closed.is_set():
+            return
+        partial = False
+        errors: list[FlowDecodeError] = []
+        decoded = DecodedEvents()
+        if carry.strip():
+            # The last line has no newline: a file still being written, or cut short.
+            decoded = decode_lines(carry, path=name, first_line=records + 1, cluster_name=self.cluster_name,
+                                   layout=layout or ENVELOPE)
+            if decoded.errors:
+                decoded = DecodedEvents()
+                if truncated is None:
+                    errors.append(FlowDecodeError(
+                        "the last line is incomplete (no newline at the end of the file and not valid JSON); "
+                        "it is read again next time", path=name, line_number=records + 1, reason=REASON_TRUNCATED))
+            else:
+                records += 1
+                offset += len(carry)
+                partial = True
+        if truncated is not None:
+            errors.append(FlowDecodeError(
+                f"{truncated}; every line up to line {records} was read, the rest of the file is lost",
+                path=name, line_number=records + 1, reason=REASON_TRUNCATED))
+        decoded.errors.extend(errors)
+        if decoded.flows.num_rows or decoded.errors or decoded.lost_events or partial:
+            yield self._emit(decoded, start, records, offset, partial=partial)
+
+    def _read_array(self, reader: _Reader, start: _Start) -> Iterator[EventBatch]:
+        name = start.path
+        records = 0
+        items: list[tuple[int, object]] = []
+        skipped = 0
+        try:
+            for line_number, item in _array_items(reader, name):
+                if records < start.records:
+                    records += 1
+                    skipped += 1
+                    continue
+                items.append((line_number, item))
+                records += 1
+                if len(items) >= ARRAY_BATCH_ITEMS:
+                    yield self._emit(decode_objects(items, path=name, cluster_name=self.cluster_name), start,
+                                     records, 0)
+                    items = []
+                    if self._closed.is_set():
+                        return
+        except FlowDecodeError as exc:
+            decoded = decode_objects(items, path=name, cluster_name=self.cluster_name)
+            decoded.errors.append(exc)
+            self.summary.lines_already_ingested += skipped
+            yield self._emit(decoded, start, records, 0)
+            return
+        self.summary.lines_already_ingested += skipped
+        if items:
+            yield self._emit(decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0)
+
+    def _emit(
+        self, decoded: DecodedEvents, start: _Start, records: int, offset: int, *, partial: bool = False
+    ) -> EventBatch:
+        """Account a decoded block in the summary and wrap it as an EventBatch (strict: raise its first error)."""
+        if decoded.errors and self.strict:
+            raise decoded.errors[0]
+        summary = self.summary
+        summary.flows += decoded.flows.num_rows
+        for lost in decoded.lost_events:
+            summary.lost_event_records[lost.source] += 1
+            summary.events_lost[lost.source] += lost.num_events_lost
+        summary.node_status += decoded.node_status
+        summary.agent_events += decoded.agent_events
+        summary.debug_events += decoded.debug_events
+        if decoded.unknown_events:
+            summary.lines_skipped[REASON_UNKNOWN_EVENT] += decoded.unknown_events
+        for error in decoded.errors:
+            summary.lines_skipped[error.reason] += 1
+            log.warning("%s", error)
+        if records > self._read.get(start.key, (0, 0, False))[0]:
+            self._read[start.key] = (records, offset, partial)
+        position = FilePosition(
+            path=start.path, key=start.key, records=records, offset=offset, partial=partial, replaces=start.replaces
+        )
+        return EventBatch(
+            flows=decoded.flows if decoded.flows.num_rows else empty_flows(),
+            lost_events=decoded.lost_events,
+            node_status=decoded.node_status,
+            decode_errors=list(decoded.errors),
+            position=position,
+        )
+
+
+def read_events(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    cluster_name: str | None = None,
+    strict: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> Iterator[EventBatch]:
+    """Event batches of Hubble JSON files, without a pipeline (benchmarks, notebooks, tests).
+
+    >>> flows = sum(batch.flows.num_rows for batch in read_events(["flows.json"]))  # doctest: +SKIP
+    """
+    source = FileSource(
+        paths, cluster_name=cluster_name, strict=strict, checkpoint_path=checkpoint_path, block_bytes=block_bytes
+    )
+    return source.batches()
+
+
+def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Input paths as files to read: directories become their export files, oldest first; duplicates go.
+
+    Raises ConfigError for a path that does not exist or a directory without export files.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for given in paths:
+        text = os.fspath(given)
+        if text == STDIN:
+            out.append(STDIN)
+            continue
+        path = Path(text)
+        if path.is_dir():
+            files = export_files(path)
+            if not files:
+                raise ConfigError(
+                    f"{text}: no Hubble export files in this directory "
+                    f"(looked for {', '.join('*' + s for s in _INPUT_SUFFIXES)} and their .gz)"
+                )
+        elif path.exists():
+            files = [text]
+        else:
+            raise ConfigError(f"{text}: no such file or directory")
+        for file in files:
+            real = os.path.realpath(file)
+            if real not in seen:
+                seen.add(real)
+                out.append(file)
+    return out
+
+
+def export_files(directory: Path) -> list[str]:
+    """The export files of a directory, oldest first.
+
+    Rotated backups (`events-2024-01-01T00-00-00.000.log[.gz]`) come in time order before the active file
+    (`events.log`) of the same name; other files follow their names. Hidden and `_`-prefixed files are skipped.
+    """
+
+    def order(name: str) -> tuple[str, int, str, str]:
+        match = _BACKUP.fullmatch(name)
+        if match:
+            return (match["stem"] + match["ext"], 0, match["time"], name)
+        return (name.removesuffix(".gz"), 1, "", name)
+
+    names = [
+        entry.name
+        for entry in directory.iterdir()
+        if entry.is_file()
+        and not entry.name.startswith((".", "_"))
+        and entry.name.removesuffix(".gz").endswith(_INPUT_SUFFIXES)
+    ]
+    return [str(directory / name) for name in sorted(names, key=order)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """Where reading a file starts: its content key and what is already read (durable or in this run)."""
+
+    path: str
+    key: str
+    replaces: str | None
+    records: int
+    offset: int
+    partial: bool
+
+
+class _Reader:
+    """A file's decompressed content as chunks, with look-ahead (`head`) and skipping of what is read."""
+
+    def __init__(self, raw: BinaryIO, block_bytes: int) -> None:
+        self._stream = _decompressed(raw, block_bytes)
+        self._pending: list[bytes] = []
+        self._error: _Truncated | None = None
+
+    def head(self, size: int) -> bytes:
+        """The first `size` bytes of the content (or all of it), without consuming them."""
+        have = sum(len(chunk) for chunk in self._pending)
+        while have < size and self._error is None:
+            try:
+                chunk = next(self._stream)
+            except StopIteration:
+                break
+            except _Truncated as exc:
+                self._error = exc  # raised again, in order, by chunks()
+                break
+            self._pending.append(chunk)
+            have += len(chunk)
+        return b"".join(self._pending)[:size]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The content from the current position on; raises _Truncated where the compressed data breaks."""
+        while self._pending:
+            yield self._pending.pop(0)
+        if self._error is not None:
+            raise self._error
+        yield from self._stream
+
+    def skip(self, offset: int, partial: bool) -> int:
+        """Consume the first `offset` bytes (and the newline that ends a partial last line); bytes consumed."""
+        left = offset
+        for chunk in self.chunks():
+            if len(chunk) > left:
+                self._pending.insert(0, chunk[left:])
+                left = 0
+                break
+            left -= len(chunk)
+            if left == 0:
+                break
+        consumed = offset - left
+        if partial:
+            # The last line read had no newline then; if it has one now, it belongs to that line.
+            for chunk in self.chunks():
+                if chunk[:1] == b"\n":
+                    chunk, consumed = chunk[1:], consumed + 1
+                if chunk:
+                    self._pending.insert(0, chunk)
+                break
+        return consumed
+
+
+def _decompressed(raw: BinaryIO, block_bytes: int) -> Iterator[bytes]:
+    """The content of a plain or gzip file (detected by its magic bytes, multi-member aware), in chunks.
+
+    Every byte that can be decompressed is yielded before `_Truncated` is raised for a cut or corrupt file.
+    """
+    data = raw.read(_COMPRESSED_READ_BYTES)
+    if not data.startswith(_GZIP_MAGIC):
+        if data:
+            yield data
+        while chunk := raw.read(block_bytes):
+            yield chunk
+        return
+    decompressor = zlib.decompressobj(wbits=31)
+    in_member = True
+    while True:
+        if not data:
+            data = raw.read(_COMPRESSED_READ_BYTES)
+            if not data:
+                if in_member:
+                    tail = decompressor.flush()
+                    if tail:
+                        yield tail
+                    if not decompressor.eof:
+                        raise _Truncated("compressed data ends early (truncated .gz file)")
+                return
+        if not in_member:
+            if not data.strip(b"\x00"):  # zero padding after the last member
+                data = b""
+                continue
+            decompressor, in_member = zlib.decompressobj(wbits=31), True
+        try:
+            out = decompressor.decompress(data, block_bytes)
+        except zlib.error as exc:
+            raise _Truncated(f"corrupt compressed data ({exc})") from exc
+        if out:
+            yield out
+        if decompressor.eof:
+            data, in_member = decompressor.unused_data, False
+        else:
+            data = decompressor.unconsumed_tail
+
+
+def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
+    """The elements of a JSON array, streamed, each with the line it starts on.
+
+    A syntax error ends the array (there is no way to find the next element); it is raised as a
+    FlowDecodeError after every element before it was yielded.
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    chunks = reader.chunks()
+    text, pos, line, eof = "", 0, 1, False
+
+    def more() -> bool:
+        nonlocal text, pos, line, eof
+        if eof:
+            return False
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            eof = True
+            return False
+        except _Truncated as exc:
+            raise FlowDecodeError(f"{exc}; the array is read up to here", path=name,
+                                  line_number=line + text.count("\n", 0, pos), reason=REASON_TRUNCATED) from exc
+        line += text.count("\n", 0, pos)
+        text, pos = text[pos:] + utf8.decode(chunk), 0
+        return True
+
+    def peek() -> str:
+        """The next non-blank character ("" at the end), skipping blanks."""
+        nonlocal pos
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(text) or not more():
+                return text[pos : pos + 1]
+
+    def fail(message: str) -> FlowDecodeError:
+        return FlowDecodeError(message, path=name, line_number=line + text.count("\n", 0, pos),
+                               reason=REASON_TRUNCATED if eof and pos >= len(text) else "invalid_json")
+
+    if peek() != "[":
+        raise fail("expected a JSON array")
+    pos += 1
+    first = True
+    while True:
+        char = peek()
+        if char == "]":
+            return
+        if not first:
+            if char != ",":
+                raise fail("invalid JSON array: expected ',' or ']'" if char else "the JSON array is not closed")
+            pos += 1
+            char = peek()
+        if not char:
+            raise fail("the JSON array is not closed")
+        while True:
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                if more():
+                    continue
+                raise fail(f"invalid JSON in array: {exc.msg}") from exc
+            if end == len(text) and more():
+                continue  # a value cut at the end of a chunk (a number, say): read on and decode it again
+            break
+        yield line + text.count("\n", 0, pos), value
+        pos, first = end, False

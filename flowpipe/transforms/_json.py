@@ -1,0 +1,423 @@
+"""Hubble JSON lines → flow rows and counted events: a vectorized block parser with a per-line fallback.
+
+The fast path hands a whole block of lines to `pyarrow.json.read_json` with an explicit nested schema and
+builds the columns with pyarrow.compute. When pyarrow rejects the block (a malformed line, an enum written as a
+number, a string where a number belongs), the block is decoded line by line with `json.loads`: each line is
+checked and coerced against the same spec, bad lines become `FlowDecodeError`s, and the good ones go through the
+same Arrow struct and the same row builder, so a flow gives the same row either way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from flowpipe.errors import FlowDecodeError
+from flowpipe.model import LostEvent, empty_flows
+from flowpipe.transforms._columns import build_flow_table
+from flowpipe.transforms._enums import enum_name_or_number
+from flowpipe.transforms._json_schema import (
+    BARE_FLOW_KEYS,
+    EVENT_KINDS,
+    FLOW_SPEC,
+    LINE_SPEC,
+    Leaf,
+    ListOf,
+    Spec,
+    camel,
+    ENVELOPE,
+    FULL,
+    canonical_type,
+    canonicalize,
+    guess_layout,
+    parse_schema,
+    sentinels,
+)
+
+# pyarrow splits a block into chunks of this size and parses them in parallel; a line longer than this makes
+# the block fall back to the per-line path (still correct, only slower).
+PARSE_CHUNK_BYTES = 1 << 20
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INTEGER = re.compile(r"-?[0-9]+")
+# What the row builder's timestamp cast accepts, checked up front so a bad line is found without Arrow.
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:?[0-9]{2})")
+
+REASON_INVALID_JSON = "invalid_json"
+REASON_NOT_AN_OBJECT = "not_an_object"
+REASON_INVALID_VALUE = "invalid_value"
+
+
+@dataclass(slots=True)
+class DecodedEvents:
+    """What one block of Hubble JSON held: flow rows, lost events, counted event kinds and bad lines."""
+
+    flows: pa.Table = field(default_factory=empty_flows)
+    lost_events: list[LostEvent] = field(default_factory=list)
+    node_status: int = 0
+    agent_events: int = 0
+    debug_events: int = 0
+    unknown_events: int = 0
+    errors: list[FlowDecodeError] = field(default_factory=list)
+
+    def extend(self, other: DecodedEvents) -> None:
+        """Append another block's content (rows keep their order)."""
+        if other.flows.num_rows:
+            self.flows = pa.concat_tables([self.flows, other.flows]) if self.flows.num_rows else other.flows
+        self.lost_events.extend(other.lost_events)
+        self.node_status += other.node_status
+        self.agent_events += other.agent_events
+        self.debug_events += other.debug_events
+        self.unknown_events += other.unknown_events
+        self.errors.extend(other.errors)
+
+
+def decode_lines(
+    data: bytes,
+    *,
+    path: str,
+    first_line: int,
+    cluster_name: str | None = None,
+    layout: str | None = None,
+) -> DecodedEvents:
+    """Decode a block of whole JSON lines (`first_line` is the 1-based number of its first line).
+
+    `layout` is the parse layout of the file (`guess_layout` of its first record); None guesses it here.
+    """
+    if layout is None:
+        layout = guess_block_layout(data)
+    try:
+        return _decode_block(data, layout, cluster_name)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    items = [(first_line + i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+    return decode_texts(items, path=path, cluster_name=cluster_name)
+
+
+def guess_block_layout(data: bytes) -> str:
+    """The parse layout for a block of lines, from its first line that is valid JSON."""
+    for line in data.split(b"\n", 8)[:8]:
+        if line.strip():
+            try:
+                return guess_layout(json.loads(line))
+            except ValueError:
+                continue
+    return ENVELOPE
+
+
+def _decode_block(data: bytes, layout: str, cluster_name: str | None) -> DecodedEvents:
+    lines = _parse(data, layout)
+    if layout != FULL and _needs_full(lines, layout):
+        lines = _parse(data, FULL)
+        layout = FULL
+    if len(lines) == 0:
+        return DecodedEvents()
+    if layout == FULL:
+        lines = canonicalize(lines)
+    return decode_canonical(lines, cluster_name=cluster_name)
+
+
+def _parse(data: bytes, layout: str) -> pa.StructArray:
+    table = pj.read_json(
+        io.BytesIO(data),
+        read_options=pj.ReadOptions(use_threads=True, block_size=PARSE_CHUNK_BYTES),
+        parse_options=pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore"),
+    )
+    table = table.combine_chunks()
+    return pa.StructArray.from_arrays(
+        [column.chunk(0) if column.num_chunks else pa.nulls(0, column.type) for column in table.columns],
+        fields=list(table.schema),
+    )
+
+
+def _needs_full(lines: pa.StructArray, layout: str) -> bool:
+    """Whether a narrow-layout parse missed something: camelCase keys, or lines of the other shape."""
+    for path in sentinels(layout):
+        if pc.struct_field(lines, list(path)).null_count < len(lines):
+            return True
+    if layout == ENVELOPE:
+        # A line without any envelope key (a bare Flow, or an event kind flowpipe does not know).
+        return _has_no_kind(lines)
+    return False
+
+
+def _has_no_kind(lines: pa.StructArray) -> bool:
+    any_kind = pa.repeat(False, len(lines))
+    for kind in EVENT_KINDS:
+        any_kind = pc.or_(any_kind, pc.is_valid(pc.struct_field(lines, [kind])))
+    return not pc.all(any_kind).as_py()
+
+
+def decode_canonical(lines: pa.StructArray, *, cluster_name: str | None = None) -> DecodedEvents:
+    """Classify canonical lines (envelope or bare Flow) and build the flow rows and lost events."""
+    out = DecodedEvents()
+    kinds = {kind: pc.is_valid(pc.struct_field(lines, [kind])) for kind in EVENT_KINDS}
+    # An envelope holds exactly one kind; if a line has several, the first in field-number order counts.
+    taken = pa.repeat(False, len(lines))
+    only: dict[str, pa.Array] = {}
+    for kind in EVENT_KINDS:
+        only[kind] = pc.and_(kinds[kind], pc.invert(taken))
+        taken = pc.or_(taken, kinds[kind])
+    is_envelope = taken
+    bare = pa.repeat(False, len(lines))
+    if not pc.all(is_envelope).as_py():
+        for key in BARE_FLOW_KEYS:
+            bare = pc.or_(bare, pc.is_valid(pc.struct_field(lines, [key])))
+        bare = pc.and_(bare, pc.invert(is_envelope))
+    out.node_status = _count(only["node_status"])
+    out.agent_events = _count(only["agent_event"])
+    out.debug_events = _count(only["debug_event"])
+    n_bare = _count(bare)
+    out.unknown_events = len(lines) - _count(is_envelope) - n_bare
+
+    envelope_node = pc.struct_field(lines, ["node_name"])
+    envelope_time = pc.struct_field(lines, ["time"])
+    flow_rows = pc.or_(only["flow"], bare)
+    n_flows = _count(flow_rows)
+    if n_flows:
+        if n_bare == 0:
+            flows = pc.struct_field(lines, ["flow"])
+        elif n_bare == n_flows:
+            flows = lines  # legacy bare Flows: the line itself is the Flow
+        else:
+            flows = pc.if_else(bare, _project_bare_flows(lines), pc.struct_field(lines, ["flow"]))
+        out.flows = build_flow_table(
+            flows.filter(flow_rows),
+            envelope_node.filter(flow_rows),
+            envelope_time.filter(flow_rows),
+            cluster_name=cluster_name,
+        )
+    if _count(only["lost_events"]):
+        rows = only["lost_events"]
+        out.lost_events = _lost_events(
+            pc.struct_field(lines, ["lost_events"]).filter(rows), envelope_node.filter(rows), envelope_time.filter(rows)
+        )
+    return out
+
+
+def _count(mask: pa.Array) -> int:
+    return int(pc.sum(mask.cast(pa.int64())).as_py() or 0)
+
+
+def _project_bare_flows(lines: pa.StructArray) -> pa.StructArray:
+    """The line itself as a Flow struct (legacy bare-Flow lines), typed like the envelope's `flow` field."""
+    flow_type = lines.type.field("flow").type
+    children = [pc.struct_field(lines, [name]) for name in FLOW_SPEC]
+    return pa.StructArray.from_arrays(children, fields=list(flow_type), mask=pc.invert(lines.is_valid()))
+
+
+def _lost_events(records: pa.Array, node_names: pa.Array, times: pa.Array) -> list[LostEvent]:
+    utc_us = pa.timestamp("us", tz="UTC")
+
+    def stamps(values: pa.Array) -> list[datetime | None]:
+        values = pc.if_else(pc.equal(values, ""), None, values)
+        return pc.cast(pc.cast(values, pa.timestamp("ns", tz="UTC")), utc_us, safe=False).to_pylist()
+
+    sources = pc.struct_field(records, ["source"]).to_pylist()
+    counts = pc.cast(pc.struct_field(records, ["num_events_lost"]), pa.int64()).to_pylist()
+    cpus = pc.struct_field(records, ["cpu"]).to_pylist()
+    firsts = stamps(pc.struct_field(records, ["first"]))
+    lasts = stamps(pc.struct_field(records, ["last"]))
+    return [
+        LostEvent(
+            source=source or "UNKNOWN_LOST_EVENT_SOURCE",
+            num_events_lost=count or 0,
+            node_name=node or "",
+            time=time,
+            cpu=cpu,
+            first=first,
+            last=last,
+        )
+        for source, count, node, time, cpu, first, last in zip(
+            sources, counts, node_names.to_pylist(), stamps(times), cpus, firsts, lasts, strict=True
+        )
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-line path: json.loads, then check and coerce every known field against the spec.
+
+
+class _BadValue(ValueError):
+    pass
+
+
+def decode_texts(
+    items: Sequence[tuple[int, bytes | str]], *, path: str, cluster_name: str | None = None
+) -> DecodedEvents:
+    """Decode JSON texts one by one (with their line numbers); bad ones become errors, the rest rows."""
+    objects: list[tuple[int, Any]] = []
+    errors: list[FlowDecodeError] = []
+    for line_number, text in items:
+        try:
+            objects.append((line_number, json.loads(text)))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            errors.append(
+                FlowDecodeError(f"invalid JSON: {exc}", path=path, line_number=line_number, reason=REASON_INVALID_JSON)
+            )
+    out = decode_objects(objects, path=path, cluster_name=cluster_name)
+    out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
+    return out
+
+
+def decode_objects(
+    objects: Iterable[tuple[int, Any]], *, path: str, cluster_name: str | None = None
+) -> DecodedEvents:
+    """Decode parsed JSON values (each with its line number): the per-line path and JSON arrays."""
+    good: list[tuple[int, dict[str, Any]]] = []
+    errors: list[FlowDecodeError] = []
+    for line_number, value in objects:
+        if not isinstance(value, dict):
+            errors.append(
+                FlowDecodeError(
+                    f"expected a JSON object, got {_json_type(value)}",
+                    path=path,
+                    line_number=line_number,
+                    reason=REASON_NOT_AN_OBJECT,
+                )
+            )
+            continue
+        try:
+            good.append((line_number, _sanitize_struct(value, LINE_SPEC, "")))
+        except _BadValue as exc:
+            errors.append(FlowDecodeError(str(exc), path=path, line_number=line_number, reason=REASON_INVALID_VALUE))
+    out = _decode_sanitized(good, path=path, cluster_name=cluster_name)
+    out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
+    return out
+
+
+def _decode_sanitized(
+    good: list[tuple[int, dict[str, Any]]], *, path: str, cluster_name: str | None
+) -> DecodedEvents:
+    if not good:
+        return DecodedEvents()
+    try:
+        lines = pa.array([value for _, value in good], type=canonical_type())
+        return decode_canonical(lines, cluster_name=cluster_name)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        if len(good) == 1:
+            return DecodedEvents(
+                errors=[
+                    FlowDecodeError(
+                        f"invalid value: {exc}", path=path, line_number=good[0][0], reason=REASON_INVALID_VALUE
+                    )
+                ]
+            )
+    # Something only Arrow rejects (an impossible date, say): isolate it by halves.
+    middle = len(good) // 2
+    out = _decode_sanitized(good[:middle], path=path, cluster_name=cluster_name)
+    out.extend(_decode_sanitized(good[middle:], path=path, cluster_name=cluster_name))
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _sanitize_struct(value: Any, spec: dict[str, Spec], where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _BadValue(f"{where or 'line'}: expected an object, got {_json_type(value)}")
+    out: dict[str, Any] = {}
+    for name, child in spec.items():
+        item = value.get(name)
+        if item is None:
+            alias = camel(name)
+            if alias != name and alias not in spec:
+                item = value.get(alias)
+        if item is not None:
+            out[name] = _sanitize(item, child, f"{where}.{name}" if where else name)
+    return out
+
+
+def _sanitize(value: Any, spec: Spec, where: str) -> Any:
+    if isinstance(spec, dict):
+        return _sanitize_struct(value, spec, where)
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            raise _BadValue(f"{where}: expected an array, got {_json_type(value)}")
+        return [None if item is None else _sanitize(item, spec.item, f"{where}[]") for item in value]
+    return _sanitize_leaf(value, spec, where)
+
+
+def _sanitize_leaf(value: Any, spec: Leaf, where: str) -> Any:
+    kind = spec.kind
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "enum":
+        # A name is kept even when unknown (newer Cilium); a number is what a writer renders for a value it
+        # does not know the name of: its name if we know it, else its decimal string.
+        if isinstance(value, str):
+            return value
+        number = _integer(value)
+        if number is not None:
+            assert spec.enum is not None
+            return enum_name_or_number(spec.enum, number)
+    elif kind == "int":
+        number = _integer(value)
+        if number is not None:
+            return number
+    elif kind == "int64str":
+        number = _integer(value)
+        if number is not None:
+            return str(number)
+    elif kind == "time":
+        if isinstance(value, str) and (value == "" or _RFC3339.fullmatch(value)):
+            return value
+        if isinstance(value, str):
+            raise _BadValue(f"{where}: not an RFC 3339 timestamp: {value[:60]!r}")
+    raise _BadValue(f"{where}: expected {_KIND_WORDS[kind]}, got {_json_type(value)} {_short(value)}")
+
+
+_KIND_WORDS = {
+    "str": "a string",
+    "bool": "true or false",
+    "enum": "an enum name or number",
+    "int": "an integer",
+    "int64str": "an integer",
+    "time": "an RFC 3339 timestamp string",
+}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(value: Any) -> int | None:
+    """An integer as protobuf JSON allows it: a number (integral) or a decimal string; None if not one."""
+    if isinstance(value, bool):
+        return None
+    number: int | None = None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER.fullmatch(value):
+        number = int(value)
+    if number is None or not _INT64_MIN <= number <= _INT64_MAX:
+        return None
+    return number

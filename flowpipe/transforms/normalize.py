@@ -1,0 +1,129 @@
+"""normalize: Hubble events (protobuf messages or JSON text) → flow-table rows, counting what is not a flow.
+
+Two inputs, one result: `normalize_flows` takes protobuf `flow.Flow` messages (the gRPC collector),
+`normalize_json_lines` takes Hubble JSON lines (files: `hubble observe -o jsonpb`, exporter files, legacy bare
+flows). The same flow gives the same row either way; the row conventions are listed in the README (flow table).
+
+```python
+table = normalize_flows(response.flow for response in responses)        # pa.Table, FLOW_SCHEMA
+events = normalize_json_lines(b'{"flow": {...}, "node_name": "n1"}\\n')  # DecodedEvents
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from flowpipe.model import EventBatch, LostEvent
+from flowpipe.transforms._enums import enum_name_or_number
+from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, decode_texts
+from flowpipe.transforms._proto import flows_to_table
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from flowpipe._proto.flow.flow_pb2 import Flow
+    from flowpipe._proto.observer.observer_pb2 import ExportEvent, GetFlowsResponse
+
+__all__ = [
+    "DecodedEvents",
+    "normalize_flows",
+    "normalize_json_lines",
+    "normalize_json_objects",
+    "normalize_json_texts",
+    "normalize_responses",
+]
+
+
+def normalize_flows(
+    flows: Sequence[Flow] | Iterable[Flow],
+    *,
+    node_names: Sequence[str] | None = None,
+    times: Sequence[Timestamp | None] | None = None,
+    cluster_name: str | None = None,
+) -> pa.Table:
+    """Protobuf flows → the flow table (FLOW_SCHEMA), one row per flow, in order.
+
+    `node_names`/`times` are the envelopes' (GetFlowsResponse) values, used where the flow has none;
+    `cluster_name` fills `cluster_name` where the node name does not carry one.
+    """
+    if not isinstance(flows, Sequence):
+        flows = list(flows)
+    return flows_to_table(flows, node_names, times, cluster_name=cluster_name)
+
+
+def normalize_responses(
+    responses: Sequence[GetFlowsResponse | ExportEvent], *, cluster_name: str | None = None
+) -> EventBatch:
+    """GetFlowsResponse / ExportEvent messages → an EventBatch: flow rows, lost events, node_status count.
+
+    Agent and debug events (ExportEvent only) are not flows and are left out.
+    """
+    flows: list[Flow] = []
+    node_names: list[str] = []
+    times: list[Timestamp | None] = []
+    lost_events: list[LostEvent] = []
+    node_status = 0
+    for response in responses:
+        kind = response.WhichOneof("response_types")
+        if kind == "flow":
+            flows.append(response.flow)
+            node_names.append(response.node_name)
+            times.append(response.time if response.HasField("time") else None)
+        elif kind == "lost_events":
+            lost_events.append(lost_event_from_proto(response))
+        elif kind == "node_status":
+            node_status += 1
+    return EventBatch(
+        flows=flows_to_table(flows, node_names, times, cluster_name=cluster_name),
+        lost_events=lost_events,
+        node_status=node_status,
+    )
+
+
+def lost_event_from_proto(response: GetFlowsResponse | ExportEvent) -> LostEvent:
+    """The `lost_events` record of a response as a LostEvent (source name, count, node, times)."""
+    lost = response.lost_events
+    return LostEvent(
+        source=enum_name_or_number("LostEventSource", lost.source),
+        num_events_lost=lost.num_events_lost,
+        node_name=response.node_name,
+        time=_datetime(response.time) if response.HasField("time") else None,
+        cpu=lost.cpu.value if lost.HasField("cpu") else None,
+        first=_datetime(lost.first) if lost.HasField("first") else None,
+        last=_datetime(lost.last) if lost.HasField("last") else None,
+    )
+
+
+def _datetime(stamp: Any) -> datetime:
+    return datetime.fromtimestamp(stamp.seconds, tz=UTC).replace(microsecond=stamp.nanos // 1000)
+
+
+def normalize_json_lines(
+    data: bytes, *, path: str = "<memory>", first_line: int = 1, cluster_name: str | None = None
+) -> DecodedEvents:
+    """A block of whole Hubble JSON lines → flow rows, lost events, counts and per-line decode errors.
+
+    Each line is an envelope (`flow`, `lost_events`, `node_status`, `agent_event`, `debug_event` plus
+    `node_name`/`time`) or a legacy bare Flow. Bad lines become `FlowDecodeError(path, line, reason)` in
+    `.errors`; the good lines of the block are still decoded.
+    """
+    return decode_lines(data, path=path, first_line=first_line, cluster_name=cluster_name)
+
+
+def normalize_json_texts(
+    items: Sequence[tuple[int, bytes | str]], *, path: str = "<memory>", cluster_name: str | None = None
+) -> DecodedEvents:
+    """JSON texts with their line numbers → as `normalize_json_lines`, decoding one text at a time."""
+    return decode_texts(items, path=path, cluster_name=cluster_name)
+
+
+def normalize_json_objects(
+    objects: Iterable[tuple[int, Any]], *, path: str = "<memory>", cluster_name: str | None = None
+) -> DecodedEvents:
+    """Already parsed JSON values (e.g. the elements of a JSON array) with their line numbers → events."""
+    return decode_objects(objects, path=path, cluster_name=cluster_name)
