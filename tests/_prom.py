@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -192,3 +193,96 @@ def _wait_ready(server: PrometheusServer) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+# -- dashboards and PromQL -------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
+
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "30s",
+    "${__rate_interval}": "30s",
+    "$__interval": "5s",
+    "$__range": "10m",
+    "${__range}": "10m",
+    "$namespace": ".*",
+    "${namespace}": ".*",
+}
+"""What Grafana would put in place of its variables, for running a panel's PromQL against Prometheus directly."""
+
+PROMQL_WORDS = frozenset(
+    [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "and",
+        "or",
+        "unless",
+        "inf",
+        "nan",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ]
+)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_LABEL_BLOCK = re.compile(r"\{[^{}]*\}")
+_RANGE = re.compile(r"\[[^\]]*\]")
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENTIFIER = re.compile(r"(?<![\w$.:])([A-Za-z_:][A-Za-z0-9_:]*)(?![\w(])(?!\s*\()")
+_VARIABLE = re.compile(r"\$\{?\w+\}?")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, keywords, labels and variables left out)."""
+    text = _VARIABLE.sub("", _STRING.sub('""', expr))
+    text = _GROUPING.sub(" ", _RANGE.sub("", _LABEL_BLOCK.sub("", text)))
+    text = re.sub(r"\b\d+(\.\d+)?([eE][+-]?\d+)?\b", " ", text)
+    return {name for name in _IDENTIFIER.findall(text) if name not in PROMQL_WORDS}
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    """A panel expression with Grafana's variables replaced, runnable by Prometheus."""
+    for variable in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+        expr = expr.replace(variable, GRAFANA_VARIABLES[variable])
+    return expr
+
+
+def load_dashboards() -> dict[str, dict[str, Any]]:
+    """Every shipped dashboard, by file name."""
+    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARD_DIR.glob("*.json"))}
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in rows."""
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_expressions() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, PromQL) for every panel target of every shipped dashboard."""
+    out = []
+    for name, dashboard in load_dashboards().items():
+        for panel in dashboard_panels(dashboard):
+            for target in panel.get("targets", []):
+                if target.get("expr"):
+                    out.append((name, panel["title"], target["expr"]))
+    return out
