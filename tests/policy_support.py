@@ -38,7 +38,9 @@ def pod(namespace: str, app: str, **labels: str) -> dict[str, Any]:
     }
 
 
-def reserved(name: str, ip: str | None = None, identity: int | None = None, names: list[str] | None = None) -> dict[str, Any]:
+def reserved(
+    name: str, ip: str | None = None, identity: int | None = None, names: list[str] | None = None
+) -> dict[str, Any]:
     """A reserved identity (`world`, `host`, `remote-node`, `kube-apiserver`, ...) at `ip`."""
     numbers = {"host": 1, "world": 2, "health": 4, "remote-node": 6, "kube-apiserver": 7}
     return {
@@ -49,7 +51,9 @@ def reserved(name: str, ip: str | None = None, identity: int | None = None, name
     }
 
 
-def flow(src: dict[str, Any], dst: dict[str, Any], port: int | None = 80, protocol: str = "TCP", **fields: Any) -> dict[str, Any]:
+def flow(
+    src: dict[str, Any], dst: dict[str, Any], port: int | None = 80, protocol: str = "TCP", **fields: Any
+) -> dict[str, Any]:
     """A request row from `src` to `dst` (FORWARDED, not a reply, no direction unless given)."""
     row: dict[str, Any] = {
         "verdict": "FORWARDED",
@@ -71,7 +75,12 @@ def table(*rows: dict[str, Any]) -> pa.Table:
     """The rows as a flow table (missing columns are NULL, lists empty)."""
     full = []
     for row in rows:
-        full.append({name: row.get(name, [] if pa.types.is_list(FLOW_SCHEMA.field(name).type) else None) for name in FLOW_SCHEMA.names})
+        full.append(
+            {
+                name: row.get(name, [] if pa.types.is_list(FLOW_SCHEMA.field(name).type) else None)
+                for name in FLOW_SCHEMA.names
+            }
+        )
     return pa.Table.from_pylist(full, schema=FLOW_SCHEMA)
 
 

@@ -51,13 +51,18 @@ def test_kubernetes_defaults() -> None:
     assert policy.isolates == ("ingress",)  # policyTypes default: Ingress, plus Egress only with egress rules
     [rule] = policy.rules
     assert rule.ports[0].ports == (Port(5432, "TCP"),)
-    [open_rule] = parse_policies(NETPOL.replace("  - from: [{podSelector: {matchLabels: {app: api}}}]\n    ports: [{port: 5432}]", "  - {}"))[0].rules
+    [open_rule] = parse_policies(
+        NETPOL.replace(
+            "  - from: [{podSelector: {matchLabels: {app: api}}}]\n    ports: [{port: 5432}]", "  - {}"
+        )
+    )[0].rules
     assert open_rule.peers == (ANY_PEER,) and open_rule.ports == ()
 
 
 def test_list_objects_are_unpacked() -> None:
     text = "apiVersion: v1\nkind: List\nitems:\n" + "".join(
-        "- " + NETPOL.strip().replace("\n", "\n  ").replace("name: db", f"name: p{i}") + "\n" for i in range(2)
+        "- " + NETPOL.strip().replace("\n", "\n  ").replace("name: db", f"name: p{i}") + "\n"
+        for i in range(2)
     )
     assert [p.name for p in parse_policies(text)] == ["p0", "p1"]
 
@@ -128,7 +133,10 @@ def test_unknown_kind() -> None:
         (("[{port: 5432}]", "[{port: 5432, protocol: ICMP}]"), "spec.ingress[0].ports[0].protocol"),
         (("[{port: 5432}]", "[{port: 70000}]"), "spec.ingress[0].ports[0].port"),
         (("{app: api}", "{app: 1}"), "spec.ingress[0].from[0].podSelector.matchLabels.app"),
-        (("[{podSelector: {matchLabels: {app: api}}}]", "[{ipBlock: {cidr: 10.0.0.0/33}}]"), "spec.ingress[0].from[0].ipBlock.cidr"),
+        (
+            ("[{podSelector: {matchLabels: {app: api}}}]", "[{ipBlock: {cidr: 10.0.0.0/33}}]"),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
         (("[{podSelector: {matchLabels: {app: api}}}]", "[{podSelectr: {}}]"), "spec.ingress[0].from[0]"),
         (("apiVersion: networking.k8s.io/v1", "apiVersion: v1"), "apiVersion"),
     ],
@@ -145,16 +153,29 @@ def test_bad_kubernetes_fields_are_named(change: tuple[str, str], field: str) ->
     [
         ("ingress: [{}]", "spec.endpointSelector"),
         ("endpointSelector: {}\negress: [{toEntities: [internet]}]", "spec.egress[0].toEntities[0]"),
-        ("endpointSelector: {}\negress: [{toPorts: [{ports: [{port: '80', protocol: HTTP}]}]}]", "spec.egress[0].toPorts[0].ports[0].protocol"),
-        ("endpointSelector: {}\ningress: [{toPorts: [{rules: {http: [{path: '/a(('}]}}]}]", "spec.ingress[0].toPorts[0].rules.http[0].path"),
+        (
+            "endpointSelector: {}\negress: [{toPorts: [{ports: [{port: '80', protocol: HTTP}]}]}]",
+            "spec.egress[0].toPorts[0].ports[0].protocol",
+        ),
+        (
+            "endpointSelector: {}\ningress: [{toPorts: [{rules: {http: [{path: '/a(('}]}}]}]",
+            "spec.ingress[0].toPorts[0].rules.http[0].path",
+        ),
         ("endpointSelector: {}\ningress: [{fromEndpoint: [{}]}]", "spec.ingress[0]"),
-        ("endpointSelector: {}\ningressDeny: [{toPorts: [{rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules"),
-        ("endpointSelector: {matchExpressions: [{key: a, operator: Maybe}]}\ningress: [{}]", "spec.endpointSelector.matchExpressions[0].operator"),
+        (
+            "endpointSelector: {}\ningressDeny: [{toPorts: [{rules: {http: [{}]}}]}]",
+            "spec.ingressDeny[0].toPorts[0].rules",
+        ),
+        (
+            "endpointSelector: {matchExpressions: [{key: a, operator: Maybe}]}\ningress: [{}]",
+            "spec.endpointSelector.matchExpressions[0].operator",
+        ),
     ],
 )
 def test_bad_cilium_fields_are_named(spec: str, field: str) -> None:
-    text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x, namespace: y}\nspec:\n" + "".join(
-        f"  {line}\n" for line in spec.splitlines()
+    text = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x, namespace: y}\nspec:\n"
+        + "".join(f"  {line}\n" for line in spec.splitlines())
     )
     error = error_for(NETPOL + "---\n" + text)
     assert error.document_index == 1

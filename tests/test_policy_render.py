@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import kubernetes_validate
@@ -26,7 +25,7 @@ from flowpipe.policy.model import (
     Rule,
 )
 from flowpipe.policy.render import policy_document, render_policy, render_yaml
-from tests.policy_support import KUBERNETES_VERSION, cilium_schema, validate_document
+from tests.policy_support import KUBERNETES_VERSION, validate_document
 
 DNS_PEER = Peer.endpoints({"k8s-app": "kube-dns"}, namespace="kube-system")
 DNS_PORTS = PortRule(ports=(Port(53, "UDP"), Port(53, "TCP")), dns=(FQDNSelector(match_pattern="*"),))
@@ -35,8 +34,18 @@ DNS_PORTS = PortRule(ports=(Port(53, "UDP"), Port(53, "TCP")), dns=(FQDNSelector
 def sample_rules() -> tuple[Rule, ...]:
     """Rules using every kind of peer, port and L7 rule the model has."""
     return (
-        Rule("ingress", (Peer.endpoints({"app": "web"}),), (PortRule((Port(8080),), http=(HTTPRule("GET", "^/v1/items$"),)),), flows=12),
-        Rule("ingress", (Peer.endpoints({"app": "prometheus"}, namespace="monitoring"),), (PortRule((Port(9090),)),), flows=3),
+        Rule(
+            "ingress",
+            (Peer.endpoints({"app": "web"}),),
+            (PortRule((Port(8080),), http=(HTTPRule("GET", "^/v1/items$"),)),),
+            flows=12,
+        ),
+        Rule(
+            "ingress",
+            (Peer.endpoints({"app": "prometheus"}, namespace="monitoring"),),
+            (PortRule((Port(9090),)),),
+            flows=3,
+        ),
         Rule(
             "ingress",
             (Peer("endpoints", selector=None, namespace_selector=LabelSelector.of({"team": "ops"})),),
@@ -45,11 +54,23 @@ def sample_rules() -> tuple[Rule, ...]:
         Rule("ingress", (Peer.entity_peer("world"),), (PortRule((Port(443),)),)),
         Rule("ingress", (ANY_PEER,), (PortRule((Port(8, "ICMP"),)),)),
         Rule("egress", (DNS_PEER,), (DNS_PORTS,), flows=40),
-        Rule("egress", (Peer.fqdn_peer(name="api.stripe.com"), Peer.fqdn_peer(pattern="*.s3.amazonaws.com")), (PortRule((Port(443),)),)),
-        Rule("egress", (Peer.cidr_peer("198.51.100.0/24", ["198.51.100.128/25"]),), (PortRule((Port(5432), Port(6000, "UDP", 6010))),)),
+        Rule(
+            "egress",
+            (Peer.fqdn_peer(name="api.stripe.com"), Peer.fqdn_peer(pattern="*.s3.amazonaws.com")),
+            (PortRule((Port(443),)),),
+        ),
+        Rule(
+            "egress",
+            (Peer.cidr_peer("198.51.100.0/24", ["198.51.100.128/25"]),),
+            (PortRule((Port(5432), Port(6000, "UDP", 6010))),),
+        ),
         Rule("egress", (Peer.cidr_peer("203.0.113.7/32"),), (PortRule((Port(9000, "SCTP"),)),)),
         Rule("egress", (Peer.entity_peer("kube-apiserver"),), (PortRule((Port(443),)),)),
-        Rule("egress", (Peer.endpoints({"app": "kafka"}),), (PortRule((Port(9092),), kafka=(KafkaRule(role="produce", topic="orders"),)),)),
+        Rule(
+            "egress",
+            (Peer.endpoints({"app": "kafka"}),),
+            (PortRule((Port(9092),), kafka=(KafkaRule(role="produce", topic="orders"),)),),
+        ),
         Rule("egress", (Peer.cidr_peer("10.0.0.0/8"),), (), action="deny"),
     )
 
@@ -60,14 +81,42 @@ def sample_policies() -> list[Policy]:
     for flavour in ("kubernetes", "cilium"):
         policies += [
             Policy("flowpipe-api", "shop", flavour, selector, sample_rules(), ("ingress", "egress")),
-            Policy("flowpipe-default-deny", "shop", flavour, LabelSelector(), (Rule("egress", (DNS_PEER,), (DNS_PORTS,)),), ("ingress", "egress")),
+            Policy(
+                "flowpipe-default-deny",
+                "shop",
+                flavour,
+                LabelSelector(),
+                (Rule("egress", (DNS_PEER,), (DNS_PORTS,)),),
+                ("ingress", "egress"),
+            ),
             Policy("deny-all", "shop", flavour, isolates=("ingress", "egress")),
-            Policy("open", "shop", flavour, rules=(Rule("ingress"), Rule("egress")), isolates=("ingress", "egress")),
+            Policy(
+                "open",
+                "shop",
+                flavour,
+                rules=(Rule("ingress"), Rule("egress")),
+                isolates=("ingress", "egress"),
+            ),
         ]
     policies.append(
-        Policy("cluster-dns", None, "cilium", LabelSelector(), (Rule("egress", (DNS_PEER,), (DNS_PORTS,)),), ("egress",), clusterwide=True)
+        Policy(
+            "cluster-dns",
+            None,
+            "cilium",
+            LabelSelector(),
+            (Rule("egress", (DNS_PEER,), (DNS_PORTS,)),),
+            ("egress",),
+            clusterwide=True,
+        )
     )
-    policies.append(Policy("audit-only", "shop", "cilium", rules=(Rule("ingress", (Peer.entity_peer("world"),), action="deny"),)))
+    policies.append(
+        Policy(
+            "audit-only",
+            "shop",
+            "cilium",
+            rules=(Rule("ingress", (Peer.entity_peer("world"),), action="deny"),),
+        )
+    )
     return policies
 
 
@@ -79,11 +128,20 @@ def test_every_rendered_document_validates(policy: Policy, cilium_schemas: Path)
 
 def test_invalid_documents_are_rejected_by_the_validators(cilium_schemas: Path) -> None:
     # The checks above could not pass by accident: broken documents fail them.
-    bad_k8s = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x"},
-               "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "protocol": "TCP", "bogus": 1}]}]}}
+    bad_k8s = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "x"},
+        "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "protocol": "TCP", "bogus": 1}]}]},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad_k8s, KUBERNETES_VERSION, strict=True)
-    no_rules = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "x"}, "spec": {"endpointSelector": {}}}
+    no_rules = {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "x"},
+        "spec": {"endpointSelector": {}},
+    }
     with pytest.raises(jsonschema.ValidationError):
         validate_document(no_rules, cilium_schemas)
     bad_entity = {**no_rules, "spec": {"endpointSelector": {}, "egress": [{"toEntities": ["world-ipv9"]}]}}
@@ -164,7 +222,13 @@ def test_kubernetes_flavour_says_what_it_cannot_express() -> None:
     text = render_policy(policy)
     doc = yaml.safe_load(text)
     notes = "\n".join(line for line in text.splitlines() if line.startswith("# not expressible"))
-    for fragment in ("FQDN peer api.stripe.com", "ICMP type 8", "entity peer kube-apiserver", "egressDeny", "L7 rules"):
+    for fragment in (
+        "FQDN peer api.stripe.com",
+        "ICMP type 8",
+        "entity peer kube-apiserver",
+        "egressDeny",
+        "L7 rules",
+    ):
         assert fragment in notes
     # The ICMP-only rule is left out instead of becoming "every port"; the world becomes ipBlocks.
     ingress = doc["spec"]["ingress"]
@@ -181,7 +245,9 @@ def test_kubernetes_flavour_says_what_it_cannot_express() -> None:
 def test_cilium_flavour_writes_namespaces_into_selectors() -> None:
     doc = policy_document(sample_policies()[4])
     ingress = doc["spec"]["ingress"]
-    assert ingress[1]["fromEndpoints"] == [{"matchLabels": {"app": "prometheus", "k8s:io.kubernetes.pod.namespace": "monitoring"}}]
+    assert ingress[1]["fromEndpoints"] == [
+        {"matchLabels": {"app": "prometheus", "k8s:io.kubernetes.pod.namespace": "monitoring"}}
+    ]
     # a namespace chosen by labels: the labels plus "some namespace", so Cilium does not scope it to shop
     assert ingress[2]["fromEndpoints"] == [
         {

@@ -233,14 +233,14 @@ def test_cilium_selector_keys_with_and_without_source_prefix() -> None:
 
 def test_cilium_empty_rule_is_default_deny_and_ports_without_peers_allow_everyone() -> None:
     policy = cnp(
-    "lockdown",
-    """
+        "lockdown",
+        """
 endpointSelector: {}
 ingress:
 - {}
 - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
 """,
-)
+    )
     report = replay(policy, flow(MON, WEB, 80), flow(WORLD, WEB, 80), flow(API, WEB, 81))
     assert report.allowed == 2 and report.denied == 1
     # the empty entry allows nothing by design and is not listed as unused
@@ -256,8 +256,8 @@ def test_cilium_enable_default_deny_false_does_not_isolate() -> None:
 
 def test_cilium_deny_rules_win_over_allows() -> None:
     policy = cnp(
-    "web",
-    """
+        "web",
+        """
 endpointSelector: {matchLabels: {app: web}}
 egress:
 - toEntities: [all]
@@ -265,7 +265,7 @@ egressDeny:
 - toCIDRSet: [{cidr: 203.0.113.0/24, except: [203.0.113.7/32]}]
   toPorts: [{ports: [{port: "443", protocol: TCP}]}]
 """,
-)
+    )
     bad = reserved("world", "203.0.113.9")
     report = replay(policy, flow(WEB, bad, 443), flow(WEB, bad, 80), flow(WEB, WORLD, 443))
     assert report.allowed == 2 and report.denied == 1
@@ -275,13 +275,13 @@ egressDeny:
 
 def test_cilium_deny_only_policy_still_allows_the_rest_when_allow_all_added() -> None:
     deny_only = cnp(
-    "no-mon",
-    """
+        "no-mon",
+        """
 endpointSelector: {}
 ingressDeny:
 - fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: monitoring}}]
 """,
-)
+    )
     # A deny-only policy makes the endpoint default-deny for ingress, as Cilium does.
     report = replay(deny_only, flow(MON, WEB, 80), flow(API, WEB, 80))
     assert report.denied == 2
@@ -322,13 +322,13 @@ spec:
 
 def test_reserved_identity_from_number_when_labels_are_missing() -> None:
     policy = cnp(
-    "web",
-    """
+        "web",
+        """
 endpointSelector: {matchLabels: {app: web}}
 ingress:
 - fromEntities: [host]
 """,
-)
+    )
     host_without_labels = {"identity": 1, "labels": [], "ip": "172.18.0.2"}
     unknown = {"identity": None, "labels": [], "ip": "198.51.100.1"}
     report = replay(policy, flow(host_without_labels, WEB, 80), flow(unknown, WEB, 80))
@@ -337,32 +337,35 @@ ingress:
 
 def test_cilium_fqdn_rules_match_destination_names() -> None:
     policy = cnp(
-    "web",
-    """
+        "web",
+        """
 endpointSelector: {matchLabels: {app: web}}
 egress:
 - toFQDNs: [{matchName: api.stripe.com}, {matchPattern: "*.s3.amazonaws.com"}]
   toPorts: [{ports: [{port: "443", protocol: TCP}]}]
 """,
-)
+    )
     stripe = reserved("world", "198.51.100.1", names=["api.stripe.com."])
     bucket = reserved("world", "198.51.100.2", names=["Logs.S3.amazonaws.com"])
     deep = reserved("world", "198.51.100.3", names=["a.b.s3.amazonaws.com"])
     nameless = reserved("world", "198.51.100.4")
     report = replay(policy, *(flow(WEB, d, 443) for d in (stripe, bucket, deep, nameless)))
     assert report.allowed == 2 and report.denied == 2
-    assert {e.destination for e in report.denied_edges} == {"world:a.b.s3.amazonaws.com", "world:198.51.100.4"}
+    assert {e.destination for e in report.denied_edges} == {
+        "world:a.b.s3.amazonaws.com",
+        "world:198.51.100.4",
+    }
 
 
 def test_cilium_to_cidr_and_world_v4_v6() -> None:
     policy = cnp(
-    "web",
-    """
+        "web",
+        """
 endpointSelector: {matchLabels: {app: web}}
 egress:
 - toCIDR: [198.51.100.0/24]
 """,
-)
+    )
     v6 = reserved("world", "2001:db8::1")
     report = replay(policy, flow(WEB, reserved("world", "198.51.100.200"), 22), flow(WEB, v6, 22))
     assert report.allowed == 1 and report.denied == 1
@@ -385,7 +388,16 @@ ingress:
 
 
 def http(method: str, url: str) -> dict[str, object]:
-    return flow(WEB, API, 8080, flow_type="L7", l7_type="REQUEST", l7_protocol="http", http_method=method, http_url=url)
+    return flow(
+        WEB,
+        API,
+        8080,
+        flow_type="L7",
+        l7_type="REQUEST",
+        l7_protocol="http",
+        http_method=method,
+        http_url=url,
+    )
 
 
 def test_cilium_http_rules_match_method_and_whole_path() -> None:
@@ -399,13 +411,17 @@ def test_cilium_http_rules_match_method_and_whole_path() -> None:
     ]
     report = replay(HTTP_POLICY, *rows)
     assert report.allowed == 3 and report.denied == 3
-    assert {e.l7 for e in report.denied_edges} == {"DELETE /v1/orders", "GET /v1/items/42/secret", "GET /v1/items"}
+    assert {e.l7 for e in report.denied_edges} == {
+        "DELETE /v1/orders",
+        "GET /v1/items/42/secret",
+        "GET /v1/items",
+    }
 
 
 def test_cilium_kafka_rules_by_role_and_topic() -> None:
     policy = cnp(
-    "kafka",
-    """
+        "kafka",
+        """
 endpointSelector: {matchLabels: {app: kafka}}
 ingress:
 - fromEndpoints: [{matchLabels: {app: api}}]
@@ -414,13 +430,27 @@ ingress:
     rules:
       kafka: [{role: produce, topic: orders}]
 """,
-)
+    )
     kafka = pod("shop", "kafka")
 
     def request(api_key: str, topic: str | None) -> dict[str, object]:
-        return flow(API, kafka, 9092, flow_type="L7", l7_type="REQUEST", l7_protocol="kafka", kafka_api_key=api_key, kafka_topic=topic)
+        return flow(
+            API,
+            kafka,
+            9092,
+            flow_type="L7",
+            l7_type="REQUEST",
+            l7_protocol="kafka",
+            kafka_api_key=api_key,
+            kafka_topic=topic,
+        )
 
-    rows = [request("produce", "orders"), request("metadata", None), request("produce", "payments"), request("fetch", "orders")]
+    rows = [
+        request("produce", "orders"),
+        request("metadata", None),
+        request("produce", "payments"),
+        request("fetch", "orders"),
+    ]
     report = replay(policy, *rows)
     assert report.allowed == 2 and report.denied == 2
     assert {e.l7 for e in report.denied_edges} == {"kafka produce payments", "kafka fetch orders"}
@@ -428,8 +458,8 @@ ingress:
 
 def test_cilium_dns_rules_on_port_53() -> None:
     policy = cnp(
-    "dns",
-    """
+        "dns",
+        """
 endpointSelector: {}
 egress:
 - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
@@ -437,25 +467,27 @@ egress:
   - ports: [{port: "53", protocol: UDP}]
     rules: {dns: [{matchPattern: "*.shop.svc.cluster.local"}]}
 """,
-)
+    )
 
     def query(name: str) -> dict[str, object]:
         return flow(WEB, DNS, 53, "UDP", flow_type="L7", l7_type="REQUEST", l7_protocol="dns", dns_query=name)
 
-    report = replay(policy, query("api.shop.svc.cluster.local."), query("evil.example.com."), flow(WEB, DNS, 53, "UDP"))
+    report = replay(
+        policy, query("api.shop.svc.cluster.local."), query("evil.example.com."), flow(WEB, DNS, 53, "UDP")
+    )
     assert report.allowed == 2 and report.denied == 1
 
 
 def test_cilium_icmp_rules() -> None:
     policy = cnp(
-    "ping",
-    """
+        "ping",
+        """
 endpointSelector: {matchLabels: {app: db}}
 ingress:
 - fromEndpoints: [{}]
   icmps: [{fields: [{type: EchoRequest, family: IPv4}]}]
 """,
-)
+    )
     report = replay(
         policy,
         flow(API, DB, None, "ICMPv4", icmp_type=8),
@@ -481,8 +513,12 @@ spec:
 
 
 def test_kubernetes_and_cilium_policies_combine() -> None:
-    report = replay(K8S_DB + "---\n" + CNP_DB.replace("app: api", "app: web").replace("name: db", "name: db-web"),
-                    flow(API, DB, 5432), flow(WEB, DB, 5432), flow(MON, DB, 5432))
+    report = replay(
+        K8S_DB + "---\n" + CNP_DB.replace("app: api", "app: web").replace("name: db", "name: db-web"),
+        flow(API, DB, 5432),
+        flow(WEB, DB, 5432),
+        flow(MON, DB, 5432),
+    )
     assert report.allowed == 2 and report.denied == 1
 
 
@@ -507,8 +543,21 @@ def test_replay_edges_accepts_distinct_edges_with_counts() -> None:
 def test_json_shape() -> None:
     report = replay(K8S_DB, flow(API, DB, 5432), flow(WEB, DB, 5432))
     data = report.to_dict()
-    for key in ("flows_evaluated", "would_break", "would_allow_dropped", "denied_edges", "rules", "unused_rules"):
+    for key in (
+        "flows_evaluated",
+        "would_break",
+        "would_allow_dropped",
+        "denied_edges",
+        "rules",
+        "unused_rules",
+    ):
         assert key in data
     assert data["rules"] == [
-        {"policy": "shop/db", "rule": "ingress[0]", "action": "allow", "matched_flows": 1, "file": "test.yaml"}
+        {
+            "policy": "shop/db",
+            "rule": "ingress[0]",
+            "action": "allow",
+            "matched_flows": 1,
+            "file": "test.yaml",
+        }
     ]

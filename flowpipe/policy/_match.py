@@ -61,11 +61,29 @@ NODE_LIKE = frozenset({"host", "remote-node", "health", "init", "ingress", "unma
 POD_NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 
-KAFKA_API_KEYS = (
-    "produce fetch offsets metadata leaderandisr stopreplica updatemetadata controlledshutdown offsetcommit "
-    "offsetfetch findcoordinator joingroup heartbeat leavegroup syncgroup describegroups listgroups "
-    "saslhandshake apiversions createtopics deletetopics"
-).split()
+KAFKA_API_KEYS = [
+    "produce",
+    "fetch",
+    "offsets",
+    "metadata",
+    "leaderandisr",
+    "stopreplica",
+    "updatemetadata",
+    "controlledshutdown",
+    "offsetcommit",
+    "offsetfetch",
+    "findcoordinator",
+    "joingroup",
+    "heartbeat",
+    "leavegroup",
+    "syncgroup",
+    "describegroups",
+    "listgroups",
+    "saslhandshake",
+    "apiversions",
+    "createtopics",
+    "deletetopics",
+]
 """Kafka API keys by number (the order is the protocol's numbering)."""
 
 KAFKA_ROLES: dict[str, frozenset[str]] = {
@@ -163,7 +181,7 @@ def parse_selector_key(key: str) -> tuple[str, str]:
 class Endpoint:
     """One end of a flow as policies see it: namespace, labels by key, reserved identities, address, names."""
 
-    __slots__ = ("key", "namespace", "index", "reserved", "ip", "names", "_hash")
+    __slots__ = ("_hash", "index", "ip", "key", "names", "namespace", "reserved")
 
     def __init__(
         self,
@@ -515,7 +533,9 @@ def kafka_role(api_key: str | None) -> str | None:
 def kafka_matches(rule: KafkaRule, traffic: Traffic) -> bool:
     """True when the Kafka request's API key and topic are allowed by the rule."""
     name = kafka_api_key_name(traffic.kafka_api_key)
-    if rule.role is not None and (name is None or name not in KAFKA_ROLES.get(rule.role.lower(), frozenset())):
+    if rule.role is not None and (
+        name is None or name not in KAFKA_ROLES.get(rule.role.lower(), frozenset())
+    ):
         return False
     if rule.api_key is not None and name != kafka_api_key_name(rule.api_key):
         return False

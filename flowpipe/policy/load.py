@@ -124,7 +124,9 @@ class _Where:
         self.index = index
 
     def fail(self, field: str, message: str) -> NoReturn:
-        raise PolicyParseError(f"{field}: {message}" if field else message, path=self.path, document_index=self.index)
+        raise PolicyParseError(
+            f"{field}: {message}" if field else message, path=self.path, document_index=self.index
+        )
 
 
 def _parse_document(doc: Any, where: _Where, prefix: str = "") -> list[Policy]:
@@ -157,7 +159,9 @@ def _check_api(api: Any, expected: str, where: _Where, prefix: str) -> None:
         where.fail(prefix + "apiVersion", f"expected {expected!r}, got {api!r}")
 
 
-def _metadata(doc: dict[str, Any], where: _Where, prefix: str, *, namespaced: bool) -> tuple[str, str | None, Any]:
+def _metadata(
+    doc: dict[str, Any], where: _Where, prefix: str, *, namespaced: bool
+) -> tuple[str, str | None, Any]:
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
         where.fail(prefix + "metadata", "missing field (a mapping with at least `name`)")
@@ -180,7 +184,9 @@ def _metadata(doc: dict[str, Any], where: _Where, prefix: str, *, namespaced: bo
 # -- generic field readers ----------------------------------------------------------------------------------
 
 
-def _mapping(obj: dict[str, Any], key: str, where: _Where, field: str, *, required: bool = False) -> dict[str, Any] | None:
+def _mapping(
+    obj: dict[str, Any], key: str, where: _Where, field: str, *, required: bool = False
+) -> dict[str, Any] | None:
     value = obj.get(key)
     if value is None:
         if required:
@@ -279,8 +285,14 @@ def _parse_kubernetes(doc: dict[str, Any], where: _Where, prefix: str) -> Policy
                 entry = {}
             if not isinstance(entry, dict):
                 where.fail(at, "expected a mapping")
-            peers = tuple(_k8s_peer(p, where, f"{at}.{peers_key}[{j}]") for j, p in enumerate(_list(entry, peers_key, where, at + ".")))
-            ports = tuple(_k8s_port(p, where, f"{at}.ports[{j}]") for j, p in enumerate(_list(entry, "ports", where, at + ".")))
+            peers = tuple(
+                _k8s_peer(p, where, f"{at}.{peers_key}[{j}]")
+                for j, p in enumerate(_list(entry, peers_key, where, at + "."))
+            )
+            ports = tuple(
+                _k8s_port(p, where, f"{at}.ports[{j}]")
+                for j, p in enumerate(_list(entry, "ports", where, at + "."))
+            )
             rules.append(
                 Rule(
                     direction=direction,  # type: ignore[arg-type]
@@ -289,6 +301,7 @@ def _parse_kubernetes(doc: dict[str, Any], where: _Where, prefix: str) -> Policy
                 )
             )
     types = spec.get("policyTypes")
+    isolates: tuple[str, ...]
     if types is None:
         isolates = ("ingress", "egress") if spec.get("egress") is not None else ("ingress",)
     else:
@@ -319,11 +332,16 @@ def _k8s_peer(value: Any, where: _Where, field: str) -> Peer:
         block = _mapping(value, "ipBlock", where, field + ".ipBlock", required=True)
         assert block is not None
         cidr = _cidr(block.get("cidr"), where, field + ".ipBlock.cidr")
-        excepts = [_cidr(c, where, f"{field}.ipBlock.except[{i}]") for i, c in enumerate(_list(block, "except", where, field + ".ipBlock."))]
+        excepts = [
+            _cidr(c, where, f"{field}.ipBlock.except[{i}]")
+            for i, c in enumerate(_list(block, "except", where, field + ".ipBlock."))
+        ]
         return Peer.cidr_peer(cidr, excepts)
     pods = _selector(value["podSelector"], where, field + ".podSelector") if "podSelector" in value else None
     namespaces = (
-        _selector(value["namespaceSelector"], where, field + ".namespaceSelector") if "namespaceSelector" in value else None
+        _selector(value["namespaceSelector"], where, field + ".namespaceSelector")
+        if "namespaceSelector" in value
+        else None
     )
     return Peer("endpoints", selector=pods, namespace_selector=namespaces)
 
@@ -335,12 +353,16 @@ def _k8s_port(value: Any, where: _Where, field: str) -> Port:
     if protocol not in _K8S_PROTOCOLS:
         where.fail(field + ".protocol", f"{protocol!r} is not one of {', '.join(_K8S_PROTOCOLS)}")
     port = value.get("port")
-    if port is not None and not (isinstance(port, int) and 1 <= port <= 65535) and not (
-        isinstance(port, str) and _PORT_NAME.match(port)
+    if (
+        port is not None
+        and not (isinstance(port, int) and 1 <= port <= 65535)
+        and not (isinstance(port, str) and _PORT_NAME.match(port))
     ):
         where.fail(field + ".port", f"{port!r} is neither a port number (1-65535) nor a port name")
     end_port = value.get("endPort")
-    if end_port is not None and (not isinstance(end_port, int) or not isinstance(port, int) or end_port < port):
+    if end_port is not None and (
+        not isinstance(end_port, int) or not isinstance(port, int) or end_port < port
+    ):
         where.fail(field + ".endPort", "needs a numeric port and must not be below it")
     return Port(port=port, protocol=protocol, end_port=end_port)
 
@@ -357,7 +379,16 @@ def _parse_cilium(doc: dict[str, Any], where: _Where, prefix: str, *, clusterwid
     if not specs:
         where.fail(prefix + "spec", "missing field (spec or specs)")
     return [
-        _cilium_spec(spec, where, prefix + (f"specs[{i}]" if i is not None else "spec"), name, namespace, labels, i, clusterwide)
+        _cilium_spec(
+            spec,
+            where,
+            prefix + (f"specs[{i}]" if i is not None else "spec"),
+            name,
+            namespace,
+            labels,
+            i,
+            clusterwide,
+        )
         for i, spec in specs
     ]
 
@@ -377,7 +408,9 @@ def _cilium_spec(
     if "endpointSelector" not in spec and "nodeSelector" not in spec:
         where.fail(at + ".endpointSelector", "missing field (or nodeSelector for a host policy)")
     selector = _selector(spec.get("endpointSelector"), where, at + ".endpointSelector")
-    node_selector = _selector(spec["nodeSelector"], where, at + ".nodeSelector") if "nodeSelector" in spec else None
+    node_selector = (
+        _selector(spec["nodeSelector"], where, at + ".nodeSelector") if "nodeSelector" in spec else None
+    )
     notes: list[str] = []
     rules: list[Rule] = []
     for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
@@ -425,9 +458,11 @@ def _cilium_rule(entry: Any, where: _Where, at: str, direction: str, action: str
         entry = {}
     if not isinstance(entry, dict):
         where.fail(at, "expected a mapping")
-    known = set(_L3_KEYS[direction]) | {"toPorts", "icmps", "authentication"} | {
-        k for k in _UNEVALUATED if k.startswith("from" if direction == "ingress" else "to")
-    }
+    known = (
+        set(_L3_KEYS[direction])
+        | {"toPorts", "icmps", "authentication"}
+        | {k for k in _UNEVALUATED if k.startswith("from" if direction == "ingress" else "to")}
+    )
     unknown = set(entry) - known
     if unknown:
         where.fail(at, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
@@ -454,7 +489,10 @@ def _cilium_rule(entry: Any, where: _Where, at: str, direction: str, action: str
                 if "cidr" not in item:
                     notes.append(f"{at.rsplit('.', 1)[-1]}: CIDR groups are not evaluated")
                     continue
-                excepts = [_cidr(c, where, f"{field}.except[{k}]") for k, c in enumerate(_list(item, "except", where, field + "."))]
+                excepts = [
+                    _cidr(c, where, f"{field}.except[{k}]")
+                    for k, c in enumerate(_list(item, "except", where, field + "."))
+                ]
                 peers.append(Peer.cidr_peer(_cidr(item.get("cidr"), where, field + ".cidr"), excepts))
             else:
                 peers.append(_fqdn_peer(item, where, field))
@@ -462,7 +500,10 @@ def _cilium_rule(entry: Any, where: _Where, at: str, direction: str, action: str
         if key in entry:
             has_l3 = has_l3 or not key.endswith("Requires")
             notes.append(f"{at.rsplit('.', 1)[-1]}: {key} is not evaluated")
-    ports = [_cilium_port_rule(p, where, f"{at}.toPorts[{j}]", action, notes) for j, p in enumerate(_list(entry, "toPorts", where, at + "."))]
+    ports = [
+        _cilium_port_rule(p, where, f"{at}.toPorts[{j}]", action, notes)
+        for j, p in enumerate(_list(entry, "toPorts", where, at + "."))
+    ]
     icmp_ports = _icmp_ports(entry, where, at)
     if icmp_ports:
         ports.append(PortRule(ports=tuple(icmp_ports)))
@@ -518,8 +559,14 @@ def _cilium_port_rule(value: Any, where: _Where, at: str, action: str, notes: li
     rules = _mapping(value, "rules", where, at + ".rules") or {}
     if rules and action == "deny":
         where.fail(at + ".rules", "deny rules cannot have L7 rules")
-    http = tuple(_http_rule(r, where, f"{at}.rules.http[{i}]", notes) for i, r in enumerate(_list(rules, "http", where, at + ".rules.")))
-    kafka = tuple(_kafka_rule(r, where, f"{at}.rules.kafka[{i}]") for i, r in enumerate(_list(rules, "kafka", where, at + ".rules.")))
+    http = tuple(
+        _http_rule(r, where, f"{at}.rules.http[{i}]", notes)
+        for i, r in enumerate(_list(rules, "http", where, at + ".rules."))
+    )
+    kafka = tuple(
+        _kafka_rule(r, where, f"{at}.rules.kafka[{i}]")
+        for i, r in enumerate(_list(rules, "kafka", where, at + ".rules."))
+    )
     dns = tuple(
         _fqdn_peer(r, where, f"{at}.rules.dns[{i}]").fqdn or FQDNSelector()
         for i, r in enumerate(_list(rules, "dns", where, at + ".rules."))

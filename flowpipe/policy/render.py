@@ -53,7 +53,11 @@ def render_policy(policy: Policy, *, window: tuple[datetime, datetime] | None = 
     """One policy as a YAML document preceded by its provenance comment header."""
     document, notes, provenance = _build(policy)
     header = _header(policy, notes, provenance, window)
-    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
+    body = str(
+        yaml.dump(
+            document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120
+        )
+    )
     return header + body
 
 
@@ -85,7 +89,10 @@ def _build(policy: Policy) -> tuple[dict[str, Any], list[str], list[tuple[str, i
 
 
 def _header(
-    policy: Policy, notes: Sequence[str], provenance: Sequence[tuple[str, int]], window: tuple[datetime, datetime] | None
+    policy: Policy,
+    notes: Sequence[str],
+    provenance: Sequence[tuple[str, int]],
+    window: tuple[datetime, datetime] | None,
 ) -> str:
     lines = [f"{policy.kind} {policy.key}"]
     if window is not None:
@@ -121,7 +128,7 @@ def _expression(expr: LabelExpression, strip_source: bool) -> dict[str, Any]:
 
 
 def _strip(key: str) -> str:
-    return key[4:] if key.startswith("k8s:") else key
+    return key.removeprefix("k8s:")
 
 
 def _cilium_endpoint(peer: Peer) -> dict[str, Any]:
@@ -137,7 +144,8 @@ def _cilium_endpoint(peer: Peer) -> dict[str, Any]:
             # selector to the policy's own namespace.
             labels.update({NAMESPACE_LABELS_KEY + k: v for k, v in ns_sel.match_labels})
             expressions.extend(
-                LabelExpression(NAMESPACE_LABELS_KEY + e.key, e.operator, e.values) for e in ns_sel.match_expressions
+                LabelExpression(NAMESPACE_LABELS_KEY + e.key, e.operator, e.values)
+                for e in ns_sel.match_expressions
             )
             expressions.append(LabelExpression(POD_NAMESPACE_LABEL, "Exists"))
     return _selector(LabelSelector(tuple(labels.items()), tuple(expressions)))
@@ -149,7 +157,9 @@ def _kubernetes_endpoint(peer: Peer, notes: list[str]) -> dict[str, Any] | None:
     namespaces = peer.namespace_selector
     if pods is not None:
         # A Cilium-style selector may name the namespace with a label; Kubernetes says it with a namespaceSelector.
-        ns_labels = [(k, v) for k, v in pods.match_labels if k in (POD_NAMESPACE_LABEL, "io.kubernetes.pod.namespace")]
+        ns_labels = [
+            (k, v) for k, v in pods.match_labels if k in (POD_NAMESPACE_LABEL, "io.kubernetes.pod.namespace")
+        ]
         if any(e.key.endswith("io.kubernetes.pod.namespace") for e in pods.match_expressions) or any(
             k.startswith(("reserved:", "$")) for k in pods.keys
         ):
@@ -157,7 +167,9 @@ def _kubernetes_endpoint(peer: Peer, notes: list[str]) -> dict[str, Any] | None:
             return None
         if ns_labels:
             namespaces = LabelSelector.of({NAMESPACE_NAME_LABEL: ns_labels[0][1]})
-            pods = LabelSelector(tuple(kv for kv in pods.match_labels if kv not in ns_labels), pods.match_expressions)
+            pods = LabelSelector(
+                tuple(kv for kv in pods.match_labels if kv not in ns_labels), pods.match_expressions
+            )
     out: dict[str, Any] = {}
     if pods is not None:
         out["podSelector"] = _selector(pods, strip_source=True)
@@ -276,7 +288,12 @@ def _cilium_spec(policy: Policy, notes: list[str], provenance: list[tuple[str, i
         spec["nodeSelector"] = _selector(policy.node_selector)
     else:
         spec["endpointSelector"] = _selector(policy.selector)
-    sections: dict[str, list[dict[str, Any]]] = {"ingress": [], "ingressDeny": [], "egress": [], "egressDeny": []}
+    sections: dict[str, list[dict[str, Any]]] = {
+        "ingress": [],
+        "ingressDeny": [],
+        "egress": [],
+        "egressDeny": [],
+    }
     for rule in policy.rules:
         if rule.flows is not None:
             provenance.append((f"{rule.section}[{len(sections[rule.section])}]", rule.flows))
@@ -320,7 +337,8 @@ def _cilium_rule(rule: Rule) -> dict[str, Any]:
             entry[prefix + "CIDR"] = [c.cidr for c in cidrs]
         elif cidrs:
             entry[prefix + "CIDRSet"] = [
-                {"cidr": c.cidr, **({"except": list(c.except_cidrs)} if c.except_cidrs else {})} for c in cidrs
+                {"cidr": c.cidr, **({"except": list(c.except_cidrs)} if c.except_cidrs else {})}
+                for c in cidrs
             ]
         if fqdns and not ingress:
             entry["toFQDNs"] = [
@@ -328,13 +346,19 @@ def _cilium_rule(rule: Rule) -> dict[str, Any]:
                 for f in fqdns
             ]
     if not all_ports:
-        to_ports = [_cilium_port_rule(pr) for pr in rule.ports if any(not p.is_icmp for p in pr.ports) or not pr.ports]
+        to_ports = [
+            _cilium_port_rule(pr) for pr in rule.ports if any(not p.is_icmp for p in pr.ports) or not pr.ports
+        ]
         icmps = [p for pr in rule.ports for p in pr.ports if p.is_icmp]
         if to_ports:
             entry["toPorts"] = to_ports
         if icmps:
             entry["icmps"] = [
-                {"fields": [{"type": p.port, "family": "IPv4" if p.protocol == "ICMP" else "IPv6"} for p in icmps]}
+                {
+                    "fields": [
+                        {"type": p.port, "family": "IPv4" if p.protocol == "ICMP" else "IPv6"} for p in icmps
+                    ]
+                }
             ]
     return entry
 
@@ -349,7 +373,12 @@ def _cilium_port_rule(port_rule: PortRule) -> dict[str, Any]:
         rules["http"] = [
             {
                 k: v
-                for k, v in (("method", r.method), ("path", r.path), ("host", r.host), ("headers", list(r.headers)))
+                for k, v in (
+                    ("method", r.method),
+                    ("path", r.path),
+                    ("host", r.host),
+                    ("headers", list(r.headers)),
+                )
                 if v
             }
             for r in port_rule.http
@@ -358,7 +387,12 @@ def _cilium_port_rule(port_rule: PortRule) -> dict[str, Any]:
         rules["kafka"] = [
             {
                 k: v
-                for k, v in (("role", r.role), ("apiKey", r.api_key), ("topic", r.topic), ("clientID", r.client_id))
+                for k, v in (
+                    ("role", r.role),
+                    ("apiKey", r.api_key),
+                    ("topic", r.topic),
+                    ("clientID", r.client_id),
+                )
                 if v
             }
             for r in port_rule.kafka

@@ -145,7 +145,13 @@ class ReplayReport:
         """A JSON-ready dict of the whole report."""
 
         def rule(r: RuleUse) -> dict[str, Any]:
-            return {"policy": r.policy, "rule": r.rule, "action": r.action, "matched_flows": r.matched_flows, "file": r.file}
+            return {
+                "policy": r.policy,
+                "rule": r.rule,
+                "action": r.action,
+                "matched_flows": r.matched_flows,
+                "file": r.file,
+            }
 
         return {
             "flows_evaluated": self.flows_evaluated,
@@ -185,18 +191,22 @@ class Decision:
 
 
 class _CompiledRule:
-    __slots__ = ("index", "rule", "peer_reqs", "cache")
+    __slots__ = ("cache", "index", "peer_reqs", "rule")
 
     def __init__(self, index: int, rule: Any, policy: Policy) -> None:
         self.index = index
         self.rule = rule
-        self.peer_reqs = [m.peer_requirements(p, policy) if p.kind == "endpoints" else None for p in rule.peers]
+        self.peer_reqs = [
+            m.peer_requirements(p, policy) if p.kind == "endpoints" else None for p in rule.peers
+        ]
         self.cache: dict[m.Endpoint, bool] = {}
 
     def peer_matches(self, endpoint: m.Endpoint) -> bool:
         hit = self.cache.get(endpoint)
         if hit is None:
-            hit = any(m.peer_matches(p, r, endpoint) for p, r in zip(self.rule.peers, self.peer_reqs, strict=True))
+            hit = any(
+                m.peer_matches(p, r, endpoint) for p, r in zip(self.rule.peers, self.peer_reqs, strict=True)
+            )
             self.cache[endpoint] = hit
         return hit
 
@@ -236,7 +246,9 @@ class PolicySet:
             self._selecting[key] = found
         return found
 
-    def decide(self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: m.Traffic) -> Decision:
+    def decide(
+        self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: m.Traffic
+    ) -> Decision:
         """Judge one request in one direction at `subject` (the destination for ingress, the source for egress)."""
         selecting = self.selecting(direction, subject) if subject.is_pod else []
         if not selecting:
@@ -254,12 +266,18 @@ class PolicySet:
             return Decision(False, allows + denies, f"denied by {names}")
         if allows or not isolated:
             return Decision(True, allows)
-        isolating = sorted({self.policies[p].key for p in selecting if direction in self.policies[p].isolates})
+        isolating = sorted(
+            {self.policies[p].key for p in selecting if direction in self.policies[p].isolates}
+        )
         return Decision(False, [], f"no {direction} rule allows it (isolated by {', '.join(isolating)})")
 
 
 def replay_flows(
-    policies: Sequence[Policy], flows: pa.Table, *, since: datetime | None = None, until: datetime | None = None
+    policies: Sequence[Policy],
+    flows: pa.Table,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> ReplayReport:
     """Replay a table of flow rows (FLOW_SCHEMA) through `policies`.
 
@@ -320,7 +338,11 @@ def replay_edges(policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[
         )
         observed = row.get("traffic_direction")
         directions: tuple[Direction, ...] = (
-            ("egress",) if observed == "EGRESS" else ("ingress",) if observed == "INGRESS" else ("egress", "ingress")
+            ("egress",)
+            if observed == "EGRESS"
+            else ("ingress",)
+            if observed == "INGRESS"
+            else ("egress", "ingress")
         )
         reasons: list[str] = []
         for direction in directions:
@@ -358,8 +380,16 @@ def replay_edges(policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[
     report.denied_edges = sorted(
         (
             DeniedEdge(
-                source=k[0], destination=k[1], protocol=k[2], port=k[3], direction=k[4], reason=k[5], l7=k[6],
-                flows=v[0], forwarded=v[1], dropped=v[2],
+                source=k[0],
+                destination=k[1],
+                protocol=k[2],
+                port=k[3],
+                direction=k[4],
+                reason=k[5],
+                l7=k[6],
+                flows=v[0],
+                forwarded=v[1],
+                dropped=v[2],
             )
             for k, v in denied.items()
         ),
@@ -381,7 +411,9 @@ def _describe(row: Mapping[str, Any], side: str) -> str:
     workload = row.get(f"{side}_workload")
     if namespace is not None:
         return f"{namespace}/{workload or '?'}"
-    reserved = [lbl.split(":", 1)[1] for lbl in row.get(f"{side}_labels") or () if lbl.startswith("reserved:")]
+    reserved = [
+        lbl.split(":", 1)[1] for lbl in row.get(f"{side}_labels") or () if lbl.startswith("reserved:")
+    ]
     identity = row.get(f"{side}_identity")
     name = reserved[0] if reserved else m.RESERVED_IDENTITIES.get(identity or 0, "world")
     names = row.get(f"{side}_names") or ()
@@ -393,7 +425,9 @@ def _l7_summary(traffic: m.Traffic) -> str | None:
     if traffic.l7 == "http":
         return f"{traffic.http_method or '?'} {m.split_url(traffic.http_url or '')[1].split('?', 1)[0]}"
     if traffic.l7 == "kafka":
-        return f"kafka {m.kafka_api_key_name(traffic.kafka_api_key) or '?'} {traffic.kafka_topic or ''}".rstrip()
+        return (
+            f"kafka {m.kafka_api_key_name(traffic.kafka_api_key) or '?'} {traffic.kafka_topic or ''}".rstrip()
+        )
     if traffic.l7 == "dns":
         return f"dns {traffic.dns_query or '?'}"
     return None

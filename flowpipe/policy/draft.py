@@ -1,0 +1,500 @@
+"""Observed edges → least-privilege Policy objects (per workload, plus per-namespace default-deny), deterministically.
+
+The input is the observed-edge table (`flowpipe.policy.edges.OBSERVED_EDGE_SCHEMA`, produced by
+`sql/observed_edges.sql`): one row per distinct request edge, replies excluded, each connection counted once.
+
+The source gets the egress rule and the destination the ingress rule. Selectors use stable labels (never
+`pod-template-hash` and the like), as few as tell the workload apart from the others observed in its
+namespace. Each namespace gets `flowpipe-default-deny` (ingress and egress) with the DNS allowance (UDP and TCP
+53 to the DNS server actually observed, by its real labels); `kube-system` is left alone unless asked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from flowpipe.policy._l7 import http_rules, kafka_rules
+from flowpipe.policy._match import parse_label
+from flowpipe.policy.model import (
+    DIRECTIONS,
+    Direction,
+    Flavour,
+    FQDNSelector,
+    LabelSelector,
+    Peer,
+    Policy,
+    Port,
+    PortRule,
+    Rule,
+)
+
+PREFERRED_LABEL_KEYS = (
+    "app.kubernetes.io/name",
+    "app",
+    "k8s-app",
+    "name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "component",
+    "tier",
+    "role",
+    "version",
+)
+UNSTABLE_LABEL_KEYS = frozenset(
+    {
+        "pod-template-hash",
+        "controller-revision-hash",
+        "pod-template-generation",
+        "statefulset.kubernetes.io/pod-name",
+        "apps.kubernetes.io/pod-index",
+        "controller-uid",
+        "batch.kubernetes.io/controller-uid",
+        "job-name",
+        "batch.kubernetes.io/job-name",
+        "batch.kubernetes.io/job-completion-index",
+        "app.kubernetes.io/version",
+        "helm.sh/chart",
+        "chart",
+        "heritage",
+        "security.istio.io/tlsMode",
+        "service.istio.io/canonical-revision",
+    }
+)
+"""Label keys that change with every rollout, job run or release: never used in selectors."""
+
+_UNSTABLE_PREFIXES = ("io.kubernetes.pod.", "io.cilium.k8s.", "io.cilium.")
+DNS_PORT = 53
+DEFAULT_DNS = (("kube-system", "kube-dns"), {"k8s-app": "kube-dns"})
+FQDN_PATTERN_MIN_NAMES = 3
+"""This many names under one parent domain (same port rules) become one `*.parent` matchPattern."""
+_ICMP = {"ICMPv4": "ICMP", "ICMPv6": "ICMPv6"}
+
+
+@dataclass(slots=True)
+class Draft:
+    """Drafted policies in output order, and notes for the summary (what was skipped or not expressible)."""
+
+    policies: list[Policy] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def by_namespace(self) -> dict[str, list[Policy]]:
+        """Policies grouped by namespace, in output order (one file each)."""
+        grouped: dict[str, list[Policy]] = {}
+        for policy in self.policies:
+            grouped.setdefault(policy.namespace or "_cluster", []).append(policy)
+        return grouped
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    namespace: str | None
+    workload: str | None
+    entity: str | None
+    ip: str | None
+    names: tuple[str, ...]
+
+    @property
+    def is_pod(self) -> bool:
+        return self.namespace is not None and self.workload is not None and self.entity is None
+
+
+@dataclass(slots=True)
+class _PortUse:
+    flows: int = 0
+    http: dict[tuple[str, str], int] = field(default_factory=dict)
+    kafka: set[tuple[str, str | None]] = field(default_factory=set)
+
+
+def draft_policies(
+    edges: pa.Table | Iterable[Mapping[str, Any]],
+    *,
+    flavour: Flavour = "cilium",
+    namespaces: Sequence[str] | None = None,
+    l7: bool = False,
+    include_kube_system: bool = False,
+    default_deny: bool = True,
+) -> Draft:
+    """Draft the policies that allow exactly the observed edges.
+
+    >>> draft = draft_policies(engine.run(observed_edges_sql, params), flavour="cilium", l7=True)  # doctest: +SKIP
+    >>> [p.name for p in draft.policies]
+    ['flowpipe-default-deny', 'flowpipe-api', 'flowpipe-web']
+
+    `namespaces` limits the drafted namespaces (default: every namespace with observed pods, `kube-system`
+    only with `include_kube_system` or when named). Only the drafted side of an edge gets a rule.
+    """
+    rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
+    draft = Draft()
+    parsed = [_parse_row(r) for r in rows]
+    labels = _workload_labels(parsed)
+    drafted = _drafted_namespaces(labels, namespaces, include_kube_system)
+    selectors = {key: _choose_selector(key, labels) for key in labels}
+    dns_servers = _dns_servers(parsed)
+    deny_namespaces = drafted if default_deny else set()
+
+    # (namespace, workload) → direction → peer → port → use
+    uses: dict[tuple[str, str], dict[Direction, dict[Peer, dict[Port, _PortUse]]]] = defaultdict(
+        lambda: {d: defaultdict(dict) for d in DIRECTIONS}
+    )
+    for src, dst, row in parsed:
+        port = _port(row, draft.notes)
+        if port is None:
+            continue
+        is_dns = port.port == DNS_PORT and (dst.namespace, dst.workload) in dns_servers[None]
+        sides: tuple[tuple[Direction, _End, _End], ...] = (("egress", src, dst), ("ingress", dst, src))
+        for direction, subject, other in sides:
+            if not subject.is_pod or subject.namespace not in drafted:
+                continue
+            if direction == "egress" and is_dns and subject.namespace in deny_namespaces:
+                continue  # the namespace's DNS allowance covers it
+            peer = _peer(other, subject.namespace, direction, flavour, selectors, draft.notes)
+            if peer is None:
+                continue
+            for one in peer:
+                key = (str(subject.namespace), str(subject.workload))
+                use = uses[key][direction][one].setdefault(port, _PortUse())
+                _record(use, row, direction, dst, drafted, l7 and flavour == "cilium")
+    if (
+        l7
+        and flavour == "kubernetes"
+        and any(r.get("l7_protocol") in ("http", "kafka") for _, _, r in parsed)
+    ):
+        draft.notes.append(
+            "L7 (HTTP, Kafka) rules cannot be written in a NetworkPolicy; the drafts allow those ports at L4"
+        )
+
+    for namespace in sorted(drafted):
+        if namespace in deny_namespaces:
+            draft.policies.append(_default_deny(namespace, flavour, dns_servers, selectors, draft.notes))
+        for (ns, workload), by_direction in sorted(uses.items()):
+            if ns != namespace:
+                continue
+            rules = [rule for d in DIRECTIONS for rule in _rules(d, by_direction[d])]
+            if any(p.kind == "fqdn" for r in rules for p in r.peers) and namespace not in deny_namespaces:
+                rules.append(_dns_rule(namespace, flavour, dns_servers, selectors))
+            selector = selectors.get((ns, workload))
+            if selector is None:
+                draft.notes.append(f"{ns}/{workload}: no stable labels to select it by; no policy drafted")
+                continue
+            draft.policies.append(
+                Policy(
+                    name=_policy_name(workload),
+                    namespace=ns,
+                    flavour=flavour,
+                    selector=selector,
+                    rules=tuple(rules),
+                    isolates=DIRECTIONS,
+                )
+            )
+    draft.notes = sorted(set(draft.notes))
+    return draft
+
+
+# -- rows and workloads -------------------------------------------------------------------------------------
+
+
+def _parse_row(row: Mapping[str, Any]) -> tuple[_End, _End, Mapping[str, Any]]:
+    def end(side: str) -> _End:
+        entity = row.get(f"{side}_entity")
+        namespace = row.get(f"{side}_namespace")
+        names = tuple(sorted({n.lower().rstrip(".") for n in row.get(f"{side}_names") or () if n}))
+        return _End(
+            namespace=namespace if entity is None else None,
+            workload=row.get(f"{side}_workload") if entity is None else None,
+            entity=entity if entity is not None or namespace is not None else "world",
+            ip=row.get(f"{side}_ip"),
+            names=names,
+        )
+
+    return end("source"), end("destination"), row
+
+
+def stable_labels(labels: Iterable[str]) -> dict[str, str]:
+    """The labels usable in a selector: Kubernetes pod labels whose keys survive rollouts, as key → value."""
+    out: dict[str, str] = {}
+    for label in labels:
+        source, key, value = parse_label(label)
+        if (
+            source not in ("k8s", "unspec")
+            or key in UNSTABLE_LABEL_KEYS
+            or key.startswith(_UNSTABLE_PREFIXES)
+        ):
+            continue
+        out[key] = value
+    return out
+
+
+def _workload_labels(
+    parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]],
+) -> dict[tuple[str, str], dict[str, str]]:
+    """Stable labels per workload: those every observation of the workload agrees on."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for src, dst, row in parsed:
+        for end, side in ((src, "source"), (dst, "destination")):
+            if not end.is_pod:
+                continue
+            key = (str(end.namespace), str(end.workload))
+            labels = stable_labels(row.get(f"{side}_labels") or ())
+            if key in found:
+                found[key] = {k: v for k, v in found[key].items() if labels.get(k) == v}
+            else:
+                found[key] = labels
+    return found
+
+
+def _choose_selector(
+    key: tuple[str, str], labels: Mapping[tuple[str, str], dict[str, str]]
+) -> LabelSelector | None:
+    """The fewest preferred stable labels that tell this workload apart from the others in its namespace."""
+    own = labels[key]
+    if not own:
+        return None
+    others = [v for k, v in labels.items() if k[0] == key[0] and k != key]
+    ordered = [k for k in PREFERRED_LABEL_KEYS if k in own] + sorted(
+        k for k in own if k not in PREFERRED_LABEL_KEYS
+    )
+    chosen: dict[str, str] = {}
+    for label_key in ordered:
+        chosen[label_key] = own[label_key]
+        if not any(all(o.get(k) == v for k, v in chosen.items()) for o in others):
+            break
+    return LabelSelector(tuple(sorted(chosen.items())))
+
+
+def _drafted_namespaces(
+    labels: Mapping[tuple[str, str], object], namespaces: Sequence[str] | None, include_kube_system: bool
+) -> set[str]:
+    if namespaces:
+        return set(namespaces)
+    return {ns for ns, _ in labels if ns != "kube-system" or include_kube_system}
+
+
+_Servers = dict[str | None, dict[tuple[str, str], int]]
+
+
+def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Servers:
+    """Pods observed answering on port 53, with the flows they served, per client namespace (None: all)."""
+    servers: _Servers = defaultdict(lambda: defaultdict(int))
+    for src, dst, row in parsed:
+        if (
+            dst.is_pod
+            and row.get("destination_port") == DNS_PORT
+            and row.get("l4_protocol") in ("UDP", "TCP")
+        ):
+            key = (str(dst.namespace), str(dst.workload))
+            flows = int(row.get("flows") or 0)
+            servers[None][key] += flows
+            if src.is_pod:
+                servers[src.namespace][key] += flows
+    return servers
+
+
+def _policy_name(workload: str) -> str:
+    name = re.sub(r"[^a-z0-9.-]+", "-", workload.lower()).strip("-.") or "workload"
+    return f"flowpipe-{name}"[:253]
+
+
+# -- peers, ports, L7 ---------------------------------------------------------------------------------------
+
+
+def _peer(
+    other: _End,
+    namespace: str,
+    direction: Direction,
+    flavour: Flavour,
+    selectors: Mapping[tuple[str, str], LabelSelector | None],
+    notes: list[str],
+) -> list[Peer] | None:
+    if other.is_pod:
+        selector = selectors.get((other.namespace, other.workload))  # type: ignore[arg-type]
+        if selector is None:
+            notes.append(
+                f"{other.namespace}/{other.workload}: no stable labels; selected by its whole namespace"
+            )
+            selector = LabelSelector()
+        return [Peer.endpoints(selector, namespace=other.namespace if other.namespace != namespace else None)]
+    entity = other.entity or "world"
+    if entity == "world" and direction == "egress":
+        if other.names and flavour == "cilium":
+            return [Peer.fqdn_peer(name=n) for n in other.names]
+        if other.names:
+            notes.append(
+                f"FQDN destinations ({', '.join(other.names)}) are written as their observed addresses"
+            )
+        return _address_peer(other, notes)
+    if flavour == "cilium" or entity == "world":
+        return [Peer.entity_peer(entity)]
+    notes.append(f"entity {entity} is written as its observed address (NetworkPolicy has no entities)")
+    return _address_peer(other, notes)
+
+
+def _address_peer(other: _End, notes: list[str]) -> list[Peer] | None:
+    try:
+        address = ipaddress.ip_address(other.ip or "")
+    except ValueError:
+        notes.append(f"a {other.entity or 'world'} peer without an address was left out")
+        return None
+    return [Peer.cidr_peer(f"{address}/{address.max_prefixlen}")]
+
+
+def _port(row: Mapping[str, Any], notes: list[str]) -> Port | None:
+    """The port of an edge; None when it cannot be expressed (and a note says so)."""
+    protocol = row.get("l4_protocol")
+    if protocol in _ICMP:
+        icmp_type = row.get("icmp_type")
+        return Port(port=icmp_type, protocol=_ICMP[protocol])
+    if protocol in ("TCP", "UDP", "SCTP"):
+        number = row.get("destination_port")
+        if number is None:
+            notes.append(f"{protocol} edges without a destination port were left out")
+            return None
+        return Port(port=int(number), protocol=protocol)
+    notes.append(f"{protocol or 'unknown'} traffic cannot be written as a port rule and was left out")
+    return None
+
+
+def _record(
+    use: _PortUse, row: Mapping[str, Any], direction: Direction, dst: _End, drafted: set[str], l7: bool
+) -> None:
+    use.flows += int(row.get("flows") or 0)
+    kind = row.get("l7_protocol")
+    if not l7 or kind not in ("http", "kafka"):
+        return
+    # L7 rules sit on the server's ingress when the server is drafted, else on the client's egress.
+    server_side = dst.is_pod and dst.namespace in drafted
+    if (direction == "ingress") != server_side:
+        return
+    if kind == "http" and row.get("http_method") and row.get("http_path"):
+        key = (str(row["http_method"]), str(row["http_path"]))
+        use.http[key] = use.http.get(key, 0) + int(row.get("flows") or 0)
+    elif kind == "kafka" and row.get("kafka_role"):
+        use.kafka.add((str(row["kafka_role"]), row.get("kafka_topic")))
+
+
+# -- rules and policies -------------------------------------------------------------------------------------
+
+
+def _port_key(port: Port) -> tuple[str, int]:
+    return (port.protocol, port.port if isinstance(port.port, int) else -1)
+
+
+def _port_rules(ports: Mapping[Port, _PortUse]) -> tuple[tuple[PortRule, ...], int]:
+    plain: list[Port] = []
+    with_l7: list[PortRule] = []
+    flows = 0
+    for port in sorted(ports, key=_port_key):
+        use = ports[port]
+        flows += use.flows
+        if use.http or use.kafka:
+            with_l7.append(PortRule((port,), http=http_rules(use.http), kafka=kafka_rules(use.kafka)))
+        else:
+            plain.append(port)
+    rules = ((PortRule(tuple(plain)),) if plain else ()) + tuple(with_l7)
+    return rules, flows
+
+
+def _peer_key(peer: Peer) -> tuple[Any, ...]:
+    order = {"endpoints": 0, "entity": 1, "cidr": 2, "fqdn": 3}[peer.kind]
+    fqdn = peer.fqdn or FQDNSelector()
+    return (
+        order,
+        peer.namespace_name or "",
+        peer.selector.match_labels if peer.selector else (),
+        peer.entity or "",
+        peer.cidr or "",
+        fqdn.match_name or fqdn.match_pattern or "",
+    )
+
+
+def _rules(direction: Direction, peers: Mapping[Peer, dict[Port, _PortUse]]) -> list[Rule]:
+    """One rule per pod or entity peer; addresses and names that share the same ports share one rule."""
+    rules: list[Rule] = []
+    # Cilium does not combine toFQDNs with other L3 selectors in one rule, so the kind is part of the key.
+    shared: dict[tuple[str, tuple[PortRule, ...]], tuple[list[Peer], int]] = {}
+    for peer in sorted(peers, key=_peer_key):
+        port_rules, flows = _port_rules(peers[peer])
+        if peer.kind in ("endpoints", "entity"):
+            rules.append(Rule(direction, (peer,), port_rules, flows=flows))
+        else:
+            group, total = shared.get((peer.kind, port_rules), ([], 0))
+            group.append(peer)
+            shared[(peer.kind, port_rules)] = (group, total + flows)
+    for (_, port_rules), (group, flows) in shared.items():
+        rules.append(Rule(direction, _compress_fqdns(group), port_rules, flows=flows))
+    return rules
+
+
+def _compress_fqdns(peers: list[Peer]) -> tuple[Peer, ...]:
+    """Names sharing a parent domain, when there are many, become one `*.parent` pattern."""
+    names = [p.fqdn.match_name for p in peers if p.kind == "fqdn" and p.fqdn and p.fqdn.match_name]
+    parents: dict[str, int] = defaultdict(int)
+    for name in names:
+        if name.count(".") >= 2:
+            parents[name.split(".", 1)[1]] += 1
+    patterns = {parent for parent, count in parents.items() if count >= FQDN_PATTERN_MIN_NAMES}
+    out: list[Peer] = [p for p in peers if p.kind != "fqdn"]
+    kept = sorted({n for n in names if n.split(".", 1)[-1] not in patterns or n.count(".") < 2})
+    out += [Peer.fqdn_peer(name=n) for n in kept]
+    out += [Peer.fqdn_peer(pattern=f"*.{parent}") for parent in sorted(patterns)]
+    return tuple(out)
+
+
+def _dns_peers(
+    namespace: str, dns_servers: _Servers, selectors: Mapping[tuple[str, str], LabelSelector | None]
+) -> tuple[tuple[Peer, ...], int | None]:
+    """The DNS servers this namespace's pods were seen using (else any seen, else the conventional kube-dns),
+    as peers, with the flows behind them (None when assumed)."""
+    used = dns_servers.get(namespace) or dns_servers.get(None) or {}
+    peers = []
+    for ns, workload in sorted(used, key=lambda k: (-used[k], k)):
+        selector = selectors.get((ns, workload))
+        if selector is not None:
+            peers.append(Peer.endpoints(selector, namespace=ns if ns != namespace else None))
+    if peers:
+        return tuple(peers), sum(used.values())
+    (ns, _), labels = DEFAULT_DNS
+    return (Peer.endpoints(LabelSelector.of(labels), namespace=ns),), None
+
+
+def _dns_rule(
+    namespace: str,
+    flavour: Flavour,
+    dns_servers: _Servers,
+    selectors: Mapping[tuple[str, str], LabelSelector | None],
+) -> Rule:
+    """Egress to the DNS servers on UDP and TCP 53 (the allowance a default-deny egress needs)."""
+    peers, flows = _dns_peers(namespace, dns_servers, selectors)
+    # Cilium's DNS proxy must see the lookups for toFQDNs to work: the `dns` rule sends them through it.
+    dns = (FQDNSelector(match_pattern="*"),) if flavour == "cilium" else ()
+    ports = PortRule((Port(DNS_PORT, "UDP"), Port(DNS_PORT, "TCP")), dns=dns)
+    return Rule("egress", peers, (ports,), flows=flows)
+
+
+def _default_deny(
+    namespace: str,
+    flavour: Flavour,
+    dns_servers: _Servers,
+    selectors: Mapping[tuple[str, str], LabelSelector | None],
+    notes: list[str],
+) -> Policy:
+    rule = _dns_rule(namespace, flavour, dns_servers, selectors)
+    comments: tuple[str, ...] = ()
+    if rule.flows is None:
+        comments = ("no DNS traffic was observed: the DNS allowance assumes k8s-app=kube-dns in kube-system",)
+        notes.append(f"{namespace}: no DNS server observed; assumed k8s-app=kube-dns in kube-system")
+    return Policy(
+        name="flowpipe-default-deny",
+        namespace=namespace,
+        flavour=flavour,
+        selector=LabelSelector(),
+        rules=(rule,),
+        isolates=DIRECTIONS,
+        comments=comments,
+    )
