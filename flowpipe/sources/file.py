@@ -180,7 +180,7 @@ class FileSource:
                 offset = reader.skip(start.offset, start.partial)
                 records = start.records
                 self.summary.lines_already_ingested += start.records
-            for chunk in reader.chunks():
+            for chunk in _gathered(reader.chunks(), self.block_bytes):
                 if self._closed.is_set():
                     return
                 if discarding:
@@ -387,6 +387,20 @@ class _Start:
     partial: bool
 
 
+def _gathered(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """Chunks joined up to at least `size` bytes (the last one may be shorter)."""
+    pieces: list[bytes] = []
+    have = 0
+    for chunk in chunks:
+        pieces.append(chunk)
+        have += len(chunk)
+        if have >= size:
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces, have = [], 0
+    if pieces:
+        yield b"".join(pieces)
+
+
 class _Reader:
     """A file's decompressed content as chunks, with look-ahead (`head`) and skipping of what is read."""
 
@@ -446,7 +460,7 @@ def _decompressed(raw: BinaryIO, block_bytes: int) -> Iterator[bytes]:
 
     Every byte that can be decompressed is yielded before `_Truncated` is raised for a cut or corrupt file.
     """
-    data = raw.read(_COMPRESSED_READ_BYTES)
+    data = raw.read(min(block_bytes, _COMPRESSED_READ_BYTES))
     if not data.startswith(_GZIP_MAGIC):
         if data:
             yield data
