@@ -52,7 +52,7 @@ class ParquetSinkConfig:
         metadata={"help": "Flush the open batch into part files once it holds this many flows."},
     )
     max_batch_bytes: int = field(
-        default=128 * 1024 * 1024,
+        default=64 * 1024 * 1024,
         metadata={"help": "Flush the open batch once its flows take this many bytes in memory."},
     )
     flush_interval_seconds: float = field(

@@ -9,7 +9,7 @@ source.batches() ──▶ [reader thread] ──▶ bounded buffer ──▶ [c
 - The buffer holds at most `PipelineConfig.buffer_batches` batches. When it is full the reader thread waits
   (backpressure), so memory stays flat however fast the source is.
 - Sinks acknowledge cumulatively (see `flowpipe.sinks`). A batch's position is committed to the source only
-  when every sink has acknowledged it, and positions are committed in order.
+  when every sink has acknowledged it; every batch's position is committed, in order.
 - Idle sinks are polled every `poll_interval_seconds` so their age-based flush happens without new input.
 - Graceful stop: when the `stop` event is set (the CLI sets it on SIGINT/SIGTERM, see `handle_stop_signals`),
   the reader stops taking batches from the source, the batches already buffered are written, every sink is
@@ -30,31 +30,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
 
 from flowpipe.config import PipelineConfig
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
+from flowpipe.sources import Source
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_SAMPLES = 5
-
-
-class PipelineSource(Protocol):
-    """What the pipeline needs of a source (the `Source` protocol of `flowpipe.sources`)."""
-
-    def batches(self) -> Iterator[EventBatch]:
-        """Yield event batches, each with the position to commit once it is durable."""
-        ...
-
-    def commit(self, position: object) -> None:
-        """Record that everything up to `position` is durable."""
-        ...
-
-    def close(self) -> None:
-        """Stop reading and release resources; may be called from another thread."""
-        ...
 
 
 @dataclass(slots=True)
@@ -84,7 +68,7 @@ class _End:
 class _Reader(threading.Thread):
     """Pulls batches from the source into the bounded buffer until the source ends or `halt` is set."""
 
-    def __init__(self, source: PipelineSource, buffer: queue.Queue[EventBatch | _End], tick: float) -> None:
+    def __init__(self, source: Source, buffer: queue.Queue[EventBatch | _End], tick: float) -> None:
         super().__init__(name="flowpipe-source", daemon=True)
         self.source = source
         self.buffer = buffer
@@ -123,7 +107,7 @@ class _Reader(threading.Thread):
 class _Acks:
     """Tracks each sink's cumulative ack and the positions waiting for all of them."""
 
-    def __init__(self, sinks: Sequence[Sink], source: PipelineSource, result: PipelineResult) -> None:
+    def __init__(self, sinks: Sequence[Sink], source: Source, result: PipelineResult) -> None:
         self.acked = [0] * len(sinks)
         self.pending: deque[tuple[int, object | None]] = deque()
         self.source = source
@@ -135,20 +119,19 @@ class _Acks:
             self.result.files.extend(ack.files)
 
     def commit_durable(self, written: int) -> None:
+        # Every position is committed, in order: positions need not be cumulative (the file source keeps one
+        # per file, so a later file's position says nothing about an earlier file).
         durable = min(self.acked, default=written)
-        position: object | None = None
         while self.pending and self.pending[0][0] <= durable:
-            _, candidate = self.pending.popleft()
-            if candidate is not None:
-                position = candidate
-        if position is not None:
-            self.source.commit(position)
-            self.result.commits += 1
-            self.result.last_position = position
+            _, position = self.pending.popleft()
+            if position is not None:
+                self.source.commit(position)
+                self.result.commits += 1
+                self.result.last_position = position
 
 
 def run_pipeline(
-    source: PipelineSource,
+    source: Source,
     sinks: Sequence[Sink],
     *,
     config: PipelineConfig | None = None,

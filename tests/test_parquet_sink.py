@@ -110,6 +110,14 @@ def test_flushes_when_max_batch_rows_reached(tmp_path: Path) -> None:
     assert read_flows(tmp_path).num_rows == 12
 
 
+def test_a_batch_bigger_than_max_batch_rows_is_split_into_files_of_that_size(tmp_path: Path) -> None:
+    sink = sink_for(tmp_path, max_batch_rows=10)
+    ack = sink.write(batch_of(seconds(25)))
+    assert ack is not None and ack.flows == 25
+    sizes = [pq.read_metadata(path).num_rows for path in Dataset(tmp_path).list_part_files("flows")]
+    assert sizes == [10, 10, 5]
+
+
 def test_flushes_when_max_batch_bytes_reached(tmp_path: Path) -> None:
     one = batch_of(seconds(50), http_url=["/" + "x" * 500] * 50)
     sink = sink_for(tmp_path, max_batch_bytes=one.flows.nbytes * 2 + 1, max_batch_rows=1_000_000)

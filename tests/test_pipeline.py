@@ -152,11 +152,14 @@ def test_no_commit_until_every_sink_acknowledged(tmp_path: Path) -> None:
             return None
 
         def close(self) -> Ack | None:
+            commits_when_closed.extend(source.commits)
             return Ack(batches=self.count)
 
+    commits_when_closed: list[object] = []
     source = ListSource(numbered(6))
     run_pipeline(source, [parquet(tmp_path, max_batch_rows=4), FlushOnCloseSink()], config=FAST)
-    assert source.commits == [6], "the parquet sink acked early, the other sink only at close"
+    assert commits_when_closed == [], "the parquet sink acked every batch early, the other sink only at close"
+    assert source.commits == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_sink_error_stops_the_pipeline_and_commits_nothing_more(tmp_path: Path) -> None:
@@ -175,7 +178,7 @@ def test_a_source_error_is_raised_after_earlier_batches_are_stored(tmp_path: Pat
     with pytest.raises(FlowDecodeError, match="flows.json:13"):
         run_pipeline(source, [parquet(tmp_path)], config=FAST)
     assert stored_ports(tmp_path) == list(range(12))
-    assert source.commits == [3]
+    assert source.commits == [1, 2, 3]
 
 
 def test_a_full_buffer_makes_the_source_wait(tmp_path: Path) -> None:
@@ -236,7 +239,7 @@ def test_stop_does_not_wait_forever_for_a_blocked_source(tmp_path: Path) -> None
             stop.set()
 
     result = run_pipeline(source, [parquet(tmp_path)], config=config, stop=stop, on_batch=on_batch)
-    assert result.stopped and source.commits == [3]
+    assert result.stopped and source.commits == [1, 2, 3]
     assert stored_ports(tmp_path) == list(range(12))
 
 

@@ -11,3 +11,8 @@ from flowpipe.commands.schema import schema  # noqa: E402
 from flowpipe.commands.sql import sql  # noqa: E402
 
 COMMANDS += [query, sql, schema]
+
+from flowpipe.commands.bench import bench  # noqa: E402
+from flowpipe.commands.ingest import ingest  # noqa: E402
+
+COMMANDS += [ingest, bench]

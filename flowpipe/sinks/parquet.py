@@ -1,7 +1,8 @@
 """The Parquet sink: batches flows and lost events, and flushes them into Hive-partitioned part files.
 
 A flush happens when the open batch reaches `max_batch_rows` flows or `max_batch_bytes` bytes, when it is older
-than `flush_interval_seconds` (by the injected clock), and on `flush()` / `close()`. Each flow goes to the
+than `flush_interval_seconds` (by the injected clock), and on `flush()` / `close()`. A part file holds at most
+`max_batch_rows` flows, even when one batch from the source was bigger. Each flow goes to the
 partition of its own time, so flows that arrive out of time order (a relay merging nodes, exporter files read
 out of order) still land in the right hour: one flush writes one part file per partition it touches, rows in
 arrival order (Parquet statistics on `time` still let readers skip row groups). Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
@@ -197,7 +198,12 @@ class ParquetSink:
         plan: list[tuple[str, PartitionKey, pa.Table]] = []
         if self._flows:
             flows = pa.concat_tables(self._flows) if len(self._flows) > 1 else self._flows[0]
-            plan += [(FLOWS_TABLE, key, part) for key, part in split_by_hour(flows)]
+            size = self.config.max_batch_rows
+            for key, part in split_by_hour(flows):
+                # a batch bigger than max_batch_rows (one huge source block) still gives files of that size
+                plan += [
+                    (FLOWS_TABLE, key, part.slice(start, size)) for start in range(0, part.num_rows, size)
+                ]
         if self._lost:
             plan += [
                 (LOST_EVENTS_TABLE, key, part) for key, part in split_by_hour(lost_events_table(self._lost))

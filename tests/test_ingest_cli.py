@@ -1,0 +1,161 @@
+"""`flowpipe ingest` end to end on the real captures, and `flowpipe bench` on a small run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from click.testing import CliRunner, Result
+
+from flowpipe.cli import cli
+from flowpipe.dataset import Dataset
+
+COUNTED_EVENTS = ("lost_events", "node_status", "agent_event", "debug_event")
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def json_objects(path: Path) -> list[dict[str, Any]]:
+    """The JSON values of a capture, parsed independently of flowpipe: a JSON array, or one object per line."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return list(json.loads(text))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def verdicts_in_files(files: list[Path]) -> Counter[str | None]:
+    """Flows per verdict as written in the files (a flow without `verdict` counts as None)."""
+    counts: Counter[str | None] = Counter()
+    for path in files:
+        for obj in json_objects(path):
+            if any(key in obj for key in COUNTED_EVENTS):
+                continue
+            flow = obj.get("flow", obj)
+            counts[flow.get("verdict")] += 1
+    return counts
+
+
+def verdicts_in_dataset(root: Path) -> Counter[str | None]:
+    files = Dataset(root).list_part_files("flows")
+    if not files:
+        return Counter()
+    rows = duckdb.sql(
+        "SELECT verdict, count(*) FROM read_parquet($files, hive_partitioning = true) GROUP BY verdict",
+        params={"files": files},
+    ).fetchall()
+    return Counter({verdict: count for verdict, count in rows})
+
+
+@pytest.fixture
+def bad_file(tmp_path: Path, hubble_captures: Path) -> Path:
+    """Three real flows with a malformed line between the first and the second."""
+    real = (hubble_captures / "kind-starwars" / "testdata1.jsonl").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "with-bad-line.json"
+    path.write_text("\n".join([real[0], '{"flow": {"verdict": "FORWARDED", ', real[1], real[2]]) + "\n")
+    return path
+
+
+def test_ingest_stores_every_flow_with_its_verdict(capture_files: list[Path], tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    result = invoke("ingest", *map(str, capture_files), "--dataset", str(dataset))
+    assert result.exit_code == 0, result.output
+    expected = verdicts_in_files(capture_files)
+    assert sum(expected.values()) > 1000
+    assert verdicts_in_dataset(dataset) == expected
+    assert f"flows ingested: {sum(expected.values()):,}" in result.stdout
+    assert f"FORWARDED {expected['FORWARDED']:,}" in result.stdout
+    assert "lines skipped: 0" in result.stdout
+    assert (dataset / "_state" / "files.json").is_file()
+
+
+def test_second_ingest_of_the_same_files_adds_nothing(capture_files: list[Path], tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    assert invoke("ingest", *map(str, capture_files), "--dataset", str(dataset)).exit_code == 0
+    files_before = Dataset(dataset).list_part_files("flows")
+    counts_before = verdicts_in_dataset(dataset)
+    again = invoke("ingest", *map(str, capture_files), "--dataset", str(dataset))
+    assert again.exit_code == 0, again.output
+    assert "flows ingested: 0" in again.stdout
+    assert "already ingested" in again.stdout
+    assert Dataset(dataset).list_part_files("flows") == files_before
+    assert verdicts_in_dataset(dataset) == counts_before
+
+
+def test_a_malformed_line_is_skipped_reported_and_the_rest_ingested(bad_file: Path, tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    result = invoke("ingest", str(bad_file), "--dataset", str(dataset))
+    assert result.exit_code == 0, result.output
+    assert sum(verdicts_in_dataset(dataset).values()) == 3
+    assert "lines skipped: 1" in result.stdout
+    assert f"{bad_file}:2" in result.stdout
+
+
+def test_strict_fails_on_the_first_bad_line_naming_file_and_line(bad_file: Path, tmp_path: Path) -> None:
+    result = invoke("ingest", str(bad_file), "--dataset", str(tmp_path / "data"), "--strict")
+    assert result.exit_code != 0
+    assert f"{bad_file}:2" in result.stderr
+
+
+def test_cluster_and_batch_size_options(hubble_captures: Path, tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    capture = hubble_captures / "kind-bookinfo" / "basic-sample-400-tcp-flows.json"
+    result = invoke(
+        "ingest", str(capture), "--dataset", str(dataset), "--cluster", "kind", "--max-batch-rows", "100"
+    )
+    assert result.exit_code == 0, result.output
+    files = Dataset(dataset).list_part_files("flows")
+    assert len(files) >= 4, "a flush every 100 flows"
+    rows = duckdb.sql(
+        "SELECT cluster_name, count(*) FROM read_parquet($files) GROUP BY 1", params={"files": files}
+    ).fetchall()
+    assert rows == [("kind", sum(verdicts_in_files([capture]).values()))]
+
+
+def test_lost_events_are_counted_and_stored(hubble_captures: Path, tmp_path: Path) -> None:
+    real = (hubble_captures / "kind-starwars" / "testdata1.jsonl").read_text(encoding="utf-8").splitlines()
+    lost = {
+        "lost_events": {"source": "HUBBLE_RING_BUFFER", "num_events_lost": "42", "cpu": 3},
+        "node_name": "kind-worker2",
+        "time": "2024-03-22T17:23:02Z",
+    }
+    path = tmp_path / "with-lost.json"
+    path.write_text("\n".join([real[0], json.dumps(lost), real[1]]) + "\n")
+    dataset = tmp_path / "data"
+    result = invoke("ingest", str(path), "--dataset", str(dataset))
+    assert result.exit_code == 0, result.output
+    assert "lost events seen: 1 records, 42 events lost by Hubble" in result.stdout
+    (stored,) = Dataset(dataset).list_part_files("lost_events")
+    assert duckdb.sql(
+        "SELECT num_events_lost, cpu FROM read_parquet($f)", params={"f": stored}
+    ).fetchall() == [(42, 3)]
+
+
+def test_bench_prints_its_figures(tmp_path: Path) -> None:
+    result = invoke(
+        "bench", "--flows", "2000", "--baseline-flows", "500", "--workdir", str(tmp_path), "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    figures = {(row["section"], row["name"]): row for row in json.loads(result.stdout)}
+    assert figures[("ingest", "flows ingested")]["value"] == 2000
+    for name in ("file ingest throughput", "peak RSS of the ingest process", "jsonpb bytes / dataset bytes"):
+        assert figures[("ingest", name)]["value"] > 0
+        assert figures[("ingest", name)]["target"] is not None
+    assert figures[("baseline", "ingest speed / baseline speed")]["value"] > 0
+    questions = [row for (section, _), row in figures.items() if section == "questions"]
+    assert len(questions) >= 3 and all(row["value"] is not None for row in questions)
+
+
+def test_bench_only_runs_the_named_sections(tmp_path: Path) -> None:
+    result = invoke(
+        "bench", "--flows", "500", "--only", "ingest", "--workdir", str(tmp_path), "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    assert {row["section"] for row in json.loads(result.stdout)} == {"ingest"}
+    unknown = CliRunner().invoke(cli, ["bench", "--only", "nope"])
+    assert unknown.exit_code != 0 and "unknown bench section" in unknown.output
