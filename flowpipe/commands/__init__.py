@@ -16,3 +16,7 @@ from flowpipe.commands.bench import bench  # noqa: E402
 from flowpipe.commands.ingest import ingest  # noqa: E402
 
 COMMANDS += [ingest, bench]
+
+from flowpipe.commands.serve_metrics import serve_metrics  # noqa: E402
+
+COMMANDS.append(serve_metrics)

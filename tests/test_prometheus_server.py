@@ -1,0 +1,519 @@
+"""A real Prometheus scrapes `flowpipe serve-metrics` over a dataset written by the Parquet sink: the counters
+equal what the dataset holds, new part files show up, and every dashboard query returns data.
+
+Dashboard queries over metrics that only `flowpipe collect` exports (relay connection, flushes, checkpoint age,
+decode errors, flowpipe's own drops) are listed by `deferred_to_collect()` and checked by the collect test,
+which runs `check_dashboard_queries(prom, role="collect")` against a collector following the simulated relay.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from _prom import (
+    ROOT,
+    PrometheusServer,
+    dashboard_expressions,
+    http_get,
+    promql_metric_names,
+    run_prometheus,
+    substitute_grafana_variables,
+    wait_until,
+)
+from flowdata import flow, write_dataset
+
+from flowpipe.drop_reasons import drop_reason_table
+from flowpipe.metrics import Role, series_names
+from flowpipe.model import LostEvent
+
+pytestmark = [pytest.mark.external, pytest.mark.slow]
+
+QUESTION_METRICS = frozenset({"flowpipe_unexpected_drops", "flowpipe_question_runs_total"})
+"""Filled only when the question catalog has `unexpected_drops`."""
+
+
+def question_available() -> bool:
+    try:
+        from flowpipe.query.catalog import load_questions
+    except ImportError:
+        return False
+    return "unexpected_drops" in load_questions()
+
+
+def deferred_to_collect() -> list[tuple[str, str, str]]:
+    """Dashboard queries that need metrics only `flowpipe collect` exports."""
+    dataset_names = series_names(role="dataset")
+    return [w for w in dashboard_expressions() if not promql_metric_names(w[2]) <= dataset_names]
+
+
+def check_dashboard_queries(prom: PrometheusServer, *, role: Role, with_question: bool) -> list[str]:
+    """Run every dashboard query that the role can fill through Prometheus; each must return data.
+
+    Returns the queries left out (other role, or the question missing) so the caller can report them.
+    """
+    names = series_names(role=role)
+    left_out = []
+    for dashboard, title, expr in dashboard_expressions():
+        used = promql_metric_names(expr)
+        if not used <= names or (used & QUESTION_METRICS and not with_question):
+            left_out.append(f"{dashboard}: {title}: {expr}")
+            continue
+        query = substitute_grafana_variables(expr)
+        wait_until(lambda q=query: prom.query(q), what=f"data for {dashboard} / {title}: {query}")
+    return left_out
+
+
+# -- a dataset whose every count is known ----------------------------------------------------------------------
+
+
+def analytics_rows(start: datetime, *, scale: int = 1) -> list[dict[str, Any]]:
+    """Flows covering every analytics family: policy and non-policy drops, DNS answers and failures, dropped DNS,
+    policy verdict events, requests to the world, and ordinary traffic. `scale` multiplies every group."""
+    rows: list[dict[str, Any]] = []
+    clock = iter(start + timedelta(seconds=i) for i in range(100_000))
+
+    def add(count: int, **values: Any) -> None:
+        rows.extend(flow(time=next(clock), node_name="kind/worker", **values) for _ in range(count * scale))
+
+    shop = {"source_namespace": "shop", "destination_namespace": "shop"}
+    add(
+        6,
+        verdict="DROPPED",
+        event_type=1,
+        traffic_direction="INGRESS",
+        is_reply=False,
+        drop_reason=133,
+        drop_reason_desc="POLICY_DENIED",
+        source_namespace="billing",
+        destination_namespace="shop",
+        l4_protocol="TCP",
+        destination_port=8080,
+    )
+    add(
+        4,
+        verdict="DROPPED",
+        event_type=1,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        drop_reason=181,
+        drop_reason_desc="POLICY_DENY",
+        source_namespace="billing",
+        destination_namespace="payments",
+        l4_protocol="TCP",
+        destination_port=5432,
+    )
+    add(
+        3,
+        verdict="DROPPED",
+        event_type=1,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        drop_reason=155,
+        drop_reason_desc="CT_MAP_INSERTION_FAILED",
+        l4_protocol="TCP",
+        destination_port=6379,
+        **shop,
+    )
+    add(
+        2,
+        verdict="DROPPED",
+        event_type=1,
+        drop_reason=151,
+        source_namespace="payments",
+        l4_protocol="TCP",
+        destination_port=443,
+    )
+    dns = {
+        "l7_protocol": "dns",
+        "flow_type": "L7",
+        "event_type": 129,
+        "traffic_direction": "EGRESS",
+        "l4_protocol": "UDP",
+    }
+    for client, rcode, count in (("shop", 0, 5), ("shop", 3, 3), ("billing", 2, 2)):
+        add(
+            count,
+            verdict="FORWARDED",
+            l7_type="REQUEST",
+            is_reply=False,
+            dns_rcode=0,
+            destination_port=53,
+            source_namespace=client,
+            destination_namespace="kube-system",
+            **dns,
+        )
+        add(
+            count,
+            verdict="FORWARDED",
+            l7_type="RESPONSE",
+            is_reply=True,
+            dns_rcode=rcode,
+            source_port=53,
+            source_namespace="kube-system",
+            destination_namespace=client,
+            **dns,
+        )
+    add(
+        2,
+        verdict="DROPPED",
+        event_type=1,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        drop_reason=133,
+        drop_reason_desc="POLICY_DENIED",
+        l4_protocol="UDP",
+        destination_port=53,
+        source_namespace="billing",
+        destination_namespace="kube-system",
+    )
+    add(
+        4,
+        verdict="DROPPED",
+        event_type=5,
+        traffic_direction="INGRESS",
+        is_reply=False,
+        source_namespace="billing",
+        destination_namespace="shop",
+        l4_protocol="TCP",
+        destination_port=8080,
+    )
+    add(5, verdict="FORWARDED", event_type=5, traffic_direction="INGRESS", is_reply=False, **shop)
+    add(
+        3,
+        verdict="FORWARDED",
+        event_type=5,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        source_namespace="billing",
+        destination_namespace="payments",
+    )
+    # the policy verdict event of a request to the world: a policy verdict, never a second world request
+    add(
+        2,
+        verdict="FORWARDED",
+        event_type=5,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        source_namespace="shop",
+        destination_identity=2,
+        destination_labels=["reserved:world"],
+        l4_protocol="TCP",
+        destination_port=443,
+    )
+    add(
+        4,
+        verdict="FORWARDED",
+        event_type=4,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        source_namespace="shop",
+        destination_identity=2,
+        destination_labels=["reserved:world"],
+        l4_protocol="TCP",
+        destination_port=443,
+    )
+    add(
+        1,
+        verdict="DROPPED",
+        event_type=1,
+        traffic_direction="EGRESS",
+        is_reply=False,
+        drop_reason=133,
+        drop_reason_desc="POLICY_DENIED",
+        source_namespace="payments",
+        destination_identity=16777217,
+        destination_labels=["cidr:203.0.113.7/32", "reserved:world-ipv4"],
+        l4_protocol="TCP",
+        destination_port=443,
+    )
+    add(
+        10,
+        verdict="FORWARDED",
+        event_type=4,
+        traffic_direction="INGRESS",
+        is_reply=False,
+        l4_protocol="TCP",
+        destination_port=8080,
+        **shop,
+    )
+    add(
+        10,
+        verdict="FORWARDED",
+        event_type=4,
+        traffic_direction="INGRESS",
+        is_reply=True,
+        l4_protocol="TCP",
+        source_port=8080,
+        **shop,
+    )
+    return rows
+
+
+def lost_events(start: datetime) -> list[LostEvent]:
+    return [
+        LostEvent(source="HUBBLE_RING_BUFFER", num_events_lost=17, node_name="kind/worker", time=start),
+        LostEvent(
+            source="PERF_EVENT_RING_BUFFER", num_events_lost=3, node_name="kind/control-plane", time=start
+        ),
+    ]
+
+
+# -- counts computed independently from the dataset, with SQL -------------------------------------------------
+
+_ENRICHED = """
+WITH f AS (
+    SELECT *, coalesce(is_reply, l7_type = 'RESPONSE', false) AS reply
+    FROM read_parquet($files, union_by_name = true)
+), g AS (
+    SELECT *,
+        CASE WHEN (traffic_direction IS NULL AND NOT reply)
+                  OR (traffic_direction IS NOT NULL AND (traffic_direction = 'EGRESS') <> reply)
+             THEN coalesce(source_namespace, '') ELSE coalesce(destination_namespace, '') END AS enforcing_ns,
+        CASE WHEN reply THEN coalesce(destination_namespace, '') ELSE coalesce(source_namespace, '') END AS client_ns,
+        coalesce(traffic_direction, 'unknown') AS direction,
+        coalesce(verdict, 'unknown') AS verdict_label
+    FROM f
+)
+"""
+
+EXPECTED_SQL = {
+    "flowpipe_observed_drops_total": (
+        "namespace, direction, reason_class",
+        """
+        SELECT enforcing_ns, direction, coalesce(r.reason_class, 'unknown'), count(*)
+        FROM g LEFT JOIN drop_reasons r
+          ON r.drop_reason_desc = g.drop_reason_desc
+          OR (g.drop_reason_desc IS NULL AND g.drop_reason <> 0 AND r.drop_reason = g.drop_reason)
+        WHERE verdict = 'DROPPED' GROUP BY ALL""",
+    ),
+    "flowpipe_observed_dns_responses_total": (
+        "namespace, rcode",
+        """
+        SELECT client_ns, CASE dns_rcode WHEN 0 THEN 'NOERROR' WHEN 2 THEN 'SERVFAIL' WHEN 3 THEN 'NXDOMAIN' END,
+               count(*)
+        FROM g WHERE l7_protocol = 'dns' AND l7_type = 'RESPONSE' GROUP BY ALL""",
+    ),
+    "flowpipe_observed_dns_failures_total": (
+        "namespace, reason",
+        """
+        SELECT client_ns, CASE dns_rcode WHEN 2 THEN 'SERVFAIL' WHEN 3 THEN 'NXDOMAIN' END, count(*)
+        FROM g WHERE l7_protocol = 'dns' AND l7_type = 'RESPONSE' AND dns_rcode <> 0 GROUP BY ALL
+        UNION ALL
+        SELECT client_ns, 'dropped', count(*) FROM g
+        WHERE verdict = 'DROPPED' AND NOT reply AND destination_port = 53 AND l4_protocol IN ('UDP', 'TCP')
+        GROUP BY ALL""",
+    ),
+    "flowpipe_observed_policy_verdicts_total": (
+        "namespace, direction, verdict",
+        """
+        SELECT enforcing_ns, direction, verdict_label, count(*) FROM g WHERE event_type = 5 GROUP BY ALL""",
+    ),
+    "flowpipe_observed_world_flows_total": (
+        "namespace, verdict",
+        """
+        SELECT client_ns, verdict_label, count(*) FROM g
+        WHERE NOT reply AND event_type <> 5
+          AND (destination_identity IN (2, 9, 10)
+               OR list_has_any(destination_labels, ['reserved:world', 'reserved:world-ipv4', 'reserved:world-ipv6']))
+        GROUP BY ALL""",
+    ),
+    "flowpipe_flows_received_total": ("verdict", "SELECT verdict_label, count(*) FROM g GROUP BY ALL"),
+}
+
+
+def expected_counts(root: Path) -> dict[str, dict[tuple[str, ...], float]]:
+    """Metric → {label values: count}, computed from the part files with DuckDB."""
+    files = sorted(str(p) for p in (root / "flows").rglob("*.parquet"))
+    con = duckdb.connect()
+    con.register("drop_reasons", drop_reason_table())
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for metric, (_, sql) in EXPECTED_SQL.items():
+        rows = con.execute(_ENRICHED + sql, {"files": files}).fetchall()
+        out[metric] = {tuple(row[:-1]): float(row[-1]) for row in rows}
+    lost_files = sorted(str(p) for p in (root / "lost_events").rglob("*.parquet"))
+    rows = con.execute(
+        "SELECT lower(source), node_name, sum(num_events_lost) FROM read_parquet($files) GROUP BY ALL",
+        {"files": lost_files},
+    ).fetchall()
+    out["flowpipe_hubble_lost_events_total"] = {tuple(row[:-1]): float(row[-1]) for row in rows}
+    return out
+
+
+def prometheus_counts(prom: PrometheusServer, metric: str) -> dict[tuple[str, ...], float]:
+    labels = EXPECTED_SQL[metric][0] if metric in EXPECTED_SQL else "source, node"
+    names = [name.strip() for name in labels.split(",")]
+    result = prom.query(f"sum by ({labels}) ({metric})")
+    return {tuple(s["metric"].get(n, "") for n in names): float(s["value"][1]) for s in result}
+
+
+def eventually_equal(actual: Callable[[], Any], expected: Any, what: str) -> None:
+    """Bounded wait for `actual()` to equal `expected`, then assert it (a diff on failure)."""
+    try:
+        wait_until(lambda: actual() == expected or None, what=what)
+    except AssertionError:
+        pass
+    assert actual() == expected, what
+
+
+# -- the running pieces -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeMetrics:
+    process: subprocess.Popen[str]
+    url: str
+    lines: list[str]
+
+
+def _drain(stream: Any, lines: list[str], announced: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.append(line)
+        if "/metrics" in line and "http://" in line:
+            announced.put(line.strip().rsplit(" ", 1)[-1].removesuffix("/metrics"))
+
+
+def start_serve_metrics(dataset: Path) -> ServeMetrics:
+    """`flowpipe serve-metrics` as a subprocess on 127.0.0.1 (port 0: it reports the port it got)."""
+    command = [
+        sys.executable,
+        "-m",
+        "flowpipe",
+        "serve-metrics",
+        "--dataset",
+        str(dataset),
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--poll-interval-seconds",
+        "0.2",
+        "--question-interval-seconds",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    announced: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_drain, args=(process.stderr, lines, announced), daemon=True).start()
+    try:
+        url = announced.get(timeout=60)
+    except queue.Empty:
+        process.kill()
+        raise AssertionError("serve-metrics did not report its address:\n" + "".join(lines)) from None
+    return ServeMetrics(process, url, lines)
+
+
+def stop(process: subprocess.Popen[str]) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout=5)
+
+
+@dataclass
+class Stack:
+    dataset: Path
+    start: datetime
+    serve: ServeMetrics
+    prom: PrometheusServer
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A dataset (one part file per table), serve-metrics over it, and Prometheus scraping that every second."""
+    workdir = tmp_path_factory.mktemp("prometheus-server")
+    dataset = workdir / "dataset"
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(
+        minutes=20
+    )  # inside the questions' 1h window
+    write_dataset(dataset, analytics_rows(start), lost_events=lost_events(start), writer_id="first")
+    serve = start_serve_metrics(dataset)
+    try:
+        wait_until(lambda: http_get(f"{serve.url}/readyz")[0] == 200, what="serve-metrics /readyz")
+        with run_prometheus(workdir / "prometheus", [serve.url.removeprefix("http://")]) as prom:
+            yield Stack(dataset, start, serve, prom)
+    finally:
+        code = stop(serve.process)
+        assert code == 0, "serve-metrics did not stop cleanly:\n" + "".join(serve.lines)
+
+
+# -- the tests --------------------------------------------------------------------------------------------------
+
+
+def test_serve_metrics_answers_health_and_metrics(stack: Stack) -> None:
+    assert http_get(f"{stack.serve.url}/healthz") == (200, b"ok\n")
+    status, body = http_get(f"{stack.serve.url}/metrics")
+    assert status == 200 and b"flowpipe_observed_drops_total{" in body
+
+
+def test_prometheus_scrapes_it(stack: Stack) -> None:
+    up = wait_until(stack.prom.targets_up, what="the serve-metrics target to be up")
+    assert [t["scrapeUrl"] for t in up] == [f"{stack.serve.url}/metrics"]
+    assert stack.prom.wait_for_series('flowpipe_build_info{job="flowpipe"}')
+
+
+def test_counters_equal_the_counts_in_the_dataset(stack: Stack) -> None:
+    expected = expected_counts(stack.dataset)
+    assert all(expected.values())  # the dataset exercises every family
+    for metric, counts in expected.items():
+        eventually_equal(lambda m=metric: prometheus_counts(stack.prom, m), counts, metric)
+
+
+def test_new_part_files_are_picked_up(stack: Stack) -> None:
+    later = stack.start + timedelta(minutes=5)
+    write_dataset(
+        stack.dataset, analytics_rows(later, scale=2), lost_events=lost_events(later), writer_id="second"
+    )
+    eventually_equal(
+        lambda: stack.prom.values("sum by (table) (flowpipe_dataset_parts_read_total)", "table"),
+        {"flows": 2.0, "lost_events": 2.0},
+        "both part files of each table read",
+    )
+    expected = expected_counts(stack.dataset)
+    assert expected["flowpipe_observed_drops_total"][("shop", "INGRESS", "policy")] == 6 * 3
+    for metric, counts in expected.items():
+        eventually_equal(lambda m=metric: prometheus_counts(stack.prom, m), counts, metric)
+
+
+def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+    with_question = question_available()
+    left_out = check_dashboard_queries(stack.prom, role="dataset", with_question=with_question)
+    collect_only = {f"{d}: {t}: {e}" for d, t, e in deferred_to_collect()}
+    needs_question = {
+        f"{d}: {t}: {e}" for d, t, e in dashboard_expressions() if promql_metric_names(e) & QUESTION_METRICS
+    }
+    assert set(left_out) == collect_only | (set() if with_question else needs_question)
+    assert len(dashboard_expressions()) - len(left_out) >= 20, left_out
+
+
+def test_unexpected_drops_gauge_matches_the_question(stack: Stack) -> None:
+    if not question_available():
+        pytest.skip("the question catalog has no unexpected_drops question yet")
+    from flowpipe.query.catalog import load_questions
+    from flowpipe.query.engine import open_engine
+    from flowpipe.sinks.prometheus import unexpected_drop_counts
+
+    question = load_questions().question("unexpected_drops")
+
+    def from_question() -> dict[str, float]:
+        with open_engine(stack.dataset, require_flows=True) as engine:
+            return unexpected_drop_counts(engine.run(question.sql, question.bind({}), question=question.name))
+
+    expected = from_question()
+    assert expected.get("non_policy", 0) > 0  # the conntrack and routing drops
+    eventually_equal(
+        lambda: stack.prom.values("sum by (why) (flowpipe_unexpected_drops)", "why"),
+        expected,
+        "flowpipe_unexpected_drops by why",
+    )
