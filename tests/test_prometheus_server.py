@@ -82,180 +82,71 @@ def analytics_rows(start: datetime, *, scale: int = 1) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     clock = iter(start + timedelta(seconds=i) for i in range(100_000))
 
-    def add(count: int, **values: Any) -> None:
+    def add(count: int, *parts: dict[str, Any]) -> None:
+        values = {key: value for part in parts for key, value in part.items()}
         rows.extend(flow(time=next(clock), node_name="kind/worker", **values) for _ in range(count * scale))
 
-    shop = {"source_namespace": "shop", "destination_namespace": "shop"}
-    add(
-        6,
-        verdict="DROPPED",
-        event_type=1,
-        traffic_direction="INGRESS",
-        is_reply=False,
-        drop_reason=133,
-        drop_reason_desc="POLICY_DENIED",
-        source_namespace="billing",
-        destination_namespace="shop",
-        l4_protocol="TCP",
-        destination_port=8080,
-    )
-    add(
-        4,
-        verdict="DROPPED",
-        event_type=1,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        drop_reason=181,
-        drop_reason_desc="POLICY_DENY",
-        source_namespace="billing",
-        destination_namespace="payments",
-        l4_protocol="TCP",
-        destination_port=5432,
-    )
-    add(
-        3,
-        verdict="DROPPED",
-        event_type=1,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        drop_reason=155,
-        drop_reason_desc="CT_MAP_INSERTION_FAILED",
-        l4_protocol="TCP",
-        destination_port=6379,
-        **shop,
-    )
-    add(
-        2,
-        verdict="DROPPED",
-        event_type=1,
-        drop_reason=151,
-        source_namespace="payments",
-        l4_protocol="TCP",
-        destination_port=443,
-    )
+    def edge(
+        src: str | None, dst: str | None, direction: str | None, reply: bool | None = False
+    ) -> dict[str, Any]:
+        return {
+            "source_namespace": src,
+            "destination_namespace": dst,
+            "traffic_direction": direction,
+            "is_reply": reply,
+        }
+
+    def dropped(number: int, name: str | None) -> dict[str, Any]:
+        return {"verdict": "DROPPED", "event_type": 1, "drop_reason": number, "drop_reason_desc": name}
+
+    def tcp(port: int) -> dict[str, Any]:
+        return {"l4_protocol": "TCP", "destination_port": port}
+
+    forwarded, verdict_event = {"verdict": "FORWARDED", "event_type": 4}, {"event_type": 5}
+    world = {"destination_identity": 2, "destination_labels": ["reserved:world"]}
+    add(6, dropped(133, "POLICY_DENIED"), edge("billing", "shop", "INGRESS"), tcp(8080))
+    add(4, dropped(181, "POLICY_DENY"), edge("billing", "payments", "EGRESS"), tcp(5432))
+    add(3, dropped(155, "CT_MAP_INSERTION_FAILED"), edge("shop", "shop", "EGRESS"), tcp(6379))
+    add(2, dropped(151, None), edge("payments", None, None, None), tcp(443))  # old data: the number only
     dns = {
+        "verdict": "FORWARDED",
         "l7_protocol": "dns",
         "flow_type": "L7",
         "event_type": 129,
-        "traffic_direction": "EGRESS",
         "l4_protocol": "UDP",
     }
     for client, rcode, count in (("shop", 0, 5), ("shop", 3, 3), ("billing", 2, 2)):
+        add(count, dns, edge(client, "kube-system", "EGRESS"), {"l7_type": "REQUEST", "dns_rcode": 0})
         add(
             count,
-            verdict="FORWARDED",
-            l7_type="REQUEST",
-            is_reply=False,
-            dns_rcode=0,
-            destination_port=53,
-            source_namespace=client,
-            destination_namespace="kube-system",
-            **dns,
-        )
-        add(
-            count,
-            verdict="FORWARDED",
-            l7_type="RESPONSE",
-            is_reply=True,
-            dns_rcode=rcode,
-            source_port=53,
-            source_namespace="kube-system",
-            destination_namespace=client,
-            **dns,
+            dns,
+            edge("kube-system", client, "EGRESS", True),
+            {"l7_type": "RESPONSE", "dns_rcode": rcode},
         )
     add(
         2,
-        verdict="DROPPED",
-        event_type=1,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        drop_reason=133,
-        drop_reason_desc="POLICY_DENIED",
-        l4_protocol="UDP",
-        destination_port=53,
-        source_namespace="billing",
-        destination_namespace="kube-system",
+        dropped(133, "POLICY_DENIED"),
+        edge("billing", "kube-system", "EGRESS"),
+        {"l4_protocol": "UDP", "destination_port": 53},
     )
-    add(
-        4,
-        verdict="DROPPED",
-        event_type=5,
-        traffic_direction="INGRESS",
-        is_reply=False,
-        source_namespace="billing",
-        destination_namespace="shop",
-        l4_protocol="TCP",
-        destination_port=8080,
-    )
-    add(5, verdict="FORWARDED", event_type=5, traffic_direction="INGRESS", is_reply=False, **shop)
-    add(
-        3,
-        verdict="FORWARDED",
-        event_type=5,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        source_namespace="billing",
-        destination_namespace="payments",
-    )
+    add(4, verdict_event, {"verdict": "DROPPED"}, edge("billing", "shop", "INGRESS"), tcp(8080))
+    add(5, verdict_event, {"verdict": "FORWARDED"}, edge("shop", "shop", "INGRESS"))
+    add(3, verdict_event, {"verdict": "FORWARDED"}, edge("billing", "payments", "EGRESS"))
     # the policy verdict event of a request to the world: a policy verdict, never a second world request
-    add(
-        2,
-        verdict="FORWARDED",
-        event_type=5,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        source_namespace="shop",
-        destination_identity=2,
-        destination_labels=["reserved:world"],
-        l4_protocol="TCP",
-        destination_port=443,
-    )
-    add(
-        4,
-        verdict="FORWARDED",
-        event_type=4,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        source_namespace="shop",
-        destination_identity=2,
-        destination_labels=["reserved:world"],
-        l4_protocol="TCP",
-        destination_port=443,
-    )
+    add(2, verdict_event, {"verdict": "FORWARDED"}, edge("shop", None, "EGRESS"), world, tcp(443))
+    add(4, forwarded, edge("shop", None, "EGRESS"), world, tcp(443))
     add(
         1,
-        verdict="DROPPED",
-        event_type=1,
-        traffic_direction="EGRESS",
-        is_reply=False,
-        drop_reason=133,
-        drop_reason_desc="POLICY_DENIED",
-        source_namespace="payments",
-        destination_identity=16777217,
-        destination_labels=["cidr:203.0.113.7/32", "reserved:world-ipv4"],
-        l4_protocol="TCP",
-        destination_port=443,
+        dropped(133, "POLICY_DENIED"),
+        edge("payments", None, "EGRESS"),
+        tcp(443),
+        {
+            "destination_identity": 16777217,
+            "destination_labels": ["cidr:203.0.113.7/32", "reserved:world-ipv4"],
+        },
     )
-    add(
-        10,
-        verdict="FORWARDED",
-        event_type=4,
-        traffic_direction="INGRESS",
-        is_reply=False,
-        l4_protocol="TCP",
-        destination_port=8080,
-        **shop,
-    )
-    add(
-        10,
-        verdict="FORWARDED",
-        event_type=4,
-        traffic_direction="INGRESS",
-        is_reply=True,
-        l4_protocol="TCP",
-        source_port=8080,
-        **shop,
-    )
+    add(10, forwarded, edge("shop", "shop", "INGRESS"), tcp(8080))
+    add(10, forwarded, edge("shop", "shop", "INGRESS", True), {"l4_protocol": "TCP", "source_port": 8080})
     return rows
 
 
