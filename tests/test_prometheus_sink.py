@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -421,3 +423,61 @@ def test_a_failed_run_keeps_the_last_values_and_is_counted(registry: CollectorRe
 def test_counts_without_a_flows_column_are_rows() -> None:
     assert unexpected_drop_counts(pa.table({"why": ["a", "a", None]})) == {"a": 2.0, "unknown": 1.0}
     assert unexpected_drop_counts(pa.table({"x": [1]})) == {"unknown": 1.0}
+
+
+# -- real captures -------------------------------------------------------------------------------------------------
+
+
+def raw_flows(path: Path) -> list[dict[str, Any]]:
+    """The flows of a capture, parsed here with json alone (jsonpb lines, exporter lines or one bare object)."""
+    text = path.read_text()
+    try:
+        whole = json.loads(text)
+        records = whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    flows = []
+    for record in records:
+        if "flow" in record:
+            flows.append(record["flow"])
+        elif "verdict" in record or "source" in record:
+            flows.append(record)
+    return flows
+
+
+def test_real_captures_counted_like_their_json(capture_files: list[Path]) -> None:
+    from flowpipe.sources.file import read_events
+
+    for path in capture_files:
+        registry = CollectorRegistry()
+        metrics = PipelineMetrics.create(registry, role="dataset")
+        sink = PrometheusSink(metrics)
+        for batch in read_events([path]):
+            metrics.observe_batch(batch)
+            sink.write(batch)
+        flows = raw_flows(path)
+        by_verdict: dict[str, int] = {}
+        for item in flows:
+            by_verdict[item.get("verdict", "unknown")] = by_verdict.get(item.get("verdict", "unknown"), 0) + 1
+        for verdict, count in by_verdict.items():
+            assert value(registry, "flowpipe_flows_received_total", verdict=verdict) == count, (
+                path.name,
+                verdict,
+            )
+        drops = sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "flowpipe_observed_drops"
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        assert drops == by_verdict.get("DROPPED", 0), path.name
+        dns_answers = sum(1 for f in flows if "dns" in f.get("l7", {}) and f["l7"].get("type") == "RESPONSE")
+        counted = sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "flowpipe_observed_dns_responses"
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        assert counted == dns_answers, path.name
