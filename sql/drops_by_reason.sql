@@ -1,12 +1,14 @@
--- description: Dropped flows by drop reason and namespace pair, busiest first: how many flows, how many
---   distinct source and destination pods, and when the drops were first and last seen. A namespace filter
---   matches either side.
+-- description: Dropped flows by drop reason and namespace pair, busiest first: the reason's class (policy,
+--   conntrack, routing, invalid packet, ...), how many flows, how many distinct source and destination pods,
+--   and when the drops were first and last seen. A namespace filter matches either side.
 -- params: since=1h, until=now, namespace=, limit=50
 WITH dropped AS (
     SELECT
-        -- normalize keeps an unknown reason number as its decimal string; drop_reason_desc is NULL only for
-        -- reason 0, or in captures from Cilium versions that filled in the number alone.
-        coalesce(drop_reason_desc, nullif(CAST(drop_reason AS VARCHAR), '0'), 'DROP_REASON_UNKNOWN') AS reason,
+        drop_reason_desc,
+        -- The reason's number, for flows that carry no name: the deprecated drop_reason field, else the
+        -- sub-type of a drop event (event type 1), which is the same DropReason number in older captures.
+        coalesce(nullif(drop_reason, 0), CASE WHEN event_type = 1 THEN nullif(event_sub_type, 0) END)
+            AS reason_number,
         source_namespace,
         destination_namespace,
         source_pod_name,
@@ -17,17 +19,32 @@ WITH dropped AS (
       AND time >= $since
       AND time <= $until
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
+),
+named AS (
+    SELECT
+        -- normalize keeps a reason number it does not know as its decimal string; so does this
+        coalesce(d.drop_reason_desc, r.drop_reason_desc, CAST(d.reason_number AS VARCHAR), 'DROP_REASON_UNKNOWN')
+            AS reason,
+        d.source_namespace,
+        d.destination_namespace,
+        d.source_pod_name,
+        d.destination_pod_name,
+        d.time
+    FROM dropped AS d
+    LEFT JOIN drop_reasons AS r ON r.drop_reason = d.reason_number
 )
 SELECT
-    reason AS drop_reason_desc,
-    source_namespace,
-    destination_namespace,
+    n.reason AS drop_reason_desc,
+    coalesce(c.reason_class, 'unknown') AS reason_class,
+    n.source_namespace,
+    n.destination_namespace,
     count(*) AS flows,
-    count(DISTINCT source_pod_name) AS source_pods,
-    count(DISTINCT destination_pod_name) AS destination_pods,
-    min(time) AS first_seen,
-    max(time) AS last_seen
-FROM dropped
-GROUP BY reason, source_namespace, destination_namespace
+    count(DISTINCT n.source_pod_name) AS source_pods,
+    count(DISTINCT n.destination_pod_name) AS destination_pods,
+    min(n.time) AS first_seen,
+    max(n.time) AS last_seen
+FROM named AS n
+LEFT JOIN drop_reasons AS c ON c.drop_reason_desc = n.reason
+GROUP BY n.reason, c.reason_class, n.source_namespace, n.destination_namespace
 ORDER BY flows DESC, drop_reason_desc, source_namespace NULLS LAST, destination_namespace NULLS LAST
 LIMIT $limit

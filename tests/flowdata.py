@@ -122,9 +122,12 @@ def synthetic_flows(count: int = 400, *, seed: int = 7) -> list[dict[str, Any]]:
         dropped = rng.random() < 0.3
         reason = rng.choice(drop_reasons) if dropped else None
         reply = None if rng.random() < 0.1 else rng.random() < 0.35
-        if dropped and rng.random() < 0.1:  # an old capture: the number without the name, or nothing at all
-            reason_number = rng.choice([0, 181])
+        event = {"event_type": 1 if dropped else 4, "event_sub_type": 0}
+        if dropped and rng.random() < 0.15:  # older captures: the number without the name, or nothing at all
+            reason_number = rng.choice([0, 181, 250])
             reason = None
+            if reason_number == 0 and rng.random() < 0.5:  # only the drop event's sub-type tells the reason
+                event["event_sub_type"] = 133
         else:
             reason_number = {
                 "POLICY_DENIED": 133,
@@ -144,6 +147,7 @@ def synthetic_flows(count: int = 400, *, seed: int = 7) -> list[dict[str, Any]]:
                 source_workload_name=src[1],
                 source_pod_name=src[2],
                 source_ip="192.168.1.1" if src[0] is None else f"10.2.0.{pods.index(src)}",
+                **event,
                 l4_protocol="TCP",
                 source_port=30000 + index,
                 destination_port=rng.choice([80, 443, 5432, 8080]),

@@ -73,6 +73,7 @@ def test_query_json_is_one_array_of_objects(dataset: str, rows: list[dict[str, A
     assert isinstance(records, list) and records
     assert set(records[0]) == {
         "drop_reason_desc",
+        "reason_class",
         "source_namespace",
         "destination_namespace",
         "flows",

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import sqlglot
-from flowdata import T0, synthetic_flows, write_dataset
+from flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
 
+from flowpipe.config import ParquetSinkConfig
+from flowpipe.drop_reasons import DROP_REASONS
+from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Catalog, Question
+from flowpipe.sinks.parquet import ParquetSink
+from flowpipe.sources.file import read_events
 
 Row = dict[str, Any]
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01", "limit": "1000"}
+REASON_NAMES = {reason.value: name for name, reason in DROP_REASONS.items()}
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
@@ -127,14 +135,19 @@ def expected_drops(rows: list[Row], namespace: str | None = None) -> dict[tuple[
         dropped = [r for r in dropped if namespace in (r["source_namespace"], r["destination_namespace"])]
 
     def reason(r: Row) -> str:
-        number = r["drop_reason"]
-        return r["drop_reason_desc"] or (str(number) if number else None) or "DROP_REASON_UNKNOWN"
+        if r["drop_reason_desc"]:
+            return str(r["drop_reason_desc"])
+        number = r["drop_reason"] or (r["event_sub_type"] if r["event_type"] == 1 else None)
+        if number:
+            return REASON_NAMES.get(number, str(number))
+        return "DROP_REASON_UNKNOWN"
 
     expected = {}
     for key, members in group(
         dropped, lambda r: (reason(r), r["source_namespace"], r["destination_namespace"])
     ).items():
         expected[key] = {
+            "reason_class": DROP_REASONS[key[0]].reason_class if key[0] in DROP_REASONS else "unknown",
             "flows": len(members),
             "source_pods": len({m["source_pod_name"] for m in members} - {None}),
             "destination_pods": len({m["destination_pod_name"] for m in members} - {None}),
@@ -151,8 +164,12 @@ def test_drops_by_reason_counts_every_drop(engine: DuckDBEngine, catalog: Catalo
     assert set(got) == set(expected)
     for key, values in expected.items():
         assert {k: got[key][k] for k in values} == values, key
-    reasons = {key[0] for key in got}
-    assert {"POLICY_DENIED", "CT_MAP_INSERTION_FAILED", "181", "DROP_REASON_UNKNOWN"} <= reasons
+    reasons = {key[0]: row["reason_class"] for key, row in got.items()}
+    # named by the flow, by the number alone (181), by a drop event's sub-type alone (133), by nothing
+    assert {"POLICY_DENIED", "CT_MAP_INSERTION_FAILED", "POLICY_DENY", "250", "DROP_REASON_UNKNOWN"} <= set(
+        reasons
+    )
+    assert reasons["POLICY_DENIED"] == "policy" and reasons["250"] == "unknown"
     assert [r["flows"] for r in result] == sorted((r["flows"] for r in result), reverse=True)
 
 
@@ -330,6 +347,26 @@ def test_relative_window_uses_the_clock_for_a_live_dataset(
     assert sum(r["flows"] for r in result.table.to_pylist()) == sum(v["flows"] for v in expected.values())
 
 
+def test_newest_flow_with_nanoseconds_is_inside_a_data_anchored_window(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    rows = [flow(time=T0, verdict="DROPPED", drop_reason_desc="POLICY_DENIED")] * 2
+    table = flows_table(rows)
+    nanos = [
+        int(T0.timestamp()) * 10**9,
+        int(T0.timestamp()) * 10**9 + 1_000_000_999,
+    ]  # newest: +1.000000999 s
+    table = table.set_column(0, "time", pa.array(nanos, FLOW_SCHEMA.field("time").type))
+    write_dataset(tmp_path, table.to_pylist())
+    with DuckDBEngine(tmp_path) as engine:
+        assert engine.run("SELECT max(time) AS t FROM flows").column("t")[0].value % 1000 == 999
+        result = run_question(
+            engine, catalog.question("drops_by_reason"), {"since": "1h"}, relative_to="data"
+        )
+    assert result.anchored_to == "data" and result.anchor == T0 + timedelta(seconds=1, microseconds=1)
+    assert [r["flows"] for r in result.table.to_pylist()] == [2]
+
+
 def test_absolute_times_ignore_the_anchor(engine: DuckDBEngine, catalog: Catalog) -> None:
     since, until = T0.isoformat(), (T0 + timedelta(hours=3)).isoformat()
     result = run_question(
@@ -337,3 +374,95 @@ def test_absolute_times_ignore_the_anchor(engine: DuckDBEngine, catalog: Catalog
     )
     assert result.anchored_to == "now"  # nothing relative, nothing to anchor
     assert result.params["since"] == T0
+
+
+# -- the real captures ----------------------------------------------------------------------------------------
+
+
+def raw_flows(files: list[Path]) -> list[dict[str, Any]]:
+    """Every flow of the capture files, read straight from their JSON (envelopes unwrapped), with its time."""
+    flows = []
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            raw = obj.get("flow") if "flow" in obj else (obj if "verdict" in obj else None)
+            if raw is not None and (raw.get("time") or obj.get("time")):
+                flows.append(raw)
+    return flows
+
+
+@pytest.fixture(scope="module")
+def capture_engine(capture_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> DuckDBEngine:
+    root = tmp_path_factory.mktemp("captures")
+    sink = ParquetSink(ParquetSinkConfig(path=str(root), writer_id="captures"))
+    for batch in read_events(capture_files):
+        sink.write(batch)
+    sink.close()
+    with DuckDBEngine(root) as engine:
+        yield engine
+
+
+CAPTURE_WINDOW = {"since": "1970-01-01", "until": "2100-01-01", "limit": "100000"}
+
+
+def test_real_captures_drops_by_reason(
+    capture_engine: DuckDBEngine, capture_files: list[Path], catalog: Catalog
+) -> None:
+    expected: dict[tuple[Any, ...], int] = defaultdict(int)
+    for raw in raw_flows(capture_files):
+        if raw.get("verdict") != "DROPPED":
+            continue
+        event = raw.get("event_type") or {}
+        number = raw.get("drop_reason") or (event.get("sub_type") if event.get("type") == 1 else None)
+        reason = raw.get("drop_reason_desc") or (REASON_NAMES.get(number, str(number)) if number else None)
+        namespaces = (
+            (raw.get("source") or {}).get("namespace"),
+            (raw.get("destination") or {}).get("namespace"),
+        )
+        expected[(reason or "DROP_REASON_UNKNOWN", *(ns or None for ns in namespaces))] += 1
+    result = run_question(
+        capture_engine, catalog.question("drops_by_reason"), CAPTURE_WINDOW
+    ).table.to_pylist()
+    got = {
+        (r["drop_reason_desc"], r["source_namespace"], r["destination_namespace"]): r["flows"] for r in result
+    }
+    assert got == dict(expected)
+    assert {"UNSUPPORTED_L3_PROTOCOL", "POLICY_DENIED", "INVALID_SOURCE_IP"} <= {key[0] for key in got}
+
+
+def test_real_captures_dns_queries(
+    capture_engine: DuckDBEngine, capture_files: list[Path], catalog: Catalog
+) -> None:
+    expected: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for raw in raw_flows(capture_files):
+        l7 = raw.get("l7") or {}
+        if "dns" not in l7 or not l7["dns"].get("query"):
+            continue
+        response = l7.get("type") == "RESPONSE"
+        client = (raw.get("destination") if response else raw.get("source")) or {}
+        counts = expected[(client.get("namespace") or None, l7["dns"]["query"])]
+        counts[1 if response else 0] += 1
+        counts[2] += int(response and l7["dns"].get("rcode", 0) != 0)
+    result = run_question(capture_engine, catalog.question("dns_queries"), CAPTURE_WINDOW).table.to_pylist()
+    got: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for r in result:
+        counts = got[(r["source_namespace"], r["query"])]
+        for index, column in enumerate(("lookups", "responses", "failures")):
+            counts[index] += r[column]
+    assert dict(got) == dict(expected) and sum(c[0] for c in got.values()) > 0
+
+
+def test_real_captures_top_talkers(
+    capture_engine: DuckDBEngine, capture_files: list[Path], catalog: Catalog
+) -> None:
+    flows = raw_flows(capture_files)
+    requests = [
+        f
+        for f in flows
+        if (f["is_reply"] if "is_reply" in f else (True if f.get("reply") else None)) is not True
+    ]
+    result = run_question(capture_engine, catalog.question("top_talkers"), CAPTURE_WINDOW).table.to_pylist()
+    assert sum(r["flows"] for r in result) == len(requests) > 0
+    assert sum(r["dropped"] for r in result) == sum(f.get("verdict") == "DROPPED" for f in requests)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flowpipe.errors import ConfigError
 from flowpipe.query.catalog import Question
@@ -29,6 +30,7 @@ from flowpipe.query.timeparse import to_utc
 
 RelativeTo = Literal["auto", "now", "data"]
 RELATIVE_TO: tuple[RelativeTo, ...] = ("auto", "now", "data")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +45,25 @@ class QuestionResult:
 
 
 def newest_flow_time(engine: Engine) -> datetime | None:
-    """The time of the newest flow in the engine's `flows` view, or None when there is none."""
+    """The time of the newest flow in the engine's `flows` view, or None when there is none.
+
+    Flow times have nanoseconds and Python datetimes (hence bound parameters) microseconds, so the time is
+    rounded up to the next microsecond: a window ending there still includes the newest flow.
+    """
     table = engine.run(f"SELECT max(time) AS newest FROM {FLOWS_VIEW}", question="newest flow time")
-    value = table.column("newest")[0].as_py() if table.num_rows else None
-    return to_utc(value) if isinstance(value, datetime) else None
+    if table.num_rows == 0:
+        return None
+    column = table.column("newest")
+    if not pa.types.is_timestamp(column.type):
+        return None
+    unit = column.type.unit
+    ticks = pc.cast(column, pa.int64())[0].as_py()
+    if ticks is None:
+        return None
+    per_microsecond = {"s": None, "ms": None, "us": 1, "ns": 1000}[unit]
+    if per_microsecond is None:
+        return to_utc(column[0].as_py())
+    return _EPOCH + timedelta(microseconds=-(-ticks // per_microsecond))
 
 
 def resolve_anchor(
