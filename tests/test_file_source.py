@@ -151,7 +151,9 @@ def test_stdin(tmp_path: Path) -> None:
 def test_small_blocks_give_the_same_rows_as_one_block(tmp_path: Path) -> None:
     path = tmp_path / "flows.json"
     text = lines_of(uuids(40))
-    path.write_text(text.replace('"verdict": "FORWARDED"', '"verdict": 2', 3))  # some blocks take the fallback
+    path.write_text(
+        text.replace('"verdict": "FORWARDED"', '"verdict": 2', 3)
+    )  # some blocks take the fallback
     whole, one = read_all(FileSource([path]))
     small, many = read_all(FileSource([path], block_bytes=2000))
     assert len(one) == 1 and len(many) > 10
@@ -285,7 +287,9 @@ def test_cut_last_line_is_reported_and_read_again_once_complete(tmp_path: Path) 
 def test_too_long_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(file_module, "MAX_LINE_BYTES", 3000)
     path = tmp_path / "long.json"
-    path.write_text(flow_line("a") + "\n" + '{"flow": {"uuid": "' + "x" * 10_000 + '"}}\n' + flow_line("c") + "\n")
+    path.write_text(
+        flow_line("a") + "\n" + '{"flow": {"uuid": "' + "x" * 10_000 + '"}}\n' + flow_line("c") + "\n"
+    )
     source = FileSource([path], block_bytes=1000)
     table, _ = read_all(source)
     assert uuid_list(table) == ["a", "c"]

@@ -51,7 +51,9 @@ def json_tables(lines: list[str], *, cluster_name: str | None = None) -> tuple[p
     return block.flows, per_line.flows
 
 
-def rows(*flows: dict[str, Any], envelope: bool = True, proto: bool = True, **kw: Any) -> list[dict[str, Any]]:
+def rows(
+    *flows: dict[str, Any], envelope: bool = True, proto: bool = True, **kw: Any
+) -> list[dict[str, Any]]:
     """Rows for flow objects through every path (JSON block, JSON per line, protobuf), asserted identical."""
     lines = [json.dumps({"flow": f, "node_name": f.get("node_name", "")} if envelope else f) for f in flows]
     block, per_line = json_tables(lines, **kw)
@@ -75,7 +77,9 @@ def flow_lines(path: Path) -> list[str]:
 # -- every real capture, every flow ---------------------------------------------------------------------------
 
 
-def test_json_and_protobuf_paths_give_identical_rows_for_every_captured_flow(capture_files: list[Path]) -> None:
+def test_json_and_protobuf_paths_give_identical_rows_for_every_captured_flow(
+    capture_files: list[Path],
+) -> None:
     total = 0
     for path in capture_files:
         lines = flow_lines(path)
@@ -91,7 +95,9 @@ def test_json_and_protobuf_paths_give_identical_rows_for_every_captured_flow(cap
     assert total > 1000
 
 
-def test_real_captures_take_the_vectorized_path(capture_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_captures_take_the_vectorized_path(
+    capture_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import flowpipe.transforms._json as json_path
 
     def no_fallback(*args: Any, **kwargs: Any) -> Any:
@@ -106,7 +112,11 @@ def test_captures_keep_verdicts_and_old_spellings(capture_files: list[Path]) -> 
     starwars = next(p for p in capture_files if p.name == "testdata1.jsonl")
     table = normalize_json_lines(starwars.read_bytes(), path=str(starwars)).flows
     verdicts = table.group_by("verdict").aggregate([("verdict", "count")]).to_pylist()
-    assert {v["verdict"]: v["verdict_count"] for v in verdicts} == {"FORWARDED": 56, "DROPPED": 2, "REDIRECTED": 2}
+    assert {v["verdict"]: v["verdict_count"] for v in verdicts} == {
+        "FORWARDED": 56,
+        "DROPPED": 2,
+        "REDIRECTED": 2,
+    }
     assert set(table["flow_type"].to_pylist()) == {"L3_L4"}  # from the old key `Type`
 
 
@@ -236,7 +246,13 @@ def test_an_empty_flow_has_nulls_empty_lists_and_zero_top_level_numbers() -> Non
     ("l4", "expected"),
     [
         (
-            {"TCP": {"source_port": 1, "destination_port": 443, "flags": {"FIN": True, "ACK": True, "NS": True}}},
+            {
+                "TCP": {
+                    "source_port": 1,
+                    "destination_port": 443,
+                    "flags": {"FIN": True, "ACK": True, "NS": True},
+                }
+            },
             ("TCP", 1, 443, "FIN,ACK,NS", None, None),
         ),
         ({"TCP": {"destination_port": 80}}, ("TCP", 0, 80, None, None, None)),
@@ -245,7 +261,10 @@ def test_an_empty_flow_has_nulls_empty_lists_and_zero_top_level_numbers() -> Non
         ({"ICMPv4": {}}, ("ICMPv4", None, None, None, 0, 0)),
         ({"ICMPv4": {"type": 3, "code": 13}}, ("ICMPv4", None, None, None, 3, 13)),
         ({"ICMPv6": {"type": 133}}, ("ICMPv6", None, None, None, 133, 0)),
-        ({"SCTP": {"source_port": 36412, "destination_port": 38412}}, ("SCTP", 36412, 38412, None, None, None)),
+        (
+            {"SCTP": {"source_port": 36412, "destination_port": 38412}},
+            ("SCTP", 36412, 38412, None, None, None),
+        ),
         ({"VRRP": {"type": 1, "vrid": 7}}, ("VRRP", None, None, None, None, None)),
         ({"IGMP": {"type": 22}}, ("IGMP", None, None, None, None, None)),
         ({}, (None, None, None, None, None, None)),
@@ -293,10 +312,18 @@ def test_dns_request_and_response() -> None:
         },
     )
     assert (request["flow_type"], request["l7_type"], request["l7_protocol"]) == ("L7", "REQUEST", "dns")
-    assert (request["dns_query"], request["dns_qtypes"], request["dns_rcode"]) == ("api.example.com.", ["A"], 0)
+    assert (request["dns_query"], request["dns_qtypes"], request["dns_rcode"]) == (
+        "api.example.com.",
+        ["A"],
+        0,
+    )
     assert (request["dns_ips"], request["dns_ttl"], request["latency_ns"]) == ([], 0, 0)
     assert response["l7_type"] == "RESPONSE" and response["latency_ns"] == 1_500_000
-    assert (response["dns_rcode"], response["dns_ips"], response["dns_ttl"]) == (3, ["1.2.3.4", "5.6.7.8"], 30)
+    assert (response["dns_rcode"], response["dns_ips"], response["dns_ttl"]) == (
+        3,
+        ["1.2.3.4", "5.6.7.8"],
+        30,
+    )
 
 
 def test_http_request_and_response() -> None:
@@ -389,7 +416,9 @@ def test_timestamps_with_any_fraction_digits(stamp: str, expected: str) -> None:
 
 
 def test_envelope_time_and_node_name_fill_in_for_the_flow() -> None:
-    line = json.dumps({"flow": {"verdict": "FORWARDED"}, "node_name": "c1/n1", "time": "2024-01-01T00:00:01Z"})
+    line = json.dumps(
+        {"flow": {"verdict": "FORWARDED"}, "node_name": "c1/n1", "time": "2024-01-01T00:00:01Z"}
+    )
     block, per_line = json_tables([line])
     assert block.equals(per_line) and block.equals(proto_table([line]))
     got = block.to_pylist()[0]
@@ -409,7 +438,9 @@ def test_flow_time_wins_over_the_envelope_time() -> None:
     [("kind-kind/worker", None, "kind-kind"), ("worker", None, None), ("worker", "prod", "prod"),
      ("east/worker", "prod", "east"), ("", "prod", "prod")],
 )  # fmt: skip
-def test_cluster_name_from_node_name_or_override(node: str, override: str | None, expected: str | None) -> None:
+def test_cluster_name_from_node_name_or_override(
+    node: str, override: str | None, expected: str | None
+) -> None:
     got = row({"node_name": node, "verdict": "FORWARDED"}, cluster_name=override)
     assert got["cluster_name"] == expected
     assert got["node_name"] == (node or None)
@@ -418,8 +449,17 @@ def test_cluster_name_from_node_name_or_override(node: str, override: str | None
 def test_empty_strings_become_null() -> None:
     got = row({"uuid": "", "node_name": "", "IP": {"source": "", "destination": "10.0.0.9"},
                "source": {"namespace": "", "pod_name": "", "workloads": [{"name": "", "kind": ""}]}})  # fmt: skip
-    assert (got["uuid"], got["node_name"], got["source_ip"], got["destination_ip"]) == (None, None, None, "10.0.0.9")
-    assert (got["source_namespace"], got["source_pod_name"], got["source_workload_name"]) == (None, None, None)
+    assert (got["uuid"], got["node_name"], got["source_ip"], got["destination_ip"]) == (
+        None,
+        None,
+        None,
+        "10.0.0.9",
+    )
+    assert (got["source_namespace"], got["source_pod_name"], got["source_workload_name"]) == (
+        None,
+        None,
+        None,
+    )
     assert got["source_identity"] == 0  # present endpoint, identity omitted as zero
 
 
@@ -474,7 +514,11 @@ def test_unknown_enum_number_becomes_its_decimal_string() -> None:
     block = normalize_json_lines(lines[0].encode() + b"\n")
     assert block.errors == []
     got = block.flows.to_pylist()[0]
-    assert (got["verdict"], got["drop_reason_desc"], got["traffic_direction"]) == ("42", "POLICY_DENIED", None)
+    assert (got["verdict"], got["drop_reason_desc"], got["traffic_direction"]) == (
+        "42",
+        "POLICY_DENIED",
+        None,
+    )
     message = flow_pb2.Flow(verdict=42, drop_reason_desc=133)  # open enums keep unknown numbers
     via_proto = normalize_flows([message]).to_pylist()[0]
     assert (via_proto["verdict"], via_proto["drop_reason_desc"]) == ("42", "POLICY_DENIED")
@@ -539,9 +583,19 @@ def test_lost_events_node_status_agent_and_debug_events_are_counted_not_flows() 
                    normalize_json_texts(list(enumerate(data.split(b"\n"), 1)))):  # fmt: skip
         assert events.errors == []
         assert events.flows.num_rows == 1
-        assert (events.node_status, events.agent_events, events.debug_events, events.unknown_events) == (1, 1, 1, 1)
+        assert (events.node_status, events.agent_events, events.debug_events, events.unknown_events) == (
+            1,
+            1,
+            1,
+            1,
+        )
         first, second = events.lost_events
-        assert (first.source, first.num_events_lost, first.cpu, first.node_name) == ("HUBBLE_RING_BUFFER", 17, 5, "n1")
+        assert (first.source, first.num_events_lost, first.cpu, first.node_name) == (
+            "HUBBLE_RING_BUFFER",
+            17,
+            5,
+            "n1",
+        )
         assert first.time == datetime(2024, 1, 1, 0, 0, 3, 500000, tzinfo=UTC)
         assert first.first == datetime(2024, 1, 1, tzinfo=UTC) and first.last is None
         assert (second.source, second.num_events_lost, second.cpu) == ("PERF_EVENT_RING_BUFFER", 2, None)

@@ -25,8 +25,9 @@ import re
 import sys
 import threading
 import zlib
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -44,6 +45,7 @@ BLOCK_BYTES = 16 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024
 """A longer line is reported (`line_too_long`) and skipped instead of growing memory without bound."""
 ARRAY_BATCH_ITEMS = 10_000
+DECODE_THREADS = 4
 STDIN = "-"
 
 REASON_TRUNCATED = "truncated"
@@ -54,7 +56,9 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _COMPRESSED_READ_BYTES = 1024 * 1024
 _INPUT_SUFFIXES = (".log", ".json", ".jsonl", ".ndjson", ".jsonpb")
 # lumberjack's rotated backups: <name>-<YYYY-MM-DDTHH-MM-SS.mmm><ext>[.gz]
-_BACKUP = re.compile(r"(?P<stem>.+)-(?P<time>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}\.\d{3})(?P<ext>\.[^.]+)(\.gz)?")
+_BACKUP = re.compile(
+    r"(?P<stem>.+)-(?P<time>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}\.\d{3})(?P<ext>\.[^.]+)(\.gz)?"
+)
 
 
 @dataclass(slots=True)
@@ -119,6 +123,8 @@ class FileSource:
         self._read: dict[str, tuple[int, int, bool]] = {}
         self._stdin = stdin
         self._closed = threading.Event()
+        # Blocks are decoded this many at a time (pyarrow parses and computes without the GIL).
+        self.decode_threads = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
 
     # -- Source protocol -------------------------------------------------------------------------------
 
@@ -158,8 +164,14 @@ class FileSource:
             in_run = self._read.get(key)
             if in_run is not None and in_run[0] > records:
                 records, offset, partial = in_run
-            start = _Start(path=name, key=key, replaces=old_key if old_key not in (None, key) else None,
-                           records=records, offset=offset, partial=partial)
+            start = _Start(
+                path=name,
+                key=key,
+                replaces=old_key if old_key not in (None, key) else None,
+                records=records,
+                offset=offset,
+                partial=partial,
+            )
             if head.lstrip()[:1] == b"[":
                 yield from self._read_array(reader, start)
             else:
@@ -170,72 +182,74 @@ class FileSource:
 
     def _read_lines(self, reader: _Reader, start: _Start) -> Iterator[EventBatch]:
         name = start.path
-        records, offset = 0, 0
-        layout = None
-        carry = b""
-        truncated: _Truncated | None = None
-        discarding = False
-        try:
-            if start.records:
-                offset = reader.skip(start.offset, start.partial)
-                records = start.records
-                self.summary.lines_already_ingested += start.records
-            for chunk in _gathered(reader.chunks(), self.block_bytes):
-                if self._closed.is_set():
-                    return
-                if discarding:
-                    cut = chunk.find(b"\n")
-                    if cut < 0:
-                        offset += len(chunk)
-                        continue
-                    offset += cut + 1
-                    records += 1
-                    chunk, discarding = chunk[cut + 1 :], False
-                buf = carry + chunk if carry else chunk
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    carry = buf
-                    if len(carry) > MAX_LINE_BYTES:
-                        yield self._emit(DecodedEvents(errors=[FlowDecodeError(
-                            f"line longer than {MAX_LINE_BYTES} bytes; skipped", path=name,
-                            line_number=records + 1, reason=REASON_LINE_TOO_LONG)]), start, records, offset)
-                        offset += len(carry)
-                        carry, discarding = b"", True
-                    continue
-                block, carry = buf[: cut + 1], buf[cut + 1 :]
-                if layout is None:
-                    layout = guess_block_layout(block)
-                decoded = decode_lines(
-                    block, path=name, first_line=records + 1, cluster_name=self.cluster_name, layout=layout
-                )
-                records += block.count(b"\n")
-                offset += len(block)
-                yield self._emit(decoded, start, records, offset)
-        except _Truncated as exc:
-            truncated = exc
-        if discarding or self._closed.is_set():
+        split = _LineBlocks(reader, name, self.block_bytes)
+        if start.records:
+            try:
+                split.offset = reader.skip(start.offset, start.partial)
+            except _Truncated as exc:
+                split.truncated = exc
+            split.records = start.records
+            self.summary.lines_already_ingested += start.records
+        layout: list[str] = []  # guessed from the first block, then kept for the file
+
+        def decode(block: _Block) -> DecodedEvents:
+            if block.error is not None:
+                return DecodedEvents(errors=[block.error])
+            if not layout:
+                layout.append(guess_block_layout(block.data))
+            return decode_lines(
+                block.data,
+                path=name,
+                first_line=block.first_line,
+                cluster_name=self.cluster_name,
+                layout=layout[0],
+                threads=self.decode_threads <= 1,
+            )
+
+        for block, decoded in _in_order(decode, split.blocks(self._closed), self.decode_threads):
+            if self._closed.is_set():
+                return  # blocks decoded ahead are dropped: their position was never handed out
+            yield self._emit(decoded, start, block.records, block.offset)
+        if split.discarding or self._closed.is_set():
             return
+        records, offset = split.records, split.offset
         partial = False
         errors: list[FlowDecodeError] = []
         decoded = DecodedEvents()
-        if carry.strip():
+        if split.carry.strip():
             # The last line has no newline: a file still being written, or cut short.
-            decoded = decode_lines(carry, path=name, first_line=records + 1, cluster_name=self.cluster_name,
-                                   layout=layout or ENVELOPE)
+            decoded = decode_lines(
+                split.carry,
+                path=name,
+                first_line=records + 1,
+                cluster_name=self.cluster_name,
+                layout=layout[0] if layout else ENVELOPE,
+            )
             if decoded.errors:
                 decoded = DecodedEvents()
-                if truncated is None:
-                    errors.append(FlowDecodeError(
-                        "the last line is incomplete (no newline at the end of the file and not valid JSON); "
-                        "it is read again next time", path=name, line_number=records + 1, reason=REASON_TRUNCATED))
+                if split.truncated is None:
+                    errors.append(
+                        FlowDecodeError(
+                            "the last line is incomplete (no newline at the end of the file and not valid JSON); "
+                            "it is read again next time",
+                            path=name,
+                            line_number=records + 1,
+                            reason=REASON_TRUNCATED,
+                        )
+                    )
             else:
                 records += 1
-                offset += len(carry)
+                offset += len(split.carry)
                 partial = True
-        if truncated is not None:
-            errors.append(FlowDecodeError(
-                f"{truncated}; every line up to line {records} was read, the rest of the file is lost",
-                path=name, line_number=records + 1, reason=REASON_TRUNCATED))
+        if split.truncated is not None:
+            errors.append(
+                FlowDecodeError(
+                    f"{split.truncated}; every line up to line {records} was read, the rest of the file is lost",
+                    path=name,
+                    line_number=records + 1,
+                    reason=REASON_TRUNCATED,
+                )
+            )
         decoded.errors.extend(errors)
         if decoded.flows.num_rows or decoded.errors or decoded.lost_events or partial:
             yield self._emit(decoded, start, records, offset, partial=partial)
@@ -254,8 +268,9 @@ class FileSource:
                 items.append((line_number, item))
                 records += 1
                 if len(items) >= ARRAY_BATCH_ITEMS:
-                    yield self._emit(decode_objects(items, path=name, cluster_name=self.cluster_name), start,
-                                     records, 0)
+                    yield self._emit(
+                        decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0
+                    )
                     items = []
                     if self._closed.is_set():
                         return
@@ -267,7 +282,9 @@ class FileSource:
             return
         self.summary.lines_already_ingested += skipped
         if items:
-            yield self._emit(decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0)
+            yield self._emit(
+                decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0
+            )
 
     def _emit(
         self, decoded: DecodedEvents, start: _Start, records: int, offset: int, *, partial: bool = False
@@ -291,7 +308,12 @@ class FileSource:
         if records > self._read.get(start.key, (0, 0, False))[0]:
             self._read[start.key] = (records, offset, partial)
         position = FilePosition(
-            path=start.path, key=start.key, records=records, offset=offset, partial=partial, replaces=start.replaces
+            path=start.path,
+            key=start.key,
+            records=records,
+            offset=offset,
+            partial=partial,
+            replaces=start.replaces,
         )
         return EventBatch(
             flows=decoded.flows if decoded.flows.num_rows else empty_flows(),
@@ -315,7 +337,11 @@ def read_events(
     >>> flows = sum(batch.flows.num_rows for batch in read_events(["flows.json"]))  # doctest: +SKIP
     """
     source = FileSource(
-        paths, cluster_name=cluster_name, strict=strict, checkpoint_path=checkpoint_path, block_bytes=block_bytes
+        paths,
+        cluster_name=cluster_name,
+        strict=strict,
+        checkpoint_path=checkpoint_path,
+        block_bytes=block_bytes,
     )
     return source.batches()
 
@@ -385,6 +411,93 @@ class _Start:
     records: int
     offset: int
     partial: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """Whole lines to decode (or a line-level error), with the line count and offset after them."""
+
+    data: bytes
+    first_line: int
+    records: int
+    offset: int
+    error: FlowDecodeError | None = None
+
+
+class _LineBlocks:
+    """Cuts a content into blocks of whole lines; what is left at the end stays in `carry`."""
+
+    def __init__(self, reader: _Reader, name: str, block_bytes: int) -> None:
+        self.reader = reader
+        self.name = name
+        self.block_bytes = block_bytes
+        self.records = 0
+        self.offset = 0
+        self.carry = b""
+        self.discarding = False  # inside a line that is too long, until its newline
+        self.truncated: _Truncated | None = None
+
+    def blocks(self, closed: threading.Event) -> Iterator[_Block]:
+        """The blocks, in order; a compressed stream's break ends them and is kept in `truncated`."""
+        if self.truncated is not None:
+            return
+        try:
+            for chunk in _gathered(self.reader.chunks(), self.block_bytes):
+                if closed.is_set():
+                    return
+                if self.discarding:
+                    cut = chunk.find(b"\n")
+                    if cut < 0:
+                        self.offset += len(chunk)
+                        continue
+                    self.offset += cut + 1
+                    self.records += 1
+                    chunk, self.discarding = chunk[cut + 1 :], False
+                buf = self.carry + chunk if self.carry else chunk
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    self.carry = buf
+                    if len(buf) > MAX_LINE_BYTES:
+                        error = FlowDecodeError(
+                            f"line longer than {MAX_LINE_BYTES} bytes; skipped",
+                            path=self.name,
+                            line_number=self.records + 1,
+                            reason=REASON_LINE_TOO_LONG,
+                        )
+                        self.offset += len(buf)
+                        self.carry, self.discarding = b"", True
+                        yield _Block(b"", self.records + 1, self.records, self.offset, error)
+                    continue
+                data, self.carry = buf[: cut + 1], buf[cut + 1 :]
+                first = self.records + 1
+                self.records += data.count(b"\n")
+                self.offset += len(data)
+                yield _Block(data, first, self.records, self.offset)
+        except _Truncated as exc:
+            self.truncated = exc
+
+
+def _in_order(
+    decode: Callable[[_Block], DecodedEvents], blocks: Iterator[_Block], threads: int
+) -> Iterator[tuple[_Block, DecodedEvents]]:
+    """Decode blocks on `threads` threads (pyarrow releases the GIL), yielding results in input order."""
+    if threads <= 1:
+        for block in blocks:
+            yield block, decode(block)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowpipe-decode")
+    pending: deque[tuple[_Block, Future[DecodedEvents]]] = deque()
+    try:
+        for block in blocks:
+            pending.append((block, pool.submit(decode, block)))
+            if len(pending) >= threads:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _gathered(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
@@ -518,8 +631,12 @@ def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
             eof = True
             return False
         except _Truncated as exc:
-            raise FlowDecodeError(f"{exc}; the array is read up to here", path=name,
-                                  line_number=line + text.count("\n", 0, pos), reason=REASON_TRUNCATED) from exc
+            raise FlowDecodeError(
+                f"{exc}; the array is read up to here",
+                path=name,
+                line_number=line + text.count("\n", 0, pos),
+                reason=REASON_TRUNCATED,
+            ) from exc
         line += text.count("\n", 0, pos)
         text, pos = text[pos:] + utf8.decode(chunk), 0
         return True
@@ -534,8 +651,12 @@ def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
                 return text[pos : pos + 1]
 
     def fail(message: str) -> FlowDecodeError:
-        return FlowDecodeError(message, path=name, line_number=line + text.count("\n", 0, pos),
-                               reason=REASON_TRUNCATED if eof and pos >= len(text) else "invalid_json")
+        return FlowDecodeError(
+            message,
+            path=name,
+            line_number=line + text.count("\n", 0, pos),
+            reason=REASON_TRUNCATED if eof and pos >= len(text) else "invalid_json",
+        )
 
     if peek() != "[":
         raise fail("expected a JSON array")
@@ -547,7 +668,9 @@ def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
             return
         if not first:
             if char != ",":
-                raise fail("invalid JSON array: expected ',' or ']'" if char else "the JSON array is not closed")
+                raise fail(
+                    "invalid JSON array: expected ',' or ']'" if char else "the JSON array is not closed"
+                )
             pos += 1
             char = peek()
         if not char:

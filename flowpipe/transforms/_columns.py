@@ -85,9 +85,7 @@ def _policies(values: pa.Array) -> pa.Array:
     items = lists.values
     name = pc.coalesce(pc.struct_field(items, ["name"]), "")
     namespace = pc.coalesce(pc.struct_field(items, ["namespace"]), "")
-    joined = pc.if_else(
-        pc.equal(namespace, ""), name, pc.binary_join_element_wise(namespace, name, "/")
-    )
+    joined = pc.if_else(pc.equal(namespace, ""), name, pc.binary_join_element_wise(namespace, name, "/"))
     return pa.ListArray.from_arrays(lists.offsets, joined)
 
 

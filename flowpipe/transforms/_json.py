@@ -28,15 +28,15 @@ from flowpipe.transforms._columns import build_flow_table
 from flowpipe.transforms._enums import enum_name_or_number
 from flowpipe.transforms._json_schema import (
     BARE_FLOW_KEYS,
+    ENVELOPE,
     EVENT_KINDS,
     FLOW_SPEC,
+    FULL,
     LINE_SPEC,
     Leaf,
     ListOf,
     Spec,
     camel,
-    ENVELOPE,
-    FULL,
     canonical_type,
     canonicalize,
     guess_layout,
@@ -44,14 +44,17 @@ from flowpipe.transforms._json_schema import (
     sentinels,
 )
 
-# pyarrow splits a block into chunks of this size and parses them in parallel; a line longer than this makes
-# the block fall back to the per-line path (still correct, only slower).
+# pyarrow splits a block into chunks of this size and parses them in parallel (`threads=True`); a caller that
+# decodes several blocks at once parses each on one thread, where larger chunks cost less.
 PARSE_CHUNK_BYTES = 1 << 20
+SERIAL_PARSE_CHUNK_BYTES = 4 << 20
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INTEGER = re.compile(r"-?[0-9]+")
 # What the row builder's timestamp cast accepts, checked up front so a bad line is found without Arrow.
-_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:?[0-9]{2})")
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:?[0-9]{2})"
+)
 
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
@@ -89,15 +92,17 @@ def decode_lines(
     first_line: int,
     cluster_name: str | None = None,
     layout: str | None = None,
+    threads: bool = True,
 ) -> DecodedEvents:
     """Decode a block of whole JSON lines (`first_line` is the 1-based number of its first line).
 
     `layout` is the parse layout of the file (`guess_layout` of its first record); None guesses it here.
+    `threads=False` parses on the calling thread only (for callers that decode several blocks at once).
     """
     if layout is None:
         layout = guess_block_layout(data)
     try:
-        return _decode_block(data, layout, cluster_name)
+        return _decode_block(data, layout, cluster_name, threads)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         pass
     items = [(first_line + i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
@@ -115,10 +120,10 @@ def guess_block_layout(data: bytes) -> str:
     return ENVELOPE
 
 
-def _decode_block(data: bytes, layout: str, cluster_name: str | None) -> DecodedEvents:
-    lines = _parse(data, layout)
+def _decode_block(data: bytes, layout: str, cluster_name: str | None, threads: bool) -> DecodedEvents:
+    lines = _parse(data, layout, threads)
     if layout != FULL and _needs_full(lines, layout):
-        lines = _parse(data, FULL)
+        lines = _parse(data, FULL, threads)
         layout = FULL
     if len(lines) == 0:
         return DecodedEvents()
@@ -127,12 +132,24 @@ def _decode_block(data: bytes, layout: str, cluster_name: str | None) -> Decoded
     return decode_canonical(lines, cluster_name=cluster_name)
 
 
-def _parse(data: bytes, layout: str) -> pa.StructArray:
-    table = pj.read_json(
-        io.BytesIO(data),
-        read_options=pj.ReadOptions(use_threads=True, block_size=PARSE_CHUNK_BYTES),
-        parse_options=pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore"),
-    )
+def _parse(data: bytes, layout: str, threads: bool = True) -> pa.StructArray:
+    chunk = PARSE_CHUNK_BYTES if threads else SERIAL_PARSE_CHUNK_BYTES
+    options = pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore")
+    try:
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(use_threads=threads, block_size=chunk),
+            parse_options=options,
+        )
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc) or len(data) <= chunk:
+            raise
+        # A line longer than a parse chunk: parse the block as one chunk instead.
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+            parse_options=options,
+        )
     table = table.combine_chunks()
     return pa.StructArray.from_arrays(
         [column.chunk(0) if column.num_chunks else pa.nulls(0, column.type) for column in table.columns],
@@ -200,7 +217,9 @@ def decode_canonical(lines: pa.StructArray, *, cluster_name: str | None = None) 
     if _count(only["lost_events"]):
         rows = only["lost_events"]
         out.lost_events = _lost_events(
-            pc.struct_field(lines, ["lost_events"]).filter(rows), envelope_node.filter(rows), envelope_time.filter(rows)
+            pc.struct_field(lines, ["lost_events"]).filter(rows),
+            envelope_node.filter(rows),
+            envelope_time.filter(rows),
         )
     return out
 
@@ -221,7 +240,10 @@ def _lost_events(records: pa.Array, node_names: pa.Array, times: pa.Array) -> li
 
     def stamps(values: pa.Array) -> list[datetime | None]:
         values = pc.if_else(pc.equal(values, ""), None, values)
-        return pc.cast(pc.cast(values, pa.timestamp("ns", tz="UTC")), utc_us, safe=False).to_pylist()
+        stamps: list[datetime | None] = pc.cast(
+            pc.cast(values, pa.timestamp("ns", tz="UTC")), utc_us, safe=False
+        ).to_pylist()
+        return stamps
 
     sources = pc.struct_field(records, ["source"]).to_pylist()
     counts = pc.cast(pc.struct_field(records, ["num_events_lost"]), pa.int64()).to_pylist()
@@ -263,7 +285,9 @@ def decode_texts(
             objects.append((line_number, json.loads(text)))
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             errors.append(
-                FlowDecodeError(f"invalid JSON: {exc}", path=path, line_number=line_number, reason=REASON_INVALID_JSON)
+                FlowDecodeError(
+                    f"invalid JSON: {exc}", path=path, line_number=line_number, reason=REASON_INVALID_JSON
+                )
             )
     out = decode_objects(objects, path=path, cluster_name=cluster_name)
     out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
@@ -290,7 +314,9 @@ def decode_objects(
         try:
             good.append((line_number, _sanitize_struct(value, LINE_SPEC, "")))
         except _BadValue as exc:
-            errors.append(FlowDecodeError(str(exc), path=path, line_number=line_number, reason=REASON_INVALID_VALUE))
+            errors.append(
+                FlowDecodeError(str(exc), path=path, line_number=line_number, reason=REASON_INVALID_VALUE)
+            )
     out = _decode_sanitized(good, path=path, cluster_name=cluster_name)
     out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
     return out
@@ -309,7 +335,10 @@ def _decode_sanitized(
             return DecodedEvents(
                 errors=[
                     FlowDecodeError(
-                        f"invalid value: {exc}", path=path, line_number=good[0][0], reason=REASON_INVALID_VALUE
+                        f"invalid value: {exc}",
+                        path=path,
+                        line_number=good[0][0],
+                        reason=REASON_INVALID_VALUE,
                     )
                 ]
             )
@@ -414,9 +443,13 @@ def _integer(value: Any) -> int | None:
     number: int | None = None
     if isinstance(value, int):
         number = value
-    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and _INTEGER.fullmatch(value):
+    elif (
+        isinstance(value, float)
+        and math.isfinite(value)
+        and value.is_integer()
+        or isinstance(value, str)
+        and _INTEGER.fullmatch(value)
+    ):
         number = int(value)
     if number is None or not _INT64_MIN <= number <= _INT64_MAX:
         return None

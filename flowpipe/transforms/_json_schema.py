@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +33,7 @@ class ListOf:
     item: Spec
 
 
-Spec = Union[Leaf, ListOf, dict[str, "Spec"]]
+Spec = Leaf | ListOf | dict[str, "Spec"]
 
 STR = Leaf("str")
 INT = Leaf("int")
@@ -205,7 +204,9 @@ def parse_schema(layout: str = FULL) -> pa.Schema:
 def _sentinel_type(name: str) -> pa.DataType:
     # Only presence matters. A value of another type fails the block, which then takes the per-line path.
     return {"isReply": pa.bool_()}.get(name) or (
-        pa.string() if name in ("nodeName", "trafficDirection", "dropReasonDesc", "traceObservationPoint") else _PRESENCE
+        pa.string()
+        if name in ("nodeName", "trafficDirection", "dropReasonDesc", "traceObservationPoint")
+        else _PRESENCE
     )
 
 
@@ -259,10 +260,14 @@ def canonicalize(array: pa.StructArray) -> pa.StructArray:
 def _canonical(array: pa.Array, spec: Spec) -> pa.Array:
     if isinstance(spec, dict):
         return _canonical_struct(array, spec)
-    if isinstance(spec, ListOf) and isinstance(spec.item, dict):
-        if _has_aliases(spec.item) and array.null_count < len(array):
-            flat = _canonical_struct(array.values, spec.item)
-            return pa.ListArray.from_arrays(array.offsets, flat, mask=array.is_null())
+    if (
+        isinstance(spec, ListOf)
+        and isinstance(spec.item, dict)
+        and _has_aliases(spec.item)
+        and array.null_count < len(array)
+    ):
+        flat = _canonical_struct(array.values, spec.item)
+        return pa.ListArray.from_arrays(array.offsets, flat, mask=array.is_null())
     return array
 
 
