@@ -20,3 +20,8 @@ COMMANDS += [ingest, bench]
 from flowpipe.commands.serve_metrics import serve_metrics  # noqa: E402
 
 COMMANDS.append(serve_metrics)
+
+from flowpipe.commands.audit import audit  # noqa: E402
+from flowpipe.commands.replay import replay  # noqa: E402
+
+COMMANDS += [replay, audit]
