@@ -21,6 +21,10 @@ from flowpipe.commands.serve_metrics import serve_metrics  # noqa: E402
 
 COMMANDS.append(serve_metrics)
 
+from flowpipe.commands.simulate import simulate  # noqa: E402
+
+COMMANDS.append(simulate)
+
 from flowpipe.commands.audit import audit  # noqa: E402
 from flowpipe.commands.replay import replay  # noqa: E402
 
