@@ -14,6 +14,18 @@ import pyarrow as pa
 
 from flowpipe.model import FLOW_SCHEMA
 
+DB_NETWORK_POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 5432}]
+"""
+"""A NetworkPolicy in namespace shop: pods `app: db` accept only `app: api` on TCP 5432."""
+
 
 def pod(namespace: str, app: str, **labels: str) -> dict[str, Any]:
     """One end of a flow: a pod of workload `app` in `namespace`, with Cilium labels as Hubble reports them."""

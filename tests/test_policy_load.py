@@ -9,17 +9,9 @@ import pytest
 from flowpipe.errors import PolicyParseError
 from flowpipe.policy.load import load_policies, parse_policies
 from flowpipe.policy.model import ANY_PEER, Peer, Port
+from tests.policy_support import DB_NETWORK_POLICY
 
-NETPOL = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: api}}}]
-    ports: [{port: 5432}]
-"""
+NETPOL = DB_NETWORK_POLICY
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

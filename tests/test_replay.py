@@ -8,7 +8,7 @@ import pytest
 
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.replay import ReplayReport, replay_edges, replay_flows
-from tests.policy_support import flow, pod, reserved, table
+from tests.policy_support import DB_NETWORK_POLICY, flow, pod, reserved, table
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
@@ -32,16 +32,7 @@ def rule_counts(report: ReplayReport) -> dict[str, int]:
     return {f"{r.policy} {r.rule}": r.matched_flows for r in report.rules}
 
 
-K8S_DB = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: api}}}]
-    ports: [{port: 5432}]
-"""
+K8S_DB = DB_NETWORK_POLICY
 
 
 def test_pods_no_policy_selects_allow_everything() -> None:

@@ -9,6 +9,8 @@ The semantics are those of the real implementations (Cilium enforces both flavou
 - Cilium deny rules (`ingressDeny`, `egressDeny`) win over every allow rule.
 - Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true, no L7
   `RESPONSE`, and a TCP `SYN,ACK` without `is_reply` is a reply too.
+- Ingress from the local host (`reserved:host`: kubelet probes) is always allowed, as with Cilium's default
+  `allow-localhost: auto`; `allow_localhost=False` judges it like any peer (`allow-localhost: policy`).
 - Each flow is judged where Hubble observed it: a flow with `traffic_direction` EGRESS by the source's egress
   policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
   that Hubble reports at both ends thus has each end judged by the policies enforced there.
@@ -219,8 +221,9 @@ class _CompiledRule:
 class PolicySet:
     """Compiled policies, ready to judge requests; caches which policies select each endpoint."""
 
-    def __init__(self, policies: Sequence[Policy]) -> None:
+    def __init__(self, policies: Sequence[Policy], *, allow_localhost: bool = True) -> None:
         self.policies = list(policies)
+        self.allow_localhost = allow_localhost
         self.rule_ids = [p.rule_ids() for p in self.policies]
         self._subjects = [m.subject_requirements(p) for p in self.policies]
         self._rules: dict[tuple[int, str], list[_CompiledRule]] = defaultdict(list)
@@ -266,6 +269,8 @@ class PolicySet:
             return Decision(False, allows + denies, f"denied by {names}")
         if allows or not isolated:
             return Decision(True, allows)
+        if direction == "ingress" and self.allow_localhost and "host" in peer.reserved:
+            return Decision(True, allows)
         isolating = sorted(
             {self.policies[p].key for p in selecting if direction in self.policies[p].isolates}
         )
@@ -278,6 +283,7 @@ def replay_flows(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    allow_localhost: bool = True,
 ) -> ReplayReport:
     """Replay a table of flow rows (FLOW_SCHEMA) through `policies`.
 
@@ -294,13 +300,15 @@ def replay_flows(
         raise QueryError(f"grouping flows into edges failed: {exc}", sql=EDGES_SQL) from exc
     finally:
         con.close()
-    return replay_edges(policies, edges)
+    return replay_edges(policies, edges, allow_localhost=allow_localhost)
 
 
-def replay_edges(policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[str, Any]]) -> ReplayReport:
+def replay_edges(
+    policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[str, Any]], *, allow_localhost: bool = True
+) -> ReplayReport:
     """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`."""
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
-    policy_set = PolicySet(policies)
+    policy_set = PolicySet(policies, allow_localhost=allow_localhost)
     report = ReplayReport(warnings=list(policy_set.warnings))
     matched: Counter[tuple[int, int]] = Counter()
     denied: dict[tuple[Any, ...], list[int]] = {}
