@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import yaml
 from conftest import require_binary
 
+from flowpipe.metrics import Role, series_names
+
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_SECONDS = 60.0
@@ -286,3 +288,40 @@ def dashboard_expressions() -> list[tuple[str, str, str]]:
                 if target.get("expr"):
                     out.append((name, panel["title"], target["expr"]))
     return out
+
+
+# -- dashboards against a running flowpipe -------------------------------------------------------------------
+
+QUESTION_METRICS = frozenset({"flowpipe_unexpected_drops", "flowpipe_question_runs_total"})
+"""Filled only when the question catalog has `unexpected_drops`."""
+
+
+def question_available() -> bool:
+    try:
+        from flowpipe.query.catalog import load_questions
+    except ImportError:
+        return False
+    return "unexpected_drops" in load_questions()
+
+
+def deferred_to_collect() -> list[tuple[str, str, str]]:
+    """Dashboard queries that need metrics only `flowpipe collect` exports."""
+    dataset_names = series_names(role="dataset")
+    return [w for w in dashboard_expressions() if not promql_metric_names(w[2]) <= dataset_names]
+
+
+def check_dashboard_queries(prom: PrometheusServer, *, role: Role, with_question: bool) -> list[str]:
+    """Run every dashboard query that the role can fill through Prometheus; each must return data.
+
+    Returns the queries left out (other role, or the question missing) so the caller can report them.
+    """
+    names = series_names(role=role)
+    left_out = []
+    for dashboard, title, expr in dashboard_expressions():
+        used = promql_metric_names(expr)
+        if not used <= names or (used & QUESTION_METRICS and not with_question):
+            left_out.append(f"{dashboard}: {title}: {expr}")
+            continue
+        query = substitute_grafana_variables(expr)
+        wait_until(lambda q=query: prom.query(q), what=f"data for {dashboard} / {title}: {query}")
+    return left_out

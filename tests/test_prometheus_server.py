@@ -2,8 +2,9 @@
 equal what the dataset holds, new part files show up, and every dashboard query returns data.
 
 Dashboard queries over metrics that only `flowpipe collect` exports (relay connection, flushes, checkpoint age,
-decode errors, flowpipe's own drops) are listed by `deferred_to_collect()` and checked by the collect test,
-which runs `check_dashboard_queries(prom, role="collect")` against a collector following the simulated relay.
+decode errors, flowpipe's own drops) are listed by `_prom.deferred_to_collect()` and checked by the collect test,
+which runs `_prom.check_dashboard_queries(prom, role="collect", ...)` against a collector following the simulated
+relay.
 """
 
 from __future__ import annotations
@@ -21,57 +22,24 @@ from typing import Any
 import duckdb
 import pytest
 from _prom import (
+    QUESTION_METRICS,
     ROOT,
     PrometheusServer,
+    check_dashboard_queries,
     dashboard_expressions,
+    deferred_to_collect,
     http_get,
     promql_metric_names,
+    question_available,
     run_prometheus,
-    substitute_grafana_variables,
     wait_until,
 )
 from flowdata import flow, write_dataset
 
 from flowpipe.drop_reasons import drop_reason_table
-from flowpipe.metrics import Role, series_names
 from flowpipe.model import LostEvent
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
-
-QUESTION_METRICS = frozenset({"flowpipe_unexpected_drops", "flowpipe_question_runs_total"})
-"""Filled only when the question catalog has `unexpected_drops`."""
-
-
-def question_available() -> bool:
-    try:
-        from flowpipe.query.catalog import load_questions
-    except ImportError:
-        return False
-    return "unexpected_drops" in load_questions()
-
-
-def deferred_to_collect() -> list[tuple[str, str, str]]:
-    """Dashboard queries that need metrics only `flowpipe collect` exports."""
-    dataset_names = series_names(role="dataset")
-    return [w for w in dashboard_expressions() if not promql_metric_names(w[2]) <= dataset_names]
-
-
-def check_dashboard_queries(prom: PrometheusServer, *, role: Role, with_question: bool) -> list[str]:
-    """Run every dashboard query that the role can fill through Prometheus; each must return data.
-
-    Returns the queries left out (other role, or the question missing) so the caller can report them.
-    """
-    names = series_names(role=role)
-    left_out = []
-    for dashboard, title, expr in dashboard_expressions():
-        used = promql_metric_names(expr)
-        if not used <= names or (used & QUESTION_METRICS and not with_question):
-            left_out.append(f"{dashboard}: {title}: {expr}")
-            continue
-        query = substitute_grafana_variables(expr)
-        wait_until(lambda q=query: prom.query(q), what=f"data for {dashboard} / {title}: {query}")
-    return left_out
-
 
 # -- a dataset whose every count is known ----------------------------------------------------------------------
 
