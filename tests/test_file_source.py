@@ -141,6 +141,15 @@ def test_json_array_with_a_syntax_error_keeps_the_elements_before_it(tmp_path: P
     assert str(error).startswith(f"{path}:5: ")
 
 
+def test_byte_order_mark_and_crlf_line_ends(tmp_path: Path) -> None:
+    lines = tmp_path / "windows.json"
+    lines.write_bytes(b"\xef\xbb\xbf" + lines_of(uuids(3)).replace("\n", "\r\n").encode())
+    assert uuid_list(read_all(FileSource([lines]))[0]) == uuids(3)
+    array = tmp_path / "array.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([json.loads(flow_line("z"))]).encode())
+    assert uuid_list(read_all(FileSource([array]))[0]) == ["z"]
+
+
 def test_stdin(tmp_path: Path) -> None:
     source = FileSource(["-"], stdin=io.BytesIO(lines_of(uuids(4)).encode()))
     assert uuid_list(read_all(source)[0]) == uuids(4)

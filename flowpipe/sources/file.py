@@ -53,6 +53,7 @@ REASON_LINE_TOO_LONG = "line_too_long"
 REASON_UNKNOWN_EVENT = "unknown_event"
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
 _COMPRESSED_READ_BYTES = 1024 * 1024
 _INPUT_SUFFIXES = (".log", ".json", ".jsonl", ".ndjson", ".jsonpb")
 # lumberjack's rotated backups: <name>-<YYYY-MM-DDTHH-MM-SS.mmm><ext>[.gz]
@@ -172,7 +173,7 @@ class FileSource:
                 offset=offset,
                 partial=partial,
             )
-            if head.lstrip()[:1] == b"[":
+            if head.removeprefix(_UTF8_BOM).lstrip()[:1] == b"[":
                 yield from self._read_array(reader, start)
             else:
                 yield from self._read_lines(reader, start)
@@ -617,7 +618,7 @@ def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
     FlowDecodeError after every element before it was yielded.
     """
     decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     chunks = reader.chunks()
     text, pos, line, eof = "", 0, 1, False
 

@@ -33,6 +33,7 @@ from flowpipe.transforms._json_schema import (
     FLOW_SPEC,
     FULL,
     LINE_SPEC,
+    STR,
     Leaf,
     ListOf,
     Spec,
@@ -103,10 +104,75 @@ def decode_lines(
         layout = guess_block_layout(data)
     try:
         return _decode_block(data, layout, cluster_name, threads)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+    except _ARROW_ERRORS:
         pass
-    items = [(first_line + i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
-    return decode_texts(items, path=path, cluster_name=cluster_name)
+    # pyarrow rejected the block. First set aside the lines that are not JSON objects at all, then decode the
+    # rest again in halves, so that only a small group around a line pyarrow cannot take (an enum written as a
+    # number, say) goes through the slow per-line path.
+    good: list[tuple[int, bytes]] = []
+    errors: list[FlowDecodeError] = []
+    for index, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        line_number = first_line + index
+        try:
+            value = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            errors.append(_invalid_json(exc, path, line_number))
+            continue
+        if not isinstance(value, dict):
+            errors.append(_not_an_object(value, path, line_number))
+            continue
+        good.append((line_number, line))
+    out = _decode_in_halves(good, layout, path, cluster_name, threads, depth=0)
+    out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
+    return out
+
+
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+_MAX_HALVING_DEPTH = 3
+_SMALLEST_HALF = 64
+
+
+def _decode_in_halves(
+    lines: list[tuple[int, bytes]],
+    layout: str,
+    path: str,
+    cluster_name: str | None,
+    threads: bool,
+    depth: int,
+) -> DecodedEvents:
+    if depth > 0 and lines:
+        if len(lines) > _SMALLEST_HALF and depth <= _MAX_HALVING_DEPTH:
+            try:
+                return _decode_block(
+                    b"\n".join(line for _, line in lines) + b"\n", layout, cluster_name, threads
+                )
+            except _ARROW_ERRORS:
+                pass
+        if len(lines) <= _SMALLEST_HALF or depth >= _MAX_HALVING_DEPTH:
+            return decode_texts(lines, path=path, cluster_name=cluster_name)
+    if not lines:
+        return DecodedEvents()
+    middle = len(lines) // 2
+    out = _decode_in_halves(lines[:middle], layout, path, cluster_name, threads, depth + 1)
+    out.extend(_decode_in_halves(lines[middle:], layout, path, cluster_name, threads, depth + 1))
+    return out
+
+
+def _invalid_json(exc: ValueError, path: str, line_number: int) -> FlowDecodeError:
+    return FlowDecodeError(
+        f"invalid JSON: {exc}", path=path, line_number=line_number, reason=REASON_INVALID_JSON
+    )
+
+
+def _not_an_object(value: Any, path: str, line_number: int) -> FlowDecodeError:
+    return FlowDecodeError(
+        f"expected a JSON object, got {_json_type(value)}",
+        path=path,
+        line_number=line_number,
+        reason=REASON_NOT_AN_OBJECT,
+    )
 
 
 def guess_block_layout(data: bytes) -> str:
@@ -284,11 +350,7 @@ def decode_texts(
         try:
             objects.append((line_number, json.loads(text)))
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            errors.append(
-                FlowDecodeError(
-                    f"invalid JSON: {exc}", path=path, line_number=line_number, reason=REASON_INVALID_JSON
-                )
-            )
+            errors.append(_invalid_json(exc, path, line_number))
     out = decode_objects(objects, path=path, cluster_name=cluster_name)
     out.errors = sorted(errors + out.errors, key=lambda e: e.line_number or 0)
     return out
@@ -302,14 +364,7 @@ def decode_objects(
     errors: list[FlowDecodeError] = []
     for line_number, value in objects:
         if not isinstance(value, dict):
-            errors.append(
-                FlowDecodeError(
-                    f"expected a JSON object, got {_json_type(value)}",
-                    path=path,
-                    line_number=line_number,
-                    reason=REASON_NOT_AN_OBJECT,
-                )
-            )
+            errors.append(_not_an_object(value, path, line_number))
             continue
         try:
             good.append((line_number, _sanitize_struct(value, LINE_SPEC, "")))
@@ -363,32 +418,64 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+class _Struct:
+    """A struct spec prepared for the per-line path: every accepted key → (proto name, child, is alias)."""
+
+    def __init__(self, spec: dict[str, Spec]) -> None:
+        self.keys: dict[str, tuple[str, Spec, bool]] = {}
+        for name, child in spec.items():
+            self.keys[name] = (name, child, False)
+            alias = camel(name)
+            if alias != name and alias not in spec:
+                self.keys[alias] = (name, child, True)
+
+
+_STRUCTS: dict[int, _Struct] = {}
+
+
+def _struct(spec: dict[str, Spec]) -> _Struct:
+    found = _STRUCTS.get(id(spec))
+    if found is None:
+        found = _STRUCTS[id(spec)] = _Struct(spec)
+    return found
+
+
 def _sanitize_struct(value: Any, spec: dict[str, Spec], where: str) -> dict[str, Any]:
+    """Known keys of a JSON object, checked and coerced; unknown keys dropped; the proto name wins over its
+    camelCase alias. Raises _BadValue naming the field (`where` is only built on that error path)."""
     if not isinstance(value, dict):
         raise _BadValue(f"{where or 'line'}: expected an object, got {_json_type(value)}")
     out: dict[str, Any] = {}
-    for name, child in spec.items():
-        item = value.get(name)
-        if item is None:
-            alias = camel(name)
-            if alias != name and alias not in spec:
-                item = value.get(alias)
-        if item is not None:
-            out[name] = _sanitize(item, child, f"{where}.{name}" if where else name)
+    keys = _struct(spec).keys
+    for key, item in value.items():
+        known = keys.get(key)
+        if known is None or item is None:
+            continue
+        name, child, is_alias = known
+        if is_alias and name in value and value[name] is not None:
+            continue
+        if isinstance(child, Leaf):
+            out[name] = _sanitize_leaf(item, child, where, name)
+        elif isinstance(child, ListOf):
+            out[name] = _sanitize_list(item, child, f"{where}.{name}" if where else name)
+        else:
+            out[name] = _sanitize_struct(item, child, f"{where}.{name}" if where else name)
     return out
 
 
-def _sanitize(value: Any, spec: Spec, where: str) -> Any:
-    if isinstance(spec, dict):
-        return _sanitize_struct(value, spec, where)
-    if isinstance(spec, ListOf):
-        if not isinstance(value, list):
-            raise _BadValue(f"{where}: expected an array, got {_json_type(value)}")
-        return [None if item is None else _sanitize(item, spec.item, f"{where}[]") for item in value]
-    return _sanitize_leaf(value, spec, where)
+def _sanitize_list(value: Any, spec: ListOf, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _BadValue(f"{where}: expected an array, got {_json_type(value)}")
+    item_spec = spec.item
+    if item_spec is STR:
+        if all(type(item) is str or item is None for item in value):
+            return value
+    elif isinstance(item_spec, dict):
+        return [None if item is None else _sanitize_struct(item, item_spec, f"{where}[]") for item in value]
+    return [None if item is None else _sanitize_leaf(item, item_spec, where, "[]") for item in value]
 
 
-def _sanitize_leaf(value: Any, spec: Leaf, where: str) -> Any:
+def _sanitize_leaf(value: Any, spec: Leaf, where: str, name: str) -> Any:
     kind = spec.kind
     if kind == "str":
         if isinstance(value, str):
@@ -413,12 +500,19 @@ def _sanitize_leaf(value: Any, spec: Leaf, where: str) -> Any:
         number = _integer(value)
         if number is not None:
             return str(number)
-    elif kind == "time":
-        if isinstance(value, str) and (value == "" or _RFC3339.fullmatch(value)):
+    elif kind == "time" and isinstance(value, str):
+        if value == "" or _RFC3339.fullmatch(value):
             return value
-        if isinstance(value, str):
-            raise _BadValue(f"{where}: not an RFC 3339 timestamp: {value[:60]!r}")
-    raise _BadValue(f"{where}: expected {_KIND_WORDS[kind]}, got {_json_type(value)} {_short(value)}")
+        raise _BadValue(f"{_join(where, name)}: not an RFC 3339 timestamp: {value[:60]!r}")
+    raise _BadValue(
+        f"{_join(where, name)}: expected {_KIND_WORDS[kind]}, got {_json_type(value)} {_short(value)}"
+    )
+
+
+def _join(where: str, name: str) -> str:
+    if name == "[]":
+        return f"{where}[]"
+    return f"{where}.{name}" if where else name
 
 
 _KIND_WORDS = {
@@ -438,18 +532,15 @@ def _short(value: Any) -> str:
 
 def _integer(value: Any) -> int | None:
     """An integer as protobuf JSON allows it: a number (integral) or a decimal string; None if not one."""
+    number: int | None = None
     if isinstance(value, bool):
         return None
-    number: int | None = None
     if isinstance(value, int):
         number = value
-    elif (
-        isinstance(value, float)
-        and math.isfinite(value)
-        and value.is_integer()
-        or isinstance(value, str)
-        and _INTEGER.fullmatch(value)
-    ):
+    elif isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            number = int(value)
+    elif isinstance(value, str) and _INTEGER.fullmatch(value):
         number = int(value)
     if number is None or not _INT64_MIN <= number <= _INT64_MAX:
         return None
