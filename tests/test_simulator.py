@@ -3,6 +3,7 @@ the jsonpb file output and its agreement with the protobuf path."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -308,7 +309,7 @@ def test_servfail_burst_stays_in_its_window_and_blocks_the_connections(
     fault = truth.faults[f.DNS_SERVFAIL]
     assert fault.window_start is not None and fault.window_end is not None
     low, high = ns(fault.window_start), ns(fault.window_end)
-    sqs = [x for x in flows if e.SERVFAIL_NAME in x.destination_names and x.event_type.type == 4]
+    sqs = [x for x in flows if f.SERVFAIL_NAME in x.destination_names and x.event_type.type == 4]
     assert sqs and not [x for x in sqs if low + 10**9 <= t_ns(x) < high]
 
 
@@ -319,8 +320,8 @@ def test_lookups_without_answer(flows: list[Flow], truth: GroundTruth) -> None:
     answered = {(x.IP.destination, x.l4.UDP.destination_port) for x in dns if x.l7.type == flow_pb2.RESPONSE}
     end = int(START.timestamp() + DURATION - 1) * 10**9
     unanswered = [x for key, x in requests.items() if key not in answered and t_ns(x) < end]
-    assert {x.l7.dns.query for x in unanswered} == {e.NO_RESPONSE_QUERY}
-    all_for_query = [x for x in requests.values() if x.l7.dns.query == e.NO_RESPONSE_QUERY]
+    assert {x.l7.dns.query for x in unanswered} == {f.NO_RESPONSE_QUERY}
+    all_for_query = [x for x in requests.values() if x.l7.dns.query == f.NO_RESPONSE_QUERY]
     assert len(all_for_query) == fault.counts["l7_request"] == fault.counts["attempts"]
     assert fault.counts["l7_response"] == 0
 
@@ -434,10 +435,10 @@ def test_world_ingress(
 
 
 def test_json_lines_are_exactly_what_json_format_writes() -> None:
-    sim = Simulator(SimulatorConfig(seed=2, start=START, duration_seconds=8, rate_flows_per_second=300))
+    sim = Simulator(SimulatorConfig(seed=2, start=START, duration_seconds=5, rate_flows_per_second=300))
     lines = list(sim.json_lines())
     responses = list(sim.responses())
-    assert len(lines) == len(responses) > 1500
+    assert len(lines) == len(responses) > 1000
     for line, response in zip(lines, responses, strict=True):
         expected = json_format.MessageToDict(response, preserving_proto_field_name=True)
         assert line == json.dumps(expected, separators=(",", ":"))
@@ -445,48 +446,27 @@ def test_json_lines_are_exactly_what_json_format_writes() -> None:
 
 
 def test_cli_writes_jsonpb_and_ground_truth(tmp_path: Path) -> None:
-    out, truth_path = tmp_path / "flows.jsonl", tmp_path / "truth.json"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "simulate",
-            "--out",
-            str(out),
-            "--seed",
-            "5",
-            "--rate",
-            "200",
-            "--duration",
-            "10s",
-            "--start",
-            "2025-03-01T12:00:00Z",
-            "--fault",
-            "dns-nxdomain",
-            "--fault",
-            "port-scan",
-            "--ground-truth",
-            str(truth_path),
-        ],
-    )
+    out, truth_path = tmp_path / "flows.jsonl.gz", tmp_path / "truth.json"
+    args = f"simulate --out {out} --seed 5 --rate 200 --duration 8s --start 2025-03-01T12:00:00Z"
+    args += f" --fault dns-nxdomain --fault port-scan --ground-truth {truth_path}"
+    result = CliRunner().invoke(cli, args.split())
     assert result.exit_code == 0, result.output
-    lines = out.read_text().splitlines()
+    lines = gzip.decompress(out.read_bytes()).decode().splitlines()
     parsed = [json_format.Parse(line, observer_pb2.GetFlowsResponse()) for line in lines]
-    expected = Simulator(
-        SimulatorConfig(
-            seed=5,
-            start=START,
-            duration_seconds=10,
-            rate_flows_per_second=200,
-            faults=frozenset({f.DNS_NXDOMAIN, f.PORT_SCAN}),
-        )
+    faults = frozenset({f.DNS_NXDOMAIN, f.PORT_SCAN})
+    config = SimulatorConfig(
+        seed=5, start=START, duration_seconds=8, rate_flows_per_second=200, faults=faults
     )
-    assert parsed == list(expected.responses())
+    assert parsed == list(Simulator(config).responses())
     truth = GroundTruth.from_json(truth_path.read_text())
-    assert set(truth.faults) == {f.DNS_NXDOMAIN, f.PORT_SCAN}
+    assert set(truth.faults) == faults
     assert truth.totals["flows"] == len(lines)
-    assert truth.faults[f.DNS_NXDOMAIN].counts["l7_response"] == sum(
-        1 for p in parsed if p.flow.l7.dns.rcode == 3
-    )
+    nxdomain = sum(1 for p in parsed if p.flow.l7.dns.rcode == 3)
+    assert truth.faults[f.DNS_NXDOMAIN].counts["l7_response"] == nxdomain > 0
+    to_stdout = args.split()[:-2]  # without --ground-truth
+    to_stdout[2] = "-"
+    stdout = CliRunner().invoke(cli, to_stdout)
+    assert stdout.exit_code == 0 and stdout.stdout.splitlines() == lines
 
 
 def test_cli_rejects_bad_fault_flags(tmp_path: Path) -> None:
@@ -511,3 +491,58 @@ def test_config_validation_and_fault_parsing() -> None:
     assert parse_faults(["all"]) == frozenset(FAULT_NAMES)
     assert parse_faults(["none"]) == frozenset()
     assert parse_faults(["dns-nxdomain,port-scan"]) == {f.DNS_NXDOMAIN, f.PORT_SCAN}
+
+
+# --- agreement with the rest of flowpipe ---------------------------------------------------------------------
+
+
+def test_file_and_protobuf_paths_give_identical_rows() -> None:
+    from flowpipe.transforms.normalize import normalize_json_lines, normalize_responses
+
+    sim = Simulator(SimulatorConfig(seed=8, start=START, duration_seconds=10, rate_flows_per_second=300))
+    from_proto = normalize_responses(list(sim.responses())).flows
+    decoded = normalize_json_lines("".join(line + "\n" for line in sim.json_lines()).encode())
+    assert not decoded.errors
+    assert from_proto.num_rows > 2000
+    assert decoded.flows.equals(from_proto)
+    rows = from_proto.to_pylist()
+    assert {r["cluster_name"] for r in rows} == {"sim"}
+    assert {"TRACE" if r["event_type"] == 4 else r["l7_protocol"] for r in rows} >= {
+        "TRACE",
+        "dns",
+        "http",
+        "kafka",
+    }
+
+
+def test_replaying_the_cluster_policies_reproduces_the_policy_drops() -> None:
+    import pyarrow.compute as pc
+
+    from flowpipe.policy.load import parse_policies
+    from flowpipe.policy.replay import replay_flows
+    from flowpipe.transforms.normalize import normalize_responses
+
+    sim, responses = run(
+        duration_seconds=20, faults=frozenset({f.DNS_POLICY_DROP, f.PORT_SCAN, f.WORLD_INGRESS})
+    )
+    table = normalize_responses(responses).flows
+    # The kubelet's probes come from the local host, which Cilium lets in whatever the policies say.
+    table = table.filter(pc.not_equal(table["source_identity"], 1))
+    report = replay_flows(parse_policies(sim.policies.to_yaml()), table)
+    assert report.flows_evaluated > 1000
+    assert report.would_break == 0
+    assert report.would_allow_dropped == 0
+    assert report.denied == sum(e.dropped for e in report.denied_edges) > 0
+    sources = {edge.source for edge in report.denied_edges}
+    assert sources == {"staging/web", "staging/api", "production/web"}
+
+
+def test_cluster_policies_are_valid_cilium_documents(cilium_schemas: Path) -> None:
+    from tests.policy_support import validate_document
+
+    for faults in (frozenset(), frozenset(FAULT_NAMES)):
+        sim = Simulator(SimulatorConfig(faults=faults))
+        for doc in sim.policies.to_documents():
+            validate_document(doc, cilium_schemas)
+    history = Simulator().policy_history()
+    assert [p.revision for _, p in history] == [history[0][1].revision, history[0][1].revision + 1]

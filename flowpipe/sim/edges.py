@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from flowpipe.sim import faults as f
 from flowpipe.sim.cluster import Cluster
+from flowpipe.sim.faults import NO_RESPONSE_QUERY, NXDOMAIN_QUERY, REFUSED_QUERY, SERVFAIL_NAME
 from flowpipe.sim.wire import TCP, UDP
 
 US = 1_000
@@ -19,10 +20,6 @@ EXTERNAL_IPS: dict[str, tuple[str, ...]] = {
 WORLD_CLIENTS: tuple[str, ...] = tuple(
     [f"203.0.113.{i}" for i in range(7, 250, 11)] + [f"198.51.100.{i}" for i in range(5, 250, 13)]
 )
-NXDOMAIN_QUERY = "postgress.production.svc.cluster.local."
-REFUSED_QUERY = "ldap.corp.internal."
-NO_RESPONSE_QUERY = "events.analytics-partner.io."
-SERVFAIL_NAME = "sqs.eu-west-1.amazonaws.com"
 PROBE_PORTS: tuple[int, ...] = (
     21,
     22,
@@ -51,7 +48,6 @@ PROBE_PORTS: tuple[int, ...] = (
     11211,
     27017,
 )
-CT_FULL_NODE = "worker-2"
 
 
 @dataclass(frozen=True)

@@ -23,59 +23,71 @@ UNSELECTED_WORKLOAD = "unselected-workload"
 WORLD_INGRESS = "world-ingress"
 
 
+NXDOMAIN_QUERY = "postgress.production.svc.cluster.local."
+REFUSED_QUERY = "ldap.corp.internal."
+NO_RESPONSE_QUERY = "events.analytics-partner.io."
+SERVFAIL_NAME = "sqs.eu-west-1.amazonaws.com"
+CT_FULL_NODE = "worker-2"
+
+_COREDNS = ("kube-system", "coredns")
+
+
 @dataclass(frozen=True)
 class FaultSpec:
-    """One switchable trouble: what it is and when it happens (fractions of the simulated duration)."""
+    """One switchable trouble: what it is, when it happens (fractions of the simulated duration), and the fixed
+    facts its ground truth reports (who, to whom, which port and protocol, why)."""
 
     name: str
     description: str
+    reason: str
     window: tuple[float, float] = (0.0, 1.0)
+    source: tuple[str, str | None] | None = None
+    destination: tuple[str, str] | None = None
+    destination_name: str | None = None
+    port: int | None = None
+    protocol: str | None = None
+    details: tuple[tuple[str, Any], ...] = ()
+
+
+def _dns(
+    name: str, description: str, reason: str, source: tuple[str, str], query: str, **extra: Any
+) -> FaultSpec:
+    return FaultSpec(name, description, reason, extra.pop("window", (0.0, 1.0)), source, _COREDNS, query, 53, "UDP",
+                     tuple(extra.items()))  # fmt: skip
 
 
 FAULTS: tuple[FaultSpec, ...] = (
-    FaultSpec(
-        DNS_NXDOMAIN, "production/api looks up a misspelt service name (postgress...) and gets NXDOMAIN"
-    ),
-    FaultSpec(
-        DNS_SERVFAIL,
-        "the upstream resolver answers SERVFAIL for sqs.eu-west-1.amazonaws.com during a burst",
-        (0.30, 0.40),
-    ),
-    FaultSpec(DNS_REFUSED, "monitoring/grafana looks up ldap.corp.internal. and the forwarder refuses it"),
-    FaultSpec(
-        DNS_NO_RESPONSE,
-        "production/order-service looks up events.analytics-partner.io. and never gets an answer",
-    ),
-    FaultSpec(
-        DNS_POLICY_DROP,
-        "staging has a default-deny egress policy without a DNS allowance: lookups are dropped",
-    ),
-    FaultSpec(
-        PORT_SCAN,
-        "a compromised production/web pod probes its neighbours on many ports (policy drops)",
-        (0.45, 0.55),
-    ),
-    FaultSpec(
-        POLICY_REGRESSION,
-        "a new revision of policy production/api drops api -> redis:6379 from a known moment",
-        (0.60, 1.0),
-    ),
-    FaultSpec(
-        CT_MAP_FULL, "the conntrack table of node worker-2 is full: new connections are dropped", (0.20, 0.25)
-    ),
-    FaultSpec(
-        STALE_IP,
-        "a production/order-service pod sends from the address it had before a restart",
-        (0.70, 0.78),
-    ),
-    FaultSpec(
-        UNSELECTED_WORKLOAD, "no policy selects production/report-export: its flows carry no attribution"
-    ),
-    FaultSpec(
-        WORLD_INGRESS,
-        "production/api is reachable from the internet (world) on 8080, allowed by a broad rule",
-    ),
-)
+    _dns(DNS_NXDOMAIN, "production/api looks up a misspelt service name and gets NXDOMAIN", "NXDOMAIN",
+         ("production", "api"), NXDOMAIN_QUERY, rcode=3),
+    _dns(DNS_SERVFAIL, f"the upstream resolver answers SERVFAIL for {SERVFAIL_NAME} during a burst", "SERVFAIL",
+         ("production", "order-service"), SERVFAIL_NAME + ".", rcode=2, window=(0.30, 0.40)),
+    _dns(DNS_REFUSED, f"monitoring/grafana looks up {REFUSED_QUERY} and the forwarder refuses it", "REFUSED",
+         ("monitoring", "grafana"), REFUSED_QUERY, rcode=5),
+    _dns(DNS_NO_RESPONSE, f"production/order-service looks up {NO_RESPONSE_QUERY} and never gets an answer",
+         "NO_RESPONSE", ("production", "order-service"), NO_RESPONSE_QUERY),
+    FaultSpec(DNS_POLICY_DROP, "staging has a default-deny egress policy without a DNS allowance: lookups drop",
+              "POLICY_DENIED", source=("staging", None), destination=_COREDNS, port=53, protocol="UDP",
+              details=(("workloads", ["staging/web", "staging/api"]), ("policy", "staging/default-deny"),
+                       ("missing_policy", "staging/allow-dns"))),
+    FaultSpec(PORT_SCAN, "a compromised production/web pod probes its neighbours on many ports (policy drops)",
+              "POLICY_DENIED", (0.45, 0.55), ("production", "web"), protocol="TCP",
+              details=(("policy", "production/web"),)),
+    FaultSpec(POLICY_REGRESSION, "a new revision of policy production/api drops api -> redis:6379 from a moment on",
+              "POLICY_DENIED", (0.60, 1.0), ("production", "api"), ("production", "redis"), port=6379,
+              protocol="TCP", details=(("policy", "production/api"),)),
+    FaultSpec(CT_MAP_FULL, f"the conntrack table of node {CT_FULL_NODE} is full: new connections are dropped",
+              "CT_MAP_INSERTION_FAILED", (0.20, 0.25), protocol="TCP"),
+    FaultSpec(STALE_IP, "a production/order-service pod sends from the address it had before a restart",
+              "STALE_OR_UNROUTABLE_IP", (0.70, 0.78), ("production", "order-service"), ("production", "kafka"),
+              port=9092, protocol="TCP"),
+    FaultSpec(UNSELECTED_WORKLOAD, "no policy selects production/report-export: its flows carry no attribution",
+              "NO_POLICY", source=("production", "report-export"),
+              details=(("workload", "production/report-export"),
+                       ("counts_cover", "flows from or to production/report-export, except other faults' flows"))),
+    FaultSpec(WORLD_INGRESS, "production/api is reachable from the internet (world) on 8080, allowed by a broad rule",
+              "WORLD_INGRESS", destination=("production", "api"), port=8080, protocol="TCP",
+              details=(("policy", "production/api"), ("source_identity", 2))),
+)  # fmt: skip
 FAULT_NAMES: tuple[str, ...] = tuple(f.name for f in FAULTS)
 _SPECS = {f.name: f for f in FAULTS}
 
@@ -190,6 +202,18 @@ class GroundTruth:
         data = json.loads(text)
         data["faults"] = {name: FaultTruth(**value) for name, value in data["faults"].items()}
         return cls(**data)
+
+
+def truth_of(spec: FaultSpec, window: tuple[str | None, str | None]) -> FaultTruth:
+    """The ground-truth record of a fault with its fixed facts filled in (counts come later)."""
+    source = spec.source or (None, None)
+    destination = spec.destination or (None, None)
+    return FaultTruth(
+        name=spec.name, description=spec.description, reason=spec.reason, source_namespace=source[0],
+        source_workload=source[1], destination_namespace=destination[0], destination_workload=destination[1],
+        destination_name=spec.destination_name, port=spec.port, protocol=spec.protocol, window_start=window[0],
+        window_end=window[1], details=dict(spec.details),
+    )  # fmt: skip
 
 
 def fill_counts(truth: FaultTruth, tally: Tally) -> None:

@@ -238,46 +238,34 @@ class Simulator:
     def _renderer(self) -> Renderer:
         return Renderer(random.Random(f"uuid:{self.config.seed}").getrandbits(128))
 
-    def flow_bytes(self) -> Iterator[tuple[int, Template, bytes]]:
-        """(time_ns, template, serialized `flow.Flow`) for a fresh run: the cheapest form to ship or store."""
+    def _encoded(self) -> Iterator[tuple[int, Template, bytes]]:
         renderer = self._renderer()
         encode = renderer.flow_bytes
         for n, rec in enumerate(self._records()):
             l7 = rec[7]
+            l4 = l4_bytes(rec[3], rec[4], rec[5], rec[6])
             yield (
                 rec[0],
                 rec[2],
-                encode(
-                    rec[0],
-                    rec[2],
-                    l4_bytes(rec[3], rec[4], rec[5], rec[6]),
-                    l7_bytes(l7) if l7 is not None else b"",
-                    renderer.uuid(n),
-                ),
+                encode(rec[0], rec[2], l4, l7_bytes(l7) if l7 is not None else b"", renderer.uuid(n)),
             )
+
+    def flow_bytes(self) -> Iterator[bytes]:
+        """Serialized `flow.Flow` messages of a fresh run, in time order: the cheapest form to ship or store."""
+        for _, _, data in self._encoded():
+            yield data
 
     def flows(self) -> Iterator[flow_pb2.Flow]:
         """`flow.Flow` messages of a fresh run, in time order."""
         parse = flow_pb2.Flow.FromString
-        for _, _, data in self.flow_bytes():
+        for _, _, data in self._encoded():
             yield parse(data)
 
     def response_bytes(self) -> Iterator[tuple[str, int, bytes]]:
         """(node_name, time_ns, serialized `observer.GetFlowsResponse`) of a fresh run, in time order."""
-        renderer = self._renderer()
-        encode = renderer.flow_bytes
-        envelope = renderer.envelope_bytes
-        for n, rec in enumerate(self._records()):
-            l7 = rec[7]
-            template = rec[2]
-            data = encode(
-                rec[0],
-                template,
-                l4_bytes(rec[3], rec[4], rec[5], rec[6]),
-                l7_bytes(l7) if l7 is not None else b"",
-                renderer.uuid(n),
-            )
-            yield template.node, rec[0], envelope(rec[0], template, data)
+        envelope = Renderer(0).envelope_bytes
+        for time_ns, template, data in self._encoded():
+            yield template.node, time_ns, envelope(time_ns, template, data)
 
     def responses(self) -> Iterator[observer_pb2.GetFlowsResponse]:
         """`observer.GetFlowsResponse` envelopes (flow, node_name, time) of a fresh run, in time order."""
@@ -339,151 +327,25 @@ class Simulator:
 
     def _describe(self, name: str) -> FaultTruth:
         spec = f.fault_spec(name)
-        window = (iso_time(self._at(spec.window[0])), iso_time(self._at(spec.window[1])))
-        truth = FaultTruth(
-            name=name, description=spec.description, reason="", window_start=window[0], window_end=window[1]
-        )
-        coredns = {
-            "destination_namespace": "kube-system",
-            "destination_workload": "coredns",
-            "port": 53,
-            "protocol": "UDP",
-        }
+        truth = f.truth_of(spec, (iso_time(self._at(spec.window[0])), iso_time(self._at(spec.window[1]))))
         traffic = self._traffic
-        if name == f.DNS_NXDOMAIN:
-            _set(
-                truth,
-                reason="NXDOMAIN",
-                source_namespace="production",
-                source_workload="api",
-                destination_name=e.NXDOMAIN_QUERY,
-                details={"rcode": 3},
-                **coredns,
-            )
-        elif name == f.DNS_SERVFAIL:
-            _set(
-                truth,
-                reason="SERVFAIL",
-                source_namespace="production",
-                source_workload="order-service",
-                destination_name=e.SERVFAIL_NAME + ".",
-                details={"rcode": 2},
-                **coredns,
-            )
-        elif name == f.DNS_REFUSED:
-            _set(
-                truth,
-                reason="REFUSED",
-                source_namespace="monitoring",
-                source_workload="grafana",
-                destination_name=e.REFUSED_QUERY,
-                details={"rcode": 5},
-                **coredns,
-            )
-        elif name == f.DNS_NO_RESPONSE:
-            _set(
-                truth,
-                reason="NO_RESPONSE",
-                source_namespace="production",
-                source_workload="order-service",
-                destination_name=e.NO_RESPONSE_QUERY,
-                **coredns,
-            )
-        elif name == f.DNS_POLICY_DROP:
-            _set(
-                truth,
-                reason="POLICY_DENIED",
-                source_namespace="staging",
-                **coredns,
-                details={
-                    "workloads": ["staging/web", "staging/api"],
-                    "policy": "staging/default-deny",
-                    "missing_policy": "staging/allow-dns",
-                },
-            )
-        elif name == f.PORT_SCAN:
-            pod = self.cluster.pods_of("production", "web")[0]
-            _set(
-                truth,
-                reason="POLICY_DENIED",
-                source_namespace="production",
-                source_workload="web",
-                source_pod=pod.name,
-                protocol="TCP",
-                details={
-                    "policy": "production/web",
-                    "candidate_ports": list(e.PROBE_PORTS),
-                    "candidate_targets": len(traffic.scan_targets) if traffic else None,
-                    "source_port": traffic.scan_source_port if traffic else None,
-                },
-            )
+        if name == f.PORT_SCAN:
+            truth.source_pod = self.cluster.pods_of("production", "web")[0].name
+            truth.details["candidate_ports"] = list(e.PROBE_PORTS)
+            if traffic is not None:
+                truth.details["candidate_targets"] = len(traffic.scan_targets)
+                truth.details["source_port"] = traffic.scan_source_port
         elif name == f.POLICY_REGRESSION:
             before = self._tallies[self._tags.tag(name, "before")] if self._tallies else Tally()
-            _set(
-                truth,
-                reason="POLICY_DENIED",
-                source_namespace="production",
-                source_workload="api",
-                destination_namespace="production",
-                destination_workload="redis",
-                port=6379,
-                protocol="TCP",
-                changed_at=window[0],
-                details={
-                    "policy": "production/api",
-                    "revision_before": _POLICY_REVISION,
-                    "revision_after": _POLICY_REVISION + 1,
-                    "forwarded_before": before.as_dict(),
-                },
-            )
+            truth.changed_at = truth.window_start
+            truth.details.update(revision_before=_POLICY_REVISION, revision_after=_POLICY_REVISION + 1,
+                                 forwarded_before=before.as_dict())  # fmt: skip
         elif name == f.CT_MAP_FULL:
-            node = self.cluster.node_by_name(e.CT_FULL_NODE)
-            _set(
-                truth,
-                reason="CT_MAP_INSERTION_FAILED",
-                protocol="TCP",
-                details={"node": self.cluster.node_name(node)},
-            )
-        elif name == f.STALE_IP:
-            _set(
-                truth,
-                reason="STALE_OR_UNROUTABLE_IP",
-                source_namespace="production",
-                source_workload="order-service",
-                source_pod=traffic.stale_pod.name if traffic else None,
-                destination_namespace="production",
-                destination_workload="kafka",
-                port=9092,
-                protocol="TCP",
-                details={"stale_ip": traffic.stale_view.ip if traffic else None},
-            )
-        elif name == f.UNSELECTED_WORKLOAD:
-            _set(
-                truth,
-                reason="NO_POLICY",
-                source_namespace="production",
-                source_workload="report-export",
-                details={
-                    "workload": "production/report-export",
-                    "counts_cover": "flows from or to production/report-export, except other faults' flows",
-                },
-            )
-        elif name == f.WORLD_INGRESS:
-            _set(
-                truth,
-                reason="WORLD_INGRESS",
-                destination_namespace="production",
-                destination_workload="api",
-                port=8080,
-                protocol="TCP",
-                details={"policy": "production/api", "source_identity": 2},
-            )
+            truth.details["node"] = self.cluster.node_name(self.cluster.node_by_name(f.CT_FULL_NODE))
+        elif name == f.STALE_IP and traffic is not None:
+            truth.source_pod = traffic.stale_pod.name
+            truth.details["stale_ip"] = traffic.stale_view.ip
         return truth
-
-
-def _set(truth: FaultTruth, **values: Any) -> None:
-    for key, value in values.items():
-        setattr(truth, key, value)
 
 
 __all__ = ["CLASS_NAMES", "DEFAULT_START", "Simulator", "SimulatorConfig"]

@@ -219,7 +219,7 @@ class Traffic:
 
     def _ct_full(self, t0: int, src_pod: Pod) -> bool:
         start, end = self.ct_window
-        return start <= t0 < end and src_pod.node.name == e.CT_FULL_NODE and self.rng.random() < 0.5
+        return start <= t0 < end and src_pod.node.name == f.CT_FULL_NODE and self.rng.random() < 0.5
 
     def http_api(self, host: str, latency: int) -> tuple[L7Spec, L7Spec]:
         """A request to the API (`/api/v1/<resource>/<id>`) and its response."""
@@ -363,7 +363,7 @@ class Traffic:
         name = edge.names[0]
         src_pod = self._pick(edge.src)
         views = self._external[name]
-        if name == e.SERVFAIL_NAME and self.servfail_window[0] <= t0 < self.servfail_window[1]:
+        if name == f.SERVFAIL_NAME and self.servfail_window[0] <= t0 < self.servfail_window[1]:
             self.lookup(t0, src_pod, name + ".", (), 2, int(self.rng.uniform(2, 8) * MS), self.tag_servfail)
             return
         ips = tuple(v.ip for v in views)

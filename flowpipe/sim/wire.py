@@ -430,10 +430,10 @@ class TemplateFactory:
         node, _, _, cls, verdict, direction, point, reply, drop_reason, match_type, allowed, denied = key
         short_node = node.split("/", 1)[-1]
         flow = flow_pb2.Flow()
-        flow.verdict = verdict  # type: ignore[assignment]
+        flow.verdict = verdict
         if drop_reason:
             flow.drop_reason = drop_reason
-            flow.drop_reason_desc = drop_reason  # type: ignore[assignment]
+            flow.drop_reason_desc = drop_reason
         flow.IP.source = src.ip
         flow.IP.destination = dst.ip
         flow.IP.ipVersion = flow_pb2.IPv4
@@ -446,7 +446,7 @@ class TemplateFactory:
         if cls == TRACE:
             flow.event_type.type = EVENT_TRACE
             flow.event_type.sub_type = _TRACE_SUB_TYPE[point]
-            flow.trace_observation_point = point  # type: ignore[assignment]
+            flow.trace_observation_point = point
         elif cls == DROP:
             flow.event_type.type = EVENT_DROP
             flow.event_type.sub_type = drop_reason
@@ -460,7 +460,7 @@ class TemplateFactory:
             flow.source_service.name, flow.source_service.namespace = src.service
         if not reply and dst.service is not None:
             flow.destination_service.name, flow.destination_service.namespace = dst.service
-        flow.traffic_direction = direction  # type: ignore[assignment]
+        flow.traffic_direction = direction
         if reply is not None:
             flow.is_reply.value = reply
             flow.reply = reply
