@@ -23,7 +23,7 @@ from flowpipe.sim.edges import Edge, build_edges
 from flowpipe.sim.faults import FAULT_NAMES, FaultTruth, GroundTruth, Tally, fill_counts, iso_time
 from flowpipe.sim.policies import PolicySet, cluster_policies
 from flowpipe.sim.traffic import TagRegistry, Traffic
-from flowpipe.sim.wire import CLASS_NAMES, Renderer, Template, l4_bytes, l4_json, l7_bytes, l7_json
+from flowpipe.sim.wire import CLASS_NAMES, Renderer, Template
 
 DEFAULT_START = datetime(2025, 1, 6, 9, 0, 0, tzinfo=UTC)
 """The simulated start time when none is given (a fixed moment, so runs are reproducible)."""
@@ -239,16 +239,9 @@ class Simulator:
         return Renderer(random.Random(f"uuid:{self.config.seed}").getrandbits(128))
 
     def _encoded(self) -> Iterator[tuple[int, Template, bytes]]:
-        renderer = self._renderer()
-        encode = renderer.flow_bytes
+        encode = self._renderer().flow_bytes
         for n, rec in enumerate(self._records()):
-            l7 = rec[7]
-            l4 = l4_bytes(rec[3], rec[4], rec[5], rec[6])
-            yield (
-                rec[0],
-                rec[2],
-                encode(rec[0], rec[2], l4, l7_bytes(l7) if l7 is not None else b"", renderer.uuid(n)),
-            )
+            yield rec[0], rec[2], encode(rec, n)
 
     def flow_bytes(self) -> Iterator[bytes]:
         """Serialized `flow.Flow` messages of a fresh run, in time order: the cheapest form to ship or store."""
@@ -275,17 +268,9 @@ class Simulator:
 
     def json_lines(self) -> Iterator[str]:
         """`hubble observe -o jsonpb` lines (compact JSON, proto field names, no newline) of a fresh run."""
-        renderer = self._renderer()
-        line = renderer.json_line
+        line = self._renderer().json_line
         for n, rec in enumerate(self._records()):
-            l7 = rec[7]
-            yield line(
-                rec[0],
-                rec[2],
-                l4_json(rec[3], rec[4], rec[5], rec[6]),
-                l7_json(l7) if l7 is not None else "",
-                renderer.uuid(n),
-            )
+            yield line(rec, n)
 
     def write_jsonpb(self, out: IO[str], batch: int = 4096) -> int:
         """Write a fresh run as jsonpb lines to `out`; returns the number of flows written."""

@@ -71,6 +71,11 @@ def varint(value: int) -> bytes:
         return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
     if value < 0x10000000:
         return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21))
+    if value < 0x800000000:  # nanoseconds and epoch seconds
+        return bytes((
+            value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21 & 0x7F | 0x80,
+            value >> 28,
+        ))  # fmt: skip
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -475,41 +480,41 @@ class TemplateFactory:
 
 
 class Renderer:
-    """Turns (time, template, l4, l7) records into flow bytes, envelope bytes or Hubble JSON lines."""
+    """Turns records (see `shapes`) into flow bytes, envelope bytes or Hubble JSON lines.
+
+    `counter` is the position of the record in the run; it decides the flow's uuid.
+    """
 
     def __init__(self, salt: int) -> None:
         self._salt = salt
         self._time_text = TimeFormatter()
         self._time_pb = TimestampEncoder()
 
-    def uuid(self, counter: int) -> str:
-        """The uuid of the `counter`-th emitted flow."""
-        return flow_uuid(counter, self._salt)
-
-    def flow_bytes(self, time_ns: int, template: Template, l4: bytes, l7: bytes, uuid: str) -> bytes:
-        """The wire bytes of one `flow.Flow`."""
-        ts = self._time_pb(time_ns)
-        return template.pb + _TAG_TIME + _BYTE[len(ts)] + ts + l4 + l7 + _TAG_UUID_36 + uuid.encode()
+    def flow_bytes(self, rec: tuple[Any, ...], counter: int) -> bytes:
+        """The wire bytes of one `flow.Flow`: template bytes, then time, l4, l7 and uuid."""
+        ts = self._time_pb(rec[0])
+        l7 = rec[7]
+        return b"".join((
+            rec[2].pb, _TAG_TIME, _BYTE[len(ts)], ts, l4_bytes(rec[3], rec[4], rec[5], rec[6]),
+            l7_bytes(l7) if l7 is not None else b"", _TAG_UUID_36, flow_uuid(counter, self._salt).encode(),
+        ))  # fmt: skip
 
     def envelope_bytes(self, time_ns: int, template: Template, flow: bytes) -> bytes:
         """The wire bytes of the `observer.GetFlowsResponse` carrying `flow` (node_name and time copied)."""
         ts = self._time_pb(time_ns)
-        return (
-            _TAG_ENVELOPE_FLOW
-            + varint(len(flow))
-            + flow
-            + template.env_node
-            + _TAG_ENVELOPE_TIME
-            + _BYTE[len(ts)]
-            + ts
-        )
+        return b"".join((
+            _TAG_ENVELOPE_FLOW, varint(len(flow)), flow, template.env_node, _TAG_ENVELOPE_TIME, _BYTE[len(ts)], ts,
+        ))  # fmt: skip
 
-    def json_line(self, time_ns: int, template: Template, l4: str, l7: str, uuid: str) -> str:
+    def json_line(self, rec: tuple[Any, ...], counter: int) -> str:
         """One `hubble observe -o jsonpb` line (compact, proto field names), without the newline."""
-        t = self._time_text(time_ns)
+        t = self._time_text(rec[0])
+        template: Template = rec[2]
         head, mid, tail, end = template._json or template.json()
-        l7_part = "," + l7 if l7 else ""
+        l4 = l4_json(rec[3], rec[4], rec[5], rec[6])
+        l7 = "," + l7_json(rec[7]) if rec[7] is not None else ""
+        uuid = flow_uuid(counter, self._salt)
         return (
-            f'{{"flow":{{"time":"{t}"{head},{l4}{mid}{l7_part}{tail},'
-            f'"uuid":"{uuid}"{end}}},"node_name":"{template.node}","time":"{t}"}}'
+            f'{{"flow":{{"time":"{t}"{head},{l4}{mid}{l7}{tail},"uuid":"{uuid}"{end}}},'
+            f'"node_name":"{template.node}","time":"{t}"}}'
         )
