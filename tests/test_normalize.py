@@ -630,6 +630,24 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_is_kept() -> None
     assert "l4.TCP.source_port" in str(events.errors[2])
 
 
+def test_a_large_block_with_a_few_odd_lines_gives_the_same_rows_as_a_clean_one() -> None:
+    clean = [
+        json.dumps({"flow": {**RICH_FLOW, "uuid": f"u{i}", "verdict": "FORWARDED", "Type": "L3_L4"}})
+        for i in range(600)
+    ]
+    odd = list(clean)
+    for i in (5, 300, 301, 599):  # enum numbers, ports as strings: pyarrow rejects, json_format accepts
+        odd[i] = (
+            odd[i].replace('"verdict": "FORWARDED"', '"verdict": 1').replace('"Type": "L3_L4"', '"Type": 1')
+        )
+    odd[450] = odd[450].replace('"destination_port": 8080', '"destination_port": "8080"')
+    odd.insert(200, "{broken")
+    expected = normalize_json_lines(("\n".join(clean) + "\n").encode()).flows
+    got = normalize_json_lines(("\n".join(odd) + "\n").encode(), path="odd.json")
+    assert [(e.line_number, e.reason) for e in got.errors] == [(201, "invalid_json")]
+    assert got.flows.equals(expected)
+
+
 def test_json_array_elements_through_the_object_path() -> None:
     objects = [(1, {"flow": {"uuid": "a"}}), (3, {"uuid": "b", "verdict": "DROPPED"}), (5, "nope")]
     events = normalize_json_objects(objects, path="arr.json")

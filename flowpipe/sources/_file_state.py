@@ -81,7 +81,7 @@ class FileState:
         A content matches an entry when its first `head_bytes` bytes hash alike; the longest match wins.
         """
         for size in sorted({entry.head_bytes for entry in self._entries.values()}, reverse=True):
-            if size > len(head):
+            if size > len(head) or size == 0:
                 continue
             key = content_key(head[:size])
             entry = self._entries.get(key)

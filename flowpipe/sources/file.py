@@ -40,7 +40,7 @@ from flowpipe.transforms._json_schema import ENVELOPE
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 16 * 1024 * 1024
+BLOCK_BYTES = 8 * 1024 * 1024
 """Bytes of whole lines decoded at once (and the size of one EventBatch's input)."""
 MAX_LINE_BYTES = 64 * 1024 * 1024
 """A longer line is reported (`line_too_long`) and skipped instead of growing memory without bound."""

@@ -88,8 +88,8 @@ def flows_to_table(
             c_time[i] = t.seconds * 1_000_000_000 + t.nanos
         elif times is not None and (t := times[i]) is not None:
             c_time[i] = t.seconds * 1_000_000_000 + t.nanos
-        c_node[i] = f.node_name or (node_names[i] if node_names is not None else None)
-        c_uuid[i] = f.uuid
+        c_node[i] = f.node_name or (node_names[i] if node_names is not None else None) or None
+        c_uuid[i] = f.uuid or None
         c_verdict[i] = f.verdict
         c_drop[i] = f.drop_reason
         c_drop_desc[i] = f.drop_reason_desc
@@ -109,17 +109,17 @@ def flows_to_table(
         if has("IP"):
             ip = f.IP
             c_ipv[i] = ip.ipVersion
-            c_sip[i] = ip.source
-            c_dip[i] = ip.destination
+            c_sip[i] = ip.source or None
+            c_dip[i] = ip.destination or None
             c_enc[i] = ip.encrypted
         if has("source"):
             c_src[i] = endpoint_index(f.source)
         if has("destination"):
             c_dst[i] = endpoint_index(f.destination)
         if has("source_service"):
-            c_ssvc[i] = f.source_service.name
+            c_ssvc[i] = f.source_service.name or None
         if has("destination_service"):
-            c_dsvc[i] = f.destination_service.name
+            c_dsvc[i] = f.destination_service.name or None
         if f.source_names:
             c_snames[i] = list(f.source_names)
         if f.destination_names:
@@ -154,7 +154,7 @@ def flows_to_table(
             c_l7p[i] = record
             if record == "dns":
                 dns = l7.dns
-                c_dq[i] = dns.query
+                c_dq[i] = dns.query or None
                 c_drc[i] = dns.rcode
                 c_dttl[i] = dns.ttl
                 if dns.qtypes:
@@ -163,14 +163,14 @@ def flows_to_table(
                     c_dips[i] = list(dns.ips)
             elif record == "http":
                 http = l7.http
-                c_hm[i] = http.method
-                c_hu[i] = http.url
+                c_hm[i] = http.method or None
+                c_hu[i] = http.url or None
                 c_hc[i] = http.code
-                c_hp[i] = http.protocol
+                c_hp[i] = http.protocol or None
             elif record == "kafka":
                 kafka = l7.kafka
-                c_ka[i] = kafka.api_key
-                c_kt[i] = kafka.topic
+                c_ka[i] = kafka.api_key or None
+                c_kt[i] = kafka.topic or None
                 c_ke[i] = kafka.error_code
         if f.ingress_allowed_by:
             c_iab[i] = _policy_names(f.ingress_allowed_by)
@@ -181,18 +181,18 @@ def flows_to_table(
         if f.egress_denied_by:
             c_edb[i] = _policy_names(f.egress_denied_by)
 
-    node = _nonempty(pa.array(c_node, pa.string()))
+    node = pa.array(c_node, pa.string())
     columns: dict[str, pa.Array | list[Any]] = {
         "time": pa.array(c_time, pa.int64()), "node_name": node,
-        "cluster_name": cluster_of(node, cluster_name), "uuid": _nonempty(pa.array(c_uuid, pa.string())),
+        "cluster_name": cluster_of(node, cluster_name), "uuid": c_uuid,
         "verdict": _enum(c_verdict, "Verdict"), "drop_reason": c_drop,
         "drop_reason_desc": _enum(c_drop_desc, "DropReason"), "policy_match_type": c_match,
         "auth_type": _enum(c_auth, "AuthType"), "flow_type": _enum(c_type, "FlowType"),
         "event_type": c_ev, "event_sub_type": c_ev_sub,
         "trace_observation_point": _enum(c_point, "TraceObservationPoint"),
         "traffic_direction": _enum(c_dir, "TrafficDirection"), "is_reply": c_reply,
-        "ip_version": _enum(c_ipv, "IPVersion"), "source_ip": _nonempty(pa.array(c_sip, pa.string())),
-        "destination_ip": _nonempty(pa.array(c_dip, pa.string())), "encrypted": c_enc,
+        "ip_version": _enum(c_ipv, "IPVersion"), "source_ip": c_sip,
+        "destination_ip": c_dip, "encrypted": c_enc,
         "l4_protocol": c_l4, "source_port": c_sport, "destination_port": c_dport, "tcp_flags": c_flags,
         "icmp_type": c_icmp_t, "icmp_code": c_icmp_c,
         "l7_type": _enum(c_l7t, "L7FlowType"), "l7_protocol": c_l7p, "latency_ns": c_lat,
@@ -244,10 +244,6 @@ def _tcp_flags(flags: Any, key: bytes) -> str | None:
     return _TCP_FLAGS[mask]
 
 
-def _nonempty(values: pa.Array) -> pa.Array:
-    return pc.if_else(pc.equal(values, ""), None, values)
-
-
 def _enum(numbers: list[int], enum: str) -> pa.Array:
     """Enum numbers → names (zero → NULL, unknown → decimal string), vectorized."""
     known, names = _enum_arrays(enum)
@@ -264,7 +260,5 @@ def _enum_arrays(enum: str) -> tuple[pa.Array, pa.Array]:
 
 
 def _array(values: pa.Array | list[Any], type_: pa.DataType) -> pa.Array:
-    array = values.cast(type_) if isinstance(values, pa.Array) else pa.array(values, type_)
-    if type_ == pa.string():
-        array = _nonempty(array)  # empty strings become NULL
-    return array
+    # String values were made NULL when empty while they were collected.
+    return values.cast(type_) if isinstance(values, pa.Array) else pa.array(values, type_)
