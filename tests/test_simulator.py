@@ -121,6 +121,15 @@ def test_rate_and_max_flows() -> None:
     assert limited.ground_truth().totals["flows"] == 777
 
 
+def test_node_names_carry_the_cluster_unless_it_is_default() -> None:
+    nodes = ["control-plane", "worker-1", "worker-2", "worker-3"]
+    named = Simulator(SimulatorConfig(cluster_name="eu-prod", duration_seconds=1, rate_flows_per_second=50))
+    assert {x.node_name for x in named.flows()} <= {f"eu-prod/{n}" for n in nodes}
+    default = Simulator(SimulatorConfig(cluster_name="default", duration_seconds=1, rate_flows_per_second=50))
+    assert {x.node_name for x in default.flows()} <= set(nodes)
+    assert default.node_names == nodes
+
+
 def test_envelopes_copy_node_and_time(
     faulty: tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth],
 ) -> None:
@@ -262,6 +271,7 @@ def test_clean_run_has_no_drops_and_no_failed_lookups() -> None:
     assert {k for k in requests if k not in answers} <= late
     truth = sim.ground_truth()
     assert truth.faults == {} and truth.totals["dropped"] == 0
+    assert truth.unselected_workloads == ["kube-system/coredns"]
     assert not sim.policies.unselected_workloads(
         [w for w in sim.cluster.workloads.values() if w.namespace not in ("kube-system",)]
     )
@@ -403,6 +413,11 @@ def test_unselected_workload_has_no_attribution(flows: list[Flow], truth: Ground
     assert not [x for x in involved if workload(x.destination) == key and x.ingress_allowed_by]
     # Its DNS lookups are not proxied (no L7 records), while other workloads' lookups are.
     assert not [x for x in involved if x.Type == flow_pb2.L7]
+    assert truth.unselected_workloads == ["production/report-export", "kube-system/coredns"]
+    assert truth.policy_selection["production/api"] == {
+        "selects": ["production/api"],
+        "enforces": ["ingress", "egress"],
+    }
 
 
 def test_world_ingress(

@@ -176,7 +176,12 @@ class FaultTruth:
 
 @dataclass
 class GroundTruth:
-    """Everything the tests need to know about one simulated run, as data and as JSON."""
+    """Everything the tests need to know about one simulated run, as data and as JSON.
+
+    `totals` counts every emitted flow by class (see `COUNT_KEYS`); `faults` has one entry per enabled fault.
+    `policies` are the CiliumNetworkPolicy documents in force at the end of the run, `policy_selection` says which
+    workloads each one selects and which directions it enforces, `unselected_workloads` which no policy selects.
+    """
 
     seed: int
     cluster_name: str
@@ -187,6 +192,8 @@ class GroundTruth:
     faults: dict[str, FaultTruth] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
     policies: list[dict[str, Any]] = field(default_factory=list)
+    policy_selection: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    unselected_workloads: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -260,6 +260,16 @@ class PolicySet:
         """Keys of the workloads that no policy selects."""
         return [w.key for w in workloads if not self.selects(w)]
 
+    def selection(self, workloads: list[Workload]) -> dict[str, dict[str, list[str]]]:
+        """Per policy (`<namespace>/<name>`): the workloads it selects and the directions it enforces."""
+        return {
+            p.key: {
+                "selects": [w.key for w in workloads if p.selects(w)],
+                "enforces": [d for d in (INGRESS, EGRESS) if p.rules(d) is not None],
+            }
+            for p in self.policies
+        }
+
     def to_documents(self) -> list[dict[str, Any]]:
         """Every policy as a CiliumNetworkPolicy document."""
         return [p.to_cnp() for p in self.policies]

@@ -293,6 +293,7 @@ class Simulator:
         """What the most recent run emitted so far: totals and, per enabled fault, exact counts and facts."""
         config = self.config
         totals = self._totals.as_dict()
+        workloads = list(self.cluster.workloads.values())
         truth = GroundTruth(
             seed=config.seed,
             cluster_name=config.cluster_name,
@@ -301,7 +302,9 @@ class Simulator:
             rate_flows_per_second=config.rate_flows_per_second,
             faults_enabled=[name for name in FAULT_NAMES if name in config.faults],
             totals={k: v for k, v in totals.items() if k != "attempts"},
-            policies=[p.to_cnp() for p in self.policies.policies],
+            policies=self.policies.to_documents(),
+            policy_selection=self.policies.selection(workloads),
+            unselected_workloads=self.policies.unselected_workloads(workloads),
         )
         for name in truth.faults_enabled:
             fault = self._describe(name)
