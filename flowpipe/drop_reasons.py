@@ -9,24 +9,23 @@ Prometheus sink labels drops with `reason_class`, and the `unexpected_drops` que
 
 Classes (a small fixed set, safe as a metric label):
 
-| class | meaning |
-|---|---|
-| `policy` | a network policy (or an equivalent rule: auth requirement, LoadBalancer source ranges) denied it. The only class whose drops are deliberate decisions (`policy_decision`). |
-| `conntrack` | connection-tracking state: a packet that does not fit a known connection, a full or missing CT map |
-| `routing` | no route, no local endpoint, stale or unroutable address, no egress gateway, FIB lookup failure |
-| `invalid_packet` | malformed or unacceptable packets: bad headers or addresses, fragments, TTL exceeded |
-| `unsupported_protocol` | a protocol (L2, L3, L4, ICMP type or code) the datapath does not handle there |
-| `service` | load-balancing: no backend for a service, a ClusterIP hit without translation, socket LB failures |
-| `nat` | masquerading and NAT46/64 failures |
-| `encapsulation` | tunnel and overlay problems: tunnel keys and options, VNI, cluster id, no tunnel endpoint |
-| `identity` | the sender's security identity is invalid or unknown |
-| `proxy` | redirection to the L7 proxy failed |
-| `encryption` | traffic that had to be encrypted was not |
-| `rate_limit` | bandwidth manager or rate limiter |
-| `not_ready` | the host or endpoint (or its policy) is not set up yet |
-| `datapath` | internal datapath errors: missed tail call, packet write or checksum errors |
-| `handled` | not a loss: the datapath consumed the packet on purpose (IGMP, multicast, punt to proxy) |
-| `unknown` | no reason given, or a reason newer than this table |
+- `policy`: a network policy (or an equivalent rule: auth requirement, LoadBalancer source ranges) denied it.
+  The only class whose drops are deliberate decisions (`policy_decision`).
+- `conntrack`: connection-tracking state: a packet that fits no known connection, a full or missing CT map.
+- `routing`: no route, no local endpoint, stale or unroutable address, no egress gateway, FIB lookup failure.
+- `invalid_packet`: malformed or unacceptable packets: bad headers or addresses, fragments, TTL exceeded.
+- `unsupported_protocol`: a protocol (L2, L3, L4, ICMP type or code) the datapath does not handle there.
+- `service`: load balancing: no backend for a service, a ClusterIP not translated, socket LB failures.
+- `nat`: masquerading and NAT46/64 failures.
+- `encapsulation`: tunnel and overlay problems: tunnel keys and options, VNI, cluster id, no tunnel endpoint.
+- `identity`: the sender's security identity is invalid or unknown.
+- `proxy`: redirection to the L7 proxy failed.
+- `encryption`: traffic that had to be encrypted was not.
+- `rate_limit`: bandwidth manager or rate limiter.
+- `not_ready`: the host or endpoint (or its policy) is not set up yet.
+- `datapath`: internal datapath errors: missed tail call, packet write or checksum errors.
+- `handled`: not a loss: the datapath consumed the packet on purpose (IGMP, multicast, punt to proxy).
+- `unknown`: no reason given, or a reason newer than this table.
 
 `expected` is true for `policy` and `handled`: every other class is trouble that nobody configured.
 """
@@ -86,7 +85,8 @@ class DropReason:
         return self.reason_class in EXPECTED_CLASSES
 
 
-# value, enum name (flow.DropReason, Cilium v1.19), class. Deprecated values stay: old captures still carry them.
+# value, enum name (flow.DropReason, Cilium v1.19), class.
+# Deprecated values stay: old captures still carry them.
 _TABLE: tuple[tuple[int, str, str], ...] = (
     (0, "DROP_REASON_UNKNOWN", UNKNOWN_CLASS),
     (130, "INVALID_SOURCE_MAC", "invalid_packet"),

@@ -1,14 +1,15 @@
-"""flowpipe's Prometheus instruments, every one defined here (registry injected), and the `/metrics` HTTP server.
+"""flowpipe's Prometheus instruments, all defined here (registry injected), and the `/metrics` HTTP server.
 
 `PipelineMetrics.create(registry)` builds every metric family of flowpipe: pipeline health (what the collector
 received, wrote, lost and how far behind it is) and flow analytics (what the flows say: drops, DNS, policy
-verdicts, updated by `flowpipe.sinks.prometheus.PrometheusSink`). Names follow `flowpipe_<noun>_<unit>[_total]`
-with base units (seconds, bytes), and every family has help text. `METRICS` lists them for the README.
+verdicts, updated by `flowpipe.sinks.prometheus.PrometheusSink`). Names follow
+`flowpipe_<noun>_<unit>[_total]` with base units (seconds, bytes), and every family has help text.
+`METRICS` lists them for the README.
 
 Labels are bounded: enum values (verdict, direction, reason class, rcode), small fixed sets (reasons, stages),
 namespaces capped by the Prometheus sink (top N, the rest `other`), and node names (bounded by cluster size,
-capped at `MAX_NODE_LABELS`). Never pods, IPs or ports. An enum label uses `unknown` for the enum's zero value;
-a name label (`namespace`, `node`) is empty when the flow has none (world, host).
+capped at `MAX_NODE_LABELS`). Never pods, IPs or ports. An enum label uses `unknown` for the enum's zero
+value; a name label (`namespace`, `node`) is empty when the flow has none (world, host).
 
 A metric is exported by the commands it means something for (`role`): the collector exports the pipeline
 families, `serve-metrics` (a dataset filled by files) the families it can fill from part files. Objects for
@@ -72,179 +73,65 @@ class MetricSpec:
     roles: tuple[Role, ...] = BOTH
 
 
+# One family per entry, kept as a table.
+# fmt: off
 METRICS: tuple[MetricSpec, ...] = (
     # pipeline health
-    MetricSpec(
-        "build_info",
-        "info",
-        "flowpipe_build_info",
-        ("version", "schema_version"),
-        "flowpipe version and flow table schema version (value 1).",
-    ),
-    MetricSpec(
-        "flows_received",
-        "counter",
-        "flowpipe_flows_received_total",
-        ("verdict",),
-        "Flows received from the source (relay stream or dataset part files), by Hubble verdict.",
-    ),
-    MetricSpec(
-        "flows_written",
-        "counter",
-        "flowpipe_flows_written_total",
-        (),
-        "Flows made durable in the dataset (part files renamed into place).",
-        COLLECT,
-    ),
-    MetricSpec(
-        "written_bytes",
-        "counter",
-        "flowpipe_dataset_written_bytes_total",
-        (),
-        "Bytes of part files written to the dataset.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "batches_flushed",
-        "counter",
-        "flowpipe_batches_flushed_total",
-        (),
-        "Flushes of the open batch into part files.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "flush_duration",
-        "histogram",
-        "flowpipe_flush_duration_seconds",
-        (),
-        "Time to write and publish the part files of one flush.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "ingest_lag",
-        "gauge",
-        "flowpipe_ingest_lag_seconds",
-        (),
-        "Now minus the time of the newest flow written (collect) or read (serve-metrics); absent until "
-        "the first flow.",
-    ),
-    MetricSpec(
-        "relay_connected",
-        "gauge",
-        "flowpipe_relay_connected",
-        (),
-        "1 while the GetFlows stream from hubble-relay is open, else 0.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "relay_reconnects",
-        "counter",
-        "flowpipe_relay_reconnects_total",
-        (),
-        "Reconnections to hubble-relay after the stream broke.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "hubble_lost_events",
-        "counter",
-        "flowpipe_hubble_lost_events_total",
-        ("source", "node"),
-        "Events Hubble itself reported lost (lost_events records, never a flowpipe drop), by source and "
-        "node.",
-    ),
-    MetricSpec(
-        "decode_errors",
-        "counter",
-        "flowpipe_decode_errors_total",
-        ("reason",),
-        "Records that could not be decoded into a flow row, by reason.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "checkpoint_age",
-        "gauge",
-        "flowpipe_checkpoint_age_seconds",
-        (),
-        "Seconds since the source checkpoint was last saved; absent until the first save.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "flows_dropped",
-        "counter",
-        "flowpipe_flows_dropped_total",
-        ("reason", "intentional"),
-        "Flows flowpipe itself discarded (filters, decode errors), by reason; intentional is true for "
-        "filters.",
-        COLLECT,
-    ),
-    MetricSpec(
-        "errors",
-        "counter",
-        "flowpipe_errors_total",
-        ("stage", "error_type"),
-        "Errors by pipeline stage (receiving, processing, sending) and error type.",
-    ),
-    MetricSpec(
-        "parts_read",
-        "counter",
-        "flowpipe_dataset_parts_read_total",
-        ("table", "outcome"),
-        "Dataset part files read by serve-metrics, by table (flows, lost_events) and outcome (ok, failed).",
-        DATASET,
-    ),
+    MetricSpec("build_info", "info", "flowpipe_build_info", ("version", "schema_version"),
+               "flowpipe version and flow table schema version (value 1)."),
+    MetricSpec("flows_received", "counter", "flowpipe_flows_received_total", ("verdict",),
+               "Flows received from the source (relay stream or dataset part files), by Hubble verdict."),
+    MetricSpec("flows_written", "counter", "flowpipe_flows_written_total", (),
+               "Flows made durable in the dataset (part files renamed into place).", COLLECT),
+    MetricSpec("written_bytes", "counter", "flowpipe_dataset_written_bytes_total", (),
+               "Bytes of part files written to the dataset.", COLLECT),
+    MetricSpec("batches_flushed", "counter", "flowpipe_batches_flushed_total", (),
+               "Flushes of the open batch into part files.", COLLECT),
+    MetricSpec("flush_duration", "histogram", "flowpipe_flush_duration_seconds", (),
+               "Time to write and publish the part files of one flush.", COLLECT),
+    MetricSpec("ingest_lag", "gauge", "flowpipe_ingest_lag_seconds", (),
+               "Now minus the time of the newest flow written (collect) or read (serve-metrics); "
+               "absent until the first flow."),
+    MetricSpec("relay_connected", "gauge", "flowpipe_relay_connected", (),
+               "1 while the GetFlows stream from hubble-relay is open, else 0.", COLLECT),
+    MetricSpec("relay_reconnects", "counter", "flowpipe_relay_reconnects_total", (),
+               "Reconnections to hubble-relay after the stream broke.", COLLECT),
+    MetricSpec("hubble_lost_events", "counter", "flowpipe_hubble_lost_events_total", ("source", "node"),
+               "Events Hubble itself reported lost (lost_events records, never a flowpipe drop), "
+               "by source and node."),
+    MetricSpec("decode_errors", "counter", "flowpipe_decode_errors_total", ("reason",),
+               "Records that could not be decoded into a flow row, by reason.", COLLECT),
+    MetricSpec("checkpoint_age", "gauge", "flowpipe_checkpoint_age_seconds", (),
+               "Seconds since the source checkpoint was last saved; absent until the first save.", COLLECT),
+    MetricSpec("flows_dropped", "counter", "flowpipe_flows_dropped_total", ("reason", "intentional"),
+               "Flows flowpipe itself discarded (filters, decode errors), by reason; intentional is true for "
+               "filters.", COLLECT),
+    MetricSpec("errors", "counter", "flowpipe_errors_total", ("stage", "error_type"),
+               "Errors by pipeline stage (receiving, processing, sending) and error type."),
+    MetricSpec("parts_read", "counter", "flowpipe_dataset_parts_read_total", ("table", "outcome"),
+               "Dataset part files read by serve-metrics, by table (flows, lost_events) and outcome (ok, "
+               "failed).", DATASET),
     # flow analytics (flowpipe.sinks.prometheus)
-    MetricSpec(
-        "observed_drops",
-        "counter",
-        "flowpipe_observed_drops_total",
-        ("namespace", "direction", "reason_class"),
-        "Flows Cilium dropped (verdict DROPPED), by namespace of the enforcing endpoint, traffic direction "
-        "and drop reason class (flowpipe.drop_reasons).",
-    ),
-    MetricSpec(
-        "dns_responses",
-        "counter",
-        "flowpipe_observed_dns_responses_total",
-        ("namespace", "rcode"),
-        "DNS responses seen by the DNS proxy (L7 records), by client namespace and rcode name.",
-    ),
-    MetricSpec(
-        "dns_failures",
-        "counter",
-        "flowpipe_observed_dns_failures_total",
-        ("namespace", "reason"),
-        "Failed DNS lookups by client namespace: an error rcode (NXDOMAIN, SERVFAIL, REFUSED, ...) or "
-        "dropped (a DNS request dropped by Cilium).",
-    ),
-    MetricSpec(
-        "policy_verdicts",
-        "counter",
-        "flowpipe_observed_policy_verdicts_total",
-        ("namespace", "direction", "verdict"),
-        "Policy verdict events, by namespace of the enforcing endpoint, direction and verdict.",
-    ),
-    MetricSpec(
-        "world_flows",
-        "counter",
-        "flowpipe_observed_world_flows_total",
-        ("namespace", "verdict"),
-        "Requests to the world identity (outside the cluster), by source namespace and verdict.",
-    ),
-    MetricSpec(
-        "unexpected_drops",
-        "gauge",
-        "flowpipe_unexpected_drops",
-        ("why",),
-        "Dropped flows the latest run of the unexpected_drops question found, by why.",
-    ),
-    MetricSpec(
-        "question_runs",
-        "counter",
-        "flowpipe_question_runs_total",
-        ("question", "outcome"),
-        "Periodic question runs that refresh gauges, by question and outcome (ok, failed).",
-    ),
+    MetricSpec("observed_drops", "counter", "flowpipe_observed_drops_total",
+               ("namespace", "direction", "reason_class"),
+               "Flows Cilium dropped (verdict DROPPED), by namespace of the enforcing endpoint, traffic "
+               "direction and drop reason class (flowpipe.drop_reasons)."),
+    MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("namespace", "rcode"),
+               "DNS responses seen by the DNS proxy (L7 records), by client namespace and rcode name."),
+    MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("namespace", "reason"),
+               "Failed DNS lookups by client namespace: an error rcode (NXDOMAIN, SERVFAIL, REFUSED, ...) or "
+               "dropped (a DNS request dropped by Cilium)."),
+    MetricSpec("policy_verdicts", "counter", "flowpipe_observed_policy_verdicts_total",
+               ("namespace", "direction", "verdict"),
+               "Policy verdict events, by namespace of the enforcing endpoint, direction and verdict."),
+    MetricSpec("world_flows", "counter", "flowpipe_observed_world_flows_total", ("namespace", "verdict"),
+               "Requests to the world identity (outside the cluster), by source namespace and verdict."),
+    MetricSpec("unexpected_drops", "gauge", "flowpipe_unexpected_drops", ("why",),
+               "Dropped flows the latest run of the unexpected_drops question found, by why."),
+    MetricSpec("question_runs", "counter", "flowpipe_question_runs_total", ("question", "outcome"),
+               "Periodic question runs that refresh gauges, by question and outcome (ok, failed)."),
 )
+# fmt: on
 """Every metric family flowpipe exports, in README order."""
 
 _BY_ATTR = {spec.attr: spec for spec in METRICS}
@@ -305,13 +192,13 @@ _LABEL_SAFE = re.compile(r"[^A-Za-z0-9_]+")
 
 
 def label_token(value: object, *, default: str = UNKNOWN, max_length: int = 64) -> str:
-    """A short, printable label value from free text (never raw exception text): `decode error!` → `decode_error`."""
+    """A short label value from free text (never raw exception text): `decode error!` → `decode_error`."""
     text = _LABEL_SAFE.sub("_", str(value or "")).strip("_")[:max_length]
     return text or default
 
 
 class _LiveState:
-    """Moments and flags behind the scrape-time gauges `flowpipe_ingest_lag_seconds` and `..._checkpoint_age_seconds`.
+    """Moments and flags behind the scrape-time gauges (ingest lag, checkpoint age) and the readiness helpers.
 
     Both gauges are "now minus a moment"; computing them when scraped keeps them growing while nothing happens
     (a stalled stream shows as rising lag), and they are absent until the moment is first known.
@@ -353,7 +240,7 @@ class PipelineMetrics:
     """Every instrument of flowpipe, created on one injected registry. See `METRICS` for names and meanings.
 
     >>> metrics = PipelineMetrics.create(CollectorRegistry())
-    >>> metrics.observe_batch(batch)                    # flows received by verdict, lost events, decode errors
+    >>> metrics.observe_batch(batch)        # flows received by verdict, lost events, decode errors
     >>> metrics.record_flush(rows=5000, size_bytes=180_000, seconds=0.12, newest_flow_time=t)
     >>> metrics.set_connected(True)
     """
@@ -389,7 +276,7 @@ class PipelineMetrics:
     def create(
         cls, registry: CollectorRegistry, *, role: Role = "collect", clock: Callable[[], float] = time.time
     ) -> PipelineMetrics:
-        """Create every family on `registry`; only those of `role` are exported. `clock` gives epoch seconds."""
+        """Create every family on `registry`; only those of `role` are exported. `clock`: epoch seconds."""
         if role not in ROLES:
             raise ConfigError(f"metrics role must be one of {', '.join(ROLES)}, got {role!r}")
         built: dict[str, Any] = {}
@@ -427,7 +314,7 @@ class PipelineMetrics:
     # -- what the source delivered ----------------------------------------------------------------------
 
     def observe_batch(self, batch: EventBatch | pa.Table) -> None:
-        """Count one batch: flows received by verdict; for an `EventBatch` also lost events and decode errors."""
+        """Count one batch: flows received by verdict; for an `EventBatch` also lost events, decode errors."""
         if isinstance(batch, EventBatch):
             self.observe_flows(batch.flows)
             self.record_lost_events(batch.lost_events)
@@ -469,8 +356,9 @@ class PipelineMetrics:
             ).inc(count)
 
     def record_error(self, stage: str, error_type: str) -> None:
-        """Count an error at a stage (`receiving`, `processing`, `sending`); `error_type` from a small fixed set."""
-        self.errors.labels(stage=label_token(stage), error_type=self._reasons(label_token(error_type))).inc()
+        """Count an error at a stage (`receiving`, `processing`, `sending`) of a type from a small fixed set."""
+        error_type = self._reasons(label_token(error_type))
+        self.errors.labels(stage=label_token(stage), error_type=error_type).inc()
 
     # -- relay connection -------------------------------------------------------------------------------
 

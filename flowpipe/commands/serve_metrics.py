@@ -1,9 +1,10 @@
-"""`flowpipe serve-metrics`: Prometheus metrics of a dataset filled by files, following new part files as they land.
+"""`flowpipe serve-metrics`: Prometheus metrics of a dataset filled by files, following new part files.
 
-For datasets that `flowpipe ingest` (or another collector) fills: every part file is read once (only the columns
-the analytics need), its flows counted by verdict and fed to the Prometheus sink, its lost events counted by
-source and node. New part files are picked up on every poll; files already read are remembered by path. The
-`unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the catalog has it.
+For datasets that `flowpipe ingest` (or another collector) fills: every part file is read once (only the
+columns the analytics need), its flows counted by verdict and fed to the Prometheus sink, its lost events
+counted by source and node. New part files are picked up on every poll; files already read are remembered
+by path. The `unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the
+catalog has it.
 
 `/readyz` turns ready once the first full scan of the dataset is done.
 """

@@ -1,8 +1,8 @@
-"""The Prometheus sink: flow-analytics counters (drops, DNS, policy verdicts, world traffic) with bounded labels.
+"""The Prometheus sink: flow analytics counters (drops, DNS, policy verdicts, world traffic), bounded labels.
 
 Each batch of flow rows (`FLOW_SCHEMA`) updates the analytics families of `flowpipe.metrics.PipelineMetrics`
-with a handful of vectorized `pyarrow.compute` passes and group-bys: the Python work per batch is one loop over
-the *groups* (bounded by the label sets), never over rows.
+with a handful of vectorized `pyarrow.compute` passes and group-bys: the Python work per batch is one loop
+over the *groups* (bounded by the label sets), never over rows.
 
 Which namespace a flow counts for:
 
@@ -48,7 +48,7 @@ WORLD_LABELS = ("reserved:world", "reserved:world-ipv4", "reserved:world-ipv6")
 WORLD_IDENTITIES = (2, 9, 10)
 """Reserved identities of the world (world, world-ipv4, world-ipv6)."""
 LOCAL_IDENTITY_MIN = 1 << 24
-"""Identities from here on are node-local (CIDR and FQDN selectors): the labels say whether they are the world."""
+"""Identities from here on are node-local (CIDR, FQDN selectors): their labels say whether it is the world."""
 DROPPED_DNS = "dropped"
 """`reason` of `flowpipe_observed_dns_failures_total` for DNS requests that Cilium dropped."""
 
@@ -274,7 +274,7 @@ class PrometheusSink:
 
     @staticmethod
     def _to_world(table: pa.Table, candidates: pa.Array) -> pa.Array:
-        """True where a candidate row goes to the world: a reserved world identity or a `reserved:world*` label."""
+        """True where a candidate row goes to the world: a world identity or a `reserved:world*` label."""
         identity = _column(table, "destination_identity")
         by_identity = pc.and_(candidates, _is_true(pc.is_in(identity, value_set=_WORLD_IDENTITY_SET)))
         # Labels are only needed where the identity does not say: none, or a local (CIDR) identity.
