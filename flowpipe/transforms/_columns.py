@@ -37,14 +37,21 @@ class _Paths:
         return pc.is_valid(self[path])
 
 
+def _null_where(mask: pa.Array, values: pa.Array) -> pa.Array:
+    """`values` with NULL where `mask` is TRUE (rebuilt only when some row is masked: strings copy)."""
+    if not pc.any(mask).as_py():
+        return values
+    return pc.if_else(mask, None, values)
+
+
 def _nonempty(values: pa.Array) -> pa.Array:
     """Empty strings become NULL."""
-    return pc.if_else(pc.equal(values, ""), None, values)
+    return _null_where(pc.equal(values, ""), values)
 
 
 def _enum(values: pa.Array, enum: str) -> pa.Array:
     """Enum names as they are; the zero value (and empty) becomes NULL."""
-    return pc.if_else(pc.is_in(values, pa.array(["", ZERO_NAMES[enum]])), None, values)
+    return _null_where(pc.is_in(values, pa.array(["", ZERO_NAMES[enum]])), values)
 
 
 def _scalar_in(present: pa.Array, values: pa.Array, zero: Any) -> pa.Array:
@@ -58,6 +65,14 @@ def _first_present(choices: list[tuple[pa.Array, Any]], length: int, type_: pa.D
     for condition, value in reversed(choices):
         result = pc.if_else(condition, value, result)
     return result
+
+
+def _first_label(choices: list[tuple[pa.Array, str]], length: int) -> pa.Array:
+    """Per row, the label of the first choice whose condition is TRUE, else NULL (numeric if_else, then take)."""
+    index = pa.nulls(length, pa.int8())
+    for position in range(len(choices) - 1, -1, -1):
+        index = pc.if_else(choices[position][0], pa.scalar(position, pa.int8()), index)
+    return pa.array([label for _, label in choices], pa.string()).take(index)
 
 
 def _strings(values: pa.Array) -> pa.Array:
@@ -120,7 +135,7 @@ def cluster_of(node_name: pa.Array, default: str | None = None) -> pa.Array:
     """The cluster part of "<cluster>/<node>" node names (NULL without one), else `default`."""
     parts = pc.split_pattern(node_name, "/", max_splits=1)
     has_cluster = pc.greater(pc.list_value_length(parts), 1)
-    cluster = _nonempty(pc.if_else(has_cluster, pc.list_element(parts, 0), None))
+    cluster = _nonempty(_null_where(pc.invert(has_cluster), pc.list_element(parts, 0)))
     if default:
         cluster = pc.coalesce(cluster, pa.scalar(default))
     return cluster
@@ -181,7 +196,7 @@ def build_flow_table(
         cols[f"{side}_names"] = _strings(p[f"{side}_names",])
 
     l4 = {kind: p.present(("l4", kind)) for kind in L4_KINDS}
-    cols["l4_protocol"] = _first_present([(l4[k], pa.scalar(k)) for k in L4_KINDS], n, pa.string())
+    cols["l4_protocol"] = _first_label([(l4[k], k) for k in L4_KINDS], n)
     for port in ("source_port", "destination_port"):
         cols[port] = _first_present(
             [(l4[k], pc.coalesce(p["l4", k, port], 0)) for k in ("TCP", "UDP", "SCTP")], n, pa.int64()
@@ -195,7 +210,7 @@ def build_flow_table(
     l7_present = p.present(("l7",))
     l7 = {kind: p.present(("l7", kind)) for kind in L7_KINDS}
     cols["l7_type"] = _enum(p["l7", "type"], "L7FlowType")
-    cols["l7_protocol"] = _first_present([(l7[k], pa.scalar(k)) for k in L7_KINDS], n, pa.string())
+    cols["l7_protocol"] = _first_label([(l7[k], k) for k in L7_KINDS], n)
     cols["latency_ns"] = _scalar_in(l7_present, pc.cast(p["l7", "latency_ns"], pa.int64()), 0)
     cols["dns_query"] = _nonempty(p["l7", "dns", "query"])
     cols["dns_rcode"] = _scalar_in(l7["dns"], p["l7", "dns", "rcode"], 0)
