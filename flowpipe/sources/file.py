@@ -177,6 +177,8 @@ class FileSource:
                 yield from self._read_array(reader, start)
             else:
                 yield from self._read_lines(reader, start)
+        except OSError as exc:
+            raise SourceError(f"{name}: read failed: {exc.strerror or exc}") from exc
         finally:
             if path != STDIN:
                 raw.close()
@@ -193,21 +195,25 @@ class FileSource:
             self.summary.lines_already_ingested += start.records
         layout: list[str] = []  # guessed from the first block, then kept for the file
 
+        def guessed(blocks: Iterator[_Block]) -> Iterator[_Block]:
+            for block in blocks:
+                if not layout and block.error is None:
+                    layout.append(guess_block_layout(block.data))
+                yield block
+
         def decode(block: _Block) -> DecodedEvents:
             if block.error is not None:
                 return DecodedEvents(errors=[block.error])
-            if not layout:
-                layout.append(guess_block_layout(block.data))
             return decode_lines(
                 block.data,
                 path=name,
                 first_line=block.first_line,
                 cluster_name=self.cluster_name,
-                layout=layout[0],
+                layout=layout[0] if layout else ENVELOPE,
                 threads=self.decode_threads <= 1,
             )
 
-        for block, decoded in _in_order(decode, split.blocks(self._closed), self.decode_threads):
+        for block, decoded in _in_order(decode, guessed(split.blocks(self._closed)), self.decode_threads):
             if self._closed.is_set():
                 return  # blocks decoded ahead are dropped: their position was never handed out
             yield self._emit(decoded, start, block.records, block.offset)
