@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from policy_support import pod
+
 from flowpipe.policy.audit import Finding, Inventory, at_or_above, audit_policies
 from flowpipe.policy.load import parse_policies
-from tests.policy_support import pod
 
 DEFAULT_DENY = """
 apiVersion: networking.k8s.io/v1

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import yaml
+from policy_support import validate_document
 
 from flowpipe.policy._l7 import http_rules
 from flowpipe.policy.draft import Draft, draft_policies
@@ -16,7 +17,6 @@ from flowpipe.policy.edges import OBSERVED_EDGE_SCHEMA, learned_requests
 from flowpipe.policy.model import HTTPRule, KafkaRule, LabelSelector, Peer, Policy, Port, Rule
 from flowpipe.policy.render import policy_document, render_yaml
 from flowpipe.policy.replay import replay_edges
-from tests.policy_support import validate_document
 
 
 def wl(namespace: str, name: str, labels: dict[str, str] | None = None, **more: str) -> dict[str, Any]:

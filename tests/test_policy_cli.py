@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from flowdata import T0, write_dataset
+from flowdata import flow as row
+from policy_support import DB_NETWORK_POLICY, flow, pod
 
 from flowpipe.cli import cli
-from tests.flowdata import T0, write_dataset
-from tests.flowdata import flow as row
-from tests.policy_support import DB_NETWORK_POLICY, flow, pod
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from policy_support import DB_NETWORK_POLICY
 
 from flowpipe.errors import PolicyParseError
 from flowpipe.policy.load import load_policies, parse_policies
 from flowpipe.policy.model import ANY_PEER, Peer, Port
-from tests.policy_support import DB_NETWORK_POLICY
 
 NETPOL = DB_NETWORK_POLICY
 

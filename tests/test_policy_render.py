@@ -9,6 +9,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from policy_support import KUBERNETES_VERSION, validate_document
 
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.model import (
@@ -25,7 +26,6 @@ from flowpipe.policy.model import (
     Rule,
 )
 from flowpipe.policy.render import policy_document, render_policy, render_yaml
-from tests.policy_support import KUBERNETES_VERSION, validate_document
 
 DNS_PEER = Peer.endpoints({"k8s-app": "kube-dns"}, namespace="kube-system")
 DNS_PORTS = PortRule(ports=(Port(53, "UDP"), Port(53, "TCP")), dns=(FQDNSelector(match_pattern="*"),))

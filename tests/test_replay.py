@@ -5,10 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from policy_support import DB_NETWORK_POLICY, flow, pod, reserved, table
 
 from flowpipe.policy.load import parse_policies
-from flowpipe.policy.replay import ReplayReport, replay_edges, replay_flows
-from tests.policy_support import DB_NETWORK_POLICY, flow, pod, reserved, table
+from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges, replay_flows
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
@@ -552,3 +552,59 @@ def test_json_shape() -> None:
             "file": "test.yaml",
         }
     ]
+
+
+def test_local_host_ingress_is_allowed_unless_configured() -> None:
+    host = reserved("host", "172.18.0.2")
+    policies = parse_policies(K8S_DB, path="x.yaml")
+    report = replay_flows(policies, table(flow(host, DB, 8080)))
+    assert report.denied == 0  # kubelet probes pass, as with allow-localhost: auto
+    strict = replay_flows(policies, table(flow(host, DB, 8080)), config=ReplayConfig(allow_localhost=False))
+    assert strict.denied == 1
+
+
+def test_ip_blocks_select_nodes_only_in_the_nodes_mode() -> None:
+    policy = K8S_DB.replace(
+        "[{podSelector: {matchLabels: {app: api}}}]", "[{ipBlock: {cidr: 172.18.0.0/16}}]"
+    )
+    policies = parse_policies(policy, path="x.yaml")
+    node = reserved("remote-node", "172.18.0.3")
+    assert replay_flows(policies, table(flow(node, DB, 5432))).denied == 1
+    assert (
+        replay_flows(policies, table(flow(node, DB, 5432)), config=ReplayConfig(cidr_match_nodes=True)).denied
+        == 0
+    )
+
+
+def test_tcp_packets_of_unknown_direction_are_not_judged() -> None:
+    rows = [
+        flow(WEB, DB, 5432, is_reply=None, tcp_flags="SYN"),  # opens a connection: a request
+        flow(DB, WEB, 40000, is_reply=None, tcp_flags="ACK,PSH"),  # could be either way: not judged
+    ]
+    report = replay(K8S_DB, *rows)
+    assert report.flows_evaluated == 1 and report.replies_skipped == 1 and report.denied == 1
+
+
+def test_pods_named_without_labels_get_the_labels_seen_elsewhere() -> None:
+    # Older agents report egress-proxy L7 records with the world identity but the pod's name.
+    unresolved = {
+        "namespace": "shop",
+        "pod_name": DB["pod_name"],
+        "identity": 2,
+        "labels": ["reserved:world"],
+    }
+    rows = [
+        flow(API, DB, 5432),
+        flow(
+            API,
+            unresolved,
+            5432,
+            flow_type="L7",
+            l7_type="REQUEST",
+            l7_protocol="http",
+            http_method="GET",
+            http_url="/x",
+        ),
+    ]
+    report = replay(CNP_DB, *rows)
+    assert report.denied == 0 and report.flows_evaluated == 2

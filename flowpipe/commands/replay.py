@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from datetime import datetime
 
 import click
@@ -12,20 +13,34 @@ from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import format_datetime, render
 from flowpipe.errors import PolicyError
 from flowpipe.policy.load import load_policies
-from flowpipe.policy.replay import EDGES_SQL, ReplayReport, replay_edges
+from flowpipe.policy.replay import EDGES_SQL, ReplayConfig, ReplayReport, replay_edges
 from flowpipe.query.engine import open_engine
 from flowpipe.query.run import newest_flow_time
 from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
+
+
+def _help(name: str) -> str:
+    return str(next(f for f in fields(ReplayConfig) if f.name == name).metadata["help"])
 
 
 @click.command("replay")
 @click.argument("paths", nargs=-1, required=True, metavar="POLICY_FILE_OR_DIR...")
 @click.option("--since", help="Window start: 1h, 30m, 7d, or an ISO timestamp (default: every stored flow).")
 @click.option("--until", help="Window end, same forms as --since (default: the newest flow).")
+@click.option(
+    "--allow-localhost/--no-allow-localhost", default=True, show_default=True, help=_help("allow_localhost")
+)
+@click.option("--cidr-match-nodes", is_flag=True, help=_help("cidr_match_nodes"))
 @dataset_option
 @format_option("table", "json")
 def replay(
-    paths: tuple[str, ...], since: str | None, until: str | None, dataset: str, output_format: str
+    paths: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    allow_localhost: bool,
+    cidr_match_nodes: bool,
+    dataset: str,
+    output_format: str,
 ) -> None:
     """Replay the stored flows through Kubernetes and Cilium policy files.
 
@@ -49,7 +64,8 @@ def replay(
             f"note: --since counts back from the newest flow ({format_datetime(anchor)}), not the clock",
             err=True,
         )
-    report = replay_edges(policies, edges)
+    config = ReplayConfig(allow_localhost=allow_localhost, cidr_match_nodes=cidr_match_nodes)
+    report = replay_edges(policies, edges, config)
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return

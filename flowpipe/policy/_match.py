@@ -57,6 +57,7 @@ RESERVED_IDENTITIES: dict[int, str] = {
 WORLD = frozenset({"world", "world-ipv4", "world-ipv6"})
 NODE_LIKE = frozenset({"host", "remote-node", "health", "init", "ingress", "unmanaged"})
 """Reserved identities inside the cluster that CIDR selectors do not select."""
+NODES = frozenset({"host", "remote-node"})
 
 POD_NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
@@ -373,9 +374,15 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def cidr_matches(cidr: str, except_cidrs: Iterable[str], endpoint: Endpoint) -> bool:
-    """True when the endpoint's address is in `cidr` and in none of `except_cidrs`."""
-    if not endpoint.cidr_selectable or endpoint.ip is None:
+def cidr_matches(
+    cidr: str, except_cidrs: Iterable[str], endpoint: Endpoint, *, match_nodes: bool = False
+) -> bool:
+    """True when the endpoint's address is in `cidr` and in none of `except_cidrs`.
+
+    `match_nodes`: Cilium's `policy-cidr-match-mode: nodes`, where CIDR selectors also select node addresses.
+    """
+    nodes = match_nodes and bool(endpoint.reserved & NODES)
+    if not (endpoint.cidr_selectable or nodes) or endpoint.ip is None:
         return False
     address = _address(endpoint.ip)
     if address is None:
@@ -415,14 +422,16 @@ def fqdn_matches(selector: FQDNSelector, names: Iterable[str]) -> bool:
     return any(regex.fullmatch(name) for name in names)
 
 
-def peer_matches(peer: Peer, reqs: tuple[Requirement, ...] | None, endpoint: Endpoint) -> bool:
+def peer_matches(
+    peer: Peer, reqs: tuple[Requirement, ...] | None, endpoint: Endpoint, *, match_nodes: bool = False
+) -> bool:
     """True when `endpoint` is this peer; `reqs` are the peer's compiled requirements (endpoints peers)."""
     if peer.kind == "endpoints":
         return reqs is not None and endpoint.is_pod and requirements_match(reqs, endpoint)
     if peer.kind == "entity":
         return entity_matches(peer.entity or "none", endpoint)
     if peer.kind == "cidr":
-        return cidr_matches(peer.cidr or "", peer.except_cidrs, endpoint)
+        return cidr_matches(peer.cidr or "", peer.except_cidrs, endpoint, match_nodes=match_nodes)
     if peer.kind == "fqdn":
         return peer.fqdn is not None and endpoint.cidr_selectable and fqdn_matches(peer.fqdn, endpoint.names)
     return False

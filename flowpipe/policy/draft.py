@@ -331,7 +331,11 @@ def _peer(
         return _address_peer(other, notes)
     if flavour == "cilium" or entity == "world":
         return [Peer.entity_peer(entity)]
-    notes.append(f"entity {entity} is written as its observed address (NetworkPolicy has no entities)")
+    note = f"entity {entity} is written as its observed address (NetworkPolicy has no entities)"
+    if entity in ("host", "remote-node"):
+        # Cilium gives node addresses their own identities, which ipBlocks select only in that mode.
+        note += "; Cilium applies an ipBlock to node addresses only with policy-cidr-match-mode: nodes"
+    notes.append(note)
     return _address_peer(other, notes)
 
 

@@ -7,10 +7,13 @@ The semantics are those of the real implementations (Cilium enforces both flavou
   A pod no policy isolates allows everything in that direction.
 - Allow rules are additive: any one allow rule of any selecting policy allows the request.
 - Cilium deny rules (`ingressDeny`, `egressDeny`) win over every allow rule.
-- Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true, no L7
-  `RESPONSE`, and a TCP `SYN,ACK` without `is_reply` is a reply too.
+- Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true and no L7
+  `RESPONSE`. Without `is_reply` (old agents), a TCP packet counts as a request only when it opens a connection
+  (SYN without ACK); other packets of unknown direction are skipped with the replies.
 - Ingress from the local host (`reserved:host`: kubelet probes) is always allowed, as with Cilium's default
-  `allow-localhost: auto`; `allow_localhost=False` judges it like any peer (`allow-localhost: policy`).
+  `allow-localhost: auto`; `ReplayConfig(allow_localhost=False)` judges it like any peer.
+- CIDR rules (and NetworkPolicy `ipBlock`) select addresses outside the cluster, not pods or nodes, as in
+  Cilium's default `policy-cidr-match-mode`; `ReplayConfig(cidr_match_nodes=True)` is the `nodes` mode.
 - Each flow is judged where Hubble observed it: a flow with `traffic_direction` EGRESS by the source's egress
   policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
   that Hubble reports at both ends thus has each end judged by the policies enforced there.
@@ -48,44 +51,101 @@ PASSED_VERDICTS = frozenset({"FORWARDED", "REDIRECTED", "AUDIT"})
 EVALUATED_VERDICTS = ("FORWARDED", "REDIRECTED", "AUDIT", "DROPPED")
 
 EDGES_SQL = """
+WITH windowed AS (
+    SELECT
+        *,
+        -- A pod whose record lacks its labels (older agents report L7 records of the egress proxy with the
+        -- world identity): its labels are looked up by pod name among the pods seen in the window.
+        (source_namespace IS NOT NULL AND source_pod_name IS NOT NULL
+            AND position('k8s:' IN coalesce(array_to_string(source_labels, ' '), '')) = 0) AS source_unresolved,
+        (destination_namespace IS NOT NULL AND destination_pod_name IS NOT NULL
+            AND position('k8s:' IN coalesce(array_to_string(destination_labels, ' '), '')) = 0)
+            AS destination_unresolved
+    FROM flows
+    WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
+      AND ($since IS NULL OR time >= $since)
+      AND ($until IS NULL OR time <= $until)
+),
+edges AS (
+    SELECT
+        verdict,
+        coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
+        traffic_direction,
+        (coalesce(is_reply, false)
+            OR coalesce(l7_type = 'RESPONSE', false)
+            -- Without is_reply, a TCP packet is known to be a request only when it opens the connection.
+            OR (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
+                AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))) AS is_reply,
+        source_namespace,
+        coalesce(source_workload_name, source_pod_name) AS source_workload,
+        source_labels,
+        source_identity,
+        CASE WHEN source_namespace IS NULL THEN source_ip END AS source_ip,
+        CASE WHEN source_unresolved THEN source_pod_name END AS source_unresolved_pod,
+        destination_namespace,
+        coalesce(destination_workload_name, destination_pod_name) AS destination_workload,
+        destination_labels,
+        destination_identity,
+        CASE WHEN destination_namespace IS NULL THEN destination_ip END AS destination_ip,
+        CASE WHEN destination_namespace IS NULL THEN destination_names END AS destination_names,
+        CASE WHEN destination_unresolved THEN destination_pod_name END AS destination_unresolved_pod,
+        l4_protocol,
+        destination_port,
+        icmp_type,
+        CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
+        http_method,
+        http_url,
+        kafka_api_key,
+        kafka_topic,
+        dns_query,
+        count(*) AS flows
+    FROM windowed
+    GROUP BY ALL
+),
+pods AS (
+    SELECT namespace, pod_name, min(labels) AS labels
+    FROM (
+        SELECT source_namespace AS namespace, source_pod_name AS pod_name, source_labels AS labels
+        FROM windowed
+        WHERE source_pod_name IS NOT NULL AND NOT source_unresolved
+        UNION ALL
+        SELECT destination_namespace, destination_pod_name, destination_labels
+        FROM windowed
+        WHERE destination_pod_name IS NOT NULL AND NOT destination_unresolved
+    ) AS seen
+    WHERE namespace IS NOT NULL
+      AND pod_name IN (SELECT source_unresolved_pod FROM edges UNION SELECT destination_unresolved_pod FROM edges)
+    GROUP BY namespace, pod_name
+)
 SELECT
-    verdict,
-    coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
-    traffic_direction,
-    (coalesce(is_reply, false)
-        OR coalesce(l7_type = 'RESPONSE', false)
-        OR (is_reply IS NULL AND coalesce(tcp_flags = 'SYN,ACK', false))) AS is_reply,
-    source_namespace,
-    coalesce(source_workload_name, source_pod_name) AS source_workload,
-    source_labels,
-    source_identity,
-    CASE WHEN source_namespace IS NULL THEN source_ip END AS source_ip,
-    destination_namespace,
-    coalesce(destination_workload_name, destination_pod_name) AS destination_workload,
-    destination_labels,
-    destination_identity,
-    CASE WHEN destination_namespace IS NULL THEN destination_ip END AS destination_ip,
-    CASE WHEN destination_namespace IS NULL THEN destination_names END AS destination_names,
-    l4_protocol,
-    destination_port,
-    icmp_type,
-    CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
-    http_method,
-    http_url,
-    kafka_api_key,
-    kafka_topic,
-    dns_query,
-    count(*) AS flows
-FROM flows
-WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
-  AND ($since IS NULL OR time >= $since)
-  AND ($until IS NULL OR time <= $until)
-GROUP BY ALL
+    e.* EXCLUDE (source_unresolved_pod, destination_unresolved_pod) REPLACE (
+        coalesce(sp.labels, e.source_labels) AS source_labels,
+        CASE WHEN sp.labels IS NULL THEN e.source_identity END AS source_identity,
+        coalesce(dp.labels, e.destination_labels) AS destination_labels,
+        CASE WHEN dp.labels IS NULL THEN e.destination_identity END AS destination_identity
+    )
+FROM edges AS e
+LEFT JOIN pods AS sp ON sp.namespace = e.source_namespace AND sp.pod_name = e.source_unresolved_pod
+LEFT JOIN pods AS dp ON dp.namespace = e.destination_namespace AND dp.pod_name = e.destination_unresolved_pod
 """
 """Distinct edges of the view `flows` with their flow counts: the input of `replay_edges` (params since, until).
 
 Addresses are kept only for endpoints outside the pods (CIDR rules need them; pods are judged by labels), so
-the number of edges grows with workloads, not with pods or connections."""
+the number of edges grows with workloads, not with pods or connections. A pod that a record names without its
+labels gets the labels its other records carry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """The Cilium agent settings that change how policies are enforced (the defaults are Cilium's)."""
+
+    allow_localhost: bool = field(
+        default=True, metadata={"help": "Always allow ingress from the local node (allow-localhost: auto)."}
+    )
+    cidr_match_nodes: bool = field(
+        default=False,
+        metadata={"help": "CIDR rules also select node addresses (policy-cidr-match-mode: nodes)."},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +253,11 @@ class Decision:
 
 
 class _CompiledRule:
-    __slots__ = ("cache", "index", "peer_reqs", "rule")
+    __slots__ = ("cache", "index", "match_nodes", "peer_reqs", "rule")
 
-    def __init__(self, index: int, rule: Any, policy: Policy) -> None:
+    def __init__(self, index: int, rule: Any, policy: Policy, match_nodes: bool) -> None:
         self.index = index
+        self.match_nodes = match_nodes
         self.rule = rule
         self.peer_reqs = [
             m.peer_requirements(p, policy) if p.kind == "endpoints" else None for p in rule.peers
@@ -207,7 +268,8 @@ class _CompiledRule:
         hit = self.cache.get(endpoint)
         if hit is None:
             hit = any(
-                m.peer_matches(p, r, endpoint) for p, r in zip(self.rule.peers, self.peer_reqs, strict=True)
+                m.peer_matches(p, r, endpoint, match_nodes=self.match_nodes)
+                for p, r in zip(self.rule.peers, self.peer_reqs, strict=True)
             )
             self.cache[endpoint] = hit
         return hit
@@ -221,15 +283,16 @@ class _CompiledRule:
 class PolicySet:
     """Compiled policies, ready to judge requests; caches which policies select each endpoint."""
 
-    def __init__(self, policies: Sequence[Policy], *, allow_localhost: bool = True) -> None:
+    def __init__(self, policies: Sequence[Policy], config: ReplayConfig | None = None) -> None:
         self.policies = list(policies)
-        self.allow_localhost = allow_localhost
+        self.config = config or ReplayConfig()
+        cidr_match_nodes = self.config.cidr_match_nodes
         self.rule_ids = [p.rule_ids() for p in self.policies]
         self._subjects = [m.subject_requirements(p) for p in self.policies]
         self._rules: dict[tuple[int, str], list[_CompiledRule]] = defaultdict(list)
         for pi, policy in enumerate(self.policies):
             for ri, rule in enumerate(policy.rules):
-                self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy))
+                self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
         self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
 
@@ -269,7 +332,7 @@ class PolicySet:
             return Decision(False, allows + denies, f"denied by {names}")
         if allows or not isolated:
             return Decision(True, allows)
-        if direction == "ingress" and self.allow_localhost and "host" in peer.reserved:
+        if direction == "ingress" and self.config.allow_localhost and "host" in peer.reserved:
             return Decision(True, allows)
         isolating = sorted(
             {self.policies[p].key for p in selecting if direction in self.policies[p].isolates}
@@ -283,7 +346,7 @@ def replay_flows(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
-    allow_localhost: bool = True,
+    config: ReplayConfig | None = None,
 ) -> ReplayReport:
     """Replay a table of flow rows (FLOW_SCHEMA) through `policies`.
 
@@ -300,15 +363,17 @@ def replay_flows(
         raise QueryError(f"grouping flows into edges failed: {exc}", sql=EDGES_SQL) from exc
     finally:
         con.close()
-    return replay_edges(policies, edges, allow_localhost=allow_localhost)
+    return replay_edges(policies, edges, config)
 
 
 def replay_edges(
-    policies: Sequence[Policy], edges: pa.Table | Iterable[Mapping[str, Any]], *, allow_localhost: bool = True
+    policies: Sequence[Policy],
+    edges: pa.Table | Iterable[Mapping[str, Any]],
+    config: ReplayConfig | None = None,
 ) -> ReplayReport:
     """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`."""
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
-    policy_set = PolicySet(policies, allow_localhost=allow_localhost)
+    policy_set = PolicySet(policies, config)
     report = ReplayReport(warnings=list(policy_set.warnings))
     matched: Counter[tuple[int, int]] = Counter()
     denied: dict[tuple[Any, ...], list[int]] = {}
