@@ -608,3 +608,10 @@ def test_pods_named_without_labels_get_the_labels_seen_elsewhere() -> None:
     ]
     report = replay(CNP_DB, *rows)
     assert report.denied == 0 and report.flows_evaluated == 2
+
+
+def test_cilium_endpoint_selectors_of_reserved_labels() -> None:
+    policy = CNP_DB.replace("{matchLabels: {app: api}}", '{matchLabels: {"reserved:remote-node": ""}}')
+    node = reserved("remote-node", "172.18.0.3")
+    report = replay(policy, flow(node, DB, 5432), flow(API, DB, 5432))
+    assert report.allowed == 1 and report.denied_edges[0].source == "shop/api"

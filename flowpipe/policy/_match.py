@@ -427,7 +427,9 @@ def peer_matches(
 ) -> bool:
     """True when `endpoint` is this peer; `reqs` are the peer's compiled requirements (endpoints peers)."""
     if peer.kind == "endpoints":
-        return reqs is not None and endpoint.is_pod and requirements_match(reqs, endpoint)
+        # Scoping by namespace is part of `reqs` (see peer_requirements), so selectors of reserved labels
+        # (`reserved:host`) can select reserved identities, as in Cilium.
+        return reqs is not None and requirements_match(reqs, endpoint)
     if peer.kind == "entity":
         return entity_matches(peer.entity or "none", endpoint)
     if peer.kind == "cidr":
