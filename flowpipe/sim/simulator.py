@@ -256,9 +256,9 @@ class Simulator:
 
     def response_bytes(self) -> Iterator[tuple[str, int, bytes]]:
         """(node_name, time_ns, serialized `observer.GetFlowsResponse`) of a fresh run, in time order."""
-        envelope = Renderer(0).envelope_bytes
-        for time_ns, template, data in self._encoded():
-            yield template.node, time_ns, envelope(time_ns, template, data)
+        encode = self._renderer().response_bytes
+        for n, rec in enumerate(self._records()):
+            yield rec[2].node, rec[0], encode(rec, n)
 
     def responses(self) -> Iterator[observer_pb2.GetFlowsResponse]:
         """`observer.GetFlowsResponse` envelopes (flow, node_name, time) of a fresh run, in time order."""

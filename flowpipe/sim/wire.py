@@ -492,18 +492,21 @@ class Renderer:
 
     def flow_bytes(self, rec: tuple[Any, ...], counter: int) -> bytes:
         """The wire bytes of one `flow.Flow`: template bytes, then time, l4, l7 and uuid."""
-        ts = self._time_pb(rec[0])
+        return self._flow(rec, counter, self._time_pb(rec[0]))
+
+    def _flow(self, rec: tuple[Any, ...], counter: int, ts: bytes) -> bytes:
         l7 = rec[7]
         return b"".join((
             rec[2].pb, _TAG_TIME, _BYTE[len(ts)], ts, l4_bytes(rec[3], rec[4], rec[5], rec[6]),
             l7_bytes(l7) if l7 is not None else b"", _TAG_UUID_36, flow_uuid(counter, self._salt).encode(),
         ))  # fmt: skip
 
-    def envelope_bytes(self, time_ns: int, template: Template, flow: bytes) -> bytes:
-        """The wire bytes of the `observer.GetFlowsResponse` carrying `flow` (node_name and time copied)."""
-        ts = self._time_pb(time_ns)
+    def response_bytes(self, rec: tuple[Any, ...], counter: int) -> bytes:
+        """The wire bytes of the `observer.GetFlowsResponse` carrying the flow, its node_name and time."""
+        ts = self._time_pb(rec[0])
+        flow = self._flow(rec, counter, ts)
         return b"".join((
-            _TAG_ENVELOPE_FLOW, varint(len(flow)), flow, template.env_node, _TAG_ENVELOPE_TIME, _BYTE[len(ts)], ts,
+            _TAG_ENVELOPE_FLOW, varint(len(flow)), flow, rec[2].env_node, _TAG_ENVELOPE_TIME, _BYTE[len(ts)], ts,
         ))  # fmt: skip
 
     def json_line(self, rec: tuple[Any, ...], counter: int) -> str:
