@@ -17,23 +17,28 @@ With a `checkpoint_path`, content already made durable is skipped (see `_file_st
 
 from __future__ import annotations
 
-import codecs
-import json
 import logging
 import os
 import re
 import sys
 import threading
-import zlib
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch, empty_flows
+from flowpipe.sources._file_reader import (
+    REASON_TRUNCATED,
+    Block,
+    LineBlocks,
+    Reader,
+    Truncated,
+    array_items,
+    decode_in_order,
+)
 from flowpipe.sources._file_state import HEAD_BYTES, FilePosition, FileState, content_key
 from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, guess_block_layout
 from flowpipe.transforms._json_schema import ENVELOPE
@@ -48,13 +53,9 @@ ARRAY_BATCH_ITEMS = 10_000
 DECODE_THREADS = 4
 STDIN = "-"
 
-REASON_TRUNCATED = "truncated"
-REASON_LINE_TOO_LONG = "line_too_long"
 REASON_UNKNOWN_EVENT = "unknown_event"
 
-_GZIP_MAGIC = b"\x1f\x8b"
 _UTF8_BOM = b"\xef\xbb\xbf"
-_COMPRESSED_READ_BYTES = 1024 * 1024
 _INPUT_SUFFIXES = (".log", ".json", ".jsonl", ".ndjson", ".jsonpb")
 # lumberjack's rotated backups: <name>-<YYYY-MM-DDTHH-MM-SS.mmm><ext>[.gz]
 _BACKUP = re.compile(
@@ -85,10 +86,6 @@ class FileIngestSummary:
     def decode_errors(self) -> int:
         """Lines skipped because they could not be decoded (everything but unknown events)."""
         return sum(n for reason, n in self.lines_skipped.items() if reason != REASON_UNKNOWN_EVENT)
-
-
-class _Truncated(Exception):
-    """The compressed stream ended early or is corrupt; everything before it was delivered."""
 
 
 class FileSource:
@@ -158,7 +155,7 @@ class FileSource:
             raise SourceError(f"{path}: cannot open: {exc.strerror or exc}") from exc
         self.summary.files += 1
         try:
-            reader = _Reader(raw, self.block_bytes)
+            reader = Reader(raw, self.block_bytes)
             head = reader.head(HEAD_BYTES)
             key = content_key(head)
             old_key, records, offset, partial = self._state.find(head)
@@ -183,25 +180,25 @@ class FileSource:
             if path != STDIN:
                 raw.close()
 
-    def _read_lines(self, reader: _Reader, start: _Start) -> Iterator[EventBatch]:
+    def _read_lines(self, reader: Reader, start: _Start) -> Iterator[EventBatch]:
         name = start.path
-        split = _LineBlocks(reader, name, self.block_bytes)
+        split = LineBlocks(reader, name, self.block_bytes, MAX_LINE_BYTES)
         if start.records:
             try:
                 split.offset = reader.skip(start.offset, start.partial)
-            except _Truncated as exc:
+            except Truncated as exc:
                 split.truncated = exc
             split.records = start.records
             self.summary.lines_already_ingested += start.records
         layout: list[str] = []  # guessed from the first block, then kept for the file
 
-        def guessed(blocks: Iterator[_Block]) -> Iterator[_Block]:
+        def guessed(blocks: Iterator[Block]) -> Iterator[Block]:
             for block in blocks:
                 if not layout and block.error is None:
                     layout.append(guess_block_layout(block.data))
                 yield block
 
-        def decode(block: _Block) -> DecodedEvents:
+        def decode(block: Block) -> DecodedEvents:
             if block.error is not None:
                 return DecodedEvents(errors=[block.error])
             return decode_lines(
@@ -213,7 +210,9 @@ class FileSource:
                 threads=self.decode_threads <= 1,
             )
 
-        for block, decoded in _in_order(decode, guessed(split.blocks(self._closed)), self.decode_threads):
+        for block, decoded in decode_in_order(
+            decode, guessed(split.blocks(self._closed)), self.decode_threads
+        ):
             if self._closed.is_set():
                 return  # blocks decoded ahead are dropped: their position was never handed out
             yield self._emit(decoded, start, block.records, block.offset)
@@ -261,13 +260,13 @@ class FileSource:
         if decoded.flows.num_rows or decoded.errors or decoded.lost_events or partial:
             yield self._emit(decoded, start, records, offset, partial=partial)
 
-    def _read_array(self, reader: _Reader, start: _Start) -> Iterator[EventBatch]:
+    def _read_array(self, reader: Reader, start: _Start) -> Iterator[EventBatch]:
         name = start.path
         records = 0
         items: list[tuple[int, object]] = []
         skipped = 0
         try:
-            for line_number, item in _array_items(reader, name):
+            for line_number, item in array_items(reader, name):
                 if records < start.records:
                     records += 1
                     skipped += 1
@@ -418,279 +417,3 @@ class _Start:
     records: int
     offset: int
     partial: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Block:
-    """Whole lines to decode (or a line-level error), with the line count and offset after them."""
-
-    data: bytes
-    first_line: int
-    records: int
-    offset: int
-    error: FlowDecodeError | None = None
-
-
-class _LineBlocks:
-    """Cuts a content into blocks of whole lines; what is left at the end stays in `carry`."""
-
-    def __init__(self, reader: _Reader, name: str, block_bytes: int) -> None:
-        self.reader = reader
-        self.name = name
-        self.block_bytes = block_bytes
-        self.records = 0
-        self.offset = 0
-        self.carry = b""
-        self.discarding = False  # inside a line that is too long, until its newline
-        self.truncated: _Truncated | None = None
-
-    def blocks(self, closed: threading.Event) -> Iterator[_Block]:
-        """The blocks, in order; a compressed stream's break ends them and is kept in `truncated`."""
-        if self.truncated is not None:
-            return
-        try:
-            for chunk in _gathered(self.reader.chunks(), self.block_bytes):
-                if closed.is_set():
-                    return
-                if self.discarding:
-                    cut = chunk.find(b"\n")
-                    if cut < 0:
-                        self.offset += len(chunk)
-                        continue
-                    self.offset += cut + 1
-                    self.records += 1
-                    chunk, self.discarding = chunk[cut + 1 :], False
-                buf = self.carry + chunk if self.carry else chunk
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    self.carry = buf
-                    if len(buf) > MAX_LINE_BYTES:
-                        error = FlowDecodeError(
-                            f"line longer than {MAX_LINE_BYTES} bytes; skipped",
-                            path=self.name,
-                            line_number=self.records + 1,
-                            reason=REASON_LINE_TOO_LONG,
-                        )
-                        self.offset += len(buf)
-                        self.carry, self.discarding = b"", True
-                        yield _Block(b"", self.records + 1, self.records, self.offset, error)
-                    continue
-                data, self.carry = buf[: cut + 1], buf[cut + 1 :]
-                first = self.records + 1
-                self.records += data.count(b"\n")
-                self.offset += len(data)
-                yield _Block(data, first, self.records, self.offset)
-        except _Truncated as exc:
-            self.truncated = exc
-
-
-def _in_order(
-    decode: Callable[[_Block], DecodedEvents], blocks: Iterator[_Block], threads: int
-) -> Iterator[tuple[_Block, DecodedEvents]]:
-    """Decode blocks on `threads` threads (pyarrow releases the GIL), yielding results in input order."""
-    if threads <= 1:
-        for block in blocks:
-            yield block, decode(block)
-        return
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowpipe-decode")
-    pending: deque[tuple[_Block, Future[DecodedEvents]]] = deque()
-    try:
-        for block in blocks:
-            pending.append((block, pool.submit(decode, block)))
-            if len(pending) >= threads:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _gathered(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
-    """Chunks joined up to at least `size` bytes (the last one may be shorter)."""
-    pieces: list[bytes] = []
-    have = 0
-    for chunk in chunks:
-        pieces.append(chunk)
-        have += len(chunk)
-        if have >= size:
-            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            pieces, have = [], 0
-    if pieces:
-        yield b"".join(pieces)
-
-
-class _Reader:
-    """A file's decompressed content as chunks, with look-ahead (`head`) and skipping of what is read."""
-
-    def __init__(self, raw: BinaryIO, block_bytes: int) -> None:
-        self._stream = _decompressed(raw, block_bytes)
-        self._pending: list[bytes] = []
-        self._error: _Truncated | None = None
-
-    def head(self, size: int) -> bytes:
-        """The first `size` bytes of the content (or all of it), without consuming them."""
-        have = sum(len(chunk) for chunk in self._pending)
-        while have < size and self._error is None:
-            try:
-                chunk = next(self._stream)
-            except StopIteration:
-                break
-            except _Truncated as exc:
-                self._error = exc  # raised again, in order, by chunks()
-                break
-            self._pending.append(chunk)
-            have += len(chunk)
-        return b"".join(self._pending)[:size]
-
-    def chunks(self) -> Iterator[bytes]:
-        """The content from the current position on; raises _Truncated where the compressed data breaks."""
-        while self._pending:
-            yield self._pending.pop(0)
-        if self._error is not None:
-            raise self._error
-        yield from self._stream
-
-    def skip(self, offset: int, partial: bool) -> int:
-        """Consume the first `offset` bytes (and the newline that ends a partial last line); bytes consumed."""
-        left = offset
-        for chunk in self.chunks():
-            if len(chunk) > left:
-                self._pending.insert(0, chunk[left:])
-                left = 0
-                break
-            left -= len(chunk)
-            if left == 0:
-                break
-        consumed = offset - left
-        if partial:
-            # The last line read had no newline then; if it has one now, it belongs to that line.
-            for chunk in self.chunks():
-                if chunk[:1] == b"\n":
-                    chunk, consumed = chunk[1:], consumed + 1
-                if chunk:
-                    self._pending.insert(0, chunk)
-                break
-        return consumed
-
-
-def _decompressed(raw: BinaryIO, block_bytes: int) -> Iterator[bytes]:
-    """The content of a plain or gzip file (detected by its magic bytes, multi-member aware), in chunks.
-
-    Every byte that can be decompressed is yielded before `_Truncated` is raised for a cut or corrupt file.
-    """
-    data = raw.read(min(block_bytes, _COMPRESSED_READ_BYTES))
-    if not data.startswith(_GZIP_MAGIC):
-        if data:
-            yield data
-        while chunk := raw.read(block_bytes):
-            yield chunk
-        return
-    decompressor = zlib.decompressobj(wbits=31)
-    in_member = True
-    while True:
-        if not data:
-            data = raw.read(_COMPRESSED_READ_BYTES)
-            if not data:
-                if in_member:
-                    tail = decompressor.flush()
-                    if tail:
-                        yield tail
-                    if not decompressor.eof:
-                        raise _Truncated("compressed data ends early (truncated .gz file)")
-                return
-        if not in_member:
-            if not data.strip(b"\x00"):  # zero padding after the last member
-                data = b""
-                continue
-            decompressor, in_member = zlib.decompressobj(wbits=31), True
-        try:
-            out = decompressor.decompress(data, block_bytes)
-        except zlib.error as exc:
-            raise _Truncated(f"corrupt compressed data ({exc})") from exc
-        if out:
-            yield out
-        if decompressor.eof:
-            data, in_member = decompressor.unused_data, False
-        else:
-            data = decompressor.unconsumed_tail
-
-
-def _array_items(reader: _Reader, name: str) -> Iterator[tuple[int, object]]:
-    """The elements of a JSON array, streamed, each with the line it starts on.
-
-    A syntax error ends the array (there is no way to find the next element); it is raised as a
-    FlowDecodeError after every element before it was yielded.
-    """
-    decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-    chunks = reader.chunks()
-    text, pos, line, eof = "", 0, 1, False
-
-    def more() -> bool:
-        nonlocal text, pos, line, eof
-        if eof:
-            return False
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            eof = True
-            return False
-        except _Truncated as exc:
-            raise FlowDecodeError(
-                f"{exc}; the array is read up to here",
-                path=name,
-                line_number=line + text.count("\n", 0, pos),
-                reason=REASON_TRUNCATED,
-            ) from exc
-        line += text.count("\n", 0, pos)
-        text, pos = text[pos:] + utf8.decode(chunk), 0
-        return True
-
-    def peek() -> str:
-        """The next non-blank character ("" at the end), skipping blanks."""
-        nonlocal pos
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) or not more():
-                return text[pos : pos + 1]
-
-    def fail(message: str) -> FlowDecodeError:
-        return FlowDecodeError(
-            message,
-            path=name,
-            line_number=line + text.count("\n", 0, pos),
-            reason=REASON_TRUNCATED if eof and pos >= len(text) else "invalid_json",
-        )
-
-    if peek() != "[":
-        raise fail("expected a JSON array")
-    pos += 1
-    first = True
-    while True:
-        char = peek()
-        if char == "]":
-            return
-        if not first:
-            if char != ",":
-                raise fail(
-                    "invalid JSON array: expected ',' or ']'" if char else "the JSON array is not closed"
-                )
-            pos += 1
-            char = peek()
-        if not char:
-            raise fail("the JSON array is not closed")
-        while True:
-            try:
-                value, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                if more():
-                    continue
-                raise fail(f"invalid JSON in array: {exc.msg}") from exc
-            if end == len(text) and more():
-                continue  # a value cut at the end of a chunk (a number, say): read on and decode it again
-            break
-        yield line + text.count("\n", 0, pos), value
-        pos, first = end, False

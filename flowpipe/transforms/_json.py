@@ -1,18 +1,17 @@
 """Hubble JSON lines → flow rows and counted events: a vectorized block parser with a per-line fallback.
 
 The fast path hands a whole block of lines to `pyarrow.json.read_json` with an explicit nested schema and
-builds the columns with pyarrow.compute. When pyarrow rejects the block (a malformed line, an enum written as a
-number, a string where a number belongs), the block is decoded line by line with `json.loads`: each line is
-checked and coerced against the same spec, bad lines become `FlowDecodeError`s, and the good ones go through the
-same Arrow struct and the same row builder, so a flow gives the same row either way.
+builds the columns with pyarrow.compute (`_columns`). When pyarrow rejects the block (a malformed line, an enum
+written as a number, a string where a number belongs), the lines that are not JSON objects are reported and set
+aside, the rest is decoded again in halves, and only the small groups that still fail are decoded line by line:
+`json.loads`, then a check against the same spec (`_json_check`). Bad lines become `FlowDecodeError`s; good ones
+go through the same Arrow struct and the same row builder, so a flow gives the same row either way.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,19 +24,13 @@ import pyarrow.json as pj
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import LostEvent, empty_flows
 from flowpipe.transforms._columns import build_flow_table
-from flowpipe.transforms._enums import enum_name_or_number
+from flowpipe.transforms._json_check import BadValue, check_line, json_type
 from flowpipe.transforms._json_schema import (
     BARE_FLOW_KEYS,
     ENVELOPE,
     EVENT_KINDS,
     FLOW_SPEC,
     FULL,
-    LINE_SPEC,
-    STR,
-    Leaf,
-    ListOf,
-    Spec,
-    camel,
     canonical_type,
     canonicalize,
     guess_layout,
@@ -50,12 +43,6 @@ from flowpipe.transforms._json_schema import (
 PARSE_CHUNK_BYTES = 1 << 20
 SERIAL_PARSE_CHUNK_BYTES = 4 << 20
 
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_INTEGER = re.compile(r"-?[0-9]+")
-# What the row builder's timestamp cast accepts, checked up front so a bad line is found without Arrow.
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:?[0-9]{2})"
-)
 
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
@@ -168,7 +155,7 @@ def _invalid_json(exc: ValueError, path: str, line_number: int) -> FlowDecodeErr
 
 def _not_an_object(value: Any, path: str, line_number: int) -> FlowDecodeError:
     return FlowDecodeError(
-        f"expected a JSON object, got {_json_type(value)}",
+        f"expected a JSON object, got {json_type(value)}",
         path=path,
         line_number=line_number,
         reason=REASON_NOT_AN_OBJECT,
@@ -332,12 +319,7 @@ def _lost_events(records: pa.Array, node_names: pa.Array, times: pa.Array) -> li
     ]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The per-line path: json.loads, then check and coerce every known field against the spec.
-
-
-class _BadValue(ValueError):
-    pass
+# The per-line path: json.loads, then check and coerce every known field (`_json_check`).
 
 
 def decode_texts(
@@ -367,8 +349,8 @@ def decode_objects(
             errors.append(_not_an_object(value, path, line_number))
             continue
         try:
-            good.append((line_number, _sanitize_struct(value, LINE_SPEC, "")))
-        except _BadValue as exc:
+            good.append((line_number, check_line(value)))
+        except BadValue as exc:
             errors.append(
                 FlowDecodeError(str(exc), path=path, line_number=line_number, reason=REASON_INVALID_VALUE)
             )
@@ -402,146 +384,3 @@ def _decode_sanitized(
     out = _decode_sanitized(good[:middle], path=path, cluster_name=cluster_name)
     out.extend(_decode_sanitized(good[middle:], path=path, cluster_name=cluster_name))
     return out
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-class _Struct:
-    """A struct spec prepared for the per-line path: every accepted key → (proto name, child, is alias)."""
-
-    def __init__(self, spec: dict[str, Spec]) -> None:
-        self.keys: dict[str, tuple[str, Spec, bool]] = {}
-        for name, child in spec.items():
-            self.keys[name] = (name, child, False)
-            alias = camel(name)
-            if alias != name and alias not in spec:
-                self.keys[alias] = (name, child, True)
-
-
-_STRUCTS: dict[int, _Struct] = {}
-
-
-def _struct(spec: dict[str, Spec]) -> _Struct:
-    found = _STRUCTS.get(id(spec))
-    if found is None:
-        found = _STRUCTS[id(spec)] = _Struct(spec)
-    return found
-
-
-def _sanitize_struct(value: Any, spec: dict[str, Spec], where: str) -> dict[str, Any]:
-    """Known keys of a JSON object, checked and coerced; unknown keys dropped; the proto name wins over its
-    camelCase alias. Raises _BadValue naming the field (`where` is only built on that error path)."""
-    if not isinstance(value, dict):
-        raise _BadValue(f"{where or 'line'}: expected an object, got {_json_type(value)}")
-    out: dict[str, Any] = {}
-    keys = _struct(spec).keys
-    for key, item in value.items():
-        known = keys.get(key)
-        if known is None or item is None:
-            continue
-        name, child, is_alias = known
-        if is_alias and name in value and value[name] is not None:
-            continue
-        if isinstance(child, Leaf):
-            out[name] = _sanitize_leaf(item, child, where, name)
-        elif isinstance(child, ListOf):
-            out[name] = _sanitize_list(item, child, f"{where}.{name}" if where else name)
-        else:
-            out[name] = _sanitize_struct(item, child, f"{where}.{name}" if where else name)
-    return out
-
-
-def _sanitize_list(value: Any, spec: ListOf, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise _BadValue(f"{where}: expected an array, got {_json_type(value)}")
-    item_spec = spec.item
-    if item_spec is STR:
-        if all(type(item) is str or item is None for item in value):
-            return value
-    elif isinstance(item_spec, dict):
-        return [None if item is None else _sanitize_struct(item, item_spec, f"{where}[]") for item in value]
-    return [None if item is None else _sanitize_leaf(item, item_spec, where, "[]") for item in value]
-
-
-def _sanitize_leaf(value: Any, spec: Leaf, where: str, name: str) -> Any:
-    kind = spec.kind
-    if kind == "str":
-        if isinstance(value, str):
-            return value
-    elif kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif kind == "enum":
-        # A name is kept even when unknown (newer Cilium); a number is what a writer renders for a value it
-        # does not know the name of: its name if we know it, else its decimal string.
-        if isinstance(value, str):
-            return value
-        number = _integer(value)
-        if number is not None:
-            assert spec.enum is not None
-            return enum_name_or_number(spec.enum, number)
-    elif kind == "int":
-        number = _integer(value)
-        if number is not None:
-            return number
-    elif kind == "int64str":
-        number = _integer(value)
-        if number is not None:
-            return str(number)
-    elif kind == "time" and isinstance(value, str):
-        if value == "" or _RFC3339.fullmatch(value):
-            return value
-        raise _BadValue(f"{_join(where, name)}: not an RFC 3339 timestamp: {value[:60]!r}")
-    raise _BadValue(
-        f"{_join(where, name)}: expected {_KIND_WORDS[kind]}, got {_json_type(value)} {_short(value)}"
-    )
-
-
-def _join(where: str, name: str) -> str:
-    if name == "[]":
-        return f"{where}[]"
-    return f"{where}.{name}" if where else name
-
-
-_KIND_WORDS = {
-    "str": "a string",
-    "bool": "true or false",
-    "enum": "an enum name or number",
-    "int": "an integer",
-    "int64str": "an integer",
-    "time": "an RFC 3339 timestamp string",
-}
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _integer(value: Any) -> int | None:
-    """An integer as protobuf JSON allows it: a number (integral) or a decimal string; None if not one."""
-    number: int | None = None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            number = int(value)
-    elif isinstance(value, str) and _INTEGER.fullmatch(value):
-        number = int(value)
-    if number is None or not _INT64_MIN <= number <= _INT64_MAX:
-        return None
-    return number
