@@ -315,6 +315,6 @@ def bench_questions(ctx: BenchContext) -> list[Figure]:
             started = time.perf_counter()
             result = run_question(engine, question, values, relative_to="now")
             seconds = time.perf_counter() - started
-            note = f"{result.table.num_rows} rows over {ingest['flows']:,} flows"
+            note = f"{result.table.num_rows} rows, {ingest['flows']:,} flows"
             figures.append(Figure("questions", f"query {question.name}", seconds, "s", 1.0, False, note))
     return figures

@@ -52,12 +52,19 @@ class ParquetSinkConfig:
         metadata={"help": "Flush the open batch into part files once it holds this many flows."},
     )
     max_batch_bytes: int = field(
-        default=64 * 1024 * 1024,
-        metadata={"help": "Flush the open batch once its flows take this many bytes in memory."},
+        default=256 * 1024 * 1024,
+        metadata={"help": "Flush the open batch once its flows amount to this many bytes (in Arrow form)."},
     )
     flush_interval_seconds: float = field(
         default=60.0,
         metadata={"help": "Flush the open batch at least this often, however small it is."},
+    )
+    row_group_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata={
+            "help": "Write a partition's buffered flows to its open part file as a row group once they take "
+            "this many bytes in memory (bounds the sink's memory)."
+        },
     )
     zstd_level: int = field(
         default=3,
@@ -65,7 +72,7 @@ class ParquetSinkConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "max_batch_rows", "max_batch_bytes", "flush_interval_seconds")
+        _positive(self, "max_batch_rows", "max_batch_bytes", "row_group_bytes", "flush_interval_seconds")
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError(f"ParquetSinkConfig.zstd_level must be 1..22, got {self.zstd_level}")
         if not self.path:

@@ -296,6 +296,29 @@ class Dataset:
             raise
         return temp
 
+    def open_temp(self, folder: str, final_name: str) -> tuple[str, Any]:
+        """Open the temporary file of `final_name` in `folder` for writing; returns (path, binary stream)."""
+        self.make_dirs(folder)
+        temp = _join(folder, temp_file_name(final_name))
+        with translate_write_errors(temp):
+            if self.is_local:
+                return temp, open(temp, "wb")  # closed by finish_temp
+            return temp, self.filesystem.open_output_stream(temp)
+
+    def finish_temp(self, temp: str, handle: Any) -> None:
+        """Flush, fsync (local folder) and close a stream from `open_temp`; on failure remove the file."""
+        try:
+            with translate_write_errors(temp):
+                try:
+                    if self.is_local:
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                finally:
+                    handle.close()
+        except DatasetWriteError:
+            self.discard(temp)
+            raise
+
     def publish(self, temp: str, final: str) -> None:
         """Rename a finished temporary file to its final name (atomic on a local folder)."""
         with translate_write_errors(final):

@@ -103,17 +103,22 @@ def test_flushes_when_max_batch_rows_reached(tmp_path: Path) -> None:
     assert sink.write(batch_of(seconds(4))) is None
     assert Dataset(tmp_path).list_part_files("flows") == []
     ack = sink.write(batch_of(seconds(4)))
-    assert ack is not None and ack.batches == 3 and ack.flows == 12
-    assert [Path(f).name for f in ack.files] == [
-        Path(f).name for f in Dataset(tmp_path).list_part_files("flows")
-    ]
+    # the third batch is cut at the limit: its first 2 rows complete a 10-row part file, 2 stay open
+    assert ack is not None and ack.batches == 2 and ack.flows == 10
+    assert list(ack.files) == Dataset(tmp_path).list_part_files("flows")
+    assert read_flows(tmp_path).num_rows == 10 and sink.buffered_rows == 2
+    ack = sink.close()
+    assert ack is not None and ack.batches == 3 and ack.flows == 2
     assert read_flows(tmp_path).num_rows == 12
 
 
 def test_a_batch_bigger_than_max_batch_rows_is_split_into_files_of_that_size(tmp_path: Path) -> None:
     sink = sink_for(tmp_path, max_batch_rows=10)
     ack = sink.write(batch_of(seconds(25)))
-    assert ack is not None and ack.flows == 25
+    assert ack is not None and ack.flows == 20 and ack.batches == 0, "the batch itself is not durable yet"
+    assert sink.buffered_rows == 5
+    ack = sink.close()
+    assert ack is not None and ack.flows == 5 and ack.batches == 1
     sizes = [pq.read_metadata(path).num_rows for path in Dataset(tmp_path).list_part_files("flows")]
     assert sizes == [10, 10, 5]
 
@@ -293,6 +298,7 @@ def test_same_rows_out_whatever_the_flush_boundaries(tmp_path: Path, seed: int) 
         tmp_path,
         max_batch_rows=rng.randint(1, 60),
         max_batch_bytes=rng.choice([1_000, 20_000, 10_000_000]),
+        row_group_bytes=rng.choice([500, 5_000, 16_000_000]),
         flush_interval_seconds=rng.choice([1.0, 5.0, 1000.0]),
         clock=clock,
     )
@@ -460,7 +466,18 @@ def test_disk_full_raises_naming_the_path_and_acknowledges_nothing(small_disk: P
     dataset = Dataset(small_disk)
     assert dataset.list_part_files("flows") == [] and dataset.list_temp_files("flows") == []
     assert sink.acked_batches == 0
-    assert sink.buffered_rows == 4000, "the open batch is kept so that a flush can be retried"
+    with pytest.raises(DatasetWriteError, match="stopped after a write error"):
+        sink.write(batch_of(seconds(1)))
+
+
+def test_disk_full_while_streaming_a_row_group_fails_the_write(small_disk: Path) -> None:
+    sink = sink_for(small_disk, max_batch_rows=1_000_000, row_group_bytes=50_000)
+    with pytest.raises(DatasetWriteError, match="No space left on device"):
+        for _ in range(20):  # row groups go to the temporary part file as batches arrive
+            sink.write(incompressible_batch(400))
+    dataset = Dataset(small_disk)
+    assert dataset.list_part_files("flows") == [] and dataset.list_temp_files("flows") == []
+    assert sink.acked_batches == 0
 
 
 def test_a_read_only_dataset_raises_dataset_write_error(small_disk: Path) -> None:

@@ -48,7 +48,10 @@ def _print_table(figures: list[Figure]) -> None:
             result,
             figure.note,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: do not squeeze the table into 80 columns
+        console = Console(width=150)
+    console.print(table)
 
 
 @click.command("bench")

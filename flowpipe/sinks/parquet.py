@@ -8,11 +8,12 @@ out of order) still land in the right hour: one flush writes one part file per p
 arrival order (Parquet statistics on `time` still let readers skip row groups). Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
 (Hive's NULL partition, read back as NULL `date` and `hour`).
 
-Every part file is written under a temporary name, fsynced, and only once all files of the flush are complete
-are they renamed into place. The batches of a flush are acknowledged after the last rename. A write error
-(disk full, I/O error, permission) removes the temporary files (and any file of the same flush already
-renamed), acknowledges nothing, and raises `DatasetWriteError` naming the path; the open batch is kept so a
-later `flush()` can retry.
+Every part file is written under a temporary name (flows are streamed into it a row group at a time, so
+memory stays small), fsynced, and only once all files of the flush are complete are they renamed into place.
+The batches of a flush are acknowledged after the last rename. A write error (disk full, I/O error,
+permission) removes the temporary files (and any file of the same flush already renamed), acknowledges
+nothing, and raises `DatasetWriteError` naming the path; the open batch is dropped and the sink refuses
+further work (the pipeline stops; the source delivers the unacknowledged batches again on the next run).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset import (
@@ -36,6 +39,7 @@ from flowpipe.dataset import (
     PartitionKey,
     parse_part_file_name,
     part_file_name,
+    translate_write_errors,
 )
 from flowpipe.errors import DatasetWriteError
 from flowpipe.model import (
@@ -114,8 +118,34 @@ def _key(hour_ns: int) -> PartitionKey:
     return PartitionKey.from_time(datetime.fromtimestamp(hour_ns // 1_000_000_000, UTC))
 
 
+@dataclass(slots=True)
+class _OpenPart:
+    """A part file being written: its temporary file, its Parquet writer, and what it holds so far."""
+
+    folder: str
+    temp: str
+    handle: Any
+    writer: pq.ParquetWriter
+    seq: int
+    rows: int = 0
+    min_ns: int | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Flows of one partition waiting to become the next row group of its part file."""
+
+    tables: list[pa.Table] = field(default_factory=list)
+    rows: int = 0
+    bytes: int = 0
+
+
 class ParquetSink:
     """Writes flows to `<root>/flows/...` and lost events to `<root>/lost_events/...` as part files.
+
+    Flows of the open batch are streamed into one temporary part file per partition, a row group at a time
+    (every `row_group_bytes`), so memory stays small however large a part file grows; the flush closes and
+    renames them.
 
     >>> sink = ParquetSink(ParquetSinkConfig(path="flowpipe-data", max_batch_rows=50_000))
     >>> ack = sink.write(batch)      # None until a flush made batches durable
@@ -136,7 +166,8 @@ class ParquetSink:
         self.dataset = dataset if dataset is not None else Dataset(config.path)
         self._clock = clock
         self._now = now
-        self._flows: list[pa.Table] = []
+        self._pending: dict[PartitionKey, _Pending] = {}
+        self._parts: dict[PartitionKey, _OpenPart] = {}
         self._lost: list[LostEvent] = []
         self._rows = 0
         self._bytes = 0
@@ -144,9 +175,14 @@ class ParquetSink:
         self._written_batches = 0
         self._acked_batches = 0
         self._seq = 0
+        self._failed: DatasetWriteError | None = None
         self.files_written: list[str] = []
         self.flows_written = 0
         self.lost_events_written = 0
+        self._metadata = {
+            SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
+            WRITER_ID_KEY: config.writer_id.encode(),
+        }
         removed = self.dataset.clean_temp_files(writer_id=config.writer_id)
         if removed:
             log.warning(
@@ -160,27 +196,36 @@ class ParquetSink:
 
     @property
     def buffered_rows(self) -> int:
-        """Flows waiting in the open batch."""
+        """Flows in the open batch (in memory or in temporary part files), not yet acknowledged."""
         return self._rows
 
     def write(self, batch: EventBatch) -> Ack | None:
-        """Add a batch to the open batch; flushes when a row, byte or age limit is reached."""
+        """Add a batch to the open batch; flushes when a row, byte or age limit is reached.
+
+        A batch that would take the open batch past `max_batch_rows` is cut there: the part before the cut
+        is flushed with the open batch (acknowledging the batches before this one), the rest opens the next.
+        """
+        self._check_usable()
+        ack: Ack | None = None
         flows = batch.flows
-        if flows.num_rows:
-            if flows.schema != FLOW_SCHEMA:
-                flows = flows.cast(FLOW_SCHEMA)
-            self._flows.append(flows)
-            self._rows += flows.num_rows
-            self._bytes += flows.nbytes
-        self._lost.extend(batch.lost_events)
+        if flows.num_rows and flows.schema != FLOW_SCHEMA:
+            flows = flows.cast(FLOW_SCHEMA)
+        offset = 0
+        while offset < flows.num_rows:
+            piece = flows.slice(offset, self.config.max_batch_rows - self._rows)
+            self._add_flows(piece)
+            offset += piece.num_rows
+            if self._rows >= self.config.max_batch_rows:
+                ack = _merge(ack, self.flush())
+        if batch.lost_events:
+            self._lost.extend(batch.lost_events)
+            self._open_age()
         self._written_batches += 1
-        if not self._flows and not self._lost:
-            return self._ack_empty()
-        if self._opened_at is None:
-            self._opened_at = self._clock()
-        if self._rows >= self.config.max_batch_rows or self._bytes >= self.config.max_batch_bytes:
-            return self.flush()
-        return self.poll()
+        if not self._rows and not self._lost:
+            return _merge(ack, self._ack_empty())
+        if self._bytes >= self.config.max_batch_bytes:
+            return _merge(ack, self.flush())
+        return _merge(ack, self.poll())
 
     def poll(self) -> Ack | None:
         """Flush if the open batch is older than `flush_interval_seconds`."""
@@ -192,34 +237,126 @@ class ParquetSink:
         return None
 
     def flush(self) -> Ack | None:
-        """Write the open batch as part files (one per partition and table) and acknowledge its batches."""
-        if not self._flows and not self._lost:
+        """Finish the open batch's part files, rename them into place, and acknowledge its batches."""
+        self._check_usable()
+        if not self._rows and not self._lost:
             return self._ack_empty()
-        plan: list[tuple[str, PartitionKey, pa.Table]] = []
-        if self._flows:
-            flows = pa.concat_tables(self._flows) if len(self._flows) > 1 else self._flows[0]
-            size = self.config.max_batch_rows
-            for key, part in split_by_hour(flows):
-                # a batch bigger than max_batch_rows (one huge source block) still gives files of that size
-                plan += [
-                    (FLOWS_TABLE, key, part.slice(start, size)) for start in range(0, part.num_rows, size)
-                ]
-        if self._lost:
-            plan += [
-                (LOST_EVENTS_TABLE, key, part) for key, part in split_by_hour(lost_events_table(self._lost))
-            ]
-        files = self._write_all(plan)
-        flows_count = self._rows
-        self.flows_written += flows_count
+        staged: list[tuple[str, str]] = []
+        try:
+            for key in list(self._pending):
+                self._write_row_group(key)
+            for key, part in sorted(self._parts.items()):
+                with translate_write_errors(part.temp):
+                    part.writer.close()
+                self.dataset.finish_temp(part.temp, part.handle)
+                name = self._final_name(part.folder, part.min_ns, part.seq)
+                staged.append((part.temp, f"{part.folder}/{name}"))
+            self._parts.clear()
+            if self._lost:
+                for key, table in split_by_hour(lost_events_table(self._lost)):
+                    folder = self.dataset.partition_dir(LOST_EVENTS_TABLE, key)
+                    name = self._final_name(folder, _min_ns(table))
+                    table = table.replace_schema_metadata(
+                        {**(LOST_EVENTS_SCHEMA.metadata or {}), **self._metadata}
+                    )
+                    temp = self.dataset.write_parquet_temp(table, folder, name, **self._parquet_options())
+                    staged.append((temp, f"{folder}/{name}"))
+            files = self._publish(staged)
+        except DatasetWriteError as exc:
+            self._abort(staged, exc)
+            raise
+        flows = self._rows
+        self.flows_written += flows
         self.lost_events_written += len(self._lost)
         self.files_written.extend(files)
-        self._flows, self._lost, self._rows, self._bytes, self._opened_at = [], [], 0, 0, None
+        self._lost, self._rows, self._bytes, self._opened_at = [], 0, 0, None
         self._acked_batches = self._written_batches
-        return Ack(batches=self._acked_batches, flows=flows_count, files=tuple(files))
+        return Ack(batches=self._acked_batches, flows=flows, files=tuple(files))
 
     def close(self) -> Ack | None:
         """Flush what is open."""
         return self.flush()
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _open_age(self) -> None:
+        if self._opened_at is None:
+            self._opened_at = self._clock()
+
+    def _add_flows(self, flows: pa.Table) -> None:
+        self._open_age()
+        self._rows += flows.num_rows
+        self._bytes += flows.nbytes
+        for key, part in split_by_hour(flows):
+            pending = self._pending.setdefault(key, _Pending())
+            pending.tables.append(part)
+            pending.rows += part.num_rows
+            pending.bytes += part.nbytes
+            if pending.bytes >= self.config.row_group_bytes:
+                self._write_row_group(key)
+
+    def _write_row_group(self, key: PartitionKey) -> None:
+        """Write a partition's pending flows as one row group of its open part file (opened on first use)."""
+        pending = self._pending.pop(key, None)
+        if pending is None or not pending.rows:
+            return
+        table = pa.concat_tables(pending.tables) if len(pending.tables) > 1 else pending.tables[0]
+        try:
+            part = self._parts.get(key) or self._open_part(key, table)
+            with translate_write_errors(part.temp):
+                part.writer.write_table(table, row_group_size=table.num_rows)
+        except DatasetWriteError as exc:
+            self._abort([], exc)
+            raise
+        part.rows += table.num_rows
+        low = _min_ns(table)
+        if low is not None and (part.min_ns is None or low < part.min_ns):
+            part.min_ns = low
+
+    def _open_part(self, key: PartitionKey, first: pa.Table) -> _OpenPart:
+        folder = self.dataset.partition_dir(FLOWS_TABLE, key)
+        self._seq += 1
+        name = part_file_name(self._start(_min_ns(first)), self.config.writer_id, self._seq)
+        temp, handle = self.dataset.open_temp(folder, name)
+        schema = FLOW_SCHEMA.with_metadata({**(FLOW_SCHEMA.metadata or {}), **self._metadata})
+        try:
+            with translate_write_errors(temp):
+                writer = pq.ParquetWriter(handle, schema, **self._parquet_options())
+        except DatasetWriteError:
+            handle.close()
+            self.dataset.discard(temp)
+            raise
+        part = _OpenPart(folder=folder, temp=temp, handle=handle, writer=writer, seq=self._seq)
+        self._parts[key] = part
+        return part
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise DatasetWriteError(
+                f"the Parquet sink stopped after a write error ({self._failed}); nothing more is written",
+                path=self._failed.path,
+            )
+
+    def _abort(self, staged: list[tuple[str, str]], error: DatasetWriteError) -> None:
+        """Drop the open batch after a write error: close and remove its temporary and renamed files.
+
+        Nothing of it was acknowledged, so the source delivers it again on the next run; this sink refuses
+        further work.
+        """
+        self._failed = error
+        for part in self._parts.values():
+            for closer in (part.writer.close, part.handle.close):
+                try:
+                    closer()
+                except (OSError, pa.ArrowException):
+                    pass
+            self.dataset.discard(part.temp)
+        for temp, final in staged:
+            self.dataset.discard(temp)
+            self.dataset.discard(final)  # nothing of an unacknowledged flush stays visible
+        self._parts.clear()
+        self._pending.clear()
+        self._lost, self._rows, self._bytes, self._opened_at = [], 0, 0, None
 
     def _ack_empty(self) -> Ack | None:
         if self._acked_batches == self._written_batches:
@@ -227,22 +364,26 @@ class ParquetSink:
         self._acked_batches = self._written_batches
         return Ack(batches=self._acked_batches)
 
-    def _next_name(self, folder: str, table: pa.Table) -> str:
-        nanos = pc.min(pc.cast(table.column("time"), pa.int64())).as_py()
-        if nanos is None:
-            start = self._now()
-        else:
-            start = datetime.fromtimestamp(nanos // 1_000_000_000, UTC).replace(
-                microsecond=(nanos // 1000) % 1_000_000
-            )
+    def _start(self, min_ns: int | None) -> datetime:
+        if min_ns is None:
+            return self._now()
+        return datetime.fromtimestamp(min_ns // 1_000_000_000, UTC).replace(
+            microsecond=(min_ns // 1000) % 1_000_000
+        )
+
+    def _final_name(self, folder: str, min_ns: int | None, seq: int | None = None) -> str:
+        start = self._start(min_ns)
         while True:
-            self._seq += 1
-            name = part_file_name(start, self.config.writer_id, self._seq)
+            if seq is None:
+                self._seq += 1
+                seq = self._seq
+            name = part_file_name(start, self.config.writer_id, seq)
             # a restarted writer with the same id counts from 1 again: never overwrite an earlier file
             if not self.dataset.exists(f"{folder}/{name}"):
                 return name
+            seq = None
 
-    def _parquet_options(self, table_name: str) -> dict[str, Any]:
+    def _parquet_options(self) -> dict[str, Any]:
         return {
             "compression": "zstd",
             "compression_level": self.config.zstd_level,
@@ -250,34 +391,26 @@ class ParquetSink:
             "write_statistics": True,
         }
 
-    def _write_all(self, plan: list[tuple[str, PartitionKey, pa.Table]]) -> list[str]:
-        """Write every planned file under a temporary name, then rename them all; all or nothing."""
-        staged: list[tuple[str, str]] = []
+    def _publish(self, staged: list[tuple[str, str]]) -> list[str]:
+        """Rename every finished temporary file to its final name; then fsync the folders."""
         published: list[str] = []
-        try:
-            for table_name, key, table in plan:
-                folder = self.dataset.partition_dir(table_name, key)
-                name = self._next_name(folder, table)
-                schema = FLOW_SCHEMA if table_name == FLOWS_TABLE else LOST_EVENTS_SCHEMA
-                metadata = dict(schema.metadata or {})
-                metadata[SCHEMA_VERSION_KEY] = SCHEMA_VERSION.encode()
-                metadata[WRITER_ID_KEY] = self.config.writer_id.encode()
-                table = table.replace_schema_metadata(metadata)
-                temp = self.dataset.write_parquet_temp(
-                    table, folder, name, **self._parquet_options(table_name)
-                )
-                staged.append((temp, f"{folder}/{name}"))
-            for temp, final in staged:
-                self.dataset.publish(temp, final)
-                published.append(final)
-            self.dataset.sync_dirs({final.rsplit("/", 1)[0] for final in published})
-        except DatasetWriteError:
-            for temp, _ in staged:
-                self.dataset.discard(temp)
-            for final in published:  # nothing of an unacknowledged flush stays visible
-                self.dataset.discard(final)
-            raise
+        for temp, final in staged:
+            self.dataset.publish(temp, final)
+            published.append(final)
+        self.dataset.sync_dirs({final.rsplit("/", 1)[0] for final in published})
         return published
+
+
+def _min_ns(table: pa.Table) -> int | None:
+    value = pc.min(pc.cast(table.column("time"), pa.int64())).as_py()
+    return None if value is None else int(value)
+
+
+def _merge(first: Ack | None, second: Ack | None) -> Ack | None:
+    """One ack for two made in one call: the later count, flows and files of both."""
+    if first is None or second is None:
+        return first or second
+    return Ack(batches=second.batches, flows=first.flows + second.flows, files=first.files + second.files)
 
 
 def part_file_writer_id(name: str) -> str | None:
