@@ -378,6 +378,8 @@ def replay_edges(
     matched: Counter[tuple[int, int]] = Counter()
     denied: dict[tuple[Any, ...], list[int]] = {}
     endpoints: dict[tuple[Any, ...], m.Endpoint] = {}
+    # Edges that differ only in verdict or observation point share their decisions.
+    decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, m.Traffic], Decision] = {}
 
     def endpoint(row: Mapping[str, Any], side: str) -> m.Endpoint:
         key = (
@@ -420,7 +422,10 @@ def replay_edges(
         reasons: list[str] = []
         for direction in directions:
             subject, peer = (src, dst) if direction == "egress" else (dst, src)
-            decision = policy_set.decide(direction, subject, peer, traffic)
+            key = (direction, subject, peer, traffic)
+            decision = decisions.get(key)
+            if decision is None:
+                decision = decisions[key] = policy_set.decide(direction, subject, peer, traffic)
             for hit in decision.matched:
                 matched[hit] += flows
             if not decision.allowed and decision.reason:
