@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from flowpipe.policy import _match as m
+from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import ANY_PEER, DIRECTIONS, Peer, Policy, Rule
 
 Severity = Literal["low", "medium", "high"]
@@ -202,8 +203,8 @@ def _allows_dns(rule: Rule) -> bool:
         return False
     if not rule.ports:
         return True
-    dns = m.Traffic(protocol="UDP", port=53)
-    return any(any(m.port_matches(p, dns) for p in pr.ports) or not pr.ports for pr in rule.ports)
+    dns = ports.Traffic(protocol="UDP", port=53)
+    return any(any(ports.port_matches(p, dns) for p in pr.ports) or not pr.ports for pr in rule.ports)
 
 
 def _dns_findings(policies: Sequence[Policy]) -> list[Finding]:

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
+from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import Direction, Policy
 
 try:  # the shared DropReason classification, where present
@@ -274,10 +275,10 @@ class _CompiledRule:
             self.cache[endpoint] = hit
         return hit
 
-    def matches(self, endpoint: m.Endpoint, traffic: m.Traffic) -> bool:
+    def matches(self, endpoint: m.Endpoint, traffic: ports.Traffic) -> bool:
         if not self.rule.peers or not self.peer_matches(endpoint):
             return False
-        return not self.rule.ports or any(m.port_rule_matches(pr, traffic) for pr in self.rule.ports)
+        return not self.rule.ports or any(ports.port_rule_matches(pr, traffic) for pr in self.rule.ports)
 
 
 class PolicySet:
@@ -313,7 +314,7 @@ class PolicySet:
         return found
 
     def decide(
-        self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: m.Traffic
+        self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: ports.Traffic
     ) -> Decision:
         """Judge one request in one direction at `subject` (the destination for ingress, the source for egress)."""
         selecting = self.selecting(direction, subject) if subject.is_pod else []
@@ -379,7 +380,7 @@ def replay_edges(
     denied: dict[tuple[Any, ...], list[int]] = {}
     endpoints: dict[tuple[Any, ...], m.Endpoint] = {}
     # Edges that differ only in verdict or observation point share their decisions.
-    decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, m.Traffic], Decision] = {}
+    decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
 
     def endpoint(row: Mapping[str, Any], side: str) -> m.Endpoint:
         key = (
@@ -400,7 +401,7 @@ def replay_edges(
             report.replies_skipped += flows
             continue
         src, dst = endpoint(row, "source"), endpoint(row, "destination")
-        traffic = m.Traffic(
+        traffic = ports.Traffic(
             protocol=row.get("l4_protocol"),
             port=row.get("destination_port"),
             icmp_type=row.get("icmp_type"),
@@ -422,10 +423,10 @@ def replay_edges(
         reasons: list[str] = []
         for direction in directions:
             subject, peer = (src, dst) if direction == "egress" else (dst, src)
-            key = (direction, subject, peer, traffic)
-            decision = decisions.get(key)
+            case = (direction, subject, peer, traffic)
+            decision = decisions.get(case)
             if decision is None:
-                decision = decisions[key] = policy_set.decide(direction, subject, peer, traffic)
+                decision = decisions[case] = policy_set.decide(direction, subject, peer, traffic)
             for hit in decision.matched:
                 matched[hit] += flows
             if not decision.allowed and decision.reason:
@@ -441,7 +442,7 @@ def replay_edges(
         passed = verdict in PASSED_VERDICTS
         if passed:
             report.would_break += flows
-        key = (
+        edge = (
             _describe(row, "source"),
             _describe(row, "destination"),
             traffic.protocol,
@@ -450,7 +451,7 @@ def replay_edges(
             "; ".join(reasons),
             _l7_summary(traffic),
         )
-        counts = denied.setdefault(key, [0, 0, 0])
+        counts = denied.setdefault(edge, [0, 0, 0])
         counts[0] += flows
         counts[1] += flows if passed else 0
         counts[2] += flows if verdict == "DROPPED" else 0
@@ -499,13 +500,11 @@ def _describe(row: Mapping[str, Any], side: str) -> str:
     return f"{name}:{address}" if address else name
 
 
-def _l7_summary(traffic: m.Traffic) -> str | None:
+def _l7_summary(traffic: ports.Traffic) -> str | None:
     if traffic.l7 == "http":
-        return f"{traffic.http_method or '?'} {m.split_url(traffic.http_url or '')[1].split('?', 1)[0]}"
+        return f"{traffic.http_method or '?'} {ports.split_url(traffic.http_url or '')[1].split('?', 1)[0]}"
     if traffic.l7 == "kafka":
-        return (
-            f"kafka {m.kafka_api_key_name(traffic.kafka_api_key) or '?'} {traffic.kafka_topic or ''}".rstrip()
-        )
+        return f"kafka {ports.kafka_api_key_name(traffic.kafka_api_key) or '?'} {traffic.kafka_topic or ''}".rstrip()
     if traffic.l7 == "dns":
         return f"dns {traffic.dns_query or '?'}"
     return None
