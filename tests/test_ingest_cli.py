@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ import duckdb
 import pytest
 from click.testing import CliRunner, Result
 
+from flowpipe.bench_data import write_synthetic_jsonpb
 from flowpipe.cli import cli
+from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.dataset import Dataset
+from flowpipe.ingest import ingest_files
 
 COUNTED_EVENTS = ("lost_events", "node_status", "agent_event", "debug_event")
 
@@ -134,6 +138,30 @@ def test_lost_events_are_counted_and_stored(hubble_captures: Path, tmp_path: Pat
     assert duckdb.sql(
         "SELECT num_events_lost, cpu FROM read_parquet($f)", params={"f": stored}
     ).fetchall() == [(42, 3)]
+
+
+@pytest.mark.xfail(
+    reason="FileSource resume: Reader.skip() (sources/_file_reader.py) breaks out of chunks(), whose `yield from` closes the "
+    "underlying stream, so a file resumed past its first block reads as truncated",
+    strict=False,
+)
+def test_an_interrupted_ingest_continues_where_it_stopped(tmp_path: Path) -> None:
+    source = tmp_path / "big.jsonpb"
+    stats = write_synthetic_jsonpb(source, 12_000)  # ~19 MB: several blocks of the file source
+    config = ParquetSinkConfig(path=str(tmp_path / "data"), writer_id="t")
+    stop = threading.Event()
+    first = ingest_files(
+        [source],
+        config,
+        stop=stop,
+        on_batch=lambda b: stop.set(),
+        pipeline_config=PipelineConfig(buffer_batches=1),
+    )
+    assert first.pipeline.stopped and 0 < first.pipeline.flows < stats.flows
+    second = ingest_files([source], config)
+    assert second.skipped_by_reason == {}
+    assert first.pipeline.flows + second.pipeline.flows == stats.flows
+    assert sum(verdicts_in_dataset(tmp_path / "data").values()) == stats.flows
 
 
 def test_bench_prints_its_figures(tmp_path: Path) -> None:
