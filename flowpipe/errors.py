@@ -14,8 +14,9 @@ FlowpipeError                      base; the CLI catches exactly this and exits 
 │   ├── UnknownQuestionError       .name, .available (close matches)
 │   ├── QuestionParameterError     missing or unexpected parameters
 │   └── QuestionDefinitionError    .path, .line_number; a question file breaks the header format
-└── PolicyError
-    └── PolicyParseError           .path, .document_index
+├── PolicyError
+│   └── PolicyParseError           .path, .document_index
+└── ObserverServerError            the built-in Observer server cannot start or was given unusable flows
 ```
 
 Library code raises these; only `cli.py` turns them into exit codes. Foreign exceptions (grpc, duckdb,
@@ -148,3 +149,9 @@ class PolicyParseError(PolicyError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.document_index = document_index
+
+
+class ObserverServerError(FlowpipeError):
+    """The built-in Observer server cannot start (address in use, bad TLS files) or got unusable flows."""
+
+    error_type = "server_error"
