@@ -13,6 +13,7 @@ from itertools import count
 from typing import Any
 
 from flowpipe._proto.flow import flow_pb2
+from flowpipe.sim.cluster import WORLD_IDENTITY
 from flowpipe.sim.policies import Decision
 from flowpipe.sim.wire import (
     ACK,
@@ -20,11 +21,13 @@ from flowpipe.sim.wire import (
     FIN,
     L7_REQUEST,
     L7_RESPONSE,
+    MS,
     POLICY_VERDICT,
     PSH,
     SYN,
     TCP,
     TRACE,
+    US,
     EndpointView,
     L7Spec,
     PolicyRef,
@@ -33,8 +36,6 @@ from flowpipe.sim.wire import (
 
 Record = tuple[Any, ...]
 
-US = 1_000
-MS = 1_000_000
 
 EG = flow_pb2.EGRESS
 IN = flow_pb2.INGRESS
@@ -78,7 +79,7 @@ class Writer:
         uniform = self.rng.uniform
         if src.node is not None and dst.node is not None:
             return int(uniform(10, 40) * US) if src.node == dst.node else int(uniform(70, 260) * US)
-        inside = src.identity not in (2,) and dst.identity not in (2,)
+        inside = WORLD_IDENTITY not in (src.identity, dst.identity)
         return int(uniform(60, 300) * US) if inside else int(uniform(2, 20) * MS)
 
 

@@ -24,14 +24,12 @@ from flowpipe.sim.shapes import (
     CT_MAP_INSERTION_FAILED,
     EG,
     IN,
-    MS,
     STALE_OR_UNROUTABLE_IP,
-    US,
     Conn,
     Record,
     Writer,
 )
-from flowpipe.sim.wire import ICMPV4, TCP, UDP, EndpointView, L7Spec
+from flowpipe.sim.wire import ICMPV4, MS, TCP, UDP, US, EndpointView, L7Spec
 
 _API_RESOURCES = ("orders", "users", "products", "carts", "invoices")
 
@@ -354,7 +352,7 @@ class Traffic:
     def _edge_dns_fault(self, t0: int, edge: Edge, tags: Tags) -> None:
         tag = tags[0]
         assert edge.src is not None
-        rcode = int(edge.options["rcode"])  # type: ignore[call-overload]
+        rcode = edge.rcode
         self.lookup(t0, self._pick(edge.src), edge.names[0], (), rcode, self._latency(edge), tag)
 
     def _edge_external(self, t0: int, edge: Edge, tags: Tags) -> None:

@@ -19,6 +19,11 @@ from google.protobuf import json_format
 
 from flowpipe._proto.flow import flow_pb2
 
+US = 1_000
+"""Nanoseconds in a microsecond."""
+MS = 1_000_000
+"""Nanoseconds in a millisecond."""
+
 # Record classes, for counting what was emitted.
 TRACE = 0
 DROP = 1
