@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -29,33 +31,28 @@ RATE = 400.0
 Flow = flow_pb2.Flow
 
 
-def run(**overrides: object) -> tuple[Simulator, list[observer_pb2.GetFlowsResponse]]:
-    config = SimulatorConfig(
-        **{
-            "seed": 11,
-            "start": START,
-            "duration_seconds": DURATION,
-            "rate_flows_per_second": RATE,
-            **overrides,
-        }
-    )  # type: ignore[arg-type]
-    sim = Simulator(config)
+BASE = SimulatorConfig(seed=11, start=START, duration_seconds=DURATION, rate_flows_per_second=RATE)
+Run = tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth]
+
+
+def run(**overrides: Any) -> tuple[Simulator, list[observer_pb2.GetFlowsResponse]]:
+    sim = Simulator(replace(BASE, **overrides))
     return sim, list(sim.responses())
 
 
 @pytest.fixture(scope="module")
-def faulty() -> tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth]:
+def faulty() -> Run:
     sim, responses = run()
     return sim, responses, sim.ground_truth()
 
 
 @pytest.fixture(scope="module")
-def flows(faulty: tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth]) -> list[Flow]:
+def flows(faulty: Run) -> list[Flow]:
     return [r.flow for r in faulty[1]]
 
 
 @pytest.fixture(scope="module")
-def truth(faulty: tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth]) -> GroundTruth:
+def truth(faulty: Run) -> GroundTruth:
     return faulty[2]
 
 
@@ -130,9 +127,7 @@ def test_node_names_carry_the_cluster_unless_it_is_default() -> None:
     assert default.node_names == nodes
 
 
-def test_envelopes_copy_node_and_time(
-    faulty: tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth],
-) -> None:
+def test_envelopes_copy_node_and_time(faulty: Run) -> None:
     sim, responses, _ = faulty
     assert {r.node_name for r in responses} == set(sim.node_names)
     assert all(r.node_name == r.flow.node_name and r.time == r.flow.time for r in responses)
@@ -420,11 +415,7 @@ def test_unselected_workload_has_no_attribution(flows: list[Flow], truth: Ground
     }
 
 
-def test_world_ingress(
-    faulty: tuple[Simulator, list[observer_pb2.GetFlowsResponse], GroundTruth],
-    flows: list[Flow],
-    truth: GroundTruth,
-) -> None:
+def test_world_ingress(faulty: Run, flows: list[Flow], truth: GroundTruth) -> None:
     fault = truth.faults[f.WORLD_INGRESS]
     clients = set(e.WORLD_CLIENTS)
     api = [
