@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,7 @@ class FileState:
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
         self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()  # the pipeline commits from another thread than the one reading
         if self.path is not None and self.path.exists():
             self._load(self.path)
 
@@ -80,17 +82,23 @@ class FileState:
 
         A content matches an entry when its first `head_bytes` bytes hash alike; the longest match wins.
         """
-        for size in sorted({entry.head_bytes for entry in self._entries.values()}, reverse=True):
-            if size > len(head) or size == 0:
-                continue
-            key = content_key(head[:size])
-            entry = self._entries.get(key)
-            if entry is not None:
-                return key, entry.records, entry.offset, entry.partial
+        with self._lock:
+            sizes = sorted({entry.head_bytes for entry in self._entries.values()}, reverse=True)
+            for size in sizes:
+                if size > len(head) or size == 0:
+                    continue
+                key = content_key(head[:size])
+                entry = self._entries.get(key)
+                if entry is not None:
+                    return key, entry.records, entry.offset, entry.partial
         return None, 0, 0, False
 
     def commit(self, position: FilePosition) -> None:
         """Record `position` as durable and save the state."""
+        with self._lock:
+            self._commit(position)
+
+    def _commit(self, position: FilePosition) -> None:
         current = self._entries.get(position.key)
         if current is not None and current.records >= position.records:
             return
