@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
 from flowpipe._proto.relay import relay_pb2
+from flowpipe.cli import cli
 from flowpipe.errors import ObserverServerError
 from flowpipe.server import FlowFeeder, ObserverServer
 from flowpipe.server.observer import DEFAULT_RELAY_NAME
@@ -338,3 +344,69 @@ def test_publishing_something_else_is_refused(server: ObserverServer) -> None:
 def test_port_in_use_is_a_clear_error(server: ObserverServer) -> None:
     with pytest.raises(ObserverServerError, match=f"127.0.0.1:{server.port}"):
         ObserverServer(port=server.port).start()
+
+
+def start_simulate_relay(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Run `flowpipe simulate-relay` on a free loopback port; returns the process and its address."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowpipe", "simulate-relay", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    first_line = process.stdout.readline()
+    match = re.search(r"listening on (127\.0\.0\.1:\d+)", first_line)
+    if match is None:
+        process.kill()
+        pytest.fail(
+            f"simulate-relay did not start: {first_line!r} {process.stderr.read() if process.stderr else ''}"
+        )
+    return process, match.group(1)
+
+
+def stop_process(process: subprocess.Popen[str]) -> int:
+    """Ctrl-C the process and return its exit code."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_simulate_relay_serves_the_simulator_and_stops_on_ctrl_c() -> None:
+    process, address = start_simulate_relay(
+        "--backlog", "20s", "--rate", "50", "--seed", "3", "--buffer-size", "500"
+    )
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = observer_pb2_grpc.ObserverStub(channel)
+            status = stub.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=10)
+            assert status.num_connected_nodes.value == 4 and status.max_flows == 4 * 500
+            assert status.seen_flows > 0
+            responses = list(stub.GetFlows(observer_pb2.GetFlowsRequest(number=5), timeout=10))
+            assert responses[0].HasField("node_status")
+            flows = flows_of(iter(responses))
+            assert flows and all(f.node_name.startswith("sim/") for f in flows)
+            assert {
+                n.namespace
+                for n in stub.GetNamespaces(observer_pb2.GetNamespacesRequest(), timeout=10).namespaces
+            }
+    finally:
+        code = stop_process(process)
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "4245"], "HOST:PORT"),
+        (["--tls-cert", "server.crt"], "--tls-key"),
+        (["--tls-client-ca", "ca.crt"], "--tls-cert"),
+        (["--buffer-size", "0"], "buffer-size"),
+    ],
+)
+def test_simulate_relay_rejects_bad_options(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["simulate-relay", *args])
+    assert result.exit_code == 2 and message in result.output

@@ -135,3 +135,35 @@ def test_missing_certificate_files_are_a_clear_error(tmp_path: Path) -> None:
     config = ServerTLSConfig(tmp_path / "missing.crt", tmp_path / "missing.key")
     with pytest.raises(ObserverServerError, match="missing.crt"):
         config.ssl_context()
+
+
+def test_simulate_relay_generates_a_pki_and_serves_mutual_tls(tmp_path: Path) -> None:
+    from tests.test_observer_server import start_simulate_relay, stop_process
+
+    directory = tmp_path / "relay-pki"
+    process, address = start_simulate_relay(
+        "--backlog", "10s", "--rate", "50", "--tls-generate", str(directory)
+    )
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(directory / "ca.crt").read_bytes(),
+            private_key=(directory / "client.key").read_bytes(),
+            certificate_chain=(directory / "client.crt").read_bytes(),
+        )
+        options = [("grpc.ssl_target_name_override", "relay.flowpipe.test")]
+        with grpc.secure_channel(address, credentials, options=options) as channel:
+            stub = observer_pb2_grpc.ObserverStub(channel)
+            assert (
+                stub.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=10).num_connected_nodes.value
+                == 4
+            )
+        with grpc.secure_channel(
+            address, grpc.ssl_channel_credentials((directory / "ca.crt").read_bytes()), options=options
+        ) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                observer_pb2_grpc.ObserverStub(channel).ServerStatus(
+                    observer_pb2.ServerStatusRequest(), timeout=10
+                )
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert stop_process(process) == 0

@@ -29,3 +29,7 @@ from flowpipe.commands.audit import audit  # noqa: E402
 from flowpipe.commands.replay import replay  # noqa: E402
 
 COMMANDS += [replay, audit]
+
+from flowpipe.commands.simulate_relay import simulate_relay  # noqa: E402
+
+COMMANDS.append(simulate_relay)

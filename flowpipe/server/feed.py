@@ -26,6 +26,8 @@ class FlowFeeder:
     - `rate_per_second`: flows per second in real time; None publishes as fast as the target takes them.
     - `retime`: stamp each flow with the wall-clock time it is published at (evenly spaced at the rate), so
       time-based requests (`since`, `hubble observe --since 1m`) behave as against a live cluster.
+    - `realtime`: publish each flow when the wall clock reaches its own `time` (flows in time order; those
+      already in the past at once), as a cluster whose flows carry real timestamps would.
 
     Example::
 
@@ -41,6 +43,7 @@ class FlowFeeder:
         *,
         rate_per_second: float | None = None,
         retime: bool = False,
+        realtime: bool = False,
         tick_seconds: float = 0.05,
         max_batch: int = 5000,
     ) -> None:
@@ -49,11 +52,18 @@ class FlowFeeder:
         self.target = target
         self.rate_per_second = rate_per_second
         self.retime = retime
+        self.realtime = realtime
+        if realtime and (retime or rate_per_second is not None):
+            raise ValueError(
+                "realtime pacing uses the flows' own times: no rate_per_second or retime with it"
+            )
         self.tick_seconds = tick_seconds
         self.max_batch = max_batch
         self.published = 0
         self.error: BaseException | None = None
         self.finished = threading.Event()
+        self.caught_up = threading.Event()
+        """Set once every flow due by now (realtime) has been published, or when finished."""
         self._flows: Iterator[flow_pb2.Flow] = iter(flows)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flowpipe-flow-feeder", daemon=True)
@@ -80,9 +90,13 @@ class FlowFeeder:
             log.exception("flow feeder stopped")
             self.error = exc
         finally:
+            self.caught_up.set()
             self.finished.set()
 
     def _feed(self) -> None:
+        if self.realtime:
+            self._feed_realtime()
+            return
         start_monotonic = time.monotonic()
         start_ns = time.time_ns()
         rate = self.rate_per_second
@@ -109,3 +123,28 @@ class FlowFeeder:
                 self.published += len(batch)
             if len(batch) < wanted:
                 return
+
+    def _feed_realtime(self) -> None:
+        pending: flow_pb2.Flow | None = None
+        while not self._stop.is_set():
+            now_ns = time.time_ns()
+            batch: list[flow_pb2.Flow] = []
+            while len(batch) < self.max_batch:
+                if pending is None:
+                    pending = next(self._flows, None)
+                    if pending is None:
+                        break
+                if pending.time.seconds * 1_000_000_000 + pending.time.nanos > now_ns:
+                    break
+                batch.append(pending)
+                pending = None
+            if batch:
+                self.target.publish(batch)
+                self.published += len(batch)
+            if pending is None and len(batch) < self.max_batch:
+                return  # the iterator is exhausted
+            if len(batch) < self.max_batch:
+                assert pending is not None
+                self.caught_up.set()
+                due_ns = pending.time.seconds * 1_000_000_000 + pending.time.nanos
+                self._stop.wait(min(self.tick_seconds, max(0.0, (due_ns - time.time_ns()) / 1e9)))
