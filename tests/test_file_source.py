@@ -376,6 +376,27 @@ def test_only_committed_batches_count(tmp_path: Path) -> None:
     assert uuid_list(table) == uuids(100)[done:]
 
 
+def test_resuming_past_the_first_chunks_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text(lines_of(uuids(400)))  # ~250 KB: far beyond the 64 KiB fingerprint head
+    for name, content in (("big.json", None), ("big.json.gz", gzip.compress(path.read_bytes()))):
+        target = tmp_path / name
+        if content is not None:
+            target.write_bytes(content)
+        state = tmp_path / f"{name}.state.json"
+        source = FileSource([target], checkpoint_path=state, block_bytes=4000)
+        done = 0
+        for batch in source.batches():
+            source.commit(batch.position)
+            done += batch.flows.num_rows
+            if batch.position.offset > 150_000:  # type: ignore[union-attr]
+                break
+        again = FileSource([target], checkpoint_path=state, block_bytes=4000)
+        table, batches = read_all(again)
+        assert [e for b in batches for e in b.decode_errors] == []
+        assert uuid_list(table) == uuids(400)[done:], name
+
+
 def test_the_same_content_twice_in_one_run_is_read_once(tmp_path: Path) -> None:
     path = tmp_path / "f.json"
     path.write_text(lines_of(uuids(5)))

@@ -156,11 +156,19 @@ class Reader:
 
     def chunks(self) -> Iterator[bytes]:
         """The content from the current position on; raises Truncated where the compressed data breaks."""
-        while self._pending:
-            yield self._pending.pop(0)
-        if self._error is not None:
-            raise self._error
-        yield from self._stream
+        # No `yield from self._stream`: a caller that stops early (skip) closes this generator, and that must
+        # not close the underlying stream, which later calls go on reading.
+        while True:
+            if self._pending:
+                yield self._pending.pop(0)
+                continue
+            if self._error is not None:
+                raise self._error
+            try:
+                chunk = next(self._stream)
+            except StopIteration:
+                return
+            yield chunk
 
     def skip(self, offset: int, partial: bool) -> int:
         """Consume the first `offset` bytes (and the newline that ends a partial last line); bytes consumed."""
