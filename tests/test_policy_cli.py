@@ -121,3 +121,16 @@ def test_audit_without_flows_skips_observed_checks(tmp_path: Path) -> None:
         cli, ["audit", str(policy_file), "--dataset", str(dataset(tmp_path)), "--format", "json"]
     )
     assert "selector-matches-nothing" in withflows.stdout
+
+
+def test_relative_windows_count_back_from_an_old_dataset() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from flowpipe.commands.replay import resolve_window
+
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    start, end, anchor = resolve_window(T0, "1h", None, now=now)  # the data is older than the window
+    assert anchor == T0 and start == T0 - timedelta(hours=1) and end is None
+    recent = now - timedelta(minutes=5)
+    start, _, anchor = resolve_window(recent, "1h", None, now=now)
+    assert anchor is None and start == now - timedelta(hours=1)
