@@ -39,9 +39,9 @@ from flowpipe.transforms._json_schema import (
 )
 
 # pyarrow splits a block into chunks of this size and parses them in parallel (`threads=True`); a caller that
-# decodes several blocks at once parses each on one thread, where larger chunks cost less.
+# decodes several blocks at once parses each on one thread, as one chunk (no chunks to stitch together after).
 PARSE_CHUNK_BYTES = 1 << 20
-SERIAL_PARSE_CHUNK_BYTES = 4 << 20
+SERIAL_PARSE_CHUNK_BYTES = 16 << 20
 
 
 REASON_INVALID_JSON = "invalid_json"
