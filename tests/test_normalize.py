@@ -678,6 +678,12 @@ def test_normalize_responses_splits_flows_lost_events_and_node_status() -> None:
     assert lost.time == datetime(2024, 1, 1, 0, 0, 1, 250000, tzinfo=UTC)
 
 
+def test_protobuf_values_beyond_the_column_range_become_null() -> None:
+    flow = flow_pb2.Flow(drop_reason=4_000_000_000, l7=flow_pb2.Layer7(latency_ns=(1 << 64) - 1))
+    got = normalize_flows([flow]).to_pylist()[0]
+    assert got["drop_reason"] is None and got["latency_ns"] is None
+
+
 def test_normalize_flows_of_nothing_is_an_empty_table() -> None:
     table = normalize_flows([])
     assert table.num_rows == 0 and table.schema == FLOW_SCHEMA

@@ -261,4 +261,14 @@ def _enum_arrays(enum: str) -> tuple[pa.Array, pa.Array]:
 
 def _array(values: pa.Array | list[Any], type_: pa.DataType) -> pa.Array:
     # String values were made NULL when empty while they were collected.
-    return values.cast(type_) if isinstance(values, pa.Array) else pa.array(values, type_)
+    if isinstance(values, pa.Array):
+        return values.cast(type_)
+    try:
+        return pa.array(values, type_)
+    except (OverflowError, pa.ArrowInvalid):
+        if not pa.types.is_integer(type_):
+            raise
+    # An unsigned wire value beyond the column's signed range (never seen in real flows): NULL, not a crash.
+    bits = type_.bit_width - 1
+    low, high = -(1 << bits), (1 << bits) - 1
+    return pa.array([v if v is None or low <= v <= high else None for v in values], type_)
