@@ -50,6 +50,8 @@ BLOCK_BYTES = 8 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024
 """A longer line is reported (`line_too_long`) and skipped instead of growing memory without bound."""
 ARRAY_BATCH_ITEMS = 10_000
+MAX_LOGGED_ERRORS = 20
+"""Decode errors logged (as warnings) per source; the rest are only counted in the summary."""
 DECODE_THREADS = 4
 STDIN = "-"
 
@@ -121,6 +123,7 @@ class FileSource:
         self._read: dict[str, tuple[int, int, bool]] = {}
         self._stdin = stdin
         self._closed = threading.Event()
+        self._logged_errors = 0
         # Blocks are decoded this many at a time (pyarrow parses and computes without the GIL).
         self.decode_threads = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
 
@@ -310,7 +313,11 @@ class FileSource:
             summary.lines_skipped[REASON_UNKNOWN_EVENT] += decoded.unknown_events
         for error in decoded.errors:
             summary.lines_skipped[error.reason] += 1
-            log.warning("%s", error)
+            self._logged_errors += 1
+            if self._logged_errors <= MAX_LOGGED_ERRORS:
+                log.warning("%s", error)
+            elif self._logged_errors == MAX_LOGGED_ERRORS + 1:
+                log.warning("more lines could not be decoded; they are counted in the summary, not logged")
         if records > self._read.get(start.key, (0, 0, False))[0]:
             self._read[start.key] = (records, offset, partial)
         position = FilePosition(
