@@ -52,7 +52,8 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 ARRAY_BATCH_ITEMS = 10_000
 MAX_LOGGED_ERRORS = 20
 """Decode errors logged (as warnings) per source; the rest are only counted in the summary."""
-DECODE_THREADS = 4
+DECODE_THREADS = 2
+"""Blocks decoded at once (memory grows with it); on machines with more cores each block's parse is threaded."""
 STDIN = "-"
 
 REASON_UNKNOWN_EVENT = "unknown_event"
@@ -210,7 +211,7 @@ class FileSource:
                 first_line=block.first_line,
                 cluster_name=self.cluster_name,
                 layout=layout[0] if layout else ENVELOPE,
-                threads=self.decode_threads <= 1,
+                threads=self.decode_threads <= 1 or (os.cpu_count() or 1) > DECODE_THREADS,
             )
 
         for block, decoded in decode_in_order(
