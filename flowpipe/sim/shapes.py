@@ -133,31 +133,10 @@ class Conn:
         flags = SYN if self.proto == TCP else 0
         if decision.allowed:
             verdict = _REDIRECTED if decision.l7 else _FORWARDED
-            self.fwd(
-                t,
-                node,
-                POLICY_VERDICT,
-                flags,
-                None,
-                start,
-                verdict=verdict,
-                direction=direction,
-                match_type=decision.match_type,
-                allowed=refs,
-            )
+            spec = {"verdict": verdict, "match_type": decision.match_type, "allowed": refs}
         else:
-            self.fwd(
-                t,
-                node,
-                POLICY_VERDICT,
-                flags,
-                None,
-                start,
-                verdict=_DROPPED,
-                direction=direction,
-                drop_reason=POLICY_DENIED,
-                denied=refs,
-            )
+            spec = {"verdict": _DROPPED, "drop_reason": POLICY_DENIED, "denied": refs}
+        self.fwd(t, node, POLICY_VERDICT, flags, None, start, direction=direction, **spec)
         return True
 
     def denied(self, t: int, decision: Decision, direction: int) -> None:
