@@ -101,6 +101,7 @@ def _sanitize_list(value: Any, spec: ListOf, where: str) -> list[Any]:
             return value
     elif isinstance(item_spec, dict):
         return [None if item is None else _sanitize_struct(item, item_spec, f"{where}[]") for item in value]
+    assert isinstance(item_spec, Leaf)  # the spec has no lists of lists
     return [None if item is None else _sanitize_leaf(item, item_spec, where, "[]") for item in value]
 
 
