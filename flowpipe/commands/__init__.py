@@ -33,3 +33,7 @@ COMMANDS += [replay, audit]
 from flowpipe.commands.simulate_relay import simulate_relay  # noqa: E402
 
 COMMANDS.append(simulate_relay)
+
+from flowpipe.commands.collect import collect_command  # noqa: E402
+
+COMMANDS.append(collect_command)

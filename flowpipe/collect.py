@@ -1,0 +1,221 @@
+"""Live collection as a library call: relay source → pipeline → Parquet sink + Prometheus sink, with /metrics.
+
+```
+RelaySource ──▶ bounded buffer ──▶ ParquetSink (dataset; acks move the checkpoint)
+                                └─▶ PrometheusSink (flow analytics)      /metrics /healthz /readyz
+```
+
+The checkpoint lives in the dataset (`_state/relay.json`, or `_state/relay-shard-I-of-N.json` per shard), so a
+restarted collector resumes where the durable data ends. `collect` returns when `stop` is set (the CLI sets it on
+SIGTERM/SIGINT): the open batch is flushed, the checkpoint saved. `/readyz` answers ready while the relay stream
+is open and the Parquet sink keeps flushing (nothing waits much longer than the flush interval).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pyarrow.compute as pc
+from prometheus_client import CollectorRegistry
+
+from flowpipe.config import ParquetSinkConfig, PipelineConfig
+from flowpipe.dataset import Dataset
+from flowpipe.errors import ConfigError, SinkError
+from flowpipe.metrics import MetricsServer, PipelineMetrics, parse_address, serve
+from flowpipe.model import EventBatch
+from flowpipe.pipeline import PipelineResult, run_pipeline
+from flowpipe.sinks import Ack
+from flowpipe.sinks.parquet import ParquetSink
+from flowpipe.sinks.prometheus import (
+    DEFAULT_MAX_NAMESPACES,
+    DEFAULT_QUESTION_INTERVAL_SECONDS,
+    PrometheusSink,
+    UnexpectedDropsRefresher,
+    unexpected_drops_runner,
+)
+from flowpipe.sources.relay import RelaySource, RelaySourceConfig
+
+log = logging.getLogger(__name__)
+
+READY_GRACE_SECONDS = 30.0
+"""How much longer than the flush interval flows may wait unflushed before /readyz says not ready."""
+
+
+def checkpoint_name(config: RelaySourceConfig) -> str:
+    """The checkpoint's file name in `_state/`: one per shard, so shards sharing a dataset keep their own."""
+    if config.node_shard is None:
+        return "relay.json"
+    index, count = config.node_shard
+    return f"relay-shard-{index}-of-{count}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class CollectConfig:
+    """Everything `flowpipe collect` needs: the relay, the dataset writer, the pipeline and the metrics."""
+
+    source: RelaySourceConfig
+    sink: ParquetSinkConfig = field(default_factory=ParquetSinkConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    metrics_address: str | None = field(
+        default=None, metadata={"help": "HOST:PORT for /metrics, /healthz, /readyz."}
+    )
+    max_namespaces: int = field(
+        default=DEFAULT_MAX_NAMESPACES, metadata={"help": "Namespaces with their own label value."}
+    )
+    question_interval_seconds: float = field(
+        default=DEFAULT_QUESTION_INTERVAL_SECONDS,
+        metadata={"help": "How often the unexpected_drops question refreshes flowpipe_unexpected_drops."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.metrics_address is not None:
+            parse_address(self.metrics_address)
+        if self.max_namespaces < 0:
+            raise ConfigError("max_namespaces must be >= 0")
+
+
+class InstrumentedParquetSink:
+    """The Parquet sink, measured: each flush's rows, bytes, duration and newest flow time go to the metrics."""
+
+    name = "parquet"
+
+    def __init__(
+        self, inner: ParquetSink, metrics: PipelineMetrics, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self._clock = clock
+        self._newest: datetime | None = None
+        self.waiting_since: float | None = None
+        self.failed = False
+
+    def _measured(self, call: Callable[[], Ack | None]) -> Ack | None:
+        started = time.perf_counter()
+        try:
+            ack = call()
+        except SinkError:
+            self.failed = True
+            self.metrics.record_error("sending", "write_failed")
+            raise
+        if ack is not None and ack.files:
+            size = sum(
+                info.size or 0 for info in self.inner.dataset.filesystem.get_file_info(list(ack.files))
+            )
+            self.metrics.record_flush(
+                ack.flows, size, time.perf_counter() - started, newest_flow_time=self._newest
+            )
+        if ack is not None and self.inner.buffered_rows == 0:
+            self.waiting_since = None
+        return ack
+
+    def write(self, batch: EventBatch) -> Ack | None:
+        """Hand the batch to the Parquet sink (which may flush)."""
+        if batch.flows.num_rows:
+            newest = pc.max(batch.flows.column("time")).as_py()
+            if newest is not None and (self._newest is None or newest > self._newest):
+                self._newest = newest
+            if self.waiting_since is None:
+                self.waiting_since = self._clock()
+        return self._measured(lambda: self.inner.write(batch))
+
+    def poll(self) -> Ack | None:
+        """Flush on age."""
+        return self._measured(self.inner.poll)
+
+    def flush(self) -> Ack | None:
+        """Flush what is open."""
+        return self._measured(self.inner.flush)
+
+    def close(self) -> Ack | None:
+        """Flush what is open."""
+        return self._measured(self.inner.close)
+
+    def keeping_up(self, flush_interval_seconds: float) -> bool:
+        """False when flows have waited unflushed far longer than the flush interval, or a flush failed."""
+        if self.failed:
+            return False
+        if self.waiting_since is None:
+            return True
+        limit = max(2 * flush_interval_seconds, flush_interval_seconds + READY_GRACE_SECONDS)
+        return self._clock() - self.waiting_since <= limit
+
+
+@dataclass(slots=True)
+class CollectResult:
+    """What a collect run did."""
+
+    pipeline: PipelineResult
+    flows_received: int
+    reconnects: int
+    repeats_skipped: int
+    checkpoint_state: str
+    metrics_url: str | None = None
+
+
+def collect(
+    config: CollectConfig,
+    *,
+    stop: threading.Event | None = None,
+    registry: CollectorRegistry | None = None,
+    on_batch: Callable[[EventBatch], None] | None = None,
+    on_started: Callable[[RelaySource, MetricsServer | None], None] | None = None,
+) -> CollectResult:
+    """Follow the relay into the dataset until `stop` is set; returns what was done.
+
+    Raises RelayError when the relay cannot be used at startup, DatasetWriteError when a flush fails (nothing of
+    that flush is acknowledged, so the next start fetches it again).
+    """
+    stop = stop or threading.Event()
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = PipelineMetrics.create(registry, role="collect")
+    dataset = Dataset(config.sink.path)
+    state = checkpoint_name(config.source)
+    source = RelaySource(config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop)
+    parquet = InstrumentedParquetSink(ParquetSink(config.sink, dataset=dataset), metrics)
+    analytics = PrometheusSink(metrics, max_namespaces=config.max_namespaces)
+    flush_interval = config.sink.flush_interval_seconds
+
+    def ready() -> bool:
+        return source.connected and parquet.keeping_up(flush_interval)
+
+    server = serve(registry, config.metrics_address, ready=ready) if config.metrics_address else None
+    refresher = UnexpectedDropsRefresher(
+        metrics, unexpected_drops_runner(config.sink.path), interval_seconds=config.question_interval_seconds
+    )
+    refresher_stop = threading.Event()
+    refresher_thread = threading.Thread(
+        target=refresher.run_forever, args=(refresher_stop,), name="flowpipe-questions", daemon=True
+    )
+
+    def count(batch: EventBatch) -> None:
+        metrics.observe_batch(batch)
+        if batch.decode_errors:
+            metrics.record_dropped(len(batch.decode_errors), reason="decode_error", intentional=False)
+            for error in batch.decode_errors[:3]:
+                log.error("%s", error)
+        if on_batch is not None:
+            on_batch(batch)
+
+    try:
+        if on_started is not None:
+            on_started(source, server)
+        refresher_thread.start()
+        result = run_pipeline(source, [parquet, analytics], config=config.pipeline, stop=stop, on_batch=count)
+    finally:
+        refresher_stop.set()
+        if server is not None:
+            server.close()
+        source.close()
+    return CollectResult(
+        pipeline=result,
+        flows_received=source.flows_received,
+        reconnects=source.reconnects,
+        repeats_skipped=source.repeats_skipped,
+        checkpoint_state=dataset.state_path(state),
+        metrics_url=server.url if server is not None else None,
+    )

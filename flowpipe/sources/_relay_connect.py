@@ -1,0 +1,373 @@
+"""Connecting to hubble-relay: gRPC channels (plaintext, TLS, mutual TLS), error translation and diagnosis.
+
+grpcio reports most connection problems as UNAVAILABLE with a transport message that rarely says what is
+wrong. When a call fails, `diagnose` looks at the address itself with plain sockets and `ssl`, the way a person
+would with `openssl s_client` and `curl`: does the name resolve, does the port accept connections, does the
+server speak TLS or plaintext, does it accept our client certificate, is its certificate valid for the name,
+does it answer in HTTP/1 instead of HTTP/2. Its answer names the address and what to change. TLS is never
+given up for plaintext: a TLS problem is reported as one.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from flowpipe.errors import ConfigError, RelayError, RelayUnavailableError
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""Codes that say "not now" rather than "never": the source backs off and retries them."""
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTLS:
+    """TLS settings for the relay connection; `ca_path` None uses the system's trusted CAs."""
+
+    ca_path: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_path is None) != (self.key_path is None):
+            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
+
+    @property
+    def mutual(self) -> bool:
+        """Whether a client certificate is presented."""
+        return self.cert_path is not None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); ConfigError naming the address otherwise."""
+    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)|(?P<host>[^:\[\]\s]+):(?P<p2>\d+)", address.strip())
+    if match is None:
+        raise ConfigError(
+            f"relay address {address!r} is not HOST:PORT (e.g. hubble-relay:4245 or 127.0.0.1:4245)"
+        )
+    host = match["v6"] or match["host"]
+    port = int(match["p1"] or match["p2"])
+    if not 0 < port < 65536:
+        raise ConfigError(f"relay address {address!r}: port {port} is out of range")
+    return host, port
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def open_channel(address: str, tls: RelayTLS | None) -> grpc.Channel:
+    """A gRPC channel to the relay. Streaming calls run on the caller's thread (fewer thread handoffs per
+    message); BDP probing is off so that the receive window, and with it the memory held by grpcio for a
+    reader that is behind, stays at its default size."""
+    split_address(address)
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.http2.bdp_probe", 0),
+        # grpc-go servers (hubble-relay) close connections that ping more often than every 5 minutes.
+        ("grpc.keepalive_time_ms", 300_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.enable_retries", 0),
+        ("grpc.primary_user_agent", "flowpipe"),
+    ]
+    import grpc.experimental
+
+    options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_path, "CA certificate (--tls-ca)") if tls.ca_path else None,
+        private_key=_read(tls.key_path, "client key (--tls-key)") if tls.key_path else None,
+        certificate_chain=_read(tls.cert_path, "client certificate (--tls-cert)") if tls.cert_path else None,
+    )
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def status_code(exc: grpc.RpcError) -> grpc.StatusCode:
+    """The status code of a failed call (UNKNOWN when grpcio gives none)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def status_details(exc: grpc.RpcError) -> str:
+    """The status message of a failed call."""
+    details = exc.details() if hasattr(exc, "details") else None
+    return str(details or exc)
+
+
+def relay_error(address: str, exc: grpc.RpcError, *, what: str = "") -> RelayError:
+    """A failed call as RelayUnavailableError (retryable) or RelayError, naming the address and code."""
+    code = status_code(exc)
+    cls = RelayUnavailableError if code in RETRYABLE_CODES else RelayError
+    prefix = f"{what}: " if what else ""
+    return cls(
+        f"hubble-relay {address}: {prefix}{code.name}: {status_details(exc)}", address=address, code=code.name
+    )
+
+
+@contextmanager
+def translate_grpc_errors(address: str, what: str = "") -> Iterator[None]:
+    """Turn `grpc.RpcError` raised inside into RelayError / RelayUnavailableError (`raise ... from`)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise relay_error(address, exc, what=what) from exc
+
+
+# -- diagnosis --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """What is wrong with an address, in words, and whether waiting may fix it (the relay not up yet)."""
+
+    message: str
+    retryable: bool
+    kind: str
+
+
+def _tls_context(tls: RelayTLS | None, *, verify: bool) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_alpn_protocols(["h2"])
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    assert tls is not None
+    if tls.ca_path:
+        context.load_verify_locations(cafile=tls.ca_path)
+    else:
+        context.load_default_certs()
+    if tls.cert_path and tls.key_path:
+        context.load_cert_chain(tls.cert_path, tls.key_path)
+    return context
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket | Diagnosis:
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return Diagnosis(
+            f"cannot resolve the relay host {host!r} ({exc.strerror}): check --relay", True, "resolve"
+        )
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    if isinstance(last, ConnectionRefusedError):
+        return Diagnosis(
+            f"nothing listens on {where} (connection refused): check the port in --relay", True, "refused"
+        )
+    if isinstance(last, TimeoutError):
+        return Diagnosis(
+            f"no answer from {where} within {timeout:g}s: wrong address, or a firewall drops it",
+            True,
+            "timeout",
+        )
+    reason = (last.strerror if last is not None else None) or str(last)
+    return Diagnosis(f"cannot connect to {where}: {reason}", True, "connect")
+
+
+def _recv_some(sock: socket.socket | ssl.SSLSocket, limit: int = 64) -> bytes:
+    try:
+        return sock.recv(limit)
+    except TimeoutError:
+        return b""
+
+
+def _http_kind(answer: bytes) -> str:
+    """`http1`, `http2`, `tls` or `unknown` from the first bytes a server sent back to an HTTP/2 preface."""
+    if b"HTTP/1." in answer[:16] or answer.lstrip()[:1] == b"<":  # a status line, or an HTTP/0.9-style page
+        return "http1"
+    if answer[:1] in (b"\x15", b"\x16") and answer[1:2] == b"\x03":
+        return "tls"
+    if len(answer) >= 9 and answer[3] == 0x04:  # an HTTP/2 frame header of type SETTINGS
+        return "http2"
+    return "unknown"
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    sock = _connect(host, port, timeout)
+    if isinstance(sock, Diagnosis):
+        return False
+    try:
+        with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+    finally:
+        sock.close()
+
+
+def diagnose(address: str, tls: RelayTLS | None, *, timeout: float = 5.0) -> Diagnosis | None:
+    """Find out with plain sockets why a connection to `address` fails; None when the transport looks fine."""
+    host, port = split_address(address)
+    where = f"{address}"
+    sock = _connect(host, port, timeout)
+    if isinstance(sock, Diagnosis):
+        return sock
+    try:
+        if tls is None:
+            return _diagnose_plaintext(sock, host, port, where, timeout)
+        return _diagnose_tls(sock, host, where, tls)
+    finally:
+        sock.close()
+
+
+def _diagnose_plaintext(
+    sock: socket.socket, host: str, port: int, where: str, timeout: float
+) -> Diagnosis | None:
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        answer = _recv_some(sock)
+    except OSError:
+        answer = b""
+    kind = _http_kind(answer)
+    if kind == "http2":
+        return None
+    if kind == "http1":
+        first = answer.split(b"\n", 1)[0].strip().decode("latin-1", "replace")[:60]
+        return Diagnosis(
+            f"{where} is an HTTP/1 server (it answered {first!r}), not a gRPC Hubble relay: check --relay",
+            False,
+            "http1",
+        )
+    if kind == "tls" or _speaks_tls(host, port, timeout):
+        return Diagnosis(
+            f"{where} speaks TLS but a plaintext connection was asked for: pass --tls-ca (and --tls-cert/--tls-key "
+            "when the relay requires client certificates), or use the relay's plaintext port",
+            False,
+            "tls_expected",
+        )
+    return Diagnosis(f"{where} does not speak HTTP/2 (gRPC): check --relay", False, "not_grpc")
+
+
+_TLS_PLAINTEXT_REASONS = (
+    "WRONG_VERSION_NUMBER",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "HTTP_REQUEST",
+)
+
+
+def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> Diagnosis | None:
+    name = tls.server_name or host
+    try:
+        context = _tls_context(tls, verify=True)
+    except (OSError, ssl.SSLError) as exc:
+        return Diagnosis(
+            f"cannot load the TLS files (--tls-ca/--tls-cert/--tls-key): {exc}", False, "tls_files"
+        )
+    try:
+        wrapped = context.wrap_socket(sock, server_hostname=name)
+    except ssl.SSLCertVerificationError as exc:
+        return _verification_failure(exc, where, name, tls)
+    except ssl.SSLError as exc:
+        return _handshake_failure(exc, where, tls)
+    except (ConnectionResetError, BrokenPipeError, EOFError) as exc:
+        return Diagnosis(
+            f"{where} closed the connection during the TLS handshake ({exc}): it may not speak TLS, or it rejected "
+            "the handshake; check --relay and the --tls-* options",
+            False,
+            "tls_failed",
+        )
+    except OSError as exc:
+        return Diagnosis(f"TLS handshake with {where} failed: {exc}", False, "tls_failed")
+    try:
+        # TLS 1.3 servers check the client certificate after the handshake: the verdict comes with the first read.
+        wrapped.sendall(_HTTP2_PREFACE)
+        answer = _recv_some(wrapped)
+    except ssl.SSLError as exc:
+        return _handshake_failure(exc, where, tls)
+    except OSError as exc:
+        return Diagnosis(f"{where} closed the TLS connection: {exc}", False, "tls_failed")
+    finally:
+        wrapped.close()
+    if not answer:
+        # The server closed the connection right after the handshake: it did not accept us as a client.
+        if tls.mutual:
+            return Diagnosis(
+                f"{where} closed the connection after the TLS handshake: it did not accept the client certificate "
+                f"{tls.cert_path} (it must be signed by a CA the relay trusts)",
+                False,
+                "tls_client_rejected",
+            )
+        return Diagnosis(
+            f"{where} closed the connection after the TLS handshake: it requires a client certificate (mutual TLS); "
+            "pass --tls-cert and --tls-key",
+            False,
+            "tls_client_cert",
+        )
+    if wrapped.selected_alpn_protocol() not in (None, "h2") or _http_kind(answer) == "http1":
+        return Diagnosis(
+            f"{where} speaks HTTPS/1, not gRPC: it is not a Hubble relay; check --relay", False, "http1"
+        )
+    return None
+
+
+def _verification_failure(
+    exc: ssl.SSLCertVerificationError, where: str, name: str, tls: RelayTLS
+) -> Diagnosis:
+    detail = exc.verify_message or str(exc)
+    if "mismatch" in detail.lower() or "hostname" in detail.lower():
+        return Diagnosis(
+            f"the certificate of {where} is not valid for the name {name!r} ({detail}): set --tls-server-name to a "
+            "name the certificate holds (hubble-relay's is *.hubble-relay.cilium.io)",
+            False,
+            "tls_name",
+        )
+    ca = tls.ca_path or "the system's trusted CAs"
+    return Diagnosis(
+        f"the certificate of {where} is not trusted ({detail}): it is not signed by {ca}; check --tls-ca",
+        False,
+        "tls_untrusted",
+    )
+
+
+def _handshake_failure(exc: ssl.SSLError, where: str, tls: RelayTLS) -> Diagnosis:
+    reason = (exc.reason or "").upper()
+    text = f"{reason} {exc}".upper()
+    if any(marker in text for marker in _TLS_PLAINTEXT_REASONS):
+        return Diagnosis(
+            f"{where} does not speak TLS (it answered in plaintext) but TLS was asked for (--tls-*): use the relay's "
+            "TLS port, or drop the --tls-* options if the relay really serves plaintext",
+            False,
+            "plaintext_server",
+        )
+    if "CERTIFICATE_REQUIRED" in text or ("HANDSHAKE_FAILURE" in text and not tls.mutual):
+        return Diagnosis(
+            f"{where} requires a client certificate (mutual TLS): pass --tls-cert and --tls-key",
+            False,
+            "tls_client_cert",
+        )
+    if any(m in text for m in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")):
+        return Diagnosis(
+            f"{where} rejected the client certificate {tls.cert_path} ({reason or exc}): it must be signed by a CA the "
+            "relay trusts (hubble-relay's client CA)",
+            False,
+            "tls_client_rejected",
+        )
+    return Diagnosis(f"TLS handshake with {where} failed: {reason or exc}", False, "tls_failed")
