@@ -304,6 +304,21 @@ def _first_workload(workloads: pa.Array) -> tuple[pa.Array, pa.Array]:
     return _nonempty(pc.struct_field(first, ["name"])), _nonempty(pc.struct_field(first, ["kind"]))
 
 
+def _fit(values: pa.Array, type_: pa.DataType) -> pa.Array:
+    """Cast to the column type; unsigned values beyond a signed column's range become NULL (as normalize)."""
+    if (
+        pa.types.is_unsigned_integer(values.type)
+        and pa.types.is_signed_integer(type_)
+        and values.type.bit_width >= type_.bit_width
+    ):
+        limit = 2 ** (type_.bit_width - 1) - 1
+        top = pc.max(values).as_py()
+        if top is not None and top > limit:
+            over = pc.greater(values, pa.scalar(limit, values.type))
+            values = pc.if_else(over, pa.scalar(None, values.type), values)
+    return pc.cast(values, type_)
+
+
 class _Paths:
     """Nested children by path, NULL where a parent message is absent; each looked up once."""
 
@@ -374,7 +389,7 @@ def flow_table(
     l7 = {kind: p.present("l7", kind) for kind in L7_KINDS}
     cols["l7_type"] = _enum(p("l7", "type"), "L7FlowType")
     cols["l7_protocol"] = _label_of([(l7[kind], kind) for kind in L7_KINDS], n)
-    cols["latency_ns"] = pc.cast(p("l7", "latency_ns"), pa.int64(), safe=False)
+    cols["latency_ns"] = p("l7", "latency_ns")
     cols["dns_query"] = _nonempty(p("l7", "dns", "query"))
     cols["dns_rcode"] = p("l7", "dns", "rcode")
     cols["dns_qtypes"] = _lists(p("l7", "dns", "qtypes"))
@@ -390,5 +405,5 @@ def flow_table(
     for name in POLICY_LISTS:
         cols[name] = _policies(p(name))
 
-    arrays = [pc.cast(cols[f.name], f.type, safe=False) for f in FLOW_SCHEMA]
+    arrays = [_fit(cols[f.name], f.type) for f in FLOW_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA)

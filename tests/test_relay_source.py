@@ -1,0 +1,246 @@
+"""The relay source against the built-in Observer server on loopback: bulk decoding equals normalize, the whole
+buffer on first start, resume from the checkpoint, server-side filters, node shards and lost events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from _collect_support import (
+    background_collect,
+    chunks,
+    dataset_table,
+    dataset_uuids,
+    fast_collect_config,
+    sim_flow_bytes,
+    uuids_of,
+    wait_until,
+)
+from google.protobuf import json_format
+
+from flowpipe._proto.flow import flow_pb2
+from flowpipe._proto.observer import observer_pb2
+from flowpipe._proto.relay import relay_pb2
+from flowpipe.errors import ConfigError
+from flowpipe.server import ObserverServer
+from flowpipe.sources._relay_decode import decode_responses
+from flowpipe.sources.relay import node_shard_of, parse_node_shard
+from flowpipe.transforms.normalize import normalize_responses
+
+ENVELOPE_KEYS = {"flow", "lost_events", "node_status", "agent_event", "debug_event"}
+
+
+def check_same_as_normalize(messages: list[bytes]) -> None:
+    decoded = decode_responses(messages)
+    reference = normalize_responses([observer_pb2.GetFlowsResponse.FromString(m) for m in messages])
+    assert decoded.bad_messages == []
+    assert decoded.flows.schema == reference.flows.schema
+    for name in decoded.flows.column_names:
+        assert decoded.flows.column(name).equals(reference.flows.column(name)), name
+    assert decoded.lost_events == reference.lost_events
+    assert len(decoded.node_status) == reference.node_status
+
+
+# -- decoding -------------------------------------------------------------------------------------------------
+
+
+def test_bulk_decoding_gives_the_rows_of_normalize_for_simulated_responses() -> None:
+    messages = [
+        observer_pb2.GetFlowsResponse(flow=flow_pb2.Flow.FromString(f), node_name="n").SerializeToString()
+        for f in sim_flow_bytes()[:3000]
+    ]
+    odd = observer_pb2.GetFlowsResponse(node_name="kind/worker")
+    odd.time.FromNanoseconds(1_700_000_000_123_456_789)  # a flow without time, uuid or node: the envelope's
+    odd.flow.verdict = 77  # an enum number from a newer Cilium
+    odd.flow.drop_reason = 4_000_000_000  # beyond int32: NULL, as normalize
+    odd.flow.l7.latency_ns = (1 << 64) - 1
+    odd.flow.l7.dns.query = "example.com."
+    lost = observer_pb2.GetFlowsResponse(
+        lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=42),
+        node_name="kind/n2",
+    )
+    lost.time.FromNanoseconds(1_700_000_001_000_000_000)
+    lost.lost_events.cpu.value = 3
+    status = observer_pb2.GetFlowsResponse(
+        node_status=relay_pb2.NodeStatusEvent(
+            state_change=relay_pb2.NODE_ERROR, node_names=["a"], message="boom"
+        )
+    )
+    check_same_as_normalize(
+        [status.SerializeToString(), *messages, odd.SerializeToString(), lost.SerializeToString()]
+    )
+    decoded = decode_responses([status.SerializeToString(), lost.SerializeToString()])
+    assert decoded.node_status == [("NODE_ERROR", ["a"], "boom")]
+    assert decoded.lost_events[0].num_events_lost == 42 and decoded.lost_events[0].node_name == "kind/n2"
+
+
+def test_bulk_decoding_gives_the_rows_of_normalize_for_every_real_capture(capture_files: list[Path]) -> None:
+    messages: list[bytes] = []
+    for path in capture_files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip().startswith("{"):
+                continue
+            try:
+                keys = set(json.loads(line))
+            except ValueError:
+                continue
+            if ENVELOPE_KEYS & keys:
+                if not {"flow", "lost_events", "node_status"} & keys:
+                    continue
+                event = json_format.Parse(line, observer_pb2.GetFlowsResponse(), ignore_unknown_fields=True)
+            else:
+                event = observer_pb2.GetFlowsResponse()
+                json_format.Parse(line, event.flow, ignore_unknown_fields=True)
+            messages.append(event.SerializeToString())
+    assert len(messages) > 1000
+    check_same_as_normalize(messages)
+
+
+def test_an_undecodable_message_is_reported_and_the_others_kept() -> None:
+    good = [
+        observer_pb2.GetFlowsResponse(flow=flow_pb2.Flow.FromString(f)).SerializeToString()
+        for f in sim_flow_bytes()[:5]
+    ]
+    decoded = decode_responses([good[0], b"\x0a\xff\xff\xff\x0f\x01", *good[1:]])
+    assert [index for index, _ in decoded.bad_messages] == [1]
+    assert decoded.flows.column("uuid").to_pylist() == uuids_of(sim_flow_bytes()[:5])
+
+
+# -- shards ---------------------------------------------------------------------------------------------------
+
+
+def test_node_shards_are_stable_and_cover_every_node_once() -> None:
+    names = [f"prod/node-{i}" for i in range(200)]
+    for count in (1, 2, 3, 7):
+        shards = [node_shard_of(n, count) for n in names]
+        assert set(shards) == set(range(count)) and shards == [node_shard_of(n, count) for n in names]
+    assert parse_node_shard("2/3") == (2, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ConfigError, match="I/N"):
+            parse_node_shard(bad)
+
+
+# -- following the built-in relay ------------------------------------------------------------------------------
+
+
+def test_first_start_takes_the_whole_buffer_then_follows(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:2000]
+    before, after = flows[:1500], flows[1500:]
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(before)
+        with background_collect(fast_collect_config(server.address, tmp_path)) as running:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(before), what="the buffered flows")
+            server.publish(after)
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(flows), what="the new flows")
+            result = running.stop()
+    assert sorted(dataset_uuids(tmp_path)) == sorted(uuids_of(flows))
+    assert result.pipeline.node_status >= 1
+    state = json.loads((tmp_path / "_state" / "relay.json").read_text())
+    assert state["uuid"] in uuids_of(flows) and state["resume_ns"] < state["newest_ns"]
+
+
+def test_a_restart_resumes_from_the_checkpoint_and_writes_nothing_twice(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:3000]
+    first, second = flows[:2000], flows[2000:]
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(first)
+        with background_collect(
+            fast_collect_config(server.address, tmp_path, resume_overlap_seconds=2.0)
+        ) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(first), what="the first flows")
+            run.stop()
+        server.publish(second)
+        config = fast_collect_config(server.address, tmp_path, writer_id="again", resume_overlap_seconds=2.0)
+        with background_collect(config) as run:
+            wait_until(
+                lambda: len(dataset_uuids(tmp_path)) == len(flows), what="the flows after the checkpoint"
+            )
+            result = run.stop()
+    assert sorted(dataset_uuids(tmp_path)) == sorted(uuids_of(flows))
+    # The relay was asked from the checkpoint (minus 2 s), not for its whole buffer: few repeats came back.
+    assert 0 < result.repeats_skipped < len(first) // 4
+    assert result.flows_received == len(second)
+
+
+def test_server_side_filters_select_namespaces_and_verdicts(tmp_path: Path) -> None:
+    flows = [flow_pb2.Flow.FromString(f) for f in sim_flow_bytes()[:3000]]
+    namespaces = {f.source.namespace for f in flows} | {f.destination.namespace for f in flows}
+    wanted_ns = sorted(n for n in namespaces if n)[:2]
+    expected = sorted(
+        f.uuid
+        for f in flows
+        if (f.source.namespace in wanted_ns or f.destination.namespace in wanted_ns)
+        and f.verdict in (flow_pb2.DROPPED, flow_pb2.FORWARDED)
+    )
+    assert 0 < len(expected) < len(flows)
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        config = fast_collect_config(
+            server.address, tmp_path, namespaces=tuple(wanted_ns), verdicts=("dropped", "FORWARDED")
+        )
+        with background_collect(config) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(expected), what="the filtered flows")
+            run.stop()
+    assert sorted(dataset_uuids(tmp_path)) == expected
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_node_shards_together_write_every_flow_once(tmp_path: Path, shards: int) -> None:
+    flows = sim_flow_bytes()[:3000]
+    nodes = {flow_pb2.Flow.FromString(f).node_name for f in flows}
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows[:1000])
+        runs = [
+            background_collect(
+                fast_collect_config(server.address, tmp_path, writer_id=f"s{i}", node_shard=(i, shards))
+            )
+            for i in range(shards)
+        ]
+        running = [r.__enter__() for r in runs]
+        try:
+            for part in chunks(flows[1000:], 4):
+                server.publish(part)
+            wait_until(lambda: len(dataset_uuids(tmp_path)) >= len(flows), what="every flow from the shards")
+        finally:
+            for r in running:
+                r.stop()
+    assert sorted(dataset_uuids(tmp_path)) == sorted(uuids_of(flows))
+    table = dataset_table(tmp_path, columns=["node_name", "uuid"])
+    writers = {path.name.split("-")[2] for path in (tmp_path / "flows").rglob("*.parquet")}
+    assert writers <= {f"s{i}" for i in range(shards)}
+    by_shard: dict[int, set[str]] = {}
+    for node in nodes:
+        by_shard.setdefault(node_shard_of(node, shards), set()).add(node)
+    # every node's flows were written by the shard that owns the node
+    for path in (tmp_path / "flows").rglob("*.parquet"):
+        shard = int(path.name.split("-")[2][1:])
+        written_nodes = set(pq.read_table(path, columns=["node_name"]).column("node_name").to_pylist())
+        assert written_nodes <= by_shard.get(shard, set()), (path.name, written_nodes)
+    assert set(table.column("node_name").to_pylist()) == nodes
+
+
+def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:3000]
+    with ObserverServer(buffer_size=20) as server:
+        server.publish(flows[:40])
+        with background_collect(fast_collect_config(server.address, tmp_path)) as run:
+            assert server.wait_for_streams(1)
+            wait_until(lambda: len(dataset_uuids(tmp_path)) > 0, what="the first flows")
+            server.stall(1.0)  # the stream stops while the ring buffers overwrite what it has not read
+            server.publish(flows[40:])
+            wait_until(
+                lambda: dataset_table(tmp_path, "lost_events").num_rows > 0, what="lost events in the dataset"
+            )
+            result = run.stop()
+    lost = dataset_table(tmp_path, "lost_events")
+    assert set(lost.column("source").to_pylist()) == {"HUBBLE_RING_BUFFER"}
+    nodes = {flow_pb2.Flow.FromString(f).node_name for f in flows}
+    assert set(lost.column("node_name").to_pylist()) <= nodes
+    written = len(dataset_uuids(tmp_path))
+    total_lost = pc.sum(lost.column("num_events_lost")).as_py()
+    assert total_lost == result.pipeline.events_lost > 0
+    buffered_at_start = len(dataset_uuids(tmp_path)) - (len(flows) - 40 - total_lost)
+    assert 0 < buffered_at_start <= 40, "every later flow was either written or reported lost"
