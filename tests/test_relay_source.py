@@ -239,7 +239,6 @@ def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
     assert set(lost.column("source").to_pylist()) == {"HUBBLE_RING_BUFFER"}
     nodes = {flow_pb2.Flow.FromString(f).node_name for f in flows}
     assert set(lost.column("node_name").to_pylist()) <= nodes
-    written = len(dataset_uuids(tmp_path))
     total_lost = pc.sum(lost.column("num_events_lost")).as_py()
     assert total_lost == result.pipeline.events_lost > 0
     buffered_at_start = len(dataset_uuids(tmp_path)) - (len(flows) - 40 - total_lost)
