@@ -1,0 +1,232 @@
+"""`flowpipe collect` when things go wrong: the relay restarting, a full disk, and addresses that are not a relay."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from _collect_support import (
+    BackgroundCollect,
+    background_collect,
+    chunks,
+    dataset_table,
+    dataset_uuids,
+    fast_collect_config,
+    sim_flow_bytes,
+    uuids_of,
+    wait_until,
+)
+from click.testing import CliRunner
+
+from flowpipe.cli import cli
+from flowpipe.dataset import Dataset
+from flowpipe.errors import DatasetWriteError
+from flowpipe.server import ObserverServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_relay_restarted_20_times_during_a_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:4200]
+    parts = chunks(flows, 21)
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(parts[0])
+        with background_collect(
+            fast_collect_config(server.address, tmp_path, resume_overlap_seconds=5.0)
+        ) as run:
+            for part in parts[1:]:
+                assert server.wait_for_streams(1, timeout_seconds=30)
+                server.publish(part)
+                server.restart()
+            wait_until(
+                lambda: len(dataset_uuids(tmp_path)) >= len(flows), what="every flow after the restarts"
+            )
+            result = run.stop()
+    written = dataset_uuids(tmp_path)
+    assert len(written) == len(set(written)), "no flow written twice"
+    assert sorted(written) == sorted(uuids_of(flows)), "no flow missing"
+    assert result.reconnects >= 20
+    assert result.repeats_skipped > 0
+
+
+def test_reconnection_failures_are_logged_once_per_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    flows = sim_flow_bytes()[:200]
+    with ObserverServer(buffer_size=1000) as server:
+        server.publish(flows[:100])
+        with background_collect(fast_collect_config(server.address, tmp_path)) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == 100, what="the first flows")
+            with caplog.at_level(logging.DEBUG, logger="flowpipe.sources.relay"):
+                server.restart(downtime_seconds=1.5)  # ~10 failed attempts at 0.02-0.2 s backoff
+                server.publish(flows[100:])
+                wait_until(lambda: len(dataset_uuids(tmp_path)) == 200, what="the flows after the downtime")
+            run.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    refused = [m for m in warnings if "connection refused" in m]
+    debug_attempts = [r for r in caplog.records if r.levelno == logging.DEBUG and "attempt" in r.getMessage()]
+    assert len(refused) == 1, warnings
+    assert len(debug_attempts) >= 2, "later attempts with the same reason are logged at debug level only"
+    assert any("again after" in m for m in warnings)
+
+
+# -- a full disk ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs mounted for the test (needs root); skips where mounting is not permitted."""
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    if os.geteuid() != 0 or mount is None or umount is None or not sys.platform.startswith("linux"):
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8) on Linux")
+    target = tmp_path / "small"
+    target.mkdir()
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], check=False, capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run([umount, "-l", str(target)], check=False)
+
+
+def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_start_fetches_it(
+    small_disk: Path,
+) -> None:
+    dataset = small_disk / "data"
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - 96 * 1024))  # leave room for a few part files only
+    flows = sim_flow_bytes()[:6000]
+    with ObserverServer(buffer_size=20_000) as server:
+        server.publish(flows)
+        config = fast_collect_config(server.address, dataset)
+        config = type(config)(
+            source=config.source,
+            sink=type(config.sink)(
+                path=str(dataset), flush_interval_seconds=0.1, max_batch_rows=400, writer_id="w"
+            ),
+            pipeline=config.pipeline,
+            question_interval_seconds=3600.0,
+        )
+        failing = BackgroundCollect(config).start()
+        assert failing.thread is not None
+        failing.thread.join(60)
+        assert not failing.thread.is_alive(), "collect stops on a full disk"
+        assert isinstance(failing.error, DatasetWriteError)
+        assert "No space left on device" in str(failing.error)
+
+        written = dataset_uuids(dataset)
+        assert 0 < len(written) < len(flows)
+        for path in Dataset(dataset).list_part_files("flows"):
+            assert pq.read_table(path).num_rows > 0  # every visible part file is whole
+        assert Dataset(dataset).list_temp_files("flows") == []
+        state_path = dataset / "_state" / "relay.json"
+        if state_path.exists():  # the checkpoint never runs ahead of what is in the dataset
+            state = json.loads(state_path.read_text())
+            times = pc.cast(dataset_table(dataset, columns=["time"]).column("time"), pa.int64())
+            assert state["uuid"] in written
+            assert state["newest_ns"] <= pc.max(times).as_py()
+
+        filler.unlink()
+        with background_collect(config) as run:
+            wait_until(lambda: len(dataset_uuids(dataset)) >= len(flows), what="the flows not written before")
+            run.stop()
+    written = dataset_uuids(dataset)
+    assert sorted(written) == sorted(uuids_of(flows)) and len(written) == len(set(written))
+
+
+# -- addresses that are not a relay --------------------------------------------------------------------------------
+
+
+def run_collect(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        cli, ["collect", "--startup-timeout-seconds", "1", "--metrics-address", "off", *args]
+    )
+    return result.exit_code, result.output
+
+
+def test_a_wrong_port_is_retried_then_reported_with_a_startup_timeout(tmp_path: Path) -> None:
+    port = free_port()
+    code, output = run_collect("--relay", f"127.0.0.1:{port}", "--dataset", str(tmp_path))
+    assert code == 1
+    assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in output
+
+
+def test_an_unknown_host_is_reported(tmp_path: Path) -> None:
+    code, output = run_collect("--relay", "relay.invalid:4245", "--dataset", str(tmp_path))
+    assert code == 1 and "cannot resolve the relay host 'relay.invalid'" in output
+
+
+def test_a_malformed_address_is_a_usage_error(tmp_path: Path) -> None:
+    code, output = run_collect("--relay", "hubble-relay", "--dataset", str(tmp_path))
+    assert code == 2 and "is not HOST:PORT" in output
+
+
+def test_a_grpc_server_that_is_not_hubble_is_reported_at_once(tmp_path: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = CliRunner().invoke(
+            cli,
+            [
+                "collect",
+                "--relay",
+                f"127.0.0.1:{port}",
+                "--dataset",
+                str(tmp_path),
+                "--metrics-address",
+                "off",
+            ],
+        )
+    finally:
+        server.stop(None)
+    assert result.exit_code == 1
+    assert "answers gRPC but is not a Hubble relay" in result.output and "ServerStatus" in result.output
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_http_server_is_reported_at_once(tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(
+            cli,
+            ["collect", "--relay", f"127.0.0.1:{httpd.server_address[1]}", "--dataset", str(tmp_path),
+             "--metrics-address", "off"],
+        )  # fmt: skip
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.exit_code == 1
+    assert "is an HTTP/1 server" in result.output and "not a gRPC Hubble relay" in result.output
