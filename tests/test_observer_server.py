@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -410,3 +411,33 @@ def test_simulate_relay_serves_the_simulator_and_stops_on_ctrl_c() -> None:
 def test_simulate_relay_rejects_bad_options(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["simulate-relay", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_since_with_follow_hands_over_from_backlog_to_live_without_gap_or_duplicate() -> None:
+    with ObserverServer(buffer_size=1000) as server, grpc.insecure_channel(server.address) as channel:
+        server.publish([make_flow("node-a", i, i) for i in range(100)])
+        request = observer_pb2.GetFlowsRequest(follow=True)
+        request.since.FromSeconds(T0)
+        call = observer_pb2_grpc.ObserverStub(channel).GetFlows(request, timeout=30)
+
+        def publish_from(node: str) -> None:
+            for start in range(100, 300, 20):
+                server.publish([make_flow(node, i, i) for i in range(start, start + 20)])
+
+        publishers = [threading.Thread(target=publish_from, args=(node,)) for node in ("node-a", "node-b")]
+        try:
+            for thread in publishers:
+                thread.start()
+            received: list[str] = []
+            while len(received) < 500:
+                response = next(call)
+                assert not response.HasField("lost_events")
+                if response.HasField("flow"):
+                    received.append(response.flow.uuid)
+        finally:
+            for thread in publishers:
+                thread.join()
+            call.cancel()
+    expected = {f"node-a-{i}" for i in range(300)} | {f"node-b-{i}" for i in range(100, 300)}
+    assert len(received) == len(set(received)) == 500
+    assert set(received) == expected

@@ -200,13 +200,8 @@ class _Connection(asyncio.Protocol):
             return
         call = _Call(stream_id, path)
         self.calls[stream_id] = call
-        encoding = headers.get(b"grpc-encoding", b"identity")
         if path not in self.server.methods:
             self.finish(call, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
-        elif encoding != b"identity":
-            self.finish(
-                call, grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding.decode()!r} is not supported"
-            )
 
     def _http_error(self, stream_id: int, status: bytes) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -14,10 +15,29 @@ MaskTree = dict[str, "MaskTree | None"]
 """Field name → subtree of kept fields, or None to keep the whole field."""
 
 
+@dataclass(frozen=True)
+class MaskPlan:
+    """A compiled field mask: the fields to clear at this level and the plans of partly kept sub-messages."""
+
+    clear: tuple[str, ...]
+    children: tuple[tuple[str, MaskPlan], ...]
+
+
+def _plan(tree: MaskTree, descriptor: Descriptor) -> MaskPlan:
+    # Clearing the complement by name is cheaper than listing the set fields of every flow.
+    clear = tuple(f.name for f in descriptor.fields if f.name not in tree)
+    children = tuple(
+        (name, _plan(subtree, descriptor.fields_by_name[name].message_type))
+        for name, subtree in tree.items()
+        if subtree is not None
+    )
+    return MaskPlan(clear, children)
+
+
 def compile_field_mask(
     paths: Sequence[str], descriptor: Descriptor = flow_pb2.Flow.DESCRIPTOR
-) -> MaskTree | None:
-    """A MaskTree for `paths` (proto field names, dotted), or None for no mask; raises ConfigError if invalid.
+) -> MaskPlan | None:
+    """A MaskPlan for `paths` (proto field names, dotted), or None for no mask; raises ConfigError if invalid.
 
     Like protobuf's FieldMask rules, a repeated field may only be the last element of a path.
     """
@@ -46,7 +66,7 @@ def compile_field_mask(
             node[part] = child
             node = child
             message = field.message_type
-    return tree
+    return _plan(tree, descriptor)
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
@@ -61,13 +81,10 @@ def _name(message: Descriptor | None) -> str:
     return message.full_name if message is not None else "?"
 
 
-def apply_field_mask(message: Message, tree: MaskTree) -> None:
-    """Clear, in place, every field of `message` that `tree` does not keep."""
-    for field, value in message.ListFields():
-        name = field.name
-        if name not in tree:
-            message.ClearField(name)
-            continue
-        subtree = tree[name]
-        if subtree is not None:
-            apply_field_mask(value, subtree)
+def apply_field_mask(message: Message, plan: MaskPlan) -> None:
+    """Clear, in place, every field of `message` that the mask does not keep."""
+    for name in plan.clear:
+        message.ClearField(name)
+    for name, child in plan.children:
+        if message.HasField(name):
+            apply_field_mask(getattr(message, name), child)

@@ -35,7 +35,7 @@ from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError, ObserverServerError
 from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
 from flowpipe.server.buffer import DEFAULT_BUFFER_SIZE, BufferedFlow, FlowStore, encode_varint, frame_message
-from flowpipe.server.fieldmask import MaskTree, apply_field_mask, compile_field_mask
+from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, NodeMatcher
 from flowpipe.server.tls import ServerTLSConfig
 
@@ -76,7 +76,7 @@ class _Request:
             raise GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
         try:
             self.matcher = FlowMatcher(req.whitelist, req.blacklist)
-            self.mask: MaskTree | None = (
+            self.mask: MaskPlan | None = (
                 compile_field_mask(list(req.field_mask.paths)) if req.HasField("field_mask") else None
             )
         except ConfigError as exc:
@@ -232,7 +232,7 @@ class ObserverService:
         return self._envelope(observer_pb2.GetFlowsResponse(lost_events=lost), node)
 
     @staticmethod
-    def _masked(entry: BufferedFlow, mask: MaskTree) -> bytes:
+    def _masked(entry: BufferedFlow, mask: MaskPlan) -> bytes:
         flow = entry.parse()
         apply_field_mask(flow, mask)
         data = flow.SerializeToString()
