@@ -208,6 +208,10 @@ def collect(
         result = run_pipeline(source, [parquet, analytics], config=config.pipeline, stop=stop, on_batch=count)
     finally:
         refresher_stop.set()
+        if (
+            refresher_thread.is_alive()
+        ):  # a question run in progress (DuckDB) must end before the process does
+            refresher_thread.join(60.0)
         if server is not None:
             server.close()
         source.close()

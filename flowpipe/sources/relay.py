@@ -343,6 +343,12 @@ class RelaySource:
     def batches(self) -> Iterator[EventBatch]:
         """Event batches from the relay, until `close()` or the stop event. Raises RelayError when the relay
         cannot be used at startup (wrong address kind, TLS mismatch, certificates, startup timeout)."""
+        try:
+            yield from self._batches()
+        finally:
+            self._close_channel()
+
+    def _batches(self) -> Iterator[EventBatch]:
         started = time.monotonic()
         attempt = 0
         while not self.stop_event.is_set():
@@ -395,7 +401,6 @@ class RelaySource:
                 self.metrics.record_error("receiving", "relay_unavailable")
             self._note_failure(reason, attempt)
             self._sleep_backoff(attempt)
-        self._close_channel()
 
     def commit(self, position: object) -> None:
         """Record that the batches up to `position` are durable; the checkpoint is saved at most every second."""
