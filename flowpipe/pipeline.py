@@ -59,25 +59,32 @@ class PipelineResult:
 
 
 class _End:
-    """Marks the end of the source's batches (with the error that ended it, if any)."""
+    """Marks the end of the source's batches: whether the source ran out, and the error that ended it."""
 
-    def __init__(self, error: BaseException | None = None) -> None:
+    def __init__(self, error: BaseException | None = None, *, complete: bool = False) -> None:
         self.error = error
+        self.complete = complete
 
 
 class _Reader(threading.Thread):
-    """Pulls batches from the source into the bounded buffer until the source ends or `halt` is set."""
+    """Pulls batches from the source into the bounded buffer until the source ends, or `stop` or `halt` is set."""
 
-    def __init__(self, source: Source, buffer: queue.Queue[EventBatch | _End], tick: float) -> None:
+    def __init__(
+        self, source: Source, buffer: queue.Queue[EventBatch | _End], tick: float, stop: threading.Event
+    ) -> None:
         super().__init__(name="flowpipe-source", daemon=True)
         self.source = source
         self.buffer = buffer
         self.tick = tick
+        self.stop = stop  # the caller's stop: seen here at once, so nothing read after it enters the buffer
         self.halt = threading.Event()
         self.consumer_gone = threading.Event()
 
-    def _put(self, item: EventBatch | _End, *, until: threading.Event) -> bool:
-        while not until.is_set():
+    def _halted(self) -> bool:
+        return self.halt.is_set() or self.stop.is_set()
+
+    def _put(self, item: EventBatch | _End, *, until: Callable[[], bool]) -> bool:
+        while not until():
             try:
                 self.buffer.put(item, timeout=self.tick)
                 return True
@@ -87,11 +94,14 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         error: BaseException | None = None
+        complete = False
         batches = self.source.batches()
         try:
             for batch in batches:
-                if self.halt.is_set() or not self._put(batch, until=self.halt):
+                if self._halted() or not self._put(batch, until=self._halted):
                     break
+            else:
+                complete = True
         except BaseException as exc:  # noqa: BLE001  (handed to the consumer, which raises it)
             error = exc
         finally:
@@ -101,7 +111,7 @@ class _Reader(threading.Thread):
                     close()
                 except Exception:  # the generator's own cleanup failing must not hide the real outcome
                     log.exception("closing the source's batch iterator failed")
-            self._put(_End(error), until=self.consumer_gone)
+            self._put(_End(error, complete=complete), until=self.consumer_gone.is_set)
 
 
 class _Acks:
@@ -151,7 +161,7 @@ def run_pipeline(
     stop = stop or threading.Event()
     result = PipelineResult()
     buffer: queue.Queue[EventBatch | _End] = queue.Queue(maxsize=config.buffer_batches)
-    reader = _Reader(source, buffer, tick=min(config.poll_interval_seconds, 0.1))
+    reader = _Reader(source, buffer, tick=min(config.poll_interval_seconds, 0.1), stop=stop)
     acks = _Acks(sinks, source, result)
     written = 0
     source_error: BaseException | None = None
@@ -171,6 +181,8 @@ def run_pipeline(
                 item = None
             if isinstance(item, _End):
                 source_error = item.error
+                # a stop that came while the last batches were read still counts, unless the source ran out
+                result.stopped = stop.is_set() and not item.complete
                 break
             if item is not None:
                 written += 1
@@ -198,7 +210,8 @@ def run_pipeline(
         reader.consumer_gone.set()
         reader.halt.set()
         source.close()
-        reader.join(timeout=config.stop_timeout_seconds)
+        # the reader is a daemon thread: after close() it normally ends at once; do not hold the caller long
+        reader.join(timeout=min(config.stop_timeout_seconds, 2.0))
     if source_error is not None:
         raise source_error
     return result

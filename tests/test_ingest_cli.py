@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -157,6 +162,68 @@ def test_an_interrupted_ingest_continues_where_it_stopped(tmp_path: Path) -> Non
     assert second.skipped_by_reason == {}
     assert first.pipeline.flows + second.pipeline.flows == stats.flows
     assert sum(verdicts_in_dataset(tmp_path / "data").values()) == stats.flows
+
+
+def test_sigterm_stops_ingest_with_what_was_read_stored_and_status_130(tmp_path: Path) -> None:
+    source = tmp_path / "flows.jsonpb"
+    # several blocks of the file source; stdin stays open, so the child cannot reach the end before the signal
+    stats = write_synthetic_jsonpb(source, 40_000)
+    dataset = tmp_path / "data"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowpipe",
+            "ingest",
+            "-",
+            "--dataset",
+            str(dataset),
+            "--max-batch-rows",
+            "1000",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    release = threading.Event()
+
+    def feed() -> None:
+        assert child.stdin is not None
+        try:
+            child.stdin.write(source.read_bytes())
+            child.stdin.flush()
+            release.wait(60)  # stdin stays open until the signal was sent
+            child.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the child stopped reading and exited: what this test asks of it
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        checkpoint = dataset / "_state" / "files.json"
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.01)
+        assert checkpoint.exists(), "the first batches were stored and committed"
+        child.send_signal(signal.SIGTERM)
+        release.set()
+        child.wait(timeout=60)
+    finally:
+        release.set()
+        if child.poll() is None:
+            child.kill()
+        feeder.join(60)
+    assert child.stdout is not None and child.stderr is not None
+    out, err = child.stdout.read(), child.stderr.read()
+    assert child.returncode == 130, err.decode()
+    assert b"stopped before the end of the input" in out
+    stored = sum(verdicts_in_dataset(dataset).values())
+    assert 0 < stored < stats.flows
+    again = invoke("ingest", str(source), "--dataset", str(dataset))
+    assert again.exit_code == 0, again.output
+    assert "already ingested" in again.stdout
+    assert sum(verdicts_in_dataset(dataset).values()) == stats.flows
 
 
 def test_bench_prints_its_figures(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from flowpipe.pipeline import handle_stop_signals
 from flowpipe.sources.file import STDIN, expand_paths
 
 _HELP = field_help(ParquetSinkConfig)
+STOPPED_EXIT_CODE = 130
+"""Exit status of an ingest stopped by SIGINT/SIGTERM (after what was read is stored and checkpointed)."""
 
 
 @click.command("ingest")
@@ -49,7 +51,8 @@ def ingest(
     FILE is `hubble observe -o jsonpb` (or legacy `-o json`) output, a Hubble exporter file (`events.log`, its
     rotated and `.gz` backups), or a JSON array of flows; `-` reads stdin. Lines already ingested into this
     dataset are skipped, so running it again on the same files adds nothing. A malformed line is reported with
-    its file and line number and skipped (with --strict it stops the command).
+    its file and line number and skipped (with --strict it stops the command). Ctrl-C (or SIGTERM) stops
+    after storing and checkpointing what was read, with exit status 130; run the command again to go on.
     """
     options: dict[str, Any] = {"path": dataset}
     if max_batch_rows is not None:
@@ -90,6 +93,8 @@ def ingest(
             list(files), config, strict=strict, cluster_name=cluster_name, stop=stop, on_batch=advance
         )
     _print_summary(result, dataset)
+    if result.pipeline.stopped:
+        raise click.exceptions.Exit(STOPPED_EXIT_CODE)
 
 
 def _input_bytes(files: tuple[str, ...]) -> int | None:
