@@ -11,7 +11,6 @@ import re
 import secrets
 import socket
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from flowpipe.dataset import check_writer_id
 from flowpipe.errors import ConfigError
@@ -104,10 +103,3 @@ class PipelineConfig:
 def field_help(config_class: type) -> dict[str, str]:
     """Field name → help text of a config dataclass (empty string where help is missing)."""
     return {f.name: str(f.metadata.get("help", "")) for f in fields(config_class)}
-
-
-def replace_config(config: Any, **changes: Any) -> Any:
-    """A copy of a frozen config with some fields changed (validated again)."""
-    values = {f.name: getattr(config, f.name) for f in fields(config)}
-    values.update({k: v for k, v in changes.items() if v is not None})
-    return type(config)(**values)

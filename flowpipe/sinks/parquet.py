@@ -37,7 +37,6 @@ from flowpipe.dataset import (
     LOST_EVENTS_TABLE,
     Dataset,
     PartitionKey,
-    parse_part_file_name,
     part_file_name,
     translate_write_errors,
 )
@@ -411,9 +410,3 @@ def _merge(first: Ack | None, second: Ack | None) -> Ack | None:
     if first is None or second is None:
         return first or second
     return Ack(batches=second.batches, flows=first.flows + second.flows, files=first.files + second.files)
-
-
-def part_file_writer_id(name: str) -> str | None:
-    """The writer id in a part-file name (None if `name` is not a part file)."""
-    parsed = parse_part_file_name(name)
-    return parsed.writer_id if parsed else None
