@@ -8,13 +8,37 @@ from typing import Any, TypeVar
 
 import click
 
+from flowpipe import storage
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_DATASET = "flowpipe-data"
 
 
 def dataset_option(func: F) -> F:
-    """`--dataset DIR` (env `FLOWPIPE_DATASET`): the dataset root, a folder or an object-store URL."""
+    """`--dataset DIR` (env `FLOWPIPE_DATASET`): the dataset root, a folder or an object-store URL.
+
+    Also adds `--s3-endpoint` and `--s3-region` (see `flowpipe.storage`), which take effect for the command's
+    whole run and are not passed to the command function.
+    """
+    func = click.option(
+        "--s3-region",
+        envvar="FLOWPIPE_S3_REGION",
+        show_envvar=True,
+        expose_value=False,
+        callback=_set_s3_region,
+        help="Region of an s3:// dataset (default: AWS_REGION, AWS_DEFAULT_REGION).",
+    )(func)
+    func = click.option(
+        "--s3-endpoint",
+        envvar="FLOWPIPE_S3_ENDPOINT",
+        show_envvar=True,
+        metavar="URL",
+        expose_value=False,
+        callback=_set_s3_endpoint,
+        help="Endpoint of an S3-compatible store for an s3:// dataset, e.g. http://minio:9000 "
+        "(default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS S3).",
+    )(func)
     return click.option(
         "--dataset",
         envvar="FLOWPIPE_DATASET",
@@ -23,6 +47,14 @@ def dataset_option(func: F) -> F:
         show_envvar=True,
         help="Dataset root: a local folder, or s3://bucket/prefix.",
     )(func)
+
+
+def _set_s3_endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    storage.set_s3_options(endpoint=value, region=storage.flag_options().region)
+
+
+def _set_s3_region(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    storage.set_s3_options(endpoint=storage.flag_options().endpoint, region=value)
 
 
 def format_option(*choices: str, default: str = "table") -> Callable[[F], F]:

@@ -10,7 +10,8 @@ Every file goes through a `pyarrow.fs.FileSystem`, so the same code serves a loc
 (`s3://bucket/prefix`). On a local folder a part file is written under a temporary name (a leading `.` and a
 trailing `.tmp`, which every reader skips), fsynced, then renamed into place, so a reader never sees half a file
 and a crash leaves at most a temporary file behind, which the next writer with the same id (or any writer,
-once the file is older than an hour) removes. On an object store a single PUT is already atomic.
+once the file is older than an hour) removes. On an object store (no rename) the temporary object is copied
+server-side to its final key, which appears complete or not at all, then deleted (`flowpipe.storage` says why).
 
 Rows whose `time` is NULL are kept rather than dropped, in the partition whose `date` and `hour` are both
 `__HIVE_DEFAULT_PARTITION__` (Hive's spelling of NULL, which DuckDB, Spark and pyarrow read as NULL).
@@ -35,6 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowpipe.errors import ConfigError, DatasetWriteError
+from flowpipe.storage import resolve_dataset
 
 FLOWS_TABLE = "flows"
 LOST_EVENTS_TABLE = "lost_events"
@@ -164,11 +166,8 @@ class Dataset:
         if filesystem is not None:
             self.filesystem, self.root = filesystem, text.rstrip("/") or "/"
         elif "://" in text:
-            try:
-                self.filesystem, path = pafs.FileSystem.from_uri(text)
-            except (pa.ArrowException, ValueError) as exc:
-                raise ConfigError(f"cannot open dataset {text}: {exc}") from exc
-            self.root = path.rstrip("/") or "/"
+            # s3://bucket/prefix with endpoint, region and credentials from flags and environment
+            self.filesystem, self.root = resolve_dataset(text)
         else:
             self.filesystem, self.root = pafs.LocalFileSystem(), os.path.abspath(text)
         self.uri = text
