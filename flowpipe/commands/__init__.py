@@ -34,6 +34,11 @@ from flowpipe.commands.simulate_relay import simulate_relay  # noqa: E402
 
 COMMANDS.append(simulate_relay)
 
+from flowpipe.commands.compact import compact  # noqa: E402
+from flowpipe.commands.retention import retention  # noqa: E402
+
+COMMANDS += [compact, retention]
+
 from flowpipe.commands.collect import collect_command  # noqa: E402
 
 COMMANDS.append(collect_command)
