@@ -7,7 +7,9 @@ can implement it later without touching the catalog or the CLI.
 How the views are built:
 
 - The part files are listed through `flowpipe.dataset.Dataset`, which skips temporary and private files
-  (names starting with `.` or `_`, or ending in `.tmp`) and works on any pyarrow filesystem. Only files in the
+  (names starting with `.` or `_`, or ending in `.tmp`) and works on any pyarrow filesystem; files that a
+  compacted file already holds are left out (`flowpipe.compact.visible_part_files`), so a query running
+  during a compaction sees every row once. Only files in the
   `date=.../hour=.../` layout are read; anything else under `flows/` is logged and left out.
 - On a local folder the files go to DuckDB's own Parquet reader (`read_parquet([...], hive_partitioning=true,
   union_by_name=true)`), the fastest path. On any other pyarrow filesystem (an object store) they become a
@@ -44,6 +46,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from flowpipe.compact import visible_part_files
 from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
@@ -171,7 +174,8 @@ class DuckDBEngine:
         if self.dataset is None:
             return ()
         try:
-            paths = self.dataset.list_part_files(table)
+            # without the inputs of a compaction that are still there (they are in a compacted file)
+            paths = visible_part_files(self.dataset, table)
         except FlowpipeError as exc:
             raise QueryError(f"cannot list the dataset {self.location}: {exc}") from exc
         kept = []
