@@ -3,7 +3,8 @@
 For datasets that `flowpipe ingest` (or another collector) fills: every part file is read once (only the
 columns the analytics need), its flows counted by verdict and fed to the Prometheus sink, its lost events
 counted by source and node. New part files are picked up on every poll; files already read are remembered
-by path. The `unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the
+by path, and a compacted file (`flowpipe compact`) adds only the rows of its inputs that were not read
+before. The `unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the
 catalog has it.
 
 `/readyz` turns ready once the first full scan of the dataset is done.
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry
 
 from flowpipe._cli_options import dataset_option
+from flowpipe.compact import compacted_inputs
 from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.metrics import DEFAULT_METRICS_ADDRESS, PipelineMetrics, parse_address, render, serve
@@ -97,7 +99,20 @@ class DatasetFollower:
         with self.dataset.filesystem.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             present = [name for name in wanted if name in parquet.schema_arrow.names]
-            return parquet.read(columns=present)
+            table = parquet.read(columns=present)
+            inputs = compacted_inputs(parquet.metadata.metadata)
+        if inputs is None:
+            return table
+        # A compacted file holds its inputs' rows, input after input: count only the rows of inputs not read
+        # yet, and remember the inputs as read (they may still be listed until compaction deletes them).
+        folder = path.rpartition("/")[0]
+        unread, offset = [], 0
+        for name, rows in inputs:
+            if f"{folder}/{name}" not in self._done:
+                unread.append(table.slice(offset, rows))
+            self._done.add(f"{folder}/{name}")
+            offset += rows
+        return pa.concat_tables(unread) if unread else table.slice(0, 0)
 
     def _read_flows(self, path: str) -> None:
         table = self._read(path, FLOW_COLUMNS_READ)
