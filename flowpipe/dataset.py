@@ -392,3 +392,26 @@ class Dataset:
             self.discard(temp)
             raise
         self.sync_dirs({folder})
+
+
+@dataclass(frozen=True, slots=True)
+class StateFile:
+    """One JSON document in a dataset's `_state/`, on whatever filesystem the dataset lives (local or S3).
+
+    For code that keeps its own state document (the file source's checkpoint) without knowing where the dataset
+    is: `load()` is `Dataset.read_state`, `save()` is `Dataset.write_state`.
+    """
+
+    dataset: Dataset
+    name: str
+
+    def load(self) -> dict[str, Any] | None:
+        """The stored document, or None when there is none yet."""
+        return self.dataset.read_state(self.name)
+
+    def save(self, value: Mapping[str, Any]) -> None:
+        """Replace the document (atomically)."""
+        self.dataset.write_state(self.name, value)
+
+    def __str__(self) -> str:
+        return self.dataset.state_path(self.name)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset import Dataset, StateFile
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
 from flowpipe.sinks.parquet import ParquetSink
@@ -55,7 +55,11 @@ def ingest_files(
     >>> ingest_files(["flows.json"], ParquetSinkConfig(path="flowpipe-data")).pipeline.flows  # doctest: +SKIP
     """
     dataset = Dataset(sink_config.path)
-    checkpoint = dataset.local_path(dataset.state_path(CHECKPOINT_STATE))
+    checkpoint = (
+        dataset.local_path(dataset.state_path(CHECKPOINT_STATE))
+        if dataset.is_local
+        else StateFile(dataset, CHECKPOINT_STATE)  # an object store: read and written through pyarrow
+    )
     source = FileSource(
         [str(p) for p in paths], strict=strict, checkpoint_path=checkpoint, cluster_name=cluster_name
     )

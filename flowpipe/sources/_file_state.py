@@ -14,12 +14,14 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowpipe.errors import SourceError
+from flowpipe.dataset import StateFile
+from flowpipe.errors import FlowpipeError, SourceError
 
 HEAD_BYTES = 64 * 1024
 STATE_VERSION = 1
@@ -58,23 +60,32 @@ def content_key(head: bytes) -> str:
 
 
 class FileState:
-    """Committed progress per file content, loaded from and saved to one JSON file (or kept in memory)."""
+    """Committed progress per file content, loaded from and saved to one JSON file (or kept in memory).
 
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
-        self.path = Path(path) if path is not None else None
+    `path` is a local file, or a `StateFile` of a dataset on any filesystem (an object store).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | StateFile | None) -> None:
+        self._store = path if isinstance(path, StateFile) else None
+        self.path = Path(path) if path is not None and not isinstance(path, StateFile) else None
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # the pipeline commits from another thread than the one reading
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
+        if self._store is not None:
+            self._load(str(self._store), self._store.load)
+        elif self.path is not None and self.path.exists():
+            local = self.path
+            self._load(str(local), lambda: json.loads(local.read_text(encoding="utf-8")))
 
-    def _load(self, path: Path) -> None:
+    def _load(self, where: str, read: Callable[[], Any]) -> None:
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
+            document = read()
+            if document is None:  # a StateFile not written yet
+                return
             files = document["files"]
             self._entries = {key: _Entry(**value) for key, value in files.items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, FlowpipeError) as exc:
             raise SourceError(
-                f"{path}: the file checkpoint cannot be read ({exc}); move it away to start over"
+                f"{where}: the file checkpoint cannot be read ({exc}); move it away to start over"
             ) from exc
 
     def find(self, head: bytes) -> tuple[str | None, int, int, bool]:
@@ -115,12 +126,16 @@ class FileState:
         self._save()
 
     def _save(self) -> None:
-        if self.path is None:
+        if self.path is None and self._store is None:
             return
         document: dict[str, Any] = {
             "version": STATE_VERSION,
             "files": {key: asdict(entry) for key, entry in sorted(self._entries.items())},
         }
+        if self._store is not None:
+            self._store.save(document)
+            return
+        assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:

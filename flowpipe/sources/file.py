@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from flowpipe.dataset import StateFile
 from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.sources._file_reader import (
@@ -103,7 +104,7 @@ class FileSource:
         self,
         paths: Sequence[str | os.PathLike[str]],
         *,
-        checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_path: str | os.PathLike[str] | StateFile | None = None,
         cluster_name: str | None = None,
         strict: bool = False,
         block_bytes: int = BLOCK_BYTES,
@@ -343,7 +344,7 @@ def read_events(
     *,
     cluster_name: str | None = None,
     strict: bool = False,
-    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | os.PathLike[str] | StateFile | None = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> Iterator[EventBatch]:
     """Event batches of Hubble JSON files, without a pipeline (benchmarks, notebooks, tests).
