@@ -4,7 +4,8 @@ A partition `date=D/hour=H` is expired when its whole hour ended at least `keep`
 at 2024-05-31 12:20, every hour that ended by 2024-05-01 12:20 goes (the hour 11:00-12:00 of May 1st is the
 newest removed, 12:00-13:00 stays). The partition of rows without a time (`__HIVE_DEFAULT_PARTITION__`) has no
 age and is never removed. Removal deletes the partition's files (its Parquet files, and temporary files older
-than an hour: a younger one may be a write in progress, which is left alone) and then its empty folders.
+than an hour: a younger one may be a write in progress, which is left alone) and then its empty folders (on
+an object store, the empty folder marker objects).
 
 `plan_retention` only looks; `apply_retention` removes, holding the maintenance lock so that it never runs at
 the same time as a compaction. A query running meanwhile either read a partition's files before they went or
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from flowpipe._maintenance import PartitionFiles, list_partitions, maintenance_lock
 from flowpipe.dataset import STALE_TEMP_SECONDS, TABLES, Dataset
@@ -121,12 +123,28 @@ def _delete(dataset: Dataset, path: str) -> bool:
 
 
 def _remove_empty_folders(dataset: Dataset, partition: PartitionFiles) -> None:
-    """Remove the hour folder and then the date folder when nothing is left in them (local folders)."""
-    if not dataset.is_local:
-        return  # object stores have no folders: the prefix is gone with its last object
-    for folder in (partition.folder, partition.folder.rpartition("/")[0]):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break  # not empty (a write in progress, another hour of the day) or already gone
+    """Remove the hour folder, then the date folder, when nothing is left in them.
+
+    On an object store the "folders" are the empty marker objects some clients create (pyarrow does): they go
+    when no object is left under them.
+    """
+    date_folder = partition.folder.rpartition("/")[0]
+    for folder in (partition.folder, date_folder):
+        if dataset.is_local:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (a write in progress, another hour of the day) or already gone
+        else:
+            selector = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+            try:
+                left = [i for i in dataset.filesystem.get_file_info(selector) if i.type == pafs.FileType.File]
+                if left:
+                    break
+                dataset.filesystem.delete_dir(folder)
+            except FileNotFoundError:
+                continue
+            except (OSError, pa.ArrowException) as exc:
+                log.warning("cannot remove the empty folder %s: %s", folder, exc)
+                break
     dataset.sync_dirs({dataset.table_dir(partition.table)})
