@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,19 @@ def cilium_schemas() -> Path:
     if not SHARED_SCHEMAS.is_dir():
         pytest.skip("Cilium policy schemas (../shared/schemas/cilium) are not present")
     return SHARED_SCHEMAS
+
+
+@pytest.fixture(scope="session")
+def sim_faults(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small simulated dataset (about 30,000 flows) with every fault on, and its ground truth."""
+    from _sim_dataset import build_sim_dataset
+
+    return build_sim_dataset(tmp_path_factory.mktemp("sim-faults"), faults=True)
+
+
+@pytest.fixture(scope="session")
+def sim_clean(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The same simulated cluster and seed with every fault off."""
+    from _sim_dataset import build_sim_dataset
+
+    return build_sim_dataset(tmp_path_factory.mktemp("sim-clean"), faults=False)

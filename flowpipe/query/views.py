@@ -16,6 +16,16 @@ SELECT ... FROM flows ...
 Views are created in dependency order (`requires:`), after the engine's own views `flows` and `lost_events`.
 The SELECT is plain SQL that sqlglot can translate, so another engine (Spark) can create the same views with
 `createOrReplaceTempView`. Views take no parameters: filters belong to the questions.
+
+Fallback regions. Reading the `*_labels` list columns (a dozen strings per endpoint and flow), and even pod
+names and addresses, costs more than everything else a question does, and a column referenced anywhere in a
+view is read for every row, even when only a rare CASE branch uses it. These columns are needed only to name
+what Cilium did not describe: a pod without a reported workload (old Cilium, an exporter field mask), or an
+endpoint that is neither a pod nor a reserved identity by its number. So lines between `-- fallback: begin`
+and `-- fallback: end` in a shared view may read them; when a cheap probe (`FALLBACK_NEEDED_SQL`, four narrow
+columns per side) finds no such flow in the dataset, the view is created without those lines. Both forms give
+the same rows on such a dataset: the regions only ever decide flows that the probe looks for. The probe runs
+whenever the engine defines its views (on open and on `refresh()`).
 """
 
 from __future__ import annotations
@@ -28,11 +38,31 @@ import duckdb
 
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.errors import QueryError, QuestionDefinitionError
+from flowpipe.query.catalog import default_sql_dir, parse_header
 
 VIEWS_DIR_NAME = "_views"
 DROP_REASONS_TABLE = "drop_reasons"
-_FIELD = re.compile(r"^--\s?(description|requires)\s*:(.*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FALLBACK_REGION = re.compile(
+    r"^[ \t]*-- fallback: begin[^\n]*\n.*?^[ \t]*-- fallback: end[^\n]*\n", re.MULTILINE | re.DOTALL
+)
+
+
+def _undescribed(side: str) -> str:
+    # What the fallback regions of `flows_enriched` decide: a pod without a workload name, or an endpoint whose
+    # identity number is not one of: reserved 1-10, node-local (CIDR/FQDN) >= 2^24, a pod's cluster identity.
+    return (
+        f"({side}_workload_name IS NULL AND {side}_namespace IS NOT NULL)"
+        f" OR NOT (coalesce({side}_identity, 0) BETWEEN 1 AND 10 OR {side}_identity >= 16777216"
+        f" OR ({side}_identity >= 256 AND {side}_namespace IS NOT NULL))"
+    )
+
+
+FALLBACK_NEEDED_SQL = (
+    f"SELECT count(*) FROM (SELECT 1 FROM flows WHERE {_undescribed('source')} OR {_undescribed('destination')}"
+    " LIMIT 1) AS probe"
+)
+"""One row, one count: 1 when some flow needs the fallback regions to name its endpoints, else 0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +75,14 @@ class SharedView:
     sql: str
     path: Path | None = None
 
+    @property
+    def sql_without_fallbacks(self) -> str:
+        """The SELECT without its `-- fallback: begin` ... `-- fallback: end` regions."""
+        return _FALLBACK_REGION.sub("", self.sql)
+
 
 def default_views_dir() -> Path:
     """`_views/` inside the shipped question directory."""
-    from flowpipe.query.catalog import default_sql_dir
-
     return default_sql_dir() / VIEWS_DIR_NAME
 
 
@@ -58,24 +91,19 @@ def parse_view(text: str, *, name: str, path: Path | None = None) -> SharedView:
     where = str(path) if path is not None else f"<view {name}>"
     if not _NAME.match(name):
         raise QuestionDefinitionError(f"view name {name!r} is not an SQL identifier", path=where)
-    fields: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if line and not line.startswith("--"):
-            break
-        match = _FIELD.match(line)
-        if match is not None:
-            if match.group(1) in fields:
-                raise QuestionDefinitionError(f"header field {match.group(1)!r} appears twice", path=where,
-                                              line_number=number)
-            fields[match.group(1)] = match.group(2).strip()
+    header = parse_header(text, where=where, fields_known=("description", "requires"))
+    fields = {key: value for key, (value, _) in header.items()}
     description = fields.get("description", "")
     if not description:
         raise QuestionDefinitionError("missing `-- description: ...` header line", path=where, line_number=1)
     requires = tuple(r.strip() for r in fields.get("requires", "").split(",") if r.strip())
-    body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--")).strip()
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("--")), None)
+    body = "\n".join(lines[first:]).strip() + "\n" if first is not None else ""
     if not body.lower().startswith(("select", "with")):
         raise QuestionDefinitionError("a shared view holds one SELECT (or WITH ... SELECT)", path=where)
+    if body.count("-- fallback: begin") != body.count("-- fallback: end"):
+        raise QuestionDefinitionError("unbalanced `-- fallback: begin` / `-- fallback: end` lines", path=where)
     return SharedView(name=name, description=description, requires=requires, sql=body, path=path)
 
 
@@ -123,8 +151,13 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
         con.unregister(f"_flowpipe_{DROP_REASONS_TABLE}")
     except duckdb.Error as exc:
         raise QueryError(f"cannot create the table {DROP_REASONS_TABLE}: {exc}") from exc
+    try:
+        fallbacks_needed = bool(con.execute(FALLBACK_NEEDED_SQL).fetchone()[0])  # type: ignore[index]
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot probe the flows for undescribed endpoints: {exc}", sql=FALLBACK_NEEDED_SQL) from exc
     for view in load_views(directory):
-        statement = f'CREATE OR REPLACE VIEW "{view.name}" AS\n{view.sql}'
+        select = view.sql if fallbacks_needed else view.sql_without_fallbacks
+        statement = f'CREATE OR REPLACE VIEW "{view.name}" AS\n{select}'
         try:
             con.execute(statement)
         except duckdb.Error as exc:

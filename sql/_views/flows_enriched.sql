@@ -7,8 +7,11 @@
 --   `source_workload_id` / `destination_workload_id`: the stable identity, `<namespace>/<workload>` for pods,
 --   the entity or IP otherwise. `is_request`: not a reply (unknown counts as a request) and not an L7
 --   response. `dns_rcode_name`: the DNS response code by name (NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...).
+--   `http_path`: the path of `http_url` without query string, numeric, UUID and long hex segments as `{id}`.
 --   Written in portable SQL (no DuckDB-only syntax where a standard form exists) so that sqlglot can
---   translate it for Spark.
+--   translate it for Spark. The `-- fallback: begin` / `-- fallback: end` regions name endpoints that Cilium
+--   did not describe (labels, pod names, addresses); they are left out when no flow of the dataset needs them
+--   (see flowpipe/query/views.py), so that questions do not read those columns of every flow.
 SELECT
     w.*,
     CASE
@@ -36,47 +39,64 @@ SELECT
         WHEN w.dns_rcode = 9 THEN 'NOTAUTH'
         WHEN w.dns_rcode = 10 THEN 'NOTZONE'
         ELSE 'RCODE' || CAST(w.dns_rcode AS VARCHAR)
-    END AS dns_rcode_name
+    END AS dns_rcode_name,
+    -- The path of an HTTP URL without scheme, host, query and fragment; numeric, UUID and long hex segments
+    -- become {id}, so that one endpoint of an API is one value.
+    CASE WHEN w.http_url IS NOT NULL THEN coalesce(nullif(rtrim(
+        regexp_replace(
+            regexp_replace(
+                regexp_replace(
+                    regexp_extract(w.http_url, '^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/]*)?([^?#]*)', 1) || '/',
+                    '/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})/',
+                    '/{id}/', 'g'),
+                '/[0-9]+/', '/{id}/', 'g'),
+            -- twice: adjacent numeric segments share a slash, so one pass replaces every other one
+            '/[0-9]+/', '/{id}/', 'g'),
+        '/'), ''), '/') END AS http_path
 FROM (
     SELECT
         e.*,
         coalesce(
             e.source_workload_name,
-            -- Labels and pod names are only looked at for pods without a reported workload (old Cilium, or an
-            -- exporter field mask); the CASE keeps the common case cheap.
-            CASE WHEN e.source_workload_name IS NULL AND e.source_namespace IS NOT NULL THEN coalesce(
+            e.source_entity
+            -- Only for what Cilium did not describe (old Cilium, an exporter field mask): a pod without a
+            -- workload name gets its first stable label, else its pod name without the controller's suffix; an
+            -- endpoint that is neither a pod nor a reserved identity gets its address.
+            -- fallback: begin
+            , CASE WHEN e.source_workload_name IS NULL AND e.source_namespace IS NOT NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.source_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.source_labels, ' '),
-                    '(?:^| )k8s:app=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.source_labels, ' '),
-                    '(?:^| )k8s:k8s-app=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.source_labels, ' '),
-                    '(?:^| )k8s:name=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.source_labels, ' '), '(?:^| )k8s:app=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.source_labels, ' '), '(?:^| )k8s:k8s-app=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.source_labels, ' '), '(?:^| )k8s:name=([^ ]+)', 1), '')
+            ) END
+            , CASE WHEN e.source_workload_name IS NULL AND e.source_namespace IS NOT NULL THEN coalesce(
                 -- Deployment: <name>-<pod-template-hash>-<5>; CronJob: <name>-<schedule time>-<5>;
                 -- DaemonSet or Job: <name>-<5>; StatefulSet: <name>-<ordinal>. Kubernetes draws the random
                 -- parts from an alphabet without vowels, so ordinary words are not cut off.
                 nullif(regexp_extract(e.source_pod_name,
                     '^(.+)-[bcdfghjklmnpqrstvwxz2456789]{6,10}-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
-                nullif(regexp_extract(e.source_pod_name, '^(.+)-[0-9]{8,}-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
+                nullif(regexp_extract(e.source_pod_name,
+                    '^(.+)-[0-9]{8,}-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
                 nullif(regexp_extract(e.source_pod_name, '^(.+)-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
                 nullif(regexp_extract(e.source_pod_name, '^(.+)-[0-9]+$', 1), ''),
                 e.source_pod_name
-            ) END,
-            e.source_entity,
-            e.source_ip
+            ) END
+            , e.source_ip
+            -- fallback: end
         ) AS source_workload,
         coalesce(
             e.destination_workload_name,
-            CASE WHEN e.destination_workload_name IS NULL AND e.destination_namespace IS NOT NULL THEN coalesce(
+            e.destination_entity
+            -- fallback: begin
+            , CASE WHEN e.destination_workload_name IS NULL AND e.destination_namespace IS NOT NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
-                    '(?:^| )k8s:app=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
-                    '(?:^| )k8s:k8s-app=([^ ]+)', 1), ''),
-                nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
-                    '(?:^| )k8s:name=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.destination_labels, ' '), '(?:^| )k8s:app=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.destination_labels, ' '), '(?:^| )k8s:k8s-app=([^ ]+)', 1), ''),
+                nullif(regexp_extract(array_to_string(e.destination_labels, ' '), '(?:^| )k8s:name=([^ ]+)', 1), '')
+            ) END
+            , CASE WHEN e.destination_workload_name IS NULL AND e.destination_namespace IS NOT NULL THEN coalesce(
                 nullif(regexp_extract(e.destination_pod_name,
                     '^(.+)-[bcdfghjklmnpqrstvwxz2456789]{6,10}-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
                 nullif(regexp_extract(e.destination_pod_name,
@@ -84,62 +104,72 @@ FROM (
                 nullif(regexp_extract(e.destination_pod_name, '^(.+)-[bcdfghjklmnpqrstvwxz2456789]{5}$', 1), ''),
                 nullif(regexp_extract(e.destination_pod_name, '^(.+)-[0-9]+$', 1), ''),
                 e.destination_pod_name
-            ) END,
-            e.destination_entity,
-            e.destination_ip
+            ) END
+            , e.destination_ip
+            -- fallback: end
         ) AS destination_workload
     FROM (
         SELECT
             f.*,
             CASE
-                -- A pod (cluster-allocated identity in a namespace): no reserved entity. First, so that the
-                -- common case skips the label scans below.
+                -- Decided by the identity number alone, for nearly every flow: a pod (cluster-allocated
+                -- identity, in a namespace) is no entity; reserved identities 1-10; node-local identities
+                -- (CIDR and FQDN selectors) stand for addresses outside the cluster. Where the API server
+                -- runs on a node, Hubble shows that node's identity (host, remote-node), and so does this.
                 WHEN f.source_identity >= 256 AND f.source_identity < 16777216 AND f.source_namespace IS NOT NULL
                     THEN NULL
-                -- The API server on a node carries reserved:kube-apiserver beside reserved:host/remote-node.
-                WHEN f.source_identity = 7 OR array_contains(f.source_labels, 'reserved:kube-apiserver')
-                    THEN 'kube-apiserver'
                 WHEN f.source_identity = 1 THEN 'host'
                 WHEN f.source_identity IN (2, 9, 10) THEN 'world'
                 WHEN f.source_identity = 3 THEN 'unmanaged'
                 WHEN f.source_identity = 4 THEN 'health'
                 WHEN f.source_identity = 5 THEN 'init'
                 WHEN f.source_identity = 6 THEN 'remote-node'
+                WHEN f.source_identity = 7 THEN 'kube-apiserver'
                 WHEN f.source_identity = 8 THEN 'ingress'
+                WHEN f.source_identity >= 16777216 THEN 'world'
+                -- fallback: begin
+                -- No usable identity (an exporter field mask, a very old agent): the reserved label says it.
+                WHEN array_contains(f.source_labels, 'reserved:kube-apiserver') THEN 'kube-apiserver'
                 WHEN array_contains(f.source_labels, 'reserved:host') THEN 'host'
                 WHEN array_contains(f.source_labels, 'reserved:remote-node') THEN 'remote-node'
                 WHEN array_contains(f.source_labels, 'reserved:health') THEN 'health'
                 WHEN array_contains(f.source_labels, 'reserved:world')
                     OR array_contains(f.source_labels, 'reserved:world-ipv4')
                     OR array_contains(f.source_labels, 'reserved:world-ipv6') THEN 'world'
-                -- Node-local identities (CIDR and FQDN selectors) stand for addresses outside the cluster.
-                WHEN f.source_identity >= 16777216 THEN 'world'
                 WHEN array_contains(f.source_labels, 'reserved:init') THEN 'init'
                 WHEN array_contains(f.source_labels, 'reserved:unmanaged') THEN 'unmanaged'
                 WHEN array_contains(f.source_labels, 'reserved:ingress') THEN 'ingress'
+                -- fallback: end
             END AS source_entity,
             CASE
-                WHEN f.destination_identity >= 256 AND f.destination_identity < 16777216
-                    AND f.destination_namespace IS NOT NULL THEN NULL
-                WHEN f.destination_identity = 7 OR array_contains(f.destination_labels, 'reserved:kube-apiserver')
-                    THEN 'kube-apiserver'
+                -- Decided by the identity number alone, for nearly every flow: a pod (cluster-allocated
+                -- identity, in a namespace) is no entity; reserved identities 1-10; node-local identities
+                -- (CIDR and FQDN selectors) stand for addresses outside the cluster. Where the API server
+                -- runs on a node, Hubble shows that node's identity (host, remote-node), and so does this.
+                WHEN f.destination_identity >= 256 AND f.destination_identity < 16777216 AND f.destination_namespace IS NOT NULL
+                    THEN NULL
                 WHEN f.destination_identity = 1 THEN 'host'
                 WHEN f.destination_identity IN (2, 9, 10) THEN 'world'
                 WHEN f.destination_identity = 3 THEN 'unmanaged'
                 WHEN f.destination_identity = 4 THEN 'health'
                 WHEN f.destination_identity = 5 THEN 'init'
                 WHEN f.destination_identity = 6 THEN 'remote-node'
+                WHEN f.destination_identity = 7 THEN 'kube-apiserver'
                 WHEN f.destination_identity = 8 THEN 'ingress'
+                WHEN f.destination_identity >= 16777216 THEN 'world'
+                -- fallback: begin
+                -- No usable identity (an exporter field mask, a very old agent): the reserved label says it.
+                WHEN array_contains(f.destination_labels, 'reserved:kube-apiserver') THEN 'kube-apiserver'
                 WHEN array_contains(f.destination_labels, 'reserved:host') THEN 'host'
                 WHEN array_contains(f.destination_labels, 'reserved:remote-node') THEN 'remote-node'
                 WHEN array_contains(f.destination_labels, 'reserved:health') THEN 'health'
                 WHEN array_contains(f.destination_labels, 'reserved:world')
                     OR array_contains(f.destination_labels, 'reserved:world-ipv4')
                     OR array_contains(f.destination_labels, 'reserved:world-ipv6') THEN 'world'
-                WHEN f.destination_identity >= 16777216 THEN 'world'
                 WHEN array_contains(f.destination_labels, 'reserved:init') THEN 'init'
                 WHEN array_contains(f.destination_labels, 'reserved:unmanaged') THEN 'unmanaged'
                 WHEN array_contains(f.destination_labels, 'reserved:ingress') THEN 'ingress'
+                -- fallback: end
             END AS destination_entity
         FROM flows AS f
     ) AS e

@@ -1,0 +1,350 @@
+-- description: Least-privilege candidates per workload, each row a `finding` with a `detail` and a
+--   `suggestion`, as far as flows can tell. `no_policy`: no policy selects the workload (none of its requests
+--   got a policy-verdict event, which Cilium emits only for endpoints under policy, while other workloads'
+--   did; traffic from the node itself is not counted); `no_ingress_policy` / `no_egress_policy`: the same for
+--   one direction of a workload that policies select in the other. `ingress_from_world`: requests from outside the cluster were let in.
+--   `ingress_from_all_namespaces`: requests came in from pods of every other namespace seen (three or more).
+--   `broad_policy`: a policy matched with a wildcard peer (Cilium's match kinds l4-only, all, proto-only: it
+--   allows any peer) while only a few peers used it. `observed_ingress` / `observed_egress`: the minimal
+--   allow-set actually observed: peers (`<namespace>/<workload>`, or an entity such as `world:<name>`, `host`,
+--   `kube-apiserver`), port/protocol, and in brackets the L7 calls seen (HTTP method and path pattern, DNS
+--   names, Kafka api key and topic); at most `max_listed` entries. Requests only, each observed where the
+--   policy of that direction applies. A namespace filter matches the workload.
+-- params: since=24h, until=now, namespace=, max_listed=25, limit=2000
+WITH base AS (
+    -- One pass over the window: each request, from the side whose policy decides it (the destination for
+    -- ingress, the source for egress), folded into one row per workload, direction, peer, port, protocol, L7
+    -- call and policy outcome. Everything below reads this small table.
+    SELECT
+        cluster_name, namespace, workload, subject_id, direction, peer, peer_namespace, peer_entity, world_client,
+        port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call,
+        count(*) AS flows
+    FROM (
+        SELECT
+            cluster_name,
+            CASE WHEN traffic_direction = 'INGRESS' THEN destination_namespace ELSE source_namespace END AS namespace,
+            CASE WHEN traffic_direction = 'INGRESS' THEN destination_workload ELSE source_workload END AS workload,
+            CASE WHEN traffic_direction = 'INGRESS' THEN destination_workload_id ELSE source_workload_id END
+                AS subject_id,
+            lower(traffic_direction) AS direction,
+            CASE
+                WHEN traffic_direction = 'EGRESS' AND destination_entity = 'world' AND cardinality(destination_names) > 0
+                    THEN 'world:' || destination_names[1]
+                WHEN traffic_direction = 'INGRESS' THEN source_workload_id
+                ELSE destination_workload_id
+            END AS peer,
+            CASE WHEN traffic_direction = 'INGRESS' THEN source_namespace ELSE destination_namespace END
+                AS peer_namespace,
+            CASE WHEN traffic_direction = 'INGRESS' THEN source_entity ELSE destination_entity END AS peer_entity,
+            -- World clients by address (for ingress from the world); other peers are counted by name.
+            CASE WHEN traffic_direction = 'INGRESS' AND source_entity = 'world' THEN source_ip END AS world_client,
+            destination_port AS port,
+            l4_protocol,
+            verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT') AS allowed,
+            coalesce(event_type = 5, FALSE) AS verdict_event,
+            -- Policy details only on policy-verdict events, so the other flows fold into fewer rows.
+            CASE WHEN event_type = 5 THEN policy_match_type END AS policy_match_type,
+            CASE
+                WHEN event_type <> 5 THEN NULL
+                WHEN traffic_direction = 'INGRESS' THEN ingress_allowed_by
+                ELSE egress_allowed_by
+            END AS allowed_by,
+            CASE
+                WHEN l7_type IS NULL OR l7_type <> 'REQUEST' THEN NULL
+                WHEN l7_protocol = 'http' THEN coalesce(http_method, '?') || ' ' || coalesce(http_path, '/')
+                WHEN l7_protocol = 'dns' THEN 'dns ' || dns_query
+                WHEN l7_protocol = 'kafka' THEN 'kafka ' || coalesce(kafka_api_key, '?') || ' ' || coalesce(kafka_topic, '?')
+            END AS call
+        FROM flows_enriched
+        WHERE time >= $since
+          AND time <= $until
+          AND is_request
+          AND (
+              (traffic_direction = 'INGRESS' AND destination_namespace IS NOT NULL)
+              OR (traffic_direction = 'EGRESS' AND source_namespace IS NOT NULL)
+          )
+          AND (
+              $namespace IS NULL
+              OR (traffic_direction = 'INGRESS' AND destination_namespace = $namespace)
+              OR (traffic_direction = 'EGRESS' AND source_namespace = $namespace)
+          )
+    ) AS r
+    GROUP BY
+        cluster_name, namespace, workload, subject_id, direction, peer, peer_namespace, peer_entity, world_client,
+        port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call
+),
+scoped AS (
+    SELECT
+        b.*,
+        -- Cilium lets the node reach its pods whatever the policy (kubelet probes): that says nothing about
+        -- whether a policy selects the pod.
+        NOT (b.direction = 'ingress' AND coalesce(b.peer_entity IN ('host', 'remote-node', 'health'), FALSE))
+            AS counts_for_selection,
+        -- Cilium reports a policy decision (and, since 1.15, the policies behind it) as a policy-verdict
+        -- event, only for endpoints that some policy selects in that direction.
+        b.verdict_event AS policy_evidence
+    FROM base AS b
+),
+policy_data AS (
+    -- Whether the data can tell selected from unselected workloads at all: policy-verdict events.
+    SELECT count(*) AS flows FROM scoped WHERE policy_evidence
+),
+directions AS (
+    SELECT
+        cluster_name,
+        namespace,
+        workload,
+        subject_id,
+        direction,
+        CAST(sum(flows) AS BIGINT) AS flows,
+        CAST(sum(CASE WHEN policy_evidence THEN flows ELSE 0 END) AS BIGINT) AS with_policy,
+        count(DISTINCT peer) AS peers
+    FROM scoped
+    WHERE counts_for_selection
+    GROUP BY cluster_name, namespace, workload, subject_id, direction
+),
+selection AS (
+    SELECT
+        cluster_name,
+        namespace,
+        workload,
+        subject_id,
+        CAST(sum(flows) AS BIGINT) AS flows,
+        CAST(sum(with_policy) AS BIGINT) AS with_policy,
+        string_agg(direction, ' and ' ORDER BY direction) AS traffic_directions
+    FROM directions
+    GROUP BY cluster_name, namespace, workload, subject_id
+),
+findings_unselected AS (
+    SELECT
+        s.cluster_name,
+        s.namespace,
+        s.workload,
+        'no_policy' AS finding,
+        s.traffic_directions AS direction,
+        'no policy selects it: none of its ' || CAST(s.flows AS VARCHAR) || ' requests (' || s.traffic_directions
+            || ') got a policy verdict, while other workloads'' requests did' AS detail,
+        'put ' || s.namespace || ' under a default-deny policy and allow only the observed allow-set of '
+            || s.workload || ' (flowpipe suggest --namespace ' || s.namespace || ' drafts both)' AS suggestion,
+        s.flows,
+        CAST(NULL AS BIGINT) AS peers,
+        CAST(NULL AS VARCHAR) AS policies
+    FROM selection AS s
+    CROSS JOIN policy_data AS p
+    WHERE p.flows > 0
+      AND s.with_policy = 0
+    UNION ALL
+    SELECT
+        d.cluster_name,
+        d.namespace,
+        d.workload,
+        'no_' || d.direction || '_policy',
+        d.direction,
+        'no policy selects it for ' || d.direction || ': ' || CAST(d.flows AS VARCHAR) || ' ' || d.direction
+            || ' requests with ' || CAST(d.peers AS VARCHAR)
+            || ' peers got no policy verdict, although policies select it for the other direction',
+        'add ' || d.direction || ' rules for ' || d.workload || ' that allow only the observed '
+            || d.direction || ' allow-set (flowpipe suggest --namespace ' || d.namespace || ')',
+        d.flows,
+        d.peers,
+        CAST(NULL AS VARCHAR)
+    FROM directions AS d
+    JOIN selection AS s
+        ON s.subject_id = d.subject_id AND coalesce(s.cluster_name, '') = coalesce(d.cluster_name, '')
+    CROSS JOIN policy_data AS p
+    WHERE p.flows > 0
+      AND s.with_policy > 0
+      AND d.with_policy = 0
+),
+world_ingress AS (
+    SELECT
+        cluster_name,
+        namespace,
+        workload,
+        CAST(sum(flows) AS BIGINT) AS flows,
+        count(DISTINCT world_client) AS addresses,
+        array_to_string(list_sort(array_agg(DISTINCT CAST(port AS VARCHAR) || '/' || l4_protocol)), ', ') AS ports,
+        array_to_string(list_sort(list_distinct(flatten(array_agg(allowed_by)))), ', ') AS policies
+    FROM scoped
+    WHERE direction = 'ingress'
+      AND peer_entity = 'world'
+      AND allowed
+    GROUP BY cluster_name, namespace, workload
+),
+namespaces_seen AS (
+    SELECT cluster_name, count(DISTINCT namespace) AS namespaces
+    FROM (
+        SELECT cluster_name, namespace FROM base
+        UNION
+        SELECT cluster_name, peer_namespace FROM base WHERE peer_namespace IS NOT NULL
+    ) AS n
+    GROUP BY cluster_name
+),
+wide_ingress AS (
+    SELECT
+        s.cluster_name,
+        s.namespace,
+        s.workload,
+        CAST(sum(s.flows) AS BIGINT) AS flows,
+        count(DISTINCT s.peer_namespace) AS peer_namespaces,
+        array_to_string(list_sort(array_agg(DISTINCT s.peer_namespace)), ', ') AS namespace_list
+    FROM scoped AS s
+    WHERE s.direction = 'ingress'
+      AND s.allowed
+      AND s.peer_namespace IS NOT NULL
+      AND s.peer_namespace <> s.namespace
+    GROUP BY s.cluster_name, s.namespace, s.workload
+),
+broad AS (
+    SELECT
+        b.cluster_name,
+        b.namespace,
+        b.workload,
+        b.direction,
+        b.policy,
+        b.match,
+        CAST(sum(b.flows) AS BIGINT) AS flows,
+        count(DISTINCT b.peer) AS peers,
+        array_to_string(array_slice(list_sort(array_agg(DISTINCT b.peer)), 1, $max_listed), ', ') AS peer_list
+    FROM (
+        SELECT
+            s.*,
+            CASE s.policy_match_type WHEN 3 THEN 'l4-only' WHEN 4 THEN 'all' ELSE 'proto-only' END AS match,
+            unnest(s.allowed_by) AS policy
+        FROM scoped AS s
+        WHERE s.verdict_event
+          AND s.allowed
+          AND s.policy_match_type IN (3, 4, 6)
+    ) AS b
+    GROUP BY b.cluster_name, b.namespace, b.workload, b.direction, b.policy, b.match
+),
+calls AS (
+    -- One entry per peer, port and protocol, with the L7 calls seen on it.
+    SELECT
+        cluster_name,
+        namespace,
+        workload,
+        subject_id,
+        direction,
+        peer,
+        port,
+        l4_protocol,
+        CAST(sum(flows) AS BIGINT) AS flows,
+        list_sort(list_distinct(array_agg(call))) AS l7
+    FROM scoped
+    WHERE allowed
+    GROUP BY cluster_name, namespace, workload, subject_id, direction, peer, port, l4_protocol
+),
+allow_sets AS (
+    SELECT
+        cluster_name,
+        namespace,
+        workload,
+        direction,
+        CAST(sum(flows) AS BIGINT) AS flows,
+        count(DISTINCT peer) AS peers,
+        count(*) AS entries,
+        array_to_string(array_slice(list_sort(array_agg(
+            coalesce(peer, '?') || ' ' || coalesce(CAST(port AS VARCHAR) || '/', '') || coalesce(l4_protocol, '?')
+            || CASE
+                WHEN cardinality(l7) = 0 THEN ''
+                ELSE ' [' || array_to_string(array_slice(l7, 1, $max_listed), ', ')
+                    || CASE WHEN cardinality(l7) > $max_listed THEN ', ...' ELSE '' END || ']'
+            END
+        )), 1, $max_listed), '; ') AS entry_list
+    FROM calls
+    GROUP BY cluster_name, namespace, workload, direction
+),
+findings AS (
+    SELECT * FROM findings_unselected
+    UNION ALL
+    SELECT
+        w.cluster_name,
+        w.namespace,
+        w.workload,
+        'ingress_from_world',
+        'ingress',
+        CAST(w.flows AS VARCHAR) || ' requests from ' || CAST(w.addresses AS VARCHAR)
+            || ' addresses outside the cluster on ' || w.ports || '; allowed by '
+            || coalesce(nullif(w.policies, ''), 'no policy (nothing selects it for ingress)'),
+        'only edge components (ingress controllers, load balancers) should take traffic from the world: '
+            || 'route it through one and allow only that, or narrow fromEntities world / fromCIDR to the '
+            || 'addresses that need it',
+        w.flows,
+        w.addresses,
+        nullif(w.policies, '')
+    FROM world_ingress AS w
+    UNION ALL
+    SELECT
+        i.cluster_name,
+        i.namespace,
+        i.workload,
+        'ingress_from_all_namespaces',
+        'ingress',
+        CAST(i.flows AS VARCHAR) || ' requests from pods of every other namespace seen: ' || i.namespace_list,
+        'allow the namespaces (and workloads) that need it by name instead of any namespace; expected only '
+            || 'for shared services such as DNS',
+        i.flows,
+        i.peer_namespaces,
+        CAST(NULL AS VARCHAR)
+    FROM wide_ingress AS i
+    JOIN namespaces_seen AS n ON coalesce(n.cluster_name, '') = coalesce(i.cluster_name, '')
+    WHERE i.peer_namespaces >= 3
+      AND i.peer_namespaces = n.namespaces - 1
+    UNION ALL
+    SELECT
+        b.cluster_name,
+        b.namespace,
+        b.workload,
+        'broad_policy',
+        b.direction,
+        'policy ' || b.policy || ' matched ' || b.direction || ' with a wildcard peer (' || b.match
+            || ': any peer) but only ' || CAST(b.peers AS VARCHAR) || ' peers used it: ' || b.peer_list,
+        'restrict the ' || CASE WHEN b.direction = 'ingress' THEN 'fromEndpoints' ELSE 'toEndpoints' END
+            || ' of ' || b.policy || ' to the peers observed',
+        b.flows,
+        b.peers,
+        b.policy
+    FROM broad AS b
+    UNION ALL
+    SELECT
+        a.cluster_name,
+        a.namespace,
+        a.workload,
+        'observed_' || a.direction,
+        a.direction,
+        CASE WHEN a.direction = 'ingress' THEN 'from ' ELSE 'to ' END || a.entry_list
+            || CASE WHEN a.entries > $max_listed THEN '; ... (' || CAST(a.entries AS VARCHAR) || ' entries)' ELSE '' END,
+        'allow exactly these ' || a.direction || ' peers, ports and calls and nothing else (flowpipe suggest '
+            || '--namespace ' || a.namespace || ' drafts the policy)',
+        a.flows,
+        a.peers,
+        CAST(NULL AS VARCHAR)
+    FROM allow_sets AS a
+)
+SELECT
+    namespace,
+    workload,
+    finding,
+    detail,
+    suggestion,
+    direction,
+    flows,
+    peers,
+    policies,
+    cluster_name
+FROM findings
+ORDER BY
+    namespace,
+    workload,
+    CASE
+        WHEN finding = 'no_policy' THEN 1
+        WHEN finding LIKE 'no_%_policy' THEN 2
+        WHEN finding = 'ingress_from_world' THEN 3
+        WHEN finding = 'ingress_from_all_namespaces' THEN 4
+        WHEN finding = 'broad_policy' THEN 5
+        ELSE 6
+    END,
+    finding,
+    detail
+LIMIT $limit
