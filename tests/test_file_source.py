@@ -255,6 +255,18 @@ def test_truncated_gz_keeps_every_flow_before_the_cut(tmp_path: Path) -> None:
         list(FileSource([path], strict=True).batches())
 
 
+def test_truncated_gz_smaller_than_a_block_keeps_its_flows(tmp_path: Path) -> None:
+    # The usual case: a cut backup far smaller than one block (default block size), whole lines before the cut.
+    whole = gzip.compress(lines_of(uuids(400)).encode())
+    path = tmp_path / "events-2024-01-01T00-00-00.000.log.gz"
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    table, batches = read_all(FileSource([path]))
+    got = uuid_list(table)
+    assert 100 < len(got) < 400 and got == uuids(len(got))
+    (error,) = [e for b in batches for e in b.decode_errors]
+    assert error.reason == "truncated" and error.line_number == len(got) + 1  # type: ignore[attr-defined]
+
+
 def test_corrupt_gz_is_a_decode_error(tmp_path: Path) -> None:
     data = bytearray(gzip.compress(lines_of(uuids(50)).encode()))
     data[len(data) // 2 : len(data) // 2 + 40] = b"\x00" * 40

@@ -118,15 +118,23 @@ def decode_in_order(
 
 
 def gathered(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
-    """Chunks joined up to at least `size` bytes (the last one may be shorter)."""
+    """Chunks joined up to at least `size` bytes (the last one may be shorter).
+
+    When `chunks` raises `Truncated`, what was gathered so far is yielded first, then the error is raised.
+    """
     pieces: list[bytes] = []
     have = 0
-    for chunk in chunks:
-        pieces.append(chunk)
-        have += len(chunk)
-        if have >= size:
-            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            pieces, have = [], 0
+    try:
+        for chunk in chunks:
+            pieces.append(chunk)
+            have += len(chunk)
+            if have >= size:
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces, have = [], 0
+    except Truncated:
+        if pieces:
+            yield b"".join(pieces)
+        raise
     if pieces:
         yield b"".join(pieces)
 
