@@ -49,7 +49,7 @@ class SimDataset:
     @property
     def end(self) -> datetime:
         """The simulated end time."""
-        return datetime.fromisoformat(self.truth.end.replace("Z", "+00:00"))
+        return datetime.fromisoformat(self.truth.end)
 
     def rows(self) -> list[dict[str, Any]]:
         """Every flow row as written (for expectations computed independently of the SQL); built once."""

@@ -112,15 +112,15 @@ def test_clean_window_has_no_unexpected_drops(sim_clean: SimDataset) -> None:
 
 def _client_lookups(sim: SimDataset, namespace: str, workload: str) -> int:
     """DNS lookups of a workload computed from the rows: L7 requests plus drop notifications to port 53."""
-    count = 0
-    for r in sim.rows():
-        if (r["source_namespace"], r["source_workload_name"]) != (namespace, workload):
-            continue
-        if r["l7_protocol"] == "dns" and r["l7_type"] == "REQUEST":
-            count += 1
-        elif r["verdict"] == "DROPPED" and r["destination_port"] == 53 and r["event_type"] == 1:
-            count += 1
-    return count
+    def is_lookup(r: Row) -> bool:
+        l7_request = r["l7_protocol"] == "dns" and r["l7_type"] == "REQUEST"
+        dropped = r["verdict"] == "DROPPED" and r["destination_port"] == 53 and r["event_type"] == 1
+        return l7_request or dropped
+
+    return sum(
+        1 for r in sim.rows()
+        if (r["source_namespace"], r["source_workload_name"]) == (namespace, workload) and is_lookup(r)
+    )
 
 
 @pytest.mark.parametrize("fault", [f.DNS_NXDOMAIN, f.DNS_SERVFAIL, f.DNS_REFUSED])

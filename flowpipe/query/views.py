@@ -51,16 +51,17 @@ _FALLBACK_REGION = re.compile(
 def _undescribed(side: str) -> str:
     # What the fallback regions of `flows_enriched` decide: a pod without a workload name, or an endpoint whose
     # identity number is not one of: reserved 1-10, node-local (CIDR/FQDN) >= 2^24, a pod's cluster identity.
+    identity = f"coalesce({side}_identity, 0)"
     return (
         f"({side}_workload_name IS NULL AND {side}_namespace IS NOT NULL)"
-        f" OR NOT (coalesce({side}_identity, 0) BETWEEN 1 AND 10 OR {side}_identity >= 16777216"
-        f" OR ({side}_identity >= 256 AND {side}_namespace IS NOT NULL))"
+        f" OR NOT ({identity} BETWEEN 1 AND 10 OR {identity} >= 16777216"
+        f" OR ({identity} >= 256 AND {side}_namespace IS NOT NULL))"
     )
 
 
 FALLBACK_NEEDED_SQL = (
-    f"SELECT count(*) FROM (SELECT 1 FROM flows WHERE {_undescribed('source')} OR {_undescribed('destination')}"
-    " LIMIT 1) AS probe"
+    "SELECT count(*) AS undescribed FROM (SELECT 1 FROM flows"
+    f" WHERE {_undescribed('source')} OR {_undescribed('destination')} LIMIT 1) AS probe"
 )
 """One row, one count: 1 when some flow needs the fallback regions to name its endpoints, else 0."""
 
