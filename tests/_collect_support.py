@@ -30,12 +30,24 @@ WAIT_SECONDS = 60.0
 
 
 @cache
-def sim_flow_bytes(count: int = 6000, seed: int = 3) -> tuple[bytes, ...]:
+def sim_flow_bytes(count: int = 6000, seed: int = 3, duration_seconds: float = 3600.0) -> tuple[bytes, ...]:
     """`count` serialised flows of the simulated cluster (all faults on), time ordered, distinct uuids."""
     from flowpipe.sim import Simulator, SimulatorConfig
 
-    simulator = Simulator(SimulatorConfig(seed=seed, duration_seconds=3600, rate_flows_per_second=50))
+    rate = max(1.0, count / duration_seconds) if duration_seconds < 3600 else 50.0
+    simulator = Simulator(
+        SimulatorConfig(seed=seed, duration_seconds=duration_seconds, rate_flows_per_second=rate)
+    )
     return tuple(itertools.islice(simulator.flow_bytes(), count))
+
+
+def retimed(flows: Sequence[bytes], end_ns: int) -> list[bytes]:
+    """The flows shifted in time so that the last one is at `end_ns` (for questions asked relative to now)."""
+    parsed = [flow_pb2.Flow.FromString(data) for data in flows]
+    shift = end_ns - max(f.time.ToNanoseconds() for f in parsed)
+    for flow in parsed:
+        flow.time.FromNanoseconds(flow.time.ToNanoseconds() + shift)
+    return [flow.SerializeToString() for flow in parsed]
 
 
 def uuids_of(flows: Sequence[bytes]) -> list[str]:

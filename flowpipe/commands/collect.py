@@ -13,6 +13,7 @@ from flowpipe.collect import CollectConfig, CollectResult, collect
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
 from flowpipe.metrics import DEFAULT_METRICS_ADDRESS, MetricsServer
 from flowpipe.pipeline import handle_stop_signals
+from flowpipe.sinks.prometheus import DEFAULT_QUESTION_INTERVAL_SECONDS
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
 
 _SINK = field_help(ParquetSinkConfig)
@@ -65,6 +66,9 @@ def _option(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          default=30.0, show_default=True, help=_RELAY["reconnect_backoff_max_seconds"])  # fmt: skip
 @_option("--resume-overlap-seconds", "RESUME_OVERLAP_SECONDS", type=click.FloatRange(min=0), default=10.0,
          show_default=True, help=_RELAY["resume_overlap_seconds"])  # fmt: skip
+@_option("--question-interval-seconds", "QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
+         default=DEFAULT_QUESTION_INTERVAL_SECONDS, show_default=True,
+         help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
 def collect_command(
     relay: str,
     tls_ca: str | None,
@@ -86,6 +90,7 @@ def collect_command(
     reconnect_backoff_initial_seconds: float,
     reconnect_backoff_max_seconds: float,
     resume_overlap_seconds: float,
+    question_interval_seconds: float,
 ) -> None:
     """Follow hubble-relay's flow stream into the dataset, without loss or duplicates, until SIGTERM/SIGINT.
 
@@ -123,6 +128,7 @@ def collect_command(
         sink=ParquetSinkConfig(**sink_options),
         pipeline=PipelineConfig(stop_timeout_seconds=5.0),
         metrics_address=None if metrics_address.strip().lower() in _OFF else metrics_address,
+        question_interval_seconds=question_interval_seconds,
     )
     stop = threading.Event()
 

@@ -1,0 +1,154 @@
+"""`flowpipe collect` as a process: configured from the environment, stopped by SIGTERM (flushed, checkpointed,
+exit 0), killed with SIGKILL and restarted (nothing lost, nothing twice), and its /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from _collect_support import (
+    chunks,
+    dataset_table,
+    dataset_uuids,
+    retimed,
+    sim_flow_bytes,
+    start_collector,
+    stop_process,
+    uuids_of,
+    wait_until,
+)
+from _prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
+
+from flowpipe.server import ObserverServer
+
+FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
+
+
+def metric(url: str, name: str) -> float | None:
+    """Sum of a metric family's samples on a /metrics page (None when absent)."""
+    try:
+        status, body = http_get(f"{url}/metrics")
+    except OSError:  # not listening yet
+        return None
+    if status != 200:
+        return None
+    values = [
+        float(match.group(1))
+        for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", body.decode(), re.MULTILINE)
+    ]
+    return sum(values) if values else None
+
+
+def test_sigterm_flushes_the_open_batch_saves_the_checkpoint_and_exits_0(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:1500]
+    dataset = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        env = {  # every setting from the environment, as in a container
+            "FLOWPIPE_RELAY_ADDRESS": server.address,
+            "FLOWPIPE_DATASET": str(dataset),
+            "FLOWPIPE_METRICS_ADDRESS": f"127.0.0.1:{port}",
+            "FLOWPIPE_FLUSH_INTERVAL_SECONDS": "3600",  # only the stop flushes
+            "FLOWPIPE_WRITER_ID": "from-env",
+        }
+        process = start_collector([], tmp_path / "collect.log", env=env)
+        try:
+            wait_until(
+                lambda: metric(url, "flowpipe_flows_received_total") == len(flows), what="every flow received"
+            )
+            assert http_get(f"{url}/healthz")[0] == 200
+            assert http_get(f"{url}/readyz")[0] == 200
+            assert metric(url, "flowpipe_relay_connected") == 1
+            assert dataset_uuids(dataset) == [], "nothing flushed before the stop"
+        finally:
+            code = stop_process(process, signal.SIGTERM, timeout=20)
+    log = (tmp_path / "collect.log").read_text()
+    assert code == 0, log
+    assert sorted(dataset_uuids(dataset)) == sorted(uuids_of(flows)), "the open batch was flushed"
+    assert all("-from-env-" in p.name for p in (dataset / "flows").rglob("*.parquet"))
+    state = json.loads((dataset / "_state" / "relay.json").read_text())
+    assert state["uuid"] in uuids_of(flows) and state["relay"] == server.address
+    assert f"stopped: {len(flows):,} flows written" in log
+
+
+def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:3000]
+    parts = chunks(flows, 6)
+    dataset = tmp_path / "data"
+    args = ["--dataset", str(dataset), "--flush-interval-seconds", "0.05", "--metrics-address", "off", *FAST]
+    log_path = tmp_path / "collect.log"
+    with ObserverServer(buffer_size=10_000) as server:
+        args = ["--relay", server.address, *args]
+        published = 0
+        for kill in range(5):
+            server.publish(parts[kill])
+            published += len(parts[kill])
+            before = len(set(dataset_uuids(dataset)))
+            process = start_collector(args, log_path)
+            # kill it once it wrote part of what it received, while it is still writing
+            wait_until(
+                lambda b=before: len(dataset_uuids(dataset)) > b, what=f"progress before kill {kill + 1}"
+            )
+            assert stop_process(process, signal.SIGKILL) == -signal.SIGKILL
+        server.publish(parts[5])
+        process = start_collector(args, log_path)
+        try:
+            wait_until(
+                lambda: len(set(dataset_uuids(dataset))) == len(flows), what="every flow after the kills"
+            )
+        finally:
+            assert stop_process(process, signal.SIGTERM) == 0
+    written = dataset_uuids(dataset)
+    assert len(written) == len(set(written)), "no flow written twice"
+    assert sorted(written) == sorted(uuids_of(flows))
+
+
+@pytest.mark.external
+@pytest.mark.slow
+def test_metrics_of_a_running_collector_and_every_dashboard_query(tmp_path: Path) -> None:
+    # a minute of the simulated cluster with its faults, ending now (the questions look at the last hour)
+    flows = retimed(sim_flow_bytes(3000, 3, 60.0), time.time_ns())
+    dataset = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ObserverServer(buffer_size=300) as server:
+        server.publish(flows[:1000])
+        args = ["--relay", server.address, "--dataset", str(dataset), "--flush-interval-seconds", "0.2",
+                "--metrics-address", f"127.0.0.1:{port}", "--question-interval-seconds", "1", *FAST]  # fmt: skip
+        process = start_collector(args, tmp_path / "collect.log")
+        try:
+            buffered = sum(node.num_flows for node in server.store.node_stats())
+            wait_until(
+                lambda: metric(url, "flowpipe_flows_written_total") == buffered,
+                what="the first flows written",
+            )
+            server.restart()  # a reconnect, counted
+            wait_until(lambda: metric(url, "flowpipe_relay_reconnects_total"), what="the reconnect counted")
+            wait_until(lambda: server.active_streams() == 1, what="the stream open again")
+            server.stall(
+                1.5
+            )  # while the stream waits, the 300-flow ring buffers overwrite flows: Hubble loses them
+            server.publish(flows[1000:])
+
+            def all_accounted() -> bool:
+                written = metric(url, "flowpipe_flows_written_total") or 0
+                lost = metric(url, "flowpipe_hubble_lost_events_total") or 0
+                return lost > 0 and written + lost == buffered + len(flows) - 1000
+
+            wait_until(all_accounted, what="every flow written or reported lost")
+            assert metric(url, "flowpipe_ingest_lag_seconds") is not None
+            assert metric(url, "flowpipe_checkpoint_age_seconds") is not None
+            written = dataset_table(dataset, columns=["verdict"])
+            dropped = written.column("verdict").to_pylist().count("DROPPED")
+            assert metric(url, 'flowpipe_flows_received_total{verdict="DROPPED"}') == dropped
+            with run_prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"]) as prom:
+                left_out = check_dashboard_queries(prom, role="collect", with_question=question_available())
+            assert not [q for q in left_out if "flowpipe_relay" in q or "flush" in q], left_out
+        finally:
+            assert stop_process(process, signal.SIGTERM) == 0
