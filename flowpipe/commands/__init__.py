@@ -42,3 +42,7 @@ COMMANDS += [compact, retention]
 from flowpipe.commands.collect import collect_command  # noqa: E402
 
 COMMANDS.append(collect_command)
+
+from flowpipe.commands.demo import demo  # noqa: E402
+
+COMMANDS.append(demo)
