@@ -39,15 +39,37 @@ pods AS (
     GROUP BY namespace, pod_name
 ),
 resolved AS (
+    -- The columns `requests` reads, with the identity of unresolved pods looked up (columns listed one by one:
+    -- DuckDB's `* REPLACE` does not translate to Spark).
     SELECT
-        w.* REPLACE (
-            CASE WHEN sp.pod_name IS NULL THEN w.source_entity END AS source_entity,
-            coalesce(sp.workload, w.source_workload) AS source_workload,
-            coalesce(sp.labels, w.source_labels) AS source_labels,
-            CASE WHEN dp.pod_name IS NULL THEN w.destination_entity END AS destination_entity,
-            coalesce(dp.workload, w.destination_workload) AS destination_workload,
-            coalesce(dp.labels, w.destination_labels) AS destination_labels
-        )
+        w.time,
+        w.traffic_direction,
+        w.is_request,
+        w.is_reply,
+        w.verdict,
+        w.drop_reason_desc,
+        w.source_namespace,
+        CASE WHEN sp.pod_name IS NULL THEN w.source_entity END AS source_entity,
+        coalesce(sp.workload, w.source_workload) AS source_workload,
+        coalesce(sp.labels, w.source_labels) AS source_labels,
+        w.source_ip,
+        w.source_port,
+        w.destination_namespace,
+        CASE WHEN dp.pod_name IS NULL THEN w.destination_entity END AS destination_entity,
+        coalesce(dp.workload, w.destination_workload) AS destination_workload,
+        coalesce(dp.labels, w.destination_labels) AS destination_labels,
+        w.destination_ip,
+        w.destination_port,
+        w.destination_names,
+        w.l4_protocol,
+        w.icmp_type,
+        w.tcp_flags,
+        w.l7_type,
+        w.l7_protocol,
+        w.http_method,
+        w.http_url,
+        w.kafka_api_key,
+        w.kafka_topic
     FROM windowed AS w
     LEFT JOIN pods AS sp
         ON w.source_unresolved AND sp.namespace = w.source_namespace AND sp.pod_name = w.source_pod_name
