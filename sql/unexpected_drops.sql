@@ -17,7 +17,8 @@
 -- params: since=1h, until=now, namespace=, show_expected=false, limit=500
 WITH reason_keys AS (
     -- The flow table keeps the reason's name, the number as text for a reason newer than this table, and
-    -- only the number in `drop_reason` in some old captures: key the classification by name and by number.
+    -- only the number in `drop_reason` in some old captures (or only in a drop event's sub-type, which Cilium
+    -- sets to the reason number): key the classification by name and by number.
     SELECT drop_reason_desc AS reason_key, drop_reason_desc AS reason_name, policy_decision, expected
     FROM drop_reasons
     UNION ALL
@@ -45,17 +46,26 @@ drops AS (
         d.l7_protocol,
         d.l7_type,
         d.time,
-        coalesce(k.reason_name, d.drop_reason_desc, CAST(d.drop_reason AS VARCHAR)) AS reason,
+        coalesce(k.reason_name, d.reason_key) AS reason,
         coalesce(k.policy_decision, FALSE) AS policy_decision,
         coalesce(k.expected, FALSE) AS expected_reason,
         -- A denied first packet shows twice: as a policy-verdict event and as the drop notification.
         coalesce(d.event_type = 5, FALSE) AS verdict_event
-    FROM flows_enriched AS d
-    LEFT JOIN reason_keys AS k
-        ON k.reason_key = coalesce(d.drop_reason_desc, CAST(d.drop_reason AS VARCHAR))
-    WHERE d.verdict = 'DROPPED'
-      AND d.time >= $since
-      AND d.time <= $until
+    FROM (
+        SELECT
+            *,
+            coalesce(
+                drop_reason_desc,
+                CAST(nullif(drop_reason, 0) AS VARCHAR),
+                CASE WHEN event_type = 1 THEN CAST(nullif(event_sub_type, 0) AS VARCHAR) END,
+                '0'
+            ) AS reason_key
+        FROM flows_enriched
+        WHERE verdict = 'DROPPED'
+          AND time >= $since
+          AND time <= $until
+    ) AS d
+    LEFT JOIN reason_keys AS k ON k.reason_key = d.reason_key
 ),
 denied_targets AS (
     -- Destinations and ports that policy dropped traffic to: only deliveries to these matter below.

@@ -149,6 +149,10 @@ def test_reasons_that_are_not_policy_decisions(tmp_path: Path) -> None:
     legacy_deny = dropped(5, WEB_TO_API, reason="POLICY_DENY", number=181)
     legacy_deny[-1]["drop_reason_desc"] = None
     rows += legacy_deny
+    # Only the drop event's sub-type carries the reason (a legacy `-o json` flow): 133 is POLICY_DENIED.
+    sub_type_only = dropped(6, WEB_TO_API, reason="POLICY_DENIED", number=133)
+    sub_type_only[-1].update(drop_reason_desc=None, drop_reason=0, event_sub_type=133)
+    rows += sub_type_only
     result = run(tmp_path, rows, "unexpected_drops")
     assert {(r["why"], r["drop_reason_desc"], r["flows"]) for r in result} == {
         ("non_policy", "CT_MAP_INSERTION_FAILED", 1),
@@ -156,7 +160,9 @@ def test_reasons_that_are_not_policy_decisions(tmp_path: Path) -> None:
         ("non_policy", "STALE_OR_UNROUTABLE_IP", 1),
     }
     expected = run(tmp_path / "all", rows, "unexpected_drops", show_expected="true")
-    assert {r["drop_reason_desc"] for r in expected if r["why"] == "expected"} == {"IGMP_HANDLED", "POLICY_DENY"}
+    assert {r["drop_reason_desc"] for r in expected if r["why"] == "expected"} == {
+        "IGMP_HANDLED", "POLICY_DENY", "POLICY_DENIED"
+    }
 
 
 def test_infrastructure_drops(tmp_path: Path) -> None:

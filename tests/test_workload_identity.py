@@ -217,3 +217,11 @@ def test_views_are_created_in_the_order_they_require(tmp_path: Path) -> None:
     (tmp_path / "b_first.sql").write_text("-- description: gap\n-- requires: c_missing\nSELECT 1 AS x\n")
     with pytest.raises(QuestionDefinitionError, match="c_missing"):
         load_views(tmp_path)
+
+
+def test_a_record_with_labels_but_no_namespace_is_named_by_its_labels(tmp_path: Path) -> None:
+    labels = ("k8s:app.kubernetes.io/name=tiefighter", "k8s:io.kubernetes.pod.namespace=default", "k8s:org=empire")
+    rows = timed([flow(**entity("source", 31246, *labels, ip="fe80::1"), **entity("destination", None, "reserved:unknown"))])
+    [row] = names(tmp_path, rows)
+    assert (row["source_workload"], row["source_workload_id"]) == ("tiefighter", "default/tiefighter")
+    assert row["source_entity"] is None

@@ -4,8 +4,8 @@
 --   `source_workload` / `destination_workload`: the display name of the endpoint: the workload Cilium reports;
 --   else the first stable label of the pod (`app.kubernetes.io/name`, `app`, `k8s-app`, `name`); else the pod
 --   name without the ReplicaSet, DaemonSet, CronJob or StatefulSet suffix; else the reserved entity; else the IP.
---   `source_workload_id` / `destination_workload_id`: the stable identity, `<namespace>/<workload>` for pods,
---   the entity or IP otherwise. `is_request`: not a reply (unknown counts as a request) and not an L7
+--   `source_workload_id` / `destination_workload_id`: the stable identity, `<namespace>/<workload>` for pods
+--   (the namespace label where a record has labels but no namespace), the entity or IP otherwise. `is_request`: not a reply (unknown counts as a request) and not an L7
 --   response. `dns_rcode_name`: the DNS response code by name (NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...).
 --   `http_path`: the path of `http_url` without query string, numeric, UUID and long hex segments as `{id}`.
 --   Written in portable SQL (no DuckDB-only syntax where a standard form exists) so that sqlglot can
@@ -17,11 +17,25 @@ SELECT
     CASE
         WHEN w.source_namespace IS NOT NULL AND w.source_workload IS NOT NULL
             THEN w.source_namespace || '/' || w.source_workload
+        -- fallback: begin
+        -- A pod described only by its labels (no namespace field): the namespace label.
+        WHEN w.source_entity IS NULL AND w.source_workload IS NOT NULL AND regexp_extract(array_to_string(
+            w.source_labels, ' '), '(?:^| )k8s:io\.kubernetes\.pod\.namespace=([^ ]+)', 1) <> ''
+            THEN regexp_extract(array_to_string(w.source_labels, ' '),
+                '(?:^| )k8s:io\.kubernetes\.pod\.namespace=([^ ]+)', 1) || '/' || w.source_workload
+        -- fallback: end
         ELSE w.source_workload
     END AS source_workload_id,
     CASE
         WHEN w.destination_namespace IS NOT NULL AND w.destination_workload IS NOT NULL
             THEN w.destination_namespace || '/' || w.destination_workload
+        -- fallback: begin
+        -- A pod described only by its labels (no namespace field): the namespace label.
+        WHEN w.destination_entity IS NULL AND w.destination_workload IS NOT NULL AND regexp_extract(array_to_string(
+            w.destination_labels, ' '), '(?:^| )k8s:io\.kubernetes\.pod\.namespace=([^ ]+)', 1) <> ''
+            THEN regexp_extract(array_to_string(w.destination_labels, ' '),
+                '(?:^| )k8s:io\.kubernetes\.pod\.namespace=([^ ]+)', 1) || '/' || w.destination_workload
+        -- fallback: end
         ELSE w.destination_workload
     END AS destination_workload_id,
     (w.is_reply IS NULL OR NOT w.is_reply) AND (w.l7_type IS NULL OR w.l7_type <> 'RESPONSE') AS is_request,
@@ -59,11 +73,11 @@ FROM (
         coalesce(
             e.source_workload_name,
             e.source_entity
-            -- Only for what Cilium did not describe (old Cilium, an exporter field mask): a pod without a
-            -- workload name gets its first stable label, else its pod name without the controller's suffix; an
-            -- endpoint that is neither a pod nor a reserved identity gets its address.
+            -- Only for what Cilium did not describe (old Cilium, an exporter field mask): an endpoint without a
+            -- workload name that is no reserved identity gets its first stable label, else its pod name
+            -- without the controller's suffix, else its address.
             -- fallback: begin
-            , CASE WHEN e.source_workload_name IS NULL AND e.source_namespace IS NOT NULL THEN coalesce(
+            , CASE WHEN e.source_workload_name IS NULL AND e.source_entity IS NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.source_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
                 nullif(regexp_extract(array_to_string(e.source_labels, ' '), '(?:^| )k8s:app=([^ ]+)', 1), ''),
@@ -89,7 +103,7 @@ FROM (
             e.destination_workload_name,
             e.destination_entity
             -- fallback: begin
-            , CASE WHEN e.destination_workload_name IS NULL AND e.destination_namespace IS NOT NULL THEN coalesce(
+            , CASE WHEN e.destination_workload_name IS NULL AND e.destination_entity IS NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
                 nullif(regexp_extract(array_to_string(e.destination_labels, ' '), '(?:^| )k8s:app=([^ ]+)', 1), ''),
