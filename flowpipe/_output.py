@@ -5,10 +5,11 @@ Every command that prints rows (`query`, `sql`, `schema`, and later `replay`, `s
 
 - `json`: ONE JSON array of objects keyed by column name, one object per line. Timestamps are ISO 8601 in UTC
   with `Z`; dates and times ISO; NULL, NaN and infinities are `null`; integers stay exact however large
-  (DuckDB's HUGEINT sums arrive as decimals and are written as integers); lists and structs nest; intervals
-  are seconds (or ISO 8601 `P...` when they hold months); bytes are base64.
-- `csv`: a header row, then one row per record. NULL is an empty field; lists and structs are compact JSON;
-  timestamps as in JSON; booleans `true`/`false`.
+  (DuckDB's HUGEINT sums arrive as decimals and are written as integers); lists and structs nest; maps
+  (`histogram()`, `MAP {...}`) are objects with their keys as strings; intervals are seconds (or ISO 8601
+  `P...` when they hold months); bytes are base64.
+- `csv`: a header row, then one row per record. NULL is an empty field; lists, structs and maps are compact
+  JSON; timestamps as in JSON; booleans `true`/`false`.
 - `table`: a rich table with a row count caption; cell text is never read as rich markup.
 """
 
@@ -69,7 +70,7 @@ def unique_names(names: Sequence[str]) -> list[str]:
 def to_records(table: pa.Table) -> list[dict[str, Any]]:
     """The rows of `table` as JSON-ready dicts (see the module docstring for how values are converted)."""
     names = unique_names(table.column_names)
-    columns = [[json_value(v) for v in column.to_pylist()] for column in table.columns]
+    columns = [[json_value(v) for v in _pylist(column)] for column in table.columns]
     return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
 
 
@@ -142,9 +143,6 @@ def json_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, dict):
         return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, pa.MonthDayNano):
-        # map entries arrive as (key, value) pairs
-        return [json_value(value[0]), json_value(value[1])]
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
     return str(value)
@@ -189,8 +187,14 @@ def _interval(value: pa.MonthDayNano) -> float | str:
 
 
 def _rows(table: pa.Table) -> Iterable[tuple[Any, ...]]:
-    columns = [column.to_pylist() for column in table.columns]
+    columns = [_pylist(column) for column in table.columns]
     return zip(*columns, strict=True) if columns else iter(())
+
+
+def _pylist(column: pa.ChunkedArray) -> list[Any]:
+    # Maps as dicts (pyarrow's default is a list of (key, value) pairs); DuckDB map keys are unique.
+    values: list[Any] = column.to_pylist(maps_as_pydicts="lossy")
+    return values
 
 
 def _cell(value: Any) -> Text:

@@ -21,9 +21,17 @@ class FlowpipeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
-            raise click.UsageError(str(exc), ctx) from exc
+            raise click.UsageError(str(exc), self._failed_command_context(ctx)) from exc
         except FlowpipeError as exc:
             raise click.ClickException(str(exc)) from exc
+
+    def _failed_command_context(self, ctx: click.Context) -> click.Context:
+        """A context of the command that failed, so the usage line and `--help` hint name that command."""
+        name = ctx.invoked_subcommand
+        command = self.get_command(ctx, name) if name else None
+        if command is None:
+            return ctx
+        return click.Context(command, info_name=name, parent=ctx)
 
 
 @click.group(cls=FlowpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})

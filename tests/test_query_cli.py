@@ -193,6 +193,14 @@ def test_malformed_parameter_option_is_a_usage_error(dataset: str) -> None:
     assert result.exit_code == 2 and "KEY=VALUE" in result.stderr
 
 
+def test_a_configuration_error_shows_the_usage_of_its_command(tmp_path: Path) -> None:
+    result = invoke("query", "top_talkers", "--sql-dir", str(tmp_path / "missing"))
+    assert result.exit_code == 2
+    assert "Usage: cli query [OPTIONS] [NAME]" in result.stderr
+    assert "Try 'cli query --help' for help." in result.stderr
+    assert f"question directory {tmp_path / 'missing'} does not exist" in result.stderr
+
+
 def test_bad_time_is_an_error(dataset: str) -> None:
     result = invoke("query", "top_talkers", "--dataset", dataset, "--since", "yesterday")
     assert result.exit_code == 1 and "since: 'yesterday' is not a time" in result.stderr
@@ -272,6 +280,21 @@ def test_sql_json_handles_awkward_values(dataset: str) -> None:
         "money": 1.25,
         "s": {"k": 1},
     }
+
+
+def test_maps_are_json_objects_in_every_format(dataset: str) -> None:
+    # histogram() gives a MAP, the usual way to count values in one row
+    sql = "SELECT histogram(verdict) AS h, MAP {1: 'x'} AS m, [MAP {'a': 2}] AS l FROM flows"
+    (record,) = json.loads(ok("sql", sql, "--dataset", dataset, "--format", "json").stdout)
+    counts_sql = "SELECT verdict, count(*) AS n FROM flows GROUP BY verdict"
+    counts = ok("sql", counts_sql, "--dataset", dataset, "--format", "json")
+    expected = {r["verdict"]: r["n"] for r in json.loads(counts.stdout)}
+    assert len(expected) >= 2
+    assert record == {"h": expected, "m": {"1": "x"}, "l": [{"a": 2}]}
+    csv_out = ok("sql", sql, "--dataset", dataset, "--format", "csv").stdout
+    (csv_row,) = list(csv.DictReader(io.StringIO(csv_out)))
+    assert json.loads(csv_row["h"]) == expected and csv_row["m"] == '{"1":"x"}'
+    assert '{"1": "x"}' in ok("sql", sql, "--dataset", dataset).stdout
 
 
 def test_sql_select_star_has_the_flow_columns(dataset: str) -> None:
