@@ -1,5 +1,7 @@
-"""The built-in simulator: determinism, Cilium-like flow shapes, exact ground truth of every injected fault,
-the jsonpb file output and its agreement with the protobuf path."""
+"""The built-in simulator: determinism, flow shapes, exact ground truth of every fault, the jsonpb output.
+
+The jsonpb file output is also checked against the protobuf path (identical rows).
+"""
 
 from __future__ import annotations
 

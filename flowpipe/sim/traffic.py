@@ -1,5 +1,7 @@
-"""The traffic of the simulated cluster: turns each chosen edge into a connection between concrete endpoints,
-decided by the policies in force, with the injected faults applied."""
+"""The traffic of the simulated cluster: each chosen edge becomes a connection between concrete endpoints.
+
+Whether it passes is decided by the policies in force, with the injected faults applied.
+"""
 
 from __future__ import annotations
 
