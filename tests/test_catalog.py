@@ -21,7 +21,13 @@ from flowpipe.query.catalog import (
     parse_params,
     parse_question,
 )
-from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
+from flowpipe.query.timeparse import (
+    EARLIEST_FLOW_TIME,
+    LATEST_FLOW_TIME,
+    is_relative_time,
+    parse_duration,
+    parse_time,
+)
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -302,3 +308,19 @@ def test_relative_time_helpers() -> None:
     assert parse_duration("1h30m") == timedelta(minutes=90) and parse_duration("now") == timedelta(0)
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0001-01-01", EARLIEST_FLOW_TIME),
+        ("1500-06-01T00:00:00Z", EARLIEST_FLOW_TIME),
+        ("9999-12-31T23:59:59Z", LATEST_FLOW_TIME),
+        ("10000000d", EARLIEST_FLOW_TIME),
+        ("99999999999999999999d", EARLIEST_FLOW_TIME),
+    ],
+)
+def test_times_beyond_what_a_flow_can_carry_are_clamped(text: str, expected: datetime) -> None:
+    # Flow times are int64 nanoseconds: nothing lies outside these bounds, so "since year 1" means "everything".
+    assert parse_time(text, anchor=NOW) == expected
+    assert parse_duration("99999999999999999999d") <= LATEST_FLOW_TIME - EARLIEST_FLOW_TIME

@@ -206,6 +206,15 @@ def test_bad_time_is_an_error(dataset: str) -> None:
     assert result.exit_code == 1 and "since: 'yesterday' is not a time" in result.stderr
 
 
+@pytest.mark.parametrize("since", ["0001-01-01", "100000000d"])
+def test_a_window_from_the_distant_past_covers_every_flow(dataset: str, since: str) -> None:
+    args = ("--dataset", dataset, "--format", "json", "--until", "9999-12-31", "--relative-to", "now")
+    everything = json.loads(ok("sql", "SELECT count(*) AS n FROM flows", *args[:4]).stdout)[0]["n"]
+    rows = json.loads(ok("query", "top_talkers", "-p", "limit=1000", "--since", since, *args).stdout)
+    assert sum(r["flows"] for r in rows) > 0 and len(rows) < 1000
+    assert everything >= sum(r["flows"] for r in rows)
+
+
 def test_sql_dir_questions_and_their_parameter_checks(dataset: str, tmp_path: Path) -> None:
     (tmp_path / "by_pod.sql").write_text(
         "-- description: Flows of one source pod.\n-- params: pod\n"

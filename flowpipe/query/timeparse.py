@@ -11,6 +11,10 @@ Accepted forms:
   (`-1h` means the same as `1h`): that long before the anchor.
 - ISO 8601 (`2024-05-01`, `2024-05-01T10:00`, `2024-05-01 10:00:00.5`, with `Z` or an offset such as `+02:00`).
   A timestamp without an offset is taken as UTC, the time zone of the dataset.
+
+Results are clamped to `EARLIEST_FLOW_TIME` .. `LATEST_FLOW_TIME`, the range of the flow table's `time` (int64
+nanoseconds): `--since 0001-01-01` or `--since 100000d` means "from the first flow", not an error, and DuckDB
+never has to compare the column with a value it cannot represent.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"^-?(?:\d+(?:\.\d+)?[smhdw])+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _ISO_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+EARLIEST_FLOW_TIME = datetime(1677, 9, 22, tzinfo=UTC)
+"""No flow time is earlier (a nanosecond timestamp in 64 bits starts on 1677-09-21)."""
+LATEST_FLOW_TIME = datetime(2262, 4, 11, tzinfo=UTC)
+"""No flow time is later (a nanosecond timestamp in 64 bits ends on 2262-04-11)."""
+_LONGEST = LATEST_FLOW_TIME - EARLIEST_FLOW_TIME
 
 
 def is_relative_time(text: str) -> bool:
@@ -39,14 +49,17 @@ def looks_like_time(text: str) -> bool:
 
 
 def parse_duration(text: str) -> timedelta:
-    """The length of a duration such as `1h`, `30m`, `7d`, `45s` or `1h30m` (`now` is zero)."""
+    """The length of a duration such as `1h`, `30m`, `7d`, `45s` or `1h30m` (`now` is zero).
+
+    A duration longer than the whole range of flow times is shortened to that range (it selects the same flows).
+    """
     value = text.strip().lower()
     if value == "now":
         return timedelta(0)
     if not _RELATIVE.match(value):
         raise ValueError(f"not a duration: {text!r} (use e.g. 45s, 30m, 1h, 7d, 2w)")
     seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _PART.findall(value))
-    return timedelta(seconds=seconds)
+    return timedelta(seconds=min(seconds, _LONGEST.total_seconds()))
 
 
 def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time") -> datetime:
@@ -55,12 +68,16 @@ def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time")
     >>> parse_time("1h", anchor=datetime(2024, 5, 1, 12, tzinfo=UTC))
     datetime.datetime(2024, 5, 1, 11, 0, tzinfo=datetime.timezone.utc)
 
-    Raises `QuestionParameterError` naming the parameter (`name`) when the value is not a time.
+    Raises `QuestionParameterError` naming the parameter (`name`) when the value is not a time. The result is
+    clamped to `EARLIEST_FLOW_TIME` .. `LATEST_FLOW_TIME`.
     """
     value = text.strip()
     if is_relative_time(value):
         base = to_utc(anchor) if anchor is not None else datetime.now(UTC)
-        return base - parse_duration(value)
+        try:
+            return clamp_to_flow_times(base - parse_duration(value))
+        except OverflowError:  # before year 1
+            return EARLIEST_FLOW_TIME
     try:
         # Python 3.11 accepts `Z`, offsets, a space instead of `T`, and dates alone.
         parsed = datetime.fromisoformat(value)
@@ -69,7 +86,12 @@ def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time")
             f"parameter {name}: {text!r} is not a time; use a duration back from now (45s, 30m, 1h, 7d), "
             "`now`, or an ISO timestamp such as 2024-05-01T10:00:00Z"
         ) from None
-    return to_utc(parsed)
+    return clamp_to_flow_times(to_utc(parsed))
+
+
+def clamp_to_flow_times(value: datetime) -> datetime:
+    """`value` (aware) moved into `EARLIEST_FLOW_TIME` .. `LATEST_FLOW_TIME` when it lies outside."""
+    return min(max(value, EARLIEST_FLOW_TIME), LATEST_FLOW_TIME)
 
 
 def to_utc(value: datetime) -> datetime:
