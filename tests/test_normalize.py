@@ -687,3 +687,17 @@ def test_protobuf_values_beyond_the_column_range_become_null() -> None:
 def test_normalize_flows_of_nothing_is_an_empty_table() -> None:
     table = normalize_flows([])
     assert table.num_rows == 0 and table.schema == FLOW_SCHEMA
+
+
+def test_unsigned_values_beyond_an_int32_column_give_the_same_null_through_json() -> None:
+    # Valid uint32 wire values that do not fit the int32 columns: NULL on every path, and the line is kept.
+    flow = {
+        "time": "2024-05-01T10:00:00Z",
+        "drop_reason": 4_000_000_000,
+        "l4": {"TCP": {"source_port": 3_000_000_000, "destination_port": 80}},
+        "policy_match_type": 4294967295,
+        "event_type": {"type": 5, "sub_type": 2},
+    }
+    got = row(flow)
+    assert (got["drop_reason"], got["source_port"], got["policy_match_type"]) == (None, None, None)
+    assert (got["destination_port"], got["event_type"], got["event_sub_type"]) == (80, 5, 2)

@@ -228,5 +228,18 @@ def build_flow_table(
     for name in POLICY_LISTS:
         cols[name] = _policies(p[name,])
 
-    arrays = [pc.cast(cols[field.name], field.type) for field in FLOW_SCHEMA]
+    arrays = [_cast(cols[field.name], field.type) for field in FLOW_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA)
+
+
+def _cast(values: pa.Array, type_: pa.DataType) -> pa.Array:
+    """`values` as the column type; an integer beyond the column's range becomes NULL, as on the protobuf path."""
+    try:
+        return pc.cast(values, type_)
+    except pa.ArrowInvalid:
+        if not (pa.types.is_integer(type_) and pa.types.is_integer(values.type)):
+            raise
+    # An unsigned value that does not fit the signed column (never seen in real flows): NULL, not a lost line.
+    bits = type_.bit_width - 1
+    outside = pc.or_(pc.less(values, -(1 << bits)), pc.greater(values, (1 << bits) - 1))
+    return pc.cast(pc.if_else(outside, pa.scalar(None, values.type), values), type_)
