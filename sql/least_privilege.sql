@@ -16,25 +16,24 @@ WITH base AS (
     -- ingress, the source for egress), folded into one row per workload, direction, peer, port, protocol, L7
     -- call and policy outcome. Everything below reads this small table.
     SELECT
-        cluster_name, namespace, workload, subject_id, direction, peer, peer_namespace, peer_entity, world_client,
-        port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call,
+        cluster_name, namespace, workload, direction, peer_namespace, peer_workload, peer_name, peer_entity,
+        world_client, port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call,
         count(*) AS flows
     FROM (
         SELECT
             cluster_name,
             CASE WHEN traffic_direction = 'INGRESS' THEN destination_namespace ELSE source_namespace END AS namespace,
             CASE WHEN traffic_direction = 'INGRESS' THEN destination_workload ELSE source_workload END AS workload,
-            CASE WHEN traffic_direction = 'INGRESS' THEN destination_workload_id ELSE source_workload_id END
-                AS subject_id,
             lower(traffic_direction) AS direction,
-            CASE
-                WHEN traffic_direction = 'EGRESS' AND destination_entity = 'world' AND cardinality(destination_names) > 0
-                    THEN 'world:' || destination_names[1]
-                WHEN traffic_direction = 'INGRESS' THEN source_workload_id
-                ELSE destination_workload_id
-            END AS peer,
             CASE WHEN traffic_direction = 'INGRESS' THEN source_namespace ELSE destination_namespace END
                 AS peer_namespace,
+            CASE WHEN traffic_direction = 'INGRESS' THEN source_workload ELSE destination_workload END
+                AS peer_workload,
+            -- An outside address is named by the first DNS name Cilium knows for it (what toFQDNs matches).
+            CASE
+                WHEN traffic_direction = 'EGRESS' AND destination_entity = 'world' AND cardinality(destination_names) > 0
+                    THEN destination_names[1]
+            END AS peer_name,
             CASE WHEN traffic_direction = 'INGRESS' THEN source_entity ELSE destination_entity END AS peer_entity,
             -- World clients by address (for ingress from the world); other peers are counted by name.
             CASE WHEN traffic_direction = 'INGRESS' AND source_entity = 'world' THEN source_ip END AS world_client,
@@ -70,12 +69,19 @@ WITH base AS (
           )
     ) AS r
     GROUP BY
-        cluster_name, namespace, workload, subject_id, direction, peer, peer_namespace, peer_entity, world_client,
-        port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call
+        cluster_name, namespace, workload, direction, peer_namespace, peer_workload, peer_name, peer_entity,
+        world_client, port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call
 ),
 scoped AS (
     SELECT
         b.*,
+        CASE WHEN b.namespace IS NOT NULL THEN b.namespace || '/' || b.workload ELSE b.workload END AS subject_id,
+        CASE
+            WHEN b.peer_name IS NOT NULL THEN 'world:' || b.peer_name
+            WHEN b.peer_namespace IS NOT NULL AND b.peer_workload IS NOT NULL
+                THEN b.peer_namespace || '/' || b.peer_workload
+            ELSE b.peer_workload
+        END AS peer,
         -- Cilium lets the node reach its pods whatever the policy (kubelet probes): that says nothing about
         -- whether a policy selects the pod.
         NOT (b.direction = 'ingress' AND coalesce(b.peer_entity IN ('host', 'remote-node', 'health'), FALSE))

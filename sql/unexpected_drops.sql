@@ -32,12 +32,10 @@ drops AS (
         d.cluster_name,
         d.source_namespace,
         d.source_workload,
-        d.source_workload_id,
         d.source_entity,
         d.source_pod_name,
         d.destination_namespace,
         d.destination_workload,
-        d.destination_workload_id,
         d.destination_entity,
         d.destination_port,
         d.l4_protocol,
@@ -68,8 +66,9 @@ drops AS (
     LEFT JOIN reason_keys AS k ON k.reason_key = d.reason_key
 ),
 denied_targets AS (
-    -- Destinations and ports that policy dropped traffic to: only deliveries to these matter below.
-    SELECT DISTINCT cluster_name, destination_workload_id, destination_port, l4_protocol
+    -- Destinations and ports that policy dropped traffic to: only deliveries to these matter below. Endpoints
+    -- are keyed by (namespace, workload), the parts of their workload id, which is cheaper than the id itself.
+    SELECT DISTINCT cluster_name, destination_namespace, destination_workload, destination_port, l4_protocol
     FROM drops
     WHERE policy_decision
 ),
@@ -79,8 +78,10 @@ delivered AS (
     -- source is the destination of the edge). One scan of the window, kept to the denied destinations.
     SELECT
         v.cluster_name,
-        v.client_id,
-        v.server_id,
+        v.client_namespace,
+        v.client_workload,
+        v.server_namespace,
+        v.server_workload,
         v.port,
         v.l4_protocol,
         min(v.time) AS first_delivered,
@@ -88,8 +89,10 @@ delivered AS (
     FROM (
         SELECT
             cluster_name,
-            CASE WHEN is_request THEN source_workload_id ELSE destination_workload_id END AS client_id,
-            CASE WHEN is_request THEN destination_workload_id ELSE source_workload_id END AS server_id,
+            CASE WHEN is_request THEN source_namespace ELSE destination_namespace END AS client_namespace,
+            CASE WHEN is_request THEN source_workload ELSE destination_workload END AS client_workload,
+            CASE WHEN is_request THEN destination_namespace ELSE source_namespace END AS server_namespace,
+            CASE WHEN is_request THEN destination_workload ELSE source_workload END AS server_workload,
             CASE WHEN is_request THEN destination_port ELSE source_port END AS port,
             l4_protocol,
             time
@@ -104,15 +107,18 @@ delivered AS (
     ) AS v
     JOIN denied_targets AS t
         ON coalesce(t.cluster_name, '') = coalesce(v.cluster_name, '')
-        AND t.destination_workload_id = v.server_id
+        AND coalesce(t.destination_namespace, '') = coalesce(v.server_namespace, '')
+        AND t.destination_workload = v.server_workload
         AND t.destination_port = v.port
         AND t.l4_protocol = v.l4_protocol
-    GROUP BY v.cluster_name, v.client_id, v.server_id, v.port, v.l4_protocol
+    GROUP BY
+        v.cluster_name, v.client_namespace, v.client_workload, v.server_namespace, v.server_workload, v.port,
+        v.l4_protocol
 ),
 served AS (
     -- Ports on which a destination delivered traffic to anyone: what a kube-system workload really serves. A
     -- policy drop to one of them hurts a client; a drop to any other port of theirs is a probe.
-    SELECT DISTINCT cluster_name, server_id, port, l4_protocol
+    SELECT DISTINCT cluster_name, server_namespace, server_workload, port, l4_protocol
     FROM delivered
 ),
 classified AS (
@@ -129,20 +135,23 @@ classified AS (
             WHEN d.source_namespace = 'kube-system' THEN 'infrastructure'
             WHEN d.source_entity IN ('host', 'kube-apiserver', 'health', 'remote-node') THEN 'infrastructure'
             WHEN d.destination_entity IN ('host', 'kube-apiserver', 'health', 'remote-node') THEN 'infrastructure'
-            WHEN d.destination_namespace = 'kube-system' AND s.server_id IS NOT NULL THEN 'infrastructure'
+            WHEN d.destination_namespace = 'kube-system' AND s.server_workload IS NOT NULL THEN 'infrastructure'
             ELSE 'expected'
         END AS why
     FROM drops AS d
     LEFT JOIN delivered AS f
         ON coalesce(f.cluster_name, '') = coalesce(d.cluster_name, '')
-        AND f.client_id = d.source_workload_id
-        AND f.server_id = d.destination_workload_id
+        AND coalesce(f.client_namespace, '') = coalesce(d.source_namespace, '')
+        AND f.client_workload = d.source_workload
+        AND coalesce(f.server_namespace, '') = coalesce(d.destination_namespace, '')
+        AND f.server_workload = d.destination_workload
         AND f.port = d.destination_port
         AND f.l4_protocol = d.l4_protocol
     LEFT JOIN served AS s
         ON d.destination_namespace = 'kube-system'
         AND coalesce(s.cluster_name, '') = coalesce(d.cluster_name, '')
-        AND s.server_id = d.destination_workload_id
+        AND s.server_namespace = d.destination_namespace
+        AND s.server_workload = d.destination_workload
         AND s.port = d.destination_port
         AND s.l4_protocol = d.l4_protocol
     WHERE $namespace IS NULL OR d.source_namespace = $namespace OR d.destination_namespace = $namespace
