@@ -628,6 +628,20 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_is_kept() -> None
     ]
     assert all(str(e).startswith(f"x.json:{e.line_number}: ") for e in events.errors)
     assert "l4.TCP.source_port" in str(events.errors[2])
+    assert str(events.errors[4]) == "x.json:17: flow.time: not an RFC 3339 timestamp: '2024-02-30T00:00:00Z'"
+
+
+@pytest.mark.parametrize("stamp", ["2024-05-01T25:00:00Z", "2024-13-01T00:00:00Z", "2024-05-01T10:61:00Z"])
+def test_an_impossible_time_is_named_with_its_field(stamp: str) -> None:
+    for line in (json.dumps({"flow": {"time": stamp}}), json.dumps({"flow": {}, "time": stamp})):
+        (error,) = normalize_json_lines(line.encode() + b"\n", path="x.json").errors
+        field = "flow.time" if '"flow": {"time"' in line else "time"
+        assert str(error) == f"x.json:1: {field}: not an RFC 3339 timestamp: {stamp!r}"
+
+
+def test_lower_case_t_and_z_are_read_as_in_rfc_3339() -> None:
+    got = row({"time": "2024-05-01t10:00:00.5z"}, proto=False)
+    assert got["time"] == datetime(2024, 5, 1, 10, 0, 0, 500000, tzinfo=UTC)
 
 
 def test_a_large_block_with_a_few_odd_lines_gives_the_same_rows_as_a_clean_one() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import datetime
 from typing import Any
 
 from flowpipe.transforms._enums import enum_name_or_number
@@ -131,12 +132,24 @@ def _sanitize_leaf(value: Any, spec: Leaf, where: str, name: str) -> Any:
         if number is not None:
             return str(number)
     elif kind == "time" and isinstance(value, str):
-        if value == "" or _RFC3339.fullmatch(value):
+        if value == "":
             return value
+        if _RFC3339.fullmatch(value) and _real_date_and_time(value):
+            # RFC 3339 allows lower case `t` and `z`; the row builder's cast wants upper case.
+            return value.upper()
         raise BadValue(f"{_join(where, name)}: not an RFC 3339 timestamp: {value[:60]!r}")
     raise BadValue(
         f"{_join(where, name)}: expected {_KIND_WORDS[kind]}, got {json_type(value)} {_short(value)}"
     )
+
+
+def _real_date_and_time(value: str) -> bool:
+    """Whether the `YYYY-MM-DDTHH:MM:SS` part of a well-formed timestamp names a real moment (no 30 February)."""
+    try:
+        datetime.strptime(value[:19].upper().replace(" ", "T"), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return True
 
 
 def _join(where: str, name: str) -> str:
