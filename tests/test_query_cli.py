@@ -350,6 +350,12 @@ def test_sql_error_is_reported_without_a_traceback(dataset: str) -> None:
     assert result.exit_code == 1 and "SQL failed" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(("statement", "stdin"), [("", None), ("  ;\n", None), ("-", " \n")])
+def test_an_empty_statement_is_a_usage_error(dataset: str, statement: str, stdin: str | None) -> None:
+    result = invoke("sql", statement, "--dataset", dataset, input=stdin)
+    assert result.exit_code == 2 and "no SQL statement given" in result.stderr
+
+
 # -- schema ---------------------------------------------------------------------------------------------------
 
 

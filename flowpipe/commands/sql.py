@@ -35,6 +35,8 @@ def sql(statement: str, param_options: tuple[str, ...], dataset: str, output_for
       flowpipe sql "SELECT * FROM flows WHERE source_namespace = \\$ns LIMIT 5" -p ns=shop --format json
     """
     text = sys.stdin.read() if statement == "-" else statement
+    if not text.strip().strip(";").strip():
+        raise click.UsageError("no SQL statement given (STATEMENT is empty; `-` reads it from stdin)")
     params = parse_param_options(param_options)
     used = set(find_parameters(text))
     if used != set(params):
