@@ -242,6 +242,8 @@ def test_missing_required_parameter_is_refused() -> None:
         ({"limit": "ten"}, "limit: 'ten' is not an integer"),
         ({"strict": "maybe"}, "strict: 'maybe' is not true"),
         ({"since": "last tuesday"}, "since: 'last tuesday' is not a time"),
+        ({"limit": "99999999999999999999"}, "limit: '99999999999999999999' is out of range"),
+        ({"limit": str(-(1 << 63) - 1)}, "limit: '-9223372036854775809' is out of range"),
     ],
 )
 def test_malformed_values_name_the_parameter(values: dict[str, str], message: str) -> None:

@@ -66,6 +66,7 @@ _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _FIELD_LINE = re.compile(rf"^--\s?({_NAME})\s*:(.*)$")
 _CONTINUATION = re.compile(r"^--\s{2,}(\S.*)$")
 _SPEC = re.compile(rf'\s*({_NAME})\s*(?::\s*({_NAME}))?\s*(?:=\s*("[^"]*"|[^,]*?))?\s*(?:,|$)')
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -116,11 +117,17 @@ class Parameter:
             raise QuestionParameterError(f"parameter {self.name}: {value!r} is not true or false")
         if self.type == "int":
             if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            try:
-                return int(str(value).strip())
-            except ValueError:
-                raise QuestionParameterError(f"parameter {self.name}: {value!r} is not an integer") from None
+                number = value
+            else:
+                try:
+                    number = int(str(value).strip())
+                except ValueError:
+                    raise QuestionParameterError(f"parameter {self.name}: {value!r} is not an integer") from None
+            if not _INT64_MIN <= number <= _INT64_MAX:  # DuckDB binds a Python int as BIGINT
+                raise QuestionParameterError(
+                    f"parameter {self.name}: {value!r} is out of range ({_INT64_MIN} to {_INT64_MAX})"
+                )
+            return number
         if self.type == "float":
             try:
                 return float(str(value).strip()) if not isinstance(value, float) else value
