@@ -15,7 +15,8 @@ FlowpipeError                      base; the CLI catches exactly this and exits 
 │   ├── QuestionParameterError     missing or unexpected parameters
 │   └── QuestionDefinitionError    .path, .line_number; a question file breaks the header format
 ├── PolicyError
-│   └── PolicyParseError           .path, .document_index
+│   ├── PolicyParseError           .path, .document_index
+│   └── DraftRefusedError          .edges; a draft's replay denies requests it was built from
 └── ObserverServerError            the built-in Observer server cannot start or was given unusable flows
 ```
 
@@ -149,6 +150,14 @@ class PolicyParseError(PolicyError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.document_index = document_index
+
+
+class DraftRefusedError(PolicyError):
+    """A drafted policy set does not allow every request it was learned from, so it is not offered."""
+
+    def __init__(self, message: str, *, edges: Sequence[str]) -> None:
+        super().__init__(message)
+        self.edges = list(edges)
 
 
 class ObserverServerError(FlowpipeError):
