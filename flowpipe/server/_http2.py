@@ -48,10 +48,16 @@ StreamHandler = Callable[[bytes, "ServerStream"], Awaitable[None]]
 
 @dataclass(frozen=True)
 class RpcMethod:
-    """A method: `streaming` handlers get a ServerStream, unary ones return the response message bytes."""
+    """A method: `streaming` handlers get a ServerStream, unary ones return the response message bytes.
+
+    A `bidi` method (client and server streaming, like gRPC reflection) has a unary-style handler, called for
+    each request message as it arrives to answer it with one response message; the call ends when the client
+    ends its side.
+    """
 
     streaming: bool
     handler: Any  # UnaryHandler | StreamHandler
+    bidi: bool = False
 
 
 def _status_value(code: grpc.StatusCode) -> bytes:
@@ -70,7 +76,7 @@ def _encode_grpc_message(message: str) -> bytes:
 
 
 class _Call:
-    __slots__ = ("abort", "body", "ended", "headers_sent", "path", "stream_id", "task", "wakeup")
+    __slots__ = ("abort", "body", "ended", "headers_sent", "messages", "path", "stream_id", "task", "wakeup")
 
     def __init__(self, stream_id: int, path: str) -> None:
         self.stream_id = stream_id
@@ -81,6 +87,8 @@ class _Call:
         self.ended = False
         self.abort: tuple[grpc.StatusCode, str] | None = None
         self.wakeup = asyncio.Event()
+        # bidi calls: request messages as they arrive, None once the client ended its side
+        self.messages: asyncio.Queue[bytes | None] | None = None
 
 
 class ServerStream:
@@ -169,13 +177,17 @@ class _Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.DataReceived):
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             call = self.calls.get(event.stream_id)
-            if call is not None and call.task is None:
+            if call is not None and (call.task is None or call.messages is not None):
                 call.body += event.data or b""
                 if len(call.body) > MAX_REQUEST_BYTES:
                     self.finish(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large")
+                elif call.messages is not None:
+                    self._take_messages(call)
         elif isinstance(event, h2.events.StreamEnded):
             call = self.calls.get(event.stream_id)
-            if call is not None and call.task is None and not call.ended:
+            if call is not None and call.messages is not None:
+                call.messages.put_nowait(None)
+            elif call is not None and call.task is None and not call.ended:
                 call.task = asyncio.get_running_loop().create_task(self._run(call))
         elif isinstance(event, h2.events.StreamReset):
             call = self.calls.pop(event.stream_id, None)
@@ -200,8 +212,28 @@ class _Connection(asyncio.Protocol):
             return
         call = _Call(stream_id, path)
         self.calls[stream_id] = call
-        if path not in self.server.methods:
+        method = self.server.methods.get(path)
+        if method is None:
             self.finish(call, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+        elif method.bidi:  # answered message by message while the client is still sending
+            call.messages = asyncio.Queue()
+            call.task = asyncio.get_running_loop().create_task(self._run(call))
+
+    def _take_messages(self, call: _Call) -> None:
+        """Move the complete request messages of a bidi call from its body to its queue."""
+        assert call.messages is not None
+        body = call.body
+        while len(body) >= 5:
+            if body[0] != 0:
+                self.finish(call, grpc.StatusCode.UNIMPLEMENTED, "compressed requests are not supported")
+                if call.task is not None:
+                    call.task.cancel()
+                return
+            end = 5 + int.from_bytes(body[1:5], "big")
+            if len(body) < end:
+                return
+            call.messages.put_nowait(bytes(body[5:end]))
+            del body[:end]
 
     def _http_error(self, stream_id: int, status: bytes) -> None:
         try:
@@ -215,10 +247,12 @@ class _Connection(asyncio.Protocol):
         method = self.server.methods[call.path]
         status, message = grpc.StatusCode.OK, ""
         try:
-            request = _unframe_request(bytes(call.body))
-            if method.streaming:
-                await method.handler(request, ServerStream(self, call))
+            if method.bidi:
+                await self._answer_each(call, method.handler)
+            elif method.streaming:
+                await method.handler(_unframe_request(bytes(call.body)), ServerStream(self, call))
             else:
+                request = _unframe_request(bytes(call.body))
                 response = method.handler(request)
                 await self.send_stream_data(call, b"\x00" + len(response).to_bytes(4, "big") + response)
         except GrpcAbort as exc:
@@ -233,6 +267,15 @@ class _Connection(asyncio.Protocol):
             log.exception("handler of %s failed", call.path)
             status, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
         self.finish(call, status, message)
+
+    async def _answer_each(self, call: _Call, handler: UnaryHandler) -> None:
+        """A bidi call: one response per request message, until the client ends its side."""
+        assert call.messages is not None
+        while (request := await call.messages.get()) is not None:
+            response = handler(request)
+            await self.send_stream_data(call, b"\x00" + len(response).to_bytes(4, "big") + response)
+        if call.body:
+            raise GrpcAbort(grpc.StatusCode.INTERNAL, "the last request message is incomplete")
 
     def _response_headers(self) -> list[tuple[bytes, bytes]]:
         return [(b":status", b"200"), (b"content-type", b"application/grpc"), *self.server.initial_metadata]
@@ -346,7 +389,7 @@ def _unframe_request(body: bytes) -> bytes:
 
 
 class GrpcServer:
-    """An asyncio gRPC server for unary and server-streaming methods, plaintext or TLS (ALPN h2).
+    """An asyncio gRPC server for unary, server-streaming and bidi methods, plaintext or TLS (ALPN h2).
 
     Run it on an event loop: `port = await server.start("127.0.0.1", 0)`, later `await server.stop()`.
     """

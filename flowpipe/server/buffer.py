@@ -47,7 +47,7 @@ def _timestamp_bytes(time_ns: int) -> bytes:
     return body
 
 
-# GetFlowsResponse: flow = 1 (length-delimited), node_name = 1000, time = 1001 (hubble-api.md section 6).
+# GetFlowsResponse: flow = 1 (length-delimited), node_name = 1000, time = 1001 (the same numbers in ExportEvent).
 _FLOW_KEY = b"\x0a"
 _NODE_NAME_KEY = encode_varint((1000 << 3) | 2)
 _TIME_KEY = encode_varint((1001 << 3) | 2)

@@ -8,9 +8,10 @@
         ...
         server.restart()                            # streams end with UNAVAILABLE; buffers are kept
 
-GetFlows follows hubble-api.md 2.3 and 2.4: `number` per node, `first`, `follow`, `since` (wins over `number`
-for the start), `until`, whitelist/blacklist, `field_mask`, `node_status` first, `lost_events` when a follower
-falls so far behind that its node's ring buffer overwrote flows it had not read.
+GetFlows follows the semantics of Hubble v1.19's servers and relay: `number` per node, `first`, `follow`, `since`
+(wins over `number` for the start), `until`, whitelist/blacklist, `field_mask`, `node_status` first,
+`lost_events` when a follower falls so far behind that its node's ring buffer overwrote flows it had not read.
+gRPC server reflection is served as well (`flowpipe.server.reflection`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStrea
 from flowpipe.server.buffer import DEFAULT_BUFFER_SIZE, BufferedFlow, FlowStore, encode_varint, frame_message
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, NodeMatcher
+from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
 
 DEFAULT_VERSION = f"{__version__}-flowpipe"
@@ -88,7 +90,7 @@ class _Request:
         self.until = _timestamp_ns(req.until) if req.HasField("until") else None
 
     def start_index(self, entries: Sequence[BufferedFlow], matcher: NodeMatcher) -> int:
-        """Where one node's backlog starts (hubble-api.md 2.3)."""
+        """Where one node's backlog starts (Hubble's rules for `first`, `follow`, `number` and `since`)."""
         if self.first and self.since is None:
             return 0
         if self.follow and self.number == 0 and self.since is None:
@@ -372,9 +374,9 @@ class ObserverServer:
         return self
 
     async def _listen(self) -> None:
-        server = GrpcServer(
-            self.service.methods(), ssl_context=self._ssl_context, initial_metadata=self._metadata
-        )
+        # gRPC reflection too, as hubble-relay has it: grpcurl then needs no .proto files.
+        methods = {**self.service.methods(), **ReflectionService(["observer.Observer"]).methods()}
+        server = GrpcServer(methods, ssl_context=self._ssl_context, initial_metadata=self._metadata)
         try:
             self.port = await server.start(self.host, self.port)
         except OSError as exc:

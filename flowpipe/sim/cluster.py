@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-# Reserved security identities and their labels (hubble-api.md section 7).
+# Cilium's reserved security identities and their labels.
 HOST_IDENTITY = 1
 WORLD_IDENTITY = 2
 HEALTH_IDENTITY = 4
