@@ -397,6 +397,7 @@ def test_simulate_relay_serves_the_simulator_and_stops_on_ctrl_c() -> None:
     finally:
         code = stop_process(process)
     assert code == 0
+    assert process.stdout is not None and f"grpcurl -plaintext {address} list" in process.stdout.read()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,11 @@ def _client_hints(
     address: str, tls: ServerTLSConfig | None, files: dict[str, Path], server_name: str
 ) -> list[str]:
     if tls is None:
-        return [f"hubble observe --server {address} --last 20", f"flowpipe collect --relay {address}"]
+        return [
+            f"hubble observe --server {address} --last 20",
+            f"flowpipe collect --relay {address}",
+            f"grpcurl -plaintext {address} list   (gRPC reflection is on)",
+        ]
     ca = str(files.get("ca", "CA.crt"))
     hubble = (
         f"hubble observe --server {address} --tls --tls-ca-cert-files {ca} --tls-server-name {server_name}"
