@@ -331,3 +331,10 @@ def bench_questions(ctx: BenchContext) -> list[Figure]:
             note = f"{result.table.num_rows} rows, {ingest['flows']:,} flows"
             figures.append(Figure("questions", f"query {question.name}", seconds, "s", 1.0, False, note))
     return figures
+
+
+from flowpipe.bench_questions import bench_questions_at_scale
+
+section(
+    "questions_at_scale", "every question over ten times --flows simulated flows (10 million by default), 3 s each"
+)(bench_questions_at_scale)
