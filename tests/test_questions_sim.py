@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _sim_dataset import SimDataset, parse_time
 
+from flowpipe.query import DuckDBEngine
 from flowpipe.sim import faults as f
 from flowpipe.sim import policies as sim_policies
 
@@ -327,3 +329,20 @@ def test_http_errors_match_the_responses(sim_faults: SimDataset) -> None:
     )
     assert sum(r["errors"] for r in rows) == expected
     assert all(r["path"].startswith("/api/v1/") and "{id}" in r["path"] for r in rows)
+
+
+def test_the_bench_dataset_repeats_a_simulated_hour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowpipe import bench_questions
+    from flowpipe.bench import BenchContext
+
+    monkeypatch.setattr(bench_questions, "BASE_FLOWS_MAX", 1_000)
+    flows, start, end = bench_questions.write_scaled_dataset(tmp_path / "scaled", 2_500, seed=3)
+    assert flows == 2_500 and (end - start).total_seconds() == 3 * 3600
+    with DuckDBEngine(tmp_path / "scaled") as engine:
+        hours = engine.run("SELECT date_trunc('hour', time) AS h, count(*) AS n FROM flows GROUP BY h ORDER BY h")
+    assert hours.num_rows == 3 and sum(hours.column("n").to_pylist()) == 2_500
+    figures = bench_questions.bench_questions_at_scale(BenchContext(flows=250, workdir=tmp_path / "bench"))
+    assert figures[0].value == 2_500
+    timed = {f.name.removeprefix("query "): f for f in figures[2:]}
+    assert {"unexpected_drops", "dns_failures", "least_privilege"} <= timed.keys()
+    assert all(f.value is not None and f.target == bench_questions.TARGET_SECONDS for f in timed.values())
