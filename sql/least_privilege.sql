@@ -8,8 +8,9 @@
 --   allows any peer) while only a few peers used it. `observed_ingress` / `observed_egress`: the minimal
 --   allow-set actually observed: peers (`<namespace>/<workload>`, or an entity such as `world:<name>`, `host`,
 --   `kube-apiserver`), port/protocol, and in brackets the L7 calls seen (HTTP method and path pattern, DNS
---   names, Kafka api key and topic); at most `max_listed` entries. Requests only, each observed where the
---   policy of that direction applies. A namespace filter matches the workload.
+--   names, Kafka api key and topic); at most `max_listed` entries; `policies` lists the policies that allowed
+--   them (Cilium 1.15+ attribution), i.e. what is allowed today against what is used. Requests only, each
+--   observed where the policy of that direction applies. A namespace filter matches the workload.
 -- params: since=24h, until=now, namespace=, max_listed=25, limit=2000
 WITH base AS (
     -- One pass over the window: each request, from the side whose policy decides it (the destination for
@@ -236,7 +237,9 @@ calls AS (
         port,
         l4_protocol,
         CAST(sum(flows) AS BIGINT) AS flows,
-        list_sort(list_distinct(array_agg(call))) AS l7
+        list_sort(list_distinct(array_agg(call))) AS l7,
+        -- The policies that allowed this traffic today (Cilium 1.15+ attribution on policy-verdict events).
+        list_distinct(flatten(array_agg(allowed_by))) AS policies
     FROM scoped
     WHERE allowed
     GROUP BY cluster_name, namespace, workload, subject_id, direction, peer, port, l4_protocol
@@ -257,7 +260,8 @@ allow_sets AS (
                 ELSE ' [' || array_to_string(array_slice(l7, 1, $max_listed), ', ')
                     || CASE WHEN cardinality(l7) > $max_listed THEN ', ...' ELSE '' END || ']'
             END
-        )), 1, $max_listed), '; ') AS entry_list
+        )), 1, $max_listed), '; ') AS entry_list,
+        array_to_string(list_sort(list_distinct(flatten(array_agg(policies)))), ', ') AS policies
     FROM calls
     GROUP BY cluster_name, namespace, workload, direction
 ),
@@ -325,7 +329,7 @@ findings AS (
             || '--namespace ' || a.namespace || ' drafts the policy)',
         a.flows,
         a.peers,
-        CAST(NULL AS VARCHAR)
+        nullif(a.policies, '')
     FROM allow_sets AS a
 )
 SELECT

@@ -252,6 +252,11 @@ def test_least_privilege_observed_allow_sets_hold_no_probe(sim_faults: SimDatase
     probed = {r["destination_port"] for r in sim_faults.rows()
               if r["source_pod_name"] == scan.source_pod and r["drop_reason_desc"] == scan.reason}
     assert probed and not any(f" {port}/TCP" in web_egress for port in probed)
+    # What allows it today, from the attribution: the workload's own policy, and only policies that exist.
+    policies = {(r["namespace"], r["workload"], r["finding"]): r["policies"] for r in rows}
+    assert policies[("production", "api", "observed_ingress")] == "production/api"
+    known = {f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in sim_faults.truth.policies}
+    assert all(set(r["policies"].split(", ")) <= known for r in rows if r["policies"])
 
 
 def test_least_privilege_policies_match_the_simulator(sim_faults: SimDataset) -> None:
