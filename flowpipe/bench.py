@@ -333,6 +333,10 @@ def bench_questions(ctx: BenchContext) -> list[Figure]:
     return figures
 
 
+from flowpipe.bench_collect import bench_collect
+
+section("collect", "relay → dataset over loopback gRPC: throughput, memory, naive client")(bench_collect)
+
 from flowpipe.bench_questions import bench_questions_at_scale
 
 section(

@@ -9,7 +9,13 @@ from typing import Any, TypeVar
 import click
 
 from flowpipe._cli_options import dataset_option
-from flowpipe.collect import CollectConfig, CollectResult, collect
+from flowpipe.collect import (
+    COLLECT_MAX_BATCH_BYTES,
+    CollectConfig,
+    CollectResult,
+    collect,
+    use_system_memory_pool,
+)
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
 from flowpipe.metrics import DEFAULT_METRICS_ADDRESS, MetricsServer
 from flowpipe.pipeline import handle_stop_signals
@@ -46,6 +52,8 @@ def _option(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          show_default=True, help=_SINK["flush_interval_seconds"])  # fmt: skip
 @_option("--max-batch-rows", "MAX_BATCH_ROWS", type=click.IntRange(min=1), default=200_000, show_default=True,
          help=_SINK["max_batch_rows"])  # fmt: skip
+@_option("--max-batch-bytes", "MAX_BATCH_BYTES", type=click.IntRange(min=1), default=COLLECT_MAX_BATCH_BYTES,
+         show_default=True, help=_SINK["max_batch_bytes"])  # fmt: skip
 @_option("--metrics-address", "METRICS_ADDRESS", default=DEFAULT_METRICS_ADDRESS, show_default=True,
          help="HOST:PORT for /metrics, /healthz and /readyz (port 0: any free port; 0.0.0.0: all interfaces; "
          "`off`: no endpoint).")  # fmt: skip
@@ -81,6 +89,7 @@ def collect_command(
     dataset: str,
     flush_interval_seconds: float,
     max_batch_rows: int,
+    max_batch_bytes: int,
     metrics_address: str,
     node_shard: str | None,
     writer_id: str | None,
@@ -103,6 +112,7 @@ def collect_command(
         "path": dataset,
         "flush_interval_seconds": flush_interval_seconds,
         "max_batch_rows": max_batch_rows,
+        "max_batch_bytes": max_batch_bytes,
     }
     if writer_id:
         sink_options["writer_id"] = writer_id
@@ -137,6 +147,7 @@ def collect_command(
         shard = f" (shard {source.shard_label})" if source.shard_label else ""
         click.echo(f"collecting from hubble-relay {relay}{shard} into {dataset}{where}", err=True)
 
+    use_system_memory_pool()
     with handle_stop_signals(stop):
         result = collect(config, stop=stop, on_started=started)
     _print_summary(result)

@@ -155,7 +155,7 @@ class RelaySourceConfig:
         default=0.25, metadata={"help": "Longest time a received flow waits before its batch is decoded."}
     )
     max_pending_flows: int = field(
-        default=32768, metadata={"help": "Received flows waiting to be decoded before the stream is paused."}
+        default=16384, metadata={"help": "Received flows waiting to be decoded before the stream is paused."}
     )
     resume_overlap_seconds: float = field(
         default=10.0,
