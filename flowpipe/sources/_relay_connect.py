@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,3 +373,65 @@ def _handshake_failure(exc: ssl.SSLError, where: str, tls: RelayTLS) -> Diagnosi
             "tls_client_rejected",
         )
     return Diagnosis(f"TLS handshake with {where} failed: {reason or exc}", False, "tls_failed")
+
+
+class StreamReceiver(threading.Thread):
+    """Reads one GetFlows call into a bounded list of raw response bytes."""
+
+    def __init__(self, call: Any, max_pending: int, on_first: Callable[[], None]) -> None:
+        super().__init__(name="flowpipe-relay-receiver", daemon=True)
+        self.call = call
+        self.max_pending = max_pending
+        self.on_first = on_first
+        self.cond = threading.Condition()
+        self.pending: list[bytes] = []
+        self.done = False
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.received = 0
+
+    def run(self) -> None:
+        first = True
+        pending, cond, limit = self.pending, self.cond, self.max_pending
+        try:
+            for message in self.call:
+                if first:
+                    first = False
+                    self.on_first()
+                with cond:
+                    while len(self.pending) >= limit and not self.stopping:
+                        cond.wait(0.1)  # backpressure: the relay's stream waits (HTTP/2 flow control)
+                    if self.stopping:
+                        break
+                    pending = self.pending
+                    pending.append(message)
+                    if len(pending) == 1 or len(pending) % 1024 == 0:
+                        cond.notify_all()
+                self.received += 1
+        except BaseException as exc:  # noqa: BLE001  (handed to the decoding side)
+            self.error = exc
+        finally:
+            with cond:
+                self.done = True
+                cond.notify_all()
+
+    def take(self, min_count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
+        """Wait up to `wait_seconds` for `min_count` messages (less once the time is up); returns them and
+        whether the call is over (and nothing is left)."""
+        deadline = time.monotonic() + wait_seconds
+        with self.cond:
+            while not self.done and not stop.is_set() and len(self.pending) < min_count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, 0.1))
+            taken, self.pending = self.pending, []
+            self.cond.notify_all()
+            return taken, self.done and not taken
+
+    def stop(self) -> None:
+        """End the call (from another thread); the receiver finishes soon after."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.call.cancel()

@@ -27,13 +27,11 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +42,22 @@ import pyarrow.compute as pc
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.dataset import Dataset
-from flowpipe.errors import ConfigError, FlowDecodeError, FlowpipeError, RelayError, RelayUnavailableError
+from flowpipe.errors import FlowDecodeError, FlowpipeError, RelayError, RelayUnavailableError
 from flowpipe.model import EventBatch, LostEvent
+from flowpipe.sources._relay_config import (
+    ALL_EVENTS,
+    RelayPosition,
+    RelaySourceConfig,
+    iso_time,
+    node_shard_of,
+    parse_node_shard,
+    verdict_numbers,
+)
 from flowpipe.sources._relay_connect import (
-    RelayTLS,
+    StreamReceiver,
     diagnose,
     open_channel,
     relay_error,
-    split_address,
     status_code,
     status_details,
 )
@@ -69,218 +75,21 @@ from flowpipe.sources._relay_dedupe import (
 if TYPE_CHECKING:
     from flowpipe.metrics import PipelineMetrics
 
+__all__ = [
+    "ALL_EVENTS",
+    "RelayPosition",
+    "RelaySource",
+    "RelaySourceConfig",
+    "node_shard_of",
+    "parse_node_shard",
+    "verdict_numbers",
+]
+
 log = logging.getLogger(__name__)
 
-ALL_EVENTS = 2**64 - 1
-"""`GetFlowsRequest.number` for "everything in the buffer" (what `hubble observe --all` sends)."""
 _METHOD = "/observer.Observer/"
 _REMINDER_SECONDS = 300.0
 _LOST_KEYS_KEPT = 10_000
-
-
-def parse_node_shard(text: str) -> tuple[int, int]:
-    """`I/N` (0 <= I < N) → (I, N); ConfigError otherwise."""
-    index, sep, count = text.partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not sep or n < 1 or not 0 <= i < n:
-        raise ConfigError(
-            f"--node-shard {text!r} must be I/N with 0 <= I < N, e.g. 0/3, 1/3 and 2/3 for three collectors"
-        )
-    return i, n
-
-
-def node_shard_of(node_name: str, shards: int) -> int:
-    """The shard (0..shards-1) a node belongs to: a stable hash of its name, the same in every collector."""
-    digest = hashlib.sha256(node_name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % shards
-
-
-def verdict_numbers(names: Sequence[str]) -> list[int]:
-    """Verdict names (case-insensitive) → enum numbers; ConfigError naming the valid ones."""
-    known = {v.name: v.number for v in flow_pb2.DESCRIPTOR.enum_types_by_name["Verdict"].values if v.number}
-    numbers = []
-    for name in names:
-        number = known.get(name.strip().upper())
-        if number is None:
-            raise ConfigError(f"unknown verdict {name!r}; one of {', '.join(known)}")
-        numbers.append(number)
-    return numbers
-
-
-@dataclass(frozen=True, slots=True)
-class RelaySourceConfig:
-    """Where the relay is, what to ask it for, and how to follow it."""
-
-    address: str = field(
-        metadata={"help": "hubble-relay address HOST:PORT (e.g. hubble-relay.kube-system:80)."}
-    )
-    tls_ca: str | None = field(
-        default=None,
-        metadata={"help": "CA certificate (PEM) that signed the relay's certificate; enables TLS."},
-    )
-    tls_cert: str | None = field(
-        default=None, metadata={"help": "Client certificate (PEM) for mutual TLS; enables TLS."}
-    )
-    tls_key: str | None = field(default=None, metadata={"help": "Key (PEM) of the client certificate."})
-    tls_server_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Name to verify the relay's certificate against (default: the host of the address); enables TLS."
-        },
-    )
-    namespaces: tuple[str, ...] = field(
-        default=(), metadata={"help": "Only flows from or to these namespaces (server-side filter)."}
-    )
-    verdicts: tuple[str, ...] = field(
-        default=(), metadata={"help": "Only flows with these verdicts (default: every verdict)."}
-    )
-    nodes: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "Only flows observed on these nodes (glob patterns on <cluster>/<node>)."},
-    )
-    node_shard: tuple[int, int] | None = field(
-        default=None, metadata={"help": "I/N: take only the nodes whose name hashes to shard I of N."}
-    )
-    cluster_name: str | None = field(
-        default=None, metadata={"help": "Cluster name for flows whose node name does not carry one."}
-    )
-    field_mask: bool = field(
-        default=True, metadata={"help": "Ask the relay only for the flow fields flowpipe stores."}
-    )
-    batch_max_flows: int = field(default=8192, metadata={"help": "Flows decoded together into one batch."})
-    batch_max_seconds: float = field(
-        default=0.25, metadata={"help": "Longest time a received flow waits before its batch is decoded."}
-    )
-    max_pending_flows: int = field(
-        default=16384, metadata={"help": "Received flows waiting to be decoded before the stream is paused."}
-    )
-    resume_overlap_seconds: float = field(
-        default=10.0,
-        metadata={
-            "help": "On resume, ask again from this long before the last flow received (repeats are skipped)."
-        },
-    )
-    reconnect_backoff_initial_seconds: float = field(
-        default=0.5, metadata={"help": "First wait before reconnecting."}
-    )
-    reconnect_backoff_max_seconds: float = field(
-        default=30.0, metadata={"help": "Longest wait between reconnection attempts."}
-    )
-    startup_timeout_seconds: float | None = field(
-        default=None,
-        metadata={
-            "help": "Give up when the relay cannot be reached for this long at startup (default: keep trying)."
-        },
-    )
-    call_timeout_seconds: float = field(
-        default=10.0, metadata={"help": "Deadline of ServerStatus and GetNodes calls."}
-    )
-    node_refresh_seconds: float = field(
-        default=60.0, metadata={"help": "With --node-shard: how often the relay's node list is read again."}
-    )
-
-    def __post_init__(self) -> None:
-        split_address(self.address)
-        for name in ("batch_max_flows", "batch_max_seconds", "max_pending_flows", "reconnect_backoff_initial_seconds",
-                     "reconnect_backoff_max_seconds", "call_timeout_seconds", "node_refresh_seconds"):  # fmt: skip
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"RelaySourceConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.resume_overlap_seconds < 0:
-            raise ConfigError("resume_overlap_seconds must be >= 0")
-        if self.startup_timeout_seconds is not None and self.startup_timeout_seconds <= 0:
-            raise ConfigError("startup_timeout_seconds must be > 0")
-        verdict_numbers(self.verdicts)
-        for namespace in self.namespaces:
-            if not namespace or "/" in namespace:
-                raise ConfigError(f"--namespace {namespace!r} must be a namespace name")
-        self.tls  # noqa: B018  (validates cert/key pairing)
-
-    @property
-    def tls(self) -> RelayTLS | None:
-        """TLS settings when any TLS option is set; None for plaintext."""
-        if not any((self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)):
-            return None
-        return RelayTLS(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
-
-    @property
-    def shard_label(self) -> str | None:
-        """`I/N`, or None without sharding."""
-        return None if self.node_shard is None else f"{self.node_shard[0]}/{self.node_shard[1]}"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayPosition:
-    """The checkpoint token of a batch: the resume time (ns) and the uuid of the newest flow so far."""
-
-    resume_ns: int | None
-    newest_ns: int | None
-    uuid: str | None
-    nodes: tuple[tuple[str, int], ...] = ()
-
-
-class _Receiver(threading.Thread):
-    """Reads one GetFlows call into a bounded list of raw response bytes."""
-
-    def __init__(self, call: Any, max_pending: int, on_first: Callable[[], None]) -> None:
-        super().__init__(name="flowpipe-relay-receiver", daemon=True)
-        self.call = call
-        self.max_pending = max_pending
-        self.on_first = on_first
-        self.cond = threading.Condition()
-        self.pending: list[bytes] = []
-        self.done = False
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.received = 0
-
-    def run(self) -> None:
-        first = True
-        pending, cond, limit = self.pending, self.cond, self.max_pending
-        try:
-            for message in self.call:
-                if first:
-                    first = False
-                    self.on_first()
-                with cond:
-                    while len(self.pending) >= limit and not self.stopping:
-                        cond.wait(0.1)  # backpressure: the relay's stream waits (HTTP/2 flow control)
-                    if self.stopping:
-                        break
-                    pending = self.pending
-                    pending.append(message)
-                    if len(pending) == 1 or len(pending) % 1024 == 0:
-                        cond.notify_all()
-                self.received += 1
-        except BaseException as exc:  # noqa: BLE001  (handed to the decoding side)
-            self.error = exc
-        finally:
-            with cond:
-                self.done = True
-                cond.notify_all()
-
-    def take(self, min_count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
-        """Wait up to `wait_seconds` for `min_count` messages (less once the time is up); returns them and
-        whether the call is over (and nothing is left)."""
-        deadline = time.monotonic() + wait_seconds
-        with self.cond:
-            while not self.done and not stop.is_set() and len(self.pending) < min_count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(min(left, 0.1))
-            taken, self.pending = self.pending, []
-            self.cond.notify_all()
-            return taken, self.done and not taken
-
-    def stop(self) -> None:
-        """End the call (from another thread); the receiver finishes soon after."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        self.call.cancel()
 
 
 class RelaySource:
@@ -314,7 +123,7 @@ class RelaySource:
         self.reconnects = 0
         self._verdicts = verdict_numbers(config.verdicts)
         self._lock = threading.Lock()
-        self._receiver: _Receiver | None = None
+        self._receiver: StreamReceiver | None = None
         self._channel: grpc.Channel | None = None
         self._committed: RelayPosition | None = None
         self._saved: RelayPosition | None = None
@@ -454,7 +263,7 @@ class RelaySource:
                 "shard": self.config.shard_label,
                 "resume_ns": position.resume_ns,
                 "newest_ns": newest,
-                "newest_time": None if newest is None else _iso(newest),
+                "newest_time": None if newest is None else iso_time(newest),
                 "uuid": position.uuid,
                 "nodes": dict(position.nodes),
                 "saved_at": datetime.now(UTC).isoformat(),
@@ -582,10 +391,10 @@ class RelaySource:
             response_deserializer=None,
         )(request)
         self._arm_dedupe()
-        receiver = _Receiver(call, self.config.max_pending_flows, lambda: self._set_connected(True))
+        receiver = StreamReceiver(call, self.config.max_pending_flows, lambda: self._set_connected(True))
         self._receiver = receiver
         receiver.start()
-        since = "the whole buffer" if self._resume_ns is None else f"flows since {_iso(self._resume_ns)}"
+        since = "the whole buffer" if self._resume_ns is None else f"flows since {iso_time(self._resume_ns)}"
         log.info("following hubble-relay %s: %s, then new flows", self.address, since)
         next_refresh = time.monotonic() + self.config.node_refresh_seconds
         try:
@@ -680,7 +489,7 @@ class RelaySource:
             log.info(
                 "%d flow(s) from %s on are already in the dataset: they are skipped if the relay sends them again",
                 len(keys),
-                _iso(floor),
+                iso_time(floor),
             )
             self._recent.add(keys, pa.array([newest], pa.int64()))
             self._dedupe.arm(*self._recent.keys_since(floor))
@@ -814,8 +623,3 @@ class RelaySource:
         cap = self.config.reconnect_backoff_max_seconds
         delay = min(cap, self.config.reconnect_backoff_initial_seconds * 2 ** min(attempt - 1, 30))
         self.stop_event.wait(random.uniform(delay / 2, delay))
-
-
-def _iso(time_ns: int) -> str:
-    seconds, nanos = divmod(time_ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
