@@ -155,6 +155,14 @@ def test_missing_dataset_is_refused_with_its_path(tmp_path: Path) -> None:
     assert "ingest or collect first" in str(info.value)
 
 
+def test_a_file_given_as_the_dataset_is_named_as_a_file(tmp_path: Path) -> None:
+    flows_file = tmp_path / "flows.json"
+    flows_file.write_text("{}\n")
+    with pytest.raises(EmptyDatasetError) as info:
+        open_engine(flows_file)
+    assert f"dataset {flows_file} is a file, not a dataset folder" in str(info.value)
+
+
 def test_dataset_without_flows_is_refused(tmp_path: Path) -> None:
     (tmp_path / "flows" / "date=2024-05-01" / "hour=10").mkdir(parents=True)
     (tmp_path / "flows" / "date=2024-05-01" / "hour=10" / ".part-1.parquet.tmp").write_bytes(b"")

@@ -290,8 +290,14 @@ def open_engine(
         engine.close()
         assert engine.dataset is not None
         where = engine.dataset.table_dir(FLOWS_TABLE)
-        missing = engine.dataset.is_local and not os.path.isdir(engine.dataset.root)
-        state = "does not exist" if missing else f"holds no flows yet (no part files under {where})"
+        root = engine.dataset.root
+        missing = engine.dataset.is_local and not os.path.isdir(root)
+        if missing and os.path.exists(root):
+            state = "is a file, not a dataset folder"
+        elif missing:
+            state = "does not exist"
+        else:
+            state = f"holds no flows yet (no part files under {where})"
         raise EmptyDatasetError(
             f"dataset {engine.location} {state}: ingest or collect first (`flowpipe ingest FILE`), "
             "or point --dataset / FLOWPIPE_DATASET at another dataset"
