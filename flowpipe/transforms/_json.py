@@ -1,16 +1,16 @@
 """Hubble JSON lines → flow rows and counted events: a vectorized block parser with a per-line fallback.
 
-The fast path hands a whole block of lines to `pyarrow.json.read_json` with an explicit nested schema and
-builds the columns with pyarrow.compute (`_columns`). When pyarrow rejects the block (a malformed line, an enum
-written as a number, a string where a number belongs), the lines that are not JSON objects are reported and set
-aside, the rest is decoded again in halves, and only the small groups that still fail are decoded line by line:
-`json.loads`, then a check against the same spec (`_json_check`). Bad lines become `FlowDecodeError`s; good ones
-go through the same Arrow struct and the same row builder, so a flow gives the same row either way.
+The fast path hands a whole block of lines to DuckDB's JSON reader with an explicit nested type
+(`_json_duckdb`) and builds the columns with pyarrow.compute (`_columns`). When the block is refused (a
+malformed line, an enum written as a number, a value of the wrong kind), the lines that are not JSON objects
+are reported and set aside, the rest is decoded again in halves, and only the small groups that still fail are
+decoded line by line: `json.loads`, then a check against the same spec (`_json_check`). Bad lines become
+`FlowDecodeError`s; good ones go through the same Arrow struct and the same row builder, so a flow gives the
+same row either way.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +19,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pj
 
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import LostEvent, empty_flows
 from flowpipe.transforms._columns import build_flow_table
+from flowpipe.transforms._json_duckdb import ERRORS as _PARSE_ERRORS
+from flowpipe.transforms._json_duckdb import parse_block
 from flowpipe.transforms._json_check import BadValue, check_line, json_type
 from flowpipe.transforms._json_schema import (
     BARE_FLOW_KEYS,
@@ -37,12 +38,6 @@ from flowpipe.transforms._json_schema import (
     parse_schema,
     sentinels,
 )
-
-# pyarrow splits a block into chunks of this size and parses them in parallel (`threads=True`); a caller that
-# decodes several blocks at once parses each on one thread, as one chunk (no chunks to stitch together after).
-PARSE_CHUNK_BYTES = 1 << 20
-SERIAL_PARSE_CHUNK_BYTES = 16 << 20
-
 
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
@@ -91,10 +86,10 @@ def decode_lines(
         layout = guess_block_layout(data)
     try:
         return _decode_block(data, layout, cluster_name, threads)
-    except _ARROW_ERRORS:
+    except _BLOCK_ERRORS:
         pass
-    # pyarrow rejected the block. First set aside the lines that are not JSON objects at all, then decode the
-    # rest again in halves, so that only a small group around a line pyarrow cannot take (an enum written as a
+    # The block was refused. First set aside the lines that are not JSON objects at all, then decode the rest
+    # again in halves, so that only a small group around a line the fast path cannot take (an enum written as a
     # number, say) goes through the slow per-line path.
     good: list[tuple[int, bytes]] = []
     errors: list[FlowDecodeError] = []
@@ -116,7 +111,8 @@ def decode_lines(
     return out
 
 
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+# What refuses a block: the parser's refusals and DuckDB's errors, or a value the row builder cannot convert.
+_BLOCK_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, *_PARSE_ERRORS)
 _MAX_HALVING_DEPTH = 3
 _SMALLEST_HALF = 64
 
@@ -135,7 +131,7 @@ def _decode_in_halves(
                 return _decode_block(
                     b"\n".join(line for _, line in lines) + b"\n", layout, cluster_name, threads
                 )
-            except _ARROW_ERRORS:
+            except _BLOCK_ERRORS:
                 pass
         if len(lines) <= _SMALLEST_HALF or depth >= _MAX_HALVING_DEPTH:
             return decode_texts(lines, path=path, cluster_name=cluster_name)
@@ -174,40 +170,15 @@ def guess_block_layout(data: bytes) -> str:
 
 
 def _decode_block(data: bytes, layout: str, cluster_name: str | None, threads: bool) -> DecodedEvents:
-    lines = _parse(data, layout, threads)
+    lines = parse_block(data, layout, threads=threads)
     if layout != FULL and _needs_full(lines, layout):
-        lines = _parse(data, FULL, threads)
+        lines = parse_block(data, FULL, threads=threads)
         layout = FULL
     if len(lines) == 0:
         return DecodedEvents()
     if layout == FULL:
         lines = canonicalize(lines)
     return decode_canonical(lines, cluster_name=cluster_name)
-
-
-def _parse(data: bytes, layout: str, threads: bool = True) -> pa.StructArray:
-    chunk = PARSE_CHUNK_BYTES if threads else SERIAL_PARSE_CHUNK_BYTES
-    options = pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore")
-    try:
-        table = pj.read_json(
-            io.BytesIO(data),
-            read_options=pj.ReadOptions(use_threads=threads, block_size=chunk),
-            parse_options=options,
-        )
-    except pa.ArrowInvalid as exc:
-        if "straddl" not in str(exc) or len(data) <= chunk:
-            raise
-        # A line longer than a parse chunk: parse the block as one chunk instead.
-        table = pj.read_json(
-            io.BytesIO(data),
-            read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
-            parse_options=options,
-        )
-    table = table.combine_chunks()
-    return pa.StructArray.from_arrays(
-        [column.chunk(0) if column.num_chunks else pa.nulls(0, column.type) for column in table.columns],
-        fields=list(table.schema),
-    )
 
 
 def _needs_full(lines: pa.StructArray, layout: str) -> bool:
