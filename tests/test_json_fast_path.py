@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from flowpipe.transforms import normalize_json_lines, normalize_json_texts
-from flowpipe.transforms import _json_duckdb
+from flowpipe.transforms import _json_duckdb, normalize_json_lines, normalize_json_texts
 
 CLEAN: dict[str, Any] = {
     "time": "2024-05-01T10:00:00.123456789Z",
@@ -95,7 +94,9 @@ def _compare(lines: list[str]) -> None:
     data = ("\n".join(lines) + "\n").encode()
     block = normalize_json_lines(data, path="odd.json")
     per_line = normalize_json_texts(list(enumerate(lines, 1)), path="odd.json")
-    assert [(e.line_number, e.reason) for e in block.errors] == [(e.line_number, e.reason) for e in per_line.errors]
+    assert [(e.line_number, e.reason) for e in block.errors] == [
+        (e.line_number, e.reason) for e in per_line.errors
+    ]
     assert block.flows.equals(per_line.flows)
     assert (block.node_status, block.unknown_events, len(block.lost_events)) == (
         per_line.node_status,
@@ -136,7 +137,7 @@ def test_the_block_parser_refuses_a_null_line() -> None:
 @pytest.mark.parametrize("line", LENIENT_SYNTAX)
 def test_trailing_commas_and_lower_case_inf_are_read_as_if_absent(line: str) -> None:
     clean = _with("uuid", "clean")
-    block = normalize_json_lines(("\n".join([clean, line, clean]) + "\n").encode(), path="x")
+    block = normalize_json_lines(f"{clean}\n{line}\n{clean}\n".encode(), path="x")
     assert block.errors == []
     assert block.flows["uuid"].to_pylist() == ["clean", "x", "clean"]
 

@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import LostEvent, empty_flows
 from flowpipe.transforms._columns import build_flow_table
+from flowpipe.transforms._json_check import BadValue, check_line, json_type
 from flowpipe.transforms._json_duckdb import ERRORS as _PARSE_ERRORS
 from flowpipe.transforms._json_duckdb import parse_block
-from flowpipe.transforms._json_check import BadValue, check_line, json_type
 from flowpipe.transforms._json_schema import (
     BARE_FLOW_KEYS,
     ENVELOPE,
@@ -35,7 +35,6 @@ from flowpipe.transforms._json_schema import (
     canonical_type,
     canonicalize,
     guess_layout,
-    parse_schema,
     sentinels,
 )
 

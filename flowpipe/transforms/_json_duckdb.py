@@ -44,9 +44,7 @@ _UNUSED_FIELD = "__flowpipe_presence"
 # and the non-finite numbers its parser also takes); only values starting with one are matched in full.
 _SUSPECT_FIRST = np.zeros(256, dtype=bool)
 _SUSPECT_FIRST[list(b"-0123456789tf{[iInN")] = True
-_NOT_A_STRING = (
-    r"^(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|[{\[].*|-?(?:inf|Infinity)|nan|NaN)$"
-)
+_NOT_A_STRING = r"^(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|[{\[].*|-?(?:inf|Infinity)|nan|NaN)$"
 
 
 class Refused(Exception):
@@ -194,7 +192,9 @@ def _has_non_string(values: pa.Array) -> bool:
     """Whether a VARCHAR leaf holds what DuckDB wrote for a non-string JSON value (see the module docstring)."""
     if not pa.types.is_string(values.type):
         values = values.cast(pa.string())
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4)
+    offsets = np.frombuffer(
+        values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4
+    )
     data = values.buffers()[2]
     if data is None or data.size == 0:
         return False
