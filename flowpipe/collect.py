@@ -47,7 +47,7 @@ READY_GRACE_SECONDS = 30.0
 """How much longer than the flush interval flows may wait unflushed before /readyz says not ready."""
 
 
-COLLECT_MAX_BATCH_BYTES = 32 * 1024 * 1024
+COLLECT_MAX_BATCH_BYTES = 24 * 1024 * 1024
 """The collector's open-batch size limit: smaller than the file ingest's, to keep a long-running process small."""
 
 
