@@ -10,88 +10,38 @@
 --   world destinations, the DNS names Cilium knows. A namespace filter matches either side. The columns are
 --   the contract of `flowpipe.policy.edges.OBSERVED_EDGE_SCHEMA`.
 -- params: since=7d, until=now, namespace=, learn_from_drops=false
-WITH windowed AS (
-    SELECT
-        *,
-        -- A pod whose record lacks its identity (older agents report L7 records of the egress proxy with the
-        -- world identity and no labels): it is looked up by pod name among the pods seen in the window.
-        (source_namespace IS NOT NULL AND source_pod_name IS NOT NULL
-            AND position('k8s:' IN coalesce(array_to_string(source_labels, ' '), '')) = 0) AS source_unresolved,
-        (destination_namespace IS NOT NULL AND destination_pod_name IS NOT NULL
-            AND position('k8s:' IN coalesce(array_to_string(destination_labels, ' '), '')) = 0)
-            AS destination_unresolved
-    FROM flows_enriched
-    WHERE time >= $since
-      AND time <= $until
-),
-pods AS (
-    SELECT namespace, pod_name, min(workload) AS workload, min(labels) AS labels
-    FROM (
-        SELECT source_namespace AS namespace, source_pod_name AS pod_name, source_workload AS workload,
-               source_labels AS labels
-        FROM windowed
-        WHERE source_entity IS NULL AND source_pod_name IS NOT NULL AND NOT source_unresolved
-        UNION ALL
-        SELECT destination_namespace, destination_pod_name, destination_workload, destination_labels
-        FROM windowed
-        WHERE destination_entity IS NULL AND destination_pod_name IS NOT NULL AND NOT destination_unresolved
-    ) AS seen
-    GROUP BY namespace, pod_name
-),
-resolved AS (
-    -- The columns `requests` reads, with the identity of unresolved pods looked up (columns listed one by one:
-    -- DuckDB's `* REPLACE` does not translate to Spark).
-    SELECT
-        w.time,
-        w.traffic_direction,
-        w.is_request,
-        w.is_reply,
-        w.verdict,
-        w.drop_reason_desc,
-        w.source_namespace,
-        CASE WHEN sp.pod_name IS NULL THEN w.source_entity END AS source_entity,
-        coalesce(sp.workload, w.source_workload) AS source_workload,
-        coalesce(sp.labels, w.source_labels) AS source_labels,
-        w.source_ip,
-        w.source_port,
-        w.destination_namespace,
-        CASE WHEN dp.pod_name IS NULL THEN w.destination_entity END AS destination_entity,
-        coalesce(dp.workload, w.destination_workload) AS destination_workload,
-        coalesce(dp.labels, w.destination_labels) AS destination_labels,
-        w.destination_ip,
-        w.destination_port,
-        w.destination_names,
-        w.l4_protocol,
-        w.icmp_type,
-        w.tcp_flags,
-        w.l7_type,
-        w.l7_protocol,
-        w.http_method,
-        w.http_url,
-        w.kafka_api_key,
-        w.kafka_topic
-    FROM windowed AS w
-    LEFT JOIN pods AS sp
-        ON w.source_unresolved AND sp.namespace = w.source_namespace AND sp.pod_name = w.source_pod_name
-    LEFT JOIN pods AS dp
-        ON w.destination_unresolved AND dp.namespace = w.destination_namespace
-        AND dp.pod_name = w.destination_pod_name
-),
-requests AS (
+--
+-- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
+-- rest of the question. So the flows are first grouped without them (`calls`: one row per connection, or per
+-- pod pair and L7 call), and each pod's labels are then read from the one flow where the pod was first seen
+-- (`pod_labels`), which DuckDB finds without decoding the labels of the other flows.
+WITH requests AS (
     SELECT
         time,
         traffic_direction,
-        CASE WHEN source_entity IS NULL THEN source_namespace END AS source_namespace,
-        CASE WHEN source_entity IS NULL THEN source_workload END AS source_workload,
-        source_labels,
+        source_namespace,
+        source_pod_name,
         source_entity,
+        source_workload,
+        destination_namespace,
+        destination_pod_name,
+        destination_entity,
+        destination_workload,
+        -- A pod recorded with a reserved identity (older agents report L7 records of the egress proxy with the
+        -- world identity and no labels): it is looked up by pod name among the pods seen in the window.
+        (source_entity IS NOT NULL AND source_namespace IS NOT NULL AND source_pod_name IS NOT NULL)
+            AS source_unresolved,
+        (destination_entity IS NOT NULL AND destination_namespace IS NOT NULL
+            AND destination_pod_name IS NOT NULL) AS destination_unresolved,
         -- World clients are many and only the entity matters for them; other entities keep their address.
         CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' THEN source_ip END AS source_ip,
-        CASE WHEN destination_entity IS NULL THEN destination_namespace END AS destination_namespace,
-        CASE WHEN destination_entity IS NULL THEN destination_workload END AS destination_workload,
-        destination_labels,
-        destination_entity,
         CASE WHEN destination_entity IS NOT NULL THEN destination_ip END AS destination_ip,
+        CASE WHEN l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') AND source_port IS NOT NULL
+            THEN source_ip END AS connection_source_ip,
+        CASE WHEN l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') THEN source_port END
+            AS connection_source_port,
+        CASE WHEN l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') AND source_port IS NOT NULL
+            THEN destination_ip END AS connection_destination_ip,
         CASE WHEN destination_entity IS NOT NULL THEN list_sort(destination_names) ELSE [] END AS destination_names,
         l4_protocol,
         CASE WHEN l4_protocol IN ('TCP', 'UDP', 'SCTP') THEN destination_port END AS destination_port,
@@ -109,14 +59,11 @@ requests AS (
                 'findcoordinator', 'groupcoordinator', '10', 'joingroup', '11', 'heartbeat', '12',
                 'leavegroup', '13', 'syncgroup', '14') THEN 'consume'
         END AS kafka_role,
-        CASE WHEN l7_type = 'REQUEST' THEN kafka_topic END AS kafka_topic,
-        -- One connection: the same 5-tuple seen at both ends (and in every packet's flow) is counted once.
-        CASE WHEN l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') AND source_port IS NOT NULL
-            THEN source_ip || '|' || CAST(source_port AS VARCHAR) || '|' || coalesce(destination_ip, '')
-                || '|' || CAST(destination_port AS VARCHAR) END AS connection
-    FROM resolved
-    WHERE is_request
-      AND (l7_type IS NULL OR l7_type = 'REQUEST')
+        CASE WHEN l7_type = 'REQUEST' THEN kafka_topic END AS kafka_topic
+    FROM flows_enriched
+    WHERE time >= $since
+      AND time <= $until
+      AND is_request
       -- Without is_reply, a TCP packet with flags is a request only when it opens the connection.
       AND NOT (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
                AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))
@@ -126,6 +73,146 @@ requests AS (
               AND drop_reason_desc IN (SELECT drop_reason_desc FROM drop_reasons WHERE policy_decision))
       )
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
+),
+calls AS (
+    -- One row per connection (TCP, UDP, SCTP: the same 5-tuple seen at both ends and in every packet's flow)
+    -- or per pod pair and call (ICMP, L7), with its flows per observation point.
+    SELECT
+        source_namespace,
+        source_pod_name,
+        source_entity,
+        source_workload,
+        source_unresolved,
+        source_ip,
+        destination_namespace,
+        destination_pod_name,
+        destination_entity,
+        destination_workload,
+        destination_unresolved,
+        destination_ip,
+        destination_names,
+        l4_protocol,
+        destination_port,
+        icmp_type,
+        l7_protocol,
+        http_method,
+        http_path,
+        kafka_role,
+        kafka_topic,
+        connection_source_ip,
+        connection_source_port,
+        connection_destination_ip,
+        count(*) FILTER (WHERE traffic_direction = 'EGRESS') AS egress_flows,
+        count(*) FILTER (WHERE traffic_direction = 'INGRESS') AS ingress_flows,
+        count(*) FILTER (WHERE traffic_direction IS NULL OR traffic_direction NOT IN ('EGRESS', 'INGRESS'))
+            AS other_flows,
+        min(time) AS first_seen,
+        max(time) AS last_seen
+    FROM requests
+    GROUP BY
+        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        destination_namespace, destination_pod_name, destination_entity, destination_workload,
+        destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
+        l7_protocol, http_method, http_path, kafka_role, kafka_topic, connection_source_ip,
+        connection_source_port, connection_destination_ip
+),
+pairs AS (
+    -- The connections folded per pod pair: a connection is one `calls` row, so its rows count connections.
+    SELECT
+        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        destination_namespace, destination_pod_name, destination_entity, destination_workload,
+        destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
+        l7_protocol, http_method, http_path, kafka_role, kafka_topic,
+        count(connection_source_port) AS connections,
+        sum(egress_flows) AS egress_flows,
+        sum(ingress_flows) AS ingress_flows,
+        sum(other_flows) AS other_flows,
+        min(first_seen) AS first_seen,
+        max(last_seen) AS last_seen
+    FROM calls
+    GROUP BY
+        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        destination_namespace, destination_pod_name, destination_entity, destination_workload,
+        destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
+        l7_protocol, http_method, http_path, kafka_role, kafka_topic
+),
+pods AS (
+    -- Every pod of the requests, with its workload and the first flow that names it as a pod.
+    SELECT namespace, pod_name, min(workload) AS workload, min(source_time) AS source_time,
+           min(destination_time) AS destination_time
+    FROM (
+        SELECT source_namespace AS namespace, source_pod_name AS pod_name, source_workload AS workload,
+               first_seen AS source_time, CAST(NULL AS TIMESTAMP WITH TIME ZONE) AS destination_time
+        FROM pairs
+        WHERE source_entity IS NULL AND source_pod_name IS NOT NULL
+        UNION ALL
+        SELECT destination_namespace, destination_pod_name, destination_workload,
+               CAST(NULL AS TIMESTAMP WITH TIME ZONE), first_seen
+        FROM pairs
+        WHERE destination_entity IS NULL AND destination_pod_name IS NOT NULL
+    ) AS seen
+    GROUP BY namespace, pod_name
+),
+pod_labels AS (
+    -- A pod's labels, read from the first flow naming it (as the client, else as the server).
+    SELECT namespace, pod_name, min(labels) AS labels
+    FROM (
+        SELECT p.namespace, p.pod_name, f.source_labels AS labels
+        FROM flows AS f
+        JOIN pods AS p
+            ON f.time = p.source_time AND f.source_namespace = p.namespace AND f.source_pod_name = p.pod_name
+        UNION ALL
+        SELECT p.namespace, p.pod_name, f.destination_labels
+        FROM flows AS f
+        JOIN pods AS p
+            ON f.time = p.destination_time AND f.destination_namespace = p.namespace
+            AND f.destination_pod_name = p.pod_name
+        WHERE p.source_time IS NULL
+    ) AS seen
+    GROUP BY namespace, pod_name
+),
+edges AS (
+    -- Pods named without their identity take the workload their pod name has elsewhere.
+    SELECT
+        CASE WHEN c.source_unresolved AND sp.pod_name IS NOT NULL THEN NULL ELSE c.source_entity END
+            AS source_entity,
+        CASE WHEN c.source_unresolved AND sp.pod_name IS NOT NULL THEN sp.workload ELSE c.source_workload END
+            AS source_workload,
+        c.source_namespace, c.source_pod_name, c.source_ip,
+        CASE WHEN c.destination_unresolved AND dp.pod_name IS NOT NULL THEN NULL ELSE c.destination_entity END
+            AS destination_entity,
+        CASE WHEN c.destination_unresolved AND dp.pod_name IS NOT NULL THEN dp.workload
+            ELSE c.destination_workload END AS destination_workload,
+        c.destination_namespace, c.destination_pod_name, c.destination_ip, c.destination_names,
+        c.l4_protocol, c.destination_port, c.icmp_type, c.l7_protocol, c.http_method, c.http_path, c.kafka_role,
+        c.kafka_topic, c.connections, c.egress_flows, c.ingress_flows, c.other_flows, c.first_seen, c.last_seen
+    FROM pairs AS c
+    LEFT JOIN pods AS sp
+        ON c.source_unresolved AND sp.namespace = c.source_namespace AND sp.pod_name = c.source_pod_name
+    LEFT JOIN pods AS dp
+        ON c.destination_unresolved AND dp.namespace = c.destination_namespace
+        AND dp.pod_name = c.destination_pod_name
+),
+labelled AS (
+    SELECT
+        CASE WHEN e.source_entity IS NULL THEN e.source_namespace END AS source_namespace,
+        CASE WHEN e.source_entity IS NULL THEN e.source_workload END AS source_workload,
+        CASE WHEN e.source_entity IS NULL THEN coalesce(sl.labels, [])
+            ELSE ['reserved:' || e.source_entity] END AS source_labels,
+        e.source_entity,
+        CASE WHEN e.source_entity IS NOT NULL AND e.source_entity <> 'world' THEN e.source_ip END AS source_ip,
+        CASE WHEN e.destination_entity IS NULL THEN e.destination_namespace END AS destination_namespace,
+        CASE WHEN e.destination_entity IS NULL THEN e.destination_workload END AS destination_workload,
+        CASE WHEN e.destination_entity IS NULL THEN coalesce(dl.labels, [])
+            ELSE ['reserved:' || e.destination_entity] END AS destination_labels,
+        e.destination_entity,
+        CASE WHEN e.destination_entity IS NOT NULL THEN e.destination_ip END AS destination_ip,
+        CASE WHEN e.destination_entity IS NOT NULL THEN e.destination_names ELSE [] END AS destination_names,
+        e.l4_protocol, e.destination_port, e.icmp_type, e.l7_protocol, e.http_method, e.http_path, e.kafka_role,
+        e.kafka_topic, e.connections, e.egress_flows, e.ingress_flows, e.other_flows, e.first_seen, e.last_seen
+    FROM edges AS e
+    LEFT JOIN pod_labels AS sl ON sl.namespace = e.source_namespace AND sl.pod_name = e.source_pod_name
+    LEFT JOIN pod_labels AS dl ON dl.namespace = e.destination_namespace AND dl.pod_name = e.destination_pod_name
 )
 SELECT
     source_namespace,
@@ -149,15 +236,12 @@ SELECT
     kafka_role,
     kafka_topic,
     CAST(CASE
-        WHEN count(connection) > 0 THEN count(DISTINCT connection)
-        ELSE greatest(
-            count(*) FILTER (WHERE traffic_direction = 'EGRESS'),
-            count(*) FILTER (WHERE traffic_direction = 'INGRESS'),
-            count(*) FILTER (WHERE traffic_direction IS NULL OR traffic_direction NOT IN ('EGRESS', 'INGRESS')))
+        WHEN sum(connections) > 0 THEN sum(connections)
+        ELSE greatest(sum(egress_flows), sum(ingress_flows), sum(other_flows))
     END AS BIGINT) AS flows,
-    min(time) AS first_seen,
-    max(time) AS last_seen
-FROM requests
+    min(first_seen) AS first_seen,
+    max(last_seen) AS last_seen
+FROM labelled
 GROUP BY
     source_namespace, source_workload, source_entity, source_ip,
     destination_namespace, destination_workload, destination_entity, destination_ip, destination_names,

@@ -8,10 +8,11 @@ from collections.abc import Iterable, Mapping
 
 from flowpipe.policy.model import HTTPRule, KafkaRule
 
-_ID_SEGMENT = re.compile(
+ID_SEGMENT = re.compile(
     r"^(\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{12,}|[A-Za-z0-9_-]{24,})$",
     re.IGNORECASE,
 )
+"""A path segment that looks like an id (number, UUID, hex hash, long token): generalized when it varies."""
 
 
 def http_rules(requests: Mapping[tuple[str, str], int]) -> tuple[HTTPRule, ...]:
@@ -27,7 +28,7 @@ def http_rules(requests: Mapping[tuple[str, str], int]) -> tuple[HTTPRule, ...]:
     for method, target in requests:
         path, _, query = target.partition("?")
         segments = path.split("/")
-        template = tuple(None if _ID_SEGMENT.match(s) else s for s in segments)
+        template = tuple(None if ID_SEGMENT.match(s) else s for s in segments)
         groups[(method, template)].append((segments, bool(query)))
     rules = set()
     for (method, template), seen in groups.items():

@@ -276,8 +276,12 @@ def cidr_matches(
     `match_nodes`: Cilium's `policy-cidr-match-mode: nodes`, where CIDR selectors also select node addresses.
     """
     nodes = match_nodes and bool(endpoint.reserved & NODES)
-    if not (endpoint.cidr_selectable or nodes) or endpoint.ip is None:
+    if not (endpoint.cidr_selectable or nodes):
         return False
+    if endpoint.ip is None:
+        # A world endpoint known only by its identity (the observed-edge table keeps no address for world
+        # clients): whatever its address, a whole-family block without exceptions holds it.
+        return endpoint.is_world and _network(cidr).prefixlen == 0 and not any(except_cidrs)
     address = _address(endpoint.ip)
     if address is None:
         return False

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,8 @@ def draft_policies(
     l7: bool = False,
     include_kube_system: bool = False,
     default_deny: bool = True,
+    context: pa.Table | Iterable[Mapping[str, Any]] | None = None,
+    sides: Sequence[Collection[Direction]] | None = None,
 ) -> Draft:
     """Draft the policies that allow exactly the observed edges.
 
@@ -129,36 +131,67 @@ def draft_policies(
 
     `namespaces` limits the drafted namespaces (default: every namespace with observed pods, `kube-system`
     only with `include_kube_system` or when named). Only the drafted side of an edge gets a rule.
+
+    To draft rules for a part of the observed graph only (e.g. the edges that existing policies deny), pass
+    that part as `edges` and the whole graph as `context`: selectors and DNS servers are then chosen from the
+    whole graph, so that a selector still tells its workload apart from every other one observed. `sides`,
+    aligned with `edges`, says which ends of each edge get a rule (`egress`: the source, `ingress`: the
+    destination; default both).
+
+    What a policy cannot express, or a peer it had to write differently, is said in that policy's `comments`
+    (rendered into its header) as well as in `notes`.
     """
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
+    if sides is not None and len(sides) != len(rows):
+        raise ValueError(f"sides has {len(sides)} entries for {len(rows)} edges")
+    everything = rows if context is None else (
+        context.to_pylist() if isinstance(context, pa.Table) else list(context)
+    )
     draft = Draft()
     parsed = [_parse_row(r) for r in rows]
-    labels = _workload_labels(parsed)
+    parsed_context = parsed if context is None else [_parse_row(r) for r in everything]
+    labels = _workload_labels(parsed_context)
     drafted = _drafted_namespaces(labels, namespaces, include_kube_system)
     selectors = {key: _choose_selector(key, labels) for key in labels}
-    dns_servers = _dns_servers(parsed)
+    dns_servers = _dns_servers(parsed_context)
     deny_namespaces = drafted if default_deny else set()
 
     # (namespace, workload) → direction → peer → port → use
     uses: dict[tuple[str, str], dict[Direction, dict[Peer, dict[Port, _PortUse]]]] = defaultdict(
         lambda: {d: defaultdict(dict) for d in DIRECTIONS}
     )
-    for src, dst, row in parsed:
-        port = _port(row, draft.notes)
+    comments: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for index, (src, dst, row) in enumerate(parsed):
+        port_notes: list[str] = []
+        port = _port(row, port_notes)
+        draft.notes.extend(port_notes)
+        ends: tuple[tuple[Direction, _End, _End], ...] = (("egress", src, dst), ("ingress", dst, src))
         if port is None:
+            for direction, subject, _ in ends:
+                if subject.is_pod and subject.namespace in drafted:
+                    comments[(str(subject.namespace), str(subject.workload))].update(port_notes)
             continue
         is_dns = port.port == DNS_PORT and (dst.namespace, dst.workload) in dns_servers[None]
-        sides: tuple[tuple[Direction, _End, _End], ...] = (("egress", src, dst), ("ingress", dst, src))
-        for direction, subject, other in sides:
+        for direction, subject, other in ends:
             if not subject.is_pod or subject.namespace not in drafted:
+                continue
+            if sides is not None and direction not in sides[index]:
                 continue
             if direction == "egress" and is_dns and subject.namespace in deny_namespaces:
                 continue  # the namespace's DNS allowance covers it
-            peer = _peer(other, subject.namespace, direction, flavour, selectors, draft.notes)
+            key = (str(subject.namespace), str(subject.workload))
+            peer_notes: list[str] = []
+            peer = _peer(other, subject.namespace, direction, flavour, selectors, peer_notes)
+            draft.notes.extend(peer_notes)
+            comments[key].update(peer_notes)
             if peer is None:
                 continue
+            if flavour == "kubernetes" and l7 and row.get("l7_protocol") in ("http", "kafka"):
+                comments[key].add(
+                    f"{row['l7_protocol']} calls on {port.protocol}/{port.port} are allowed at L4: "
+                    "a NetworkPolicy cannot restrict L7"
+                )
             for one in peer:
-                key = (str(subject.namespace), str(subject.workload))
                 use = uses[key][direction][one].setdefault(port, _PortUse())
                 _record(use, row, direction, dst, drafted, l7 and flavour == "cilium")
     if (
@@ -185,12 +218,13 @@ def draft_policies(
                 continue
             draft.policies.append(
                 Policy(
-                    name=_policy_name(workload),
+                    name=policy_name(workload),
                     namespace=ns,
                     flavour=flavour,
                     selector=selector,
                     rules=tuple(rules),
                     isolates=DIRECTIONS,
+                    comments=tuple(sorted(comments.get((ns, workload), ()))),
                 )
             )
     draft.notes = sorted(set(draft.notes))
@@ -214,6 +248,15 @@ def _parse_row(row: Mapping[str, Any]) -> tuple[_End, _End, Mapping[str, Any]]:
         )
 
     return end("source"), end("destination"), row
+
+
+def workload_selectors(
+    edges: pa.Table | Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str], LabelSelector | None]:
+    """The selector `draft_policies` uses for each observed (namespace, workload); None: no stable labels."""
+    rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
+    labels = _workload_labels([_parse_row(r) for r in rows])
+    return {key: _choose_selector(key, labels) for key in labels}
 
 
 def stable_labels(labels: Iterable[str]) -> dict[str, str]:
@@ -296,7 +339,8 @@ def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Ser
     return servers
 
 
-def _policy_name(workload: str) -> str:
+def policy_name(workload: str) -> str:
+    """The stable name of a workload's drafted policy: `flowpipe-<workload>` as a valid object name."""
     name = re.sub(r"[^a-z0-9.-]+", "-", workload.lower()).strip("-.") or "workload"
     return f"flowpipe-{name}"[:253]
 
@@ -331,6 +375,10 @@ def _peer(
         return _address_peer(other, notes)
     if flavour == "cilium" or entity == "world":
         return [Peer.entity_peer(entity)]
+    if entity == "host" and direction == "ingress":
+        # Kubernetes lets the local node reach its pods whatever the policies (kubelet probes); Cilium agrees.
+        notes.append("ingress from the local node (host: kubelet probes) needs no NetworkPolicy rule")
+        return None
     note = f"entity {entity} is written as its observed address (NetworkPolicy has no entities)"
     if entity in ("host", "remote-node"):
         # Cilium gives node addresses their own identities, which ipBlocks select only in that mode.

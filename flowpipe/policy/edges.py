@@ -89,13 +89,15 @@ def learned_requests(edges: pa.Table | Iterable[Mapping[str, Any]]) -> list[dict
                 }
             )
         role = row.get("kafka_role")
+        l7 = row.get("l7_protocol")
         replay_row.update(
             {
                 "destination_names": row.get("destination_names") or [],
                 "l4_protocol": row.get("l4_protocol"),
                 "destination_port": row.get("destination_port"),
                 "icmp_type": row.get("icmp_type"),
-                "l7_protocol": row.get("l7_protocol"),
+                # The edge table keeps no DNS query names: DNS requests are judged at L3/L4.
+                "l7_protocol": None if l7 == "dns" else l7,
                 "http_method": row.get("http_method"),
                 "http_url": row.get("http_path"),
                 "kafka_api_key": _KAFKA_ROLE_API_KEY.get(role) if role else None,

@@ -378,55 +378,16 @@ def replay_edges(
     report = ReplayReport(warnings=list(policy_set.warnings))
     matched: Counter[tuple[int, int]] = Counter()
     denied: dict[tuple[Any, ...], list[int]] = {}
-    endpoints: dict[tuple[Any, ...], m.Endpoint] = {}
-    # Edges that differ only in verdict or observation point share their decisions.
-    decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
-
-    def endpoint(row: Mapping[str, Any], side: str) -> m.Endpoint:
-        key = (
-            row.get(f"{side}_namespace"),
-            tuple(row.get(f"{side}_labels") or ()),
-            row.get(f"{side}_identity"),
-            row.get(f"{side}_ip"),
-            tuple(row.get(f"{side}_names") or ()),
-        )
-        found = endpoints.get(key)
-        if found is None:
-            found = endpoints[key] = m.Endpoint(*key)
-        return found
+    judge = _Judge(policy_set)
 
     for row in rows:
         flows = int(row.get("flows") or 1)
         if row.get("is_reply"):
             report.replies_skipped += flows
             continue
-        src, dst = endpoint(row, "source"), endpoint(row, "destination")
-        traffic = ports.Traffic(
-            protocol=row.get("l4_protocol"),
-            port=row.get("destination_port"),
-            icmp_type=row.get("icmp_type"),
-            l7=row.get("l7_protocol"),
-            http_method=row.get("http_method"),
-            http_url=row.get("http_url"),
-            kafka_api_key=row.get("kafka_api_key"),
-            kafka_topic=row.get("kafka_topic"),
-            dns_query=row.get("dns_query"),
-        )
-        observed = row.get("traffic_direction")
-        directions: tuple[Direction, ...] = (
-            ("egress",)
-            if observed == "EGRESS"
-            else ("ingress",)
-            if observed == "INGRESS"
-            else ("egress", "ingress")
-        )
+        traffic, directions, decisions = judge.row(row)
         reasons: list[str] = []
-        for direction in directions:
-            subject, peer = (src, dst) if direction == "egress" else (dst, src)
-            case = (direction, subject, peer, traffic)
-            decision = decisions.get(case)
-            if decision is None:
-                decision = decisions[case] = policy_set.decide(direction, subject, peer, traffic)
+        for direction, decision in zip(directions, decisions, strict=True):
             for hit in decision.matched:
                 matched[hit] += flows
             if not decision.allowed and decision.reason:
@@ -482,6 +443,83 @@ def replay_edges(
                 RuleUse(policy.key, policy_set.rule_ids[pi][ri], rule.action, matched[(pi, ri)], policy.file)
             )
     return report
+
+
+def denied_directions(
+    policies: Sequence[Policy],
+    edges: pa.Table | Iterable[Mapping[str, Any]],
+    config: ReplayConfig | None = None,
+) -> list[tuple[Direction, ...]]:
+    """For each edge (replies included, which are never denied), the directions in which `policies` deny it.
+
+    >>> denied_directions(existing, learned_requests(rows))       # doctest: +SKIP
+    [(), ('ingress',), ('egress', 'ingress'), ...]
+    """
+    rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
+    judge = _Judge(PolicySet(policies, config))
+    out: list[tuple[Direction, ...]] = []
+    for row in rows:
+        if row.get("is_reply"):
+            out.append(())
+            continue
+        _, directions, decisions = judge.row(row)
+        out.append(tuple(d for d, decision in zip(directions, decisions, strict=True) if not decision.allowed))
+    return out
+
+
+class _Judge:
+    """Judges edge rows against a policy set, sharing endpoints and decisions between rows."""
+
+    def __init__(self, policy_set: PolicySet) -> None:
+        self.policy_set = policy_set
+        self.endpoints: dict[tuple[Any, ...], m.Endpoint] = {}
+        # Edges that differ only in verdict or observation point share their decisions.
+        self.decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
+
+    def endpoint(self, row: Mapping[str, Any], side: str) -> m.Endpoint:
+        key = (
+            row.get(f"{side}_namespace"),
+            tuple(row.get(f"{side}_labels") or ()),
+            row.get(f"{side}_identity"),
+            row.get(f"{side}_ip"),
+            tuple(row.get(f"{side}_names") or ()),
+        )
+        found = self.endpoints.get(key)
+        if found is None:
+            found = self.endpoints[key] = m.Endpoint(*key)
+        return found
+
+    def row(self, row: Mapping[str, Any]) -> tuple[ports.Traffic, tuple[Direction, ...], list[Decision]]:
+        """The traffic of a request row, the directions judged (where Hubble observed it), and the decisions."""
+        src, dst = self.endpoint(row, "source"), self.endpoint(row, "destination")
+        traffic = ports.Traffic(
+            protocol=row.get("l4_protocol"),
+            port=row.get("destination_port"),
+            icmp_type=row.get("icmp_type"),
+            l7=row.get("l7_protocol"),
+            http_method=row.get("http_method"),
+            http_url=row.get("http_url"),
+            kafka_api_key=row.get("kafka_api_key"),
+            kafka_topic=row.get("kafka_topic"),
+            dns_query=row.get("dns_query"),
+        )
+        observed = row.get("traffic_direction")
+        directions: tuple[Direction, ...] = (
+            ("egress",)
+            if observed == "EGRESS"
+            else ("ingress",)
+            if observed == "INGRESS"
+            else ("egress", "ingress")
+        )
+        decisions = []
+        for direction in directions:
+            subject, peer = (src, dst) if direction == "egress" else (dst, src)
+            case = (direction, subject, peer, traffic)
+            decision = self.decisions.get(case)
+            if decision is None:
+                decision = self.decisions[case] = self.policy_set.decide(direction, subject, peer, traffic)
+            decisions.append(decision)
+        return traffic, directions, decisions
 
 
 def _describe(row: Mapping[str, Any], side: str) -> str:
