@@ -1,0 +1,225 @@
+"""Apache Spark runs the same questions over the same dataset: every question returns the same rows on DuckDB
+and on Spark (order aside; floats within a tolerance; times to the microsecond, Spark's precision)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from _small_files import START, lost_events, simulated_flows
+from click.testing import CliRunner
+from conftest import require_binary
+
+from flowpipe.cli import cli
+from flowpipe.compact import compact_dataset
+from flowpipe.config import ParquetSinkConfig
+from flowpipe.dataset import Dataset
+from flowpipe.model import EventBatch, empty_flows
+from flowpipe.query import DuckDBEngine, load_questions, run_question
+from flowpipe.query.catalog import Question
+from flowpipe.query.views import load_views
+from flowpipe.sinks.parquet import ParquetSink
+
+ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
+CLUSTERS = ("eu-west", "us-east")
+TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6})\d*Z$")
+
+
+def test_every_question_and_shared_view_translates_with_its_parameters() -> None:
+    pytest.importorskip("sqlglot")
+    from flowpipe.query.spark import to_spark_sql
+
+    for question in load_questions():
+        text, names = to_spark_sql(question.sql)
+        assert set(names) == {p.name for p in question.parameters}, question.name
+        assert "$" not in text.replace("'$'", ""), question.name
+        assert all(f":{name}" in text for name in names), question.name
+    for view in load_views():
+        assert to_spark_sql(view.sql)[1] == (), view.name
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    """One local[2] SparkSession for this module (UI off), stopped at the end."""
+    require_binary("java")
+    pytest.importorskip("pyspark")
+    from flowpipe.query.spark import spark_session
+
+    session = spark_session("local[2]", app_name="flowpipe-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two simulated clusters (every fault on) and lost events in one dataset, in part files of 1,500 flows."""
+    root = tmp_path_factory.mktemp("spark") / "ds"
+    sink = ParquetSink(ParquetSinkConfig(path=str(root), writer_id="sim", max_batch_rows=1500))
+    for number, cluster in enumerate(CLUSTERS):
+        flows = simulated_flows(rate=0.6, cluster_name=cluster, seed=11 + number)
+        for offset in range(0, flows.num_rows, 1500):
+            sink.write(EventBatch(flows=flows.slice(offset, 1500)))
+    sink.write(EventBatch(flows=empty_flows(), lost_events=lost_events()))
+    sink.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def engines(spark: Any, dataset: Path) -> Iterator[tuple[DuckDBEngine, Any]]:
+    from flowpipe.query.spark import SparkEngine
+
+    with DuckDBEngine(dataset) as duck, SparkEngine(dataset, session=spark) as sparks:
+        yield duck, sparks
+
+
+def normalize(value: Any) -> Any:
+    """A value comparable across engines: times as UTC microseconds, floats rounded, lists as tuples."""
+    if isinstance(value, pd.Timestamp):
+        return ("time", value.value // 1000)
+    if isinstance(value, datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return ("time", (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1))
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else round(float(value), 6)
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    if isinstance(value, list | tuple):
+        return tuple(normalize(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, normalize(item)) for key, item in value.items()))
+    return value
+
+
+def rows(table: pa.Table) -> list[tuple[Any, ...]]:
+    """The rows of a result, normalized, as a sorted list (row order aside)."""
+    return sorted(
+        (tuple((name, normalize(value)) for name, value in row.items()) for row in table.to_pylist()),
+        key=repr,
+    )
+
+
+def values_for(question: Question, **given: str) -> dict[str, str]:
+    values = {k: v for k, v in {**ALL_TIME, **given}.items() if question.parameter(k) is not None}
+    if question.parameter("limit") is not None:
+        values["limit"] = "100000"  # no cut-off among ties, which the engines may break differently
+    return values
+
+
+def assert_same(duck: DuckDBEngine, sparks: Any, question: Question, values: dict[str, str]) -> int:
+    on_duckdb = run_question(duck, question, values).table
+    on_spark = run_question(sparks, question, values).table
+    assert on_spark.column_names == on_duckdb.column_names, question.name
+    expected, got = rows(on_duckdb), rows(on_spark)
+    if got != expected:
+        only_duckdb = [r for r in expected if r not in got][:3]
+        only_spark = [r for r in got if r not in expected][:3]
+        pytest.fail(f"{question.name} {values}: DuckDB only {only_duckdb}; Spark only {only_spark}")
+    return len(expected)
+
+
+def test_every_question_returns_the_same_rows_on_duckdb_and_spark(
+    engines: tuple[DuckDBEngine, Any],
+) -> None:
+    duck, sparks = engines
+    counts = {
+        question.name: assert_same(duck, sparks, question, values_for(question))
+        for question in load_questions()
+    }
+    assert sum(1 for count in counts.values() if count) >= len(counts) - 1, (
+        counts
+    )  # nearly all find something
+
+
+def test_parameters_bind_alike(engines: tuple[DuckDBEngine, Any]) -> None:
+    """A window inside the data, a namespace, a boolean and a float, on a few questions (Spark is slow to plan)."""
+    duck, sparks = engines
+    window = {
+        "since": (START + timedelta(minutes=50)).isoformat(),
+        "until": (START + timedelta(hours=2)).isoformat(),
+    }
+    catalog = load_questions()
+    for name in ("drops_by_reason", "top_talkers", "cross_namespace"):
+        question = catalog.question(name)
+        assert assert_same(duck, sparks, question, values_for(question, **window, namespace="production")) > 0
+    dns = catalog.question("dns_failures")
+    options = {"include_search_expansions": "true", "timeout_seconds": "2.5"}
+    assert assert_same(duck, sparks, dns, values_for(dns, **window, **options)) > 0
+
+
+def test_a_value_is_bound_never_spliced_into_the_sql(engines: tuple[DuckDBEngine, Any]) -> None:
+    _, sparks = engines
+    question = load_questions().question("drops_by_reason")
+    hostile = "x' OR '1'='1"
+    result = run_question(sparks, question, values_for(question, namespace=hostile)).table
+    assert result.num_rows == 0
+    assert sparks.run("SELECT $v AS v", {"v": hostile}).to_pylist() == [{"v": hostile}]
+
+
+def test_cluster_name_reaches_spark(engines: tuple[DuckDBEngine, Any]) -> None:
+    _, sparks = engines
+    table = sparks.run(
+        "SELECT cluster_name, count(*) AS n FROM flows GROUP BY cluster_name ORDER BY cluster_name"
+    )
+    assert [row["cluster_name"] for row in table.to_pylist()] == list(CLUSTERS)
+
+
+def test_an_empty_dataset_answers_with_no_rows(spark: Any, tmp_path: Path) -> None:
+    from flowpipe.query.spark import SparkEngine
+
+    with SparkEngine(tmp_path / "empty", session=spark) as empty:
+        assert not empty.has_flows
+        for name in ("drops_by_reason", "lost_events", "observed_edges"):
+            question = load_questions().question(name)
+            assert run_question(empty, question, values_for(question)).table.num_rows == 0, question.name
+
+
+def test_part_files_compacted_under_a_running_engine(spark: Any, dataset: Path, tmp_path: Path) -> None:
+    from flowpipe.query.spark import SparkEngine
+
+    copy = Path(shutil.copytree(dataset, tmp_path / "ds"))
+    with SparkEngine(copy, session=spark) as sparks:
+        total = sparks.run("SELECT count(*) AS n FROM flows").column("n")[0].as_py()
+        report = compact_dataset(Dataset(copy), clock=lambda: datetime(2100, 1, 1, tzinfo=UTC))
+        assert report.files_removed > 0
+        assert sparks.run("SELECT count(*) AS n FROM flows").column("n")[0].as_py() == total
+
+
+def test_query_command_with_engine_spark(spark: Any, dataset: Path) -> None:
+    runner = CliRunner()
+    args = [
+        "query",
+        "drops_by_reason",
+        "--dataset",
+        str(dataset),
+        "--since",
+        "2000-01-01",
+        "--format",
+        "json",
+    ]
+    on_duckdb = runner.invoke(cli, args)
+    on_spark = runner.invoke(cli, [*args, "--engine", "spark"])
+    assert on_duckdb.exit_code == 0 and on_spark.exit_code == 0, on_spark.output
+
+    def records(output: str) -> list[str]:  # times to the microsecond, Spark's precision
+        found = [
+            {k: TIME.sub(r"\1Z", v) if isinstance(v, str) else v for k, v in r.items()}
+            for r in json.loads(output)
+        ]
+        return sorted(json.dumps(r, sort_keys=True) for r in found)
+
+    assert records(on_spark.stdout) == records(on_duckdb.stdout) != []
+    empty = runner.invoke(
+        cli, ["query", "drops_by_reason", "--dataset", str(dataset / "nothing"), "--engine", "spark"]
+    )
+    assert empty.exit_code == 1 and "holds no flows" in empty.output
+    assert spark.sparkContext._jsc is not None  # the shared session is still running
