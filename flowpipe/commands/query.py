@@ -12,7 +12,7 @@ import pyarrow as pa
 from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import format_datetime, render
 from flowpipe.query.catalog import Catalog, Question, load_questions
-from flowpipe.query.engine import open_engine
+from flowpipe.query.engine import Engine, open_engine
 from flowpipe.query.run import RELATIVE_TO, QuestionResult, run_question
 from flowpipe.query.timeparse import parse_time
 
@@ -69,6 +69,21 @@ def sql_dir_option(func: F) -> F:
 )
 @click.option("--now", "now_text", metavar="TIME", help="Take this time (ISO timestamp) as the clock's now.")
 @click.option("--list", "list_only", is_flag=True, help="List the questions and their parameters.")
+@click.option(
+    "--engine",
+    "engine_name",
+    type=click.Choice(["duckdb", "spark"]),
+    default="duckdb",
+    show_default=True,
+    envvar="FLOWPIPE_ENGINE",
+    help="Run the question on embedded DuckDB, or on Apache Spark (pip install 'flowpipe[spark]', Java 17+).",
+)
+@click.option(
+    "--spark-master",
+    metavar="URL",
+    envvar="FLOWPIPE_SPARK_MASTER",
+    help="Spark master for --engine spark: local[N] (default local[2]), spark://host:7077, k8s://..., yarn.",
+)
 @sql_dir_option
 @dataset_option
 @format_option("table", "json", "csv")
@@ -81,6 +96,8 @@ def query(
     relative_to: str,
     now_text: str | None,
     list_only: bool,
+    engine_name: str,
+    spark_master: str | None,
     sql_dir: Path | None,
     dataset: str,
     output_format: str,
@@ -92,6 +109,7 @@ def query(
       flowpipe query --list
       flowpipe query drops_by_reason --since 6h --namespace shop
       flowpipe query top_talkers -p limit=5 --format json
+      flowpipe query unexpected_drops --engine spark --spark-master spark://spark:7077
     """
     catalog = load_questions(sql_dir)
     if list_only:
@@ -111,7 +129,12 @@ def query(
         values[key] = value
     now = parse_time(now_text, name="--now") if now_text is not None else None
     question.check_values(values)
-    engine = open_engine(dataset, require_flows=True)
+    if engine_name == "spark":
+        from flowpipe.query.spark import open_spark_engine  # pyspark is an optional extra
+
+        engine: Engine = open_spark_engine(dataset, master=spark_master, require_flows=True)
+    else:
+        engine = open_engine(dataset, require_flows=True)
     try:
         result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]
     finally:
