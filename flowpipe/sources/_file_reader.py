@@ -1,12 +1,18 @@
 """Reading export files for the file source: decompression, blocks of whole lines, JSON array elements.
 
-Everything here streams: a file is never held whole in memory, whatever its size.
+Everything here streams: a file is never held whole in memory, whatever its size. A live stream (a pipe, a
+terminal: `hubble observe -f -o jsonpb | flowpipe ingest -`) is read as its data arrives; when it has been
+quiet for `IDLE_SECONDS`, the whole lines read so far are handed on as a block instead of waiting for a full
+one, so a slow stream is ingested continuously.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
+import select
+import stat
 import threading
 import zlib
 from collections import deque
@@ -19,8 +25,15 @@ from flowpipe.errors import FlowDecodeError
 
 GZIP_MAGIC = b"\x1f\x8b"
 COMPRESSED_READ_BYTES = 1024 * 1024
+STREAM_READ_BYTES = 1024 * 1024
+IDLE_SECONDS = 1.0
+"""A live stream quiet for this long has its whole lines read so far decoded (a partial block)."""
 REASON_TRUNCATED = "truncated"
 REASON_LINE_TOO_LONG = "line_too_long"
+
+IDLE = None
+"""Marks a pause in a live stream among the chunks of content (`Chunk`)."""
+Chunk = bytes | None
 
 T = TypeVar("T")
 
@@ -38,6 +51,8 @@ class Block:
     records: int
     offset: int
     error: FlowDecodeError | None = None
+    flush: bool = False
+    """The input paused after this block: decode and deliver it (and those before it) before reading on."""
 
 
 class LineBlocks:
@@ -55,49 +70,73 @@ class LineBlocks:
         self.truncated: Truncated | None = None
 
     def blocks(self, closed: threading.Event) -> Iterator[Block]:
-        """The blocks, in order; a compressed stream's break ends them and is kept in `truncated`."""
+        """The blocks, in order; a compressed stream's break ends them and is kept in `truncated`.
+
+        Content is gathered up to `block_bytes` (or up to a pause of a live stream) and cut after its last
+        newline; what follows the cut waits in `carry` for the rest of its line.
+        """
         if self.truncated is not None:
             return
+        pieces: list[bytes] = []
+        size = 0
         try:
-            for chunk in gathered(self.reader.chunks(), self.block_bytes):
+            for chunk in self.reader.chunks():
                 if closed.is_set():
                     return
-                if self.discarding:
-                    cut = chunk.find(b"\n")
-                    if cut < 0:
-                        self.offset += len(chunk)
+                if chunk is not IDLE:
+                    pieces.append(chunk)
+                    size += len(chunk)
+                    if size < self.block_bytes:
                         continue
-                    self.offset += cut + 1
-                    self.records += 1
-                    chunk, self.discarding = chunk[cut + 1 :], False
-                buf = self.carry + chunk if self.carry else chunk
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    self.carry = buf
-                    if len(buf) > self.max_line_bytes:
-                        error = FlowDecodeError(
-                            f"line longer than {self.max_line_bytes} bytes; skipped",
-                            path=self.name,
-                            line_number=self.records + 1,
-                            reason=REASON_LINE_TOO_LONG,
-                        )
-                        self.offset += len(buf)
-                        self.carry, self.discarding = b"", True
-                        yield Block(b"", self.records + 1, self.records, self.offset, error)
-                    continue
-                data, self.carry = buf[: cut + 1], buf[cut + 1 :]
-                first = self.records + 1
-                self.records += data.count(b"\n")
-                self.offset += len(data)
-                yield Block(data, first, self.records, self.offset)
+                if pieces:
+                    yield from self._cut(pieces, flush=chunk is IDLE)
+                    pieces, size = [], 0
         except Truncated as exc:
             self.truncated = exc
+        if pieces:  # the end of the content, or the last bytes before a break
+            yield from self._cut(pieces, flush=False)
+
+    def _cut(self, pieces: list[bytes], *, flush: bool) -> Iterator[Block]:
+        chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if self.discarding:
+            cut = chunk.find(b"\n")
+            if cut < 0:
+                self.offset += len(chunk)
+                return
+            self.offset += cut + 1
+            self.records += 1
+            chunk, self.discarding = chunk[cut + 1 :], False
+        # `carry` never holds a newline, so the last newline of carry + chunk is the last one of chunk.
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            self.carry += chunk
+            if len(self.carry) > self.max_line_bytes:
+                error = FlowDecodeError(
+                    f"line longer than {self.max_line_bytes} bytes; skipped",
+                    path=self.name,
+                    line_number=self.records + 1,
+                    reason=REASON_LINE_TOO_LONG,
+                )
+                self.offset += len(self.carry)
+                self.carry, self.discarding = b"", True
+                yield Block(b"", self.records + 1, self.records, self.offset, error, flush=flush)
+            return
+        head = memoryview(chunk)[: cut + 1]
+        data = b"".join((self.carry, head)) if self.carry else bytes(head) if cut + 1 < len(chunk) else chunk
+        self.carry = chunk[cut + 1 :]
+        first = self.records + 1
+        self.records += data.count(b"\n")
+        self.offset += len(data)
+        yield Block(data, first, self.records, self.offset, flush=flush)
 
 
 def decode_in_order(
     decode: Callable[[Block], T], blocks: Iterator[Block], threads: int
 ) -> Iterator[tuple[Block, T]]:
-    """Decode blocks on `threads` threads (pyarrow releases the GIL), yielding results in input order."""
+    """Decode blocks on `threads` threads (the parsers release the GIL), yielding results in input order.
+
+    A block marked `flush` (the input paused) is delivered with every block before it before reading on.
+    """
     if threads <= 1:
         for block in blocks:
             yield block, decode(block)
@@ -107,7 +146,7 @@ def decode_in_order(
     try:
         for block in blocks:
             pending.append((block, pool.submit(decode, block)))
-            if len(pending) >= threads:
+            while pending and (len(pending) >= threads or block.flush):
                 done, future = pending.popleft()
                 yield done, future.result()
         while pending:
@@ -117,39 +156,21 @@ def decode_in_order(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def gathered(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
-    """Chunks joined up to at least `size` bytes (the last one may be shorter).
-
-    When `chunks` raises `Truncated`, what was gathered so far is yielded first, then the error is raised.
-    """
-    pieces: list[bytes] = []
-    have = 0
-    try:
-        for chunk in chunks:
-            pieces.append(chunk)
-            have += len(chunk)
-            if have >= size:
-                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                pieces, have = [], 0
-    except Truncated:
-        if pieces:
-            yield b"".join(pieces)
-        raise
-    if pieces:
-        yield b"".join(pieces)
-
-
 class Reader:
-    """A file's decompressed content as chunks, with look-ahead (`head`) and skipping of what is read."""
+    """A file's decompressed content as chunks, with look-ahead (`head`) and skipping of what is read.
+
+    The chunks of a live stream include `IDLE` marks where it paused (see `raw_chunks`).
+    """
 
     def __init__(self, raw: BinaryIO, block_bytes: int) -> None:
-        self._stream = decompressed(raw, block_bytes)
-        self._pending: list[bytes] = []
+        self._stream = decompressed(raw_chunks(raw, block_bytes), block_bytes)
+        self._pending: list[Chunk] = []
         self._error: Truncated | None = None
 
     def head(self, size: int) -> bytes:
-        """The first `size` bytes of the content (or all of it), without consuming them."""
-        have = sum(len(chunk) for chunk in self._pending)
+        """The first `size` bytes of the content (or all of it, or what a live stream had when it paused),
+        without consuming them."""
+        have = sum(len(chunk) for chunk in self._pending if chunk is not IDLE)
         while have < size and self._error is None:
             try:
                 chunk = next(self._stream)
@@ -159,10 +180,14 @@ class Reader:
                 self._error = exc  # raised again, in order, by chunks()
                 break
             self._pending.append(chunk)
+            if chunk is IDLE:
+                if have:
+                    break
+                continue
             have += len(chunk)
-        return b"".join(self._pending)[:size]
+        return b"".join(chunk for chunk in self._pending if chunk is not IDLE)[:size]
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[Chunk]:
         """The content from the current position on; raises Truncated where the compressed data breaks."""
         # No `yield from self._stream`: a caller that stops early (skip) closes this generator, and that must
         # not close the underlying stream, which later calls go on reading.
@@ -182,6 +207,8 @@ class Reader:
         """Consume the first `offset` bytes (and the newline that ends a partial last line); bytes consumed."""
         left = offset
         for chunk in self.chunks():
+            if chunk is IDLE:
+                continue
             if len(chunk) > left:
                 self._pending.insert(0, chunk[left:])
                 left = 0
@@ -193,6 +220,8 @@ class Reader:
         if partial:
             # The last line read had no newline then; if it has one now, it belongs to that line.
             for chunk in self.chunks():
+                if chunk is IDLE:
+                    continue
                 if chunk[:1] == b"\n":
                     chunk, consumed = chunk[1:], consumed + 1
                 if chunk:
@@ -201,23 +230,59 @@ class Reader:
         return consumed
 
 
-def decompressed(raw: BinaryIO, block_bytes: int) -> Iterator[bytes]:
-    """The content of a plain or gzip file (detected by its magic bytes, multi-member aware), in chunks.
+def raw_chunks(raw: BinaryIO, block_bytes: int) -> Iterator[Chunk]:
+    """The bytes of an open file: `block_bytes` reads of a regular file; what a live stream (pipe, terminal)
+    has as it arrives, with `IDLE` each time it has been quiet for `IDLE_SECONDS`."""
+    try:
+        fd = raw.fileno()
+        live = not stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        live = False
+    if not live:
+        while chunk := raw.read(block_bytes):
+            yield chunk
+        return
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], IDLE_SECONDS)
+        except (OSError, ValueError):  # not selectable here: plain blocking reads
+            ready = [fd]
+        if not ready:
+            yield IDLE
+            continue
+        chunk = os.read(fd, STREAM_READ_BYTES)
+        if not chunk:
+            return
+        yield chunk
 
-    Every byte that can be decompressed is yielded before `Truncated` is raised for a cut or corrupt file.
+
+def decompressed(chunks: Iterator[Chunk], block_bytes: int) -> Iterator[Chunk]:
+    """The content of plain or gzip chunks (detected by the magic bytes, multi-member aware), in chunks.
+
+    `IDLE` marks pass through. Every byte that can be decompressed is yielded before `Truncated` is raised
+    for a cut or corrupt file.
     """
-    data = raw.read(min(block_bytes, COMPRESSED_READ_BYTES))
+    data = b""
+    for chunk in chunks:  # enough bytes to see the magic
+        if chunk is IDLE:
+            continue
+        data += chunk
+        if len(data) >= len(GZIP_MAGIC):
+            break
     if not data.startswith(GZIP_MAGIC):
         if data:
             yield data
-        while chunk := raw.read(block_bytes):
-            yield chunk
+        yield from chunks
         return
     decompressor = zlib.decompressobj(wbits=31)
     in_member = True
     while True:
         if not data:
-            data = raw.read(COMPRESSED_READ_BYTES)
+            chunk = next(chunks, b"")
+            if chunk is IDLE:
+                yield IDLE
+                continue
+            data = chunk
             if not data:
                 if in_member:
                     tail = decompressor.flush()
@@ -260,6 +325,8 @@ def array_items(reader: Reader, name: str) -> Iterator[tuple[int, object]]:
             return False
         try:
             chunk = next(chunks)
+            while chunk is IDLE:
+                chunk = next(chunks)
         except StopIteration:
             eof = True
             return False
