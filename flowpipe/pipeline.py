@@ -130,14 +130,24 @@ class _Acks:
 
     def commit_durable(self, written: int) -> None:
         # Every position is committed, in order: positions need not be cumulative (the file source keeps one
-        # per file, so a later file's position says nothing about an earlier file).
+        # per file, so a later file's position says nothing about an earlier file). A source that offers
+        # `commit_many` gets all positions made durable by one flush in one call (one checkpoint write).
         durable = min(self.acked, default=written)
+        positions: list[object] = []
         while self.pending and self.pending[0][0] <= durable:
             _, position = self.pending.popleft()
             if position is not None:
+                positions.append(position)
+        if not positions:
+            return
+        commit_many = getattr(self.source, "commit_many", None)
+        if commit_many is not None:
+            commit_many(positions)
+        else:
+            for position in positions:
                 self.source.commit(position)
-                self.result.commits += 1
-                self.result.last_position = position
+        self.result.commits += len(positions)
+        self.result.last_position = positions[-1]
 
 
 def run_pipeline(

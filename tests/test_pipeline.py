@@ -304,3 +304,23 @@ def test_sigterm_sets_the_stop_event() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         wait_for(stop.is_set, "the SIGTERM handler")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+class BulkCommitSource(ListSource):
+    """A ListSource that takes all positions one flush made durable in one call."""
+
+    def __init__(self, batches: list[EventBatch]) -> None:
+        super().__init__(batches)
+        self.calls: list[list[object]] = []
+
+    def commit_many(self, positions: list[object]) -> None:
+        self.calls.append(list(positions))
+        self.commits.extend(positions)
+
+
+def test_a_source_with_commit_many_gets_each_flush_in_one_call(tmp_path: Path) -> None:
+    source = BulkCommitSource(numbered(20))
+    result = run_pipeline(source, [parquet(tmp_path, max_batch_rows=10)], config=FAST)
+    assert source.commits == list(range(1, 21)) and result.commits == 20 and result.last_position == 20
+    assert len(source.calls) < 20, "batches made durable by one flush are committed together"
+    assert any(len(call) > 1 for call in source.calls)

@@ -3,6 +3,8 @@
 A source yields `EventBatch`es (flow rows, lost events, counted node_status, decode errors, and a `position`).
 The pipeline calls `commit(batch.position)` only after every sink made that batch durable; a source must then
 never deliver what was committed again (file: per-content line count; relay: time and uuid of the last flow).
+A source may also offer `commit_many(positions)`, which the pipeline then calls once with every position one
+flush made durable (the file source writes its checkpoint once for them).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,13 +106,19 @@ class FileState:
 
     def commit(self, position: FilePosition) -> None:
         """Record `position` as durable and save the state."""
-        with self._lock:
-            self._commit(position)
+        self.commit_many([position])
 
-    def _commit(self, position: FilePosition) -> None:
+    def commit_many(self, positions: Iterable[FilePosition]) -> None:
+        """Record `positions` (in order) as durable and save the state once."""
+        with self._lock:
+            changed = [self._apply(position) for position in positions]
+            if any(changed):
+                self._save()
+
+    def _apply(self, position: FilePosition) -> bool:
         current = self._entries.get(position.key)
         if current is not None and current.records >= position.records:
-            return
+            return False
         self._entries[position.key] = _Entry(
             head_bytes=int(position.key.rsplit(":", 1)[1]),
             records=position.records,
@@ -123,7 +129,7 @@ class FileState:
         )
         if position.replaces and position.replaces != position.key:
             self._entries.pop(position.replaces, None)
-        self._save()
+        return True
 
     def _save(self) -> None:
         if self.path is None and self._store is None:

@@ -140,11 +140,19 @@ class FileSource:
 
     def commit(self, position: object) -> None:
         """Record that everything up to `position` (a FilePosition from a batch) is durable."""
-        if position is None:
-            return
-        if not isinstance(position, FilePosition):
-            raise TypeError(f"not a file position: {position!r}")
-        self._state.commit(position)
+        self.commit_many([position])
+
+    def commit_many(self, positions: Sequence[object]) -> None:
+        """Record several positions (in batch order) at once: the checkpoint is written once for all of them."""
+        durable: list[FilePosition] = []
+        for position in positions:
+            if position is None:
+                continue
+            if not isinstance(position, FilePosition):
+                raise TypeError(f"not a file position: {position!r}")
+            durable.append(position)
+        if durable:
+            self._state.commit_many(durable)
 
     def close(self) -> None:
         """Stop reading after the current block (safe to call from another thread)."""
