@@ -1,10 +1,12 @@
 -- description: DNS lookups seen with L7 DNS visibility (Cilium's DNS proxy), per client workload and query
 --   name: lookups (requests), responses, failed responses (any rcode but NOERROR), the rcodes, query types and
 --   answer IPs seen, and when the name was first and last asked. `query` is a LIKE pattern on the name (names
---   end with a dot: `%.example.com.`), case-insensitive. A namespace filter matches the client.
+--   end with a dot: `%.example.com.`), case-insensitive. A namespace filter matches the client. Counted per
+--   cluster (`cluster_name`).
 -- params: since=1h, until=now, namespace=, query=, limit=50
 WITH dns AS (
     SELECT
+        cluster_name,
         -- A response travels from the DNS server back to the client, so the client is its destination.
         CASE WHEN l7_type = 'RESPONSE' THEN destination_namespace ELSE source_namespace END AS client_namespace,
         CASE
@@ -46,9 +48,12 @@ SELECT
     list_sort(list_distinct(flatten(array_agg(dns_qtypes)))) AS qtypes,
     list_sort(list_distinct(flatten(array_agg(dns_ips)))) AS answers,
     min(time) AS first_seen,
-    max(time) AS last_seen
+    max(time) AS last_seen,
+    cluster_name
 FROM dns
 WHERE $namespace IS NULL OR client_namespace = $namespace
-GROUP BY client_namespace, client_workload, dns_query
-ORDER BY lookups DESC, failures DESC, source_namespace NULLS LAST, source_workload NULLS LAST, query
+GROUP BY cluster_name, client_namespace, client_workload, dns_query
+ORDER BY
+    lookups DESC, failures DESC, source_namespace NULLS LAST, source_workload NULLS LAST, query,
+    cluster_name NULLS LAST
 LIMIT $limit

@@ -1,9 +1,11 @@
 -- description: Dropped flows by drop reason and namespace pair, busiest first: the reason's class (policy,
 --   conntrack, routing, invalid packet, ...), how many flows, how many distinct source and destination pods,
---   and when the drops were first and last seen. A namespace filter matches either side.
+--   and when the drops were first and last seen. A namespace filter matches either side. Counted per cluster
+--   (`cluster_name`).
 -- params: since=1h, until=now, namespace=, limit=50
 WITH dropped AS (
     SELECT
+        cluster_name,
         drop_reason_desc,
         -- The reason's number, for flows that carry no name: the deprecated drop_reason field, else the
         -- sub-type of a drop event (event type 1), which is the same DropReason number in older captures.
@@ -25,6 +27,7 @@ named AS (
         -- normalize keeps a reason number it does not know as its decimal string; so does this
         coalesce(d.drop_reason_desc, r.drop_reason_desc, CAST(d.reason_number AS VARCHAR), 'DROP_REASON_UNKNOWN')
             AS reason,
+        d.cluster_name,
         d.source_namespace,
         d.destination_namespace,
         d.source_pod_name,
@@ -42,9 +45,12 @@ SELECT
     count(DISTINCT n.source_pod_name) AS source_pods,
     count(DISTINCT n.destination_pod_name) AS destination_pods,
     min(n.time) AS first_seen,
-    max(n.time) AS last_seen
+    max(n.time) AS last_seen,
+    n.cluster_name
 FROM named AS n
 LEFT JOIN drop_reasons AS c ON c.drop_reason_desc = n.reason
-GROUP BY n.reason, c.reason_class, n.source_namespace, n.destination_namespace
-ORDER BY flows DESC, drop_reason_desc, source_namespace NULLS LAST, destination_namespace NULLS LAST
+GROUP BY n.cluster_name, n.reason, c.reason_class, n.source_namespace, n.destination_namespace
+ORDER BY
+    flows DESC, drop_reason_desc, source_namespace NULLS LAST, destination_namespace NULLS LAST,
+    cluster_name NULLS LAST
 LIMIT $limit

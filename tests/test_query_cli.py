@@ -81,6 +81,7 @@ def test_query_json_is_one_array_of_objects(dataset: str, rows: list[dict[str, A
         "destination_pods",
         "first_seen",
         "last_seen",
+        "cluster_name",
     }
     assert sum(r["flows"] for r in records) == sum(r["verdict"] == "DROPPED" for r in rows)
     assert all(r["first_seen"].endswith("Z") and "T" in r["first_seen"] for r in records)
