@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def test_lost_events_are_counted_and_stored(hubble_captures: Path, tmp_path: Pat
     dataset = tmp_path / "data"
     result = invoke("ingest", str(path), "--dataset", str(dataset))
     assert result.exit_code == 0, result.output
-    assert "lost events seen: 1 records, 42 events lost by Hubble" in result.stdout
+    assert "lost events seen: 1 record, 42 events lost by Hubble" in result.stdout
+    assert "(HUBBLE_RING_BUFFER: 1 record, 42 events)" in result.stdout
     (stored,) = Dataset(dataset).list_part_files("lost_events")
     assert duckdb.sql(
         "SELECT num_events_lost, cpu FROM read_parquet($f)", params={"f": stored}
@@ -249,3 +251,122 @@ def test_bench_only_runs_the_named_sections(tmp_path: Path) -> None:
     assert {row["section"] for row in json.loads(result.stdout)} == {"ingest"}
     unknown = CliRunner().invoke(cli, ["bench", "--only", "nope"])
     assert unknown.exit_code != 0 and "unknown bench section" in unknown.output
+
+
+# -- the summary accounts for every line read ------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_file(tmp_path: Path, hubble_captures: Path) -> Path:
+    """Every kind of line: two flows, counted events, lines of no known event kind and a malformed line."""
+    real = (hubble_captures / "kind-starwars" / "testdata1.jsonl").read_text(encoding="utf-8").splitlines()
+    lost = {"lost_events": {"source": "HUBBLE_RING_BUFFER", "num_events_lost": "7"}, "node_name": "n1"}
+    lines = [
+        real[0],
+        "{}",
+        '{"flow": null}',
+        '{"some_future_event": {"x": 1}}',
+        json.dumps({"agent_event": {"type": "AGENT_STARTED"}, "node_name": "n1"}),
+        json.dumps({"debug_event": {"type": "DBG_GENERIC"}, "node_name": "n1"}),
+        json.dumps({"node_status": {"state_change": "NODE_CONNECTED"}, "node_name": "n1"}),
+        json.dumps(lost),
+        '{"flow": {"verdict": ',
+        real[1],
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_every_line_read_is_accounted_for_in_the_result(mixed_file: Path, tmp_path: Path) -> None:
+    result = ingest_files([mixed_file], ParquetSinkConfig(path=str(tmp_path / "data")))
+    lines = mixed_file.read_text().splitlines()
+    assert result.flows_by_verdict == Counter(json.loads(lines[i])["flow"]["verdict"] for i in (0, -1))
+    assert result.lost_events_by_source == {"HUBBLE_RING_BUFFER": 1}
+    assert result.events_lost_by_source == {"HUBBLE_RING_BUFFER": 7}
+    assert (result.node_status, result.agent_events, result.debug_events) == (1, 1, 1)
+    assert result.skipped_by_reason == {"unknown_event": 3, "invalid_json": 1}
+    assert result.lines_read == 10 == len(lines)
+    again = ingest_files([mixed_file], ParquetSinkConfig(path=str(tmp_path / "data")))
+    assert again.lines_already_ingested == 10 and again.lines_read == 0
+    assert again.pipeline.flows == 0
+
+
+def test_the_summary_shows_counted_events_and_lines_of_unknown_kinds(
+    mixed_file: Path, tmp_path: Path
+) -> None:
+    result = invoke("ingest", str(mixed_file), "--dataset", str(tmp_path / "data"))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "flows ingested: 2 " in out
+    assert (
+        "lost events seen: 1 record, 7 events lost by Hubble (HUBBLE_RING_BUFFER: 1 record, 7 events)" in out
+    )
+    assert "events counted, not stored: 3 (node_status 1, agent 1, debug 1)" in out
+    assert "lines skipped: 4 (invalid_json 1, unknown_event 3)" in out
+    assert f"{mixed_file}:9: invalid JSON" in out
+    assert "unknown_event: 3 lines of valid JSON hold no event flowpipe reads" in out
+
+
+def test_the_summary_speaks_of_one_record_and_one_line_in_the_singular(
+    hubble_captures: Path, tmp_path: Path
+) -> None:
+    lost = {"lost_events": {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "1"}, "node_name": "n1"}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(lost) + "\n")
+    dataset = str(tmp_path / "data")
+    first = invoke("ingest", str(path), "--dataset", dataset)
+    assert first.exit_code == 0, first.output
+    assert "lost events seen: 1 record, 1 event lost by Hubble" in first.stdout
+    again = invoke("ingest", str(path), "--dataset", dataset)
+    assert "already ingested: 1 line was in the dataset" in again.stdout
+    assert not re.search(r"\b1 (records|events|lines)\b", first.stdout + again.stdout)
+
+
+def test_strict_failure_in_a_later_file_says_what_was_already_stored(
+    hubble_captures: Path, bad_file: Path, tmp_path: Path
+) -> None:
+    real = (hubble_captures / "kind-starwars" / "testdata1.jsonl").read_text(encoding="utf-8").splitlines()
+    good = tmp_path / "good.json"
+    good.write_text("\n".join(real[3:5]) + "\n")
+    dataset = tmp_path / "data"
+    result = invoke("ingest", str(good), str(bad_file), "--dataset", str(dataset), "--strict")
+    assert result.exit_code == 1
+    assert f"{bad_file}:2: invalid JSON" in result.stderr
+    assert f"--strict stopped the ingest at {bad_file}:2" in result.stderr
+    assert (
+        f"stored before it and kept: 2 flows, 0 lost event records, from {good} up to line 2" in result.stderr
+    )
+    assert sum(verdicts_in_dataset(dataset).values()) == 2
+    # without --strict the same command adds the rest, and nothing twice
+    rest = invoke("ingest", str(good), str(bad_file), "--dataset", str(dataset))
+    assert rest.exit_code == 0, rest.output
+    assert sum(verdicts_in_dataset(dataset).values()) == 5
+
+
+def test_a_file_given_as_the_dataset_is_refused_before_reading(bad_file: Path, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "flows.json"
+    not_a_folder.write_text("{}\n")
+    # --strict and a bad line: reading the input first would fail on the line instead
+    result = invoke("ingest", str(bad_file), "--dataset", str(not_a_folder), "--strict")
+    assert result.exit_code == 2, result.output
+    assert f"dataset {not_a_folder} is a file, not a dataset folder" in result.stderr
+    assert "invalid JSON" not in result.output
+    below = invoke("ingest", str(bad_file), "--dataset", str(not_a_folder / "data"))
+    assert below.exit_code == 2, below.output
+    assert f"dataset {not_a_folder / 'data'} cannot be created: {not_a_folder} is a file" in below.stderr
+
+
+def test_a_bad_line_is_shown_once_and_logged_only_at_info(bad_file: Path, tmp_path: Path) -> None:
+    def run(*options: str) -> str:
+        dataset = tmp_path / f"data{len(options)}"  # a new dataset each time: the bad line is read again
+        done = subprocess.run(
+            [sys.executable, "-m", "flowpipe", *options, "ingest", str(bad_file), "--dataset", str(dataset)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout + done.stderr
+
+    assert run().count(f"{bad_file}:2") == 1
+    assert run("--log-level", "info").count(f"{bad_file}:2") == 2  # the log line, then the summary

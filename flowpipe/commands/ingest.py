@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,11 @@ from rich.progress import (
 from flowpipe._cli_options import dataset_option
 from flowpipe.config import ParquetSinkConfig, field_help
 from flowpipe.errors import FlowpipeError
-from flowpipe.ingest import IngestResult, ingest_files
+from flowpipe.ingest import IngestResult, ingest_files, plural
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import handle_stop_signals
-from flowpipe.sources.file import STDIN, expand_paths
+from flowpipe.sources import file as file_source
+from flowpipe.sources.file import REASON_UNKNOWN_EVENT, STDIN, expand_paths
 
 _HELP = field_help(ParquetSinkConfig)
 STOPPED_EXIT_CODE = 130
@@ -51,8 +55,13 @@ def ingest(
     FILE is `hubble observe -o jsonpb` (or legacy `-o json`) output, a Hubble exporter file (`events.log`, its
     rotated and `.gz` backups), or a JSON array of flows; `-` reads stdin. Lines already ingested into this
     dataset are skipped, so running it again on the same files adds nothing. A malformed line is reported with
-    its file and line number and skipped (with --strict it stops the command). Ctrl-C (or SIGTERM) stops
-    after storing and checkpointing what was read, with exit status 130; run the command again to go on.
+    its file and line number and skipped (with --strict it stops the command, saying what was already stored).
+    Ctrl-C (or SIGTERM) stops after storing and checkpointing what was read, with exit status 130; run the
+    command again to go on.
+
+    The summary accounts for every line read: flows by verdict, lost events by source, node_status, agent and
+    debug events (counted, not stored), lines skipped by reason with the first few file:line messages (also
+    logged as they happen at --log-level info), and lines already ingested.
     """
     options: dict[str, Any] = {"path": dataset}
     if max_batch_rows is not None:
@@ -78,6 +87,7 @@ def ingest(
             disable=not console.is_terminal,
         ) as progress,
         handle_stop_signals(stop),
+        _bad_lines_in_the_summary_only(),
     ):
         task = progress.add_task("ingest", total=total, flows=0, where="")
         flows = 0
@@ -115,34 +125,66 @@ def _input_bytes(files: tuple[str, ...]) -> int | None:
 
 
 def _print_summary(result: IngestResult, dataset: str) -> None:
+    """Every line read, accounted for: flows by verdict, lost events by source, counted events, skipped lines."""
     run = result.pipeline
     echo = click.echo
     verdicts = ", ".join(f"{name} {count:,}" for name, count in sorted(result.flows_by_verdict.items()))
     echo(f"flows ingested: {run.flows:,}" + (f" ({verdicts})" if verdicts else "") + f" into {dataset}")
     echo(f"part files written: {len(run.files):,}")
-    echo(f"lost events seen: {run.lost_event_records:,} records, {run.events_lost:,} events lost by Hubble")
-    if run.node_status:
-        echo(f"node status events seen: {run.node_status:,}")
+    records, lost = sum(result.lost_events_by_source.values()), sum(result.events_lost_by_source.values())
+    by_source = "; ".join(
+        f"{source}: {plural(count, 'record')}, {plural(result.events_lost_by_source.get(source, 0), 'event')}"
+        for source, count in sorted(result.lost_events_by_source.items())
+    )
+    echo(
+        f"lost events seen: {plural(records, 'record')}, {plural(lost, 'event')} lost by Hubble"
+        + (f" ({by_source})" if by_source else "")
+    )
+    counted = {"node_status": result.node_status, "agent": result.agent_events, "debug": result.debug_events}
+    kinds = ", ".join(f"{kind} {count:,}" for kind, count in counted.items() if count)
+    echo(f"events counted, not stored: {sum(counted.values()):,}" + (f" ({kinds})" if kinds else ""))
     skipped = sum(result.skipped_by_reason.values())
     reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(result.skipped_by_reason.items()))
     echo(f"lines skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
     for message in result.skipped_samples:
         echo(f"  {message}")
-    if skipped > len(result.skipped_samples):
-        echo(f"  ... and {skipped - len(result.skipped_samples):,} more")
-    for line in _source_lines(result.source_summary):
-        echo(line)
+    unknown = result.skipped_by_reason.get(REASON_UNKNOWN_EVENT, 0)
+    undecodable = skipped - unknown
+    if undecodable > len(result.skipped_samples):
+        echo(
+            f"  ... and {plural(undecodable - len(result.skipped_samples), 'more line')} that could not be decoded"
+        )
+    if unknown:
+        echo(
+            f"  {REASON_UNKNOWN_EVENT}: {plural(unknown, 'line')} of valid JSON hold no event flowpipe reads "
+            "(an empty object, a null flow, or an event kind of a newer Hubble)"
+        )
+    if result.lines_already_ingested:
+        was = "was" if result.lines_already_ingested == 1 else "were"
+        echo(
+            f"already ingested: {plural(result.lines_already_ingested, 'line')} {was} in the dataset from an "
+            "earlier run (nothing added for them)"
+        )
     if run.stopped:
         echo("stopped before the end of the input: run the same command again to continue where it stopped")
 
 
-def _source_lines(summary: object) -> list[str]:
-    """What the file source reports beyond the counts above: lines it skipped as already ingested."""
-    already = int(getattr(summary, "lines_already_ingested", 0) or 0)
-    return (
-        [
-            f"already ingested: {already:,} lines were in the dataset from an earlier run (nothing added for them)"
-        ]
-        if already
-        else []
-    )
+@contextmanager
+def _bad_lines_in_the_summary_only() -> Iterator[None]:
+    """Keep the file source's per-line warnings out of the output: the summary lists the bad lines.
+
+    At `--log-level info` or `debug` they are logged as well, as they happen.
+    """
+    logger = logging.getLogger(file_source.__name__)
+    if logger.getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+
+    def not_a_warning(record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+    logger.addFilter(not_a_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_a_warning)
