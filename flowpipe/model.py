@@ -1,4 +1,4 @@
-"""The flow table: the one record shape every stage agrees on (design.md section 2).
+"""The flow table: the one record shape every stage agrees on, and the column contract users query.
 
 `FLOW_SCHEMA` is the Arrow schema of one Hubble flow per row. Column names are a public interface: users write
 SQL against them, so renaming one is a breaking change (bump `SCHEMA_VERSION` and say so in the README).

@@ -1,5 +1,8 @@
-"""`flowpipe collect` as a process: configured from the environment, stopped by SIGTERM (flushed, checkpointed,
-exit 0), killed with SIGKILL and restarted (nothing lost, nothing twice), and its /metrics, /healthz, /readyz."""
+"""`flowpipe collect` as a process: configuration, graceful stop, restart after a kill, and its endpoints.
+
+Configured from the environment, stopped by SIGTERM (flushed, checkpointed, exit 0), killed with SIGKILL and
+restarted (nothing lost, nothing twice), and its /metrics, /healthz, /readyz.
+"""
 
 from __future__ import annotations
 

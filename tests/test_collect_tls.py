@@ -1,5 +1,7 @@
-"""`flowpipe collect` over TLS and mutual TLS against the built-in relay: what connects, what is refused, and
-that every refusal says why (TLS is never given up for plaintext)."""
+"""`flowpipe collect` over TLS and mutual TLS against the built-in relay.
+
+What connects, what is refused, and that every refusal says why (TLS is never given up for plaintext).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""docker/: the image, the Kubernetes manifests, the Prometheus configs and the Grafana dashboards are valid and
-consistent with each other and with the metrics flowpipe defines."""
+"""docker/: the deployment assets are valid and consistent with each other and with flowpipe's metrics.
+
+The image, the Kubernetes manifests, the Prometheus configs and the Grafana dashboards.
+"""
 
 from __future__ import annotations
 

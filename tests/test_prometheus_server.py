@@ -1,5 +1,6 @@
-"""A real Prometheus scrapes `flowpipe serve-metrics` over a dataset written by the Parquet sink: the counters
-equal what the dataset holds, new part files show up, and every dashboard query returns data.
+"""A real Prometheus scrapes `flowpipe serve-metrics` over a dataset written by the Parquet sink.
+
+The counters equal what the dataset holds, new part files show up, and every dashboard query returns data.
 
 Dashboard queries over metrics that only `flowpipe collect` exports (relay connection, flushes, checkpoint age,
 decode errors, flowpipe's own drops) are listed by `_prom.deferred_to_collect()` and checked by the collect test,

@@ -1,5 +1,8 @@
-"""The relay source against the built-in Observer server on loopback: bulk decoding equals normalize, the whole
-buffer on first start, resume from the checkpoint, server-side filters, node shards and lost events."""
+"""The relay source against the built-in Observer server on loopback.
+
+Bulk decoding equals normalize, the whole buffer on first start, resume from the checkpoint, server-side
+filters, node shards and lost events.
+"""
 
 from __future__ import annotations
 

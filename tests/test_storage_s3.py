@@ -1,6 +1,8 @@
-"""Object storage: ingest, collect (sharded too), compact, retention and every question on `s3://`, against a
-local S3-compatible server (moto's standalone server on 127.0.0.1, in its own process); a writer killed in the
-middle of an upload leaves no object behind."""
+"""Object storage: ingest, collect (sharded too), compact, retention and every question on `s3://`.
+
+Against a local S3-compatible server (moto's standalone server on 127.0.0.1, in its own process); a writer killed
+in the middle of an upload leaves no object behind.
+"""
 
 from __future__ import annotations
 
