@@ -98,7 +98,7 @@ lookups AS (
     ) AS l3 ON l3.client_id = c.client_id AND coalesce(l3.cluster_name, '') = coalesce(c.cluster_name, '')
 ),
 asked AS (
-    SELECT DISTINCT client_id, client_pod, dns_query FROM dns_l7 WHERE dns_query IS NOT NULL
+    SELECT DISTINCT cluster_name, client_id, client_pod, dns_query FROM dns_l7 WHERE dns_query IS NOT NULL
 ),
 rcode_failures AS (
     SELECT r.*
@@ -114,6 +114,7 @@ rcode_failures AS (
               SELECT 1
               FROM asked AS a
               WHERE a.client_id = r.client_id
+                AND coalesce(a.cluster_name, '') = coalesce(r.cluster_name, '')
                 AND a.client_pod = r.client_pod
                 AND a.dns_query <> r.dns_query
                 AND starts_with(r.dns_query, rtrim(a.dns_query, '.') || '.')
@@ -135,6 +136,8 @@ unanswered AS (
           SELECT 1
           FROM dns_l7 AS r
           WHERE r.l7_type = 'RESPONSE'
+            -- pod addresses repeat across clusters: an answer counts in the cluster of its request
+            AND coalesce(r.cluster_name, '') = coalesce(q.cluster_name, '')
             AND r.client_ip = q.client_ip
             AND r.client_port = q.client_port
             AND r.dns_query = q.dns_query
