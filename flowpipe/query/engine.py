@@ -123,7 +123,8 @@ class DuckDBEngine:
             self.dataset = Dataset(dataset, filesystem=filesystem)
         self.files: dict[str, tuple[str, ...]] = {}
         self._setup = setup
-        self._con = duckdb.connect(":memory:")
+        # No progress bar: it would write into stdout, which carries --format json/csv results.
+        self._con = duckdb.connect(":memory:", config={"enable_progress_bar": False})
         try:
             # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
             self._con.execute("SET TimeZone = 'UTC'")
