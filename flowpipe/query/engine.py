@@ -124,7 +124,8 @@ class DuckDBEngine:
         self.files: dict[str, tuple[str, ...]] = {}
         self._setup = setup
         # No progress bar: it would write into stdout, which carries --format json/csv results.
-        self._con = duckdb.connect(":memory:", config={"enable_progress_bar": False})
+        self._con = duckdb.connect(":memory:")
+        self._con.execute("SET enable_progress_bar = false")
         try:
             # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
             self._con.execute("SET TimeZone = 'UTC'")
