@@ -5,8 +5,9 @@ RelaySource ──▶ bounded buffer ──▶ ParquetSink (dataset; acks move t
                                 └─▶ PrometheusSink (flow analytics)      /metrics /healthz /readyz
 ```
 
-The checkpoint lives in the dataset (`_state/relay.json`, or `_state/relay-shard-I-of-N.json` per shard), so a
-restarted collector resumes where the durable data ends. `collect` returns when `stop` is set (the CLI sets it on
+The checkpoint lives in the dataset (`_state/relay.json`; `relay-cluster-NAME.json` with `--cluster`, and
+`...-shard-I-of-N.json` per shard, so that collectors of several clusters share a dataset), so a restarted
+collector resumes where the durable data ends. `collect` returns when `stop` is set (the CLI sets it on
 SIGTERM/SIGINT): the open batch is flushed, the checkpoint saved. `/readyz` answers ready while the relay stream
 is open and the Parquet sink keeps flushing (nothing waits much longer than the flush interval).
 """
@@ -14,6 +15,7 @@ is open and the Parquet sink keeps flushing (nothing waits much longer than the 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -58,11 +60,15 @@ def use_system_memory_pool() -> None:
 
 
 def checkpoint_name(config: RelaySourceConfig) -> str:
-    """The checkpoint's file name in `_state/`: one per shard, so shards sharing a dataset keep their own."""
-    if config.node_shard is None:
-        return "relay.json"
-    index, count = config.node_shard
-    return f"relay-shard-{index}-of-{count}.json"
+    """The checkpoint's file name in `_state/`: one per cluster (`--cluster`) and shard, so collectors of several
+    clusters, and shards, sharing a dataset each keep their own."""
+    name = "relay"
+    if config.cluster_name:
+        name += "-cluster-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", config.cluster_name)
+    if config.node_shard is not None:
+        index, count = config.node_shard
+        name += f"-shard-{index}-of-{count}"
+    return name + ".json"
 
 
 @dataclass(frozen=True, slots=True)
