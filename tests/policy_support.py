@@ -35,7 +35,8 @@ def pod(namespace: str, app: str, **labels: str) -> dict[str, Any]:
         "pod_name": f"{app}-7d4b9c8f6-x2x9z",
         "workload_name": app,
         "workload_kind": "Deployment",
-        "identity": 1000 + sum(map(ord, namespace + app)),
+        # As in Cilium, the identity follows the label set: pods with other labels have another identity.
+        "identity": 1000 + sum(map(ord, namespace + app + "".join(extra))),
         "labels": sorted(
             [
                 f"k8s:app={app}",

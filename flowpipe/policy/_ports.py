@@ -237,7 +237,10 @@ def port_rule_matches(port_rule: PortRule, traffic: Traffic) -> bool:
     if traffic.l7 == "kafka" and port_rule.kafka:
         return any(kafka_matches(r, traffic) for r in port_rule.kafka)
     if traffic.l7 == "dns" and port_rule.dns:
-        query = (traffic.dns_query or "").lower().rstrip(".")
+        if traffic.dns_query is None:
+            # Unknown query (or not kept, because every DNS rule replayed allows all names): only `*` allows it.
+            return any(s.match_pattern == "*" for s in port_rule.dns)
+        query = traffic.dns_query.lower().rstrip(".")
         return fqdn_matches_any(port_rule.dns, query)
     return True
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
+from flowpipe.policy._replay_sql import EDGES_SQL, edge_parameters
 from flowpipe.policy.model import Direction, Policy
 
 try:  # the shared DropReason classification, where present
@@ -50,90 +51,6 @@ PASSED_VERDICTS = frozenset({"FORWARDED", "REDIRECTED", "AUDIT"})
 """Verdicts of requests that got through today (AUDIT: policy audit mode let a would-be drop pass)."""
 
 EVALUATED_VERDICTS = ("FORWARDED", "REDIRECTED", "AUDIT", "DROPPED")
-
-EDGES_SQL = """
-WITH windowed AS (
-    SELECT
-        *,
-        -- A pod whose record lacks its labels (older agents report L7 records of the egress proxy with the
-        -- world identity): its labels are looked up by pod name among the pods seen in the window.
-        (source_namespace IS NOT NULL AND source_pod_name IS NOT NULL
-            AND position('k8s:' IN coalesce(array_to_string(source_labels, ' '), '')) = 0) AS source_unresolved,
-        (destination_namespace IS NOT NULL AND destination_pod_name IS NOT NULL
-            AND position('k8s:' IN coalesce(array_to_string(destination_labels, ' '), '')) = 0)
-            AS destination_unresolved
-    FROM flows
-    WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
-      AND ($since IS NULL OR time >= $since)
-      AND ($until IS NULL OR time <= $until)
-),
-edges AS (
-    SELECT
-        verdict,
-        coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
-        traffic_direction,
-        (coalesce(is_reply, false)
-            OR coalesce(l7_type = 'RESPONSE', false)
-            -- Without is_reply, a TCP packet is known to be a request only when it opens the connection.
-            OR (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
-                AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))) AS is_reply,
-        source_namespace,
-        coalesce(source_workload_name, source_pod_name) AS source_workload,
-        source_labels,
-        source_identity,
-        CASE WHEN source_namespace IS NULL THEN source_ip END AS source_ip,
-        CASE WHEN source_unresolved THEN source_pod_name END AS source_unresolved_pod,
-        destination_namespace,
-        coalesce(destination_workload_name, destination_pod_name) AS destination_workload,
-        destination_labels,
-        destination_identity,
-        CASE WHEN destination_namespace IS NULL THEN destination_ip END AS destination_ip,
-        CASE WHEN destination_namespace IS NULL THEN destination_names END AS destination_names,
-        CASE WHEN destination_unresolved THEN destination_pod_name END AS destination_unresolved_pod,
-        l4_protocol,
-        destination_port,
-        icmp_type,
-        CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
-        http_method,
-        http_url,
-        kafka_api_key,
-        kafka_topic,
-        dns_query,
-        count(*) AS flows
-    FROM windowed
-    GROUP BY ALL
-),
-pods AS (
-    SELECT namespace, pod_name, min(labels) AS labels
-    FROM (
-        SELECT source_namespace AS namespace, source_pod_name AS pod_name, source_labels AS labels
-        FROM windowed
-        WHERE source_pod_name IS NOT NULL AND NOT source_unresolved
-        UNION ALL
-        SELECT destination_namespace, destination_pod_name, destination_labels
-        FROM windowed
-        WHERE destination_pod_name IS NOT NULL AND NOT destination_unresolved
-    ) AS seen
-    WHERE namespace IS NOT NULL
-      AND pod_name IN (SELECT source_unresolved_pod FROM edges UNION SELECT destination_unresolved_pod FROM edges)
-    GROUP BY namespace, pod_name
-)
-SELECT
-    e.* EXCLUDE (source_unresolved_pod, destination_unresolved_pod) REPLACE (
-        coalesce(sp.labels, e.source_labels) AS source_labels,
-        CASE WHEN sp.labels IS NULL THEN e.source_identity END AS source_identity,
-        coalesce(dp.labels, e.destination_labels) AS destination_labels,
-        CASE WHEN dp.labels IS NULL THEN e.destination_identity END AS destination_identity
-    )
-FROM edges AS e
-LEFT JOIN pods AS sp ON sp.namespace = e.source_namespace AND sp.pod_name = e.source_unresolved_pod
-LEFT JOIN pods AS dp ON dp.namespace = e.destination_namespace AND dp.pod_name = e.destination_unresolved_pod
-"""
-"""Distinct edges of the view `flows` with their flow counts: the input of `replay_edges` (params since, until).
-
-Addresses are kept only for endpoints outside the pods (CIDR rules need them; pods are judged by labels), so
-the number of edges grows with workloads, not with pods or connections. A pod that a record names without its
-labels gets the labels its other records carry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +275,7 @@ def replay_flows(
     con = duckdb.connect(":memory:")
     try:
         con.register("flows", flows)
-        relation = con.sql(EDGES_SQL, params={"since": since, "until": until})
+        relation = con.sql(EDGES_SQL, params=edge_parameters(policies, since=since, until=until))
         edges = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     except duckdb.Error as exc:
         raise QueryError(f"grouping flows into edges failed: {exc}", sql=EDGES_SQL) from exc

@@ -1,0 +1,195 @@
+"""The SQL that groups stored flows into distinct replay edges, and the parameters a policy set needs from it.
+
+Replay judges distinct edges, not flows, so the number of edges decides its speed. An edge keeps only what
+the policies being replayed can tell apart: HTTP methods and URLs only when some rule has HTTP rules, Kafka
+fields for Kafka rules, DNS query names for DNS rules narrower than `*`, DNS names of world addresses for
+FQDN peers, and the addresses of world clients for CIDR peers (not needed for a whole-family block like
+`0.0.0.0/0`). Without those, a busy cluster's millions of URLs, lookups and internet clients fold into a few
+hundred edges.
+
+Labels are lists of a dozen strings on every flow, and reading them costs more than the rest of the grouping.
+So edges are grouped by the endpoint's identity number (plus its address outside the pods), and the labels of
+each (namespace, workload, identity, address) are read from the one flow where it was first seen, which
+DuckDB finds without decoding the labels of the other flows. A pod whose record carries a reserved identity
+(older agents report L7 records of the egress proxy with the world identity) keeps its pod name and gets the
+labels (and no identity) of the pod of that name seen with its own identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from flowpipe.policy.model import FQDNSelector, Policy
+
+_POD_IDENTITY = "{side}_identity BETWEEN 256 AND 16777215"
+_WORLD_IDENTITY = "({side}_identity IN (2, 9, 10) OR {side}_identity >= 16777216)"
+
+
+def _side(side: str) -> str:
+    pod = _POD_IDENTITY.format(side=side)
+    # World clients (the internet) are many: their addresses only when a CIDR rule can tell them apart.
+    world = _WORLD_IDENTITY.format(side=side) if side == "source" else "false"
+    return f"""
+        {side}_namespace,
+        coalesce({side}_workload_name, {side}_pod_name) AS {side}_workload,
+        {side}_identity,
+        CASE WHEN {side}_namespace IS NOT NULL AND {side}_pod_name IS NOT NULL AND NOT coalesce({pod}, false)
+            THEN {side}_pod_name END AS {side}_unresolved_pod,
+        -- Addresses only outside the pods: CIDR rules need them, pods are judged by labels.
+        CASE WHEN {side}_namespace IS NULL AND ($addresses OR NOT coalesce({world}, false))
+            THEN {side}_ip END AS {side}_ip,"""
+
+
+def _labels(side: str) -> str:
+    return f"""
+{side}_keys AS (
+    SELECT {side}_namespace AS namespace, {side}_workload AS workload, {side}_identity AS identity,
+           {side}_ip AS ip, min(first_seen) AS first_seen
+    FROM edges
+    GROUP BY ALL
+),
+{side}_labels AS (
+    SELECT k.namespace, k.workload, k.identity, k.ip, min(f.{side}_labels) AS labels
+    FROM flows AS f
+    JOIN {side}_keys AS k
+        ON f.time IS NOT DISTINCT FROM k.first_seen
+        AND f.{side}_namespace IS NOT DISTINCT FROM k.namespace
+        AND f.{side}_identity IS NOT DISTINCT FROM k.identity
+        AND coalesce(f.{side}_workload_name, f.{side}_pod_name) IS NOT DISTINCT FROM k.workload
+        AND (k.ip IS NULL OR f.{side}_ip = k.ip)
+    GROUP BY ALL
+),"""
+
+
+def _resolved(side: str, alias: str) -> tuple[str, str]:
+    """The labels and identity columns of one side, and the joins that give them."""
+    columns = f"""
+    CASE WHEN {alias}p.labels IS NOT NULL THEN {alias}p.labels ELSE {alias}l.labels END AS {side}_labels,
+    CASE WHEN {alias}p.labels IS NULL THEN e.{side}_identity END AS {side}_identity,"""
+    joins = f"""
+LEFT JOIN {side}_labels AS {alias}l
+    ON e.{side}_namespace IS NOT DISTINCT FROM {alias}l.namespace
+    AND e.{side}_workload IS NOT DISTINCT FROM {alias}l.workload
+    AND e.{side}_identity IS NOT DISTINCT FROM {alias}l.identity
+    AND e.{side}_ip IS NOT DISTINCT FROM {alias}l.ip
+LEFT JOIN pod_labels AS {alias}p
+    ON {alias}p.namespace = e.{side}_namespace AND {alias}p.pod_name = e.{side}_unresolved_pod"""
+    return columns, joins
+
+
+_SOURCE_COLUMNS, _SOURCE_JOINS = _resolved("source", "s")
+_DESTINATION_COLUMNS, _DESTINATION_JOINS = _resolved("destination", "d")
+
+EDGES_SQL = f"""
+WITH judged AS (
+    SELECT
+        *,
+        (coalesce(is_reply, false)
+            OR coalesce(l7_type = 'RESPONSE', false)
+            -- Without is_reply, a TCP packet is known to be a request only when it opens the connection.
+            OR (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
+                AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))) AS reply
+    FROM flows
+    WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
+      AND ($since IS NULL OR time >= $since)
+      AND ($until IS NULL OR time <= $until)
+),
+edges AS (
+    SELECT
+        verdict,
+        coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
+        traffic_direction,
+        reply AS is_reply,{_side("source")}{_side("destination")}
+        CASE WHEN destination_namespace IS NULL AND $names THEN destination_names END AS destination_names,
+        l4_protocol,
+        -- Replies are only counted: their ports (the client's ephemeral ones) would make an edge each.
+        CASE WHEN NOT reply THEN destination_port END AS destination_port,
+        icmp_type,
+        CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
+        CASE WHEN $http THEN http_method END AS http_method,
+        CASE WHEN $http THEN http_url END AS http_url,
+        CASE WHEN $kafka THEN kafka_api_key END AS kafka_api_key,
+        CASE WHEN $kafka THEN kafka_topic END AS kafka_topic,
+        CASE WHEN $dns THEN dns_query END AS dns_query,
+        count(*) AS flows,
+        min(time) AS first_seen
+    FROM judged
+    GROUP BY ALL
+),{_labels("source")}{_labels("destination")}
+unresolved AS (
+    SELECT source_namespace AS namespace, source_unresolved_pod AS pod_name FROM edges
+    WHERE source_unresolved_pod IS NOT NULL
+    UNION
+    SELECT destination_namespace, destination_unresolved_pod FROM edges WHERE destination_unresolved_pod IS NOT NULL
+),
+pod_times AS (
+    -- When each pod named without its identity was first seen with it (as the client, else as the server).
+    SELECT namespace, pod_name, bool_or(as_source) AS as_source,
+           min(time) FILTER (WHERE as_source) AS source_time, min(time) FILTER (WHERE NOT as_source) AS destination_time
+    FROM (
+        SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
+        FROM flows AS f
+        JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
+        WHERE {_POD_IDENTITY.format(side="f.source")}
+        UNION ALL
+        SELECT f.destination_namespace, f.destination_pod_name, f.time, false
+        FROM flows AS f
+        JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
+        WHERE {_POD_IDENTITY.format(side="f.destination")}
+    ) AS seen
+    GROUP BY namespace, pod_name
+),
+pod_labels AS (
+    SELECT namespace, pod_name, min(labels) AS labels
+    FROM (
+        SELECT p.namespace, p.pod_name, f.source_labels AS labels
+        FROM flows AS f
+        JOIN pod_times AS p
+            ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
+            AND f.source_pod_name = p.pod_name
+        UNION ALL
+        SELECT p.namespace, p.pod_name, f.destination_labels
+        FROM flows AS f
+        JOIN pod_times AS p
+            ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
+            AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
+    ) AS seen
+    GROUP BY namespace, pod_name
+)
+SELECT
+    e.* EXCLUDE (source_identity, source_unresolved_pod, destination_identity, destination_unresolved_pod,
+                 first_seen),{_SOURCE_COLUMNS}{_DESTINATION_COLUMNS}
+FROM edges AS e{_SOURCE_JOINS}{_DESTINATION_JOINS}
+"""
+"""Distinct edges of the view `flows` with their flow counts: the input of `replay_edges`.
+
+Parameters: `since`, `until` (None: unbounded) and the flags of `edge_parameters`."""
+
+_ANY_NAME = FQDNSelector(match_pattern="*")
+
+
+def edge_parameters(
+    policies: Iterable[Policy], *, since: datetime | None = None, until: datetime | None = None
+) -> dict[str, object]:
+    """The parameters of `EDGES_SQL` for replaying `policies`: the window, and what their rules can tell apart."""
+    addresses = names = http = kafka = dns = False
+    for policy in policies:
+        for rule in policy.rules:
+            for peer in rule.peers:
+                if peer.kind == "cidr" and (peer.except_cidrs or not (peer.cidr or "").endswith("/0")):
+                    addresses = True
+                names = names or peer.kind == "fqdn"
+            for port_rule in rule.ports:
+                http = http or bool(port_rule.http)
+                kafka = kafka or bool(port_rule.kafka)
+                dns = dns or any(selector != _ANY_NAME for selector in port_rule.dns)
+    return {
+        "since": since,
+        "until": until,
+        "addresses": addresses,
+        "names": names,
+        "http": http,
+        "kafka": kafka,
+        "dns": dns,
+    }
