@@ -221,6 +221,7 @@ class FileSource:
                 cluster_name=self.cluster_name,
                 layout=layout[0] if layout else ENVELOPE,
                 threads=self.decode_threads <= 1 or (os.cpu_count() or 1) > DECODE_THREADS,
+                line_count=block.records - block.first_line + 1,
             )
 
         for block, decoded in decode_in_order(

@@ -1,16 +1,16 @@
 """Hubble JSON lines → flow rows and counted events: a vectorized block parser with a per-line fallback.
 
-The fast path hands a whole block of lines to DuckDB's JSON reader with an explicit nested type
-(`_json_duckdb`) and builds the columns with pyarrow.compute (`_columns`). When the block is refused (a
-malformed line, an enum written as a number, a value of the wrong kind), the lines that are not JSON objects
-are reported and set aside, the rest is decoded again in halves, and only the small groups that still fail are
-decoded line by line: `json.loads`, then a check against the same spec (`_json_check`). Bad lines become
-`FlowDecodeError`s; good ones go through the same Arrow struct and the same row builder, so a flow gives the
-same row either way.
+The fast path hands a whole block of lines to `pyarrow.json.read_json` with an explicit nested schema and
+builds the columns with pyarrow.compute (`_columns`). When pyarrow rejects the block (a malformed line, an enum
+written as a number, a string where a number belongs), the lines that are not JSON objects are reported and set
+aside, the rest is decoded again in halves, and only the small groups that still fail are decoded line by line:
+`json.loads`, then a check against the same spec (`_json_check`). Bad lines become `FlowDecodeError`s; good ones
+go through the same Arrow struct and the same row builder, so a flow gives the same row either way.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +19,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import LostEvent, empty_flows
 from flowpipe.transforms._columns import build_flow_table
 from flowpipe.transforms._json_check import BadValue, check_line, json_type
-from flowpipe.transforms._json_duckdb import ERRORS as _PARSE_ERRORS
-from flowpipe.transforms._json_duckdb import parse_block
 from flowpipe.transforms._json_schema import (
     BARE_FLOW_KEYS,
     ENVELOPE,
@@ -35,8 +34,15 @@ from flowpipe.transforms._json_schema import (
     canonical_type,
     canonicalize,
     guess_layout,
+    parse_schema,
     sentinels,
 )
+
+# pyarrow splits a block into chunks of this size and parses them in parallel (`threads=True`); a caller that
+# decodes several blocks at once parses each on one thread, as one chunk (no chunks to stitch together after).
+PARSE_CHUNK_BYTES = 1 << 20
+SERIAL_PARSE_CHUNK_BYTES = 16 << 20
+
 
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
@@ -75,20 +81,24 @@ def decode_lines(
     cluster_name: str | None = None,
     layout: str | None = None,
     threads: bool = True,
+    line_count: int | None = None,
 ) -> DecodedEvents:
     """Decode a block of whole JSON lines (`first_line` is the 1-based number of its first line).
 
     `layout` is the parse layout of the file (`guess_layout` of its first record); None guesses it here.
     `threads=False` parses on the calling thread only (for callers that decode several blocks at once).
+    `line_count` is the number of lines in `data` when the caller knows it (else it is counted here).
     """
     if layout is None:
         layout = guess_block_layout(data)
+    if line_count is None:
+        line_count = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     try:
-        return _decode_block(data, layout, cluster_name, threads)
-    except _BLOCK_ERRORS:
+        return _decode_block(data, layout, cluster_name, threads, line_count)
+    except _ARROW_ERRORS:
         pass
-    # The block was refused. First set aside the lines that are not JSON objects at all, then decode the rest
-    # again in halves, so that only a small group around a line the fast path cannot take (an enum written as a
+    # pyarrow rejected the block. First set aside the lines that are not JSON objects at all, then decode the
+    # rest again in halves, so that only a small group around a line pyarrow cannot take (an enum written as a
     # number, say) goes through the slow per-line path.
     good: list[tuple[int, bytes]] = []
     errors: list[FlowDecodeError] = []
@@ -110,8 +120,7 @@ def decode_lines(
     return out
 
 
-# What refuses a block: the parser's refusals and DuckDB's errors, or a value the row builder cannot convert.
-_BLOCK_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, *_PARSE_ERRORS)
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 _MAX_HALVING_DEPTH = 3
 _SMALLEST_HALF = 64
 
@@ -128,9 +137,9 @@ def _decode_in_halves(
         if len(lines) > _SMALLEST_HALF and depth <= _MAX_HALVING_DEPTH:
             try:
                 return _decode_block(
-                    b"\n".join(line for _, line in lines) + b"\n", layout, cluster_name, threads
+                    b"\n".join(line for _, line in lines) + b"\n", layout, cluster_name, threads, len(lines)
                 )
-            except _BLOCK_ERRORS:
+            except _ARROW_ERRORS:
                 pass
         if len(lines) <= _SMALLEST_HALF or depth >= _MAX_HALVING_DEPTH:
             return decode_texts(lines, path=path, cluster_name=cluster_name)
@@ -168,16 +177,51 @@ def guess_block_layout(data: bytes) -> str:
     return ENVELOPE
 
 
-def _decode_block(data: bytes, layout: str, cluster_name: str | None, threads: bool) -> DecodedEvents:
-    lines = parse_block(data, layout, threads=threads)
+def _decode_block(
+    data: bytes, layout: str, cluster_name: str | None, threads: bool, line_count: int
+) -> DecodedEvents:
+    lines = _parse(data, layout, threads)
+    if len(lines) > line_count:
+        # pyarrow reads `{...} {...}` on one line as two records; JSON lines (and the per-line path) do not.
+        raise pa.ArrowInvalid("a line holds more than one JSON value")
     if layout != FULL and _needs_full(lines, layout):
-        lines = parse_block(data, FULL, threads=threads)
+        lines = _parse(data, FULL, threads)
         layout = FULL
     if len(lines) == 0:
         return DecodedEvents()
     if layout == FULL:
         lines = canonicalize(lines)
-    return decode_canonical(lines, cluster_name=cluster_name)
+    decoded = decode_canonical(lines, cluster_name=cluster_name)
+    if decoded.unknown_events:
+        # `{}`, an event kind flowpipe does not know, or a JSON `null` (not an object: an error), which pyarrow
+        # reads alike; such lines are rare and the per-line path tells them apart.
+        raise pa.ArrowInvalid("a line holds no known event")
+    return decoded
+
+
+def _parse(data: bytes, layout: str, threads: bool = True) -> pa.StructArray:
+    chunk = PARSE_CHUNK_BYTES if threads else SERIAL_PARSE_CHUNK_BYTES
+    options = pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore")
+    try:
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(use_threads=threads, block_size=chunk),
+            parse_options=options,
+        )
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc) or len(data) <= chunk:
+            raise
+        # A line longer than a parse chunk: parse the block as one chunk instead.
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+            parse_options=options,
+        )
+    table = table.combine_chunks()
+    return pa.StructArray.from_arrays(
+        [column.chunk(0) if column.num_chunks else pa.nulls(0, column.type) for column in table.columns],
+        fields=list(table.schema),
+    )
 
 
 def _needs_full(lines: pa.StructArray, layout: str) -> bool:
