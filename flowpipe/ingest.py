@@ -121,6 +121,9 @@ class _AccountedSource:
     def commit(self, position: object) -> None:
         self.source.commit(position)
 
+    def commit_many(self, positions: Sequence[object]) -> None:
+        self.source.commit_many(positions)  # one checkpoint write per flush, not one per block
+
     def close(self) -> None:
         self.source.close()
 
