@@ -20,6 +20,7 @@ source.batches() ──▶ [reader thread] ──▶ bounded buffer ──▶ [c
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import signal
@@ -169,6 +170,29 @@ def run_pipeline(
     """
     config = config or PipelineConfig()
     stop = stop or threading.Event()
+    with _frozen_heap():
+        return _run(source, sinks, config, stop, on_batch, clock)
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keep the objects that exist now (imports, setup) out of the garbage collector's scans while a pipeline
+    runs: the many short-lived Arrow objects of each batch trigger collections, which would walk them all."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _run(
+    source: Source,
+    sinks: Sequence[Sink],
+    config: PipelineConfig,
+    stop: threading.Event,
+    on_batch: Callable[[EventBatch], None] | None,
+    clock: Callable[[], float],
+) -> PipelineResult:
     result = PipelineResult()
     buffer: queue.Queue[EventBatch | _End] = queue.Queue(maxsize=config.buffer_batches)
     reader = _Reader(source, buffer, tick=min(config.poll_interval_seconds, 0.1), stop=stop)
