@@ -31,17 +31,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from flowpipe._maintenance import PartFile, PartitionFiles, list_partitions, maintenance_lock
+from flowpipe._maintenance import MaintenanceLock, PartFile, PartitionFiles, list_partitions, maintenance_lock
 from flowpipe.dataset import (
     FLOWS_TABLE,
     LOST_EVENTS_TABLE,
@@ -64,8 +68,8 @@ DEFAULT_TARGET_SIZE_BYTES = 128 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 3600.0
 ROW_GROUP_ROWS = 1_000_000
 """Rows of a compacted file's row groups (inputs' small row groups are gathered up to this)."""
-ROW_GROUP_BYTES = 128 * 1024 * 1024
-"""...or this many bytes in memory, whichever comes first."""
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+"""...or this many bytes in memory, whichever comes first (per worker)."""
 
 SCHEMAS: dict[str, pa.Schema] = {FLOWS_TABLE: FLOW_SCHEMA, LOST_EVENTS_TABLE: LOST_EVENTS_SCHEMA}
 Clock = Callable[[], datetime]
@@ -259,8 +263,12 @@ def compact_dataset(
     zstd_level: int = 3,
     clock: Clock = lambda: datetime.now(UTC),
     on_partition: Callable[[PartitionPlan], None] = lambda plan: None,
+    workers: int | None = None,
 ) -> CompactionReport:
     """Merge the small part files of every closed hour of `dataset`; see the module docstring.
+
+    `workers` groups are merged at the same time (default: `default_workers()`); `on_partition` is called as
+    each partition is done.
 
     >>> compact_dataset(Dataset("flowpipe-data"), dry_run=True).files_merged  # doctest: +SKIP
     1180
@@ -286,16 +294,82 @@ def compact_dataset(
         report.plans = plan_compaction(
             dataset, now=clock(), target_size_bytes=target_size_bytes, grace_seconds=grace_seconds
         )
-        seq = 0
         for plan in report.plans:
-            _remove(dataset, plan.leftovers, report)
-            for group in plan.groups:
-                seq += 1
-                _merge_group(dataset, plan.partition, group, run_id, seq, zstd_level, report)
-            on_partition(plan)
-            lock.renew()
+            report.files_removed += _remove(dataset, plan.leftovers)
+        _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), lock, on_partition)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def default_workers() -> int:
+    """Groups merged at the same time: one per core, at most four (each holds a row group in memory)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Merged:
+    """What merging one group did: the compacted file and its counts, or why the group was left as is."""
+
+    path: str | None = None
+    rows: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    removed: int = 0
+    skipped: str | None = None
+
+
+def _merge_all(
+    dataset: Dataset,
+    report: CompactionReport,
+    run_id: str,
+    zstd_level: int,
+    workers: int,
+    lock: MaintenanceLock,
+    on_partition: Callable[[PartitionPlan], None],
+) -> None:
+    """Merge every group of every plan, `workers` at a time (pyarrow reads and writes outside the GIL)."""
+    tasks = [(plan, group) for plan in report.plans for group in plan.groups]
+    remaining = {id(plan): len(plan.groups) for plan in report.plans}
+    for plan in report.plans:
+        if not plan.groups:
+            on_partition(plan)
+    failed = threading.Event()
+
+    def merge(partition: PartitionFiles, group: list[PartFile], seq: int) -> _Merged:
+        if failed.is_set():  # another group failed: start nothing new
+            return _Merged()
+        try:
+            return _merge_group(dataset, partition, group, run_id, seq, zstd_level)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compact") as pool:
+        futures = {
+            pool.submit(merge, plan.partition, group, seq): plan
+            for seq, (plan, group) in enumerate(tasks, start=1)
+        }
+        try:
+            for future in as_completed(futures):
+                merged = future.result()
+                if merged.path is not None:
+                    report.files_written.append(merged.path)
+                if merged.skipped is not None:
+                    report.skipped.append(merged.skipped)
+                report.rows += merged.rows
+                report.bytes_before += merged.bytes_before
+                report.bytes_after += merged.bytes_after
+                report.files_removed += merged.removed
+                plan = futures[future]
+                remaining[id(plan)] -= 1
+                if not remaining[id(plan)]:
+                    on_partition(plan)
+                lock.renew()
+        except BaseException:
+            for pending in futures:
+                pending.cancel()
+            raise
+    report.files_written.sort()
 
 
 def _merge_group(
@@ -305,8 +379,7 @@ def _merge_group(
     run_id: str,
     seq: int,
     zstd_level: int,
-    report: CompactionReport,
-) -> None:
+) -> _Merged:
     """Write one compacted file from `group`, check it, publish it, then delete the inputs."""
     schema = SCHEMAS[partition.table]
     where = f"{partition.folder} ({', '.join(f.name for f in group[:3])}{', ...' if len(group) > 3 else ''})"
@@ -329,8 +402,7 @@ def _merge_group(
     if isinstance(inputs, str):
         _close_quietly(out)
         dataset.discard(temp)
-        report.skipped.append(f"{where}: {inputs}")
-        return
+        return _Merged(skipped=f"{where}: {inputs}")
     expected = sum(n for _, n in inputs)
     with translate_write_errors(temp):
         written = pq.read_metadata(temp, filesystem=dataset.filesystem).num_rows
@@ -342,11 +414,9 @@ def _merge_group(
     final = f"{partition.folder}/{final_name}"
     dataset.publish(temp, final)
     dataset.sync_dirs({partition.folder})
-    report.files_written.append(final)
-    report.rows += expected
-    report.bytes_before += sum(f.size for f in group)
-    report.bytes_after += int(dataset.filesystem.get_file_info(final).size or 0)
-    _remove(dataset, group, report)
+    size = int(dataset.filesystem.get_file_info(final).size or 0)
+    removed = _remove(dataset, group)
+    return _Merged(final, expected, sum(f.size for f in group), size, removed)
 
 
 def _copy_rows(
@@ -357,13 +427,16 @@ def _copy_rows(
     temp: str,
     zstd_level: int,
 ) -> list[tuple[str, int]] | str:
-    """Stream the inputs' row groups, in order, into `out`, and record them in the file's metadata.
+    """Stream the inputs' rows, input after input, into `out`, and record the inputs in the file's metadata.
 
-    Returns the `(name, rows)` of each input, or a reason (str) why this group cannot be merged.
+    The inputs are scanned as one pyarrow dataset (files read ahead on Arrow's threads, batches in file order),
+    with `schema` as the dataset schema: a column missing from an older file reads as NULL. Returns the
+    `(name, rows)` of each input, or a reason (str) why this group cannot be merged.
     """
-    inputs: list[tuple[str, int]] = []
-    pending: list[pa.Table] = []
+    rows = {entry.path: 0 for entry in group}
+    pending: list[pa.RecordBatch] = []
     pending_rows = pending_bytes = 0
+    plain = schema.remove_metadata()
     with translate_write_errors(temp):
         writer = pq.ParquetWriter(
             out,
@@ -374,36 +447,36 @@ def _copy_rows(
             write_statistics=True,
         )
     try:
-        for entry in group:
-            try:
-                handle = dataset.filesystem.open_input_file(entry.path)
-            except FileNotFoundError:
-                return f"{entry.name} vanished before it was merged (another process removed it); left as is"
-            except (OSError, pa.ArrowException) as exc:
-                raise DatasetWriteError(f"cannot read {entry.path}: {exc}", path=entry.path) from exc
-            try:
-                with translate_write_errors(entry.path):
-                    parquet = pq.ParquetFile(handle)
-                    unknown = sorted(set(parquet.schema_arrow.names) - set(schema.names))
+        current = None
+        try:
+            source = pads.dataset(list(rows), schema=plain, format="parquet", filesystem=dataset.filesystem)
+            for tagged in source.scanner(batch_size=ROW_GROUP_ROWS, use_threads=True).scan_batches():
+                path = tagged.fragment.path
+                if path != current:
+                    current = path
+                    unknown = sorted(set(tagged.fragment.physical_schema.names) - set(plain.names))
                     if unknown:
                         return (
-                            f"{entry.name} has columns {', '.join(unknown)} that this flowpipe does not know "
-                            "(written by a newer version?); left as is"
+                            f"{path.rpartition('/')[2]} has columns {', '.join(unknown)} that this flowpipe does "
+                            "not know (written by a newer version?); left as is"
                         )
-                    for index in range(parquet.metadata.num_row_groups):
-                        table = _conform(parquet.read_row_group(index), schema)
-                        pending.append(table)
-                        pending_rows += table.num_rows
-                        pending_bytes += table.nbytes
-                        if pending_rows >= ROW_GROUP_ROWS or pending_bytes >= ROW_GROUP_BYTES:
-                            with translate_write_errors(temp):
-                                _write(writer, pending)
-                            pending, pending_rows, pending_bytes = [], 0, 0
-                    inputs.append((entry.name, parquet.metadata.num_rows))
-            finally:
-                _close_quietly(handle)
+                batch = tagged.record_batch
+                rows[path] += batch.num_rows
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                pending_bytes += batch.nbytes
+                if pending_rows >= ROW_GROUP_ROWS or pending_bytes >= ROW_GROUP_BYTES:
+                    with translate_write_errors(temp):
+                        _write(writer, pending, schema)
+                    pending, pending_rows, pending_bytes = [], 0, 0
+        except FileNotFoundError as exc:
+            return f"an input vanished before it was merged (another process removed it): {exc}; left as is"
+        except (OSError, pa.ArrowException) as exc:
+            where = current or ", ".join(list(rows)[:3])
+            raise DatasetWriteError(f"cannot read {where}: {exc}", path=where) from exc
+        inputs = [(entry.name, rows[entry.path]) for entry in group]
         with translate_write_errors(temp):
-            _write(writer, pending)
+            _write(writer, pending, schema)
             writer.add_key_value_metadata(
                 {COMPACTED_FROM_KEY.decode(): json.dumps(inputs, separators=(",", ":"))}
             )
@@ -413,24 +486,11 @@ def _copy_rows(
     return inputs
 
 
-def _write(writer: pq.ParquetWriter, tables: list[pa.Table]) -> int:
-    if not tables:
-        return 0
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+def _write(writer: pq.ParquetWriter, batches: list[pa.RecordBatch], schema: pa.Schema) -> None:
+    """Write `batches` as one row group."""
+    table = pa.Table.from_batches(batches, schema=schema)
     if table.num_rows:
         writer.write_table(table, row_group_size=table.num_rows)
-    return int(table.num_rows)
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with exactly `schema`'s columns, in order: missing ones (older files) as NULL."""
-    columns = [
-        table.column(f.name).cast(f.type)
-        if f.name in table.column_names
-        else pa.nulls(table.num_rows, f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _start_of(name: str) -> datetime | None:
@@ -441,7 +501,9 @@ def _start_of(name: str) -> datetime | None:
     return parsed.start if parsed else None
 
 
-def _remove(dataset: Dataset, files: list[PartFile], report: CompactionReport) -> None:
+def _remove(dataset: Dataset, files: list[PartFile]) -> int:
+    """Delete `files` (already in a compacted file); returns how many were deleted (gone ones are skipped)."""
+    removed = 0
     for entry in files:
         try:
             dataset.filesystem.delete_file(entry.path)
@@ -451,9 +513,10 @@ def _remove(dataset: Dataset, files: list[PartFile], report: CompactionReport) -
             raise DatasetWriteError(
                 f"cannot remove {entry.path} (already compacted; readers skip it): {exc}", path=entry.path
             ) from exc
-        report.files_removed += 1
+        removed += 1
     if files and dataset.is_local:
         dataset.sync_dirs({files[0].path.rpartition("/")[0]})
+    return removed
 
 
 def _close_quietly(handle: pa.NativeFile) -> None:

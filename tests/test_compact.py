@@ -143,13 +143,14 @@ def test_a_crash_between_publish_and_delete_shows_no_row_twice(
     before = sorted_rows(small)
     real_remove = compact_module._remove
 
-    def crash(dataset: Dataset, files: list[Any], report: Any) -> None:
+    def crash(dataset: Dataset, files: list[Any]) -> int:
         if files:  # the inputs of a merge, not the (empty) leftovers of an earlier run
             raise KeyboardInterrupt("killed after publishing")
+        return 0
 
     monkeypatch.setattr(compact_module, "_remove", crash)
     with pytest.raises(KeyboardInterrupt):
-        compact_dataset(Dataset(small), clock=clock)
+        compact_dataset(Dataset(small), clock=clock, workers=1)
     monkeypatch.setattr(compact_module, "_remove", real_remove)
     listed = Dataset(small).list_part_files("flows")
     compacted = [p for p in listed if is_compacted_name(p.rsplit("/", 1)[1])]
@@ -220,7 +221,7 @@ def test_serve_metrics_counts_compacted_rows_once(small: Path) -> None:
 def test_serve_metrics_reads_a_compacted_file_before_its_inputs_once(
     small: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compact_module, "_remove", lambda *args, **kwargs: None)  # inputs stay
+    monkeypatch.setattr(compact_module, "_remove", lambda *args, **kwargs: 0)  # inputs stay
     compact_dataset(Dataset(small), clock=clock)
     follower, registry = follower_for(small)
     follower.scan()
