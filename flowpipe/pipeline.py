@@ -16,6 +16,8 @@ source.batches() ──▶ [reader thread] ──▶ bounded buffer ──▶ [c
   flushed, the last durable position is committed, and `run_pipeline` returns with `stopped=True`.
 - A source error is raised after the batches before it are flushed and committed; a sink error is raised at
   once, committing nothing more (the batches not yet durable are read again on the next run).
+- Memory: Arrow keeps freed memory for reuse (jemalloc without decay, where pyarrow has it), and the objects
+  that exist when a run starts are left out of the garbage collector's scans while it runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from types import FrameType
+
+import pyarrow as pa
 
 from flowpipe.config import PipelineConfig
 from flowpipe.model import EventBatch
@@ -170,8 +175,26 @@ def run_pipeline(
     """
     config = config or PipelineConfig()
     stop = stop or threading.Event()
+    _retain_arrow_memory()
     with _frozen_heap():
         return _run(source, sinks, config, stop, on_batch, clock)
+
+
+@cache
+def _retain_arrow_memory() -> None:
+    """Have Arrow keep freed memory for reuse (jemalloc, no decay) instead of returning it to the system at once.
+
+    Every batch allocates and frees buffers of the same sizes; memory handed back and faulted in again costs
+    page faults that the reading, decoding and writing threads wait on one another for (measured: the same CPU
+    time, less wall time, and a lower peak RSS than Arrow's default allocator). Where pyarrow was built without
+    jemalloc, the default stays. Done once per process.
+    """
+    try:
+        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_set_decay_ms(-1)
+    except NotImplementedError:
+        return
+    pa.set_memory_pool(pool)
 
 
 @contextmanager
