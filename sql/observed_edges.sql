@@ -8,8 +8,9 @@
 --   adds policy-denied drops (for clusters already in default-deny). Pods carry their labels; other endpoints
 --   their reserved entity (`world`, `host`, `kube-apiserver`, ...), the address (except world sources) and, for
 --   world destinations, the DNS names Cilium knows. A namespace filter matches either side. The columns are
---   the contract of `flowpipe.policy.edges.OBSERVED_EDGE_SCHEMA`.
--- params: since=7d, until=now, namespace=, learn_from_drops=false
+--   the contract of `flowpipe.policy.edges.OBSERVED_EDGE_SCHEMA`. `l7=false` leaves out the HTTP and Kafka
+--   fields (the L7 rows then fold into one per edge and protocol), for drafts without L7 rules.
+-- params: since=7d, until=now, namespace=, learn_from_drops=false, l7=true
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
 -- rest of the question. So the flows are first grouped without them (`calls`: one row per connection, or per
@@ -47,19 +48,19 @@ WITH requests AS (
         CASE WHEN l4_protocol IN ('TCP', 'UDP', 'SCTP') THEN destination_port END AS destination_port,
         CASE WHEN l4_protocol IN ('ICMPv4', 'ICMPv6') THEN icmp_type END AS icmp_type,
         CASE WHEN l7_type = 'REQUEST' THEN l7_protocol END AS l7_protocol,
-        CASE WHEN l7_type = 'REQUEST' THEN http_method END AS http_method,
+        CASE WHEN l7_type = 'REQUEST' AND $l7 THEN http_method END AS http_method,
         -- The request target as the proxy matches it: path and query string, without scheme and host.
-        CASE WHEN l7_type = 'REQUEST' AND http_url IS NOT NULL THEN coalesce(nullif(
+        CASE WHEN l7_type = 'REQUEST' AND $l7 AND http_url IS NOT NULL THEN coalesce(nullif(
             regexp_extract(http_url, '^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?([^#]*)', 1), ''), '/') END AS http_path,
         CASE
-            WHEN l7_type <> 'REQUEST' OR kafka_api_key IS NULL THEN NULL
+            WHEN l7_type <> 'REQUEST' OR NOT $l7 OR kafka_api_key IS NULL THEN NULL
             WHEN lower(replace(kafka_api_key, '_', '')) IN ('produce', '0') THEN 'produce'
             WHEN lower(replace(kafka_api_key, '_', '')) IN (
                 'fetch', '1', 'offsets', 'listoffsets', '2', 'offsetcommit', '8', 'offsetfetch', '9',
                 'findcoordinator', 'groupcoordinator', '10', 'joingroup', '11', 'heartbeat', '12',
                 'leavegroup', '13', 'syncgroup', '14') THEN 'consume'
         END AS kafka_role,
-        CASE WHEN l7_type = 'REQUEST' THEN kafka_topic END AS kafka_topic
+        CASE WHEN l7_type = 'REQUEST' AND $l7 THEN kafka_topic END AS kafka_topic
     FROM flows_enriched
     WHERE time >= $since
       AND time <= $until

@@ -139,9 +139,118 @@ def _python_patterns(node: Any) -> Any:
 
 
 def validate_document(doc: dict[str, Any], schemas: Path) -> None:
-    """Validate one rendered document: Kubernetes kinds with kubernetes-validate, Cilium kinds with jsonschema."""
+    """Validate one rendered document: Kubernetes kinds with kubernetes-validate, Cilium kinds with jsonschema,
+    Istio AuthorizationPolicies field by field (`validate_authorization_policy`)."""
     if doc["kind"] == "NetworkPolicy":
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    elif doc["kind"] == "AuthorizationPolicy":
+        validate_authorization_policy(doc)
     else:
         schema = cilium_schema(schemas, doc["kind"])
         jsonschema.Draft202012Validator(schema, format_checker=FORMATS).validate(doc)
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_SOURCE_FIELDS = {
+    "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
+    "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts", "notServiceAccounts",
+}  # fmt: skip
+_OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"}
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+
+
+class AuthorizationPolicyError(ValueError):
+    """An AuthorizationPolicy document breaks the security.istio.io/v1 API."""
+
+
+def validate_authorization_policy(doc: dict[str, Any]) -> None:
+    """Check an Istio `AuthorizationPolicy` (security.istio.io/v1) field by field.
+
+    No Istio schema is available offline, so the fields of the v1 API reference are checked explicitly: the
+    object and metadata shape, `selector.matchLabels` with valid label names and values, `action`, and each
+    rule's `from.source`, `to.operation` and `when` with only known fields, non-empty string lists, CIDRs in
+    IP blocks, ports as numeric strings, HTTP methods, and Istio's string matching (a `*` only at the start or
+    the end). Raises `AuthorizationPolicyError` naming the field.
+    """
+
+    def fail(where: str, what: str) -> None:
+        raise AuthorizationPolicyError(f"{where}: {what}")
+
+    if set(doc) != {"apiVersion", "kind", "metadata", "spec"}:
+        fail("document", f"fields {sorted(doc)}")
+    if doc["apiVersion"] != "security.istio.io/v1" or doc["kind"] != "AuthorizationPolicy":
+        fail("document", f"{doc['apiVersion']} {doc['kind']}")
+    meta = doc["metadata"]
+    if not set(meta) <= {"name", "namespace", "labels", "annotations"}:
+        fail("metadata", f"fields {sorted(meta)}")
+    if not (
+        isinstance(meta.get("name"), str) and len(meta["name"]) <= 253 and _DNS_SUBDOMAIN.match(meta["name"])
+    ):
+        fail("metadata.name", repr(meta.get("name")))
+    if not (isinstance(meta.get("namespace"), str) and len(meta["namespace"]) <= 63
+            and _DNS_LABEL.match(meta["namespace"])):  # fmt: skip
+        fail("metadata.namespace", repr(meta.get("namespace")))
+    spec = doc["spec"]
+    if not isinstance(spec, dict) or not set(spec) <= {"selector", "targetRef", "targetRefs", "action", "provider",
+                                                       "rules"}:  # fmt: skip
+        fail("spec", f"fields {sorted(spec) if isinstance(spec, dict) else spec}")
+    if "selector" in spec:
+        selector = spec["selector"]
+        if set(selector) != {"matchLabels"} or not isinstance(selector["matchLabels"], dict):
+            fail("spec.selector", repr(selector))
+        for key, value in selector["matchLabels"].items():
+            if not (isinstance(key, str) and _LABEL_NAME.match(key)) or not (
+                isinstance(value, str) and len(value) <= 63 and _LABEL_VALUE.match(value)
+            ):
+                fail("spec.selector.matchLabels", f"{key}={value}")
+    if spec.get("action", "ALLOW") not in ("ALLOW", "DENY", "AUDIT", "CUSTOM"):
+        fail("spec.action", repr(spec["action"]))
+    if spec.get("action") == "CUSTOM" and "provider" not in spec:
+        fail("spec.provider", "CUSTOM needs a provider")
+    for i, rule in enumerate(spec.get("rules") or ()):
+        where = f"spec.rules[{i}]"
+        if not isinstance(rule, dict) or not set(rule) <= {"from", "to", "when"}:
+            fail(where, repr(rule))
+        for j, entry in enumerate(rule.get("from") or ()):
+            if set(entry) != {"source"} or not set(entry["source"]) <= _SOURCE_FIELDS or not entry["source"]:
+                fail(f"{where}.from[{j}]", repr(entry))
+            for field, values in entry["source"].items():
+                _strings(values, f"{where}.from[{j}].source.{field}", fail)
+                if "IpBlocks" in field or field == "ipBlocks":
+                    for value in values:
+                        ipaddress.ip_network(value, strict=False)
+        for j, entry in enumerate(rule.get("to") or ()):
+            if (
+                set(entry) != {"operation"}
+                or not set(entry["operation"]) <= _OPERATION_FIELDS
+                or not entry["operation"]
+            ):
+                fail(f"{where}.to[{j}]", repr(entry))
+            for field, values in entry["operation"].items():
+                _strings(values, f"{where}.to[{j}].operation.{field}", fail)
+                if field in ("ports", "notPorts") and not all(
+                    v.isdigit() and 0 < int(v) < 65536 for v in values
+                ):
+                    fail(f"{where}.to[{j}].operation.{field}", repr(values))
+                if field in ("methods", "notMethods") and not set(values) <= _HTTP_METHODS:
+                    fail(f"{where}.to[{j}].operation.{field}", repr(values))
+                if field in ("paths", "notPaths") and not all(v.startswith(("/", "*")) for v in values):
+                    fail(f"{where}.to[{j}].operation.{field}", repr(values))
+        for j, condition in enumerate(rule.get("when") or ()):
+            if not set(condition) <= {"key", "values", "notValues"} or not isinstance(
+                condition.get("key"), str
+            ):
+                fail(f"{where}.when[{j}]", repr(condition))
+
+
+def _strings(values: Any, where: str, fail: Any) -> None:
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        fail(where, f"must be a non-empty list of strings, got {values!r}")
+    for value in values:
+        if "*" in value.strip("*") or value.count("*") > 1 and value != "*":
+            fail(where, f"{value!r}: Istio matches exactly, by prefix or suffix (one * at an end)")

@@ -46,3 +46,7 @@ COMMANDS.append(collect_command)
 from flowpipe.commands.demo import demo  # noqa: E402
 
 COMMANDS.append(demo)
+
+from flowpipe.commands.suggest import suggest  # noqa: E402
+
+COMMANDS.append(suggest)

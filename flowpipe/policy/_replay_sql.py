@@ -106,7 +106,9 @@ edges AS (
         -- Replies are only counted: their ports (the client's ephemeral ones) would make an edge each.
         CASE WHEN NOT reply THEN destination_port END AS destination_port,
         icmp_type,
-        CASE WHEN flow_type = 'L7' OR l7_type IS NOT NULL THEN l7_protocol END AS l7_protocol,
+        -- An HTTP or Kafka record is judged at L3/L4 when no rule looks at its calls: the same outcome.
+        CASE WHEN (flow_type = 'L7' OR l7_type IS NOT NULL) AND ($http OR l7_protocol <> 'http')
+            AND ($kafka OR l7_protocol <> 'kafka') THEN l7_protocol END AS l7_protocol,
         CASE WHEN $http THEN http_method END AS http_method,
         CASE WHEN $http THEN http_url END AS http_url,
         CASE WHEN $kafka THEN kafka_api_key END AS kafka_api_key,

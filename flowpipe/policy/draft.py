@@ -144,8 +144,8 @@ def draft_policies(
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
     if sides is not None and len(sides) != len(rows):
         raise ValueError(f"sides has {len(sides)} entries for {len(rows)} edges")
-    everything = rows if context is None else (
-        context.to_pylist() if isinstance(context, pa.Table) else list(context)
+    everything = (
+        rows if context is None else (context.to_pylist() if isinstance(context, pa.Table) else list(context))
     )
     draft = Draft()
     parsed = [_parse_row(r) for r in rows]
@@ -234,16 +234,24 @@ def draft_policies(
 # -- rows and workloads -------------------------------------------------------------------------------------
 
 
+_KEYS = {
+    side: tuple(f"{side}_{c}" for c in ("entity", "namespace", "names", "workload", "ip"))
+    for side in ("source", "destination")
+}
+
+
 def _parse_row(row: Mapping[str, Any]) -> tuple[_End, _End, Mapping[str, Any]]:
     def end(side: str) -> _End:
-        entity = row.get(f"{side}_entity")
-        namespace = row.get(f"{side}_namespace")
-        names = tuple(sorted({n.lower().rstrip(".") for n in row.get(f"{side}_names") or () if n}))
+        entity_key, namespace_key, names_key, workload_key, ip_key = _KEYS[side]
+        entity = row.get(entity_key)
+        namespace = row.get(namespace_key)
+        raw = row.get(names_key)
+        names = tuple(sorted({n.lower().rstrip(".") for n in raw if n})) if raw else ()
         return _End(
             namespace=namespace if entity is None else None,
-            workload=row.get(f"{side}_workload") if entity is None else None,
+            workload=row.get(workload_key) if entity is None else None,
             entity=entity if entity is not None or namespace is not None else "world",
-            ip=row.get(f"{side}_ip"),
+            ip=row.get(ip_key),
             names=names,
         )
 
@@ -279,12 +287,17 @@ def _workload_labels(
 ) -> dict[tuple[str, str], dict[str, str]]:
     """Stable labels per workload: those every observation of the workload agrees on."""
     found: dict[tuple[str, str], dict[str, str]] = {}
+    seen: set[tuple[tuple[str, str], tuple[str, ...]]] = set()  # the same label list folds in once
     for src, dst, row in parsed:
         for end, side in ((src, "source"), (dst, "destination")):
             if not end.is_pod:
                 continue
             key = (str(end.namespace), str(end.workload))
-            labels = stable_labels(row.get(f"{side}_labels") or ())
+            raw = tuple(row.get(f"{side}_labels") or ())
+            if (key, raw) in seen:
+                continue
+            seen.add((key, raw))
+            labels = stable_labels(raw)
             if key in found:
                 found[key] = {k: v for k, v in found[key].items() if labels.get(k) == v}
             else:

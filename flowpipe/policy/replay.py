@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -36,7 +36,8 @@ import pyarrow as pa
 from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
-from flowpipe.policy._replay_sql import EDGES_SQL, edge_parameters
+from flowpipe.policy._replay_sql import EDGES_SQL as EDGES_SQL
+from flowpipe.policy._replay_sql import edge_parameters as edge_parameters
 from flowpipe.policy.model import Direction, Policy
 
 try:  # the shared DropReason classification, where present
@@ -213,6 +214,25 @@ class PolicySet:
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
         self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
+        # What the rules can tell apart: requests that differ only in other fields share their decisions.
+        kept = edge_parameters(self.policies)
+        self.judges_http, self.judges_kafka, self.judges_dns = (
+            bool(kept["http"]),
+            bool(kept["kafka"]),
+            bool(kept["dns"]),
+        )
+
+    def decision_key(self, traffic: ports.Traffic) -> ports.Traffic:
+        """`traffic` without the L7 fields that no rule of the set looks at."""
+        if traffic.l7 is None or (
+            (self.judges_http or traffic.l7 != "http")
+            and (self.judges_kafka or traffic.l7 != "kafka")
+            and (self.judges_dns or traffic.l7 != "dns" or traffic.dns_query is None)
+        ):
+            return traffic
+        if traffic.l7 == "dns":
+            return replace(traffic, dns_query="x")  # any name: every DNS rule of the set is `*`
+        return replace(traffic, http_method=None, http_url=None, kafka_api_key=None, kafka_topic=None)
 
     def selecting(self, direction: Direction, endpoint: m.Endpoint) -> list[int]:
         """Indexes of the policies that select `endpoint` and say something about `direction`."""
@@ -380,7 +400,9 @@ def denied_directions(
             out.append(())
             continue
         _, directions, decisions = judge.row(row)
-        out.append(tuple(d for d, decision in zip(directions, decisions, strict=True) if not decision.allowed))
+        out.append(
+            tuple(d for d, decision in zip(directions, decisions, strict=True) if not decision.allowed)
+        )
     return out
 
 
@@ -429,12 +451,13 @@ class _Judge:
             else ("egress", "ingress")
         )
         decisions = []
+        key = self.policy_set.decision_key(traffic)
         for direction in directions:
             subject, peer = (src, dst) if direction == "egress" else (dst, src)
-            case = (direction, subject, peer, traffic)
+            case = (direction, subject, peer, key)
             decision = self.decisions.get(case)
             if decision is None:
-                decision = self.decisions[case] = self.policy_set.decide(direction, subject, peer, traffic)
+                decision = self.decisions[case] = self.policy_set.decide(direction, subject, peer, key)
             decisions.append(decision)
         return traffic, directions, decisions
 
