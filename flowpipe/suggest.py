@@ -35,14 +35,8 @@ from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, ren
 from flowpipe.policy.load import load_policies, parse_policies
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
 from flowpipe.policy.render import render_policy, render_yaml, unexpressed
-from flowpipe.policy.replay import (
-    EDGES_SQL,
-    DeniedEdge,
-    ReplayConfig,
-    denied_directions,
-    edge_parameters,
-    replay_edges,
-)
+from flowpipe.policy.replay import DeniedEdge, ReplayConfig, denied_directions, replay_edges
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import Engine
 from flowpipe.query.run import run_question

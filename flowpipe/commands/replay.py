@@ -13,7 +13,8 @@ from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import format_datetime, render
 from flowpipe.errors import PolicyError
 from flowpipe.policy.load import load_policies
-from flowpipe.policy.replay import EDGES_SQL, ReplayConfig, ReplayReport, edge_parameters, replay_edges
+from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 from flowpipe.query.engine import open_engine
 from flowpipe.query.run import newest_flow_time
 from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
@@ -58,7 +59,9 @@ def replay(
     with open_engine(dataset, require_flows=True) as engine:
         newest = newest_flow_time(engine)
         start, end, anchor = resolve_window(newest, since, until)
-        edges = engine.run(EDGES_SQL, edge_parameters(policies, since=start, until=end), question="replay edges")
+        edges = engine.run(
+            EDGES_SQL, edge_parameters(policies, since=start, until=end), question="replay edges"
+        )
     if anchor is not None:
         click.echo(
             f"note: --since counts back from the newest flow ({format_datetime(anchor)}), not the clock",

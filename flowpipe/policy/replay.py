@@ -36,9 +36,8 @@ import pyarrow as pa
 from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
-from flowpipe.policy._replay_sql import EDGES_SQL as EDGES_SQL
-from flowpipe.policy._replay_sql import edge_parameters as edge_parameters
 from flowpipe.policy.model import Direction, Policy
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 
 try:  # the shared DropReason classification, where present
     from flowpipe.drop_reasons import is_policy_decision

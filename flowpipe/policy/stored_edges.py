@@ -1,4 +1,4 @@
-"""The SQL that groups stored flows into distinct replay edges, and the parameters a policy set needs from it.
+"""The SQL that groups stored flows into distinct replay edges (`EDGES_SQL`) and what a policy set needs of it.
 
 Replay judges distinct edges, not flows, so the number of edges decides its speed. An edge keeps only what
 the policies being replayed can tell apart: HTTP methods and URLs only when some rule has HTTP rules, Kafka
