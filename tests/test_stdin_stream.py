@@ -45,39 +45,60 @@ def stored_flows(root: Path) -> int:
     return int(count)
 
 
-def batches_from_pipe(lines_sent: threading.Event, data: bytes) -> Iterator[int]:
-    """Flows per batch of a FileSource reading a real pipe whose writer pauses (open) after `data`."""
-    read_end, write_end = os.pipe()
-    release = threading.Event()
+class PausedPipe:
+    """A real pipe whose writer writes `data`, then pauses with the pipe open until `release()`."""
 
-    def write() -> None:
-        with os.fdopen(write_end, "wb") as out:
-            out.write(data)
-            out.flush()
-            lines_sent.set()
-            release.wait(WAIT_SECONDS)
+    def __init__(self, data: bytes) -> None:
+        self.read_end, write_end = os.pipe()
+        self.sent = threading.Event()
+        self.closed = threading.Event()
+        self._release = threading.Event()
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        with os.fdopen(read_end, "rb", buffering=0) as stdin:
-            for batch in FileSource(["-"], stdin=stdin).batches():
-                if batch.flows.num_rows:
-                    yield batch.flows.num_rows
-                    release.set()  # the writer closes the pipe once the first flows were delivered
-    finally:
-        release.set()
-        writer.join(WAIT_SECONDS)
+        def write() -> None:
+            with os.fdopen(write_end, "wb") as out:
+                out.write(data)
+                out.flush()
+                self.sent.set()
+                self._release.wait(WAIT_SECONDS)
+            self.closed.set()
+
+        self._writer = threading.Thread(target=write)
+        self._writer.start()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def batches(self, **options: int) -> Iterator[int]:
+        """Flows per batch of a FileSource reading the pipe as stdin (the pipe is released at the end)."""
+        try:
+            with os.fdopen(self.read_end, "rb", buffering=0) as stdin:
+                for batch in FileSource(["-"], stdin=stdin, **options).batches():
+                    if batch.flows.num_rows:
+                        yield batch.flows.num_rows
+                        self.release()  # the writer closes the pipe once flows were delivered
+        finally:
+            self.release()
+            self._writer.join(WAIT_SECONDS)
 
 
 def test_a_paused_pipe_delivers_its_whole_lines_before_it_is_closed(tmp_path: Path) -> None:
     lines = synthetic_lines(tmp_path, 30)
-    sent = threading.Event()
     # The last line is incomplete: it waits for its newline, which never comes (the pipe is closed after).
-    data = b"".join(lines) + lines[0][:40]
-    batches = batches_from_pipe(sent, data)
-    first = next(batches)  # only returns once the pipe paused: far less than one block was written
-    assert sent.is_set() and first == 30
+    pipe = PausedPipe(b"".join(lines) + lines[0][:40])
+    batches = pipe.batches()
+    first = next(batches)  # far less than one block was written: this is the pause delivering it
+    assert first == 30 and pipe.sent.is_set() and not pipe.closed.is_set()
+    assert list(batches) == []
+
+
+def test_a_pause_after_a_full_block_delivers_it(tmp_path: Path) -> None:
+    lines = synthetic_lines(tmp_path, 30)
+    whole = b"".join(lines)
+    # One full block of whole lines, then part of a line: the pause brings no new line, yet the block, which
+    # waits for a second one to be decoded alongside, must be delivered.
+    pipe = PausedPipe(whole + lines[0][:40])
+    batches = pipe.batches(block_bytes=len(whole))
+    assert next(batches) == 30 and not pipe.closed.is_set()
     assert list(batches) == []
 
 
@@ -86,9 +107,9 @@ def test_a_paused_gzip_pipe_delivers_what_is_decompressed(tmp_path: Path) -> Non
     compressor = gzip.GzipFile(fileobj=(buffer := _Buffer()), mode="wb")
     compressor.write(b"".join(lines))
     compressor.flush()  # a sync flush: everything so far can be decompressed, the gzip stream is not ended
-    sent = threading.Event()
-    batches = batches_from_pipe(sent, buffer.data)
-    assert next(batches) == 20
+    pipe = PausedPipe(buffer.data)
+    batches = pipe.batches()
+    assert next(batches) == 20 and not pipe.closed.is_set()
 
 
 class _Buffer:

@@ -68,6 +68,7 @@ class LineBlocks:
         self.carry = b""
         self.discarding = False  # inside a line that is too long, until its newline
         self.truncated: Truncated | None = None
+        self._held = False  # a block was handed on since the input last paused
 
     def blocks(self, closed: threading.Event) -> Iterator[Block]:
         """The blocks, in order; a compressed stream's break ends them and is kept in `truncated`.
@@ -89,8 +90,14 @@ class LineBlocks:
                     if size < self.block_bytes:
                         continue
                 if pieces:
-                    yield from self._cut(pieces, flush=chunk is IDLE)
+                    for block in self._cut(pieces, flush=chunk is IDLE):
+                        self._held = not block.flush
+                        yield block
                     pieces, size = [], 0
+                if chunk is IDLE and self._held:
+                    # A pause with no new whole line: the blocks handed on before it must not wait for more.
+                    self._held = False
+                    yield Block(b"", self.records + 1, self.records, self.offset, flush=True)
         except Truncated as exc:
             self.truncated = exc
         if pieces:  # the end of the content, or the last bytes before a break
@@ -135,17 +142,20 @@ def decode_in_order(
 ) -> Iterator[tuple[Block, T]]:
     """Decode blocks on `threads` threads (the parsers release the GIL), yielding results in input order.
 
-    A block marked `flush` (the input paused) is delivered with every block before it before reading on.
+    A block marked `flush` (the input paused) is delivered with every block before it before reading on; an
+    empty one only delivers those before it.
     """
     if threads <= 1:
         for block in blocks:
-            yield block, decode(block)
+            if block.data or block.error is not None:
+                yield block, decode(block)
         return
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowpipe-decode")
     pending: deque[tuple[Block, Future[T]]] = deque()
     try:
         for block in blocks:
-            pending.append((block, pool.submit(decode, block)))
+            if block.data or block.error is not None:
+                pending.append((block, pool.submit(decode, block)))
             while pending and (len(pending) >= threads or block.flush):
                 done, future = pending.popleft()
                 yield done, future.result()
