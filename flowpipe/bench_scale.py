@@ -6,14 +6,17 @@ hour are normalized once (`flowpipe.bench_questions.simulated_flows`) and writte
 hour later, through the real `ParquetSink`.
 
 - `scale`: one dataset grown to 1x, 10x and 50x `--flows` (1, 10 and 50 million by default); at each size the
-  bytes on disk, and every question's time on DuckDB over the whole span.
+  bytes on disk, and every question's time on DuckDB over the whole span. Where pyspark and Java are
+  installed, the questions also run on Spark in local mode at the first size: what Spark costs on one machine.
 - `compaction`: 10x `--flows` flows (10 million by default) written as 1,000 part files, then `compact_dataset`
   with every hour closed; its time is held against `COMPACTION_TARGET_SECONDS`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +28,7 @@ import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from flowpipe.bench import BenchContext, Figure
+    from flowpipe.query.catalog import Question
 
 SCALE_FACTORS = (1, 10, 50)
 """Dataset sizes of the `scale` section, as multiples of `--flows`."""
@@ -131,7 +135,42 @@ def bench_scale(ctx: BenchContext) -> list[Figure]:
                         note=f"{result.table.num_rows} rows; load average {load:.1f}",
                     )
                 )
+        if factor == SCALE_FACTORS[0] and _spark_available():
+            sizes += _spark_times(ctx, grower.root, questions, window, label)
     return sizes + [figure for name in times for figure in times[name]]
+
+
+def _spark_available() -> bool:
+    return importlib.util.find_spec("pyspark") is not None and shutil.which("java") is not None
+
+
+def _spark_times(
+    ctx: BenchContext, root: Path, questions: list[Question], window: dict[str, str], label: str
+) -> list[Figure]:
+    """Every question on Spark in local mode over the same dataset: what Spark costs on one machine."""
+    from flowpipe.bench import Figure
+    from flowpipe.query.run import run_question
+    from flowpipe.query.spark import DEFAULT_MASTER, SparkEngine
+
+    ctx.log(f"scale: the questions at {label} on Spark {DEFAULT_MASTER}")
+    figures = []
+    started = time.perf_counter()
+    with SparkEngine(str(root), master=DEFAULT_MASTER) as engine:
+        figures.append(Figure("scale", f"start Spark {DEFAULT_MASTER}", time.perf_counter() - started, "s"))
+        for question in questions:
+            values = {k: v for k, v in window.items() if question.parameter(k) is not None}
+            started = time.perf_counter()
+            result = run_question(engine, question, values, relative_to="now")
+            figures.append(
+                Figure(
+                    "scale",
+                    f"{question.name} at {label} on Spark",
+                    time.perf_counter() - started,
+                    "s",
+                    note=f"{result.table.num_rows} rows",
+                )
+            )
+    return figures
 
 
 def bench_compaction(ctx: BenchContext) -> list[Figure]:

@@ -117,7 +117,7 @@ def s3_filesystem(
         if env.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
     try:
-        return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
+        return pafs.S3FileSystem(**kwargs)
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise ConfigError(f"cannot set up S3 access ({exc})") from exc
 
