@@ -9,7 +9,8 @@ for blocks holding a bad line). Accepted inputs:
 - a JSON array of such objects (`[ {...}, {...} ]`, any layout);
 - Hubble exporter files: `events.log`, rotated backups `events-2024-01-01T00-00-00.000.log`, `.gz` backups,
   given one by one or as the directory holding them (read oldest first);
-- `-` for standard input.
+- `-` for standard input; a live one (`hubble observe -f -o jsonpb | flowpipe ingest -`) is ingested as it
+  arrives: after a second of quiet, the whole lines read so far are decoded without waiting for a full block.
 
 Bad lines are reported as `FlowDecodeError` (path, line, reason) and skipped; `strict=True` raises the first.
 With a `checkpoint_path`, content already made durable is skipped (see `_file_state`).
