@@ -3,16 +3,17 @@
 `suggest_policies(engine, SuggestConfig(...))` runs the `observed_edges` question over a window, drafts the
 policies of each requested format (`cilium`, `kubernetes`, `istio`), and proves each draft before offering it:
 
-- The rendered documents are parsed back (what the cluster would get) and the requests they were learned from
-  are replayed through them (`replay_edges` on `learned_requests`; for Istio, `istio.unallowed_requests`).
-  With `verify_flows`, the stored flows of the window are replayed too. A draft that would deny any of them
-  is refused with `DraftRefusedError`, naming the edges. Requests a format cannot express at all (ICMP in a
-  NetworkPolicy) are not a refusal: they are named in the files' headers and the summary.
+- `flowpipe.policy.proof.prove_draft` parses the rendered documents back (what the cluster would get) and
+  replays the requests they were learned from through them (for Istio, `istio.unallowed_requests`); with
+  `verify_flows`, the stored flows of the window too. A draft that would deny any of them is refused with
+  `DraftRefusedError`, naming the edges. Requests a format cannot express at all (ICMP in a NetworkPolicy)
+  are not a refusal: they are named in the files' headers and the summary.
 - With `existing` (paths of the user's current policies), only what is new is drafted: the learned requests
   the existing policies would deny are found by replaying them (per direction), and minimal additional
-  policies allow exactly those. They never isolate anything the existing set does not (Cilium drafts set
-  `enableDefaultDeny: false`; NetworkPolicies list only the directions of their rules), never reuse the name
-  of an existing policy, and the proof replays the existing set plus the additions.
+  policies allow exactly those. They add allows and nothing else (Cilium drafts set `enableDefaultDeny:
+  false`; a NetworkPolicy isolates only the directions of its rules, which the existing set isolates already
+  for those pods), never reuse the name of an existing policy, and the proof replays the existing set plus
+  the additions.
 
 The output is deterministic: the same dataset and options give byte-identical files. File headers carry the
 observed span of the learned flows (first and last), not the window asked for, which moves with the clock.
@@ -28,15 +29,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from flowpipe.errors import ConfigError, DraftRefusedError, PolicyError
+from flowpipe.errors import ConfigError, PolicyError
 from flowpipe.policy.draft import Draft, draft_policies
 from flowpipe.policy.edges import learned_requests
 from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, render_istio, unallowed_requests
-from flowpipe.policy.load import load_policies, parse_policies
+from flowpipe.policy.load import load_policies
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
-from flowpipe.policy.render import render_policy, render_yaml, unexpressed
-from flowpipe.policy.replay import DeniedEdge, ReplayConfig, denied_directions, replay_edges
-from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, prove_draft, refusal
+from flowpipe.policy.render import render_yaml, unexpressed
+from flowpipe.policy.replay import denied_directions
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import Engine
 from flowpipe.query.run import run_question
@@ -56,7 +57,6 @@ KINDS: dict[Format, str] = {
     "istio": "AuthorizationPolicy",
 }
 _L4 = ("TCP", "UDP", "SCTP")
-_MAX_NAMED_EDGES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +157,9 @@ class Suggestion:
             else:
                 lines.append(f"{len(self.new_edges)} edges are new against the {self.existing_policies} "
                              "existing policies (they would deny them):")  # fmt: skip
-                lines += [f"  {edge}" for edge in self.new_edges[:_MAX_NAMED_EDGES]]
-                if len(self.new_edges) > _MAX_NAMED_EDGES:
-                    lines.append(f"  ... and {len(self.new_edges) - _MAX_NAMED_EDGES} more")
+                lines += [f"  {edge}" for edge in self.new_edges[:MAX_NAMED_EDGES]]
+                if len(self.new_edges) > MAX_NAMED_EDGES:
+                    lines.append(f"  ... and {len(self.new_edges) - MAX_NAMED_EDGES} more")
         for result in self.results:
             files = [f for f in self.files if f.format == result.format]
             deny = sum(1 for p in result.policies if p.name == "flowpipe-default-deny")
@@ -199,7 +199,7 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
         since, until, anchored_to, window, len(rows), sum(int(r["flows"] or 0) for r in rows)
     )
     learned = learned_requests(rows)
-    stored = _StoredEdges(engine, since, until) if config.verify_flows else None
+    stored = StoredEdges(engine, since, until) if config.verify_flows else None
     existing: list[Policy] | None = None
     if config.existing:
         existing = load_policies(config.existing)
@@ -267,73 +267,22 @@ def _span(rows: Sequence[Mapping[str, Any]]) -> tuple[datetime, datetime] | None
     return (min(firsts), max(lasts)) if firsts and lasts else None
 
 
-class _StoredEdges:
-    """The window's stored flows grouped into replay edges, queried once per distinct need of the drafts."""
-
-    def __init__(self, engine: Engine, since: datetime, until: datetime) -> None:
-        self._engine, self._since, self._until = engine, since, until
-        self._edges: dict[tuple[tuple[str, object], ...], list[dict[str, Any]]] = {}
-
-    def edges(self, policies: Sequence[Policy]) -> list[dict[str, Any]]:
-        """The edges with what `policies` can tell apart (see `edge_parameters`), HTTP and Kafka calls aside.
-
-        Stored flows are replayed at L3/L4: the L7 rules are proved on the learned requests, one per distinct
-        call, and the stored flows hold the same calls again (with query strings: many more of them).
-        """
-        params = edge_parameters(policies, since=self._since, until=self._until) | {
-            "http": False,
-            "kafka": False,
-        }
-        key = tuple(sorted(params.items()))
-        if key not in self._edges:
-            table = self._engine.run(EDGES_SQL, params, question="suggest replay")
-            self._edges[key] = table.to_pylist()
-        return self._edges[key]
-
-
 # -- proving ------------------------------------------------------------------------------------------------
 
 
-def _as_deployed(policies: Sequence[Policy]) -> list[Policy]:
-    """The policies as the cluster gets them: rendered, then read back."""
-    if not policies:
-        return []
-    return parse_policies("---\n".join(render_policy(p) for p in policies), path="<draft>")
-
-
 def _prove(
-    draft: Draft, fmt: Format, learned: list[dict[str, Any]], existing: Sequence[Policy], stored: _StoredEdges | None
+    draft: Draft, fmt: Format, learned: list[dict[str, Any]], existing: Sequence[Policy], stored: StoredEdges | None
 ) -> FormatResult:  # fmt: skip
-    """Replay the learned requests (and the stored flows) through the rendered draft; refuse it if it breaks any."""
+    """The format's result once its draft is proved (`prove_draft` raises `DraftRefusedError` otherwise)."""
+    # NetworkPolicy names node addresses only by ipBlock, which Cilium applies to nodes in the `nodes` mode.
+    nodes = fmt == "kubernetes" and any("policy-cidr-match-mode: nodes" in n for n in draft.notes)
+    proof = prove_draft(draft.policies, learned, existing=existing, stored=stored, cidr_match_nodes=nodes)
     result = FormatResult(
         fmt, list(draft.policies), notes=list(draft.notes), review=_world_ingress(draft.policies)
     )
     result.notes += sorted({f"{p.key}: {n}" for p in draft.policies for n in unexpressed(p)})
-    replay_config = ReplayConfig()
-    if fmt == "kubernetes" and any("policy-cidr-match-mode: nodes" in n for n in draft.notes):
-        # NetworkPolicy names node addresses only by ipBlock, which Cilium applies to nodes in this mode.
-        replay_config = ReplayConfig(cidr_match_nodes=True)
-        result.requires.append("Cilium policy-cidr-match-mode: nodes (ipBlocks that name node addresses)")
-    deployed = list(existing) + _as_deployed(draft.policies)
-    report = replay_edges(deployed, learned, replay_config)
-    result.not_allowed, broken = _classify(report.denied_edges, fmt)
-    if broken:
-        raise _refusal(fmt, "the requests it was learned from", broken)
-    result.requests_proved = report.allowed
-    if stored is not None:
-        stored_edges = stored.edges(deployed)
-        flows = replay_edges(deployed, stored_edges, replay_config)
-        denied = [e for e in flows.denied_edges if e.forwarded]
-        if existing:
-            # What the existing policies deny already is theirs to answer for; the additions must break nothing.
-            before = replay_edges(existing, stored_edges, replay_config).denied_edges
-            known = {(e.source, e.destination, e.protocol, e.port, e.l7) for e in before}
-            denied = [e for e in denied if (e.source, e.destination, e.protocol, e.port, e.l7) not in known]
-        declared, broken = _classify(denied, fmt)
-        if broken:
-            raise _refusal(fmt, "the stored flows of the window", broken)
-        result.flows_proved = flows.allowed
-        result.not_allowed = sorted(set(result.not_allowed) | set(declared))
+    result.not_allowed, result.requires = proof.not_allowed, proof.requires
+    result.requests_proved, result.flows_proved = proof.requests, proof.flows
     return result
 
 
@@ -345,43 +294,11 @@ def _world_ingress(policies: Iterable[Policy]) -> list[str]:
         for rule in policy.rules_for("ingress"):
             if any(p.kind == "entity" and p.entity in ("world", "all") for p in rule.peers):
                 ports = (
-                    ", ".join(
-                        f"{port.protocol}/{port.port}" for port_rule in rule.ports for port in port_rule.ports
-                    )
-                    or "every port"
+                    ", ".join(f"{p.protocol}/{p.port}" for pr in rule.ports for p in pr.ports) or "every port"
                 )
                 found.append(f"{policy.key} accepts ingress from the world on {ports} "
                              f"({rule.flows or 0} requests were forwarded): keep it only if it is meant to")  # fmt: skip
     return found
-
-
-def _classify(denied: Iterable[DeniedEdge], fmt: Format) -> tuple[list[str], list[DeniedEdge]]:
-    """Denied edges a format cannot express at all (named, allowed to stand) and the others (a refusal)."""
-    declared, broken = [], []
-    for edge in denied:
-        if fmt == "kubernetes" and edge.protocol not in _L4:
-            declared.append(f"{_edge_text(edge)}: a NetworkPolicy cannot allow {edge.protocol} alone")
-        else:
-            broken.append(edge)
-    return sorted(set(declared)), broken
-
-
-def _edge_text(edge: DeniedEdge) -> str:
-    port = "" if edge.port is None else f"/{edge.port}"
-    l7 = f" {edge.l7}" if edge.l7 else ""
-    return f"{edge.source} -> {edge.destination} {edge.protocol or '?'}{port}{l7}"
-
-
-def _refusal(fmt: Format, what: str, broken: Sequence[DeniedEdge]) -> DraftRefusedError:
-    names = [f"{_edge_text(e)} ({e.flows} requests; {e.reason})" for e in broken]
-    shown = "\n".join(f"  {n}" for n in names[:_MAX_NAMED_EDGES])
-    more = f"\n  ... and {len(names) - _MAX_NAMED_EDGES} more" if len(names) > _MAX_NAMED_EDGES else ""
-    return DraftRefusedError(
-        f"the {fmt} draft would deny {sum(e.flows for e in broken)} of {what} in {len(broken)} edges, so it is "
-        f"not offered:\n{shown}{more}\nNarrow the draft with --namespace, or report the edges if they look "
-        "expressible.",
-        edges=names,
-    )
 
 
 # -- existing policies --------------------------------------------------------------------------------------
@@ -394,7 +311,7 @@ def _additions(
     fmt: Format,
     config: SuggestConfig,
     suggestion: Suggestion,
-    stored: _StoredEdges | None,
+    stored: StoredEdges | None,
 ) -> FormatResult:
     """The minimal policies to add to `existing` so that every learned request is allowed."""
     sides = denied_directions(existing, learned)
@@ -463,11 +380,8 @@ def _istio(rows: list[dict[str, Any]], config: SuggestConfig) -> FormatResult:
     refused = unallowed_requests(draft.policies, rows)
     if refused:
         names = [_row_text(r, ("ingress",)) for r in refused]
-        shown = "\n".join(f"  {n}" for n in names[:_MAX_NAMED_EDGES])
-        raise DraftRefusedError(
-            f"the istio draft would refuse {len(refused)} of the requests it was learned from, so it is not "
-            f"offered:\n{shown}",
-            edges=names,
+        raise refusal(
+            "istio", "the requests it was learned from", names, sum(int(r["flows"] or 0) for r in refused)
         )
     review = [
         f"{p.key} accepts calls from any source (the world was seen calling it) on ports "
