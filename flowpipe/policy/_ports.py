@@ -230,8 +230,16 @@ def port_rule_matches(port_rule: PortRule, traffic: Traffic) -> bool:
     An L3/L4 flow to a port with L7 rules is allowed: the connection is redirected to the proxy, which then
     judges each request (the L7 records).
     """
-    if port_rule.ports and not any(port_matches(p, traffic) for p in port_rule.ports):
-        return False
+    return port_rule_l4_matches(port_rule, traffic) and port_rule_l7_matches(port_rule, traffic)
+
+
+def port_rule_l4_matches(port_rule: PortRule, traffic: Traffic) -> bool:
+    """True when the request's protocol and port (or ICMP type) are among the port rule's (none: all)."""
+    return not port_rule.ports or any(port_matches(p, traffic) for p in port_rule.ports)
+
+
+def port_rule_l7_matches(port_rule: PortRule, traffic: Traffic) -> bool:
+    """True when the port rule has no L7 rules for the request's kind, or one of them allows the request."""
     if traffic.l7 == "http" and port_rule.http:
         return any(http_matches(r, traffic) for r in port_rule.http)
     if traffic.l7 == "kafka" and port_rule.kafka:

@@ -36,7 +36,7 @@ import pyarrow as pa
 from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
-from flowpipe.policy.model import Direction, Policy
+from flowpipe.policy.model import Direction, Policy, PortRule
 from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 
 try:  # the shared DropReason classification, where present
@@ -192,10 +192,14 @@ class _CompiledRule:
             self.cache[endpoint] = hit
         return hit
 
-    def matches(self, endpoint: m.Endpoint, traffic: ports.Traffic) -> bool:
+    def l4_matches(self, endpoint: m.Endpoint, traffic: ports.Traffic) -> tuple[PortRule, ...] | None:
+        """None when the rule does not match the peer and L4; else its port rules that do (empty: any port)."""
         if not self.rule.peers or not self.peer_matches(endpoint):
-            return False
-        return not self.rule.ports or any(ports.port_rule_matches(pr, traffic) for pr in self.rule.ports)
+            return None
+        if not self.rule.ports:
+            return ()
+        found = tuple(pr for pr in self.rule.ports if ports.port_rule_l4_matches(pr, traffic))
+        return found or None
 
 
 class PolicySet:
@@ -212,6 +216,9 @@ class PolicySet:
             for ri, rule in enumerate(policy.rules):
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
+        self._l4: dict[
+            tuple[Any, ...], tuple[list[tuple[int, _CompiledRule, tuple[PortRule, ...]]], bool]
+        ] = {}
         self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
         # What the rules can tell apart: requests that differ only in other fields share their decisions.
         kept = edge_parameters(self.policies)
@@ -256,14 +263,25 @@ class PolicySet:
         selecting = self.selecting(direction, subject) if subject.is_pod else []
         if not selecting:
             return Decision(True, [])
+        # The rules that match at L3/L4 are the same for every call on one connection: found once, then only
+        # their L7 rules are matched against each call.
+        l4 = (direction, subject, peer, traffic.protocol, traffic.port, traffic.icmp_type)
+        found = self._l4.get(l4)
+        if found is None:
+            candidates = []
+            for pi in selecting:
+                for compiled in self._rules.get((pi, direction), ()):
+                    port_rules = compiled.l4_matches(peer, traffic)
+                    if port_rules is not None:
+                        candidates.append((pi, compiled, port_rules))
+            isolated = any(direction in self.policies[pi].isolates for pi in selecting)
+            found = self._l4[l4] = (candidates, isolated)
+        candidates, isolated = found
         allows: list[tuple[int, int]] = []
         denies: list[tuple[int, int]] = []
-        isolated = False
-        for pi in selecting:
-            isolated = isolated or direction in self.policies[pi].isolates
-            for compiled in self._rules.get((pi, direction), ()):
-                if compiled.matches(peer, traffic):
-                    (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
+        for pi, compiled, port_rules in candidates:
+            if not port_rules or any(ports.port_rule_l7_matches(pr, traffic) for pr in port_rules):
+                (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
         if denies:
             names = ", ".join(f"{self.policies[p].key} {self.rule_ids[p][r]}" for p, r in denies)
             return Decision(False, allows + denies, f"denied by {names}")
