@@ -85,13 +85,13 @@ def bench_suggest(ctx: BenchContext) -> list[Figure]:
     from flowpipe.suggest import SuggestConfig, suggest_policies
 
     root, flows, start, end = simulated_dataset(ctx)
-    window = {"since": start.isoformat(), "until": end.isoformat()}
+    since, until = start.isoformat(), end.isoformat()
     figures = []
     runs = (
-        ("suggest (Cilium)", SuggestConfig(**window), SUGGEST_TARGET_SECONDS),
+        ("suggest (Cilium)", SuggestConfig(since=since, until=until), SUGGEST_TARGET_SECONDS),
         (
             "suggest --format both --l7",
-            SuggestConfig(**window, formats=("cilium", "kubernetes"), l7=True),
+            SuggestConfig(since=since, until=until, formats=("cilium", "kubernetes"), l7=True),
             None,
         ),
     )
