@@ -56,8 +56,10 @@ SESSION_CONF: dict[str, str] = {
     "spark.sql.legacy.parquet.nanosAsLong": "true",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
-LOCAL_CONF: dict[str, str] = {"spark.sql.shuffle.partitions": "2", "spark.driver.memory": "1g"}
-"""Extra settings for local mode: as many shuffle partitions as local cores (the default 200 is for clusters)."""
+LOCAL_CONF: dict[str, str] = {"spark.sql.shuffle.partitions": "2", "spark.driver.memory": "4g"}
+"""Extra settings for local mode: as many shuffle partitions as local cores (the default 200 is for clusters),
+and 4 GiB for the driver, which in local mode also runs the tasks (the default 1 GiB cannot broadcast the
+joins of the larger questions at a million flows)."""
 
 _VIEWS: tuple[tuple[str, str, pa.Schema], ...] = (
     ("flows", FLOWS_TABLE, FLOW_SCHEMA),
