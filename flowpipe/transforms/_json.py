@@ -41,7 +41,6 @@ from flowpipe.transforms._json_schema import (
 # pyarrow splits a block into chunks of this size and parses them in parallel (`threads=True`); a caller that
 # decodes several blocks at once parses each on one thread, as one chunk (no chunks to stitch together after).
 PARSE_CHUNK_BYTES = 1 << 20
-SERIAL_PARSE_CHUNK_BYTES = 16 << 20
 
 
 REASON_INVALID_JSON = "invalid_json"
@@ -200,7 +199,7 @@ def _decode_block(
 
 
 def _parse(data: bytes, layout: str, threads: bool = True) -> pa.StructArray:
-    chunk = PARSE_CHUNK_BYTES if threads else SERIAL_PARSE_CHUNK_BYTES
+    chunk = PARSE_CHUNK_BYTES if threads else len(data) + 1
     options = pj.ParseOptions(explicit_schema=parse_schema(layout), unexpected_field_behavior="ignore")
     try:
         table = pj.read_json(
