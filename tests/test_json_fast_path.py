@@ -116,3 +116,23 @@ def test_every_odd_line_in_one_block() -> None:
     for odd in ODD_LINES:
         lines += [odd, clean]
     _compare(lines)
+
+
+def test_flows_lost_events_and_node_status_in_one_block_take_the_vectorized_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flowpipe.transforms._json as json_path
+
+    lines = [_with("uuid", f"u{i}") for i in range(20)]
+    lines.insert(5, json.dumps({"lost_events": {"source": "HUBBLE_RING_BUFFER", "num_events_lost": "3"}}))
+    lines.insert(9, json.dumps({"node_status": {"state_change": "NODE_CONNECTED"}, "node_name": "n1"}))
+    expected = normalize_json_texts(list(enumerate(lines, 1)), path="x")
+
+    def no_fallback(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the per-line path was used")
+
+    monkeypatch.setattr(json_path, "decode_texts", no_fallback)
+    block = normalize_json_lines(("\n".join(lines) + "\n").encode(), path="x")
+    assert block.flows.equals(expected.flows) and block.flows.num_rows == 20
+    assert [(e.source, e.num_events_lost) for e in block.lost_events] == [("HUBBLE_RING_BUFFER", 3)]
+    assert block.node_status == 1

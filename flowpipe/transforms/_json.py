@@ -274,13 +274,10 @@ def decode_canonical(lines: pa.StructArray, *, cluster_name: str | None = None) 
             flows = lines  # legacy bare Flows: the line itself is the Flow
         else:
             flows = pc.if_else(bare, _project_bare_flows(lines), pc.struct_field(lines, ["flow"]))
+        node, time = envelope_node, envelope_time
         if n_flows < len(lines):  # only then: filtering copies every value of the nested struct
-            flows, envelope_node, envelope_time = (
-                flows.filter(flow_rows),
-                envelope_node.filter(flow_rows),
-                envelope_time.filter(flow_rows),
-            )
-        out.flows = build_flow_table(flows, envelope_node, envelope_time, cluster_name=cluster_name)
+            flows, node, time = flows.filter(flow_rows), node.filter(flow_rows), time.filter(flow_rows)
+        out.flows = build_flow_table(flows, node, time, cluster_name=cluster_name)
     if _count(only["lost_events"]):
         rows = only["lost_events"]
         out.lost_events = _lost_events(
