@@ -67,7 +67,12 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
         ctx.log(
             f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s); collecting them"
         )
-        report = _report(_spawn("collector", address, str(dataset), str(ctx.flows)), "collector")
+        report = _report(_spawn("collector", address, str(dataset), str(ctx.flows), "on"), "collector")
+        ctx.log("again with metrics off (no analytics sink, no /metrics)")
+        bare = _report(
+            _spawn("collector", address, str(ctx.workdir / "collect-dataset-bare"), str(ctx.flows), "off"),
+            "collector without metrics",
+        )
         limit = min(ctx.flows, ctx.baseline_flows)
         ctx.log(f"naive client on {limit:,} flows")
         naive = _report(_spawn("naive", address, str(ctx.workdir / "naive"), str(limit)), "naive client")
@@ -104,6 +109,14 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             "collect", "naive client throughput", naive_speed, "flows/s", note=f"on {naive['flows']:,} flows"
         ),
         Figure("collect", "collect speed / naive client speed", speed / naive_speed, "x", target=3),
+        Figure(
+            "collect",
+            "throughput with metrics on / off",
+            speed / (bare["flows"] / bare["seconds"]),
+            "x",
+            target=0.9,
+            note="metrics cost at most 10%",
+        ),
     ]
 
 
@@ -141,7 +154,7 @@ def _relay_main(count: int, seed: int) -> None:
     threading.Event().wait()
 
 
-def _collector_main(address: str, dataset: str, count: int) -> dict[str, Any]:
+def _collector_main(address: str, dataset: str, count: int, metrics: bool = True) -> dict[str, Any]:
     from flowpipe.collect import COLLECT_MAX_BATCH_BYTES, CollectConfig, collect, use_system_memory_pool
     from flowpipe.config import ParquetSinkConfig, PipelineConfig
     from flowpipe.model import EventBatch
@@ -172,6 +185,7 @@ def _collector_main(address: str, dataset: str, count: int) -> dict[str, Any]:
         sink=ParquetSinkConfig(path=dataset, writer_id="bench", max_batch_bytes=COLLECT_MAX_BATCH_BYTES),
         pipeline=PipelineConfig(),
         question_interval_seconds=0,  # the periodic question is not part of the stream's path
+        metrics_address="127.0.0.1:0" if metrics else None,
     )
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
@@ -235,7 +249,7 @@ def child_main(argv: list[str]) -> None:
         _relay_main(int(args[0]), int(args[1]))
         return
     if task == "collector":
-        report = _collector_main(args[0], args[1], int(args[2]))
+        report = _collector_main(args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"])
     elif task == "naive":
         report = _naive_main(args[0], args[1], int(args[2]))
     else:

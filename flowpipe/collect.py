@@ -32,7 +32,7 @@ from flowpipe.errors import ConfigError, SinkError
 from flowpipe.metrics import MetricsServer, PipelineMetrics, parse_address, serve
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
-from flowpipe.sinks import Ack
+from flowpipe.sinks import Ack, Sink
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sinks.prometheus import (
     DEFAULT_MAX_NAMESPACES,
@@ -199,7 +199,10 @@ def collect(
     state = checkpoint_name(config.source)
     source = RelaySource(config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop)
     parquet = InstrumentedParquetSink(ParquetSink(config.sink, dataset=dataset), metrics)
-    analytics = PrometheusSink(metrics, max_namespaces=config.max_namespaces)
+    # Flow analytics are only worth their cost when someone can scrape them (`--metrics-address off` skips them).
+    sinks: list[Sink] = [parquet]
+    if config.metrics_address:
+        sinks.append(PrometheusSink(metrics, max_namespaces=config.max_namespaces))
     flush_interval = config.sink.flush_interval_seconds
 
     def ready() -> bool:
@@ -229,7 +232,7 @@ def collect(
             on_started(source, server)
         if questions:
             refresher_thread.start()
-        result = run_pipeline(source, [parquet, analytics], config=config.pipeline, stop=stop, on_batch=count)
+        result = run_pipeline(source, sinks, config=config.pipeline, stop=stop, on_batch=count)
     finally:
         refresher_stop.set()
         if (
