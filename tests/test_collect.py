@@ -152,6 +152,17 @@ def test_metrics_of_a_running_collector_and_every_dashboard_query(tmp_path: Path
             assert metric(url, 'flowpipe_flows_received_total{verdict="DROPPED"}') == dropped
             with run_prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"]) as prom:
                 left_out = check_dashboard_queries(prom, role="collect", with_question=question_available())
+                # the simulator's injected faults show in the right series, as the dataset holds them
+                failures = prom.values("sum by (reason) (flowpipe_observed_dns_failures_total)", "reason")
+                rcodes = dataset_table(dataset, columns=["dns_rcode"]).column("dns_rcode").to_pylist()
+                assert rcodes.count(3) > 0, "the simulated minute has no NXDOMAIN answer"
+                for name, code in (("NXDOMAIN", 3), ("SERVFAIL", 2), ("REFUSED", 5)):
+                    assert failures.get(name, 0) == rcodes.count(code), (name, failures)
+                if question_available():
+                    wait_until(
+                        lambda: prom.values("flowpipe_unexpected_drops", "why").get("regression", 0) > 0,
+                        what="the api -> redis regression in flowpipe_unexpected_drops",
+                    )
             assert not [q for q in left_out if "flowpipe_relay" in q or "flush" in q], left_out
         finally:
             assert stop_process(process, signal.SIGTERM) == 0
