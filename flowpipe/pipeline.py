@@ -16,13 +16,10 @@ source.batches() ──▶ [reader thread] ──▶ bounded buffer ──▶ [c
   flushed, the last durable position is committed, and `run_pipeline` returns with `stopped=True`.
 - A source error is raised after the batches before it are flushed and committed; a sink error is raised at
   once, committing nothing more (the batches not yet durable are read again on the next run).
-- Memory: Arrow keeps freed memory for reuse (jemalloc without decay, where pyarrow has it), and the objects
-  that exist when a run starts are left out of the garbage collector's scans while it runs.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import signal
@@ -32,10 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from types import FrameType
-
-import pyarrow as pa
 
 from flowpipe.config import PipelineConfig
 from flowpipe.model import EventBatch
@@ -175,47 +169,6 @@ def run_pipeline(
     """
     config = config or PipelineConfig()
     stop = stop or threading.Event()
-    _retain_arrow_memory()
-    with _frozen_heap():
-        return _run(source, sinks, config, stop, on_batch, clock)
-
-
-@cache
-def _retain_arrow_memory() -> None:
-    """Have Arrow keep freed memory for reuse (jemalloc, no decay) instead of returning it to the system at once.
-
-    Every batch allocates and frees buffers of the same sizes; memory handed back and faulted in again costs
-    page faults that the reading, decoding and writing threads wait on one another for (measured: the same CPU
-    time, less wall time, and a lower peak RSS than Arrow's default allocator). Where pyarrow was built without
-    jemalloc, the default stays. Done once per process.
-    """
-    try:
-        pool = pa.jemalloc_memory_pool()
-        pa.jemalloc_set_decay_ms(-1)
-    except NotImplementedError:
-        return
-    pa.set_memory_pool(pool)
-
-
-@contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Keep the objects that exist now (imports, setup) out of the garbage collector's scans while a pipeline
-    runs: the many short-lived Arrow objects of each batch trigger collections, which would walk them all."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def _run(
-    source: Source,
-    sinks: Sequence[Sink],
-    config: PipelineConfig,
-    stop: threading.Event,
-    on_batch: Callable[[EventBatch], None] | None,
-    clock: Callable[[], float],
-) -> PipelineResult:
     result = PipelineResult()
     buffer: queue.Queue[EventBatch | _End] = queue.Queue(maxsize=config.buffer_batches)
     reader = _Reader(source, buffer, tick=min(config.poll_interval_seconds, 0.1), stop=stop)
