@@ -70,9 +70,10 @@ _VIEWS: tuple[tuple[str, str, pa.Schema], ...] = (
 def _pyspark() -> Any:
     try:
         import pyspark.sql
+        import sqlglot  # noqa: F401  (translates the questions)
     except ImportError as exc:
         raise ConfigError(
-            "the Spark engine needs pyspark: pip install 'flowpipe[spark]' (and Java 17 or later)"
+            f"the Spark engine needs pyspark and sqlglot ({exc}): pip install 'flowpipe[spark]' (and Java 17+)"
         ) from exc
     return pyspark.sql
 
@@ -217,7 +218,9 @@ class SparkEngine:
     def _define_shared_views(self) -> None:
         with _translate_errors(f"-- create {DROP_REASONS_TABLE}"):
             reasons = drop_reason_table()
-            self.spark.createDataFrame(reasons.to_pandas()).createOrReplaceTempView(DROP_REASONS_TABLE)
+            # Spark 4 takes an Arrow table as it is; Spark 3.5 a pandas DataFrame
+            frame = reasons if int(self.spark.version.split(".")[0]) >= 4 else reasons.to_pandas()
+            self.spark.createDataFrame(frame).createOrReplaceTempView(DROP_REASONS_TABLE)
         for view in load_views():
             text, names = to_spark_sql(view.sql)
             if names:
