@@ -7,9 +7,11 @@ hour later, through the real `ParquetSink`.
 
 - `scale`: one dataset grown to 1x, 10x and 50x `--flows` (1, 10 and 50 million by default); at each size the
   bytes on disk, and every question's time on DuckDB over the whole span. Where pyspark and Java are
-  installed, the questions also run on Spark in local mode at the first size: what Spark costs on one machine.
-- `compaction`: 10x `--flows` flows (10 million by default) written as 1,000 part files, then `compact_dataset`
-  with every hour closed; its time is held against `COMPACTION_TARGET_SECONDS`.
+  installed (and `--flows` is a million or more), the questions also run on Spark in local mode at the first
+  size: what Spark costs on one machine.
+- `compaction`: 10x `--flows` flows (10 million by default) written as 1,000 part files (fewer for a small
+  `--flows`: at least 1,000 flows a file), then `compact_dataset` with every hour closed; its time is held
+  against `COMPACTION_TARGET_SECONDS`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ SCALE_FACTORS = (1, 10, 50)
 """Dataset sizes of the `scale` section, as multiples of `--flows`."""
 COMPACTION_FACTOR = 10
 COMPACTION_FILES = 1000
+COMPACTION_MIN_ROWS_PER_FILE = 1000
+"""Fewer files than `COMPACTION_FILES` when a small `--flows` would make them smaller than this."""
+SPARK_MIN_FLOWS = 1_000_000
+"""Spark's times are measured only from this `--flows` on (at small sizes they are all fixed cost)."""
 COMPACTION_TARGET_SECONDS = 60.0
 _HOUR_NS = 3600 * 1_000_000_000
 
@@ -135,7 +141,7 @@ def bench_scale(ctx: BenchContext) -> list[Figure]:
                         note=f"{result.table.num_rows} rows; load average {load:.1f}",
                     )
                 )
-        if factor == SCALE_FACTORS[0] and _spark_available():
+        if factor == SCALE_FACTORS[0] and ctx.flows >= SPARK_MIN_FLOWS and _spark_available():
             sizes += _spark_times(ctx, grower.root, questions, window, label)
     return sizes + [figure for name in times for figure in times[name]]
 
@@ -181,7 +187,8 @@ def bench_compaction(ctx: BenchContext) -> list[Figure]:
 
     base, _ = _base(ctx)
     flows = COMPACTION_FACTOR * ctx.flows
-    grower = _Grower(ctx.workdir / "compaction", base, max_batch_rows=max(1, flows // COMPACTION_FILES))
+    files = max(1, min(COMPACTION_FILES, flows // COMPACTION_MIN_ROWS_PER_FILE))
+    grower = _Grower(ctx.workdir / "compaction", base, max_batch_rows=max(1, flows // files))
     started = time.perf_counter()
     grower.grow(flows)
     before = _files(grower.root)

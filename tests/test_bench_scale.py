@@ -15,8 +15,7 @@ from flowpipe.cli import cli
 
 def test_scale_and_compaction_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     flows = 400
-    monkeypatch.setattr(bench_scale, "COMPACTION_FILES", 40)  # 1,000 in the real bench
-    monkeypatch.setattr(bench_scale, "_spark_available", lambda: False)  # test_spark covers Spark
+    monkeypatch.setattr(bench_scale, "COMPACTION_MIN_ROWS_PER_FILE", 100)  # 4,000 flows in 40 files
     result = CliRunner().invoke(
         cli,
         [
