@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +68,23 @@ def sim_clean(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from _sim_dataset import build_sim_dataset
 
     return build_sim_dataset(tmp_path_factory.mktemp("sim-clean"), faults=False)
+
+
+@contextmanager
+def small_tmpfs(parent: Path, size: str) -> Iterator[Path]:
+    """A real size-limited tmpfs (e.g. size="1m") mounted under `parent` for a disk-full test; skips where
+    mounting is not permitted (needs root and mount(8) on Linux)."""
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    if os.geteuid() != 0 or mount is None or umount is None or not sys.platform.startswith("linux"):
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8) on Linux")
+    target = parent / "small"
+    target.mkdir()
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], check=False, capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run([umount, "-l", str(target)], check=False)

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
+from conftest import small_tmpfs
 from _collect_support import (
     BackgroundCollect,
     background_collect,
@@ -95,20 +97,8 @@ def test_reconnection_failures_are_logged_once_per_reason(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs mounted for the test (needs root); skips where mounting is not permitted."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if os.geteuid() != 0 or mount is None or umount is None or not sys.platform.startswith("linux"):
-        pytest.skip("mounting a size-limited tmpfs needs root and mount(8) on Linux")
-    target = tmp_path / "small"
-    target.mkdir()
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], check=False, capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path, "1m") as target:
         yield target
-    finally:
-        subprocess.run([umount, "-l", str(target)], check=False)
 
 
 def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_start_fetches_it(

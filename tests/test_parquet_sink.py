@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import small_tmpfs
+
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset import UNKNOWN_PARTITION, Dataset, PartitionKey, parse_part_file_name
 from flowpipe.errors import ConfigError, DatasetWriteError
@@ -440,20 +442,8 @@ def incompressible_batch(rows: int) -> EventBatch:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs mounted for the test (needs root); skips where mounting is not permitted."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if os.geteuid() != 0 or mount is None or umount is None or not sys.platform.startswith("linux"):
-        pytest.skip("mounting a size-limited tmpfs needs root and mount(8) on Linux")
-    target = tmp_path / "small"
-    target.mkdir()
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(target)], check=False, capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path, "256k") as target:
         yield target
-    finally:
-        subprocess.run([umount, "-l", str(target)], check=False)
 
 
 def test_disk_full_raises_naming_the_path_and_acknowledges_nothing(small_disk: Path) -> None:
