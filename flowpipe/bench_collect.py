@@ -12,7 +12,9 @@ Three child processes, so that each one's CPU and memory are its own:
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,11 +30,19 @@ if TYPE_CHECKING:
 
 POOL_FLOWS = 20_000
 _PAGE = 4096
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * _PAGE
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (from /proc, so it works for a child still running)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _spawn(task: str, *args: str) -> subprocess.Popen[str]:
@@ -56,6 +66,9 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
     from flowpipe.bench import Figure
 
     dataset = ctx.workdir / "collect-dataset"
+    outputs = (dataset, ctx.workdir / "collect-dataset-bare", ctx.workdir / "naive")
+    for folder in outputs:  # a kept --workdir holds the last run's checkpoints: start from an empty dataset
+        shutil.rmtree(folder, ignore_errors=True)
     relay = _spawn("relay", str(ctx.flows), str(ctx.seed))
     try:
         assert relay.stdout is not None
@@ -67,12 +80,16 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
         ctx.log(
             f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s); collecting them"
         )
+        relay_cpu = _cpu_seconds(relay.pid)
         report = _report(_spawn("collector", address, str(dataset), str(ctx.flows), "on"), "collector")
+        relay_cpu = _cpu_seconds(relay.pid) - relay_cpu
         ctx.log("again with metrics off (no analytics sink, no /metrics)")
         bare = _report(
             _spawn("collector", address, str(ctx.workdir / "collect-dataset-bare"), str(ctx.flows), "off"),
             "collector without metrics",
         )
+        if not report["flows"] or not bare["flows"]:
+            raise FlowpipeError(f"bench collector received no flows from the relay at {address}")
         limit = min(ctx.flows, ctx.baseline_flows)
         ctx.log(f"naive client on {limit:,} flows")
         naive = _report(_spawn("naive", address, str(ctx.workdir / "naive"), str(limit)), "naive client")
@@ -94,6 +111,14 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             "flows/s",
             target=50_000,
             note="loopback gRPC, whole flows (no field mask)",
+        ),
+        Figure("collect", "collector CPU time per flow", report["cpu_seconds"] / report["flows"] * 1e6, "us"),
+        Figure(
+            "collect",
+            "relay CPU time per flow served",
+            relay_cpu / report["flows"] * 1e6,
+            "us",
+            note="the built-in relay shares the 2 cores",
         ),
         Figure("collect", "peak RSS of the collector", report["max_rss_bytes"] / 1e6, "MB", 300, False),
         Figure(
@@ -188,12 +213,14 @@ def _collector_main(address: str, dataset: str, count: int, metrics: bool = True
         metrics_address="127.0.0.1:0" if metrics else None,
     )
     sampler = threading.Thread(target=sample, daemon=True)
+    cpu = time.process_time()
     started = time.perf_counter()
     sampler.start()
     result = collect(config, stop=stop, on_batch=count_batch)
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     samples.append((received, _rss_bytes()))
-    return {"flows": result.pipeline.flows, "seconds": seconds, "rss_samples": samples}
+    return {"flows": result.pipeline.flows, "seconds": seconds, "cpu_seconds": cpu, "rss_samples": samples}
 
 
 def _naive_main(address: str, out: str, limit: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@ filters, node shards and lost events.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -29,6 +31,7 @@ from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
+from flowpipe.sources._relay_connect import StreamReceiver, open_channel
 from flowpipe.sources._relay_decode import decode_responses
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
 from flowpipe.transforms.normalize import normalize_responses
@@ -246,3 +249,42 @@ def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
     assert total_lost == result.pipeline.events_lost > 0
     buffered_at_start = len(dataset_uuids(tmp_path)) - (len(flows) - 40 - total_lost)
     assert 0 < buffered_at_start <= 40, "every later flow was either written or reported lost"
+
+
+def test_the_stream_receiver_holds_at_most_max_pending_and_hands_over_every_flow_in_order() -> None:
+    flows = sim_flow_bytes()[:3000]
+    stop = threading.Event()
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        channel = open_channel(server.address, None)
+        call = channel.unary_stream(
+            "/observer.Observer/GetFlows",
+            request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+            response_deserializer=None,
+        )(observer_pb2.GetFlowsRequest(number=len(flows)))  # the whole buffer, then the call ends
+        connected = threading.Event()
+        receiver = StreamReceiver(call, max_pending=200, on_first=connected.set)
+        receiver.start()
+        try:
+            wait_until(lambda: len(receiver.queue) >= 200, what="the receiver to fill its queue")
+            assert connected.is_set()
+            held = []
+            for _ in range(20):  # the relay has 2,800 more to send meanwhile
+                held.append(len(receiver.queue))
+                time.sleep(0.02)
+            assert max(held) == 200  # backpressure: the rest waits in the relay, not in memory
+            received: list[bytes] = []
+            over = False
+            while not over:
+                taken, over = receiver.take(min_count=150, wait_seconds=5.0, stop=stop)
+                assert len(taken) <= 200
+                received += taken
+        finally:
+            receiver.stop()
+            receiver.join(5.0)
+            channel.close()
+    got = [observer_pb2.GetFlowsResponse.FromString(m) for m in received]
+    assert [r.flow.uuid for r in got if r.HasField("flow")] == [
+        flow_pb2.Flow.FromString(f).uuid for f in flows
+    ]
+    assert not receiver.is_alive() and receiver.error is None

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,14 +73,20 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
 
 
+RECEIVE_WINDOW_BYTES = 1 << 20
+"""HTTP/2 receive window of the GetFlows stream: about a thousand flows in flight, so the relay is not held
+up waiting for window updates (grpc's 64 KiB default holds some fifty), yet a bound on what grpcio buffers."""
+
+
 def open_channel(address: str, tls: RelayTLS | None) -> grpc.Channel:
     """A gRPC channel to the relay. Streaming calls run on the caller's thread (fewer thread handoffs per
-    message); BDP probing is off so that the receive window, and with it the memory held by grpcio for a
-    reader that is behind, stays at its default size."""
+    message); the receive window is fixed at `RECEIVE_WINDOW_BYTES` (BDP probing off, which would grow it
+    without a bound a reader that is behind could rely on)."""
     split_address(address)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         # grpc-go servers (hubble-relay) close connections that ping more often than every 5 minutes.
         ("grpc.keepalive_time_ms", 300_000),
         ("grpc.keepalive_timeout_ms", 20_000),
@@ -376,62 +383,73 @@ def _handshake_failure(exc: ssl.SSLError, where: str, tls: RelayTLS) -> Diagnosi
 
 
 class StreamReceiver(threading.Thread):
-    """Reads one GetFlows call into a bounded list of raw response bytes."""
+    """Reads one GetFlows call into a bounded queue of raw response bytes.
+
+    One thread appends (this one), one takes (the source): a deque needs no lock for that, so the per-message
+    path is an append and a length check. Two events carry the rare signals: `ready` when a batch is waiting
+    or the call is over, `room` when the taker has made space under `max_pending` again.
+    """
 
     def __init__(self, call: Any, max_pending: int, on_first: Callable[[], None]) -> None:
         super().__init__(name="flowpipe-relay-receiver", daemon=True)
         self.call = call
         self.max_pending = max_pending
         self.on_first = on_first
-        self.cond = threading.Condition()
-        self.pending: list[bytes] = []
+        self.queue: deque[bytes] = deque()
+        self.ready = threading.Event()
+        self.room = threading.Event()
+        self.room.set()
+        self.wake_at = 1
         self.done = False
         self.stopping = False
         self.error: BaseException | None = None
-        self.received = 0
 
     def run(self) -> None:
-        first = True
-        pending, cond, limit = self.pending, self.cond, self.max_pending
+        queue, append, limit = self.queue, self.queue.append, self.max_pending
+        ready, room = self.ready, self.room
         try:
+            for first in self.call:
+                self.on_first()
+                append(first)
+                break
             for message in self.call:
-                if first:
-                    first = False
-                    self.on_first()
-                with cond:
-                    while len(self.pending) >= limit and not self.stopping:
-                        cond.wait(0.1)  # backpressure: the relay's stream waits (HTTP/2 flow control)
-                    if self.stopping:
-                        break
-                    pending = self.pending
-                    pending.append(message)
-                    if len(pending) == 1 or len(pending) % 1024 == 0:
-                        cond.notify_all()
-                self.received += 1
+                append(message)
+                size = len(queue)
+                if size >= self.wake_at and not ready.is_set():
+                    ready.set()
+                if size >= limit:
+                    room.clear()
+                    while len(queue) >= limit and not self.stopping:
+                        room.wait(0.1)  # backpressure: the relay's stream waits (HTTP/2 flow control)
+                if self.stopping:
+                    break
         except BaseException as exc:  # noqa: BLE001  (handed to the decoding side)
             self.error = exc
         finally:
-            with cond:
-                self.done = True
-                cond.notify_all()
+            self.done = True
+            ready.set()
 
     def take(self, min_count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
         """Wait up to `wait_seconds` for `min_count` messages (less once the time is up); returns them and
         whether the call is over (and nothing is left)."""
         deadline = time.monotonic() + wait_seconds
-        with self.cond:
-            while not self.done and not stop.is_set() and len(self.pending) < min_count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(min(left, 0.1))
-            taken, self.pending = self.pending, []
-            self.cond.notify_all()
-            return taken, self.done and not taken
+        queue = self.queue
+        self.wake_at = min(min_count, self.max_pending)
+        while not self.done and not stop.is_set() and len(queue) < min_count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.ready.clear()
+            if self.done or len(queue) >= min_count:  # arrived between the test above and the clear
+                break
+            self.ready.wait(min(left, 0.1))
+        done = self.done  # read first: once set, nothing more is appended
+        taken = [queue.popleft() for _ in range(len(queue))]
+        self.room.set()
+        return taken, done and not taken and not queue
 
     def stop(self) -> None:
         """End the call (from another thread); the receiver finishes soon after."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
+        self.stopping = True
+        self.room.set()
         self.call.cancel()
