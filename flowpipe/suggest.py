@@ -15,6 +15,10 @@ policies of each requested format (`cilium`, `kubernetes`, `istio`), and proves 
   for those pods), never reuse the name of an existing policy, and the proof replays the existing set plus
   the additions.
 
+Policies apply to one cluster, so drafts are learned from the flows of one cluster: `cluster` (`--cluster`), or
+the only one the window holds; a window with flows of several clusters and no `cluster` is refused with the
+clusters found (`flowpipe.policy.clusters.choose_cluster`). The proof replays that cluster's stored flows only.
+
 The output is deterministic: the same dataset and options give byte-identical files. File headers carry the
 observed span of the learned flows (first and last), not the window asked for, which moves with the clock.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowpipe.errors import ConfigError, PolicyError
+from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.draft import Draft, draft_policies
 from flowpipe.policy.edges import learned_requests
 from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, render_istio, unallowed_requests
@@ -40,7 +45,7 @@ from flowpipe.policy.render import render_yaml, unexpressed
 from flowpipe.policy.replay import denied_directions
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import Engine
-from flowpipe.query.run import run_question
+from flowpipe.query.run import resolve_anchor
 
 Format = Literal["cilium", "kubernetes", "istio"]
 FORMATS: dict[str, tuple[Format, ...]] = {
@@ -64,6 +69,10 @@ class SuggestConfig:
     """What `suggest` drafts: window, namespaces, formats, and how it learns and proves."""
 
     namespaces: tuple[str, ...] = field(default=(), metadata={"help": "Namespaces to draft (default: all)."})
+    cluster: str | None = field(
+        default=None,
+        metadata={"help": "Draft for this cluster (cluster_name); needed when the window holds several."},
+    )
     since: str = field(default="7d", metadata={"help": "Window start: 7d, 1h, or an ISO timestamp."})
     until: str = field(default="now", metadata={"help": "Window end: now, a duration back, or a timestamp."})
     formats: tuple[Format, ...] = field(default=("cilium",), metadata={"help": "Formats to draft."})
@@ -140,6 +149,8 @@ class Suggestion:
     existing_policies: int | None = None
     new_edges: list[str] = field(default_factory=list)
     """With `existing`: the learned requests (as edges) the existing policies would deny."""
+    cluster: str | None = None
+    """The cluster the flows were learned from (None: the flows carry no cluster name)."""
 
     def stream(self) -> str:
         """Every file as one multi-document YAML stream (what `suggest` prints without `--out`)."""
@@ -147,7 +158,7 @@ class Suggestion:
 
     def summary(self) -> list[str]:
         """Lines for people: what was learned, drafted and proved, and what could not be expressed."""
-        lines = [f"learned {self.requests:,} requests in {self.edges:,} edges" + (
+        lines = [f"learned {self.requests:,} requests in {self.edges:,} edges" + _of_cluster(self.cluster) + (
             f", observed {_time(self.window[0])} .. {_time(self.window[1])}" if self.window else "")]  # fmt: skip
         if self.existing_policies is not None:
             if not self.new_edges:
@@ -185,21 +196,23 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     >>> write_files(suggestion, Path("drafts"))                            # doctest: +SKIP
 
     Raises `PolicyError` when the window holds no request to learn from, `DraftRefusedError` when a draft's
-    replay denies requests it was built from, `PolicyParseError` for unreadable `existing` files.
+    replay denies requests it was built from, `PolicyParseError` for unreadable `existing` files, and
+    `ConfigError` when the window holds flows of several clusters and `config.cluster` names none of them.
     """
-    rows, since, until, anchored_to = _observed_edges(engine, config, now)
+    rows, since, until, anchored_to, cluster = _observed_edges(engine, config, now)
     if not rows:
         raise PolicyError(
             f"no requests to learn from between {_time(since)} and {_time(until)}"
+            + _of_cluster(cluster)
             + (f" touching {', '.join(config.namespaces)}" if config.namespaces else "")
             + ": widen --since, check --namespace, or add --learn-from-drops for a cluster in default-deny"
         )
     window = _span(rows)
     suggestion = Suggestion(
-        since, until, anchored_to, window, len(rows), sum(int(r["flows"] or 0) for r in rows)
+        since, until, anchored_to, window, len(rows), sum(int(r["flows"] or 0) for r in rows), cluster=cluster
     )
     learned = learned_requests(rows)
-    stored = StoredEdges(engine, since, until) if config.verify_flows else None
+    stored = StoredEdges(engine, since, until, cluster) if config.verify_flows else None
     existing: list[Policy] | None = None
     if config.existing:
         existing = load_policies(config.existing)
@@ -241,7 +254,8 @@ def write_files(suggestion: Suggestion, out: Path) -> list[Path]:
 
 def _observed_edges(
     engine: Engine, config: SuggestConfig, now: datetime | None
-) -> tuple[list[dict[str, Any]], datetime, datetime, str]:
+) -> tuple[list[dict[str, Any]], datetime, datetime, str, str | None]:
+    """The window's observed edges of one cluster, the window, what it is anchored to, and the cluster."""
     question = load_questions().question("observed_edges")
     values: dict[str, object] = {
         "since": config.since,
@@ -251,14 +265,19 @@ def _observed_edges(
     }
     if len(config.namespaces) == 1:
         values["namespace"] = config.namespaces[0]
-    result = run_question(engine, question, values, now=now)
-    rows = result.table.to_pylist()
+    question.check_values(values)
+    anchor, anchored_to = resolve_anchor(engine, question, values, now=now)
+    params = question.bind(values, anchor=anchor)
+    since, until = params["since"], params["until"]
+    assert isinstance(since, datetime) and isinstance(until, datetime)
+    # Chosen before the edges are grouped, so that a dataset of several clusters is refused at once.
+    cluster = choose_cluster(engine, config.cluster, since, until, command="suggest")
+    params["cluster"] = cluster
+    rows = engine.run(question.sql, params, question=question.name).to_pylist()
     if len(config.namespaces) > 1:
         wanted = set(config.namespaces)
         rows = [r for r in rows if r["source_namespace"] in wanted or r["destination_namespace"] in wanted]
-    since, until = result.params["since"], result.params["until"]
-    assert isinstance(since, datetime) and isinstance(until, datetime)
-    return rows, since, until, result.anchored_to
+    return rows, since, until, anchored_to, cluster
 
 
 def _span(rows: Sequence[Mapping[str, Any]]) -> tuple[datetime, datetime] | None:
@@ -423,7 +442,7 @@ def _file_header(
     result: FormatResult, namespace: str, policies: Sequence[Any], config: SuggestConfig, suggestion: Suggestion
 ) -> str:  # fmt: skip
     kind = KINDS[result.format]
-    lines = [f"flowpipe suggest: {kind} drafts for namespace {namespace}"]
+    lines = [f"flowpipe suggest: {kind} drafts for namespace {namespace}{_of_cluster(suggestion.cluster)}"]
     if suggestion.existing_policies is not None:
         lines.append(
             f"additions to the existing policies ({', '.join(config.existing)}): only what they would deny"
@@ -458,3 +477,7 @@ def _rule_count(policy: Policy | IstioPolicy) -> int:
 
 def _time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _of_cluster(cluster: str | None) -> str:
+    return f" of cluster {cluster}" if cluster is not None else ""

@@ -1,7 +1,7 @@
 -- description: Least-privilege candidates per workload, each row a `finding` with a `detail` and a
 --   `suggestion`, as far as flows can tell. `no_policy`: no policy selects the workload (none of its requests
---   got a policy-verdict event, which Cilium emits only for endpoints under policy, while other workloads'
---   did; traffic from the node itself is not counted); `no_ingress_policy` / `no_egress_policy`: the same for
+--   got a policy-verdict event, which Cilium emits only for endpoints under policy, while other workloads' of
+--   its cluster did; traffic from the node itself is not counted); `no_ingress_policy` / `no_egress_policy`: the same for
 --   one direction of a workload that policies select in the other. `ingress_from_world`: requests from outside the cluster were let in.
 --   `ingress_from_all_namespaces`: requests came in from pods of every other namespace seen (three or more).
 --   `broad_policy`: a policy matched with a wildcard peer (Cilium's match kinds l4-only, all, proto-only: it
@@ -10,7 +10,9 @@
 --   `kube-apiserver`), port/protocol, and in brackets the L7 calls seen (HTTP method and path pattern, DNS
 --   names, Kafka api key and topic); at most `max_listed` entries; `policies` lists the policies that allowed
 --   them (Cilium 1.15+ attribution), i.e. what is allowed today against what is used. Requests only, each
---   observed where the policy of that direction applies. A namespace filter matches the workload.
+--   observed where the policy of that direction applies. A namespace filter matches the workload. Every
+--   finding is per cluster (`cluster_name`), the evidence of policies included: a cluster without any
+--   policy-verdict event gets no `no_*policy` finding, whatever the other clusters show.
 -- params: since=24h, until=now, namespace=, max_listed=25, limit=2000
 WITH base AS (
     -- One pass over the window: each request, from the side whose policy decides it (the destination for
@@ -93,8 +95,9 @@ scoped AS (
     FROM base AS b
 ),
 policy_data AS (
-    -- Whether the data can tell selected from unselected workloads at all: policy-verdict events.
-    SELECT count(*) AS flows FROM scoped WHERE policy_evidence
+    -- Whether a cluster's data can tell selected from unselected workloads at all: policy-verdict events.
+    -- Judged per cluster: one cluster may run policies (or export their verdicts) and another not.
+    SELECT cluster_name, count(*) AS flows FROM scoped WHERE policy_evidence GROUP BY cluster_name
 ),
 directions AS (
     SELECT
@@ -132,12 +135,13 @@ findings_unselected AS (
         'no policy selects it: none of its ' || CAST(s.flows AS VARCHAR) || ' requests (' || s.traffic_directions
             || ') got a policy verdict, while other workloads'' requests did' AS detail,
         'put ' || s.namespace || ' under a default-deny policy and allow only the observed allow-set of '
-            || s.workload || ' (flowpipe suggest --namespace ' || s.namespace || ' drafts both)' AS suggestion,
+            || s.workload || ' (flowpipe suggest' || coalesce(' --cluster ' || s.cluster_name, '')
+            || ' --namespace ' || s.namespace || ' drafts both)' AS suggestion,
         s.flows,
         CAST(NULL AS BIGINT) AS peers,
         CAST(NULL AS VARCHAR) AS policies
     FROM selection AS s
-    CROSS JOIN policy_data AS p
+    JOIN policy_data AS p ON coalesce(p.cluster_name, '') = coalesce(s.cluster_name, '')
     WHERE p.flows > 0
       AND s.with_policy = 0
     UNION ALL
@@ -151,14 +155,15 @@ findings_unselected AS (
             || ' requests with ' || CAST(d.peers AS VARCHAR)
             || ' peers got no policy verdict, although policies select it for the other direction',
         'add ' || d.direction || ' rules for ' || d.workload || ' that allow only the observed '
-            || d.direction || ' allow-set (flowpipe suggest --namespace ' || d.namespace || ')',
+            || d.direction || ' allow-set (flowpipe suggest' || coalesce(' --cluster ' || d.cluster_name, '')
+            || ' --namespace ' || d.namespace || ')',
         d.flows,
         d.peers,
         CAST(NULL AS VARCHAR)
     FROM directions AS d
     JOIN selection AS s
         ON s.subject_id = d.subject_id AND coalesce(s.cluster_name, '') = coalesce(d.cluster_name, '')
-    CROSS JOIN policy_data AS p
+    JOIN policy_data AS p ON coalesce(p.cluster_name, '') = coalesce(d.cluster_name, '')
     WHERE p.flows > 0
       AND s.with_policy > 0
       AND d.with_policy = 0
@@ -325,8 +330,9 @@ findings AS (
         a.direction,
         CASE WHEN a.direction = 'ingress' THEN 'from ' ELSE 'to ' END || a.entry_list
             || CASE WHEN a.entries > $max_listed THEN '; ... (' || CAST(a.entries AS VARCHAR) || ' entries)' ELSE '' END,
-        'allow exactly these ' || a.direction || ' peers, ports and calls and nothing else (flowpipe suggest '
-            || '--namespace ' || a.namespace || ' drafts the policy)',
+        'allow exactly these ' || a.direction || ' peers, ports and calls and nothing else (flowpipe suggest'
+            || coalesce(' --cluster ' || a.cluster_name, '') || ' --namespace ' || a.namespace
+            || ' drafts the policy)',
         a.flows,
         a.peers,
         nullif(a.policies, '')
@@ -356,5 +362,6 @@ ORDER BY
         ELSE 6
     END,
     finding,
-    detail
+    detail,
+    cluster_name NULLS LAST
 LIMIT $limit

@@ -9,8 +9,10 @@
 --   their reserved entity (`world`, `host`, `kube-apiserver`, ...), the address (except world sources) and, for
 --   world destinations, the DNS names Cilium knows. A namespace filter matches either side. The columns are
 --   the contract of `flowpipe.policy.edges.OBSERVED_EDGE_SCHEMA`. `l7=false` leaves out the HTTP and Kafka
---   fields (the L7 rows then fold into one per edge and protocol), for drafts without L7 rules.
--- params: since=7d, until=now, namespace=, learn_from_drops=false, l7=true
+--   fields (the L7 rows then fold into one per edge and protocol), for drafts without L7 rules. Edges are
+--   per cluster (`cluster_name`): a pod is looked up, and its labels read, only within its own cluster;
+--   `cluster=NAME` keeps the flows of that cluster only (a policy applies to one cluster).
+-- params: since=7d, until=now, namespace=, learn_from_drops=false, l7=true, cluster=
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
 -- rest of the question. So the flows are first grouped without them (`calls`: one row per connection, or per
@@ -18,6 +20,7 @@
 -- (`pod_labels`), which DuckDB finds without decoding the labels of the other flows.
 WITH requests AS (
     SELECT
+        cluster_name,
         time,
         traffic_direction,
         source_namespace,
@@ -74,11 +77,13 @@ WITH requests AS (
               AND drop_reason_desc IN (SELECT drop_reason_desc FROM drop_reasons WHERE policy_decision))
       )
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
+      AND ($cluster IS NULL OR cluster_name = $cluster)
 ),
 calls AS (
     -- One row per connection (TCP, UDP, SCTP: the same 5-tuple seen at both ends and in every packet's flow)
     -- or per pod pair and call (ICMP, L7), with its flows per observation point.
     SELECT
+        cluster_name,
         source_namespace,
         source_pod_name,
         source_entity,
@@ -111,7 +116,8 @@ calls AS (
         max(time) AS last_seen
     FROM requests
     GROUP BY
-        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_unresolved,
+        source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
         l7_protocol, http_method, http_path, kafka_role, kafka_topic, connection_source_ip,
@@ -120,7 +126,8 @@ calls AS (
 pairs AS (
     -- The connections folded per pod pair: a connection is one `calls` row, so its rows count connections.
     SELECT
-        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_unresolved,
+        source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
         l7_protocol, http_method, http_path, kafka_role, kafka_topic,
@@ -132,49 +139,53 @@ pairs AS (
         max(last_seen) AS last_seen
     FROM calls
     GROUP BY
-        source_namespace, source_pod_name, source_entity, source_workload, source_unresolved, source_ip,
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_unresolved,
+        source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_unresolved, destination_ip, destination_names, l4_protocol, destination_port, icmp_type,
         l7_protocol, http_method, http_path, kafka_role, kafka_topic
 ),
 pods AS (
-    -- Every pod of the requests, with its workload and the first flow that names it as a pod.
-    SELECT namespace, pod_name, min(workload) AS workload, min(source_time) AS source_time,
+    -- Every pod of the requests (per cluster), with its workload and the first flow that names it as a pod.
+    SELECT cluster_name, namespace, pod_name, min(workload) AS workload, min(source_time) AS source_time,
            min(destination_time) AS destination_time
     FROM (
-        SELECT source_namespace AS namespace, source_pod_name AS pod_name, source_workload AS workload,
-               first_seen AS source_time, CAST(NULL AS TIMESTAMP WITH TIME ZONE) AS destination_time
+        SELECT cluster_name, source_namespace AS namespace, source_pod_name AS pod_name,
+               source_workload AS workload, first_seen AS source_time,
+               CAST(NULL AS TIMESTAMP WITH TIME ZONE) AS destination_time
         FROM pairs
         WHERE source_entity IS NULL AND source_pod_name IS NOT NULL
         UNION ALL
-        SELECT destination_namespace, destination_pod_name, destination_workload,
+        SELECT cluster_name, destination_namespace, destination_pod_name, destination_workload,
                CAST(NULL AS TIMESTAMP WITH TIME ZONE), first_seen
         FROM pairs
         WHERE destination_entity IS NULL AND destination_pod_name IS NOT NULL
     ) AS seen
-    GROUP BY namespace, pod_name
+    GROUP BY cluster_name, namespace, pod_name
 ),
 pod_labels AS (
     -- A pod's labels, read from the first flow naming it (as the client, else as the server).
-    SELECT namespace, pod_name, min(labels) AS labels
+    SELECT cluster_name, namespace, pod_name, min(labels) AS labels
     FROM (
-        SELECT p.namespace, p.pod_name, f.source_labels AS labels
+        SELECT p.cluster_name, p.namespace, p.pod_name, f.source_labels AS labels
         FROM flows AS f
         JOIN pods AS p
             ON f.time = p.source_time AND f.source_namespace = p.namespace AND f.source_pod_name = p.pod_name
+            AND coalesce(f.cluster_name, '') = coalesce(p.cluster_name, '')
         UNION ALL
-        SELECT p.namespace, p.pod_name, f.destination_labels
+        SELECT p.cluster_name, p.namespace, p.pod_name, f.destination_labels
         FROM flows AS f
         JOIN pods AS p
             ON f.time = p.destination_time AND f.destination_namespace = p.namespace
-            AND f.destination_pod_name = p.pod_name
+            AND f.destination_pod_name = p.pod_name AND coalesce(f.cluster_name, '') = coalesce(p.cluster_name, '')
         WHERE p.source_time IS NULL
     ) AS seen
-    GROUP BY namespace, pod_name
+    GROUP BY cluster_name, namespace, pod_name
 ),
 edges AS (
-    -- Pods named without their identity take the workload their pod name has elsewhere.
+    -- Pods named without their identity take the workload their pod name has elsewhere in their cluster.
     SELECT
+        c.cluster_name,
         CASE WHEN c.source_unresolved AND sp.pod_name IS NOT NULL THEN NULL ELSE c.source_entity END
             AS source_entity,
         CASE WHEN c.source_unresolved AND sp.pod_name IS NOT NULL THEN sp.workload ELSE c.source_workload END
@@ -190,12 +201,14 @@ edges AS (
     FROM pairs AS c
     LEFT JOIN pods AS sp
         ON c.source_unresolved AND sp.namespace = c.source_namespace AND sp.pod_name = c.source_pod_name
+        AND coalesce(sp.cluster_name, '') = coalesce(c.cluster_name, '')
     LEFT JOIN pods AS dp
         ON c.destination_unresolved AND dp.namespace = c.destination_namespace
-        AND dp.pod_name = c.destination_pod_name
+        AND dp.pod_name = c.destination_pod_name AND coalesce(dp.cluster_name, '') = coalesce(c.cluster_name, '')
 ),
 labelled AS (
     SELECT
+        e.cluster_name,
         CASE WHEN e.source_entity IS NULL THEN e.source_namespace END AS source_namespace,
         CASE WHEN e.source_entity IS NULL THEN e.source_workload END AS source_workload,
         CASE WHEN e.source_entity IS NULL THEN coalesce(sl.labels, [])
@@ -212,8 +225,12 @@ labelled AS (
         e.l4_protocol, e.destination_port, e.icmp_type, e.l7_protocol, e.http_method, e.http_path, e.kafka_role,
         e.kafka_topic, e.connections, e.egress_flows, e.ingress_flows, e.other_flows, e.first_seen, e.last_seen
     FROM edges AS e
-    LEFT JOIN pod_labels AS sl ON sl.namespace = e.source_namespace AND sl.pod_name = e.source_pod_name
-    LEFT JOIN pod_labels AS dl ON dl.namespace = e.destination_namespace AND dl.pod_name = e.destination_pod_name
+    LEFT JOIN pod_labels AS sl
+        ON sl.namespace = e.source_namespace AND sl.pod_name = e.source_pod_name
+        AND coalesce(sl.cluster_name, '') = coalesce(e.cluster_name, '')
+    LEFT JOIN pod_labels AS dl
+        ON dl.namespace = e.destination_namespace AND dl.pod_name = e.destination_pod_name
+        AND coalesce(dl.cluster_name, '') = coalesce(e.cluster_name, '')
 )
 SELECT
     source_namespace,
@@ -241,14 +258,16 @@ SELECT
         ELSE greatest(sum(egress_flows), sum(ingress_flows), sum(other_flows))
     END AS BIGINT) AS flows,
     min(first_seen) AS first_seen,
-    max(last_seen) AS last_seen
+    max(last_seen) AS last_seen,
+    cluster_name
 FROM labelled
 GROUP BY
-    source_namespace, source_workload, source_entity, source_ip,
+    cluster_name, source_namespace, source_workload, source_entity, source_ip,
     destination_namespace, destination_workload, destination_entity, destination_ip, destination_names,
     l4_protocol, destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic
 ORDER BY
-    source_namespace NULLS LAST, source_workload NULLS LAST, source_entity NULLS LAST, source_ip NULLS LAST,
+    cluster_name NULLS LAST, source_namespace NULLS LAST, source_workload NULLS LAST, source_entity NULLS LAST,
+    source_ip NULLS LAST,
     destination_namespace NULLS LAST, destination_workload NULLS LAST, destination_entity NULLS LAST,
     destination_ip NULLS LAST, l4_protocol, destination_port NULLS LAST, icmp_type NULLS LAST,
     l7_protocol NULLS FIRST, http_method NULLS FIRST, http_path NULLS FIRST, kafka_role NULLS FIRST,

@@ -24,9 +24,6 @@ UNNAMED = "default"
 CLUSTERS = {"eu-1": "eu-1", "us-1": "us-1", UNNAMED: "ap-1"}
 """Simulated cluster → the cluster name stored. The default simulated cluster names its nodes without a
 cluster prefix (as a single-cluster Hubble does), so its name comes from `--cluster ap-1`."""
-NOT_PER_CLUSTER = {"observed_edges"}
-"""Questions without a cluster_name column: observed_edges is the input of `flowpipe suggest`, whose edge
-contract has no cluster (draft policies per cluster from a dataset of one cluster, or filter it first)."""
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
 
 
@@ -124,8 +121,6 @@ def test_every_question_answers_per_cluster_and_in_total(
 ) -> None:
     answered = []
     for question in load_questions():
-        if question.name in NOT_PER_CLUSTER:
-            continue
         total = answer(combined, question.name)
         union = [row for dataset in per_cluster.values() for row in answer(dataset, question.name)]
         # The dataset of all clusters answers, cluster by cluster, what each cluster's own dataset answers.
@@ -137,21 +132,3 @@ def test_every_question_answers_per_cluster_and_in_total(
             if clusters == set(CLUSTERS.values()):
                 answered.append(question.name)
     assert len(answered) >= 8, answered  # most questions find something in every cluster
-
-
-def test_observed_edges_of_all_clusters_hold_every_clusters_edges(
-    combined: Path, per_cluster: dict[str, Path]
-) -> None:
-    """observed_edges has no cluster column: every cluster's edges (workload to workload, port, L7 call) are among
-    the edges of all clusters; counts and the labels shown for a workload are merged across clusters."""
-
-    def edges(dataset: Path) -> set[str]:
-        counted = ("flows", "first_seen", "last_seen", "source_labels", "destination_labels")
-        rows = answer(dataset, "observed_edges")
-        return {
-            json.dumps({k: v for k, v in row.items() if k not in counted}, sort_keys=True) for row in rows
-        }
-
-    total = edges(combined)
-    for dataset in per_cluster.values():
-        assert edges(dataset) <= total

@@ -12,6 +12,7 @@ import pyarrow as pa
 from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import format_datetime, render
 from flowpipe.errors import PolicyError
+from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.load import load_policies
 from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
 from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
@@ -29,6 +30,11 @@ def _help(name: str) -> str:
 @click.option("--since", help="Window start: 1h, 30m, 7d, or an ISO timestamp (default: every stored flow).")
 @click.option("--until", help="Window end, same forms as --since (default: the newest flow).")
 @click.option(
+    "--cluster",
+    metavar="NAME",
+    help="Replay the flows of this cluster (cluster_name); needed when the window holds several.",
+)
+@click.option(
     "--allow-localhost/--no-allow-localhost", default=True, show_default=True, help=_help("allow_localhost")
 )
 @click.option("--cidr-match-nodes", is_flag=True, help=_help("cidr_match_nodes"))
@@ -38,6 +44,7 @@ def replay(
     paths: tuple[str, ...],
     since: str | None,
     until: str | None,
+    cluster: str | None,
     allow_localhost: bool,
     cidr_match_nodes: bool,
     dataset: str,
@@ -46,11 +53,13 @@ def replay(
     """Replay the stored flows through Kubernetes and Cilium policy files.
 
     Reports the requests the policies would deny (grouped by edge), how many flows each rule matches, and the
-    rules that match nothing. Nothing is applied to a cluster.
+    rules that match nothing. Nothing is applied to a cluster. Policies apply to one cluster: when the dataset
+    holds flows of several clusters, choose one with --cluster.
 
     \b
     Examples:
       flowpipe replay policies/ --since 7d
+      flowpipe replay policies/ --cluster eu-1
       flowpipe replay drafts/shop.yaml --format json | jq .would_break
     """
     policies = load_policies(paths)
@@ -59,8 +68,11 @@ def replay(
     with open_engine(dataset, require_flows=True) as engine:
         newest = newest_flow_time(engine)
         start, end, anchor = resolve_window(newest, since, until)
+        chosen = choose_cluster(engine, cluster or None, start, end, command="replay")
         edges = engine.run(
-            EDGES_SQL, edge_parameters(policies, since=start, until=end), question="replay edges"
+            EDGES_SQL,
+            edge_parameters(policies, since=start, until=end, cluster=chosen),
+            question="replay edges",
         )
     if anchor is not None:
         click.echo(

@@ -19,6 +19,7 @@ def _help(name: str) -> str:
 
 @click.command("suggest")
 @click.option("--namespace", "-n", "namespaces", multiple=True, metavar="NS", help=_help("namespaces"))
+@click.option("--cluster", metavar="NAME", help=_help("cluster"))
 @click.option("--since", default="7d", show_default=True, help=_help("since"))
 @click.option("--until", default="now", show_default=True, help=_help("until"))
 @click.option(
@@ -49,6 +50,7 @@ def _help(name: str) -> str:
 @dataset_option
 def suggest(
     namespaces: tuple[str, ...],
+    cluster: str | None,
     since: str,
     until: str,
     output_format: str,
@@ -66,16 +68,19 @@ def suggest(
     Each workload gets an ingress and an egress policy (`flowpipe-<workload>`), each namespace a default-deny
     with the DNS allowance. A draft is shown only after replaying the requests it was learned from (and the
     stored flows) through it breaks none of them. The policies go to stdout, or to one file per namespace
-    with --out; a summary goes to stderr. Nothing is applied to a cluster.
+    with --out; a summary goes to stderr. Nothing is applied to a cluster. A policy applies to one cluster:
+    when the dataset holds flows of several clusters, choose one with --cluster.
 
     \b
     Examples:
       flowpipe suggest --namespace shop --since 7d
+      flowpipe suggest --cluster eu-1 --namespace shop
       flowpipe suggest --format both --l7 --out drafts/
       flowpipe suggest --existing policies/ --out additions/
     """
     config = SuggestConfig(
         namespaces=namespaces,
+        cluster=cluster or None,
         since=since,
         until=until,
         formats=FORMATS[output_format],

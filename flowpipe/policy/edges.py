@@ -17,6 +17,9 @@ Columns:
 | `http_method`, `http_path` | the request method and target (path with query string) |
 | `kafka_role`, `kafka_topic` | `produce` / `consume` and the topic |
 
+The question also returns `first_seen`, `last_seen` and `cluster_name`: edges are per cluster, and `suggest`
+drafts from the edges of one cluster (`flowpipe.policy.clusters.choose_cluster`), so the drafts never read it.
+
 
 `learned_requests` turns the table into replay edges, so that a draft can be checked against exactly the
 requests it was built from.

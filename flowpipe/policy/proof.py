@@ -45,10 +45,13 @@ class Proof:
 
 
 class StoredEdges:
-    """A window's stored flows grouped into replay edges, queried once per distinct need of the drafts."""
+    """A window's stored flows (of one cluster, when given) grouped into replay edges, queried once per distinct
+    need of the drafts."""
 
-    def __init__(self, engine: Engine, since: datetime | None, until: datetime | None) -> None:
-        self._engine, self._since, self._until = engine, since, until
+    def __init__(
+        self, engine: Engine, since: datetime | None, until: datetime | None, cluster: str | None = None
+    ) -> None:
+        self._engine, self._since, self._until, self._cluster = engine, since, until, cluster
         self._edges: dict[tuple[tuple[str, object], ...], list[dict[str, Any]]] = {}
 
     def edges(self, policies: Sequence[Policy]) -> list[dict[str, Any]]:
@@ -57,7 +60,7 @@ class StoredEdges:
         Stored flows are replayed at L3/L4: the L7 rules are proved on the learned requests, one per distinct
         call, and the stored flows hold the same calls again (with query strings: many more of them).
         """
-        params = edge_parameters(policies, since=self._since, until=self._until)
+        params = edge_parameters(policies, since=self._since, until=self._until, cluster=self._cluster)
         params.update(http=False, kafka=False)
         key = tuple(sorted(params.items()))
         if key not in self._edges:

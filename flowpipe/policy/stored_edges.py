@@ -13,6 +13,9 @@ each (namespace, workload, identity, address) are read from the one flow where i
 DuckDB finds without decoding the labels of the other flows. A pod whose record carries a reserved identity
 (older agents report L7 records of the egress proxy with the world identity) keeps its pod name and gets the
 labels (and no identity) of the pod of that name seen with its own identity.
+
+A policy set applies to one cluster: `cluster` keeps the flows of that cluster only, labels and pods included
+(`flowpipe.policy.clusters.choose_cluster` picks it). Without it, every flow is grouped, whatever its cluster.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flowpipe.policy.model import FQDNSelector, Policy
 
 _POD_IDENTITY = "{side}_identity BETWEEN 256 AND 16777215"
 _WORLD_IDENTITY = "({side}_identity IN (2, 9, 10) OR {side}_identity >= 16777216)"
+_CLUSTER = "($cluster IS NULL OR {alias}cluster_name = $cluster)"
 
 
 def _side(side: str) -> str:
@@ -58,6 +62,7 @@ def _labels(side: str) -> str:
         AND f.{side}_identity IS NOT DISTINCT FROM k.identity
         AND coalesce(f.{side}_workload_name, f.{side}_pod_name) IS NOT DISTINCT FROM k.workload
         AND (k.ip IS NULL OR f.{side}_ip = k.ip)
+        AND {_CLUSTER.format(alias="f.")}
     GROUP BY ALL
 ),"""
 
@@ -94,6 +99,7 @@ WITH judged AS (
     WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
       AND ($since IS NULL OR time >= $since)
       AND ($until IS NULL OR time <= $until)
+      AND {_CLUSTER.format(alias="")}
 ),
 edges AS (
     SELECT
@@ -133,12 +139,12 @@ pod_times AS (
         SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
         FROM flows AS f
         JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
-        WHERE {_POD_IDENTITY.format(side="f.source")}
+        WHERE {_POD_IDENTITY.format(side="f.source")} AND {_CLUSTER.format(alias="f.")}
         UNION ALL
         SELECT f.destination_namespace, f.destination_pod_name, f.time, false
         FROM flows AS f
         JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
-        WHERE {_POD_IDENTITY.format(side="f.destination")}
+        WHERE {_POD_IDENTITY.format(side="f.destination")} AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 ),
@@ -149,13 +155,14 @@ pod_labels AS (
         FROM flows AS f
         JOIN pod_times AS p
             ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
-            AND f.source_pod_name = p.pod_name
+            AND f.source_pod_name = p.pod_name AND {_CLUSTER.format(alias="f.")}
         UNION ALL
         SELECT p.namespace, p.pod_name, f.destination_labels
         FROM flows AS f
         JOIN pod_times AS p
             ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
             AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
+            AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 )
@@ -166,15 +173,21 @@ FROM edges AS e{_SOURCE_JOINS}{_DESTINATION_JOINS}
 """
 """Distinct edges of the view `flows` with their flow counts: the input of `replay_edges`.
 
-Parameters: `since`, `until` (None: unbounded) and the flags of `edge_parameters`."""
+Parameters: `since`, `until` (None: unbounded), `cluster` (None: every cluster) and the flags of
+`edge_parameters`."""
 
 _ANY_NAME = FQDNSelector(match_pattern="*")
 
 
 def edge_parameters(
-    policies: Iterable[Policy], *, since: datetime | None = None, until: datetime | None = None
+    policies: Iterable[Policy],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    cluster: str | None = None,
 ) -> dict[str, object]:
-    """The parameters of `EDGES_SQL` for replaying `policies`: the window, and what their rules can tell apart."""
+    """The parameters of `EDGES_SQL` for replaying `policies`: the window and cluster, and what their rules can
+    tell apart."""
     addresses = names = http = kafka = dns = False
     for policy in policies:
         for rule in policy.rules:
@@ -189,6 +202,7 @@ def edge_parameters(
     return {
         "since": since,
         "until": until,
+        "cluster": cluster,
         "addresses": addresses,
         "names": names,
         "http": http,
