@@ -1,4 +1,4 @@
-"""The relay source's configuration, its checkpoint token, and the node-shard and verdict helpers."""
+"""The relay source's configuration, and the node-shard, verdict and time-text helpers."""
 
 from __future__ import annotations
 
@@ -146,16 +146,6 @@ class RelaySourceConfig:
     def shard_label(self) -> str | None:
         """`I/N`, or None without sharding."""
         return None if self.node_shard is None else f"{self.node_shard[0]}/{self.node_shard[1]}"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayPosition:
-    """The checkpoint token of a batch: the resume time (ns) and the uuid of the newest flow so far."""
-
-    resume_ns: int | None
-    newest_ns: int | None
-    uuid: str | None
-    nodes: tuple[tuple[str, int], ...] = ()
 
 
 def iso_time(time_ns: int) -> str:

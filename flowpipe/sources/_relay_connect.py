@@ -382,6 +382,29 @@ def _handshake_failure(exc: ssl.SSLError, where: str, tls: RelayTLS) -> Diagnosi
     return Diagnosis(f"TLS handshake with {where} failed: {reason or exc}", False, "tls_failed")
 
 
+def explain_call_error(
+    address: str, tls: RelayTLS | None, exc: grpc.RpcError, method: str, *, timeout: float
+) -> RelayError:
+    """A failed unary call of observer.Observer as the error to raise: not a Hubble relay (UNIMPLEMENTED), what
+    `diagnose` finds for a transport failure (RelayUnavailableError only when waiting may help), else
+    `relay_error`."""
+    code = status_code(exc)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return RelayError(
+            f"{address} answers gRPC but is not a Hubble relay: observer.Observer/{method} is not implemented "
+            "(check --relay: hubble-relay listens on 4245, its Service on 80, or 443 with TLS)",
+            address=address,
+            code=code.name,
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
+                grpc.StatusCode.INTERNAL):  # fmt: skip
+        found = diagnose(address, tls, timeout=timeout)
+        if found is not None:
+            cls = RelayUnavailableError if found.retryable else RelayError
+            return cls(f"hubble-relay {address}: {found.message}", address=address, code=code.name)
+    return relay_error(address, exc, what=method)
+
+
 class StreamReceiver(threading.Thread):
     """Reads one GetFlows call into a bounded queue of raw response bytes.
 

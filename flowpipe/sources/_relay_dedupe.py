@@ -1,11 +1,12 @@
-"""What the relay source already has: flow keys (uuid, else a content hash) of recent flows, and of the dataset.
+"""What the relay source already has: keys of the flows and lost-events records received, and of the dataset.
 
 After a reconnect or a restart the stream is asked again from a little before the last flow received (the relay
 merges nodes only nearly in time order, hubble-api.md 2.4), so the first flows that come back may be ones already
 received. They are recognised by key: the flow's `uuid`, or, for flows without one, a hash of the row's content.
 `RecentFlows` remembers the keys of the last few seconds of flows received; `load_written_keys` reads the keys
 of flows already in the dataset from a given time on (after a restart, including flows written after the last
-checkpoint was saved, e.g. by a collector killed between the two).
+checkpoint was saved, e.g. by a collector killed between the two). Lost-events records are recognised the same
+way (`SeenLostEvents`, `load_lost_event_keys`): a stream resumed with an overlap may send them again.
 """
 
 from __future__ import annotations
@@ -194,6 +195,24 @@ def lost_event_key(event: LostEvent) -> LostKey:
         _micros(event.first),
         _micros(event.last),
     )
+
+
+class SeenLostEvents:
+    """The keys of the lost-events records already received or written (at most `limit`, then forgotten at once)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.keys: set[LostKey] = set()
+
+    def first_time(self, event: LostEvent) -> bool:
+        """Whether `event` is new (it is remembered from now on)."""
+        key = lost_event_key(event)
+        if key in self.keys:
+            return False
+        if len(self.keys) >= self.limit:
+            self.keys.clear()
+        self.keys.add(key)
+        return True
 
 
 def load_lost_event_keys(dataset: Dataset, since_ns: int) -> set[LostKey]:

@@ -2,19 +2,22 @@
 
 ```
 ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filters, field_mask)
-   receiver thread: raw response bytes ─▶ pending list (bounded: backpressure reaches the relay)
-   batches():       pending ─▶ decode in bulk (_relay_decode) ─▶ skip repeats (_relay_dedupe) ─▶ EventBatch
+   receiver thread (_relay_connect.StreamReceiver): raw response bytes ─▶ bounded deque (backpressure reaches
+                                                                          the relay through HTTP/2 flow control)
+   batches(): deque ─▶ decode in bulk (_relay_decode) ─▶ skip repeats (_relay_dedupe)
+                    ─▶ move the resume point (_relay_resume) ─▶ EventBatch(position)
 ```
 
 - **First start** (no checkpoint): the whole buffer the relay still holds (`number` = 2^64-1, as `hubble observe
   --all`), then new flows. A bare follow request would start at "now" and miss what the relay still has.
-- **Resume** (restart, reconnect): `since` = the checkpoint time minus `resume_overlap_seconds`. The relay
-  merges its nodes only nearly in time order, so the overlap takes back a few seconds already seen; those flows
-  are recognised by uuid (a content hash without one) against what was received or is already in the dataset,
-  and skipped. The checkpoint (`<dataset>/_state/<state_name>`) is saved only for batches every sink made
-  durable; a restart also reads the keys of flows written after the last save, so nothing is written twice.
+- **Resume** (restart, reconnect): `since` = the resume time kept in the checkpoint (`_relay_resume`: the
+  oldest "newest flow" among recently active nodes, minus `resume_overlap_seconds`). The relay merges its nodes
+  only nearly in time order, so the overlap takes back a few seconds already seen; those flows are recognised
+  by uuid (a content hash without one) against what was received or is already in the dataset, and skipped.
+  The checkpoint (`<dataset>/_state/<state_name>`) is saved only for batches every sink made durable; a restart
+  also reads the keys of flows written after the last save, so nothing is written twice.
 - **Reconnect** with capped exponential backoff and jitter, forever once connected. Each failure is logged once
-  per distinct reason (then a reminder every few minutes), and the recovery once.
+  per distinct reason (then a reminder every few minutes), and the recovery once (`_relay_log`).
 - **Startup**: ServerStatus first; a failure is diagnosed (`_relay_connect.diagnose`). Permanent problems (not
   a Hubble server, HTTP/1, TLS versus plaintext, certificates) stop at once with a message saying what to change;
   an unreachable relay is retried (`startup_timeout_seconds` bounds that).
@@ -22,6 +25,10 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
   stream asks only for this shard's nodes (node_name filter), and the node list is refreshed periodically.
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
+
+This module is the connection loop and the batch assembly; the helpers are `_relay_config` (the options),
+`_relay_connect` (channels, diagnosis, the receiver thread), `_relay_decode`, `_relay_dedupe`, `_relay_resume`
+(where a new stream starts, the checkpoint document) and `_relay_log` (what is logged about the relay).
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import random
 import threading
 import time
 from collections.abc import Generator, Iterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -46,7 +52,6 @@ from flowpipe.errors import FlowDecodeError, FlowpipeError, RelayError, RelayUna
 from flowpipe.model import EventBatch, LostEvent
 from flowpipe.sources._relay_config import (
     ALL_EVENTS,
-    RelayPosition,
     RelaySourceConfig,
     iso_time,
     node_shard_of,
@@ -55,7 +60,7 @@ from flowpipe.sources._relay_config import (
 )
 from flowpipe.sources._relay_connect import (
     StreamReceiver,
-    diagnose,
+    explain_call_error,
     open_channel,
     relay_error,
     status_code,
@@ -64,13 +69,14 @@ from flowpipe.sources._relay_connect import (
 from flowpipe.sources._relay_decode import FIELD_MASK_PATHS, decode_responses
 from flowpipe.sources._relay_dedupe import (
     Deduplicator,
-    LostKey,
     RecentFlows,
+    SeenLostEvents,
     flow_keys,
     load_lost_event_keys,
     load_written_keys,
-    lost_event_key,
 )
+from flowpipe.sources._relay_log import ConnectionLog
+from flowpipe.sources._relay_resume import RelayPosition, ResumeTracker, checkpoint_state, read_checkpoint
 
 if TYPE_CHECKING:
     from flowpipe.metrics import PipelineMetrics
@@ -88,8 +94,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _METHOD = "/observer.Observer/"
-_REMINDER_SECONDS = 300.0
-_LOST_KEYS_KEPT = 10_000
 
 
 class RelaySource:
@@ -128,24 +132,19 @@ class RelaySource:
         self._committed: RelayPosition | None = None
         self._saved: RelayPosition | None = None
         self._saved_at = 0.0
+        self._overlap_ns = int(config.resume_overlap_seconds * 1e9)
         self._recent = RecentFlows()
-        self._dedupe = Deduplicator(int(config.resume_overlap_seconds * 1e9))
-        self._node_newest: dict[str, int] = {}
-        self._node_seen: dict[str, float] = {}
-        self._uuid_newest: str | None = None
-        self._lost_keys: set[LostKey] = set()
+        self._dedupe = Deduplicator(self._overlap_ns)
+        self._lost_seen = SeenLostEvents()
         self._dataset_checked = False
         self._my_nodes: list[str] | None = None
         self._nodes_read_at = 0.0
         self._field_mask = config.field_mask
-        self._failure_reason: str | None = None
-        self._failure_since: float | None = None
-        self._failures = 0
-        self._last_reminder = 0.0
-        self._status_logged: dict[str, float] = {}
-        checkpoint = self._load_checkpoint()
-        self.checkpoint = checkpoint
-        self._resume_ns: int | None = checkpoint.resume_ns if checkpoint else None
+        self._log = ConnectionLog(self.address)
+        self.checkpoint = read_checkpoint(dataset, state_name)
+        self._resume = ResumeTracker(
+            config.resume_overlap_seconds, self.checkpoint.resume_ns if self.checkpoint else None
+        )
 
     # -- the Source protocol -------------------------------------------------------------------------------
 
@@ -173,13 +172,13 @@ class RelaySource:
                 if fatal or timed_out:
                     raise
                 attempt += 1
-                self._note_failure(str(exc), attempt)
+                self._log.failed(str(exc), attempt)
                 self._sleep_backoff(attempt)
                 continue
             if request is None:  # sharded, and no node in this shard yet
                 self.stop_event.wait(min(self.config.node_refresh_seconds, 5.0))
                 continue
-            self._note_success(attempt)
+            self._log.connected()
             attempt = 0
             error = yield from self._follow(request)
             self._set_connected(False)
@@ -208,7 +207,7 @@ class RelaySource:
             if self.metrics is not None:
                 self.metrics.record_reconnect()
                 self.metrics.record_error("receiving", "relay_unavailable")
-            self._note_failure(reason, attempt)
+            self._log.failed(reason, attempt)
             self._sleep_backoff(attempt)
 
     def commit(self, position: object) -> None:
@@ -241,13 +240,6 @@ class RelaySource:
 
     # -- checkpoint ----------------------------------------------------------------------------------------
 
-    def _load_checkpoint(self) -> RelayPosition | None:
-        state = self.dataset.read_state(self.state_name)
-        if not state or state.get("resume_ns") is None:
-            return None
-        nodes = tuple(sorted((str(k), int(v)) for k, v in (state.get("nodes") or {}).items()))
-        return RelayPosition(int(state["resume_ns"]), state.get("newest_ns"), state.get("uuid"), nodes)
-
     def save_checkpoint(self) -> None:
         """Write the last durable position to `_state/` (no-op when it did not change)."""
         with self._lock:
@@ -255,19 +247,8 @@ class RelaySource:
             if position is None or position == self._saved:
                 return
             self._saved, self._saved_at = position, time.monotonic()
-        newest = position.newest_ns
         self.dataset.write_state(
-            self.state_name,
-            {
-                "relay": self.address,
-                "shard": self.config.shard_label,
-                "resume_ns": position.resume_ns,
-                "newest_ns": newest,
-                "newest_time": None if newest is None else iso_time(newest),
-                "uuid": position.uuid,
-                "nodes": dict(position.nodes),
-                "saved_at": datetime.now(UTC).isoformat(),
-            },
+            self.state_name, checkpoint_state(position, relay=self.address, shard=self.config.shard_label)
         )
         if self.metrics is not None:
             self.metrics.record_checkpoint()
@@ -303,28 +284,9 @@ class RelaySource:
         try:
             return call(request, timeout=self.config.call_timeout_seconds)
         except grpc.RpcError as exc:
-            raise self._explain(exc, method) from exc
-
-    def _explain(self, exc: grpc.RpcError, method: str) -> RelayError:
-        code = status_code(exc)
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            return RelayError(
-                f"{self.address} answers gRPC but is not a Hubble relay: observer.Observer/{method} is not implemented "
-                "(check --relay: hubble-relay listens on 4245, its Service on 80, or 443 with TLS)",
-                address=self.address,
-                code=code.name,
-            )
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
-                    grpc.StatusCode.INTERNAL):  # fmt: skip
-            found = diagnose(
-                self.address, self.config.tls, timeout=min(5.0, self.config.call_timeout_seconds)
-            )
-            if found is not None:
-                cls = RelayUnavailableError if found.retryable else RelayError
-                return cls(
-                    f"hubble-relay {self.address}: {found.message}", address=self.address, code=code.name
-                )
-        return relay_error(self.address, exc, what=method)
+            raise explain_call_error(
+                self.address, self.config.tls, exc, method, timeout=min(5.0, self.config.call_timeout_seconds)
+            ) from exc
 
     def _shard_nodes(self, channel: grpc.Channel) -> list[str] | None:
         """The node names to ask for: this shard's share of GetNodes (None without sharding)."""
@@ -353,8 +315,8 @@ class RelaySource:
 
     def _request(self, shard_nodes: list[str] | None) -> observer_pb2.GetFlowsRequest:
         request = observer_pb2.GetFlowsRequest(number=ALL_EVENTS, follow=True)
-        if self._resume_ns is not None:
-            request.since.FromNanoseconds(max(0, self._resume_ns))
+        if self._resume.resume_ns is not None:
+            request.since.FromNanoseconds(max(0, self._resume.resume_ns))
         if self._field_mask:
             request.field_mask.paths.extend(FIELD_MASK_PATHS)
         if shard_nodes is not None:
@@ -394,7 +356,8 @@ class RelaySource:
         receiver = StreamReceiver(call, self.config.max_pending_flows, lambda: self._set_connected(True))
         self._receiver = receiver
         receiver.start()
-        since = "the whole buffer" if self._resume_ns is None else f"flows since {iso_time(self._resume_ns)}"
+        resume_ns = self._resume.resume_ns
+        since = "the whole buffer" if resume_ns is None else f"flows since {iso_time(resume_ns)}"
         log.info("following hubble-relay %s: %s, then new flows", self.address, since)
         next_refresh = time.monotonic() + self.config.node_refresh_seconds
         try:
@@ -446,9 +409,9 @@ class RelaySource:
         flows = decoded.flows
         if flows.num_rows:
             flows = self._skip_repeats(flows)
-        lost = self._own_lost_events(decoded.lost_events)
+        lost = self._own_lost_events(decoded.lost_events) if decoded.lost_events else []
         for state, names, message in decoded.node_status:
-            self._log_node_status(state, names, message)
+            self._log.node_status(state, names, message)
         if not flows.num_rows and not lost and not decoded.node_status and not errors:
             return None
         self.flows_received += flows.num_rows
@@ -457,7 +420,7 @@ class RelaySource:
             lost_events=lost,
             node_status=len(decoded.node_status),
             decode_errors=list(errors),
-            position=self._position(),
+            position=self._resume.position(),
         )
 
     def _skip_repeats(self, flows: pa.Table) -> pa.Table:
@@ -467,24 +430,25 @@ class RelaySource:
         flows, keys = self._dedupe.filter(flows, keys)
         if not flows.num_rows:
             return flows
-        times = flows.column("time")
-        self._recent.add(keys, times)
-        self._track_nodes(flows)
+        self._recent.add(keys, flows.column("time"))
+        resume_ns = self._resume.track(flows)
+        if resume_ns is not None:
+            self._recent.forget_before(resume_ns - self._overlap_ns)
         return flows
 
     def _check_dataset(self, flows: pa.Table) -> None:
         """Once per process: skip flows the dataset already has (written before a restart)."""
         self._dataset_checked = True
-        overlap = int(self.config.resume_overlap_seconds * 1e9)
         oldest = pc.min(pc.cast(flows.column("time"), pa.int64())).as_py()
+        resume_ns = self._resume.resume_ns
         floor = (
-            self._resume_ns if self._resume_ns is not None else (None if oldest is None else oldest - overlap)
+            resume_ns if resume_ns is not None else (None if oldest is None else oldest - self._overlap_ns)
         )
         if floor is None:
             return
         nodes = self._my_nodes if self.config.node_shard is not None else None
         keys, newest = load_written_keys(self.dataset, floor, nodes)
-        self._lost_keys |= load_lost_event_keys(self.dataset, floor - 3_600_000_000_000)
+        self._lost_seen.keys |= load_lost_event_keys(self.dataset, floor - 3_600_000_000_000)
         if len(keys):
             log.info(
                 "%d flow(s) from %s on are already in the dataset: they are skipped if the relay sends them again",
@@ -495,92 +459,25 @@ class RelaySource:
             self._dedupe.arm(*self._recent.keys_since(floor))
 
     def _arm_dedupe(self) -> None:
-        if self._resume_ns is None:
+        if self._resume.resume_ns is None:
             return
-        keys, newest = self._recent.keys_since(self._resume_ns)
+        keys, newest = self._recent.keys_since(self._resume.resume_ns)
         self._dedupe.arm(keys, newest)
 
-    def _track_nodes(self, flows: pa.Table) -> None:
-        grouped = (
-            pa.table(
-                {
-                    "node": pc.fill_null(flows.column("node_name"), ""),
-                    "t": pc.cast(flows.column("time"), pa.int64()),
-                }
-            )
-            .group_by("node")
-            .aggregate([("t", "max")])
-        )
-        now = time.monotonic()
-        for node, newest in zip(
-            grouped.column("node").to_pylist(), grouped.column("t_max").to_pylist(), strict=True
-        ):
-            if newest is None:
-                continue
-            if newest > self._node_newest.get(node, -1):
-                self._node_newest[node] = newest
-            self._node_seen[node] = now
-        overall = max(self._node_newest.values(), default=None)
-        if overall is not None:
-            times = pc.cast(flows.column("time"), pa.int64())
-            index = pc.index(times, overall).as_py()
-            if index >= 0:
-                self._uuid_newest = flows.column("uuid")[index].as_py()
-        self._resume_ns = self._resume_point(now)
-        if self._resume_ns is not None:
-            self._recent.forget_before(self._resume_ns - int(self.config.resume_overlap_seconds * 1e9))
-
-    def _resume_point(self, now: float) -> int | None:
-        """Where a new stream should start: the oldest "newest flow" among recently active nodes, minus the
-        overlap (a node whose clock lags, or whose flows the relay still held back, is not skipped)."""
-        active_window = max(60.0, 6 * self.config.resume_overlap_seconds)
-        active = [
-            t
-            for node, t in self._node_newest.items()
-            if now - self._node_seen.get(node, now) <= active_window
-        ]
-        if not active:
-            return self._resume_ns
-        return min(active) - int(self.config.resume_overlap_seconds * 1e9)
-
-    def _position(self) -> RelayPosition:
-        newest = max(self._node_newest.values(), default=None)
-        return RelayPosition(
-            self._resume_ns, newest, self._uuid_newest, tuple(sorted(self._node_newest.items()))
-        )
-
     def _own_lost_events(self, events: list[LostEvent]) -> list[LostEvent]:
+        """This shard's lost-events records, each once (a resumed stream may send a record again)."""
         kept = []
         for event in events:
             if self.config.node_shard is not None:
                 index, count = self.config.node_shard
                 if node_shard_of(event.node_name or "", count) != index:
                     continue
-            key = lost_event_key(event)
-            if key in self._lost_keys:
-                continue
-            if len(self._lost_keys) >= _LOST_KEYS_KEPT:
-                self._lost_keys.clear()
-            self._lost_keys.add(key)
-            kept.append(event)
-            log.warning(
-                "Hubble lost %d event(s) on %s (%s)",
-                event.num_events_lost,
-                event.node_name or "the relay",
-                event.source,
-            )
+            if self._lost_seen.first_time(event):
+                kept.append(event)
+                self._log.lost_events(event)
         return kept
 
-    def _log_node_status(self, state: str, names: list[str], message: str) -> None:
-        text = f"{state}: {', '.join(names) or '-'}{': ' + message if message else ''}"
-        now = time.monotonic()
-        if now - self._status_logged.get(text, -1e9) < 60.0:
-            return
-        self._status_logged[text] = now
-        level = logging.INFO if state == "NODE_CONNECTED" else logging.WARNING
-        log.log(level, "hubble-relay %s node status %s", self.address, text)
-
-    # -- state and logging ---------------------------------------------------------------------------------
+    # -- state and backoff ---------------------------------------------------------------------------------
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -588,36 +485,6 @@ class RelaySource:
             self.ever_connected = True
         if self.metrics is not None:
             self.metrics.set_connected(connected)
-
-    def _note_failure(self, reason: str, attempt: int) -> None:
-        now = time.monotonic()
-        if self._failure_since is None:
-            self._failure_since = now
-        self._failures += 1
-        if reason != self._failure_reason:
-            self._failure_reason = reason
-            self._last_reminder = now
-            log.warning("%s; retrying with backoff (attempt %d)", reason, attempt)
-        elif now - self._last_reminder >= _REMINDER_SECONDS:
-            self._last_reminder = now
-            log.warning(
-                "still failing after %d attempts over %.0fs: %s",
-                self._failures,
-                now - self._failure_since,
-                reason,
-            )
-        else:
-            log.debug("attempt %d failed: %s", attempt, reason)
-
-    def _note_success(self, attempts: int) -> None:
-        if self._failure_since is not None:
-            log.warning(
-                "connected to hubble-relay %s again after %d failed attempt(s) over %.1fs",
-                self.address, self._failures, time.monotonic() - self._failure_since,
-            )  # fmt: skip
-        self._failure_reason = None
-        self._failure_since = None
-        self._failures = 0
 
     def _sleep_backoff(self, attempt: int) -> None:
         cap = self.config.reconnect_backoff_max_seconds
