@@ -7,8 +7,8 @@ import time from the generated `flow`/`observer`/`relay` descriptors, so it cann
 field is skipped as unknown, which keeps the decoder's work proportional to what flowpipe stores. Enums decode
 as numbers and are named here, so unknown numbers from newer Cilium versions survive as decimal strings.
 
-The row conventions are those of `flowpipe.transforms.normalize` (the README's flow table); a test checks that
-both give identical tables for the same flows.
+The row conventions are those of `flowpipe.transforms.normalize` (the README's flow table), and the pieces both
+need come from `flowpipe.transforms.conventions`; a test checks that both give identical tables for the same flows.
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ from google.protobuf import descriptor_pb2, descriptor_pool, timestamp_pb2, wrap
 
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.model import FLOW_SCHEMA, LostEvent
-from flowpipe.transforms._columns import cluster_of
-from flowpipe.transforms._enums import enum_names, enum_row_values
-from flowpipe.transforms._json_schema import L4_KINDS, L7_KINDS, POLICY_LISTS, TCP_FLAG_NAMES
+from flowpipe.transforms.conventions import (
+    L4_KINDS,
+    L7_KINDS,
+    POLICY_LISTS,
+    TCP_FLAG_NAMES,
+    cluster_of,
+    enum_names,
+    enum_row_values,
+)
 
 _PACKAGE = "flowpipe_wire"
 _FILE = "flowpipe_wire/relay_subset.proto"

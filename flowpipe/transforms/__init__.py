@@ -1,5 +1,18 @@
-"""Transforms: pure functions from batch to batch; `normalize` turns Hubble events into flow-table rows."""
+"""Transforms: pure functions from batch to batch; `normalize` turns Hubble events into flow-table rows.
 
+`conventions` holds the row conventions other decoders share with `normalize` (enum names, cluster names, TCP
+flags, L4/L7 kinds, policy lists); they are re-exported here.
+"""
+
+from flowpipe.transforms.conventions import (
+    L4_KINDS,
+    L7_KINDS,
+    POLICY_LISTS,
+    TCP_FLAG_NAMES,
+    cluster_of,
+    enum_names,
+    enum_row_values,
+)
 from flowpipe.transforms.normalize import (
     DecodedEvents,
     normalize_flows,
@@ -10,7 +23,14 @@ from flowpipe.transforms.normalize import (
 )
 
 __all__ = [
+    "L4_KINDS",
+    "L7_KINDS",
+    "POLICY_LISTS",
+    "TCP_FLAG_NAMES",
     "DecodedEvents",
+    "cluster_of",
+    "enum_names",
+    "enum_row_values",
     "normalize_flows",
     "normalize_json_lines",
     "normalize_json_objects",
