@@ -340,15 +340,22 @@ section("collect", "relay → dataset over loopback gRPC: throughput, memory, na
 from flowpipe.bench_questions import bench_questions_at_scale
 
 section(
-    "questions_at_scale", "every question over ten times --flows simulated flows (10 million by default), 3 s each"
+    "questions_at_scale",
+    "every question over ten times --flows simulated flows (10 million by default), 3 s each",
 )(bench_questions_at_scale)
 
 from flowpipe.bench_scale import bench_compaction, bench_scale
 
-section("scale", "question times on DuckDB and bytes on disk at 1x, 10x and 50x --flows simulated flows")(bench_scale)
-section("compaction", "compaction of 10x --flows flows written as 1,000 part files, under 60 s")(bench_compaction)
+section("scale", "question times on DuckDB and bytes on disk at 1x, 10x and 50x --flows simulated flows")(
+    bench_scale
+)
+section("compaction", "compaction of 10x --flows flows written as 1,000 part files, under 60 s")(
+    bench_compaction
+)
 
 from flowpipe.bench_policy import bench_replay, bench_suggest
 
-section("suggest", "suggest over 10x --flows simulated flows (10 million by default), under 20 s")(bench_suggest)
+section("suggest", "suggest over 10x --flows simulated flows (10 million by default), under 20 s")(
+    bench_suggest
+)
 section("replay", "replay of 200 policies over the same flows, under 30 s")(bench_replay)

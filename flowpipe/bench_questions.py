@@ -93,8 +93,14 @@ def bench_questions_at_scale(ctx: BenchContext) -> list[Figure]:
     started = time.perf_counter()
     flows, start, end = write_scaled_dataset(root, target_flows, seed=ctx.seed, log=ctx.log)
     figures = [
-        Figure(SECTION, "simulated flows written", flows, "flows", target=target_flows,
-               note=f"{time.perf_counter() - started:.0f} s to simulate and write"),
+        Figure(
+            SECTION,
+            "simulated flows written",
+            flows,
+            "flows",
+            target=target_flows,
+            note=f"{time.perf_counter() - started:.0f} s to simulate and write",
+        ),
     ]
     window = {"since": start.isoformat(), "until": end.isoformat()}
     started = time.perf_counter()
@@ -107,7 +113,9 @@ def bench_questions_at_scale(ctx: BenchContext) -> list[Figure]:
             result = run_question(engine, question, values, relative_to="now")
             seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
             note = f"{result.table.num_rows} rows; CPU {cpu:.1f} s; load average {load:.1f} on {os.cpu_count()} cores"
-            figures.append(Figure(SECTION, f"query {question.name}", seconds, "s", TARGET_SECONDS, False, note))
+            figures.append(
+                Figure(SECTION, f"query {question.name}", seconds, "s", TARGET_SECONDS, False, note)
+            )
     return figures
 
 

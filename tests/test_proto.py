@@ -8,10 +8,11 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -50,14 +51,26 @@ SCALAR_NAMES = {
 SERVICES = {
     "/observer.Observer/GetFlows": ("observer.GetFlowsRequest", "observer.GetFlowsResponse", True),
     "/observer.Observer/GetAgentEvents": (
-        "observer.GetAgentEventsRequest", "observer.GetAgentEventsResponse", True),
+        "observer.GetAgentEventsRequest",
+        "observer.GetAgentEventsResponse",
+        True,
+    ),
     "/observer.Observer/GetDebugEvents": (
-        "observer.GetDebugEventsRequest", "observer.GetDebugEventsResponse", True),
+        "observer.GetDebugEventsRequest",
+        "observer.GetDebugEventsResponse",
+        True,
+    ),
     "/observer.Observer/GetNodes": ("observer.GetNodesRequest", "observer.GetNodesResponse", False),
     "/observer.Observer/GetNamespaces": (
-        "observer.GetNamespacesRequest", "observer.GetNamespacesResponse", False),
+        "observer.GetNamespacesRequest",
+        "observer.GetNamespacesResponse",
+        False,
+    ),
     "/observer.Observer/ServerStatus": (
-        "observer.ServerStatusRequest", "observer.ServerStatusResponse", False),
+        "observer.ServerStatusRequest",
+        "observer.ServerStatusResponse",
+        False,
+    ),
     "/peer.Peer/Notify": ("peer.NotifyRequest", "peer.ChangeNotification", True),
 }
 
@@ -96,7 +109,7 @@ def _untick(text: str) -> str:
 
 
 def _numbers(text: str) -> set[int]:
-    """"7, 12, 17" or "1-3" -> the set of numbers."""
+    """ "7, 12, 17" or "1-3" -> the set of numbers."""
     out: set[int] = set()
     for low, high in re.findall(r"(\d+)(?:\s*[-–]\s*(\d+))?", text):
         out.update(range(int(low), int(high or low) + 1))
@@ -133,12 +146,19 @@ def message_fields(block: FactBlock) -> list[FactField]:
     for number, name, type_, label, json_key, note in (row[:6] for row in block.rows):
         keys = [_untick(k) for k in json_key.split("/")]
         notes = [n.strip() for n in note.split(";")]
-        oneof = next((_untick(n[len("oneof "):]) for n in notes if n.startswith("oneof ")), None)
-        out.append(FactField(
-            number=int(number), name=_untick(name), type=_untick(type_.removeprefix("enum ")),
-            is_enum=type_.startswith("enum "), repeated=label == "repeated", json_name=keys[-1],
-            oneof=oneof, deprecated="deprecated" in notes,
-        ))
+        oneof = next((_untick(n[len("oneof ") :]) for n in notes if n.startswith("oneof ")), None)
+        out.append(
+            FactField(
+                number=int(number),
+                name=_untick(name),
+                type=_untick(type_.removeprefix("enum ")),
+                is_enum=type_.startswith("enum "),
+                repeated=label == "repeated",
+                json_name=keys[-1],
+                oneof=oneof,
+                deprecated="deprecated" in notes,
+            )
+        )
     return out
 
 
@@ -232,10 +252,15 @@ def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
     assert pinned is not None
     installed = importlib.metadata.version("grpcio-tools")
     assert installed == pinned.group(1), (
-        f"the stubs come from grpcio-tools {pinned.group(1)} but {installed} is installed")
+        f"the stubs come from grpcio-tools {pinned.group(1)} but {installed} is installed"
+    )
     out = tmp_path / "_proto"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(out)], check=True,
-                   capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(out)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     fresh, committed = _tree(out), _tree(GENERATED)
     assert sorted(fresh) == sorted(committed)
     stale = [name for name in fresh if fresh[name] != committed[name]]
@@ -251,15 +276,19 @@ def test_stubs_import_from_any_directory(tmp_path: Path) -> None:
         "print(observer_pb2.GetFlowsResponse.DESCRIPTOR.fields_by_name['flow'].message_type.full_name)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "flow.Flow"
 
 
 def test_files_packages_and_public_import() -> None:
     assert [(f.name, f.package) for f in FILES] == [
-        ("flow/flow.proto", "flow"), ("relay/relay.proto", "relay"),
-        ("observer/observer.proto", "observer"), ("peer/peer.proto", "peer"),
+        ("flow/flow.proto", "flow"),
+        ("relay/relay.proto", "relay"),
+        ("observer/observer.proto", "observer"),
+        ("peer/peer.proto", "peer"),
     ]
     # observer re-exports the flow types, as upstream does.
     assert [d.name for d in observer_pb2.DESCRIPTOR.public_dependencies] == ["flow/flow.proto"]
@@ -333,7 +362,10 @@ def test_service_methods_paths_and_streaming() -> None:
         for service in f.services_by_name.values():
             for m in service.methods:
                 actual[f"/{service.full_name}/{m.name}"] = (
-                    m.input_type.full_name, m.output_type.full_name, m.server_streaming)
+                    m.input_type.full_name,
+                    m.output_type.full_name,
+                    m.server_streaming,
+                )
                 assert not m.client_streaming
     assert actual == SERVICES
     assert not flow_pb2.DESCRIPTOR.services_by_name and not relay_pb2.DESCRIPTOR.services_by_name
@@ -341,8 +373,9 @@ def test_service_methods_paths_and_streaming() -> None:
 
 class _Observer(observer_pb2_grpc.ObserverServicer):
     def GetFlows(self, request: Any, context: Any) -> Iterator[Any]:
-        yield observer_pb2.GetFlowsResponse(node_status=relay_pb2.NodeStatusEvent(
-            state_change=relay_pb2.NODE_CONNECTED, node_names=["n1"]))
+        yield observer_pb2.GetFlowsResponse(
+            node_status=relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=["n1"])
+        )
         for i in range(request.number):
             yield observer_pb2.GetFlowsResponse(flow=flow_pb2.Flow(verdict=flow_pb2.DROPPED, uuid=str(i)))
 
@@ -372,9 +405,11 @@ def test_generated_stubs_talk_over_real_grpc() -> None:
                 stub.GetNodes(observer_pb2.GetNodesRequest())
             assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
             # The raw method path is what a Hubble server routes on.
-            raw = channel.unary_unary("/observer.Observer/ServerStatus",
-                                      request_serializer=observer_pb2.ServerStatusRequest.SerializeToString,
-                                      response_deserializer=observer_pb2.ServerStatusResponse.FromString)
+            raw = channel.unary_unary(
+                "/observer.Observer/ServerStatus",
+                request_serializer=observer_pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=observer_pb2.ServerStatusResponse.FromString,
+            )
             assert raw(observer_pb2.ServerStatusRequest()).version == "test"
             notes = list(peer_pb2_grpc.PeerStub(channel).Notify(peer_pb2.NotifyRequest()))
             assert [(n.name, n.type) for n in notes] == [("n1", peer_pb2.PEER_ADDED)]
@@ -396,7 +431,8 @@ def test_every_real_capture_line_parses(capture_files: list[Path]) -> None:
                 data = json.loads(line)
                 if ENVELOPE_KEYS & data.keys():
                     loose = json_format.Parse(
-                        line, observer_pb2.GetFlowsResponse(), ignore_unknown_fields=True)
+                        line, observer_pb2.GetFlowsResponse(), ignore_unknown_fields=True
+                    )
                     strict: Any = json_format.Parse(line, observer_pb2.ExportEvent())
                     assert loose.WhichOneof("response_types") == strict.WhichOneof("response_types"), where
                 else:
@@ -413,7 +449,10 @@ def test_every_real_capture_line_parses(capture_files: list[Path]) -> None:
 def test_get_flows_response_bytes_decode_as_export_event() -> None:
     when = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=5)
     flow = flow_pb2.Flow(
-        time=when, verdict=flow_pb2.DROPPED, drop_reason_desc=flow_pb2.POLICY_DENIED, node_name="c1/n1",
+        time=when,
+        verdict=flow_pb2.DROPPED,
+        drop_reason_desc=flow_pb2.POLICY_DENIED,
+        node_name="c1/n1",
         IP=flow_pb2.IP(source="10.0.0.1", destination="10.0.0.2", ipVersion=flow_pb2.IPv4),
         l4=flow_pb2.Layer4(TCP=flow_pb2.TCP(source_port=4242, destination_port=80)),
         Summary="TCP Flags: SYN",
@@ -425,8 +464,9 @@ def test_get_flows_response_bytes_decode_as_export_event() -> None:
     assert event.flow == flow and event.flow.HasField("is_reply")
     assert (event.node_name, event.time) == ("c1/n1", when)
 
-    lost = observer_pb2.GetFlowsResponse(lost_events=flow_pb2.LostEvent(
-        source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=3))
+    lost = observer_pb2.GetFlowsResponse(
+        lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=3)
+    )
     back = observer_pb2.ExportEvent.FromString(lost.SerializeToString())
     assert back.lost_events.num_events_lost == 3
 

@@ -21,8 +21,18 @@ from flowpipe.query import DuckDBEngine, load_questions
 
 Row = dict[str, Any]
 ALL = {"since": "1970-01-01", "until": "2100-01-01", "limit": "100000"}
-RESERVED = {1: "host", 2: "world", 3: "unmanaged", 4: "health", 5: "init", 6: "remote-node", 7: "kube-apiserver",
-            8: "ingress", 9: "world", 10: "world"}
+RESERVED = {
+    1: "host",
+    2: "world",
+    3: "unmanaged",
+    4: "health",
+    5: "init",
+    6: "remote-node",
+    7: "kube-apiserver",
+    8: "ingress",
+    9: "world",
+    10: "world",
+}
 STABLE_KEYS = ("app.kubernetes.io/name", "app", "k8s-app", "name")
 _SUFFIX = "[bcdfghjklmnpqrstvwxz2456789]"
 POD_SUFFIXES = (
@@ -80,7 +90,9 @@ class Flow:
         l4 = raw.get("l4") or {}
         self.protocol, ports = next(iter(l4.items()), (None, {}))
         self.source_port = ports.get("source_port", 0) if self.protocol in ("TCP", "UDP", "SCTP") else None
-        self.destination_port = ports.get("destination_port", 0) if self.protocol in ("TCP", "UDP", "SCTP") else None
+        self.destination_port = (
+            ports.get("destination_port", 0) if self.protocol in ("TCP", "UDP", "SCTP") else None
+        )
         ip = raw.get("IP") or {}
         self.src = Endpoint(raw.get("source") or {}, ip.get("source"))
         self.dst = Endpoint(raw.get("destination") or {}, ip.get("destination"))
@@ -203,8 +215,10 @@ def expected_drops(flows: list[Flow]) -> Counter[tuple[str, str]]:
     delivered: dict[tuple[Any, ...], pd.Timestamp] = {}
     served: set[tuple[Any, ...]] = set()
     for f in flows:
-        if f.is_request and f.verdict in ("FORWARDED", "REDIRECTED") and (
-            f.direction == "INGRESS" or f.point == "TO_ENDPOINT"
+        if (
+            f.is_request
+            and f.verdict in ("FORWARDED", "REDIRECTED")
+            and (f.direction == "INGRESS" or f.point == "TO_ENDPOINT")
         ):
             key = _edge(f)
         elif not f.is_request and f.verdict == "FORWARDED":
@@ -229,8 +243,11 @@ def expected_drops(flows: list[Flow]) -> Counter[tuple[str, str]]:
             why = "dns_blocked"
         elif first is not None and f.time > first:
             why = "regression"
-        elif f.src.namespace == "kube-system" or f.src.entity in infra or f.dst.entity in infra or (
-            f.dst.namespace == "kube-system" and _edge(f)[1:] in served
+        elif (
+            f.src.namespace == "kube-system"
+            or f.src.entity in infra
+            or f.dst.entity in infra
+            or (f.dst.namespace == "kube-system" and _edge(f)[1:] in served)
         ):
             why = "infrastructure"
         else:
@@ -275,8 +292,11 @@ def test_dns_failures_match_the_raw_dns_records(engine: DuckDBEngine, flows: lis
         if q.l7_type != "REQUEST" or q.verdict != "FORWARDED" or newest - q.time < timeout:
             continue
         answered = any(
-            r.dst.ip == q.src.ip and r.destination_port == q.source_port and r.dns["query"] == q.dns["query"]
-            and (not qtypes(r) or not qtypes(q) or qtypes(r) == qtypes(q)) and q.time <= r.time <= q.time + timeout
+            r.dst.ip == q.src.ip
+            and r.destination_port == q.source_port
+            and r.dns["query"] == q.dns["query"]
+            and (not qtypes(r) or not qtypes(q) or qtypes(r) == qtypes(q))
+            and q.time <= r.time <= q.time + timeout
             for r in responses
         )
         if not answered:
@@ -291,7 +311,11 @@ def test_dns_failures_match_the_raw_dns_records(engine: DuckDBEngine, flows: lis
     rows = query(engine, "dns_failures", include_search_expansions="true")
     by_kind: dict[str, Counter[tuple[Any, ...]]] = defaultdict(Counter)
     for row in rows:
-        name = f"{row['source_namespace']}/{row['source_workload']}" if row["source_namespace"] else row["source_workload"]
+        name = (
+            f"{row['source_namespace']}/{row['source_workload']}"
+            if row["source_namespace"]
+            else row["source_workload"]
+        )
         if row["kind"] == "no_answer":
             by_kind["no_answer"][(name, row["query"])] += row["failures"]
         elif row["kind"] == "rcode":
@@ -306,7 +330,9 @@ def test_dns_failures_match_the_raw_dns_records(engine: DuckDBEngine, flows: lis
 # -- the other questions ------------------------------------------------------------------------------------------
 
 
-def test_world_egress_and_cross_namespace_match_the_raw_requests(engine: DuckDBEngine, flows: list[Flow]) -> None:
+def test_world_egress_and_cross_namespace_match_the_raw_requests(
+    engine: DuckDBEngine, flows: list[Flow]
+) -> None:
     to_world = Counter(
         (f.src.id, name)
         for f in flows
@@ -315,7 +341,11 @@ def test_world_egress_and_cross_namespace_match_the_raw_requests(engine: DuckDBE
     )
     found = Counter()
     for row in query(engine, "world_egress"):
-        name = f"{row['source_namespace']}/{row['source_workload']}" if row["source_namespace"] else row["source_workload"]
+        name = (
+            f"{row['source_namespace']}/{row['source_workload']}"
+            if row["source_namespace"]
+            else row["source_workload"]
+        )
         found[(name, row["destination"])] += row["flows"]
     assert found == to_world and sum(to_world.values()) > 0
 
@@ -341,7 +371,9 @@ def test_policy_verdicts_and_http_errors_match(engine: DuckDBEngine, flows: list
     errors = sum(1 for f in flows if f.http and f.l7_type == "RESPONSE" and (f.http.get("code") or 0) >= 400)
     assert sum(r["errors"] for r in query(engine, "http_errors")) == errors
     responses = [f for f in flows if f.http and f.l7_type == "RESPONSE"]
-    assert responses and sum(r["errors"] for r in query(engine, "http_errors", min_code="100")) == len(responses)
+    assert responses and sum(r["errors"] for r in query(engine, "http_errors", min_code="100")) == len(
+        responses
+    )
 
 
 def test_allow_sets_and_new_connections_match(engine: DuckDBEngine, flows: list[Flow]) -> None:
@@ -359,7 +391,11 @@ def test_allow_sets_and_new_connections_match(engine: DuckDBEngine, flows: list[
     for f in flows:
         if not f.is_request:
             continue
-        if f.direction == "INGRESS" and f.dst.namespace and f.src.entity not in ("host", "remote-node", "health"):
+        if (
+            f.direction == "INGRESS"
+            and f.dst.namespace
+            and f.src.entity not in ("host", "remote-node", "health")
+        ):
             subject = (f.dst.id, "ingress")
         elif f.direction == "EGRESS" and f.src.namespace:
             subject = (f.src.id, "egress")
@@ -388,8 +424,14 @@ def test_allow_sets_and_new_connections_match(engine: DuckDBEngine, flows: list[
     }
     rows = query(engine, "new_connections", baseline_since="1970-01-01")
     assert {
-        (r["source_namespace"], r["source_workload"], r["destination_namespace"], r["destination_workload"],
-         r["destination_port"], r["l4_protocol"])
+        (
+            r["source_namespace"],
+            r["source_workload"],
+            r["destination_namespace"],
+            r["destination_workload"],
+            r["destination_port"],
+            r["l4_protocol"],
+        )
         for r in rows
     } == edges
     assert query(engine, "lost_events") == []

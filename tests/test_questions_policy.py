@@ -25,8 +25,15 @@ def ts(seconds: float) -> pd.Timestamp:
     return pd.Timestamp(at(seconds))
 
 
-def side(prefix: str, namespace: str | None, workload: str | None, *, identity: int = 5000, ip: str = "10.0.0.1",
-         pod: str | None = None) -> Row:
+def side(
+    prefix: str,
+    namespace: str | None,
+    workload: str | None,
+    *,
+    identity: int = 5000,
+    ip: str = "10.0.0.1",
+    pod: str | None = None,
+) -> Row:
     if namespace is None:  # a reserved identity
         return {f"{prefix}_identity": identity, f"{prefix}_ip": ip}
     return {
@@ -47,29 +54,69 @@ def reversed_edge(values: Row) -> Row:
     out: Row = {}
     for key, value in values.items():
         if key.startswith("source_"):
-            out["destination_" + key[len("source_"):]] = value
+            out["destination_" + key[len("source_") :]] = value
         elif key.startswith("destination_"):
-            out["source_" + key[len("destination_"):]] = value
+            out["source_" + key[len("destination_") :]] = value
         else:
             out[key] = value
     return out
 
 
-def forwarded(when: float, values: Row, *, direction: str, point: str | None = None, reply: bool = False) -> Row:
+def forwarded(
+    when: float, values: Row, *, direction: str, point: str | None = None, reply: bool = False
+) -> Row:
     point = point or ("TO_ENDPOINT" if direction == "INGRESS" else "TO_STACK")
-    return flow(**CLUSTER, **values, time=at(when), verdict="FORWARDED", flow_type="L3_L4", event_type=4,
-                traffic_direction=direction, trace_observation_point=point, is_reply=reply)
+    return flow(
+        **CLUSTER,
+        **values,
+        time=at(when),
+        verdict="FORWARDED",
+        flow_type="L3_L4",
+        event_type=4,
+        traffic_direction=direction,
+        trace_observation_point=point,
+        is_reply=reply,
+    )
 
 
-def dropped(when: float, values: Row, *, reason: str = "POLICY_DENIED", number: int = 133,
-            direction: str = "EGRESS", verdict_event: bool = False) -> list[Row]:
+def dropped(
+    when: float,
+    values: Row,
+    *,
+    reason: str = "POLICY_DENIED",
+    number: int = 133,
+    direction: str = "EGRESS",
+    verdict_event: bool = False,
+) -> list[Row]:
     """A drop notification, preceded (when asked) by the policy-verdict event of the same packet."""
     rows = []
     if verdict_event:
-        rows.append(flow(**CLUSTER, **values, time=at(when), verdict="DROPPED", drop_reason=number,
-                         drop_reason_desc=reason, event_type=5, traffic_direction=direction, flow_type="L3_L4"))
-    rows.append(flow(**CLUSTER, **values, time=at(when + 0.001), verdict="DROPPED", drop_reason=number,
-                     drop_reason_desc=reason, event_type=1, traffic_direction=direction, flow_type="L3_L4"))
+        rows.append(
+            flow(
+                **CLUSTER,
+                **values,
+                time=at(when),
+                verdict="DROPPED",
+                drop_reason=number,
+                drop_reason_desc=reason,
+                event_type=5,
+                traffic_direction=direction,
+                flow_type="L3_L4",
+            )
+        )
+    rows.append(
+        flow(
+            **CLUSTER,
+            **values,
+            time=at(when + 0.001),
+            verdict="DROPPED",
+            drop_reason=number,
+            drop_reason_desc=reason,
+            event_type=1,
+            traffic_direction=direction,
+            flow_type="L3_L4",
+        )
+    )
     return rows
 
 
@@ -103,7 +150,9 @@ def test_a_policy_drop_after_delivery_is_a_regression_with_the_moment_it_changed
     rows = dropped(1, WEB_TO_API)  # denied before anything got through: expected
     rows.append(forwarded(10, WEB_TO_API, direction="EGRESS"))
     rows.append(forwarded(10.001, WEB_TO_API, direction="INGRESS"))
-    rows.append(forwarded(10.002, reversed_edge(WEB_TO_API), direction="INGRESS", point="TO_STACK", reply=True))
+    rows.append(
+        forwarded(10.002, reversed_edge(WEB_TO_API), direction="INGRESS", point="TO_STACK", reply=True)
+    )
     rows.append(forwarded(20, WEB_TO_API, direction="INGRESS"))
     for i in range(4):
         rows += dropped(30 + i, WEB_TO_API, verdict_event=True)
@@ -112,7 +161,11 @@ def test_a_policy_drop_after_delivery_is_a_regression_with_the_moment_it_changed
     assert by_why.keys() == {"regression", "expected"}
     regression = by_why["regression"]
     assert (regression["source_workload"], regression["destination_workload"]) == ("web", "api")
-    assert (regression["destination_port"], regression["l4_protocol"], regression["flows"]) == (8080, "TCP", 4)
+    assert (regression["destination_port"], regression["l4_protocol"], regression["flows"]) == (
+        8080,
+        "TCP",
+        4,
+    )
     assert regression["changed_at"] == ts(30)
     assert (regression["first_delivered"], regression["last_delivered"]) == (ts(10.001), ts(20))
     assert by_why["expected"]["flows"] == 1 and by_why["expected"]["changed_at"] is None
@@ -121,8 +174,10 @@ def test_a_policy_drop_after_delivery_is_a_regression_with_the_moment_it_changed
 def test_an_answer_is_a_delivery(tmp_path: Path) -> None:
     world = side("destination", None, None, identity=2, ip="203.0.113.5")
     out = edge(WEB, world, 443)
-    rows = [forwarded(1, out, direction="EGRESS"), forwarded(1.2, reversed_edge(out), direction="EGRESS",
-                                                              point="TO_ENDPOINT", reply=True)]
+    rows = [
+        forwarded(1, out, direction="EGRESS"),
+        forwarded(1.2, reversed_edge(out), direction="EGRESS", point="TO_ENDPOINT", reply=True),
+    ]
     rows += dropped(5, out)
     [row] = run(tmp_path, rows, "unexpected_drops")
     assert (row["why"], row["destination_workload"], row["flows"]) == ("regression", "world", 1)
@@ -161,7 +216,9 @@ def test_reasons_that_are_not_policy_decisions(tmp_path: Path) -> None:
     }
     expected = run(tmp_path / "all", rows, "unexpected_drops", show_expected="true")
     assert {r["drop_reason_desc"] for r in expected if r["why"] == "expected"} == {
-        "IGMP_HANDLED", "POLICY_DENY", "POLICY_DENIED"
+        "IGMP_HANDLED",
+        "POLICY_DENY",
+        "POLICY_DENIED",
     }
 
 
@@ -177,7 +234,9 @@ def test_infrastructure_drops(tmp_path: Path) -> None:
     rows += dropped(4, edge(WEB, coredns, 9153))
     rows += dropped(5, edge(WEB, coredns, 22))
     result = run(tmp_path, rows, "unexpected_drops", show_expected="true")
-    found = {(r["source_workload"], r["destination_workload"], r["destination_port"]): r["why"] for r in result}
+    found = {
+        (r["source_workload"], r["destination_workload"], r["destination_port"]): r["why"] for r in result
+    }
     assert found == {
         ("host", "api", 8080): "infrastructure",
         ("web", "kube-apiserver", 6443): "infrastructure",
@@ -187,13 +246,16 @@ def test_infrastructure_drops(tmp_path: Path) -> None:
 
 
 def test_unexpected_drops_window_and_namespace(tmp_path: Path) -> None:
-    other = edge(side("source", "batch", "job", identity=5300), side("destination", "batch", "db", identity=5301),
-                 5432)
+    other = edge(
+        side("source", "batch", "job", identity=5300), side("destination", "batch", "db", identity=5301), 5432
+    )
     rows = dropped(1, WEB_TO_API, reason="CT_MAP_INSERTION_FAILED", number=155)
     rows += dropped(100, other, reason="CT_MAP_INSERTION_FAILED", number=155)
     write_dataset(tmp_path, rows)
     with DuckDBEngine(tmp_path) as engine:
-        assert [r["source_namespace"] for r in ask(engine, "unexpected_drops", namespace="batch")] == ["batch"]
+        assert [r["source_namespace"] for r in ask(engine, "unexpected_drops", namespace="batch")] == [
+            "batch"
+        ]
         window = ask(engine, "unexpected_drops", since=at(50).isoformat(), until=at(200).isoformat())
         assert [r["source_workload"] for r in window] == ["job"]
         assert len(ask(engine, "unexpected_drops", limit="1")) == 1
@@ -206,14 +268,35 @@ CLIENT = side("source", "shop", "web", identity=5001, ip="10.0.1.1", pod="web-7d
 SERVER = side("destination", "kube-system", "coredns", identity=5100, ip="10.0.9.9")
 
 
-def dns(when: float, kind: str, query: str, *, port: int = 40000, rcode: int = 0, qtype: str = "A",
-        verdict: str = "FORWARDED", client: Row = CLIENT) -> Row:
+def dns(
+    when: float,
+    kind: str,
+    query: str,
+    *,
+    port: int = 40000,
+    rcode: int = 0,
+    qtype: str = "A",
+    verdict: str = "FORWARDED",
+    client: Row = CLIENT,
+) -> Row:
     values = {**client, **SERVER, "source_port": port, "destination_port": 53, "l4_protocol": "UDP"}
     if kind == "RESPONSE":
         values = reversed_edge(values)
-    return flow(**CLUSTER, **values, time=at(when), verdict=verdict, flow_type="L7", event_type=129,
-                traffic_direction="EGRESS", l7_type=kind, l7_protocol="dns", dns_query=query,
-                dns_qtypes=[qtype], dns_rcode=rcode, is_reply=kind == "RESPONSE")
+    return flow(
+        **CLUSTER,
+        **values,
+        time=at(when),
+        verdict=verdict,
+        flow_type="L7",
+        event_type=129,
+        traffic_direction="EGRESS",
+        l7_type=kind,
+        l7_protocol="dns",
+        dns_query=query,
+        dns_qtypes=[qtype],
+        dns_rcode=rcode,
+        is_reply=kind == "RESPONSE",
+    )
 
 
 def test_requests_and_responses_pair_by_port_query_and_type(tmp_path: Path) -> None:
@@ -240,25 +323,31 @@ def test_requests_and_responses_pair_by_port_query_and_type(tmp_path: Path) -> N
 
 def test_rcode_failures_and_search_path_expansions(tmp_path: Path) -> None:
     rows = []
-    for i, (query, rcode) in enumerate([
-        ("api.github.com.shop.svc.cluster.local.", 3),
-        ("api.github.com.svc.cluster.local.", 3),
-        ("api.github.com.", 0),
-        ("typo.shop.svc.cluster.local.", 3),
-        ("flaky.example.", 2),
-        ("flaky.example.", 0),
-        ("corp.internal.", 5),
-    ]):
-        rows += [dns(i, "REQUEST", query, port=41000 + i), dns(i + 0.01, "RESPONSE", query, port=41000 + i,
-                                                                rcode=rcode)]
+    for i, (query, rcode) in enumerate(
+        [
+            ("api.github.com.shop.svc.cluster.local.", 3),
+            ("api.github.com.svc.cluster.local.", 3),
+            ("api.github.com.", 0),
+            ("typo.shop.svc.cluster.local.", 3),
+            ("flaky.example.", 2),
+            ("flaky.example.", 0),
+            ("corp.internal.", 5),
+        ]
+    ):
+        rows += [
+            dns(i, "REQUEST", query, port=41000 + i),
+            dns(i + 0.01, "RESPONSE", query, port=41000 + i, rcode=rcode),
+        ]
     result = run(tmp_path, rows, "dns_failures")
     assert {(r["query"], r["rcode_name"], r["failures"]) for r in result} == {
         ("typo.shop.svc.cluster.local.", "NXDOMAIN", 1),
         ("flaky.example.", "SERVFAIL", 1),
         ("corp.internal.", "REFUSED", 1),
     }
-    assert all(r["kind"] == "rcode" and r["lookups"] == 7 and r["example_pods"] == ["web-7d9f8b6c5d-bcdfg"]
-               for r in result)
+    assert all(
+        r["kind"] == "rcode" and r["lookups"] == 7 and r["example_pods"] == ["web-7d9f8b6c5d-bcdfg"]
+        for r in result
+    )
     everything = run(tmp_path / "all", rows, "dns_failures", include_search_expansions="true")
     assert len([r for r in everything if r["rcode_name"] == "NXDOMAIN"]) == 3
 
@@ -285,8 +374,18 @@ def test_dropped_lookups_and_l3_only_visibility(tmp_path: Path) -> None:
 
 def verdict(when: float, values: Row, *, direction: str, policies: list[str], match: int = 2) -> Row:
     attribution = "ingress_allowed_by" if direction == "INGRESS" else "egress_allowed_by"
-    return flow(**CLUSTER, **values, time=at(when), verdict="FORWARDED", event_type=5, flow_type="L3_L4",
-                traffic_direction=direction, policy_match_type=match, is_reply=False, **{attribution: policies})
+    return flow(
+        **CLUSTER,
+        **values,
+        time=at(when),
+        verdict="FORWARDED",
+        event_type=5,
+        flow_type="L3_L4",
+        traffic_direction=direction,
+        policy_match_type=match,
+        is_reply=False,
+        **{attribution: policies},
+    )
 
 
 def findings(rows: list[Row]) -> dict[tuple[str, str], Row]:
@@ -310,11 +409,15 @@ def test_unselected_workloads_and_directions(tmp_path: Path) -> None:
         # api sends to db with no egress policy; db has no policy at all; kubelet probes do not count.
         forwarded(2, edge(side("source", "shop", "api", identity=5002), db, 5432), direction="EGRESS"),
         forwarded(2.1, edge(side("source", "shop", "api", identity=5002), db, 5432), direction="INGRESS"),
-        forwarded(3, edge(host, side("destination", "shop", "web", identity=5001), 8080), direction="INGRESS"),
+        forwarded(
+            3, edge(host, side("destination", "shop", "web", identity=5001), 8080), direction="INGRESS"
+        ),
     ]
     result = findings(run(tmp_path, rows, "least_privilege"))
     assert ("db", "no_policy") in result
-    assert result[("api", "no_egress_policy")]["detail"].startswith("no policy selects it for egress: 1 egress")
+    assert result[("api", "no_egress_policy")]["detail"].startswith(
+        "no policy selects it for egress: 1 egress"
+    )
     assert ("web", "no_policy") not in result and ("web", "no_ingress_policy") not in result
     assert ("api", "no_policy") not in result
 
@@ -327,7 +430,9 @@ def test_ingress_from_the_world(tmp_path: Path) -> None:
     result = findings(run(tmp_path, rows, "least_privilege"))
     world = result[("api", "ingress_from_world")]
     assert (world["flows"], world["peers"], world["policies"]) == (3, 2, "shop/api")
-    assert world["detail"] == "3 requests from 2 addresses outside the cluster on 8080/TCP; allowed by shop/api"
+    assert (
+        world["detail"] == "3 requests from 2 addresses outside the cluster on 8080/TCP; allowed by shop/api"
+    )
 
 
 def test_all_namespaces_and_broad_policies(tmp_path: Path) -> None:
@@ -335,7 +440,9 @@ def test_all_namespaces_and_broad_policies(tmp_path: Path) -> None:
     rows = []
     for i, namespace in enumerate(["a", "b", "c"]):
         client = side("source", namespace, "app", identity=5500 + i, ip=f"10.0.5.{i}")
-        rows.append(verdict(i, edge(client, target, 6379), direction="INGRESS", policies=["shared/cache"], match=3))
+        rows.append(
+            verdict(i, edge(client, target, 6379), direction="INGRESS", policies=["shared/cache"], match=3)
+        )
     result = findings(run(tmp_path, rows, "least_privilege"))
     wide = result[("cache", "ingress_from_all_namespaces")]
     assert wide["detail"].endswith("a, b, c") and wide["peers"] == 3
@@ -343,16 +450,33 @@ def test_all_namespaces_and_broad_policies(tmp_path: Path) -> None:
     assert broad["policies"] == "shared/cache" and "l4-only" in broad["detail"]
     assert broad["detail"].endswith("a/app, b/app, c/app") and broad["peers"] == 3
     # One more namespace that does not call the cache: no longer every namespace.
-    rows.append(forwarded(9, edge(side("source", "d", "other", identity=5600), API, 8080), direction="INGRESS"))
-    assert ("cache", "ingress_from_all_namespaces") not in findings(run(tmp_path / "d", rows, "least_privilege"))
+    rows.append(
+        forwarded(9, edge(side("source", "d", "other", identity=5600), API, 8080), direction="INGRESS")
+    )
+    assert ("cache", "ingress_from_all_namespaces") not in findings(
+        run(tmp_path / "d", rows, "least_privilege")
+    )
 
 
 def test_observed_allow_set_lists_l7_calls_and_stays_within_max_listed(tmp_path: Path) -> None:
     rows = []
     for i, url in enumerate(["http://api/v1/orders/1", "http://api/v1/orders/2?x=1", "http://api/v1/carts"]):
-        rows.append(flow(**CLUSTER, **WEB_TO_API, time=at(i), verdict="FORWARDED", event_type=129, flow_type="L7",
-                         traffic_direction="INGRESS", l7_type="REQUEST", l7_protocol="http", http_method="GET",
-                         http_url=url, is_reply=False))
+        rows.append(
+            flow(
+                **CLUSTER,
+                **WEB_TO_API,
+                time=at(i),
+                verdict="FORWARDED",
+                event_type=129,
+                flow_type="L7",
+                traffic_direction="INGRESS",
+                l7_type="REQUEST",
+                l7_protocol="http",
+                http_method="GET",
+                http_url=url,
+                is_reply=False,
+            )
+        )
     for port in range(9000, 9005):
         rows.append(forwarded(10, edge(WEB, API, port), direction="INGRESS"))
     result = findings(run(tmp_path, rows, "least_privilege", max_listed="3"))

@@ -32,7 +32,10 @@ def test_unexpected_drops_regression_has_the_moment_it_changed(sim_faults: SimDa
     rows = _rows(sim_faults.ask("unexpected_drops"), why="regression")
     assert len(rows) == 1
     row = rows[0]
-    assert (row["source_namespace"], row["source_workload"]) == (truth.source_namespace, truth.source_workload)
+    assert (row["source_namespace"], row["source_workload"]) == (
+        truth.source_namespace,
+        truth.source_workload,
+    )
     assert (row["destination_namespace"], row["destination_workload"]) == (
         truth.destination_namespace,
         truth.destination_workload,
@@ -53,7 +56,9 @@ def test_unexpected_drops_regression_has_the_moment_it_changed(sim_faults: SimDa
 def test_unexpected_drops_dns_blocked_by_default_deny(sim_faults: SimDataset) -> None:
     truth = _truth(sim_faults, f.DNS_POLICY_DROP)
     rows = _rows(sim_faults.ask("unexpected_drops"), why="dns_blocked")
-    assert {f"{r['source_namespace']}/{r['source_workload']}" for r in rows} == set(truth.details["workloads"])
+    assert {f"{r['source_namespace']}/{r['source_workload']}" for r in rows} == set(
+        truth.details["workloads"]
+    )
     for row in rows:
         assert (row["destination_namespace"], row["destination_workload"]) == ("kube-system", "coredns")
         assert (row["destination_port"], row["l4_protocol"]) == (53, "UDP")
@@ -81,8 +86,12 @@ def test_unexpected_drops_reports_nothing_else(sim_faults: SimDataset) -> None:
     assert sum(r["flows"] for r in rows) == sum(_truth(sim_faults, name).counts["drop"] for name in faults)
     # The compromised pod's probes were never delivered: expected enforcement, hidden by default.
     scan = _truth(sim_faults, f.PORT_SCAN)
-    assert not _rows(rows, source_namespace=scan.source_namespace, source_workload=scan.source_workload,
-                     drop_reason_desc="POLICY_DENIED")
+    assert not _rows(
+        rows,
+        source_namespace=scan.source_namespace,
+        source_workload=scan.source_workload,
+        drop_reason_desc="POLICY_DENIED",
+    )
 
 
 def test_unexpected_drops_shows_probes_as_expected_when_asked(sim_faults: SimDataset) -> None:
@@ -114,13 +123,15 @@ def test_clean_window_has_no_unexpected_drops(sim_clean: SimDataset) -> None:
 
 def _client_lookups(sim: SimDataset, namespace: str, workload: str) -> int:
     """DNS lookups of a workload computed from the rows: L7 requests plus drop notifications to port 53."""
+
     def is_lookup(r: Row) -> bool:
         l7_request = r["l7_protocol"] == "dns" and r["l7_type"] == "REQUEST"
         dropped = r["verdict"] == "DROPPED" and r["destination_port"] == 53 and r["event_type"] == 1
         return l7_request or dropped
 
     return sum(
-        1 for r in sim.rows()
+        1
+        for r in sim.rows()
         if (r["source_namespace"], r["source_workload_name"]) == (namespace, workload) and is_lookup(r)
     )
 
@@ -157,7 +168,9 @@ def test_dns_failures_unanswered_lookups(sim_faults: SimDataset) -> None:
         None,
     )
     assert row["failures"] == truth.counts["l7_request"]
-    assert parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
+    assert (
+        parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
+    )
     # A timeout longer than the whole run leaves nothing that can be judged.
     assert not _rows(sim_faults.ask("dns_failures", timeout_seconds="100000"), kind="no_answer")
 
@@ -165,7 +178,9 @@ def test_dns_failures_unanswered_lookups(sim_faults: SimDataset) -> None:
 def test_dns_failures_dropped_lookups(sim_faults: SimDataset) -> None:
     truth = _truth(sim_faults, f.DNS_POLICY_DROP)
     rows = _rows(sim_faults.ask("dns_failures"), kind="dropped")
-    assert {f"{r['source_namespace']}/{r['source_workload']}" for r in rows} == set(truth.details["workloads"])
+    assert {f"{r['source_namespace']}/{r['source_workload']}" for r in rows} == set(
+        truth.details["workloads"]
+    )
     assert sum(r["failures"] for r in rows) == truth.counts["drop"]
     for row in rows:
         # Every lookup of these workloads was dropped before the DNS proxy saw it.
@@ -173,7 +188,9 @@ def test_dns_failures_dropped_lookups(sim_faults: SimDataset) -> None:
         assert row["query"] is None
 
 
-def test_dns_failures_say_when_only_l3_l4_dns_is_visible(sim_faults: SimDataset, sim_clean: SimDataset) -> None:
+def test_dns_failures_say_when_only_l3_l4_dns_is_visible(
+    sim_faults: SimDataset, sim_clean: SimDataset
+) -> None:
     # The unselected workload has no DNS rule, so no DNS proxy: its lookups are port 53 packets only.
     unselected = _truth(sim_faults, f.UNSELECTED_WORKLOAD)
     rows = _rows(sim_faults.ask("dns_failures"), kind="no_l7_visibility")
@@ -215,10 +232,16 @@ def test_least_privilege_finds_the_workloads_no_policy_selects(
 
 def test_least_privilege_ingress_from_world(sim_faults: SimDataset, sim_clean: SimDataset) -> None:
     truth = _truth(sim_faults, f.WORLD_INGRESS)
-    with_fault = {(r["namespace"], r["workload"]): r for r in sim_faults.ask("least_privilege")
-                  if r["finding"] == "ingress_from_world"}
-    without = {(r["namespace"], r["workload"]) for r in sim_clean.ask("least_privilege")
-               if r["finding"] == "ingress_from_world"}
+    with_fault = {
+        (r["namespace"], r["workload"]): r
+        for r in sim_faults.ask("least_privilege")
+        if r["finding"] == "ingress_from_world"
+    }
+    without = {
+        (r["namespace"], r["workload"])
+        for r in sim_clean.ask("least_privilege")
+        if r["finding"] == "ingress_from_world"
+    }
     api = (truth.destination_namespace, truth.destination_workload)
     assert api in with_fault and api not in without
     assert with_fault.keys() - {api} == without == {("ingress-nginx", "ingress-nginx-controller")}
@@ -239,8 +262,11 @@ def test_least_privilege_ingress_from_world(sim_faults: SimDataset, sim_clean: S
 
 def test_least_privilege_observed_allow_sets_hold_no_probe(sim_faults: SimDataset) -> None:
     rows = sim_faults.ask("least_privilege", max_listed="100")
-    allow = {(r["namespace"], r["workload"], r["finding"]): r["detail"] for r in rows
-             if r["finding"].startswith("observed_")}
+    allow = {
+        (r["namespace"], r["workload"], r["finding"]): r["detail"]
+        for r in rows
+        if r["finding"].startswith("observed_")
+    }
     api_egress = allow[("production", "api", "observed_egress")]
     assert "production/postgres 5432/TCP" in api_egress
     assert "world:s3.us-east-1.amazonaws.com 443/TCP" in api_egress
@@ -249,8 +275,11 @@ def test_least_privilege_observed_allow_sets_hold_no_probe(sim_faults: SimDatase
     assert "production/web 8080/TCP [GET /api/v1/" in api_ingress and "{id}" in api_ingress
     web_egress = allow[("production", "web", "observed_egress")]
     scan = _truth(sim_faults, f.PORT_SCAN)
-    probed = {r["destination_port"] for r in sim_faults.rows()
-              if r["source_pod_name"] == scan.source_pod and r["drop_reason_desc"] == scan.reason}
+    probed = {
+        r["destination_port"]
+        for r in sim_faults.rows()
+        if r["source_pod_name"] == scan.source_pod and r["drop_reason_desc"] == scan.reason
+    }
     assert probed and not any(f" {port}/TCP" in web_egress for port in probed)
     # What allows it today, from the attribution: the workload's own policy, and only policies that exist.
     policies = {(r["namespace"], r["workload"], r["finding"]): r["policies"] for r in rows}
@@ -276,16 +305,24 @@ def test_least_privilege_policies_match_the_simulator(sim_faults: SimDataset) ->
 def test_new_connections_after_the_scan_started_are_the_probes(sim_faults: SimDataset) -> None:
     scan = _truth(sim_faults, f.PORT_SCAN)
     since = parse_time(scan.first_seen)
-    rows = sim_faults.ask("new_connections", since=since.isoformat(), baseline_since=sim_faults.start.isoformat())
+    rows = sim_faults.ask(
+        "new_connections", since=since.isoformat(), baseline_since=sim_faults.start.isoformat()
+    )
     probes = {
         (r["destination_namespace"], r["destination_workload_name"], r["destination_port"])
         for r in sim_faults.rows()
-        if r["source_pod_name"] == scan.source_pod and r["drop_reason_desc"] == scan.reason and r["time"] >= since
+        if r["source_pod_name"] == scan.source_pod
+        and r["drop_reason_desc"] == scan.reason
+        and r["time"] >= since
     }
-    from_scanner = [r for r in rows if (r["source_namespace"], r["source_workload"]) == (
-        scan.source_namespace, scan.source_workload)]
-    assert {(r["destination_namespace"], r["destination_workload"], r["destination_port"]) for r in from_scanner} \
-        == probes
+    from_scanner = [
+        r
+        for r in rows
+        if (r["source_namespace"], r["source_workload"]) == (scan.source_namespace, scan.source_workload)
+    ]
+    assert {
+        (r["destination_namespace"], r["destination_workload"], r["destination_port"]) for r in from_scanner
+    } == probes
     assert all(r["forwarded"] == 0 and r["dropped"] > 0 for r in from_scanner)
     # Anything else new in that window is a rare but ordinary edge (a kubelet probe), and it was delivered.
     others = [r for r in rows if r not in from_scanner]
@@ -313,13 +350,22 @@ def test_world_egress_by_name(sim_faults: SimDataset) -> None:
 
 def test_cross_namespace_and_policy_verdicts(sim_faults: SimDataset) -> None:
     cross = sim_faults.ask("cross_namespace", namespace="monitoring")
-    scraped = {(r["destination_namespace"], r["destination_workload"]) for r in cross
-               if r["source_workload"] == "prometheus"}
+    scraped = {
+        (r["destination_namespace"], r["destination_workload"])
+        for r in cross
+        if r["source_workload"] == "prometheus"
+    }
     assert ("production", "api") in scraped and ("kube-system", "coredns") in scraped
     assert all(r["source_namespace"] != r["destination_namespace"] for r in cross)
     verdicts = sim_faults.ask("policy_verdicts", namespace="production")
-    world = [r for r in verdicts if r["workload"] == "api" and r["direction"] == "INGRESS"
-             and r["policy"] == "production/api" and r["verdict"] == "REDIRECTED"]
+    world = [
+        r
+        for r in verdicts
+        if r["workload"] == "api"
+        and r["direction"] == "INGRESS"
+        and r["policy"] == "production/api"
+        and r["verdict"] == "REDIRECTED"
+    ]
     assert world and all(r["match"] == "l3-l4" for r in world)
     denied = [r for r in verdicts if r["workload"] == "api" and r["verdict"] == "DROPPED"]
     assert sum(r["flows"] for r in denied) == _truth(sim_faults, f.POLICY_REGRESSION).counts["policy_verdict"]
@@ -329,8 +375,9 @@ def test_http_errors_match_the_responses(sim_faults: SimDataset) -> None:
     rows = sim_faults.ask("http_errors")
     assert rows and all(r["http_code"] >= 400 for r in rows)
     expected = sum(
-        1 for r in sim_faults.rows() if r["l7_protocol"] == "http" and r["l7_type"] == "RESPONSE"
-        and (r["http_code"] or 0) >= 400
+        1
+        for r in sim_faults.rows()
+        if r["l7_protocol"] == "http" and r["l7_type"] == "RESPONSE" and (r["http_code"] or 0) >= 400
     )
     assert sum(r["errors"] for r in rows) == expected
     assert all(r["path"].startswith("/api/v1/") and "{id}" in r["path"] for r in rows)
@@ -344,7 +391,9 @@ def test_the_bench_dataset_repeats_a_simulated_hour(tmp_path: Path, monkeypatch:
     flows, start, end = bench_questions.write_scaled_dataset(tmp_path / "scaled", 2_500, seed=3)
     assert flows == 2_500 and (end - start).total_seconds() == 3 * 3600
     with DuckDBEngine(tmp_path / "scaled") as engine:
-        hours = engine.run("SELECT date_trunc('hour', time) AS h, count(*) AS n FROM flows GROUP BY h ORDER BY h")
+        hours = engine.run(
+            "SELECT date_trunc('hour', time) AS h, count(*) AS n FROM flows GROUP BY h ORDER BY h"
+        )
     assert hours.num_rows == 3 and sum(hours.column("n").to_pylist()) == 2_500
     figures = bench_questions.bench_questions_at_scale(BenchContext(flows=250, workdir=tmp_path / "bench"))
     assert figures[0].value == 2_500

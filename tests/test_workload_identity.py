@@ -19,8 +19,16 @@ IDENTITY_COLUMNS = (
 )
 
 
-def pod(side: str, namespace: str, pod_name: str, *, workload: str | None = None, identity: int = 4242,
-        labels: tuple[str, ...] = (), ip: str = "10.0.0.1") -> dict[str, Any]:
+def pod(
+    side: str,
+    namespace: str,
+    pod_name: str,
+    *,
+    workload: str | None = None,
+    identity: int = 4242,
+    labels: tuple[str, ...] = (),
+    ip: str = "10.0.0.1",
+) -> dict[str, Any]:
     values: dict[str, Any] = {
         f"{side}_namespace": namespace,
         f"{side}_pod_name": pod_name,
@@ -52,22 +60,39 @@ def timed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_a_reported_workload_is_the_name_and_namespace_makes_the_identity(tmp_path: Path) -> None:
-    rows = timed([flow(**pod("source", "shop", "api-7d9f8b6c5d-x2k9p", workload="api",
-                             labels=("k8s:app=backend",)),
-                       **pod("destination", "db", "postgres-0", workload="postgres"))])
+    rows = timed(
+        [
+            flow(
+                **pod("source", "shop", "api-7d9f8b6c5d-x2k9p", workload="api", labels=("k8s:app=backend",)),
+                **pod("destination", "db", "postgres-0", workload="postgres"),
+            )
+        ]
+    )
     [row] = names(tmp_path, rows)
     assert row == {
-        "source_entity": None, "source_workload": "api", "source_workload_id": "shop/api",
-        "destination_entity": None, "destination_workload": "postgres", "destination_workload_id": "db/postgres",
+        "source_entity": None,
+        "source_workload": "api",
+        "source_workload_id": "shop/api",
+        "destination_entity": None,
+        "destination_workload": "postgres",
+        "destination_workload_id": "db/postgres",
     }
 
 
 @pytest.mark.parametrize(
     ("labels", "pod_name", "expected"),
     [
-        (("k8s:app=ratings", "k8s:app.kubernetes.io/name=ratings-svc", "k8s:k8s-app=x"), "r-1", "ratings-svc"),
+        (
+            ("k8s:app=ratings", "k8s:app.kubernetes.io/name=ratings-svc", "k8s:k8s-app=x"),
+            "r-1",
+            "ratings-svc",
+        ),
         (("k8s:k8s-app=kube-dns", "k8s:app=coredns"), "coredns-558bd4d5db-w2m67", "coredns"),
-        (("k8s:k8s-app=kube-dns", "k8s:pod-template-hash=558bd4d5db"), "coredns-558bd4d5db-w2m67", "kube-dns"),
+        (
+            ("k8s:k8s-app=kube-dns", "k8s:pod-template-hash=558bd4d5db"),
+            "coredns-558bd4d5db-w2m67",
+            "kube-dns",
+        ),
         (("k8s:name=legacy", "k8s:version=v1"), "legacy-abc", "legacy"),
         # No stable label: the pod name without what its controller appended.
         (("k8s:pod-template-hash=b6994bb9",), "ratings-v1-b6994bb9-jgqxb", "ratings-v1"),
@@ -84,7 +109,9 @@ def test_a_reported_workload_is_the_name_and_namespace_makes_the_identity(tmp_pa
 def test_a_pod_without_a_reported_workload_falls_back_to_labels_then_pod_name(
     tmp_path: Path, labels: tuple[str, ...], pod_name: str, expected: str
 ) -> None:
-    rows = timed([flow(**pod("source", "shop", pod_name, labels=labels), **entity("destination", 2, "reserved:world"))])
+    rows = timed(
+        [flow(**pod("source", "shop", pod_name, labels=labels), **entity("destination", 2, "reserved:world"))]
+    )
     [row] = names(tmp_path, rows)
     assert (row["source_workload"], row["source_workload_id"]) == (expected, f"shop/{expected}")
     assert row["source_entity"] is None
@@ -110,13 +137,17 @@ def test_a_pod_without_a_reported_workload_falls_back_to_labels_then_pod_name(
 def test_reserved_identities_are_entities(
     tmp_path: Path, identity: int | None, labels: tuple[str, ...], expected: str
 ) -> None:
-    rows = timed([flow(**entity("source", identity, *labels), **pod("destination", "shop", "web-0", workload="web"))])
+    rows = timed(
+        [flow(**entity("source", identity, *labels), **pod("destination", "shop", "web-0", workload="web"))]
+    )
     [row] = names(tmp_path, rows)
     assert (row["source_entity"], row["source_workload"], row["source_workload_id"]) == (expected,) * 3
 
 
 def test_an_endpoint_nothing_describes_is_its_address(tmp_path: Path) -> None:
-    rows = timed([flow(**entity("source", None, ip="198.51.100.9"), **entity("destination", None, ip="10.9.9.9"))])
+    rows = timed(
+        [flow(**entity("source", None, ip="198.51.100.9"), **entity("destination", None, ip="10.9.9.9"))]
+    )
     [row] = names(tmp_path, rows)
     assert row["source_workload_id"] == "198.51.100.9" and row["destination_workload_id"] == "10.9.9.9"
     assert row["source_entity"] is None and row["destination_entity"] is None
@@ -124,14 +155,25 @@ def test_an_endpoint_nothing_describes_is_its_address(tmp_path: Path) -> None:
 
 def described_rows() -> list[dict[str, Any]]:
     """Flows Cilium described fully: every pod has its workload, every other endpoint a reserved identity."""
-    return timed([
-        flow(**pod("source", "shop", "web-5d8f-bcdfg", workload="web", labels=("k8s:app=frontend",)),
-             **pod("destination", "shop", "api-7d9f-bcdfg", workload="api")),
-        flow(**entity("source", 1, "reserved:host"), **pod("destination", "shop", "api-7d9f-bcdfg", workload="api")),
-        flow(**pod("source", "shop", "api-7d9f-bcdfg", workload="api"),
-             **entity("destination", 16777300, "cidr:1.2.3.4/32", "reserved:world")),
-        flow(**entity("source", 6, "reserved:remote-node"), **entity("destination", 4, "reserved:health")),
-    ])
+    return timed(
+        [
+            flow(
+                **pod("source", "shop", "web-5d8f-bcdfg", workload="web", labels=("k8s:app=frontend",)),
+                **pod("destination", "shop", "api-7d9f-bcdfg", workload="api"),
+            ),
+            flow(
+                **entity("source", 1, "reserved:host"),
+                **pod("destination", "shop", "api-7d9f-bcdfg", workload="api"),
+            ),
+            flow(
+                **pod("source", "shop", "api-7d9f-bcdfg", workload="api"),
+                **entity("destination", 16777300, "cidr:1.2.3.4/32", "reserved:world"),
+            ),
+            flow(
+                **entity("source", 6, "reserved:remote-node"), **entity("destination", 4, "reserved:health")
+            ),
+        ]
+    )
 
 
 def test_views_leave_out_the_fallbacks_when_every_endpoint_is_described(tmp_path: Path) -> None:
@@ -163,15 +205,29 @@ def test_one_undescribed_flow_brings_the_fallbacks_back(tmp_path: Path) -> None:
 
 
 def test_request_rcode_and_path_columns(tmp_path: Path) -> None:
-    rows = timed([
-        flow(is_reply=False, l7_type="REQUEST", l7_protocol="http", http_method="GET",
-             http_url="http://api:8080/api/v1/orders/123/items/9?page=2"),
-        flow(is_reply=True, l7_type="RESPONSE", l7_protocol="http", http_code=200,
-             http_url="https://api/v2/users/3f2b9c1e-8a7d-4b6c-9e5f-1a2b3c4d5e6f#top"),
-        flow(is_reply=None, l7_type="RESPONSE", l7_protocol="dns", dns_rcode=3, dns_query="nope.example."),
-        flow(is_reply=None, http_url="/"),
-        flow(is_reply=None, l7_type="REQUEST", l7_protocol="dns", dns_rcode=0, dns_query="ok.example."),
-    ])
+    rows = timed(
+        [
+            flow(
+                is_reply=False,
+                l7_type="REQUEST",
+                l7_protocol="http",
+                http_method="GET",
+                http_url="http://api:8080/api/v1/orders/123/items/9?page=2",
+            ),
+            flow(
+                is_reply=True,
+                l7_type="RESPONSE",
+                l7_protocol="http",
+                http_code=200,
+                http_url="https://api/v2/users/3f2b9c1e-8a7d-4b6c-9e5f-1a2b3c4d5e6f#top",
+            ),
+            flow(
+                is_reply=None, l7_type="RESPONSE", l7_protocol="dns", dns_rcode=3, dns_query="nope.example."
+            ),
+            flow(is_reply=None, http_url="/"),
+            flow(is_reply=None, l7_type="REQUEST", l7_protocol="dns", dns_rcode=0, dns_query="ok.example."),
+        ]
+    )
     write_dataset(tmp_path, rows)
     with DuckDBEngine(tmp_path) as engine:
         result = engine.run("SELECT is_request, dns_rcode_name, http_path FROM flows_enriched ORDER BY time")
@@ -188,7 +244,9 @@ def test_request_rcode_and_path_columns(tmp_path: Path) -> None:
 def test_shared_views_transpile_to_spark() -> None:
     for view in load_views():
         for sql in (view.sql, view.sql_without_fallbacks):
-            [spark] = sqlglot.transpile(sql, read="duckdb", write="spark", unsupported_level=sqlglot.ErrorLevel.RAISE)
+            [spark] = sqlglot.transpile(
+                sql, read="duckdb", write="spark", unsupported_level=sqlglot.ErrorLevel.RAISE
+            )
             assert "FROM flows" in spark, view.name
 
 
@@ -208,7 +266,9 @@ def test_a_malformed_view_file_is_refused_with_its_path(text: str, message: str,
 
 
 def test_views_are_created_in_the_order_they_require(tmp_path: Path) -> None:
-    (tmp_path / "a_last.sql").write_text("-- description: reads b\n-- requires: b_first\nSELECT * FROM b_first\n")
+    (tmp_path / "a_last.sql").write_text(
+        "-- description: reads b\n-- requires: b_first\nSELECT * FROM b_first\n"
+    )
     (tmp_path / "b_first.sql").write_text("-- description: base\nSELECT 1 AS x FROM flows\n")
     assert [v.name for v in load_views(tmp_path)] == ["b_first", "a_last"]
     (tmp_path / "b_first.sql").write_text("-- description: loop\n-- requires: a_last\nSELECT 1 AS x\n")
@@ -220,8 +280,19 @@ def test_views_are_created_in_the_order_they_require(tmp_path: Path) -> None:
 
 
 def test_a_record_with_labels_but_no_namespace_is_named_by_its_labels(tmp_path: Path) -> None:
-    labels = ("k8s:app.kubernetes.io/name=tiefighter", "k8s:io.kubernetes.pod.namespace=default", "k8s:org=empire")
-    rows = timed([flow(**entity("source", 31246, *labels, ip="fe80::1"), **entity("destination", None, "reserved:unknown"))])
+    labels = (
+        "k8s:app.kubernetes.io/name=tiefighter",
+        "k8s:io.kubernetes.pod.namespace=default",
+        "k8s:org=empire",
+    )
+    rows = timed(
+        [
+            flow(
+                **entity("source", 31246, *labels, ip="fe80::1"),
+                **entity("destination", None, "reserved:unknown"),
+            )
+        ]
+    )
     [row] = names(tmp_path, rows)
     assert (row["source_workload"], row["source_workload_id"]) == ("tiefighter", "default/tiefighter")
     assert row["source_entity"] is None

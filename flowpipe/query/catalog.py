@@ -122,7 +122,9 @@ class Parameter:
                 try:
                     number = int(str(value).strip())
                 except ValueError:
-                    raise QuestionParameterError(f"parameter {self.name}: {value!r} is not an integer") from None
+                    raise QuestionParameterError(
+                        f"parameter {self.name}: {value!r} is not an integer"
+                    ) from None
             if not _INT64_MIN <= number <= _INT64_MAX:  # DuckDB binds a Python int as BIGINT
                 raise QuestionParameterError(
                     f"parameter {self.name}: {value!r} is out of range ({_INT64_MIN} to {_INT64_MAX})"

@@ -99,12 +99,16 @@ def parse_view(text: str, *, name: str, path: Path | None = None) -> SharedView:
         raise QuestionDefinitionError("missing `-- description: ...` header line", path=where, line_number=1)
     requires = tuple(r.strip() for r in fields.get("requires", "").split(",") if r.strip())
     lines = text.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("--")), None)
+    first = next(
+        (i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("--")), None
+    )
     body = "\n".join(lines[first:]).strip() + "\n" if first is not None else ""
     if not body.lower().startswith(("select", "with")):
         raise QuestionDefinitionError("a shared view holds one SELECT (or WITH ... SELECT)", path=where)
     if body.count("-- fallback: begin") != body.count("-- fallback: end"):
-        raise QuestionDefinitionError("unbalanced `-- fallback: begin` / `-- fallback: end` lines", path=where)
+        raise QuestionDefinitionError(
+            "unbalanced `-- fallback: begin` / `-- fallback: end` lines", path=where
+        )
     return SharedView(name=name, description=description, requires=requires, sql=body, path=path)
 
 
@@ -125,12 +129,15 @@ def load_views(directory: Path | str | None = None) -> list[SharedView]:
         if view in ordered:
             return
         if view.name in visiting:
-            raise QuestionDefinitionError(f"shared view {view.name} requires itself (a cycle)", path=str(view.path))
+            raise QuestionDefinitionError(
+                f"shared view {view.name} requires itself (a cycle)", path=str(view.path)
+            )
         visiting.add(view.name)
         for required in view.requires:
             if required not in views:
                 raise QuestionDefinitionError(
-                    f"shared view {view.name} requires {required!r}, which is not in {root}", path=str(view.path)
+                    f"shared view {view.name} requires {required!r}, which is not in {root}",
+                    path=str(view.path),
                 )
             visit(views[required])
         visiting.discard(view.name)
@@ -155,7 +162,9 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
     try:
         fallbacks_needed = bool(con.execute(FALLBACK_NEEDED_SQL).fetchone()[0])  # type: ignore[index]
     except duckdb.Error as exc:
-        raise QueryError(f"cannot probe the flows for undescribed endpoints: {exc}", sql=FALLBACK_NEEDED_SQL) from exc
+        raise QueryError(
+            f"cannot probe the flows for undescribed endpoints: {exc}", sql=FALLBACK_NEEDED_SQL
+        ) from exc
     for view in load_views(directory):
         select = view.sql if fallbacks_needed else view.sql_without_fallbacks
         statement = f'CREATE OR REPLACE VIEW "{view.name}" AS\n{select}'
