@@ -31,12 +31,10 @@ WITH requests AS (
         destination_pod_name,
         destination_entity,
         destination_workload,
-        -- A pod recorded with a reserved identity (older agents report L7 records of the egress proxy with the
-        -- world identity and no labels): it is looked up by pod name among the pods seen in the window.
-        (source_entity IS NOT NULL AND source_namespace IS NOT NULL AND source_pod_name IS NOT NULL)
-            AS source_unresolved,
-        (destination_entity IS NOT NULL AND destination_namespace IS NOT NULL
-            AND destination_pod_name IS NOT NULL) AS destination_unresolved,
+        -- A pod recorded with a reserved identity (flows_enriched): it is looked up by pod name among the pods
+        -- of its cluster seen in the window.
+        source_unresolved_pod IS NOT NULL AS source_unresolved,
+        destination_unresolved_pod IS NOT NULL AS destination_unresolved,
         -- World clients are many and only the entity matters for them; other entities keep their address.
         CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' THEN source_ip END AS source_ip,
         CASE WHEN destination_entity IS NOT NULL THEN destination_ip END AS destination_ip,

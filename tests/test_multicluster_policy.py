@@ -5,7 +5,7 @@ from, `suggest` and `replay` (a policy applies to one cluster), and the evidence
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
+from flowdata import T0, write_dataset
+from flowdata import flow as full_row
+from policy_support import flow, pod
 from suggest_support import suggest
 
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import ConfigError
 from flowpipe.model import EventBatch
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.sim import Simulator, SimulatorConfig
 from flowpipe.sinks.parquet import ParquetSink
@@ -161,3 +165,44 @@ def test_no_policy_findings_need_policy_evidence_in_their_own_cluster(datasets: 
     for row in total:
         if row["finding"] in unselected:
             assert f"flowpipe suggest --cluster {row['cluster_name']} --namespace " in row["suggestion"]
+
+
+def test_a_pod_recorded_with_a_reserved_identity_is_resolved_within_its_own_cluster(tmp_path: Path) -> None:
+    """The same pod name in two clusters, as two workloads: the L7 record that names the pod with the world
+    identity takes the workload and labels of the pod in its own cluster, in observed_edges and in replay's
+    edges alike (one rule, `flows_enriched`'s `*_unresolved_pod`)."""
+    web = pod("shop", "web")
+    api = {"a": pod("shop", "api"), "b": {**pod("shop", "api", tier="b"), "workload_name": "api-b"}}
+    unresolved = {
+        "namespace": "shop",
+        "pod_name": api["a"]["pod_name"],
+        "identity": 2,
+        "labels": ["reserved:world"],
+    }
+    http = {
+        "flow_type": "L7",
+        "l7_type": "REQUEST",
+        "l7_protocol": "http",
+        "http_method": "GET",
+        "http_url": "/",
+    }
+    rows = []
+    for offset, cluster in enumerate(("a", "b")):  # cluster a's pod is seen first
+        when = T0 + timedelta(seconds=offset)
+        rows.append(full_row(time=when, **flow(web, api[cluster], 8080), cluster_name=cluster))
+        rows.append(full_row(time=when, **flow(web, unresolved, 8080, **http), cluster_name=cluster))
+    write_dataset(tmp_path, rows)
+
+    edges = ask(tmp_path, "observed_edges")
+    for cluster, workload, tier in (("a", "api", False), ("b", "api-b", True)):
+        mine = [e for e in edges if e["cluster_name"] == cluster]
+        assert {(e["destination_entity"], e["destination_workload"]) for e in mine} == {(None, workload)}
+        assert {e["l7_protocol"] for e in mine} == {None, "http"}
+        assert all(("k8s:tier=b" in e["destination_labels"]) is tier for e in mine), cluster
+
+    with DuckDBEngine(tmp_path) as engine:
+        replayed = engine.run(EDGES_SQL, edge_parameters([], cluster="b")).to_pylist()
+    assert len(replayed) == 2
+    assert {(e["destination_workload"], tuple(e["destination_labels"])) for e in replayed} == {
+        (e["destination_workload"], tuple(e["destination_labels"])) for e in edges if e["cluster_name"] == "b"
+    }

@@ -18,8 +18,9 @@ The semantics are those of the real implementations (Cilium enforces both flavou
   policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
   that Hubble reports at both ends thus has each end judged by the policies enforced there.
 
-For speed, flows are first grouped into distinct edges (`EDGES_SQL`, run by DuckDB over the view `flows`); each
-edge is judged once and weighted by its flow count, and selector results are cached per distinct endpoint.
+For speed, flows are first grouped into distinct edges (`EDGES_SQL`, run by DuckDB over the shared view
+`flows_enriched`); each edge is judged once and weighted by its flow count, and selector results are cached per
+distinct endpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import Direction, Policy, PortRule
 from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+from flowpipe.query.views import install_views
 
 try:  # the shared DropReason classification, where present
     from flowpipe.drop_reasons import is_policy_decision
@@ -312,6 +314,7 @@ def replay_flows(
     con = duckdb.connect(":memory:")
     try:
         con.register("flows", flows)
+        install_views(con)  # EDGES_SQL reads the shared view flows_enriched
         relation = con.sql(EDGES_SQL, params=edge_parameters(policies, since=since, until=until))
         edges = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     except duckdb.Error as exc:

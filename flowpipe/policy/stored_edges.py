@@ -7,12 +7,16 @@ FQDN peers, and the addresses of world clients for CIDR peers (not needed for a 
 `0.0.0.0/0`). Without those, a busy cluster's millions of URLs, lookups and internet clients fold into a few
 hundred edges.
 
+Endpoints are named as every question names them, by the shared view `flows_enriched` (workload, reserved
+entity, and the pods recorded with a reserved identity): the grouping reads that view, not `flows`.
+
 Labels are lists of a dozen strings on every flow, and reading them costs more than the rest of the grouping.
 So edges are grouped by the endpoint's identity number (plus its address outside the pods), and the labels of
 each (namespace, workload, identity, address) are read from the one flow where it was first seen, which
 DuckDB finds without decoding the labels of the other flows. A pod whose record carries a reserved identity
-(older agents report L7 records of the egress proxy with the world identity) keeps its pod name and gets the
-labels (and no identity) of the pod of that name seen with its own identity.
+(`*_unresolved_pod`: older agents report L7 records of the egress proxy with the world identity) gets the
+workload and labels (and no identity) of the pod of that name seen with its own identity, as in the
+observed_edges question; when no such record exists, it keeps its pod name.
 
 A policy set applies to one cluster: `cluster` keeps the flows of that cluster only, labels and pods included
 (`flowpipe.policy.clusters.choose_cluster` picks it). Without it, every flow is grouped, whatever its cluster.
@@ -25,21 +29,17 @@ from datetime import datetime
 
 from flowpipe.policy.model import FQDNSelector, Policy
 
-_POD_IDENTITY = "{side}_identity BETWEEN 256 AND 16777215"
-_WORLD_IDENTITY = "({side}_identity IN (2, 9, 10) OR {side}_identity >= 16777216)"
 _CLUSTER = "($cluster IS NULL OR {alias}cluster_name = $cluster)"
 
 
 def _side(side: str) -> str:
-    pod = _POD_IDENTITY.format(side=side)
     # World clients (the internet) are many: their addresses only when a CIDR rule can tell them apart.
-    world = _WORLD_IDENTITY.format(side=side) if side == "source" else "false"
+    world = f"{side}_entity = 'world'" if side == "source" else "false"
     return f"""
         {side}_namespace,
-        coalesce({side}_workload_name, {side}_pod_name) AS {side}_workload,
+        {side}_workload,
         {side}_identity,
-        CASE WHEN {side}_namespace IS NOT NULL AND {side}_pod_name IS NOT NULL AND NOT coalesce({pod}, false)
-            THEN {side}_pod_name END AS {side}_unresolved_pod,
+        {side}_unresolved_pod,
         -- Addresses only outside the pods: CIDR rules need them, pods are judged by labels.
         CASE WHEN {side}_namespace IS NULL AND ($addresses OR NOT coalesce({world}, false))
             THEN {side}_ip END AS {side}_ip,"""
@@ -55,12 +55,12 @@ def _labels(side: str) -> str:
 ),
 {side}_labels AS (
     SELECT k.namespace, k.workload, k.identity, k.ip, min(f.{side}_labels) AS labels
-    FROM flows AS f
+    FROM flows_enriched AS f
     JOIN {side}_keys AS k
         ON f.time IS NOT DISTINCT FROM k.first_seen
         AND f.{side}_namespace IS NOT DISTINCT FROM k.namespace
         AND f.{side}_identity IS NOT DISTINCT FROM k.identity
-        AND coalesce(f.{side}_workload_name, f.{side}_pod_name) IS NOT DISTINCT FROM k.workload
+        AND f.{side}_workload IS NOT DISTINCT FROM k.workload
         AND (k.ip IS NULL OR f.{side}_ip = k.ip)
         AND {_CLUSTER.format(alias="f.")}
     GROUP BY ALL
@@ -68,8 +68,10 @@ def _labels(side: str) -> str:
 
 
 def _resolved(side: str, alias: str) -> tuple[str, str]:
-    """The labels and identity columns of one side, and the joins that give them."""
+    """The workload, labels and identity columns of one side, and the joins that give them."""
     columns = f"""
+    CASE WHEN {alias}p.labels IS NOT NULL THEN {alias}p.workload
+        ELSE coalesce(e.{side}_unresolved_pod, e.{side}_workload) END AS {side}_workload,
     CASE WHEN {alias}p.labels IS NOT NULL THEN {alias}p.labels ELSE {alias}l.labels END AS {side}_labels,
     CASE WHEN {alias}p.labels IS NULL THEN e.{side}_identity END AS {side}_identity,"""
     joins = f"""
@@ -95,7 +97,7 @@ WITH judged AS (
             -- Without is_reply, a TCP packet is known to be a request only when it opens the connection.
             OR (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
                 AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))) AS reply
-    FROM flows
+    FROM flows_enriched
     WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
       AND ($since IS NULL OR time >= $since)
       AND ($until IS NULL OR time <= $until)
@@ -137,41 +139,42 @@ pod_times AS (
            min(time) FILTER (WHERE as_source) AS source_time, min(time) FILTER (WHERE NOT as_source) AS destination_time
     FROM (
         SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
-        FROM flows AS f
+        FROM flows_enriched AS f
         JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
-        WHERE {_POD_IDENTITY.format(side="f.source")} AND {_CLUSTER.format(alias="f.")}
+        WHERE f.source_entity IS NULL AND {_CLUSTER.format(alias="f.")}
         UNION ALL
         SELECT f.destination_namespace, f.destination_pod_name, f.time, false
-        FROM flows AS f
+        FROM flows_enriched AS f
         JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
-        WHERE {_POD_IDENTITY.format(side="f.destination")} AND {_CLUSTER.format(alias="f.")}
+        WHERE f.destination_entity IS NULL AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 ),
 pod_labels AS (
-    SELECT namespace, pod_name, min(labels) AS labels
+    -- The workload and labels of each such pod, from that flow.
+    SELECT namespace, pod_name, min(workload) AS workload, min(labels) AS labels
     FROM (
-        SELECT p.namespace, p.pod_name, f.source_labels AS labels
-        FROM flows AS f
+        SELECT p.namespace, p.pod_name, f.source_workload AS workload, f.source_labels AS labels
+        FROM flows_enriched AS f
         JOIN pod_times AS p
             ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
-            AND f.source_pod_name = p.pod_name AND {_CLUSTER.format(alias="f.")}
+            AND f.source_pod_name = p.pod_name AND f.source_entity IS NULL AND {_CLUSTER.format(alias="f.")}
         UNION ALL
-        SELECT p.namespace, p.pod_name, f.destination_labels
-        FROM flows AS f
+        SELECT p.namespace, p.pod_name, f.destination_workload, f.destination_labels
+        FROM flows_enriched AS f
         JOIN pod_times AS p
             ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
             AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
-            AND {_CLUSTER.format(alias="f.")}
+            AND f.destination_entity IS NULL AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 )
 SELECT
-    e.* EXCLUDE (source_identity, source_unresolved_pod, destination_identity, destination_unresolved_pod,
-                 first_seen),{_SOURCE_COLUMNS}{_DESTINATION_COLUMNS}
+    e.* EXCLUDE (source_workload, source_identity, source_unresolved_pod, destination_workload,
+                 destination_identity, destination_unresolved_pod, first_seen),{_SOURCE_COLUMNS}{_DESTINATION_COLUMNS}
 FROM edges AS e{_SOURCE_JOINS}{_DESTINATION_JOINS}
 """
-"""Distinct edges of the view `flows` with their flow counts: the input of `replay_edges`.
+"""Distinct edges of the view `flows_enriched` with their flow counts: the input of `replay_edges`.
 
 Parameters: `since`, `until` (None: unbounded), `cluster` (None: every cluster) and the flags of
 `edge_parameters`."""

@@ -5,8 +5,13 @@
 --   else the first stable label of the pod (`app.kubernetes.io/name`, `app`, `k8s-app`, `name`); else the pod
 --   name without the ReplicaSet, DaemonSet, CronJob or StatefulSet suffix; else the reserved entity; else the IP.
 --   `source_workload_id` / `destination_workload_id`: the stable identity, `<namespace>/<workload>` for pods
---   (the namespace label where a record has labels but no namespace), the entity or IP otherwise. `is_request`: not a reply (unknown counts as a request) and not an L7
---   response. `dns_rcode_name`: the DNS response code by name (NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...).
+--   (the namespace label where a record has labels but no namespace), the entity or IP otherwise.
+--   `source_unresolved_pod` / `destination_unresolved_pod`: the pod name of a pod recorded with a reserved
+--   identity (a namespace and a pod name, yet an entity: older agents report the egress proxy's L7 records
+--   with the world identity and no labels), else NULL; whoever names it (observed_edges, replay's edges)
+--   takes the workload and labels of the pod of that name seen with its own identity in the same cluster.
+--   `is_request`: not a reply (unknown counts as a request) and not an L7 response. `dns_rcode_name`: the DNS
+--   response code by name (NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...).
 --   `http_path`: the path of `http_url` without query string, numeric, UUID and long hex segments as `{id}`.
 --   Written in portable SQL (no DuckDB-only syntax where a standard form exists) so that sqlglot can
 --   translate it for Spark. The `-- fallback: begin` / `-- fallback: end` regions name endpoints that Cilium
@@ -38,6 +43,10 @@ SELECT
         -- fallback: end
         ELSE w.destination_workload
     END AS destination_workload_id,
+    CASE WHEN w.source_entity IS NOT NULL AND w.source_namespace IS NOT NULL THEN w.source_pod_name END
+        AS source_unresolved_pod,
+    CASE WHEN w.destination_entity IS NOT NULL AND w.destination_namespace IS NOT NULL
+        THEN w.destination_pod_name END AS destination_unresolved_pod,
     (w.is_reply IS NULL OR NOT w.is_reply) AND (w.l7_type IS NULL OR w.l7_type <> 'RESPONSE') AS is_request,
     CASE
         WHEN w.dns_rcode IS NULL OR w.l7_type <> 'RESPONSE' THEN NULL
