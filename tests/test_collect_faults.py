@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -129,7 +130,8 @@ def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_st
         server.publish(flows)
         config = fast_collect_config(server.address, dataset)
         config = type(config)(
-            source=config.source,
+            # batches of 150 flows: several are published before the disk fills (a batch is published whole)
+            source=dataclasses.replace(config.source, batch_max_flows=150),
             sink=type(config.sink)(
                 path=str(dataset), flush_interval_seconds=0.1, max_batch_rows=400, writer_id="w"
             ),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import small_tmpfs
 
 from flowpipe.config import ParquetSinkConfig
@@ -105,22 +103,19 @@ def test_flushes_when_max_batch_rows_reached(tmp_path: Path) -> None:
     assert sink.write(batch_of(seconds(4))) is None
     assert Dataset(tmp_path).list_part_files("flows") == []
     ack = sink.write(batch_of(seconds(4)))
-    # the third batch is cut at the limit: its first 2 rows complete a 10-row part file, 2 stay open
-    assert ack is not None and ack.batches == 2 and ack.flows == 10
+    # the third batch reaches the limit: published whole with the two before it, the part file closed at 10 rows
+    assert ack is not None and ack.batches == 3 and ack.flows == 12
     assert list(ack.files) == Dataset(tmp_path).list_part_files("flows")
-    assert read_flows(tmp_path).num_rows == 10 and sink.buffered_rows == 2
-    ack = sink.close()
-    assert ack is not None and ack.batches == 3 and ack.flows == 2
-    assert read_flows(tmp_path).num_rows == 12
+    assert [pq.read_metadata(path).num_rows for path in ack.files] == [10, 2]
+    assert read_flows(tmp_path).num_rows == 12 and sink.buffered_rows == 0
+    assert sink.close() is None
 
 
 def test_a_batch_bigger_than_max_batch_rows_is_split_into_files_of_that_size(tmp_path: Path) -> None:
     sink = sink_for(tmp_path, max_batch_rows=10)
     ack = sink.write(batch_of(seconds(25)))
-    assert ack is not None and ack.flows == 20 and ack.batches == 0, "the batch itself is not durable yet"
-    assert sink.buffered_rows == 5
-    ack = sink.close()
-    assert ack is not None and ack.flows == 5 and ack.batches == 1
+    assert ack is not None and ack.flows == 25 and ack.batches == 1, "published whole, in files of 10 rows"
+    assert sink.buffered_rows == 0
     sizes = [pq.read_metadata(path).num_rows for path in Dataset(tmp_path).list_part_files("flows")]
     assert sizes == [10, 10, 5]
 
@@ -468,6 +463,21 @@ def test_disk_full_while_streaming_a_row_group_fails_the_write(small_disk: Path)
     dataset = Dataset(small_disk)
     assert dataset.list_part_files("flows") == [] and dataset.list_temp_files("flows") == []
     assert sink.acked_batches == 0
+
+
+def test_after_a_disk_full_the_dataset_holds_exactly_the_acknowledged_batches(small_disk: Path) -> None:
+    # Batches of 170 rows cross the 300-row mark, so part files are closed inside them; a batch is published
+    # whole or not at all, so what the source must deliver again (the unacknowledged batches) is not there.
+    sink = sink_for(small_disk, max_batch_rows=300, row_group_bytes=50_000)
+    sizes: list[int] = []
+    with pytest.raises(DatasetWriteError, match="No space left on device"):
+        for _ in range(40):
+            batch = incompressible_batch(170)
+            sizes.append(batch.flows.num_rows)
+            sink.write(batch)
+    assert sink.acked_batches >= 1
+    assert read_flows(small_disk).num_rows == sum(sizes[: sink.acked_batches])
+    assert Dataset(small_disk).list_temp_files("flows") == []
 
 
 def test_a_read_only_dataset_raises_dataset_write_error(small_disk: Path) -> None:

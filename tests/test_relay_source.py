@@ -276,8 +276,8 @@ def test_the_stream_receiver_holds_at_most_max_pending_and_hands_over_every_flow
             received: list[bytes] = []
             over = False
             while not over:
-                taken, over = receiver.take(min_count=150, wait_seconds=5.0, stop=stop)
-                assert len(taken) <= 200
+                taken, over = receiver.take(count=150, wait_seconds=5.0, stop=stop)
+                assert len(taken) <= 150
                 received += taken
         finally:
             receiver.stop()

@@ -1,8 +1,12 @@
 """The Parquet sink: batches flows and lost events, and flushes them into Hive-partitioned part files.
 
 A flush happens when the open batch reaches `max_batch_rows` flows or `max_batch_bytes` bytes, when it is older
-than `flush_interval_seconds` (by the injected clock), and on `flush()` / `close()`. A part file holds at most
-`max_batch_rows` flows, even when one batch from the source was bigger. Each flow goes to the
+than `flush_interval_seconds` (by the injected clock), and on `flush()` / `close()`. Batches from the source
+are published whole, never in part: a flush publishes the open batch with the batch that filled it, and
+acknowledges exactly the batches it published (a later failure can then never leave part of an unacknowledged
+batch in the dataset, for the source to deliver again). A part file still holds at most `max_batch_rows`
+flows: where a batch crosses that count, its part files are closed and new ones opened (still temporary,
+published by the same flush). Each flow goes to the
 partition of its own time, so flows that arrive out of time order (a relay merging nodes, exporter files read
 out of order) still land in the right hour: one flush writes one part file per partition it touches, rows in
 arrival order (Parquet statistics on `time` still let readers skip row groups). Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
@@ -167,6 +171,9 @@ class ParquetSink:
         self._now = now
         self._pending: dict[PartitionKey, _Pending] = {}
         self._parts: dict[PartitionKey, _OpenPart] = {}
+        self._closed: list[_OpenPart] = []
+        """Part files of the open batch already complete (closed at `max_batch_rows`), waiting for the flush."""
+        self._part_rows = 0
         self._lost: list[LostEvent] = []
         self._rows = 0
         self._bytes = 0
@@ -199,32 +206,33 @@ class ParquetSink:
         return self._rows
 
     def write(self, batch: EventBatch) -> Ack | None:
-        """Add a batch to the open batch; flushes when a row, byte or age limit is reached.
+        """Add a whole batch to the open batch; flushes when a row, byte or age limit is reached.
 
-        A batch that would take the open batch past `max_batch_rows` is cut there: the part before the cut
-        is flushed with the open batch (acknowledging the batches before this one), the rest opens the next.
+        Where the batch takes the open part files to `max_batch_rows` flows they are closed and new ones
+        opened, so part files stay that size; the flush that follows publishes them all and acknowledges
+        this batch with the ones before it.
         """
         self._check_usable()
-        ack: Ack | None = None
         flows = batch.flows
         if flows.num_rows and flows.schema != FLOW_SCHEMA:
             flows = flows.cast(FLOW_SCHEMA)
+        limit = self.config.max_batch_rows
         offset = 0
         while offset < flows.num_rows:
-            piece = flows.slice(offset, self.config.max_batch_rows - self._rows)
+            if self._part_rows >= limit:
+                self._roll_over()
+            piece = flows.slice(offset, limit - self._part_rows)
             self._add_flows(piece)
             offset += piece.num_rows
-            if self._rows >= self.config.max_batch_rows:
-                ack = _merge(ack, self.flush())
         if batch.lost_events:
             self._lost.extend(batch.lost_events)
             self._open_age()
         self._written_batches += 1
         if not self._rows and not self._lost:
-            return _merge(ack, self._ack_empty())
-        if self._bytes >= self.config.max_batch_bytes:
-            return _merge(ack, self.flush())
-        return _merge(ack, self.poll())
+            return self._ack_empty()
+        if self._rows >= limit or self._bytes >= self.config.max_batch_bytes:
+            return self.flush()
+        return self.poll()
 
     def poll(self) -> Ack | None:
         """Flush if the open batch is older than `flush_interval_seconds`."""
@@ -242,15 +250,11 @@ class ParquetSink:
             return self._ack_empty()
         staged: list[tuple[str, str]] = []
         try:
-            for key in list(self._pending):
-                self._write_row_group(key)
-            for key, part in sorted(self._parts.items()):
-                with translate_write_errors(part.temp):
-                    part.writer.close()
-                self.dataset.finish_temp(part.temp, part.handle)
+            self._close_parts()
+            for part in self._closed:
                 name = self._final_name(part.folder, part.min_ns, part.seq)
                 staged.append((part.temp, f"{part.folder}/{name}"))
-            self._parts.clear()
+            self._closed.clear()
             if self._lost:
                 for key, table in split_by_hour(lost_events_table(self._lost)):
                     folder = self.dataset.partition_dir(LOST_EVENTS_TABLE, key)
@@ -282,9 +286,30 @@ class ParquetSink:
         if self._opened_at is None:
             self._opened_at = self._clock()
 
+    def _close_parts(self) -> None:
+        """Write what is pending and close the open part files (complete temporary files, not yet published)."""
+        for key in list(self._pending):
+            self._write_row_group(key)
+        for key in sorted(self._parts):
+            part = self._parts[key]
+            with translate_write_errors(part.temp):
+                part.writer.close()
+            self.dataset.finish_temp(part.temp, part.handle)
+            self._closed.append(self._parts.pop(key))
+        self._part_rows = 0
+
+    def _roll_over(self) -> None:
+        """The open part files reached `max_batch_rows`: close them; the next flows open new ones."""
+        try:
+            self._close_parts()
+        except DatasetWriteError as exc:
+            self._abort([], exc)
+            raise
+
     def _add_flows(self, flows: pa.Table) -> None:
         self._open_age()
         self._rows += flows.num_rows
+        self._part_rows += flows.num_rows
         self._bytes += flows.nbytes
         for key, part in split_by_hour(flows):
             pending = self._pending.setdefault(key, _Pending())
@@ -350,11 +375,15 @@ class ParquetSink:
                 except (OSError, pa.ArrowException):
                     pass
             self.dataset.discard(part.temp)
+        for part in self._closed:
+            self.dataset.discard(part.temp)
         for temp, final in staged:
             self.dataset.discard(temp)
             self.dataset.discard(final)  # nothing of an unacknowledged flush stays visible
         self._parts.clear()
+        self._closed.clear()
         self._pending.clear()
+        self._part_rows = 0
         self._lost, self._rows, self._bytes, self._opened_at = [], 0, 0, None
 
     def _ack_empty(self) -> Ack | None:
@@ -403,10 +432,3 @@ class ParquetSink:
 def _min_ns(table: pa.Table) -> int | None:
     value = pc.min(pc.cast(table.column("time"), pa.int64())).as_py()
     return None if value is None else int(value)
-
-
-def _merge(first: Ack | None, second: Ack | None) -> Ack | None:
-    """One ack for two made in one call: the later count, flows and files of both."""
-    if first is None or second is None:
-        return first or second
-    return Ack(batches=second.batches, flows=first.flows + second.flows, files=first.files + second.files)

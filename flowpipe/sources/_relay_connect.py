@@ -452,22 +452,22 @@ class StreamReceiver(threading.Thread):
             self.done = True
             ready.set()
 
-    def take(self, min_count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
-        """Wait up to `wait_seconds` for `min_count` messages (less once the time is up); returns them and
-        whether the call is over (and nothing is left)."""
+    def take(self, count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
+        """Wait up to `wait_seconds` for `count` messages (fewer once the time is up); returns at most `count`
+        of them and whether the call is over (and nothing is left)."""
         deadline = time.monotonic() + wait_seconds
         queue = self.queue
-        self.wake_at = min(min_count, self.max_pending)
-        while not self.done and not stop.is_set() and len(queue) < min_count:
+        self.wake_at = min(count, self.max_pending)
+        while not self.done and not stop.is_set() and len(queue) < count:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self.ready.clear()
-            if self.done or len(queue) >= min_count:  # arrived between the test above and the clear
+            if self.done or len(queue) >= count:  # arrived between the test above and the clear
                 break
             self.ready.wait(min(left, 0.1))
         done = self.done  # read first: once set, nothing more is appended
-        taken = [queue.popleft() for _ in range(len(queue))]
+        taken = [queue.popleft() for _ in range(min(count, len(queue)))]
         self.room.set()
         return taken, done and not taken and not queue
 
