@@ -63,6 +63,7 @@ def fix_imports(text: str, packages: list[str]) -> str:
     names = "|".join(re.escape(p) for p in packages)
     # `from flow import flow_pb2 as ...` and `from flow.flow_pb2 import *` / `import X as X`.
     pattern = re.compile(rf"^(\s*)from ({names})(\.[\w.]+)? import ", re.MULTILINE)
+
     def local(m: re.Match[str]) -> str:
         return f"{m.group(1)}from {IMPORT_PREFIX}.{m.group(2)}{m.group(3) or ''} import "
 
@@ -112,7 +113,10 @@ def main(argv: list[str]) -> int:
     try:
         written = generate(out_dir)
     except ModuleNotFoundError as exc:
-        print(f"gen_protos: {exc.name} is missing; install the dev extra: pip install -e '.[dev]'", file=sys.stderr)
+        print(
+            f"gen_protos: {exc.name} is missing; install the dev extra: pip install -e '.[dev]'",
+            file=sys.stderr,
+        )
         return 1
     except RuntimeError as exc:
         print(f"gen_protos: {exc}", file=sys.stderr)
