@@ -30,6 +30,7 @@ from flowpipe.transforms.conventions import (
     L7_KINDS,
     POLICY_LISTS,
     TCP_FLAG_NAMES,
+    TCP_FLAG_STRINGS,
     cluster_of,
     enum_names,
     enum_row_values,
@@ -226,9 +227,7 @@ def _relay_state_name(number: int) -> str:
 
 # -- the flow table ---------------------------------------------------------------------------------------
 
-_TCP_FLAG_STRINGS = pa.array(
-    [",".join(n for i, n in enumerate(TCP_FLAG_NAMES) if mask >> i & 1) or None for mask in range(1 << 9)]
-)
+_TCP_FLAG_STRINGS = pa.array(TCP_FLAG_STRINGS, pa.string())
 
 
 @cache

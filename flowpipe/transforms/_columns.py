@@ -14,7 +14,13 @@ import pyarrow.compute as pc
 
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.transforms._enums import ZERO_NAMES
-from flowpipe.transforms._json_schema import L4_KINDS, L7_KINDS, POLICY_LISTS, TCP_FLAG_NAMES
+from flowpipe.transforms._json_schema import (
+    L4_KINDS,
+    L7_KINDS,
+    POLICY_LISTS,
+    TCP_FLAG_NAMES,
+    TCP_FLAG_STRINGS,
+)
 
 _TIMESTAMP = FLOW_SCHEMA.field("time").type
 
@@ -104,10 +110,7 @@ def _policies(values: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(lists.offsets, joined)
 
 
-# "FIN,SYN,..." for each of the 2**9 combinations of TCP flags, indexed by the bit mask (bit i = flag i).
-_TCP_FLAG_STRINGS = pa.array(
-    [",".join(n for i, n in enumerate(TCP_FLAG_NAMES) if mask >> i & 1) or None for mask in range(1 << 9)]
-)
+_TCP_FLAG_STRINGS = pa.array(TCP_FLAG_STRINGS, pa.string())
 
 
 def _tcp_flags(flags: list[pa.Array]) -> pa.Array:

@@ -49,6 +49,11 @@ def _enum(name: str) -> Leaf:
 _PORTS: dict[str, Spec] = {"source_port": INT, "destination_port": INT}
 _ICMP: dict[str, Spec] = {"type": INT, "code": INT}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
+TCP_FLAG_STRINGS: tuple[str | None, ...] = tuple(
+    ",".join(name for bit, name in enumerate(TCP_FLAG_NAMES) if mask >> bit & 1) or None
+    for mask in range(1 << 9)
+)
+"""The `tcp_flags` value of each of the 2**9 flag combinations, indexed by the bit mask (bit i = flag i)."""
 L4_KINDS = ("TCP", "UDP", "ICMPv4", "ICMPv6", "SCTP", "VRRP", "IGMP")
 L7_KINDS = ("dns", "http", "kafka")
 POLICY_LISTS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by", "egress_denied_by")

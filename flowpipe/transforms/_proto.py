@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.transforms._columns import cluster_of
 from flowpipe.transforms._enums import enum_row_values
-from flowpipe.transforms._json_schema import TCP_FLAG_NAMES
+from flowpipe.transforms._json_schema import TCP_FLAG_NAMES, TCP_FLAG_STRINGS
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from flowpipe._proto.flow.flow_pb2 import Flow
 
 
-_TCP_FLAGS = [
-    ",".join(n for i, n in enumerate(TCP_FLAG_NAMES) if mask >> i & 1) or None for mask in range(1 << 9)
-]
 _NO_STRINGS: list[str] = []
 
 
@@ -240,8 +237,8 @@ def _endpoint(endpoint: Any, key: bytes) -> tuple[Any, ...]:
 
 def _tcp_flags(flags: Any, key: bytes) -> str | None:
     mask = sum(1 << i for i, name in enumerate(TCP_FLAG_NAMES) if getattr(flags, name))
-    _TCP_FLAG_CACHE[key] = _TCP_FLAGS[mask]
-    return _TCP_FLAGS[mask]
+    _TCP_FLAG_CACHE[key] = TCP_FLAG_STRINGS[mask]
+    return TCP_FLAG_STRINGS[mask]
 
 
 def _enum(numbers: list[int], enum: str) -> pa.Array:
