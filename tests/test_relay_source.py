@@ -171,6 +171,29 @@ def test_a_restart_resumes_from_the_checkpoint_and_writes_nothing_twice(tmp_path
     assert result.flows_received == len(second)
 
 
+def test_a_restart_with_nothing_new_keeps_the_checkpoints_newest_flow_and_nodes(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:1500]
+    state_path = tmp_path / "_state" / "relay.json"
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        with background_collect(fast_collect_config(server.address, tmp_path)) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(flows), what="the flows")
+            run.stop()
+        before = json.loads(state_path.read_text())
+        assert before["uuid"] and before["nodes"]
+        # The relay sends only node status and the overlap's repeats: the batches hold no new flow.
+        with background_collect(fast_collect_config(server.address, tmp_path, writer_id="again")) as run:
+            wait_until(
+                lambda: json.loads(state_path.read_text())["saved_at"] != before["saved_at"],
+                what="a checkpoint saved by the second run",
+            )
+            run.stop()
+    after = json.loads(state_path.read_text())
+    for key in ("resume_ns", "newest_ns", "uuid", "nodes"):
+        assert after[key] == before[key], key
+    assert len(dataset_uuids(tmp_path)) == len(flows)
+
+
 def test_server_side_filters_select_namespaces_and_verdicts(tmp_path: Path) -> None:
     flows = [flow_pb2.Flow.FromString(f) for f in sim_flow_bytes()[:3000]]
     namespaces = {f.source.namespace for f in flows} | {f.destination.namespace for f in flows}

@@ -51,6 +51,17 @@ class ResumeTracker:
         self._node_seen: dict[str, float] = {}
         self._uuid_newest: str | None = None
 
+    def restore(self, position: RelayPosition) -> None:
+        """Start from a saved checkpoint: its nodes count as seen now, so each holds the resume time back for
+        the active window at most (a node gone since no longer does after that), and the position saved
+        before the first new flow still names the newest flow and the nodes."""
+        self.resume_ns = position.resume_ns
+        now = time.monotonic()
+        for node, newest in position.nodes:
+            self._node_newest[node] = newest
+            self._node_seen[node] = now
+        self._uuid_newest = position.uuid
+
     def track(self, flows: pa.Table) -> int | None:
         """Take in a batch of flows not received before; returns the (moved) resume time."""
         times = pc.cast(flows.column("time"), pa.int64())

@@ -142,9 +142,9 @@ class RelaySource:
         self._field_mask = config.field_mask
         self._log = ConnectionLog(self.address)
         self.checkpoint = read_checkpoint(dataset, state_name)
-        self._resume = ResumeTracker(
-            config.resume_overlap_seconds, self.checkpoint.resume_ns if self.checkpoint else None
-        )
+        self._resume = ResumeTracker(config.resume_overlap_seconds, None)
+        if self.checkpoint is not None:
+            self._resume.restore(self.checkpoint)
 
     # -- the Source protocol -------------------------------------------------------------------------------
 
