@@ -10,11 +10,14 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from _collect_support import (
+    WAIT_SECONDS,
     background_collect,
     chunks,
     dataset_table,
@@ -274,17 +277,23 @@ def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
     assert 0 < buffered_at_start <= 40, "every later flow was either written or reported lost"
 
 
+def get_flows_call(channel: grpc.Channel, request: observer_pb2.GetFlowsRequest) -> Any:
+    """A GetFlows call whose responses arrive as raw bytes, as the relay source reads them."""
+    return channel.unary_stream(
+        "/observer.Observer/GetFlows",
+        request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+        response_deserializer=None,
+    )(request)
+
+
 def test_the_stream_receiver_holds_at_most_max_pending_and_hands_over_every_flow_in_order() -> None:
     flows = sim_flow_bytes()[:3000]
     stop = threading.Event()
     with ObserverServer(buffer_size=10_000) as server:
         server.publish(flows)
         channel = open_channel(server.address, None)
-        call = channel.unary_stream(
-            "/observer.Observer/GetFlows",
-            request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-            response_deserializer=None,
-        )(observer_pb2.GetFlowsRequest(number=len(flows)))  # the whole buffer, then the call ends
+        # the whole buffer, then the call ends
+        call = get_flows_call(channel, observer_pb2.GetFlowsRequest(number=len(flows)))
         connected = threading.Event()
         receiver = StreamReceiver(call, max_pending=200, on_first=connected.set)
         receiver.start()
@@ -311,3 +320,31 @@ def test_the_stream_receiver_holds_at_most_max_pending_and_hands_over_every_flow
         flow_pb2.Flow.FromString(f).uuid for f in flows
     ]
     assert not receiver.is_alive() and receiver.error is None
+
+
+def test_the_stream_receiver_hands_over_a_full_queue_when_a_batch_is_bigger_than_it_can_hold() -> None:
+    # batch_max_flows above max_pending_flows: the queue stops growing at max_pending, so take() must not wait
+    # for more (it would sit out batch_max_seconds on every batch while the relay's stream is paused)
+    flows = sim_flow_bytes()[:300]
+    guard = threading.Event()  # only ends the wait if take() waits for what can never come
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        channel = open_channel(server.address, None)
+        # the call stays open
+        call = get_flows_call(channel, observer_pb2.GetFlowsRequest(number=len(flows), follow=True))
+        receiver = StreamReceiver(call, max_pending=50, on_first=lambda: None)
+        receiver.start()
+        timer = threading.Timer(WAIT_SECONDS, guard.set)
+        timer.start()
+        try:
+            taken, over = receiver.take(count=200, wait_seconds=3600.0, stop=guard)
+        finally:
+            timer.cancel()
+            receiver.stop()
+            receiver.join(5.0)
+            channel.close()
+    assert not guard.is_set(), "take() waited for more than the queue can hold"
+    assert len(taken) == 50 and not over
+    responses = [observer_pb2.GetFlowsResponse.FromString(m) for m in taken]
+    got = [r.flow.uuid for r in responses if r.HasField("flow")]
+    assert got and got == [flow_pb2.Flow.FromString(f).uuid for f in flows[: len(got)]]

@@ -453,17 +453,18 @@ class StreamReceiver(threading.Thread):
             ready.set()
 
     def take(self, count: int, wait_seconds: float, stop: threading.Event) -> tuple[list[bytes], bool]:
-        """Wait up to `wait_seconds` for `count` messages (fewer once the time is up); returns at most `count`
-        of them and whether the call is over (and nothing is left)."""
+        """Wait up to `wait_seconds` for `count` messages (fewer once the time is up, or once the queue is full
+        at `max_pending`: it grows no further); returns at most `count` of them and whether the call is over
+        (and nothing is left)."""
         deadline = time.monotonic() + wait_seconds
         queue = self.queue
-        self.wake_at = min(count, self.max_pending)
-        while not self.done and not stop.is_set() and len(queue) < count:
+        self.wake_at = want = min(count, self.max_pending)
+        while not self.done and not stop.is_set() and len(queue) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self.ready.clear()
-            if self.done or len(queue) >= count:  # arrived between the test above and the clear
+            if self.done or len(queue) >= want:  # arrived between the test above and the clear
                 break
             self.ready.wait(min(left, 0.1))
         done = self.done  # read first: once set, nothing more is appended
