@@ -8,7 +8,8 @@ batch in the dataset, for the source to deliver again). A part file still holds 
 flows: where a batch crosses that count, its part files are closed and new ones opened (still temporary,
 published by the same flush). Each flow goes to the
 partition of its own time, so flows that arrive out of time order (a relay merging nodes, exporter files read
-out of order) still land in the right hour: one flush writes one part file per partition it touches, rows in
+out of order) still land in the right hour: one flush writes a part file per partition it touches (and per
+roll-over), rows in
 arrival order (Parquet statistics on `time` still let readers skip row groups). Flows without a time are kept, in the partition `date=__HIVE_DEFAULT_PARTITION__/hour=...`
 (Hive's NULL partition, read back as NULL `date` and `hour`).
 
