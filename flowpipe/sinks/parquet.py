@@ -408,7 +408,9 @@ class ParquetSink:
                 seq = self._seq
             name = part_file_name(start, self.config.writer_id, seq)
             # a restarted writer with the same id counts from 1 again: never overwrite an earlier file
-            if not self.dataset.exists(f"{folder}/{name}"):
+            with translate_write_errors(f"{folder}/{name}"):  # an object store may fail to answer
+                taken = self.dataset.exists(f"{folder}/{name}")
+            if not taken:
                 return name
             seq = None
 
