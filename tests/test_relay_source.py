@@ -254,6 +254,23 @@ def test_node_shards_together_write_every_flow_once(tmp_path: Path, shards: int)
     assert set(table.column("node_name").to_pylist()) == nodes
 
 
+def test_a_new_node_restarts_a_sharded_stream_without_counting_a_reconnect(tmp_path: Path) -> None:
+    flows = [flow_pb2.Flow.FromString(f) for f in sim_flow_bytes()[:1200]]
+    later = flows[600:]
+    for flow in later:  # a node that joins the cluster while the collector runs
+        flow.node_name = "kind/worker-joined"
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows[:600])
+        config = fast_collect_config(server.address, tmp_path, node_shard=(0, 1))
+        with background_collect(config) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == 600, what="the first nodes' flows")
+            server.publish(later)  # the stream asks for the known nodes only: these need a new stream
+            wait_until(lambda: len(dataset_uuids(tmp_path)) == len(flows), what="the new node's flows")
+            result = run.stop()
+    assert sorted(dataset_uuids(tmp_path)) == sorted(f.uuid for f in flows)
+    assert result.reconnects == 0  # asking again for a new node list is not a failure of the relay
+
+
 def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
     flows = sim_flow_bytes()[:3000]
     with ObserverServer(buffer_size=20) as server:

@@ -140,6 +140,7 @@ class RelaySource:
         self._my_nodes: list[str] | None = None
         self._nodes_read_at = 0.0
         self._field_mask = config.field_mask
+        self._nodes_restart = False
         self._log = ConnectionLog(self.address)
         self.checkpoint = read_checkpoint(dataset, state_name)
         self._resume = ResumeTracker(config.resume_overlap_seconds, None)
@@ -184,6 +185,9 @@ class RelaySource:
             self._set_connected(False)
             if self.stop_event.is_set():
                 break
+            if self._nodes_restart:  # our own doing: ask again at once with the new node list
+                self._nodes_restart = False
+                continue
             if error is not None:
                 code = status_code(error) if isinstance(error, grpc.RpcError) else None
                 if code == grpc.StatusCode.INVALID_ARGUMENT and self._field_mask:
@@ -375,6 +379,7 @@ class RelaySource:
                     next_refresh = time.monotonic() + self.config.node_refresh_seconds
                     if self._nodes_changed():
                         log.info("the relay's node list changed: asking again with this shard's nodes")
+                        self._nodes_restart = True
                         receiver.stop()
         finally:
             receiver.stop()
