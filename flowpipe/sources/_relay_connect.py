@@ -434,6 +434,8 @@ class StreamReceiver(threading.Thread):
             for first in self.call:
                 self.on_first()
                 append(first)
+                if self.wake_at <= 1:
+                    ready.set()
                 break
             for message in self.call:
                 append(message)
