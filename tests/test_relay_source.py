@@ -34,6 +34,7 @@ from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
+from flowpipe.sources._relay_config import node_name_matches
 from flowpipe.sources._relay_connect import StreamReceiver, open_channel
 from flowpipe.sources._relay_decode import decode_responses
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
@@ -215,6 +216,34 @@ def test_server_side_filters_select_namespaces_and_verdicts(tmp_path: Path) -> N
         )
         with background_collect(config) as run:
             wait_until(lambda: len(dataset_uuids(tmp_path)) == len(expected), what="the filtered flows")
+            run.stop()
+    assert sorted(dataset_uuids(tmp_path)) == expected
+
+
+def test_node_patterns_match_like_the_relays_node_name_filter() -> None:
+    assert node_name_matches("prod/worker-1", ["prod/worker-*"])
+    assert node_name_matches("prod/worker-1", ["worker-1"])  # no cluster in the pattern: any cluster
+    assert node_name_matches("worker-1", ["default/worker-1"])  # no cluster in the name: the default one
+    assert not node_name_matches("prod/worker-1", ["prod*1"])  # `*` stays within one part
+    assert not node_name_matches("prod/worker-10", ["prod/worker-1"])
+    assert not node_name_matches("prod/worker-1", [])
+
+
+@pytest.mark.parametrize("shard", [None, (0, 1)], ids=["unsharded", "sharded"])
+def test_node_filter_selects_the_nodes_named_with_or_without_their_cluster(
+    tmp_path: Path, shard: tuple[int, int] | None
+) -> None:
+    flows = [flow_pb2.Flow.FromString(f) for f in sim_flow_bytes()[:2000]]
+    wanted = {"sim/worker-1", "sim/control-plane"}
+    expected = sorted(f.uuid for f in flows if f.node_name in wanted)
+    assert {f.node_name for f in flows} > wanted and expected
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        config = fast_collect_config(
+            server.address, tmp_path, nodes=("sim/worker-1", "control-plane"), node_shard=shard
+        )
+        with background_collect(config) as run:
+            wait_until(lambda: len(dataset_uuids(tmp_path)) >= len(expected), what="the chosen nodes' flows")
             run.stop()
     assert sorted(dataset_uuids(tmp_path)) == expected
 

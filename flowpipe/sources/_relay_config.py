@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +34,22 @@ def node_shard_of(node_name: str, shards: int) -> int:
     """The shard (0..shards-1) a node belongs to: a stable hash of its name, the same in every collector."""
     digest = hashlib.sha256(node_name.encode()).digest()
     return int.from_bytes(digest[:8], "big") % shards
+
+
+def node_name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a node name matches one of the `--node` glob patterns as the relay's node_name filter matches it.
+
+    Both are compared as "<cluster>/<node>": a name without a cluster is in the `default` cluster (Hubble leaves
+    that one out), a pattern without one matches any cluster, and `*` never crosses the "/".
+    """
+    qualified = name if "/" in name else "default/" + name
+    for pattern in patterns:
+        if "/" not in pattern:
+            pattern = "*/" + pattern
+        regex = "".join("[^/]*" if ch == "*" else re.escape(ch) for ch in pattern)
+        if re.fullmatch(regex, qualified):
+            return True
+    return False
 
 
 def verdict_numbers(names: Sequence[str]) -> list[int]:

@@ -33,7 +33,6 @@ This module is the connection loop and the batch assembly; the helpers are `_rel
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import random
 import threading
@@ -54,6 +53,7 @@ from flowpipe.sources._relay_config import (
     ALL_EVENTS,
     RelaySourceConfig,
     iso_time,
+    node_name_matches,
     node_shard_of,
     parse_node_shard,
     verdict_numbers,
@@ -302,7 +302,7 @@ class RelaySource:
         index, count = self.config.node_shard
         names = sorted({node.name for node in response.nodes if node.name})
         if self.config.nodes:
-            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.config.nodes)]
+            names = [n for n in names if node_name_matches(n, self.config.nodes)]
         mine = [n for n in names if node_shard_of(n, count) == index]
         if mine != self._my_nodes:
             log.info(
