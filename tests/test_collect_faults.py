@@ -68,6 +68,57 @@ def test_relay_restarted_20_times_during_a_stream_loses_and_repeats_nothing(tmp_
     assert result.repeats_skipped > 0
 
 
+def test_flows_without_uuid_are_recognised_by_content_across_relay_and_collector_restarts(
+    tmp_path: Path,
+) -> None:
+    # Older Cilium sends no uuid: repeats after a reconnect or a restart are recognised by a hash of the row.
+    flows = []
+    for data in sim_flow_bytes()[:1500]:
+        flow = flow_pb2.Flow.FromString(data)
+        flow.uuid = ""
+        flows.append(flow.SerializeToString())
+    expected = sorted(
+        (
+            f.time.ToNanoseconds(),
+            f.node_name,
+            f.IP.source or None,
+            f.l4.TCP.source_port or f.l4.UDP.source_port or None,
+        )
+        for f in map(flow_pb2.Flow.FromString, flows)
+    )
+    assert len(set(expected)) == len(expected), "every served flow is told apart by these columns"
+
+    def written() -> list[tuple[object, ...]]:
+        table = dataset_table(tmp_path, columns=["time", "node_name", "source_ip", "source_port", "uuid"])
+        if not table.num_columns:
+            return []
+        assert table.column("uuid").null_count == table.num_rows
+        times = pc.cast(table.column("time"), pa.int64()).to_pylist()
+        rest = (table.column(c).to_pylist() for c in ("node_name", "source_ip", "source_port"))
+        return sorted(zip(times, *rest, strict=True))
+
+    parts = chunks(flows, 6)
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(parts[0])
+        config = fast_collect_config(server.address, tmp_path, resume_overlap_seconds=5.0)
+        with background_collect(config) as run:
+            for part in parts[1:3]:
+                assert server.wait_for_streams(1, timeout_seconds=30)
+                server.publish(part)
+                server.restart()
+            wait_until(lambda: len(written()) >= 750, what="the flows served before the collector stops")
+            first = run.stop()
+        for part in parts[3:]:
+            server.publish(part)
+        config = fast_collect_config(server.address, tmp_path, writer_id="again", resume_overlap_seconds=5.0)
+        with background_collect(config) as run:
+            wait_until(lambda: len(written()) >= len(flows), what="every flow after the restart")
+            second = run.stop()
+    assert written() == expected, "no flow written twice, none missing"
+    assert first.reconnects >= 2 and first.repeats_skipped > 0
+    assert second.repeats_skipped > 0, "the restart skipped repeats by the hashes of the flows in the dataset"
+
+
 def test_reconnection_failures_are_logged_once_per_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
