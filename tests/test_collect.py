@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import click
 import pytest
 from _collect_support import (
     chunks,
@@ -26,6 +27,8 @@ from _collect_support import (
 )
 from _prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
 
+from flowpipe._proto.flow import flow_pb2
+from flowpipe.commands.collect import collect_command
 from flowpipe.server import ObserverServer
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
@@ -78,6 +81,59 @@ def test_sigterm_flushes_the_open_batch_saves_the_checkpoint_and_exits_0(tmp_pat
     state = json.loads((dataset / "_state" / "relay.json").read_text())
     assert state["uuid"] in uuids_of(flows) and state["relay"] == server.address
     assert f"stopped: {len(flows):,} flows written" in log
+
+
+def test_every_collect_option_reads_a_flowpipe_variable() -> None:
+    options = [p for p in collect_command.params if isinstance(p, click.Option)]
+    assert len(options) > 20
+    missing = [
+        o.opts[0] for o in options if not (isinstance(o.envvar, str) and o.envvar.startswith("FLOWPIPE_"))
+    ]
+    assert missing == []
+    assert all(o.show_envvar for o in options), "--help names each variable"
+
+
+def test_sigint_flushes_and_exits_0_with_list_filters_from_the_environment(tmp_path: Path) -> None:
+    flows = [flow_pb2.Flow.FromString(f) for f in sim_flow_bytes()[:1500]]
+    namespaces = sorted({f.source.namespace for f in flows if f.source.namespace})[:2]
+    verdicts = ("DROPPED", "FORWARDED")
+    expected = sorted(
+        f.uuid
+        for f in flows
+        if (f.source.namespace in namespaces or f.destination.namespace in namespaces)
+        and flow_pb2.Verdict.Name(f.verdict) in verdicts
+        and f.node_name != "sim/worker-3"
+    )
+    assert 0 < len(expected) < len(flows)
+    dataset = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        env = {
+            "FLOWPIPE_RELAY_ADDRESS": server.address,
+            "FLOWPIPE_DATASET": str(dataset),
+            "FLOWPIPE_METRICS_ADDRESS": f"127.0.0.1:{port}",
+            "FLOWPIPE_FLUSH_INTERVAL_SECONDS": "3600",  # only the stop flushes
+            "FLOWPIPE_NAMESPACE": " ".join(namespaces),  # lists: space-separated
+            "FLOWPIPE_VERDICT": " ".join(verdicts),
+            "FLOWPIPE_NODE": "sim/worker-1 worker-2 control-plane",
+        }
+        process = start_collector([], tmp_path / "collect.log", env=env)
+        try:
+            wait_until(
+                lambda: metric(url, "flowpipe_flows_received_total") == len(expected),
+                what="the filtered flows received",
+            )
+            assert dataset_uuids(dataset) == [], "nothing flushed before the stop"
+        finally:
+            code = stop_process(process, signal.SIGINT, timeout=20)
+    log = (tmp_path / "collect.log").read_text()
+    assert code == 0, log
+    assert sorted(dataset_uuids(dataset)) == expected, "the open batch was flushed, filtered as asked"
+    state = json.loads((dataset / "_state" / "relay.json").read_text())
+    assert state["uuid"] in expected
+    assert "received SIGINT" in log and f"stopped: {len(expected):,} flows written" in log
 
 
 def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
