@@ -7,6 +7,7 @@ filters, node shards and lost events.
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
-from flowpipe.sources._relay_config import node_name_matches
+from flowpipe.sources._relay_config import backoff_seconds, node_name_matches
 from flowpipe.sources._relay_connect import StreamReceiver, open_channel
 from flowpipe.sources._relay_decode import decode_responses
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
@@ -131,6 +132,16 @@ def test_node_shards_are_stable_and_cover_every_node_once() -> None:
     for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
         with pytest.raises(ConfigError, match="I/N"):
             parse_node_shard(bad)
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap_with_jitter() -> None:
+    longest = [backoff_seconds(a, 0.5, 30.0, uniform=lambda low, high: high) for a in range(1, 10)]
+    assert longest == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert backoff_seconds(10_000, 0.5, 30.0, uniform=lambda low, high: high) == 30.0  # no overflow, forever
+    rng = random.Random(7)
+    waits = [backoff_seconds(8, 0.5, 30.0, uniform=rng.uniform) for _ in range(50)]
+    assert all(15.0 <= w <= 30.0 for w in waits)
+    assert len(set(waits)) == len(waits), "jittered: collectors cut off together do not retry in step"
 
 
 # -- following the built-in relay ------------------------------------------------------------------------------

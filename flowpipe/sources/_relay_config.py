@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -50,6 +51,16 @@ def node_name_matches(name: str, patterns: Sequence[str]) -> bool:
         if re.fullmatch(regex, qualified):
             return True
     return False
+
+
+def backoff_seconds(
+    attempt: int, initial: float, cap: float, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """How long to wait before reconnection attempt `attempt` (1, 2, ...): `initial` doubled per attempt up to
+    `cap`, with jitter (a random point in the upper half), so that collectors cut off together do not retry in
+    step."""
+    delay = min(cap, initial * 2 ** min(attempt - 1, 30))
+    return uniform(delay / 2, delay)
 
 
 def verdict_numbers(names: Sequence[str]) -> list[int]:

@@ -34,7 +34,6 @@ This module is the connection loop and the batch assembly; the helpers are `_rel
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -52,6 +51,7 @@ from flowpipe.model import EventBatch, LostEvent
 from flowpipe.sources._relay_config import (
     ALL_EVENTS,
     RelaySourceConfig,
+    backoff_seconds,
     iso_time,
     node_name_matches,
     node_shard_of,
@@ -492,6 +492,9 @@ class RelaySource:
             self.metrics.set_connected(connected)
 
     def _sleep_backoff(self, attempt: int) -> None:
-        cap = self.config.reconnect_backoff_max_seconds
-        delay = min(cap, self.config.reconnect_backoff_initial_seconds * 2 ** min(attempt - 1, 30))
-        self.stop_event.wait(random.uniform(delay / 2, delay))
+        config = self.config
+        self.stop_event.wait(
+            backoff_seconds(
+                attempt, config.reconnect_backoff_initial_seconds, config.reconnect_backoff_max_seconds
+            )
+        )
