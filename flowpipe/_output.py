@@ -10,7 +10,9 @@ Every command that prints rows (`query`, `sql`, `schema`, and later `replay`, `s
   `P...` when they hold months); bytes are base64.
 - `csv`: a header row, then one row per record. NULL is an empty field; lists, structs and maps are compact
   JSON; timestamps as in JSON; booleans `true`/`false`.
-- `table`: a rich table with a row count caption; cell text is never read as rich markup.
+- `table`: a rich table with a row count caption; cell text is never read as rich markup. A result too wide
+  for the terminal (each text column at least `_MIN_TEXT_WIDTH` characters, numbers and times whole) is
+  shown one record at a time instead, a `column  value` line per column, as psql's expanded mode does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from rich.text import Text
 
 FORMATS = ("table", "json", "csv")
 _PIPE_WIDTH = 200
+_MIN_TEXT_WIDTH = 12
+"""A text column narrower than this (or than its longest value, when shorter) is unreadable in a table."""
 
 
 def render(
@@ -102,21 +106,59 @@ def print_table(table: pa.Table, out: TextIO, *, title: str | None = None) -> No
     width = None if out.isatty() or os.environ.get("COLUMNS") else _PIPE_WIDTH
     console = Console(file=out, highlight=False, soft_wrap=False, width=width)
     count = table.num_rows
-    view = Table(title=title, caption=f"{count} row{'s' if count != 1 else ''}", show_lines=False)
-    for field in table.schema:
-        numeric = (
-            pa.types.is_integer(field.type)
-            or pa.types.is_floating(field.type)
-            or pa.types.is_decimal(field.type)
-        )
-        # numbers and times never wrap; long text columns give way instead
-        atomic = numeric or pa.types.is_temporal(field.type)
+    caption = f"{count} row{'s' if count != 1 else ''}"
+    records = [[_cell(v) for v in record] for record in _rows(table)]
+    numeric = [_is_numeric(field.type) for field in table.schema]
+    # numbers and times never wrap; long text columns give way instead
+    atomic = [n or pa.types.is_temporal(field.type) for n, field in zip(numeric, table.schema, strict=True)]
+    if _needed_width(table.column_names, records, atomic) > console.width:
+        _print_expanded(console, table.column_names, records, numeric, title=title, caption=caption)
+        return
+    view = Table(title=title, caption=caption, show_lines=False)
+    for name, is_numeric, is_atomic in zip(table.column_names, numeric, atomic, strict=True):
         view.add_column(
-            Text(field.name), justify="right" if numeric else "left", overflow="fold", no_wrap=atomic
+            Text(name), justify="right" if is_numeric else "left", overflow="fold", no_wrap=is_atomic
         )
-    for record in _rows(table):
-        view.add_row(*(_cell(v) for v in record))
+    for cells in records:
+        view.add_row(*cells)
     console.print(view)
+
+
+def _is_numeric(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type)
+
+
+def _needed_width(names: Sequence[str], records: Sequence[Sequence[Text]], atomic: Sequence[bool]) -> int:
+    """The narrowest readable table: numbers and times whole, text columns `_MIN_TEXT_WIDTH` wide (or less
+    when every value and the header are shorter), plus rich's padding and borders (3 a column, 1 more)."""
+    total = 1
+    for index, name in enumerate(names):
+        longest = max([len(name), *(cells[index].cell_len for cells in records)])
+        total += (longest if atomic[index] else min(longest, _MIN_TEXT_WIDTH)) + 3
+    return total
+
+
+def _print_expanded(
+    console: Console,
+    names: Sequence[str],
+    records: Sequence[Sequence[Text]],
+    numeric: Sequence[bool],
+    *,
+    title: str | None,
+    caption: str,
+) -> None:
+    """One record at a time: a rule naming the record, then `column  value` lines (values fold, never cut)."""
+    if title:
+        console.print(Text(title, style="bold"))
+    for number, cells in enumerate(records, start=1):
+        console.print(Text(f"-[ row {number} ]" + "-" * 20, style="dim"))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="bold")
+        grid.add_column(overflow="fold")
+        for name, cell in zip(names, cells, strict=True):
+            grid.add_row(Text(name), cell)
+        console.print(grid)
+    console.print(Text(caption, style="dim italic"))
 
 
 def json_value(value: Any) -> Any:

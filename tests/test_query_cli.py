@@ -328,6 +328,32 @@ def test_sql_csv_and_table(dataset: str) -> None:
     assert "a,b" in table and "1 row" in table
 
 
+def test_a_result_too_wide_for_the_terminal_is_shown_record_by_record(dataset: str) -> None:
+    # Every value whole (rich would squeeze the text columns of a wide table to nothing), one line a column.
+    sql = (
+        "SELECT 'regression' AS why, 'production' AS source_namespace, 'api' AS source_workload, "
+        "'redis' AS destination_workload, 6379 AS destination_port, "
+        "TIMESTAMPTZ '2024-05-01 10:06:00Z' AS first_seen, TIMESTAMPTZ '2024-05-01 10:09:59Z' AS last_seen "
+        "FROM range(2)"
+    )
+    narrow = ok("sql", sql, "--dataset", dataset, env={"COLUMNS": "80"}).stdout
+    lines = narrow.splitlines()
+    assert [line for line in lines if "row " in line and "[" in line] == [
+        "-[ row 1 ]" + "-" * 20,
+        "-[ row 2 ]" + "-" * 20,
+    ]
+    for name, value in [("why", "regression"), ("source_namespace", "production"), ("destination_port", "6379"),
+                        ("first_seen", "2024-05-01 10:06:00Z")]:  # fmt: skip
+        assert sum(line.split() == [name, *value.split()] for line in lines) == 2, (name, narrow)
+    assert lines[-1] == "2 rows"
+    # where it fits, the same result is a table: one header line naming every column
+    wide = ok("sql", sql, "--dataset", dataset, env={"COLUMNS": "200"}).stdout
+    assert "row 1 ]" not in wide and "2 rows" in wide
+    assert any(
+        all(name in line for name in ("why", "source_namespace", "last_seen")) for line in wide.splitlines()
+    )
+
+
 def test_sql_parameters_and_stdin(dataset: str) -> None:
     sql = "SELECT count(*) AS n FROM flows WHERE source_namespace = $ns"
     shop = json.loads(ok("sql", sql, "-p", "ns=shop", "--dataset", dataset, "--format", "json").stdout)[0][
