@@ -19,7 +19,7 @@ from flowpipe.collect import (
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
 from flowpipe.metrics import DEFAULT_METRICS_ADDRESS, MetricsServer
 from flowpipe.pipeline import handle_stop_signals
-from flowpipe.sinks.prometheus import DEFAULT_QUESTION_INTERVAL_SECONDS
+from flowpipe.sinks.prometheus import DEFAULT_MAX_NAMESPACES, DEFAULT_QUESTION_INTERVAL_SECONDS
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
 
 _SINK = field_help(ParquetSinkConfig)
@@ -77,6 +77,9 @@ def _option(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("--question-interval-seconds", "QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
          default=DEFAULT_QUESTION_INTERVAL_SECONDS, show_default=True,
          help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
+@_option("--max-namespaces", "MAX_NAMESPACES", type=click.IntRange(min=0), default=DEFAULT_MAX_NAMESPACES,
+         show_default=True, help="Namespaces with their own label value in the flow analytics metrics; the rest "
+         "are counted as 'other'.")  # fmt: skip
 def collect_command(
     relay: str,
     tls_ca: str | None,
@@ -100,6 +103,7 @@ def collect_command(
     reconnect_backoff_max_seconds: float,
     resume_overlap_seconds: float,
     question_interval_seconds: float,
+    max_namespaces: int,
 ) -> None:
     """Follow hubble-relay's flow stream into the dataset, without loss or duplicates, until SIGTERM/SIGINT.
 
@@ -139,6 +143,7 @@ def collect_command(
         pipeline=PipelineConfig(stop_timeout_seconds=5.0),
         metrics_address=None if metrics_address.strip().lower() in _OFF else metrics_address,
         question_interval_seconds=question_interval_seconds,
+        max_namespaces=max_namespaces,
     )
     stop = threading.Event()
 
