@@ -6,9 +6,12 @@ restarted (nothing lost, nothing twice), and its /metrics, /healthz, /readyz.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import queue
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from _collect_support import (
     chunks,
     dataset_table,
     dataset_uuids,
+    fast_collect_config,
     retimed,
     sim_flow_bytes,
     start_collector,
@@ -26,10 +30,18 @@ from _collect_support import (
     wait_until,
 )
 from _prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
+from flowdata import T0, flow, flows_table
+from prometheus_client import CollectorRegistry
 
 from flowpipe._proto.flow import flow_pb2
+from flowpipe.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect
 from flowpipe.commands.collect import collect_command
+from flowpipe.config import ParquetSinkConfig
+from flowpipe.errors import DatasetWriteError
+from flowpipe.metrics import PipelineMetrics
+from flowpipe.model import EventBatch
 from flowpipe.server import ObserverServer
+from flowpipe.sinks.parquet import ParquetSink
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
 
@@ -134,6 +146,65 @@ def test_sigint_flushes_and_exits_0_with_list_filters_from_the_environment(tmp_p
     state = json.loads((dataset / "_state" / "relay.json").read_text())
     assert state["uuid"] in expected
     assert "received SIGINT" in log and f"stopped: {len(expected):,} flows written" in log
+
+
+def test_readyz_says_not_ready_while_the_relay_is_away(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:200]
+    urls: queue.Queue[str] = queue.Queue()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with ObserverServer(buffer_size=1000) as server:
+        server.publish(flows[:100])
+        config = dataclasses.replace(
+            fast_collect_config(server.address, tmp_path / "data"), metrics_address="127.0.0.1:0"
+        )
+
+        def run() -> None:
+            try:
+                collect(config, stop=stop, on_started=lambda _source, metrics: urls.put(metrics.url))
+            except BaseException as exc:  # noqa: BLE001  (asserted below)
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name="test-collect", daemon=True)
+        thread.start()
+        try:
+            url = urls.get(timeout=30)
+            wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, what="ready while connected")
+            server.stop()
+            wait_until(lambda: http_get(f"{url}/readyz")[0] == 503, what="not ready without the relay")
+            assert http_get(f"{url}/healthz")[0] == 200, "the process is still up"
+            server.start()
+            server.publish(flows[100:])
+            wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, what="ready again once reconnected")
+            wait_until(lambda: len(dataset_uuids(tmp_path / "data")) == len(flows), what="every flow")
+        finally:
+            stop.set()
+            thread.join(30)
+    assert not thread.is_alive() and errors == []
+
+
+def test_readiness_needs_the_parquet_sink_to_keep_flushing(tmp_path: Path) -> None:
+    now = [1000.0]
+    sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id="test", flush_interval_seconds=60.0))
+    measured = InstrumentedParquetSink(
+        sink, PipelineMetrics.create(CollectorRegistry(), role="collect"), clock=lambda: now[0]
+    )
+    assert measured.keeping_up(60.0), "nothing waiting"
+    batch = EventBatch(flows=flows_table([flow(time=T0, uuid="a")]))
+    assert measured.write(batch) is None
+    now[0] += max(2 * 60.0, 60.0 + READY_GRACE_SECONDS)  # twice the interval, or the interval and the grace
+    assert measured.keeping_up(60.0), "still within what a flush may take"
+    now[0] += 1.0
+    assert not measured.keeping_up(60.0), "a flow has waited unflushed too long"
+    ack = measured.flush()
+    assert ack is not None and ack.flows == 1
+    assert measured.keeping_up(60.0), "flushed: nothing waits"
+    (tmp_path / "flows").rename(tmp_path / "moved")
+    (tmp_path / "flows").write_text("a file where the flows folder belongs")
+    measured.write(EventBatch(flows=flows_table([flow(time=T0, uuid="b")])))
+    with pytest.raises(DatasetWriteError):
+        measured.flush()
+    assert not measured.keeping_up(60.0), "a failed flush is not ready"
 
 
 def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
