@@ -28,12 +28,14 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
+from _sim_dataset import ask
 from google.protobuf import json_format
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError
+from flowpipe.query import DuckDBEngine
 from flowpipe.server import ObserverServer
 from flowpipe.sources._relay_config import backoff_seconds, node_name_matches
 from flowpipe.sources._relay_connect import StreamReceiver, open_channel
@@ -332,6 +334,15 @@ def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
     assert total_lost == result.pipeline.events_lost > 0
     buffered_at_start = len(dataset_uuids(tmp_path)) - (len(flows) - 40 - total_lost)
     assert 0 < buffered_at_start <= 40, "every later flow was either written or reported lost"
+    # The lost_events question says how many events Hubble lost on which node, and when.
+    by_node: dict[str, int] = {}
+    for node, count in zip(lost.column("node_name").to_pylist(), lost.column("num_events_lost").to_pylist()):
+        by_node[node] = by_node.get(node, 0) + count
+    with DuckDBEngine(tmp_path) as engine:
+        answer = ask(engine, "lost_events")
+    assert {r["node_name"]: r["events_lost"] for r in answer} == by_node
+    assert {r["source"] for r in answer} == {"HUBBLE_RING_BUFFER"}
+    assert all(r["first_seen"] is not None and r["flows"] > 0 for r in answer)
 
 
 def get_flows_call(channel: grpc.Channel, request: observer_pb2.GetFlowsRequest) -> Any:
