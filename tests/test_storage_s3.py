@@ -216,6 +216,28 @@ def test_endpoint_given_as_a_flag(bucket: str, tmp_path: Path, monkeypatch: pyte
     assert json.loads(result.stdout)[0]["n"] > 0
 
 
+def test_suggest_and_replay_read_the_object_store_as_a_local_folder(bucket: str, tmp_path: Path) -> None:
+    source = simulated_file(tmp_path / "flows.jsonpb", seconds=1800, rate=2.0)
+    window = ["--since", "2000-01-01", "--until", "2100-01-01"]
+    drafts, replays = {}, {}
+    for name, dataset in (("local", str(tmp_path / "local")), ("s3", f"s3://{bucket}/policy")):
+        invoke("ingest", "--dataset", dataset, str(source))
+        out = tmp_path / f"drafts-{name}"
+        invoke("suggest", "--dataset", dataset, *window, "--out", str(out))
+        drafts[name] = {path.name: path.read_text() for path in sorted(out.glob("*.yaml"))}
+        # the same policy files replayed over each dataset
+        replayed = invoke(
+            "replay", "--dataset", dataset, *window, str(tmp_path / "drafts-local"), "--format", "json"
+        )
+        replays[name] = json.loads(replayed.stdout)
+    assert drafts["s3"] and "kind: CiliumNetworkPolicy" in "".join(drafts["s3"].values())
+    assert drafts["s3"] == drafts["local"]
+    assert (
+        replays["s3"]["would_break"] == 0 and replays["s3"]["allowed"] > 0
+    )  # what the drafts were learned from
+    assert replays["s3"] == replays["local"]
+
+
 # -- collect --------------------------------------------------------------------------------------------------------
 
 
