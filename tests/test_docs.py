@@ -10,6 +10,7 @@ import pytest
 
 from flowpipe.cli import cli
 from flowpipe.metrics import METRICS
+from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.catalog import load_questions
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -43,3 +44,12 @@ def test_every_question_is_in_the_readme() -> None:
 def test_every_metric_family_is_in_the_readme() -> None:
     missing = [spec.name for spec in METRICS if f"`{spec.name}`" not in README]
     assert not missing, f"metric families missing from README's metrics table: {missing}"
+
+
+def test_every_flow_column_is_in_the_readme() -> None:
+    table = README[README.index("## The flow table") :]
+    table = table[: table.index("\n## ")]
+    named = set(re.findall(r"`([a-z0-9_]+)`", table))
+    sides = {f"{side}_{name}" for name in named for side in ("source", "destination")}
+    missing = [name for name in FLOW_SCHEMA.names if name not in named | sides]
+    assert not missing, f"flow columns missing from README's flow table: {missing}"
