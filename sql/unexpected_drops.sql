@@ -1,8 +1,10 @@
 -- description: Dropped flows that are not deliberate enforcement, grouped by edge and drop reason, each with a
 --   `why`: `non_policy` (the drop reason is trouble, not a policy decision: conntrack, routing, invalid packets,
---   datapath errors...), `dns_blocked` (a policy dropped DNS: requests to port 53, e.g. default-deny egress
---   without a DNS allowance), `regression` (a policy drop of an edge whose traffic was delivered earlier in the
---   window: forwarded at the destination or answered; `changed_at` is the first such drop, `first_delivered`
+--   datapath errors...), `dns_blocked` (a policy dropped DNS: requests to port 53, DNS requests, or requests
+--   to the DNS service whatever port its pods listen on: an endpoint seen answering DNS on that port in the
+--   window, or the Service `kube-dns` or `dns-default` on a port its pods served; e.g. default-deny egress
+--   without a DNS allowance), `regression` (a policy drop of an edge whose traffic was delivered earlier in
+--   the window: forwarded at the destination or answered; `changed_at` is the first such drop, `first_delivered`
 --   and `last_delivered` bound the edge's deliveries in the window: a `last_delivered` after `changed_at`
 --   means some of its traffic still gets through, such as connections opened before a policy change),
 --   `infrastructure` (a policy drop from kube-system, to or from
@@ -38,6 +40,7 @@ drops AS (
         d.destination_workload,
         d.destination_entity,
         d.destination_port,
+        d.destination_service_name,
         d.l4_protocol,
         d.traffic_direction,
         d.is_request,
@@ -115,9 +118,24 @@ delivered AS (
         v.cluster_name, v.client_namespace, v.client_workload, v.server_namespace, v.server_workload, v.port,
         v.l4_protocol
 ),
+dns_servers AS (
+    -- Endpoints seen answering DNS in the window (the source of an L7 DNS response) and the port they answered
+    -- on: the DNS service behind whatever port its pods listen on (5353 behind OpenShift's dns-default).
+    SELECT DISTINCT
+        cluster_name,
+        source_namespace AS server_namespace,
+        source_workload AS server_workload,
+        source_port AS port,
+        l4_protocol
+    FROM flows_enriched
+    WHERE l7_protocol = 'dns'
+      AND l7_type = 'RESPONSE'
+      AND time >= $since
+      AND time <= $until
+),
 served AS (
-    -- Ports on which a destination delivered traffic to anyone: what a kube-system workload really serves. A
-    -- policy drop to one of them hurts a client; a drop to any other port of theirs is a probe.
+    -- Ports on which a destination delivered traffic to anyone: what a kube-system workload or the DNS service
+    -- really serves. A policy drop to one of them hurts a client; a drop to any other port of theirs is a probe.
     SELECT DISTINCT cluster_name, server_namespace, server_workload, port, l4_protocol
     FROM delivered
 ),
@@ -131,6 +149,9 @@ classified AS (
             WHEN NOT d.policy_decision THEN 'expected'
             WHEN d.destination_port = 53 AND d.is_request THEN 'dns_blocked'
             WHEN d.l7_protocol = 'dns' AND d.l7_type = 'REQUEST' THEN 'dns_blocked'
+            WHEN d.is_request AND n.server_workload IS NOT NULL THEN 'dns_blocked'
+            WHEN d.is_request AND d.destination_service_name IN ('kube-dns', 'dns-default')
+                AND s.server_workload IS NOT NULL THEN 'dns_blocked'
             WHEN f.first_delivered IS NOT NULL AND d.time > f.first_delivered THEN 'regression'
             WHEN d.source_namespace = 'kube-system' THEN 'infrastructure'
             WHEN d.source_entity IN ('host', 'kube-apiserver', 'health', 'remote-node') THEN 'infrastructure'
@@ -147,9 +168,14 @@ classified AS (
         AND f.server_workload = d.destination_workload
         AND f.port = d.destination_port
         AND f.l4_protocol = d.l4_protocol
+    LEFT JOIN dns_servers AS n
+        ON coalesce(n.cluster_name, '') = coalesce(d.cluster_name, '')
+        AND coalesce(n.server_namespace, '') = coalesce(d.destination_namespace, '')
+        AND n.server_workload = d.destination_workload
+        AND n.port = d.destination_port
+        AND n.l4_protocol = d.l4_protocol
     LEFT JOIN served AS s
-        ON d.destination_namespace = 'kube-system'
-        AND coalesce(s.cluster_name, '') = coalesce(d.cluster_name, '')
+        ON coalesce(s.cluster_name, '') = coalesce(d.cluster_name, '')
         AND s.server_namespace = d.destination_namespace
         AND s.server_workload = d.destination_workload
         AND s.port = d.destination_port

@@ -129,6 +129,7 @@ def run(tmp_path: Path, rows: list[Row], question: str, **values: object) -> lis
 WEB = side("source", "shop", "web", identity=5001, ip="10.0.1.1")
 API = side("destination", "shop", "api", identity=5002, ip="10.0.1.2")
 WEB_TO_API = edge(WEB, API, 8080)
+API_CLIENT = side("source", "shop", "api", identity=5002, ip="10.0.1.2")
 
 
 # -- unexpected_drops -----------------------------------------------------------------------------------------
@@ -192,6 +193,35 @@ def test_dropped_dns_is_dns_blocked_even_when_it_used_to_work(tmp_path: Path) ->
     [row] = run(tmp_path, rows, "unexpected_drops")
     assert (row["why"], row["flows"], row["destination_port"]) == ("dns_blocked", 2, 53)
     assert row["changed_at"] == ts(2.001)
+
+
+def test_drops_to_the_dns_service_on_another_port_are_dns_blocked(tmp_path: Path) -> None:
+    # OpenShift's cluster DNS: the Service dns-default in openshift-dns, its pods listening on 5353.
+    server = side("destination", "openshift-dns", "dns-default", identity=5110, ip="10.0.9.10")
+    service = {"destination_service_name": "dns-default"}
+    lookup = {**edge(WEB, server, 5353, "UDP"), **service}
+    other_client = {**edge(side("source", "batch", "job", identity=5300), server, 5353, "UDP"), **service}
+    rows = [forwarded(1, other_client, direction="INGRESS")]  # 5353 is what the DNS pods serve
+    rows += dropped(2, lookup) + dropped(3, lookup)
+    rows += dropped(4, {**edge(WEB, server, 8000), **service})  # a port they never serve: a probe
+    # A DNS server behind no Service name, seen answering DNS on 5353: a drop on that port is DNS too.
+    resolver = side("destination", "infra", "unbound", identity=5120, ip="10.0.9.11")
+    answer = reversed_edge({**edge(API_CLIENT, resolver, 5353, "UDP"), "source_port": 40001})
+    rows.append(
+        flow(**CLUSTER, **answer, time=at(5), verdict="FORWARDED", flow_type="L7", event_type=129,
+             traffic_direction="EGRESS", l7_type="RESPONSE", l7_protocol="dns", dns_query="a.example.",
+             dns_rcode=0, is_reply=True)
+    )  # fmt: skip
+    rows += dropped(6, edge(WEB, resolver, 5353, "UDP"))
+    rows += dropped(7, edge(WEB, resolver, 5354, "UDP"))  # not where it answers
+    result = run(tmp_path, rows, "unexpected_drops", show_expected="true")
+    found = {(r["destination_workload"], r["destination_port"]): (r["why"], r["flows"]) for r in result}
+    assert found == {
+        ("dns-default", 5353): ("dns_blocked", 2),
+        ("dns-default", 8000): ("expected", 1),
+        ("unbound", 5353): ("dns_blocked", 1),
+        ("unbound", 5354): ("expected", 1),
+    }
 
 
 def test_reasons_that_are_not_policy_decisions(tmp_path: Path) -> None:
