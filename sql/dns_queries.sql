@@ -1,19 +1,15 @@
 -- description: DNS lookups seen with L7 DNS visibility (Cilium's DNS proxy), per client workload and query
 --   name: lookups (requests), responses, failed responses (any rcode but NOERROR), the rcodes, query types and
 --   answer IPs seen, and when the name was first and last asked. `query` is a LIKE pattern on the name (names
---   end with a dot: `%.example.com.`), case-insensitive. A namespace filter matches the client. Counted per
---   cluster (`cluster_name`).
+--   end with a dot: `%.example.com.`), case-insensitive. A namespace filter matches the client. Clients are
+--   named as in every question (`flows_enriched`). Counted per cluster (`cluster_name`).
 -- params: since=1h, until=now, namespace=, query=, limit=50
 WITH dns AS (
     SELECT
         cluster_name,
         -- A response travels from the DNS server back to the client, so the client is its destination.
         CASE WHEN l7_type = 'RESPONSE' THEN destination_namespace ELSE source_namespace END AS client_namespace,
-        CASE
-            WHEN l7_type = 'RESPONSE'
-                THEN coalesce(destination_workload_name, destination_pod_name, destination_ip)
-            ELSE coalesce(source_workload_name, source_pod_name, source_ip)
-        END AS client_workload,
+        CASE WHEN l7_type = 'RESPONSE' THEN destination_workload ELSE source_workload END AS client_workload,
         dns_query,
         l7_type,
         CASE WHEN l7_type = 'RESPONSE' THEN
@@ -30,7 +26,7 @@ WITH dns AS (
         dns_qtypes,
         dns_ips,
         time
-    FROM flows
+    FROM flows_enriched
     WHERE l7_protocol = 'dns'
       AND dns_query IS NOT NULL
       AND time >= $since

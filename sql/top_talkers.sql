@@ -1,24 +1,25 @@
 -- description: The busiest pairs of workloads by number of flows, with how many were forwarded and dropped,
---   how many destination ports were used, and when the pair was first and last seen. Replies are not counted,
---   so each pair reads from the side that opened the connection. An endpoint is named by its workload, else
---   its pod, else a DNS name Cilium knows for its IP, else the IP. A namespace filter matches either side.
---   Pairs are counted per cluster (`cluster_name`).
+--   how many destination ports were used, and when the pair was first and last seen. Replies and L7 responses
+--   are not counted, so each pair reads from the side that opened the connection. Endpoints are named as in
+--   every question (`flows_enriched`): the workload Cilium reports, else a stable label or the pod name
+--   without its controller's suffix, else the reserved identity (`world`, `host`, ...), else the IP;
+--   `world_egress` breaks traffic to the world down by DNS name. A namespace filter matches either side. Pairs are counted
+--   per cluster (`cluster_name`).
 -- params: since=1h, until=now, namespace=, limit=20
 WITH requests AS (
     SELECT
         cluster_name,
         source_namespace,
-        coalesce(source_workload_name, source_pod_name, source_names[1], source_ip) AS source_workload,
+        source_workload,
         destination_namespace,
-        coalesce(destination_workload_name, destination_pod_name, destination_names[1], destination_ip)
-            AS destination_workload,
+        destination_workload,
         destination_port,
         verdict,
         time
-    FROM flows
+    FROM flows_enriched
     WHERE time >= $since
       AND time <= $until
-      AND is_reply IS NOT TRUE
+      AND is_request
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
 )
 SELECT

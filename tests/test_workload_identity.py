@@ -10,7 +10,7 @@ import sqlglot
 from flowdata import T0, flow, write_dataset
 
 from flowpipe.errors import QuestionDefinitionError
-from flowpipe.query import DuckDBEngine
+from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.views import FALLBACK_NEEDED_SQL, load_views, parse_view
 
 IDENTITY_COLUMNS = (
@@ -296,3 +296,42 @@ def test_a_record_with_labels_but_no_namespace_is_named_by_its_labels(tmp_path: 
     [row] = names(tmp_path, rows)
     assert (row["source_workload"], row["source_workload_id"]) == ("tiefighter", "default/tiefighter")
     assert row["source_entity"] is None
+
+
+def test_every_question_names_endpoints_as_the_view_does(tmp_path: Path) -> None:
+    # Pods without a reported workload (an exporter field mask, an old agent): named by the view's fallbacks.
+    web = pod("source", "shop", "web-7d9f8b6c5d-bcdfg", ip="10.0.1.1")
+    api = pod("destination", "shop", "api-5c6d7f8b9c-x2k9p", ip="10.0.1.2")
+    dns = pod("destination", "kube-system", "coredns-558bd4d5db-w2m67", labels=("k8s:k8s-app=kube-dns",))
+    world = entity("destination", 2, "reserved:world", ip="203.0.113.9")
+    tcp = {"l4_protocol": "TCP", "source_port": 40000, "is_reply": False}
+    lookup = {"l4_protocol": "UDP", "l7_protocol": "dns", "dns_query": "api.example.", "flow_type": "L7"}
+    rows = timed(
+        [
+            flow(**web, **api, **tcp, destination_port=8080, verdict="FORWARDED", traffic_direction="EGRESS"),
+            flow(**web, **world, **tcp, destination_port=443, verdict="FORWARDED", traffic_direction="EGRESS",
+                 destination_names=["api.example."]),
+            flow(**web, **dns, **lookup, destination_port=53, verdict="FORWARDED", l7_type="REQUEST",
+                 is_reply=False),
+            flow(**{k.replace("source_", "destination_"): v for k, v in web.items()},
+                 **{k.replace("destination_", "source_"): v for k, v in dns.items()}, **lookup, source_port=53,
+                 verdict="FORWARDED", l7_type="RESPONSE", is_reply=True, dns_rcode=3),
+            flow(**web, **api, **tcp, destination_port=9090, verdict="DROPPED", drop_reason=133,
+                 drop_reason_desc="POLICY_DENIED", event_type=1, traffic_direction="EGRESS"),
+        ]
+    )  # fmt: skip
+    write_dataset(tmp_path, rows)
+    named = {"web", "api", "kube-dns", "world"}
+    found = {}
+    with DuckDBEngine(tmp_path) as engine:
+        for question in load_questions():
+            values = {"since": "2000-01-01", "until": "2100-01-01", "show_expected": "true"}
+            given = {k: v for k, v in values.items() if question.parameter(k) is not None}
+            result = run_question(engine, question, given).table.to_pylist()
+            for column in ("source_workload", "destination_workload", "workload"):
+                values_seen = {row[column] for row in result if column in row} - {None}
+                assert values_seen <= named, (question.name, column, values_seen)
+                found.setdefault(question.name, set()).update(values_seen)
+    assert found["top_talkers"] == {"web", "api", "kube-dns", "world"}
+    assert found["dns_queries"] == {"web"}
+    assert found["dns_failures"] == {"web"} and found["unexpected_drops"] == {"web", "api"}
