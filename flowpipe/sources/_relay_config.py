@@ -115,7 +115,9 @@ class RelaySourceConfig:
     field_mask: bool = field(
         default=True, metadata={"help": "Ask the relay only for the flow fields flowpipe stores."}
     )
-    batch_max_flows: int = field(default=4096, metadata={"help": "Flows decoded together into one batch."})
+    batch_max_flows: int = field(
+        default=4096, metadata={"help": "Most flows decoded together into one batch."}
+    )
     batch_max_seconds: float = field(
         default=0.25, metadata={"help": "Longest time a received flow waits before its batch is decoded."}
     )

@@ -430,14 +430,12 @@ class StreamReceiver(threading.Thread):
     def run(self) -> None:
         queue, append, limit = self.queue, self.queue.append, self.max_pending
         ready, room = self.ready, self.room
+        first = True
         try:
-            for first in self.call:
-                self.on_first()
-                append(first)
-                if self.wake_at <= 1:
-                    ready.set()
-                break
             for message in self.call:
+                if first:
+                    first = False
+                    self.on_first()
                 append(message)
                 size = len(queue)
                 if size >= self.wake_at and not ready.is_set():

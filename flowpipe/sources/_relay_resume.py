@@ -38,29 +38,22 @@ class RelayPosition:
 class ResumeTracker:
     """Per node, the newest flow received; from them, where a new stream should start and the batch position.
 
-    >>> tracker = ResumeTracker(overlap_seconds=5.0, resume_ns=checkpoint.resume_ns)  # None: the whole buffer
+    >>> tracker = ResumeTracker(overlap_seconds=5.0, checkpoint=read_checkpoint(...))  # None: the whole buffer
     >>> tracker.track(new_flows)    # each batch, once repeats are skipped; returns tracker.resume_ns
     >>> tracker.position()          # the batch's checkpoint token
     """
 
-    def __init__(self, overlap_seconds: float, resume_ns: int | None) -> None:
+    def __init__(self, overlap_seconds: float, checkpoint: RelayPosition | None) -> None:
+        """Start from a saved checkpoint, if any: its nodes count as seen now, so each holds the resume time
+        back for the active window at most (a node gone since no longer does after that), and a position
+        saved before the first new flow still names the newest flow and the nodes."""
         self.overlap_ns = int(overlap_seconds * 1e9)
         self.active_window_seconds = max(60.0, 6 * overlap_seconds)
-        self.resume_ns = resume_ns
-        self._node_newest: dict[str, int] = {}
-        self._node_seen: dict[str, float] = {}
-        self._uuid_newest: str | None = None
-
-    def restore(self, position: RelayPosition) -> None:
-        """Start from a saved checkpoint: its nodes count as seen now, so each holds the resume time back for
-        the active window at most (a node gone since no longer does after that), and the position saved
-        before the first new flow still names the newest flow and the nodes."""
-        self.resume_ns = position.resume_ns
+        self.resume_ns = checkpoint.resume_ns if checkpoint else None
         now = time.monotonic()
-        for node, newest in position.nodes:
-            self._node_newest[node] = newest
-            self._node_seen[node] = now
-        self._uuid_newest = position.uuid
+        self._node_newest: dict[str, int] = dict(checkpoint.nodes) if checkpoint else {}
+        self._node_seen: dict[str, float] = {node: now for node in self._node_newest}
+        self._uuid_newest: str | None = checkpoint.uuid if checkpoint else None
 
     def track(self, flows: pa.Table) -> int | None:
         """Take in a batch of flows not received before; returns the (moved) resume time."""

@@ -143,9 +143,7 @@ class RelaySource:
         self._nodes_restart = False
         self._log = ConnectionLog(self.address)
         self.checkpoint = read_checkpoint(dataset, state_name)
-        self._resume = ResumeTracker(config.resume_overlap_seconds, None)
-        if self.checkpoint is not None:
-            self._resume.restore(self.checkpoint)
+        self._resume = ResumeTracker(config.resume_overlap_seconds, self.checkpoint)
 
     # -- the Source protocol -------------------------------------------------------------------------------
 
