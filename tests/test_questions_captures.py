@@ -99,8 +99,12 @@ class Flow:
         self.destination_names = raw.get("destination_names") or []
 
     @property
+    def is_traffic(self) -> bool:
+        return self.raw.get("Type") != "SOCK" and self.event_type != 7
+
+    @property
     def is_request(self) -> bool:
-        return self.is_reply is not True and self.l7_type != "RESPONSE"
+        return self.is_traffic and self.is_reply is not True and self.l7_type != "RESPONSE"
 
     def reason(self) -> str:
         number = self.raw.get("drop_reason") or 0
@@ -117,16 +121,29 @@ class Endpoint:
     """One side of a flow, named by the rules of `flows_enriched`, written again here in Python."""
 
     def __init__(self, raw: Row, ip: str | None) -> None:
-        self.namespace = raw.get("namespace") or None
         self.pod = raw.get("pod_name") or None
         self.identity = raw.get("identity") or 0
         self.labels = raw.get("labels") or []
+        # A pod identity with labels but no namespace field: the namespace label names it.
+        self.namespace = raw.get("namespace") or (
+            self._k8s_label("io.kubernetes.pod.namespace") if 256 <= self.identity < 2**24 else None
+        )
         self.ip = ip or None
         workloads = raw.get("workloads") or []
         self.workload_name = (workloads[0].get("name") or None) if workloads else None
 
     @property
     def entity(self) -> str | None:
+        if self.namespace and self.pod:
+            return None  # a record naming its pod is about that pod, whatever identity it carries
+        return self.reserved
+
+    @property
+    def reserved_identity(self) -> str | None:
+        return self.reserved if self.namespace and self.pod else None
+
+    @property
+    def reserved(self) -> str | None:
         if 256 <= self.identity < 2**24 and self.namespace:
             return None
         if self.identity in RESERVED:
