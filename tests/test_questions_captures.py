@@ -55,7 +55,9 @@ def raw_flows(files: list[Path]) -> list[Row]:
             flow = event.get("flow", event if "verdict" in event else None)
             if flow is None:
                 continue
-            flows.append({**flow, "_time": flow.get("time") or event.get("time")})
+            flows.append(
+                {**flow, "_time": flow.get("time") or event.get("time"), "_node_name": event.get("node_name")}
+            )
     return flows
 
 
@@ -97,6 +99,10 @@ class Flow:
         self.src = Endpoint(raw.get("source") or {}, ip.get("source"))
         self.dst = Endpoint(raw.get("destination") or {}, ip.get("destination"))
         self.destination_names = raw.get("destination_names") or []
+        self.node = raw.get("node_name") or raw.get("_node_name")
+        self.flags = ((l4.get("TCP") or {}).get("flags")) or {}
+        self.icmp_type = ports.get("type") if self.protocol in ("ICMPv4", "ICMPv6") else None
+        self.l7 = l7
 
     @property
     def is_traffic(self) -> bool:
@@ -190,6 +196,48 @@ class Endpoint:
         if self.entity is None and self.workload and label_namespace:
             return f"{label_namespace}/{self.workload}"
         return self.workload
+
+
+# -- the edge definition, again -------------------------------------------------------------------------------
+
+
+def is_counted_request(f: Flow) -> bool:
+    """A request record of the edge definition: no reply, L7 response or socket event; a TCP record without
+    is_reply only when it opens the connection (SYN without ACK)."""
+    if not f.is_request:
+        return False
+    if f.is_reply is None and f.protocol == "TCP" and f.flags:
+        return bool(f.flags.get("SYN")) and not f.flags.get("ACK")
+    return True
+
+
+def requests_once(flows: list[Flow]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Each request (a 5-tuple connection, or an ICMP / L7 call per observing side) with its packets counted
+    once: the most records one observer (node, event type, point, direction, verdict) wrote for it."""
+    per_observer: dict[tuple[Any, ...], Counter[tuple[Any, ...]]] = defaultdict(Counter)
+    flows_of: dict[tuple[Any, ...], list[Flow]] = defaultdict(list)
+    for f in flows:
+        if not is_counted_request(f):
+            continue
+        connection = f.l7_type is None and f.protocol in ("TCP", "UDP", "SCTP") and f.source_port is not None
+        key: tuple[Any, ...] = (f.src.ip, f.source_port, f.dst.ip, f.destination_port, f.protocol)
+        if not connection:
+            l7 = json.dumps(f.l7, sort_keys=True) if f.l7 else None
+            key += (f.icmp_type, l7, f.direction or "")
+        reason = lookup(f.reason())
+        policy = f.verdict == "DROPPED" and reason is not None and reason.policy_decision
+        observer = (f.node, f.event_type, f.point, f.direction, f.verdict, policy)
+        per_observer[key][observer] += 1
+        flows_of[key].append(f)
+    out = {}
+    for key, observers in per_observer.items():
+        out[key] = {
+            "packets": max(observers.values()),
+            "dropped": max((n for o, n in observers.items() if o[4] == "DROPPED"), default=0),
+            "denied": any(o[5] for o in observers),
+            "flows": flows_of[key],
+        }
+    return out
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------
@@ -452,3 +500,12 @@ def test_allow_sets_and_new_connections_match(engine: DuckDBEngine, flows: list[
         for r in rows
     } == edges
     assert query(engine, "lost_events") == []
+
+
+def test_top_talkers_count_each_request_packet_once(engine: DuckDBEngine, flows: list[Flow]) -> None:
+    requests = requests_once(flows)
+    rows = query(engine, "top_talkers")
+    assert sum(r["flows"] for r in rows) == sum(r["packets"] for r in requests.values()) > 0
+    assert sum(r["dropped"] for r in rows) == sum(r["dropped"] for r in requests.values())
+    # Fewer than the raw request records: the captures report packets at several points and at both ends.
+    assert sum(r["flows"] for r in rows) < sum(len(r["flows"]) for r in requests.values())
