@@ -198,7 +198,8 @@ def test_l7_records_dns_http_kafka(flows: list[Flow]) -> None:
 
 
 def test_world_flows_carry_dns_names_and_reserved_identities(flows: list[Flow]) -> None:
-    to_world = [x for x in flows if x.destination.identity == 2]
+    # (Socket-LB events name a Service's ClusterIP with the world identity: no traffic, checked apart.)
+    to_world = [x for x in flows if x.destination.identity == 2 and x.Type != flow_pb2.SOCK]
     external = {ip for ips in e.EXTERNAL_IPS.values() for ip in ips}
     assert to_world
     for x in to_world:
@@ -373,6 +374,7 @@ def test_policy_regression(flows: list[Flow], truth: GroundTruth) -> None:
         x
         for x in flows
         if {workload(x.source), workload(x.destination)} == {"production/api", "production/redis"}
+        and x.Type != flow_pb2.SOCK
     ]
     dropped = [
         x for x in api_redis if x.verdict == flow_pb2.DROPPED and x.drop_reason_desc == flow_pb2.POLICY_DENIED
@@ -408,7 +410,9 @@ def test_unselected_workload_has_no_attribution(flows: list[Flow], truth: Ground
     involved = [
         x
         for x in flows
-        if key in (workload(x.source), workload(x.destination)) and x.source.pod_name != scanner
+        if key in (workload(x.source), workload(x.destination))
+        and x.source.pod_name != scanner
+        and x.Type != flow_pb2.SOCK
     ]
     assert len(involved) == fault.counts["flows"]
     assert not [x for x in involved if workload(x.source) == key and x.egress_allowed_by]
@@ -611,3 +615,20 @@ def test_denied_syns_are_retransmitted_and_seen_at_both_ends(flows: list[Flow]) 
         assert len(drops) == len(verdicts) >= 1
         retried += len(drops) > 1
     assert retried > 0
+
+
+def test_socket_lb_events_at_connect_to_a_service(flows: list[Flow], truth: GroundTruth) -> None:
+    sock = [x for x in flows if x.Type == flow_pb2.SOCK]
+    assert len(sock) == truth.totals["sock"] > 0
+    assert all(
+        x.event_type.type == 7 and not x.HasField("is_reply") and not x.traffic_direction for x in sock
+    )
+    assert all(x.socket_cookie and x.cgroup_id and not x.l4.TCP.HasField("flags") for x in sock)
+    pre = [x for x in sock if x.sock_xlate_point == flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_FWD]
+    post = [x for x in sock if x.sock_xlate_point == flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD]
+    assert len(pre) == len(post) == len(sock) // 2
+    # Before translation the destination is the Service's ClusterIP, which has no identity of its own.
+    assert all(x.IP.destination.startswith("10.96.") and x.destination.identity == 2 for x in pre)
+    assert all(x.verdict == flow_pb2.TRACED and x.destination_service.name for x in pre)
+    # After it, the backend pod.
+    assert all(x.verdict == flow_pb2.TRANSLATED and x.destination.identity >= 256 for x in post)

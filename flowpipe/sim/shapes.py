@@ -24,6 +24,7 @@ from flowpipe.sim.wire import (
     MS,
     POLICY_VERDICT,
     PSH,
+    SOCK,
     SYN,
     TCP,
     TRACE,
@@ -131,6 +132,21 @@ class Conn:
         if self.proto != TCP:
             return ()
         return ((), (1000 * MS,), (1000 * MS, 3000 * MS))[self.w.rng.randrange(3)]
+
+    def sock_translation(self, t: int, service: EndpointView) -> None:
+        """The socket-LB events of connect() to a Service, at the client's node: the Service address before
+        translation (TRACED), then the chosen backend (TRANSLATED). They are not packets: no ground-truth tag."""
+        w, node = self.w, self.src.node
+        assert node is not None
+        for offset, dst, verdict, point in (
+            (0, service, flow_pb2.TRACED, flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_FWD),
+            (200, self.dst, flow_pb2.TRANSLATED, flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD),
+        ):
+            template = w.factory.get(
+                w.full_node[node], self.src, dst, SOCK, verdict=verdict, direction=0, point=point, reply=None
+            )
+            w.made += 1
+            w.emit((t + offset, next(w.seq), template, self.proto, self.sport, self.dport, 0, None, -1, 0))
 
     def verdict(self, t: int, node: str, decision: Decision, direction: int, start: int) -> bool:
         """The policy-verdict event of the first packet where a policy is enforced; False when none is."""

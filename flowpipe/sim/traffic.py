@@ -116,6 +116,12 @@ class Traffic:
             for w in cluster.workloads.values()
             if w.service
         }
+        # Each Service's ClusterIP as a record names it before socket-LB translates it (no identity of its own).
+        self._services = {
+            key: _reserved(ip, WORLD_IDENTITY, "world", service=(w.service, w.namespace))
+            for key, ip in cluster.service_ips.items()
+            if (w := cluster.workloads[key]).service
+        }
         self._coredns = cluster.workload("kube-system", "coredns")
         self._correlation = rng.randint(1000, 90000)
         self._prepare_faults()
@@ -282,6 +288,10 @@ class Traffic:
             tag,
             policies.revision,
         )
+        service = self._services.get(dst_pod.workload.key)
+        if service is not None and dport in dst_pod.workload.ports:
+            # The client connects to the Service; socket-LB picks the backend at connect().
+            conn.sock_translation(t0, service)
         eg = policies.decide(EGRESS, src_pod.workload, PeerRef(dst_pod.workload), dport, "TCP")
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(src_pod.workload), dport, "TCP")
         if not eg.allowed or not ing.allowed:
