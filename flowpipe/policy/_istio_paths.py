@@ -33,9 +33,9 @@ TEMPLATES_SINCE = (1, 22)
 ONE_SEGMENT, ANY_SEGMENTS = "{*}", "{**}"
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _ENCODED_RAW = frozenset(' "#<>?^`{|}')
-_PATH_CHARS = "a-zA-Z0-9._~%!$&'()+,;:@-"
+_PATH_CHARS = r"a-zA-Z0-9._~%!$&'()+,;:@\-"
 """Characters of a template segment, as the proxy's template matcher reads them (RFC 3986 pchar without `*=`)."""
-_ISTIOD_LITERAL = re.compile(r"[a-zA-Z0-9._~%!$&'()+,;:@=-]+")
+_ISTIOD_LITERAL = re.compile(r"[a-zA-Z0-9._~%!$&'()+,;:@=\-]+")
 _SEGMENT = re.compile(f"[{_PATH_CHARS}]+")
 
 

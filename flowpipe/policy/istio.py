@@ -378,7 +378,8 @@ def unallowed_requests(
 ) -> list[Mapping[str, Any]]:
     """The observed-edge rows (requests) that the AuthorizationPolicies would refuse, with Istio's semantics.
 
-    Only TCP requests to pods are judged (the proxy sees nothing else). A policy selects a pod when its
+    Only TCP requests to pods are judged (the proxy sees nothing else), and not those to the sidecar's own
+    ports (`SIDECAR_PORTS`). A policy selects a pod when its
     namespace matches and its `selector` labels are among the pod's (no selector: every pod); a policy that
     istiod (of `istio_version`) would refuse is never applied. An ALLOW policy without rules allows nothing. A
     rule matches when one of its `from` sources and one of its `to` operations match (a missing list matches
@@ -393,6 +394,8 @@ def unallowed_requests(
         namespace = row.get("destination_namespace")
         if row.get("destination_entity") is not None or namespace is None or row.get("l4_protocol") != "TCP":
             continue
+        if row.get("destination_port") in SIDECAR_PORTS:
+            continue  # served by the sidecar itself, before any policy
         pod = {
             (key, value)
             for source, key, value in (parse_label(x) for x in row.get("destination_labels") or ())
