@@ -231,9 +231,11 @@ def draft_authorization_policies(
             if selector is None:
                 draft.notes.append(f"{ns}/{workload}: no stable labels to select it by; no policy drafted")
                 continue
-            policy, wider = _policy(ns, workload, selector, by_source, comments[(ns, workload)], templates)
+            policy, wider, path_notes = _policy(ns, workload, selector, by_source, comments[(ns, workload)],
+                                                templates)  # fmt: skip
             draft.policies.append(policy)
             draft.wider += [f"{policy.key}: {w}" for w in wider]
+            draft.notes += [f"{policy.key}: {n}" for n in path_notes]
     draft.notes = sorted(set(draft.notes))
     return draft
 
@@ -286,12 +288,13 @@ def _default_deny(namespace: str) -> IstioPolicy:
 def _policy(
     namespace: str, workload: str, selector: LabelSelector, by_source: Mapping[tuple[str, str], _Caller],
     comments: set[str], templates: bool,
-) -> tuple[IstioPolicy, list[str]]:  # fmt: skip
-    """The workload's policy, and its `paths` entries that allow more than the traffic seen."""
+) -> tuple[IstioPolicy, list[str], list[str]]:  # fmt: skip
+    """The workload's policy, its `paths` entries that allow more than the traffic seen, and notes on paths."""
     rules: list[dict[str, Any]] = []
     flows: list[int] = []
     notes = set(comments)
     wider: set[str] = set()
+    path_notes: set[str] = set()
     order = {"principal": 0, "namespace": 1, "ip": 2, "any": 3}
     for (kind, value), caller in sorted(by_source.items(), key=lambda item: (order[item[0][0]], item[0][1])):
         operations: list[dict[str, Any]] = []
@@ -302,7 +305,7 @@ def _policy(
         for (port, method), paths in sorted(caller.http.items()):
             drafted = draft_paths(paths, templates=templates)
             wider.update(f"{method} on port {port}: {w}" for w in drafted.wider)
-            notes.update(drafted.notes)
+            path_notes.update(drafted.notes)
             operations.append({"ports": [str(port)], "methods": [method], "paths": drafted.paths})
         rule: dict[str, Any] = {}
         if kind == "principal":
@@ -315,6 +318,7 @@ def _policy(
         rules.append(rule)
         flows.append(caller.flows)
     notes.update(f"wider than the traffic: {w}" for w in wider)
+    notes.update(path_notes)
     name = policy_name(workload)
     spec: dict[str, Any] = {
         "selector": {"matchLabels": dict(_strip(selector))},
@@ -323,7 +327,8 @@ def _policy(
     }
     document = {"apiVersion": ISTIO_API, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
                 "spec": spec}  # fmt: skip
-    return IstioPolicy(name, namespace, document, tuple(flows), tuple(sorted(notes))), sorted(wider)
+    policy = IstioPolicy(name, namespace, document, tuple(flows), tuple(sorted(notes)))
+    return policy, sorted(wider), sorted(path_notes)
 
 
 def _strip(selector: LabelSelector) -> list[tuple[str, str]]:
