@@ -332,3 +332,21 @@ def test_istio_version_must_be_a_release() -> None:
     with pytest.raises(ConfigError, match="--istio-version"):
         SuggestConfig(formats=("istio",), istio_version="latest")
     assert SuggestConfig(formats=("istio",), istio_version="v1.21.4").istio_version == "v1.21.4"
+
+
+def test_the_cli_drafts_for_the_istio_version_asked(crafted: Path) -> None:
+    from click.testing import CliRunner
+
+    from flowpipe.cli import cli
+
+    window = ["--since", "2000-01-01", "--until", "2100-01-01", "--dataset", str(crafted)]
+    old = CliRunner().invoke(
+        cli, ["suggest", "--format", "istio", "--l7", "--istio-version", "1.21", *window]
+    )
+    assert old.exit_code == 0, old.output
+    paths = [p for d in yaml.safe_load_all(old.stdout) for r in d["spec"].get("rules", ())
+             for t in r["to"] for p in t["operation"].get("paths", ())]  # fmt: skip
+    assert "/api/v1/carts/*" in paths and not any("{" in p for p in paths)
+    assert "wider than the traffic" in old.stderr and "kubelet probes" in old.stderr
+    bad = CliRunner().invoke(cli, ["suggest", "--format", "istio", "--istio-version", "newest", *window])
+    assert bad.exit_code == 2 and "--istio-version 'newest'" in bad.output and "Traceback" not in bad.output
