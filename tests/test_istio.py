@@ -350,3 +350,17 @@ def test_the_cli_drafts_for_the_istio_version_asked(crafted: Path) -> None:
     assert "wider than the traffic" in old.stderr and "kubelet probes" in old.stderr
     bad = CliRunner().invoke(cli, ["suggest", "--format", "istio", "--istio-version", "newest", *window])
     assert bad.exit_code == 2 and "--istio-version 'newest'" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_summary_names_callers_and_workloads_without_a_sidecar(tmp_path: Path) -> None:
+    web, api = (
+        {**end, "labels": [*end["labels"], "k8s:security.istio.io/tlsMode=istio"]} for end in (WEB, API)
+    )
+    prometheus = pod("monitoring", "prometheus")
+    rows = connection(web, api, 8080, 40001) + connection(prometheus, api, 9090, 40002)
+    notes = "\n".join(suggest(tmp_path, rows, formats=("istio",)).results[0].notes)
+    assert "callers without Istio's sidecar label (security.istio.io/tlsMode=istio) in the flows: " in notes
+    assert (
+        "monitoring/prometheus: without a sidecar they have no principal" in notes and "shop/web" not in notes
+    )
+    assert "workloads without Istio's sidecar label" not in notes

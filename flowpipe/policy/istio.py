@@ -60,6 +60,8 @@ KIND = "AuthorizationPolicy"
 TRUST_DOMAIN = "cluster.local"
 SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+SIDECAR_LABEL = ("security.istio.io/tlsMode", "istio")
+"""The label Istio's injector gives every pod with a sidecar (Hubble reports it among the pod's labels)."""
 DEFAULT_DENY_NAME = "flowpipe-default-deny"
 __all__ = ["parse_istio_version"]  # re-exported for `SuggestConfig`; the rest is public by name
 
@@ -180,6 +182,7 @@ def draft_authorization_policies(
     draft = IstioDraft()
     callers: dict[tuple[str, str], dict[tuple[str, str], _Caller]] = defaultdict(dict)
     comments: dict[tuple[str, str], set[str]] = defaultdict(set)
+    outside: dict[str, set[str]] = {"source": set(), "destination": set()}
     for index, row in enumerate(rows):
         namespace, workload = row.get("destination_namespace"), row.get("destination_workload")
         if row.get("source_namespace") in drafted and row.get("source_entity") is None:
@@ -207,6 +210,9 @@ def draft_authorization_policies(
                 "no principal or namespace to allow it by"
             )
             continue
+        for side, named in (("source", source[0] == "principal"), ("destination", True)):
+            if named and not _has_sidecar(row.get(f"{side}_labels") or ()):
+                outside[side].add(f"{pod_namespace(row, side)}/{row.get(f'{side}_workload')}")
         caller = callers[key].setdefault(source, _Caller())
         caller.flows += int(row.get("flows") or 0)
         caller.ports.add(port)
@@ -236,8 +242,28 @@ def draft_authorization_policies(
             draft.policies.append(policy)
             draft.wider += [f"{policy.key}: {w}" for w in wider]
             draft.notes += [f"{policy.key}: {n}" for n in path_notes]
+    if outside["source"]:
+        draft.notes.append(
+            f"callers without Istio's sidecar label ({'='.join(SIDECAR_LABEL)}) in the flows: "
+            f"{_some(outside['source'])}: without a sidecar they have no principal, and these rules refuse them"
+        )
+    if outside["destination"]:
+        draft.notes.append(
+            f"workloads without Istio's sidecar label ({'='.join(SIDECAR_LABEL)}) in the flows: "
+            f"{_some(outside['destination'])}: their sidecar enforces AuthorizationPolicies, so without one these "
+            "drafts change nothing for them"
+        )
     draft.notes = sorted(set(draft.notes))
     return draft
+
+
+def _has_sidecar(labels: Iterable[str]) -> bool:
+    return any(parse_label(label)[1:] == SIDECAR_LABEL for label in labels)
+
+
+def _some(names: set[str], most: int = 6) -> str:
+    ordered = sorted(names)
+    return ", ".join(ordered[:most]) + (f" and {len(ordered) - most} more" if len(ordered) > most else "")
 
 
 def _note_egress(row: Mapping[str, Any], notes: list[str]) -> None:
