@@ -146,7 +146,8 @@ def principal(namespace: str | None, labels: Iterable[str], trust_domain: str = 
 
 
 def pod_namespace(row: Mapping[str, Any], side: str) -> str | None:
-    """The namespace of a pod end of an edge row: its namespace, else its namespace label; None: not a pod."""
+    """The namespace of a pod end of an edge row: its namespace, else its namespace label; None for an end
+    that is not a pod, or a pod whose namespace Hubble did not report."""
     labels = row.get(f"{side}_labels") or ()
     from_labels = next(
         (v for s, k, v in (parse_label(x) for x in labels) if s == "k8s" and k == NAMESPACE_LABEL and v), None
