@@ -69,7 +69,12 @@ def t_ns(flow: Flow) -> int:
 
 
 def workload(endpoint: flow_pb2.Endpoint) -> str | None:
-    return f"{endpoint.namespace}/{endpoint.workloads[0].name}" if endpoint.workloads else None
+    if endpoint.workloads:
+        return f"{endpoint.namespace}/{endpoint.workloads[0].name}"
+    # A remote pod known only by identity and labels: its namespace and app labels still name it.
+    labels = dict(label.split("=", 1) for label in endpoint.labels if "=" in label)
+    namespace, app = labels.get("k8s:io.kubernetes.pod.namespace"), labels.get("k8s:app")
+    return f"{namespace}/{app}" if namespace and app else None
 
 
 def is_dns(flow: Flow) -> bool:
@@ -554,3 +559,55 @@ def test_cluster_policies_are_valid_cilium_documents(cilium_schemas: Path) -> No
             validate_document(doc, cilium_schemas)
     history = Simulator().policy_history()
     assert [p.revision for _, p in history] == [history[0][1].revision, history[0][1].revision + 1]
+
+
+def test_remote_pods_are_known_by_identity_and_labels_only(flows: list[Flow]) -> None:
+    # Pods of one node reach the other nodes' records with their identity and labels only, as in real captures.
+    partial = [
+        x
+        for x in flows
+        for end in (x.source, x.destination)
+        if end.identity >= 256 and end.labels and not end.namespace
+    ]
+    assert partial
+    for x in partial[:200]:
+        for end in (x.source, x.destination):
+            if end.identity >= 256 and not end.namespace:
+                assert not end.pod_name and not end.workloads
+                assert any(label.startswith("k8s:io.kubernetes.pod.namespace=") for label in end.labels)
+    # The same pod is described fully on its own node.
+    assert any(x.source.namespace and x.source.identity == partial[0].source.identity for x in flows) or any(
+        x.destination.namespace and x.destination.identity == partial[0].destination.identity for x in flows
+    )
+
+
+def test_denied_syns_are_retransmitted_and_seen_at_both_ends(flows: list[Flow]) -> None:
+    # An ingress denial across nodes: the SYN forwarded at the source's egress (to the overlay) and dropped at
+    # the destination, as a drop notification and a policy-verdict event; retried with the same 5-tuple.
+    def key(x: Flow) -> tuple[object, ...]:
+        return (x.IP.source, x.l4.TCP.source_port, x.IP.destination, x.l4.TCP.destination_port)
+
+    denied_in = [
+        x
+        for x in flows
+        if x.verdict == flow_pb2.DROPPED and x.traffic_direction == flow_pb2.INGRESS and x.l4.HasField("TCP")
+        and x.drop_reason_desc == flow_pb2.POLICY_DENIED
+    ]  # fmt: skip
+    assert denied_in
+    by_key: dict[tuple[object, ...], list[Flow]] = {}
+    for x in flows:
+        if x.l4.HasField("TCP"):
+            by_key.setdefault(key(x), []).append(x)
+    retried = 0
+    for drop in denied_in:
+        records = by_key[key(drop)]
+        sent = [
+            x for x in records if x.verdict == flow_pb2.FORWARDED and x.traffic_direction == flow_pb2.EGRESS
+        ]
+        drops = [x for x in records if x.event_type.type == 1]
+        verdicts = [x for x in records if x.event_type.type == 5]
+        if drop.node_name != sent[0].node_name if sent else False:
+            assert sent[0].trace_observation_point == flow_pb2.TO_OVERLAY
+        assert len(drops) == len(verdicts) >= 1
+        retried += len(drops) > 1
+    assert retried > 0

@@ -16,6 +16,8 @@ Columns:
 | `l7_protocol` | NULL for an L3/L4 edge; `http`, `kafka` or `dns` for an edge of L7 requests on that port |
 | `http_method`, `http_path` | the request method and target (path with query string) |
 | `kafka_role`, `kafka_topic` | `produce` / `consume` and the topic |
+| `status` | `delivered` (no end reported it denied), or `denied` (an end reported a policy drop: a connection FORWARDED at the source and DROPPED at the destination is denied); with `learn_from_drops` every edge is `delivered` |
+| `source_reserved_identity`, `destination_reserved_identity` | for a pod recorded with a reserved identity (`world`, `unmanaged`, `host`...) while the record names it: that identity (a label selector does not match the pod while it has it); NULL otherwise |
 
 The question also returns `first_seen`, `last_seen` and `cluster_name`: edges are per cluster, and `suggest`
 drafts from the edges of one cluster (`flowpipe.policy.clusters.choose_cluster`), so the drafts never read it.

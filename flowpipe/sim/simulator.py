@@ -132,6 +132,7 @@ class Simulator:
             "dns_allowed_in_staging": f.DNS_POLICY_DROP not in faults,
             "api_allows_world": f.WORLD_INGRESS in faults,
             "report_export_selected": f.UNSELECTED_WORKLOAD not in faults,
+            "grafana_reaches_postgres": f.INGRESS_DENIED in faults,
         }
         timeline = [(self.config.start_ns, cluster_policies(**options, revision=_POLICY_REVISION))]
         if f.POLICY_REGRESSION in faults:

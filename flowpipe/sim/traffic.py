@@ -34,6 +34,8 @@ from flowpipe.sim.shapes import (
 from flowpipe.sim.wire import ICMPV4, MS, TCP, UDP, US, EndpointView, L7Spec
 
 _API_RESOURCES = ("orders", "users", "products", "carts", "invoices")
+LABELS_ONLY_NODE = "worker-3"
+"""The node whose pods the other nodes know only by identity and labels (records without namespace or pod)."""
 
 
 class TagRegistry:
@@ -143,6 +145,7 @@ class Traffic:
             endpoint_id=pod.endpoint_id,
             node=pod.node.name,
             service=service,
+            remote_labels_only=pod.node.name == LABELS_ONLY_NODE,
         )
 
     def _prepare_faults(self) -> None:
@@ -283,7 +286,9 @@ class Traffic:
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(src_pod.workload), dport, "TCP")
         if not eg.allowed or not ing.allowed:
             conn.tag = deny_tag if deny_tag >= 0 else tag
-            conn.denied(t0, eg if not eg.allowed else ing, EG if not eg.allowed else IN)
+            conn.denied(
+                t0, eg if not eg.allowed else ing, EG if not eg.allowed else IN, conn.syn_retransmits()
+            )
             return
         if tag < 0 and self._ct_full(t0, src_pod):
             conn.tag = self.tag_ct
@@ -414,7 +419,7 @@ class Traffic:
         )
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(entity="world"), edge.port, "TCP")
         if not ing.allowed:
-            conn.denied(t0, ing, IN)
+            conn.denied(t0, ing, IN, conn.syn_retransmits())
             return
         latency = self._latency(edge)
         l7 = self.http_api(f"{dst_pod.workload.service}:{edge.port}", latency) if ing.l7 == "http" else None

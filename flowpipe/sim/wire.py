@@ -317,12 +317,18 @@ class EndpointView:
     node: str | None = None
     service: tuple[str, str] | None = None
     names: tuple[str, ...] = ()
+    remote_labels_only: bool = False
+    """Other nodes know this pod only by its identity and labels (their IP cache has no Kubernetes metadata for
+    it): their records carry no namespace, pod name or workload."""
 
     def fill(self, endpoint: flow_pb2.Endpoint, observing_node: str) -> None:
         """Write this endpoint into a `flow.Endpoint`; the endpoint id only where it is local to the node."""
         if self.node == observing_node and self.endpoint_id:
             endpoint.ID = self.endpoint_id
         endpoint.identity = self.identity
+        if self.remote_labels_only and self.node is not None and self.node != observing_node:
+            endpoint.labels.extend(self.labels)
+            return
         endpoint.namespace = self.namespace
         endpoint.labels.extend(self.labels)
         endpoint.pod_name = self.pod_name
