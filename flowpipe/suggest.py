@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowpipe.errors import ConfigError, PolicyError
+from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.draft import Draft, draft_policies
 from flowpipe.policy.edges import learned_requests
@@ -43,7 +44,6 @@ from flowpipe.policy.istio import (
     IstioPolicy,
     draft_authorization_policies,
     open_rules,
-    parse_istio_version,
     render_istio,
     unallowed_requests,
 )

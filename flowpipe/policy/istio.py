@@ -45,7 +45,6 @@ from flowpipe.policy._istio_paths import (
     draft_paths,
     istiod_refuses,
     normalize_path,
-    parse_istio_version,
     path_matches,
     string_matches,
     supports_templates,
@@ -63,8 +62,6 @@ NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SIDECAR_LABEL = ("security.istio.io/tlsMode", "istio")
 """The label Istio's injector gives every pod with a sidecar (Hubble reports it among the pod's labels)."""
 DEFAULT_DENY_NAME = "flowpipe-default-deny"
-__all__ = ["parse_istio_version"]  # re-exported for `SuggestConfig`; the rest is public by name
-
 DEFAULT_ISTIO_VERSION = "1.22"
 """The oldest Istio the drafts are written for by default: the first with path templates (`{*}`)."""
 SIDECAR_PORTS = {15020: "the agent's probes and merged metrics", 15021: "health", 15090: "Envoy metrics"}
