@@ -34,10 +34,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowpipe.errors import ConfigError, PolicyError
+from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.draft import Draft, draft_policies
 from flowpipe.policy.edges import learned_requests
-from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, render_istio, unallowed_requests
+from flowpipe.policy.istio import (
+    ASSUMPTIONS,
+    DEFAULT_ISTIO_VERSION,
+    IstioPolicy,
+    draft_authorization_policies,
+    open_rules,
+    render_istio,
+    unallowed_requests,
+)
 from flowpipe.policy.load import load_policies
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
 from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, prove_draft, refusal
@@ -88,6 +97,11 @@ class SuggestConfig:
     verify_flows: bool = field(
         default=True, metadata={"help": "Also replay the window's stored flows through each draft."}
     )
+    istio_version: str = field(
+        default=DEFAULT_ISTIO_VERSION,
+        metadata={"help": "Oldest Istio the Istio drafts must suit: ids in paths become {*} from 1.22 on, "
+                          "prefix matches (wider) before."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.formats:
@@ -98,6 +112,7 @@ class SuggestConfig:
         if self.existing and "istio" in self.formats:
             raise ConfigError("--existing compares with Kubernetes and Cilium policies; use --format cilium, "
                               "kubernetes or both")  # fmt: skip
+        parse_istio_version(self.istio_version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,24 +412,23 @@ def _istio(rows: list[dict[str, Any]], config: SuggestConfig) -> FormatResult:
         namespaces=config.namespaces or None,
         l7=config.l7,
         include_kube_system=config.include_kube_system,
+        istio_version=config.istio_version,
     )
-    refused = unallowed_requests(draft.policies, rows)
+    learned = [r for i, r in enumerate(rows) if i not in draft.left_out]
+    refused = unallowed_requests(draft.policies, learned, istio_version=config.istio_version)
     if refused:
         names = [_row_text(r, ("ingress",)) for r in refused]
         raise refusal(
             "istio", "the requests it was learned from", names, sum(int(r["flows"] or 0) for r in refused)
         )
-    review = [
-        f"{p.key} accepts calls from any source (the world was seen calling it) on ports "
-        f"{', '.join(sorted({port for op in rule['to'] for port in op['operation'].get('ports', ())}))}: "
-        "keep it only if it is meant to"
-        for p in draft.policies
-        for rule in p.document["spec"].get("rules", ())
-        if "from" not in rule
-    ]
+    review = open_rules(draft.policies) + [f"{w} (wider than the traffic)" for w in draft.wider]
     result = FormatResult("istio", list(draft.policies), notes=list(draft.notes), review=review)
-    result.requests_proved = sum(int(r["flows"] or 0) for r in rows)
+    result.not_allowed = sorted(
+        {f"{_row_text(rows[i], ('ingress',))}: {why}" for i, why in draft.left_out.items()}
+    )
+    result.requests_proved = sum(int(r["flows"] or 0) for r in learned)
     result.requires.append("Istio with mutual TLS (principals come from client certificates)")
+    result.requires += list(ASSUMPTIONS)
     return result
 
 
