@@ -1,7 +1,9 @@
 -- description: Dropped flows by drop reason and namespace pair, busiest first: the reason's class (policy,
---   conntrack, routing, invalid packet, ...), how many flows, how many distinct source and destination pods,
---   and when the drops were first and last seen. A namespace filter matches either side. Counted per cluster
---   (`cluster_name`).
+--   conntrack, routing, invalid packet, ...), how many dropped packets (`flows`: drop notifications; a denied
+--   packet is also reported as a policy-verdict event, counted only where no drop notification was recorded, as
+--   in `unexpected_drops`), how many distinct source and destination pods, and when the drops were first and
+--   last seen. A pod known only by identity and labels is in its labels' namespace. A namespace filter matches
+--   either side. Counted per cluster (`cluster_name`).
 -- params: since=1h, until=now, namespace=, limit=50
 WITH dropped AS (
     SELECT
@@ -15,8 +17,9 @@ WITH dropped AS (
         destination_namespace,
         source_pod_name,
         destination_pod_name,
-        time
-    FROM flows
+        time,
+        coalesce(event_type = 5, FALSE) AS verdict_event
+    FROM flows_named
     WHERE verdict = 'DROPPED'
       AND time >= $since
       AND time <= $until
@@ -32,7 +35,8 @@ named AS (
         d.destination_namespace,
         d.source_pod_name,
         d.destination_pod_name,
-        d.time
+        d.time,
+        d.verdict_event
     FROM dropped AS d
     LEFT JOIN drop_reasons AS r ON r.drop_reason = d.reason_number
 )
@@ -41,7 +45,10 @@ SELECT
     coalesce(c.reason_class, 'unknown') AS reason_class,
     n.source_namespace,
     n.destination_namespace,
-    count(*) AS flows,
+    CASE
+        WHEN count(CASE WHEN NOT n.verdict_event THEN 1 END) > 0 THEN count(CASE WHEN NOT n.verdict_event THEN 1 END)
+        ELSE count(*)
+    END AS flows,
     count(DISTINCT n.source_pod_name) AS source_pods,
     count(DISTINCT n.destination_pod_name) AS destination_pods,
     min(n.time) AS first_seen,

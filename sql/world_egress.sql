@@ -1,7 +1,9 @@
 -- description: Traffic from the cluster to the world (outside addresses), by source workload and destination
 --   name: the DNS names Cilium attached to the address (the names `toFQDNs` policies match), or the IP where no
 --   name is known. `destination_ips` lists up to five of the addresses behind a name, `ips` counts them.
---   Requests only (socket-LB events are no traffic); `dropped` counts the ones the datapath dropped. Addresses
+--   Requests as the edge definition counts them (the shared view `connections`): `flows` counts request packets
+--   once however many records Hubble wrote for each, `dropped` those dropped, `forwarded` the rest; socket-LB
+--   events are no traffic. Addresses
 --   inside the cluster's ranges (inferred from the pods and Services seen, see below) are never the world,
 --   whatever identity a record gave them. A namespace filter matches the source.
 -- params: since=1h, until=now, namespace=, limit=500
@@ -39,18 +41,19 @@ requests AS (
         destination_ip,
         destination_port,
         l4_protocol,
-        verdict,
-        time,
-        destination_names,
+        packets,
+        dropped_packets,
+        first_seen,
+        last_seen,
+        coalesce(destination_names, []) AS destination_names,
         CASE
             WHEN destination_ip LIKE '%.%' THEN regexp_extract(destination_ip, '^([0-9]+\.[0-9]+)\.', 1)
             ELSE regexp_extract(destination_ip, '^([0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*):', 1)
         END AS destination_prefix
-    FROM flows_enriched
-    WHERE time >= $since
-      AND time <= $until
+    FROM connections
+    WHERE first_seen >= $since
+      AND first_seen <= $until
       AND destination_entity = 'world'
-      AND is_request
       AND ($namespace IS NULL OR source_namespace = $namespace)
 ),
 egress AS (
@@ -61,8 +64,10 @@ egress AS (
         q.destination_ip,
         q.destination_port,
         q.l4_protocol,
-        q.verdict,
-        q.time,
+        q.packets,
+        q.dropped_packets,
+        q.first_seen,
+        q.last_seen,
         unnest(CASE WHEN cardinality(q.destination_names) = 0 THEN [NULL] ELSE q.destination_names END)
             AS destination_name
     FROM requests AS q
@@ -77,13 +82,13 @@ SELECT
     destination_name,
     destination_port,
     l4_protocol,
-    count(*) AS flows,
-    count(CASE WHEN verdict = 'FORWARDED' THEN 1 END) AS forwarded,
-    count(CASE WHEN verdict = 'DROPPED' THEN 1 END) AS dropped,
+    CAST(sum(packets) AS BIGINT) AS flows,
+    CAST(sum(packets - dropped_packets) AS BIGINT) AS forwarded,
+    CAST(sum(dropped_packets) AS BIGINT) AS dropped,
     count(DISTINCT destination_ip) AS ips,
     array_slice(list_sort(array_agg(DISTINCT destination_ip)), 1, 5) AS destination_ips,
-    min(time) AS first_seen,
-    max(time) AS last_seen,
+    min(first_seen) AS first_seen,
+    max(last_seen) AS last_seen,
     cluster_name
 FROM egress
 GROUP BY

@@ -147,7 +147,7 @@ def _fault_edges(faults: frozenset[str]) -> list[Edge]:
                           window=window(f.PORT_SCAN)),
         f.WORLD_INGRESS: Edge("world->api", "world_in", 0.8, dst="production/api", port=8080, l7=("http", "api"),
                               latency=(2 * MS, 30 * MS), fault=f.WORLD_INGRESS),
-        f.STALE_IP: Edge("stale source address", "stale", 2.0, "production/order-service", "production/kafka", 9092,
+        f.STALE_IP: Edge("stale source address", "stale", 4.0, "production/order-service", "production/kafka", 9092,
                          fault=f.STALE_IP, window=window(f.STALE_IP)),
         f.INGRESS_DENIED: Edge("grafana->postgres", "tcp", 0.4, "monitoring/grafana", "production/postgres", 5432,
                                fault=f.INGRESS_DENIED),
