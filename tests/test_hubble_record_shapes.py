@@ -147,3 +147,33 @@ def test_in_cluster_addresses_are_never_the_world(tmp_path: Path) -> None:
     ]
     egress = ask(tmp_path, rows, "world_egress")
     assert [r["destination"] for r in egress] == ["api.example.com"]
+
+
+def test_service_connections_name_the_service_and_its_backend(tmp_path: Path) -> None:
+    coredns = pod("kube-system", "coredns")
+    service = {**reserved("world", "10.96.0.10"), "service_name": "kube-dns"}
+    sock = {
+        "flow_type": "SOCK",
+        "event_type": 7,
+        "is_reply": None,
+        "tcp_flags": None,
+        "traffic_direction": None,
+    }
+    rows = []
+    for n, cookie in enumerate((11, 12)):
+        at = T0 + timedelta(seconds=n)
+        rows += [
+            flow(WEB, service, 53, "UDP", verdict="TRACED", source_port=50000 + n, time=at, socket_cookie=cookie,
+                 sock_xlate_point="SOCK_XLATE_POINT_PRE_DIRECTION_FWD", node_name="a", **sock),
+            flow(WEB, coredns, 53, "UDP", verdict="TRANSLATED", source_port=50000 + n, socket_cookie=cookie,
+                 time=at + timedelta(microseconds=1), sock_xlate_point="SOCK_XLATE_POINT_POST_DIRECTION_FWD",
+                 node_name="a", **sock),
+        ]  # fmt: skip
+    (row,) = ask(tmp_path, rows, "service_connections")
+    assert (row["source_workload"], row["service"], row["service_ip"], row["service_port"]) == (
+        "web",
+        "kube-dns",
+        "10.96.0.10",
+        53,
+    )
+    assert (row["connects"], row["backends"]) == (2, ["kube-system/coredns"])

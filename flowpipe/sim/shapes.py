@@ -146,7 +146,9 @@ class Conn:
                 w.full_node[node], self.src, dst, SOCK, verdict=verdict, direction=0, point=point, reply=None
             )
             w.made += 1
-            w.emit((t + offset, next(w.seq), template, self.proto, self.sport, self.dport, 0, None, -1, 0))
+            # One socket, one cookie: the client's endpoint and its source port tell connections apart.
+            cookie = ("sock", (self.src.endpoint_id << 16) | self.sport)
+            w.emit((t + offset, next(w.seq), template, self.proto, self.sport, self.dport, 0, cookie, -1, 0))
 
     def verdict(self, t: int, node: str, decision: Decision, direction: int, start: int) -> bool:
         """The policy-verdict event of the first packet where a policy is enforced; False when none is."""

@@ -62,6 +62,9 @@ _FIELD_NUMBERS: dict[str, int] = {f.name: f.number for f in flow_pb2.Flow.DESCRI
 _FN_L4 = _FIELD_NUMBERS["l4"]
 _FN_L7 = _FIELD_NUMBERS["l7"]
 _FN_UUID = _FIELD_NUMBERS["uuid"]
+_FN_COOKIE = _FIELD_NUMBERS["socket_cookie"]
+_SOCK_MARK = "\x00"
+"""Where a socket-LB event's JSON takes its socket cookie (a changing field, like the uuid)."""
 
 
 _BYTE = [bytes((i,)) for i in range(256)]
@@ -390,9 +393,13 @@ class Template:
             for key, value in data.items():
                 number = _FIELD_NUMBERS[key]
                 slot = 0 if number < _FN_L4 else 1 if number < _FN_L7 else 2 if number < _FN_UUID else 3
+                if self.cls == SOCK and number > _FN_COOKIE and _SOCK_MARK not in pieces[2]:
+                    pieces[2].append(_SOCK_MARK)  # where the per-connection socket cookie goes
                 pieces[slot].append(json.dumps(key) + ":" + json.dumps(value, separators=_COMPACT))
             # Each member carries its own leading comma, so joining never needs to know what is present.
-            head, mid, tail, end = ("".join("," + p for p in group) for group in pieces)
+            head, mid, tail, end = (
+                "".join("," + p if p != _SOCK_MARK else p for p in group) for group in pieces
+            )
             self._json = (head, mid, tail, end)
             self._flow = None
         return self._json
@@ -464,7 +471,7 @@ class TemplateFactory:
             flow.node_name = node
             flow.event_type.type = EVENT_SOCK
             flow.sock_xlate_point = point
-            flow.socket_cookie = 4096 + src.endpoint_id
+            # The socket cookie differs per connection: it rides with the changing fields (`sock_spec`).
             flow.cgroup_id = 10_000 + src.endpoint_id
             if dst.service is not None:
                 flow.destination_service.name, flow.destination_service.namespace = dst.service
@@ -521,9 +528,10 @@ class Renderer:
 
     def _flow(self, rec: tuple[Any, ...], counter: int, ts: bytes) -> bytes:
         l7 = rec[7]
+        changing = b"" if l7 is None else _int_field(_FN_COOKIE, l7[1]) if l7[0] == "sock" else l7_bytes(l7)
         return b"".join((
             rec[2].pb, _TAG_TIME, _BYTE[len(ts)], ts, l4_bytes(rec[3], rec[4], rec[5], rec[6]),
-            l7_bytes(l7) if l7 is not None else b"", _TAG_UUID_36, flow_uuid(counter, self._salt).encode(),
+            changing, _TAG_UUID_36, flow_uuid(counter, self._salt).encode(),
         ))  # fmt: skip
 
     def response_bytes(self, rec: tuple[Any, ...], counter: int) -> bytes:
@@ -540,7 +548,11 @@ class Renderer:
         template: Template = rec[2]
         head, mid, tail, end = template._json or template.json()
         l4 = l4_json(rec[3], rec[4], rec[5], rec[6])
-        l7 = "," + l7_json(rec[7]) if rec[7] is not None else ""
+        spec = rec[7]
+        if spec is not None and spec[0] == "sock":
+            l7, tail = "", tail.replace(_SOCK_MARK, f',"socket_cookie":"{spec[1]}"')
+        else:
+            l7 = "," + l7_json(spec) if spec is not None else ""
         uuid = flow_uuid(counter, self._salt)
         return (
             f'{{"flow":{{"time":"{t}"{head},{l4}{mid}{l7}{tail},"uuid":"{uuid}"{end}}},'
