@@ -14,9 +14,11 @@ The semantics are those of the real implementations (Cilium enforces both flavou
   `allow-localhost: auto`; `ReplayConfig(allow_localhost=False)` judges it like any peer.
 - CIDR rules (and NetworkPolicy `ipBlock`) select addresses outside the cluster, not pods or nodes, as in
   Cilium's default `policy-cidr-match-mode`; `ReplayConfig(cidr_match_nodes=True)` is the `nodes` mode.
-- Each flow is judged where Hubble observed it: a flow with `traffic_direction` EGRESS by the source's egress
-  policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
-  that Hubble reports at both ends thus has each end judged by the policies enforced there.
+- Every request is judged at both ends, wherever Hubble observed it: by the source's egress policies and by the
+  destination's ingress policies, each with the identity and labels the record (or the edge grouping) gives that
+  end. A connection often reaches the capture from one end only (the other node's records filtered or lost):
+  a request seen only at the source's egress still meets the destination's ingress policy, and `would_break`
+  counts it when that policy would deny it.
 
 For speed, flows are first grouped into distinct edges (`EDGES_SQL`, run by DuckDB over the shared view
 `flows_enriched`); each edge is judged once and weighted by its flow count, and selector results are cached per
@@ -365,7 +367,7 @@ def replay_edges(
             _describe(row, "destination"),
             traffic.protocol,
             traffic.port if traffic.protocol not in ("ICMPv4", "ICMPv6") else traffic.icmp_type,
-            "+".join(directions) if len(directions) > 1 else directions[0],
+            "+".join(d for d, decision in zip(directions, decisions, strict=True) if not decision.allowed),
             "; ".join(reasons),
             _l7_summary(traffic),
         )
@@ -449,7 +451,8 @@ class _Judge:
         return found
 
     def row(self, row: Mapping[str, Any]) -> tuple[ports.Traffic, tuple[Direction, ...], list[Decision]]:
-        """The traffic of a request row, the directions judged (where Hubble observed it), and the decisions."""
+        """The traffic of a request row, the directions judged (both ends, wherever Hubble observed it), and the
+        decisions."""
         src, dst = self.endpoint(row, "source"), self.endpoint(row, "destination")
         traffic = ports.Traffic(
             protocol=row.get("l4_protocol"),
@@ -462,14 +465,7 @@ class _Judge:
             kafka_topic=row.get("kafka_topic"),
             dns_query=row.get("dns_query"),
         )
-        observed = row.get("traffic_direction")
-        directions: tuple[Direction, ...] = (
-            ("egress",)
-            if observed == "EGRESS"
-            else ("ingress",)
-            if observed == "INGRESS"
-            else ("egress", "ingress")
-        )
+        directions: tuple[Direction, ...] = ("egress", "ingress")
         decisions = []
         key = self.policy_set.decision_key(traffic)
         for direction in directions:
