@@ -11,11 +11,13 @@ Columns:
 | `source_namespace`, `source_workload` | the client pod's namespace and stable workload name (NULL for non-pods) |
 | `source_labels` | the client's Cilium labels (`k8s:app=web`); only stable keys are used for selectors |
 | `source_entity`, `source_ip` | for non-pods: the reserved identity (`world`, `host`, `remote-node`, `kube-apiserver`, `health`, `init`, `ingress`, `unmanaged`) and the address |
+| `source_reserved_identity` | for a pod recorded with a reserved identity (`world`, `unmanaged`): that identity (optional column) |
 | `destination_*` | the same for the server, plus `destination_names`: DNS names Cilium knows for a world address |
 | `l4_protocol`, `destination_port`, `icmp_type` | TCP, UDP, SCTP with a port; ICMPv4 / ICMPv6 with a type |
 | `l7_protocol` | NULL for an L3/L4 edge; `http`, `kafka` or `dns` for an edge of L7 requests on that port |
 | `http_method`, `http_path` | the request method and target (path with query string) |
 | `kafka_role`, `kafka_topic` | `produce` / `consume` and the topic |
+| `status` | `delivered`, or `denied` when an end reported a policy drop for it (optional column; absent: delivered) |
 
 The question also returns `first_seen`, `last_seen` and `cluster_name`: edges are per cluster, and `suggest`
 drafts from the edges of one cluster (`flowpipe.policy.clusters.choose_cluster`), so the drafts never read it.
@@ -61,6 +63,21 @@ OBSERVED_EDGE_SCHEMA = pa.schema(
 
 
 _KAFKA_ROLE_API_KEY = {"produce": "produce", "consume": "fetch"}
+POD_NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
+
+
+def endpoint_namespace(row: Mapping[str, Any], side: str) -> str | None:
+    """The namespace of one end of an edge row: its namespace field, else the one its pod labels name (a record
+    about a remote pod may carry its labels without its namespace); None for entities and the world."""
+    if row.get(f"{side}_entity") is not None:
+        return None
+    namespace = row.get(f"{side}_namespace")
+    if namespace is not None:
+        return str(namespace)
+    for label in row.get(f"{side}_labels") or ():
+        if label.startswith(POD_NAMESPACE_LABEL):
+            return label[len(POD_NAMESPACE_LABEL) :]
+    return None
 
 
 def learned_requests(edges: pa.Table | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -79,10 +96,12 @@ def learned_requests(edges: pa.Table | Iterable[Mapping[str, Any]]) -> list[dict
         }
         for side in ("source", "destination"):
             entity = row.get(f"{side}_entity")
-            namespace = row.get(f"{side}_namespace") if entity is None else None
             labels = list(row.get(f"{side}_labels") or ())
+            # A pod recorded with a reserved identity is that identity to Cilium: no label selector matches it.
+            held = row.get(f"{side}_reserved_identity")
+            namespace = endpoint_namespace(row, side) if entity is None and not held else None
             if namespace is None:
-                labels = [f"reserved:{entity or 'world'}"]
+                labels = [f"reserved:{held or entity or 'world'}"]
             replay_row.update(
                 {
                     f"{side}_namespace": namespace,
