@@ -61,7 +61,7 @@ from flowpipe.policy.edges import endpoint_namespace, learned_requests
 from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, render_istio, unallowed_requests
 from flowpipe.policy.load import load_policies, parse_policies
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
-from flowpipe.policy.proof import MAX_NAMED_EDGES, Proof, StoredEdges, Subject, prove_draft, subjects
+from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, Subject, prove_draft, subjects
 from flowpipe.policy.proof import edge_text as denied_text
 from flowpipe.policy.render import comment_block, printable, render_yaml, unexpressed
 from flowpipe.policy.replay import DeniedEdge, denied_directions
@@ -215,7 +215,9 @@ class Suggestion:
                 policies = [p.name for p in result.policies if p.namespace == namespace]
                 formats[result.format] = {
                     "policies": policies,
-                    "files": [f.path for f in self.files if f.format == result.format and f.namespace == namespace],
+                    "files": [
+                        f.path for f in self.files if f.format == result.format and f.namespace == namespace
+                    ],
                     "requests_covered": result.covered.get(namespace, 0),
                     "left_out": [lo.to_dict() for lo in result.left_out if lo.namespace == namespace],
                 }
@@ -226,7 +228,11 @@ class Suggestion:
             }
         return {
             "cluster": self.cluster,
-            "window": {"since": _time(self.since), "until": _time(self.until), "anchored_to": self.anchored_to},
+            "window": {
+                "since": _time(self.since),
+                "until": _time(self.until),
+                "anchored_to": self.anchored_to,
+            },
             "observed": [_time(t) for t in self.window] if self.window else None,
             "learned": {"requests": self.requests, "edges": self.edges},
             "existing_policies": self.existing_policies,
@@ -238,7 +244,10 @@ class Suggestion:
                     "documents": len(r.policies),
                     "rules": r.rules,
                     "files": [f.path for f in self.files if f.format == r.format],
-                    "replay": {"learned_requests_allowed": r.requests_proved, "stored_requests_allowed": r.flows_proved},
+                    "replay": {
+                        "learned_requests_allowed": r.requests_proved,
+                        "stored_requests_allowed": r.flows_proved,
+                    },
                     "requires": list(r.requires),
                     "review": list(r.review),
                     "notes": list(r.notes),
@@ -343,8 +352,7 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     names none of them. Edges that cannot be drafted are listed in the suggestion, never raised.
     """
     rows, since, until, anchored_to, cluster = _observed_edges(engine, config, now)
-    denied_rows = [r for r in rows if (r.get("status") or "delivered") == "denied" and not config.learn_from_drops]
-    rows = [r for r in rows if not any(r is d for d in denied_rows)]
+    rows, denied_rows = split_denied(rows, learn_from_drops=config.learn_from_drops)
     invalid = _invalid_names(rows)
     rows = [r for i, r in enumerate(rows) if i not in invalid]
     if not rows:
@@ -361,7 +369,7 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     )
     suggestion.invalid = list(invalid.values())
     suggestion.denied = [_denied(r) for r in denied_rows]
-    kept_denied = {s for lo in suggestion.denied for s in lo.subjects}
+    kept_denied = {s for lo in suggestion.denied + suggestion.invalid for s in lo.subjects}
     learned = learned_requests(rows)
     stored = StoredEdges(engine, since, until, cluster) if config.verify_flows else None
     ranges = cluster_ranges(_known_addresses(engine, since, until, cluster))
@@ -384,7 +392,9 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
                     include_kube_system=config.include_kube_system,
                     cluster_ranges=ranges,
                 )
-            result, files = _prove(draft, fmt, rows, learned, existing or [], stored, config, suggestion, kept_denied)
+            result, files = _prove(
+                draft, fmt, rows, learned, existing or [], stored, config, suggestion, kept_denied
+            )
         suggestion.results.append(result)
         suggestion.files += files
     _unique_paths(suggestion.files)
@@ -472,6 +482,18 @@ def _span(rows: Sequence[Mapping[str, Any]]) -> tuple[datetime, datetime] | None
     return (min(firsts), max(lasts)) if firsts and lasts else None
 
 
+def split_denied(
+    rows: Iterable[dict[str, Any]], *, learn_from_drops: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The edges to learn from, and those denied by the current policy (`status = 'denied'`: an end reported a
+    policy drop for the connection), which are never learned unless `learn_from_drops`. Rows without a
+    status are delivered."""
+    learn, denied = [], []
+    for row in rows:
+        (denied if row.get("status") == "denied" and not learn_from_drops else learn).append(row)
+    return learn, denied
+
+
 def _pod_ends(row: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(side, namespace, workload) of each end of a row that is a pod."""
     ends = []
@@ -496,20 +518,26 @@ def _invalid_names(rows: Sequence[Mapping[str, Any]]) -> dict[int, LeftOut]:
                     f"{', '.join(repr(b) for b in bad)} is not a name Kubernetes accepts (DNS-1123)",
                     "check where these flows came from: no policy is written for a name the cluster cannot have",
                     int(row.get("flows") or 0),
+                    _ends(row),
                     kind="invalid name",
                 )
                 break
     return out
 
 
-def _denied(row: Mapping[str, Any]) -> LeftOut:
-    """An edge an end reported denied by policy: kept denied, and denied as expected by the drafts."""
+def _ends(row: Mapping[str, Any]) -> tuple[Subject, ...]:
+    """Both pod ends of an edge as proof subjects: the drafts deny the edge there, as expected."""
     protocol = row.get("l4_protocol")
     port = row.get("destination_port") if protocol in ("TCP", "UDP", "SCTP") else row.get("icmp_type")
+    return tuple(
+        (f"{ns}/{wl}", "egress" if side == "source" else "ingress", protocol, port)
+        for side, ns, wl in _pod_ends(row)
+    )
+
+
+def _denied(row: Mapping[str, Any]) -> LeftOut:
+    """An edge an end reported denied by policy: kept denied, and denied as expected by the drafts."""
     ends = _pod_ends(row)
-    keys: list[Subject] = [
-        (f"{ns}/{wl}", "egress" if side == "source" else "ingress", protocol, port) for side, ns, wl in ends
-    ]
     namespace = next((ns for side, ns, _ in ends if side == "destination"), ends[0][1] if ends else None)
     return LeftOut(
         edge_text(row),
@@ -517,7 +545,7 @@ def _denied(row: Mapping[str, Any]) -> LeftOut:
         "denied by your current policy",
         "nothing: it stays denied (--learn-from-drops learns it)",
         int(row.get("flows") or 0),
-        tuple(keys),
+        _ends(row),
         kind="denied",
     )
 
@@ -604,7 +632,9 @@ def _not_proved(edge: DeniedEdge, namespace: str | None, stored: bool) -> LeftOu
         denied_text(edge),
         namespace,
         f"the replay of the {what} denies it ({edge.reason}), so the drafts of namespace {namespace} are not "
-        "offered" if namespace else f"the replay of the {what} denies it ({edge.reason})",
+        "offered"
+        if namespace
+        else f"the replay of the {what} denies it ({edge.reason})",
         "allow it in a policy of your own, or draft the namespace again with --namespace and a narrower window",
         edge.flows,
         kind="not proved",
@@ -720,10 +750,15 @@ def _istio(
         withheld = {str(endpoint_namespace(r, "destination")) for r in refused}
         policies = [p for p in policies if p.namespace not in withheld]
         left_out = [
-            LeftOut(edge_text(r), endpoint_namespace(r, "destination"),
-                    "the AuthorizationPolicy drafted for its server would refuse it, so the drafts of that "
-                    "namespace are not offered", "allow it in a policy of your own",
-                    int(r.get("flows") or 0), kind="not proved")  # fmt: skip
+            LeftOut(
+                edge_text(r),
+                endpoint_namespace(r, "destination"),
+                "the AuthorizationPolicy drafted for its server would refuse it, so the drafts of that "
+                "namespace are not offered",
+                "allow it in a policy of your own",
+                int(r.get("flows") or 0),
+                kind="not proved",
+            )
             for r in refused
         ]
     review = [
@@ -777,7 +812,11 @@ def _files(result: FormatResult, config: SuggestConfig, suggestion: Suggestion) 
     groups: dict[tuple[str, str], list[Any]] = {}
     for policy in result.policies:
         namespace = policy.namespace or "_cluster"
-        name = f"{_slug(namespace)}/{_slug(policy.name)}.yaml" if config.per_workload else f"{_slug(namespace)}.yaml"
+        name = (
+            f"{_slug(namespace)}/{_slug(policy.name)}.yaml"
+            if config.per_workload
+            else f"{_slug(namespace)}.yaml"
+        )
         groups.setdefault((namespace, prefix + name), []).append(policy)
     files = []
     for (namespace, path), policies in groups.items():

@@ -157,4 +157,9 @@ def test_replay_sees_ingress_breaks_of_connections_observed_only_at_the_sender(t
     data = json.loads(result.stdout)
     assert data["would_break"] == 40 and data["allowed"] == 0
     [edge] = data["denied_edges"]
-    assert (edge["destination"], edge["port"], edge["direction"], edge["forwarded"]) == ("shop/db", 8080, "ingress", 40)
+    assert (edge["destination"], edge["port"], edge["direction"], edge["forwarded"]) == (
+        "shop/db",
+        8080,
+        "ingress",
+        40,
+    )

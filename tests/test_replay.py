@@ -199,7 +199,12 @@ ingress:
     report = replay(port_80, *rows)
     assert report.would_break == 12 and report.allowed == 0
     [edge] = report.denied_edges
-    assert (edge.source, edge.destination, edge.port, edge.direction) == ("shop/api", "shop/db", 5432, "ingress")
+    assert (edge.source, edge.destination, edge.port, edge.direction) == (
+        "shop/api",
+        "shop/db",
+        5432,
+        "ingress",
+    )
     # The sender's own egress policy is judged as well, from the same record.
     deny_egress = cnp("api", "endpointSelector: {matchLabels: {app: api}}\negress: [{}]\n")
     report = replay(deny_egress, *rows[:1])

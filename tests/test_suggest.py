@@ -176,7 +176,9 @@ def test_icmp_and_sctp_become_their_own_rules(tmp_path: Path) -> None:
     assert rule["ports"] == [{"protocol": "SCTP", "port": 3868}]
     # ICMP cannot be written in a NetworkPolicy: said in the file and the summary, not dropped silently
     assert any("ICMPv4" in n for n in k8s.results[0].not_allowed)
-    assert "# left out: shop/web -> shop/db ICMPv4/8: a NetworkPolicy cannot allow ICMPv4 alone" in k8s.stream()
+    assert (
+        "# left out: shop/web -> shop/db ICMPv4/8: a NetworkPolicy cannot allow ICMPv4 alone" in k8s.stream()
+    )
     assert k8s.partial and not cilium.partial
     assert any("ICMPv4" in line for line in k8s.summary())
 

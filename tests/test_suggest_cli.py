@@ -105,7 +105,9 @@ def test_an_edge_that_cannot_be_drafted_is_left_out_and_the_rest_written_with_ex
     assert "# left out: shop/legacy -> shop/api TCP/8080: shop/legacy has no stable labels" in shop
     assert {d["metadata"]["name"] for d in yaml.safe_load_all(shop)} == {
         "flowpipe-default-deny", "flowpipe-web", "flowpipe-api", "flowpipe-db"}  # fmt: skip
-    summary = run("--dataset", str(root), *WINDOW, "--out", str(tmp_path / "out2"), "--summary-format", "json")
+    summary = run(
+        "--dataset", str(root), *WINDOW, "--out", str(tmp_path / "out2"), "--summary-format", "json"
+    )
     assert summary.exit_code == 3  # type: ignore[attr-defined]
     data = json.loads(summary.stdout)  # type: ignore[attr-defined]
     assert data["partial"] is True and data["exit_status"] == 3

@@ -497,7 +497,9 @@ def edge_text(row: Mapping[str, Any], sides: Sequence[str] = ()) -> str:
     return f"{end('source')} -> {end('destination')} {protocol}/{port}{l7}{where}"
 
 
-def _subject(end: _End, direction: Direction, row: Mapping[str, Any]) -> tuple[str, str, str | None, int | None]:
+def _subject(
+    end: _End, direction: Direction, row: Mapping[str, Any]
+) -> tuple[str, str, str | None, int | None]:
     """(`namespace/workload`, direction, protocol, port) of a drafted end, as replay names a denied edge."""
     protocol = row.get("l4_protocol")
     port = row.get("destination_port") if protocol in ("TCP", "UDP", "SCTP") else row.get("icmp_type")
@@ -782,10 +784,14 @@ def _default_deny(
     comments: tuple[str, ...] = ()
     if rule.flows is None and held_dns:
         comments = (
-            f"the DNS server seen, {', '.join(held_dns)}, cannot be selected by its labels: the DNS allowance "
-            "assumes k8s-app=kube-dns in kube-system, which matches it once Cilium manages it",
+            (
+                f"the DNS server seen, {', '.join(held_dns)}, cannot be selected by its labels: the DNS allowance "
+                "assumes k8s-app=kube-dns in kube-system, which matches it once Cilium manages it"
+            ),
         )
-        notes.append(f"{namespace}: DNS server not managed by Cilium; assumed k8s-app=kube-dns in kube-system")
+        notes.append(
+            f"{namespace}: DNS server not managed by Cilium; assumed k8s-app=kube-dns in kube-system"
+        )
     elif rule.flows is None:
         comments = ("no DNS traffic was observed: the DNS allowance assumes k8s-app=kube-dns in kube-system",)
         notes.append(f"{namespace}: no DNS server observed; assumed k8s-app=kube-dns in kube-system")
