@@ -59,6 +59,10 @@ FLOW_SCHEMA = pa.schema(
         pa.field("trace_observation_point", pa.string()),
         pa.field("traffic_direction", pa.string()),
         pa.field("is_reply", pa.bool_()),
+        # socket-LB translation events (flow_type SOCK): not packets
+        pa.field("sock_xlate_point", pa.string()),
+        pa.field("socket_cookie", pa.uint64()),
+        pa.field("cgroup_id", pa.uint64()),
         # L3
         pa.field("ip_version", pa.string()),
         pa.field("source_ip", pa.string()),

@@ -1,10 +1,15 @@
--- description: The busiest pairs of workloads by number of flows, with how many were forwarded and dropped,
---   how many destination ports were used, and when the pair was first and last seen. Replies and L7 responses
---   are not counted, so each pair reads from the side that opened the connection. Endpoints are named as in
+-- description: The busiest pairs of workloads by request packets, with how many got through and how many were
+--   dropped, how many connections they opened, how many destination ports were used, and when the pair was
+--   first and last seen. Counts follow the one edge definition (the shared view `connections`): requests only
+--   (no replies, L7 responses or socket-LB events), and each request packet once however many records Hubble
+--   wrote for it (a packet traced at several points, seen at both ends, or reported as a drop notification and
+--   a policy-verdict event): `flows` counts request packets, `dropped` those dropped (by policy or otherwise,
+--   the count `unexpected_drops` and `drops_by_reason` give per drop notification), `forwarded` the rest,
+--   `connections` the TCP, UDP and SCTP connections (ICMP and L7 requests have none). Endpoints are named as in
 --   every question (`flows_enriched`): the workload Cilium reports, else a stable label or the pod name
---   without its controller's suffix, else the reserved identity (`world`, `host`, ...), else the IP;
---   `world_egress` breaks traffic to the world down by DNS name. A namespace filter matches either side. Pairs are counted
---   per cluster (`cluster_name`).
+--   without its controller's suffix, else the reserved identity (`world`, `host`, ...), else the IP; a pod
+--   known at one end only by identity and labels is the same pod. `world_egress` breaks traffic to the world
+--   down by DNS name. A namespace filter matches either side. Pairs are counted per cluster (`cluster_name`).
 -- params: since=1h, until=now, namespace=, limit=20
 WITH requests AS (
     SELECT
@@ -14,12 +19,14 @@ WITH requests AS (
         destination_namespace,
         destination_workload,
         destination_port,
-        verdict,
-        time
-    FROM flows_enriched
-    WHERE time >= $since
-      AND time <= $until
-      AND is_request
+        is_connection,
+        packets,
+        dropped_packets,
+        first_seen,
+        last_seen
+    FROM connections
+    WHERE first_seen >= $since
+      AND first_seen <= $until
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
 )
 SELECT
@@ -27,12 +34,13 @@ SELECT
     source_workload,
     destination_namespace,
     destination_workload,
-    count(*) AS flows,
-    count(*) FILTER (WHERE verdict = 'FORWARDED') AS forwarded,
-    count(*) FILTER (WHERE verdict = 'DROPPED') AS dropped,
+    CAST(sum(packets) AS BIGINT) AS flows,
+    CAST(sum(packets) - sum(dropped_packets) AS BIGINT) AS forwarded,
+    CAST(sum(dropped_packets) AS BIGINT) AS dropped,
+    count(*) FILTER (WHERE is_connection) AS connections,
     count(DISTINCT destination_port) AS destination_ports,
-    min(time) AS first_seen,
-    max(time) AS last_seen,
+    min(first_seen) AS first_seen,
+    max(last_seen) AS last_seen,
     cluster_name
 FROM requests
 GROUP BY cluster_name, source_namespace, source_workload, destination_namespace, destination_workload

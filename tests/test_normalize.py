@@ -181,6 +181,9 @@ def test_every_column_of_a_rich_flow() -> None:
         "trace_observation_point": "TO_NETWORK",
         "traffic_direction": "EGRESS",
         "is_reply": False,
+        "sock_xlate_point": None,
+        "socket_cookie": None,
+        "cgroup_id": None,
         "ip_version": "IPv4",
         "source_ip": "10.0.0.1",
         "destination_ip": "10.0.0.2",
@@ -715,3 +718,25 @@ def test_unsigned_values_beyond_an_int32_column_give_the_same_null_through_json(
     got = row(flow)
     assert (got["drop_reason"], got["source_port"], got["policy_match_type"]) == (None, None, None)
     assert (got["destination_port"], got["event_type"], got["event_sub_type"]) == (80, 5, 2)
+
+
+def test_socket_lb_events_keep_their_translation_point_cookie_and_cgroup() -> None:
+    # A socket-LB translation as Hubble prints it: uint64 fields are JSON strings; no TCP flags, no direction.
+    sock = {
+        "time": "2024-05-01T10:00:00Z",
+        "verdict": "TRANSLATED",
+        "IP": {"source": "10.244.1.5", "destination": "10.244.2.9", "ipVersion": "IPv4"},
+        "l4": {"UDP": {"source_port": 40000, "destination_port": 53}},
+        "Type": "SOCK",
+        "event_type": {"type": 7, "sub_type": 2},
+        "sock_xlate_point": "SOCK_XLATE_POINT_POST_DIRECTION_FWD",
+        "socket_cookie": "9223372036854775000",
+        "cgroup_id": "5283",
+    }
+    got = row(sock)
+    assert (got["flow_type"], got["event_type"], got["verdict"]) == ("SOCK", 7, "TRANSLATED")
+    assert got["sock_xlate_point"] == "SOCK_XLATE_POINT_POST_DIRECTION_FWD"
+    assert (got["socket_cookie"], got["cgroup_id"]) == (9223372036854775000, 5283)
+    # The numeric enum spelling and an unknown point from a newer Cilium are read, not rejected.
+    assert row({**sock, "sock_xlate_point": 3})["sock_xlate_point"] == "SOCK_XLATE_POINT_PRE_DIRECTION_REV"
+    assert row({**sock, "sock_xlate_point": 9}, proto=False)["sock_xlate_point"] == "9"

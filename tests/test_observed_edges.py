@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ KAFKA = pod("shop", "kafka")
 
 
 def edges(tmp_path: Path, *rows: dict[str, Any], **params: object) -> list[dict[str, Any]]:
-    write_dataset(tmp_path, [full_row(time=T0, **r) for r in rows])
+    write_dataset(tmp_path, [full_row(**{"time": T0, **r}) for r in rows])
     values = {"since": "2000-01-01", "until": "2100-01-01", **params}
     with DuckDBEngine(tmp_path) as engine:
         result = run_question(engine, load_questions().question("observed_edges"), values)
@@ -68,11 +69,39 @@ def test_drops_are_learned_only_when_asked_and_only_policy_drops(tmp_path: Path)
         flow(WEB, API, 9001, verdict="DROPPED", drop_reason_desc="CT_MAP_INSERTION_FAILED"),
         flow(WEB, API, 8080, verdict="AUDIT"),
     ]
-    assert [e["destination_port"] for e in edges(tmp_path / "a", *rows)] == [8080]
-    assert [e["destination_port"] for e in edges(tmp_path / "b", *rows, learn_from_drops="true")] == [
-        8080,
-        9000,
+    # Policy drops are edges the current policy denies; other drops are no edge at all.
+    assert [(e["destination_port"], e["status"]) for e in edges(tmp_path / "a", *rows)] == [
+        (8080, "delivered"),
+        (9000, "denied"),
     ]
+    assert [
+        (e["destination_port"], e["status"]) for e in edges(tmp_path / "b", *rows, learn_from_drops="true")
+    ] == [
+        (8080, "delivered"),
+        (9000, "delivered"),
+    ]
+
+
+def test_a_connection_forwarded_at_the_source_and_denied_at_the_destination_is_one_denied_edge(
+    tmp_path: Path,
+) -> None:
+    # Real Hubble: the source node reports each SYN FORWARDED at egress (to the overlay); the destination node
+    # reports a drop notification and a policy-verdict event for it; the SYN is retransmitted twice.
+    rows = []
+    for retry, offset in enumerate((0, 1, 3)):
+        at = T0 + timedelta(seconds=offset)
+        rows += [
+            flow(WEB, API, 8080, source_port=41000, time=at, trace_observation_point="TO_OVERLAY",
+                 traffic_direction="EGRESS", tcp_flags="SYN", node_name="node-a"),
+            flow(WEB, API, 8080, source_port=41000, time=at + timedelta(microseconds=80), verdict="DROPPED",
+                 drop_reason_desc="POLICY_DENIED", traffic_direction="INGRESS", event_type=1,
+                 tcp_flags="SYN", node_name="node-b"),
+            flow(WEB, API, 8080, source_port=41000, time=at + timedelta(microseconds=79), verdict="DROPPED",
+                 drop_reason_desc="POLICY_DENIED", traffic_direction="INGRESS", event_type=5,
+                 tcp_flags="SYN", node_name="node-b"),
+        ]  # fmt: skip
+    (edge,) = edges(tmp_path, *rows)
+    assert (edge["destination_port"], edge["status"], edge["flows"]) == (8080, "denied", 1)
 
 
 def test_world_and_entities(tmp_path: Path) -> None:

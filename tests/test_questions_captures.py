@@ -55,7 +55,9 @@ def raw_flows(files: list[Path]) -> list[Row]:
             flow = event.get("flow", event if "verdict" in event else None)
             if flow is None:
                 continue
-            flows.append({**flow, "_time": flow.get("time") or event.get("time")})
+            flows.append(
+                {**flow, "_time": flow.get("time") or event.get("time"), "_node_name": event.get("node_name")}
+            )
     return flows
 
 
@@ -97,10 +99,18 @@ class Flow:
         self.src = Endpoint(raw.get("source") or {}, ip.get("source"))
         self.dst = Endpoint(raw.get("destination") or {}, ip.get("destination"))
         self.destination_names = raw.get("destination_names") or []
+        self.node = raw.get("node_name") or raw.get("_node_name")
+        self.flags = ((l4.get("TCP") or {}).get("flags")) or {}
+        self.icmp_type = ports.get("type") if self.protocol in ("ICMPv4", "ICMPv6") else None
+        self.l7 = l7
+
+    @property
+    def is_traffic(self) -> bool:
+        return self.raw.get("Type") != "SOCK" and self.event_type != 7
 
     @property
     def is_request(self) -> bool:
-        return self.is_reply is not True and self.l7_type != "RESPONSE"
+        return self.is_traffic and self.is_reply is not True and self.l7_type != "RESPONSE"
 
     def reason(self) -> str:
         number = self.raw.get("drop_reason") or 0
@@ -117,16 +127,29 @@ class Endpoint:
     """One side of a flow, named by the rules of `flows_enriched`, written again here in Python."""
 
     def __init__(self, raw: Row, ip: str | None) -> None:
-        self.namespace = raw.get("namespace") or None
         self.pod = raw.get("pod_name") or None
         self.identity = raw.get("identity") or 0
         self.labels = raw.get("labels") or []
+        # A pod identity with labels but no namespace field: the namespace label names it.
+        self.namespace = raw.get("namespace") or (
+            self._k8s_label("io.kubernetes.pod.namespace") if 256 <= self.identity < 2**24 else None
+        )
         self.ip = ip or None
         workloads = raw.get("workloads") or []
         self.workload_name = (workloads[0].get("name") or None) if workloads else None
 
     @property
     def entity(self) -> str | None:
+        if self.namespace and self.pod:
+            return None  # a record naming its pod is about that pod, whatever identity it carries
+        return self.reserved
+
+    @property
+    def reserved_identity(self) -> str | None:
+        return self.reserved if self.namespace and self.pod else None
+
+    @property
+    def reserved(self) -> str | None:
         if 256 <= self.identity < 2**24 and self.namespace:
             return None
         if self.identity in RESERVED:
@@ -173,6 +196,48 @@ class Endpoint:
         if self.entity is None and self.workload and label_namespace:
             return f"{label_namespace}/{self.workload}"
         return self.workload
+
+
+# -- the edge definition, again -------------------------------------------------------------------------------
+
+
+def is_counted_request(f: Flow) -> bool:
+    """A request record of the edge definition: no reply, L7 response or socket event; a TCP record without
+    is_reply only when it opens the connection (SYN without ACK)."""
+    if not f.is_request:
+        return False
+    if f.is_reply is None and f.protocol == "TCP" and f.flags:
+        return bool(f.flags.get("SYN")) and not f.flags.get("ACK")
+    return True
+
+
+def requests_once(flows: list[Flow]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Each request (a 5-tuple connection, or an ICMP / L7 call per observing side) with its packets counted
+    once: the most records one observer (node, event type, point, direction, verdict) wrote for it."""
+    per_observer: dict[tuple[Any, ...], Counter[tuple[Any, ...]]] = defaultdict(Counter)
+    flows_of: dict[tuple[Any, ...], list[Flow]] = defaultdict(list)
+    for f in flows:
+        if not is_counted_request(f):
+            continue
+        connection = f.l7_type is None and f.protocol in ("TCP", "UDP", "SCTP") and f.source_port is not None
+        key: tuple[Any, ...] = (f.src.ip, f.source_port, f.dst.ip, f.destination_port, f.protocol)
+        if not connection:
+            l7 = json.dumps(f.l7, sort_keys=True) if f.l7 else None
+            key += (f.icmp_type, l7, f.direction or "")
+        reason = lookup(f.reason())
+        policy = f.verdict == "DROPPED" and reason is not None and reason.policy_decision
+        observer = (f.node, f.event_type, f.point, f.direction, f.verdict, policy)
+        per_observer[key][observer] += 1
+        flows_of[key].append(f)
+    out = {}
+    for key, observers in per_observer.items():
+        out[key] = {
+            "packets": max(observers.values()),
+            "dropped": max((n for o, n in observers.items() if o[4] == "DROPPED"), default=0),
+            "denied": any(o[5] for o in observers),
+            "flows": flows_of[key],
+        }
+    return out
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------
@@ -435,3 +500,12 @@ def test_allow_sets_and_new_connections_match(engine: DuckDBEngine, flows: list[
         for r in rows
     } == edges
     assert query(engine, "lost_events") == []
+
+
+def test_top_talkers_count_each_request_packet_once(engine: DuckDBEngine, flows: list[Flow]) -> None:
+    requests = requests_once(flows)
+    rows = query(engine, "top_talkers")
+    assert sum(r["flows"] for r in rows) == sum(r["packets"] for r in requests.values()) > 0
+    assert sum(r["dropped"] for r in rows) == sum(r["dropped"] for r in requests.values())
+    # Fewer than the raw request records: the captures report packets at several points and at both ends.
+    assert sum(r["flows"] for r in rows) < sum(len(r["flows"]) for r in requests.values())

@@ -457,18 +457,3 @@ def test_real_captures_dns_queries(
         for index, column in enumerate(("lookups", "responses", "failures")):
             counts[index] += r[column]
     assert dict(got) == dict(expected) and sum(c[0] for c in got.values()) > 0
-
-
-def test_real_captures_top_talkers(
-    capture_engine: DuckDBEngine, capture_files: list[Path], catalog: Catalog
-) -> None:
-    flows = raw_flows(capture_files)
-    requests = [
-        f
-        for f in flows
-        if (f["is_reply"] if "is_reply" in f else (True if f.get("reply") else None)) is not True
-        and (f.get("l7") or {}).get("type") != "RESPONSE"
-    ]
-    result = run_question(capture_engine, catalog.question("top_talkers"), CAPTURE_WINDOW).table.to_pylist()
-    assert sum(r["flows"] for r in result) == len(requests) > 0
-    assert sum(r["dropped"] for r in result) == sum(f.get("verdict") == "DROPPED" for f in requests)

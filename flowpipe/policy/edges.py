@@ -11,13 +11,13 @@ Columns:
 | `source_namespace`, `source_workload` | the client pod's namespace and stable workload name (NULL for non-pods) |
 | `source_labels` | the client's Cilium labels (`k8s:app=web`); only stable keys are used for selectors |
 | `source_entity`, `source_ip` | for non-pods: the reserved identity (`world`, `host`, `remote-node`, `kube-apiserver`, `health`, `init`, `ingress`, `unmanaged`) and the address |
-| `source_reserved_identity` | for a pod recorded with a reserved identity (`world`, `unmanaged`): that identity (optional column) |
 | `destination_*` | the same for the server, plus `destination_names`: DNS names Cilium knows for a world address |
 | `l4_protocol`, `destination_port`, `icmp_type` | TCP, UDP, SCTP with a port; ICMPv4 / ICMPv6 with a type |
 | `l7_protocol` | NULL for an L3/L4 edge; `http`, `kafka` or `dns` for an edge of L7 requests on that port |
 | `http_method`, `http_path` | the request method and target (path with query string) |
 | `kafka_role`, `kafka_topic` | `produce` / `consume` and the topic |
-| `status` | `delivered`, or `denied` when an end reported a policy drop for it (optional column; absent: delivered) |
+| `status` | `delivered` (no end reported it denied), or `denied` (an end reported a policy drop: a connection FORWARDED at the source and DROPPED at the destination is denied); with `learn_from_drops` every edge is `delivered` |
+| `source_reserved_identity`, `destination_reserved_identity` | for a pod recorded with a reserved identity (`world`, `unmanaged`, `host`...) while the record names it: that identity (a label selector does not match the pod while it has it); NULL otherwise |
 
 The question also returns `first_seen`, `last_seen` and `cluster_name`: edges are per cluster, and `suggest`
 drafts from the edges of one cluster (`flowpipe.policy.clusters.choose_cluster`), so the drafts never read it.

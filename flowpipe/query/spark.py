@@ -42,7 +42,7 @@ from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.errors import ConfigError, EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
-from flowpipe.query.views import DROP_REASONS_TABLE, load_views
+from flowpipe.query.views import DROP_REASONS_TABLE, NAMED_VIEW, flows_named_sql, load_views
 from flowpipe.storage import s3_options
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,9 @@ class SparkEngine:
             # Spark 4 takes an Arrow table as it is; Spark 3.5 a pandas DataFrame
             frame = reasons if int(self.spark.version.split(".")[0]) >= 4 else reasons.to_pandas()
             self.spark.createDataFrame(frame).createOrReplaceTempView(DROP_REASONS_TABLE)
+        named, _ = to_spark_sql(flows_named_sql(fallbacks=True))
+        with _translate_errors(named, question=f"view {NAMED_VIEW}"):
+            self.spark.sql(f"CREATE OR REPLACE TEMP VIEW `{NAMED_VIEW}` AS\n{named}")
         for view in load_views():
             text, names = to_spark_sql(view.sql)
             if names:
@@ -293,7 +296,11 @@ class SparkEngine:
         if self._owns_session:
             self.spark.stop()
             return
-        for name in [view for view, _, _ in _VIEWS] + [DROP_REASONS_TABLE] + [v.name for v in load_views()]:
+        for name in (
+            [view for view, _, _ in _VIEWS]
+            + [DROP_REASONS_TABLE, NAMED_VIEW]
+            + [v.name for v in load_views()]
+        ):
             self.spark.catalog.dropTempView(name)
 
     def __enter__(self) -> Self:

@@ -66,6 +66,37 @@ FALLBACK_NEEDED_SQL = (
 """One row, one count: 1 when some flow needs the fallback regions to name its endpoints, else 0."""
 
 
+NAMED_VIEW = "flows_named"
+_NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
+
+
+def flows_named_sql(*, fallbacks: bool) -> str:
+    """The view `flows_named`: every column of `flows`, with each endpoint's namespace taken from its labels
+    where the record has labels but no namespace (a remote pod the observing node knew only by identity).
+
+    Portable SQL with an explicit column list (Spark has no `* REPLACE`); without `fallbacks` (no flow needs
+    it, see `FALLBACK_NEEDED_SQL`) it is `flows` as it is, so that questions do not read the labels.
+    """
+    from flowpipe.model import FLOW_SCHEMA
+
+    columns = []
+    for name in FLOW_SCHEMA.names:
+        side = name.removesuffix("_namespace")
+        if fallbacks and name.endswith("_namespace") and side in ("source", "destination"):
+            label = (
+                f"nullif(regexp_extract(array_to_string({side}_labels, ' '), "
+                f"'(?:^| )k8s:io\\.kubernetes\\.pod\\.namespace=([^ ]+)', 1), '')"
+            )
+            # Only for a cluster identity (a pod); reserved identities keep no namespace they do not name.
+            columns.append(
+                f"coalesce({name}, CASE WHEN coalesce({side}_identity, 0) >= 256"
+                f" AND coalesce({side}_identity, 0) < 16777216 THEN {label} END) AS {name}"
+            )
+        else:
+            columns.append(name)
+    return "SELECT\n    " + ",\n    ".join(columns) + "\nFROM flows"
+
+
 @dataclass(frozen=True, slots=True)
 class SharedView:
     """One shared view: its name (file stem), description, the shared views it reads, and its SELECT."""
@@ -165,6 +196,12 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
         raise QueryError(
             f"cannot probe the flows for undescribed endpoints: {exc}", sql=FALLBACK_NEEDED_SQL
         ) from exc
+    named = flows_named_sql(fallbacks=fallbacks_needed)
+    try:
+        con.execute(f'CREATE OR REPLACE VIEW "{NAMED_VIEW}" AS\n{named}')
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot create the view {NAMED_VIEW}: {exc}", sql=named) from exc
+    created.append(NAMED_VIEW)
     for view in load_views(directory):
         select = view.sql if fallbacks_needed else view.sql_without_fallbacks
         statement = f'CREATE OR REPLACE VIEW "{view.name}" AS\n{select}'

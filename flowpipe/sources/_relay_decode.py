@@ -46,7 +46,8 @@ STORED_FIELDS: dict[str, tuple[str, ...]] = {
         "time", "verdict", "drop_reason", "IP", "l4", "source", "destination", "Type", "node_name",
         "source_names", "destination_names", "l7", "reply", "event_type", "source_service",
         "destination_service", "traffic_direction", "policy_match_type", "trace_observation_point",
-        "drop_reason_desc", "is_reply", "uuid", "auth_type", *POLICY_LISTS,
+        "drop_reason_desc", "is_reply", "uuid", "auth_type", "sock_xlate_point", "socket_cookie", "cgroup_id",
+        *POLICY_LISTS,
     ),
     "flow.IP": ("source", "destination", "ipVersion", "encrypted"),
     "flow.Layer4": L4_KINDS,
@@ -365,6 +366,10 @@ def flow_table(
     cols["traffic_direction"] = _enum(p("traffic_direction"), "TrafficDirection")
     legacy = pc.if_else(p("reply"), pa.scalar(True), pa.scalar(None, pa.bool_()))
     cols["is_reply"] = pc.coalesce(p("is_reply"), legacy)
+    cols["sock_xlate_point"] = _enum(p("sock_xlate_point"), "SocketTranslationPoint")
+    for name in ("socket_cookie", "cgroup_id"):
+        value = p(name)
+        cols[name] = pc.if_else(pc.equal(pc.coalesce(value, 0), 0), pa.scalar(None, value.type), value)
 
     cols["ip_version"] = _enum(p("IP", "ipVersion"), "IPVersion")
     cols["source_ip"] = _nonempty(p("IP", "source"))

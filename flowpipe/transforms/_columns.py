@@ -182,6 +182,11 @@ def build_flow_table(
     # is_reply: the wrapper when set; else TRUE when the legacy `reply` is true; else unknown.
     legacy = pc.if_else(pc.coalesce(p["reply",], False), True, None)
     cols["is_reply"] = pc.coalesce(p["is_reply",], legacy)
+    cols["sock_xlate_point"] = _enum(p["sock_xlate_point",], "SocketTranslationPoint")
+    for name in ("socket_cookie", "cgroup_id"):
+        # uint64 in protobuf JSON is a string; 0 (the proto default) means "not set".
+        value = pc.cast(p[name,], pa.uint64())
+        cols[name] = _null_where(pc.equal(pc.coalesce(value, 0), 0), value)
 
     ip_present = p.present(("IP",))
     cols["ip_version"] = _enum(p["IP", "ipVersion"], "IPVersion")

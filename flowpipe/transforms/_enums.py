@@ -17,6 +17,7 @@ ZERO_NAMES: dict[str, str] = {
     "FlowType": "UNKNOWN_TYPE",
     "TraceObservationPoint": "UNKNOWN_POINT",
     "TrafficDirection": "TRAFFIC_DIRECTION_UNKNOWN",
+    "SocketTranslationPoint": "SOCK_XLATE_POINT_UNKNOWN",
     "IPVersion": "IP_NOT_USED",
     "L7FlowType": "UNKNOWN_L7_TYPE",
     "LostEventSource": "UNKNOWN_LOST_EVENT_SOURCE",

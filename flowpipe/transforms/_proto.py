@@ -52,6 +52,7 @@ def flows_to_table(
     c_verdict, c_drop, c_drop_desc, c_match, c_auth = zeros(), zeros(), zeros(), zeros(), zeros()
     c_type, c_ev, c_ev_sub, c_point, c_dir, c_reply = zeros(), nulls(), nulls(), zeros(), zeros(), nulls()
     c_ipv, c_sip, c_dip, c_enc = zeros(), nulls(), nulls(), nulls()
+    c_xlate, c_cookie, c_cgroup = zeros(), nulls(), nulls()
     c_src: list[int | None] = nulls()
     c_dst: list[int | None] = nulls()
     # Endpoints repeat from flow to flow (the same pods talk again and again): each distinct one (keyed by its
@@ -99,6 +100,9 @@ def flows_to_table(
             c_ev_sub[i] = ev.sub_type
         c_point[i] = f.trace_observation_point
         c_dir[i] = f.traffic_direction
+        c_xlate[i] = f.sock_xlate_point
+        c_cookie[i] = f.socket_cookie or None
+        c_cgroup[i] = f.cgroup_id or None
         if has("is_reply"):
             c_reply[i] = f.is_reply.value
         elif f.reply:
@@ -188,6 +192,8 @@ def flows_to_table(
         "event_type": c_ev, "event_sub_type": c_ev_sub,
         "trace_observation_point": _enum(c_point, "TraceObservationPoint"),
         "traffic_direction": _enum(c_dir, "TrafficDirection"), "is_reply": c_reply,
+        "sock_xlate_point": _enum(c_xlate, "SocketTranslationPoint"), "socket_cookie": c_cookie,
+        "cgroup_id": c_cgroup,
         "ip_version": _enum(c_ipv, "IPVersion"), "source_ip": c_sip,
         "destination_ip": c_dip, "encrypted": c_enc,
         "l4_protocol": c_l4, "source_port": c_sport, "destination_port": c_dport, "tcp_flags": c_flags,

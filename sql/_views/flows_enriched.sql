@@ -6,11 +6,20 @@
 --   name without the ReplicaSet, DaemonSet, CronJob or StatefulSet suffix; else the reserved entity; else the IP.
 --   `source_workload_id` / `destination_workload_id`: the stable identity, `<namespace>/<workload>` for pods
 --   (the namespace label where a record has labels but no namespace), the entity or IP otherwise.
---   `source_unresolved_pod` / `destination_unresolved_pod`: the pod name of a pod recorded with a reserved
---   identity (a namespace and a pod name, yet an entity: older agents report the egress proxy's L7 records
---   with the world identity and no labels), else NULL; whoever names it (observed_edges, replay's edges)
---   takes the workload and labels of the pod of that name seen with its own identity in the same cluster.
---   `is_request`: not a reply (unknown counts as a request) and not an L7 response. `dns_rcode_name`: the DNS
+--   It reads `flows_named`: the flow table with each endpoint's namespace taken from its
+--   `k8s:io.kubernetes.pod.namespace` label where the record has a pod identity and labels but no namespace
+--   (a remote pod the observing node knew only by identity), so such a pod is the same pod everywhere.
+--   A record that names a pod (namespace and pod name) is about that pod even when it carries a reserved
+--   identity (`reserved:world` for hostNetwork pods, pods the agent does not manage, Istio set-ups;
+--   `reserved:unmanaged`): it is named by its workload or pod, never `world`, and
+--   `source_reserved_identity` / `destination_reserved_identity` keep that identity (`world`, `unmanaged`,
+--   `host`, ...; NULL for pods with their own identity and for endpoints that are not pods), since policies
+--   enforce on the identity. `source_unresolved_pod` / `destination_unresolved_pod`: the pod name of such a
+--   pod, else NULL; whoever needs its labels (observed_edges, replay's edges) takes those of the pod of that
+--   name seen with its own identity in the same cluster.
+--   `is_traffic`: not a socket-LB event (`flow_type` SOCK, event type 7: a Service translation recorded at
+--   `connect()`, not a packet). `is_request`: traffic that is not a reply (unknown counts as a request) and
+--   not an L7 response. `dns_rcode_name`: the DNS
 --   response code by name (NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...).
 --   `http_path`: the path of `http_url` without query string, numeric, UUID and long hex segments as `{id}`.
 --   Written in portable SQL (no DuckDB-only syntax where a standard form exists) so that sqlglot can
@@ -43,11 +52,12 @@ SELECT
         -- fallback: end
         ELSE w.destination_workload
     END AS destination_workload_id,
-    CASE WHEN w.source_entity IS NOT NULL AND w.source_namespace IS NOT NULL THEN w.source_pod_name END
-        AS source_unresolved_pod,
-    CASE WHEN w.destination_entity IS NOT NULL AND w.destination_namespace IS NOT NULL
-        THEN w.destination_pod_name END AS destination_unresolved_pod,
-    (w.is_reply IS NULL OR NOT w.is_reply) AND (w.l7_type IS NULL OR w.l7_type <> 'RESPONSE') AS is_request,
+    CASE WHEN w.source_reserved_identity IS NOT NULL THEN w.source_pod_name END AS source_unresolved_pod,
+    CASE WHEN w.destination_reserved_identity IS NOT NULL THEN w.destination_pod_name END
+        AS destination_unresolved_pod,
+    coalesce(w.flow_type, '') <> 'SOCK' AND coalesce(w.event_type, 0) <> 7 AS is_traffic,
+    coalesce(w.flow_type, '') <> 'SOCK' AND coalesce(w.event_type, 0) <> 7
+        AND (w.is_reply IS NULL OR NOT w.is_reply) AND (w.l7_type IS NULL OR w.l7_type <> 'RESPONSE') AS is_request,
     CASE
         WHEN w.dns_rcode IS NULL OR w.l7_type <> 'RESPONSE' THEN NULL
         WHEN w.dns_rcode = 0 THEN 'NOERROR'
@@ -132,6 +142,18 @@ FROM (
             -- fallback: end
         ) AS destination_workload
     FROM (
+    SELECT
+        r.*,
+        -- A record that names its pod (namespace and pod name) is about that pod, whatever identity it carries.
+        CASE WHEN r.source_namespace IS NOT NULL AND r.source_pod_name IS NOT NULL THEN NULL
+            ELSE r.source_reserved END AS source_entity,
+        CASE WHEN r.destination_namespace IS NOT NULL AND r.destination_pod_name IS NOT NULL THEN NULL
+            ELSE r.destination_reserved END AS destination_entity,
+        CASE WHEN r.source_namespace IS NOT NULL AND r.source_pod_name IS NOT NULL THEN r.source_reserved END
+            AS source_reserved_identity,
+        CASE WHEN r.destination_namespace IS NOT NULL AND r.destination_pod_name IS NOT NULL
+            THEN r.destination_reserved END AS destination_reserved_identity
+    FROM (
         SELECT
             f.*,
             CASE
@@ -163,7 +185,7 @@ FROM (
                 WHEN array_contains(f.source_labels, 'reserved:unmanaged') THEN 'unmanaged'
                 WHEN array_contains(f.source_labels, 'reserved:ingress') THEN 'ingress'
                 -- fallback: end
-            END AS source_entity,
+            END AS source_reserved,
             CASE
                 -- Decided by the identity number alone, for nearly every flow: a pod (cluster-allocated
                 -- identity, in a namespace) is no entity; reserved identities 1-10; node-local identities
@@ -193,7 +215,8 @@ FROM (
                 WHEN array_contains(f.destination_labels, 'reserved:unmanaged') THEN 'unmanaged'
                 WHEN array_contains(f.destination_labels, 'reserved:ingress') THEN 'ingress'
                 -- fallback: end
-            END AS destination_entity
-        FROM flows AS f
+            END AS destination_reserved
+        FROM flows_named AS f
+    ) AS r
     ) AS e
 ) AS w

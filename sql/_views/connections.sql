@@ -1,0 +1,178 @@
+-- description: The edge definition, once for every question and command that speaks of edges (observed_edges,
+--   suggest, replay, least_privilege, new_connections, top_talkers): one row per request, however many
+--   records Hubble wrote for it. Requests only (`is_request`: no replies, no L7 responses, no socket-LB events).
+--   A TCP, UDP or SCTP connection is its 5-tuple (cluster, addresses, ports, protocol), whatever end or ends
+--   reported it: the source node's FORWARDED egress record and the destination node's delivery, drop
+--   notification and policy-verdict event are one connection. An ICMP echo pair and an L7 request have no
+--   connection: they are one row per endpoint pair and call, per observing side (`side`: EGRESS records are
+--   the source's view, INGRESS the destination's), and edges take the larger side.
+--   `packets`: the request packets of the row counted once: the most records any one observer (node, event
+--   type, observation point, direction, verdict) wrote for it, so a packet traced at several points, a drop
+--   reported as a drop notification and a policy-verdict event, and a SYN seen at both ends count once; SYN
+--   retransmits of a denied connection count as the packets they are.
+--   `outcome`: `denied` when any end reported a policy-decision drop (an ingress denial is FORWARDED at the
+--   source and DROPPED at the destination: denied, never delivered), else `delivered` when some end forwarded,
+--   redirected or audited it, else `dropped` (only other drops: conntrack, routing...).
+--   `denied_packets` / `dropped_packets`: packets dropped by policy / by anything, counted once as `packets`.
+--   `source_observed` / `destination_observed`: whether the source's node (EGRESS) or the destination's node
+--   (INGRESS) reported it. Endpoints are named as `flows_enriched` names them, taking the description from the
+--   records that have one (a remote pod known only by identity at one end is the same pod as at the other).
+-- requires: flows_enriched
+WITH records AS (
+    SELECT
+        cluster_name,
+        time,
+        node_name,
+        event_type,
+        trace_observation_point,
+        traffic_direction,
+        verdict,
+        is_reply,
+        tcp_flags,
+        l4_protocol,
+        source_ip,
+        destination_ip,
+        source_port,
+        destination_port,
+        icmp_type,
+        l7_type,
+        l7_protocol,
+        http_method,
+        http_url,
+        kafka_api_key,
+        kafka_topic,
+        dns_query,
+        source_namespace,
+        source_pod_name,
+        source_workload,
+        source_workload_id,
+        source_entity,
+        source_reserved_identity,
+        source_unresolved_pod,
+        source_identity,
+        destination_namespace,
+        destination_pod_name,
+        destination_workload,
+        destination_workload_id,
+        destination_entity,
+        destination_reserved_identity,
+        destination_unresolved_pod,
+        destination_identity,
+        destination_names,
+        l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') AND source_port IS NOT NULL AS is_connection,
+        verdict = 'DROPPED' AND coalesce(
+            drop_reason_desc IN (SELECT drop_reason_desc FROM drop_reasons WHERE policy_decision), FALSE)
+            AS policy_drop
+    FROM flows_enriched
+    WHERE is_request
+      -- Without is_reply, a TCP packet with flags is a request only when it opens the connection.
+      AND NOT (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
+               AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))
+),
+observers AS (
+    -- Each observer's records of each request: one node, event type, observation point, direction, verdict.
+    SELECT
+        cluster_name,
+        is_connection,
+        -- The key of a connection (5-tuple) or of an ICMP / L7 call (endpoint pair, call, observing side); the
+        -- ICMP and L7 fields are NULL on L4 records.
+        source_ip,
+        source_port,
+        destination_ip,
+        destination_port,
+        l4_protocol,
+        icmp_type,
+        l7_protocol,
+        http_method,
+        http_url,
+        kafka_api_key,
+        kafka_topic,
+        dns_query,
+        CASE WHEN is_connection THEN NULL ELSE coalesce(traffic_direction, '') END AS side,
+        node_name,
+        event_type,
+        trace_observation_point,
+        traffic_direction,
+        verdict,
+        policy_drop,
+        count(*) AS records,
+        min(time) AS first_seen,
+        max(time) AS last_seen,
+        min(source_namespace) AS source_namespace,
+        min(source_pod_name) AS source_pod_name,
+        min(source_workload) AS source_workload,
+        min(source_workload_id) AS source_workload_id,
+        min(source_entity) AS source_entity,
+        min(source_reserved_identity) AS source_reserved_identity,
+        min(source_unresolved_pod) AS source_unresolved_pod,
+        min(source_identity) AS source_identity,
+        min(destination_namespace) AS destination_namespace,
+        min(destination_pod_name) AS destination_pod_name,
+        min(destination_workload) AS destination_workload,
+        min(destination_workload_id) AS destination_workload_id,
+        min(destination_entity) AS destination_entity,
+        min(destination_reserved_identity) AS destination_reserved_identity,
+        min(destination_unresolved_pod) AS destination_unresolved_pod,
+        min(destination_identity) AS destination_identity,
+        min(list_sort(destination_names)) AS destination_names
+    FROM records
+    GROUP BY
+        cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+        icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query,
+        CASE WHEN is_connection THEN NULL ELSE coalesce(traffic_direction, '') END, node_name, event_type,
+        trace_observation_point, traffic_direction, verdict, policy_drop
+)
+SELECT
+    cluster_name,
+    is_connection,
+    source_ip,
+    source_port,
+    destination_ip,
+    destination_port,
+    l4_protocol,
+    icmp_type,
+    l7_protocol,
+    http_method,
+    http_url,
+    kafka_api_key,
+    kafka_topic,
+    dns_query,
+    nullif(side, '') AS side,
+    CASE
+        WHEN bool_or(policy_drop) THEN 'denied'
+        WHEN bool_or(verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT')) THEN 'delivered'
+        ELSE 'dropped'
+    END AS outcome,
+    max(records) AS packets,
+    coalesce(max(CASE WHEN policy_drop THEN records END), 0) AS denied_packets,
+    coalesce(max(CASE WHEN verdict = 'DROPPED' THEN records END), 0) AS dropped_packets,
+    bool_or(traffic_direction = 'EGRESS') AS source_observed,
+    bool_or(traffic_direction = 'INGRESS') AS destination_observed,
+    min(first_seen) AS first_seen,
+    max(last_seen) AS last_seen,
+    -- A pod seen by name at one end and only by identity at the other is that pod: the named description wins.
+    min(source_namespace) AS source_namespace,
+    min(source_pod_name) AS source_pod_name,
+    coalesce(min(CASE WHEN source_namespace IS NOT NULL THEN source_workload END), min(source_workload))
+        AS source_workload,
+    coalesce(min(CASE WHEN source_namespace IS NOT NULL THEN source_workload_id END), min(source_workload_id))
+        AS source_workload_id,
+    CASE WHEN min(source_namespace) IS NULL THEN min(source_entity) END AS source_entity,
+    min(source_reserved_identity) AS source_reserved_identity,
+    min(source_unresolved_pod) AS source_unresolved_pod,
+    min(source_identity) AS source_identity,
+    min(destination_namespace) AS destination_namespace,
+    min(destination_pod_name) AS destination_pod_name,
+    coalesce(min(CASE WHEN destination_namespace IS NOT NULL THEN destination_workload END),
+        min(destination_workload)) AS destination_workload,
+    coalesce(min(CASE WHEN destination_namespace IS NOT NULL THEN destination_workload_id END),
+        min(destination_workload_id)) AS destination_workload_id,
+    CASE WHEN min(destination_namespace) IS NULL THEN min(destination_entity) END AS destination_entity,
+    min(destination_reserved_identity) AS destination_reserved_identity,
+    min(destination_unresolved_pod) AS destination_unresolved_pod,
+    min(destination_identity) AS destination_identity,
+    min(destination_names) AS destination_names
+FROM observers
+GROUP BY
+    cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+    icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side
