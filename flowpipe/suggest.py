@@ -445,8 +445,6 @@ def _observed_edges(
     cluster = choose_cluster(engine, config.cluster, since, until, command="suggest")
     params["cluster"] = cluster
     rows = engine.run(question.sql, params, question=question.name).to_pylist()
-    # Edges the current policy denies are never learned (with learn_from_drops they come back as delivered).
-    rows = [r for r in rows if r.get("status", "delivered") == "delivered"]
     if len(config.namespaces) > 1:
         wanted = set(config.namespaces)
         rows = [
