@@ -49,6 +49,7 @@ import yaml
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
 from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.draft import (
+    DNS_PORT,
     Draft,
     LeftOut,
     Network,
@@ -539,6 +540,17 @@ def _denied(row: Mapping[str, Any]) -> LeftOut:
     """An edge an end reported denied by policy: kept denied, and denied as expected by the drafts."""
     ends = _pod_ends(row)
     namespace = next((ns for side, ns, _ in ends if side == "destination"), ends[0][1] if ends else None)
+    if row.get("destination_port") == DNS_PORT and row.get("l4_protocol") in ("UDP", "TCP"):
+        return LeftOut(
+            edge_text(row),
+            namespace,
+            "denied by your current policy: DNS lookups, which the drafted default-deny's DNS allowance allows "
+            "(a default-deny needs it; today's policy blocks the lookups, see the unexpected_drops question)",
+            "check why the current policy blocks DNS; the drafts do not keep it blocked",
+            int(row.get("flows") or 0),
+            (),
+            kind="denied",
+        )
     return LeftOut(
         edge_text(row),
         namespace,

@@ -51,7 +51,7 @@ def denied_connection(
                     drop_reason_desc="POLICY_DENIED",
                     event_type=event_type,
                     **five,
-                )  # fmt: skip
+                )
             )
     return rows
 
