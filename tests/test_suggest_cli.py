@@ -173,3 +173,11 @@ def test_existing_policies_that_allow_everything_leave_nothing_to_add(tmp_path: 
     result = run("--dataset", str(root), *WINDOW, "--existing", str(current))
     assert result.exit_code == 0 and result.stdout == ""  # type: ignore[attr-defined]
     assert "nothing new: the 1 existing policies allow every request" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_help_states_the_exit_status_and_the_summary_format() -> None:
+    result = CliRunner().invoke(cli, ["suggest", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Exit status: 0 everything observed was drafted, 3 partial" in text
+    assert "--summary-format [text|json]" in text
