@@ -645,3 +645,23 @@ def test_cilium_endpoint_selectors_of_reserved_labels() -> None:
     node = reserved("remote-node", "172.18.0.3")
     report = replay(policy, flow(node, DB, 5432), flow(API, DB, 5432))
     assert report.allowed == 1 and report.denied_edges[0].source == "shop/api"
+
+
+def test_a_pod_recorded_with_a_reserved_identity_is_judged_as_that_identity() -> None:
+    # kube-dns on the host network: the record names its pod, but Cilium knows it as the world.
+    host_dns = {**DNS, "labels": ["reserved:world"], "identity": 2, "ip": "10.156.0.10"}
+    kube_system_deny = (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: kube-system}\n"
+        "spec: {podSelector: {}, policyTypes: [Ingress]}\n"
+    )
+    by_label = cnp(
+        "web",
+        """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+- toEndpoints: [{matchLabels: {k8s-app: kube-dns, k8s:io.kubernetes.pod.namespace: kube-system}}]
+""",
+    )
+    rows = [flow(WEB, host_dns, 53, "UDP")]
+    assert replay(kube_system_deny, *rows).denied == 0  # no policy selects it while it has that identity
+    assert replay(by_label, *rows).would_break == 1  # its labels do not match

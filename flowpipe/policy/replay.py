@@ -10,6 +10,9 @@ The semantics are those of the real implementations (Cilium enforces both flavou
 - Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true and no L7
   `RESPONSE`. Without `is_reply` (old agents), a TCP packet counts as a request only when it opens a connection
   (SYN without ACK); other packets of unknown direction are skipped with the replies.
+- A pod recorded with a reserved identity (`*_reserved_identity`, or only `reserved:` labels while the record
+  names its namespace: hostNetwork pods, pods Cilium does not manage) is judged as that identity, as Cilium
+  enforces on the identity: no policy selects it, and no label or namespace selector matches it.
 - Ingress from the local host (`reserved:host`: kubelet probes) is always allowed, as with Cilium's default
   `allow-localhost: auto`; `ReplayConfig(allow_localhost=False)` judges it like any peer.
 - CIDR rules (and NetworkPolicy `ipBlock`) select addresses outside the cluster, not pods or nodes, as in
@@ -438,9 +441,18 @@ class _Judge:
         self.decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
 
     def endpoint(self, row: Mapping[str, Any], side: str) -> m.Endpoint:
+        labels = tuple(row.get(f"{side}_labels") or ())
+        namespace = row.get(f"{side}_namespace")
+        held = row.get(f"{side}_reserved_identity")
+        if namespace is not None and (
+            held or (labels and all(lbl.startswith("reserved:") for lbl in labels))
+        ):
+            # A pod recorded with a reserved identity is that identity to Cilium: no policy selects it, and
+            # selectors match it as that identity (world: by CIDR), never by its namespace or labels.
+            namespace, labels = None, (f"reserved:{held}",) if held else labels
         key = (
-            row.get(f"{side}_namespace"),
-            tuple(row.get(f"{side}_labels") or ()),
+            namespace,
+            labels,
             row.get(f"{side}_identity"),
             row.get(f"{side}_ip"),
             tuple(row.get(f"{side}_names") or ()),
