@@ -156,6 +156,8 @@ class FormatResult:
     flows_proved: int | None = None
     covered: dict[str, int] = field(default_factory=dict)
     """Learned requests the drafts allow, per namespace (as client or server)."""
+    denied: dict[str, int] = field(default_factory=dict)
+    """Learned requests the replay of the drafts denies (those of the edges left out), per namespace."""
 
     @property
     def rules(self) -> int:
@@ -220,6 +222,10 @@ class Suggestion:
                         f.path for f in self.files if f.format == result.format and f.namespace == namespace
                     ],
                     "requests_covered": result.covered.get(namespace, 0),
+                    "replay": {
+                        "learned_requests_allowed": result.covered.get(namespace, 0),
+                        "learned_requests_denied": result.denied.get(namespace, 0),
+                    },
                     "left_out": [lo.to_dict() for lo in result.left_out if lo.namespace == namespace],
                 }
             namespaces[namespace] = {
@@ -284,10 +290,13 @@ class Suggestion:
                 left = [lo for lo in result.left_out if lo.namespace == namespace]
                 if not names and not left:
                     continue
+                replay = "replay allows them all"
+                if result.denied.get(namespace):
+                    replay = f"replay denies {result.denied[namespace]:,} learned requests, those left out"
                 lines.append(
                     f"  {result.format}: {len(names)} policies ({', '.join(names) or 'none'}), "
-                    f"{result.covered.get(namespace, 0):,} requests covered"
-                    + (f"; {len(left)} edges left out" if left else "")
+                    f"{result.covered.get(namespace, 0):,} requests covered ({replay})"
+                    + (f"; {len({lo.edge for lo in left})} edges left out" if left else "")
                 )
                 lines += _left_out_lines(left, "    ")
             denied = [lo for lo in self.denied if lo.namespace == namespace]
@@ -615,6 +624,9 @@ def _prove(
     result.requires = proof.requires
     result.requests_proved, result.flows_proved = proof.requests, proof.flows
     result.covered = _covered(rows, result, withheld)
+    for edge in proof.learned_denied:
+        for namespace in {s[0].split("/", 1)[0] for s in subjects(edge) if "/" in s[0]}:
+            result.denied[namespace] = result.denied.get(namespace, 0) + edge.flows
     files = _files(result, config, suggestion)  # the headers now name everything left out
     for draft_file in files:
         if _documents(draft_file.text) != proved.get(draft_file.path):

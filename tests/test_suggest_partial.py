@@ -106,6 +106,7 @@ def test_partial_drafts_list_what_they_left_out_and_never_allow_the_denied_edge(
     # The rest is drafted: web, api and the namespace's default-deny, covering web → api and api → API server.
     assert set(shop["policies"]) == {"flowpipe-default-deny", "flowpipe-web", "flowpipe-api"}
     assert shop["requests_covered"] == 2
+    assert shop["replay"] == {"learned_requests_allowed": 2, "learned_requests_denied": 3}
     api_egress = next(d for d in docs if d["metadata"]["name"] == "flowpipe-api")["spec"]["egress"]
     shop_file = (tmp_path / "shop.yaml").read_text()
     if fmt == "kubernetes":
@@ -138,7 +139,8 @@ def test_the_text_summary_is_the_review(root: Path) -> None:
     lines = result.stderr.splitlines()
     shop = lines.index("namespace shop:")
     assert lines[shop + 1].startswith(
-        "  cilium: 3 policies (flowpipe-default-deny, flowpipe-api, flowpipe-web), 2 requests covered; 1 edges left out"
+        "  cilium: 3 policies (flowpipe-default-deny, flowpipe-api, flowpipe-web), 2 requests covered "
+        "(replay denies 3 learned requests, those left out); 1 edges left out"
     )
     assert "  1 edges denied by your current policy, left out (kept denied):" in lines
     assert "    shop/web -> shop/db TCP/5432 (1 requests)" in lines

@@ -42,6 +42,8 @@ class Proof:
 
     requests: int = 0
     """Learned requests the draft allows."""
+    learned_denied: list[DeniedEdge] = field(default_factory=list)
+    """Every learned request the draft denies (expected, unexpressible or broken)."""
     flows: int | None = None
     """Stored requests the draft allows (None: the stored flows were not replayed)."""
     requires: list[str] = field(default_factory=list)
@@ -111,6 +113,7 @@ def prove_draft(
     report = replay_edges(policies, learned, config)
     _sort(report.denied_edges, flavour, left_out, proof, proof.broken)
     proof.requests = report.allowed
+    proof.learned_denied = list(report.denied_edges)
     if stored is not None:
         edges = stored.edges(policies)
         flows = replay_edges(policies, edges, config)
