@@ -122,6 +122,11 @@ class SuggestConfig:
         unknown = [f for f in self.formats if f not in KINDS]
         if unknown:
             raise ConfigError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
+        invalid = [n for n in self.namespaces if not valid_name(n)]
+        if invalid:
+            raise ConfigError(
+                f"not a namespace name Kubernetes accepts (DNS-1123): {', '.join(map(repr, invalid))}"
+            )
         if self.existing and "istio" in self.formats:
             raise ConfigError("--existing compares with Kubernetes and Cilium policies; use --format cilium, "
                               "kubernetes or both")  # fmt: skip
@@ -371,6 +376,7 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
             + _of_cluster(cluster)
             + (f" touching {', '.join(config.namespaces)}" if config.namespaces else "")
             + (f" ({len(denied_rows)} edges were denied by the current policy)" if denied_rows else "")
+            + (f" ({len(invalid)} edges name what Kubernetes would not accept)" if invalid else "")
             + ": widen --since, check --namespace, or add --learn-from-drops for a cluster in default-deny"
         )
     window = _span(rows)

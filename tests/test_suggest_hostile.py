@@ -122,3 +122,13 @@ def test_names_never_write_outside_out_and_files_are_safe_unique_slugs(tmp_path:
     for path in long_files:
         names = {d["metadata"]["name"] for d in yaml.safe_load_all(path.read_text())}
         assert names == {f"flowpipe-{long_workload}"[:253]}
+
+
+def test_a_namespace_option_kubernetes_would_not_accept_is_a_clear_error(tmp_path: Path) -> None:
+    root = dataset(tmp_path / "data", connection(WEB, API, 8080, 40001))
+    result = run(
+        "--dataset", str(root), *WINDOW, "--namespace", "../../escape", "--out", str(tmp_path / "out")
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a bad option
+    assert "not a namespace name Kubernetes accepts (DNS-1123): '../../escape'" in result.output
+    assert not (tmp_path / "out").exists()

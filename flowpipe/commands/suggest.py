@@ -85,7 +85,7 @@ def suggest(
     cluster: when the dataset holds flows of several clusters, choose one with --cluster.
 
     Exit status: 0 everything observed was drafted, 3 partial (some edges were left out, listed in the
-    summary), 1 an error (nothing written).
+    summary), 1 an error (nothing written), 2 a bad option.
 
     \b
     Examples:
