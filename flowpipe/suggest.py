@@ -47,6 +47,7 @@ from typing import Any, Literal
 import yaml
 
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
+from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.draft import (
     DNS_PORT,
@@ -59,7 +60,15 @@ from flowpipe.policy.draft import (
     valid_name,
 )
 from flowpipe.policy.edges import endpoint_namespace, learned_requests
-from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, render_istio, unallowed_requests
+from flowpipe.policy.istio import (
+    ASSUMPTIONS,
+    DEFAULT_ISTIO_VERSION,
+    IstioPolicy,
+    draft_authorization_policies,
+    open_rules,
+    render_istio,
+    unallowed_requests,
+)
 from flowpipe.policy.load import load_policies, parse_policies
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
 from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, Subject, prove_draft, subjects
@@ -115,6 +124,11 @@ class SuggestConfig:
     verify_flows: bool = field(
         default=True, metadata={"help": "Also replay the window's stored flows through each draft."}
     )
+    istio_version: str = field(
+        default=DEFAULT_ISTIO_VERSION,
+        metadata={"help": "Oldest Istio the Istio drafts must suit: ids in paths become {*} from 1.22 on, "
+                          "prefix matches (wider) before."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.formats:
@@ -130,6 +144,7 @@ class SuggestConfig:
         if self.existing and "istio" in self.formats:
             raise ConfigError("--existing compares with Kubernetes and Cilium policies; use --format cilium, "
                               "kubernetes or both")  # fmt: skip
+        parse_istio_version(self.istio_version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,15 +787,27 @@ def _istio(
         namespaces=config.namespaces or None,
         l7=config.l7,
         include_kube_system=config.include_kube_system,
+        istio_version=config.istio_version,
     )
     policies = list(draft.policies)
-    left_out: list[LeftOut] = []
-    refused = unallowed_requests(policies, rows)
+    # What the format cannot express, named by the draft: left out with its reason.
+    left_out = [
+        LeftOut(
+            edge_text(rows[i]),
+            endpoint_namespace(rows[i], "destination"),
+            why,
+            "allow it with a CiliumNetworkPolicy (--format cilium)",
+            int(rows[i].get("flows") or 0),
+        )
+        for i, why in sorted(draft.left_out.items())
+    ]
+    learned = [r for i, r in enumerate(rows) if i not in draft.left_out]
+    refused = unallowed_requests(policies, learned, istio_version=config.istio_version)
     if refused:
         # The server's namespace is withheld, the rest offered.
         withheld = {str(endpoint_namespace(r, "destination")) for r in refused}
         policies = [p for p in policies if p.namespace not in withheld]
-        left_out = [
+        left_out += [
             LeftOut(
                 edge_text(r),
                 endpoint_namespace(r, "destination"),
@@ -792,18 +819,12 @@ def _istio(
             )
             for r in refused
         ]
-    review = [
-        f"{p.key} accepts calls from any source (the world was seen calling it) on ports "
-        f"{', '.join(sorted({port for op in rule['to'] for port in op['operation'].get('ports', ())}))}: "
-        "keep it only if it is meant to"
-        for p in policies
-        for rule in p.document["spec"].get("rules", ())
-        if "from" not in rule
-    ]
+    review = open_rules(policies) + [f"{w} (wider than the traffic)" for w in draft.wider]
     result = FormatResult("istio", policies, notes=list(draft.notes), review=review, left_out=left_out)
     left = {lo.edge for lo in left_out}
-    result.requests_proved = sum(int(r["flows"] or 0) for r in rows if edge_text(r) not in left)
+    result.requests_proved = sum(int(r["flows"] or 0) for r in learned if edge_text(r) not in left)
     result.requires.append("Istio with mutual TLS (principals come from client certificates)")
+    result.requires += list(ASSUMPTIONS)
     result.covered = _covered(rows, result, set())
     files = _files(result, config, suggestion)
     for draft_file in files:

@@ -10,11 +10,21 @@
 --   `kube-apiserver`), port/protocol, and in brackets the L7 calls seen (HTTP method and path pattern, DNS
 --   names, Kafka api key and topic); at most `max_listed` entries; `policies` lists the policies that allowed
 --   them (Cilium 1.15+ attribution), i.e. what is allowed today against what is used. Requests only, each
---   observed where the policy of that direction applies. A namespace filter matches the workload. Every
+--   observed where the policy of that direction applies; a connection denied at either end (the edge
+--   definition, shared view `connections`) is no use of an allowance at the other. A namespace filter matches the workload. Every
 --   finding is per cluster (`cluster_name`), the evidence of policies included: a cluster without any
 --   policy-verdict event gets no `no_*policy` finding, whatever the other clusters show.
 -- params: since=24h, until=now, namespace=, max_listed=25, limit=2000
-WITH base AS (
+WITH denied AS (
+    -- Connections the edge definition counts as denied (a policy drop at either end): the source's FORWARDED
+    -- egress record of a connection denied at the destination is no use of the source's egress allowance.
+    SELECT cluster_name AS denied_cluster, source_ip AS denied_source_ip, source_port AS denied_source_port,
+           destination_ip AS denied_destination_ip, destination_port AS denied_destination_port,
+           l4_protocol AS denied_protocol
+    FROM connections
+    WHERE is_connection AND outcome = 'denied' AND last_seen >= $since AND first_seen <= $until
+),
+base AS (
     -- One pass over the window: each request, from the side whose policy decides it (the destination for
     -- ingress, the source for egress), folded into one row per workload, direction, peer, port, protocol, L7
     -- call and policy outcome. Everything below reads this small table.
@@ -42,7 +52,7 @@ WITH base AS (
             CASE WHEN traffic_direction = 'INGRESS' AND source_entity = 'world' THEN source_ip END AS world_client,
             destination_port AS port,
             l4_protocol,
-            verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT') AS allowed,
+            verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT') AND d.denied_source_ip IS NULL AS allowed,
             coalesce(event_type = 5, FALSE) AS verdict_event,
             -- Policy details only on policy-verdict events, so the other flows fold into fewer rows.
             CASE WHEN event_type = 5 THEN policy_match_type END AS policy_match_type,
@@ -57,7 +67,11 @@ WITH base AS (
                 WHEN l7_protocol = 'dns' THEN 'dns ' || dns_query
                 WHEN l7_protocol = 'kafka' THEN 'kafka ' || coalesce(kafka_api_key, '?') || ' ' || coalesce(kafka_topic, '?')
             END AS call
-        FROM flows_enriched
+        FROM flows_enriched AS f
+        LEFT JOIN denied AS d
+            ON f.l7_type IS NULL AND d.denied_source_ip = f.source_ip AND d.denied_source_port = f.source_port
+            AND d.denied_destination_ip = f.destination_ip AND d.denied_destination_port = f.destination_port
+            AND d.denied_protocol = f.l4_protocol AND coalesce(d.denied_cluster, '') = coalesce(f.cluster_name, '')
         WHERE time >= $since
           AND time <= $until
           AND is_request

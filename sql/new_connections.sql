@@ -1,7 +1,9 @@
 -- description: Edges first seen in the window: pairs of workloads (with destination port and protocol) that
 --   exchanged requests between `since` and `until` but not in the baseline before it (from `baseline_since` up
 --   to `since`; with `baseline_since` at or after `since` there is no baseline and every edge of the window is
---   new). Replies are not counted. Useful after a deployment or to spot a compromised pod reaching out. A
+--   new). Requests as the edge definition counts them (the shared view `connections`): `flows` counts request
+--   packets once however many records Hubble wrote for each, `dropped` those dropped, `forwarded` the rest;
+--   replies and socket-LB events are not counted. Useful after a deployment or to spot a compromised pod reaching out. A
 --   namespace filter matches either side.
 -- params: since=1h, until=now, baseline_since=7d, namespace=, limit=500
 WITH edges AS (
@@ -13,16 +15,15 @@ WITH edges AS (
         destination_workload,
         destination_port,
         l4_protocol,
-        min(time) AS first_seen,
-        max(time) AS last_seen,
-        count(CASE WHEN time >= $since THEN 1 END) AS flows,
-        count(CASE WHEN time >= $since AND verdict = 'FORWARDED' THEN 1 END) AS forwarded,
-        count(CASE WHEN time >= $since AND verdict = 'DROPPED' THEN 1 END) AS dropped,
-        count(DISTINCT CASE WHEN time >= $since THEN source_pod_name END) AS source_pods
-    FROM flows_enriched
-    WHERE time >= least($baseline_since, $since)
-      AND time <= $until
-      AND is_request
+        min(first_seen) AS first_seen,
+        max(last_seen) AS last_seen,
+        sum(CASE WHEN first_seen >= $since THEN packets ELSE 0 END) AS flows,
+        sum(CASE WHEN first_seen >= $since THEN packets - dropped_packets ELSE 0 END) AS forwarded,
+        sum(CASE WHEN first_seen >= $since THEN dropped_packets ELSE 0 END) AS dropped,
+        count(DISTINCT CASE WHEN first_seen >= $since THEN source_pod_name END) AS source_pods
+    FROM connections
+    WHERE first_seen >= least($baseline_since, $since)
+      AND first_seen <= $until
       AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
     GROUP BY
         cluster_name, source_namespace, source_workload, destination_namespace, destination_workload,
@@ -37,9 +38,9 @@ SELECT
     l4_protocol,
     first_seen,
     last_seen,
-    flows,
-    forwarded,
-    dropped,
+    CAST(flows AS BIGINT) AS flows,
+    CAST(forwarded AS BIGINT) AS forwarded,
+    CAST(dropped AS BIGINT) AS dropped,
     source_pods,
     cluster_name
 FROM edges

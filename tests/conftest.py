@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_HUBBLE = ROOT.parent / "shared" / "data" / "hubble"
 SHARED_SCHEMAS = ROOT.parent / "shared" / "schemas" / "cilium"
+SHARED_ISTIO_SCHEMAS = ROOT.parent / "shared" / "schemas" / "istio"
 
 # CI sets this so that a test needing an external binary fails instead of skipping when it is missing.
 REQUIRE_EXTERNAL = os.environ.get("FLOWPIPE_REQUIRE_EXTERNAL", "") not in ("", "0", "false")
@@ -52,6 +53,14 @@ def cilium_schemas() -> Path:
     if not SHARED_SCHEMAS.is_dir():
         pytest.skip("Cilium policy schemas (../shared/schemas/cilium) are not present")
     return SHARED_SCHEMAS
+
+
+@pytest.fixture(scope="session")
+def istio_schemas() -> Path:
+    """Istio's AuthorizationPolicy CRD schema; skips cleanly where ../shared is absent."""
+    if not SHARED_ISTIO_SCHEMAS.is_dir():
+        pytest.skip("Istio policy schemas (../shared/schemas/istio) are not present")
+    return SHARED_ISTIO_SCHEMAS
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,8 @@ def _python_patterns(node: Any) -> Any:
 
 def validate_document(doc: dict[str, Any], schemas: Path) -> None:
     """Validate one rendered document: Kubernetes kinds with kubernetes-validate, Cilium kinds with jsonschema,
-    Istio AuthorizationPolicies field by field (`validate_authorization_policy`)."""
+    Istio AuthorizationPolicies field by field, with istiod's rules and with Istio's CRD schema where it is
+    present (`validate_authorization_policy`)."""
     if doc["kind"] == "NetworkPolicy":
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     elif doc["kind"] == "AuthorizationPolicy":
@@ -164,23 +165,122 @@ _OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMe
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
+ISTIO_SCHEMAS = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas" / "istio"
+"""Istio's AuthorizationPolicy CRD schema (`../shared/schemas/istio`), absent where `../shared` is."""
+_CEL_RULES = {
+    "Cannot set serviceAccounts with namespaces or principals",
+    "wildcard not allowed in label value match",
+    "wildcard not allowed in label key match",
+    "key must not be empty",
+    "cross namespace referencing is not currently supported",
+    "only one of targetRefs or selector can be set",
+}
+"""The CRD's CEL rules (`x-kubernetes-validations`, by message) that `_cel_checks` implements."""
+
+
 class AuthorizationPolicyError(ValueError):
-    """An AuthorizationPolicy document breaks the security.istio.io/v1 API."""
+    """An AuthorizationPolicy document breaks the security.istio.io/v1 API or a rule of istiod."""
+
+
+def istio_schema(schemas: Path) -> dict[str, Any]:
+    """The CRD's `openAPIV3Schema` as a JSON Schema that rejects what the API server would not keep.
+
+    The API server prunes unknown fields (and `kubectl apply` refuses them): every object with `properties`
+    and no `additionalProperties` or `x-kubernetes-preserve-unknown-fields` gets `additionalProperties: false`.
+    The document's own `apiVersion`, `kind` and `metadata` are required. CEL rules cannot run in jsonschema:
+    each one must be among those `_cel_checks` implements, so a new rule in the schema fails loudly.
+    """
+    data = json.loads((schemas / "authorizationpolicy.security.istio.io.v1.openapi.json").read_text())
+    for key in ("openAPIV3Schema", "schema"):
+        if isinstance(data.get(key), dict):
+            data = data[key]
+    rules: set[str] = set()
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, list):
+            return [convert(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        rules.update(r["message"] for r in node.get("x-kubernetes-validations", ()))
+        out = {
+            k: convert(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
+        }
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+
+    schema = convert(data)
+    unknown = rules - _CEL_RULES
+    assert not unknown, f"CEL rules of the Istio schema without a check here: {sorted(unknown)}"
+    schema["properties"].update(
+        apiVersion={"enum": ["security.istio.io/v1", "security.istio.io/v1beta1"]},
+        kind={"const": "AuthorizationPolicy"},
+        metadata={"type": "object"},
+    )
+    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    return schema
+
+
+def _cel_checks(doc: dict[str, Any], fail: Any) -> None:
+    spec = doc.get("spec") or {}
+    if sum(1 for key in ("selector", "targetRef", "targetRefs") if key in spec) > 1:
+        fail("spec", "only one of targetRefs or selector can be set")
+    for key, value in ((spec.get("selector") or {}).get("matchLabels") or {}).items():
+        if "*" in key or "*" in value or not key:
+            fail("spec.selector.matchLabels", f"{key}={value}: no wildcard, no empty key")
+    for ref in [spec["targetRef"]] if "targetRef" in spec else list(spec.get("targetRefs") or ()):
+        if ref.get("namespace"):
+            fail("spec.targetRef", "cross namespace referencing is not currently supported")
+    for i, rule in enumerate(spec.get("rules") or ()):
+        for entry in rule.get("from") or ():
+            source = entry.get("source") or {}
+            accounts = "serviceAccounts" in source or "notServiceAccounts" in source
+            if accounts and {"principals", "notPrincipals", "namespaces", "notNamespaces"} & set(source):
+                fail(f"spec.rules[{i}].from", "cannot set serviceAccounts with namespaces or principals")
+
+
+def istiod_path_error(path: str) -> str | None:
+    """What istiod 1.22 and later say of a `paths` entry (None: accepted), from Istio's documentation.
+
+    Only `{*}` (one segment) and `{**}` (any segments, the last operator) may hold braces; in a path with
+    either, every other segment must be made of RFC 3986 path characters (`*` is not one).
+    """
+    if path == "":
+        return "empty value not allowed"
+    parts = path.strip("/").split("/")
+    operators = [i for i, part in enumerate(parts) if part in ("{*}", "{**}")]
+    if any(("{" in part or "}" in part) and i not in operators for i, part in enumerate(parts)):
+        return "contains '{' or '}' beyond a supported path template"
+    if "{**}" in parts and operators[-1] != parts.index("{**}"):
+        return "{**} is not the last operator"
+    literal = re.compile(r"^[A-Za-z0-9\-._~%!$&'()+,;:@=]+$")
+    if operators and not all(literal.match(part) for i, part in enumerate(parts) if i not in operators):
+        return "contains a segment with an invalid string literal"
+    return None
 
 
 def validate_authorization_policy(doc: dict[str, Any]) -> None:
-    """Check an Istio `AuthorizationPolicy` (security.istio.io/v1) field by field.
+    """Check an Istio `AuthorizationPolicy` (security.istio.io/v1) field by field, as istiod and the CRD do.
 
-    No Istio schema is available offline, so the fields of the v1 API reference are checked explicitly: the
-    object and metadata shape, `selector.matchLabels` with valid label names and values, `action`, and each
-    rule's `from.source`, `to.operation` and `when` with only known fields, non-empty string lists, CIDRs in
-    IP blocks, ports as numeric strings, HTTP methods, and Istio's string matching (a `*` only at the start or
-    the end). Raises `AuthorizationPolicyError` naming the field.
+    The fields of the v1 API reference are checked explicitly: the object and metadata shape,
+    `selector.matchLabels` with valid label names and values, `action`, and each rule's `from.source`,
+    `to.operation` and `when` with only known fields, non-empty string lists, CIDRs in IP blocks, ports as
+    numeric strings, HTTP methods, Istio's string matching (a `*` only at the start or the end, except in paths),
+    and istiod's path rules (`istiod_path_error`). Where Istio's CRD schema is present (`ISTIO_SCHEMAS`), the
+    document is also validated against it. Raises `AuthorizationPolicyError` naming the field, or
+    `jsonschema.ValidationError`.
     """
 
     def fail(where: str, what: str) -> None:
         raise AuthorizationPolicyError(f"{where}: {what}")
 
+    if ISTIO_SCHEMAS.is_dir():
+        jsonschema.Draft202012Validator(istio_schema(ISTIO_SCHEMAS)).validate(doc)
+        _cel_checks(doc, fail)
     if set(doc) != {"apiVersion", "kind", "metadata", "spec"}:
         fail("document", f"fields {sorted(doc)}")
     if doc["apiVersion"] != "security.istio.io/v1" or doc["kind"] != "AuthorizationPolicy":
@@ -232,15 +332,20 @@ def validate_authorization_policy(doc: dict[str, Any]) -> None:
             ):
                 fail(f"{where}.to[{j}]", repr(entry))
             for field, values in entry["operation"].items():
-                _strings(values, f"{where}.to[{j}].operation.{field}", fail)
+                paths = field in ("paths", "notPaths")
+                _strings(values, f"{where}.to[{j}].operation.{field}", fail, stars=not paths)
                 if field in ("ports", "notPorts") and not all(
                     v.isdigit() and 0 < int(v) < 65536 for v in values
                 ):
                     fail(f"{where}.to[{j}].operation.{field}", repr(values))
                 if field in ("methods", "notMethods") and not set(values) <= _HTTP_METHODS:
                     fail(f"{where}.to[{j}].operation.{field}", repr(values))
-                if field in ("paths", "notPaths") and not all(v.startswith(("/", "*")) for v in values):
+                if paths and not all(v.startswith(("/", "*")) for v in values):
                     fail(f"{where}.to[{j}].operation.{field}", repr(values))
+                for value in values if paths else ():
+                    error = istiod_path_error(value)
+                    if error is not None:
+                        fail(f"{where}.to[{j}].operation.{field}", f"{value!r}: istiod refuses it: {error}")
         for j, condition in enumerate(rule.get("when") or ()):
             if not set(condition) <= {"key", "values", "notValues"} or not isinstance(
                 condition.get("key"), str
@@ -248,9 +353,9 @@ def validate_authorization_policy(doc: dict[str, Any]) -> None:
                 fail(f"{where}.when[{j}]", repr(condition))
 
 
-def _strings(values: Any, where: str, fail: Any) -> None:
+def _strings(values: Any, where: str, fail: Any, *, stars: bool = True) -> None:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
         fail(where, f"must be a non-empty list of strings, got {values!r}")
-    for value in values:
+    for value in values if stars else ():
         if "*" in value.strip("*") or value.count("*") > 1 and value != "*":
             fail(where, f"{value!r}: Istio matches exactly, by prefix or suffix (one * at an end)")

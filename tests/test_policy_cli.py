@@ -23,8 +23,9 @@ def dataset(tmp_path: Path) -> Path:
     rows = [
         flow(API, DB, 5432),
         flow(API, DB, 5432),
-        flow(WEB, DB, 5432),  # forwarded today, denied by the policy: would break
-        flow(WEB, DB, 5432, verdict="DROPPED", drop_reason_desc="POLICY_DENIED"),
+        # forwarded today (a connection of its own), denied by the policy: would break
+        flow(WEB, DB, 5432, source_port=41000),
+        flow(WEB, DB, 5432, source_port=41001, verdict="DROPPED", drop_reason_desc="POLICY_DENIED"),
         flow(DB, API, 40000, is_reply=True),
         flow(WEB, API, 8080),
     ]

@@ -10,6 +10,7 @@ import click
 
 from flowpipe._cli_options import dataset_option
 from flowpipe._output import format_datetime
+from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
 from flowpipe.query.engine import open_engine
 from flowpipe.suggest import EXIT_PARTIAL, FORMATS, SuggestConfig, suggest_policies, write_files
 
@@ -56,6 +57,13 @@ def _help(name: str) -> str:
     help=_help("existing") + " Prints only the additional policies.",
 )
 @click.option("--verify-flows/--no-verify-flows", default=True, show_default=True, help=_help("verify_flows"))
+@click.option(
+    "--istio-version",
+    default=DEFAULT_ISTIO_VERSION,
+    show_default=True,
+    metavar="X.Y",
+    help=_help("istio_version"),
+)
 @dataset_option
 def suggest(
     namespaces: tuple[str, ...],
@@ -71,6 +79,7 @@ def suggest(
     include_kube_system: bool,
     existing: tuple[Path, ...],
     verify_flows: bool,
+    istio_version: str,
     dataset: str,
 ) -> None:
     """Draft the network policies that allow exactly the traffic observed, and nothing else.
@@ -93,6 +102,7 @@ def suggest(
       flowpipe suggest --cluster eu-1 --namespace shop
       flowpipe suggest --format both --l7 --out drafts/
       flowpipe suggest --existing policies/ --out additions/
+      flowpipe suggest --format istio --l7 --istio-version 1.21
     """
     config = SuggestConfig(
         namespaces=namespaces,
@@ -106,6 +116,7 @@ def suggest(
         include_kube_system=include_kube_system,
         existing=tuple(str(p) for p in existing),
         verify_flows=verify_flows,
+        istio_version=istio_version,
     )
     with open_engine(dataset, require_flows=True) as engine:
         suggestion = suggest_policies(engine, config)

@@ -89,19 +89,44 @@ _SOURCE_COLUMNS, _SOURCE_JOINS = _resolved("source", "s")
 _DESTINATION_COLUMNS, _DESTINATION_JOINS = _resolved("destination", "d")
 
 EDGES_SQL = f"""
-WITH judged AS (
+WITH denied AS (
+    -- Connections the edge definition counts as denied (a policy drop at either end).
+    SELECT cluster_name AS denied_cluster, source_ip AS denied_source_ip, source_port AS denied_source_port,
+           destination_ip AS denied_destination_ip, destination_port AS denied_destination_port,
+           l4_protocol AS denied_protocol
+    FROM connections
+    WHERE is_connection AND outcome = 'denied'
+      AND ($since IS NULL OR last_seen >= $since)
+      AND ($until IS NULL OR first_seen <= $until)
+      AND ($cluster IS NULL OR cluster_name = $cluster)
+),
+judged AS (
     SELECT
-        *,
-        (coalesce(is_reply, false)
-            OR coalesce(l7_type = 'RESPONSE', false)
+        f.* REPLACE (
+            -- A record of a connection denied at its other end (the source's FORWARDED egress record of a
+            -- connection the destination dropped) did not get through: it is that denial.
+            CASE WHEN d.denied_source_ip IS NOT NULL AND f.verdict <> 'DROPPED' THEN 'DROPPED'
+                ELSE f.verdict END AS verdict,
+            CASE WHEN d.denied_source_ip IS NOT NULL AND f.verdict <> 'DROPPED' THEN 'POLICY_DENIED'
+                ELSE f.drop_reason_desc END AS drop_reason_desc
+        ),
+        (coalesce(f.is_reply, false)
+            OR coalesce(f.l7_type = 'RESPONSE', false)
+            OR NOT f.is_traffic
             -- Without is_reply, a TCP packet is known to be a request only when it opens the connection.
-            OR (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
-                AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))) AS reply
-    FROM flows_enriched
-    WHERE verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
-      AND ($since IS NULL OR time >= $since)
-      AND ($until IS NULL OR time <= $until)
-      AND {_CLUSTER.format(alias="")}
+            OR (f.is_reply IS NULL AND f.l4_protocol = 'TCP' AND f.tcp_flags IS NOT NULL
+                AND NOT (f.tcp_flags LIKE '%SYN%' AND f.tcp_flags NOT LIKE '%ACK%'))) AS reply
+    FROM flows_enriched AS f
+    LEFT JOIN denied AS d
+        ON f.l7_type IS NULL AND NOT coalesce(f.is_reply, false) AND d.denied_source_ip = f.source_ip
+        AND d.denied_source_port = f.source_port AND d.denied_destination_ip = f.destination_ip
+        AND d.denied_destination_port = f.destination_port AND d.denied_protocol = f.l4_protocol
+        AND coalesce(d.denied_cluster, '') = coalesce(f.cluster_name, '')
+    WHERE f.verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT', 'DROPPED')
+      AND f.is_traffic
+      AND ($since IS NULL OR f.time >= $since)
+      AND ($until IS NULL OR f.time <= $until)
+      AND {_CLUSTER.format(alias="f.")}
 ),
 edges AS (
     SELECT

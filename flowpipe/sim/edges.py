@@ -149,6 +149,8 @@ def _fault_edges(faults: frozenset[str]) -> list[Edge]:
                               latency=(2 * MS, 30 * MS), fault=f.WORLD_INGRESS),
         f.STALE_IP: Edge("stale source address", "stale", 2.0, "production/order-service", "production/kafka", 9092,
                          fault=f.STALE_IP, window=window(f.STALE_IP)),
+        f.INGRESS_DENIED: Edge("grafana->postgres", "tcp", 0.4, "monitoring/grafana", "production/postgres", 5432,
+                               fault=f.INGRESS_DENIED),
     }
     # fmt: on
     return [edge for fault, edge in candidates.items() if fault in faults]

@@ -21,6 +21,7 @@ CT_MAP_FULL = "ct-map-full"
 STALE_IP = "stale-ip"
 UNSELECTED_WORKLOAD = "unselected-workload"
 WORLD_INGRESS = "world-ingress"
+INGRESS_DENIED = "ingress-denied"
 
 
 NXDOMAIN_QUERY = "postgress.production.svc.cluster.local."
@@ -87,6 +88,11 @@ FAULTS: tuple[FaultSpec, ...] = (
     FaultSpec(WORLD_INGRESS, "production/api is reachable from the internet (world) on 8080, allowed by a broad rule",
               "WORLD_INGRESS", destination=("production", "api"), port=8080, protocol="TCP",
               details=(("policy", "production/api"), ("source_identity", 2))),
+    FaultSpec(INGRESS_DENIED, "monitoring/grafana queries production/postgres directly: its own egress policy allows "
+              "it, postgres' ingress policy does not; each SYN is forwarded at grafana's node and dropped at "
+              "postgres' (a drop notification and a policy-verdict event), and retried", "POLICY_DENIED",
+              source=("monitoring", "grafana"), destination=("production", "postgres"), port=5432, protocol="TCP",
+              details=(("policy", "production/postgres"), ("allowed_by", "monitoring/grafana"))),
 )  # fmt: skip
 FAULT_NAMES: tuple[str, ...] = tuple(f.name for f in FAULTS)
 _SPECS = {f.name: f for f in FAULTS}

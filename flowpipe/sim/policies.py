@@ -327,6 +327,7 @@ def cluster_policies(
     api_allows_redis: bool = True,
     api_allows_world: bool = False,
     report_export_selected: bool = True,
+    grafana_reaches_postgres: bool = False,
     revision: int = 1,
 ) -> PolicySet:
     """The policy set of the simulated cluster; the switches are how injected faults change it."""
@@ -449,7 +450,16 @@ def cluster_policies(
             "grafana",
             "monitoring",
             (("app", "grafana"),),
-            egress=(Rule((_app_peer("prometheus"),), _tcp(9090)), _DNS_RULE),
+            egress=(
+                Rule((_app_peer("prometheus"),), _tcp(9090)),
+                _DNS_RULE,
+                # The `ingress-denied` fault: grafana's own policy lets it reach postgres, postgres' does not.
+                *(
+                    (Rule((_app_peer("postgres", "production"),), _tcp(5432)),)
+                    if grafana_reaches_postgres
+                    else ()
+                ),
+            ),
         ),
         Policy(
             "ingress-nginx-controller",

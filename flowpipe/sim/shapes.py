@@ -24,6 +24,7 @@ from flowpipe.sim.wire import (
     MS,
     POLICY_VERDICT,
     PSH,
+    SOCK,
     SYN,
     TCP,
     TRACE,
@@ -125,6 +126,28 @@ class Conn:
         w.made += 1
         w.emit((t, next(w.seq), template, self.proto, self.dport, self.sport, flags, l7, self.tag, 0))
 
+    def syn_retransmits(self) -> tuple[int, ...]:
+        """The delays (ns) after which a TCP client sends an unanswered SYN again: Linux waits 1 s, then twice
+        as long each time; the simulated clients give up after 0 to 2 retries."""
+        if self.proto != TCP:
+            return ()
+        return ((), (1000 * MS,), (1000 * MS, 3000 * MS))[self.w.rng.randrange(3)]
+
+    def sock_translation(self, t: int, service: EndpointView) -> None:
+        """The socket-LB events of connect() to a Service, at the client's node: the Service address before
+        translation (TRACED), then the chosen backend (TRANSLATED). They are not packets: no ground-truth tag."""
+        w, node = self.w, self.src.node
+        assert node is not None
+        for offset, dst, verdict, point in (
+            (0, service, flow_pb2.TRACED, flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_FWD),
+            (200, self.dst, flow_pb2.TRANSLATED, flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD),
+        ):
+            template = w.factory.get(
+                w.full_node[node], self.src, dst, SOCK, verdict=verdict, direction=0, point=point, reply=None
+            )
+            w.made += 1
+            w.emit((t + offset, next(w.seq), template, self.proto, self.sport, self.dport, 0, None, -1, 0))
+
     def verdict(self, t: int, node: str, decision: Decision, direction: int, start: int) -> bool:
         """The policy-verdict event of the first packet where a policy is enforced; False when none is."""
         if not decision.enforced:
@@ -139,14 +162,24 @@ class Conn:
         self.fwd(t, node, POLICY_VERDICT, flags, None, start, direction=direction, **spec)
         return True
 
-    def denied(self, t: int, decision: Decision, direction: int) -> None:
-        """A first packet denied by policy: the policy verdict and the drop notification at the enforcing node."""
+    def denied(self, t: int, decision: Decision, direction: int, retransmits: tuple[int, ...] = ()) -> None:
+        """A first packet denied by policy: the policy verdict and the drop notification at the enforcing node.
+
+        An ingress denial is seen at both ends: the source's node forwards the packet (to the overlay, or the
+        stack on one node) before the destination's node drops it. A denied TCP SYN is sent again after each
+        delay of `retransmits` (ns): the same 5-tuple, the same records, one connection attempt.
+        """
+        for sent in (t, *(t + delay for delay in retransmits)):
+            self._denied_packet(sent, decision, direction, first=sent == t)
+
+    def _denied_packet(self, t: int, decision: Decision, direction: int, *, first: bool) -> None:
         src, dst = self.src, self.dst
         flags = SYN if self.proto == TCP else 0
-        start = 1
+        mark = 1 if first else 0
+        start = mark
         if direction == IN and src.node is not None:
             point = _TO_OVERLAY if src.node != dst.node else _TO_STACK
-            self.fwd(t, src.node, TRACE, flags, None, 1, direction=EG, point=point)
+            self.fwd(t, src.node, TRACE, flags, None, mark, direction=EG, point=point)
             t += self.w.delay(src, dst)
             start = 0
         node = src.node if direction == EG else dst.node

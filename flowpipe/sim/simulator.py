@@ -29,6 +29,9 @@ DEFAULT_START = datetime(2025, 1, 6, 9, 0, 0, tzinfo=UTC)
 """The simulated start time when none is given (a fixed moment, so runs are reproducible)."""
 
 _POLICY_REVISION = 17
+_DROPPED = 1 + len(CLASS_NAMES)
+"""Index of the DROPPED-verdict counter in a tally (after `flows` and one counter per record class)."""
+_ATTEMPTS = _DROPPED + 1
 _FIRST_GUESS_FLOWS_PER_CONNECTION = 12.0
 
 
@@ -132,6 +135,7 @@ class Simulator:
             "dns_allowed_in_staging": f.DNS_POLICY_DROP not in faults,
             "api_allows_world": f.WORLD_INGRESS in faults,
             "report_export_selected": f.UNSELECTED_WORKLOAD not in faults,
+            "grafana_reaches_postgres": f.INGRESS_DENIED in faults,
         }
         timeline = [(self.config.start_ns, cluster_policies(**options, revision=_POLICY_REVISION))]
         if f.POLICY_REGRESSION in faults:
@@ -208,7 +212,7 @@ class Simulator:
                 totals[0] += 1
                 totals[1 + template.cls] += 1
                 if template.dropped:
-                    totals[6] += 1
+                    totals[_DROPPED] += 1
                 tag = rec[8]
                 if tag >= 0:
                     tally = tallies[tag]
@@ -216,9 +220,9 @@ class Simulator:
                     counts[0] += 1
                     counts[1 + template.cls] += 1
                     if template.dropped:
-                        counts[6] += 1
+                        counts[_DROPPED] += 1
                     if rec[9]:
-                        counts[7] += 1
+                        counts[_ATTEMPTS] += 1
                     if tally.first_ns < 0:
                         tally.first_ns = rec[0]
                     tally.last_ns = rec[0]

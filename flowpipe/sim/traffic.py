@@ -34,6 +34,8 @@ from flowpipe.sim.shapes import (
 from flowpipe.sim.wire import ICMPV4, MS, TCP, UDP, US, EndpointView, L7Spec
 
 _API_RESOURCES = ("orders", "users", "products", "carts", "invoices")
+LABELS_ONLY_NODE = "worker-3"
+"""The node whose pods the other nodes know only by identity and labels (records without namespace or pod)."""
 
 
 class TagRegistry:
@@ -114,6 +116,12 @@ class Traffic:
             for w in cluster.workloads.values()
             if w.service
         }
+        # Each Service's ClusterIP as a record names it before socket-LB translates it (no identity of its own).
+        self._services = {
+            key: _reserved(ip, WORLD_IDENTITY, "world", service=(w.service, w.namespace))
+            for key, ip in cluster.service_ips.items()
+            if (w := cluster.workloads[key]).service
+        }
         self._coredns = cluster.workload("kube-system", "coredns")
         self._correlation = rng.randint(1000, 90000)
         self._prepare_faults()
@@ -143,6 +151,7 @@ class Traffic:
             endpoint_id=pod.endpoint_id,
             node=pod.node.name,
             service=service,
+            remote_labels_only=pod.node.name == LABELS_ONLY_NODE,
         )
 
     def _prepare_faults(self) -> None:
@@ -279,11 +288,17 @@ class Traffic:
             tag,
             policies.revision,
         )
+        service = self._services.get(dst_pod.workload.key)
+        if service is not None and dport in dst_pod.workload.ports:
+            # The client connects to the Service; socket-LB picks the backend at connect().
+            conn.sock_translation(t0, service)
         eg = policies.decide(EGRESS, src_pod.workload, PeerRef(dst_pod.workload), dport, "TCP")
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(src_pod.workload), dport, "TCP")
         if not eg.allowed or not ing.allowed:
             conn.tag = deny_tag if deny_tag >= 0 else tag
-            conn.denied(t0, eg if not eg.allowed else ing, EG if not eg.allowed else IN)
+            conn.denied(
+                t0, eg if not eg.allowed else ing, EG if not eg.allowed else IN, conn.syn_retransmits()
+            )
             return
         if tag < 0 and self._ct_full(t0, src_pod):
             conn.tag = self.tag_ct
@@ -414,7 +429,7 @@ class Traffic:
         )
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(entity="world"), edge.port, "TCP")
         if not ing.allowed:
-            conn.denied(t0, ing, IN)
+            conn.denied(t0, ing, IN, conn.syn_retransmits())
             return
         latency = self._latency(edge)
         l7 = self.http_api(f"{dst_pod.workload.service}:{edge.port}", latency) if ing.l7 == "http" else None

@@ -30,13 +30,15 @@ DROP = 1
 POLICY_VERDICT = 2
 L7_REQUEST = 3
 L7_RESPONSE = 4
-CLASS_NAMES = ("trace", "drop", "policy_verdict", "l7_request", "l7_response")
+SOCK = 5
+CLASS_NAMES = ("trace", "drop", "policy_verdict", "l7_request", "l7_response", "sock")
 
 # Cilium monitor message types (Flow.event_type.type).
 EVENT_DROP = 1
 EVENT_TRACE = 4
 EVENT_POLICY_VERDICT = 5
 EVENT_L7 = 129
+EVENT_SOCK = 7
 
 # Raw trace sub-types (the observation point numbers of the datapath; to-endpoint is 0 here, 101 in the enum).
 _TRACE_SUB_TYPE: dict[int, int] = {
@@ -317,12 +319,18 @@ class EndpointView:
     node: str | None = None
     service: tuple[str, str] | None = None
     names: tuple[str, ...] = ()
+    remote_labels_only: bool = False
+    """Other nodes know this pod only by its identity and labels (their IP cache has no Kubernetes metadata for
+    it): their records carry no namespace, pod name or workload."""
 
     def fill(self, endpoint: flow_pb2.Endpoint, observing_node: str) -> None:
         """Write this endpoint into a `flow.Endpoint`; the endpoint id only where it is local to the node."""
         if self.node == observing_node and self.endpoint_id:
             endpoint.ID = self.endpoint_id
         endpoint.identity = self.identity
+        if self.remote_labels_only and self.node is not None and self.node != observing_node:
+            endpoint.labels.extend(self.labels)
+            return
         endpoint.namespace = self.namespace
         endpoint.labels.extend(self.labels)
         endpoint.pod_name = self.pod_name
@@ -449,6 +457,18 @@ class TemplateFactory:
         flow.IP.ipVersion = flow_pb2.IPv4
         src.fill(flow.source, short_node)
         dst.fill(flow.destination, short_node)
+        if cls == SOCK:
+            # A socket-LB translation at connect(): no packet, so no direction, reply flag or TCP flags; the
+            # cookie and cgroup stand for the client's socket and container (stable per client here).
+            flow.Type = flow_pb2.SOCK
+            flow.node_name = node
+            flow.event_type.type = EVENT_SOCK
+            flow.sock_xlate_point = point
+            flow.socket_cookie = 4096 + src.endpoint_id
+            flow.cgroup_id = 10_000 + src.endpoint_id
+            if dst.service is not None:
+                flow.destination_service.name, flow.destination_service.namespace = dst.service
+            return Template(flow, cls)
         flow.Type = flow_pb2.L7 if cls in (L7_REQUEST, L7_RESPONSE) else flow_pb2.L3_L4
         flow.node_name = node
         flow.source_names.extend(src.names)
