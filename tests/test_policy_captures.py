@@ -57,3 +57,19 @@ def test_capture_drafts_validate_and_allow_every_learned_request(
     assert report.would_break == 0, report.denied_edges[:5]
     if flavour == "kubernetes":
         assert any("policy-cidr-match-mode: nodes" in n for n in draft.notes)
+
+
+@pytest.mark.parametrize("flavour", ["cilium", "kubernetes"])
+def test_no_workload_is_opened_to_the_world_because_a_record_lacked_its_namespace(
+    captures: tuple[pa.Table, list[dict[str, Any]]], flavour: str
+) -> None:
+    """In kind-starwars, 19 of tiefighter's records carry its labels but no namespace: deathstar accepts
+    tiefighter by its labels, and nothing from the world."""
+    _, edges = captures
+    draft = draft_policies(edges, flavour=flavour, include_kube_system=True)  # type: ignore[arg-type]
+    deathstar = next(p for p in draft.policies if p.key == "default/flowpipe-deathstar")
+    peers = [peer for rule in deathstar.rules_for("ingress") for peer in rule.peers]
+    assert peers and all(p.kind == "endpoints" for p in peers)
+    text = render_yaml(draft.policies)
+    assert "0.0.0.0/0" not in text and "fromEntities:\n    - world" not in text
+    assert not any(p.kind == "entity" and p.entity == "world" for r in deathstar.rules for p in r.peers)

@@ -135,3 +135,32 @@ def test_relative_windows_count_back_from_an_old_dataset() -> None:
     recent = now - timedelta(minutes=5)
     start, _, anchor = resolve_window(recent, "1h", None, now=now)
     assert anchor is None and start == now - timedelta(hours=1)
+
+
+def test_replay_sees_ingress_breaks_of_connections_observed_only_at_the_sender(tmp_path: Path) -> None:
+    """A hand-written policy that lets db receive port 80 only, while db really receives 8080 on connections
+    that only the sender's node reported (FORWARDED EGRESS TO_OVERLAY): every one of them would break."""
+    rows = [
+        flow(API, DB, 8080, traffic_direction="EGRESS", trace_observation_point="TO_OVERLAY", source_port=p)
+        for p in range(42000, 42040)
+    ]
+    root = tmp_path / "data"
+    write_dataset(root, [row(time=T0, **r) for r in rows])
+    policy_file = tmp_path / "db-80.yaml"
+    policy_file.write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: db, namespace: shop}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: db}}\n"
+        "  ingress:\n  - fromEndpoints: [{matchLabels: {app: api}}]\n"
+        '    toPorts: [{ports: [{port: "80", protocol: TCP}]}]\n'
+    )
+    result = CliRunner().invoke(cli, ["replay", str(policy_file), "--dataset", str(root), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["would_break"] == 40 and data["allowed"] == 0
+    [edge] = data["denied_edges"]
+    assert (edge["destination"], edge["port"], edge["direction"], edge["forwarded"]) == (
+        "shop/db",
+        8080,
+        "ingress",
+        40,
+    )

@@ -172,13 +172,43 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
     assert report.flows_evaluated == 1 and report.denied == 1
 
 
-def test_each_observation_point_is_judged_by_its_own_side() -> None:
-    # web may send (no egress policy) but db does not accept: the egress observation stays allowed, the
-    # ingress observation is denied, so the connection counts once in would_break.
+def test_every_request_is_judged_at_both_ends_wherever_it_was_observed() -> None:
+    # web may send (no egress policy) but db does not accept: a record from either end is a request db denies.
     rows = [flow(WEB, DB, 5432, traffic_direction="EGRESS"), flow(WEB, DB, 5432, traffic_direction="INGRESS")]
     report = replay(K8S_DB, *rows)
-    assert report.allowed == 1 and report.would_break == 1
-    assert report.denied_edges[0].direction == "ingress"
+    assert report.allowed == 0 and report.would_break == report.denied == report.flows_evaluated
+    assert {e.direction for e in report.denied_edges} == {"ingress"}
+
+
+def test_a_request_seen_only_at_the_source_meets_the_destinations_ingress_policy() -> None:
+    # Cross-node traffic reported only by the source's node (FORWARDED EGRESS TO_OVERLAY): db receives 5432
+    # while its hand-written policy lets it receive 80 only, so every such request would break.
+    port_80 = cnp(
+        "db",
+        """
+endpointSelector: {matchLabels: {app: db}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: api}}]
+  toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""",
+    )
+    rows = [
+        flow(API, DB, 5432, traffic_direction="EGRESS", trace_observation_point="TO_OVERLAY", source_port=p)
+        for p in range(41000, 41012)
+    ]
+    report = replay(port_80, *rows)
+    assert report.would_break == 12 and report.allowed == 0
+    [edge] = report.denied_edges
+    assert (edge.source, edge.destination, edge.port, edge.direction) == (
+        "shop/api",
+        "shop/db",
+        5432,
+        "ingress",
+    )
+    # The sender's own egress policy is judged as well, from the same record.
+    deny_egress = cnp("api", "endpointSelector: {matchLabels: {app: api}}\negress: [{}]\n")
+    report = replay(deny_egress, *rows[:1])
+    assert report.would_break == 1 and report.denied_edges[0].direction == "egress"
 
 
 def test_would_allow_dropped_counts_policy_drops_only() -> None:
@@ -615,3 +645,23 @@ def test_cilium_endpoint_selectors_of_reserved_labels() -> None:
     node = reserved("remote-node", "172.18.0.3")
     report = replay(policy, flow(node, DB, 5432), flow(API, DB, 5432))
     assert report.allowed == 1 and report.denied_edges[0].source == "shop/api"
+
+
+def test_a_pod_recorded_with_a_reserved_identity_is_judged_as_that_identity() -> None:
+    # kube-dns on the host network: the record names its pod, but Cilium knows it as the world.
+    host_dns = {**DNS, "labels": ["reserved:world"], "identity": 2, "ip": "10.156.0.10"}
+    kube_system_deny = (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: kube-system}\n"
+        "spec: {podSelector: {}, policyTypes: [Ingress]}\n"
+    )
+    by_label = cnp(
+        "web",
+        """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+- toEndpoints: [{matchLabels: {k8s-app: kube-dns, k8s:io.kubernetes.pod.namespace: kube-system}}]
+""",
+    )
+    rows = [flow(WEB, host_dns, 53, "UDP")]
+    assert replay(kube_system_deny, *rows).denied == 0  # no policy selects it while it has that identity
+    assert replay(by_label, *rows).would_break == 1  # its labels do not match

@@ -3,6 +3,7 @@ replay proof → YAML. The draft-level tests (test_draft.py) check the same rule
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 from policy_support import flow, pod, reserved, validate_document
 from suggest_support import connection, dns_server, documents, suggest
 
-from flowpipe.errors import DraftRefusedError
+from flowpipe.policy.draft import Draft, draft_policies
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
@@ -175,7 +176,10 @@ def test_icmp_and_sctp_become_their_own_rules(tmp_path: Path) -> None:
     assert rule["ports"] == [{"protocol": "SCTP", "port": 3868}]
     # ICMP cannot be written in a NetworkPolicy: said in the file and the summary, not dropped silently
     assert any("ICMPv4" in n for n in k8s.results[0].not_allowed)
-    assert "not allowed (cannot be expressed): shop/web -> shop/db ICMPv4/8" in k8s.stream()
+    assert (
+        "# left out: shop/web -> shop/db ICMPv4/8: a NetworkPolicy cannot allow ICMPv4 alone" in k8s.stream()
+    )
+    assert k8s.partial and not cilium.partial
     assert any("ICMPv4" in line for line in k8s.summary())
 
 
@@ -333,20 +337,32 @@ def test_network_policy_shape_and_what_it_cannot_express(tmp_path: Path) -> None
     assert "L7 (HTTP, Kafka) rules cannot be written in a NetworkPolicy" in summary
 
 
-def test_a_draft_that_would_deny_a_learned_request_is_refused_naming_the_edge(tmp_path: Path) -> None:
-    legacy = {
-        "namespace": "shop",
-        "pod_name": "legacy-7c9f8d",
-        "workload_name": "legacy",
-        "identity": 7777,
-        "labels": ["k8s:pod-template-hash=7c9f8d", "k8s:io.kubernetes.pod.namespace=shop"],
-        "ip": "10.0.4.44",
-    }
-    rows = connection(WEB, API, 8080, 40001) + connection(legacy, API, 8080, 40002)
-    with pytest.raises(DraftRefusedError) as refused:
-        suggest(tmp_path, rows)
-    assert "shop/legacy -> shop/api TCP/8080" in str(refused.value) and "not offered" in str(refused.value)
-    assert refused.value.edges and "isolated by shop/flowpipe-default-deny" in refused.value.edges[0]
+def test_a_namespace_whose_draft_would_deny_a_request_is_withheld_and_the_rest_offered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proof's safety net: a draft that denies a request nothing explains (here a rule taken out of the
+    draft) withholds that namespace's drafts, lists the request, and offers every other namespace."""
+
+    def without_api_ingress(*args: Any, **kwargs: Any) -> Draft:
+        draft = draft_policies(*args, **kwargs)
+        draft.policies = [
+            dataclasses.replace(p, rules=tuple(r for r in p.rules if r.direction != "ingress"))
+            if p.name == "flowpipe-api" else p
+            for p in draft.policies
+        ]  # fmt: skip
+        return draft
+
+    monkeypatch.setattr("flowpipe.suggest.draft_policies", without_api_ingress)
+    rows = connection(WEB, API, 8080, 40001) + connection(PROM, WEB, 9090, 40002)
+    suggestion = suggest(tmp_path, rows)
+    assert suggestion.partial
+    assert {p.key for p in suggestion.results[0].policies} == {
+        "monitoring/flowpipe-default-deny", "monitoring/flowpipe-prometheus"}  # fmt: skip
+    left_out = suggestion.results[0].left_out
+    assert {(lo.edge, lo.kind, lo.namespace) for lo in left_out} == {
+        ("shop/web -> shop/api TCP/8080", "not proved", "shop")}  # fmt: skip
+    assert all("drafts of namespace shop are not offered" in lo.reason for lo in left_out)
+    assert any("requests the drafts were learned from denies it" in lo.reason for lo in left_out)
 
 
 def test_every_document_validates(tmp_path: Path, cilium_schemas: Path) -> None:

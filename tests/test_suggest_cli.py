@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -83,7 +84,7 @@ def test_writes_one_file_per_namespace_or_workload_and_the_same_bytes_every_time
     ]
 
 
-def test_refusal_and_empty_windows_exit_1_with_the_reason(tmp_path: Path) -> None:
+def test_an_edge_that_cannot_be_drafted_is_left_out_and_the_rest_written_with_exit_3(tmp_path: Path) -> None:
     legacy = {
         "namespace": "shop",
         "pod_name": "legacy-7c9f8d",
@@ -93,9 +94,27 @@ def test_refusal_and_empty_windows_exit_1_with_the_reason(tmp_path: Path) -> Non
         "ip": "10.0.4.44",
     }
     root = dataset(tmp_path / "data", traffic() + connection(legacy, API, 8080, 40009))
-    refused = run("--dataset", str(root), *WINDOW, "--out", str(tmp_path / "out"))
-    assert refused.exit_code == 1 and "shop/legacy -> shop/api TCP/8080" in refused.output  # type: ignore[attr-defined]
-    assert not (tmp_path / "out").exists()  # nothing written
+    partial = run("--dataset", str(root), *WINDOW, "--out", str(tmp_path / "out"))
+    assert partial.exit_code == 3, partial.output  # type: ignore[attr-defined]
+    stderr = partial.stderr  # type: ignore[attr-defined]
+    assert "left out (no stable labels): shop/legacy has no stable labels" in stderr
+    assert "shop/legacy -> shop/api TCP/8080" in stderr and "exit status 3" in stderr
+    # Everything else is drafted and written, shop included, and the shop file names what it left out.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["monitoring.yaml", "shop.yaml"]
+    shop = (tmp_path / "out" / "shop.yaml").read_text()
+    assert "# left out: shop/legacy -> shop/api TCP/8080: shop/legacy has no stable labels" in shop
+    assert {d["metadata"]["name"] for d in yaml.safe_load_all(shop)} == {
+        "flowpipe-default-deny", "flowpipe-web", "flowpipe-api", "flowpipe-db"}  # fmt: skip
+    summary = run(
+        "--dataset", str(root), *WINDOW, "--out", str(tmp_path / "out2"), "--summary-format", "json"
+    )
+    assert summary.exit_code == 3  # type: ignore[attr-defined]
+    data = json.loads(summary.stdout)  # type: ignore[attr-defined]
+    assert data["partial"] is True and data["exit_status"] == 3
+    [left] = data["namespaces"]["shop"]["formats"]["cilium"]["left_out"]
+    assert (left["edge"], left["kind"]) == ("shop/legacy -> shop/api TCP/8080", "no stable labels")
+    assert left["what_to_do"].startswith("give its pods a stable label")
+    assert data["namespaces"]["shop"]["formats"]["cilium"]["requests_covered"] == 5
     empty = run("--dataset", str(root), "--since", "2000-01-01", "--until", "2000-01-02")
     assert empty.exit_code == 1 and "no requests to learn from" in empty.output  # type: ignore[attr-defined]
 
@@ -154,3 +173,11 @@ def test_existing_policies_that_allow_everything_leave_nothing_to_add(tmp_path: 
     result = run("--dataset", str(root), *WINDOW, "--existing", str(current))
     assert result.exit_code == 0 and result.stdout == ""  # type: ignore[attr-defined]
     assert "nothing new: the 1 existing policies allow every request" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_help_states_the_exit_status_and_the_summary_format() -> None:
+    result = CliRunner().invoke(cli, ["suggest", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Exit status: 0 everything observed was drafted, 3 partial" in text
+    assert "--summary-format [text|json]" in text

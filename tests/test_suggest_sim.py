@@ -12,9 +12,11 @@ from policy_support import validate_document
 from suggest_support import suggest
 
 from flowpipe.config import ParquetSinkConfig
+from flowpipe.policy.draft import edge_text
+from flowpipe.policy.edges import learned_requests
 from flowpipe.policy.istio import IstioPolicy, unallowed_requests
 from flowpipe.policy.load import parse_policies
-from flowpipe.policy.replay import ReplayReport, replay_flows
+from flowpipe.policy.replay import ReplayReport, replay_edges, replay_flows
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sources.file import read_events
 from flowpipe.suggest import Suggestion
@@ -56,6 +58,29 @@ def test_drafts_allow_every_forwarded_request_and_none_of_the_probes(
         for r in result.review
     )
     assert "review: production/flowpipe-api accepts ingress from the world" in faulty.stream()
+
+
+@pytest.mark.parametrize("fmt", ["cilium", "kubernetes"])
+def test_drafts_never_allow_an_edge_the_current_policy_denied(
+    faulty: Suggestion, sim_faults: Any, fmt: str
+) -> None:
+    rows = sim_faults.ask("observed_edges")
+    key = ("source_namespace", "source_workload", "source_entity", "destination_namespace",
+           "destination_workload", "destination_entity", "l4_protocol", "destination_port")  # fmt: skip
+    delivered = {tuple(r[k] for k in key) for r in rows if r["status"] == "delivered"}
+    denied = [r for r in rows if r["status"] == "denied" and tuple(r[k] for k in key) not in delivered]
+    # The simulator denies some connections outright (a default-deny without a DNS rule, probes).
+    assert denied
+    assert {lo.edge for lo in faulty.denied} >= {edge_text(r) for r in denied}
+    # DNS lookups a default-deny without a DNS rule blocks today are the exception, said so: every drafted
+    # default-deny allows DNS.
+    dns = [r for r in denied if r["destination_port"] == 53]
+    assert dns and all(
+        "DNS allowance allows" in lo.reason for lo in faulty.denied if ":53" in lo.edge or "/53" in lo.edge
+    )
+    others = [r for r in denied if r["destination_port"] != 53]
+    report = replay_edges(deployed(faulty, fmt), learned_requests(others))
+    assert others and report.allowed == 0 and report.denied == sum(r["flows"] for r in others)
 
 
 def test_drafts_of_a_clean_run_deny_exactly_the_injected_traffic(sim_clean: Any, sim_faults: Any) -> None:

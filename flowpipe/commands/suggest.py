@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from flowpipe._cli_options import dataset_option
 from flowpipe._output import format_datetime
 from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
 from flowpipe.query.engine import open_engine
-from flowpipe.suggest import FORMATS, SuggestConfig, suggest_policies, write_files
+from flowpipe.suggest import EXIT_PARTIAL, FORMATS, SuggestConfig, suggest_policies, write_files
 
 
 def _help(name: str) -> str:
@@ -35,6 +36,14 @@ def _help(name: str) -> str:
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write one file per namespace (or workload) into this folder instead of printing them.",
+)
+@click.option(
+    "--summary-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="The summary (the review: per namespace what was drafted, covered, left out and kept denied) as text "
+    "on stderr, or as JSON: on stdout with --out, else on stderr.",
 )
 @click.option("--l7", is_flag=True, help=_help("l7"))
 @click.option("--learn-from-drops", is_flag=True, help=_help("learn_from_drops"))
@@ -63,6 +72,7 @@ def suggest(
     until: str,
     output_format: str,
     out: Path | None,
+    summary_format: str,
     l7: bool,
     learn_from_drops: bool,
     per_workload: bool,
@@ -75,10 +85,16 @@ def suggest(
     """Draft the network policies that allow exactly the traffic observed, and nothing else.
 
     Each workload gets an ingress and an egress policy (`flowpipe-<workload>`), each namespace a default-deny
-    with the DNS allowance. A draft is shown only after replaying the requests it was learned from (and the
-    stored flows) through it breaks none of them. The policies go to stdout, or to one file per namespace
-    with --out; a summary goes to stderr. Nothing is applied to a cluster. A policy applies to one cluster:
-    when the dataset holds flows of several clusters, choose one with --cluster.
+    with the DNS allowance. Connections your current policy denied are never learned (unless
+    --learn-from-drops). A draft is shown only after replaying the requests it was learned from (and the
+    stored flows) through it breaks none of them. Edges that cannot be drafted (pods recorded with a reserved
+    identity, unlabelled in-cluster addresses, what a format cannot express, invalid names) are left out and
+    listed with what to do; the rest is drafted. The policies go to stdout, or to one file per namespace
+    with --out; the summary goes to stderr. Nothing is applied to a cluster. A policy applies to one
+    cluster: when the dataset holds flows of several clusters, choose one with --cluster.
+
+    Exit status: 0 everything observed was drafted, 3 partial (some edges were left out, listed in the
+    summary), 1 an error (nothing written), 2 a bad option.
 
     \b
     Examples:
@@ -109,10 +125,15 @@ def suggest(
             f"note: --since counts back from the newest flow ({format_datetime(suggestion.until)}), not the clock",
             err=True,
         )
-    for line in suggestion.summary():
-        click.echo(line, err=True)
+    if summary_format == "text":
+        for line in suggestion.summary():
+            click.echo(line, err=True)
     if out is not None:
         written = write_files(suggestion, out)
         click.echo(f"wrote {len(written)} files to {out}", err=True)
     elif suggestion.files:
         click.echo(suggestion.stream(), nl=False)
+    if summary_format == "json":
+        click.echo(json.dumps(suggestion.to_dict(), indent=2, ensure_ascii=False), err=out is None)
+    if suggestion.partial:
+        raise SystemExit(EXIT_PARTIAL)

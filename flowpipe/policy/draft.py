@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from flowpipe.policy._l7 import http_rules, kafka_rules
 from flowpipe.policy._match import parse_label
+from flowpipe.policy.edges import endpoint_namespace
 from flowpipe.policy.model import (
     DIRECTIONS,
     Direction,
@@ -71,18 +72,52 @@ UNSTABLE_LABEL_KEYS = frozenset(
 
 _UNSTABLE_PREFIXES = ("io.kubernetes.pod.", "io.cilium.k8s.", "io.cilium.")
 DNS_PORT = 53
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 DEFAULT_DNS = (("kube-system", "kube-dns"), {"k8s-app": "kube-dns"})
 FQDN_PATTERN_MIN_NAMES = 3
 """This many names under one parent domain (same port rules) become one `*.parent` matchPattern."""
 _ICMP = {"ICMPv4": "ICMP", "ICMPv6": "ICMPv6"}
 
 
+@dataclass(frozen=True, slots=True)
+class LeftOut:
+    """An observed edge (or one end of it) that the drafts do not allow, why, and what the user can do.
+
+    `subjects` are the drafted ends that miss a rule for it, as (`namespace/workload`, direction, protocol,
+    port): the replay of the drafts denies the edge there, as expected (see `flowpipe.policy.proof`)."""
+
+    edge: str
+    namespace: str | None
+    reason: str
+    action: str
+    requests: int
+    subjects: tuple[tuple[str, str, str | None, int | None], ...] = ()
+    kind: str = "cannot be expressed"
+    """Groups the left-out list: `denied`, `reserved identity`, `in-cluster address`, `cannot be expressed`,
+    `invalid name`, `not proved`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "edge": self.edge,
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "reason": self.reason,
+            "what_to_do": self.action,
+            "requests": self.requests,
+        }
+
+
 @dataclass(slots=True)
 class Draft:
-    """Drafted policies in output order, and notes for the summary (what was skipped or not expressible)."""
+    """Drafted policies in output order, notes for the summary, and the edges left out with their reasons."""
 
     policies: list[Policy] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
 
     def by_namespace(self) -> dict[str, list[Policy]]:
         """Policies grouped by namespace, in output order (one file each)."""
@@ -99,10 +134,21 @@ class _End:
     entity: str | None
     ip: str | None
     names: tuple[str, ...]
+    held: str | None = None
+    """The reserved identity a pod was recorded with (`world`, `unmanaged`): no selector matches it then."""
 
     @property
     def is_pod(self) -> bool:
         return self.namespace is not None and self.workload is not None and self.entity is None
+
+    @property
+    def selectable(self) -> bool:
+        """A pod that Cilium knows by its labels (not recorded with a reserved identity)."""
+        return self.is_pod and self.held is None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.workload}"
 
 
 @dataclass(slots=True)
@@ -122,6 +168,7 @@ def draft_policies(
     default_deny: bool = True,
     context: pa.Table | Iterable[Mapping[str, Any]] | None = None,
     sides: Sequence[Collection[Direction]] | None = None,
+    cluster_ranges: Sequence[Network] = (),
 ) -> Draft:
     """Draft the policies that allow exactly the observed edges.
 
@@ -140,6 +187,11 @@ def draft_policies(
 
     What a policy cannot express, or a peer it had to write differently, is said in that policy's `comments`
     (rendered into its header) as well as in `notes`.
+
+    Edges a draft cannot allow are left out and listed in `Draft.left_out`, never a reason to draft nothing:
+    a peer recorded with a reserved identity while it is a pod (no label selector matches it), an address
+    inside `cluster_ranges` (the pod and service ranges) without labels (never a rule on one pod address),
+    and traffic a flavour cannot express. A pod recorded with a reserved identity gets no policy of its own.
     """
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
     if sides is not None and len(sides) != len(rows):
@@ -154,6 +206,9 @@ def draft_policies(
     drafted = _drafted_namespaces(labels, namespaces, include_kube_system)
     selectors = {key: _choose_selector(key, labels) for key in labels}
     dns_servers = _dns_servers(parsed_context)
+    held_dns = sorted({
+        f"{dst.key} (recorded with the identity {dst.held})" for _, dst, row in parsed_context
+        if dst.is_pod and dst.held and row.get("destination_port") == DNS_PORT})  # fmt: skip
     deny_namespaces = drafted if default_deny else set()
 
     # (namespace, workload) → direction → peer → port → use
@@ -166,25 +221,57 @@ def draft_policies(
         port = _port(row, port_notes)
         draft.notes.extend(port_notes)
         ends: tuple[tuple[Direction, _End, _End], ...] = (("egress", src, dst), ("ingress", dst, src))
+        drafted_ends = [
+            (d, subject, other)
+            for d, subject, other in ends
+            if subject.is_pod and subject.namespace in drafted and (sides is None or d in sides[index])
+        ]
+        text, requests = edge_text(row), int(row.get("flows") or 0)
         if port is None:
-            for direction, subject, _ in ends:
-                if subject.is_pod and subject.namespace in drafted:
-                    comments[(str(subject.namespace), str(subject.workload))].update(port_notes)
+            for _, subject, _ in drafted_ends:
+                comments[(str(subject.namespace), str(subject.workload))].update(port_notes)
+            if drafted_ends:
+                draft.left_out.append(LeftOut(
+                    text, drafted_ends[0][1].namespace, "; ".join(port_notes), "allow it in a policy of your own",
+                    requests, tuple(_subject(s, d, row) for d, s, _ in drafted_ends)))  # fmt: skip
             continue
         is_dns = port.port == DNS_PORT and (dst.namespace, dst.workload) in dns_servers[None]
-        for direction, subject, other in ends:
-            if not subject.is_pod or subject.namespace not in drafted:
+        for direction, subject, other in drafted_ends:
+            key = (str(subject.namespace), str(subject.workload))
+            if subject.held is not None:
+                draft.left_out.append(_held_subject(subject, direction, text, requests, row))
                 continue
-            if sides is not None and direction not in sides[index]:
+            if selectors.get(key) is None:
+                draft.left_out.append(LeftOut(
+                    text, subject.namespace,
+                    f"{subject.key} has no stable labels to select it by, so no policy is drafted for it",
+                    "give its pods a stable label (app.kubernetes.io/name or app) and draft again",
+                    requests, (_subject(subject, direction, row),), kind="no stable labels"))  # fmt: skip
+                continue
+            if other.is_pod and other.held is not None:
+                draft.left_out.append(_held_peer(subject, other, direction, text, requests, row, flavour))
                 continue
             if direction == "egress" and is_dns and subject.namespace in deny_namespaces:
                 continue  # the namespace's DNS allowance covers it
-            key = (str(subject.namespace), str(subject.workload))
+            inside = _in_cluster(other, cluster_ranges)
+            if inside is not None:
+                draft.left_out.append(LeftOut(
+                    text, subject.namespace,
+                    f"{other.ip} is an address inside {inside}, where the cluster's pods and services are, "
+                    "recorded without labels: a rule on one pod address breaks when the pod restarts",
+                    "allow it by the labels of the pod or service behind it (its records carry them once Cilium "
+                    "knows it), or re-run suggest on a window where it was recorded with them",
+                    requests, (_subject(subject, direction, row),), kind="in-cluster address"))  # fmt: skip
+                continue
             peer_notes: list[str] = []
             peer = _peer(other, subject.namespace, direction, flavour, selectors, peer_notes)
             draft.notes.extend(peer_notes)
             comments[key].update(peer_notes)
             if peer is None:
+                if not (flavour == "kubernetes" and other.entity == "host" and direction == "ingress"):
+                    draft.left_out.append(LeftOut(
+                        text, subject.namespace, "; ".join(peer_notes) or "no peer can be written for it",
+                        "allow it in a policy of your own", requests, (_subject(subject, direction, row),)))  # fmt: skip
                 continue
             if flavour == "kubernetes" and l7 and row.get("l7_protocol") in ("http", "kafka"):
                 comments[key].add(
@@ -205,7 +292,9 @@ def draft_policies(
 
     for namespace in sorted(drafted):
         if namespace in deny_namespaces:
-            draft.policies.append(_default_deny(namespace, flavour, dns_servers, selectors, draft.notes))
+            draft.policies.append(
+                _default_deny(namespace, flavour, dns_servers, selectors, draft.notes, held_dns)
+            )
         for (ns, workload), by_direction in sorted(uses.items()):
             if ns != namespace:
                 continue
@@ -242,20 +331,31 @@ _KEYS = {
 
 def _parse_row(row: Mapping[str, Any]) -> tuple[_End, _End, Mapping[str, Any]]:
     def end(side: str) -> _End:
-        entity_key, namespace_key, names_key, workload_key, ip_key = _KEYS[side]
+        entity_key, _, names_key, workload_key, ip_key = _KEYS[side]
         entity = row.get(entity_key)
-        namespace = row.get(namespace_key)
+        # Labels name the namespace when the record does not: such an end is a pod, never the world.
+        namespace = endpoint_namespace(row, side)
         raw = row.get(names_key)
         names = tuple(sorted({n.lower().rstrip(".") for n in raw if n})) if raw else ()
+        workload = row.get(workload_key) if namespace is not None else None
+        if namespace is not None and workload is None:
+            workload = _workload_from_labels(row.get(f"{side}_labels") or ())
         return _End(
-            namespace=namespace if entity is None else None,
-            workload=row.get(workload_key) if entity is None else None,
+            namespace=namespace,
+            workload=workload,
             entity=entity if entity is not None or namespace is not None else "world",
             ip=row.get(ip_key),
             names=names,
+            held=row.get(f"{side}_reserved_identity") if namespace is not None else None,
         )
 
     return end("source"), end("destination"), row
+
+
+def _workload_from_labels(labels: Iterable[str]) -> str | None:
+    """A workload name for a pod known by its labels only: its most telling stable label value."""
+    stable = stable_labels(labels)
+    return next((stable[k] for k in PREFERRED_LABEL_KEYS if k in stable), None)
 
 
 def workload_selectors(
@@ -276,6 +376,7 @@ def stable_labels(labels: Iterable[str]) -> dict[str, str]:
             source not in ("k8s", "unspec")
             or key in UNSTABLE_LABEL_KEYS
             or key.startswith(_UNSTABLE_PREFIXES)
+            or not valid_label(key, value)
         ):
             continue
         out[key] = value
@@ -290,7 +391,7 @@ def _workload_labels(
     seen: set[tuple[tuple[str, str], tuple[str, ...]]] = set()  # the same label list folds in once
     for src, dst, row in parsed:
         for end, side in ((src, "source"), (dst, "destination")):
-            if not end.is_pod:
+            if not end.selectable:
                 continue
             key = (str(end.namespace), str(end.workload))
             raw = tuple(row.get(f"{side}_labels") or ())
@@ -340,7 +441,7 @@ def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Ser
     servers: _Servers = defaultdict(lambda: defaultdict(int))
     for src, dst, row in parsed:
         if (
-            dst.is_pod
+            dst.selectable
             and row.get("destination_port") == DNS_PORT
             and row.get("l4_protocol") in ("UDP", "TCP")
         ):
@@ -350,6 +451,128 @@ def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Ser
             if src.is_pod:
                 servers[src.namespace][key] += flows
     return servers
+
+
+def valid_name(name: str, *, subdomain: bool = False) -> bool:
+    """True for a name Kubernetes accepts: a DNS-1123 label (namespaces), or subdomain (object names)."""
+    if subdomain:
+        return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(part) for part in name.split("."))
+    return len(name) <= 63 and _DNS_LABEL.fullmatch(name) is not None
+
+
+def valid_label(key: str, value: str) -> bool:
+    """True for a label key (optional DNS prefix, name of up to 63 characters) and value Kubernetes accepts."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.fullmatch(prefix)):
+        return False
+    return (
+        0 < len(name) <= 63
+        and _LABEL_VALUE.fullmatch(name) is not None
+        and len(value) <= 63
+        and _LABEL_VALUE.fullmatch(value) is not None
+    )
+
+
+def edge_text(row: Mapping[str, Any], sides: Sequence[str] = ()) -> str:
+    """`source -> destination PROTOCOL/port [L7 call]` of an observed-edge row (`(denied at ...)` with `sides`)."""
+
+    def end(side: str) -> str:
+        namespace = endpoint_namespace(row, side)
+        if namespace is not None:
+            workload = row.get(f"{side}_workload") or _workload_from_labels(row.get(f"{side}_labels") or ())
+            return f"{namespace}/{workload}"
+        names = row.get(f"{side}_names") or ()
+        address = names[0] if names else row.get(f"{side}_ip")
+        entity = row.get(f"{side}_entity") or "world"
+        return f"{entity}:{address}" if address else str(entity)
+
+    protocol = row.get("l4_protocol") or "?"
+    port = row.get("destination_port") if protocol in ("TCP", "UDP", "SCTP") else row.get("icmp_type")
+    l7 = ""
+    if row.get("l7_protocol") == "http":
+        l7 = f" {row.get('http_method')} {row.get('http_path')}"
+    elif row.get("l7_protocol") == "kafka":
+        l7 = f" kafka {row.get('kafka_role')} {row.get('kafka_topic') or ''}".rstrip()
+    where = f" (denied at {'+'.join(sides)})" if sides else ""
+    return f"{end('source')} -> {end('destination')} {protocol}/{port}{l7}{where}"
+
+
+def _subject(
+    end: _End, direction: Direction, row: Mapping[str, Any]
+) -> tuple[str, str, str | None, int | None]:
+    """(`namespace/workload`, direction, protocol, port) of a drafted end, as replay names a denied edge."""
+    protocol = row.get("l4_protocol")
+    port = row.get("destination_port") if protocol in ("TCP", "UDP", "SCTP") else row.get("icmp_type")
+    return (end.key, direction, protocol, port)
+
+
+def _held_subject(
+    subject: _End, direction: Direction, text: str, requests: int, row: Mapping[str, Any]
+) -> LeftOut:
+    """The rule a pod recorded with a reserved identity would need: no policy is drafted for it."""
+    return LeftOut(
+        text,
+        subject.namespace,
+        f"{subject.key} was recorded with the identity {subject.held}: Cilium does not enforce a policy "
+        "selecting it by labels while it has that identity, so none is drafted for it",
+        "draft it again once Cilium manages the pod (the namespace's default-deny then isolates it)",
+        requests,
+        (_subject(subject, direction, row),),
+        kind="reserved identity",
+    )
+
+
+def _held_peer(
+    subject: _End,
+    other: _End,
+    direction: Direction,
+    text: str,
+    requests: int,
+    row: Mapping[str, Any],
+    flavour: Flavour,
+) -> LeftOut:
+    """An edge to or from a pod recorded with a reserved identity: no label selector matches it."""
+    where = f" ({other.ip})" if other.ip else ""
+    reason = (
+        f"pods recorded with the {other.held} identity: {other.key}{where} is a pod, but Cilium knows it as "
+        f"{other.held}, so no label selector matches it"
+    )
+    if other.held == "unmanaged":
+        action = "allow it by label once Cilium manages it (restart the pod after Cilium runs on its node)"
+    else:
+        host = "toEntities: [host]" if direction == "egress" else "fromEntities: [host]"
+        if flavour == "kubernetes":
+            host = "an ipBlock of the node addresses (Cilium: policy-cidr-match-mode: nodes)"
+        action = f"allow it by label once Cilium manages it, or with {host} if it runs on the host network"
+    if direction == "egress" and row.get("destination_port") == DNS_PORT:
+        action += "; the DNS allowance assumes k8s-app=kube-dns in kube-system, which selects it once managed"
+    return LeftOut(text, subject.namespace, reason, action, requests, (_subject(subject, direction, row),),
+                   kind="reserved identity")  # fmt: skip
+
+
+def _in_cluster(other: _End, ranges: Sequence[Network]) -> Network | None:
+    """The cluster range an unlabelled address (the world to Cilium) lies in, if any."""
+    if other.is_pod or other.entity not in (None, "world") or not other.ip or other.names:
+        return None
+    try:
+        address = ipaddress.ip_address(other.ip)
+    except ValueError:
+        return None
+    return next((r for r in ranges if r.version == address.version and address in r), None)
+
+
+def cluster_ranges(addresses: Iterable[str]) -> list[Network]:
+    """The pod and service ranges, inferred from the addresses of known pods and services: the /16 (IPv4) or
+    /64 (IPv6) around each. An unlabelled address inside them is a pod or service, never the world."""
+    found: set[Network] = set()
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        prefix = 16 if address.version == 4 else 64
+        found.add(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    return sorted(found, key=lambda n: (n.version, n))
 
 
 def policy_name(workload: str) -> str:
@@ -378,6 +601,13 @@ def _peer(
             selector = LabelSelector()
         return [Peer.endpoints(selector, namespace=other.namespace if other.namespace != namespace else None)]
     entity = other.entity or "world"
+    if entity == "kube-apiserver" and flavour == "kubernetes":
+        notes.append(
+            "kube-apiserver is written as the API server addresses seen (NetworkPolicy has no entities): update "
+            "the ipBlock if they change; Cilium applies it to an API server on the nodes only with "
+            "policy-cidr-match-mode: nodes"
+        )
+        return _address_peer(other, notes)
     if entity == "world" and direction == "egress":
         if other.names and flavour == "cilium":
             return [Peer.fqdn_peer(name=n) for n in other.names]
@@ -548,10 +778,21 @@ def _default_deny(
     dns_servers: _Servers,
     selectors: Mapping[tuple[str, str], LabelSelector | None],
     notes: list[str],
+    held_dns: Sequence[str] = (),
 ) -> Policy:
     rule = _dns_rule(namespace, flavour, dns_servers, selectors)
     comments: tuple[str, ...] = ()
-    if rule.flows is None:
+    if rule.flows is None and held_dns:
+        comments = (
+            (
+                f"the DNS server seen, {', '.join(held_dns)}, cannot be selected by its labels: the DNS allowance "
+                "assumes k8s-app=kube-dns in kube-system, which matches it once Cilium manages it"
+            ),
+        )
+        notes.append(
+            f"{namespace}: DNS server not managed by Cilium; assumed k8s-app=kube-dns in kube-system"
+        )
+    elif rule.flows is None:
         comments = ("no DNS traffic was observed: the DNS allowance assumes k8s-app=kube-dns in kube-system",)
         notes.append(f"{namespace}: no DNS server observed; assumed k8s-app=kube-dns in kube-system")
     return Policy(

@@ -63,6 +63,21 @@ OBSERVED_EDGE_SCHEMA = pa.schema(
 
 
 _KAFKA_ROLE_API_KEY = {"produce": "produce", "consume": "fetch"}
+POD_NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
+
+
+def endpoint_namespace(row: Mapping[str, Any], side: str) -> str | None:
+    """The namespace of one end of an edge row: its namespace field, else the one its pod labels name (a record
+    about a remote pod may carry its labels without its namespace); None for entities and the world."""
+    if row.get(f"{side}_entity") is not None:
+        return None
+    namespace = row.get(f"{side}_namespace")
+    if namespace is not None:
+        return str(namespace)
+    for label in row.get(f"{side}_labels") or ():
+        if label.startswith(POD_NAMESPACE_LABEL):
+            return label[len(POD_NAMESPACE_LABEL) :]
+    return None
 
 
 def learned_requests(edges: pa.Table | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -81,10 +96,12 @@ def learned_requests(edges: pa.Table | Iterable[Mapping[str, Any]]) -> list[dict
         }
         for side in ("source", "destination"):
             entity = row.get(f"{side}_entity")
-            namespace = row.get(f"{side}_namespace") if entity is None else None
             labels = list(row.get(f"{side}_labels") or ())
+            # A pod recorded with a reserved identity is that identity to Cilium: no label selector matches it.
+            held = row.get(f"{side}_reserved_identity")
+            namespace = endpoint_namespace(row, side) if entity is None and not held else None
             if namespace is None:
-                labels = [f"reserved:{entity or 'world'}"]
+                labels = [f"reserved:{held or entity or 'world'}"]
             replay_row.update(
                 {
                     f"{side}_namespace": namespace,

@@ -1,25 +1,27 @@
-"""Proving a draft before it is offered: rendered, read back and replayed against what it was learned from.
+"""Proving a draft before it is offered: the documents as written, read back and replayed against what they were
+learned from.
 
-`prove_draft` takes drafted policies as the cluster would get them (rendered to YAML and parsed back, so that
-rendering itself is under test) and replays through them, together with any existing policies:
+`prove_draft` takes the drafted policies as the cluster would get them (parsed back from the exact text that is
+written, so that rendering itself is under test and nothing a flow carries can add a document) and replays
+through them, together with any existing policies:
 
 - the learned requests (`edges.learned_requests` of the observed edges): every one must be allowed;
 - with `stored`, the stored flows of the window (`StoredEdges`): no request that was forwarded may be denied,
   except, next to existing policies, what those already deny (the additions must break nothing).
 
-A request that a format cannot express at all (ICMP in a NetworkPolicy, which has no ICMP rules) is not a
-refusal: it is returned in `Proof.not_allowed`, for the files and the summary to name. Any other denial raises
-`DraftRefusedError` naming the edges.
+Requests of edges the draft left out on purpose (`draft.LeftOut.subjects`: the drafted end that misses a rule)
+are denied as expected and returned apart (`Proof.expected`), as are requests a format cannot express at all
+(ICMP in a NetworkPolicy: `Proof.unexpressible`). Any other denial is in `Proof.broken`: the caller withholds
+the drafts that deny it and lists it. Nothing here refuses the whole set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from flowpipe.errors import DraftRefusedError
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.model import Policy
 from flowpipe.policy.render import render_policy
@@ -28,20 +30,31 @@ from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 from flowpipe.query.engine import Engine
 
 MAX_NAMED_EDGES = 20
-"""Edges named in a refusal's message (all of them are in `DraftRefusedError.edges`)."""
+"""Edges named in a summary list before `... and N more`."""
 _L4 = ("TCP", "UDP", "SCTP")
+Subject = tuple[str, str, str | None, int | None]
+"""(`namespace/workload`, direction, protocol, port) of a drafted end that misses a rule on purpose."""
 
 
 @dataclass(slots=True)
 class Proof:
-    """What the replay of a draft showed: requests allowed, and what the draft cannot allow or relies on."""
+    """What the replay of a draft showed: requests allowed, what it denies and why, what it relies on."""
 
     requests: int = 0
     """Learned requests the draft allows."""
+    learned_denied: list[DeniedEdge] = field(default_factory=list)
+    """Every learned request the draft denies (expected, unexpressible or broken)."""
     flows: int | None = None
     """Stored requests the draft allows (None: the stored flows were not replayed)."""
-    not_allowed: list[str] = field(default_factory=list)
     requires: list[str] = field(default_factory=list)
+    expected: list[DeniedEdge] = field(default_factory=list)
+    """Denied requests of edges the draft left out on purpose."""
+    unexpressible: list[DeniedEdge] = field(default_factory=list)
+    """Denied requests the format cannot express (ICMP in a NetworkPolicy)."""
+    broken: list[DeniedEdge] = field(default_factory=list)
+    """Denied learned requests nothing explains: the drafts that deny them are not offered."""
+    broken_stored: list[DeniedEdge] = field(default_factory=list)
+    """Denied forwarded stored requests nothing explains."""
 
 
 class StoredEdges:
@@ -77,42 +90,40 @@ def as_deployed(policies: Sequence[Policy]) -> list[Policy]:
 
 
 def prove_draft(
-    policies: Sequence[Policy],
+    deployed: Sequence[Policy],
     learned: Sequence[dict[str, Any]],
     *,
+    flavour: str,
     existing: Sequence[Policy] = (),
     stored: StoredEdges | None = None,
     cidr_match_nodes: bool = False,
+    left_out: Collection[Subject] = (),
 ) -> Proof:
-    """Replay `learned` (and `stored`) through `existing` plus the deployed `policies`; raise if any is denied.
+    """Replay `learned` (and `stored`) through `existing` plus `deployed` (the drafts as read back from the text
+    written); sort every denied request into expected, unexpressible and broken.
 
     `cidr_match_nodes`: the draft names node addresses by CIDR, which Cilium applies to nodes only with
     `policy-cidr-match-mode: nodes`; the replay uses that mode and the proof says the draft requires it.
     """
-    kind = policies[0].flavour if policies else "cilium"
     proof = Proof()
     config = ReplayConfig(cidr_match_nodes=cidr_match_nodes)
     if cidr_match_nodes:
         proof.requires.append("Cilium policy-cidr-match-mode: nodes (ipBlocks that name node addresses)")
-    deployed = list(existing) + as_deployed(policies)
-    report = replay_edges(deployed, learned, config)
-    proof.not_allowed, broken = _classify(report.denied_edges, kind)
-    if broken:
-        raise _refusal(kind, "the requests it was learned from", broken)
+    policies = list(existing) + list(deployed)
+    report = replay_edges(policies, learned, config)
+    _sort(report.denied_edges, flavour, left_out, proof, proof.broken)
     proof.requests = report.allowed
+    proof.learned_denied = list(report.denied_edges)
     if stored is not None:
-        edges = stored.edges(deployed)
-        flows = replay_edges(deployed, edges, config)
+        edges = stored.edges(policies)
+        flows = replay_edges(policies, edges, config)
         denied = [e for e in flows.denied_edges if e.forwarded]
         if existing:
             # What the existing policies deny already is theirs to answer for; the additions must break nothing.
             before = {_key(e) for e in replay_edges(existing, edges, config).denied_edges}
             denied = [e for e in denied if _key(e) not in before]
-        declared, broken = _classify(denied, kind)
-        if broken:
-            raise _refusal(kind, "the stored flows of the window", broken)
+        _sort(denied, flavour, left_out, proof, proof.broken_stored)
         proof.flows = flows.allowed
-        proof.not_allowed = sorted(set(proof.not_allowed) | set(declared))
     return proof
 
 
@@ -120,15 +131,29 @@ def _key(edge: DeniedEdge) -> tuple[Any, ...]:
     return (edge.source, edge.destination, edge.protocol, edge.port, edge.l7)
 
 
-def _classify(denied: Iterable[DeniedEdge], kind: str) -> tuple[list[str], list[DeniedEdge]]:
-    """Denied edges a format cannot express at all (named, allowed to stand) and the others (a refusal)."""
-    declared, broken = [], []
+def subjects(edge: DeniedEdge) -> list[Subject]:
+    """The ends that deny `edge`, as (`namespace/workload`, direction, protocol, port)."""
+    return [
+        (edge.source if d == "egress" else edge.destination, d, edge.protocol, edge.port)
+        for d in edge.direction.split("+")
+        if d
+    ]
+
+
+def _sort(
+    denied: Iterable[DeniedEdge],
+    flavour: str,
+    left_out: Collection[Subject],
+    proof: Proof,
+    broken: list[DeniedEdge],
+) -> None:
     for edge in denied:
-        if kind == "kubernetes" and edge.protocol not in _L4:
-            declared.append(f"{edge_text(edge)}: a NetworkPolicy cannot allow {edge.protocol} alone")
+        if all(s in left_out for s in subjects(edge)):
+            proof.expected.append(edge)
+        elif flavour == "kubernetes" and edge.protocol not in _L4:
+            proof.unexpressible.append(edge)
         else:
             broken.append(edge)
-    return sorted(set(declared)), broken
 
 
 def edge_text(edge: DeniedEdge) -> str:
@@ -136,19 +161,3 @@ def edge_text(edge: DeniedEdge) -> str:
     port = "" if edge.port is None else f"/{edge.port}"
     l7 = f" {edge.l7}" if edge.l7 else ""
     return f"{edge.source} -> {edge.destination} {edge.protocol or '?'}{port}{l7}"
-
-
-def refusal(kind: str, what: str, names: Sequence[str], requests: int) -> DraftRefusedError:
-    """The error for a draft that would deny `requests` of `what`, in the edges `names`."""
-    shown = "\n".join(f"  {n}" for n in names[:MAX_NAMED_EDGES])
-    more = f"\n  ... and {len(names) - MAX_NAMED_EDGES} more" if len(names) > MAX_NAMED_EDGES else ""
-    return DraftRefusedError(
-        f"the {kind} draft would deny {requests} of {what} in {len(names)} edges, so it is not offered:\n"
-        f"{shown}{more}\nNarrow the draft with --namespace, or report the edges if they look expressible.",
-        edges=names,
-    )
-
-
-def _refusal(kind: str, what: str, broken: Sequence[DeniedEdge]) -> DraftRefusedError:
-    names = [f"{edge_text(e)} ({e.flows} requests; {e.reason})" for e in broken]
-    return refusal(kind, what, names, sum(e.flows for e in broken))

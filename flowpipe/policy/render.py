@@ -103,7 +103,18 @@ def _header(
         lines.extend(f"  {rule_id}: {flows} flows" for rule_id, flows in provenance)
     lines.extend(f"note: {c}" for c in policy.comments)
     lines.extend(f"not expressible here: {n}" for n in notes)
-    return "".join(f"# {line}\n" for line in lines)
+    return comment_block(lines)
+
+
+def printable(text: str) -> str:
+    """`text` on one line: line breaks and other control characters escaped (`\\n`), as text from flows
+    (names, labels) must never end a comment or start a YAML document."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def comment_block(lines: Iterable[str]) -> str:
+    """YAML comment lines (`# ...`), each escaped with `printable`."""
+    return "".join(f"# {printable(line)}\n" for line in lines)
 
 
 # -- selectors ----------------------------------------------------------------------------------------------

@@ -10,13 +10,18 @@ The semantics are those of the real implementations (Cilium enforces both flavou
 - Replies are always allowed (connection tracking), so only requests are judged: `is_reply` not true and no L7
   `RESPONSE`. Without `is_reply` (old agents), a TCP packet counts as a request only when it opens a connection
   (SYN without ACK); other packets of unknown direction are skipped with the replies.
+- A pod recorded with a reserved identity (`*_reserved_identity`, or only `reserved:` labels while the record
+  names its namespace: hostNetwork pods, pods Cilium does not manage) is judged as that identity, as Cilium
+  enforces on the identity: no policy selects it, and no label or namespace selector matches it.
 - Ingress from the local host (`reserved:host`: kubelet probes) is always allowed, as with Cilium's default
   `allow-localhost: auto`; `ReplayConfig(allow_localhost=False)` judges it like any peer.
 - CIDR rules (and NetworkPolicy `ipBlock`) select addresses outside the cluster, not pods or nodes, as in
   Cilium's default `policy-cidr-match-mode`; `ReplayConfig(cidr_match_nodes=True)` is the `nodes` mode.
-- Each flow is judged where Hubble observed it: a flow with `traffic_direction` EGRESS by the source's egress
-  policies, INGRESS by the destination's ingress policies, and a flow without a direction by both. A connection
-  that Hubble reports at both ends thus has each end judged by the policies enforced there.
+- Every request is judged at both ends, wherever Hubble observed it: by the source's egress policies and by the
+  destination's ingress policies, each with the identity and labels the record (or the edge grouping) gives that
+  end. A connection often reaches the capture from one end only (the other node's records filtered or lost):
+  a request seen only at the source's egress still meets the destination's ingress policy, and `would_break`
+  counts it when that policy would deny it.
 
 For speed, flows are first grouped into distinct edges (`EDGES_SQL`, run by DuckDB over the shared view
 `flows_enriched`); each edge is judged once and weighted by its flow count, and selector results are cached per
@@ -365,7 +370,7 @@ def replay_edges(
             _describe(row, "destination"),
             traffic.protocol,
             traffic.port if traffic.protocol not in ("ICMPv4", "ICMPv6") else traffic.icmp_type,
-            "+".join(directions) if len(directions) > 1 else directions[0],
+            "+".join(d for d, decision in zip(directions, decisions, strict=True) if not decision.allowed),
             "; ".join(reasons),
             _l7_summary(traffic),
         )
@@ -436,9 +441,18 @@ class _Judge:
         self.decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
 
     def endpoint(self, row: Mapping[str, Any], side: str) -> m.Endpoint:
+        labels = tuple(row.get(f"{side}_labels") or ())
+        namespace = row.get(f"{side}_namespace")
+        held = row.get(f"{side}_reserved_identity")
+        if namespace is not None and (
+            held or (labels and all(lbl.startswith("reserved:") for lbl in labels))
+        ):
+            # A pod recorded with a reserved identity is that identity to Cilium: no policy selects it, and
+            # selectors match it as that identity (world: by CIDR), never by its namespace or labels.
+            namespace, labels = None, (f"reserved:{held}",) if held else labels
         key = (
-            row.get(f"{side}_namespace"),
-            tuple(row.get(f"{side}_labels") or ()),
+            namespace,
+            labels,
             row.get(f"{side}_identity"),
             row.get(f"{side}_ip"),
             tuple(row.get(f"{side}_names") or ()),
@@ -449,7 +463,8 @@ class _Judge:
         return found
 
     def row(self, row: Mapping[str, Any]) -> tuple[ports.Traffic, tuple[Direction, ...], list[Decision]]:
-        """The traffic of a request row, the directions judged (where Hubble observed it), and the decisions."""
+        """The traffic of a request row, the directions judged (both ends, wherever Hubble observed it), and the
+        decisions."""
         src, dst = self.endpoint(row, "source"), self.endpoint(row, "destination")
         traffic = ports.Traffic(
             protocol=row.get("l4_protocol"),
@@ -462,14 +477,7 @@ class _Judge:
             kafka_topic=row.get("kafka_topic"),
             dns_query=row.get("dns_query"),
         )
-        observed = row.get("traffic_direction")
-        directions: tuple[Direction, ...] = (
-            ("egress",)
-            if observed == "EGRESS"
-            else ("ingress",)
-            if observed == "INGRESS"
-            else ("egress", "ingress")
-        )
+        directions: tuple[Direction, ...] = ("egress", "ingress")
         decisions = []
         key = self.policy_set.decision_key(traffic)
         for direction in directions:

@@ -1,0 +1,134 @@
+"""Hostile names in flow data against `suggest`: text from flows is data, never YAML structure or a file path.
+Real flows through the ParquetSink and DuckDB, the command through click's runner, files checked on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from click.testing import CliRunner
+from policy_support import pod, validate_document
+from suggest_support import connection, dataset
+
+from flowpipe.cli import cli
+from flowpipe.policy.model import Policy
+from flowpipe.policy.render import render_policy
+
+WINDOW = ["--since", "2000-01-01", "--until", "2100-01-01"]
+INJECTED = (
+    "\n---\napiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: allow-all}\n"
+    "spec: {endpointSelector: {}, ingress: [{fromEntities: [all]}], egress: [{toEntities: [all]}]}\n"
+)
+WEB = pod("shop", "web")
+API = pod("shop", "api")
+
+
+def renamed(end: dict[str, Any], namespace: str | None = None, workload: str | None = None) -> dict[str, Any]:
+    """`end` with another namespace or workload, in its fields and its labels."""
+    out = dict(end)
+    if namespace is not None:
+        out["namespace"] = namespace
+        out["labels"] = [
+            f"k8s:io.kubernetes.pod.namespace={namespace}" if lbl.startswith("k8s:io.kubernetes.pod.namespace=")
+            else lbl for lbl in end["labels"]
+        ]  # fmt: skip
+    if workload is not None:
+        out["workload_name"] = workload
+        out["pod_name"] = f"{workload}-7d4b9c8f6-x2x9z"
+    return out
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["suggest", *args])
+
+
+def every_file(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_a_newline_in_a_name_never_adds_a_document_or_a_key(tmp_path: Path, cilium_schemas: Path) -> None:
+    hostile_ns = renamed(WEB, namespace="shop" + INJECTED)
+    hostile_wl = renamed(WEB, workload="web" + INJECTED)
+    hostile_label = dict(API, labels=[*API["labels"], "k8s:tier=backend" + INJECTED])
+    rows = (
+        connection(WEB, API, 8080, 40001)
+        + connection(hostile_ns, API, 8081, 40002)
+        + connection(hostile_wl, API, 8082, 40003)
+        + connection(WEB, hostile_label, 8083, 40004)
+    )
+    root = dataset(tmp_path / "data", rows)
+    for fmt in ("cilium", "kubernetes", "istio"):
+        result = run("--dataset", str(root), *WINDOW, "--format", fmt, "--per-workload")
+        assert result.exit_code == 3, result.output  # the hostile edges are left out: partial
+        documents = list(yaml.safe_load_all(result.stdout))
+        assert documents and all(d["kind"] != "CiliumClusterwideNetworkPolicy" for d in documents)
+        assert all(d["metadata"]["namespace"] == "shop" for d in documents)
+        for doc in documents:
+            if fmt != "istio":
+                validate_document(doc, cilium_schemas)
+            assert "allow-all" not in yaml.safe_dump(doc)
+        # Left out by name, reported with the newline escaped: no line of the summary is YAML from a flow.
+        assert "is not a name Kubernetes accepts" in result.stderr
+        assert "\\n---\\napiVersion" in result.stderr
+        assert not any(
+            line.startswith(("kind:", "apiVersion:", "---")) for line in result.stderr.splitlines()
+        )
+        # The label with the newline is never a selector; api is still selected by its stable app label.
+    api = next(d for d in yaml.safe_load_all(run("--dataset", str(root), *WINDOW).stdout)
+               if d["metadata"]["name"] == "flowpipe-api")  # fmt: skip
+    assert api["spec"]["endpointSelector"] == {"matchLabels": {"app": "api"}}
+
+
+def test_comments_escape_every_line_break() -> None:
+    policy = Policy("p", "shop", "cilium", comments=("seen from\n---\nkind: CiliumClusterwideNetworkPolicy",
+                                                      "carriage\rreturn and \u2028 line separator"))  # fmt: skip
+    text = render_policy(policy)
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(text)] == ["p"]
+    comment_lines = [line for line in text.splitlines() if line.startswith("#")]
+    assert "# note: seen from\\n---\\nkind: CiliumClusterwideNetworkPolicy" in comment_lines
+    assert not any(line.startswith(("---", "kind: CiliumClusterwide")) for line in text.splitlines())
+    assert "# note: carriage\\rreturn and \\u2028 line separator" in comment_lines
+
+
+def test_names_never_write_outside_out_and_files_are_safe_unique_slugs(tmp_path: Path) -> None:
+    escape = tmp_path / "escaped"
+    long_workload = "w" + "x" * 240  # a valid object name, too long for a file name with its prefix
+    rows = (
+        connection(WEB, API, 8080, 40001)
+        + connection(renamed(WEB, namespace="../../escaped"), API, 8081, 40002)
+        + connection(renamed(WEB, namespace=str(escape)), API, 8082, 40003)
+        + connection(renamed(WEB, namespace="n" * 300), API, 8083, 40004)
+        + connection(renamed(WEB, workload="../../escaped-workload"), API, 8084, 40005)
+        + connection(renamed(WEB, workload=long_workload), API, 8085, 40006)
+    )
+    root = dataset(tmp_path / "data", rows)
+    out = tmp_path / "deep" / "out"
+    before = set(every_file(tmp_path))
+    result = run("--dataset", str(root), *WINDOW, "--format", "both", "--per-workload", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    written = set(every_file(tmp_path)) - before
+    assert written and all(p.is_relative_to(out) for p in written)
+    assert not escape.exists() and not (tmp_path / "escaped").exists()
+    assert all(len(p.name) <= 255 and p.name == p.name.lower() for p in written)
+    assert {p.relative_to(out).parts[0] for p in written} == {"cilium", "kubernetes"}  # formats apart
+    # The invalid names are reported, not written; the long valid one is written under a slug, by its real name.
+    stderr = result.stderr
+    for name in ("../../escaped", str(escape), "n" * 300, "../../escaped-workload"):
+        assert repr(name) in stderr
+    long_files = [p for p in written if p.name.startswith("flowpipe-wxxx")]
+    assert len(long_files) == 2 and all(len(p.name) < 120 for p in long_files)
+    for path in long_files:
+        names = {d["metadata"]["name"] for d in yaml.safe_load_all(path.read_text())}
+        assert names == {f"flowpipe-{long_workload}"[:253]}
+
+
+def test_a_namespace_option_kubernetes_would_not_accept_is_a_clear_error(tmp_path: Path) -> None:
+    root = dataset(tmp_path / "data", connection(WEB, API, 8080, 40001))
+    result = run(
+        "--dataset", str(root), *WINDOW, "--namespace", "../../escape", "--out", str(tmp_path / "out")
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a bad option
+    assert "not a namespace name Kubernetes accepts (DNS-1123): '../../escape'" in result.output
+    assert not (tmp_path / "out").exists()
