@@ -12,12 +12,34 @@ from flowpipe.policy.replay import replay_flows
 
 
 def policy_drop_requests(table: Any) -> int:
-    rows = (
-        table.filter(pc.equal(table["verdict"], "DROPPED"))
-        .select(["drop_reason_desc", "is_reply"])
-        .to_pylist()
-    )
-    return sum(1 for r in rows if is_policy_decision(r["drop_reason_desc"]) and not r["is_reply"])
+    """Request records of denied connections: the policy drops, and the source's FORWARDED record of a
+    connection that the destination dropped (one connection, denied at its other end)."""
+    rows = table.select(
+        ["verdict", "drop_reason_desc", "is_reply", "flow_type", "l7_type", "l4_protocol", "source_ip",
+         "source_port", "destination_ip", "destination_port"]
+    ).to_pylist()  # fmt: skip
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (
+            r["source_ip"],
+            r["source_port"],
+            r["destination_ip"],
+            r["destination_port"],
+            r["l4_protocol"],
+        )
+
+    drops = [
+        r
+        for r in rows
+        if r["verdict"] == "DROPPED" and is_policy_decision(r["drop_reason_desc"]) and not r["is_reply"]
+    ]
+    denied = {key(r) for r in drops if r["l4_protocol"] in ("TCP", "UDP") and r["l7_type"] is None}
+    sent = [
+        r
+        for r in rows
+        if r["verdict"] == "FORWARDED" and not r["is_reply"] and r["flow_type"] != "SOCK" and key(r) in denied
+    ]
+    return len(drops) + len(sent)
 
 
 def test_each_policy_revision_explains_the_drops_of_its_own_window(sim_faults: Any) -> None:

@@ -41,8 +41,9 @@ def _side(side: str) -> str:
         {side}_identity,
         {side}_unresolved_pod,
         -- Addresses only outside the pods: CIDR rules need them, pods are judged by labels.
-        CASE WHEN {side}_namespace IS NULL AND ($addresses OR NOT coalesce({world}, false))
-            THEN {side}_ip END AS {side}_ip,"""
+        -- (and of pods recorded with a reserved identity: Cilium enforces on that identity, address included).
+        CASE WHEN ({side}_namespace IS NULL OR {side}_reserved_identity IS NOT NULL)
+            AND ($addresses OR NOT coalesce({world}, false)) THEN {side}_ip END AS {side}_ip,"""
 
 
 def _labels(side: str) -> str:
@@ -166,12 +167,12 @@ pod_times AS (
         SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
         FROM flows_enriched AS f
         JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
-        WHERE f.source_entity IS NULL AND {_CLUSTER.format(alias="f.")}
+        WHERE f.source_entity IS NULL AND f.source_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
         UNION ALL
         SELECT f.destination_namespace, f.destination_pod_name, f.time, false
         FROM flows_enriched AS f
         JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
-        WHERE f.destination_entity IS NULL AND {_CLUSTER.format(alias="f.")}
+        WHERE f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 ),
@@ -183,14 +184,14 @@ pod_labels AS (
         FROM flows_enriched AS f
         JOIN pod_times AS p
             ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
-            AND f.source_pod_name = p.pod_name AND f.source_entity IS NULL AND {_CLUSTER.format(alias="f.")}
+            AND f.source_pod_name = p.pod_name AND f.source_entity IS NULL AND f.source_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
         UNION ALL
         SELECT p.namespace, p.pod_name, f.destination_workload, f.destination_labels
         FROM flows_enriched AS f
         JOIN pod_times AS p
             ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
             AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
-            AND f.destination_entity IS NULL AND {_CLUSTER.format(alias="f.")}
+            AND f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
     ) AS seen
     GROUP BY namespace, pod_name
 )
