@@ -61,7 +61,8 @@ def ingest(
 
     The summary accounts for every line read: flows by verdict, lost events by source, node_status, agent and
     debug events (counted, not stored), lines skipped by reason with the first few file:line messages (also
-    logged as they happen at --log-level info), and lines already ingested.
+    logged as they happen at --log-level info), lines already ingested, and flows already stored: a flow whose
+    uuid the dataset already holds (overlapping captures, a file cut from another) is stored once.
     """
     options: dict[str, Any] = {"path": dataset}
     if max_batch_rows is not None:
@@ -164,6 +165,12 @@ def _print_summary(result: IngestResult, dataset: str) -> None:
         echo(
             f"already ingested: {plural(result.lines_already_ingested, 'line')} {was} in the dataset from an "
             "earlier run (nothing added for them)"
+        )
+    if result.flows_already_stored:
+        were = "was" if result.flows_already_stored == 1 else "were"
+        echo(
+            f"already stored: {plural(result.flows_already_stored, 'flow')} {were} in the dataset already (same "
+            "uuid: overlapping captures, or repeated in the input); each is stored once"
         )
     if run.stopped:
         echo("stopped before the end of the input: run the same command again to continue where it stopped")

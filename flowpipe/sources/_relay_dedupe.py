@@ -4,8 +4,9 @@ After a reconnect or a restart the stream is asked again from a little before th
 merges nodes only nearly in time order, hubble-api.md 2.4), so the first flows that come back may be ones already
 received. They are recognised by key: the flow's `uuid`, or, for flows without one, a hash of the row's content.
 `RecentFlows` remembers the keys of the last few seconds of flows received; `load_written_keys` reads the keys
-of flows already in the dataset from a given time on (after a restart, including flows written after the last
-checkpoint was saved, e.g. by a collector killed between the two). Lost-events records are recognised the same
+of flows without a uuid already in the dataset from a given time on (after a restart, including flows written
+after the last checkpoint was saved, e.g. by a collector killed between the two). Flows with a uuid are checked
+against the dataset by `flowpipe.stored_flows`, as every writer does. Lost-events records are recognised the same
 way (`SeenLostEvents`, `load_lost_event_keys`): a stream resumed with an overlap may send them again.
 """
 
@@ -143,7 +144,8 @@ def _partitions_from(dataset: Dataset, table: str, since_ns: int) -> list[Partit
 def load_written_keys(
     dataset: Dataset, since_ns: int, nodes: Iterable[str] | None = None
 ) -> tuple[pa.Array, int | None]:
-    """Keys of the flows in the dataset with `time >= since_ns` (only `nodes` when given), and their newest time."""
+    """Content keys of the flows without a uuid in the dataset with `time >= since_ns` (only `nodes` when given),
+    and their newest time. (Flows with a uuid: `flowpipe.stored_flows.StoredFlows`.)"""
     wanted = sorted(set(nodes)) if nodes is not None else None
     keys: list[pa.Array] = []
     newest: int | None = None
@@ -157,7 +159,7 @@ def load_written_keys(
                     f"cannot read {path} to skip flows already written: {exc}", path=path
                 ) from exc
             times = _time_ns(table.column("time"))
-            mask = pc.greater_equal(times, since_ns)
+            mask = pc.and_(pc.greater_equal(times, since_ns), pc.is_null(table.column("uuid")))
             if wanted is not None:
                 mask = pc.and_(
                     mask, pc.is_in(table.column("node_name"), value_set=pa.array(wanted, pa.string()))
