@@ -57,9 +57,9 @@ _HEX = np.full(256, 255, np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
     _HEX[_char] = _value
     _HEX[ord(chr(_char).upper())] = _value
-_DASHES = [8, 13, 18, 23]
-_DIGITS = [i for i in range(36) if i not in _DASHES]
-_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+_DASHES = np.array([8, 13, 18, 23])
+_DIGITS = np.array([i for i in range(36) if i not in _DASHES])
+_DASH = ord("-")
 
 
 def _hashed_words(text: str) -> tuple[int, int]:
@@ -77,12 +77,17 @@ def uuid_words(uuids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return high, low
     offsets = np.frombuffer(uuids.buffers()[1], np.int32, count=count + 1, offset=uuids.offset * 4)
     canonical = np.diff(offsets) == 36
-    if canonical.all():
-        data = np.frombuffer(uuids.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(count, 36)
-        nibbles = _HEX[data[:, _DIGITS]].astype(np.uint64)
-        canonical = (data[:, _DASHES] == ord("-")).all(axis=1) & (nibbles != 255).all(axis=1)
-        high = np.bitwise_or.reduce(nibbles[:, :16] << _SHIFTS, axis=1)
-        low = np.bitwise_or.reduce(nibbles[:, 16:] << _SHIFTS, axis=1)
+    rows = np.flatnonzero(canonical)
+    if len(rows):
+        data = np.frombuffer(uuids.buffers()[2], np.uint8)
+        starts = offsets[rows][:, None]
+        nibbles = _HEX[data[starts + _DIGITS]]
+        dashes = data[starts + _DASHES]
+        if nibbles.max() == 255 or (dashes != _DASH).any():  # some are not hex uuids: found row by row
+            canonical[rows] = (dashes == _DASH).all(axis=1) & (nibbles != 255).all(axis=1)
+        packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")
+        high[rows] = packed[:, 0]
+        low[rows] = packed[:, 1]
     if not canonical.all():
         texts = uuids.to_pylist()
         for index in np.flatnonzero(~canonical).tolist():
@@ -92,14 +97,15 @@ def uuid_words(uuids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(slots=True)
 class _Keys:
-    """Sorted uuid keys (by high word, then low word)."""
+    """Uuid keys sorted by their high word (keys of equal high words, practically never seen, are adjacent)."""
 
     high: np.ndarray
     low: np.ndarray
 
     @classmethod
     def sorted(cls, high: np.ndarray, low: np.ndarray) -> _Keys:
-        order = np.lexsort((low, high))
+        # stable sort: a merge of runs that are already sorted (two segments concatenated) is linear
+        order = np.argsort(high, kind="stable")
         return cls(high[order], low[order])
 
     def __len__(self) -> int:
@@ -221,17 +227,18 @@ class StoredFlows:
         hours = _hour_indexes(flows.column("time"), with_uuid)
         repeated = np.zeros(len(with_uuid), bool)
         touched = set()
-        for hour in np.unique(hours).tolist():
-            rows = np.flatnonzero(hours == hour)
+        single = hours.min() == hours.max()
+        for hour in [int(hours[0])] if single else np.unique(hours).tolist():
+            rows = np.arange(len(hours)) if single else np.flatnonzero(hours == hour)
             key = PartitionKey.from_hour_index(None if hour == _NO_HOUR else hour)
             touched.add(key)
             partition = self._partition(key)
-            seen = partition.contains(high[rows], low[rows])
-            seen |= _earlier_in_batch(high[rows], low[rows])
-            repeated[rows] = seen
-            fresh = rows[~seen]
-            if len(fresh):
-                partition.add(_Keys.sorted(high[fresh], low[fresh]))
+            order = rows[np.argsort(high[rows], kind="stable")]  # sorted needles: a cache-friendly search
+            keys = _Keys(high[order], low[order])
+            seen = _earlier_in_batch(keys) | partition.contains(keys.high, keys.low)
+            repeated[order] = seen
+            if not seen.all():
+                partition.add(_Keys(keys.high[~seen], keys.low[~seen]) if seen.any() else keys)
                 partition.added_at_row = self.rows_passed + flows.num_rows
         count = int(repeated.sum())
         if count:
@@ -360,10 +367,13 @@ def _hour_indexes(times: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> np.nda
     return values.to_numpy() // _HOUR_NS
 
 
-def _earlier_in_batch(high: np.ndarray, low: np.ndarray) -> np.ndarray:
-    """For each key, whether the same key comes earlier among these (the first of equal keys is kept)."""
-    order = np.lexsort((low, high))  # stable: equal keys keep their order
-    same = (high[order][1:] == high[order][:-1]) & (low[order][1:] == low[order][:-1])
-    repeated = np.zeros(len(high), bool)
+def _earlier_in_batch(keys: _Keys) -> np.ndarray:
+    """For each of the sorted `keys`, whether the same key comes earlier among them (the first one is kept)."""
+    same_high = keys.high[1:] == keys.high[:-1]
+    repeated = np.zeros(len(keys), bool)
+    if not same_high.any():
+        return repeated
+    order = np.lexsort((keys.low, keys.high))  # stable: equal keys keep their order
+    same = (keys.high[order][1:] == keys.high[order][:-1]) & (keys.low[order][1:] == keys.low[order][:-1])
     repeated[order[1:][same]] = True
     return repeated
