@@ -162,8 +162,27 @@ def test_a_small_cache_forgets_hours_and_reads_them_again(tmp_path: Path) -> Non
         total += repeats
         assert len(list(stored)) <= 2, "only the hours of the batch are kept past the bound"
     assert total == 2000
-    kept, repeats = stored.new_rows(table)  # forgotten hours are read again from the files
+    _, repeats = stored.new_rows(table)  # forgotten hours are read again from the files
     assert repeats >= 2000
+
+
+def test_files_other_writers_add_are_read_at_the_next_listing_and_own_files_are_not(tmp_path: Path) -> None:
+    flows = list(sim_flow_bytes()[:900])
+    root = tmp_path / "data"
+    now = [0.0]
+    stored = StoredFlows(Dataset(str(root)), own_writer_id="me", refresh_seconds=30.0, clock=lambda: now[0])
+    kept, _ = stored.new_rows(_table(tmp_path, flows[:300]))
+    assert kept.num_rows == 300
+    for name, part in (("me", flows[:300]), ("other", flows[300:600])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(_jsonpb(part))
+        ingest_files([path], ParquetSinkConfig(path=str(root), writer_id=name))
+    _, repeats = stored.new_rows(_table(tmp_path, flows[300:301]))
+    assert repeats == 0, "the hour was listed less than refresh_seconds ago"
+    now[0] = 31.0
+    files_read = stored.files_read
+    _, repeats = stored.new_rows(_table(tmp_path, flows[600:900] + flows[301:600]))
+    assert repeats == 299 and stored.files_read == files_read + 1, "the other writer's file, not our own"
 
 
 @pytest.mark.timeout(120)
