@@ -70,6 +70,8 @@ class IngestResult:
     flows_already_stored: int = 0
     """Flows read but not stored because the dataset already held a flow with their uuid (overlapping captures,
     or repeated earlier in this run's input)."""
+    unreadable_files: list[str] = field(default_factory=list)
+    """One message per input from which nothing could be read (every line skipped): the ingest failed for it."""
     stored_up_to: dict[str, int] = field(default_factory=dict)
     """Per input path, the line (or JSON array item) up to which this run's batches reached the dataset."""
 
@@ -218,6 +220,7 @@ def ingest_files(
             debug_events=counted[_DEBUG],
             lines_already_ingested=counted[_ALREADY],
             flows_already_stored=already_stored,
+            unreadable_files=list(source.summary.unreadable),
             stored_up_to=stored_up_to,
         )
 

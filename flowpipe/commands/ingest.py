@@ -22,7 +22,7 @@ from rich.progress import (
 
 from flowpipe._cli_options import dataset_option
 from flowpipe.config import ParquetSinkConfig, field_help
-from flowpipe.errors import FlowpipeError
+from flowpipe.errors import FlowpipeError, SourceError
 from flowpipe.ingest import IngestResult, ingest_files, plural
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import handle_stop_signals
@@ -53,7 +53,9 @@ def ingest(
     """Ingest Hubble flow files into the dataset.
 
     FILE is `hubble observe -o jsonpb` (or legacy `-o json`) output, a Hubble exporter file (`events.log`, its
-    rotated and `.gz` backups), or a JSON array of flows; `-` reads stdin. Lines already ingested into this
+    rotated and `.gz` backups), a JSON array of flows, or pretty-printed flow objects (a flow saved from a
+    browser, `jq .` output; one or several); `-` reads stdin. An input from which nothing could be read (every
+    line skipped) makes the command fail, after storing what the other inputs held. Lines already ingested into this
     dataset are skipped, so running it again on the same files adds nothing. A malformed line is reported with
     its file and line number and skipped (with --strict it stops the command, saying what was already stored).
     Ctrl-C (or SIGTERM) stops after storing and checkpointing what was read, with exit status 130; run the
@@ -106,6 +108,9 @@ def ingest(
     _print_summary(result, dataset)
     if result.pipeline.stopped:
         raise click.exceptions.Exit(STOPPED_EXIT_CODE)
+    if result.unreadable_files:
+        # what the other inputs held is stored; the exit status says that an input gave nothing
+        raise SourceError("\n".join(result.unreadable_files))
 
 
 def _input_bytes(files: tuple[str, ...]) -> int | None:
