@@ -158,7 +158,7 @@ def test_a_small_cache_forgets_hours_and_reads_them_again(tmp_path: Path) -> Non
     stored = StoredFlows(Dataset(str(root)), max_keys=300, unflushed_rows=0)
     total = 0
     for offset in range(0, table.num_rows, 250):
-        kept, repeats = stored.new_rows(table.slice(offset, 250))
+        _, repeats = stored.new_rows(table.slice(offset, 250))
         total += repeats
         assert len(list(stored)) <= 2, "only the hours of the batch are kept past the bound"
     assert total == 2000
