@@ -109,21 +109,6 @@ def relative_anchor(
     return clock, "now"
 
 
-def resolve_anchor(
-    engine: Engine,
-    question: Question,
-    values: Mapping[str, object],
-    *,
-    relative_to: RelativeTo = "auto",
-    now: datetime | None = None,
-) -> tuple[datetime, Literal["now", "data"]]:
-    """The anchor for the question's relative time values, and whether it is the clock or the data."""
-    span = question.relative_span(values)
-    needed = relative_to != "now" and span is not None
-    newest = newest_record_time(engine) if needed else None
-    return relative_anchor(newest, span, relative_to=relative_to, now=now)
-
-
 def bind_window(
     engine: Engine,
     question: Question,
@@ -132,12 +117,14 @@ def bind_window(
     relative_to: RelativeTo = "auto",
     now: datetime | None = None,
 ) -> tuple[dict[str, object], datetime, Literal["now", "data"]]:
-    """The question's bound parameters, the anchor of its relative times and what it is.
+    """The question's bound parameters, the anchor of its relative times (`relative_anchor`) and what it is.
 
     A time parameter `until` left at its default `now` ends the window at the anchor or at the newest record,
     whichever is later (records stamped ahead of the clock stay in), unless `now` pins the clock.
     """
-    anchor, anchored_to = resolve_anchor(engine, question, values, relative_to=relative_to, now=now)
+    span = question.relative_span(values)
+    newest = newest_record_time(engine) if relative_to != "now" and span is not None else None
+    anchor, anchored_to = relative_anchor(newest, span, relative_to=relative_to, now=now)
     params = question.bind(values, anchor=anchor)
     until = question.parameter("until")
     if (
