@@ -203,3 +203,33 @@ def test_collect_skips_flows_an_ingest_stored_and_ingest_those_collect_stored(tm
     assert later.pipeline.flows == 300 and later.flows_already_stored == 600, "collect stored those"
     written = dataset_uuids(tmp_path)
     assert len(written) == len(set(written)) and sorted(written) == sorted(uuids_of(flows))
+
+
+def test_a_simulated_capture_in_overlapping_files_is_stored_once(tmp_path: Path) -> None:
+    folder, truth_path, data = tmp_path / "capture", tmp_path / "truth.json", tmp_path / "data"
+    runner = CliRunner()
+    result = runner.invoke(
+        cli,
+        ["simulate", "--out", str(folder), "--split", "4", "--duration", "90s", "--rate", "100",
+         "--start", "2024-01-01T00:00:00", "--ground-truth", str(truth_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    truth = json.loads(truth_path.read_text())
+    files = truth["capture_files"]
+    assert sorted(files["files"]) == ["capture-1.json", "capture-2.json", "capture-3.json", "capture-4.json",
+                                      "dropped.json"]  # fmt: skip
+    assert sum(files["files"].values()) == files["distinct_flows"] + files["repeated_lines"]
+    assert (
+        files["distinct_flows"] == truth["totals"]["flows"]
+        and files["repeated_lines"] > files["files"]["dropped.json"]
+    )
+    out = _ingest(runner, str(folder), "--dataset", str(data))
+    assert f"already stored: {files['repeated_lines']:,} flows" in out
+    assert _stored(data) == (truth["totals"]["flows"], truth["totals"]["flows"])
+    with duckdb.connect() as connection:
+        (dropped,) = connection.execute(
+            "SELECT count(*) FROM read_parquet(?) WHERE verdict = 'DROPPED'", [f"{data}/flows/**/*.parquet"]
+        ).fetchone()
+    assert dropped == truth["totals"]["dropped"]
+    bad = runner.invoke(cli, ["simulate", "--out", "-", "--split", "2", "--duration", "10s"])
+    assert bad.exit_code == 2 and "give --out a folder" in bad.output
