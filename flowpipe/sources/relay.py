@@ -435,21 +435,21 @@ class RelaySource:
         )
 
     def _skip_repeats(self, flows: pa.Table) -> tuple[pa.Table, int]:
-        """The flows not received or stored before, and how many of them the dataset already held by uuid."""
+        """The flows not received or stored before, and how many of them the dataset already held by uuid.
+
+        Flows the dataset already held still move the resume point: they were received.
+        """
         keys = flow_keys(flows)
         if not self._dataset_checked:
             self._check_dataset(flows)
         flows, keys = self._dedupe.filter(flows, keys)
-        flows, already_stored = self._stored.new_rows(flows)
-        if already_stored:
-            keys = flow_keys(flows)
         if not flows.num_rows:
-            return flows, already_stored
+            return flows, 0
         self._recent.add(keys, flows.column("time"))
         resume_ns = self._resume.track(flows)
         if resume_ns is not None:
             self._recent.forget_before(resume_ns - self._overlap_ns)
-        return flows, already_stored
+        return self._stored.new_rows(flows)
 
     def _check_dataset(self, flows: pa.Table) -> None:
         """Once per process: skip flows the dataset already has (written before a restart)."""
