@@ -52,6 +52,7 @@ DEFAULT_MAX_KEYS = 8_000_000
 DEFAULT_REFRESH_SECONDS = 30.0
 """How often a cached partition's folder is listed again for files that other writers added."""
 _READ_ATTEMPTS = 3
+_READ_ROWS = 256 * 1024
 
 _HEX = np.full(256, 255, np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -332,9 +333,18 @@ class StoredFlows:
         return unread
 
     def _read_keys(self, path: str) -> _Keys:
+        """The uuid keys of one part file, read a row group's worth at a time (memory stays small)."""
+        highs: list[np.ndarray] = []
+        lows: list[np.ndarray] = []
         try:
             with self.dataset.filesystem.open_input_file(path) as handle:
-                table = pq.read_table(handle, columns=["uuid"])
+                for batch in pq.ParquetFile(handle).iter_batches(columns=["uuid"], batch_size=_READ_ROWS):
+                    uuid = batch.column(0)
+                    if uuid.null_count:
+                        uuid = uuid.filter(pc.is_valid(uuid))
+                    high, low = uuid_words(uuid)
+                    highs.append(high)
+                    lows.append(low)
         except FileNotFoundError:
             raise
         except (OSError, pa.ArrowException) as exc:
@@ -343,10 +353,9 @@ class StoredFlows:
             raise DatasetWriteError(
                 f"cannot read {path} to skip flows already stored: {exc}", path=path
             ) from exc
-        uuid = table.column("uuid").combine_chunks()
-        if uuid.null_count:
-            uuid = uuid.filter(pc.is_valid(uuid))
-        return _Keys.sorted(*uuid_words(uuid))
+        if not highs:
+            return _Keys(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        return _Keys.sorted(np.concatenate(highs), np.concatenate(lows))
 
     def __iter__(self) -> Iterator[PartitionKey]:
         return iter(self._partitions)

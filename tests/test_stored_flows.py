@@ -233,3 +233,30 @@ def test_a_simulated_capture_in_overlapping_files_is_stored_once(tmp_path: Path)
     assert dropped == truth["totals"]["dropped"]
     bad = runner.invoke(cli, ["simulate", "--out", "-", "--split", "2", "--duration", "10s"])
     assert bad.exit_code == 2 and "give --out a folder" in bad.output
+
+
+def test_a_compaction_between_listing_and_reading_is_read_again(tmp_path: Path) -> None:
+    flows = list(sim_flow_bytes()[:600])
+    root = tmp_path / "data"
+    for index, part in enumerate((flows[:300], flows[300:])):
+        path = tmp_path / f"part{index}.json"
+        path.write_text(_jsonpb(part))
+        ingest_files([path], ParquetSinkConfig(path=str(root)))
+
+    class CompactedAfterListing(Dataset):
+        """The dataset, compacted right after the first listing of a partition (before its files are read)."""
+
+        compacted = False
+
+        def list_part_files(self, table: str, partition: object = None) -> list[str]:
+            paths = super().list_part_files(table, partition)  # type: ignore[arg-type]
+            if not self.compacted:
+                self.compacted = True
+                report = compact_dataset(Dataset(str(root)), grace_seconds=0.0,
+                                         clock=lambda: datetime(2100, 1, 1, tzinfo=UTC))  # fmt: skip
+                assert report.files_merged >= 2
+            return paths
+
+    stored = StoredFlows(CompactedAfterListing(str(root)))
+    kept, repeats = stored.new_rows(_table(tmp_path, flows))
+    assert (kept.num_rows, repeats) == (0, 600)
