@@ -132,3 +132,17 @@ def test_an_input_from_which_nothing_could_be_read_fails_the_ingest_and_the_othe
     objects.write_text("{}\n{}\n")
     result = CliRunner().invoke(cli, ["ingest", str(objects), "--dataset", str(data)])
     assert result.exit_code == 1 and "valid JSON of no event kind flowpipe reads" in result.output
+
+
+def test_a_paused_pipe_of_pretty_objects_delivers_them_before_it_is_closed(
+    starwars: list[str], tmp_path: Path
+) -> None:
+    from test_stdin_stream import PausedPipe
+
+    text = _pretty(starwars[:7])
+    cut = text.index("{", len(_pretty(starwars[:6])) - 1)  # the seventh object is cut in the middle
+    pipe = PausedPipe((text[: cut + 40]).encode())
+    batches = pipe.batches()
+    first = next(batches)  # the pause hands on the six whole objects while the pipe is still open
+    assert first == 6 and pipe.sent.is_set() and not pipe.closed.is_set()
+    assert sum(batches) == 0

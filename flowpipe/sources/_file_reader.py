@@ -35,6 +35,8 @@ REASON_LINE_TOO_LONG = "line_too_long"
 
 IDLE = None
 """Marks a pause in a live stream among the chunks of content (`Chunk`)."""
+PAUSE = "\x00pause"
+"""Marks a pause of a live stream among JSON values (`object_items`)."""
 Chunk = bytes | None
 
 T = TypeVar("T")
@@ -320,23 +322,36 @@ def decompressed(chunks: Iterator[Chunk], block_bytes: int) -> Iterator[Chunk]:
             data = decompressor.unconsumed_tail
 
 
+class _Paused(Exception):
+    """A live stream paused in the middle of a JSON value (it is read again from its start)."""
+
+
 class _JsonText:
     """The decoded text of a content, read on demand, with the line number of the current position."""
 
-    def __init__(self, reader: Reader, name: str) -> None:
+    def __init__(self, reader: Reader, name: str, *, pauses: bool = False) -> None:
         self.name = name
         self.decoder = json.JSONDecoder()
         self.utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self.chunks = reader.chunks()
         self.text, self.pos, self.line, self.eof = "", 0, 1, False
+        self.pauses = pauses
+        """Whether `peek` reports a pause of a live stream (as `PAUSE`) instead of waiting for more."""
+        self.paused = False
 
     def more(self) -> bool:
-        """Read the next chunk (False at the end); text before the position is let go."""
+        """Read the next chunk (False at the end); text before the position is let go.
+
+        With `pauses`, a pause of a live stream returns True with no new text and sets `paused`.
+        """
         if self.eof:
             return False
         try:
             chunk = next(self.chunks)
             while chunk is IDLE:
+                if self.pauses:
+                    self.paused = True
+                    return True
                 chunk = next(self.chunks)
         except StopIteration:
             self.eof = True
@@ -357,12 +372,15 @@ class _JsonText:
         return self.line + self.text.count("\n", 0, self.pos if pos is None else pos)
 
     def peek(self) -> str:
-        """The next non-blank character ("" at the end), skipping blanks."""
+        """The next non-blank character ("" at the end, `PAUSE` at a pause with `pauses`), skipping blanks."""
         while True:
             while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
                 self.pos += 1
             if self.pos < len(self.text) or not self.more():
                 return self.text[self.pos : self.pos + 1]
+            if self.paused:
+                self.paused = False
+                return PAUSE
 
     def fail(self, message: str) -> FlowDecodeError:
         return FlowDecodeError(
@@ -383,6 +401,9 @@ class _JsonText:
                 value, end = self.decoder.raw_decode(self.text, self.pos)
             except json.JSONDecodeError as exc:
                 if len(self.text) - self.pos <= max_bytes and self.more():
+                    if self.paused:  # a live stream paused inside the value: say so, read it again later
+                        self.paused = False
+                        raise _Paused from None
                     continue
                 line, start = self.line + exc.lineno - 1, self.line_number()
                 where = "" if line == start else f" (in the value that starts on line {start})"
@@ -396,6 +417,9 @@ class _JsonText:
                 )
                 raise error from exc
             if end == len(self.text) and self.more():
+                if self.paused:  # the stream paused right after the value: it is whole
+                    self.paused = False
+                    break
                 continue  # a value cut at the end of a chunk (a number, say): read on and decode it again
             break
         line = self.line_number()
@@ -448,12 +472,18 @@ def object_items(reader: Reader, name: str) -> Iterator[tuple[int, object | Flow
     with the line it starts on.
 
     A value that is not valid JSON is yielded as a FlowDecodeError naming its line; reading goes on at the next
-    line that starts with `{` (a top-level object of a pretty-printed file starts a line).
+    line that starts with `{` (a top-level object of a pretty-printed file starts a line). Where a live stream
+    paused (`hubble observe -f -o json | jq .`), `PAUSE` is yielded in place of a value.
     """
-    text = _JsonText(reader, name)
-    while text.peek():
+    text = _JsonText(reader, name, pauses=True)
+    while char := text.peek():
+        if char == PAUSE:
+            yield 0, PAUSE  # a live stream paused: what was read so far is handed on now
+            continue
         try:
             yield text.value("object", MAX_VALUE_BYTES)
+        except _Paused:
+            yield 0, PAUSE
         except FlowDecodeError as exc:
             yield exc.line_number or 0, exc
             if exc.reason == REASON_TRUNCATED or not text.skip_to_line_starting("{"):

@@ -35,6 +35,7 @@ from flowpipe.dataset import StateFile
 from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.sources._file_reader import (
+    PAUSE,
     REASON_TRUNCATED,
     Block,
     LineBlocks,
@@ -310,9 +311,14 @@ class FileSource:
 
         try:
             for line_number, item in values:
-                if records < start.records:
+                if records < start.records and item is not PAUSE:
                     records += 1
                     skipped += 1
+                    continue
+                if item is PAUSE:  # a live stream paused: hand on what was read
+                    if items or errors:
+                        yield self._emit(decoded(), start, records, 0)
+                        items, errors = [], []
                     continue
                 records += 1
                 if isinstance(item, FlowDecodeError):
