@@ -153,7 +153,10 @@ def load_written_keys(
         for path in dataset.list_part_files(FLOWS_TABLE, partition):
             try:
                 with dataset.filesystem.open_input_file(path) as handle:
-                    table = pq.read_table(handle)
+                    parquet = pq.ParquetFile(handle)
+                    if _every_flow_has_a_uuid(parquet.metadata):
+                        continue
+                    table = parquet.read()
             except (OSError, pa.ArrowException) as exc:
                 raise DatasetWriteError(
                     f"cannot read {path} to skip flows already written: {exc}", path=path
@@ -173,6 +176,18 @@ def load_written_keys(
     if not keys:
         return pa.array([], pa.string()), None
     return pa.concat_arrays(keys).unique(), newest
+
+
+def _every_flow_has_a_uuid(metadata: pq.FileMetaData) -> bool:
+    """Whether a part file's statistics show no row without a uuid (then it holds no key of this module)."""
+    column = metadata.schema.names.index("uuid") if "uuid" in metadata.schema.names else None
+    if column is None:
+        return False
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(column).statistics
+        if statistics is None or not statistics.has_null_count or statistics.null_count:
+            return False
+    return True
 
 
 LostKey = tuple[str, str, int, int | None, int | None, int | None]
