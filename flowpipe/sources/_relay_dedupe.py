@@ -180,11 +180,14 @@ def load_written_keys(
 
 def _every_flow_has_a_uuid(metadata: pq.FileMetaData) -> bool:
     """Whether a part file's statistics show no row without a uuid (then it holds no key of this module)."""
-    column = metadata.schema.names.index("uuid") if "uuid" in metadata.schema.names else None
-    if column is None:
+    if metadata.num_row_groups == 0:
+        return True
+    first = metadata.row_group(0)
+    index = next((i for i in range(first.num_columns) if first.column(i).path_in_schema == "uuid"), None)
+    if index is None:
         return False
     for group in range(metadata.num_row_groups):
-        statistics = metadata.row_group(group).column(column).statistics
+        statistics = metadata.row_group(group).column(index).statistics
         if statistics is None or not statistics.has_null_count or statistics.null_count:
             return False
     return True
