@@ -42,6 +42,7 @@ from flowpipe.sinks.prometheus import (
     unexpected_drops_runner,
 )
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig
+from flowpipe.stored_flows import StoredFlows
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,10 @@ def collect(
     metrics = PipelineMetrics.create(registry, role="collect")
     dataset = Dataset(config.sink.path)
     state = checkpoint_name(config.source)
-    source = RelaySource(config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop)
+    stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
+    source = RelaySource(
+        config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop, stored=stored
+    )
     parquet = InstrumentedParquetSink(ParquetSink(config.sink, dataset=dataset), metrics)
     # Flow analytics are only worth their cost when someone can scrape them (`--metrics-address off` skips them).
     sinks: list[Sink] = [parquet]

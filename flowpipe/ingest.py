@@ -4,8 +4,9 @@ The file source's checkpoint lives in the dataset (`<root>/_state/files.json`), 
 the same dataset twice adds nothing the second time, and an interrupted ingest resumes where it stopped.
 
 `IngestResult` accounts for every line the run read: flows stored (by verdict), `lost_events` records (by
-source), the events that are counted but not stored (`node_status`, agent, debug), lines skipped (by reason) and
-lines skipped because an earlier run already stored them. Only batches that reached the dataset are counted, so
+source), the events that are counted but not stored (`node_status`, agent, debug), lines skipped (by reason),
+lines skipped because an earlier run already stored them, and flows left out because the dataset already held a
+flow with the same uuid (`flowpipe.stored_flows`: overlapping captures store each flow once). Only batches that reached the dataset are counted, so
 after a stop the counts say what was stored, and the next run counts the rest.
 """
 
@@ -28,6 +29,7 @@ from flowpipe.pipeline import PipelineResult, run_pipeline
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sources._file_state import FilePosition
 from flowpipe.sources.file import REASON_UNKNOWN_EVENT, FileIngestSummary, FileSource
+from flowpipe.stored_flows import StoredFlows
 
 MAX_SAMPLES = 5
 """How many skipped-line messages (file:line: why) an ingest keeps for its summary."""
@@ -65,6 +67,11 @@ class IngestResult:
     debug_events: int = 0
     lines_already_ingested: int = 0
     """Lines skipped because the checkpoint says an earlier run stored them."""
+    flows_already_stored: int = 0
+    """Flows read but not stored because the dataset already held a flow with their uuid (overlapping captures,
+    or repeated earlier in this run's input)."""
+    unreadable_files: list[str] = field(default_factory=list)
+    """One message per input from which nothing could be read (every line skipped): the ingest failed for it."""
     stored_up_to: dict[str, int] = field(default_factory=dict)
     """Per input path, the line (or JSON array item) up to which this run's batches reached the dataset."""
 
@@ -78,6 +85,7 @@ class IngestResult:
             + self.agent_events
             + self.debug_events
             + sum(self.skipped_by_reason.values())
+            + self.flows_already_stored
         )
 
 
@@ -86,10 +94,12 @@ class _AccountedSource:
 
     The source updates its summary just before yielding a batch, in the thread that iterates `batches()`; the
     difference of the counts the batch itself does not carry is kept per batch until the consumer takes it.
+    Flows the dataset already holds (same uuid) are left out of each batch here, in that thread too.
     """
 
-    def __init__(self, source: FileSource) -> None:
+    def __init__(self, source: FileSource, stored: StoredFlows) -> None:
         self.source = source
+        self.stored = stored
         self.per_batch: dict[int, Counter[str]] = {}
         self.trailing: Counter[str] | None = None
         """Counts after the last batch (lines already ingested of a file with nothing new); None if not ended."""
@@ -111,7 +121,7 @@ class _AccountedSource:
             now = self._counts()
             self.per_batch[id(batch)] = now - last
             last = now
-            yield batch
+            yield self.stored.skip_stored(batch)
         self.trailing = self._counts() - last
 
     def take(self, batch: EventBatch) -> Counter[str]:
@@ -156,7 +166,7 @@ def ingest_files(
     source = FileSource(
         [str(p) for p in paths], strict=strict, checkpoint_path=checkpoint, cluster_name=cluster_name
     )
-    accounted = _AccountedSource(source)
+    accounted = _AccountedSource(source, StoredFlows.for_writer(dataset, sink_config, pipeline_config))
     sink = ParquetSink(sink_config, dataset=dataset)
     verdicts: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
@@ -165,11 +175,13 @@ def ingest_files(
     events_lost: Counter[str] = Counter()
     counted: Counter[str] = Counter()
     node_status = 0
+    already_stored = 0
     stored_up_to: dict[str, int] = {}
     arrays: set[str] = set()
 
     def count(batch: EventBatch) -> None:
-        nonlocal node_status
+        nonlocal node_status, already_stored
+        already_stored += batch.flows_already_stored
         if batch.flows.num_rows:
             for item in pc.value_counts(batch.flows.column("verdict")).to_pylist():
                 verdicts[item["values"] or "VERDICT_UNKNOWN"] += item["counts"]
@@ -207,6 +219,8 @@ def ingest_files(
             agent_events=counted[_AGENT],
             debug_events=counted[_DEBUG],
             lines_already_ingested=counted[_ALREADY],
+            flows_already_stored=already_stored,
+            unreadable_files=list(source.summary.unreadable),
             stored_up_to=stored_up_to,
         )
 

@@ -151,6 +151,8 @@ class EventBatch:
     node_status: int = 0
     decode_errors: list[Exception] = field(default_factory=list)
     position: object | None = None
+    flows_already_stored: int = 0
+    """Flows of this batch left out because the dataset already holds them (same uuid, `flowpipe.stored_flows`)."""
 
     def __len__(self) -> int:
         return self.flows.num_rows

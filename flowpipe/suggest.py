@@ -77,7 +77,7 @@ from flowpipe.policy.render import comment_block, printable, render_yaml, unexpr
 from flowpipe.policy.replay import DeniedEdge, denied_directions
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import Engine
-from flowpipe.query.run import resolve_anchor
+from flowpipe.query.run import bind_window, window_bound
 
 Format = Literal["cilium", "kubernetes", "istio"]
 FORMATS: dict[str, tuple[Format, ...]] = {
@@ -108,8 +108,17 @@ class SuggestConfig:
         default=None,
         metadata={"help": "Draft for this cluster (cluster_name); needed when the window holds several."},
     )
-    since: str = field(default="7d", metadata={"help": "Window start: 7d, 1h, or an ISO timestamp."})
-    until: str = field(default="now", metadata={"help": "Window end: now, a duration back, or a timestamp."})
+    since: str = field(
+        default="7d",
+        metadata={"help": "Window start: 7d, 1h, an ISO timestamp, or `all` (from the first record)."},
+    )
+    until: str | None = field(
+        default=None,
+        metadata={
+            "help": "Window end: now, a duration back, or a timestamp (default: the later of now and the newest "
+            "record)."
+        },
+    )
     formats: tuple[Format, ...] = field(default=("cilium",), metadata={"help": "Formats to draft."})
     l7: bool = field(default=False, metadata={"help": "Add HTTP and Kafka rules (Cilium, Istio)."})
     learn_from_drops: bool = field(
@@ -387,12 +396,13 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     rows = [r for i, r in enumerate(rows) if i not in invalid]
     if not rows:
         raise PolicyError(
-            f"no requests to learn from between {_time(since)} and {_time(until)}"
+            f"no requests to learn from between {window_bound(since)} and {window_bound(until)}"
             + _of_cluster(cluster)
             + (f" touching {', '.join(config.namespaces)}" if config.namespaces else "")
             + (f" ({len(denied_rows)} edges were denied by the current policy)" if denied_rows else "")
             + (f" ({len(invalid)} edges name what Kubernetes would not accept)" if invalid else "")
-            + ": widen --since, check --namespace, or add --learn-from-drops for a cluster in default-deny"
+            + ": widen --since (--since all: every stored flow), check --namespace, or add --learn-from-drops for "
+            "a cluster in default-deny"
         )
     window = _span(rows)
     suggestion = Suggestion(
@@ -461,15 +471,15 @@ def _observed_edges(
     question = load_questions().question("observed_edges")
     values: dict[str, object] = {
         "since": config.since,
-        "until": config.until,
         "learn_from_drops": config.learn_from_drops,
         "l7": config.l7 and config.formats != ("kubernetes",),
     }
+    if config.until is not None:
+        values["until"] = config.until
     if len(config.namespaces) == 1:
         values["namespace"] = config.namespaces[0]
     question.check_values(values)
-    anchor, anchored_to = resolve_anchor(engine, question, values, now=now)
-    params = question.bind(values, anchor=anchor)
+    params, _, anchored_to = bind_window(engine, question, values, now=now)
     since, until = params["since"], params["until"]
     assert isinstance(since, datetime) and isinstance(until, datetime)
     # Chosen before the edges are grouped, so that a dataset of several clusters is refused at once.

@@ -22,7 +22,7 @@ from rich.progress import (
 
 from flowpipe._cli_options import dataset_option
 from flowpipe.config import ParquetSinkConfig, field_help
-from flowpipe.errors import FlowpipeError
+from flowpipe.errors import FlowpipeError, SourceError
 from flowpipe.ingest import IngestResult, ingest_files, plural
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import handle_stop_signals
@@ -53,7 +53,9 @@ def ingest(
     """Ingest Hubble flow files into the dataset.
 
     FILE is `hubble observe -o jsonpb` (or legacy `-o json`) output, a Hubble exporter file (`events.log`, its
-    rotated and `.gz` backups), or a JSON array of flows; `-` reads stdin. Lines already ingested into this
+    rotated and `.gz` backups), a JSON array of flows, or pretty-printed flow objects (a flow saved from a
+    browser, `jq .` output; one or several); `-` reads stdin. An input from which nothing could be read (every
+    line skipped) makes the command fail, after storing what the other inputs held. Lines already ingested into this
     dataset are skipped, so running it again on the same files adds nothing. A malformed line is reported with
     its file and line number and skipped (with --strict it stops the command, saying what was already stored).
     Ctrl-C (or SIGTERM) stops after storing and checkpointing what was read, with exit status 130; run the
@@ -61,7 +63,8 @@ def ingest(
 
     The summary accounts for every line read: flows by verdict, lost events by source, node_status, agent and
     debug events (counted, not stored), lines skipped by reason with the first few file:line messages (also
-    logged as they happen at --log-level info), and lines already ingested.
+    logged as they happen at --log-level info), lines already ingested, and flows already stored: a flow whose
+    uuid the dataset already holds (overlapping captures, a file cut from another) is stored once.
     """
     options: dict[str, Any] = {"path": dataset}
     if max_batch_rows is not None:
@@ -105,6 +108,9 @@ def ingest(
     _print_summary(result, dataset)
     if result.pipeline.stopped:
         raise click.exceptions.Exit(STOPPED_EXIT_CODE)
+    if result.unreadable_files:
+        # what the other inputs held is stored; the exit status says that an input gave nothing
+        raise SourceError("\n".join(result.unreadable_files))
 
 
 def _input_bytes(files: tuple[str, ...]) -> int | None:
@@ -164,6 +170,12 @@ def _print_summary(result: IngestResult, dataset: str) -> None:
         echo(
             f"already ingested: {plural(result.lines_already_ingested, 'line')} {was} in the dataset from an "
             "earlier run (nothing added for them)"
+        )
+    if result.flows_already_stored:
+        were = "was" if result.flows_already_stored == 1 else "were"
+        echo(
+            f"already stored: {plural(result.flows_already_stored, 'flow')} {were} in the dataset already (same "
+            "uuid: overlapping captures, or repeated in the input); each is stored once"
         )
     if run.stopped:
         echo("stopped before the end of the input: run the same command again to continue where it stopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import format_datetime, render
 from flowpipe.query.catalog import Catalog, Question, load_questions
 from flowpipe.query.engine import Engine, open_engine
-from flowpipe.query.run import RELATIVE_TO, QuestionResult, run_question
+from flowpipe.query.run import RELATIVE_TO, QuestionResult, run_question, window_bound, window_coverage
 from flowpipe.query.timeparse import parse_time
 
 # Flags that set a parameter of the same name, for questions that declare it.
@@ -56,8 +57,14 @@ def sql_dir_option(func: F) -> F:
     metavar="KEY=VALUE",
     help="Set a question parameter (repeatable).",
 )
-@click.option("--since", help="Window start: 1h, 30m, 7d, 45s, now, or an ISO timestamp (sets `since`).")
-@click.option("--until", help="Window end, same forms as --since (sets `until`).")
+@click.option(
+    "--since",
+    help="Window start: 1h, 30m, 7d, 45s, now, an ISO timestamp, or `all` (from the first record) (sets `since`).",
+)
+@click.option(
+    "--until",
+    help="Window end, same forms as --since (sets `until`; default: the later of now and the newest record).",
+)
 @click.option("--namespace", help="Only this Kubernetes namespace (sets `namespace`).")
 @click.option(
     "--relative-to",
@@ -135,17 +142,28 @@ def query(
         engine: Engine = open_spark_engine(dataset, master=spark_master, require_flows=True)
     else:
         engine = open_engine(dataset, require_flows=True)
+    coverage = None
     try:
         result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]
+        if _default_window(question, values):
+            coverage = window_coverage(engine, result.params.get("since"), result.params.get("until"))  # type: ignore[arg-type]
     finally:
         engine.close()
     if result.anchored_to == "data" and result.anchor is not None:
         click.echo(
-            f"note: relative times count back from the newest flow ({format_datetime(result.anchor)}), "
+            f"note: relative times count back from the newest record ({format_datetime(result.anchor)}), "
             "not the clock; use --relative-to now to change that",
             err=True,
         )
+    if coverage is not None and coverage.partial:
+        click.echo(coverage.note(result.params.get("since"), result.params.get("until")), err=True)
     render(result.table, output_format, title=_title(result))
+
+
+def _default_window(question: Question, values: dict[str, object]) -> bool:
+    """Whether the question has a time window and its start was left at the default."""
+    since = question.parameter("since")
+    return since is not None and since.type == "time" and values.get("since") is None
 
 
 def render_catalog(catalog: Catalog, output_format: str) -> None:
@@ -203,7 +221,7 @@ def _title(result: QuestionResult) -> str:
     since, until = result.params.get("since"), result.params.get("until")
     window = []
     for label, value in (("from", since), ("to", until)):
-        if value is not None and hasattr(value, "isoformat"):
-            window.append(f"{label} {format_datetime(value)}")  # type: ignore[arg-type]
+        if isinstance(value, datetime):
+            window.append(f"{label} {window_bound(value)}")
     suffix = f" ({' '.join(window)})" if window else ""
     return f"{result.question.name}{suffix}"

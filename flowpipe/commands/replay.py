@@ -17,7 +17,7 @@ from flowpipe.policy.load import load_policies
 from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
 from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
 from flowpipe.query.engine import open_engine
-from flowpipe.query.run import newest_flow_time
+from flowpipe.query.run import newest_flow_time, relative_anchor
 from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
 
 
@@ -27,7 +27,9 @@ def _help(name: str) -> str:
 
 @click.command("replay")
 @click.argument("paths", nargs=-1, required=True, metavar="POLICY_FILE_OR_DIR...")
-@click.option("--since", help="Window start: 1h, 30m, 7d, or an ISO timestamp (default: every stored flow).")
+@click.option(
+    "--since", help="Window start: 1h, 30m, 7d, an ISO timestamp, or `all` (the default: every stored flow)."
+)
 @click.option("--until", help="Window end, same forms as --since (default: the newest flow).")
 @click.option(
     "--cluster",
@@ -95,15 +97,11 @@ def resolve_window(
     Relative values count back from the clock, unless the dataset is older than the window asked for: then
     from the newest flow, so that an old capture still answers.
     """
-    anchor = now
-    data_anchor = None
-    if since is not None and is_relative_time(since) and newest is not None:
-        clock = now or datetime.now(newest.tzinfo)
-        if newest < clock - parse_duration(since):
-            anchor = data_anchor = newest
+    span = parse_duration(since) if since is not None and is_relative_time(since) else None
+    anchor, anchored_to = relative_anchor(newest, span, now=now)
     start = parse_time(since, anchor=anchor, name="--since") if since is not None else None
-    end = parse_time(until, anchor=anchor, name="--until") if until is not None else None
-    return start, end, data_anchor
+    end = parse_time(until, anchor=anchor, name="--until", end=True) if until is not None else None
+    return start, end, anchor if anchored_to == "data" else None
 
 
 def print_report(report: ReplayReport) -> None:

@@ -8,12 +8,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import IO
 
 import click
 
 from flowpipe.errors import ConfigError
 from flowpipe.sim import FAULT_NAMES, FAULTS, Simulator, SimulatorConfig, parse_faults
+from flowpipe.sim.overlap import CaptureFiles, write_overlapping_files
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -118,6 +120,15 @@ def _open_output(path: str) -> Iterator[IO[str]]:
     metavar="FILE",
     help="Also write what each injected fault emitted (JSON).",
 )
+@click.option(
+    "--split",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Write the capture as N overlapping files into the folder --out, as successive `hubble observe` "
+    "runs would (each reaches back a quarter of a file's span), plus dropped.json repeating every DROPPED "
+    "flow; --ground-truth says how many distinct flows they hold.",
+)
 @click.option("--list-faults", is_flag=True, help="List the faults that can be injected, then exit.")
 def simulate(
     out: str | None,
@@ -131,6 +142,7 @@ def simulate(
     max_flows: int | None,
     cluster_name: str,
     ground_truth: str | None,
+    split: int | None,
     list_faults: bool,
 ) -> None:
     """Write flows of the built-in simulated cluster as `hubble observe -o jsonpb` lines.
@@ -155,14 +167,29 @@ def simulate(
         max_flows=max_flows,
     )
     simulator = Simulator(config)
-    with _open_output(out) as handle:
-        written = simulator.write_jsonpb(handle)
+    files = None
+    if split is not None:
+        files = _write_overlapping(simulator, out, split)
+        written = files.distinct_flows
+    else:
+        with _open_output(out) as handle:
+            written = simulator.write_jsonpb(handle)
     truth = simulator.ground_truth()
+    if files is not None:
+        truth.capture_files = files.to_dict()
     if ground_truth is not None:
         with _open_output(ground_truth) as handle:
             handle.write(truth.to_json() + "\n")
     click.echo(
         f"wrote {written} flows ({truth.totals.get('dropped', 0)} dropped) from {truth.start} to {truth.end}, "
-        f"faults: {', '.join(truth.faults_enabled) or 'none'} -> {out}",
+        f"faults: {', '.join(truth.faults_enabled) or 'none'} -> {out}"
+        + (f" ({len(files.files)} files, {files.repeated_lines} lines repeat a flow)" if files else ""),
         err=True,
     )
+
+
+def _write_overlapping(simulator: Simulator, out: str, parts: int) -> CaptureFiles:
+    """The run as overlapping capture files in the folder `out`."""
+    if out == "-" or Path(out).is_file():
+        raise click.UsageError("--split writes several files: give --out a folder")
+    return write_overlapping_files(simulator, Path(out), parts=parts)

@@ -7,11 +7,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from flowpipe._cli_options import dataset_option
 from flowpipe._output import format_datetime
 from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
 from flowpipe.query.engine import open_engine
+from flowpipe.query.run import window_coverage
 from flowpipe.suggest import EXIT_PARTIAL, FORMATS, SuggestConfig, suggest_policies, write_files
 
 
@@ -23,7 +25,7 @@ def _help(name: str) -> str:
 @click.option("--namespace", "-n", "namespaces", multiple=True, metavar="NS", help=_help("namespaces"))
 @click.option("--cluster", metavar="NAME", help=_help("cluster"))
 @click.option("--since", default="7d", show_default=True, help=_help("since"))
-@click.option("--until", default="now", show_default=True, help=_help("until"))
+@click.option("--until", help=_help("until"))
 @click.option(
     "--format",
     "output_format",
@@ -69,7 +71,7 @@ def suggest(
     namespaces: tuple[str, ...],
     cluster: str | None,
     since: str,
-    until: str,
+    until: str | None,
     output_format: str,
     out: Path | None,
     summary_format: str,
@@ -118,13 +120,18 @@ def suggest(
         verify_flows=verify_flows,
         istio_version=istio_version,
     )
+    default_window = click.get_current_context().get_parameter_source("since") == ParameterSource.DEFAULT
     with open_engine(dataset, require_flows=True) as engine:
         suggestion = suggest_policies(engine, config)
+        coverage = window_coverage(engine, suggestion.since, suggestion.until) if default_window else None
     if suggestion.anchored_to == "data":
         click.echo(
-            f"note: --since counts back from the newest flow ({format_datetime(suggestion.until)}), not the clock",
+            f"note: --since counts back from the newest record ({format_datetime(suggestion.until)}), not the "
+            "clock",
             err=True,
         )
+    if coverage is not None and coverage.partial:
+        click.echo(coverage.note(suggestion.since, suggestion.until), err=True)
     if summary_format == "text":
         for line in suggestion.summary():
             click.echo(line, err=True)

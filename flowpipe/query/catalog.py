@@ -107,7 +107,7 @@ class Parameter:
         if self.type == "time":
             if isinstance(value, datetime):
                 return to_utc(value)
-            return parse_time(str(value), anchor=anchor, name=self.name)
+            return parse_time(str(value), anchor=anchor, name=self.name, end=self.name == "until")
         if self.type == "bool":
             if isinstance(value, bool):
                 return value

@@ -7,6 +7,7 @@ docstring). Every result is an aware `datetime` in UTC.
 Accepted forms:
 
 - `now`: the anchor itself.
+- `all`: no bound: as a window's start, the first flow; as its end (`end=True`), the last.
 - `<number><unit>` with units `s`, `m`, `h`, `d`, `w`, combinable (`1h30m`), optionally with a leading `-`
   (`-1h` means the same as `1h`): that long before the anchor.
 - ISO 8601 (`2024-05-01`, `2024-05-01T10:00`, `2024-05-01 10:00:00.5`, with `Z` or an offset such as `+02:00`).
@@ -28,6 +29,8 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"^-?(?:\d+(?:\.\d+)?[smhdw])+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _ISO_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
+ALL = "all"
+"""The time value of no bound: `--since all` selects from the first flow on."""
 
 EARLIEST_FLOW_TIME = datetime(1677, 9, 22, tzinfo=UTC)
 """No flow time is earlier (a nanosecond timestamp in 64 bits starts on 1677-09-21)."""
@@ -45,7 +48,7 @@ def is_relative_time(text: str) -> bool:
 def looks_like_time(text: str) -> bool:
     """True when `text` is a time value this module can parse (used to infer a parameter's type)."""
     value = text.strip()
-    return is_relative_time(value) or bool(_ISO_START.match(value))
+    return is_relative_time(value) or value.lower() == ALL or bool(_ISO_START.match(value))
 
 
 def parse_duration(text: str) -> timedelta:
@@ -62,8 +65,12 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=min(seconds, _LONGEST.total_seconds()))
 
 
-def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time") -> datetime:
+def parse_time(
+    text: str, *, anchor: datetime | None = None, name: str = "time", end: bool = False
+) -> datetime:
     """Parse a time value into an aware UTC datetime; relative values count back from `anchor` (default: now).
+
+    `all` is the earliest flow time, or with `end` (the value ends a window) the latest.
 
     >>> parse_time("1h", anchor=datetime(2024, 5, 1, 12, tzinfo=UTC))
     datetime.datetime(2024, 5, 1, 11, 0, tzinfo=datetime.timezone.utc)
@@ -72,6 +79,8 @@ def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time")
     clamped to `EARLIEST_FLOW_TIME` .. `LATEST_FLOW_TIME`.
     """
     value = text.strip()
+    if value.lower() == ALL:
+        return LATEST_FLOW_TIME if end else EARLIEST_FLOW_TIME
     if is_relative_time(value):
         base = to_utc(anchor) if anchor is not None else datetime.now(UTC)
         try:
@@ -84,7 +93,7 @@ def parse_time(text: str, *, anchor: datetime | None = None, name: str = "time")
     except ValueError:
         raise QuestionParameterError(
             f"parameter {name}: {text!r} is not a time; use a duration back from now (45s, 30m, 1h, 7d), "
-            "`now`, or an ISO timestamp such as 2024-05-01T10:00:00Z"
+            "`now`, `all` (no bound), or an ISO timestamp such as 2024-05-01T10:00:00Z"
         ) from None
     return clamp_to_flow_times(to_utc(parsed))
 

@@ -200,6 +200,9 @@ class GroundTruth:
     policies: list[dict[str, Any]] = field(default_factory=list)
     policy_selection: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     unselected_workloads: list[str] = field(default_factory=list)
+    capture_files: dict[str, Any] = field(default_factory=dict)
+    """When the run was written as overlapping files (`flowpipe.sim.overlap`): lines per file, distinct flows,
+    repeated lines."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

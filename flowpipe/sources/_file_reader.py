@@ -28,11 +28,15 @@ COMPRESSED_READ_BYTES = 1024 * 1024
 STREAM_READ_BYTES = 1024 * 1024
 IDLE_SECONDS = 1.0
 """A live stream quiet for this long has its whole lines read so far decoded (a partial block)."""
+MAX_VALUE_BYTES = 64 * 1024 * 1024
+"""A JSON value (an array element, a pretty-printed object) longer than this is reported, not read into memory."""
 REASON_TRUNCATED = "truncated"
 REASON_LINE_TOO_LONG = "line_too_long"
 
 IDLE = None
 """Marks a pause in a live stream among the chunks of content (`Chunk`)."""
+PAUSE = "\x00pause"
+"""Marks a pause of a live stream among JSON values (`object_items`)."""
 Chunk = bytes | None
 
 T = TypeVar("T")
@@ -318,82 +322,192 @@ def decompressed(chunks: Iterator[Chunk], block_bytes: int) -> Iterator[Chunk]:
             data = decompressor.unconsumed_tail
 
 
+class _Paused(Exception):
+    """A live stream paused in the middle of a JSON value (it is read again from its start)."""
+
+
+class _JsonText:
+    """The decoded text of a content, read on demand, with the line number of the current position."""
+
+    def __init__(self, reader: Reader, name: str, *, pauses: bool = False) -> None:
+        self.name = name
+        self.decoder = json.JSONDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self.chunks = reader.chunks()
+        self.text, self.pos, self.line, self.eof = "", 0, 1, False
+        self.pauses = pauses
+        """Whether `peek` reports a pause of a live stream (as `PAUSE`) instead of waiting for more."""
+        self.paused = False
+
+    def more(self) -> bool:
+        """Read the next chunk (False at the end); text before the position is let go.
+
+        With `pauses`, a pause of a live stream returns True with no new text and sets `paused`.
+        """
+        if self.eof:
+            return False
+        try:
+            chunk = next(self.chunks)
+            while chunk is IDLE:
+                if self.pauses:
+                    self.paused = True
+                    return True
+                chunk = next(self.chunks)
+        except StopIteration:
+            self.eof = True
+            return False
+        except Truncated as exc:
+            raise FlowDecodeError(
+                f"{exc}; the file is read up to here",
+                path=self.name,
+                line_number=self.line_number(),
+                reason=REASON_TRUNCATED,
+            ) from exc
+        self.line += self.text.count("\n", 0, self.pos)
+        self.text, self.pos = self.text[self.pos :] + self.utf8.decode(chunk), 0
+        return True
+
+    def line_number(self, pos: int | None = None) -> int:
+        """The line of `pos` (default: the current position)."""
+        return self.line + self.text.count("\n", 0, self.pos if pos is None else pos)
+
+    def peek(self) -> str:
+        """The next non-blank character ("" at the end, `PAUSE` at a pause with `pauses`), skipping blanks."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos : self.pos + 1]
+            if self.paused:
+                self.paused = False
+                return PAUSE
+
+    def fail(self, message: str) -> FlowDecodeError:
+        return FlowDecodeError(
+            message,
+            path=self.name,
+            line_number=self.line_number(),
+            reason=REASON_TRUNCATED if self.eof and self.pos >= len(self.text) else "invalid_json",
+        )
+
+    def value(self, what: str, max_bytes: int) -> tuple[int, object]:
+        """The JSON value at the position (after `peek`), with the line it starts on; the position moves past it.
+
+        Invalid JSON raises a FlowDecodeError naming the line of the error; so does a value longer than
+        `max_bytes` (it is not read further).
+        """
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as exc:
+                if len(self.text) - self.pos <= max_bytes and self.more():
+                    if self.paused:  # a live stream paused inside the value: say so, read it again later
+                        self.paused = False
+                        raise _Paused from None
+                    continue
+                line, start = self.line + exc.lineno - 1, self.line_number()
+                where = "" if line == start else f" (in the value that starts on line {start})"
+                error = FlowDecodeError(
+                    f"invalid JSON {what}: {exc.msg}{where}",
+                    path=self.name,
+                    line_number=line,
+                    reason=REASON_TRUNCATED
+                    if self.eof and exc.pos >= len(self.text.rstrip())
+                    else "invalid_json",
+                )
+                raise error from exc
+            if end == len(self.text) and self.more():
+                if self.paused:  # the stream paused right after the value: it is whole
+                    self.paused = False
+                    break
+                continue  # a value cut at the end of a chunk (a number, say): read on and decode it again
+            break
+        line = self.line_number()
+        self.pos = end
+        return line, value
+
+    def skip_to_line_starting(self, char: str) -> bool:
+        """Move to the next line that starts with `char` (False at the end: nothing left)."""
+        while True:
+            found = self.text.find("\n" + char, self.pos)
+            if found >= 0:
+                self.pos = found + 1
+                return True
+            self.pos = max(self.pos, len(self.text) - 1)
+            if not self.more():
+                self.pos = len(self.text)
+                return False
+
+
 def array_items(reader: Reader, name: str) -> Iterator[tuple[int, object]]:
     """The elements of a JSON array, streamed, each with the line it starts on.
 
     A syntax error ends the array (there is no way to find the next element); it is raised as a
     FlowDecodeError after every element before it was yielded.
     """
-    decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-    chunks = reader.chunks()
-    text, pos, line, eof = "", 0, 1, False
-
-    def more() -> bool:
-        nonlocal text, pos, line, eof
-        if eof:
-            return False
-        try:
-            chunk = next(chunks)
-            while chunk is IDLE:
-                chunk = next(chunks)
-        except StopIteration:
-            eof = True
-            return False
-        except Truncated as exc:
-            raise FlowDecodeError(
-                f"{exc}; the array is read up to here",
-                path=name,
-                line_number=line + text.count("\n", 0, pos),
-                reason=REASON_TRUNCATED,
-            ) from exc
-        line += text.count("\n", 0, pos)
-        text, pos = text[pos:] + utf8.decode(chunk), 0
-        return True
-
-    def peek() -> str:
-        """The next non-blank character ("" at the end), skipping blanks."""
-        nonlocal pos
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) or not more():
-                return text[pos : pos + 1]
-
-    def fail(message: str) -> FlowDecodeError:
-        return FlowDecodeError(
-            message,
-            path=name,
-            line_number=line + text.count("\n", 0, pos),
-            reason=REASON_TRUNCATED if eof and pos >= len(text) else "invalid_json",
-        )
-
-    if peek() != "[":
-        raise fail("expected a JSON array")
-    pos += 1
+    text = _JsonText(reader, name)
+    if text.peek() != "[":
+        raise text.fail("expected a JSON array")
+    text.pos += 1
     first = True
     while True:
-        char = peek()
+        char = text.peek()
         if char == "]":
             return
         if not first:
             if char != ",":
-                raise fail(
+                raise text.fail(
                     "invalid JSON array: expected ',' or ']'" if char else "the JSON array is not closed"
                 )
-            pos += 1
-            char = peek()
+            text.pos += 1
+            char = text.peek()
         if not char:
-            raise fail("the JSON array is not closed")
-        while True:
-            try:
-                value, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                if more():
-                    continue
-                raise fail(f"invalid JSON in array: {exc.msg}") from exc
-            if end == len(text) and more():
-                continue  # a value cut at the end of a chunk (a number, say): read on and decode it again
-            break
-        yield line + text.count("\n", 0, pos), value
-        pos, first = end, False
+            raise text.fail("the JSON array is not closed")
+        yield text.value("in array", MAX_VALUE_BYTES)
+        first = False
+
+
+def object_items(reader: Reader, name: str) -> Iterator[tuple[int, object | FlowDecodeError]]:
+    """The JSON values of a content of values one after the other (pretty-printed objects, `jq .` output), each
+    with the line it starts on.
+
+    A value that is not valid JSON is yielded as a FlowDecodeError naming its line; reading goes on at the next
+    line that starts with `{` (a top-level object of a pretty-printed file starts a line). Where a live stream
+    paused (`hubble observe -f -o json | jq .`), `PAUSE` is yielded in place of a value.
+    """
+    text = _JsonText(reader, name, pauses=True)
+    while char := text.peek():
+        if char == PAUSE:
+            yield 0, PAUSE  # a live stream paused: what was read so far is handed on now
+            continue
+        try:
+            yield text.value("object", MAX_VALUE_BYTES)
+        except _Paused:
+            yield 0, PAUSE
+        except FlowDecodeError as exc:
+            yield exc.line_number or 0, exc
+            if exc.reason == REASON_TRUNCATED or not text.skip_to_line_starting("{"):
+                return
+
+
+def looks_pretty_printed(head: bytes) -> bool:
+    """Whether a content starting with `head` holds JSON objects spread over several lines each (pretty-printed:
+    a flow saved from a browser, `jq .` output), rather than one object per line."""
+    text = head.decode("utf-8-sig", errors="replace").lstrip()
+    if not text.startswith("{"):
+        return False
+    first, newline, _ = text.partition("\n")
+    if not newline:
+        return False
+    if first.rstrip().endswith(("{", "[", ",", ":")):
+        return True  # a line of JSON lines ends its object with `}`
+    try:
+        json.loads(first)
+        return False
+    except ValueError:
+        pass
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False
+    return "\n" in text[:end]

@@ -4,8 +4,9 @@ After a reconnect or a restart the stream is asked again from a little before th
 merges nodes only nearly in time order, hubble-api.md 2.4), so the first flows that come back may be ones already
 received. They are recognised by key: the flow's `uuid`, or, for flows without one, a hash of the row's content.
 `RecentFlows` remembers the keys of the last few seconds of flows received; `load_written_keys` reads the keys
-of flows already in the dataset from a given time on (after a restart, including flows written after the last
-checkpoint was saved, e.g. by a collector killed between the two). Lost-events records are recognised the same
+of flows without a uuid already in the dataset from a given time on (after a restart, including flows written
+after the last checkpoint was saved, e.g. by a collector killed between the two). Flows with a uuid are checked
+against the dataset by `flowpipe.stored_flows`, as every writer does. Lost-events records are recognised the same
 way (`SeenLostEvents`, `load_lost_event_keys`): a stream resumed with an overlap may send them again.
 """
 
@@ -143,7 +144,8 @@ def _partitions_from(dataset: Dataset, table: str, since_ns: int) -> list[Partit
 def load_written_keys(
     dataset: Dataset, since_ns: int, nodes: Iterable[str] | None = None
 ) -> tuple[pa.Array, int | None]:
-    """Keys of the flows in the dataset with `time >= since_ns` (only `nodes` when given), and their newest time."""
+    """Content keys of the flows without a uuid in the dataset with `time >= since_ns` (only `nodes` when given),
+    and their newest time. (Flows with a uuid: `flowpipe.stored_flows.StoredFlows`.)"""
     wanted = sorted(set(nodes)) if nodes is not None else None
     keys: list[pa.Array] = []
     newest: int | None = None
@@ -151,13 +153,16 @@ def load_written_keys(
         for path in dataset.list_part_files(FLOWS_TABLE, partition):
             try:
                 with dataset.filesystem.open_input_file(path) as handle:
-                    table = pq.read_table(handle)
+                    parquet = pq.ParquetFile(handle)
+                    if _every_flow_has_a_uuid(parquet.metadata):
+                        continue
+                    table = parquet.read()
             except (OSError, pa.ArrowException) as exc:
                 raise DatasetWriteError(
                     f"cannot read {path} to skip flows already written: {exc}", path=path
                 ) from exc
             times = _time_ns(table.column("time"))
-            mask = pc.greater_equal(times, since_ns)
+            mask = pc.and_(pc.greater_equal(times, since_ns), pc.is_null(table.column("uuid")))
             if wanted is not None:
                 mask = pc.and_(
                     mask, pc.is_in(table.column("node_name"), value_set=pa.array(wanted, pa.string()))
@@ -171,6 +176,21 @@ def load_written_keys(
     if not keys:
         return pa.array([], pa.string()), None
     return pa.concat_arrays(keys).unique(), newest
+
+
+def _every_flow_has_a_uuid(metadata: pq.FileMetaData) -> bool:
+    """Whether a part file's statistics show no row without a uuid (then it holds no key of this module)."""
+    if metadata.num_row_groups == 0:
+        return True
+    first = metadata.row_group(0)
+    index = next((i for i in range(first.num_columns) if first.column(i).path_in_schema == "uuid"), None)
+    if index is None:
+        return False
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(index).statistics
+        if statistics is None or not statistics.has_null_count or statistics.null_count:
+            return False
+    return True
 
 
 LostKey = tuple[str, str, int, int | None, int | None, int | None]

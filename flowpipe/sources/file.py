@@ -7,6 +7,8 @@ for blocks holding a bad line). Accepted inputs:
 - one event per line: `GetFlowsResponse` / `ExportEvent` envelopes (`flow`, `lost_events`, `node_status`,
   `agent_event`, `debug_event`) or legacy bare `Flow` objects;
 - a JSON array of such objects (`[ {...}, {...} ]`, any layout);
+- such objects pretty-printed (over several lines each: a flow saved from a browser, `jq .` output), one or
+  several one after the other;
 - Hubble exporter files: `events.log`, rotated backups `events-2024-01-01T00-00-00.000.log`, `.gz` backups,
   given one by one or as the directory holding them (read oldest first);
 - `-` for standard input; a live one (`hubble observe -f -o jsonpb | flowpipe ingest -`) is ingested as it
@@ -33,6 +35,7 @@ from flowpipe.dataset import StateFile
 from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.sources._file_reader import (
+    PAUSE,
     REASON_TRUNCATED,
     Block,
     LineBlocks,
@@ -40,6 +43,8 @@ from flowpipe.sources._file_reader import (
     Truncated,
     array_items,
     decode_in_order,
+    looks_pretty_printed,
+    object_items,
 )
 from flowpipe.sources._file_state import HEAD_BYTES, FilePosition, FileState, content_key
 from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, guess_block_layout
@@ -88,6 +93,8 @@ class FileIngestSummary:
     unknown_event (valid JSON of an event kind flowpipe does not read)."""
     lines_already_ingested: int = 0
     """Lines skipped because the checkpoint says they are already in the dataset."""
+    unreadable: list[str] = field(default_factory=list)
+    """One message per input from which nothing could be read (it had lines, and every one was skipped)."""
 
     @property
     def decode_errors(self) -> int:
@@ -129,6 +136,7 @@ class FileSource:
         self._stdin = stdin
         self._closed = threading.Event()
         self._logged_errors = 0
+        self._first_error: dict[str, str] = {}
         # Blocks are decoded this many at a time (pyarrow parses and computes without the GIL).
         self.decode_threads = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
 
@@ -186,10 +194,15 @@ class FileSource:
                 offset=offset,
                 partial=partial,
             )
+            before = self._read_counts()
             if head.removeprefix(_UTF8_BOM).lstrip()[:1] == b"[":
-                yield from self._read_array(reader, start)
+                yield from self._read_items(reader, start, array_items(reader, name))
+            elif looks_pretty_printed(head):
+                yield from self._read_items(reader, start, object_items(reader, name))
             else:
                 yield from self._read_lines(reader, start)
+            if not self._closed.is_set():
+                self._check_something_read(name, before)
         except OSError as exc:
             raise SourceError(f"{name}: read failed: {exc.strerror or exc}") from exc
         finally:
@@ -277,37 +290,74 @@ class FileSource:
         if decoded.flows.num_rows or decoded.errors or decoded.lost_events or partial:
             yield self._emit(decoded, start, records, offset, partial=partial)
 
-    def _read_array(self, reader: Reader, start: _Start) -> Iterator[EventBatch]:
+    def _read_items(
+        self, reader: Reader, start: _Start, values: Iterator[tuple[int, object | FlowDecodeError]]
+    ) -> Iterator[EventBatch]:
+        """Batches of the JSON values of an array or of pretty-printed objects; records are values, not lines.
+
+        A FlowDecodeError among the values is a value skipped (pretty-printed objects go on after it); one
+        raised ends the file (an array cannot be read past a syntax error).
+        """
         name = start.path
         records = 0
         items: list[tuple[int, object]] = []
+        errors: list[FlowDecodeError] = []
         skipped = 0
+
+        def decoded() -> DecodedEvents:
+            events = decode_objects(items, path=name, cluster_name=self.cluster_name)
+            events.errors.extend(errors)
+            return events
+
         try:
-            for line_number, item in array_items(reader, name):
-                if records < start.records:
+            for line_number, item in values:
+                if records < start.records and item is not PAUSE:
                     records += 1
                     skipped += 1
                     continue
-                items.append((line_number, item))
+                if item is PAUSE:  # a live stream paused: hand on what was read
+                    if items or errors:
+                        yield self._emit(decoded(), start, records, 0)
+                        items, errors = [], []
+                    continue
                 records += 1
-                if len(items) >= ARRAY_BATCH_ITEMS:
-                    yield self._emit(
-                        decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0
-                    )
-                    items = []
+                if isinstance(item, FlowDecodeError):
+                    errors.append(item)
+                else:
+                    items.append((line_number, item))
+                if len(items) + len(errors) >= ARRAY_BATCH_ITEMS:
+                    yield self._emit(decoded(), start, records, 0)
+                    items, errors = [], []
                     if self._closed.is_set():
                         return
         except FlowDecodeError as exc:
-            decoded = decode_objects(items, path=name, cluster_name=self.cluster_name)
-            decoded.errors.append(exc)
+            errors.append(exc)
             self.summary.lines_already_ingested += skipped
-            yield self._emit(decoded, start, records, 0)
+            yield self._emit(decoded(), start, records, 0)
             return
         self.summary.lines_already_ingested += skipped
-        if items:
-            yield self._emit(
-                decode_objects(items, path=name, cluster_name=self.cluster_name), start, records, 0
-            )
+        if items or errors:
+            yield self._emit(decoded(), start, records, 0)
+
+    def _read_counts(self) -> tuple[int, int, int]:
+        """Events read, lines skipped and lines already ingested so far."""
+        summary = self.summary
+        events = summary.flows + sum(summary.lost_event_records.values()) + summary.node_status
+        events += summary.agent_events + summary.debug_events
+        return events, sum(summary.lines_skipped.values()), summary.lines_already_ingested
+
+    def _check_something_read(self, name: str, before: tuple[int, int, int]) -> None:
+        """Note an input of which every line was skipped (not one event read): the ingest fails for it."""
+        events, skipped, already = (now - then for now, then in zip(self._read_counts(), before, strict=True))
+        if events or already or not skipped:
+            return
+        first = self._first_error.get(name)
+        self.summary.unreadable.append(
+            f"{name}: nothing could be read: {skipped:,} line(s) or value(s) skipped, none held a Hubble event"
+            + (f" (first: {first})" if first else " (valid JSON of no event kind flowpipe reads)")
+            + "; expected `hubble observe -o jsonpb` or `-o json` lines, a Hubble exporter file, a JSON array of "
+            "flows, or pretty-printed flow objects"
+        )
 
     def _emit(
         self, decoded: DecodedEvents, start: _Start, records: int, offset: int, *, partial: bool = False
@@ -327,6 +377,7 @@ class FileSource:
             summary.lines_skipped[REASON_UNKNOWN_EVENT] += decoded.unknown_events
         for error in decoded.errors:
             summary.lines_skipped[error.reason] += 1
+            self._first_error.setdefault(start.path, str(error))
             self._logged_errors += 1
             if self._logged_errors <= MAX_LOGGED_ERRORS:
                 log.warning("%s", error)

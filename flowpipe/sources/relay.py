@@ -14,7 +14,9 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
   oldest "newest flow" among recently active nodes, minus `resume_overlap_seconds`). The relay merges its nodes
   only nearly in time order, so the overlap takes back a few seconds already seen; those flows are recognised
   by uuid (a content hash without one) against what was received or is already in the dataset, and skipped.
-  The checkpoint (`<dataset>/_state/<state_name>`) is saved only for batches every sink made durable; a restart
+  Flows with a uuid are also checked against every flow of the dataset's hours they fall in
+  (`flowpipe.stored_flows`, the check every writer makes): a flow an ingest or another collector stored already
+  is not stored again. The checkpoint (`<dataset>/_state/<state_name>`) is saved only for batches every sink made durable; a restart
   also reads the keys of flows written after the last save, so nothing is written twice.
 - **Reconnect** with capped exponential backoff and jitter, forever once connected. Each failure is logged once
   per distinct reason (then a reminder every few minutes), and the recovery once (`_relay_log`).
@@ -77,6 +79,7 @@ from flowpipe.sources._relay_dedupe import (
 )
 from flowpipe.sources._relay_log import ConnectionLog
 from flowpipe.sources._relay_resume import RelayPosition, ResumeTracker, checkpoint_state, read_checkpoint
+from flowpipe.stored_flows import StoredFlows
 
 if TYPE_CHECKING:
     from flowpipe.metrics import PipelineMetrics
@@ -112,6 +115,7 @@ class RelaySource:
         metrics: PipelineMetrics | None = None,
         stop: threading.Event | None = None,
         checkpoint_interval_seconds: float = 1.0,
+        stored: StoredFlows | None = None,
     ) -> None:
         self.config = config
         self.dataset = dataset
@@ -136,6 +140,7 @@ class RelaySource:
         self._recent = RecentFlows()
         self._dedupe = Deduplicator(self._overlap_ns)
         self._lost_seen = SeenLostEvents()
+        self._stored = stored if stored is not None else StoredFlows(dataset)
         self._dataset_checked = False
         self._my_nodes: list[str] | None = None
         self._nodes_read_at = 0.0
@@ -237,8 +242,9 @@ class RelaySource:
 
     @property
     def repeats_skipped(self) -> int:
-        """Flows received again after a reconnect or restart and skipped (already received or written)."""
-        return self._dedupe.skipped
+        """Flows received again after a reconnect or restart and skipped (already received or written), and flows
+        whose uuid the dataset already held (another writer, an ingest of the same capture)."""
+        return self._dedupe.skipped + self._stored.repeats
 
     # -- checkpoint ----------------------------------------------------------------------------------------
 
@@ -410,12 +416,13 @@ class RelaySource:
             for _, why in decoded.bad_messages
         ]
         flows = decoded.flows
+        already_stored = 0
         if flows.num_rows:
-            flows = self._skip_repeats(flows)
+            flows, already_stored = self._skip_repeats(flows)
         lost = self._own_lost_events(decoded.lost_events) if decoded.lost_events else []
         for state, names, message in decoded.node_status:
             self._log.node_status(state, names, message)
-        if not flows.num_rows and not lost and not decoded.node_status and not errors:
+        if not flows.num_rows and not lost and not decoded.node_status and not errors and not already_stored:
             return None
         self.flows_received += flows.num_rows
         return EventBatch(
@@ -424,20 +431,25 @@ class RelaySource:
             node_status=len(decoded.node_status),
             decode_errors=list(errors),
             position=self._resume.position(),
+            flows_already_stored=already_stored,
         )
 
-    def _skip_repeats(self, flows: pa.Table) -> pa.Table:
+    def _skip_repeats(self, flows: pa.Table) -> tuple[pa.Table, int]:
+        """The flows not received or stored before, and how many of them the dataset already held by uuid.
+
+        Flows the dataset already held still move the resume point: they were received.
+        """
         keys = flow_keys(flows)
         if not self._dataset_checked:
             self._check_dataset(flows)
         flows, keys = self._dedupe.filter(flows, keys)
         if not flows.num_rows:
-            return flows
+            return flows, 0
         self._recent.add(keys, flows.column("time"))
         resume_ns = self._resume.track(flows)
         if resume_ns is not None:
             self._recent.forget_before(resume_ns - self._overlap_ns)
-        return flows
+        return self._stored.new_rows(flows)
 
     def _check_dataset(self, flows: pa.Table) -> None:
         """Once per process: skip flows the dataset already has (written before a restart)."""
