@@ -55,3 +55,62 @@ def test_suggest_never_opens_the_denied_edge(sim_faults: SimDataset) -> None:
     assert postgres and all("grafana" not in doc for doc in postgres)
     grafana = [doc for doc in text.split("\n---\n") if "name: flowpipe-grafana" in doc]
     assert grafana and all("postgres" not in doc and "5432" not in doc for doc in grafana)
+
+
+def test_replay_sees_an_ingress_break_observed_only_at_the_sender(sim_faults: SimDataset) -> None:
+    """The destination's records are missing (filtered, lost, not captured): a policy that lets api receive
+    port 80 only, while web calls it on 8080, still breaks every one of those requests."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flowpipe.policy.load import parse_policies
+    from flowpipe.policy.replay import replay_flows
+
+    table = sim_faults.table
+    # Keep what the senders' nodes reported: drop every INGRESS record of production/api.
+    at_api = pc.and_(
+        pc.equal(table["destination_namespace"], "production"),
+        pc.equal(table["traffic_direction"], "INGRESS"),
+    )
+    api_pods = {
+        r["destination_pod_name"]
+        for r in table.select(["destination_namespace", "destination_pod_name"]).to_pylist()
+        if r["destination_namespace"] == "production" and (r["destination_pod_name"] or "").startswith("api-")
+    }
+    at_api = pc.and_(at_api, pc.is_in(table["destination_pod_name"], pa.array(sorted(api_pods))))
+    sender_only = table.filter(pc.invert(pc.fill_null(at_api, False)))
+    policy = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: production}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+    report = replay_flows(parse_policies(policy, path="api.yaml"), sender_only)
+    broken = [e for e in report.denied_edges if e.destination == "production/api" and e.forwarded]
+    web = [e for e in broken if e.source == "production/web" and e.port == 8080]
+    assert web and all(e.direction == "ingress" for e in web)
+    # Every request record the senders reported to api:8080 that got through breaks, none is missed (api's
+    # pods by identity: pods of another node are known there by identity and labels only).
+    api_identities = {
+        r["destination_identity"]
+        for r in table.select(["destination_identity", "destination_pod_name"]).to_pylist()
+        if r["destination_pod_name"] in api_pods
+    }
+    requests = [
+        r
+        for r in sender_only.select(
+            ["source_labels", "destination_identity", "destination_port", "verdict", "is_reply", "flow_type"]
+        ).to_pylist()
+        if {"k8s:app=web", "k8s:io.kubernetes.pod.namespace=production"} <= set(r["source_labels"])
+        and r["destination_identity"] in api_identities
+        and r["destination_port"] == 8080
+        and r["verdict"] in ("FORWARDED", "REDIRECTED")
+        and not r["is_reply"]
+        and r["flow_type"] != "SOCK"
+    ]
+    assert sum(e.forwarded for e in web) == len(requests) > 0
+    assert report.would_break >= len(requests)
