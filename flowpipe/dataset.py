@@ -24,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,6 +46,8 @@ UNKNOWN_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 """Partition value for rows without a time. It is Hive's name for a NULL partition value: DuckDB, Spark and
 pyarrow read it as NULL, so `date` and `hour` keep their DATE and integer types when such rows exist."""
 
+COMPACTED_PREFIX = "compacted-"
+"""Compacted files are named `compacted-<start>-<run id>-<seq>.parquet` (see `flowpipe.compact`)."""
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 3600.0
@@ -238,20 +240,29 @@ class Dataset:
         ]
 
     def clean_temp_files(
-        self, *, writer_id: str | None = None, stale_after_seconds: float = STALE_TEMP_SECONDS
+        self,
+        *,
+        writer_id: str | None = None,
+        writer_ids: Collection[str] = (),
+        stale_after_seconds: float = STALE_TEMP_SECONDS,
     ) -> list[str]:
         """Remove temporary files left by a crash; returns their paths.
 
-        A temporary file is removed when its part name carries `writer_id` (this writer's own leftovers: one
-        writer id is never used by two running writers) or when it is older than `stale_after_seconds`
-        (its writer is gone: no part file takes that long to write). Others' writes in progress are kept.
+        A temporary file is removed when its name carries `writer_id` or one of `writer_ids` (this writer's
+        own leftovers, or those of writers whose lease shows them gone: one writer id is never used by two
+        running writers) or when it is older than `stale_after_seconds` (its writer is gone: no part file
+        takes that long to write). Others' writes in progress are kept.
         """
         now = time.time()
+        gone = set(writer_ids) | ({writer_id} if writer_id else set())
         removed = []
         for table in TABLES:
             for info in self.list_temp_files(table):
-                parsed = parse_part_file_name(info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)])
-                mine = writer_id is not None and parsed is not None and parsed.writer_id == writer_id
+                name = info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
+                if name.startswith(COMPACTED_PREFIX):
+                    name = "part-" + name.removeprefix(COMPACTED_PREFIX)
+                parsed = parse_part_file_name(name)
+                mine = parsed is not None and parsed.writer_id in gone
                 mtime = info.mtime.timestamp() if info.mtime is not None else now
                 if mine or now - mtime > stale_after_seconds:
                     try:
