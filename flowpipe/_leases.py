@@ -334,15 +334,10 @@ def take_lease(
 
 @contextlib.contextmanager
 def holding_lease(
-    dataset: Dataset,
-    command: str,
-    claims: Mapping[str, str],
-    *,
-    writer_id: str | None = None,
-    advice: str = "wait for it to finish, or stop it",
+    dataset: Dataset, command: str, claims: Mapping[str, str], **options: Any
 ) -> Iterator[Lease]:
-    """`take_lease` as a context manager: released on the way out, whatever happens."""
-    lease = take_lease(dataset, command, claims, writer_id=writer_id, advice=advice)
+    """`take_lease` (same arguments) as a context manager: released on the way out, whatever happens."""
+    lease = take_lease(dataset, command, claims, **options)
     try:
         yield lease
     finally:

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import re
+import signal
 import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowpipe.errors import ConfigError, DatasetWriteError
-from flowpipe.storage import resolve_dataset
+from flowpipe.storage import is_object_store, resolve_dataset
 
 FLOWS_TABLE = "flows"
 LOST_EVENTS_TABLE = "lost_events"
@@ -59,6 +60,25 @@ _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PART_RE = re.compile(
     r"^part-(?P<start>\d{8}T\d{12}Z)-(?P<writer>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<seq>\d{6,})\.parquet$"
 )
+
+
+KILL_AT_VARIABLE = "FLOWPIPE_TEST_KILL_AT"
+"""Test hook: `STEP` or `STEP@N` kills this process (SIGKILL) at the Nth time it reaches that step of a
+publish (`publish:written`, `publish:copied`, `publish:done`); tests use it to crash a real writer there."""
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(step: str) -> None:
+    """Kill this process here when `FLOWPIPE_TEST_KILL_AT` names `step` (see `KILL_AT_VARIABLE`)."""
+    wanted = os.environ.get(KILL_AT_VARIABLE)
+    if not wanted or not wanted.startswith(step):
+        return
+    name, _, nth = wanted.partition("@")
+    if name != step:
+        return
+    _kill_counts[step] = _kill_counts.get(step, 0) + 1
+    if _kill_counts[step] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_hidden_name(name: str) -> bool:
@@ -279,7 +299,10 @@ class Dataset:
         return bool(self.filesystem.get_file_info(path).type == pafs.FileType.File)
 
     def make_dirs(self, folder: str) -> None:
-        """Create `folder` and its parents (no-op on object stores without folders)."""
+        """Create `folder` and its parents; nothing on an object store, which has no folders (pyarrow would
+        write a zero-byte marker object per level: requests that cost and that no reader needs)."""
+        if is_object_store(self.filesystem):
+            return
         with translate_write_errors(folder):
             self.filesystem.create_dir(folder, recursive=True)
 
@@ -330,12 +353,23 @@ class Dataset:
             raise
 
     def publish(self, temp: str, final: str) -> None:
-        """Rename a finished temporary file to its final name (atomic on a local folder)."""
+        """Rename a finished temporary file to its final name (atomic on a local folder).
+
+        On an object store: a server-side copy (the final object appears whole or not at all), then the
+        temporary object is deleted. A writer killed between the two leaves the temporary object, which the
+        same writer removes when it starts again (`clean_temp_files`).
+        """
+        kill_point("publish:written")
         with translate_write_errors(final):
             if self.is_local:
                 os.replace(temp, final)
+            elif is_object_store(self.filesystem):
+                self.filesystem.copy_file(temp, final)
+                kill_point("publish:copied")
+                self.filesystem.delete_file(temp)
             else:
                 self.filesystem.move(temp, final)
+        kill_point("publish:done")
 
     def sync_dirs(self, folders: set[str]) -> None:
         """fsync folders (and the table folders above new partitions) so that renames survive a power cut."""

@@ -98,7 +98,9 @@ def s3_filesystem(
     """A pyarrow `S3FileSystem` for `options` (default: flags and environment); credentials as documented."""
     env = os.environ if environ is None else environ
     options = options or s3_options(env)
-    kwargs: dict[str, object] = {}
+    # allow_delayed_open: an object smaller than one upload part is sent as one PUT on close, not as a
+    # multipart upload of three requests (what is atomic stays atomic: nothing exists before the close)
+    kwargs: dict[str, object] = {"allow_delayed_open": True}
     if options.endpoint:
         parts = urlsplit(options.endpoint if "://" in options.endpoint else f"https://{options.endpoint}")
         if parts.scheme not in ("http", "https") or not parts.netloc:
