@@ -320,7 +320,7 @@ def take_lease(
             raise _refuse(lease, claim, holder, advice)
         _remove_dead(lease, documents)
         lease.write()
-    if not dataset.is_local:
+    if not dataset.is_local and lease.claims:
         time.sleep(SETTLE_SECONDS)
         mine = (lease.since, lease.holder)
         for claim, holder in _conflicts(lease, read_leases(dataset)):

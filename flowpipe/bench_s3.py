@@ -131,7 +131,7 @@ def bench_s3(ctx: BenchContext) -> list[Figure]:
     kinds = ", ".join(f"{kind} {n / FLUSHES:g}" for kind, n in sorted(counts.items()))
     return [
         Figure(
-            "s3", "requests per flush", per_flush, "requests", target=10, higher_is_better=False, note=kinds
+            "s3", "requests per flush", per_flush, "requests", target=4, higher_is_better=False, note=kinds
         ),
         Figure(
             "s3",
