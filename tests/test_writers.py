@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 from _collect_support import ROOT, sim_flow_bytes, start_collector, stop_process, uuids_of, wait_until
 from _small_files import simulated_flows, write_small_files
+from click.testing import CliRunner
 
-from flowpipe._leases import read_leases, take_lease
+from flowpipe._leases import SourceClaimedError, read_leases, take_lease
 from flowpipe.bench_s3 import count_flush_requests, counting_s3_server, request_counts
+from flowpipe.cli import cli
 from flowpipe.compact import compact_dataset
 from flowpipe.dataset import KILL_AT_VARIABLE, SINGLE_PUT_VARIABLE, Dataset
 from flowpipe.query import DuckDBEngine
@@ -397,3 +400,62 @@ def test_a_flush_writes_no_folder_marker_and_few_requests(s3_endpoint: str) -> N
     assert counts == {"head": 3, "list": 3, "put": 3}
     assert per_flush == 3
     assert request_counts(s3_endpoint)  # the counter answers
+
+
+# -- leases ------------------------------------------------------------------------------------------------------
+
+
+def lease_document(holder: str, *, host: str, pid: int, expires_in: float) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "holder": holder,
+        "host": host,
+        "pid": pid,
+        "command": "collect",
+        "writer_id": "w-" + holder,
+        "since": now.isoformat(),
+        "renewed": now.isoformat(),
+        "expires": (now + timedelta(seconds=expires_in)).isoformat(),
+        "claims": {"relay/relay.json": "the relay checkpoint relay.json"},
+    }
+
+
+def test_a_lease_from_another_host_holds_until_it_expires(tmp_path: Path) -> None:
+    dataset = Dataset(tmp_path / "dataset")
+    leases = tmp_path / "dataset" / "_state" / "leases"
+    leases.mkdir(parents=True)
+    claims = {"relay/relay.json": "the relay checkpoint relay.json"}
+    (leases / "a.json").write_text(json.dumps(lease_document("a", host="elsewhere", pid=1, expires_in=30)))
+    with pytest.raises(SourceClaimedError, match="on host elsewhere, pid 1, since "):
+        take_lease(dataset, "collect", claims)
+    # expired: its process is gone; the lease is taken over and the dead writer's temporary files are named
+    (leases / "a.json").write_text(json.dumps(lease_document("a", host="elsewhere", pid=1, expires_in=-1)))
+    lease = take_lease(dataset, "collect", claims, writer_id="mine")
+    try:
+        assert lease.dead_writers == ["w-a"]
+        assert [d["holder"] for d in read_leases(dataset)] == [lease.holder]
+        assert read_leases(dataset)[0]["writer_id"] == "mine"
+    finally:
+        lease.release()
+    assert read_leases(dataset) == []
+
+
+def test_a_lease_of_a_process_gone_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    dataset = Dataset(tmp_path / "dataset")
+    leases = tmp_path / "dataset" / "_state" / "leases"
+    leases.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)
+    document = lease_document("b", host=socket.gethostname(), pid=gone.pid, expires_in=60)
+    (leases / "b.json").write_text(json.dumps(document))
+    take_lease(dataset, "collect", {"relay/relay.json": "the relay checkpoint relay.json"}).release()
+
+
+def test_bench_counts_requests_per_flush_at_the_s3_server(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["bench", "--only", "s3", "--workdir", str(tmp_path), "--format", "json"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    figures = {row["name"]: row for row in json.loads(result.stdout)}
+    assert figures["requests per flush"]["value"] == 3 and figures["requests per flush"]["ok"]
+    assert figures["folder-marker PUTs per flush"]["value"] == 0
