@@ -83,10 +83,6 @@ def list_partitions(dataset: Dataset, table: str) -> list[PartitionFiles]:
     return [partitions[key] for key in sorted(partitions)]
 
 
-MaintenanceLock = Lease
-"""The held maintenance lock: a lease claiming `maintenance` (see `flowpipe._leases`)."""
-
-
 @contextmanager
 def maintenance_lock(
     dataset: Dataset, what: str, *, clock: Clock | None = None, writer_id: str | None = None
