@@ -255,7 +255,8 @@ def _collect(
     flush_interval = config.sink.flush_interval_seconds
 
     def ready() -> bool:
-        return source.connected and parquet.keeping_up(flush_interval)
+        # a lease removed by another process (this one stalled past its expiry) may mean two writers now
+        return source.connected and parquet.keeping_up(flush_interval) and not lease.lost
 
     server = serve(registry, config.metrics_address, ready=ready) if config.metrics_address else None
     refresher = UnexpectedDropsRefresher(
