@@ -459,3 +459,18 @@ def test_bench_counts_requests_per_flush_at_the_s3_server(tmp_path: Path) -> Non
     figures = {row["name"]: row for row in json.loads(result.stdout)}
     assert figures["requests per flush"]["value"] == 3 and figures["requests per flush"]["ok"]
     assert figures["folder-marker PUTs per flush"]["value"] == 0
+
+
+def test_a_lease_removed_by_another_process_is_noticed_at_its_next_renewal(tmp_path: Path) -> None:
+    dataset = Dataset(tmp_path / "dataset")
+    lease = take_lease(
+        dataset, "collect", {"relay/relay.json": "the relay checkpoint relay.json"}, renew=False
+    )
+    try:
+        lease.renew()
+        assert not lease.lost
+        Path(lease.path).unlink()  # what another process does to a lease it found expired
+        lease.renew()
+        assert lease.lost and Path(lease.path).exists()
+    finally:
+        lease.release()
