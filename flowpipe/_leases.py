@@ -170,7 +170,7 @@ class Lease:
             self.lost = True
             log.error(
                 "the lease %s was removed by another process (this one did not renew it for %.0f s); "
-                "it may now write the same sources",
+                "another process may now write the same sources",
                 self.path,
                 LEASE_SECONDS,
             )
