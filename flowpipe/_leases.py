@@ -29,9 +29,10 @@ What is guaranteed:
 - **Object store** (no lock, no rename, no conditional write through pyarrow): a process writes its lease,
   waits `SETTLE_SECONDS`, and reads every lease again; where two live leases claim the same thing, the older
   one (by `since`, then holder) keeps it and the younger withdraws and is refused. With read-after-write
-  consistency (S3, MinIO, ...) both processes then see both leases and decide alike; two processes starting at
-  once can only both win if one of them stalls for longer than `SETTLE_SECONDS` between writing its lease and
-  reading the others back, or if their clocks disagree by more than that. It guards against accidents (a second
+  consistency (S3, MinIO, ...) two processes that both see both leases decide alike. A process that did not see
+  the other's lease after waiting holds its claim; the other one read the leases before that lease was written
+  and wrote its own more than `SETTLE_SECONDS` later: only a process that stalls that long between reading the
+  leases and writing its own can hold a claim together with another. It guards against accidents (a second
   collector started by mistake, a rerun while one is still running), not against a hostile writer.
 """
 

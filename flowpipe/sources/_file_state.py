@@ -74,9 +74,9 @@ class StateFolder:
         """Where the documents are."""
         return f"{self.dataset.root.rstrip('/')}/{STATE_DIR}/{self.name}"
 
-    def path(self, key: str) -> str:
-        """The document of one content key (`sha256:bytes` → `sha256-bytes.json`)."""
-        return f"{self.folder}/{key.replace(':', '-')}.json"
+    def document(self, key: str) -> StateFile:
+        """The document of one content key (`sha256:bytes` → `<name>/sha256-bytes.json`)."""
+        return StateFile(self.dataset, f"{self.name}/{key.replace(':', '-')}.json")
 
     def keys(self) -> set[str]:
         """The content keys that have a document."""
@@ -149,7 +149,7 @@ class FileState:
         if key in self._documents:
             self._documents.discard(key)
             assert self._folder is not None
-            state = StateFile(self._folder.dataset, f"{self._folder.name}/{key.replace(':', '-')}.json")
+            state = self._folder.document(key)
 
             def read() -> dict[str, Any]:
                 document = state.load()  # None: removed since the listing (replaced by a longer key)
@@ -239,6 +239,6 @@ class FileState:
         for key in sorted(keys):
             entry = self._entries.get(key)
             if entry is not None:
-                folder.dataset.write_state(f"{folder.name}/{key.replace(':', '-')}.json", asdict(entry))
+                folder.document(key).save(asdict(entry))
             else:
-                folder.dataset.discard(folder.path(key))
+                folder.dataset.discard(str(folder.document(key)))
