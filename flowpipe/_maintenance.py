@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from flowpipe._leases import LEASE_SECONDS, MAINTENANCE, Lease, holding_lease
 from flowpipe.dataset import UNKNOWN_PARTITION, Dataset, PartitionKey, is_hidden_name
 from flowpipe.errors import DatasetWriteError
 
 log = logging.getLogger(__name__)
-
-LOCK_STATE = "maintenance-lock.json"
-"""`_state/` file held while `compact` or `retention --apply` runs."""
-LOCK_TTL = timedelta(hours=1)
-"""A lock not renewed for this long belongs to a run that died; the next run takes it over."""
 
 Clock = Callable[[], datetime]
 
@@ -91,81 +83,27 @@ def list_partitions(dataset: Dataset, table: str) -> list[PartitionFiles]:
     return [partitions[key] for key in sorted(partitions)]
 
 
-@dataclass(slots=True)
-class MaintenanceLock:
-    """The held lock: who holds it and until when (renew it during long runs)."""
-
-    dataset: Dataset
-    owner: str
-    what: str
-    clock: Clock
-
-    def renew(self) -> None:
-        """Push the lock's expiry one `LOCK_TTL` past now."""
-        self.dataset.write_state(LOCK_STATE, _lock_document(self.owner, self.what, self.clock()))
-
-
-def _lock_document(owner: str, what: str, now: datetime) -> dict[str, str]:
-    return {
-        "owner": owner,
-        "what": what,
-        "renewed": now.isoformat(),
-        "expires": (now + LOCK_TTL).isoformat(),
-    }
-
-
 @contextmanager
 def maintenance_lock(
-    dataset: Dataset, what: str, *, clock: Clock = lambda: datetime.now(UTC)
-) -> Iterator[MaintenanceLock]:
-    """Hold `_state/maintenance-lock.json` while compaction or retention changes the dataset.
+    dataset: Dataset, what: str, *, clock: Clock | None = None, writer_id: str | None = None
+) -> Iterator[Lease]:
+    """Hold the dataset's maintenance lease while compaction or retention (`what`) changes the dataset.
 
-    Only one of them runs at a time on a dataset. A lock that has expired (its run died) is taken over with a
-    warning. On a local folder the lock is created atomically; on an object store it is written, then read
-    back to check that this run owns it (good against accidents, not a consensus protocol: schedule one
-    maintenance job per dataset, e.g. a CronJob with `concurrencyPolicy: Forbid`).
+    Only one of them runs at a time on a dataset: the lease claims `maintenance` (see `flowpipe._leases`). It
+    is renewed while this process lives, so a run that crashed does not block the next one: on the same host
+    it is taken over at once, from another host once its lease expired (`LEASE_SECONDS`). `writer_id` names
+    the temporary files this run writes, so that a later run removes them if this one dies. `clock` is not
+    used (leases go by the real time); it is accepted for callers that pass their own.
     """
-    owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    path = dataset.state_path(LOCK_STATE)
-    now = clock()
-    current = dataset.read_state(LOCK_STATE)
-    if current is not None:
-        expires = _parse_time(current.get("expires"))
-        if expires is not None and expires > now:
-            raise DatasetWriteError(
-                f"{path}: {current.get('what', 'maintenance')} by {current.get('owner', '?')} is running on "
-                f"this dataset (lock renewed {current.get('renewed', '?')}, expires {current.get('expires')}); "
-                "run one compaction or retention at a time, or remove the file if that run is gone",
-                path=path,
-            )
-        log.warning("taking over the expired maintenance lock of %s (%s)", current.get("owner"), path)
-        dataset.discard(path)
-    document = _lock_document(owner, what, now)
-    if dataset.is_local:
-        dataset.make_dirs(os.path.dirname(path))
-        try:
-            with open(path, "x", encoding="utf-8") as handle:
-                json.dump(document, handle)
-        except FileExistsError as exc:
-            raise DatasetWriteError(
-                f"{path}: another maintenance run took the lock just now", path=path
-            ) from exc
-    else:
-        dataset.write_state(LOCK_STATE, document)
-        if (dataset.read_state(LOCK_STATE) or {}).get("owner") != owner:
-            raise DatasetWriteError(f"{path}: another maintenance run took the lock just now", path=path)
-    try:
-        yield MaintenanceLock(dataset, owner, what, clock)
-    finally:
-        if (dataset.read_state(LOCK_STATE) or {}).get("owner") == owner:
-            dataset.discard(path)
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    del clock
+    with holding_lease(
+        dataset,
+        what,
+        {MAINTENANCE: "maintenance (compaction or retention)"},
+        writer_id=writer_id,
+        advice=(
+            "run one compaction or retention at a time on a dataset (a run that crashed is taken over as soon "
+            f"as its process is gone: at once on the same host, after {LEASE_SECONDS:.0f} s from another)"
+        ),
+    ) as lease:
+        yield lease

@@ -359,3 +359,9 @@ section("suggest", "suggest over 10x --flows simulated flows (10 million by defa
     bench_suggest
 )
 section("replay", "replay of 200 policies over the same flows, under 30 s")(bench_replay)
+
+from flowpipe.bench_s3 import bench_s3
+
+section(
+    "s3", "requests per flush to an S3-compatible server (moto, counted at the server), no folder markers"
+)(bench_s3)

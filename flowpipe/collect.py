@@ -7,13 +7,17 @@ RelaySource ──▶ bounded buffer ──▶ ParquetSink (dataset; acks move t
 
 The checkpoint lives in the dataset (`_state/relay.json`; `relay-cluster-NAME.json` with `--cluster`, and
 `...-shard-I-of-N.json` per shard, so that collectors of several clusters share a dataset), so a restarted
-collector resumes where the durable data ends. `collect` returns when `stop` is set (the CLI sets it on
+collector resumes where the durable data ends. One collector at a time writes a checkpoint: `collect` takes a
+lease claiming it (`flowpipe._leases`), and a second collector of the same relay, cluster and shard into the
+same dataset is refused with a message naming the first (host, pid, since when) instead of storing every flow
+twice. `collect` returns when `stop` is set (the CLI sets it on
 SIGTERM/SIGINT): the open batch is flushed, the checkpoint saved. `/readyz` answers ready while the relay stream
 is open and the Parquet sink keeps flushing (nothing waits much longer than the flush interval).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -26,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry
 
+from flowpipe._leases import Lease, take_lease
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.dataset import Dataset
 from flowpipe.errors import ConfigError, SinkError
@@ -58,6 +63,19 @@ def use_system_memory_pool() -> None:
     """Make Arrow allocate with the system allocator, which returns freed memory to the OS sooner than the
     bundled one: a collector that runs for days then keeps a flat, smaller resident size."""
     pa.set_memory_pool(pa.system_memory_pool())
+
+
+def source_writer_id(config: RelaySourceConfig) -> str:
+    """The default writer id of a collector: named after its checkpoint (`relay`, `relay-shard-0-of-2`, ...).
+
+    It stays the same across restarts, so a restarted collector removes the temporary files it left when it
+    was killed; and it is unique among running collectors of a dataset, because one checkpoint has one
+    collector at a time (its lease).
+    """
+    name = checkpoint_name(config).removesuffix(".json")
+    if len(name) > 64:
+        name = f"{name[:55]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def checkpoint_name(config: RelaySourceConfig) -> str:
@@ -195,9 +213,40 @@ def collect(
     """
     stop = stop or threading.Event()
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = PipelineMetrics.create(registry, role="collect")
     dataset = Dataset(config.sink.path)
     state = checkpoint_name(config.source)
+    lease = take_lease(
+        dataset,
+        "collect",
+        {f"relay/{state}": f"the relay checkpoint {state}"},
+        writer_id=config.sink.writer_id,
+        advice=(
+            "run one collector per relay (and --cluster) on a dataset, or split the nodes between collectors "
+            "with --node-shard I/N (each shard has its own checkpoint)"
+        ),
+    )
+    try:
+        return _collect(config, dataset, state, lease, stop, registry, on_batch, on_started)
+    finally:
+        lease.release()
+
+
+def _collect(
+    config: CollectConfig,
+    dataset: Dataset,
+    state: str,
+    lease: Lease,
+    stop: threading.Event,
+    registry: CollectorRegistry,
+    on_batch: Callable[[EventBatch], None] | None,
+    on_started: Callable[[RelaySource, MetricsServer | None], None] | None,
+) -> CollectResult:
+    removed = dataset.clean_temp_files(writer_ids=lease.dead_writers)
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
+        )
+    metrics = PipelineMetrics.create(registry, role="collect")
     stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
     source = RelaySource(
         config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop, stored=stored
@@ -210,7 +259,8 @@ def collect(
     flush_interval = config.sink.flush_interval_seconds
 
     def ready() -> bool:
-        return source.connected and parquet.keeping_up(flush_interval)
+        # a lease removed by another process (this one stalled past its expiry) may mean two writers now
+        return source.connected and parquet.keeping_up(flush_interval) and not lease.lost
 
     server = serve(registry, config.metrics_address, ready=ready) if config.metrics_address else None
     refresher = UnexpectedDropsRefresher(

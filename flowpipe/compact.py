@@ -24,7 +24,10 @@ file list was taken before compaction and which then finds a file gone lists aga
 engines do that). Tools that read the folders directly (Trino, a plain `spark.read.parquet`) do not know the
 marker and can count the rows of a compacted hour twice for the moment between publish and delete.
 
-Only one compaction or retention runs at a time on a dataset (`flowpipe._maintenance.maintenance_lock`).
+Only one compaction or retention runs at a time on a dataset (`flowpipe._maintenance.maintenance_lock`, a lease
+renewed while the run lives). A run that crashed is finished by the next one, which can start at once (on the
+same host; from another once the crashed run's lease expired): it removes the hidden temporary files the dead run
+left, and the inputs of every compacted file it published.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from flowpipe._maintenance import MaintenanceLock, PartFile, PartitionFiles, list_partitions, maintenance_lock
+from flowpipe._maintenance import PartFile, PartitionFiles, list_partitions, maintenance_lock
 from flowpipe.dataset import (
+    COMPACTED_PREFIX,
     FLOWS_TABLE,
     LOST_EVENTS_TABLE,
     TABLES,
@@ -62,7 +66,6 @@ log = logging.getLogger(__name__)
 
 COMPACTED_FROM_KEY = b"flowpipe.compacted_from"
 """Parquet metadata key of a compacted file: JSON `[[input name, rows], ...]`, in the order of its rows."""
-COMPACTED_PREFIX = "compacted-"
 WRITER_ID_KEY = b"flowpipe.writer_id"
 DEFAULT_TARGET_SIZE_BYTES = 128 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -290,13 +293,15 @@ def compact_dataset(
         report.seconds = time.perf_counter() - started
         return report
     run_id = f"c{secrets.token_hex(4)}"
-    with maintenance_lock(dataset, "compaction", clock=clock) as lock:
+    with maintenance_lock(dataset, "compaction", writer_id=run_id) as lock:
+        # what a run that died left: its hidden temporary files, and (below) the inputs of files it published
+        dataset.clean_temp_files(writer_ids=lock.dead_writers)
         report.plans = plan_compaction(
             dataset, now=clock(), target_size_bytes=target_size_bytes, grace_seconds=grace_seconds
         )
         for plan in report.plans:
             report.files_removed += _remove(dataset, plan.leftovers)
-        _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), lock, on_partition)
+        _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), on_partition)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -324,7 +329,6 @@ def _merge_all(
     run_id: str,
     zstd_level: int,
     workers: int,
-    lock: MaintenanceLock,
     on_partition: Callable[[PartitionPlan], None],
 ) -> None:
     """Merge every group of every plan, `workers` at a time (pyarrow reads and writes outside the GIL)."""
@@ -364,7 +368,6 @@ def _merge_all(
                 remaining[id(plan)] -= 1
                 if not remaining[id(plan)]:
                     on_partition(plan)
-                lock.renew()
         except BaseException:
             for pending in futures:
                 pending.cancel()

@@ -10,8 +10,10 @@ Every file goes through a `pyarrow.fs.FileSystem`, so the same code serves a loc
 (`s3://bucket/prefix`). On a local folder a part file is written under a temporary name (a leading `.` and a
 trailing `.tmp`, which every reader skips), fsynced, then renamed into place, so a reader never sees half a file
 and a crash leaves at most a temporary file behind, which the next writer with the same id (or any writer,
-once the file is older than an hour) removes. On an object store (no rename) the temporary object is copied
-server-side to its final key, which appears complete or not at all, then deleted (`flowpipe.storage` says why).
+once the file is older than an hour, or whose writer's lease shows it gone) removes. On an object store (no
+rename) a small file is held in memory and sent to its final key in one PUT; a larger one's temporary object is
+copied server-side to its final key, which appears complete or not at all, then deleted (`flowpipe.storage` says
+why).
 
 Rows whose `time` is NULL are kept rather than dropped, in the partition whose `date` and `hour` are both
 `__HIVE_DEFAULT_PARTITION__` (Hive's spelling of NULL, which DuckDB, Spark and pyarrow read as NULL).
@@ -23,8 +25,9 @@ import errno
 import json
 import os
 import re
+import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowpipe.errors import ConfigError, DatasetWriteError
-from flowpipe.storage import resolve_dataset
+from flowpipe.storage import is_object_store, resolve_dataset
 
 FLOWS_TABLE = "flows"
 LOST_EVENTS_TABLE = "lost_events"
@@ -46,6 +49,8 @@ UNKNOWN_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 """Partition value for rows without a time. It is Hive's name for a NULL partition value: DuckDB, Spark and
 pyarrow read it as NULL, so `date` and `hour` keep their DATE and integer types when such rows exist."""
 
+COMPACTED_PREFIX = "compacted-"
+"""Compacted files are named `compacted-<start>-<run id>-<seq>.parquet` (see `flowpipe.compact`)."""
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 3600.0
@@ -57,6 +62,85 @@ _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PART_RE = re.compile(
     r"^part-(?P<start>\d{8}T\d{12}Z)-(?P<writer>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<seq>\d{6,})\.parquet$"
 )
+
+
+KILL_AT_VARIABLE = "FLOWPIPE_TEST_KILL_AT"
+"""Test hook: `STEP` or `STEP@N` kills this process (SIGKILL) at the Nth time it reaches that step of a
+publish (`publish:written`, `publish:copied`, `publish:done`); tests use it to crash a real writer there."""
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(step: str) -> None:
+    """Kill this process here when `FLOWPIPE_TEST_KILL_AT` names `step` (see `KILL_AT_VARIABLE`)."""
+    wanted = os.environ.get(KILL_AT_VARIABLE)
+    if not wanted or not wanted.startswith(step):
+        return
+    name, _, nth = wanted.partition("@")
+    if name != step:
+        return
+    _kill_counts[step] = _kill_counts.get(step, 0) + 1
+    if _kill_counts[step] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+SINGLE_PUT_BYTES = 5 * 1024 * 1024
+"""On an object store, a part file up to this size is held in memory and published with one PUT (below the
+smallest multipart upload part, so the store receives it whole in one request or not at all)."""
+SINGLE_PUT_VARIABLE = "FLOWPIPE_TEST_SINGLE_PUT_BYTES"
+"""Test hook: another `SINGLE_PUT_BYTES` (0: every file through a temporary object, a copy and a delete)."""
+
+
+class _HeldFile:
+    """A file written for an object store: in memory up to `limit` bytes, then streamed to its temporary key.
+
+    A Python file object (pyarrow's Parquet writer writes into it through `pa.PythonFile`).
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, temp: str, limit: int) -> None:
+        self._filesystem, self._temp, self._limit = filesystem, temp, limit
+        self._buffer = bytearray()
+        self._stream: Any = None
+        self._position = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        size = len(memoryview(data).cast("B"))
+        if self._stream is None and len(self._buffer) + size > self._limit:
+            self._stream = self._filesystem.open_output_stream(self._temp)
+            self._stream.write(bytes(self._buffer))
+            self._buffer = bytearray()
+        if self._stream is None:
+            self._buffer += data
+        else:
+            self._stream.write(data)
+        self._position += size
+        return size
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed and self._stream is not None:
+            self._stream.close()
+        self.closed = True
+
+    @property
+    def held(self) -> bytes | None:
+        """The whole file, when it never left memory."""
+        return bytes(self._buffer) if self._stream is None else None
+
+
+def _close_quietly(handle: Any) -> None:
+    try:
+        handle.close()
+    except (OSError, pa.ArrowException):
+        pass
 
 
 def is_hidden_name(name: str) -> bool:
@@ -172,6 +256,9 @@ class Dataset:
             self.filesystem, self.root = pafs.LocalFileSystem(), os.path.abspath(text)
         self.uri = text
         self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        self.single_put_bytes = int(os.environ.get(SINGLE_PUT_VARIABLE) or SINGLE_PUT_BYTES)
+        self._held: dict[str, bytes] = {}
+        """Finished files kept in memory until published (see `open_temp`), by temporary path."""
 
     def __repr__(self) -> str:
         return f"Dataset({self.uri!r})"
@@ -238,20 +325,29 @@ class Dataset:
         ]
 
     def clean_temp_files(
-        self, *, writer_id: str | None = None, stale_after_seconds: float = STALE_TEMP_SECONDS
+        self,
+        *,
+        writer_id: str | None = None,
+        writer_ids: Collection[str] = (),
+        stale_after_seconds: float = STALE_TEMP_SECONDS,
     ) -> list[str]:
         """Remove temporary files left by a crash; returns their paths.
 
-        A temporary file is removed when its part name carries `writer_id` (this writer's own leftovers: one
-        writer id is never used by two running writers) or when it is older than `stale_after_seconds`
-        (its writer is gone: no part file takes that long to write). Others' writes in progress are kept.
+        A temporary file is removed when its name carries `writer_id` or one of `writer_ids` (this writer's
+        own leftovers, or those of writers whose lease shows them gone: one writer id is never used by two
+        running writers) or when it is older than `stale_after_seconds` (its writer is gone: no part file
+        takes that long to write). Others' writes in progress are kept.
         """
         now = time.time()
+        gone = set(writer_ids) | ({writer_id} if writer_id else set())
         removed = []
         for table in TABLES:
             for info in self.list_temp_files(table):
-                parsed = parse_part_file_name(info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)])
-                mine = writer_id is not None and parsed is not None and parsed.writer_id == writer_id
+                name = info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
+                if name.startswith(COMPACTED_PREFIX):
+                    name = "part-" + name.removeprefix(COMPACTED_PREFIX)
+                parsed = parse_part_file_name(name)
+                mine = parsed is not None and parsed.writer_id in gone
                 mtime = info.mtime.timestamp() if info.mtime is not None else now
                 if mine or now - mtime > stale_after_seconds:
                     try:
@@ -268,40 +364,46 @@ class Dataset:
         return bool(self.filesystem.get_file_info(path).type == pafs.FileType.File)
 
     def make_dirs(self, folder: str) -> None:
-        """Create `folder` and its parents (no-op on object stores without folders)."""
+        """Create `folder` and its parents; nothing on an object store, which has no folders (pyarrow would
+        write a zero-byte marker object per level: requests that cost and that no reader needs)."""
+        if is_object_store(self.filesystem):
+            return
         with translate_write_errors(folder):
             self.filesystem.create_dir(folder, recursive=True)
 
-    def write_parquet_temp(self, table: pa.Table, folder: str, final_name: str, **options: Any) -> str:
+    def write_parquet_temp(
+        self, table: pa.Table, folder: str, final_name: str, *, hold: bool = False, **options: Any
+    ) -> str:
         """Write `table` as Parquet under the temporary name of `final_name` in `folder`; returns its path.
 
-        On a local folder the file is fsynced before this returns. On failure the temporary file is removed
-        and `DatasetWriteError` names the path.
+        On a local folder the file is fsynced before this returns. `hold` as in `open_temp`. On failure the
+        temporary file is removed and `DatasetWriteError` names the path.
         """
-        self.make_dirs(folder)
-        temp = _join(folder, temp_file_name(final_name))
+        temp, handle = self.open_temp(folder, final_name, hold=hold)
         try:
             with translate_write_errors(temp):
-                if self.is_local:
-                    with open(temp, "wb") as handle:
-                        pq.write_table(table, handle, **options)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                else:
-                    with self.filesystem.open_output_stream(temp) as stream:
-                        pq.write_table(table, stream, **options)
+                pq.write_table(table, handle, **options)
         except DatasetWriteError:
+            _close_quietly(handle)
             self.discard(temp)
             raise
+        self.finish_temp(temp, handle)
         return temp
 
-    def open_temp(self, folder: str, final_name: str) -> tuple[str, Any]:
-        """Open the temporary file of `final_name` in `folder` for writing; returns (path, binary stream)."""
+    def open_temp(self, folder: str, final_name: str, *, hold: bool = False) -> tuple[str, Any]:
+        """Open the temporary file of `final_name` in `folder` for writing; returns (path, binary stream).
+
+        With `hold`, on an object store, the file stays in memory while it is at most `single_put_bytes`
+        long; `publish` then sends it to its final key in one PUT (no temporary object, no copy, no delete,
+        and a crash leaves nothing). A longer one goes to its temporary object as it grows.
+        """
         self.make_dirs(folder)
         temp = _join(folder, temp_file_name(final_name))
         with translate_write_errors(temp):
             if self.is_local:
                 return temp, open(temp, "wb")  # closed by finish_temp
+            if hold:
+                return temp, _HeldFile(self.filesystem, temp, self.single_put_bytes)
             return temp, self.filesystem.open_output_stream(temp)
 
     def finish_temp(self, temp: str, handle: Any) -> None:
@@ -317,14 +419,31 @@ class Dataset:
         except DatasetWriteError:
             self.discard(temp)
             raise
+        if isinstance(handle, _HeldFile) and handle.held is not None:
+            self._held[temp] = handle.held
 
     def publish(self, temp: str, final: str) -> None:
-        """Rename a finished temporary file to its final name (atomic on a local folder)."""
+        """Rename a finished temporary file to its final name (atomic on a local folder).
+
+        On an object store: a server-side copy (the final object appears whole or not at all), then the
+        temporary object is deleted. A writer killed between the two leaves the temporary object, which the
+        same writer removes when it starts again (`clean_temp_files`).
+        """
+        kill_point("publish:written")
+        held = self._held.pop(temp, None)
         with translate_write_errors(final):
-            if self.is_local:
+            if held is not None:  # complete in memory: one PUT, atomic (small: no multipart upload)
+                with self.filesystem.open_output_stream(final) as stream:
+                    stream.write(held)
+            elif self.is_local:
                 os.replace(temp, final)
+            elif is_object_store(self.filesystem):
+                self.filesystem.copy_file(temp, final)
+                kill_point("publish:copied")
+                self.filesystem.delete_file(temp)
             else:
                 self.filesystem.move(temp, final)
+        kill_point("publish:done")
 
     def sync_dirs(self, folders: set[str]) -> None:
         """fsync folders (and the table folders above new partitions) so that renames survive a power cut."""
@@ -345,6 +464,8 @@ class Dataset:
 
     def discard(self, path: str) -> None:
         """Delete a file if it exists; errors are ignored (used to clean up after a failed write)."""
+        if self._held.pop(path, None) is not None:
+            return  # only ever in memory
         try:
             self.filesystem.delete_file(path)
         except (OSError, pa.ArrowException):

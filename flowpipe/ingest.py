@@ -1,7 +1,10 @@
 """File ingest as a library call: Hubble JSON files → file source → pipeline → Parquet sink → dataset.
 
-The file source's checkpoint lives in the dataset (`<root>/_state/files.json`), so ingesting the same file into
-the same dataset twice adds nothing the second time, and an interrupted ingest resumes where it stopped.
+The file source's checkpoint lives in the dataset (`<root>/_state/files/`, one document per file content), so
+ingesting the same file into the same dataset twice adds nothing the second time, and an interrupted ingest
+resumes where it stopped. Several ingests may write into one dataset at once, each on its own files: each takes
+a lease claiming its input files (by content) before it reads anything, and one whose file another running
+ingest holds is refused, naming that process (`flowpipe._leases`).
 
 `IngestResult` accounts for every line the run read: flows stored (by verdict), `lost_events` records (by
 source), the events that are counted but not stored (`node_status`, agent, debug), lines skipped (by reason),
@@ -12,6 +15,7 @@ after a stop the counts say what was stored, and the next run counts the rest.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
@@ -21,21 +25,25 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from flowpipe._leases import Lease, take_lease
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset import Dataset, StateFile
+from flowpipe.dataset import Dataset
 from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
 from flowpipe.sinks.parquet import ParquetSink
-from flowpipe.sources._file_state import FilePosition
-from flowpipe.sources.file import REASON_UNKNOWN_EVENT, FileIngestSummary, FileSource
+from flowpipe.sources._file_state import FilePosition, StateFolder
+from flowpipe.sources.file import REASON_UNKNOWN_EVENT, FileIngestSummary, FileSource, input_claims
 from flowpipe.stored_flows import StoredFlows
+
+log = logging.getLogger(__name__)
 
 MAX_SAMPLES = 5
 """How many skipped-line messages (file:line: why) an ingest keeps for its summary."""
 
-CHECKPOINT_STATE = "files.json"
-"""Name of the file source's checkpoint in the dataset's `_state/` folder."""
+CHECKPOINT_STATE = "files"
+"""Name of the file source's checkpoint folder in the dataset's `_state/` (`files.json` of earlier versions is
+read too)."""
 
 # Counts of the file source's summary that its batches do not carry (taken per batch from the summary).
 _AGENT = "agent_events"
@@ -158,11 +166,38 @@ def ingest_files(
     """
     dataset = Dataset(sink_config.path)
     check_dataset_location(dataset)
-    checkpoint = (
-        dataset.local_path(dataset.state_path(CHECKPOINT_STATE))
-        if dataset.is_local
-        else StateFile(dataset, CHECKPOINT_STATE)  # an object store: read and written through pyarrow
+    lease = take_lease(
+        dataset,
+        "ingest",
+        input_claims([str(p) for p in paths]),
+        writer_id=sink_config.writer_id,
+        advice="ingest each file once at a time (run this again once that ingest ended: what it stored is skipped)",
     )
+    try:
+        return _ingest(
+            dataset, lease, paths, sink_config, strict, cluster_name, stop, on_batch, pipeline_config
+        )
+    finally:
+        lease.release()
+
+
+def _ingest(
+    dataset: Dataset,
+    lease: Lease,
+    paths: Sequence[str | Path],
+    sink_config: ParquetSinkConfig,
+    strict: bool,
+    cluster_name: str | None,
+    stop: threading.Event | None,
+    on_batch: Callable[[EventBatch], None] | None,
+    pipeline_config: PipelineConfig | None,
+) -> IngestResult:
+    removed = dataset.clean_temp_files(writer_ids=lease.dead_writers)  # left by ingests that died
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
+        )
+    checkpoint = StateFolder(dataset, CHECKPOINT_STATE)
     source = FileSource(
         [str(p) for p in paths], strict=strict, checkpoint_path=checkpoint, cluster_name=cluster_name
     )

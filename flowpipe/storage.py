@@ -17,14 +17,17 @@ S3-compatible server accepts. Other pyarrow URLs (`gs://`, `hdfs://`, `file://`)
 `pyarrow.fs.FileSystem.from_uri` as they are.
 
 How a part file reaches an object store (see `flowpipe.dataset`): objects have no rename, and pyarrow's S3
-output stream uploads the object when it is closed (a multipart upload completed on close: until then no
-object exists under its key). A process killed while writing therefore leaves no object at all, only an
-incomplete multipart upload that the store never lists (a bucket lifecycle rule
+output stream uploads the object when it is closed (a single PUT, or a multipart upload completed on close: until
+then no object exists under its key). A process killed while writing therefore leaves no object at all, at most
+an incomplete multipart upload that the store never lists (a bucket lifecycle rule
 `AbortIncompleteMultipartUpload` reclaims its space). But an *exception* in the writing process closes the
-stream on the way out, which completes the upload with whatever was written. So every part file is first
-written whole under a hidden temporary key (`.part-...parquet.tmp`, which every reader skips), then copied
-server-side to its final key (one atomic CopyObject: the final object appears complete or not at all), and the
-temporary key is deleted. `tests/test_storage_s3.py` checks both cases against a local S3 server.
+stream on the way out, which completes the upload with whatever was written. So a part file is only ever sent to
+its final key whole: a small one (up to `dataset.SINGLE_PUT_BYTES`) is kept in memory until it is complete and
+then sent in one PUT; a larger one is first written under a hidden temporary key (`.part-...parquet.tmp`, which
+every reader skips), then copied server-side to its final key (one atomic CopyObject: the final object appears
+complete or not at all), and the temporary key is deleted. flowpipe writes no folder-marker objects (pyarrow
+re-creates a folder's marker when it deletes an object in it). `tests/test_storage_s3.py` and
+`tests/test_writers.py` check these cases against a local S3 server.
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ def s3_filesystem(
     """A pyarrow `S3FileSystem` for `options` (default: flags and environment); credentials as documented."""
     env = os.environ if environ is None else environ
     options = options or s3_options(env)
-    kwargs: dict[str, object] = {}
+    # allow_delayed_open: an object smaller than one upload part is sent as one PUT on close, not as a
+    # multipart upload of three requests (what is atomic stays atomic: nothing exists before the close)
+    kwargs: dict[str, object] = {"allow_delayed_open": True}
     if options.endpoint:
         parts = urlsplit(options.endpoint if "://" in options.endpoint else f"https://{options.endpoint}")
         if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -14,6 +14,7 @@ from flowpipe.collect import (
     CollectConfig,
     CollectResult,
     collect,
+    source_writer_id,
     use_system_memory_pool,
 )
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
@@ -60,7 +61,9 @@ def _option(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("--node-shard", "NODE_SHARD", metavar="I/N",
          help="Run as shard I of N collectors (0 <= I < N) writing one dataset: each takes the nodes whose name "
          "hashes to its shard.")  # fmt: skip
-@_option("--writer-id", "WRITER_ID", help=_SINK["writer_id"])
+@_option("--writer-id", "WRITER_ID",
+         help="Id of this writer in part-file names; unique among writers running on one dataset (default: named "
+         "after the checkpoint, e.g. relay-shard-0-of-2, the same across restarts).")  # fmt: skip
 @_option("--cluster", "CLUSTER_NAME", metavar="NAME", help=_RELAY["cluster_name"])
 @_option(
     "--field-mask/--no-field-mask", "FIELD_MASK", default=True, show_default=True, help=_RELAY["field_mask"]
@@ -118,8 +121,6 @@ def collect_command(
         "max_batch_rows": max_batch_rows,
         "max_batch_bytes": max_batch_bytes,
     }
-    if writer_id:
-        sink_options["writer_id"] = writer_id
     source = RelaySourceConfig(
         address=relay,
         tls_ca=tls_ca or None,
@@ -137,6 +138,8 @@ def collect_command(
         reconnect_backoff_max_seconds=reconnect_backoff_max_seconds,
         resume_overlap_seconds=resume_overlap_seconds,
     )
+    # by default named after the checkpoint: a restart finds and removes what it left when it was killed
+    sink_options["writer_id"] = writer_id or source_writer_id(source)
     config = CollectConfig(
         source=source,
         sink=ParquetSinkConfig(**sink_options),

@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -57,12 +57,17 @@ log = logging.getLogger(__name__)
 FLOWS_VIEW = "flows"
 LOST_EVENTS_VIEW = "lost_events"
 PARTITION_COLUMNS = ("date", "hour")
+MAX_ATTEMPTS = 5
+"""Tries of a query (or of defining the views) while part files vanish under it: each compaction group or
+retention partition removed between a listing and the read costs one."""
 _PARTITION_PATH = re.compile(r"(^|/)date=[^/]+/hour=[^/]+/[^/]+$")
 _VIEWS: tuple[tuple[str, str, pa.Schema], ...] = (
     (FLOWS_VIEW, FLOWS_TABLE, FLOW_SCHEMA),
     (LOST_EVENTS_VIEW, LOST_EVENTS_TABLE, LOST_EVENTS_SCHEMA),
 )
 
+
+T = TypeVar("T")
 
 Setup = Callable[[duckdb.DuckDBPyConnection], object]
 """Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined)."""
@@ -156,7 +161,15 @@ class DuckDBEngine:
         return self.dataset.uri if self.dataset is not None else "(no dataset)"
 
     def refresh(self) -> None:
-        """List the part files again and redefine the views over them."""
+        """List the part files again and redefine the views over them.
+
+        Defining the views reads the flows once (the probe of `install_views`); a part file that vanishes
+        meanwhile (compaction or retention removed it after it was listed) makes it list again, up to
+        `MAX_ATTEMPTS` times.
+        """
+        self._retrying(self._define_views, relist=False)
+
+    def _define_views(self) -> None:
         for view, table, schema in _VIEWS:
             files = self._list_files(table)
             self.files[view] = files
@@ -166,6 +179,19 @@ class DuckDBEngine:
         install_views(self._con)
         if self._setup is not None:
             self._setup(self._con)
+
+    def _retrying(self, call: Callable[[], T], *, relist: bool = True) -> T:
+        """`call()`, again over a fresh file list while it fails because listed part files are gone."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return call()
+            except (duckdb.Error, pa.ArrowException, QueryError) as exc:
+                if attempt == MAX_ATTEMPTS or not _maybe_vanished(exc) or not self._files_vanished():
+                    raise
+                log.info("part files vanished while reading (compaction or retention); listing again")
+                if relist:
+                    self.refresh()
+        raise AssertionError("unreachable")
 
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
@@ -242,16 +268,13 @@ class DuckDBEngine:
 
         A statement other than a query runs once and gives what DuckDB reports for it (possibly an empty
         table). Errors become `QueryError`. A part file that vanished since the file list was taken
-        (compaction or retention ran meanwhile) makes the engine list the files again and retry once.
+        (compaction or retention ran meanwhile) makes the engine list the files again and retry, up to
+        `MAX_ATTEMPTS` times in all. The error differs by where the files are: DuckDB's own reader (a local
+        folder) raises `IOException`, a registered pyarrow dataset (an object store) `InvalidInputException`
+        wrapping Arrow's "Path does not exist"; either is retried when, and only when, a listed file is gone.
         """
         with translate_duckdb_errors(sql, question):
-            try:
-                return self._run(sql, params)
-            except duckdb.IOException:
-                if self.dataset is None or all(self._still_there(f) for f in self._all_files()):
-                    raise
-            self.refresh()
-            return self._run(sql, params)
+            return self._retrying(lambda: self._run(sql, params))
 
     def _run(self, sql: str, params: Mapping[str, object] | None) -> pa.Table:
         relation = self._con.sql(sql, params=dict(params) if params else None)
@@ -259,12 +282,15 @@ class DuckDBEngine:
             return pa.table({})
         return _to_arrow(relation)
 
-    def _all_files(self) -> list[str]:
-        return [path for files in self.files.values() for path in files]
-
-    def _still_there(self, path: str) -> bool:
-        assert self.dataset is not None
-        return self.dataset.exists(path)
+    def _files_vanished(self) -> bool:
+        """True when a part file behind the views is no longer listed (one listing per table)."""
+        if self.dataset is None:
+            return False
+        for view, table, _ in _VIEWS:
+            listed = self.files.get(view, ())
+            if listed and not set(listed) <= set(self.dataset.list_part_files(table)):
+                return True
+        return False
 
     def close(self) -> None:
         """Close the DuckDB connection."""
@@ -315,6 +341,17 @@ def table_columns(view: str) -> list[tuple[str, str, str]]:
     with DuckDBEngine(None) as engine:
         types = engine._sql_types[view]
     return [(field.name, types[field.name], str(field.type)) for field in schema]
+
+
+def _maybe_vanished(exc: BaseException | None) -> bool:
+    """True for the errors a part file removed under a running query raises (checked against a listing)."""
+    while exc is not None:
+        if isinstance(exc, duckdb.IOException | duckdb.InvalidInputException | FileNotFoundError):
+            return True
+        if isinstance(exc, pa.ArrowException) and "does not exist" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _with_partition_columns(schema: pa.Schema) -> pa.Schema:

@@ -263,7 +263,9 @@ class ParquetSink:
                     table = table.replace_schema_metadata(
                         {**(LOST_EVENTS_SCHEMA.metadata or {}), **self._metadata}
                     )
-                    temp = self.dataset.write_parquet_temp(table, folder, name, **self._parquet_options())
+                    temp = self.dataset.write_parquet_temp(
+                        table, folder, name, hold=True, **self._parquet_options()
+                    )
                     staged.append((temp, f"{folder}/{name}"))
             files = self._publish(staged)
         except DatasetWriteError as exc:
@@ -342,7 +344,7 @@ class ParquetSink:
         folder = self.dataset.partition_dir(FLOWS_TABLE, key)
         self._seq += 1
         name = part_file_name(self._start(_min_ns(first)), self.config.writer_id, self._seq)
-        temp, handle = self.dataset.open_temp(folder, name)
+        temp, handle = self.dataset.open_temp(folder, name, hold=True)
         schema = FLOW_SCHEMA.with_metadata({**(FLOW_SCHEMA.metadata or {}), **self._metadata})
         try:
             with translate_write_errors(temp):

@@ -46,7 +46,7 @@ from flowpipe.sources._file_reader import (
     looks_pretty_printed,
     object_items,
 )
-from flowpipe.sources._file_state import HEAD_BYTES, FilePosition, FileState, content_key
+from flowpipe.sources._file_state import HEAD_BYTES, FilePosition, FileState, StateFolder, content_key
 from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, guess_block_layout
 from flowpipe.transforms._json_schema import ENVELOPE
 
@@ -114,7 +114,7 @@ class FileSource:
         self,
         paths: Sequence[str | os.PathLike[str]],
         *,
-        checkpoint_path: str | os.PathLike[str] | StateFile | None = None,
+        checkpoint_path: str | os.PathLike[str] | StateFile | StateFolder | None = None,
         cluster_name: str | None = None,
         strict: bool = False,
         block_bytes: int = BLOCK_BYTES,
@@ -407,7 +407,7 @@ def read_events(
     *,
     cluster_name: str | None = None,
     strict: bool = False,
-    checkpoint_path: str | os.PathLike[str] | StateFile | None = None,
+    checkpoint_path: str | os.PathLike[str] | StateFile | StateFolder | None = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> Iterator[EventBatch]:
     """Event batches of Hubble JSON files, without a pipeline (benchmarks, notebooks, tests).
@@ -422,6 +422,28 @@ def read_events(
         block_bytes=block_bytes,
     )
     return source.batches()
+
+
+CLAIM_BYTES = 4096
+"""An input file is claimed (one ingest at a time) by the hash of this many first bytes of its content."""
+
+
+def input_claims(paths: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
+    """The lease claims of the input files (`file/<hash of the first 4 KiB of the content>` -> "the input file
+    PATH"), so that two ingests never read the same content at once, whatever its name (see `flowpipe._leases`).
+    Standard input and empty or unreadable files claim nothing (the source reports what it cannot read)."""
+    claims: dict[str, str] = {}
+    for path in expand_paths(paths):
+        if path == STDIN:
+            continue
+        try:
+            with open(path, "rb") as raw:
+                head = Reader(raw, CLAIM_BYTES).head(CLAIM_BYTES)
+        except OSError:
+            continue
+        if head:
+            claims.setdefault(f"file/{content_key(head)}", f"the input file {path}")
+    return claims
 
 
 def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
