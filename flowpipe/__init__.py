@@ -1,8 +1,29 @@
-"""flowpipe: Hubble flow analytics. Stream Cilium Hubble flows into Parquet, ask policy questions, draft policies."""
+"""flowpipe: Hubble flow analytics. Stream Cilium Hubble flows into Parquet, ask policy questions, draft policies.
+
+Importing `flowpipe` is cheap: the names below are loaded on first use (`flowpipe.FLOW_SCHEMA` imports pyarrow).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from flowpipe.errors import FlowpipeError
-from flowpipe.model import FLOW_SCHEMA, SCHEMA_VERSION
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "FLOW_SCHEMA": "flowpipe.model",
+    "SCHEMA_VERSION": "flowpipe.model",
+}
+
 __all__ = ["FLOW_SCHEMA", "SCHEMA_VERSION", "FlowpipeError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowpipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

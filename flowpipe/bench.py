@@ -359,3 +359,9 @@ section("suggest", "suggest over 10x --flows simulated flows (10 million by defa
     bench_suggest
 )
 section("replay", "replay of 200 policies over the same flows, under 30 s")(bench_replay)
+
+from flowpipe.bench_startup import bench_startup
+
+section("startup", "warm start of `flowpipe --help` and `flowpipe query --list` (no data library imported)")(
+    bench_startup
+)

@@ -24,12 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flowpipe.errors import ConfigError
-from flowpipe.query.catalog import Question
+from flowpipe.query.catalog import RELATIVE_TO, Question, RelativeTo
 from flowpipe.query.engine import FLOWS_VIEW, Engine
 from flowpipe.query.timeparse import to_utc
 
-RelativeTo = Literal["auto", "now", "data"]
-RELATIVE_TO: tuple[RelativeTo, ...] = ("auto", "now", "data")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
