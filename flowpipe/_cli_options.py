@@ -71,11 +71,8 @@ def _set_s3_region(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 def format_option(*choices: str, default: str = "table") -> Callable[[F], F]:
-    """`-o/--output` (hubble's spelling) and `--format` with the given choices; `jsonl` is offered wherever
-    `json` is."""
+    """`-o/--output` (hubble's spelling) and `--format` with the given choices."""
     offered = list(choices)
-    if "json" in offered and "jsonl" not in offered:
-        offered.insert(offered.index("json") + 1, "jsonl")
 
     def decorate(func: F) -> F:
         return click.option(
@@ -90,6 +87,19 @@ def format_option(*choices: str, default: str = "table") -> Callable[[F], F]:
         )(func)
 
     return decorate
+
+
+def one_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
+    """Callback of a filter option declared `multiple=True` that takes one value: a repeated flag is a usage
+    error instead of silently keeping the last value (click's default)."""
+    if len(values) > 1:
+        flag = max(param.opts, key=len) if param.opts else str(param.name)
+        raise click.BadParameter(
+            f"given {len(values)} times ({', '.join(values)}); {flag} takes one value: run once per value",
+            ctx=ctx,
+            param=param,
+        )
+    return values[0] if values else None
 
 
 def as_path(value: str) -> Path:

@@ -80,7 +80,13 @@ def test_an_unknown_command_is_a_usage_error() -> None:
 def test_namespace_given_twice_to_a_question_is_an_error_not_the_last_one(dataset: str) -> None:
     result = invoke("query", "top_talkers", "--dataset", dataset, *WINDOW, "-n", "billing", "-n", "shop")
     assert result.exit_code == 2
-    assert "--namespace is given 2 times (billing, shop): a question takes one namespace" in result.output
+    assert "given 2 times (billing, shop); --namespace takes one value" in result.output
+
+
+@pytest.mark.parametrize("command", ["suggest", "replay"])
+def test_a_filter_that_takes_one_value_refuses_two(command: str, dataset: str) -> None:
+    result = invoke(command, "--dataset", dataset, "--cluster", "a", "--cluster", "b")
+    assert result.exit_code == 2 and "given 2 times (a, b); --cluster takes one value" in result.output
 
 
 def test_short_namespace_output_and_last(dataset: str) -> None:
@@ -143,3 +149,41 @@ def test_the_shipped_question_files_are_found_from_a_checkout(tmp_path: Path) ->
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"},
     )
     assert "dns_failures" in done.stdout
+
+
+# -- exit codes that CI can tell apart ---------------------------------------------------------------------------
+
+
+def test_audit_exit_codes_tell_findings_from_invalid_input(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "allow.yaml").write_text(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: shop}\n"
+        "spec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress: [{}]\n"
+    )
+    empty = tmp_path / "empty-dataset"
+    findings = invoke("audit", str(policies), "--dataset", str(empty), "--fail-on", "low", "-o", "jsonl")
+    assert findings.exit_code == 1
+    assert [json.loads(line)["severity"] for line in findings.stdout.splitlines()]
+    (tmp_path / "broken.yaml").write_text("kind: [unclosed\n")
+    broken = invoke("audit", str(tmp_path / "broken.yaml"), "--dataset", str(empty))
+    assert broken.exit_code == 2 and "broken.yaml" in broken.output
+    missing = invoke("audit", str(tmp_path / "nowhere"), "--dataset", str(empty))
+    assert missing.exit_code == 2 and "nowhere" in missing.output
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    assert invoke("audit", str(nothing), "--dataset", str(empty)).exit_code == 2
+
+
+def test_simulate_takes_durations_as_since_does() -> None:
+    week = invoke("simulate", "--duration", "1w", "--rate", "0.001", "--no-faults", "-o", "-")
+    assert week.exit_code == 0, week.output
+    bad = invoke("simulate", "--duration", "1y", "-o", "-")
+    assert bad.exit_code == 2 and "invalid duration '1y'" in bad.output
+
+
+def test_suggest_policy_format_and_its_older_spelling_agree(sim_faults: Any) -> None:
+    args = ["suggest", "--dataset", str(sim_faults.root), "--since", "2000-01-01", "-n", "staging"]
+    new = ok(*args, "--policy-format", "kubernetes").stdout
+    old = ok(*args, "--format", "kubernetes").stdout
+    assert new == old and "kind: NetworkPolicy" in new and "CiliumNetworkPolicy" not in new

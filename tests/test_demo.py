@@ -39,7 +39,9 @@ def test_the_next_steps_run_as_printed_without_flowpipe_on_the_path(tmp_path: Pa
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     steps = dict(
-        line.strip().split(":  ", 1) for line in lines[lines.index("where to look next:") + 1 :] if ":  " in line
+        line.strip().split(":  ", 1)
+        for line in lines[lines.index("where to look next:") + 1 :]
+        if ":  " in line
     )
     assert all(not command.strip().startswith("flowpipe ") for command in steps.values())
     kept = next(line for line in lines if line.startswith("The demo's dataset is kept in "))

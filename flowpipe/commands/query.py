@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from flowpipe._cli_options import dataset_option, format_option
+from flowpipe._cli_options import dataset_option, format_option, one_value
 from flowpipe._output import Records, format_datetime, render
 from flowpipe.query.catalog import RELATIVE_TO, Catalog, Question, load_questions
 from flowpipe.query.timeparse import parse_time
@@ -66,12 +66,14 @@ def sql_dir_option(func: F) -> F:
     "-n",
     "--namespace",
     multiple=True,
+    callback=one_value,
     help="Only this Kubernetes namespace (sets `namespace`). A question takes one namespace: giving two is an "
     "error.",
 )
 @click.option(
     "--verdict",
     multiple=True,
+    callback=one_value,
     help="Only flows with this verdict, e.g. DROPPED (sets `verdict`, for questions that have it: see --list). "
     "A question takes one verdict: giving two is an error.",
 )
@@ -103,14 +105,14 @@ def sql_dir_option(func: F) -> F:
 )
 @sql_dir_option
 @dataset_option
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def query(
     name: str | None,
     param_options: tuple[str, ...],
     since: str | None,
     until: str | None,
-    namespace: tuple[str, ...],
-    verdict: tuple[str, ...],
+    namespace: str | None,
+    verdict: str | None,
     last: int | None,
     relative_to: str,
     now_text: str | None,
@@ -145,7 +147,7 @@ def query(
         raise click.UsageError("give a question name (see `flowpipe query --list`)")
     question = catalog.question(name)
     values: dict[str, object] = dict(parse_param_options(param_options))
-    given = (since, until, _one("namespace", namespace), _one("verdict", verdict), last)
+    given = (since, until, namespace, verdict, last)
     for key, value in zip(SHORTCUTS, given, strict=True):
         if value is None:
             continue
@@ -175,16 +177,6 @@ def query(
             err=True,
         )
     render(result.table, output_format, title=_title(result))
-
-
-def _one(flag: str, values: tuple[str, ...]) -> str | None:
-    """The one value of a repeatable filter flag that a question takes once; two or more is a usage error."""
-    if len(values) > 1:
-        raise click.UsageError(
-            f"--{flag} is given {len(values)} times ({', '.join(values)}): a question takes one {flag}; run it "
-            f"once per {flag}, or write the filter with `flowpipe sql`"
-        )
-    return values[0] if values else None
 
 
 def render_catalog(catalog: Catalog, output_format: str) -> None:
