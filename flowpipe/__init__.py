@@ -1,5 +1,8 @@
 """flowpipe: Hubble flow analytics. Stream Cilium Hubble flows into Parquet, ask policy questions, draft policies.
 
+The Python API (see `flowpipe.api` and the README): `flowpipe.open_dataset(path)` gives a `FlowDataset` whose
+`question()` and `sql()` return Arrow tables (`frame()` and `sql_frame()`: pandas DataFrames).
+
 Importing `flowpipe` is cheap: the names below are loaded on first use (`flowpipe.FLOW_SCHEMA` imports pyarrow).
 """
 
@@ -15,9 +18,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "FLOW_SCHEMA": "flowpipe.model",
     "SCHEMA_VERSION": "flowpipe.model",
+    "FlowDataset": "flowpipe.api",
+    "open_dataset": "flowpipe.api",
 }
 
-__all__ = ["FLOW_SCHEMA", "SCHEMA_VERSION", "FlowpipeError", "__version__"]
+__all__ = ["FLOW_SCHEMA", "SCHEMA_VERSION", "FlowDataset", "FlowpipeError", "__version__", "open_dataset"]
 
 
 def __getattr__(name: str) -> Any:
