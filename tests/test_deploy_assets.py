@@ -308,6 +308,17 @@ def test_grafana_provisioning() -> None:
         assert variables["datasource"]["current"]["value"] == datasource["uid"]
 
 
+def test_the_compose_home_dashboard_is_one_serve_metrics_fills() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert compose["services"]["flowpipe"]["command"][0] == "serve-metrics"
+    dashboard = load_dashboards()[home.rsplit("/", 1)[1]]
+    dataset_names = series_names(role="dataset")
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            assert promql_metric_names(target["expr"]) <= dataset_names, (panel["title"], target["expr"])
+
+
 def test_the_four_dashboards_exist() -> None:
     titles = {d["title"] for d in load_dashboards().values()}
     assert titles == {
