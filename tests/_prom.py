@@ -292,7 +292,9 @@ def dashboard_expressions() -> list[tuple[str, str, str]]:
 
 # -- dashboards against a running flowpipe -------------------------------------------------------------------
 
-QUESTION_METRICS = frozenset({"flowpipe_unexpected_drops", "flowpipe_question_runs_total"})
+QUESTION_METRICS = frozenset(
+    {"flowpipe_unexpected_drops", "flowpipe_expected_drops", "flowpipe_question_runs_total"}
+)
 """Filled only when the question catalog has `unexpected_drops`."""
 
 
