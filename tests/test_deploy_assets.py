@@ -31,7 +31,13 @@ DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
 KUBERNETES_VERSION = "1.33.0"
 """The Kubernetes version the manifests are validated against (kubernetes-validate's bundled schemas)."""
-CUSTOM_RESOURCES = {("cilium.io/v2", "CiliumNetworkPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_RESOURCES = {
+    ("cilium.io/v2", "CiliumNetworkPolicy"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+OPTIONAL = {"servicemonitor.yaml", "prometheusrule.yaml"}
+"""Manifests for the Prometheus Operator, applied on their own (they need its CRDs)."""
 METRICS_PORT = 9966
 POD_LABELS = {"app.kubernetes.io/name": "flowpipe", "app.kubernetes.io/component": "collector"}
 
@@ -109,16 +115,18 @@ def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
             assert errors == []
         elif key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
             check_service_monitor(doc)
+        elif key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+            assert set(doc["spec"]) == {"groups"}  # the rules themselves: tests/test_alert_rules.py
         else:
             assert key not in CUSTOM_RESOURCES
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest_but_the_optional_service_monitor() -> None:
+def test_kustomization_lists_every_manifest_but_the_optional_operator_ones() -> None:
     (kustomization,) = documents(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk - listed == {"servicemonitor.yaml"}
+    assert on_disk - listed == OPTIONAL
     assert kustomization["namespace"] == "kube-system"
 
 
