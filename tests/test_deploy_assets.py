@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from flowpipe.metrics import METRICS, series_names
 
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
+BASE = K8S / "base"
+OVERLAYS = K8S / "overlays"
 KUBERNETES_VERSION = "1.33.0"
 """The Kubernetes version the manifests are validated against (kubernetes-validate's bundled schemas)."""
 CUSTOM_RESOURCES = {
@@ -47,9 +50,10 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    """(kind, name) → document, for every Kubernetes object under docker/k8s (kustomization excluded)."""
+    """(kind, name) → document, for every Kubernetes object of docker/k8s/base and docker/k8s (the optional
+    Prometheus Operator ones), kustomizations excluded."""
     out = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted([*BASE.glob("*.yaml"), *K8S.glob("*.yaml")]):
         for doc in documents(path):
             if doc["kind"] != "Kustomization":
                 out[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -99,7 +103,9 @@ def test_dockerfile_copies_only_what_exists() -> None:
 # -- Kubernetes manifests ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*BASE.glob("*.yaml"), *K8S.glob("*.yaml")]), ids=lambda p: str(p.relative_to(K8S))
+)
 def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
     docs = documents(path)
     assert docs, f"{path.name} holds no document"
@@ -107,7 +113,7 @@ def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
         key = (doc["apiVersion"], doc["kind"])
         if doc["kind"] == "Kustomization":
             for resource in doc["resources"]:
-                assert (K8S / resource).is_file(), resource
+                assert (path.parent / resource).exists(), resource
         elif key == ("cilium.io/v2", "CiliumNetworkPolicy"):
             schema = json.loads((cilium_schemas / "ciliumnetworkpolicy.v2.openapi.json").read_text())
             # Draft 7 without a metaschema check: the CRD schema holds Go regexes Python's re cannot compile.
@@ -123,11 +129,74 @@ def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
 
 
 def test_kustomization_lists_every_manifest_but_the_optional_operator_ones() -> None:
-    (kustomization,) = documents(K8S / "kustomization.yaml")
+    (kustomization,) = documents(BASE / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk - listed == OPTIONAL
+    assert listed == {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert kustomization["namespace"] == "kube-system"
+    assert {p.name for p in K8S.glob("*.yaml")} == OPTIONAL | {"kustomization.yaml"}
+    (default,) = documents(K8S / "kustomization.yaml")
+    assert default["resources"] == ["overlays/plaintext"]
+    for overlay in ("plaintext", "tls"):
+        (kustomization,) = documents(OVERLAYS / overlay / "kustomization.yaml")
+        assert kustomization["resources"] == ["../../base"]
+
+
+# -- the overlays: plaintext (a default Cilium install) and TLS -------------------------------------------------
+
+
+def _merge_by_name(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged = {item["name"]: item for item in base}
+    for item in patch:
+        merged[item["name"]] = {**merged.get(item["name"], {}), **item}
+    return list(merged.values())
+
+
+def rendered_deployment(overlay: str) -> dict[str, Any]:
+    """The Deployment an overlay applies: the base with the overlay's strategic-merge patch (args replaced,
+    volumes and mounts merged by name, as kustomize does); checked against `kubectl kustomize` where kubectl is
+    installed."""
+    deployment_doc = json.loads(json.dumps(deployment()))
+    (kustomization,) = documents(OVERLAYS / overlay / "kustomization.yaml")
+    for patch in kustomization.get("patches", []):
+        (doc,) = documents(OVERLAYS / overlay / patch["path"])
+        pod, patch_pod = deployment_doc["spec"]["template"]["spec"], doc["spec"]["template"]["spec"]
+        pod["volumes"] = _merge_by_name(pod["volumes"], patch_pod.get("volumes", []))
+        (target,) = pod["containers"]
+        (changes,) = patch_pod["containers"]
+        for key, value in changes.items():
+            target[key] = _merge_by_name(target[key], value) if key == "volumeMounts" else value
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        done = subprocess.run(
+            [kubectl, "kustomize", str(OVERLAYS / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode == 0:
+            (rendered,) = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Deployment"]
+            (container_doc,) = rendered["spec"]["template"]["spec"]["containers"]
+            (mine,) = deployment_doc["spec"]["template"]["spec"]["containers"]
+            assert container_doc["args"] == mine["args"]
+            assert {v["name"] for v in rendered["spec"]["template"]["spec"]["volumes"]} == {
+                v["name"] for v in deployment_doc["spec"]["template"]["spec"]["volumes"]
+            }
+    return deployment_doc
+
+
+def overlay_flags(overlay: str) -> tuple[dict[str, str], dict[str, Any]]:
+    rendered = rendered_deployment(overlay)
+    (only,) = rendered["spec"]["template"]["spec"]["containers"]
+    assert only["args"][0] == "collect"
+    return dict(arg.split("=", 1) for arg in only["args"][1:]), rendered
+
+
+def test_the_default_is_plaintext_on_port_80_as_cilium_installs_the_relay() -> None:
+    flags, rendered = overlay_flags("plaintext")
+    assert flags["--relay"] == "hubble-relay.kube-system.svc.cluster.local:80"
+    assert not [flag for flag in flags if flag.startswith("--tls")]
+    assert "relay-tls" not in {v["name"] for v in rendered["spec"]["template"]["spec"]["volumes"]}
 
 
 def check_service_monitor(doc: dict[str, Any]) -> None:
@@ -174,22 +243,33 @@ def test_deployment_resources_probes_and_volumes() -> None:
     volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert set(volumes) == set(mounts)
-    assert volumes["relay-tls"]["secret"]["secretName"] == "hubble-relay-client-certs"
-    assert mounts["relay-tls"]["readOnly"] is True
     claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in manifests()
     assert any(m["mountPath"] == "/tmp" for m in mounts.values())  # the root filesystem is read-only
 
 
-def test_deployment_runs_collect_against_the_relay_over_tls() -> None:
-    args = container()["args"]
-    assert args[0] == "collect"
-    flags = dict(arg.split("=", 1) for arg in args[1:])
-    assert flags["--relay"].startswith("hubble-relay.kube-system.svc")
-    tls_mount = next(m["mountPath"] for m in container()["volumeMounts"] if m["name"] == "relay-tls")
+def test_the_tls_overlay_runs_collect_against_the_relay_over_tls() -> None:
+    flags, rendered = overlay_flags("tls")
+    (tls_container,) = rendered["spec"]["template"]["spec"]["containers"]
+    assert flags["--relay"] == "hubble-relay.kube-system.svc.cluster.local:443"
+    mounts = {m["name"]: m for m in tls_container["volumeMounts"]}
+    tls_mount = mounts["relay-tls"]["mountPath"]
+    assert mounts["relay-tls"]["readOnly"] is True
     for flag, key in (("--tls-ca", "ca.crt"), ("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
         assert flags[flag] == f"{tls_mount}/{key}"  # the key names of a kubernetes.io/tls Secret
     assert flags["--tls-server-name"].endswith(".hubble-relay.cilium.io")
+    volumes = {v["name"]: v for v in rendered["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["relay-tls"]["secret"]["secretName"] == "hubble-relay-client-certs"
+    assert set(volumes) == set(mounts)
+    # everything else as in the base
+    base_flags = dict(arg.split("=", 1) for arg in container()["args"][1:])
+    assert {k: v for k, v in flags.items() if not k.startswith("--tls") and k != "--relay"} == {
+        k: v for k, v in base_flags.items() if k != "--relay"
+    }
+
+
+def test_deployment_writes_the_volume_and_serves_metrics() -> None:
+    flags = dict(arg.split("=", 1) for arg in container()["args"][1:])
     assert flags["--metrics-address"] == f"0.0.0.0:{METRICS_PORT}"
     assert flags["--dataset"] == next(
         m["mountPath"] for m in container()["volumeMounts"] if m["name"] == "data"
@@ -203,8 +283,9 @@ def test_deployment_flags_exist_on_the_collect_command() -> None:
     if collect is None:
         pytest.skip("`flowpipe collect` is not part of this build yet")
     known = {opt for param in collect.params for opt in getattr(param, "opts", [])}
-    used = {arg.split("=", 1)[0] for arg in container()["args"][1:]}
-    assert used <= known
+    for overlay in ("plaintext", "tls"):
+        (only,) = rendered_deployment(overlay)["spec"]["template"]["spec"]["containers"]
+        assert {arg.split("=", 1)[0] for arg in only["args"][1:]} <= known
 
 
 def test_service_selects_the_pod_and_exposes_metrics() -> None:
@@ -214,10 +295,25 @@ def test_service_selects_the_pod_and_exposes_metrics() -> None:
     )
     (port,) = service["spec"]["ports"]
     assert port["port"] == METRICS_PORT and port["targetPort"] == "metrics"
-    annotations = service["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
-    assert annotations["prometheus.io/path"] == "/metrics"
+    pod_annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+    for annotations in (service["metadata"]["annotations"], pod_annotations):
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_scraping_does_not_depend_on_readiness() -> None:
+    # The readiness probe says "connected and writing": a collector that lost the relay is not ready, and
+    # those are the metrics that show the outage. The metrics Service publishes not-ready pods, one target each.
+    service = manifests()[("Service", "flowpipe-metrics")]
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["clusterIP"] == "None"  # every collector is a target, not one behind a virtual IP
+    assert container()["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "flowpipe"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == [f"flowpipe-metrics.{service['metadata']['namespace']}.svc.cluster.local"]
+    assert sd["type"] == "A" and sd["port"] == METRICS_PORT
 
 
 def test_network_policy_allows_relay_dns_and_prometheus_only() -> None:
@@ -271,15 +367,10 @@ def test_promtool_check_config(name: str) -> None:
     assert "SUCCESS" in result.stdout + result.stderr
 
 
-def test_prometheus_scrapes_the_metrics_service() -> None:
+def test_prometheus_scrapes_hubble_beside_flowpipe() -> None:
     config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = [t for c in jobs["flowpipe"]["static_configs"] for t in c["targets"]]
-    service = manifests()[("Service", "flowpipe-metrics")]
-    assert targets == [
-        f"flowpipe-metrics.{service['metadata']['namespace']}.svc.cluster.local:{METRICS_PORT}"
-    ]
-    assert "hubble" in jobs  # Hubble's own metrics beside flowpipe's
+    assert {"flowpipe", "hubble"} <= set(jobs)  # Hubble's own metrics beside flowpipe's
 
 
 def test_compose_demo_wires_prometheus_and_grafana() -> None:
