@@ -296,10 +296,10 @@ def test_service_selects_the_pod_and_exposes_metrics() -> None:
     (port,) = service["spec"]["ports"]
     assert port["port"] == METRICS_PORT and port["targetPort"] == "metrics"
     pod_annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
-    for annotations in (service["metadata"]["annotations"], pod_annotations):
-        assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
-        assert annotations["prometheus.io/path"] == "/metrics"
+    for scrape in (service["metadata"]["annotations"], pod_annotations):
+        assert scrape["prometheus.io/scrape"] == "true"
+        assert scrape["prometheus.io/port"] == str(METRICS_PORT)
+        assert scrape["prometheus.io/path"] == "/metrics"
 
 
 def test_scraping_does_not_depend_on_readiness() -> None:
