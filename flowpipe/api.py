@@ -19,7 +19,7 @@ a compacted file are left out), which reading the folders with another tool does
 
 Errors are `flowpipe.FlowpipeError`s: `EmptyDatasetError` when the dataset holds no flows, `UnknownQuestionError`
 and `QuestionParameterError` for a wrong name or parameter, `QueryError` when the SQL fails. pandas is needed only
-for `frame()` and `sql_frame()`.
+for `frame()` and `sql_frame()` (`pip install 'flowpipe[pandas]'`).
 """
 
 from __future__ import annotations

@@ -78,9 +78,23 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+def dockerfile_bases() -> list[str]:
+    """The base image of each stage, with the `ARG` defaults put in place of their variables."""
+    instructions = dockerfile_instructions()
+    defaults = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG" and "=" in arg)
+    bases = []
+    for op, arg in instructions:
+        if op == "FROM":
+            image = arg.split()[0]
+            for name, value in defaults.items():
+                image = image.replace("${" + name + "}", value)
+            bases.append(image)
+    return bases
+
+
 def test_dockerfile_slim_base_non_root_entrypoint_and_healthcheck() -> None:
     instructions = dockerfile_instructions()
-    bases = [arg for op, arg in instructions if op == "FROM"]
+    bases = dockerfile_bases()
     assert bases and all(re.match(r"python:3\.1[1-9]-slim\b", base) for base in bases)
     final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM") :]
     users = [arg for op, arg in final_stage if op == "USER"]
@@ -90,6 +104,59 @@ def test_dockerfile_slim_base_non_root_entrypoint_and_healthcheck() -> None:
     healthcheck = dict(final_stage)["HEALTHCHECK"]
     assert "/healthz" in healthcheck and "CMD" in healthcheck
     assert str(METRICS_PORT) in dict(final_stage)["EXPOSE"]
+
+
+def test_dockerfile_one_base_pinned_deps_and_compiled_bytecode() -> None:
+    assert (
+        len(set(dockerfile_bases())) == 1
+    )  # both stages on the same base (a digest given once applies to both)
+    runs = [arg for op, arg in dockerfile_instructions() if op == "RUN"]
+    assert any("pip wheel" in run and "--constraint" in run for run in runs)
+    (install,) = [run for run in runs if "pip install" in run]
+    assert "--constraint" in install and "--no-index" in install and "--no-compile" not in install
+    assert "compileall" in install  # the root filesystem is read-only: bytecode is compiled into the image
+    assert "!docker/constraints.txt" in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+
+
+def test_constraints_pin_every_runtime_dependency_within_its_range() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name]), (name, pins[name], str(requirement.specifier))
+    assert "pandas" not in pins  # the image does not need it
+
+
+def test_package_metadata_version_in_one_place_typed_and_classified() -> None:
+    import flowpipe
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert pyproject["tool"]["hatch"]["version"]["path"] == "flowpipe/__init__.py"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", flowpipe.__version__)
+    assert (ROOT / "flowpipe" / "py.typed").is_file()
+    assert "Typing :: Typed" in project["classifiers"]
+    names = {requirement_name(d) for d in project["dependencies"]}
+    assert "pandas" not in names and "boto3" not in names
+    assert "s3" not in project["optional-dependencies"]  # nothing imports boto3: object storage is pyarrow's
+    for extra in ("pandas", "bench", "spark"):
+        assert "pandas" in {requirement_name(d) for d in project["optional-dependencies"][extra]}
+
+
+def requirement_name(text: str) -> str:
+    return re.split(r"[<>=!~\[; ]", text, maxsplit=1)[0].lower()
 
 
 def test_dockerfile_copies_only_what_exists() -> None:
