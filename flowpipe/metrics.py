@@ -13,8 +13,8 @@ value. No legend is blank: a flow end without a namespace (world, host, remote n
 a flow without a traffic direction as `NO_DIRECTION`, a flow without a cluster name as `NO_CLUSTER`, lost events
 without a node as `NO_NODE`; none of them can be a real namespace, direction, cluster or node name.
 
-The question gauges (`flowpipe_unexpected_drops`, `flowpipe_expected_drops`) carry a `cluster` label: one answer
-per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, 0 when the question found none.
+The flow analytics families and the question gauges (`flowpipe_unexpected_drops`, `flowpipe_expected_drops`)
+carry a `cluster` label (the flows' `cluster_name`): one answer per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, 0 when the question found none.
 
 Counters start at 0 and grow as data arrives, so `rate()` and `increase()` see every flow: with `zero_first`
 (serve-metrics, which reads a whole dataset at start), a series is first exported at 0 and what it counted
@@ -134,21 +134,21 @@ METRICS: tuple[MetricSpec, ...] = (
                "failed).", DATASET),
     # flow analytics (flowpipe.sinks.prometheus)
     MetricSpec("observed_drops", "counter", "flowpipe_observed_drops_total",
-               ("namespace", "direction", "reason_class"),
+               ("cluster", "namespace", "direction", "reason_class"),
                "Flows Cilium dropped (verdict DROPPED), by namespace of the enforcing endpoint, traffic "
                "direction and drop reason class (flowpipe.drop_reasons)."),
-    MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("namespace", "rcode"),
+    MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("cluster", "namespace", "rcode"),
                "DNS responses seen by the DNS proxy (L7 records), by client namespace and rcode name."),
-    MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("namespace", "reason"),
+    MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("cluster", "namespace", "reason"),
                "Failed DNS lookups by client namespace: an error rcode (NXDOMAIN, SERVFAIL, REFUSED, ...) or "
                "dropped (a DNS request dropped by Cilium)."),
-    MetricSpec("dns_lookups", "counter", "flowpipe_observed_dns_lookups_total", ("namespace",),
+    MetricSpec("dns_lookups", "counter", "flowpipe_observed_dns_lookups_total", ("cluster", "namespace"),
                "DNS lookups by client namespace, as the dns_failures question counts them: requests seen by "
                "the DNS proxy plus dropped DNS requests."),
     MetricSpec("policy_verdicts", "counter", "flowpipe_observed_policy_verdicts_total",
-               ("namespace", "direction", "verdict"),
+               ("cluster", "namespace", "direction", "verdict"),
                "Policy verdict events, by namespace of the enforcing endpoint, direction and verdict."),
-    MetricSpec("world_flows", "counter", "flowpipe_observed_world_flows_total", ("namespace", "verdict"),
+    MetricSpec("world_flows", "counter", "flowpipe_observed_world_flows_total", ("cluster", "namespace", "verdict"),
                "Requests to the world identity (outside the cluster), by source namespace and verdict."),
     MetricSpec("unexpected_drops", "gauge", "flowpipe_unexpected_drops", ("cluster", "why"),
                "Dropped flows the latest run of the unexpected_drops question found, by cluster and why "

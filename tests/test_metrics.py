@@ -65,12 +65,12 @@ def exercised(role: str = "collect") -> tuple[CollectorRegistry, PipelineMetrics
     metrics.record_dropped(2, reason="filter", intentional=True)
     metrics.record_error("receiving", "relay_unavailable")
     metrics.record_part_read("flows", ok=True)
-    metrics.observed_drops.labels("shop", "INGRESS", "policy").inc()
-    metrics.dns_responses.labels("shop", "NXDOMAIN").inc()
-    metrics.dns_failures.labels("shop", "NXDOMAIN").inc()
-    metrics.dns_lookups.labels("shop").inc()
-    metrics.policy_verdicts.labels("shop", "INGRESS", "DROPPED").inc()
-    metrics.world_flows.labels("shop", "FORWARDED").inc()
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc()
+    metrics.dns_responses.labels("kind", "shop", "NXDOMAIN").inc()
+    metrics.dns_failures.labels("kind", "shop", "NXDOMAIN").inc()
+    metrics.dns_lookups.labels("kind", "shop").inc()
+    metrics.policy_verdicts.labels("kind", "shop", "INGRESS", "DROPPED").inc()
+    metrics.world_flows.labels("kind", "shop", "FORWARDED").inc()
     metrics.set_unexpected_drops({("kind", "regression"): 4, ("kind", "expected"): 2})
     metrics.record_question_run("unexpected_drops", ok=True)
     return registry, metrics, clock
@@ -282,40 +282,37 @@ def test_zero_first_counters_are_shown_at_zero_before_they_count() -> None:
     metrics = PipelineMetrics.create(registry, role="dataset", zero_first=True)
 
     def drops() -> float | None:
-        labels = {"namespace": "shop", "direction": "INGRESS", "reason_class": "policy"}
+        labels = {"cluster": "kind", "namespace": "shop", "direction": "INGRESS", "reason_class": "policy"}
         return registry.get_sample_value("flowpipe_observed_drops_total", labels)
 
-    metrics.observed_drops.labels("shop", "INGRESS", "policy").inc(5)
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc(5)
     metrics.observe_flows(pa.table({"verdict": ["DROPPED", "DROPPED"]}))
     assert drops() == 0  # the series exists at 0: the first scrape sees it before any flow
     assert registry.get_sample_value("flowpipe_flows_received_total", {"verdict": "DROPPED"}) == 0
-    metrics.observed_drops.labels(namespace="shop", direction="INGRESS", reason_class="policy").inc(2)
+    metrics.observed_drops.labels(
+        cluster="kind", namespace="shop", direction="INGRESS", reason_class="policy"
+    ).inc(2)
     assert drops() == 0
     metrics.after_scrape()
     assert drops() == 7
     assert registry.get_sample_value("flowpipe_flows_received_total", {"verdict": "DROPPED"}) == 2
-    metrics.observed_drops.labels("shop", "INGRESS", "policy").inc()  # a shown series counts at once
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc()  # a shown series counts at once
     assert drops() == 8
     plain = CollectorRegistry()
-    PipelineMetrics.create(plain, role="dataset").observed_drops.labels("a", "INGRESS", "policy").inc(3)
-    assert (
-        plain.get_sample_value(
-            "flowpipe_observed_drops_total",
-            {"namespace": "a", "direction": "INGRESS", "reason_class": "policy"},
-        )
-        == 3
-    )
+    PipelineMetrics.create(plain, role="dataset").observed_drops.labels("k", "a", "INGRESS", "policy").inc(3)
+    labels = {"cluster": "k", "namespace": "a", "direction": "INGRESS", "reason_class": "policy"}
+    assert plain.get_sample_value("flowpipe_observed_drops_total", labels) == 3
 
 
 def test_the_metrics_server_releases_held_counts_after_each_scrape() -> None:
     registry = CollectorRegistry()
     metrics = PipelineMetrics.create(registry, role="dataset", zero_first=True)
-    metrics.dns_lookups.labels("shop").inc(4)
+    metrics.dns_lookups.labels("kind", "shop").inc(4)
     with serve(registry, "127.0.0.1:0", after_scrape=metrics.after_scrape) as server:
         first = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
         second = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
-    assert 'flowpipe_observed_dns_lookups_total{namespace="shop"} 0.0' in first
-    assert 'flowpipe_observed_dns_lookups_total{namespace="shop"} 4.0' in second
+    assert 'flowpipe_observed_dns_lookups_total{cluster="kind",namespace="shop"} 0.0' in first
+    assert 'flowpipe_observed_dns_lookups_total{cluster="kind",namespace="shop"} 4.0' in second
 
 
 # -- bounded labels --------------------------------------------------------------------------------------------

@@ -40,7 +40,30 @@ def drop(**values: Any) -> dict[str, Any]:
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of `name` with these labels, whatever their other labels (e.g. `cluster`)."""
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def test_every_family_is_per_cluster(sink: PrometheusSink, registry: CollectorRegistry) -> None:
+    denied = {
+        "traffic_direction": "INGRESS",
+        "destination_namespace": "shop",
+        "drop_reason_desc": "POLICY_DENIED",
+    }
+    sink.write(
+        flows_table(
+            [drop(cluster_name="eu", **denied)] * 2 + [drop(cluster_name="us", **denied)] + [drop(**denied)]
+        )
+    )
+    name = "flowpipe_observed_drops_total"
+    assert value(registry, name, cluster="eu", namespace="shop") == 2
+    assert value(registry, name, cluster="us", namespace="shop") == 1
+    assert value(registry, name, cluster=NO_CLUSTER, namespace="shop") == 1
 
 
 def test_is_a_sink_and_acknowledges_every_batch_at_once(sink: PrometheusSink) -> None:

@@ -76,6 +76,7 @@ DNS_RCODE_NAMES: Mapping[int, str] = {
 """DNS rcode → name (RFC 1035, 2136); any other rcode is labelled `other`."""
 
 ANALYTICS_COLUMNS: tuple[str, ...] = (
+    "cluster_name",
     "verdict",
     "drop_reason",
     "drop_reason_desc",
@@ -163,6 +164,11 @@ def _count_groups(columns: Mapping[str, pa.Array], mask: pa.Array | None = None)
     return rows
 
 
+def _labels(row: Mapping[str, Any]) -> list[str]:
+    """The label values of a `_count_groups` row, in the order of its columns (the count left out)."""
+    return [value for key, value in row.items() if key != "count"]
+
+
 def _is_true(values: pa.Array) -> pa.Array:
     return pc.fill_null(values, False)
 
@@ -222,27 +228,32 @@ class PrometheusSink:
             for column in self.namespaces.apply(enforcing_ns, client_ns)
         )
         direction_label = pc.fill_null(direction, NO_DIRECTION)
+        # Every analytics family is per cluster: several clusters in one dataset (or one Prometheus) stay apart.
+        cluster = pc.fill_null(_column(table, "cluster_name"), NO_CLUSTER)
+        cluster = pc.if_else(pc.equal(cluster, ""), NO_CLUSTER, cluster)
 
         event_type = _column(table, "event_type")
         is_verdict_event = _is_true(pc.equal(event_type, POLICY_VERDICT_EVENT))
         # A policy verdict event repeats the drop notification of the same packet: a drop is counted once.
         dropped = pc.and_(pc.equal(verdict, "DROPPED"), pc.invert(is_verdict_event))
-        self._count_drops(table, dropped, enforcing_ns, direction_label)
-        self._count_dns(table, dropped, reply, l7_type, client_ns)
-        for row in _count_groups(
-            {"namespace": enforcing_ns, "direction": direction_label, "verdict": verdict}, is_verdict_event
-        ):
-            self.metrics.policy_verdicts.labels(row["namespace"], row["direction"], row["verdict"]).inc(
-                row["count"]
-            )
+        self._count_drops(table, dropped, cluster, enforcing_ns, direction_label)
+        self._count_dns(table, dropped, reply, l7_type, cluster, client_ns)
+        groups = {
+            "cluster": cluster,
+            "namespace": enforcing_ns,
+            "direction": direction_label,
+            "verdict": verdict,
+        }
+        for row in _count_groups(groups, is_verdict_event):
+            self.metrics.policy_verdicts.labels(*_labels(row)).inc(row["count"])
         # Likewise the trace event of a forwarded packet: count the packet once.
         requests = pc.and_(pc.invert(reply), pc.invert(is_verdict_event))
         world = self._to_world(table, requests)
-        for row in _count_groups({"namespace": client_ns, "verdict": verdict}, world):
-            self.metrics.world_flows.labels(row["namespace"], row["verdict"]).inc(row["count"])
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns, "verdict": verdict}, world):
+            self.metrics.world_flows.labels(*_labels(row)).inc(row["count"])
 
     def _count_drops(
-        self, table: pa.Table, dropped: pa.Array, namespace: pa.Array, direction: pa.Array
+        self, table: pa.Table, dropped: pa.Array, cluster: pa.Array, namespace: pa.Array, direction: pa.Array
     ) -> None:
         if not pc.any(dropped).as_py():
             return
@@ -254,40 +265,46 @@ class PrometheusSink:
             pc.take(_REASON_CLASS_ARRAY, pc.index_in(key, value_set=_REASON_KEY_SET)), UNKNOWN_CLASS
         )
         groups = {
+            "cluster": pc.filter(cluster, dropped),
             "namespace": pc.filter(namespace, dropped),
             "direction": pc.filter(direction, dropped),
             "reason_class": reason_class,
         }
         for row in _count_groups(groups):
-            self.metrics.observed_drops.labels(row["namespace"], row["direction"], row["reason_class"]).inc(
-                row["count"]
-            )
+            self.metrics.observed_drops.labels(*_labels(row)).inc(row["count"])
 
     def _count_dns(
-        self, table: pa.Table, dropped: pa.Array, reply: pa.Array, l7_type: pa.Array, client_ns: pa.Array
+        self,
+        table: pa.Table,
+        dropped: pa.Array,
+        reply: pa.Array,
+        l7_type: pa.Array,
+        cluster: pa.Array,
+        client_ns: pa.Array,
     ) -> None:
         l7_dns = _is_true(pc.equal(_column(table, "l7_protocol"), "dns"))
         rcode = _column(table, "dns_rcode")
         responses = pc.and_(pc.and_(l7_dns, _is_true(pc.equal(l7_type, "RESPONSE"))), pc.is_valid(rcode))
         if pc.any(responses).as_py():
             rcode_name = pc.fill_null(pc.take(_RCODE_NAMES, pc.index_in(rcode, value_set=_RCODE_SET)), OTHER)
-            for row in _count_groups({"namespace": client_ns, "rcode": rcode_name}, responses):
-                self.metrics.dns_responses.labels(row["namespace"], row["rcode"]).inc(row["count"])
+            groups = {"cluster": cluster, "namespace": client_ns, "rcode": rcode_name}
+            for row in _count_groups(groups, responses):
+                self.metrics.dns_responses.labels(*_labels(row)).inc(row["count"])
                 if row["rcode"] != "NOERROR":
-                    self.metrics.dns_failures.labels(row["namespace"], row["rcode"]).inc(row["count"])
+                    self.metrics.dns_failures.labels(*_labels(row)).inc(row["count"])
         # A dropped DNS request: an L7 DNS record, or an L3/L4 packet to port 53 over UDP or TCP.
         port_53 = pc.and_(
             _is_true(pc.equal(_column(table, "destination_port"), DNS_PORT)),
             _is_true(pc.is_in(_column(table, "l4_protocol"), value_set=pa.array(["UDP", "TCP"]))),
         )
         dropped_dns = pc.and_(pc.and_(dropped, pc.invert(reply)), pc.or_(l7_dns, port_53))
-        for row in _count_groups({"namespace": client_ns}, dropped_dns):
-            self.metrics.dns_failures.labels(row["namespace"], DROPPED_DNS).inc(row["count"])
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, dropped_dns):
+            self.metrics.dns_failures.labels(row["cluster"], row["namespace"], DROPPED_DNS).inc(row["count"])
         # Lookups as dns_failures counts them: requests the DNS proxy saw, plus DNS requests dropped below it.
         proxied = pc.and_(l7_dns, _is_true(pc.equal(l7_type, "REQUEST")))
         lookups = pc.or_(proxied, pc.and_(dropped_dns, pc.invert(l7_dns)))
-        for row in _count_groups({"namespace": client_ns}, lookups):
-            self.metrics.dns_lookups.labels(row["namespace"]).inc(row["count"])
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, lookups):
+            self.metrics.dns_lookups.labels(*_labels(row)).inc(row["count"])
 
     @staticmethod
     def _to_world(table: pa.Table, candidates: pa.Array) -> pa.Array:
