@@ -210,6 +210,8 @@ GRAFANA_VARIABLES = {
     "${__range}": "10m",
     "$namespace": ".*",
     "${namespace}": ".*",
+    "$cluster": ".*",
+    "${cluster}": ".*",
 }
 """What Grafana would put in place of its variables, for running a panel's PromQL against Prometheus directly."""
 

@@ -525,10 +525,22 @@ def test_template_variables_use_only_flowpipe_metrics() -> None:
     for dashboard in load_dashboards().values():
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
-                match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
+                match = re.fullmatch(
+                    r"label_values\((\w+)(?:\{[^}]*\})?,\s*(\w+)\)", variable["query"]["query"]
+                )
                 assert match, variable["query"]
                 spec = next(s for s in METRICS if s.name == match[1])
                 assert match[2] in spec.labels
+
+
+def test_the_analytics_dashboards_choose_a_cluster() -> None:
+    # one answer per cluster: every panel of the drops, DNS and policy dashboards filters on $cluster
+    for name in ("drops.json", "dns.json", "policy-verdicts.json"):
+        dashboard = load_dashboards()[name]
+        assert [v["name"] for v in dashboard["templating"]["list"]][1:] == ["cluster", "namespace"]
+        for panel in dashboard_panels(dashboard):
+            for target in panel.get("targets", []):
+                assert 'cluster=~"$cluster"' in target["expr"], (name, panel["title"])
 
 
 def test_every_analytics_family_is_on_a_dashboard() -> None:
