@@ -9,7 +9,8 @@ catalog has it.
 
 Counters start at 0 and grow as data arrives: the dataset already there when serve-metrics starts is first
 exported at 0, then added after the next scrape, so Prometheus's `rate()` and `increase()` see it as it came
-(a counter born at its full value reads as no increase at all).
+(a counter born at its full value reads as no increase at all). Any GET of `/metrics` counts as that scrape
+(`/healthz` and `/readyz` do not).
 
 `/readyz` turns ready once the first full scan of the dataset is done.
 """
