@@ -194,7 +194,8 @@ def collect(
     """
     stop = stop or threading.Event()
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = PipelineMetrics.create(registry, role="collect")
+    # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
+    metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
     dataset = Dataset(config.sink.path)
     state = checkpoint_name(config.source)
     source = RelaySource(config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop)
@@ -208,7 +209,11 @@ def collect(
     def ready() -> bool:
         return source.connected and parquet.keeping_up(flush_interval)
 
-    server = serve(registry, config.metrics_address, ready=ready) if config.metrics_address else None
+    server = (
+        serve(registry, config.metrics_address, ready=ready, after_scrape=metrics.after_scrape)
+        if config.metrics_address
+        else None
+    )
     # One answer per cluster: a collector given --cluster answers for its cluster, and of sharded collectors
     # (one cluster, one dataset) only shard 0 does, so summing over collectors counts each drop once.
     cluster = config.source.cluster_name

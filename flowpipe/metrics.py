@@ -17,8 +17,8 @@ The flow analytics families and the question gauges (`flowpipe_unexpected_drops`
 carry a `cluster` label (the flows' `cluster_name`): one answer per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, 0 when the question found none.
 
 Counters start at 0 and grow as data arrives, so `rate()` and `increase()` see every flow: with `zero_first`
-(serve-metrics, which reads a whole dataset at start), a series is first exported at 0 and what it counted
-is added after the next scrape (`after_scrape()`, called by the `/metrics` server), instead of being born at
+(serve-metrics, which reads a whole dataset at start, and collect, whose namespaces appear as flows do), a
+series is first exported at 0 and what it counted is added after the next scrape (`after_scrape()`, called by the `/metrics` server), instead of being born at
 its full value, which Prometheus cannot tell from a counter that was always there.
 
 A metric is exported by the commands it means something for (`role`): the collector exports the pipeline
