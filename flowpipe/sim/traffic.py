@@ -290,8 +290,9 @@ class Traffic:
         )
         service = self._services.get(dst_pod.workload.key)
         if service is not None and dport in dst_pod.workload.ports:
-            # The client connects to the Service; socket-LB picks the backend at connect().
+            # The client connects to the Service; socket-LB picks the backend at connect(), then the SYN leaves.
             conn.sock_translation(t0, service)
+            t0 += 1 * US
         eg = policies.decide(EGRESS, src_pod.workload, PeerRef(dst_pod.workload), dport, "TCP")
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(src_pod.workload), dport, "TCP")
         if not eg.allowed or not ing.allowed:
