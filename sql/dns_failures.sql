@@ -1,14 +1,35 @@
--- description: Failed DNS lookups by client workload and query name. `kind` says how they failed: `rcode` (the
---   server answered NXDOMAIN, SERVFAIL, REFUSED, ...: `rcode_name`), `no_answer` (a request that got no response
---   within `timeout_seconds`; requests and responses are paired by client address, client port, query name and
---   query types, since flows carry no DNS id; requests too close to the end of the data to tell are left out),
---   `dropped` (DNS requests the datapath or the DNS proxy dropped). `failures` counts them; `lookups` is every
---   lookup of that workload in the window (requests seen by the DNS proxy plus dropped DNS packets), and
---   `failure_share` = failures / lookups. `example_pods` lists up to three client pods. A workload whose DNS
---   traffic (port 53) is visible only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of
---   kind `no_l7_visibility` instead of an empty answer; `note` says what to do. NXDOMAIN answers to search-path
---   expansions (a name with the search domain appended, when the same client also asked the name itself) are
---   left out unless `include_search_expansions` is true. A namespace filter matches the client.
+-- description: Failed DNS lookups by client workload and the name the application asked for. Resolvers try a
+--   name with each search domain before the name itself (ndots:5: `api.example.com` is asked as
+--   `api.example.com.<ns>.svc.cluster.local.`, `...svc.cluster.local.`, `...cluster.local.`, then the node's own
+--   search domains, then `api.example.com.`) and stop at the first name that exists, so NXDOMAIN answers to
+--   these expansions are how lookups work, not failures. The question therefore counts lookups: a client's
+--   answers for one stem (the name minus a search suffix) across its search-path expansions, per query type,
+--   form one lookup. A lookup of which one name resolved (NOERROR) is no failure. `kind` says what failed:
+--   `rcode` (every name failed, the final name too: `query` is the stem, `rcode_name` the final name's answer,
+--   NXDOMAIN for a typo'd service, SERVFAIL, REFUSED, ...), `unresolved_final_not_seen` (every name seen
+--   failed, but the name itself was never seen, e.g. asked by node-local-dns of an upstream server the capture
+--   does not show: lower confidence, it may have resolved; `rcode_name` is the last answer seen), `no_answer`
+--   (a request that got no response within `timeout_seconds`; requests and responses are paired by client
+--   address, client port, query name and query types, since flows carry no DNS id; requests too close to the
+--   end of the data to tell are left out), `dropped` (DNS requests the datapath or the DNS proxy dropped).
+--   `failures` counts failed lookups (packets for `dropped`, requests for `no_answer`); `names` lists the query
+--   names seen for them. `lookups` is every lookup of that workload in the window (answered lookups grouped as
+--   here, requests without an answer, dropped DNS packets), and `failure_share` = failures / lookups.
+--   `include_search_expansions=true` shows every error answer as it came instead (`kind` `rcode`, one row per
+--   query name). `example_pods` lists up to three client pods. A workload whose DNS traffic (port 53) is visible
+--   only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of kind `no_l7_visibility` instead
+--   of an empty answer; `note` says what to do. A namespace filter matches the client.
+-- How a lookup is found. Search suffixes: `<namespace>.svc.<domain>.` (position 1), `svc.<domain>.` (2),
+--   `<domain>.` (3), a node search domain (4), none (the name itself: 5, or 0 for names with five dots or more,
+--   which ndots:5 asks first). Cluster domains: `cluster.local.` and every `<domain>` in which a name
+--   `<service>.<namespace>.svc.<domain>.` resolved. Node search domains are not known in advance: a domain is one
+--   when a client asked it appended to at least two different stems that it also asked with a cluster search
+--   suffix, and every such name was NXDOMAIN (e.g. `c.<project>.internal.` and `google.internal.` on GKE). Each
+--   answer is a candidate expansion of every stem its name yields; a client's answers of one stem and query type
+--   belong to one lookup while they follow each other within `timeout_seconds` in search order (an earlier
+--   position, or the same name again, starts a new lookup); each answer is then given to the candidate lookup with
+--   the most answers (ties: the client's own namespace, the earlier position, the shorter stem). The final name
+--   is the stem itself; a lookup whose final name was asked but not answered is reported as `no_answer` only.
 -- params: since=1h, until=now, namespace=, timeout_seconds=5.0, include_search_expansions=false, limit=500
 WITH dns AS (
     -- Every DNS record of the window in one scan: L7 records from Cilium's DNS proxy (`layer` l7; the client
@@ -64,62 +85,205 @@ clients AS (
     UNION
     SELECT cluster_name, client_namespace, client_workload, client_id, client_pod FROM dns_l3
 ),
-lookups AS (
-    -- Every lookup of a workload: L7 requests (or responses, where a capture holds no requests), plus DNS
-    -- packets dropped before the proxy saw them.
+answers AS (
+    -- Every L7 DNS answer, numbered, with its resolver (`client_key`: one client address of one pod) and its query
+    -- types as one key (a resolver sends one query per type: A and AAAA are two lookups).
     SELECT
-        c.cluster_name,
-        c.client_id,
-        coalesce(l7.lookups, 0) + coalesce(l3.dropped, 0) AS lookups,
-        coalesce(l7.records, 0) AS l7_records,
-        coalesce(l3.packets, 0) AS l3_packets
-    FROM (SELECT DISTINCT cluster_name, client_id FROM clients) AS c
-    LEFT JOIN (
+        row_number() OVER (
+            ORDER BY cluster_name, client_ip, client_id, client_pod, time, dns_query, dns_rcode_name, client_port,
+                array_to_string(dns_qtypes, ','), verdict
+        ) AS answer_id,
+        coalesce(cluster_name, '') || '|' || coalesce(client_ip, '') || '|' || coalesce(client_id, '') || '|'
+            || coalesce(client_pod, '') AS client_key,
+        cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip,
+        dns_query,
+        coalesce(array_to_string(dns_qtypes, ','), '') AS qtypes,
+        dns_rcode_name,
+        time,
+        n
+    FROM dns_l7
+    WHERE l7_type = 'RESPONSE'
+      AND dns_query IS NOT NULL
+      AND dns_rcode_name IS NOT NULL
+),
+cluster_domains AS (
+    SELECT 'cluster.local.' AS domain
+    UNION
+    SELECT regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+\.)$', 1) AS domain
+    FROM answers
+    WHERE dns_rcode_name = 'NOERROR' AND regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+\.)$', 1) <> ''
+),
+svc_stems AS (
+    -- `<stem>.svc.<domain>.`: position 2.
+    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 5) AS stem
+    FROM answers AS a
+    JOIN cluster_domains AS d
+        ON length(a.dns_query) > length(d.domain) + 5
+        AND substr(a.dns_query, length(a.dns_query) - length(d.domain) - 4) = '.svc.' || d.domain
+),
+cluster_candidates AS (
+    -- Each answer as an expansion of a stem by a cluster search suffix; `own`: the client's own namespace.
+    SELECT s.answer_id, regexp_extract(s.stem, '^(.+)\.[^.]+$', 1) AS stem, 1 AS pos,
+        regexp_extract(s.stem, '\.([^.]+)$', 1) = a.client_namespace AS own
+    FROM svc_stems AS s
+    JOIN answers AS a ON a.answer_id = s.answer_id
+    WHERE regexp_extract(s.stem, '^(.+)\.[^.]+$', 1) <> ''
+    UNION ALL
+    SELECT answer_id, stem, 2 AS pos, false AS own FROM svc_stems
+    UNION ALL
+    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 3 AS pos,
+        false AS own
+    FROM answers AS a
+    JOIN cluster_domains AS d
+        ON length(a.dns_query) > length(d.domain) + 1
+        AND substr(a.dns_query, length(a.dns_query) - length(d.domain)) = '.' || d.domain
+),
+searched AS (
+    -- Stems a client asked with one of its own cluster search suffixes.
+    SELECT DISTINCT a.client_key, a.cluster_name, c.stem
+    FROM cluster_candidates AS c
+    JOIN answers AS a ON a.answer_id = c.answer_id
+    WHERE c.pos > 1 OR c.own
+),
+node_domain_evidence AS (
+    -- A searched stem asked with another suffix that is not a cluster one: maybe a node search domain.
+    SELECT
+        s.client_key,
+        s.cluster_name,
+        s.stem,
+        substr(a.dns_query, length(s.stem) + 2) AS domain,
+        a.dns_rcode_name
+    FROM searched AS s
+    JOIN answers AS a
+        ON a.client_key = s.client_key
+        AND length(a.dns_query) > length(s.stem) + 2
+        AND substr(a.dns_query, 1, length(s.stem) + 1) = s.stem || '.'
+    WHERE NOT EXISTS (
+        SELECT 1
+        FROM cluster_domains AS d
+        WHERE length(a.dns_query) - length(s.stem) - 1 >= length(d.domain)
+          AND substr(a.dns_query, length(a.dns_query) - length(d.domain) + 1) = d.domain
+    )
+),
+node_domains AS (
+    -- Appended by one client to two stems or more, and NXDOMAIN every time.
+    SELECT e.cluster_name, e.domain
+    FROM (
         SELECT
             cluster_name,
-            client_id,
-            CAST(CASE
-                WHEN sum(CASE WHEN l7_type = 'REQUEST' THEN n ELSE 0 END) > 0
-                    THEN sum(CASE WHEN l7_type = 'REQUEST' THEN n ELSE 0 END)
-                ELSE sum(CASE WHEN l7_type = 'RESPONSE' THEN n ELSE 0 END)
-            END AS BIGINT) AS lookups,
-            CAST(sum(n) AS BIGINT) AS records
-        FROM dns_l7
-        GROUP BY cluster_name, client_id
-    ) AS l7 ON l7.client_id = c.client_id AND coalesce(l7.cluster_name, '') = coalesce(c.cluster_name, '')
-    LEFT JOIN (
+            client_key,
+            domain,
+            count(DISTINCT stem) AS stems,
+            max(CASE WHEN dns_rcode_name = 'NXDOMAIN' THEN 0 ELSE 1 END) AS other_rcode
+        FROM node_domain_evidence
+        GROUP BY cluster_name, client_key, domain
+    ) AS e
+    GROUP BY e.cluster_name, e.domain
+    HAVING max(e.other_rcode) = 0 AND max(e.stems) >= 2
+),
+candidates AS (
+    SELECT answer_id, stem, pos, own FROM cluster_candidates
+    UNION ALL
+    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 4 AS pos,
+        false AS own
+    FROM answers AS a
+    JOIN node_domains AS d
+        ON coalesce(d.cluster_name, '') = coalesce(a.cluster_name, '')
+        AND length(a.dns_query) > length(d.domain) + 1
+        AND substr(a.dns_query, length(a.dns_query) - length(d.domain)) = '.' || d.domain
+    UNION ALL
+    -- The name itself: asked last, or first when it has five dots or more (ndots:5).
+    SELECT
+        answer_id,
+        rtrim(dns_query, '.') AS stem,
+        CASE WHEN length(rtrim(dns_query, '.')) - length(replace(rtrim(dns_query, '.'), '.', '')) >= 5 THEN 0
+            ELSE 5 END AS pos,
+        false AS own
+    FROM answers
+),
+starts AS (
+    SELECT
+        a.*,
+        c.stem,
+        c.pos,
+        c.own,
+        CASE
+            WHEN lag(a.time) OVER w IS NULL THEN 1
+            WHEN date_diff('microsecond', lag(a.time) OVER w, a.time) > $timeout_seconds * 1000000 THEN 1
+            WHEN c.pos < lag(c.pos) OVER w THEN 1
+            WHEN c.pos = lag(c.pos) OVER w AND a.dns_query = lag(a.dns_query) OVER w THEN 1
+            ELSE 0
+        END AS starts
+    FROM candidates AS c
+    JOIN answers AS a ON a.answer_id = c.answer_id
+    WHERE c.stem <> ''
+    WINDOW w AS (PARTITION BY a.client_key, a.qtypes, c.stem ORDER BY a.time, c.pos, a.answer_id)
+),
+numbered AS (
+    SELECT
+        s.*,
+        sum(s.starts) OVER (
+            PARTITION BY s.client_key, s.qtypes, s.stem ORDER BY s.time, s.pos, s.answer_id
+            ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+        ) AS lookup_no
+    FROM starts AS s
+),
+ranked AS (
+    SELECT
+        n.*,
+        row_number() OVER (
+            PARTITION BY n.answer_id
+            ORDER BY n.size DESC, CASE WHEN n.own THEN 0 ELSE 1 END, n.pos, length(n.stem)
+        ) AS choice
+    FROM (
+        SELECT m.*, count(*) OVER (PARTITION BY m.client_key, m.qtypes, m.stem, m.lookup_no) AS size
+        FROM numbered AS m
+    ) AS n
+),
+chosen AS (
+    -- Each answer in the lookup it most likely belongs to; `last_rcode`: the answer to its latest name.
+    SELECT
+        r.*,
+        first_value(r.dns_rcode_name) OVER (
+            PARTITION BY r.client_key, r.qtypes, r.stem, r.lookup_no ORDER BY r.pos DESC, r.time DESC
+        ) AS last_rcode
+    FROM ranked AS r
+    WHERE r.choice = 1
+),
+found_lookups AS (
+    SELECT
+        g.*,
+        CASE WHEN g.resolved = 0 AND g.final_seen = 0 AND EXISTS (
+            SELECT 1
+            FROM dns_l7 AS q
+            WHERE q.l7_type = 'REQUEST'
+              AND coalesce(q.cluster_name, '') = coalesce(g.cluster_name, '')
+              AND q.client_ip = g.client_ip
+              AND q.dns_query = g.stem || '.'
+              AND q.time >= g.first_time
+              AND date_diff('microsecond', g.last_time, q.time) <= $timeout_seconds * 1000000
+        ) THEN 1 ELSE 0 END AS final_asked
+    FROM (
         SELECT
-            cluster_name,
-            client_id,
-            CAST(sum(CASE WHEN verdict = 'DROPPED' THEN n ELSE 0 END) AS BIGINT) AS dropped,
-            CAST(sum(n) AS BIGINT) AS packets
-        FROM dns_l3
-        GROUP BY cluster_name, client_id
-    ) AS l3 ON l3.client_id = c.client_id AND coalesce(l3.cluster_name, '') = coalesce(c.cluster_name, '')
-),
-asked AS (
-    SELECT DISTINCT cluster_name, client_id, client_pod, dns_query FROM dns_l7 WHERE dns_query IS NOT NULL
-),
-rcode_failures AS (
-    SELECT r.*
-    FROM dns_l7 AS r
-    WHERE r.l7_type = 'RESPONSE'
-      AND r.dns_rcode_name IS NOT NULL
-      AND r.dns_rcode_name <> 'NOERROR'
-      AND (
-          $include_search_expansions
-          OR r.dns_rcode_name <> 'NXDOMAIN'
-          -- A search-path expansion: the same client also asked the name without the suffix.
-          OR NOT EXISTS (
-              SELECT 1
-              FROM asked AS a
-              WHERE a.client_id = r.client_id
-                AND coalesce(a.cluster_name, '') = coalesce(r.cluster_name, '')
-                AND a.client_pod = r.client_pod
-                AND a.dns_query <> r.dns_query
-                AND starts_with(r.dns_query, rtrim(a.dns_query, '.') || '.')
-          )
-      )
+            client_key,
+            qtypes,
+            stem,
+            lookup_no,
+            min(cluster_name) AS cluster_name,
+            min(client_namespace) AS client_namespace,
+            min(client_workload) AS client_workload,
+            min(client_id) AS client_id,
+            min(client_pod) AS client_pod,
+            min(client_ip) AS client_ip,
+            max(CASE WHEN dns_rcode_name = 'NOERROR' THEN 1 ELSE 0 END) AS resolved,
+            max(CASE WHEN pos IN (0, 5) THEN 1 ELSE 0 END) AS final_seen,
+            max(CASE WHEN pos IN (0, 5) THEN dns_rcode_name END) AS final_rcode,
+            min(last_rcode) AS last_rcode,
+            min(time) AS first_time,
+            max(time) AS last_time
+        FROM chosen
+        GROUP BY client_key, qtypes, stem, lookup_no
+    ) AS g
 ),
 horizon AS (
     -- A request can only be judged unanswered once the data reaches `timeout_seconds` past it.
@@ -146,22 +310,83 @@ unanswered AS (
             AND date_diff('microsecond', q.time, r.time) <= $timeout_seconds * 1000000
       )
 ),
+lookups AS (
+    -- Every lookup of a workload: answered lookups (grouped across their search-path expansions), requests that
+    -- got no answer (an answered lookup whose final name was not answered counts there), and DNS packets dropped.
+    SELECT
+        c.cluster_name,
+        c.client_id,
+        coalesce(a.lookups, 0) + coalesce(u.unanswered, 0) + coalesce(l7.dropped, 0) + coalesce(l3.dropped, 0)
+            AS lookups,
+        coalesce(l7.records, 0) AS l7_records,
+        coalesce(l3.packets, 0) AS l3_packets
+    FROM (SELECT DISTINCT cluster_name, client_id FROM clients) AS c
+    LEFT JOIN (
+        SELECT
+            cluster_name,
+            client_id,
+            CAST(sum(CASE WHEN l7_type = 'REQUEST' AND verdict = 'DROPPED' THEN n ELSE 0 END) AS BIGINT) AS dropped,
+            CAST(sum(n) AS BIGINT) AS records
+        FROM dns_l7
+        GROUP BY cluster_name, client_id
+    ) AS l7 ON l7.client_id = c.client_id AND coalesce(l7.cluster_name, '') = coalesce(c.cluster_name, '')
+    LEFT JOIN (
+        SELECT
+            cluster_name,
+            client_id,
+            CAST(sum(CASE WHEN verdict = 'DROPPED' THEN n ELSE 0 END) AS BIGINT) AS dropped,
+            CAST(sum(n) AS BIGINT) AS packets
+        FROM dns_l3
+        GROUP BY cluster_name, client_id
+    ) AS l3 ON l3.client_id = c.client_id AND coalesce(l3.cluster_name, '') = coalesce(c.cluster_name, '')
+    LEFT JOIN (
+        SELECT cluster_name, client_id, count(*) AS lookups
+        FROM found_lookups
+        WHERE resolved = 1 OR final_seen = 1 OR final_asked = 0
+        GROUP BY cluster_name, client_id
+    ) AS a ON a.client_id = c.client_id AND coalesce(a.cluster_name, '') = coalesce(c.cluster_name, '')
+    LEFT JOIN (
+        SELECT cluster_name, client_id, CAST(sum(n) AS BIGINT) AS unanswered
+        FROM unanswered
+        GROUP BY cluster_name, client_id
+    ) AS u ON u.client_id = c.client_id AND coalesce(u.cluster_name, '') = coalesce(c.cluster_name, '')
+),
 failures AS (
-    SELECT 'rcode' AS kind, cluster_name, client_namespace, client_workload, client_id, client_pod, dns_query,
-        dns_rcode_name AS rcode_name, time, n
-    FROM rcode_failures
+    -- One row per counted unit: a failed lookup (`lookup_key`), or `n` error answers, requests or packets.
+    SELECT
+        CASE WHEN f.final_seen = 1 THEN 'rcode' ELSE 'unresolved_final_not_seen' END AS kind,
+        c.cluster_name, c.client_namespace, c.client_workload, c.client_id, c.client_pod, f.stem AS dns_query,
+        CASE WHEN f.final_seen = 1 THEN f.final_rcode ELSE f.last_rcode END AS rcode_name,
+        c.dns_query AS name,
+        c.client_key || '|' || c.qtypes || '|' || c.stem || '|' || CAST(c.lookup_no AS VARCHAR) AS lookup_key,
+        c.time,
+        c.n
+    FROM found_lookups AS f
+    JOIN chosen AS c
+        ON c.client_key = f.client_key AND c.qtypes = f.qtypes AND c.stem = f.stem AND c.lookup_no = f.lookup_no
+    WHERE NOT $include_search_expansions
+      AND f.resolved = 0
+      AND (f.final_seen = 1 OR f.final_asked = 0)
+    UNION ALL
+    SELECT 'rcode', cluster_name, client_namespace, client_workload, client_id, client_pod, dns_query,
+        dns_rcode_name, dns_query, CAST(NULL AS VARCHAR), time, n
+    FROM dns_l7
+    WHERE $include_search_expansions
+      AND l7_type = 'RESPONSE'
+      AND dns_rcode_name IS NOT NULL
+      AND dns_rcode_name <> 'NOERROR'
     UNION ALL
     SELECT 'no_answer', cluster_name, client_namespace, client_workload, client_id, client_pod, dns_query,
-        CAST(NULL AS VARCHAR), time, n
+        CAST(NULL AS VARCHAR), dns_query, CAST(NULL AS VARCHAR), time, n
     FROM unanswered
     UNION ALL
     SELECT 'dropped', cluster_name, client_namespace, client_workload, client_id, client_pod, dns_query,
-        CAST(NULL AS VARCHAR), time, n
+        CAST(NULL AS VARCHAR), dns_query, CAST(NULL AS VARCHAR), time, n
     FROM dns_l7
     WHERE l7_type = 'REQUEST' AND verdict = 'DROPPED'
     UNION ALL
     SELECT 'dropped', cluster_name, client_namespace, client_workload, client_id, client_pod,
-        CAST(NULL AS VARCHAR), CAST(NULL AS VARCHAR), time, n
+        CAST(NULL AS VARCHAR), CAST(NULL AS VARCHAR), CAST(NULL AS VARCHAR), CAST(NULL AS VARCHAR), time, n
     FROM dns_l3
     WHERE verdict = 'DROPPED'
 ),
@@ -174,7 +399,9 @@ grouped AS (
         f.client_id,
         f.dns_query,
         f.rcode_name,
-        CAST(sum(f.n) AS BIGINT) AS failures,
+        CAST(sum(CASE WHEN f.lookup_key IS NULL THEN f.n ELSE 0 END) + count(DISTINCT f.lookup_key) AS BIGINT)
+            AS failures,
+        array_slice(list_sort(array_agg(DISTINCT f.name) FILTER (WHERE f.name IS NOT NULL)), 1, 8) AS names,
         min(f.time) AS first_seen,
         max(f.time) AS last_seen,
         array_slice(list_sort(array_agg(DISTINCT f.client_pod)), 1, 3) AS example_pods
@@ -192,6 +419,7 @@ invisible AS (
         CAST(NULL AS VARCHAR) AS dns_query,
         CAST(NULL AS VARCHAR) AS rcode_name,
         CAST(NULL AS BIGINT) AS failures,
+        CAST(NULL AS VARCHAR[]) AS names,
         min(d.time) AS first_seen,
         max(d.time) AS last_seen,
         array_slice(list_sort(array_agg(DISTINCT d.client_pod)), 1, 3) AS example_pods
@@ -206,6 +434,7 @@ SELECT
     g.client_namespace AS source_namespace,
     g.client_workload AS source_workload,
     g.dns_query AS query,
+    g.names,
     g.rcode_name,
     g.failures,
     CASE WHEN g.kind = 'no_l7_visibility' THEN l.l3_packets ELSE l.lookups END AS lookups,
@@ -219,6 +448,9 @@ SELECT
             || 'cannot be seen. Add a DNS rule (toPorts rules dns matchPattern "*") to its egress policy to '
             || 'get L7 DNS visibility.'
         WHEN g.kind = 'no_answer' THEN 'no response within the timeout'
+        WHEN g.kind = 'unresolved_final_not_seen' THEN
+            'every name seen failed, but the name itself was never seen (asked of a server the capture does not '
+            || 'show, e.g. by node-local-dns upstream): it may have resolved'
         WHEN g.kind = 'dropped' AND g.dns_query IS NULL THEN 'DNS packets dropped before the DNS proxy'
         WHEN g.kind = 'dropped' THEN 'lookup dropped by the DNS proxy'
     END AS note,
@@ -231,7 +463,8 @@ FROM (
 LEFT JOIN lookups AS l ON l.client_id = g.client_id AND coalesce(l.cluster_name, '') = coalesce(g.cluster_name, '')
 WHERE $namespace IS NULL OR g.client_namespace = $namespace
 ORDER BY
-    CASE g.kind WHEN 'rcode' THEN 1 WHEN 'no_answer' THEN 2 WHEN 'dropped' THEN 3 ELSE 4 END,
+    CASE g.kind WHEN 'rcode' THEN 1 WHEN 'no_answer' THEN 2 WHEN 'dropped' THEN 3
+        WHEN 'unresolved_final_not_seen' THEN 4 ELSE 5 END,
     g.failures DESC NULLS LAST,
     g.client_namespace NULLS LAST,
     g.client_workload NULLS LAST,
