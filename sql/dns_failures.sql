@@ -23,8 +23,9 @@
 --   `<domain>.` (3), a node search domain (4), none (the name itself: 5, or 0 for names with five dots or more,
 --   which ndots:5 asks first). Cluster domains: `cluster.local.` and every `<domain>` in which a name
 --   `<service>.<namespace>.svc.<domain>.` resolved. Node search domains are not known in advance: a domain is one
---   when a client asked it appended to at least two different stems that it also asked with a cluster search
---   suffix, and every such name was NXDOMAIN (e.g. `c.<project>.internal.` and `google.internal.` on GKE). Each
+--   when clients of the cluster asked it appended to at least two different stems that the same clients also
+--   asked with one of their cluster search suffixes, and every such name was NXDOMAIN (e.g. `c.<project>.internal.`
+--   and `google.internal.` on GKE); with a single such stem in the window the domain is not recognised. Each
 --   answer is a candidate expansion of every stem its name yields; a client's answers of one stem and query type
 --   belong to one lookup while they follow each other within `timeout_seconds` in search order (an earlier
 --   position, or the same name again, starts a new lookup); each answer is then given to the candidate lookup with
@@ -166,20 +167,11 @@ node_domain_evidence AS (
     )
 ),
 node_domains AS (
-    -- Appended by one client to two stems or more, and NXDOMAIN every time.
-    SELECT e.cluster_name, e.domain
-    FROM (
-        SELECT
-            cluster_name,
-            client_key,
-            domain,
-            count(DISTINCT stem) AS stems,
-            max(CASE WHEN dns_rcode_name = 'NXDOMAIN' THEN 0 ELSE 1 END) AS other_rcode
-        FROM node_domain_evidence
-        GROUP BY cluster_name, client_key, domain
-    ) AS e
-    GROUP BY e.cluster_name, e.domain
-    HAVING max(e.other_rcode) = 0 AND max(e.stems) >= 2
+    -- Appended to two stems or more, and NXDOMAIN every time.
+    SELECT cluster_name, domain
+    FROM node_domain_evidence
+    GROUP BY cluster_name, domain
+    HAVING max(CASE WHEN dns_rcode_name = 'NXDOMAIN' THEN 0 ELSE 1 END) = 0 AND count(DISTINCT stem) >= 2
 ),
 candidates AS (
     SELECT answer_id, stem, pos, own FROM cluster_candidates
