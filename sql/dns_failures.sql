@@ -304,7 +304,7 @@ unanswered AS (
 ),
 lookups AS (
     -- Every lookup of a workload: answered lookups (grouped across their search-path expansions), requests that
-    -- got no answer (an answered lookup whose final name was not answered counts there), and DNS packets dropped.
+    -- got no answer (an answered lookup whose final name got none counts there), and DNS packets dropped.
     SELECT
         c.cluster_name,
         c.client_id,
@@ -332,10 +332,18 @@ lookups AS (
         GROUP BY cluster_name, client_id
     ) AS l3 ON l3.client_id = c.client_id AND coalesce(l3.cluster_name, '') = coalesce(c.cluster_name, '')
     LEFT JOIN (
-        SELECT cluster_name, client_id, count(*) AS lookups
-        FROM found_lookups
-        WHERE resolved = 1 OR final_seen = 1 OR final_asked = 0
-        GROUP BY cluster_name, client_id
+        SELECT f.cluster_name, f.client_id, count(*) AS lookups
+        FROM found_lookups AS f
+        WHERE f.final_asked = 0 OR NOT EXISTS (
+            SELECT 1
+            FROM unanswered AS u
+            WHERE coalesce(u.cluster_name, '') = coalesce(f.cluster_name, '')
+              AND u.client_ip = f.client_ip
+              AND u.dns_query = f.stem || '.'
+              AND u.time >= f.first_time
+              AND date_diff('microsecond', f.last_time, u.time) <= $timeout_seconds * 1000000
+        )
+        GROUP BY f.cluster_name, f.client_id
     ) AS a ON a.client_id = c.client_id AND coalesce(a.cluster_name, '') = coalesce(c.cluster_name, '')
     LEFT JOIN (
         SELECT cluster_name, client_id, CAST(sum(n) AS BIGINT) AS unanswered
