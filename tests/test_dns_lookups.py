@@ -58,12 +58,19 @@ class Capture:
                 return
             self.query(client, f"{stem}.{suffix}.", 3)
         if final in ("resolves", "nxdomain"):
-            self.query(client, stem + ".", 0 if final == "resolves" else 3, ("142.250.1.95",) if final == "resolves" else ())
+            self.query(
+                client,
+                stem + ".",
+                0 if final == "resolves" else 3,
+                ("142.250.1.95",) if final == "resolves" else (),
+            )
 
     def pause(self, seconds: float) -> None:
         self.time += timedelta(seconds=seconds)
 
-    def _record(self, kind: str, src: tuple[str, ...], dst: tuple[str, ...], sport: int, dport: int, dns: Row) -> None:
+    def _record(
+        self, kind: str, src: tuple[str, ...], dst: tuple[str, ...], sport: int, dport: int, dns: Row
+    ) -> None:
         stamp = self.time.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
         flow = {
             "time": stamp,
@@ -161,7 +168,9 @@ def test_search_expansions_on_demand(gke_pattern: Path) -> None:
     assert {r["kind"] for r in rows} == {"rcode"}
     # every NXDOMAIN answer, one row per name: 1 of zipkin, 5 + 5 unseen, 6 of postgress, 5 of storage
     assert sum(r["failures"] for r in rows) == 2 * (1 + 5 + 5 + 6 + 5)
-    assert ("zipkin.istio-system.istio-system.svc.cluster.local.", 2) in {(r["query"], r["failures"]) for r in rows}
+    assert ("zipkin.istio-system.istio-system.svc.cluster.local.", 2) in {
+        (r["query"], r["failures"]) for r in rows
+    }
 
 
 def test_namespace_filter_matches_the_client(gke_pattern: Path) -> None:

@@ -12,8 +12,8 @@ from _sim_dataset import SimDataset, parse_time
 from flowpipe.query import DuckDBEngine
 from flowpipe.sim import edges as e
 from flowpipe.sim import faults as f
-from flowpipe.sim import resolver
 from flowpipe.sim import policies as sim_policies
+from flowpipe.sim import resolver
 
 Row = dict[str, Any]
 
@@ -205,14 +205,18 @@ def test_dns_failures_final_name_not_seen_through_node_local_dns(sim_faults: Sim
     assert row["names"] == sorted(truth.details["names"])
     assert row["failures"] == truth.counts["attempts"] == row["lookups"]
     assert row["example_pods"] and all(p.startswith("node-local-dns-") for p in row["example_pods"])
-    assert parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
+    assert (
+        parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
+    )
 
 
 def test_dns_failures_search_path_expansions_of_resolved_names_are_no_failure(sim_faults: SimDataset) -> None:
     rows = sim_faults.ask("dns_failures")
     # External names resolve after their search path; only the injected names fail.
     failed = {r["query"] for r in rows if r["query"]}
-    injected = {_truth(sim_faults, name).destination_name for name in f.FAULT_NAMES if name.startswith("dns-")}
+    injected = {
+        _truth(sim_faults, name).destination_name for name in f.FAULT_NAMES if name.startswith("dns-")
+    }
     assert failed <= injected
     # With include_search_expansions every error answer is a row of its own, counted as it came.
     raw = sim_faults.ask("dns_failures", include_search_expansions="true")

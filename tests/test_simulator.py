@@ -22,10 +22,9 @@ from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.cli import cli
 from flowpipe.errors import ConfigError
-from flowpipe.sim import FAULT_NAMES, GroundTruth, Simulator, SimulatorConfig, parse_faults
+from flowpipe.sim import FAULT_NAMES, GroundTruth, Simulator, SimulatorConfig, parse_faults, resolver
 from flowpipe.sim import edges as e
 from flowpipe.sim import faults as f
-from flowpipe.sim import resolver
 
 START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 DURATION = 60.0
@@ -309,11 +308,16 @@ def test_failed_lookups(flows: list[Flow], truth: GroundTruth, name: str, rcode:
     # a lookup started just before the end may not have reached its last name yet
     assert 0 <= fault.counts["attempts"] - len(failed) <= 1
     assert len(names) * len(failed) <= fault.counts["l7_response"] < len(names) * (len(failed) + 1)
-    if name != f.DNS_SERVFAIL:  # only this fault asks these names (the SQS name also resolves outside the burst)
-        answers = [x for x in flows if is_dns(x) and x.l7.type == flow_pb2.RESPONSE and x.l7.dns.query in names]
+    # Only this fault asks these names (the SQS name also resolves outside the burst).
+    if name != f.DNS_SERVFAIL:
+        answers = [
+            x for x in flows if is_dns(x) and x.l7.type == flow_pb2.RESPONSE and x.l7.dns.query in names
+        ]
         assert len(answers) == fault.counts["l7_response"]
         assert {x.l7.dns.rcode for x in answers if x.l7.dns.query != names[-1]} == {3}
-        requests = [x for x in flows if is_dns(x) and x.l7.type == flow_pb2.REQUEST and x.l7.dns.query in names]
+        requests = [
+            x for x in flows if is_dns(x) and x.l7.type == flow_pb2.REQUEST and x.l7.dns.query in names
+        ]
         assert len(requests) == fault.counts["l7_request"]
         first = [x for x in requests if x.l7.dns.query == names[0]]
         assert len(first) == fault.counts["attempts"]
@@ -337,15 +341,24 @@ def test_node_local_dns_is_the_client_of_forwarded_lookups(flows: list[Flow], tr
     fault = truth.faults[f.DNS_UPSTREAM_UNSEEN]
     names = fault.details["names"]
     # Only the cluster-domain names of the search path reach CoreDNS; the others go upstream, unseen.
-    assert names == [n for n in resolver.search_names(fault.destination_name, "production") if n.endswith(".local.")]
-    assert fault.details["names_unseen"] == [f"{fault.destination_name}.sim.internal.", f"{fault.destination_name}."]
+    assert names == [
+        n for n in resolver.search_names(fault.destination_name, "production") if n.endswith(".local.")
+    ]
+    assert fault.details["names_unseen"] == [
+        f"{fault.destination_name}.sim.internal.",
+        f"{fault.destination_name}.",
+    ]
     records = [x for x in flows if is_dns(x) and x.l7.dns.query.startswith(fault.destination_name + ".")]
     assert {x.l7.dns.query for x in records} == set(names)
     assert len(records) == fault.counts["l7_request"] + fault.counts["l7_response"]
     clients = [x.source if x.l7.type == flow_pb2.REQUEST else x.destination for x in records]
     # hostNetwork pods: the node's address, the world identity, yet their namespace, pod name and DaemonSet
-    assert {(c.namespace, c.identity, tuple(c.labels)) for c in clients} == {("kube-system", 2, ("reserved:world",))}
-    assert all(c.pod_name.startswith("node-local-dns-") and c.workloads[0].kind == "DaemonSet" for c in clients)
+    assert {(c.namespace, c.identity, tuple(c.labels)) for c in clients} == {
+        ("kube-system", 2, ("reserved:world",))
+    }
+    assert all(
+        c.pod_name.startswith("node-local-dns-") and c.workloads[0].kind == "DaemonSet" for c in clients
+    )
     assert {x.l7.dns.rcode for x in records if x.l7.type == flow_pb2.RESPONSE} == {3}
     first = [x for x in records if x.l7.type == flow_pb2.REQUEST and x.l7.dns.query == names[0]]
     assert len(first) == fault.counts["attempts"]

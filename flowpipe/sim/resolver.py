@@ -31,7 +31,12 @@ def search_names(name: str, namespace: str) -> tuple[str, ...]:
     """The names a pod of `namespace` asks, in order, to resolve `name` (one ending with a dot is asked alone)."""
     if name.endswith("."):
         return (name,)
-    suffixes = (f"{namespace}.svc.{CLUSTER_DOMAIN}", f"svc.{CLUSTER_DOMAIN}", CLUSTER_DOMAIN, *NODE_SEARCH_DOMAINS)
+    suffixes = (
+        f"{namespace}.svc.{CLUSTER_DOMAIN}",
+        f"svc.{CLUSTER_DOMAIN}",
+        CLUSTER_DOMAIN,
+        *NODE_SEARCH_DOMAINS,
+    )
     expansions = tuple(f"{name}.{suffix}." for suffix in suffixes)
     if name.count(".") >= NDOTS:
         return (f"{name}.", *expansions)
@@ -55,7 +60,7 @@ def node_local_dns_pods(cluster: Cluster) -> dict[str, EndpointView]:
     namespace, name = NODE_LOCAL_DNS
     views = {}
     for node in cluster.nodes:
-        pod = f"{name}-{suffix[: 4]}{_NAME_ALPHABET[node.index % len(_NAME_ALPHABET)]}"
+        pod = f"{name}-{suffix[:4]}{_NAME_ALPHABET[node.index % len(_NAME_ALPHABET)]}"
         views[node.name] = EndpointView(
             node.ip,
             WORLD_IDENTITY,

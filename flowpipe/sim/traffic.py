@@ -390,7 +390,9 @@ class Traffic:
     def _edge_dns_fault(self, t0: int, edge: Edge, tags: Tags) -> None:
         tag = tags[0]
         assert edge.src is not None
-        self.resolve(t0, self._pick(edge.src), edge.names[0].rstrip("."), ((), edge.rcode, self._latency(edge)), tag)
+        self.resolve(
+            t0, self._pick(edge.src), edge.names[0].rstrip("."), ((), edge.rcode, self._latency(edge)), tag
+        )
 
     def _edge_upstream_unseen(self, t0: int, edge: Edge, tags: Tags) -> None:
         """A pod's lookup of an outside name through node-local-dns on its node: the cache forwards the names in the
