@@ -110,9 +110,9 @@ answers AS (
 cluster_domains AS (
     SELECT 'cluster.local.' AS domain
     UNION
-    SELECT regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+\.)$', 1) AS domain
+    SELECT regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+)', 1) AS domain
     FROM answers
-    WHERE dns_rcode_name = 'NOERROR' AND regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+\.)$', 1) <> ''
+    WHERE dns_rcode_name = 'NOERROR' AND regexp_extract(dns_query, '^[^.]+\.[^.]+\.svc\.(.+)', 1) <> ''
 ),
 svc_stems AS (
     -- `<stem>.svc.<domain>.`: position 2.
@@ -124,11 +124,11 @@ svc_stems AS (
 ),
 cluster_candidates AS (
     -- Each answer as an expansion of a stem by a cluster search suffix; `own`: the client's own namespace.
-    SELECT s.answer_id, regexp_extract(s.stem, '^(.+)\.[^.]+$', 1) AS stem, 1 AS pos,
-        regexp_extract(s.stem, '\.([^.]+)$', 1) = a.client_namespace AS own
+    SELECT s.answer_id, regexp_extract(s.stem, '^(.+)\.[^.]+', 1) AS stem, 1 AS pos,
+        regexp_extract(s.stem, '^.*\.([^.]+)', 1) = a.client_namespace AS own
     FROM svc_stems AS s
     JOIN answers AS a ON a.answer_id = s.answer_id
-    WHERE regexp_extract(s.stem, '^(.+)\.[^.]+$', 1) <> ''
+    WHERE regexp_extract(s.stem, '^(.+)\.[^.]+', 1) <> ''
     UNION ALL
     SELECT answer_id, stem, 2 AS pos, false AS own FROM svc_stems
     UNION ALL
@@ -146,25 +146,29 @@ searched AS (
     JOIN answers AS a ON a.answer_id = c.answer_id
     WHERE c.pos > 1 OR c.own
 ),
+outside_answers AS (
+    -- Answers for names outside every cluster domain.
+    SELECT a.*
+    FROM answers AS a
+    WHERE NOT EXISTS (
+        SELECT 1
+        FROM cluster_domains AS d
+        WHERE length(a.dns_query) > length(d.domain)
+          AND substr(a.dns_query, length(a.dns_query) - length(d.domain)) = '.' || d.domain
+    )
+),
 node_domain_evidence AS (
-    -- A searched stem asked with another suffix that is not a cluster one: maybe a node search domain.
+    -- A searched stem asked with another suffix, outside the cluster domains: maybe a node search domain.
     SELECT
-        s.client_key,
         s.cluster_name,
         s.stem,
         substr(a.dns_query, length(s.stem) + 2) AS domain,
         a.dns_rcode_name
     FROM searched AS s
-    JOIN answers AS a
+    JOIN outside_answers AS a
         ON a.client_key = s.client_key
         AND length(a.dns_query) > length(s.stem) + 2
         AND substr(a.dns_query, 1, length(s.stem) + 1) = s.stem || '.'
-    WHERE NOT EXISTS (
-        SELECT 1
-        FROM cluster_domains AS d
-        WHERE length(a.dns_query) - length(s.stem) - 1 >= length(d.domain)
-          AND substr(a.dns_query, length(a.dns_query) - length(d.domain) + 1) = d.domain
-    )
 ),
 node_domains AS (
     -- Appended to two stems or more, and NXDOMAIN every time.
@@ -434,7 +438,6 @@ SELECT
     g.client_namespace AS source_namespace,
     g.client_workload AS source_workload,
     g.dns_query AS query,
-    g.names,
     g.rcode_name,
     g.failures,
     CASE WHEN g.kind = 'no_l7_visibility' THEN l.l3_packets ELSE l.lookups END AS lookups,
@@ -442,6 +445,7 @@ SELECT
     g.first_seen,
     g.last_seen,
     g.example_pods,
+    g.names,
     CASE
         WHEN g.kind = 'no_l7_visibility' THEN
             'DNS of this workload is visible only at L3/L4 (port 53 packets, no DNS records): failed lookups '
