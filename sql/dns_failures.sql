@@ -19,9 +19,10 @@
 --   query name). `example_pods` lists up to three client pods. A workload whose DNS traffic (port 53) is visible
 --   only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of kind `no_l7_visibility` instead
 --   of an empty answer; `note` says what to do. A namespace filter matches the client.
--- How a lookup is found. Search suffixes: `<namespace>.svc.<domain>.` (position 1), `svc.<domain>.` (2),
---   `<domain>.` (3), a node search domain (4), none (the name itself: 5, or 0 for names with five dots or more,
---   which ndots:5 asks first). Cluster domains: `cluster.local.` and every `<domain>` in which a name
+-- How a lookup is found. Search suffixes: `<namespace>.svc.<domain>.` (position 1; any namespace, since a
+--   forwarder such as node-local-dns asks for pods of every namespace), `svc.<domain>.` (2), `<domain>.` (3), a
+--   node search domain (4), none (the name itself: 5, or 0 for names with five dots or more, which ndots:5 asks
+--   first). Cluster domains: `cluster.local.` and every `<domain>` in which a name
 --   `<service>.<namespace>.svc.<domain>.` resolved. Node search domains are not known in advance: a domain is one
 --   when clients of the cluster asked it appended to at least two different stems that the same clients also
 --   asked with one of their cluster search suffixes, and every such name was NXDOMAIN (e.g. `c.<project>.internal.`
@@ -405,7 +406,10 @@ grouped AS (
         f.rcode_name,
         CAST(sum(CASE WHEN f.lookup_key IS NULL THEN f.n ELSE 0 END) + count(DISTINCT f.lookup_key) AS BIGINT)
             AS failures,
-        array_slice(list_sort(array_agg(DISTINCT f.name) FILTER (WHERE f.name IS NOT NULL)), 1, 8) AS names,
+        -- NULL where no name is known (packets dropped before the DNS proxy), an empty list on no engine
+        CASE WHEN count(f.name) > 0 THEN
+            array_slice(list_sort(array_agg(DISTINCT f.name) FILTER (WHERE f.name IS NOT NULL)), 1, 8)
+        END AS names,
         min(f.time) AS first_seen,
         max(f.time) AS last_seen,
         array_slice(list_sort(array_agg(DISTINCT f.client_pod)), 1, 3) AS example_pods

@@ -21,7 +21,6 @@ CLUSTER_DOMAIN = "cluster.local"
 NODE_SEARCH_DOMAINS: tuple[str, ...] = ("sim.internal",)
 """The search domain every node's resolv.conf adds (on GKE e.g. `c.<project>.internal google.internal`)."""
 NDOTS = 5
-NODE_LOCAL_DNS_IP = "169.254.20.10"
 NODE_LOCAL_DNS = ("kube-system", "node-local-dns")
 
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"

@@ -396,7 +396,8 @@ class Traffic:
 
     def _edge_upstream_unseen(self, t0: int, edge: Edge, tags: Tags) -> None:
         """A pod's lookup of an outside name through node-local-dns on its node: the cache forwards the names in the
-        cluster domain to CoreDNS (NXDOMAIN, with itself as the client); the others go upstream, unseen."""
+        cluster domain to CoreDNS (NXDOMAIN, with itself as the client); the others go upstream, unseen. The pod's
+        own queries to the cache (169.254.20.10 on its node) are not among the records."""
         tag = tags[0]
         assert edge.src is not None
         src_pod = self._pick(edge.src)
