@@ -66,9 +66,8 @@ def _upstream_unseen() -> FaultSpec:
     asked = search_names(UPSTREAM_UNSEEN_NAME, UPSTREAM_UNSEEN_CLIENT[0])
     return _dns(
         DNS_UPSTREAM_UNSEEN,
-        f"{'/'.join(UPSTREAM_UNSEEN_CLIENT)} looks up {UPSTREAM_UNSEEN_NAME} through node-local-dns, which forwards "
-        "the cluster-domain names of its search path to CoreDNS (NXDOMAIN, node-local-dns the client) and the name "
-        "itself upstream, where no capture sees it",
+        f"{'/'.join(UPSTREAM_UNSEEN_CLIENT)} looks up {UPSTREAM_UNSEEN_NAME} through node-local-dns: the names it "
+        "forwards to CoreDNS are NXDOMAIN, the name itself goes upstream, unseen",
         "FINAL_NOT_SEEN", NODE_LOCAL_DNS, UPSTREAM_UNSEEN_NAME, names=[q for q in asked if in_cluster_domain(q)],
         asked_by="/".join(UPSTREAM_UNSEEN_CLIENT), names_unseen=[q for q in asked if not in_cluster_domain(q)],
     )  # fmt: skip
