@@ -88,25 +88,28 @@ clients AS (
     SELECT cluster_name, client_namespace, client_workload, client_id, client_pod FROM dns_l3
 ),
 answers AS (
-    -- Every L7 DNS answer, numbered, with its resolver (`client_key`: one client address of one pod) and its query
-    -- types as one key (a resolver sends one query per type: A and AAAA are two lookups).
+    -- Every L7 DNS answer with its resolver (`client_key`: one client address of one pod), its query types as one
+    -- key (a resolver sends one query per type: A and AAAA are two lookups) and its own key (`answer_key`).
     SELECT
-        row_number() OVER (
-            ORDER BY cluster_name, client_ip, client_id, client_pod, time, dns_query, dns_rcode_name, client_port,
-                array_to_string(dns_qtypes, ','), verdict
-        ) AS answer_id,
-        coalesce(cluster_name, '') || '|' || coalesce(client_ip, '') || '|' || coalesce(client_id, '') || '|'
-            || coalesce(client_pod, '') AS client_key,
-        cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip,
-        dns_query,
-        coalesce(array_to_string(dns_qtypes, ','), '') AS qtypes,
-        dns_rcode_name,
-        time,
-        n
-    FROM dns_l7
-    WHERE l7_type = 'RESPONSE'
-      AND dns_query IS NOT NULL
-      AND dns_rcode_name IS NOT NULL
+        d.*,
+        d.client_key || '|' || d.qtypes || '|' || d.dns_query || '|' || CAST(d.time AS VARCHAR) || '|'
+            || coalesce(CAST(d.client_port AS VARCHAR), '') || '|' || d.dns_rcode_name || '|'
+            || coalesce(d.verdict, '') AS answer_key
+    FROM (
+        SELECT
+            coalesce(cluster_name, '') || '|' || coalesce(client_ip, '') || '|' || coalesce(client_id, '') || '|'
+                || coalesce(client_pod, '') AS client_key,
+            cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip, client_port, verdict,
+            dns_query,
+            coalesce(array_to_string(dns_qtypes, ','), '') AS qtypes,
+            dns_rcode_name,
+            time,
+            n
+        FROM dns_l7
+        WHERE l7_type = 'RESPONSE'
+          AND dns_query IS NOT NULL
+          AND dns_rcode_name IS NOT NULL
+    ) AS d
 ),
 cluster_domains AS (
     SELECT 'cluster.local.' AS domain
@@ -117,7 +120,7 @@ cluster_domains AS (
 ),
 svc_stems AS (
     -- `<stem>.svc.<domain>.`: position 2.
-    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 5) AS stem
+    SELECT a.*, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 5) AS stem
     FROM answers AS a
     JOIN cluster_domains AS d
         ON length(a.dns_query) > length(d.domain) + 5
@@ -125,16 +128,24 @@ svc_stems AS (
 ),
 cluster_candidates AS (
     -- Each answer as an expansion of a stem by a cluster search suffix; `own`: the client's own namespace.
-    SELECT s.answer_id, regexp_extract(s.stem, '^(.+)\.[^.]+', 1) AS stem, 1 AS pos,
-        regexp_extract(s.stem, '^.*\.([^.]+)', 1) = a.client_namespace AS own
-    FROM svc_stems AS s
-    JOIN answers AS a ON a.answer_id = s.answer_id
-    WHERE regexp_extract(s.stem, '^(.+)\.[^.]+', 1) <> ''
+    SELECT
+        answer_key, client_key, cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip,
+        dns_query, qtypes, dns_rcode_name, time, n,
+        regexp_extract(stem, '^(.+)\.[^.]+', 1) AS stem,
+        1 AS pos,
+        regexp_extract(stem, '^.*\.([^.]+)', 1) = client_namespace AS own
+    FROM svc_stems
+    WHERE regexp_extract(stem, '^(.+)\.[^.]+', 1) <> ''
     UNION ALL
-    SELECT answer_id, stem, 2 AS pos, false AS own FROM svc_stems
+    SELECT
+        answer_key, client_key, cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip,
+        dns_query, qtypes, dns_rcode_name, time, n, stem, 2 AS pos, false AS own
+    FROM svc_stems
     UNION ALL
-    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 3 AS pos,
-        false AS own
+    SELECT
+        a.answer_key, a.client_key, a.cluster_name, a.client_namespace, a.client_workload, a.client_id,
+        a.client_pod, a.client_ip, a.dns_query, a.qtypes, a.dns_rcode_name, a.time, a.n,
+        substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 3 AS pos, false AS own
     FROM answers AS a
     JOIN cluster_domains AS d
         ON length(a.dns_query) > length(d.domain) + 1
@@ -142,10 +153,9 @@ cluster_candidates AS (
 ),
 searched AS (
     -- Stems a client asked with one of its own cluster search suffixes.
-    SELECT DISTINCT a.client_key, a.cluster_name, c.stem
-    FROM cluster_candidates AS c
-    JOIN answers AS a ON a.answer_id = c.answer_id
-    WHERE c.pos > 1 OR c.own
+    SELECT DISTINCT client_key, cluster_name, stem
+    FROM cluster_candidates
+    WHERE pos > 1 OR own
 ),
 outside_answers AS (
     -- Answers for names outside every cluster domain.
@@ -179,11 +189,13 @@ node_domains AS (
     HAVING max(CASE WHEN dns_rcode_name = 'NXDOMAIN' THEN 0 ELSE 1 END) = 0 AND count(DISTINCT stem) >= 2
 ),
 candidates AS (
-    SELECT answer_id, stem, pos, own FROM cluster_candidates
+    SELECT * FROM cluster_candidates
     UNION ALL
-    SELECT a.answer_id, substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 4 AS pos,
-        false AS own
-    FROM answers AS a
+    SELECT
+        a.answer_key, a.client_key, a.cluster_name, a.client_namespace, a.client_workload, a.client_id,
+        a.client_pod, a.client_ip, a.dns_query, a.qtypes, a.dns_rcode_name, a.time, a.n,
+        substr(a.dns_query, 1, length(a.dns_query) - length(d.domain) - 1) AS stem, 4 AS pos, false AS own
+    FROM outside_answers AS a
     JOIN node_domains AS d
         ON coalesce(d.cluster_name, '') = coalesce(a.cluster_name, '')
         AND length(a.dns_query) > length(d.domain) + 1
@@ -191,7 +203,8 @@ candidates AS (
     UNION ALL
     -- The name itself: asked last, or first when it has five dots or more (ndots:5).
     SELECT
-        answer_id,
+        answer_key, client_key, cluster_name, client_namespace, client_workload, client_id, client_pod, client_ip,
+        dns_query, qtypes, dns_rcode_name, time, n,
         rtrim(dns_query, '.') AS stem,
         CASE WHEN length(rtrim(dns_query, '.')) - length(replace(rtrim(dns_query, '.'), '.', '')) >= 5 THEN 0
             ELSE 5 END AS pos,
@@ -199,28 +212,25 @@ candidates AS (
     FROM answers
 ),
 starts AS (
+    -- Candidate lookups: a new one starts after a gap, at an earlier search position, or at the same name again.
     SELECT
-        a.*,
-        c.stem,
-        c.pos,
-        c.own,
+        c.*,
         CASE
-            WHEN lag(a.time) OVER w IS NULL THEN 1
-            WHEN date_diff('microsecond', lag(a.time) OVER w, a.time) > $timeout_seconds * 1000000 THEN 1
+            WHEN lag(c.time) OVER w IS NULL THEN 1
+            WHEN date_diff('microsecond', lag(c.time) OVER w, c.time) > $timeout_seconds * 1000000 THEN 1
             WHEN c.pos < lag(c.pos) OVER w THEN 1
-            WHEN c.pos = lag(c.pos) OVER w AND a.dns_query = lag(a.dns_query) OVER w THEN 1
+            WHEN c.pos = lag(c.pos) OVER w AND c.dns_query = lag(c.dns_query) OVER w THEN 1
             ELSE 0
         END AS starts
     FROM candidates AS c
-    JOIN answers AS a ON a.answer_id = c.answer_id
     WHERE c.stem <> ''
-    WINDOW w AS (PARTITION BY a.client_key, a.qtypes, c.stem ORDER BY a.time, c.pos, a.answer_id)
+    WINDOW w AS (PARTITION BY c.client_key, c.qtypes, c.stem ORDER BY c.time, c.pos, c.answer_key)
 ),
 numbered AS (
     SELECT
         s.*,
         sum(s.starts) OVER (
-            PARTITION BY s.client_key, s.qtypes, s.stem ORDER BY s.time, s.pos, s.answer_id
+            PARTITION BY s.client_key, s.qtypes, s.stem ORDER BY s.time, s.pos, s.answer_key
             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
         ) AS lookup_no
     FROM starts AS s
@@ -229,8 +239,8 @@ ranked AS (
     SELECT
         n.*,
         row_number() OVER (
-            PARTITION BY n.answer_id
-            ORDER BY n.size DESC, CASE WHEN n.own THEN 0 ELSE 1 END, n.pos, length(n.stem)
+            PARTITION BY n.answer_key
+            ORDER BY n.size DESC, CASE WHEN n.own THEN 0 ELSE 1 END, n.pos, length(n.stem), n.stem
         ) AS choice
     FROM (
         SELECT m.*, count(*) OVER (PARTITION BY m.client_key, m.qtypes, m.stem, m.lookup_no) AS size
@@ -242,7 +252,8 @@ chosen AS (
     SELECT
         r.*,
         first_value(r.dns_rcode_name) OVER (
-            PARTITION BY r.client_key, r.qtypes, r.stem, r.lookup_no ORDER BY r.pos DESC, r.time DESC
+            PARTITION BY r.client_key, r.qtypes, r.stem, r.lookup_no
+            ORDER BY r.pos DESC, r.time DESC, r.answer_key
         ) AS last_rcode
     FROM ranked AS r
     WHERE r.choice = 1
