@@ -21,8 +21,8 @@ WITH denied AS (
     SELECT cluster_name AS denied_cluster, source_ip AS denied_source_ip, source_port AS denied_source_port,
            destination_ip AS denied_destination_ip, destination_port AS denied_destination_port,
            l4_protocol AS denied_protocol
-    FROM connections
-    WHERE is_connection AND outcome = 'denied' AND last_seen >= $since AND first_seen <= $until
+    FROM denied_connections
+    WHERE last_seen >= $since AND first_seen <= $until
 ),
 base AS (
     -- One pass over the window: each request, from the side whose policy decides it (the destination for

@@ -370,11 +370,16 @@ def test_new_connections_after_the_scan_started_are_the_probes(sim_faults: SimDa
         prefix = f"k8s:{key}="
         return next((x[len(prefix) :] for x in r["destination_labels"] if x.startswith(prefix)), None)  # type: ignore[attr-defined]
 
-    # A probed pod on another node may be known there only by identity and labels.
+    # A probed pod on another node may be known there only by identity and labels: its identity names it.
+    named = {
+        r["destination_identity"]: r["destination_workload_name"]
+        for r in sim_faults.rows()
+        if r["destination_pod_name"] and r["destination_workload_name"]
+    }
     probes = {
         (
             r["destination_namespace"] or label(r, "io.kubernetes.pod.namespace"),
-            r["destination_workload_name"] or label(r, "app"),
+            r["destination_workload_name"] or named.get(r["destination_identity"]),
             r["destination_port"],
         )
         for r in sim_faults.rows()

@@ -95,9 +95,8 @@ WITH denied AS (
     SELECT cluster_name AS denied_cluster, source_ip AS denied_source_ip, source_port AS denied_source_port,
            destination_ip AS denied_destination_ip, destination_port AS denied_destination_port,
            l4_protocol AS denied_protocol
-    FROM connections
-    WHERE is_connection AND outcome = 'denied'
-      AND ($since IS NULL OR last_seen >= $since)
+    FROM denied_connections
+    WHERE ($since IS NULL OR last_seen >= $since)
       AND ($until IS NULL OR first_seen <= $until)
       AND ($cluster IS NULL OR cluster_name = $cluster)
 ),

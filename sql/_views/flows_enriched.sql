@@ -26,6 +26,7 @@
 --   translate it for Spark. The `-- fallback: begin` / `-- fallback: end` regions name endpoints that Cilium
 --   did not describe (labels, pod names, addresses); they are left out when no flow of the dataset needs them
 --   (see flowpipe/query/views.py), so that questions do not read those columns of every flow.
+-- requires: identity_workloads
 SELECT
     w.*,
     CASE
@@ -96,6 +97,7 @@ FROM (
             -- workload name that is no reserved identity gets its first stable label, else its pod name
             -- without the controller's suffix, else its address.
             -- fallback: begin
+            , e.source_identity_workload
             , CASE WHEN e.source_workload_name IS NULL AND e.source_entity IS NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.source_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
@@ -122,6 +124,7 @@ FROM (
             e.destination_workload_name,
             e.destination_entity
             -- fallback: begin
+            , e.destination_identity_workload
             , CASE WHEN e.destination_workload_name IS NULL AND e.destination_entity IS NULL THEN coalesce(
                 nullif(regexp_extract(array_to_string(e.destination_labels, ' '),
                     '(?:^| )k8s:app\.kubernetes\.io/name=([^ ]+)', 1), ''),
@@ -216,7 +219,20 @@ FROM (
                 WHEN array_contains(f.destination_labels, 'reserved:ingress') THEN 'ingress'
                 -- fallback: end
             END AS destination_reserved
+            -- fallback: begin
+            -- A pod known only by identity and labels: the workload its identity has where it is named.
+            , siw.workload AS source_identity_workload, diw.workload AS destination_identity_workload
+            -- fallback: end
         FROM flows_named AS f
+        -- fallback: begin
+        LEFT JOIN identity_workloads AS siw
+            ON f.source_pod_name IS NULL AND f.source_workload_name IS NULL AND siw.identity = f.source_identity
+            AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')
+        LEFT JOIN identity_workloads AS diw
+            ON f.destination_pod_name IS NULL AND f.destination_workload_name IS NULL
+            AND diw.identity = f.destination_identity
+            AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')
+        -- fallback: end
     ) AS r
     ) AS e
 ) AS w
