@@ -24,10 +24,25 @@ from flowpipe.query.engine import open_engine
     metavar="KEY=VALUE",
     help="Bind $KEY to VALUE (repeatable).",
 )
+@click.option(
+    "--allow-external-access",
+    is_flag=True,
+    help="Let the statement read and write any file, attach databases, install extensions and reach the "
+    "network (DuckDB's defaults). Without it, only the dataset can be read.",
+)
 @dataset_option
 @format_option("table", "json", "csv")
-def sql(statement: str, param_options: tuple[str, ...], dataset: str, output_format: str) -> None:
+def sql(
+    statement: str,
+    param_options: tuple[str, ...],
+    allow_external_access: bool,
+    dataset: str,
+    output_format: str,
+) -> None:
     """Run STATEMENT (DuckDB SQL; `-` reads it from stdin) over the views `flows` and `lost_events`.
+
+    The statement reads the dataset and nothing else: no other file, no writing (`COPY ... TO`), no
+    `ATTACH`, no `INSTALL`, no network, unless --allow-external-access is given.
 
     \b
     Examples:
@@ -44,7 +59,7 @@ def sql(statement: str, param_options: tuple[str, ...], dataset: str, output_for
         problems = [f"no value for ${', $'.join(missing)} (-p NAME=VALUE)"] if missing else []
         problems += [f"the statement does not use {', '.join(extra)}"] if extra else []
         raise QuestionParameterError("; ".join(problems))
-    engine = open_engine(dataset, require_flows=True)
+    engine = open_engine(dataset, require_flows=True, external_access=allow_external_access)
     try:
         table = engine.run(text, params)
     finally:
