@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 from flowpipe.errors import FlowDecodeError
+from flowpipe.transforms._json import TOO_DEEP, loads
 
 GZIP_MAGIC = b"\x1f\x8b"
 COMPRESSED_READ_BYTES = 1024 * 1024
@@ -399,6 +400,13 @@ class _JsonText:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.text, self.pos)
+            except RecursionError:
+                raise FlowDecodeError(
+                    f"invalid JSON {what}: {TOO_DEEP}",
+                    path=self.name,
+                    line_number=self.line_number(),
+                    reason="invalid_json",
+                ) from None
             except json.JSONDecodeError as exc:
                 if len(self.text) - self.pos <= max_bytes and self.more():
                     if self.paused:  # a live stream paused inside the value: say so, read it again later
@@ -502,12 +510,12 @@ def looks_pretty_printed(head: bytes) -> bool:
     if first.rstrip().endswith(("{", "[", ",", ":")):
         return True  # a line of JSON lines ends its object with `}`
     try:
-        json.loads(first)
+        loads(first)
         return False
     except ValueError:
         pass
     try:
         _, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return "\n" in text[:end]
