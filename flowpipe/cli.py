@@ -15,7 +15,8 @@ from flowpipe.errors import ConfigError, FlowpipeError
 
 
 class FlowpipeGroup(click.Group):
-    """A click group that reports `FlowpipeError` as a one-line message instead of a traceback."""
+    """A click group that reports `FlowpipeError` (and an `OSError` naming a file) as a one-line message
+    instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -24,6 +25,12 @@ class FlowpipeGroup(click.Group):
             raise click.UsageError(str(exc), self._failed_command_context(ctx)) from exc
         except FlowpipeError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            # A file the command was pointed at that the system refuses (a name too long, a read-only file
+            # system) and no code path turned into a FlowpipeError: still a message naming it, not a traceback.
+            if exc.filename is None:
+                raise
+            raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from exc
 
     def _failed_command_context(self, ctx: click.Context) -> click.Context:
         """A context of the command that failed, so the usage line and `--help` hint name that command."""

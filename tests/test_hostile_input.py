@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner, Result
+from conftest import small_tmpfs
 
 from flowpipe.bench_data import generate_lines
 from flowpipe.cli import cli
@@ -49,3 +55,62 @@ def test_a_deeply_nested_pretty_printed_object_is_one_bad_value(tmp_path: Path) 
     assert "RecursionError" not in result.output and "Traceback" not in result.output
     assert f"{source}:1: invalid JSON object: nested too deeply" in result.output
     assert stored_flows(tmp_path / "data") == 1
+
+
+# -- careless operators: clear messages, exit status 1, no traceback ---------------------------------------------
+
+
+def assert_clear_failure(result: Result, *words: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.output.startswith("Error: "), result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+@pytest.fixture
+def read_only_dataset(tmp_path: Path) -> Iterator[Path]:
+    """A dataset with several part files per hour on a real tmpfs, then remounted read-only (needs root)."""
+    with small_tmpfs(tmp_path, "8m") as mount:
+        root = mount / "data"
+        for seed in (1, 2, 3):
+            source = tmp_path / f"flows-{seed}.json"
+            lines = [line for line in generate_lines(60, seed=seed) if line.startswith('{"flow"')]
+            source.write_text("\n".join(lines) + "\n")
+            assert invoke("ingest", str(source), "--dataset", str(root)).exit_code == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield root
+
+
+@pytest.mark.parametrize("command", [["compact"], ["retention", "--keep", "1h", "--apply"]])
+def test_maintenance_on_a_read_only_dataset_says_so(read_only_dataset: Path, command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--dataset", str(read_only_dataset)])
+    assert_clear_failure(result, "Read-only file system", str(read_only_dataset))
+
+
+def test_ingest_from_a_closed_standard_input_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flowpipe", "ingest", "-", "--dataset", str(tmp_path / "data")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "standard input is closed" in done.stderr
+
+
+def test_names_too_long_are_named_in_the_message(tmp_path: Path) -> None:
+    long_name = "a" * 300
+    source = tmp_path / "flows.json"
+    source.write_text("\n".join(good_lines(2)) + "\n")
+    result = CliRunner().invoke(
+        cli, ["ingest", str(tmp_path / f"{long_name}.json"), "--dataset", str(tmp_path)]
+    )
+    assert_clear_failure(result, "File name too long", long_name)
+    result = CliRunner().invoke(cli, ["ingest", str(source), "--dataset", str(tmp_path / long_name)])
+    assert_clear_failure(result, "File name too long", long_name)
+    result = CliRunner().invoke(cli, ["compact", "--dataset", str(tmp_path / long_name)])
+    assert_clear_failure(result, "File name too long")

@@ -49,6 +49,8 @@ def sql(
       flowpipe sql "SELECT verdict, count(*) AS flows FROM flows GROUP BY verdict"
       flowpipe sql "SELECT * FROM flows WHERE source_namespace = \\$ns LIMIT 5" -p ns=shop --format json
     """
+    if statement == "-" and sys.stdin is None:
+        raise click.UsageError("STATEMENT is `-` but standard input is closed: pipe the SQL in")
     text = sys.stdin.read() if statement == "-" else statement
     if not text.strip().strip(";").strip():
         raise click.UsageError("no SQL statement given (STATEMENT is empty; `-` reads it from stdin)")
