@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import small_tmpfs
 from flowpipe.bench_data import generate_lines
 from flowpipe.cli import cli
 from flowpipe.dataset import Dataset
+from flowpipe.transforms import normalize_json_lines, normalize_json_texts
 
 
 def invoke(*args: str, input: str | bytes | None = None) -> Result:
@@ -114,3 +116,60 @@ def test_names_too_long_are_named_in_the_message(tmp_path: Path) -> None:
     assert_clear_failure(result, "File name too long", long_name)
     result = CliRunner().invoke(cli, ["compact", "--dataset", str(tmp_path / long_name)])
     assert_clear_failure(result, "File name too long")
+
+
+# -- values outside their proto types ---------------------------------------------------------------------------
+
+
+def with_value(line: str, path: str, value: object) -> str:
+    """`line` (an envelope) with the value at a dotted path inside `flow` set."""
+    record = json.loads(line)
+    node = record["flow"]
+    *parents, last = path.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value
+    return json.dumps(record)
+
+
+OUT_OF_RANGE = [
+    ("l4.TCP.destination_port", -1, "flow.l4.TCP.destination_port: -1 is outside uint32"),
+    ("l4.TCP.source_port", 1 << 32, f"flow.l4.TCP.source_port: {1 << 32} is outside uint32"),
+    ("source.identity", -5, "flow.source.identity: -5 is outside uint32"),
+    ("destination.identity", "4294967296", "flow.destination.identity: 4294967296 is outside uint32"),
+    ("event_type.type", 1 << 31, f"flow.event_type.type: {1 << 31} is outside int32"),
+    ("socket_cookie", "-1", "flow.socket_cookie: -1 is outside uint64"),
+    ("cgroup_id", str(1 << 64), f"flow.cgroup_id: {1 << 64} is outside uint64"),
+    ("l7.latency_ns", "-5", "flow.l7.latency_ns: -5 is outside uint64"),
+    ("time", "1500-01-01T00:00:00Z", "flow.time: '1500-01-01T00:00:00Z' is outside the times"),
+    ("time", "2300-01-01T00:00:00Z", "flow.time: '2300-01-01T00:00:00Z' is outside the times"),
+]
+
+
+def test_values_outside_their_proto_types_are_bad_lines_naming_the_field(tmp_path: Path) -> None:
+    good = good_lines(len(OUT_OF_RANGE) + 2)
+    lines = [good[0]]
+    for index, (path, value, _) in enumerate(OUT_OF_RANGE, start=1):
+        lines.append(with_value(good[index], path, value))
+    lines.append(with_value(good[-1], "socket_cookie", str((1 << 64) - 1)))  # a uint64 beyond int64: stored
+    data = ("\n".join(lines) + "\n").encode()
+    for decoded in (
+        normalize_json_lines(data, path="flows.json"),  # the block parser, then the lines it refused
+        normalize_json_texts(list(enumerate(lines, start=1)), path="flows.json"),  # line by line
+    ):
+        messages = [str(error) for error in decoded.errors]
+        assert len(messages) == len(OUT_OF_RANGE), messages
+        for number, (message, (_, _, expected)) in enumerate(
+            zip(messages, OUT_OF_RANGE, strict=True), start=2
+        ):
+            assert f"flows.json:{number}" in message and expected in message, message
+        assert decoded.flows.num_rows == 2
+        assert [v for v in decoded.flows.column("socket_cookie").to_pylist() if v] == [(1 << 64) - 1]
+    # and through the command: bad lines reported, the good ones stored, no pyarrow message
+    source = tmp_path / "flows.json"
+    source.write_bytes(data)
+    result = invoke("ingest", str(source), "--dataset", str(tmp_path / "data"))
+    assert result.exit_code == 0, result.output
+    assert f"{source}:2: flow.l4.TCP.destination_port: -1 is outside uint32" in result.output
+    assert "Arrow" not in result.output
+    assert stored_flows(tmp_path / "data") == 2

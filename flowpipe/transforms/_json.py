@@ -34,6 +34,7 @@ from flowpipe.transforms._json_schema import (
     canonical_type,
     canonicalize,
     guess_layout,
+    out_of_range,
     parse_schema,
     sentinels,
 )
@@ -199,6 +200,8 @@ def _decode_block(
         return DecodedEvents()
     if layout == FULL:
         lines = canonicalize(lines)
+    if out_of_range(lines):
+        raise pa.ArrowInvalid("an integer outside its proto type")  # the per-line path names the field
     decoded = decode_canonical(lines, cluster_name=cluster_name)
     if decoded.unknown_events:
         # `{}`, an event kind flowpipe does not know, or a JSON `null` (not an object: an error), which pyarrow
