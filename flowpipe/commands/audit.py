@@ -15,6 +15,13 @@ from flowpipe.policy.load import load_policies
 from flowpipe.query.engine import open_engine
 
 FINDINGS_EXIT_CODE = 1
+INVALID_INPUT_EXIT_CODE = 2
+
+
+class InvalidPolicyInput(click.ClickException):
+    """Policy files that cannot be read or understood: exit status 2, apart from findings (1)."""
+
+    exit_code = INVALID_INPUT_EXIT_CODE
 
 
 @click.command("audit")
@@ -27,7 +34,7 @@ FINDINGS_EXIT_CODE = 1
     help="Exit with status 1 when a finding is at or above this severity.",
 )
 @dataset_option
-@format_option("table", "json")
+@format_option("table", "json", "jsonl")
 def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str) -> None:
     """Check Kubernetes and Cilium policy files for known pitfalls.
 
@@ -38,11 +45,18 @@ def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str
     \b
     Examples:
       flowpipe audit policies/
-      flowpipe audit policies/ --fail-on medium --format json
+      flowpipe audit policies/ --fail-on medium -o jsonl
+
+    Exit status: 0 when no finding is at or above --fail-on; 1 when one is (or the dataset cannot be read); 2
+    when the policy input is invalid (a file that is missing, not YAML or not a policy; no policy found) or a
+    flag is wrong, so CI tells a finding from a broken input.
     """
-    policies = load_policies(paths)
+    try:
+        policies = load_policies(paths)
+    except PolicyError as exc:
+        raise InvalidPolicyInput(str(exc)) from exc
     if not policies:
-        raise PolicyError(f"no policies found in {', '.join(paths)}")
+        raise InvalidPolicyInput(f"no policies found in {', '.join(paths)}")
     with open_engine(dataset, require_flows=False) as engine:
         inventory = (
             Inventory.from_rows(engine.run(INVENTORY_SQL, question="observed workloads"))
@@ -54,6 +68,9 @@ def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str
     findings = audit_policies(policies, inventory)
     if output_format == "json":
         click.echo(json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False))
+    elif output_format == "jsonl":
+        for finding in findings:
+            click.echo(json.dumps(finding.to_dict(), ensure_ascii=False))
     else:
         table = pa.Table.from_pylist(
             [

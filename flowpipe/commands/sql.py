@@ -31,7 +31,7 @@ from flowpipe.query.engine import open_engine
     "network (DuckDB's defaults). Without it, only the dataset can be read.",
 )
 @dataset_option
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def sql(
     statement: str,
     param_options: tuple[str, ...],

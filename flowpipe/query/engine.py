@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from flowpipe._resources import apply_duckdb_limits
 from flowpipe.compact import visible_part_files
 from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
@@ -385,6 +386,7 @@ def _connect() -> duckdb.DuckDBPyConnection:
     # No progress bar: it would write into stdout, which carries --format json/csv results.
     con = duckdb.connect(":memory:")
     con.execute("SET enable_progress_bar = false")
+    apply_duckdb_limits(con)  # the container's memory and CPU limits, not the host's
     try:
         # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
         con.execute("SET TimeZone = 'UTC'")
