@@ -278,7 +278,7 @@ def check_dataset_location(dataset: Dataset) -> None:
     root = Path(dataset.root)
     try:
         os.stat(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # said below, with what to do
         pass
     except OSError as exc:  # a name too long, a loop of links: nothing can be stored there
         raise DatasetWriteError(

@@ -472,7 +472,7 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
         path = Path(text)
         try:
             os.stat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # said below
             pass
         except OSError as exc:  # a name too long, a loop of links
             raise SourceError(f"{text}: cannot read: {exc.strerror or exc}") from exc
