@@ -231,11 +231,12 @@ def _http_kind(answer: bytes) -> str:
     return "unknown"
 
 
-def _speaks_tls(host: str, port: int, timeout: float) -> bool:
-    sock = _connect(host, port, timeout)
+def _speaks_tls(host: str, port: int, deadline: float) -> bool:
+    sock = _connect(host, port, _left(deadline))
     if isinstance(sock, Diagnosis):
         return False
     try:
+        sock.settimeout(_left(deadline))
         with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
             return True
     except (OSError, ssl.SSLError):
@@ -244,29 +245,52 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
         sock.close()
 
 
+def _left(deadline: float) -> float:
+    """Seconds until `deadline` (a `time.monotonic()` value), at least a little: a socket timeout."""
+    return max(0.01, deadline - time.monotonic())
+
+
+def _silent(where: str, timeout: float) -> Diagnosis:
+    return Diagnosis(
+        f"{where} accepted the connection but answered nothing within {round(timeout, 1):g}s: is it a Hubble relay (and "
+        "up)? check --relay",
+        True,
+        "silent",
+    )
+
+
 def diagnose(address: str, tls: RelayTLS | None, *, timeout: float = 5.0) -> Diagnosis | None:
-    """Find out with plain sockets why a connection to `address` fails; None when the transport looks fine."""
+    """Find out with plain sockets why a connection to `address` fails; None when the transport looks fine.
+
+    `timeout` bounds the whole diagnosis (every connection and read it makes)."""
+    deadline = time.monotonic() + timeout
     host, port = split_address(address)
     where = f"{address}"
     sock = _connect(host, port, timeout)
     if isinstance(sock, Diagnosis):
         return sock
     try:
+        sock.settimeout(_left(deadline))
         if tls is None:
-            return _diagnose_plaintext(sock, host, port, where, timeout)
-        return _diagnose_tls(sock, host, where, tls)
+            return _diagnose_plaintext(sock, host, port, where, deadline, timeout)
+        return _diagnose_tls(sock, host, where, tls, timeout)
     finally:
         sock.close()
 
 
 def _diagnose_plaintext(
-    sock: socket.socket, host: str, port: int, where: str, timeout: float
+    sock: socket.socket, host: str, port: int, where: str, deadline: float, timeout: float
 ) -> Diagnosis | None:
+    silent = False
     try:
         sock.sendall(_HTTP2_PREFACE)
-        answer = _recv_some(sock)
+        answer = sock.recv(64)
+    except TimeoutError:
+        answer, silent = b"", True
     except OSError:
         answer = b""
+    if silent:
+        return _silent(where, timeout)
     kind = _http_kind(answer)
     if kind == "http2":
         return None
@@ -277,7 +301,7 @@ def _diagnose_plaintext(
             False,
             "http1",
         )
-    if kind == "tls" or _speaks_tls(host, port, timeout):
+    if kind == "tls" or _speaks_tls(host, port, deadline):
         return Diagnosis(
             f"{where} speaks TLS but a plaintext connection was asked for: pass --tls-ca (and --tls-cert/--tls-key "
             "when the relay requires client certificates), or use the relay's plaintext port",
@@ -295,7 +319,9 @@ _TLS_PLAINTEXT_REASONS = (
 )
 
 
-def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> Diagnosis | None:
+def _diagnose_tls(
+    sock: socket.socket, host: str, where: str, tls: RelayTLS, timeout: float
+) -> Diagnosis | None:
     name = tls.server_name or host
     try:
         context = _tls_context(tls, verify=True)
@@ -309,6 +335,8 @@ def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> 
         return _verification_failure(exc, where, name, tls)
     except ssl.SSLError as exc:
         return _handshake_failure(exc, where, tls)
+    except TimeoutError:
+        return _silent(where, timeout)
     except (ConnectionResetError, BrokenPipeError, EOFError) as exc:
         return Diagnosis(
             f"{where} closed the connection during the TLS handshake ({exc}): it may not speak TLS, or it rejected "
