@@ -8,6 +8,7 @@ Library code raises `FlowpipeError`; this module is the one place that turns it 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,11 @@ class FlowpipeGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        if ctx.params.get("log_level") != "debug":
+            # gRPC's own log lines (a failed handshake from ssl_transport_security.cc, its handshaker factory)
+            # would reach stderr before flowpipe's message that says what is wrong. gRPC reads this when it is
+            # imported, which no command has done yet (they import it when they run); a user's value wins.
+            os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
