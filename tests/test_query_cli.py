@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from flowdata import synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
+from flowpipe.dataset import Dataset
 from flowpipe.model import FLOW_SCHEMA
 
 WINDOW = ["--since", "2024-01-01", "--until", "2025-01-01"]
@@ -437,7 +438,7 @@ def test_allow_external_access_lifts_the_lock(
 ) -> None:
     written = tmp_path / "out.csv"
     refused = invoke("sql", f"COPY (SELECT count(*) AS n FROM flows) TO '{written}'", "--dataset", dataset)
-    assert refused.exit_code == 1 and "Permission" in refused.output and not written.exists()
+    assert refused.exit_code == 1 and "COPY statements may not run" in refused.output and not written.exists()
     result = ok(
         "sql",
         f"COPY (SELECT count(*) AS n FROM flows) TO '{written}'",
@@ -446,6 +447,20 @@ def test_allow_external_access_lifts_the_lock(
         "--allow-external-access",
     )
     assert written.read_text().split() == ["n", str(len(rows))], result.output
+
+
+def test_sql_cannot_overwrite_the_datasets_own_part_files(tmp_path: Path) -> None:
+    # the part files are the paths DuckDB may open; a COPY onto one is refused before it runs
+    root = tmp_path / "data"
+    write_dataset(root, synthetic_flows(20))
+    part = Dataset(root).list_part_files("flows")[0]
+    before = Path(part).read_bytes()
+    for options in ("(FORMAT csv, USE_TMP_FILE false)", "(FORMAT parquet, USE_TMP_FILE false)"):
+        result = invoke(
+            "sql", f"SELECT 1; COPY (SELECT 1 AS x) TO '{part}' {options}", "--dataset", str(root)
+        )
+        assert result.exit_code == 1 and "COPY statements may not run" in result.output, result.output
+    assert Path(part).read_bytes() == before
 
 
 def test_terminal_escapes_in_flow_text_are_shown_escaped(tmp_path: Path) -> None:

@@ -34,10 +34,12 @@ What SQL may touch: the engine is for reading the dataset. Once the views are de
 access is turned off (`enable_external_access = false`) and the configuration locked, with the listed part
 files as the only allowed paths. A statement can read the views and the dataset's part files, nothing else:
 no other file (`read_csv('/etc/passwd')`), no writing (`COPY ... TO`, `EXPORT DATABASE`), no other
-database (`ATTACH`), no extension download (`INSTALL`), no network, and no `SET` that would lift it. Part
-files on an object store are read by pyarrow (a registered Arrow dataset), never by DuckDB. `refresh()`
-opens a new connection (the allowed paths of a locked one cannot grow). `external_access=True` (the
-`--allow-external-access` option of `flowpipe sql`) leaves DuckDB's defaults as they are.
+database (`ATTACH`), no extension download (`INSTALL`), no network, and no `SET` that would lift it; `COPY`,
+`EXPORT`, `ATTACH`, `DETACH` and `INSTALL`/`LOAD` are refused before they run (a COPY could otherwise
+overwrite one of the allowed part files). Part files on an object store are read by pyarrow (a registered
+Arrow dataset), never by DuckDB. `refresh()` opens a new connection (the allowed paths of a locked one cannot
+grow). `external_access=True` (the `--allow-external-access` option of `flowpipe sql`) leaves DuckDB's
+defaults as they are.
 """
 
 from __future__ import annotations
@@ -308,6 +310,8 @@ class DuckDBEngine:
         wrapping Arrow's "Path does not exist"; either is retried when, and only when, a listed file is gone.
         """
         with translate_duckdb_errors(sql, question):
+            if not self.external_access:
+                _refuse_writes(sql, question)
             return self._retrying(lambda: self._run(sql, params))
 
     def _run(self, sql: str, params: Mapping[str, object] | None) -> pa.Table:
@@ -379,6 +383,28 @@ def table_columns(view: str) -> list[tuple[str, str, str]]:
     with DuckDBEngine(None) as engine:
         types = engine._sql_types[view]
     return [(field.name, types[field.name], str(field.type)) for field in schema]
+
+
+_WRITING_STATEMENTS = frozenset(
+    getattr(duckdb.StatementType, name)
+    for name in ("COPY", "EXPORT", "ATTACH", "DETACH", "LOAD", "COPY_DATABASE", "EXTENSION")
+    if hasattr(duckdb.StatementType, name)
+)
+"""Statements that write files or reach beyond the dataset: refused before they run (the lock refuses the others
+too, except a COPY onto one of the dataset's own part files, which are allowed paths)."""
+
+
+def _refuse_writes(sql: str, question: str | None) -> None:
+    """QueryError when `sql` holds a statement that writes files, attaches a database or loads an extension."""
+    refused = [s.type.name for s in duckdb.extract_statements(sql) if s.type in _WRITING_STATEMENTS]
+    if refused:
+        what = f"question {question}" if question else "SQL"
+        raise QueryError(
+            f"{what} refused: {', '.join(refused)} statements may not run here (SQL reads the dataset and nothing "
+            "else; `flowpipe sql --allow-external-access` lifts that)",
+            question=question,
+            sql=sql,
+        )
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
