@@ -12,7 +12,9 @@ commands such as `query --list` that must not import pyarrow):
 - `jsonl`: the same objects, one per line and nothing else (JSON Lines, for `jq` and other line tools).
 - `csv`: a header row, then one row per record. NULL is an empty field; lists, structs and maps are compact
   JSON; timestamps as in JSON; booleans `true`/`false`.
-- `table`: a rich table with a row count caption; cell text is never read as rich markup. A result too wide
+- `table`: a rich table with a row count caption; cell text is never read as rich markup, and control
+  characters in it (terminal escape sequences, newlines, carriage returns, also in column names) are shown
+  escaped (`\x1b`, `\n`), so text from flows cannot move the cursor, recolour or rewrite the terminal. A result too wide
   for the terminal (each text column at least `_MIN_TEXT_WIDTH` characters, numbers and times whole) is
   shown one record at a time instead, a `column  value` line per column, as psql's expanded mode does; its
   lines carry no trailing padding.
@@ -144,7 +146,10 @@ def print_table(table: pa.Table | Records, out: TextIO, *, title: str | None = N
     view = Table(title=title, caption=caption, show_lines=False)
     for name, is_numeric, is_atomic in zip(names, numeric, atomic, strict=True):
         view.add_column(
-            Text(name), justify="right" if is_numeric else "left", overflow="fold", no_wrap=is_atomic
+            Text(printable(name)),
+            justify="right" if is_numeric else "left",
+            overflow="fold",
+            no_wrap=is_atomic,
         )
     for cells in records:
         view.add_row(*cells)
@@ -202,7 +207,7 @@ def _print_expanded(
         grid.add_column(no_wrap=True, style="bold")
         grid.add_column(overflow="fold")
         for name, cell in zip(names, cells, strict=True):
-            grid.add_row(Text(name), cell)
+            grid.add_row(Text(printable(name)), cell)
         for line in console.render_lines(grid, pad=False, new_lines=False):
             while line and not line[-1].text.strip() and not line[-1].control:
                 line.pop()
@@ -297,24 +302,37 @@ def _pylist(column: pa.ChunkedArray) -> list[Any]:
     return values
 
 
+_CONTROL_ESCAPES = {
+    code: ("\\n" if code == 10 else "\\t" if code == 9 else "\\r" if code == 13 else f"\\x{code:02x}")
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+}
+"""C0 and C1 control characters and DEL, each as a visible escape (`\x1b`, `\n`); for terminal text."""
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped: safe to print on a terminal."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _cell(value: Any) -> Text:
-    if value is None:
-        return Text("–", style="dim")
+    text = None if value is None else _cell_text(value)
+    return Text("–", style="dim") if text is None else Text(printable(text))
+
+
+def _cell_text(value: Any) -> str | None:
     if isinstance(value, datetime):
-        return Text(_short_datetime(value))
+        return _short_datetime(value)
     if isinstance(value, list):
         items = (json_value(v) for v in value)
-        return Text(
-            ", ".join("–" if v is None else v if isinstance(v, str) else json.dumps(v) for v in items)
-        )
+        return ", ".join("–" if v is None else v if isinstance(v, str) else json.dumps(v) for v in items)
     converted = json_value(value)
     if isinstance(converted, bool):
-        return Text("true" if converted else "false")
+        return "true" if converted else "false"
     if isinstance(converted, dict):
-        return Text(json.dumps(converted, ensure_ascii=False))
+        return json.dumps(converted, ensure_ascii=False)
     if converted is None:
-        return Text("–", style="dim")
-    return Text(str(converted))
+        return None
+    return str(converted)
 
 
 def render_to_string(table: pa.Table | Records, output_format: str) -> str:

@@ -47,11 +47,14 @@ class FlowDataset:
         *,
         sql_dir: str | os.PathLike[str] | None = None,
         require_flows: bool = True,
+        external_access: bool = False,
     ) -> None:
         from flowpipe.query.engine import open_engine
 
         self.catalog: Catalog = load_questions(Path(sql_dir) if sql_dir is not None else None)
-        self._engine: DuckDBEngine = open_engine(dataset, require_flows=require_flows)
+        self._engine: DuckDBEngine = open_engine(
+            dataset, require_flows=require_flows, external_access=external_access
+        )
 
     @property
     def location(self) -> str:
@@ -119,10 +122,13 @@ def open_dataset(
     *,
     sql_dir: str | os.PathLike[str] | None = None,
     require_flows: bool = True,
+    external_access: bool = False,
 ) -> FlowDataset:
     """Open `dataset` (a folder or an object-store URL) for questions.
 
     `sql_dir` replaces the shipped questions with a folder of your own; `require_flows=False` opens a dataset
-    that holds no flows yet (its questions return no rows) instead of raising `EmptyDatasetError`.
+    that holds no flows yet (its questions return no rows) instead of raising `EmptyDatasetError`. SQL reads
+    the dataset and nothing else, as `flowpipe sql` does; `external_access=True` lets it read and write other
+    files and reach the network (`flowpipe sql --allow-external-access`).
     """
-    return FlowDataset(dataset, sql_dir=sql_dir, require_flows=require_flows)
+    return FlowDataset(dataset, sql_dir=sql_dir, require_flows=require_flows, external_access=external_access)

@@ -8,6 +8,7 @@ Library code raises `FlowpipeError`; this module is the one place that turns it 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,8 +55,8 @@ class _LazyCommands(dict[str, click.Command]):
 
 
 class FlowpipeGroup(click.Group):
-    """A click group that reports `FlowpipeError` as a one-line message instead of a traceback, and loads each
-    command's module only when that command is used."""
+    """A click group that reports `FlowpipeError` (and an `OSError` naming a file) as a one-line message
+    instead of a traceback, and loads each command's module only when that command is used."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -69,12 +70,23 @@ class FlowpipeGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        if ctx.params.get("log_level") != "debug":
+            # gRPC's own log lines (a failed handshake from ssl_transport_security.cc, its handshaker factory)
+            # would reach stderr before flowpipe's message that says what is wrong. gRPC reads this when it is
+            # imported, which no command has done yet (they import it when they run); a user's value wins.
+            os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
             raise click.UsageError(str(exc), self._failed_command_context(ctx)) from exc
         except FlowpipeError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            # A file the command was pointed at that the system refuses (a name too long, a read-only file
+            # system) and no code path turned into a FlowpipeError: still a message naming it, not a traceback.
+            if exc.filename is None:
+                raise
+            raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from exc
 
     def _failed_command_context(self, ctx: click.Context) -> click.Context:
         """A context of the command that failed, so the usage line and `--help` hint name that command."""

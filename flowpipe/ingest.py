@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from flowpipe._leases import Lease, take_lease
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.dataset import Dataset
-from flowpipe.errors import ConfigError, FlowDecodeError, SourceError
+from flowpipe.errors import ConfigError, DatasetWriteError, FlowDecodeError, SourceError
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
 from flowpipe.sinks.parquet import ParquetSink
@@ -276,6 +276,14 @@ def check_dataset_location(dataset: Dataset) -> None:
     if not dataset.is_local:
         return
     root = Path(dataset.root)
+    try:
+        os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):  # said below, with what to do
+        pass
+    except OSError as exc:  # a name too long, a loop of links: nothing can be stored there
+        raise DatasetWriteError(
+            f"dataset {root} cannot be used: {exc.strerror or exc}", path=str(root)
+        ) from exc
     if root.exists() and not root.is_dir():
         raise ConfigError(
             f"dataset {root} is a file, not a dataset folder: point --dataset / FLOWPIPE_DATASET at a folder "

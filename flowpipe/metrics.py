@@ -8,7 +8,9 @@ verdicts, updated by `flowpipe.sinks.prometheus.PrometheusSink`). Names follow
 
 Labels are bounded: enum values (verdict, direction, reason class, rcode), small fixed sets (reasons, stages),
 namespaces capped by the Prometheus sink (top N, the rest `other`), and node names (bounded by cluster size,
-capped at `MAX_NODE_LABELS`). Never pods, IPs or ports. An enum label uses `unknown` for the enum's zero
+capped at `MAX_NODE_LABELS`). Every label whose values come from the flows is capped (`BoundedLabel`): enum
+labels keep their known names and admit `MAX_ENUM_LABELS` others, clusters `MAX_CLUSTER_LABELS`. Never pods,
+IPs or ports. An enum label uses `unknown` for the enum's zero
 value. No legend is blank: a flow end without a namespace (world, host, remote node) counts as `NO_NAMESPACE`,
 a flow without a traffic direction as `NO_DIRECTION`, a flow without a cluster name as `NO_CLUSTER`, lost events
 without a node as `NO_NODE`; none of them can be a real namespace, direction, cluster or node name.
@@ -67,6 +69,11 @@ MAX_NODE_LABELS = 1000
 """Node names become label values of the lost-events counter; past this many, the rest count as `other`."""
 MAX_REASON_LABELS = 32
 """Free-form reasons (decode errors, flowpipe drops, error types, `why`) beyond this many count as `other`."""
+MAX_ENUM_LABELS = 16
+"""Names of an enum label (verdict, direction, lost-event source) that flowpipe does not know (a newer Hubble)
+beyond this many count as `other`; the known names always keep theirs."""
+MAX_CLUSTER_LABELS = 100
+"""Cluster names (from the flows' node names) beyond this many count as `other`."""
 OTHER = "other"
 UNKNOWN = "unknown"
 NO_NAMESPACE = "(no namespace)"
@@ -195,24 +202,54 @@ def series_names(*, role: Role | None = None) -> frozenset[str]:
 class BoundedLabel:
     """Admits at most `limit` distinct label values; later newcomers become `other`. Thread-safe.
 
+    `known` values (an enum's names, a placeholder such as `unknown`) always keep their name and take no room:
+    only values the code does not expect (a newer Hubble's enum name, or a flood of made-up ones) are counted.
+
     >>> reasons = BoundedLabel(2)
     >>> [reasons("a"), reasons("b"), reasons("c"), reasons("a")]
     ['a', 'b', 'other', 'a']
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, known: Iterable[str] = ()) -> None:
         self.limit = limit
+        self.known = frozenset(known)
         self._admitted: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
-        if value in self._admitted:
+        if value in self._admitted or value in self.known:
             return value
         with self._lock:
             if len(self._admitted) < self.limit:
                 self._admitted.add(value)
                 return value
         return OTHER
+
+    def column(self, values: pa.Array) -> pa.Array:
+        """`values` (strings, no nulls) with every value this label does not admit as `other`; vectorized: one
+        call per distinct value, none per row."""
+        distinct = pc.unique(values).to_pylist()
+        kept = [value for value in distinct if self(value) == value]
+        if len(kept) == len(distinct):
+            return values
+        return pc.if_else(pc.is_in(values, value_set=pa.array(kept, pa.string())), values, OTHER)
+
+
+def _data_label_caps() -> dict[str, BoundedLabel]:
+    """One cap per label whose values come from the flows (the namespace has its own, `NamespaceCap`)."""
+    from flowpipe.transforms._enums import enum_names
+
+    def names(enum: str) -> list[str]:
+        return list(enum_names(enum).values())
+
+    return {
+        "verdict": BoundedLabel(MAX_ENUM_LABELS, [*names("Verdict"), UNKNOWN]),
+        "direction": BoundedLabel(MAX_ENUM_LABELS, [*names("TrafficDirection"), NO_DIRECTION]),
+        "source": BoundedLabel(
+            MAX_ENUM_LABELS, [label_token(name.lower()) for name in names("LostEventSource")] + [UNKNOWN]
+        ),
+        "cluster": BoundedLabel(MAX_CLUSTER_LABELS, [NO_CLUSTER]),
+    }
 
 
 _LABEL_SAFE = re.compile(r"[^A-Za-z0-9_]+")
@@ -299,6 +336,7 @@ class PipelineMetrics:
     _times: _LiveState
     _nodes: BoundedLabel
     _reasons: BoundedLabel
+    _caps: dict[str, BoundedLabel]
     _unexpected_lock: threading.Lock
     _gate: _ZeroFirstGate | None = None
 
@@ -343,6 +381,7 @@ class PipelineMetrics:
             _times=times,
             _nodes=BoundedLabel(MAX_NODE_LABELS),
             _reasons=BoundedLabel(MAX_REASON_LABELS),
+            _caps=_data_label_caps(),
             _unexpected_lock=threading.Lock(),
             _gate=gate,
             **built,
@@ -352,6 +391,11 @@ class PipelineMetrics:
             for values in label_sets:
                 getattr(metrics, attr).labels(*values)
         return metrics
+
+    def bounded(self, label: str, values: pa.Array) -> pa.Array:
+        """A column of values for `label` (`verdict`, `direction`, `source`, `cluster`) taken from the flows,
+        capped as the namespace label is: newcomers past the label's limit become `other`."""
+        return self._caps[label].column(values)
 
     # -- what the source delivered ----------------------------------------------------------------------
 
@@ -368,7 +412,7 @@ class PipelineMetrics:
         """Count flows received, by verdict (one vectorized value count per batch, not per row)."""
         if table.num_rows == 0:
             return
-        verdicts = pc.fill_null(table.column("verdict"), UNKNOWN)
+        verdicts = self.bounded("verdict", pc.fill_null(table.column("verdict"), UNKNOWN))
         for item in pc.value_counts(verdicts).to_pylist():
             self.flows_received.labels(verdict=item["values"]).inc(item["counts"])
 
@@ -381,7 +425,7 @@ class PipelineMetrics:
         """Add `count` lost events for one source name (e.g. `HUBBLE_RING_BUFFER`) and node."""
         if count <= 0:
             return
-        label = label_token((source or "").lower(), default=UNKNOWN)
+        label = self._caps["source"](label_token((source or "").lower(), default=UNKNOWN))
         self.hubble_lost_events.labels(source=label, node=self._nodes(node or NO_NODE)).inc(count)
 
     def record_decode_errors(self, errors: Iterable[Exception]) -> None:
@@ -476,13 +520,16 @@ class PipelineMetrics:
         goes to `flowpipe_expected_drops`."""
         unexpected: dict[tuple[str, str], float] = {}
         expected: dict[str, float] = {}
-        names = {cluster or NO_CLUSTER for cluster in clusters} | {c or NO_CLUSTER for c, _ in counts}
+        cap = self._caps["cluster"]
+        names = {cap(cluster or NO_CLUSTER) for cluster in clusters} | {
+            cap(c or NO_CLUSTER) for c, _ in counts
+        }
         for cluster in names or {NO_CLUSTER}:
             expected[cluster] = 0.0
             for why in UNEXPECTED_WHYS:
                 unexpected[(cluster, why)] = 0.0
         for (cluster, why), value in counts.items():
-            name = cluster or NO_CLUSTER
+            name = cap(cluster or NO_CLUSTER)
             if why == EXPECTED_WHY:
                 expected[name] += float(value)
                 continue

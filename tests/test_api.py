@@ -99,3 +99,14 @@ def test_errors_are_flowpipe_errors(small: Path, tmp_path: Path) -> None:
             data.question("top_talker")
         with pytest.raises(QuestionParameterError, match="no parameter lmit"):
             data.question("top_talkers", lmit=3)
+
+
+def test_sql_reads_the_dataset_and_nothing_else_unless_allowed(small: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    copy = f"COPY (SELECT count(*) AS n FROM flows) TO '{target}'"
+    with flowpipe.open_dataset(small) as data, pytest.raises(flowpipe.FlowpipeError, match="COPY"):
+        data.sql(copy)
+    assert not target.exists()
+    with flowpipe.open_dataset(small, external_access=True) as data:
+        data.sql(copy)
+    assert target.read_text().splitlines()[0] == "n"

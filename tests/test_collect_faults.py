@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -253,6 +254,45 @@ def test_a_wrong_port_is_retried_then_reported_with_a_startup_timeout(tmp_path: 
     code, output = run_collect("--relay", f"127.0.0.1:{port}", "--dataset", str(tmp_path))
     assert code == 1
     assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in output
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts connections and never sends a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()
+
+
+def test_the_startup_timeout_bounds_a_peer_that_stays_silent(tmp_path: Path, silent_peer: int) -> None:
+    # The call, the diagnosis of its failure and the waits between tries share the startup timeout (a silent
+    # peer used to hold each call for its own deadline, then each socket check of the diagnosis for 5 s more).
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        cli,
+        ["collect", "--startup-timeout-seconds", "2", "--metrics-address", "off", "--relay",
+         f"127.0.0.1:{silent_peer}", "--dataset", str(tmp_path)],
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert f"127.0.0.1:{silent_peer} accepted the connection but answered nothing" in result.output
+    assert elapsed < 2 * 2 + 2, f"a 2 s startup timeout took {elapsed:.1f} s"
 
 
 def test_an_unknown_host_is_reported(tmp_path: Path) -> None:

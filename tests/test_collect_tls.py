@@ -5,6 +5,9 @@ What connects, what is refused, and that every refusal says why (TLS is never gi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from _collect_support import (
     wait_until,
 )
 from click.testing import CliRunner
+from cryptography import x509
 
 from flowpipe.cli import cli
 from flowpipe.server import ObserverServer, TestPKI, generate_test_pki
@@ -138,3 +142,36 @@ def test_a_missing_key_file_is_named(mtls_relay: ObserverServer, pki: TestPKI, t
          "--tls-ca", str(pki.ca_cert), "--tls-cert", str(pki.client_cert), "--tls-key", str(tmp_path / "nope.key")],
     )  # fmt: skip
     assert result.exit_code == 2 and "cannot read the client key (--tls-key)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [("expired_server_cert", "expired on"), ("future_server_cert", "is not valid before")],
+)
+def test_a_relay_certificate_outside_its_validity_says_so_and_when(
+    pki: TestPKI, tmp_path: Path, which: str, expected: str
+) -> None:
+    certificate = getattr(pki, which)
+    with ObserverServer(tls=pki.server_tls(mutual=False, cert=certificate)) as server:
+        output = refused(server.address, tmp_path, "--tls-ca", str(pki.ca_cert))
+    when = x509.load_pem_x509_certificate(certificate.read_bytes())
+    moment = when.not_valid_after_utc if which == "expired_server_cert" else when.not_valid_before_utc
+    assert f"the certificate of {server.address} {expected} {moment:%Y-%m-%d %H:%M:%S} UTC" in output, output
+    assert "not trusted" not in output and "not signed by" not in output
+
+
+def test_grpc_log_lines_stay_off_stderr_unless_debugging(pki: TestPKI, tmp_path: Path) -> None:
+    def collect(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "flowpipe", *options, "collect", "--relay", server.address,
+             "--tls-ca", str(pki.ca_cert), "--metrics-address", "off", "--dataset", str(tmp_path)],
+            capture_output=True, text=True, check=False,
+            env={key: value for key, value in os.environ.items() if not key.startswith("GRPC_")},
+        )  # fmt: skip
+
+    with ObserverServer(tls=pki.server_tls(mutual=False, cert=pki.expired_server_cert)) as server:
+        quiet, debug = collect(), collect("--log-level", "debug")
+    assert quiet.returncode == 1 and "expired on" in quiet.stderr
+    assert quiet.stderr.splitlines()[-1].startswith("Error: "), quiet.stderr
+    assert "ssl_transport_security" not in quiet.stderr and "andshake" not in quiet.stderr, quiet.stderr
+    assert debug.returncode == 1 and "ssl_transport_security" in debug.stderr  # gRPC's own view, when asked

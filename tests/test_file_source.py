@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +316,52 @@ def test_too_long_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     table, _ = read_all(source)
     assert uuid_list(table) == ["a", "c"]
     assert source.summary.lines_skipped == {"line_too_long": 1}
+
+
+def padded_line(uuid: str, length: int) -> str:
+    """A flow line of exactly `length` bytes (without its newline)."""
+    line = flow_line(uuid)
+    return line[:-1] + " " * (length - len(line)) + "}"
+
+
+@pytest.mark.parametrize("block_bytes", [700, 1000, 3000, 50_000])
+def test_the_line_cap_is_exact_wherever_a_line_falls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    # Lines of the cap are read and one byte more are skipped, whether the line ends in the block it began in,
+    # in a later block, or lies inside a block larger than the cap.
+    cap = 3000
+    monkeypatch.setattr(file_module, "MAX_LINE_BYTES", cap)
+    lengths = {"a": cap, "b": cap + 1, "c": 400, "d": cap + 500, "e": cap, "f": 2 * cap + 7, "g": 300}
+    path = tmp_path / "lines.json"
+    path.write_text("".join(padded_line(uuid, length) + "\n" for uuid, length in lengths.items()))
+    source = FileSource([path], block_bytes=block_bytes)
+    table, batches = read_all(source)
+    assert uuid_list(table) == ["a", "c", "e", "g"]
+    skipped = [(e.line_number, e.reason) for b in batches for e in b.decode_errors]
+    assert skipped == [(2, "line_too_long"), (4, "line_too_long"), (6, "line_too_long")]
+    assert batches[-1].position.offset == path.stat().st_size  # every byte accounted for
+
+
+def test_a_line_over_the_cap_is_let_go_as_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line of 40 times the cap never sits in memory whole: what is held stays within the cap and one block.
+    cap, block = 100_000, 64 * 1024
+    monkeypatch.setattr(file_module, "MAX_LINE_BYTES", cap)
+    path = tmp_path / "huge.json"
+    with open(path, "w") as handle:
+        handle.write(flow_line("a") + "\n" + '{"flow": {"uuid": "')
+        handle.writelines("x" * cap for _ in range(40))
+        handle.write('"}}\n' + flow_line("c") + "\n")
+    source = FileSource([path], block_bytes=block)
+    tracemalloc.start()
+    try:
+        table, _ = read_all(source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert uuid_list(table) == ["a", "c"]
+    assert source.summary.lines_skipped == {"line_too_long": 1}
+    assert peak < 8 * (cap + block), peak  # far below the 4 MB line
 
 
 def test_missing_inputs_are_config_errors(tmp_path: Path) -> None:

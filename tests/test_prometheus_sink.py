@@ -13,7 +13,14 @@ from flowdata import flow, flows_table
 from prometheus_client import CollectorRegistry
 
 from flowpipe.errors import QueryError
-from flowpipe.metrics import NO_CLUSTER, NO_DIRECTION, NO_NAMESPACE, PipelineMetrics
+from flowpipe.metrics import (
+    MAX_CLUSTER_LABELS,
+    MAX_ENUM_LABELS,
+    NO_CLUSTER,
+    NO_DIRECTION,
+    NO_NAMESPACE,
+    PipelineMetrics,
+)
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
 from flowpipe.sinks.prometheus import (
@@ -380,6 +387,46 @@ def test_label_sets_stay_bounded_however_many_namespaces(registry: CollectorRegi
         for s in m.samples
     }
     assert len(namespaces) == 6 and "other" in namespaces
+
+
+def series_values(registry: CollectorRegistry, label: str) -> set[str]:
+    """Every value of `label` among the exported samples."""
+    return {s.labels[label] for m in registry.collect() for s in m.samples if label in s.labels}
+
+
+def test_every_label_taken_from_the_flows_is_capped(registry: CollectorRegistry) -> None:
+    # 3,000 made-up verdicts, directions, clusters and lost-event sources: a bounded number of series each,
+    # the known names and the first newcomers keep theirs.
+    metrics = PipelineMetrics.create(registry, role="collect")
+    sink = PrometheusSink(metrics, max_namespaces=5)
+    rows = [
+        flow(
+            verdict=f"VERDICT_{i}",
+            traffic_direction=f"DIRECTION_{i}",
+            cluster_name=f"cluster-{i}",
+            event_type=5,  # a policy verdict event: counted with its verdict and direction
+            source_namespace="shop",
+        )
+        for i in range(3000)
+    ]
+    rows.insert(0, drop(traffic_direction="EGRESS", source_namespace="shop", cluster_name="eu"))
+    table = flows_table(rows)
+    sink.write(table)
+    metrics.observe_flows(table)
+    for i in range(3000):
+        metrics.add_lost_events(f"SOURCE_{i}", "node-1", 1)
+    metrics.set_unexpected_drops({(f"cluster-x{i}", "regression"): 1 for i in range(3000)})
+    verdicts, directions = series_values(registry, "verdict"), series_values(registry, "direction")
+    clusters, sources = series_values(registry, "cluster"), series_values(registry, "source")
+    assert len(verdicts) <= MAX_ENUM_LABELS + 10 and "other" in verdicts and "DROPPED" in verdicts
+    assert len(directions) <= MAX_ENUM_LABELS + 5 and "other" in directions and "EGRESS" in directions
+    assert len(clusters) <= MAX_CLUSTER_LABELS + 2 and "other" in clusters and "eu" in clusters
+    assert len(sources) <= MAX_ENUM_LABELS + 10 and "other" in sources
+    # nothing is lost: the folded values are counted as `other`
+    received = sum(
+        s.value for m in registry.collect() for s in m.samples if s.name == "flowpipe_flows_received_total"
+    )
+    assert received == len(rows)
 
 
 def test_older_part_files_without_some_columns(sink: PrometheusSink, registry: CollectorRegistry) -> None:

@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from flowdata import synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
+from flowpipe.dataset import Dataset
 from flowpipe.model import FLOW_SCHEMA
 
 WINDOW = ["--since", "2024-01-01", "--until", "2025-01-01"]
@@ -400,3 +401,85 @@ def test_schema_table_and_lost_events() -> None:
     assert "drop_reason_desc" in out and "schema version" in out
     lost = json.loads(ok("schema", "--table", "lost_events", "--format", "json").stdout)
     assert "num_events_lost" in [c["column"] for c in lost]
+
+
+# -- what SQL may touch -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT * FROM read_csv('{secret}')",
+        "COPY (SELECT 1 AS n) TO '{written}'",
+        "ATTACH '{written}' AS other",
+        "INSTALL httpfs",
+        "SET enable_external_access = true",
+        "SELECT * FROM glob('{outside}/*')",
+    ],
+)
+def test_sql_reads_the_dataset_and_nothing_else(
+    dataset: str, rows: list[dict[str, Any]], tmp_path: Path, statement: str
+) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    written = tmp_path / "written.db"
+    text = statement.format(secret=secret, written=written, outside=tmp_path)
+    result = invoke("sql", text, "--dataset", dataset)
+    assert result.exit_code != 0
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+    assert not written.exists()
+    # the views still read the dataset in the same locked session
+    counted = ok("sql", "SELECT count(*) AS n FROM flows", "--dataset", dataset, "--format", "csv").stdout
+    assert counted == f"n\n{len(rows)}\n"
+
+
+def test_allow_external_access_lifts_the_lock(
+    dataset: str, rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    written = tmp_path / "out.csv"
+    refused = invoke("sql", f"COPY (SELECT count(*) AS n FROM flows) TO '{written}'", "--dataset", dataset)
+    assert refused.exit_code == 1 and "COPY statements may not run" in refused.output and not written.exists()
+    result = ok(
+        "sql",
+        f"COPY (SELECT count(*) AS n FROM flows) TO '{written}'",
+        "--dataset",
+        dataset,
+        "--allow-external-access",
+    )
+    assert written.read_text().split() == ["n", str(len(rows))], result.output
+
+
+def test_sql_cannot_overwrite_the_datasets_own_part_files(tmp_path: Path) -> None:
+    # the part files are the paths DuckDB may open; a COPY onto one is refused before it runs
+    root = tmp_path / "data"
+    write_dataset(root, synthetic_flows(20))
+    part = Dataset(root).list_part_files("flows")[0]
+    before = Path(part).read_bytes()
+    for options in ("(FORMAT csv, USE_TMP_FILE false)", "(FORMAT parquet, USE_TMP_FILE false)"):
+        result = invoke(
+            "sql", f"SELECT 1; COPY (SELECT 1 AS x) TO '{part}' {options}", "--dataset", str(root)
+        )
+        assert result.exit_code == 1 and "COPY statements may not run" in result.output, result.output
+    assert Path(part).read_bytes() == before
+
+
+def test_terminal_escapes_in_flow_text_are_shown_escaped(tmp_path: Path) -> None:
+    hostile = synthetic_flows(3)
+    for row in hostile:
+        row["source_namespace"] = "shop\x1b[2J\x1b]0;owned\x07\nfake row"
+    root = tmp_path / "data"
+    write_dataset(root, hostile)
+    for env in ({"COLUMNS": "200"}, {"COLUMNS": "30"}):  # a table, then record by record
+        out = ok(
+            "sql",
+            'SELECT source_namespace AS "ns\x1b[1m" FROM flows LIMIT 1',
+            "--dataset",
+            str(root),
+            env=env,
+        ).stdout
+        assert "\x1b" not in out and "\x07" not in out
+        assert "\\x1b[2J" in out and "\\nfake row" in out and "1 row" in out
+    json_out = ok(
+        "sql", "SELECT source_namespace FROM flows LIMIT 1", "--dataset", str(root), "--format", "json"
+    )
+    assert json.loads(json_out.stdout)[0]["source_namespace"] == hostile[0]["source_namespace"]

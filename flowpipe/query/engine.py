@@ -29,6 +29,17 @@ that does not exist is almost always a wrong `--dataset`, and silence would hide
 
 The file list is taken when the engine is created (and again on `refresh()`); part files written later are
 not seen until then.
+
+What SQL may touch: the engine is for reading the dataset. Once the views are defined, DuckDB's external
+access is turned off (`enable_external_access = false`) and the configuration locked, with the listed part
+files as the only allowed paths. A statement can read the views and the dataset's part files, nothing else:
+no other file (`read_csv('/etc/passwd')`), no writing (`COPY ... TO`, `EXPORT DATABASE`), no other
+database (`ATTACH`), no extension download (`INSTALL`), no network, and no `SET` that would lift it; `COPY`,
+`EXPORT`, `ATTACH`, `DETACH` and `INSTALL`/`LOAD` are refused before they run (a COPY could otherwise
+overwrite one of the allowed part files). Part files on an object store are read by pyarrow (a registered
+Arrow dataset), never by DuckDB. `refresh()` opens a new connection (the allowed paths of a locked one cannot
+grow). `external_access=True` (the `--allow-external-access` option of `flowpipe sql`) leaves DuckDB's
+defaults as they are.
 """
 
 from __future__ import annotations
@@ -122,6 +133,7 @@ class DuckDBEngine:
         *,
         filesystem: pafs.FileSystem | None = None,
         setup: Setup | None = None,
+        external_access: bool = False,
     ) -> None:
         if dataset is None or isinstance(dataset, Dataset):
             self.dataset = dataset
@@ -129,18 +141,12 @@ class DuckDBEngine:
             self.dataset = Dataset(dataset, filesystem=filesystem)
         self.files: dict[str, tuple[str, ...]] = {}
         self._setup = setup
-        # No progress bar: it would write into stdout, which carries --format json/csv results.
-        self._con = duckdb.connect(":memory:")
-        self._con.execute("SET enable_progress_bar = false")
-        apply_duckdb_limits(self._con)  # the container's memory and CPU limits, not the host's
-        try:
-            # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
-            self._con.execute("SET TimeZone = 'UTC'")
-        except duckdb.Error:  # a DuckDB build without ICU has no time zones and is UTC anyway
-            pass
+        self.external_access = external_access
+        self._con = _connect()
         try:
             self._sql_types = {view: self._duckdb_types(view, schema) for view, _, schema in _VIEWS}
-            self.refresh()
+            self._retrying(self._define_views, relist=False)
+            self._lock()
         except BaseException:
             self._con.close()
             raise
@@ -167,9 +173,37 @@ class DuckDBEngine:
 
         Defining the views reads the flows once (the probe of `install_views`); a part file that vanishes
         meanwhile (compaction or retention removed it after it was listed) makes it list again, up to
-        `MAX_ATTEMPTS` times.
+        `MAX_ATTEMPTS` times. Unless external access is allowed, the views go on a new connection, locked
+        once they are defined (a locked connection cannot allow the new part files).
         """
-        self._retrying(self._define_views, relist=False)
+        if self.external_access:
+            self._retrying(self._define_views, relist=False)
+            return
+        old = self._con
+        self._con = _connect()
+        try:
+            for view, _, schema in _VIEWS:
+                self._duckdb_types(view, schema)
+            self._retrying(self._define_views, relist=False)
+            self._lock()
+        except BaseException:
+            self._con.close()
+            self._con = old
+            raise
+        old.close()
+
+    def _lock(self) -> None:
+        """External access off and the configuration locked; the listed part files stay readable."""
+        if self.external_access:
+            return
+        allowed = sorted({path for files in self.files.values() for path in files}) if self._local else []
+        self._con.execute("SET allowed_paths = $paths", {"paths": allowed})
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    @property
+    def _local(self) -> bool:
+        return self.dataset is not None and self.dataset.is_local
 
     def _define_views(self) -> None:
         for view, table, schema in _VIEWS:
@@ -276,6 +310,8 @@ class DuckDBEngine:
         wrapping Arrow's "Path does not exist"; either is retried when, and only when, a listed file is gone.
         """
         with translate_duckdb_errors(sql, question):
+            if not self.external_access:
+                _refuse_writes(sql, question)
             return self._retrying(lambda: self._run(sql, params))
 
     def _run(self, sql: str, params: Mapping[str, object] | None) -> pa.Table:
@@ -313,9 +349,13 @@ def open_engine(
     require_flows: bool = True,
     filesystem: pafs.FileSystem | None = None,
     setup: Setup | None = None,
+    external_access: bool = False,
 ) -> DuckDBEngine:
-    """A `DuckDBEngine` over `dataset`; with `require_flows`, `EmptyDatasetError` when it has no flows yet."""
-    engine = DuckDBEngine(dataset, filesystem=filesystem, setup=setup)
+    """A `DuckDBEngine` over `dataset`; with `require_flows`, `EmptyDatasetError` when it has no flows yet.
+
+    `external_access` lets SQL reach files and the network beyond the dataset (see the module's docstring).
+    """
+    engine = DuckDBEngine(dataset, filesystem=filesystem, setup=setup, external_access=external_access)
     if require_flows and not engine.has_flows:
         engine.close()
         assert engine.dataset is not None
@@ -345,10 +385,48 @@ def table_columns(view: str) -> list[tuple[str, str, str]]:
     return [(field.name, types[field.name], str(field.type)) for field in schema]
 
 
+_WRITING_STATEMENTS = frozenset(
+    getattr(duckdb.StatementType, name)
+    for name in ("COPY", "EXPORT", "ATTACH", "DETACH", "LOAD", "COPY_DATABASE", "EXTENSION")
+    if hasattr(duckdb.StatementType, name)
+)
+"""Statements that write files or reach beyond the dataset: refused before they run (the lock refuses the others
+too, except a COPY onto one of the dataset's own part files, which are allowed paths)."""
+
+
+def _refuse_writes(sql: str, question: str | None) -> None:
+    """QueryError when `sql` holds a statement that writes files, attaches a database or loads an extension."""
+    refused = [s.type.name for s in duckdb.extract_statements(sql) if s.type in _WRITING_STATEMENTS]
+    if refused:
+        what = f"question {question}" if question else "SQL"
+        raise QueryError(
+            f"{what} refused: {', '.join(refused)} statements may not run here (SQL reads the dataset and nothing "
+            "else; `flowpipe sql --allow-external-access` lifts that)",
+            question=question,
+            sql=sql,
+        )
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    """A new in-memory connection: no progress bar, UTC."""
+    # No progress bar: it would write into stdout, which carries --format json/csv results.
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    apply_duckdb_limits(con)  # the container's memory and CPU limits, not the host's
+    try:
+        # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
+        con.execute("SET TimeZone = 'UTC'")
+    except duckdb.Error:  # a DuckDB build without ICU has no time zones and is UTC anyway
+        pass
+    return con
+
+
 def _maybe_vanished(exc: BaseException | None) -> bool:
     """True for the errors a part file removed under a running query raises (checked against a listing)."""
     while exc is not None:
-        if isinstance(exc, duckdb.IOException | duckdb.InvalidInputException | FileNotFoundError):
+        # a locked connection reports a listed file that is gone as a PermissionException (it globs for it)
+        vanished = duckdb.IOException | duckdb.InvalidInputException | duckdb.PermissionException
+        if isinstance(exc, vanished | FileNotFoundError):
             return True
         if isinstance(exc, pa.ArrowException) and "does not exist" in str(exc):
             return True

@@ -70,10 +70,15 @@ class TestPKI:
     other_client_cert: Path
     other_client_key: Path
     server_name: str
+    expired_server_cert: Path
+    """A server certificate of the CA, for the same names, that expired a day ago (key: `server_key`)."""
+    future_server_cert: Path
+    """A server certificate of the CA, for the same names, valid only from tomorrow (key: `server_key`)."""
 
-    def server_tls(self, mutual: bool = True) -> ServerTLSConfig:
-        """The server side of this PKI; `mutual` requires client certificates signed by the CA."""
-        return ServerTLSConfig(self.server_cert, self.server_key, self.ca_cert if mutual else None)
+    def server_tls(self, mutual: bool = True, *, cert: Path | None = None) -> ServerTLSConfig:
+        """The server side of this PKI; `mutual` requires client certificates signed by the CA. `cert` is
+        another server certificate for the same key (`expired_server_cert`, `future_server_cert`)."""
+        return ServerTLSConfig(cert or self.server_cert, self.server_key, self.ca_cert if mutual else None)
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -89,10 +94,13 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(
-        now + datetime.timedelta(days=days)
+def _validity(
+    builder: x509.CertificateBuilder, days: int, *, starts_in_days: float = 0
+) -> x509.CertificateBuilder:
+    """Valid from an hour ago (or `starts_in_days` from now, negative for the past) for `days` days."""
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=starts_in_days)
+    return builder.not_valid_before(start - datetime.timedelta(hours=1)).not_valid_after(
+        start + datetime.timedelta(days=days)
     )
 
 
@@ -133,11 +141,13 @@ def _make_leaf(
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
     days: int,
+    starts_in_days: float = 0,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert, ca_key = ca
-    key = _new_key()
+    key = key or _new_key()
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = _validity(x509.CertificateBuilder(), days)
+    builder = _validity(x509.CertificateBuilder(), days, starts_in_days=starts_in_days)
     builder = (
         builder.subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
@@ -192,13 +202,13 @@ def generate_test_pki(
     except OSError as exc:
         raise ObserverServerError(f"cannot create the TLS directory {root}: {exc}") from exc
     ca = _make_ca("flowpipe test CA", valid_days)
-    server = _make_leaf(
-        server_name,
-        ca,
-        server=True,
-        dns_names=[server_name, *dns_names],
-        ip_addresses=ip_addresses,
-        days=valid_days,
+    names = {"dns_names": [server_name, *dns_names], "ip_addresses": ip_addresses}
+    server = _make_leaf(server_name, ca, server=True, days=valid_days, **names)
+    expired = _make_leaf(
+        server_name, ca, server=True, days=1, starts_in_days=-2, key=server[1], **names
+    )  # from 2 days ago to yesterday
+    future = _make_leaf(
+        server_name, ca, server=True, days=valid_days, starts_in_days=1, key=server[1], **names
     )
     client = _make_leaf(client_name, ca, server=False, days=valid_days)
     other_ca = _make_ca("unrelated test CA", valid_days)
@@ -215,6 +225,8 @@ def generate_test_pki(
         other_client_cert=root / "other-client.crt",
         other_client_key=root / "other-client.key",
         server_name=server_name,
+        expired_server_cert=root / "expired-server.crt",
+        future_server_cert=root / "future-server.crt",
     )
     try:
         for cert_path, key_path, (cert, key) in (
@@ -223,6 +235,8 @@ def generate_test_pki(
             (pki.client_cert, pki.client_key, client),
             (pki.other_ca_cert, None, other_ca),
             (pki.other_client_cert, pki.other_client_key, other_client),
+            (pki.expired_server_cert, None, expired),
+            (pki.future_server_cert, None, future),
         ):
             _write_cert(cert_path, cert)
             if key_path is not None:

@@ -21,6 +21,9 @@ whole window: the `dns_failures` question tells them apart.)
 Namespaces are capped (`NamespaceCap`): the first `max_namespaces` namespaces seen get their own label value,
 largest first within each batch (so the initial read of a dataset ranks them by volume); later newcomers are
 counted as `other`. A namespace keeps its label for the life of the process, as counters require.
+Every other label taken from the flows is capped too (`PipelineMetrics.bounded`): verdict and direction keep
+their enum names and admit `MAX_ENUM_LABELS` names flowpipe does not know, the cluster `MAX_CLUSTER_LABELS`
+names; past that, `other`. Made-up values in the data never grow the number of series without bound.
 
 `UnexpectedDropsRefresher` runs the `unexpected_drops` question on an interval and sets the gauges
 `flowpipe_unexpected_drops{cluster,why}` and `flowpipe_expected_drops{cluster}`: one answer per cluster (a
@@ -212,6 +215,8 @@ class PrometheusSink:
         if n == 0:
             return
         verdict = pc.fill_null(_column(table, "verdict"), UNKNOWN)
+        # every label taken from the flows is capped (a flood of made-up names is `other`, not new series)
+        verdict_label = self.metrics.bounded("verdict", verdict)
         direction = _column(table, "traffic_direction")
         l7_type = _column(table, "l7_type")
         reply = _is_true(pc.coalesce(_column(table, "is_reply"), pc.equal(l7_type, "RESPONSE")))
@@ -227,10 +232,10 @@ class PrometheusSink:
             pc.if_else(pc.equal(column, ""), NO_NAMESPACE, column)
             for column in self.namespaces.apply(enforcing_ns, client_ns)
         )
-        direction_label = pc.fill_null(direction, NO_DIRECTION)
+        direction_label = self.metrics.bounded("direction", pc.fill_null(direction, NO_DIRECTION))
         # Every analytics family is per cluster: several clusters in one dataset (or one Prometheus) stay apart.
         cluster = pc.fill_null(_column(table, "cluster_name"), NO_CLUSTER)
-        cluster = pc.if_else(pc.equal(cluster, ""), NO_CLUSTER, cluster)
+        cluster = self.metrics.bounded("cluster", pc.if_else(pc.equal(cluster, ""), NO_CLUSTER, cluster))
 
         event_type = _column(table, "event_type")
         is_verdict_event = _is_true(pc.equal(event_type, POLICY_VERDICT_EVENT))
@@ -242,14 +247,16 @@ class PrometheusSink:
             "cluster": cluster,
             "namespace": enforcing_ns,
             "direction": direction_label,
-            "verdict": verdict,
+            "verdict": verdict_label,
         }
         for row in _count_groups(groups, is_verdict_event):
             self.metrics.policy_verdicts.labels(*_labels(row)).inc(row["count"])
         # Likewise the trace event of a forwarded packet: count the packet once.
         requests = pc.and_(pc.invert(reply), pc.invert(is_verdict_event))
         world = self._to_world(table, requests)
-        for row in _count_groups({"cluster": cluster, "namespace": client_ns, "verdict": verdict}, world):
+        for row in _count_groups(
+            {"cluster": cluster, "namespace": client_ns, "verdict": verdict_label}, world
+        ):
             self.metrics.world_flows.labels(*_labels(row)).inc(row["count"])
 
     def _count_drops(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 from flowpipe.errors import FlowDecodeError
+from flowpipe.transforms._json import TOO_DEEP, loads
 
 GZIP_MAGIC = b"\x1f\x8b"
 COMPRESSED_READ_BYTES = 1024 * 1024
@@ -117,28 +118,69 @@ class LineBlocks:
             self.offset += cut + 1
             self.records += 1
             chunk, self.discarding = chunk[cut + 1 :], False
-        # `carry` never holds a newline, so the last newline of carry + chunk is the last one of chunk.
-        cut = chunk.rfind(b"\n")
-        if cut < 0:
-            self.carry += chunk
-            if len(self.carry) > self.max_line_bytes:
-                error = FlowDecodeError(
-                    f"line longer than {self.max_line_bytes} bytes; skipped",
-                    path=self.name,
-                    line_number=self.records + 1,
-                    reason=REASON_LINE_TOO_LONG,
-                )
-                self.offset += len(self.carry)
-                self.carry, self.discarding = b"", True
-                yield Block(b"", self.records + 1, self.records, self.offset, error, flush=flush)
-            return
+        while True:
+            # `carry` never holds a newline, so the last newline of carry + chunk is the last one of chunk.
+            cut = chunk.rfind(b"\n")
+            if cut < 0:
+                if len(self.carry) + len(chunk) > self.max_line_bytes:
+                    # Too long already: let it go before it is joined (memory stays within the cap).
+                    self.offset += len(self.carry) + len(chunk)
+                    self.carry, self.discarding = b"", True
+                    yield Block(
+                        b"", self.records + 1, self.records, self.offset, self._too_long(), flush=flush
+                    )
+                else:
+                    self.carry += chunk
+                return
+            long_line = self._long_line(chunk, cut)
+            if long_line is None:
+                break
+            # Whole lines before the long one go on as a block; the long one is an error; the rest is cut again.
+            begin, newline = long_line
+            if begin:
+                yield self._block(chunk, begin - 1, flush=flush)
+                self.carry = b""  # the long line begins in `chunk`
+            line_number = self.records + 1
+            self.records += 1
+            self.offset += len(self.carry) + newline + 1 - begin
+            self.carry, chunk = b"", chunk[newline + 1 :]
+            yield Block(b"", line_number, self.records, self.offset, self._too_long(line_number), flush=flush)
+        yield self._block(chunk, cut, flush=flush)
+
+    def _block(self, chunk: bytes, cut: int, *, flush: bool) -> Block:
+        """`carry` and the whole lines of `chunk` up to its newline at `cut`, as a block; the rest is carried."""
         head = memoryview(chunk)[: cut + 1]
         data = b"".join((self.carry, head)) if self.carry else bytes(head) if cut + 1 < len(chunk) else chunk
         self.carry = chunk[cut + 1 :]
         first = self.records + 1
         self.records += data.count(b"\n")
         self.offset += len(data)
-        yield Block(data, first, self.records, self.offset, flush=flush)
+        return Block(data, first, self.records, self.offset, flush=flush)
+
+    def _long_line(self, chunk: bytes, cut: int) -> tuple[int, int] | None:
+        """The first line longer than the cap among `carry` + `chunk[: cut + 1]`, as (where it begins in `chunk`,
+        its newline), or None. Only the first line (it continues `carry`) can be long when the chunk is
+        shorter than the cap; a longer chunk is searched line by line."""
+        newline = chunk.find(b"\n")
+        if len(self.carry) + newline > self.max_line_bytes:
+            return 0, newline
+        if cut - newline <= self.max_line_bytes:
+            return None
+        begin = newline + 1
+        while begin <= cut:
+            newline = chunk.find(b"\n", begin)
+            if newline - begin > self.max_line_bytes:
+                return begin, newline
+            begin = newline + 1
+        return None
+
+    def _too_long(self, line_number: int | None = None) -> FlowDecodeError:
+        return FlowDecodeError(
+            f"line longer than {self.max_line_bytes} bytes; skipped",
+            path=self.name,
+            line_number=self.records + 1 if line_number is None else line_number,
+            reason=REASON_LINE_TOO_LONG,
+        )
 
 
 def decode_in_order(
@@ -399,6 +441,13 @@ class _JsonText:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.text, self.pos)
+            except RecursionError:
+                raise FlowDecodeError(
+                    f"invalid JSON {what}: {TOO_DEEP}",
+                    path=self.name,
+                    line_number=self.line_number(),
+                    reason="invalid_json",
+                ) from None
             except json.JSONDecodeError as exc:
                 if len(self.text) - self.pos <= max_bytes and self.more():
                     if self.paused:  # a live stream paused inside the value: say so, read it again later
@@ -502,12 +551,12 @@ def looks_pretty_printed(head: bytes) -> bool:
     if first.rstrip().endswith(("{", "[", ",", ":")):
         return True  # a line of JSON lines ends its object with `}`
     try:
-        json.loads(first)
+        loads(first)
         return False
     except ValueError:
         pass
     try:
         _, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return "\n" in text[:end]

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -231,11 +232,12 @@ def _http_kind(answer: bytes) -> str:
     return "unknown"
 
 
-def _speaks_tls(host: str, port: int, timeout: float) -> bool:
-    sock = _connect(host, port, timeout)
+def _speaks_tls(host: str, port: int, deadline: float) -> bool:
+    sock = _connect(host, port, _left(deadline))
     if isinstance(sock, Diagnosis):
         return False
     try:
+        sock.settimeout(_left(deadline))
         with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
             return True
     except (OSError, ssl.SSLError):
@@ -244,29 +246,52 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
         sock.close()
 
 
+def _left(deadline: float) -> float:
+    """Seconds until `deadline` (a `time.monotonic()` value), at least a little: a socket timeout."""
+    return max(0.01, deadline - time.monotonic())
+
+
+def _silent(where: str, timeout: float) -> Diagnosis:
+    return Diagnosis(
+        f"{where} accepted the connection but answered nothing within {round(timeout, 1):g}s: is it a Hubble relay (and "
+        "up)? check --relay",
+        True,
+        "silent",
+    )
+
+
 def diagnose(address: str, tls: RelayTLS | None, *, timeout: float = 5.0) -> Diagnosis | None:
-    """Find out with plain sockets why a connection to `address` fails; None when the transport looks fine."""
+    """Find out with plain sockets why a connection to `address` fails; None when the transport looks fine.
+
+    `timeout` bounds the whole diagnosis (every connection and read it makes)."""
+    deadline = time.monotonic() + timeout
     host, port = split_address(address)
     where = f"{address}"
     sock = _connect(host, port, timeout)
     if isinstance(sock, Diagnosis):
         return sock
     try:
+        sock.settimeout(_left(deadline))
         if tls is None:
-            return _diagnose_plaintext(sock, host, port, where, timeout)
-        return _diagnose_tls(sock, host, where, tls)
+            return _diagnose_plaintext(sock, host, port, where, deadline, timeout)
+        return _diagnose_tls(sock, host, where, tls, timeout)
     finally:
         sock.close()
 
 
 def _diagnose_plaintext(
-    sock: socket.socket, host: str, port: int, where: str, timeout: float
+    sock: socket.socket, host: str, port: int, where: str, deadline: float, timeout: float
 ) -> Diagnosis | None:
+    silent = False
     try:
         sock.sendall(_HTTP2_PREFACE)
-        answer = _recv_some(sock)
+        answer = sock.recv(64)
+    except TimeoutError:
+        answer, silent = b"", True
     except OSError:
         answer = b""
+    if silent:
+        return _silent(where, timeout)
     kind = _http_kind(answer)
     if kind == "http2":
         return None
@@ -277,7 +302,7 @@ def _diagnose_plaintext(
             False,
             "http1",
         )
-    if kind == "tls" or _speaks_tls(host, port, timeout):
+    if kind == "tls" or _speaks_tls(host, port, deadline):
         return Diagnosis(
             f"{where} speaks TLS but a plaintext connection was asked for: pass --tls-ca (and --tls-cert/--tls-key "
             "when the relay requires client certificates), or use the relay's plaintext port",
@@ -295,7 +320,9 @@ _TLS_PLAINTEXT_REASONS = (
 )
 
 
-def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> Diagnosis | None:
+def _diagnose_tls(
+    sock: socket.socket, host: str, where: str, tls: RelayTLS, timeout: float
+) -> Diagnosis | None:
     name = tls.server_name or host
     try:
         context = _tls_context(tls, verify=True)
@@ -306,9 +333,11 @@ def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> 
     try:
         wrapped = context.wrap_socket(sock, server_hostname=name)
     except ssl.SSLCertVerificationError as exc:
-        return _verification_failure(exc, where, name, tls)
+        return _verification_failure(exc, where, name, tls, timeout)
     except ssl.SSLError as exc:
         return _handshake_failure(exc, where, tls)
+    except TimeoutError:
+        return _silent(where, timeout)
     except (ConnectionResetError, BrokenPipeError, EOFError) as exc:
         return Diagnosis(
             f"{where} closed the connection during the TLS handshake ({exc}): it may not speak TLS, or it rejected "
@@ -350,10 +379,22 @@ def _diagnose_tls(sock: socket.socket, host: str, where: str, tls: RelayTLS) -> 
     return None
 
 
+_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
+"""OpenSSL's verify codes (X509_V_ERR_*) for a certificate outside its validity period."""
+
+
 def _verification_failure(
-    exc: ssl.SSLCertVerificationError, where: str, name: str, tls: RelayTLS
+    exc: ssl.SSLCertVerificationError, where: str, name: str, tls: RelayTLS, timeout: float
 ) -> Diagnosis:
     detail = exc.verify_message or str(exc)
+    if (
+        exc.verify_code in (_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED)
+        or "valid" in detail
+        or "expired" in detail
+    ):
+        found = _validity_failure(where, name, tls, timeout)
+        if found is not None:
+            return found
     if "mismatch" in detail.lower() or "hostname" in detail.lower():
         return Diagnosis(
             f"the certificate of {where} is not valid for the name {name!r} ({detail}): set --tls-server-name to a "
@@ -367,6 +408,67 @@ def _verification_failure(
         False,
         "tls_untrusted",
     )
+
+
+def _validity_failure(where: str, name: str, tls: RelayTLS, timeout: float) -> Diagnosis | None:
+    """Which certificate is outside its validity period, and since or until when: the relay's (read again
+    without verifying it) or a CA of --tls-ca. None when neither is (or the relay's cannot be read)."""
+    from cryptography import x509
+
+    host, port = split_address(where)
+    certificates: list[tuple[str, x509.Certificate]] = []
+    sock = _connect(host, port, timeout)
+    if not isinstance(sock, Diagnosis):
+        try:
+            with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=name) as wrapped:
+                der = wrapped.getpeercert(binary_form=True)
+            if der:
+                certificates.append((f"the certificate of {where}", x509.load_der_x509_certificate(der)))
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+        finally:
+            sock.close()
+    if tls.ca_path:
+        try:
+            cas = x509.load_pem_x509_certificates(Path(tls.ca_path).read_bytes())
+        except (OSError, ValueError):
+            cas = []
+        certificates += [(f"the CA certificate {tls.ca_path} ({_common_name(ca)})", ca) for ca in cas]
+    now = datetime.now(UTC)
+    for what, certificate in certificates:
+        until, since = certificate.not_valid_after_utc, certificate.not_valid_before_utc
+        if now > until:
+            return Diagnosis(
+                f"{what} expired on {until:%Y-%m-%d %H:%M:%S} UTC ({_ago(now - until)} ago): renew it (or, if "
+                f"it is current, check this machine's clock: {now:%Y-%m-%d %H:%M:%S} UTC)",
+                False,
+                "tls_expired",
+            )
+        if now < since:
+            return Diagnosis(
+                f"{what} is not valid before {since:%Y-%m-%d %H:%M:%S} UTC (in {_ago(since - now)}): check this "
+                f"machine's clock ({now:%Y-%m-%d %H:%M:%S} UTC) and the issuer's",
+                False,
+                "tls_not_yet_valid",
+            )
+    return None
+
+
+def _common_name(certificate: Any) -> str:
+    from cryptography.x509.oid import NameOID
+
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else certificate.subject.rfc4514_string()
+
+
+def _ago(delta: timedelta) -> str:
+    """A duration in words, to the largest whole unit: `3 days`, `5 hours`, `42 minutes`."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def _handshake_failure(exc: ssl.SSLError, where: str, tls: RelayTLS) -> Diagnosis:

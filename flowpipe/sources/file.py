@@ -174,7 +174,7 @@ class FileSource:
     def _read_file(self, path: str) -> Iterator[EventBatch]:
         name = "<stdin>" if path == STDIN else path
         try:
-            raw: BinaryIO = (self._stdin or sys.stdin.buffer) if path == STDIN else open(path, "rb")  # noqa: SIM115
+            raw: BinaryIO = self._stdin_buffer() if path == STDIN else open(path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise SourceError(f"{path}: cannot open: {exc.strerror or exc}") from exc
         self.summary.files += 1
@@ -208,6 +208,16 @@ class FileSource:
         finally:
             if path != STDIN:
                 raw.close()
+
+    def _stdin_buffer(self) -> BinaryIO:
+        if self._stdin is not None:
+            return self._stdin
+        if sys.stdin is None:  # the process was started with standard input closed
+            raise SourceError(
+                "<stdin>: standard input is closed, nothing to read (`-` reads flows piped in, "
+                "e.g. `hubble observe -o jsonpb | flowpipe ingest -`)"
+            )
+        return sys.stdin.buffer
 
     def _read_lines(self, reader: Reader, start: _Start) -> Iterator[EventBatch]:
         name = start.path
@@ -449,7 +459,8 @@ def input_claims(paths: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
 def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Input paths as files to read: directories become their export files, oldest first; duplicates go.
 
-    Raises ConfigError for a path that does not exist or a directory without export files.
+    Raises ConfigError for a path that does not exist or a directory without export files, SourceError for a
+    path the system refuses (a name too long).
     """
     out: list[str] = []
     seen: set[str] = set()
@@ -459,6 +470,12 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             out.append(STDIN)
             continue
         path = Path(text)
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):  # said below
+            pass
+        except OSError as exc:  # a name too long, a loop of links
+            raise SourceError(f"{text}: cannot read: {exc.strerror or exc}") from exc
         if path.is_dir():
             files = export_files(path)
             if not files:

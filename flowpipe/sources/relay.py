@@ -148,6 +148,7 @@ class RelaySource:
         self._nodes_restart = False
         self._log = ConnectionLog(self.address)
         self.checkpoint = read_checkpoint(dataset, state_name)
+        self._startup_deadline: float | None = None  # while connecting for the first time (startup timeout)
         self._resume = ResumeTracker(config.resume_overlap_seconds, self.checkpoint)
 
     # -- the Source protocol -------------------------------------------------------------------------------
@@ -161,23 +162,21 @@ class RelaySource:
             self._close_channel()
 
     def _batches(self) -> Iterator[EventBatch]:
-        started = time.monotonic()
+        startup = self.config.startup_timeout_seconds
+        self._startup_deadline = time.monotonic() + startup if startup is not None else None
         attempt = 0
         while not self.stop_event.is_set():
             try:
                 request = self._connect()
             except RelayError as exc:
                 fatal = not isinstance(exc, RelayUnavailableError) and not self.ever_connected
-                timed_out = (
-                    not self.ever_connected
-                    and self.config.startup_timeout_seconds is not None
-                    and time.monotonic() - started >= self.config.startup_timeout_seconds
-                )
-                if fatal or timed_out:
+                if fatal or self._startup_over():
                     raise
                 attempt += 1
                 self._log.failed(str(exc), attempt)
                 self._sleep_backoff(attempt)
+                if self._startup_over():
+                    raise  # the last failure: another try would have no time left to tell what is wrong
                 continue
             if request is None:  # sharded, and no node in this shard yet
                 self.stop_event.wait(min(self.config.node_refresh_seconds, 5.0))
@@ -289,12 +288,14 @@ class RelaySource:
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
+        # Before the first connection, the call and the diagnosis of its failure share what is left of the
+        # startup timeout (half each, the most a silent peer can take of either).
+        budget = self._time_left(self.config.call_timeout_seconds * 2)
         try:
-            return call(request, timeout=self.config.call_timeout_seconds)
+            return call(request, timeout=max(0.05, min(self.config.call_timeout_seconds, budget / 2)))
         except grpc.RpcError as exc:
-            raise explain_call_error(
-                self.address, self.config.tls, exc, method, timeout=min(5.0, self.config.call_timeout_seconds)
-            ) from exc
+            diagnosis = max(0.05, min(5.0, self.config.call_timeout_seconds, self._time_left(budget / 2)))
+            raise explain_call_error(self.address, self.config.tls, exc, method, timeout=diagnosis) from exc
 
     def _shard_nodes(self, channel: grpc.Channel) -> list[str] | None:
         """The node names to ask for: this shard's share of GetNodes (None without sharding)."""
@@ -503,8 +504,20 @@ class RelaySource:
 
     def _sleep_backoff(self, attempt: int) -> None:
         config = self.config
-        self.stop_event.wait(
-            backoff_seconds(
-                attempt, config.reconnect_backoff_initial_seconds, config.reconnect_backoff_max_seconds
-            )
+        wait = backoff_seconds(
+            attempt, config.reconnect_backoff_initial_seconds, config.reconnect_backoff_max_seconds
         )
+        self.stop_event.wait(self._time_left(wait))
+
+    def _startup_over(self) -> bool:
+        """Whether the startup timeout has passed without a connection."""
+        deadline = self._startup_deadline
+        return not self.ever_connected and deadline is not None and time.monotonic() >= deadline
+
+    def _time_left(self, limit: float) -> float:
+        """`limit`, or less while connecting for the first time: what is left of the startup timeout (so the
+        timeout bounds the whole startup: calls, diagnosis and waits between tries)."""
+        deadline = self._startup_deadline
+        if self.ever_connected or deadline is None:
+            return limit
+        return max(0.0, min(limit, deadline - time.monotonic()))

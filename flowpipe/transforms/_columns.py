@@ -186,7 +186,8 @@ def build_flow_table(
     for name in ("socket_cookie", "cgroup_id"):
         # uint64 in protobuf JSON is a string; 0 (the proto default) means "not set".
         value = pc.cast(p[name,], pa.uint64())
-        cols[name] = _null_where(pc.equal(pc.coalesce(value, 0), 0), value)
+        zero = pa.scalar(0, pa.uint64())  # a plain 0 is int64, which would refuse a cookie beyond int64
+        cols[name] = _null_where(pc.equal(pc.coalesce(value, zero), zero), value)
 
     ip_present = p.present(("IP",))
     cols["ip_version"] = _enum(p["IP", "ipVersion"], "IPVersion")

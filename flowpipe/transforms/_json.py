@@ -34,6 +34,7 @@ from flowpipe.transforms._json_schema import (
     canonical_type,
     canonicalize,
     guess_layout,
+    out_of_range,
     parse_schema,
     sentinels,
 )
@@ -46,6 +47,15 @@ PARSE_CHUNK_BYTES = 1 << 20
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
 REASON_INVALID_VALUE = "invalid_value"
+TOO_DEEP = "nested too deeply to decode"
+
+
+def loads(text: bytes | str) -> Any:
+    """`json.loads`; a value nested deeper than Python's recursion limit is a `ValueError` like any bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
 
 
 @dataclass(slots=True)
@@ -106,7 +116,7 @@ def decode_lines(
             continue
         line_number = first_line + index
         try:
-            value = json.loads(line)
+            value = loads(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             errors.append(_invalid_json(exc, path, line_number))
             continue
@@ -170,7 +180,7 @@ def guess_block_layout(data: bytes) -> str:
     for line in data.split(b"\n", 8)[:8]:
         if line.strip():
             try:
-                return guess_layout(json.loads(line))
+                return guess_layout(loads(line))
             except ValueError:
                 continue
     return ENVELOPE
@@ -190,6 +200,8 @@ def _decode_block(
         return DecodedEvents()
     if layout == FULL:
         lines = canonicalize(lines)
+    if out_of_range(lines):
+        raise pa.ArrowInvalid("an integer outside its proto type")  # the per-line path names the field
     decoded = decode_canonical(lines, cluster_name=cluster_name)
     if decoded.unknown_events:
         # `{}`, an event kind flowpipe does not know, or a JSON `null` (not an object: an error), which pyarrow
@@ -341,7 +353,7 @@ def decode_texts(
     errors: list[FlowDecodeError] = []
     for line_number, text in items:
         try:
-            objects.append((line_number, json.loads(text)))
+            objects.append((line_number, loads(text)))
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             errors.append(_invalid_json(exc, path, line_number))
     out = decode_objects(objects, path=path, cluster_name=cluster_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowpipe.transforms._enums import enum_name_or_number
@@ -120,21 +120,26 @@ def _sanitize_leaf(value: Any, spec: Leaf, where: str, name: str) -> Any:
         if isinstance(value, str):
             return value
         number = _integer(value)
-        if number is not None:
+        if number is not None and _INT64_MIN <= number <= _INT64_MAX:
             assert spec.enum is not None
             return enum_name_or_number(spec.enum, number)
-    elif kind == "int":
+    elif kind in ("int", "int64str"):
         number = _integer(value)
         if number is not None:
-            return number
-    elif kind == "int64str":
-        number = _integer(value)
-        if number is not None:
-            return str(number)
+            if spec.low is not None and spec.high is not None and not spec.low <= number <= spec.high:
+                raise BadValue(
+                    f"{_join(where, name)}: {number} is outside {spec.proto} ({spec.low} to {spec.high})"
+                )
+            return number if kind == "int" else str(number)
     elif kind == "time" and isinstance(value, str):
         if value == "":
             return value
         if _RFC3339.fullmatch(value) and _real_date_and_time(value):
+            if not _in_nanosecond_range(value):
+                raise BadValue(
+                    f"{_join(where, name)}: {value[:60]!r} is outside the times a nanosecond timestamp holds "
+                    "(1677-09-21 to 2262-04-11)"
+                )
             # RFC 3339 allows lower case `t` and `z`; the row builder's cast wants upper case.
             return value.upper()
         raise BadValue(f"{_join(where, name)}: not an RFC 3339 timestamp: {value[:60]!r}")
@@ -150,6 +155,27 @@ def _real_date_and_time(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_NS_FIRST = datetime(1677, 9, 21, 0, 12, 44, tzinfo=UTC)
+_NS_LAST = datetime(2262, 4, 11, 23, 47, 16, tzinfo=UTC)
+"""The whole seconds a signed 64-bit count of nanoseconds since 1970 holds (the dataset's `time` column)."""
+
+
+def _in_nanosecond_range(value: str) -> bool:
+    """Whether a well-formed timestamp fits a nanosecond timestamp (whole seconds; only edge years parsed)."""
+    year = int(value[:4])
+    if 1678 < year < 2262:
+        return True
+    if year not in (1677, 1678, 2262):
+        return False
+    zone = value[19:].lstrip(".0123456789").upper()
+    offset = timedelta(0)
+    if zone not in ("Z", ""):
+        hours, minutes = int(zone[1:3]), int(zone[-2:])
+        offset = timedelta(hours=hours, minutes=minutes) * (-1 if zone[0] == "-" else 1)
+    moment = datetime.strptime(value[:19].upper().replace(" ", "T"), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return _NS_FIRST <= moment - offset <= _NS_LAST
 
 
 def _join(where: str, name: str) -> str:
@@ -174,7 +200,9 @@ def _short(value: Any) -> str:
 
 
 def _integer(value: Any) -> int | None:
-    """An integer as protobuf JSON allows it: a number (integral) or a decimal string; None if not one."""
+    """An integer as protobuf JSON allows it: a number (integral) or a decimal string; None if not one.
+
+    Any size: the caller checks the range of the field's type."""
     number: int | None = None
     if isinstance(value, bool):
         return None
@@ -185,6 +213,4 @@ def _integer(value: Any) -> int | None:
             number = int(value)
     elif isinstance(value, str) and _INTEGER.fullmatch(value):
         number = int(value)
-    if number is None or not _INT64_MIN <= number <= _INT64_MAX:
-        return None
     return number

@@ -11,6 +11,7 @@ which is also how fields from newer Cilium versions pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,10 +21,17 @@ import pyarrow.compute as pc
 
 @dataclass(frozen=True, slots=True)
 class Leaf:
-    """A scalar JSON value: `kind` is str, int, bool, int64str (64-bit int, a JSON string), enum or time."""
+    """A scalar JSON value: `kind` is str, int, bool, int64str (64-bit int, a JSON string), enum or time.
+
+    An integer leaf has the range of its proto type (`proto`, `low`..`high`); a value outside it is a bad line
+    naming the field. A uint64 stored in a signed 64-bit column goes up to the column's maximum.
+    """
 
     kind: str
     enum: str | None = None
+    proto: str = ""
+    low: int | None = None
+    high: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +43,14 @@ class ListOf:
 
 Spec = Leaf | ListOf | dict[str, "Spec"]
 
+INT64_MAX = (1 << 63) - 1
 STR = Leaf("str")
-INT = Leaf("int")
+UINT32 = Leaf("int", proto="uint32", low=0, high=(1 << 32) - 1)
+INT32 = Leaf("int", proto="int32", low=-(1 << 31), high=(1 << 31) - 1)
 BOOL = Leaf("bool")
-INT64_STR = Leaf("int64str")
+UINT64_STR = Leaf("int64str", proto="uint64", low=0, high=(1 << 64) - 1)
+UINT64_STR_SIGNED = Leaf("int64str", proto="uint64 stored as int64", low=0, high=INT64_MAX)
+"""A uint64 whose column is int64 (latencies, lost-event counts): up to the column's maximum."""
 TIME = Leaf("time")
 
 
@@ -46,8 +58,8 @@ def _enum(name: str) -> Leaf:
     return Leaf("enum", name)
 
 
-_PORTS: dict[str, Spec] = {"source_port": INT, "destination_port": INT}
-_ICMP: dict[str, Spec] = {"type": INT, "code": INT}
+_PORTS: dict[str, Spec] = {"source_port": UINT32, "destination_port": UINT32}
+_ICMP: dict[str, Spec] = {"type": UINT32, "code": UINT32}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
 TCP_FLAG_STRINGS: tuple[str | None, ...] = tuple(
     ",".join(name for bit, name in enumerate(TCP_FLAG_NAMES) if mask >> bit & 1) or None
@@ -59,7 +71,7 @@ L7_KINDS = ("dns", "http", "kafka")
 POLICY_LISTS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by", "egress_denied_by")
 
 _ENDPOINT: dict[str, Spec] = {
-    "identity": INT,
+    "identity": UINT32,
     "namespace": STR,
     "labels": ListOf(STR),
     "pod_name": STR,
@@ -72,19 +84,19 @@ FLOW_SPEC: dict[str, Spec] = {
     "time": TIME,
     "uuid": STR,
     "verdict": _enum("Verdict"),
-    "drop_reason": INT,
+    "drop_reason": UINT32,
     "drop_reason_desc": _enum("DropReason"),
-    "policy_match_type": INT,
+    "policy_match_type": UINT32,
     "auth_type": _enum("AuthType"),
     "Type": _enum("FlowType"),
-    "event_type": {"type": INT, "sub_type": INT},
+    "event_type": {"type": INT32, "sub_type": INT32},
     "trace_observation_point": _enum("TraceObservationPoint"),
     "traffic_direction": _enum("TrafficDirection"),
     "is_reply": BOOL,
     "reply": BOOL,
     "sock_xlate_point": _enum("SocketTranslationPoint"),
-    "socket_cookie": INT64_STR,
-    "cgroup_id": INT64_STR,
+    "socket_cookie": UINT64_STR,
+    "cgroup_id": UINT64_STR,
     "IP": {"source": STR, "destination": STR, "ipVersion": _enum("IPVersion"), "encrypted": BOOL},
     "source": _ENDPOINT,
     "destination": _ENDPOINT,
@@ -98,15 +110,15 @@ FLOW_SPEC: dict[str, Spec] = {
         "ICMPv4": _ICMP,
         "ICMPv6": _ICMP,
         "SCTP": _PORTS,
-        "VRRP": {"type": INT},
-        "IGMP": {"type": INT},
+        "VRRP": {"type": UINT32},
+        "IGMP": {"type": UINT32},
     },
     "l7": {
         "type": _enum("L7FlowType"),
-        "latency_ns": INT64_STR,
-        "dns": {"query": STR, "ips": ListOf(STR), "ttl": INT, "rcode": INT, "qtypes": ListOf(STR)},
-        "http": {"code": INT, "method": STR, "url": STR, "protocol": STR},
-        "kafka": {"error_code": INT, "api_key": STR, "topic": STR},
+        "latency_ns": UINT64_STR_SIGNED,
+        "dns": {"query": STR, "ips": ListOf(STR), "ttl": UINT32, "rcode": UINT32, "qtypes": ListOf(STR)},
+        "http": {"code": UINT32, "method": STR, "url": STR, "protocol": STR},
+        "kafka": {"error_code": INT32, "api_key": STR, "topic": STR},
     },
     "node_name": STR,
     **{name: _POLICY for name in POLICY_LISTS},
@@ -114,8 +126,8 @@ FLOW_SPEC: dict[str, Spec] = {
 
 LOST_EVENTS_SPEC: dict[str, Spec] = {
     "source": _enum("LostEventSource"),
-    "num_events_lost": INT64_STR,
-    "cpu": INT,
+    "num_events_lost": UINT64_STR_SIGNED,
+    "cpu": INT32,
     "first": TIME,
     "last": TIME,
 }
@@ -140,6 +152,43 @@ LINE_SPEC: dict[str, Spec] = {**FLOW_SPEC, **ENVELOPE_SPEC}
 
 # Keys that mark a line without envelope keys as a bare Flow (`time`/`node_name` alone do not).
 BARE_FLOW_KEYS = tuple(name for name in FLOW_SPEC if name not in ("time", "node_name"))
+
+
+def _ranged(spec: dict[str, Spec], path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Leaf]]:
+    for name, child in spec.items():
+        if isinstance(child, Leaf) and child.low is not None:
+            yield (*path, name), child
+        elif isinstance(child, dict):
+            yield from _ranged(child, (*path, name))
+
+
+RANGED_LEAVES: tuple[tuple[tuple[str, ...], Leaf], ...] = tuple(_ranged(LINE_SPEC, ()))
+"""Every integer leaf with a range, by its path in a canonical line (lists hold no integers)."""
+
+
+def out_of_range(lines: pa.StructArray) -> bool:
+    """Whether a parsed block (proto names) may hold an integer outside its proto type: a number beyond the
+    range, or a negative unsigned 64-bit string. Vectorized (one min/max a field), for the fast path; the
+    per-line path then names the field of each bad line."""
+    present = set(lines.type.names)
+    for path, leaf in RANGED_LEAVES:
+        if path[0] not in present:
+            continue
+        try:
+            values = pc.struct_field(lines, list(path))
+        except (KeyError, IndexError, pa.ArrowInvalid):  # a narrow layout that only records presence there
+            continue
+        if values.null_count == len(values):
+            continue
+        if leaf.kind == "int64str":
+            if pc.any(pc.starts_with(values, "-")).as_py():
+                return True
+            continue
+        bounds = pc.min_max(values).as_py()
+        assert leaf.low is not None and leaf.high is not None
+        if bounds["min"] < leaf.low or bounds["max"] > leaf.high:
+            return True
+    return False
 
 
 def camel(name: str) -> str:
