@@ -9,12 +9,16 @@ import pyarrow as pa
 
 from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import render
-from flowpipe.errors import PolicyError
+from flowpipe.commands._review import (
+    FINDINGS_EXIT_CODE,
+    load_policy_input,
+    report_file_options,
+    sarif_text,
+    write_report,
+)
 from flowpipe.policy.audit import INVENTORY_SQL, SEVERITIES, Inventory, at_or_above, audit_policies
-from flowpipe.policy.load import load_policies
+from flowpipe.policy.review import audit_junit, audit_sarif, junit_text
 from flowpipe.query.engine import open_engine
-
-FINDINGS_EXIT_CODE = 1
 
 
 @click.command("audit")
@@ -26,23 +30,33 @@ FINDINGS_EXIT_CODE = 1
     show_default=True,
     help="Exit with status 1 when a finding is at or above this severity.",
 )
+@report_file_options
 @dataset_option
 @format_option("table", "json")
-def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str) -> None:
+def audit(
+    paths: tuple[str, ...],
+    fail_on: str,
+    sarif_path: str | None,
+    junit_path: str | None,
+    dataset: str,
+    output_format: str,
+) -> None:
     """Check Kubernetes and Cilium policy files for known pitfalls.
 
     Namespaces without default-deny, default-deny egress without DNS, empty from/to (allow-all), default-deny
     in kube-system; with flows in the dataset also namespace selectors and pod selectors that match nothing
     observed. Each finding has a severity, the file and policy, and what to do.
 
+    Exit status: 0 no finding at or above --fail-on, 1 some, 2 the policy input is invalid (the message names the
+    file, document and field).
+
     \b
     Examples:
       flowpipe audit policies/
       flowpipe audit policies/ --fail-on medium --format json
+      flowpipe audit policies/ --sarif audit.sarif --junit audit.xml
     """
-    policies = load_policies(paths)
-    if not policies:
-        raise PolicyError(f"no policies found in {', '.join(paths)}")
+    policies = load_policy_input(paths)
     with open_engine(dataset, require_flows=False) as engine:
         inventory = (
             Inventory.from_rows(engine.run(INVENTORY_SQL, question="observed workloads"))
@@ -75,6 +89,8 @@ def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str
             ),
         )
         render(table, "table", title=f"audit of {len(policies)} policies")
+    write_report(sarif_path, sarif_text(audit_sarif(findings, policies)))
+    write_report(junit_path, junit_text(audit_junit(findings, policies, fail_on)))
     failing = at_or_above(findings, fail_on)  # type: ignore[arg-type]
     if failing:
         click.echo(f"{len(failing)} finding(s) at or above {fail_on}", err=True)
