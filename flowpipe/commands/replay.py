@@ -55,10 +55,14 @@ def _help(name: str) -> str:
     help="The policies in force today (repeat for several paths): report what the change does to each edge.",
 )
 @click.option(
-    "--fail-on-break", is_flag=True, help="Exit with status 1 when some request that gets through would be denied."
+    "--fail-on-break",
+    is_flag=True,
+    help="Exit with status 1 when some request that gets through would be denied.",
 )
 @click.option(
-    "--fail-on-allow", is_flag=True, help="Exit with status 1 when some request denied today would be allowed."
+    "--fail-on-allow",
+    is_flag=True,
+    help="Exit with status 1 when some request denied today would be allowed.",
 )
 @report_file_options
 @dataset_option

@@ -347,7 +347,9 @@ def _rule_changes(
         else:
             new.append((pi, ri))
     old = {
-        (before.policies[pi].key, before.rule_ids[pi][ri]): (pi, ri) for found in pool.values() for pi, ri in found
+        (before.policies[pi].key, before.rule_ids[pi][ri]): (pi, ri)
+        for found in pool.values()
+        for pi, ri in found
     }
     out: list[RuleChange] = []
     for pi, ri in new:

@@ -302,7 +302,10 @@ class PolicySet:
         isolating = [p for p in selecting if direction in self.policies[p].isolates]
         names = ", ".join(sorted({self.policies[p].key for p in isolating}))
         return Decision(
-            False, [], f"no {direction} rule allows it (isolated by {names})", tuple((p, None) for p in isolating)
+            False,
+            [],
+            f"no {direction} rule allows it (isolated by {names})",
+            tuple((p, None) for p in isolating),
         )
 
 

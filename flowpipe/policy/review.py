@@ -97,7 +97,9 @@ def _uri(path: str) -> str:
     return pure.as_posix() if not pure.is_absolute() else Path(path).as_uri()
 
 
-def _location(lines: PolicyLines, policy: Policy | None, rule_id: str | None, fallback: str | None) -> list[Any]:
+def _location(
+    lines: PolicyLines, policy: Policy | None, rule_id: str | None, fallback: str | None
+) -> list[Any]:
     path = policy.file if policy is not None else fallback
     if path is None:
         return []
@@ -151,7 +153,9 @@ def audit_sarif(findings: Sequence[Finding], policies: Sequence[Policy]) -> dict
     for finding in findings:
         level = _LEVELS[finding.severity]
         if finding.check not in rules:
-            rules[finding.check] = _rule(finding.check, f"audit check {finding.check}", finding.suggestion, level)
+            rules[finding.check] = _rule(
+                finding.check, f"audit check {finding.check}", finding.suggestion, level
+            )
         policy = by_key.get((finding.file, finding.policy)) if finding.policy else None
         fallback = finding.file or _namespace_file(policies, finding.namespace)
         results.append(
@@ -175,7 +179,11 @@ def audit_junit(findings: Sequence[Finding], policies: Sequence[Policy], fail_on
     for finding in findings:
         if finding.policy:
             place = next(
-                ((_classname(p), p.key) for p in policies if p.key == finding.policy and p.file == finding.file),
+                (
+                    (_classname(p), p.key)
+                    for p in policies
+                    if p.key == finding.policy and p.file == finding.file
+                ),
                 (finding.file or "policies", finding.policy),
             )
         else:
