@@ -116,6 +116,24 @@ def write(path: Path, docs: list[dict[str, Any]]) -> Path:
     return path
 
 
+def delta_json(sim: Any, proposed: Path, baseline: Path, *extra: str) -> dict[str, Any]:
+    """`flowpipe replay PROPOSED --baseline BASELINE --format json` over the whole simulated dataset."""
+    args = [
+        "replay",
+        str(proposed),
+        "--baseline",
+        str(baseline),
+        "--dataset",
+        str(sim.root),
+        "--since",
+        "all",
+    ]
+    result = CliRunner().invoke(main, [*args, "--format", "json", *extra])
+    assert result.exit_code == 0, result.output
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
 @pytest.fixture(scope="module")
 def baseline_file(sim_faults: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write(tmp_path_factory.mktemp("baseline") / "current.yaml", documents(sim_faults))
@@ -129,13 +147,7 @@ def test_each_change_breaks_exactly_the_requests_its_flows_say(
     docs = documents(sim_faults)
     edit(docs)
     proposed = write(tmp_path / "proposed.yaml", docs)
-    result = CliRunner().invoke(
-        main,
-        ["replay", str(proposed), "--baseline", str(baseline_file), "--dataset", str(sim_faults.root),
-         "--format", "json", "--since", "all"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    delta = json.loads(result.stdout)
+    delta = delta_json(sim_faults, proposed, baseline_file)
     found = {(e["source"], e["destination"], e["protocol"], e["port"]) for e in delta["newly_denied"]}
     want = expected(sim_faults, match)
     assert want > 0
@@ -155,12 +167,7 @@ def test_the_rule_changes_name_each_rule_with_its_matches(
     remove_dns(docs)
     add_deny(docs)
     proposed = write(tmp_path / "proposed.yaml", docs)
-    result = CliRunner().invoke(
-        main,
-        ["replay", str(proposed), "--baseline", str(baseline_file), "--dataset", str(sim_faults.root),
-         "--format", "json", "--since", "all"],
-    )  # fmt: skip
-    delta = json.loads(result.stdout)
+    delta = delta_json(sim_faults, proposed, baseline_file)
     removed = [(r["policy"], r["rule"]) for r in delta["rules_removed"]]
     added = [(r["policy"], r["rule"]) for r in delta["rules_added"]]
     # the FQDN rule moves up from egress[2] to egress[1] and is no change
@@ -178,13 +185,7 @@ def test_a_renamed_policy_is_no_change(sim_faults: Any, baseline_file: Path, tmp
     rename(docs)
     docs.reverse()  # and the documents reordered
     proposed = write(tmp_path / "proposed.yaml", docs)
-    result = CliRunner().invoke(
-        main,
-        ["replay", str(proposed), "--baseline", str(baseline_file), "--dataset", str(sim_faults.root),
-         "--format", "json", "--fail-on-break", "--fail-on-allow", "--since", "all"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    delta = json.loads(result.stdout)
+    delta = delta_json(sim_faults, proposed, baseline_file, "--fail-on-break", "--fail-on-allow")
     assert delta["newly_denied"] == [] and delta["newly_allowed"] == []
     assert delta["rules_added"] == delta["rules_removed"] == delta["rules_changed"] == []
     assert delta["flows_evaluated"] > 0

@@ -85,9 +85,9 @@ def _item(node: Any, policy: Policy) -> Any:
     for item in items.value:
         metadata = _get(item, "metadata")
         name, namespace = _get(metadata, "name"), _get(metadata, "namespace")
-        if name is not None and name.value == policy.name:
-            if policy.namespace is None or namespace is None or namespace.value == policy.namespace:
-                return item
+        same_namespace = policy.namespace is None or namespace is None or namespace.value == policy.namespace
+        if name is not None and name.value == policy.name and same_namespace:
+            return item
     return node
 
 
