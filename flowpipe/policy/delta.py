@@ -342,10 +342,16 @@ def _rule_changes(
     new: list[tuple[int, int]] = []
     for pi, ri in rules(after):
         same = pool.get(sig(after, pi, ri))
-        if same:
-            same.pop(0)
-        else:
+        if not same:
             new.append((pi, ri))
+            continue
+        # of the rules that say the same, the one at the same place, else in the policy of the same name
+        key, rule_id = after.policies[pi].key, after.rule_ids[pi][ri]
+        ranked = [
+            (before.policies[bp].key != key, before.rule_ids[bp][br] != rule_id, n)
+            for n, (bp, br) in enumerate(same)
+        ]
+        same.pop(min(ranked)[2])
     old = {
         (before.policies[pi].key, before.rule_ids[pi][ri]): (pi, ri)
         for found in pool.values()
