@@ -104,3 +104,46 @@ def test_invalid_policy_input_exits_2_naming_the_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["audit", str(bad), "--dataset", str(tmp_path / "none")])
     assert result.exit_code == 2
     assert "bad.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_rules_are_located_at_their_entry_in_lists_and_specs(tmp_path: Path) -> None:
+    from flowpipe.policy.load import load_policies
+    from flowpipe.policy.review import PolicyLines
+
+    text = """\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: cilium.io/v2
+  kind: CiliumNetworkPolicy
+  metadata: {name: one, namespace: shop}
+  spec:
+    endpointSelector: {matchLabels: {app: a}}
+    ingress:
+    - fromEndpoints: [{matchLabels: {app: b}}]
+- apiVersion: cilium.io/v2
+  kind: CiliumNetworkPolicy
+  metadata: {name: two, namespace: shop}
+  specs:
+  - endpointSelector: {matchLabels: {app: a}}
+    egress:
+    - toEndpoints: [{matchLabels: {app: b}}]
+  - endpointSelector: {matchLabels: {app: c}}
+    egressDeny:
+    - toEndpoints: [{matchLabels: {app: d}}]
+    - toEndpoints: [{matchLabels: {app: e}}]
+"""
+    path = tmp_path / "listed.yaml"
+    path.write_text(text)
+    lines = text.splitlines()
+    policies = {(p.name, p.spec_index): p for p in load_policies([path])}
+    located = PolicyLines()
+
+    def at(name: str, spec: int | None, rule: str | None) -> str:
+        return lines[located.line(policies[(name, spec)], rule) - 1]
+
+    assert at("one", None, None) == "- apiVersion: cilium.io/v2"
+    assert at("one", None, "ingress[0]") == "    - fromEndpoints: [{matchLabels: {app: b}}]"
+    assert at("two", 1, "specs[1].egressDeny[1]") == "    - toEndpoints: [{matchLabels: {app: e}}]"
+    assert at("two", 0, "specs[0].egress[0]") == "    - toEndpoints: [{matchLabels: {app: b}}]"
+    assert located.line(policies[("one", None)], "ingress[7]") == 9  # past the list: the list itself

@@ -64,17 +64,24 @@ class PolicyLines:
             listed = _get(node, "specs")
             entries = listed.value if isinstance(listed, yaml.SequenceNode) else []
             spec = entries[int(specs)] if int(specs) < len(entries) else None
-        rules = _get(spec, section) if spec is not None else None
-        if not isinstance(rules, yaml.SequenceNode):
+        found = _entry(spec, section) if spec is not None else None
+        if found is None or not isinstance(found[1], yaml.SequenceNode):
             return line
+        key, rules = found
         entries = rules.value
-        return (entries[int(index)] if int(index) < len(entries) else rules).start_mark.line + 1
+        return (entries[int(index)] if int(index) < len(entries) else key).start_mark.line + 1
+
+
+def _entry(node: Any, key: str) -> tuple[Any, Any] | None:
+    """The (key, value) nodes of `key` in a mapping node."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
 
 
 def _get(node: Any, key: str) -> Any:
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+    found = _entry(node, key)
+    return found[1] if found else None
 
 
 def _item(node: Any, policy: Policy) -> Any:
