@@ -212,18 +212,21 @@ def bench_delta(ctx: BenchContext) -> list[Figure]:
     baseline = replay_policies(ctx)
     proposed = proposed_change(baseline)
 
-    def delta() -> tuple[int, Any]:
+    def delta() -> tuple[int, Any, float]:
         with open_engine(str(root)) as engine:
             edges = engine.run(
                 EDGES_SQL,
                 delta_parameters(proposed, baseline, since=start, until=end),
                 question="replay delta",
             )
-        return edges.num_rows, replay_delta(proposed, baseline, edges)
+        judging = time.perf_counter()
+        report = replay_delta(proposed, baseline, edges)
+        return edges.num_rows, report, time.perf_counter() - judging
 
-    (edges, report), seconds, cpu, load = _measure(delta)
+    (edges, report, judged), seconds, cpu, load = _measure(delta)
     extra = (
-        f"{len(proposed)} policies on each side, {flows:,} flows in {edges:,} edges, "
+        f"{len(proposed)} policies on each side, {flows:,} flows in {edges:,} edges grouped once in "
+        f"{seconds - judged:.1f} s and judged by both sets in {judged:.1f} s, "
         f"{report.newly_denied_requests:,} newly denied in {len(report.newly_denied)} edges, "
         f"{len(report.rules)} rule changes; "
     )
