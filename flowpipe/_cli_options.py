@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import click
-
-from flowpipe import storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,28 +50,56 @@ def dataset_option(func: F) -> F:
     )(func)
 
 
+def _storage(value: str | None) -> ModuleType | None:
+    """`flowpipe.storage`, or None when there is nothing to set: no value, and the storage layer (which imports
+    pyarrow) not loaded yet, so its flags are still unset."""
+    if value is None and "flowpipe.storage" not in sys.modules:
+        return None
+    return importlib.import_module("flowpipe.storage")
+
+
 def _set_s3_endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    storage.set_s3_options(endpoint=value, region=storage.flag_options().region)
+    storage = _storage(value)
+    if storage is not None:
+        storage.set_s3_options(endpoint=value, region=storage.flag_options().region)
 
 
 def _set_s3_region(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    storage.set_s3_options(endpoint=storage.flag_options().endpoint, region=value)
+    storage = _storage(value)
+    if storage is not None:
+        storage.set_s3_options(endpoint=storage.flag_options().endpoint, region=value)
 
 
 def format_option(*choices: str, default: str = "table") -> Callable[[F], F]:
-    """`--format` with the given choices."""
+    """`-o/--output` (hubble's spelling) and `--format` with the given choices."""
+    offered = list(choices)
 
     def decorate(func: F) -> F:
         return click.option(
+            "-o",
+            "--output",
             "--format",
             "output_format",
-            type=click.Choice(list(choices)),
+            type=click.Choice(offered),
             default=default,
             show_default=True,
-            help="Output format.",
+            help="Output format (jsonl: one JSON object a line, for jq).",
         )(func)
 
     return decorate
+
+
+def one_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
+    """Callback of a filter option declared `multiple=True` that takes one value: a repeated flag is a usage
+    error instead of silently keeping the last value (click's default)."""
+    if len(values) > 1:
+        flag = max(param.opts, key=len) if param.opts else str(param.name)
+        raise click.BadParameter(
+            f"given {len(values)} times ({', '.join(values)}); {flag} takes one value: run once per value",
+            ctx=ctx,
+            param=param,
+        )
+    return values[0] if values else None
 
 
 def as_path(value: str) -> Path:

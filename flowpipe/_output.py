@@ -1,18 +1,21 @@
-"""Render an Arrow table for people or scripts: a rich table, one JSON array of objects, or CSV with a header.
+"""Render rows for people or scripts: a rich table, JSON (one array, or JSON Lines), or CSV with a header.
 
 Every command that prints rows (`query`, `sql`, `schema`, and later `replay`, `suggest --explain`) goes through
-`render()`, so the formats agree everywhere:
+`render()`, so the formats agree everywhere. The rows are an Arrow table, or `Records` (plain Python rows, for
+commands such as `query --list` that must not import pyarrow):
 
 - `json`: ONE JSON array of objects keyed by column name, one object per line. Timestamps are ISO 8601 in UTC
   with `Z`; dates and times ISO; NULL, NaN and infinities are `null`; integers stay exact however large
   (DuckDB's HUGEINT sums arrive as decimals and are written as integers); lists and structs nest; maps
   (`histogram()`, `MAP {...}`) are objects with their keys as strings; intervals are seconds (or ISO 8601
   `P...` when they hold months); bytes are base64.
+- `jsonl`: the same objects, one per line and nothing else (JSON Lines, for `jq` and other line tools).
 - `csv`: a header row, then one row per record. NULL is an empty field; lists, structs and maps are compact
   JSON; timestamps as in JSON; booleans `true`/`false`.
 - `table`: a rich table with a row count caption; cell text is never read as rich markup. A result too wide
   for the terminal (each text column at least `_MIN_TEXT_WIDTH` characters, numbers and times whole) is
-  shown one record at a time instead, a `column  value` line per column, as psql's expanded mode does.
+  shown one record at a time instead, a `column  value` line per column, as psql's expanded mode does; its
+  lines carry no trailing padding.
 """
 
 from __future__ import annotations
@@ -25,33 +28,51 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from uuid import UUID
 
-import pyarrow as pa
 from rich.console import Console
+from rich.segment import Segment, Segments
 from rich.table import Table
 from rich.text import Text
 
-FORMATS = ("table", "json", "csv")
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+FORMATS = ("table", "json", "jsonl", "csv")
 _PIPE_WIDTH = 200
 _MIN_TEXT_WIDTH = 12
 """A text column narrower than this (or than its longest value, when shorter) is unreadable in a table."""
 
 
+@dataclass(frozen=True, slots=True)
+class Records:
+    """Rows already in Python: the column names and one tuple of values per row.
+
+    A column is shown as numbers (right-aligned, never wrapped) when its values are all numbers, and never
+    wrapped when they are all times.
+    """
+
+    names: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+
+
 def render(
-    table: pa.Table,
+    table: pa.Table | Records,
     output_format: str = "table",
     *,
     out: TextIO | None = None,
     title: str | None = None,
 ) -> None:
-    """Write `table` to `out` (default: stdout) as `table`, `json` or `csv`."""
+    """Write `table` to `out` (default: stdout) as `table`, `json`, `jsonl` or `csv`."""
     stream = out if out is not None else sys.stdout
     if output_format == "json":
         write_json(table, stream)
+    elif output_format == "jsonl":
+        write_jsonl(table, stream)
     elif output_format == "csv":
         write_csv(table, stream)
     elif output_format == "table":
@@ -71,14 +92,20 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return result
 
 
-def to_records(table: pa.Table) -> list[dict[str, Any]]:
+def to_records(table: pa.Table | Records) -> list[dict[str, Any]]:
     """The rows of `table` as JSON-ready dicts (see the module docstring for how values are converted)."""
-    names = unique_names(table.column_names)
-    columns = [[json_value(v) for v in _pylist(column)] for column in table.columns]
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
+    names = unique_names(_names(table))
+    return [{n: json_value(v) for n, v in zip(names, row, strict=True)} for row in _rows(table)]
 
 
-def write_json(table: pa.Table, out: TextIO) -> None:
+def write_jsonl(table: pa.Table | Records, out: TextIO) -> None:
+    """JSON Lines: one object per line, keyed by column name."""
+    for record in to_records(table):
+        out.write(json.dumps(record, ensure_ascii=False, allow_nan=False))
+        out.write("\n")
+
+
+def write_json(table: pa.Table | Records, out: TextIO) -> None:
     """One JSON array of objects keyed by column name, one object per line."""
     records = to_records(table)
     if not records:
@@ -91,31 +118,31 @@ def write_json(table: pa.Table, out: TextIO) -> None:
     out.write("]\n")
 
 
-def write_csv(table: pa.Table, out: TextIO) -> None:
+def write_csv(table: pa.Table | Records, out: TextIO) -> None:
     """CSV with a header row; NULL is empty, nested values are compact JSON."""
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(table.column_names)
+    writer.writerow(_names(table))
     for record in _rows(table):
         writer.writerow([csv_value(v) for v in record])
 
 
-def print_table(table: pa.Table, out: TextIO, *, title: str | None = None) -> None:
+def print_table(table: pa.Table | Records, out: TextIO, *, title: str | None = None) -> None:
     """A rich table of `table` with a row-count caption."""
     # A terminal gets a table that fits its width; a pipe or file gets a wide page (rich would otherwise
     # squeeze every table into 80 columns), or $COLUMNS when set.
     width = None if out.isatty() or os.environ.get("COLUMNS") else _PIPE_WIDTH
     console = Console(file=out, highlight=False, soft_wrap=False, width=width)
-    count = table.num_rows
-    caption = f"{count} row{'s' if count != 1 else ''}"
-    records = [[_cell(v) for v in record] for record in _rows(table)]
-    numeric = [_is_numeric(field.type) for field in table.schema]
+    names = list(_names(table))
+    rows = list(_rows(table))
+    caption = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    records = [[_cell(v) for v in record] for record in rows]
     # numbers and times never wrap; long text columns give way instead
-    atomic = [n or pa.types.is_temporal(field.type) for n, field in zip(numeric, table.schema, strict=True)]
-    if _needed_width(table.column_names, records, atomic) > console.width:
-        _print_expanded(console, table.column_names, records, numeric, title=title, caption=caption)
+    numeric, atomic = _column_kinds(table, rows)
+    if _needed_width(names, records, atomic) > console.width:
+        _print_expanded(console, names, records, numeric, title=title, caption=caption)
         return
     view = Table(title=title, caption=caption, show_lines=False)
-    for name, is_numeric, is_atomic in zip(table.column_names, numeric, atomic, strict=True):
+    for name, is_numeric, is_atomic in zip(names, numeric, atomic, strict=True):
         view.add_column(
             Text(name), justify="right" if is_numeric else "left", overflow="fold", no_wrap=is_atomic
         )
@@ -124,8 +151,23 @@ def print_table(table: pa.Table, out: TextIO, *, title: str | None = None) -> No
     console.print(view)
 
 
-def _is_numeric(data_type: pa.DataType) -> bool:
-    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type)
+def _column_kinds(table: pa.Table | Records, rows: Sequence[Sequence[Any]]) -> tuple[list[bool], list[bool]]:
+    """Per column: is it numeric, and is it atomic (numbers and times, never wrapped)."""
+    if isinstance(table, Records):
+        columns = list(zip(*rows, strict=True)) if rows else [() for _ in table.names]
+        numeric = [_all_are(c, (int, float, Decimal)) for c in columns]
+        times = [_all_are(c, (datetime, date, time, timedelta)) for c in columns]
+        return numeric, [n or t for n, t in zip(numeric, times, strict=True)]
+    import pyarrow as pa
+
+    types = [field.type for field in table.schema]
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in types]
+    return numeric, [n or pa.types.is_temporal(t) for n, t in zip(numeric, types, strict=True)]
+
+
+def _all_are(values: Iterable[Any], kinds: tuple[type, ...]) -> bool:
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in present)
 
 
 def _needed_width(names: Sequence[str], records: Sequence[Sequence[Text]], atomic: Sequence[bool]) -> int:
@@ -147,7 +189,11 @@ def _print_expanded(
     title: str | None,
     caption: str,
 ) -> None:
-    """One record at a time: a rule naming the record, then `column  value` lines (values fold, never cut)."""
+    """One record at a time: a rule naming the record, then `column  value` lines (values fold, never cut).
+
+    rich pads every line of a grid to the grid's width (the terminal's, once a value folds); the lines are
+    printed without that trailing padding.
+    """
     if title:
         console.print(Text(title, style="bold"))
     for number, cells in enumerate(records, start=1):
@@ -157,7 +203,12 @@ def _print_expanded(
         grid.add_column(overflow="fold")
         for name, cell in zip(names, cells, strict=True):
             grid.add_row(Text(name), cell)
-        console.print(grid)
+        for line in console.render_lines(grid, pad=False, new_lines=False):
+            while line and not line[-1].text.strip() and not line[-1].control:
+                line.pop()
+            if line:
+                line[-1] = line[-1]._replace(text=line[-1].text.rstrip())
+            console.print(Segments([*line, Segment.line()]), crop=False, end="")
     console.print(Text(caption, style="dim italic"))
 
 
@@ -177,7 +228,8 @@ def json_value(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, pa.MonthDayNano):
+    pyarrow = sys.modules.get("pyarrow")  # an Arrow interval can only come from an already loaded pyarrow
+    if pyarrow is not None and isinstance(value, pyarrow.MonthDayNano):
         return _interval(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
@@ -228,7 +280,13 @@ def _interval(value: pa.MonthDayNano) -> float | str:
     return f"P{months}M{days}DT{nanoseconds / 1e9:g}S"
 
 
-def _rows(table: pa.Table) -> Iterable[tuple[Any, ...]]:
+def _names(table: pa.Table | Records) -> Sequence[str]:
+    return table.names if isinstance(table, Records) else table.column_names
+
+
+def _rows(table: pa.Table | Records) -> Iterable[Sequence[Any]]:
+    if isinstance(table, Records):
+        return table.rows
     columns = [_pylist(column) for column in table.columns]
     return zip(*columns, strict=True) if columns else iter(())
 
@@ -259,7 +317,7 @@ def _cell(value: Any) -> Text:
     return Text(str(converted))
 
 
-def render_to_string(table: pa.Table, output_format: str) -> str:
+def render_to_string(table: pa.Table | Records, output_format: str) -> str:
     """`render()` into a string (used by tests and by callers that embed the output)."""
     buffer = io.StringIO()
     render(table, output_format, out=buffer)

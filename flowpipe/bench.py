@@ -366,3 +366,9 @@ from flowpipe.bench_s3 import bench_s3
 section(
     "s3", "requests per flush to an S3-compatible server (moto, counted at the server), no folder markers"
 )(bench_s3)
+
+from flowpipe.bench_startup import bench_startup
+
+section("startup", "warm start of `flowpipe --help` and `flowpipe query --list` (no data library imported)")(
+    bench_startup
+)

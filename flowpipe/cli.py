@@ -1,21 +1,72 @@
 """The `flowpipe` command line: one click group; each command lives in `flowpipe/commands/` and stays thin.
 
-Library code raises `FlowpipeError`; this module is the one place that turns it into a message and exit code 1.
+Library code raises `FlowpipeError`; this module is the one place that turns it into a message and exit code 1
+(a usage or configuration error exits 2, as click's own usage errors do). Commands are loaded when asked for
+(see `flowpipe.commands.COMMANDS`), so `flowpipe --help` imports none of the data libraries.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from flowpipe import __version__
+from flowpipe.commands import COMMANDS
 from flowpipe.errors import ConfigError, FlowpipeError
 
 
+class _LazyCommands(dict[str, click.Command]):
+    """The group's command table: every name in `COMMANDS` is present; its module is imported on first lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __contains__(self, name: object) -> bool:
+        return name in COMMANDS or super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(COMMANDS) | set(super().keys())))
+
+    def __len__(self) -> int:
+        return len(set(COMMANDS) | set(super().keys()))
+
+    def __getitem__(self, name: str) -> click.Command:
+        if not super().__contains__(name) and name in COMMANDS:
+            super().__setitem__(name, COMMANDS[name].load())
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        if name not in self:
+            return default
+        return self[name]
+
+    def keys(self) -> Any:
+        return list(self)
+
+    def values(self) -> Any:
+        return [self[name] for name in self]
+
+    def items(self) -> Any:
+        return [(name, self[name]) for name in self]
+
+
 class FlowpipeGroup(click.Group):
-    """A click group that reports `FlowpipeError` as a one-line message instead of a traceback."""
+    """A click group that reports `FlowpipeError` as a one-line message instead of a traceback, and loads each
+    command's module only when that command is used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _LazyCommands()
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from `COMMANDS`' one-line helps, without importing any command."""
+        rows = [(name, COMMANDS[name].short_help) for name in sorted(COMMANDS)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -51,14 +102,3 @@ def cli(log_level: str) -> None:
     metrics and drafts least-privilege network policies from the observed traffic.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _register() -> None:
-    # Each command module defines one click command named like the module; new commands are added here.
-    from flowpipe.commands import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_register()

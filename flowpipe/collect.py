@@ -246,7 +246,8 @@ def _collect(
         log.warning(
             "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
         )
-    metrics = PipelineMetrics.create(registry, role="collect")
+    # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
+    metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
     stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
     source = RelaySource(
         config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop, stored=stored
@@ -262,15 +263,27 @@ def _collect(
         # a lease removed by another process (this one stalled past its expiry) may mean two writers now
         return source.connected and parquet.keeping_up(flush_interval) and not lease.lost
 
-    server = serve(registry, config.metrics_address, ready=ready) if config.metrics_address else None
+    server = (
+        serve(registry, config.metrics_address, ready=ready, after_scrape=metrics.after_scrape)
+        if config.metrics_address
+        else None
+    )
+    # One answer per cluster: a collector given --cluster answers for its cluster, and of sharded collectors
+    # (one cluster, one dataset) only shard 0 does, so summing over collectors counts each drop once.
+    cluster = config.source.cluster_name
     refresher = UnexpectedDropsRefresher(
-        metrics, unexpected_drops_runner(config.sink.path), interval_seconds=config.question_interval_seconds
+        metrics,
+        unexpected_drops_runner(config.sink.path, cluster=cluster),
+        interval_seconds=config.question_interval_seconds,
+        cluster=cluster,
     )
     refresher_stop = threading.Event()
     refresher_thread = threading.Thread(
         target=refresher.run_forever, args=(refresher_stop,), name="flowpipe-questions", daemon=True
     )
-    questions = config.question_interval_seconds > 0  # 0: leave flowpipe_unexpected_drops to serve-metrics
+    shard = config.source.node_shard
+    # 0: leave flowpipe_unexpected_drops to serve-metrics
+    questions = config.question_interval_seconds > 0 and (shard is None or shard[0] == 0)
 
     def count(batch: EventBatch) -> None:
         metrics.observe_batch(batch)

@@ -9,7 +9,17 @@ verdicts, updated by `flowpipe.sinks.prometheus.PrometheusSink`). Names follow
 Labels are bounded: enum values (verdict, direction, reason class, rcode), small fixed sets (reasons, stages),
 namespaces capped by the Prometheus sink (top N, the rest `other`), and node names (bounded by cluster size,
 capped at `MAX_NODE_LABELS`). Never pods, IPs or ports. An enum label uses `unknown` for the enum's zero
-value; a name label (`namespace`, `node`) is empty when the flow has none (world, host).
+value. No legend is blank: a flow end without a namespace (world, host, remote node) counts as `NO_NAMESPACE`,
+a flow without a traffic direction as `NO_DIRECTION`, a flow without a cluster name as `NO_CLUSTER`, lost events
+without a node as `NO_NODE`; none of them can be a real namespace, direction, cluster or node name.
+
+The flow analytics families and the question gauges (`flowpipe_unexpected_drops`, `flowpipe_expected_drops`)
+carry a `cluster` label (the flows' `cluster_name`): one answer per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, 0 when the question found none.
+
+Counters start at 0 and grow as data arrives, so `rate()` and `increase()` see every flow: with `zero_first`
+(serve-metrics, which reads a whole dataset at start, and collect, whose namespaces appear as flows do), a
+series is first exported at 0 and what it counted is added after the next scrape (`after_scrape()`, called by the `/metrics` server), instead of being born at
+its full value, which Prometheus cannot tell from a counter that was always there.
 
 A metric is exported by the commands it means something for (`role`): the collector exports the pipeline
 families, `serve-metrics` (a dataset filled by files) the families it can fill from part files. Objects for
@@ -59,6 +69,17 @@ MAX_REASON_LABELS = 32
 """Free-form reasons (decode errors, flowpipe drops, error types, `why`) beyond this many count as `other`."""
 OTHER = "other"
 UNKNOWN = "unknown"
+NO_NAMESPACE = "(no namespace)"
+"""`namespace` of a flow end outside every namespace (world, host, remote node, health)."""
+NO_DIRECTION = "(no direction)"
+"""`direction` of a flow Cilium reported without a traffic direction."""
+NO_NODE = "(no node)"
+"""`node` of lost events Hubble reported without a node name (the relay's own)."""
+NO_CLUSTER = "(no cluster)"
+"""`cluster` of flows without a cluster name, and of a question answer over a dataset without flows."""
+UNEXPECTED_WHYS = ("non_policy", "dns_blocked", "regression", "infrastructure")
+"""Every `why` of the unexpected_drops question (sql/unexpected_drops.sql) but `expected`."""
+EXPECTED_WHY = "expected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +134,27 @@ METRICS: tuple[MetricSpec, ...] = (
                "failed).", DATASET),
     # flow analytics (flowpipe.sinks.prometheus)
     MetricSpec("observed_drops", "counter", "flowpipe_observed_drops_total",
-               ("namespace", "direction", "reason_class"),
+               ("cluster", "namespace", "direction", "reason_class"),
                "Flows Cilium dropped (verdict DROPPED), by namespace of the enforcing endpoint, traffic "
                "direction and drop reason class (flowpipe.drop_reasons)."),
-    MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("namespace", "rcode"),
+    MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("cluster", "namespace", "rcode"),
                "DNS responses seen by the DNS proxy (L7 records), by client namespace and rcode name."),
-    MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("namespace", "reason"),
+    MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("cluster", "namespace", "reason"),
                "Failed DNS lookups by client namespace: an error rcode (NXDOMAIN, SERVFAIL, REFUSED, ...) or "
                "dropped (a DNS request dropped by Cilium)."),
+    MetricSpec("dns_lookups", "counter", "flowpipe_observed_dns_lookups_total", ("cluster", "namespace"),
+               "DNS lookups by client namespace, as the dns_failures question counts them: requests seen by "
+               "the DNS proxy plus dropped DNS requests."),
     MetricSpec("policy_verdicts", "counter", "flowpipe_observed_policy_verdicts_total",
-               ("namespace", "direction", "verdict"),
+               ("cluster", "namespace", "direction", "verdict"),
                "Policy verdict events, by namespace of the enforcing endpoint, direction and verdict."),
-    MetricSpec("world_flows", "counter", "flowpipe_observed_world_flows_total", ("namespace", "verdict"),
+    MetricSpec("world_flows", "counter", "flowpipe_observed_world_flows_total", ("cluster", "namespace", "verdict"),
                "Requests to the world identity (outside the cluster), by source namespace and verdict."),
-    MetricSpec("unexpected_drops", "gauge", "flowpipe_unexpected_drops", ("why",),
-               "Dropped flows the latest run of the unexpected_drops question found, by why."),
+    MetricSpec("unexpected_drops", "gauge", "flowpipe_unexpected_drops", ("cluster", "why"),
+               "Dropped flows the latest run of the unexpected_drops question found, by cluster and why "
+               "(every why exported, 0 when none)."),
+    MetricSpec("expected_drops", "gauge", "flowpipe_expected_drops", ("cluster",),
+               "Policy drops the same run classed as expected (traffic never seen delivered), by cluster."),
     MetricSpec("question_runs", "counter", "flowpipe_question_runs_total", ("question", "outcome"),
                "Periodic question runs that refresh gauges, by question and outcome (ok, failed)."),
 )
@@ -263,29 +290,43 @@ class PipelineMetrics:
     observed_drops: Counter
     dns_responses: Counter
     dns_failures: Counter
+    dns_lookups: Counter
     policy_verdicts: Counter
     world_flows: Counter
     unexpected_drops: Gauge
+    expected_drops: Gauge
     question_runs: Counter
     _times: _LiveState
     _nodes: BoundedLabel
     _reasons: BoundedLabel
     _unexpected_lock: threading.Lock
+    _gate: _ZeroFirstGate | None = None
 
     @classmethod
     def create(
-        cls, registry: CollectorRegistry, *, role: Role = "collect", clock: Callable[[], float] = time.time
+        cls,
+        registry: CollectorRegistry,
+        *,
+        role: Role = "collect",
+        clock: Callable[[], float] = time.time,
+        zero_first: bool = False,
     ) -> PipelineMetrics:
-        """Create every family on `registry`; only those of `role` are exported. `clock`: epoch seconds."""
+        """Create every family on `registry`; only those of `role` are exported. `clock`: epoch seconds.
+
+        `zero_first`: a new counter series is exported at 0 until the next scrape, and counts from then on
+        (see the module docstring); `after_scrape()` releases what was held."""
         if role not in ROLES:
             raise ConfigError(f"metrics role must be one of {', '.join(ROLES)}, got {role!r}")
         built: dict[str, Any] = {}
+        gate = _ZeroFirstGate() if zero_first else None
         for spec in METRICS:
             if spec.attr in ("ingest_lag", "checkpoint_age"):
                 continue
             target = registry if role in spec.roles else None
             if spec.kind == "counter":
                 built[spec.attr] = Counter(spec.name, spec.help, spec.labels, registry=target)
+                if gate is not None and spec.labels:
+                    built[spec.attr] = _ZeroFirstCounter(built[spec.attr], gate)
             elif spec.kind == "gauge":
                 built[spec.attr] = Gauge(spec.name, spec.help, spec.labels, registry=target)
             elif spec.kind == "histogram":
@@ -303,6 +344,7 @@ class PipelineMetrics:
             _nodes=BoundedLabel(MAX_NODE_LABELS),
             _reasons=BoundedLabel(MAX_REASON_LABELS),
             _unexpected_lock=threading.Lock(),
+            _gate=gate,
             **built,
         )
         metrics.build_info.info({"version": __version__, "schema_version": SCHEMA_VERSION})
@@ -340,7 +382,7 @@ class PipelineMetrics:
         if count <= 0:
             return
         label = label_token((source or "").lower(), default=UNKNOWN)
-        self.hubble_lost_events.labels(source=label, node=self._nodes(node or "")).inc(count)
+        self.hubble_lost_events.labels(source=label, node=self._nodes(node or NO_NODE)).inc(count)
 
     def record_decode_errors(self, errors: Iterable[Exception]) -> None:
         """Count records that failed to decode, by their reason (`FlowDecodeError.reason`, else the type)."""
@@ -424,16 +466,40 @@ class PipelineMetrics:
 
     # -- periodic questions -----------------------------------------------------------------------------
 
-    def set_unexpected_drops(self, counts: Mapping[str, float]) -> None:
-        """Replace the `flowpipe_unexpected_drops` series with the latest question run (why → flows)."""
-        bounded: dict[str, float] = {}
-        for why, value in counts.items():
-            key = self._reasons(label_token(why))
-            bounded[key] = bounded.get(key, 0.0) + float(value)
+    def set_unexpected_drops(
+        self, counts: Mapping[tuple[str, str], float], *, clusters: Iterable[str] = ()
+    ) -> None:
+        """Replace the question gauges with the latest unexpected_drops run: (cluster, why) → flows.
+
+        Every cluster in `counts` or `clusters` gets every why of `UNEXPECTED_WHYS` (0 when absent) and an
+        expected count; with no cluster at all, `NO_CLUSTER` stands for the (empty) answer. `why` expected
+        goes to `flowpipe_expected_drops`."""
+        unexpected: dict[tuple[str, str], float] = {}
+        expected: dict[str, float] = {}
+        names = {cluster or NO_CLUSTER for cluster in clusters} | {c or NO_CLUSTER for c, _ in counts}
+        for cluster in names or {NO_CLUSTER}:
+            expected[cluster] = 0.0
+            for why in UNEXPECTED_WHYS:
+                unexpected[(cluster, why)] = 0.0
+        for (cluster, why), value in counts.items():
+            name = cluster or NO_CLUSTER
+            if why == EXPECTED_WHY:
+                expected[name] += float(value)
+                continue
+            key = (name, self._reasons(label_token(why)))
+            unexpected[key] = unexpected.get(key, 0.0) + float(value)
         with self._unexpected_lock:
             self.unexpected_drops.clear()
-            for why, value in sorted(bounded.items()):
-                self.unexpected_drops.labels(why=why).set(value)
+            self.expected_drops.clear()
+            for (cluster, why), value in sorted(unexpected.items()):
+                self.unexpected_drops.labels(cluster=cluster, why=why).set(value)
+            for cluster, value in sorted(expected.items()):
+                self.expected_drops.labels(cluster=cluster).set(value)
+
+    def after_scrape(self) -> None:
+        """Called after each scrape: series shown at 0 start counting (see `zero_first`)."""
+        if self._gate is not None:
+            self._gate.release()
 
     def record_question_run(self, question: str, *, ok: bool) -> None:
         """Count a periodic question run and its outcome."""
@@ -442,6 +508,59 @@ class PipelineMetrics:
     def record_part_read(self, table: str, *, ok: bool) -> None:
         """Count one dataset part file read by serve-metrics."""
         self.parts_read.labels(table=label_token(table), outcome="ok" if ok else "failed").inc()
+
+
+class _ZeroFirstGate:
+    """Series created since the last scrape, and what they counted meanwhile (held until they were shown at 0)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.shown: set[tuple[int, tuple[str, ...]]] = set()
+        self.held: dict[tuple[int, tuple[str, ...]], tuple[Any, float]] = {}
+
+    def inc(self, family: Counter, values: tuple[str, ...], amount: float) -> None:
+        key = (id(family), values)
+        child = family.labels(*values)
+        with self.lock:
+            if key not in self.shown:
+                _, pending = self.held.get(key, (child, 0.0))
+                self.held[key] = (child, pending + amount)
+                return
+        child.inc(amount)
+
+    def release(self) -> None:
+        with self.lock:
+            held, self.held = self.held, {}
+            self.shown.update(held)
+        for child, amount in held.values():
+            if amount:
+                child.inc(amount)
+
+
+class _ZeroFirstChild:
+    def __init__(self, gate: _ZeroFirstGate, family: Counter, values: tuple[str, ...]) -> None:
+        self._gate, self._family, self._values = gate, family, values
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._gate.inc(self._family, self._values, amount)
+
+
+class _ZeroFirstCounter:
+    """A labelled counter family whose new series are exported at 0 for one scrape before they count."""
+
+    def __init__(self, family: Counter, gate: _ZeroFirstGate) -> None:
+        self._family, self._gate = family, gate
+        self._labelnames: tuple[str, ...] = tuple(family._labelnames)
+
+    def labels(self, *values: str, **named: str) -> _ZeroFirstChild:
+        if named:
+            values = tuple(named[name] for name in self._labelnames)
+        labels = tuple(str(v) for v in values)
+        self._family.labels(*labels)  # the series exists from now on, at 0
+        return _ZeroFirstChild(self._gate, self._family, labels)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._family, name)
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------------------------
@@ -491,7 +610,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, server_address: tuple[str, int], registry: CollectorRegistry, ready: Callable[[], bool] | None
+        self,
+        server_address: tuple[str, int],
+        registry: CollectorRegistry,
+        ready: Callable[[], bool] | None,
+        after_scrape: Callable[[], None] | None = None,
     ) -> None:
         if ":" in server_address[0]:
             import socket
@@ -500,6 +623,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(server_address, _Handler)
         self.registry = registry
         self.ready = ready
+        self.after_scrape = after_scrape
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -516,6 +640,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._send(200, render(self.server.registry), CONTENT_TYPE_PLAIN_0_0_4, head)
+            if not head and self.server.after_scrape is not None:
+                self.server.after_scrape()
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain; charset=utf-8", head)
         elif path == "/readyz":
@@ -589,12 +715,14 @@ def serve(
     *,
     ready: Callable[[], bool] | None = None,
     health: Callable[[], bool] | None = None,
+    after_scrape: Callable[[], None] | None = None,
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on a daemon thread; port 0 picks a free port.
 
     `ready` (alias `health`) answers `/readyz`: 200 while it returns true, else 503 (no callable: always
-    ready). `/healthz` answers 200 whenever the process serves HTTP. Raises `ConfigError` when the address is
-    malformed or cannot be bound.
+    ready). `/healthz` answers 200 whenever the process serves HTTP. `after_scrape` is called after each
+    `/metrics` response (`PipelineMetrics.after_scrape`). Raises `ConfigError` when the address is malformed or
+    cannot be bound.
 
     >>> server = serve(registry, "127.0.0.1:0", ready=metrics.is_connected)
     >>> server.url                                  # doctest: +SKIP
@@ -602,7 +730,7 @@ def serve(
     """
     host, port = parse_address(address) if isinstance(address, str) else address
     try:
-        httpd = _Server((host, port), registry, ready if ready is not None else health)
+        httpd = _Server((host, port), registry, ready if ready is not None else health, after_scrape)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
     thread = threading.Thread(target=httpd.serve_forever, name="flowpipe-metrics", daemon=True)

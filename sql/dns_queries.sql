@@ -2,7 +2,10 @@
 --   name: lookups (requests), responses, failed responses (any rcode but NOERROR), the rcodes, query types and
 --   answer IPs seen, and when the name was first and last asked. `query` is a LIKE pattern on the name (names
 --   end with a dot: `%.example.com.`), case-insensitive. A namespace filter matches the client. Clients are
---   named as in every question (`flows_enriched`). Counted per cluster (`cluster_name`).
+--   named as in every question (`flows_enriched`). Counted per cluster (`cluster_name`). Names are listed as
+--   asked, search-path expansions included: `failures` of a name such as `api.example.com.<ns>.svc.cluster.local.`
+--   are the resolver's normal NXDOMAIN answers before it asks the next name, not failed lookups (`dns_failures`
+--   groups a lookup's names and reports the lookups that failed).
 -- params: since=1h, until=now, namespace=, query=, limit=50
 WITH dns AS (
     SELECT

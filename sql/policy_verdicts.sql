@@ -4,8 +4,9 @@
 --   `l3-l4`, `l4-only` (any peer on that port), `all` (any peer, any port), `l3-proto`, `proto-only`, or `none`.
 --   `policy` is one of the attributed policies (`<namespace>/<name>`; a flow allowed by two policies counts
 --   for both), NULL where the flow carries no attribution. `peers` counts distinct peer workloads. A
---   namespace filter matches the endpoint the policy applies to.
--- params: since=1h, until=now, namespace=, limit=500
+--   namespace filter matches the endpoint the policy applies to; a verdict filter (`verdict=DROPPED`) keeps
+--   that verdict.
+-- params: since=1h, until=now, namespace=, verdict=, limit=500
 WITH verdicts AS (
     -- Folded by peer first, so that the policy lists are unnested on a few rows rather than on every event.
     SELECT
@@ -40,6 +41,7 @@ WITH verdicts AS (
         WHERE event_type = 5
           AND time >= $since
           AND time <= $until
+          AND ($verdict IS NULL OR verdict = upper($verdict))
           AND (
               $namespace IS NULL
               OR (traffic_direction = 'INGRESS' AND destination_namespace = $namespace)

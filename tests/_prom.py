@@ -210,6 +210,8 @@ GRAFANA_VARIABLES = {
     "${__range}": "10m",
     "$namespace": ".*",
     "${namespace}": ".*",
+    "$cluster": ".*",
+    "${cluster}": ".*",
 }
 """What Grafana would put in place of its variables, for running a panel's PromQL against Prometheus directly."""
 
@@ -292,7 +294,9 @@ def dashboard_expressions() -> list[tuple[str, str, str]]:
 
 # -- dashboards against a running flowpipe -------------------------------------------------------------------
 
-QUESTION_METRICS = frozenset({"flowpipe_unexpected_drops", "flowpipe_question_runs_total"})
+QUESTION_METRICS = frozenset(
+    {"flowpipe_unexpected_drops", "flowpipe_expected_drops", "flowpipe_question_runs_total"}
+)
 """Filled only when the question catalog has `unexpected_drops`."""
 
 

@@ -261,7 +261,8 @@ def test_an_unknown_host_is_reported(tmp_path: Path) -> None:
 
 
 def test_a_malformed_address_is_a_usage_error(tmp_path: Path) -> None:
-    code, output = run_collect("--relay", "hubble-relay", "--dataset", str(tmp_path))
+    # (a host alone is not malformed: it takes hubble's port 4245)
+    code, output = run_collect("--relay", "hubble-relay:http", "--dataset", str(tmp_path))
     assert code == 2 and "is not HOST:PORT" in output
 
 

@@ -10,6 +10,7 @@ import pytest
 from _collect_support import dataset_table, sim_flow_bytes, start_collector, stop_process
 from _prom import free_port, run_prometheus, wait_until
 
+from flowpipe.metrics import NO_NAMESPACE
 from flowpipe.server import ObserverServer
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -40,6 +41,6 @@ def test_max_namespaces_caps_the_namespace_label(tmp_path: Path) -> None:
             assert stop_process(process, signal.SIGTERM) == 0, (tmp_path / "collect.log").read_text()[-3000:]
     stored = set(dataset_table(dataset, columns=["source_namespace"]).column("source_namespace").to_pylist())
     assert len(stored - {None}) > 2  # more namespaces than the cap admits
-    named = labels - {"", "other"}
+    named = labels - {NO_NAMESPACE, "other"}
     assert len(named) == 2 and named <= stored, labels
     assert "other" in labels, labels

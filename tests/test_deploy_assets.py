@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,17 @@ from flowpipe.metrics import METRICS, series_names
 
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
+BASE = K8S / "base"
+OVERLAYS = K8S / "overlays"
 KUBERNETES_VERSION = "1.33.0"
 """The Kubernetes version the manifests are validated against (kubernetes-validate's bundled schemas)."""
-CUSTOM_RESOURCES = {("cilium.io/v2", "CiliumNetworkPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_RESOURCES = {
+    ("cilium.io/v2", "CiliumNetworkPolicy"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+OPTIONAL = {"servicemonitor.yaml", "prometheusrule.yaml"}
+"""Manifests for the Prometheus Operator, applied on their own (they need its CRDs)."""
 METRICS_PORT = 9966
 POD_LABELS = {"app.kubernetes.io/name": "flowpipe", "app.kubernetes.io/component": "collector"}
 
@@ -41,9 +50,10 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    """(kind, name) → document, for every Kubernetes object under docker/k8s (kustomization excluded)."""
+    """(kind, name) → document, for every Kubernetes object of docker/k8s/base and docker/k8s (the optional
+    Prometheus Operator ones), kustomizations excluded."""
     out = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted([*BASE.glob("*.yaml"), *K8S.glob("*.yaml")]):
         for doc in documents(path):
             if doc["kind"] != "Kustomization":
                 out[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -68,9 +78,23 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+def dockerfile_bases() -> list[str]:
+    """The base image of each stage, with the `ARG` defaults put in place of their variables."""
+    instructions = dockerfile_instructions()
+    defaults = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG" and "=" in arg)
+    bases = []
+    for op, arg in instructions:
+        if op == "FROM":
+            image = arg.split()[0]
+            for name, value in defaults.items():
+                image = image.replace("${" + name + "}", value)
+            bases.append(image)
+    return bases
+
+
 def test_dockerfile_slim_base_non_root_entrypoint_and_healthcheck() -> None:
     instructions = dockerfile_instructions()
-    bases = [arg for op, arg in instructions if op == "FROM"]
+    bases = dockerfile_bases()
     assert bases and all(re.match(r"python:3\.1[1-9]-slim\b", base) for base in bases)
     final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM") :]
     users = [arg for op, arg in final_stage if op == "USER"]
@@ -80,6 +104,59 @@ def test_dockerfile_slim_base_non_root_entrypoint_and_healthcheck() -> None:
     healthcheck = dict(final_stage)["HEALTHCHECK"]
     assert "/healthz" in healthcheck and "CMD" in healthcheck
     assert str(METRICS_PORT) in dict(final_stage)["EXPOSE"]
+
+
+def test_dockerfile_one_base_pinned_deps_and_compiled_bytecode() -> None:
+    assert (
+        len(set(dockerfile_bases())) == 1
+    )  # both stages on the same base (a digest given once applies to both)
+    runs = [arg for op, arg in dockerfile_instructions() if op == "RUN"]
+    assert any("pip wheel" in run and "--constraint" in run for run in runs)
+    (install,) = [run for run in runs if "pip install" in run]
+    assert "--constraint" in install and "--no-index" in install and "--no-compile" not in install
+    assert "compileall" in install  # the root filesystem is read-only: bytecode is compiled into the image
+    assert "!docker/constraints.txt" in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+
+
+def test_constraints_pin_every_runtime_dependency_within_its_range() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name]), (name, pins[name], str(requirement.specifier))
+    assert "pandas" not in pins  # the image does not need it
+
+
+def test_package_metadata_version_in_one_place_typed_and_classified() -> None:
+    import flowpipe
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert pyproject["tool"]["hatch"]["version"]["path"] == "flowpipe/__init__.py"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", flowpipe.__version__)
+    assert (ROOT / "flowpipe" / "py.typed").is_file()
+    assert "Typing :: Typed" in project["classifiers"]
+    names = {requirement_name(d) for d in project["dependencies"]}
+    assert "pandas" not in names and "boto3" not in names
+    assert "s3" not in project["optional-dependencies"]  # nothing imports boto3: object storage is pyarrow's
+    for extra in ("pandas", "bench", "spark"):
+        assert "pandas" in {requirement_name(d) for d in project["optional-dependencies"][extra]}
+
+
+def requirement_name(text: str) -> str:
+    return re.split(r"[<>=!~\[; ]", text, maxsplit=1)[0].lower()
 
 
 def test_dockerfile_copies_only_what_exists() -> None:
@@ -93,7 +170,9 @@ def test_dockerfile_copies_only_what_exists() -> None:
 # -- Kubernetes manifests ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*BASE.glob("*.yaml"), *K8S.glob("*.yaml")]), ids=lambda p: str(p.relative_to(K8S))
+)
 def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
     docs = documents(path)
     assert docs, f"{path.name} holds no document"
@@ -101,7 +180,7 @@ def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
         key = (doc["apiVersion"], doc["kind"])
         if doc["kind"] == "Kustomization":
             for resource in doc["resources"]:
-                assert (K8S / resource).is_file(), resource
+                assert (path.parent / resource).exists(), resource
         elif key == ("cilium.io/v2", "CiliumNetworkPolicy"):
             schema = json.loads((cilium_schemas / "ciliumnetworkpolicy.v2.openapi.json").read_text())
             # Draft 7 without a metaschema check: the CRD schema holds Go regexes Python's re cannot compile.
@@ -109,17 +188,82 @@ def test_every_manifest_validates(path: Path, cilium_schemas: Path) -> None:
             assert errors == []
         elif key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
             check_service_monitor(doc)
+        elif key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+            assert set(doc["spec"]) == {"groups"}  # the rules themselves: tests/test_alert_rules.py
         else:
             assert key not in CUSTOM_RESOURCES
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest_but_the_optional_service_monitor() -> None:
-    (kustomization,) = documents(K8S / "kustomization.yaml")
+def test_kustomization_lists_every_manifest_but_the_optional_operator_ones() -> None:
+    (kustomization,) = documents(BASE / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk - listed == {"servicemonitor.yaml"}
+    assert listed == {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert kustomization["namespace"] == "kube-system"
+    assert {p.name for p in K8S.glob("*.yaml")} == OPTIONAL | {"kustomization.yaml"}
+    (default,) = documents(K8S / "kustomization.yaml")
+    assert default["resources"] == ["overlays/plaintext"]
+    for overlay in ("plaintext", "tls"):
+        (kustomization,) = documents(OVERLAYS / overlay / "kustomization.yaml")
+        assert kustomization["resources"] == ["../../base"]
+
+
+# -- the overlays: plaintext (a default Cilium install) and TLS -------------------------------------------------
+
+
+def _merge_by_name(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged = {item["name"]: item for item in base}
+    for item in patch:
+        merged[item["name"]] = {**merged.get(item["name"], {}), **item}
+    return list(merged.values())
+
+
+def rendered_deployment(overlay: str) -> dict[str, Any]:
+    """The Deployment an overlay applies: the base with the overlay's strategic-merge patch (args replaced,
+    volumes and mounts merged by name, as kustomize does); checked against `kubectl kustomize` where kubectl is
+    installed."""
+    deployment_doc = json.loads(json.dumps(deployment()))
+    (kustomization,) = documents(OVERLAYS / overlay / "kustomization.yaml")
+    for patch in kustomization.get("patches", []):
+        (doc,) = documents(OVERLAYS / overlay / patch["path"])
+        pod, patch_pod = deployment_doc["spec"]["template"]["spec"], doc["spec"]["template"]["spec"]
+        pod["volumes"] = _merge_by_name(pod["volumes"], patch_pod.get("volumes", []))
+        (target,) = pod["containers"]
+        (changes,) = patch_pod["containers"]
+        for key, value in changes.items():
+            target[key] = _merge_by_name(target[key], value) if key == "volumeMounts" else value
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        done = subprocess.run(
+            [kubectl, "kustomize", str(OVERLAYS / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode == 0:
+            (rendered,) = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Deployment"]
+            (container_doc,) = rendered["spec"]["template"]["spec"]["containers"]
+            (mine,) = deployment_doc["spec"]["template"]["spec"]["containers"]
+            assert container_doc["args"] == mine["args"]
+            assert {v["name"] for v in rendered["spec"]["template"]["spec"]["volumes"]} == {
+                v["name"] for v in deployment_doc["spec"]["template"]["spec"]["volumes"]
+            }
+    return deployment_doc
+
+
+def overlay_flags(overlay: str) -> tuple[dict[str, str], dict[str, Any]]:
+    rendered = rendered_deployment(overlay)
+    (only,) = rendered["spec"]["template"]["spec"]["containers"]
+    assert only["args"][0] == "collect"
+    return dict(arg.split("=", 1) for arg in only["args"][1:]), rendered
+
+
+def test_the_default_is_plaintext_on_port_80_as_cilium_installs_the_relay() -> None:
+    flags, rendered = overlay_flags("plaintext")
+    assert flags["--relay"] == "hubble-relay.kube-system.svc.cluster.local:80"
+    assert not [flag for flag in flags if flag.startswith("--tls")]
+    assert "relay-tls" not in {v["name"] for v in rendered["spec"]["template"]["spec"]["volumes"]}
 
 
 def check_service_monitor(doc: dict[str, Any]) -> None:
@@ -166,22 +310,33 @@ def test_deployment_resources_probes_and_volumes() -> None:
     volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert set(volumes) == set(mounts)
-    assert volumes["relay-tls"]["secret"]["secretName"] == "hubble-relay-client-certs"
-    assert mounts["relay-tls"]["readOnly"] is True
     claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in manifests()
     assert any(m["mountPath"] == "/tmp" for m in mounts.values())  # the root filesystem is read-only
 
 
-def test_deployment_runs_collect_against_the_relay_over_tls() -> None:
-    args = container()["args"]
-    assert args[0] == "collect"
-    flags = dict(arg.split("=", 1) for arg in args[1:])
-    assert flags["--relay"].startswith("hubble-relay.kube-system.svc")
-    tls_mount = next(m["mountPath"] for m in container()["volumeMounts"] if m["name"] == "relay-tls")
+def test_the_tls_overlay_runs_collect_against_the_relay_over_tls() -> None:
+    flags, rendered = overlay_flags("tls")
+    (tls_container,) = rendered["spec"]["template"]["spec"]["containers"]
+    assert flags["--relay"] == "hubble-relay.kube-system.svc.cluster.local:443"
+    mounts = {m["name"]: m for m in tls_container["volumeMounts"]}
+    tls_mount = mounts["relay-tls"]["mountPath"]
+    assert mounts["relay-tls"]["readOnly"] is True
     for flag, key in (("--tls-ca", "ca.crt"), ("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
         assert flags[flag] == f"{tls_mount}/{key}"  # the key names of a kubernetes.io/tls Secret
     assert flags["--tls-server-name"].endswith(".hubble-relay.cilium.io")
+    volumes = {v["name"]: v for v in rendered["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["relay-tls"]["secret"]["secretName"] == "hubble-relay-client-certs"
+    assert set(volumes) == set(mounts)
+    # everything else as in the base
+    base_flags = dict(arg.split("=", 1) for arg in container()["args"][1:])
+    assert {k: v for k, v in flags.items() if not k.startswith("--tls") and k != "--relay"} == {
+        k: v for k, v in base_flags.items() if k != "--relay"
+    }
+
+
+def test_deployment_writes_the_volume_and_serves_metrics() -> None:
+    flags = dict(arg.split("=", 1) for arg in container()["args"][1:])
     assert flags["--metrics-address"] == f"0.0.0.0:{METRICS_PORT}"
     assert flags["--dataset"] == next(
         m["mountPath"] for m in container()["volumeMounts"] if m["name"] == "data"
@@ -195,8 +350,9 @@ def test_deployment_flags_exist_on_the_collect_command() -> None:
     if collect is None:
         pytest.skip("`flowpipe collect` is not part of this build yet")
     known = {opt for param in collect.params for opt in getattr(param, "opts", [])}
-    used = {arg.split("=", 1)[0] for arg in container()["args"][1:]}
-    assert used <= known
+    for overlay in ("plaintext", "tls"):
+        (only,) = rendered_deployment(overlay)["spec"]["template"]["spec"]["containers"]
+        assert {arg.split("=", 1)[0] for arg in only["args"][1:]} <= known
 
 
 def test_service_selects_the_pod_and_exposes_metrics() -> None:
@@ -206,10 +362,25 @@ def test_service_selects_the_pod_and_exposes_metrics() -> None:
     )
     (port,) = service["spec"]["ports"]
     assert port["port"] == METRICS_PORT and port["targetPort"] == "metrics"
-    annotations = service["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
-    assert annotations["prometheus.io/path"] == "/metrics"
+    pod_annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+    for scrape in (service["metadata"]["annotations"], pod_annotations):
+        assert scrape["prometheus.io/scrape"] == "true"
+        assert scrape["prometheus.io/port"] == str(METRICS_PORT)
+        assert scrape["prometheus.io/path"] == "/metrics"
+
+
+def test_scraping_does_not_depend_on_readiness() -> None:
+    # The readiness probe says "connected and writing": a collector that lost the relay is not ready, and
+    # those are the metrics that show the outage. The metrics Service publishes not-ready pods, one target each.
+    service = manifests()[("Service", "flowpipe-metrics")]
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["clusterIP"] == "None"  # every collector is a target, not one behind a virtual IP
+    assert container()["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "flowpipe"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == [f"flowpipe-metrics.{service['metadata']['namespace']}.svc.cluster.local"]
+    assert sd["type"] == "A" and sd["port"] == METRICS_PORT
 
 
 def test_network_policy_allows_relay_dns_and_prometheus_only() -> None:
@@ -263,15 +434,10 @@ def test_promtool_check_config(name: str) -> None:
     assert "SUCCESS" in result.stdout + result.stderr
 
 
-def test_prometheus_scrapes_the_metrics_service() -> None:
+def test_prometheus_scrapes_hubble_beside_flowpipe() -> None:
     config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = [t for c in jobs["flowpipe"]["static_configs"] for t in c["targets"]]
-    service = manifests()[("Service", "flowpipe-metrics")]
-    assert targets == [
-        f"flowpipe-metrics.{service['metadata']['namespace']}.svc.cluster.local:{METRICS_PORT}"
-    ]
-    assert "hubble" in jobs  # Hubble's own metrics beside flowpipe's
+    assert {"flowpipe", "hubble"} <= set(jobs)  # Hubble's own metrics beside flowpipe's
 
 
 def test_compose_demo_wires_prometheus_and_grafana() -> None:
@@ -306,6 +472,17 @@ def test_grafana_provisioning() -> None:
     for dashboard in load_dashboards().values():
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
         assert variables["datasource"]["current"]["value"] == datasource["uid"]
+
+
+def test_the_compose_home_dashboard_is_one_serve_metrics_fills() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert compose["services"]["flowpipe"]["command"][0] == "serve-metrics"
+    dashboard = load_dashboards()[home.rsplit("/", 1)[1]]
+    dataset_names = series_names(role="dataset")
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            assert promql_metric_names(target["expr"]) <= dataset_names, (panel["title"], target["expr"])
 
 
 def test_the_four_dashboards_exist() -> None:
@@ -348,10 +525,22 @@ def test_template_variables_use_only_flowpipe_metrics() -> None:
     for dashboard in load_dashboards().values():
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
-                match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
+                match = re.fullmatch(
+                    r"label_values\((\w+)(?:\{[^}]*\})?,\s*(\w+)\)", variable["query"]["query"]
+                )
                 assert match, variable["query"]
                 spec = next(s for s in METRICS if s.name == match[1])
                 assert match[2] in spec.labels
+
+
+def test_the_analytics_dashboards_choose_a_cluster() -> None:
+    # one answer per cluster: every panel of the drops, DNS and policy dashboards filters on $cluster
+    for name in ("drops.json", "dns.json", "policy-verdicts.json"):
+        dashboard = load_dashboards()[name]
+        assert [v["name"] for v in dashboard["templating"]["list"]][1:] == ["cluster", "namespace"]
+        for panel in dashboard_panels(dashboard):
+            for target in panel.get("targets", []):
+                assert 'cluster=~"$cluster"' in target["expr"], (name, panel["title"])
 
 
 def test_every_analytics_family_is_on_a_dashboard() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import urllib.request
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -17,7 +18,9 @@ from flowpipe.errors import ConfigError, FlowDecodeError
 from flowpipe.metrics import (
     MAX_NODE_LABELS,
     METRICS,
+    NO_CLUSTER,
     OTHER,
+    UNEXPECTED_WHYS,
     BoundedLabel,
     PipelineMetrics,
     label_token,
@@ -62,12 +65,13 @@ def exercised(role: str = "collect") -> tuple[CollectorRegistry, PipelineMetrics
     metrics.record_dropped(2, reason="filter", intentional=True)
     metrics.record_error("receiving", "relay_unavailable")
     metrics.record_part_read("flows", ok=True)
-    metrics.observed_drops.labels("shop", "INGRESS", "policy").inc()
-    metrics.dns_responses.labels("shop", "NXDOMAIN").inc()
-    metrics.dns_failures.labels("shop", "NXDOMAIN").inc()
-    metrics.policy_verdicts.labels("shop", "INGRESS", "DROPPED").inc()
-    metrics.world_flows.labels("shop", "FORWARDED").inc()
-    metrics.set_unexpected_drops({"regression": 4})
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc()
+    metrics.dns_responses.labels("kind", "shop", "NXDOMAIN").inc()
+    metrics.dns_failures.labels("kind", "shop", "NXDOMAIN").inc()
+    metrics.dns_lookups.labels("kind", "shop").inc()
+    metrics.policy_verdicts.labels("kind", "shop", "INGRESS", "DROPPED").inc()
+    metrics.world_flows.labels("kind", "shop", "FORWARDED").inc()
+    metrics.set_unexpected_drops({("kind", "regression"): 4, ("kind", "expected"): 2})
     metrics.record_question_run("unexpected_drops", ok=True)
     return registry, metrics, clock
 
@@ -252,13 +256,63 @@ def test_flowpipe_drops_keep_reason_and_intent() -> None:
     assert sample("flowpipe_flows_dropped_total", {"reason": "never", "intentional": "false"}) is None
 
 
-def test_unexpected_drops_gauge_is_replaced_by_each_run() -> None:
+def test_unexpected_drops_gauge_is_replaced_by_each_run_with_every_why_per_cluster() -> None:
     registry, metrics, _ = exercised()
-    metrics.set_unexpected_drops({"regression": 1, "dns_blocked": 6})
-    assert registry.get_sample_value("flowpipe_unexpected_drops", {"why": "regression"}) == 1
-    metrics.set_unexpected_drops({"dns_blocked": 2})
-    assert registry.get_sample_value("flowpipe_unexpected_drops", {"why": "regression"}) is None
-    assert registry.get_sample_value("flowpipe_unexpected_drops", {"why": "dns_blocked"}) == 2
+
+    def unexpected(cluster: str, why: str) -> float | None:
+        return registry.get_sample_value("flowpipe_unexpected_drops", {"cluster": cluster, "why": why})
+
+    metrics.set_unexpected_drops({("eu", "regression"): 1, ("eu", "dns_blocked"): 6, ("us", "expected"): 3})
+    assert unexpected("eu", "regression") == 1 and unexpected("eu", "dns_blocked") == 6
+    assert [unexpected("us", why) for why in UNEXPECTED_WHYS] == [0, 0, 0, 0]  # every why, 0 when none
+    assert unexpected("us", "expected") is None
+    assert registry.get_sample_value("flowpipe_expected_drops", {"cluster": "us"}) == 3
+    assert registry.get_sample_value("flowpipe_expected_drops", {"cluster": "eu"}) == 0
+    metrics.set_unexpected_drops({("eu", "dns_blocked"): 2})
+    assert unexpected("eu", "regression") == 0 and unexpected("eu", "dns_blocked") == 2
+    assert unexpected("us", "regression") is None  # a cluster no longer in the answer leaves the gauge
+    metrics.set_unexpected_drops({})  # nothing found yet: still every why, at 0
+    assert [unexpected(NO_CLUSTER, why) for why in UNEXPECTED_WHYS] == [0, 0, 0, 0]
+    metrics.set_unexpected_drops({}, clusters=["eu"])
+    assert unexpected("eu", "non_policy") == 0 and unexpected(NO_CLUSTER, "non_policy") is None
+
+
+def test_zero_first_counters_are_shown_at_zero_before_they_count() -> None:
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics.create(registry, role="dataset", zero_first=True)
+
+    def drops() -> float | None:
+        labels = {"cluster": "kind", "namespace": "shop", "direction": "INGRESS", "reason_class": "policy"}
+        return registry.get_sample_value("flowpipe_observed_drops_total", labels)
+
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc(5)
+    metrics.observe_flows(pa.table({"verdict": ["DROPPED", "DROPPED"]}))
+    assert drops() == 0  # the series exists at 0: the first scrape sees it before any flow
+    assert registry.get_sample_value("flowpipe_flows_received_total", {"verdict": "DROPPED"}) == 0
+    metrics.observed_drops.labels(
+        cluster="kind", namespace="shop", direction="INGRESS", reason_class="policy"
+    ).inc(2)
+    assert drops() == 0
+    metrics.after_scrape()
+    assert drops() == 7
+    assert registry.get_sample_value("flowpipe_flows_received_total", {"verdict": "DROPPED"}) == 2
+    metrics.observed_drops.labels("kind", "shop", "INGRESS", "policy").inc()  # a shown series counts at once
+    assert drops() == 8
+    plain = CollectorRegistry()
+    PipelineMetrics.create(plain, role="dataset").observed_drops.labels("k", "a", "INGRESS", "policy").inc(3)
+    labels = {"cluster": "k", "namespace": "a", "direction": "INGRESS", "reason_class": "policy"}
+    assert plain.get_sample_value("flowpipe_observed_drops_total", labels) == 3
+
+
+def test_the_metrics_server_releases_held_counts_after_each_scrape() -> None:
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics.create(registry, role="dataset", zero_first=True)
+    metrics.dns_lookups.labels("kind", "shop").inc(4)
+    with serve(registry, "127.0.0.1:0", after_scrape=metrics.after_scrape) as server:
+        first = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
+        second = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
+    assert 'flowpipe_observed_dns_lookups_total{cluster="kind",namespace="shop"} 0.0' in first
+    assert 'flowpipe_observed_dns_lookups_total{cluster="kind",namespace="shop"} 4.0' in second
 
 
 # -- bounded labels --------------------------------------------------------------------------------------------

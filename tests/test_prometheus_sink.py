@@ -13,7 +13,7 @@ from flowdata import flow, flows_table
 from prometheus_client import CollectorRegistry
 
 from flowpipe.errors import QueryError
-from flowpipe.metrics import PipelineMetrics
+from flowpipe.metrics import NO_CLUSTER, NO_DIRECTION, NO_NAMESPACE, PipelineMetrics
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
 from flowpipe.sinks.prometheus import (
@@ -40,7 +40,30 @@ def drop(**values: Any) -> dict[str, Any]:
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of `name` with these labels, whatever their other labels (e.g. `cluster`)."""
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def test_every_family_is_per_cluster(sink: PrometheusSink, registry: CollectorRegistry) -> None:
+    denied = {
+        "traffic_direction": "INGRESS",
+        "destination_namespace": "shop",
+        "drop_reason_desc": "POLICY_DENIED",
+    }
+    sink.write(
+        flows_table(
+            [drop(cluster_name="eu", **denied)] * 2 + [drop(cluster_name="us", **denied)] + [drop(**denied)]
+        )
+    )
+    name = "flowpipe_observed_drops_total"
+    assert value(registry, name, cluster="eu", namespace="shop") == 2
+    assert value(registry, name, cluster="us", namespace="shop") == 1
+    assert value(registry, name, cluster=NO_CLUSTER, namespace="shop") == 1
 
 
 def test_is_a_sink_and_acknowledges_every_batch_at_once(sink: PrometheusSink) -> None:
@@ -92,8 +115,8 @@ def test_drops_count_for_the_enforcing_endpoint(sink: PrometheusSink, registry: 
     assert value(registry, name, namespace="b", direction="INGRESS", reason_class="policy") == 1
     assert value(registry, name, namespace="a", direction="EGRESS", reason_class="policy") == 1
     assert value(registry, name, namespace="a", direction="EGRESS", reason_class="conntrack") == 1
-    assert value(registry, name, namespace="c", direction="unknown", reason_class="routing") == 1
-    assert value(registry, name, namespace="", direction="INGRESS", reason_class="unknown") == 1
+    assert value(registry, name, namespace="c", direction=NO_DIRECTION, reason_class="routing") == 1
+    assert value(registry, name, namespace=NO_NAMESPACE, direction="INGRESS", reason_class="unknown") == 1
     total = sum(
         s.value
         for m in registry.collect()
@@ -180,6 +203,39 @@ def test_dns_responses_failures_and_dropped_requests(
     assert value(registry, failures, namespace="shop", reason="NOERROR") == 0
     assert value(registry, failures, namespace="billing", reason="dropped") == 1
     assert value(registry, failures, namespace="shop", reason="dropped") == 1
+    # lookups as dns_failures counts them: the requests the proxy saw (the denied one included, once) and the
+    # DNS request dropped below the proxy
+    lookups = "flowpipe_observed_dns_lookups_total"
+    assert value(registry, lookups, namespace="shop") == 2
+    assert value(registry, lookups, namespace="billing") == 1
+
+
+def test_a_drop_and_its_policy_verdict_event_count_as_one_drop(
+    sink: PrometheusSink, registry: CollectorRegistry
+) -> None:
+    denied = {
+        "traffic_direction": "INGRESS",
+        "destination_namespace": "shop",
+        "drop_reason_desc": "POLICY_DENIED",
+    }
+    dns = {"l4_protocol": "UDP", "destination_port": 53, "is_reply": False, "source_namespace": "billing"}
+    dns |= {"traffic_direction": "EGRESS", "drop_reason_desc": "POLICY_DENIED"}
+    sink.write(
+        flows_table(
+            [
+                drop(**denied),
+                flow(verdict="DROPPED", event_type=5, **denied),
+                drop(**dns),
+                flow(verdict="DROPPED", event_type=5, **dns),
+            ]
+        )
+    )
+    drops = "flowpipe_observed_drops_total"
+    assert value(registry, drops, namespace="shop", direction="INGRESS", reason_class="policy") == 1
+    assert value(registry, "flowpipe_observed_dns_failures_total", namespace="billing", reason="dropped") == 1
+    assert value(registry, "flowpipe_observed_dns_lookups_total", namespace="billing") == 1
+    verdicts = "flowpipe_observed_policy_verdicts_total"
+    assert value(registry, verdicts, namespace="shop", direction="INGRESS", verdict="DROPPED") == 1
 
 
 def test_rcode_names_cover_the_common_failures() -> None:
@@ -293,7 +349,7 @@ def test_namespace_cap_keeps_the_largest_and_folds_the_rest(registry: CollectorR
     assert value(registry, name, namespace="big", **labels) == 5
     assert value(registry, name, namespace="mid", **labels) == 4
     assert value(registry, name, namespace="other", **labels) == 51  # small, then huge: the set never changes
-    assert value(registry, name, namespace="", **labels) == 2  # "no namespace" is not a namespace
+    assert value(registry, name, namespace=NO_NAMESPACE, **labels) == 2  # "no namespace" is not a namespace
 
 
 def test_namespace_cap_ranks_ties_by_name() -> None:
@@ -376,18 +432,32 @@ def refresher_with(
 
 
 def test_unexpected_drops_gauge_from_question_results(registry: CollectorRegistry) -> None:
-    results = [pa.table({"why": ["regression", "dns_blocked", "regression"], "flows": [3, 1, 2]})]
+    results = [
+        pa.table(
+            {
+                "why": ["regression", "dns_blocked", "regression", "expected"],
+                "flows": [3, 1, 2, 9],
+                "cluster_name": ["kind"] * 4,
+            }
+        )
+    ]
     clock = Clock()
     refresher = refresher_with(lambda: results[-1], registry, clock)
     assert refresher.poll() is True and refresher.available
-    assert value(registry, "flowpipe_unexpected_drops", why="regression") == 5
-    assert value(registry, "flowpipe_unexpected_drops", why="dns_blocked") == 1
+    assert value(registry, "flowpipe_unexpected_drops", cluster="kind", why="regression") == 5
+    assert value(registry, "flowpipe_unexpected_drops", cluster="kind", why="dns_blocked") == 1
+    assert value(registry, "flowpipe_unexpected_drops", cluster="kind", why="non_policy") == 0
+    assert value(registry, "flowpipe_expected_drops", cluster="kind") == 9
     results.append(pa.table({"why": pa.array([], pa.string()), "flows": pa.array([], pa.int64())}))
     clock.now += 30
     assert refresher.poll() is False  # not due yet
     clock.now += 30
     assert refresher.poll() is True
-    assert registry.get_sample_value("flowpipe_unexpected_drops", {"why": "regression"}) is None
+    assert (
+        registry.get_sample_value("flowpipe_unexpected_drops", {"cluster": "kind", "why": "regression"})
+        is None
+    )
+    assert value(registry, "flowpipe_unexpected_drops", cluster=NO_CLUSTER, why="regression") == 0
     assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="ok") == 2
 
 
@@ -415,14 +485,15 @@ def test_a_failed_run_keeps_the_last_values_and_is_counted(registry: CollectorRe
     refresher = refresher_with(runner, registry, Clock())
     refresher.refresh()
     assert refresher.refresh() is False
-    assert value(registry, "flowpipe_unexpected_drops", why="infrastructure") == 7
+    assert value(registry, "flowpipe_unexpected_drops", cluster=NO_CLUSTER, why="infrastructure") == 7
     assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="failed") == 1
     assert value(registry, "flowpipe_errors_total", stage="processing", error_type="query_failed") == 1
 
 
 def test_counts_without_a_flows_column_are_rows() -> None:
-    assert unexpected_drop_counts(pa.table({"why": ["a", "a", None]})) == {"a": 2.0, "unknown": 1.0}
-    assert unexpected_drop_counts(pa.table({"x": [1]})) == {"unknown": 1.0}
+    rows = pa.table({"why": ["a", "a", None], "cluster_name": ["eu", "eu", None]})
+    assert unexpected_drop_counts(rows) == {("eu", "a"): 2.0, (NO_CLUSTER, "unknown"): 1.0}
+    assert unexpected_drop_counts(pa.table({"x": [1]})) == {(NO_CLUSTER, "unknown"): 1.0}
 
 
 # -- real captures -------------------------------------------------------------------------------------------------

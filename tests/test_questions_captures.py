@@ -516,3 +516,17 @@ def test_top_talkers_count_each_request_packet_once(engine: DuckDBEngine, flows:
     assert sum(r["dropped"] for r in rows) == sum(r["dropped"] for r in requests.values())
     # Fewer than the raw request records: the captures report packets at several points and at both ends.
     assert sum(r["flows"] for r in rows) < sum(len(r["flows"]) for r in requests.values())
+
+
+def test_a_pod_seen_by_labels_only_is_one_talker(engine: DuckDBEngine, flows: list[Flow]) -> None:
+    # kind-starwars: 19 of tiefighter's records at deathstar's node carry only its identity and labels.
+    partial = [
+        f for f in flows if f.raw.get("source", {}).get("identity") and not f.raw["source"].get("namespace")
+    ]
+    assert any(f.src.namespace == "default" and f.src.workload == "tiefighter" for f in partial)
+    rows = [
+        r
+        for r in query(engine, "top_talkers")
+        if r["source_workload"] == "tiefighter" and r["destination_workload"] == "deathstar"
+    ]
+    assert [(r["source_namespace"], r["destination_namespace"]) for r in rows] == [("default", "default")]

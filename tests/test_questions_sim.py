@@ -10,8 +10,10 @@ import pytest
 from _sim_dataset import SimDataset, parse_time
 
 from flowpipe.query import DuckDBEngine
+from flowpipe.sim import edges as e
 from flowpipe.sim import faults as f
 from flowpipe.sim import policies as sim_policies
+from flowpipe.sim import resolver
 
 Row = dict[str, Any]
 
@@ -133,12 +135,17 @@ def test_clean_window_has_no_unexpected_drops(sim_clean: SimDataset) -> None:
 
 
 def _client_lookups(sim: SimDataset, namespace: str, workload: str) -> int:
-    """DNS lookups of a workload computed from the rows: L7 requests plus drop notifications to port 53."""
+    """DNS lookups of a workload computed from the rows: every simulated lookup starts with the name plus the
+    client's own namespace suffix (L7 requests of that first name), or is a drop notification to port 53."""
 
     def is_lookup(r: Row) -> bool:
-        l7_request = r["l7_protocol"] == "dns" and r["l7_type"] == "REQUEST"
+        first = (
+            r["l7_protocol"] == "dns"
+            and r["l7_type"] == "REQUEST"
+            and r["dns_query"].endswith(f".{namespace}.svc.cluster.local.")
+        )
         dropped = r["verdict"] == "DROPPED" and r["destination_port"] == 53 and r["event_type"] == 1
-        return l7_request or dropped
+        return first or dropped
 
     return sum(
         1
@@ -153,12 +160,14 @@ def test_dns_failures_rcodes(sim_faults: SimDataset, fault: str) -> None:
     rows = _rows(sim_faults.ask("dns_failures"), kind="rcode", rcode_name=truth.reason)
     assert len(rows) == 1
     row = rows[0]
+    # One row per failed lookup's name as the application asked it, not one per search-path expansion.
     assert (row["source_namespace"], row["source_workload"], row["query"]) == (
         truth.source_namespace,
         truth.source_workload,
         truth.destination_name,
     )
-    assert row["failures"] == truth.counts["l7_response"] == truth.counts["attempts"]
+    assert row["names"] == sorted(truth.details["names"])
+    assert row["failures"] == truth.counts["attempts"]
     assert row["lookups"] == _client_lookups(sim_faults, truth.source_namespace, truth.source_workload)
     assert row["failure_share"] == pytest.approx(row["failures"] / row["lookups"], abs=1e-4)
     assert row["first_seen"] >= parse_time(truth.first_seen)
@@ -168,8 +177,12 @@ def test_dns_failures_rcodes(sim_faults: SimDataset, fault: str) -> None:
 
 def test_dns_failures_unanswered_lookups(sim_faults: SimDataset) -> None:
     truth = _truth(sim_faults, f.DNS_NO_RESPONSE)
-    # Requests within the timeout of the end of the data cannot be judged: this seed has none there.
-    assert (sim_faults.end - parse_time(truth.last_seen)).total_seconds() > 5
+    # Requests within the timeout of the newest DNS record cannot be judged: this seed has one there.
+    dns = [r for r in sim_faults.rows() if r["l7_protocol"] == "dns"]
+    newest = max(r["time"] for r in dns)
+    asked = [r["time"] for r in dns if r["l7_type"] == "REQUEST" and r["dns_query"] == truth.destination_name]
+    judged = [t for t in asked if (newest - t).total_seconds() >= 5]
+    assert len(asked) == truth.counts["attempts"] == len(judged) + 1
     rows = _rows(sim_faults.ask("dns_failures"), kind="no_answer")
     assert len(rows) == 1
     row = rows[0]
@@ -178,46 +191,74 @@ def test_dns_failures_unanswered_lookups(sim_faults: SimDataset) -> None:
         truth.destination_name,
         None,
     )
-    assert row["failures"] == truth.counts["l7_request"]
-    assert (
-        parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
-    )
+    # The final name of each lookup got no answer (its search-path expansions were answered NXDOMAIN).
+    assert row["failures"] == len(judged)
+    assert row["lookups"] == _client_lookups(sim_faults, truth.source_namespace, truth.source_workload)
+    assert (row["first_seen"], row["last_seen"]) == (min(judged), max(judged))
+    # The answered expansions of these lookups are not reported as another failure.
+    stem = truth.destination_name.rstrip(".")
+    assert not [r for r in sim_faults.ask("dns_failures") if r["query"] == stem]
     # A timeout longer than the whole run leaves nothing that can be judged.
     assert not _rows(sim_faults.ask("dns_failures", timeout_seconds="100000"), kind="no_answer")
 
 
-def test_dns_failures_dropped_lookups(sim_faults: SimDataset) -> None:
-    truth = _truth(sim_faults, f.DNS_POLICY_DROP)
-    rows = _rows(sim_faults.ask("dns_failures"), kind="dropped")
-    assert {f"{r['source_namespace']}/{r['source_workload']}" for r in rows} == set(
-        truth.details["workloads"]
+def test_dns_failures_final_name_not_seen_through_node_local_dns(sim_faults: SimDataset) -> None:
+    truth = _truth(sim_faults, f.DNS_UPSTREAM_UNSEEN)
+    rows = _rows(sim_faults.ask("dns_failures"), kind="unresolved_final_not_seen")
+    assert len(rows) == 1
+    row = rows[0]
+    # node-local-dns is the client of the forwarded names; the name itself went upstream, unseen.
+    assert (row["source_namespace"], row["query"], row["rcode_name"]) == (
+        truth.source_namespace,
+        truth.destination_name,
+        "NXDOMAIN",
     )
-    assert sum(r["failures"] for r in rows) == truth.counts["drop"]
-    for row in rows:
-        # Every lookup of these workloads was dropped before the DNS proxy saw it.
-        assert row["lookups"] == row["failures"] and row["failure_share"] == 1.0
-        assert row["query"] is None
+    assert row["names"] == sorted(truth.details["names"])
+    assert row["failures"] == truth.counts["attempts"] == row["lookups"]
+    assert row["example_pods"] and all(p.startswith("node-local-dns-") for p in row["example_pods"])
+    assert (
+        parse_time(truth.first_seen) <= row["first_seen"] <= row["last_seen"] <= parse_time(truth.last_seen)
+    )
 
 
-def test_dns_failures_say_when_only_l3_l4_dns_is_visible(
-    sim_faults: SimDataset, sim_clean: SimDataset
-) -> None:
-    # The unselected workload has no DNS rule, so no DNS proxy: its lookups are port 53 packets only.
-    unselected = _truth(sim_faults, f.UNSELECTED_WORKLOAD)
-    rows = _rows(sim_faults.ask("dns_failures"), kind="no_l7_visibility")
-    assert [(r["source_namespace"], r["source_workload"]) for r in rows] == [
-        (unselected.source_namespace, unselected.source_workload)
-    ]
-    assert rows[0]["failures"] is None and rows[0]["lookups"] > 0 and "L3/L4" in rows[0]["note"]
-    assert not _rows(sim_clean.ask("dns_failures"), kind="no_l7_visibility")
+def test_dns_failures_search_path_expansions_of_resolved_names_are_no_failure(sim_faults: SimDataset) -> None:
+    rows = sim_faults.ask("dns_failures")
+    # External names resolve after their search path; only the injected names fail.
+    failed = {r["query"] for r in rows if r["query"]}
+    injected = {
+        _truth(sim_faults, name).destination_name for name in f.FAULT_NAMES if name.startswith("dns-")
+    }
+    assert failed <= injected
+    # With include_search_expansions every error answer is a row of its own, counted as it came.
+    raw = sim_faults.ask("dns_failures", include_search_expansions="true")
+    answers = Counter(
+        (r["dns_query"], r["dns_rcode"])
+        for r in sim_faults.rows()
+        if r["l7_protocol"] == "dns" and r["l7_type"] == "RESPONSE" and r["dns_rcode"] != 0
+    )
+    rcodes = {2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+    shown = Counter()
+    for r in _rows(raw, kind="rcode"):
+        shown[r["query"], r["rcode_name"]] += r["failures"]
+    assert shown == Counter({(q, rcodes[c]): n for (q, c), n in answers.items()})
+    assert any(q.startswith(f"{name}.") for q, _ in shown for name in e.EXTERNAL_IPS)
+    assert not _rows(raw, kind="unresolved_final_not_seen")
 
 
 def test_dns_failures_reports_nothing_else(sim_faults: SimDataset) -> None:
     kinds = Counter(r["kind"] for r in sim_faults.ask("dns_failures"))
-    assert kinds == {"rcode": 3, "no_answer": 1, "dropped": 2, "no_l7_visibility": 1}
+    assert kinds == {
+        "rcode": 3,
+        "no_answer": 1,
+        "dropped": 2,
+        "unresolved_final_not_seen": 1,
+        "no_l7_visibility": 1,
+    }
 
 
 def test_clean_window_has_no_dns_failures(sim_clean: SimDataset) -> None:
+    # Its lookups of outside names go through their search path (NXDOMAIN answers) and then resolve.
+    assert [r for r in sim_clean.rows() if r["l7_protocol"] == "dns" and r["dns_rcode"] == 3]
     assert sim_clean.ask("dns_failures") == []
 
 
@@ -226,7 +267,10 @@ def test_clean_window_has_no_dns_failures(sim_clean: SimDataset) -> None:
 
 def _unselected(sim: SimDataset) -> set[str]:
     workloads = list(sim.simulator.cluster.workloads.values())
-    return set(sim.simulator.policies.unselected_workloads(workloads))
+    unselected = set(sim.simulator.policies.unselected_workloads(workloads))
+    if f.DNS_UPSTREAM_UNSEEN in sim.truth.faults_enabled:
+        unselected.add("/".join(resolver.NODE_LOCAL_DNS))  # a hostNetwork DaemonSet that no policy selects
+    return unselected
 
 
 @pytest.mark.parametrize("which", ["faults", "clean"])
@@ -255,7 +299,9 @@ def test_least_privilege_ingress_from_world(sim_faults: SimDataset, sim_clean: S
     }
     api = (truth.destination_namespace, truth.destination_workload)
     assert api in with_fault and api not in without
-    assert with_fault.keys() - {api} == without == {("ingress-nginx", "ingress-nginx-controller")}
+    # node-local-dns, a hostNetwork pod recorded with the world identity, is a client of CoreDNS (with the faults).
+    coredns = ("kube-system", "coredns")
+    assert with_fault.keys() - {api, coredns} == without == {("ingress-nginx", "ingress-nginx-controller")}
     row = with_fault[api]
     assert row["policies"] == truth.details["policy"] and f"{truth.port}/{truth.protocol}" in row["detail"]
     # Requests from the world to api: the policy verdict, both traces and the L7 request of each connection.

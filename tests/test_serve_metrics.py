@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flowpipe.cli import cli
 from flowpipe.commands.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
 from flowpipe.dataset import Dataset
-from flowpipe.metrics import PipelineMetrics
+from flowpipe.metrics import NO_NAMESPACE, PipelineMetrics
 from flowpipe.model import LostEvent
 from flowpipe.sinks.prometheus import PrometheusSink
 
@@ -131,7 +131,7 @@ def test_namespace_cap_flag(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     families = {f.name: f for f in text_string_to_metric_families(result.output)}
     namespaces = {s.labels["namespace"] for s in families["flowpipe_observed_drops"].samples}
-    assert len(namespaces - {"", "other"}) == 1 and "other" in namespaces
+    assert len(namespaces - {NO_NAMESPACE, "other"}) == 1 and "other" in namespaces
 
 
 @pytest.mark.parametrize(

@@ -114,3 +114,22 @@ spec:
     ]
     assert sum(e.forwarded for e in web) == len(requests) > 0
     assert report.would_break >= len(requests)
+
+
+def test_pods_known_only_by_labels_and_service_addresses_are_named_as_pods(sim_faults: SimDataset) -> None:
+    # The simulator's pods of one node reach other nodes' records with identity and labels only, and connect()
+    # to a Service gives socket-LB events naming its ClusterIP: neither may show up as an unnamed pod or the world.
+    pods = {(w.namespace, w.name) for w in sim_faults.simulator.cluster.workloads.values()}
+    talkers = sim_faults.ask("top_talkers", limit=100000)
+    for row in talkers:
+        for side in ("source", "destination"):
+            if row[f"{side}_workload"] in {name for _, name in pods} and row[f"{side}_namespace"] is None:
+                raise AssertionError(f"a pod without its namespace: {row}")
+    named = {(r["destination_namespace"], r["destination_workload"]) for r in talkers}
+    assert ("production", "api") in named
+    egress = sim_faults.ask("world_egress", limit=100000)
+    assert egress and not [r for r in egress if str(r["destination"]).startswith(("10.96.", "10.244."))]
+    edges = sim_faults.ask("observed_edges")
+    assert not [
+        e for e in edges if e["destination_entity"] == "world" and e["destination_ip"].startswith("10.")
+    ]

@@ -22,7 +22,7 @@ from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.cli import cli
 from flowpipe.errors import ConfigError
-from flowpipe.sim import FAULT_NAMES, GroundTruth, Simulator, SimulatorConfig, parse_faults
+from flowpipe.sim import FAULT_NAMES, GroundTruth, Simulator, SimulatorConfig, parse_faults, resolver
 from flowpipe.sim import edges as e
 from flowpipe.sim import faults as f
 
@@ -198,8 +198,13 @@ def test_l7_records_dns_http_kafka(flows: list[Flow]) -> None:
 
 
 def test_world_flows_carry_dns_names_and_reserved_identities(flows: list[Flow]) -> None:
-    # (Socket-LB events name a Service's ClusterIP with the world identity: no traffic, checked apart.)
-    to_world = [x for x in flows if x.destination.identity == 2 and x.Type != flow_pb2.SOCK]
+    # (Socket-LB events name a Service's ClusterIP with the world identity, and hostNetwork pods such as
+    # node-local-dns are recorded with the world identity and their pod name: checked apart.)
+    to_world = [
+        x
+        for x in flows
+        if x.destination.identity == 2 and x.Type != flow_pb2.SOCK and not x.destination.pod_name
+    ]
     external = {ip for ips in e.EXTERNAL_IPS.values() for ip in ips}
     assert to_world
     for x in to_world:
@@ -230,7 +235,7 @@ def test_pod_labels_always_name_their_namespace(flows: list[Flow]) -> None:
     identities: dict[tuple[str, ...], set[int]] = {}
     for x in flows:
         for ep in (x.source, x.destination):
-            if ep.pod_name:
+            if ep.pod_name and ep.identity != 2:  # not a hostNetwork pod recorded with the world identity
                 assert f"k8s:io.kubernetes.pod.namespace={ep.namespace}" in ep.labels
                 assert (
                     f"k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={ep.namespace}"
@@ -260,7 +265,14 @@ def test_clean_run_has_no_drops_and_no_failed_lookups() -> None:
     flows = [r.flow for r in responses]
     assert flows
     assert not [x for x in flows if x.verdict == flow_pb2.DROPPED]
-    assert not [x for x in flows if is_dns(x) and x.l7.dns.rcode != 0]
+    # The only error answers are NXDOMAIN to search-path expansions, never to the name a lookup ends with.
+    failed = [x for x in flows if is_dns(x) and x.l7.dns.rcode != 0]
+    assert failed and {x.l7.dns.rcode for x in failed} == {3}
+    assert all(
+        x.l7.dns.query in resolver.search_names(n, x.destination.namespace)[:-1]
+        for x in failed
+        for n in [next(n for n in e.EXTERNAL_IPS if x.l7.dns.query.startswith(n + "."))]
+    )
     requests = Counter(
         (x.IP.source, x.l4.UDP.source_port) for x in flows if is_dns(x) and x.l7.type == flow_pb2.REQUEST
     )
@@ -294,26 +306,72 @@ def test_ground_truth_lists_every_fault(truth: GroundTruth) -> None:
 @pytest.mark.parametrize(("name", "rcode"), [(f.DNS_NXDOMAIN, 3), (f.DNS_SERVFAIL, 2), (f.DNS_REFUSED, 5)])
 def test_failed_lookups(flows: list[Flow], truth: GroundTruth, name: str, rcode: int) -> None:
     fault = truth.faults[name]
-    answers = dns_responses(flows, rcode)
-    assert len(answers) == fault.counts["l7_response"] > 0
-    assert {x.l7.dns.query for x in answers} == {fault.destination_name}
-    assert {workload(x.destination) for x in answers} == {f"{fault.source_namespace}/{fault.source_workload}"}
-    assert all(not x.l7.dns.ips and x.traffic_direction == flow_pb2.EGRESS for x in answers)
-    assert in_window(answers, fault)
-    requests = [
-        x
-        for x in flows
-        if is_dns(x) and x.l7.type == flow_pb2.REQUEST and x.l7.dns.query == fault.destination_name
+    client = f"{fault.source_namespace}/{fault.source_workload}"
+    # The application asks the name without a dot: its search path first (each NXDOMAIN), the name itself last.
+    names = fault.details["names"]
+    assert names == list(resolver.search_names(fault.destination_name, fault.source_namespace))
+    assert names[-1] == fault.destination_name + "." and len(names) == 5
+    failed = [x for x in dns_responses(flows, rcode) if x.l7.dns.query == names[-1]]
+    assert failed and {workload(x.destination) for x in failed} == {client}
+    assert all(not x.l7.dns.ips and x.traffic_direction == flow_pb2.EGRESS for x in failed)
+    assert in_window(failed, fault)
+    # a lookup started just before the end may not have reached its last name yet
+    assert 0 <= fault.counts["attempts"] - len(failed) <= 1
+    assert len(names) * len(failed) <= fault.counts["l7_response"] < len(names) * (len(failed) + 1)
+    # Only this fault asks these names (the SQS name also resolves outside the burst).
+    if name != f.DNS_SERVFAIL:
+        answers = [
+            x for x in flows if is_dns(x) and x.l7.type == flow_pb2.RESPONSE and x.l7.dns.query in names
+        ]
+        assert len(answers) == fault.counts["l7_response"]
+        assert {x.l7.dns.rcode for x in answers if x.l7.dns.query != names[-1]} == {3}
+        requests = [
+            x for x in flows if is_dns(x) and x.l7.type == flow_pb2.REQUEST and x.l7.dns.query in names
+        ]
+        assert len(requests) == fault.counts["l7_request"]
+        first = [x for x in requests if x.l7.dns.query == names[0]]
+        assert len(first) == fault.counts["attempts"]
+
+
+def test_lookups_of_outside_names_resolve_after_their_search_path(flows: list[Flow]) -> None:
+    # Every NXDOMAIN answer outside the injected faults is a search-path expansion of a name that then resolved.
+    dns_faults = (f.DNS_NXDOMAIN, f.DNS_REFUSED, f.DNS_NO_RESPONSE, f.DNS_UPSTREAM_UNSEEN)
+    injected = {n for name in dns_faults for n in dict(f.fault_spec(name).details)["names"]}
+    expansions = [x for x in dns_responses(flows, 3) if x.l7.dns.query not in injected]
+    assert expansions
+    resolved = {x.l7.dns.query for x in dns_responses(flows, 0)}
+    for name in e.EXTERNAL_IPS:
+        assert name + "." in resolved
+    for x in expansions:
+        stem = next(n for n in e.EXTERNAL_IPS if x.l7.dns.query.startswith(n + "."))
+        assert x.l7.dns.query in resolver.search_names(stem, x.destination.namespace)[:-1]
+
+
+def test_node_local_dns_is_the_client_of_forwarded_lookups(flows: list[Flow], truth: GroundTruth) -> None:
+    fault = truth.faults[f.DNS_UPSTREAM_UNSEEN]
+    names = fault.details["names"]
+    # Only the cluster-domain names of the search path reach CoreDNS; the others go upstream, unseen.
+    assert names == [
+        n for n in resolver.search_names(fault.destination_name, "production") if n.endswith(".local.")
     ]
-    if (
-        name == f.DNS_SERVFAIL
-    ):  # the name also resolves fine outside the burst: pair requests with the failures
-        failed = {(x.IP.destination, x.l4.UDP.destination_port) for x in answers}
-        requests = [x for x in requests if (x.IP.source, x.l4.UDP.source_port) in failed]
-        assert len(requests) == len(answers)
-    else:  # a lookup started just before the end may have no answer yet
-        assert len(requests) == fault.counts["l7_request"] == fault.counts["attempts"]
-        assert 0 <= len(requests) - len(answers) <= 1
+    assert fault.details["names_unseen"] == [
+        f"{fault.destination_name}.sim.internal.",
+        f"{fault.destination_name}.",
+    ]
+    records = [x for x in flows if is_dns(x) and x.l7.dns.query.startswith(fault.destination_name + ".")]
+    assert {x.l7.dns.query for x in records} == set(names)
+    assert len(records) == fault.counts["l7_request"] + fault.counts["l7_response"]
+    clients = [x.source if x.l7.type == flow_pb2.REQUEST else x.destination for x in records]
+    # hostNetwork pods: the node's address, the world identity, yet their namespace, pod name and DaemonSet
+    assert {(c.namespace, c.identity, tuple(c.labels)) for c in clients} == {
+        ("kube-system", 2, ("reserved:world",))
+    }
+    assert all(
+        c.pod_name.startswith("node-local-dns-") and c.workloads[0].kind == "DaemonSet" for c in clients
+    )
+    assert {x.l7.dns.rcode for x in records if x.l7.type == flow_pb2.RESPONSE} == {3}
+    first = [x for x in records if x.l7.type == flow_pb2.REQUEST and x.l7.dns.query == names[0]]
+    assert len(first) == fault.counts["attempts"]
 
 
 def test_servfail_burst_stays_in_its_window_and_blocks_the_connections(
@@ -335,8 +393,12 @@ def test_lookups_without_answer(flows: list[Flow], truth: GroundTruth) -> None:
     unanswered = [x for key, x in requests.items() if key not in answered and t_ns(x) < end]
     assert {x.l7.dns.query for x in unanswered} == {f.NO_RESPONSE_QUERY}
     all_for_query = [x for x in requests.values() if x.l7.dns.query == f.NO_RESPONSE_QUERY]
-    assert len(all_for_query) == fault.counts["l7_request"] == fault.counts["attempts"]
-    assert fault.counts["l7_response"] == 0
+    # Its search path is answered NXDOMAIN first: one request per name, the final one never answered.
+    names = fault.details["names"]
+    assert names[-1] == f.NO_RESPONSE_QUERY
+    assert len(all_for_query) == fault.counts["attempts"]
+    assert fault.counts["l7_request"] == len(names) * fault.counts["attempts"]
+    assert fault.counts["l7_response"] == (len(names) - 1) * fault.counts["attempts"]
 
 
 def test_dns_dropped_by_default_deny(flows: list[Flow], truth: GroundTruth) -> None:
@@ -464,7 +526,7 @@ def test_json_lines_are_exactly_what_json_format_writes() -> None:
 
 def test_cli_writes_jsonpb_and_ground_truth(tmp_path: Path) -> None:
     out, truth_path = tmp_path / "flows.jsonl.gz", tmp_path / "truth.json"
-    args = f"simulate --out {out} --seed 5 --rate 200 --duration 8s --start 2025-03-01T12:00:00Z"
+    args = f"simulate --out {out} --seed 4 --rate 200 --duration 8s --start 2025-03-01T12:00:00Z"
     args += f" --fault dns-nxdomain --fault port-scan --ground-truth {truth_path}"
     result = CliRunner().invoke(cli, args.split())
     assert result.exit_code == 0, result.output
@@ -472,13 +534,14 @@ def test_cli_writes_jsonpb_and_ground_truth(tmp_path: Path) -> None:
     parsed = [json_format.Parse(line, observer_pb2.GetFlowsResponse()) for line in lines]
     faults = frozenset({f.DNS_NXDOMAIN, f.PORT_SCAN})
     config = SimulatorConfig(
-        seed=5, start=START, duration_seconds=8, rate_flows_per_second=200, faults=faults
+        seed=4, start=START, duration_seconds=8, rate_flows_per_second=200, faults=faults
     )
     assert parsed == list(Simulator(config).responses())
     truth = GroundTruth.from_json(truth_path.read_text())
     assert set(truth.faults) == faults
     assert truth.totals["flows"] == len(lines)
-    nxdomain = sum(1 for p in parsed if p.flow.l7.dns.rcode == 3)
+    typo = truth.faults[f.DNS_NXDOMAIN].details["names"]
+    nxdomain = sum(1 for p in parsed if p.flow.l7.dns.rcode == 3 and p.flow.l7.dns.query in typo)
     assert truth.faults[f.DNS_NXDOMAIN].counts["l7_response"] == nxdomain > 0
     to_stdout = args.split()[:-2]  # without --ground-truth
     to_stdout[2] = "-"

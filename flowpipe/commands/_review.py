@@ -23,6 +23,12 @@ INVALID_INPUT_EXIT_CODE = 2
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class InvalidPolicyInput(click.ClickException):
+    """Policy files that cannot be read or understood: exit status 2, apart from findings (1)."""
+
+    exit_code = INVALID_INPUT_EXIT_CODE
+
+
 def report_file_options(func: F) -> F:
     """`--sarif FILE` and `--junit FILE`: the reports for code review tools, written beside the usual output."""
     func = click.option(
@@ -46,9 +52,7 @@ def load_policy_input(paths: Sequence[str], *, what: str = "policies") -> list[P
         if not policies:
             raise PolicyError(f"no {what} found in {', '.join(paths)}")
     except PolicyError as exc:
-        error = click.ClickException(str(exc))
-        error.exit_code = INVALID_INPUT_EXIT_CODE
-        raise error from exc
+        raise InvalidPolicyInput(str(exc)) from exc
     return policies
 
 

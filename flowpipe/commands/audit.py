@@ -32,7 +32,7 @@ from flowpipe.query.engine import open_engine
 )
 @report_file_options
 @dataset_option
-@format_option("table", "json")
+@format_option("table", "json", "jsonl")
 def audit(
     paths: tuple[str, ...],
     fail_on: str,
@@ -47,13 +47,14 @@ def audit(
     in kube-system; with flows in the dataset also namespace selectors and pod selectors that match nothing
     observed. Each finding has a severity, the file and policy, and what to do.
 
-    Exit status: 0 no finding at or above --fail-on, 1 some, 2 the policy input is invalid (the message names the
-    file, document and field).
+    Exit status: 0 when no finding is at or above --fail-on; 1 when one is (or the dataset cannot be read); 2
+    when the policy input is invalid (a file that is missing, not YAML or not a policy; no policy found) or a
+    flag is wrong, so CI tells a finding from a broken input.
 
     \b
     Examples:
       flowpipe audit policies/
-      flowpipe audit policies/ --fail-on medium --format json
+      flowpipe audit policies/ --fail-on medium -o jsonl
       flowpipe audit policies/ --sarif audit.sarif --junit audit.xml
     """
     policies = load_policy_input(paths)
@@ -68,6 +69,9 @@ def audit(
     findings = audit_policies(policies, inventory)
     if output_format == "json":
         click.echo(json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False))
+    elif output_format == "jsonl":
+        for finding in findings:
+            click.echo(json.dumps(finding.to_dict(), ensure_ascii=False))
     else:
         table = pa.Table.from_pylist(
             [

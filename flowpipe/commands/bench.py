@@ -66,7 +66,7 @@ def _print_table(figures: list[Figure]) -> None:
 @click.option("--keep", is_flag=True, help="Keep the temporary folder and print where it is.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic flows.")
 @click.option("--check", is_flag=True, help="Exit with status 1 when a figure misses its target.")
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def bench(
     flows: int,
     only: str | None,

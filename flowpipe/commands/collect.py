@@ -21,6 +21,7 @@ from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
 from flowpipe.metrics import DEFAULT_METRICS_ADDRESS, MetricsServer
 from flowpipe.pipeline import handle_stop_signals
 from flowpipe.sinks.prometheus import DEFAULT_MAX_NAMESPACES, DEFAULT_QUESTION_INTERVAL_SECONDS
+from flowpipe.sources._relay_connect import DEFAULT_RELAY_PORT, with_default_port
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
 
 _SINK = field_help(ParquetSinkConfig)
@@ -31,56 +32,78 @@ _OFF = ("", "off", "none")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _option(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option that also reads `FLOWPIPE_<env>`."""
-    decorate: Callable[[F], F] = click.option(name, envvar=f"FLOWPIPE_{env}", show_envvar=True, **kwargs)
+def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option (flowpipe's spelling first, then hubble's) that also reads `FLOWPIPE_<env>`."""
+    decorate: Callable[[F], F] = click.option(*names, envvar=f"FLOWPIPE_{env}", show_envvar=True, **kwargs)
     return decorate
 
 
 @click.command("collect")
-@_option("--relay", "RELAY_ADDRESS", required=True, metavar="HOST:PORT", help=_RELAY["address"])
-@_option("--tls-ca", "TLS_CA", metavar="FILE", help=_RELAY["tls_ca"])
-@_option("--tls-cert", "TLS_CERT", metavar="FILE", help=_RELAY["tls_cert"])
-@_option("--tls-key", "TLS_KEY", metavar="FILE", help=_RELAY["tls_key"])
-@_option("--tls-server-name", "TLS_SERVER_NAME", metavar="NAME", help=_RELAY["tls_server_name"])
-@_option("--namespace", "NAMESPACE", multiple=True, metavar="NS",
+@_option("--relay", "--server", "relay", env="RELAY_ADDRESS", required=True, metavar="HOST[:PORT]",
+         help=_RELAY["address"] + f" Port {DEFAULT_RELAY_PORT} when none is given, as for hubble observe.")  # fmt: skip
+@_option("--tls-ca", "--tls-ca-cert-files", "tls_ca", env="TLS_CA", metavar="FILE", help=_RELAY["tls_ca"])
+@_option(
+    "--tls-cert",
+    "--tls-client-cert-file",
+    "tls_cert",
+    env="TLS_CERT",
+    metavar="FILE",
+    help=_RELAY["tls_cert"],
+)
+@_option(
+    "--tls-key", "--tls-client-key-file", "tls_key", env="TLS_KEY", metavar="FILE", help=_RELAY["tls_key"]
+)
+@_option("--tls-server-name", env="TLS_SERVER_NAME", metavar="NAME", help=_RELAY["tls_server_name"])
+@_option("-n", "--namespace", "namespace", env="NAMESPACE", multiple=True, metavar="NS",
          help=_RELAY["namespaces"] + " Repeatable; the variable takes a space-separated list.")  # fmt: skip
-@_option("--verdict", "VERDICT", multiple=True, metavar="VERDICT",
+@_option("--verdict", env="VERDICT", multiple=True, metavar="VERDICT",
          help=_RELAY["verdicts"] + " Repeatable: FORWARDED, DROPPED, AUDIT, REDIRECTED, ERROR, TRACED, TRANSLATED.")  # fmt: skip
-@_option("--node", "NODE", multiple=True, metavar="PATTERN", help=_RELAY["nodes"] + " Repeatable.")
+@_option(
+    "--node",
+    "--node-name",
+    "node",
+    env="NODE",
+    multiple=True,
+    metavar="PATTERN",
+    help=_RELAY["nodes"] + " Repeatable.",
+)
 @dataset_option
-@_option("--flush-interval-seconds", "FLUSH_INTERVAL_SECONDS", type=click.FloatRange(min=0.01), default=60.0,
+@_option("--flush-interval-seconds", env="FLUSH_INTERVAL_SECONDS", type=click.FloatRange(min=0.01), default=60.0,
          show_default=True, help=_SINK["flush_interval_seconds"])  # fmt: skip
-@_option("--max-batch-rows", "MAX_BATCH_ROWS", type=click.IntRange(min=1), default=200_000, show_default=True,
+@_option("--max-batch-rows", env="MAX_BATCH_ROWS", type=click.IntRange(min=1), default=200_000, show_default=True,
          help=_SINK["max_batch_rows"])  # fmt: skip
-@_option("--max-batch-bytes", "MAX_BATCH_BYTES", type=click.IntRange(min=1), default=COLLECT_MAX_BATCH_BYTES,
+@_option("--max-batch-bytes", env="MAX_BATCH_BYTES", type=click.IntRange(min=1), default=COLLECT_MAX_BATCH_BYTES,
          show_default=True, help=_SINK["max_batch_bytes"])  # fmt: skip
-@_option("--metrics-address", "METRICS_ADDRESS", default=DEFAULT_METRICS_ADDRESS, show_default=True,
+@_option("--metrics-address", env="METRICS_ADDRESS", default=DEFAULT_METRICS_ADDRESS, show_default=True,
          help="HOST:PORT for /metrics, /healthz and /readyz (port 0: any free port; 0.0.0.0: all interfaces; "
          "`off`: no endpoint).")  # fmt: skip
-@_option("--node-shard", "NODE_SHARD", metavar="I/N",
+@_option("--node-shard", env="NODE_SHARD", metavar="I/N",
          help="Run as shard I of N collectors (0 <= I < N) writing one dataset: each takes the nodes whose name "
          "hashes to its shard.")  # fmt: skip
-@_option("--writer-id", "WRITER_ID",
+@_option("--writer-id", env="WRITER_ID",
          help="Id of this writer in part-file names; unique among writers running on one dataset (default: named "
          "after the checkpoint, e.g. relay-shard-0-of-2, the same across restarts).")  # fmt: skip
-@_option("--cluster", "CLUSTER_NAME", metavar="NAME", help=_RELAY["cluster_name"])
+@_option("--cluster", env="CLUSTER_NAME", metavar="NAME", help=_RELAY["cluster_name"])
 @_option(
-    "--field-mask/--no-field-mask", "FIELD_MASK", default=True, show_default=True, help=_RELAY["field_mask"]
+    "--field-mask/--no-field-mask",
+    env="FIELD_MASK",
+    default=True,
+    show_default=True,
+    help=_RELAY["field_mask"],
 )
-@_option("--startup-timeout-seconds", "STARTUP_TIMEOUT_SECONDS", type=click.FloatRange(min=0.1),
+@_option("--startup-timeout-seconds", env="STARTUP_TIMEOUT_SECONDS", type=click.FloatRange(min=0.1),
          help=_RELAY["startup_timeout_seconds"] + " Problems that waiting cannot fix (not a Hubble relay, TLS "
          "versus plaintext, certificates) stop at once.")  # fmt: skip
-@_option("--reconnect-backoff-initial-seconds", "RECONNECT_BACKOFF_INITIAL_SECONDS", type=click.FloatRange(min=0.001),
+@_option("--reconnect-backoff-initial-seconds", env="RECONNECT_BACKOFF_INITIAL_SECONDS", type=click.FloatRange(min=0.001),
          default=0.5, show_default=True, help=_RELAY["reconnect_backoff_initial_seconds"])  # fmt: skip
-@_option("--reconnect-backoff-max-seconds", "RECONNECT_BACKOFF_MAX_SECONDS", type=click.FloatRange(min=0.001),
+@_option("--reconnect-backoff-max-seconds", env="RECONNECT_BACKOFF_MAX_SECONDS", type=click.FloatRange(min=0.001),
          default=30.0, show_default=True, help=_RELAY["reconnect_backoff_max_seconds"])  # fmt: skip
-@_option("--resume-overlap-seconds", "RESUME_OVERLAP_SECONDS", type=click.FloatRange(min=0), default=10.0,
+@_option("--resume-overlap-seconds", env="RESUME_OVERLAP_SECONDS", type=click.FloatRange(min=0), default=10.0,
          show_default=True, help=_RELAY["resume_overlap_seconds"])  # fmt: skip
-@_option("--question-interval-seconds", "QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
+@_option("--question-interval-seconds", env="QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
          default=DEFAULT_QUESTION_INTERVAL_SECONDS, show_default=True,
          help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
-@_option("--max-namespaces", "MAX_NAMESPACES", type=click.IntRange(min=0), default=DEFAULT_MAX_NAMESPACES,
+@_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0), default=DEFAULT_MAX_NAMESPACES,
          show_default=True, help="Namespaces with their own label value in the flow analytics metrics; the rest "
          "are counted as 'other'.")  # fmt: skip
 def collect_command(
@@ -121,6 +144,7 @@ def collect_command(
         "max_batch_rows": max_batch_rows,
         "max_batch_bytes": max_batch_bytes,
     }
+    relay = with_default_port(relay)
     source = RelaySourceConfig(
         address=relay,
         tls_ca=tls_ca or None,

@@ -19,7 +19,7 @@ from flowpipe.dataset import Dataset
               show_default=True,
               help="Leave an hour alone until it ended this long ago (late flows may still arrive).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Show what would be merged; change nothing.")
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def compact(
     dataset: str, target_size_mb: float, grace_seconds: float, dry_run: bool, output_format: str
 ) -> None:

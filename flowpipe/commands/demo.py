@@ -8,6 +8,10 @@ commands to go further.
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -141,39 +145,54 @@ def _ask(dataset: Path, console: Console) -> None:
             table: pa.Table = result.table
             shown = table.slice(0, ROWS_SHOWN)
             shown = shown.select([c for c in columns if c in shown.column_names] or shown.column_names)
-            more = (
-                f" (first {ROWS_SHOWN} of {table.num_rows}; all: flowpipe query {name} --dataset {dataset})"
-            )
+            more = f" (first {ROWS_SHOWN} of {table.num_rows}; all: {program()} query {name} --dataset {_q(dataset)})"
             console.print()
             render(shown, "table", title=f"{title}: {name}" + (more if table.num_rows > ROWS_SHOWN else ""))
     finally:
         engine.close()
 
 
-def _next_steps(dataset: Path) -> list[str]:
-    from flowpipe.cli import cli
+def program(path: str | None = None) -> str:
+    """How to run flowpipe from the user's shell, as it is running now: `flowpipe` when that is what the PATH
+    finds, else the path of this environment's script (relative when under the working folder, as
+    `.venv/bin/flowpipe` after `make demo`), else `python -m flowpipe` with this interpreter."""
+    search = os.environ.get("PATH", "") if path is None else path
+    script = Path(sys.executable).parent / "flowpipe"
+    found = shutil.which("flowpipe", path=search)
+    if found is not None and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "flowpipe"
+    if script.exists():
+        try:
+            return shlex.quote(str(script.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m flowpipe"
 
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+def _next_steps(dataset: Path) -> list[str]:
+    """The commands to go further, each runnable as printed from the folder the demo ran in."""
+    run, data = program(), f"--dataset {_q(dataset)}"
     steps = [
-        ("every question", "flowpipe query --list"),
-        ("one of them", f"flowpipe query top_talkers --dataset {dataset}"),
-        ("expected drops too", f"flowpipe query unexpected_drops --dataset {dataset} -p show_expected=true"),
-        (
-            "your own SQL",
-            f'flowpipe sql "SELECT verdict, count(*) FROM flows GROUP BY ALL" --dataset {dataset}',
-        ),
-    ]
-    if "suggest" in cli.commands:
-        steps.append(("draft policies", f"flowpipe suggest --dataset {dataset}"))
-    steps += [
-        ("Prometheus metrics", f"flowpipe serve-metrics --dataset {dataset}"),
-        ("a live relay", "flowpipe simulate-relay, then: flowpipe collect --relay 127.0.0.1:4245"),
+        ("every question", f"{run} query --list"),
+        ("one of them", f"{run} query top_talkers {data}"),
+        ("expected drops too", f"{run} query unexpected_drops {data} -p show_expected=true"),
+        ("your own SQL", f'{run} sql "SELECT verdict, count(*) FROM flows GROUP BY ALL" {data}'),
+        ("draft policies", f"{run} suggest {data}"),
+        ("Prometheus metrics", f"{run} serve-metrics {data}"),
+        ("a simulated relay", f"{run} simulate-relay"),
+        ("collect from it", f"{run} collect --server 127.0.0.1:4245 --dataset flowpipe-data"),
     ]
     return [f"{what + ':':20} {command}" for what, command in steps]
 
 
 @click.command("demo")
 @click.option("--dataset", default=None, metavar="DIR", help="Where to write the dataset (a new or empty folder). "
-              "Default: a new temporary folder, kept afterwards.")  # fmt: skip
+              "Default: a new temporary folder, kept afterwards for the commands the demo prints (it says "
+              "where, and how to remove it).")  # fmt: skip
 @click.option("--minutes", type=click.FloatRange(min=0.1, max=120), default=10.0, show_default=True,
               help="Simulated minutes of cluster traffic.")  # fmt: skip
 @click.option("--rate", type=click.FloatRange(min=1, max=5000), default=100.0, show_default=True,
@@ -203,3 +222,12 @@ def demo(dataset: str | None, minutes: float, rate: float, seed: int) -> None:
     click.echo("\nwhere to look next:")
     for step in _next_steps(folder):
         click.echo(f"  {step}")
+    if program() != "flowpipe":
+        click.echo(
+            f"\n`flowpipe` is not on your PATH: run it as {program()}, or put it there with "
+            f"`source {shlex.quote(str(Path(sys.executable).parent / 'activate'))}`."
+        )
+    if dataset is None:
+        click.echo(
+            f"\nThe demo's dataset is kept in {folder} for these commands; remove it with: rm -r {_q(folder)}"
+        )

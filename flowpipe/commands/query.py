@@ -1,24 +1,28 @@
-"""`flowpipe query`: run a named question from the SQL catalog over the dataset, or list the questions."""
+"""`flowpipe query`: run a named question from the SQL catalog over the dataset, or list the questions.
+
+`query --list` imports neither pyarrow nor DuckDB: the engine is imported when a question runs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import pyarrow as pa
 
-from flowpipe._cli_options import dataset_option, format_option
-from flowpipe._output import format_datetime, render
-from flowpipe.query.catalog import Catalog, Question, load_questions
-from flowpipe.query.engine import Engine, open_engine
-from flowpipe.query.run import RELATIVE_TO, QuestionResult, run_question, window_bound, window_coverage
+from flowpipe._cli_options import dataset_option, format_option, one_value
+from flowpipe._output import Records, format_datetime, render
+from flowpipe.query.catalog import RELATIVE_TO, Catalog, Question, load_questions
 from flowpipe.query.timeparse import parse_time
 
-# Flags that set a parameter of the same name, for questions that declare it.
-SHORTCUTS = ("since", "until", "namespace")
+if TYPE_CHECKING:
+    from flowpipe.query.engine import Engine
+    from flowpipe.query.run import QuestionResult
+
+# Flags that set a parameter of the same name, for questions that declare it (`--last` sets `limit`).
+SHORTCUTS = ("since", "until", "namespace", "verdict", "limit")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,7 +69,22 @@ def sql_dir_option(func: F) -> F:
     "--until",
     help="Window end, same forms as --since (sets `until`; default: the later of now and the newest record).",
 )
-@click.option("--namespace", help="Only this Kubernetes namespace (sets `namespace`).")
+@click.option(
+    "-n",
+    "--namespace",
+    multiple=True,
+    callback=one_value,
+    help="Only this Kubernetes namespace (sets `namespace`). A question takes one namespace: giving two is an "
+    "error.",
+)
+@click.option(
+    "--verdict",
+    multiple=True,
+    callback=one_value,
+    help="Only flows with this verdict, e.g. DROPPED (sets `verdict`, for questions that have it: see --list). "
+    "A question takes one verdict: giving two is an error.",
+)
+@click.option("--last", type=click.IntRange(min=0), metavar="N", help="At most N rows (sets `limit`).")
 @click.option(
     "--relative-to",
     type=click.Choice(RELATIVE_TO),
@@ -93,13 +112,15 @@ def sql_dir_option(func: F) -> F:
 )
 @sql_dir_option
 @dataset_option
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def query(
     name: str | None,
     param_options: tuple[str, ...],
     since: str | None,
     until: str | None,
     namespace: str | None,
+    verdict: str | None,
+    last: int | None,
     relative_to: str,
     now_text: str | None,
     list_only: bool,
@@ -115,8 +136,13 @@ def query(
     Examples:
       flowpipe query --list
       flowpipe query drops_by_reason --since 6h --namespace shop
-      flowpipe query top_talkers -p limit=5 --format json
+      flowpipe query top_talkers --last 5 -o json
+      flowpipe query unexpected_drops -o jsonl | jq .why
       flowpipe query unexpected_drops --engine spark --spark-master spark://spark:7077
+
+    Exit status: 0 on success; 1 when the question cannot answer (no dataset, an unknown question or
+    parameter, a value of the wrong type, a broken question file); 2 for a usage error (a bad or conflicting
+    flag).
     """
     catalog = load_questions(sql_dir)
     if list_only:
@@ -128,14 +154,19 @@ def query(
         raise click.UsageError("give a question name (see `flowpipe query --list`)")
     question = catalog.question(name)
     values: dict[str, object] = dict(parse_param_options(param_options))
-    for key, value in zip(SHORTCUTS, (since, until, namespace), strict=True):
+    given = (since, until, namespace, verdict, last)
+    for key, value in zip(SHORTCUTS, given, strict=True):
         if value is None:
             continue
         if key in values:
-            raise click.UsageError(f"--{key} and -p {key}=... both set {key}")
+            flag = "--last" if key == "limit" else f"--{key}"
+            raise click.UsageError(f"{flag} and -p {key}=... both set {key}")
         values[key] = value
     now = parse_time(now_text, name="--now") if now_text is not None else None
     question.check_values(values)
+    from flowpipe.query.engine import open_engine
+    from flowpipe.query.run import run_question, window_coverage
+
     if engine_name == "spark":
         from flowpipe.query.spark import open_spark_engine  # pyspark is an optional extra
 
@@ -167,50 +198,24 @@ def _default_window(question: Question, values: dict[str, object]) -> bool:
 
 
 def render_catalog(catalog: Catalog, output_format: str) -> None:
-    """Print the questions: a table, or (json/csv) records with name, description and parameters."""
-    if output_format == "json":
-        records = [
-            {
-                "name": q.name,
-                "description": q.description,
-                "parameters": [
-                    {"name": p.name, "type": p.type, "default": p.default, "required": p.required}
-                    for p in q.parameters
-                ],
-            }
-            for q in catalog
-        ]
-        table = pa.Table.from_pylist(records, schema=_CATALOG_SCHEMA)
-    else:
-        table = pa.table(
-            {
-                "name": [q.name for q in catalog],
-                "description": [q.description for q in catalog],
-                "parameters": [_describe_parameters(q) for q in catalog],
-            }
+    """Print the questions: a table, or (json/jsonl) records with name, description and parameters as objects,
+    or (csv) with the parameters described in one field."""
+    nested = output_format in ("json", "jsonl")
+    rows = [
+        (
+            q.name,
+            q.description,
+            [
+                {"name": p.name, "type": p.type, "default": p.default, "required": p.required}
+                for p in q.parameters
+            ]
+            if nested
+            else _describe_parameters(q),
         )
-    render(table, output_format, title=f"questions in {catalog.directory}")
-
-
-_CATALOG_SCHEMA = pa.schema(
-    [
-        pa.field("name", pa.string()),
-        pa.field("description", pa.string()),
-        pa.field(
-            "parameters",
-            pa.list_(
-                pa.struct(
-                    [
-                        pa.field("name", pa.string()),
-                        pa.field("type", pa.string()),
-                        pa.field("default", pa.string()),
-                        pa.field("required", pa.bool_()),
-                    ]
-                )
-            ),
-        ),
+        for q in catalog
     ]
-)
+    records = Records(("name", "description", "parameters"), rows)
+    render(records, output_format, title=f"questions in {catalog.directory}")
 
 
 def _describe_parameters(question: Question) -> str:
@@ -218,6 +223,8 @@ def _describe_parameters(question: Question) -> str:
 
 
 def _title(result: QuestionResult) -> str:
+    from flowpipe.query.run import window_bound
+
     since, until = result.params.get("since"), result.params.get("until")
     window = []
     for label, value in (("from", since), ("to", until)):

@@ -9,7 +9,7 @@ from datetime import datetime
 import click
 import pyarrow as pa
 
-from flowpipe._cli_options import dataset_option, format_option
+from flowpipe._cli_options import dataset_option, format_option, one_value
 from flowpipe._output import format_datetime, render
 from flowpipe.commands._review import (
     FINDINGS_EXIT_CODE,
@@ -41,6 +41,8 @@ def _help(name: str) -> str:
 @click.option(
     "--cluster",
     metavar="NAME",
+    multiple=True,
+    callback=one_value,
     help="Replay the flows of this cluster (cluster_name); needed when the window holds several.",
 )
 @click.option(

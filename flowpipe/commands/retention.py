@@ -17,7 +17,7 @@ from flowpipe.retention import RetentionReport, apply_retention, plan_retention
 @click.option("--keep", required=True, metavar="AGE",
               help="Keep partitions younger than this: 30d, 12h, 2w (the hour must have ended AGE ago).")  # fmt: skip
 @click.option("--apply", "apply_", is_flag=True, help="Remove them (without it, only list them).")
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def retention(dataset: str, keep: str, apply_: bool, output_format: str) -> None:
     """List (or with --apply remove) the hour partitions of flows and lost events older than --keep.
 

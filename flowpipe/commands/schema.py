@@ -20,7 +20,7 @@ from flowpipe.query.engine import FLOWS_VIEW, LOST_EVENTS_VIEW, table_columns
     show_default=True,
     help="Which table to describe.",
 )
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def schema(view: str, output_format: str) -> None:
     """Print the columns of the flow table: name, SQL type (as in `flowpipe sql`) and Arrow type."""
     columns = table_columns(view)

@@ -7,6 +7,11 @@ by path, and a compacted file (`flowpipe compact`) adds only the rows of its inp
 before. The `unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the
 catalog has it.
 
+Counters start at 0 and grow as data arrives: the dataset already there when serve-metrics starts is first
+exported at 0, then added after the next scrape, so Prometheus's `rate()` and `increase()` see it as it came
+(a counter born at its full value reads as no increase at all). Any GET of `/metrics` counts as that scrape
+(`/healthz` and `/readyz` do not).
+
 `/readyz` turns ready once the first full scan of the dataset is done.
 """
 
@@ -233,7 +238,7 @@ def serve_metrics(
     """Serve Prometheus metrics of a dataset filled by files, following new part files as they appear."""
     address = parse_address(metrics_address)
     registry = CollectorRegistry()
-    metrics = PipelineMetrics.create(registry, role="dataset")
+    metrics = PipelineMetrics.create(registry, role="dataset", zero_first=not once)
     follower = DatasetFollower(
         Dataset(dataset), metrics, PrometheusSink(metrics, max_namespaces=max_namespaces)
     )
@@ -249,7 +254,7 @@ def serve_metrics(
         return
     scanned = threading.Event()
     stop = threading.Event()
-    server = serve(registry, address, ready=scanned.is_set)
+    server = serve(registry, address, ready=scanned.is_set, after_scrape=metrics.after_scrape)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()

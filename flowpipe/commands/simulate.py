@@ -14,26 +14,28 @@ from typing import IO
 import click
 
 from flowpipe.errors import ConfigError
+from flowpipe.query import timeparse
 from flowpipe.sim import FAULT_NAMES, FAULTS, Simulator, SimulatorConfig, parse_faults
 from flowpipe.sim.overlap import CaptureFiles, write_overlapping_files
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `10m`, `1h30m` or `2d`; raises ConfigError otherwise."""
-    value = text.strip().lower()
-    position, total = 0, 0.0
-    while position < len(value):
-        match = _DURATION_PART.match(value, position)
-        if match is None:
-            raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h30m")
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        position = match.end()
-    if not value or total <= 0:
+    """Seconds from a duration as `--since` takes it (`90s`, `10m`, `1h30m`, `2d`, `1w`; the one parser of
+    `flowpipe.query.timeparse`) or a bare number of seconds (`90`); raises ConfigError otherwise."""
+    value = text.strip()
+    try:
+        if value.startswith("-") or value.lower() == "now":
+            raise ValueError(value)
+        seconds = (
+            float(value) if _SECONDS.fullmatch(value) else timeparse.parse_duration(value).total_seconds()
+        )
+    except ValueError:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h30m, 2d, 1w") from None
+    if seconds <= 0:
         raise ConfigError(f"invalid duration {text!r}: it must be more than 0 (e.g. 90s, 10m, 1h30m)")
-    return total
+    return seconds
 
 
 def parse_start(text: str | None, duration_seconds: float, now: datetime) -> datetime:

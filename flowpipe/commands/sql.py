@@ -25,7 +25,7 @@ from flowpipe.query.engine import open_engine
     help="Bind $KEY to VALUE (repeatable).",
 )
 @dataset_option
-@format_option("table", "json", "csv")
+@format_option("table", "json", "jsonl", "csv")
 def sql(statement: str, param_options: tuple[str, ...], dataset: str, output_format: str) -> None:
     """Run STATEMENT (DuckDB SQL; `-` reads it from stdin) over the views `flows` and `lost_events`.
 

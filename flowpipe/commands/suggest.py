@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from flowpipe._cli_options import dataset_option
+from flowpipe._cli_options import dataset_option, one_value
 from flowpipe._output import format_datetime
 from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
 from flowpipe.query.engine import open_engine
@@ -23,16 +23,18 @@ def _help(name: str) -> str:
 
 @click.command("suggest")
 @click.option("--namespace", "-n", "namespaces", multiple=True, metavar="NS", help=_help("namespaces"))
-@click.option("--cluster", metavar="NAME", help=_help("cluster"))
+@click.option("--cluster", metavar="NAME", multiple=True, callback=one_value, help=_help("cluster"))
 @click.option("--since", default="7d", show_default=True, help=_help("since"))
 @click.option("--until", help=_help("until"))
 @click.option(
+    "--policy-format",
     "--format",
     "output_format",
     type=click.Choice(list(FORMATS)),
     default="cilium",
     show_default=True,
-    help="CiliumNetworkPolicy, Kubernetes NetworkPolicy, both, or Istio AuthorizationPolicy.",
+    help="The policy flavour: CiliumNetworkPolicy, Kubernetes NetworkPolicy, both, or Istio "
+    "AuthorizationPolicy (--format is the older spelling).",
 )
 @click.option(
     "--out",
@@ -102,7 +104,7 @@ def suggest(
     Examples:
       flowpipe suggest --namespace shop --since 7d
       flowpipe suggest --cluster eu-1 --namespace shop
-      flowpipe suggest --format both --l7 --out drafts/
+      flowpipe suggest --policy-format both --l7 --out drafts/
       flowpipe suggest --existing policies/ --out additions/
       flowpipe suggest --format istio --l7 --istio-version 1.21
     """

@@ -1,9 +1,29 @@
-"""Questions over the dataset: the SQL catalog, the DuckDB engine, and running a question with its parameters."""
+"""Questions over the dataset: the SQL catalog, the DuckDB engine, and running a question with its parameters.
 
-from flowpipe.query.catalog import Catalog, Parameter, Question, default_sql_dir, load_questions
-from flowpipe.query.engine import DuckDBEngine, Engine, open_engine, table_columns
-from flowpipe.query.run import QuestionResult, RelativeTo, run_question
-from flowpipe.query.timeparse import parse_time
+The names are loaded on first use, so that importing `flowpipe.query.catalog` (as `flowpipe query --list` does)
+does not import DuckDB or pyarrow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Catalog": "catalog",
+    "Parameter": "catalog",
+    "Question": "catalog",
+    "RelativeTo": "catalog",
+    "default_sql_dir": "catalog",
+    "load_questions": "catalog",
+    "DuckDBEngine": "engine",
+    "Engine": "engine",
+    "open_engine": "engine",
+    "table_columns": "engine",
+    "QuestionResult": "run",
+    "run_question": "run",
+    "parse_time": "timeparse",
+}
 
 __all__ = [
     "Catalog",
@@ -20,3 +40,12 @@ __all__ = [
     "run_question",
     "table_columns",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowpipe.query' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"flowpipe.query.{module}"), name)
+    globals()[name] = value
+    return value

@@ -57,6 +57,11 @@ from flowpipe.errors import (
 )
 from flowpipe.query.timeparse import is_relative_time, looks_like_time, parse_duration, parse_time, to_utc
 
+RelativeTo = Literal["auto", "now", "data"]
+RELATIVE_TO: tuple[RelativeTo, ...] = ("auto", "now", "data")
+"""What relative times count back from: the clock unless the dataset is older than the window, the clock, or
+the newest flow (see `flowpipe.query.run.run_question`)."""
+
 ParamType = Literal["time", "int", "float", "bool", "str"]
 PARAM_TYPES: tuple[ParamType, ...] = ("time", "int", "float", "bool", "str")
 TIME_PARAMETER_NAMES = frozenset({"since", "until"})

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from flowpipe._resources import apply_duckdb_limits
 from flowpipe.compact import visible_part_files
 from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
@@ -131,6 +132,7 @@ class DuckDBEngine:
         # No progress bar: it would write into stdout, which carries --format json/csv results.
         self._con = duckdb.connect(":memory:")
         self._con.execute("SET enable_progress_bar = false")
+        apply_duckdb_limits(self._con)  # the container's memory and CPU limits, not the host's
         try:
             # Results and comparisons in UTC whatever the machine's zone (the dataset is UTC).
             self._con.execute("SET TimeZone = 'UTC'")

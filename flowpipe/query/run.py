@@ -32,12 +32,10 @@ import pyarrow.compute as pc
 
 from flowpipe._output import format_datetime
 from flowpipe.errors import ConfigError
-from flowpipe.query.catalog import Question
+from flowpipe.query.catalog import RELATIVE_TO, Question, RelativeTo
 from flowpipe.query.engine import FLOWS_VIEW, LOST_EVENTS_VIEW, Engine
 from flowpipe.query.timeparse import EARLIEST_FLOW_TIME, LATEST_FLOW_TIME, to_utc
 
-RelativeTo = Literal["auto", "now", "data"]
-RELATIVE_TO: tuple[RelativeTo, ...] = ("auto", "now", "data")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -130,6 +130,8 @@ def _spark_type(arrow_type: pa.DataType) -> str:
         return "BIGINT"
     if pa.types.is_int32(arrow_type):
         return "INT"
+    if pa.types.is_uint64(arrow_type):  # Spark has no unsigned types; it reads Parquet's UINT_64 so
+        return "DECIMAL(20,0)"
     if pa.types.is_boolean(arrow_type):
         return "BOOLEAN"
     if pa.types.is_string(arrow_type):

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 from flowpipe.sim import faults as f
 from flowpipe.sim.cluster import Cluster
-from flowpipe.sim.faults import NO_RESPONSE_QUERY, NXDOMAIN_QUERY, REFUSED_QUERY, SERVFAIL_NAME
+from flowpipe.sim.faults import (
+    NO_RESPONSE_QUERY,
+    NXDOMAIN_QUERY,
+    REFUSED_QUERY,
+    SERVFAIL_NAME,
+    UPSTREAM_UNSEEN_CLIENT,
+    UPSTREAM_UNSEEN_NAME,
+)
 from flowpipe.sim.wire import MS, TCP, UDP, US
 
 EXTERNAL_IPS: dict[str, tuple[str, ...]] = {
@@ -147,6 +154,9 @@ def _fault_edges(faults: frozenset[str]) -> list[Edge]:
                           window=window(f.PORT_SCAN)),
         f.WORLD_INGRESS: Edge("world->api", "world_in", 0.8, dst="production/api", port=8080, l7=("http", "api"),
                               latency=(2 * MS, 30 * MS), fault=f.WORLD_INGRESS),
+        f.DNS_UPSTREAM_UNSEEN: Edge("lookups through node-local-dns", "upstream_unseen", 0.3,
+                                    "/".join(UPSTREAM_UNSEEN_CLIENT), port=53, protocol=UDP,
+                                    names=(UPSTREAM_UNSEEN_NAME,), fault=f.DNS_UPSTREAM_UNSEEN),
         f.STALE_IP: Edge("stale source address", "stale", 4.0, "production/order-service", "production/kafka", 9092,
                          fault=f.STALE_IP, window=window(f.STALE_IP)),
         f.INGRESS_DENIED: Edge("grafana->postgres", "tcp", 0.4, "monitoring/grafana", "production/postgres", 5432,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flowpipe.errors import ConfigError
+from flowpipe.sim.resolver import NODE_LOCAL_DNS, in_cluster_domain, search_names
 from flowpipe.sim.wire import CLASS_NAMES, TimeFormatter
 
 DNS_NXDOMAIN = "dns-nxdomain"
@@ -22,12 +23,15 @@ STALE_IP = "stale-ip"
 UNSELECTED_WORKLOAD = "unselected-workload"
 WORLD_INGRESS = "world-ingress"
 INGRESS_DENIED = "ingress-denied"
+DNS_UPSTREAM_UNSEEN = "dns-upstream-unseen"
 
 
-NXDOMAIN_QUERY = "postgress.production.svc.cluster.local."
-REFUSED_QUERY = "ldap.corp.internal."
+NXDOMAIN_QUERY = "postgress"
+REFUSED_QUERY = "ldap.corp.internal"
 NO_RESPONSE_QUERY = "events.analytics-partner.io."
 SERVFAIL_NAME = "sqs.eu-west-1.amazonaws.com"
+UPSTREAM_UNSEEN_NAME = "collector.observability-vendor.io"
+UPSTREAM_UNSEEN_CLIENT = ("production", "web")
 CT_FULL_NODE = "worker-2"
 
 _COREDNS = ("kube-system", "coredns")
@@ -53,18 +57,32 @@ class FaultSpec:
 def _dns(
     name: str, description: str, reason: str, source: tuple[str, str], query: str, **extra: Any
 ) -> FaultSpec:
+    # The application asks `query` without the final dot: `names` is its search path, every name of it answered.
+    extra.setdefault("names", list(search_names(query.rstrip("."), source[0])))
     return FaultSpec(name, description, reason, extra.pop("window", (0.0, 1.0)), source, _COREDNS, query, 53, "UDP",
                      tuple(extra.items()))  # fmt: skip
 
 
+def _upstream_unseen() -> FaultSpec:
+    asked = search_names(UPSTREAM_UNSEEN_NAME, UPSTREAM_UNSEEN_CLIENT[0])
+    return _dns(
+        DNS_UPSTREAM_UNSEEN,
+        f"{'/'.join(UPSTREAM_UNSEEN_CLIENT)} looks up {UPSTREAM_UNSEEN_NAME} through node-local-dns: the names it "
+        "forwards to CoreDNS are NXDOMAIN, the name itself goes upstream, unseen",
+        "FINAL_NOT_SEEN", NODE_LOCAL_DNS, UPSTREAM_UNSEEN_NAME, names=[q for q in asked if in_cluster_domain(q)],
+        asked_by="/".join(UPSTREAM_UNSEEN_CLIENT), names_unseen=[q for q in asked if not in_cluster_domain(q)],
+    )  # fmt: skip
+
+
 FAULTS: tuple[FaultSpec, ...] = (
-    _dns(DNS_NXDOMAIN, "production/api looks up a misspelt service name and gets NXDOMAIN", "NXDOMAIN",
-         ("production", "api"), NXDOMAIN_QUERY, rcode=3),
+    _dns(DNS_NXDOMAIN, f"production/api looks up a misspelt service name, {NXDOMAIN_QUERY}: every name of its search "
+         "path is NXDOMAIN", "NXDOMAIN", ("production", "api"), NXDOMAIN_QUERY, rcode=3),
     _dns(DNS_SERVFAIL, f"the upstream resolver answers SERVFAIL for {SERVFAIL_NAME} during a burst", "SERVFAIL",
-         ("production", "order-service"), SERVFAIL_NAME + ".", rcode=2, window=(0.30, 0.40)),
+         ("production", "order-service"), SERVFAIL_NAME, rcode=2, window=(0.30, 0.40)),
     _dns(DNS_REFUSED, f"monitoring/grafana looks up {REFUSED_QUERY} and the forwarder refuses it", "REFUSED",
          ("monitoring", "grafana"), REFUSED_QUERY, rcode=5),
-    _dns(DNS_NO_RESPONSE, f"production/order-service looks up {NO_RESPONSE_QUERY} and never gets an answer",
+    _dns(DNS_NO_RESPONSE, f"production/order-service looks up {NO_RESPONSE_QUERY.rstrip('.')}: the names of its "
+         "search path are NXDOMAIN, the name itself never gets an answer",
          "NO_RESPONSE", ("production", "order-service"), NO_RESPONSE_QUERY),
     FaultSpec(DNS_POLICY_DROP, "staging has a default-deny egress policy without a DNS allowance: lookups drop",
               "POLICY_DENIED", source=("staging", None), destination=_COREDNS, port=53, protocol="UDP",
@@ -93,6 +111,7 @@ FAULTS: tuple[FaultSpec, ...] = (
               "postgres' (a drop notification and a policy-verdict event), and retried", "POLICY_DENIED",
               source=("monitoring", "grafana"), destination=("production", "postgres"), port=5432, protocol="TCP",
               details=(("policy", "production/postgres"), ("allowed_by", "monitoring/grafana"))),
+    _upstream_unseen(),
 )  # fmt: skip
 FAULT_NAMES: tuple[str, ...] = tuple(f.name for f in FAULTS)
 _SPECS = {f.name: f for f in FAULTS}
@@ -155,7 +174,7 @@ class FaultTruth:
     """What one injected fault emitted: who, what, why, when and exactly how many flows of each kind.
 
     `reason` is a drop reason name (POLICY_DENIED, CT_MAP_INSERTION_FAILED, STALE_OR_UNROUTABLE_IP), a DNS outcome
-    (NXDOMAIN, SERVFAIL, REFUSED, NO_RESPONSE) or a policy gap (NO_POLICY, WORLD_INGRESS). Times are RFC 3339 UTC
+    (NXDOMAIN, SERVFAIL, REFUSED, NO_RESPONSE; FINAL_NOT_SEEN where the final name is not visible) or a policy gap (NO_POLICY, WORLD_INGRESS). Times are RFC 3339 UTC
     written like flow times (`Timestamp.FromJsonString` reads them back to the nanosecond).
     `counts` use the keys of `COUNT_KEYS`; `details` holds fault-specific facts (probed ports, policy names...).
     """

@@ -284,9 +284,18 @@ class Conn:
             self.rev(resp_d + delay - 5 * US, at_src, L7_RESPONSE, 0, response, direction=EG)
 
     def lookup(
-        self, t0: int, eg: Decision, query: str, ips: tuple[str, ...], ttl: int, rcode: int, latency: int
+        self,
+        t0: int,
+        eg: Decision,
+        query: str,
+        ips: tuple[str, ...],
+        ttl: int,
+        rcode: int,
+        latency: int,
+        first: bool = True,
     ) -> int:
-        """One DNS lookup (A record) from a pod to CoreDNS; rcode -1 means no answer ever comes.
+        """One DNS query (A record) from a pod to CoreDNS; rcode -1 means no answer ever comes. `first`: the first
+        query of a lookup (the later names of its search path are not new attempts).
 
         Returns when the answer reached the pod, or -1 when there is none (denied or unanswered).
         """
@@ -297,7 +306,8 @@ class Conn:
         assert src.node is not None and dst.node is not None
         delay = self.w.delay(src, dst)
         cross = src.node != dst.node
-        start = 0 if self.verdict(t0, src.node, eg, EG, 1) else 1
+        mark = 1 if first else 0
+        start = 0 if self.verdict(t0, src.node, eg, EG, mark) else mark
         proxied = eg.l7 == "dns"
         point = _TO_PROXY if proxied else (_TO_OVERLAY if cross else _TO_STACK)
         self.fwd(t0 + 2 * US, src.node, TRACE, 0, None, start, direction=EG, point=point)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from flowpipe.sim import edges as e
 from flowpipe.sim import faults as f
+from flowpipe.sim import resolver
 from flowpipe.sim.cluster import (
     HEALTH_IDENTITY,
     HOST_IDENTITY,
@@ -21,7 +22,7 @@ from flowpipe.sim.cluster import (
     unused_pod_ip,
 )
 from flowpipe.sim.edges import Edge
-from flowpipe.sim.policies import EGRESS, INGRESS, NOT_ENFORCED, PeerRef, PolicySet
+from flowpipe.sim.policies import EGRESS, INGRESS, NOT_ENFORCED, Decision, PeerRef, PolicySet
 from flowpipe.sim.shapes import (
     CT_MAP_INSERTION_FAILED,
     EG,
@@ -123,6 +124,7 @@ class Traffic:
             if (w := cluster.workloads[key]).service
         }
         self._coredns = cluster.workload("kube-system", "coredns")
+        self._node_local_dns = resolver.node_local_dns_pods(cluster)
         self._correlation = rng.randint(1000, 90000)
         self._prepare_faults()
 
@@ -290,8 +292,9 @@ class Traffic:
         )
         service = self._services.get(dst_pod.workload.key)
         if service is not None and dport in dst_pod.workload.ports:
-            # The client connects to the Service; socket-LB picks the backend at connect().
+            # The client connects to the Service; socket-LB picks the backend at connect(), then the SYN leaves.
             conn.sock_translation(t0, service)
+            t0 += 1 * US
         eg = policies.decide(EGRESS, src_pod.workload, PeerRef(dst_pod.workload), dport, "TCP")
         ing = policies.decide(INGRESS, dst_pod.workload, PeerRef(src_pod.workload), dport, "TCP")
         if not eg.allowed or not ing.allowed:
@@ -339,8 +342,9 @@ class Traffic:
         tag: int,
         deny_tag: int = -1,
         ttl: int = 30,
+        first: bool = True,
     ) -> int:
-        """One DNS lookup from `src_pod` through a CoreDNS pod; returns when the answer arrived (-1: none)."""
+        """One DNS query from `src_pod` through a CoreDNS pod; returns when the answer arrived (-1: none)."""
         dns_pod = self._pick(self._coredns.key)
         policies = self.policies_at(t0)
         eg = policies.decide(EGRESS, src_pod.workload, PeerRef(self._coredns), 53, "UDP")
@@ -356,21 +360,74 @@ class Traffic:
             tag,
             policies.revision,
         )
-        return conn.lookup(t0, eg, query, ips, ttl, rcode, latency)
+        return conn.lookup(t0, eg, query, ips, ttl, rcode, latency, first)
+
+    def resolve(
+        self,
+        t0: int,
+        src_pod: Pod,
+        name: str,
+        final: tuple[tuple[str, ...], int, int],
+        tag: int,
+        deny_tag: int = -1,
+        ttl: int = 30,
+    ) -> int:
+        """A pod's lookup of `name` along its search path (`resolver.search_names`): each name in turn until one
+        exists. A service name answers with its ClusterIP, the name itself with `final` (ips, rcode, latency), any
+        other name NXDOMAIN. Returns when the answer that ended the lookup arrived (-1: none, or a failure)."""
+        names = resolver.search_names(name, src_pod.namespace)
+        t, first = t0, True
+        for query in names:
+            service_ip = self._service_ip.get(query)
+            if service_ip is not None:
+                ips, rcode, latency = (service_ip,), 0, final[2]
+            elif query == name + "." or query == name:
+                ips, rcode, latency = final
+            else:
+                ips, rcode, latency = (), 3, int(self.rng.uniform(0.1, 0.9) * MS)
+            answered = self.lookup(t, src_pod, query, ips, rcode, latency, tag, deny_tag, ttl, first)
+            if answered < 0:
+                return -1
+            if rcode == 0:
+                return answered
+            t, first = answered + 30 * US, False
+        return -1
 
     def _edge_dns(self, t0: int, edge: Edge, tags: Tags) -> None:
         tag, deny_tag, _ = tags
         assert edge.src is not None
         query = edge.names[self.rng.randrange(len(edge.names))]
-        self.lookup(
-            t0, self._pick(edge.src), query, (self._service_ip[query],), 0, self._latency(edge), tag, deny_tag
-        )
+        src_pod = self._pick(edge.src)
+        # Applications ask for a service of their own namespace by its short name.
+        name = query.removesuffix(f".{src_pod.namespace}.svc.{resolver.CLUSTER_DOMAIN}.")
+        final = ((self._service_ip[query],), 0, self._latency(edge))
+        self.resolve(t0, src_pod, name, final, tag, deny_tag)
 
     def _edge_dns_fault(self, t0: int, edge: Edge, tags: Tags) -> None:
         tag = tags[0]
         assert edge.src is not None
-        rcode = edge.rcode
-        self.lookup(t0, self._pick(edge.src), edge.names[0], (), rcode, self._latency(edge), tag)
+        self.resolve(
+            t0, self._pick(edge.src), edge.names[0].rstrip("."), ((), edge.rcode, self._latency(edge)), tag
+        )
+
+    def _edge_upstream_unseen(self, t0: int, edge: Edge, tags: Tags) -> None:
+        """A pod's lookup of an outside name through node-local-dns on its node: the cache forwards the names in the
+        cluster domain to CoreDNS (NXDOMAIN, with itself as the client); the others go upstream, unseen. The pod's
+        own queries to the cache (169.254.20.10 on its node) are not among the records."""
+        tag = tags[0]
+        assert edge.src is not None
+        src_pod = self._pick(edge.src)
+        cache = self._node_local_dns[src_pod.node.name]
+        forward = Decision(enforced=False, allowed=True, l7="dns")
+        t, first = t0, True
+        for query in resolver.search_names(edge.names[0], src_pod.namespace):
+            if not resolver.in_cluster_domain(query):
+                continue
+            dns_pod = self._pick(self._coredns.key)
+            conn = Conn(self.writer, cache, self._pods[dns_pod], UDP, self._port(), 53, tag, 0)
+            latency = int(self.rng.uniform(0.1, 0.9) * MS)
+            t = conn.lookup(t, forward, query, (), 0, 3, latency, first) + 30 * US
+            first = False
 
     def _edge_external(self, t0: int, edge: Edge, tags: Tags) -> None:
         tag = tags[0]
@@ -379,19 +436,11 @@ class Traffic:
         src_pod = self._pick(edge.src)
         views = self._external[name]
         if name == f.SERVFAIL_NAME and self.servfail_window[0] <= t0 < self.servfail_window[1]:
-            self.lookup(t0, src_pod, name + ".", (), 2, int(self.rng.uniform(2, 8) * MS), self.tag_servfail)
+            self.resolve(t0, src_pod, name, ((), 2, int(self.rng.uniform(2, 8) * MS)), self.tag_servfail)
             return
         ips = tuple(v.ip for v in views)
-        answered = self.lookup(
-            t0,
-            src_pod,
-            name + ".",
-            ips,
-            0,
-            int(self.rng.uniform(1, 30) * MS),
-            tag,
-            ttl=self.rng.randint(5, 60),
-        )
+        final = (ips, 0, int(self.rng.uniform(1, 30) * MS))
+        answered = self.resolve(t0, src_pod, name, final, tag, ttl=self.rng.randint(5, 60))
         if answered >= 0:
             target = views[self.rng.randrange(len(views))]
             self._outbound(answered + 50 * US, edge, src_pod, target, PeerRef(fqdn=name), tag)

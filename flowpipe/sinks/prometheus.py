@@ -10,14 +10,22 @@ Which namespace a flow counts for:
   ingress, swapped for reply packets (a reply travelling back to a client is still that client's egress
   connection). Without a direction: the source of a request, the destination of a reply.
 - DNS and world traffic count for the **client**: the source of a request, the destination of a response.
-- No namespace (world, host, remote node): the empty string.
+- No namespace (world, host, remote node): `NO_NAMESPACE`; no traffic direction: `NO_DIRECTION`.
+
+The sink counts as the questions do: a drop is a drop notification (the policy-verdict event Cilium sends for
+the same denied packet is counted by `flowpipe_observed_policy_verdicts_total`, not again as a drop), and DNS
+lookups and failures follow `dns_failures`: a lookup is a request seen by the DNS proxy or a dropped DNS
+request; a failure an error rcode or a dropped request. (Search-path expansions and unanswered lookups need the
+whole window: the `dns_failures` question tells them apart.)
 
 Namespaces are capped (`NamespaceCap`): the first `max_namespaces` namespaces seen get their own label value,
 largest first within each batch (so the initial read of a dataset ranks them by volume); later newcomers are
 counted as `other`. A namespace keeps its label for the life of the process, as counters require.
 
-`UnexpectedDropsRefresher` runs the `unexpected_drops` question on an interval and sets the gauge
-`flowpipe_unexpected_drops{why}`; while the question catalog has no such question it does nothing.
+`UnexpectedDropsRefresher` runs the `unexpected_drops` question on an interval and sets the gauges
+`flowpipe_unexpected_drops{cluster,why}` and `flowpipe_expected_drops{cluster}`: one answer per cluster (a
+collector given `--cluster` answers for its cluster only; of sharded collectors only shard 0 answers), so that
+summing over collectors counts each drop once. While the question catalog has no such question it does nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import pyarrow.compute as pc
 
 from flowpipe.drop_reasons import UNKNOWN_CLASS, class_lookup_keys
 from flowpipe.errors import FlowpipeError
-from flowpipe.metrics import OTHER, UNKNOWN, PipelineMetrics
+from flowpipe.metrics import NO_CLUSTER, NO_DIRECTION, NO_NAMESPACE, OTHER, UNKNOWN, PipelineMetrics
 from flowpipe.model import FLOW_SCHEMA, EventBatch
 from flowpipe.sinks import Ack
 
@@ -68,6 +76,7 @@ DNS_RCODE_NAMES: Mapping[int, str] = {
 """DNS rcode → name (RFC 1035, 2136); any other rcode is labelled `other`."""
 
 ANALYTICS_COLUMNS: tuple[str, ...] = (
+    "cluster_name",
     "verdict",
     "drop_reason",
     "drop_reason_desc",
@@ -155,6 +164,11 @@ def _count_groups(columns: Mapping[str, pa.Array], mask: pa.Array | None = None)
     return rows
 
 
+def _labels(row: Mapping[str, Any]) -> list[str]:
+    """The label values of a `_count_groups` row, in the order of its columns (the count left out)."""
+    return [value for key, value in row.items() if key != "count"]
+
+
 def _is_true(values: pa.Array) -> pa.Array:
     return pc.fill_null(values, False)
 
@@ -209,28 +223,37 @@ class PrometheusSink:
         enforcing_is_source = pc.if_else(pc.is_null(direction), pc.invert(reply), pc.xor(egress, reply))
         enforcing_ns = pc.if_else(_is_true(enforcing_is_source), source_ns, destination_ns)
         client_ns = pc.if_else(reply, destination_ns, source_ns)
-        enforcing_ns, client_ns = self.namespaces.apply(enforcing_ns, client_ns)
-        direction_label = pc.fill_null(direction, UNKNOWN)
+        enforcing_ns, client_ns = (
+            pc.if_else(pc.equal(column, ""), NO_NAMESPACE, column)
+            for column in self.namespaces.apply(enforcing_ns, client_ns)
+        )
+        direction_label = pc.fill_null(direction, NO_DIRECTION)
+        # Every analytics family is per cluster: several clusters in one dataset (or one Prometheus) stay apart.
+        cluster = pc.fill_null(_column(table, "cluster_name"), NO_CLUSTER)
+        cluster = pc.if_else(pc.equal(cluster, ""), NO_CLUSTER, cluster)
 
-        dropped = pc.equal(verdict, "DROPPED")
-        self._count_drops(table, dropped, enforcing_ns, direction_label)
-        self._count_dns(table, dropped, reply, l7_type, client_ns)
         event_type = _column(table, "event_type")
         is_verdict_event = _is_true(pc.equal(event_type, POLICY_VERDICT_EVENT))
-        for row in _count_groups(
-            {"namespace": enforcing_ns, "direction": direction_label, "verdict": verdict}, is_verdict_event
-        ):
-            self.metrics.policy_verdicts.labels(row["namespace"], row["direction"], row["verdict"]).inc(
-                row["count"]
-            )
-        # A policy verdict event repeats the trace or drop event of the same packet: count the packet once.
+        # A policy verdict event repeats the drop notification of the same packet: a drop is counted once.
+        dropped = pc.and_(pc.equal(verdict, "DROPPED"), pc.invert(is_verdict_event))
+        self._count_drops(table, dropped, cluster, enforcing_ns, direction_label)
+        self._count_dns(table, dropped, reply, l7_type, cluster, client_ns)
+        groups = {
+            "cluster": cluster,
+            "namespace": enforcing_ns,
+            "direction": direction_label,
+            "verdict": verdict,
+        }
+        for row in _count_groups(groups, is_verdict_event):
+            self.metrics.policy_verdicts.labels(*_labels(row)).inc(row["count"])
+        # Likewise the trace event of a forwarded packet: count the packet once.
         requests = pc.and_(pc.invert(reply), pc.invert(is_verdict_event))
         world = self._to_world(table, requests)
-        for row in _count_groups({"namespace": client_ns, "verdict": verdict}, world):
-            self.metrics.world_flows.labels(row["namespace"], row["verdict"]).inc(row["count"])
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns, "verdict": verdict}, world):
+            self.metrics.world_flows.labels(*_labels(row)).inc(row["count"])
 
     def _count_drops(
-        self, table: pa.Table, dropped: pa.Array, namespace: pa.Array, direction: pa.Array
+        self, table: pa.Table, dropped: pa.Array, cluster: pa.Array, namespace: pa.Array, direction: pa.Array
     ) -> None:
         if not pc.any(dropped).as_py():
             return
@@ -242,35 +265,46 @@ class PrometheusSink:
             pc.take(_REASON_CLASS_ARRAY, pc.index_in(key, value_set=_REASON_KEY_SET)), UNKNOWN_CLASS
         )
         groups = {
+            "cluster": pc.filter(cluster, dropped),
             "namespace": pc.filter(namespace, dropped),
             "direction": pc.filter(direction, dropped),
             "reason_class": reason_class,
         }
         for row in _count_groups(groups):
-            self.metrics.observed_drops.labels(row["namespace"], row["direction"], row["reason_class"]).inc(
-                row["count"]
-            )
+            self.metrics.observed_drops.labels(*_labels(row)).inc(row["count"])
 
     def _count_dns(
-        self, table: pa.Table, dropped: pa.Array, reply: pa.Array, l7_type: pa.Array, client_ns: pa.Array
+        self,
+        table: pa.Table,
+        dropped: pa.Array,
+        reply: pa.Array,
+        l7_type: pa.Array,
+        cluster: pa.Array,
+        client_ns: pa.Array,
     ) -> None:
         l7_dns = _is_true(pc.equal(_column(table, "l7_protocol"), "dns"))
         rcode = _column(table, "dns_rcode")
         responses = pc.and_(pc.and_(l7_dns, _is_true(pc.equal(l7_type, "RESPONSE"))), pc.is_valid(rcode))
         if pc.any(responses).as_py():
             rcode_name = pc.fill_null(pc.take(_RCODE_NAMES, pc.index_in(rcode, value_set=_RCODE_SET)), OTHER)
-            for row in _count_groups({"namespace": client_ns, "rcode": rcode_name}, responses):
-                self.metrics.dns_responses.labels(row["namespace"], row["rcode"]).inc(row["count"])
+            groups = {"cluster": cluster, "namespace": client_ns, "rcode": rcode_name}
+            for row in _count_groups(groups, responses):
+                self.metrics.dns_responses.labels(*_labels(row)).inc(row["count"])
                 if row["rcode"] != "NOERROR":
-                    self.metrics.dns_failures.labels(row["namespace"], row["rcode"]).inc(row["count"])
+                    self.metrics.dns_failures.labels(*_labels(row)).inc(row["count"])
         # A dropped DNS request: an L7 DNS record, or an L3/L4 packet to port 53 over UDP or TCP.
         port_53 = pc.and_(
             _is_true(pc.equal(_column(table, "destination_port"), DNS_PORT)),
             _is_true(pc.is_in(_column(table, "l4_protocol"), value_set=pa.array(["UDP", "TCP"]))),
         )
         dropped_dns = pc.and_(pc.and_(dropped, pc.invert(reply)), pc.or_(l7_dns, port_53))
-        for row in _count_groups({"namespace": client_ns}, dropped_dns):
-            self.metrics.dns_failures.labels(row["namespace"], DROPPED_DNS).inc(row["count"])
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, dropped_dns):
+            self.metrics.dns_failures.labels(row["cluster"], row["namespace"], DROPPED_DNS).inc(row["count"])
+        # Lookups as dns_failures counts them: requests the DNS proxy saw, plus DNS requests dropped below it.
+        proxied = pc.and_(l7_dns, _is_true(pc.equal(l7_type, "REQUEST")))
+        lookups = pc.or_(proxied, pc.and_(dropped_dns, pc.invert(l7_dns)))
+        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, lookups):
+            self.metrics.dns_lookups.labels(*_labels(row)).inc(row["count"])
 
     @staticmethod
     def _to_world(table: pa.Table, candidates: pa.Array) -> pa.Array:
@@ -299,8 +333,11 @@ DEFAULT_QUESTION_INTERVAL_SECONDS = 60.0
 QuestionRunner = Callable[[], "pa.Table | None"]
 
 
-def unexpected_drops_runner(dataset: str, params: Mapping[str, object] | None = None) -> QuestionRunner:
-    """A callable that runs the `unexpected_drops` question over `dataset`; it returns None while the question
+def unexpected_drops_runner(
+    dataset: str, params: Mapping[str, object] | None = None, *, cluster: str | None = None
+) -> QuestionRunner:
+    """A callable that runs the `unexpected_drops` question over `dataset` (expected drops shown too, for
+    `flowpipe_expected_drops`), keeping the rows of `cluster` when given; it returns None while the question
     catalog has no such question (or the query package is not installed)."""
 
     def run() -> pa.Table | None:
@@ -313,32 +350,42 @@ def unexpected_drops_runner(dataset: str, params: Mapping[str, object] | None = 
         if UNEXPECTED_DROPS not in catalog:
             return None
         question = catalog.question(UNEXPECTED_DROPS)
-        bound = question.bind(dict(params or {}))
+        given = dict(params or {})
+        if question.parameter("show_expected") is not None:
+            given.setdefault("show_expected", "true")
+        bound = question.bind(given)
         engine = open_engine(dataset, require_flows=False)
         try:
             result: pa.Table = engine.run(question.sql, bound, question=question.name)
         finally:
             engine.close()
+        if cluster is not None and "cluster_name" in result.column_names:
+            result = result.filter(pc.equal(result.column("cluster_name"), cluster))
         return result
 
     return run
 
 
-def unexpected_drop_counts(result: pa.Table) -> dict[str, float]:
-    """why → dropped flows, from an `unexpected_drops` result (its `flows` column, else one per row)."""
+def unexpected_drop_counts(result: pa.Table) -> dict[tuple[str, str], float]:
+    """(cluster, why) → dropped flows, from an `unexpected_drops` result (its `flows` column, else one per
+    row); a row without a cluster name counts for `NO_CLUSTER`."""
     if result.num_rows == 0:
         return {}
-    why = (
-        pc.fill_null(result.column("why"), UNKNOWN)
-        if "why" in result.column_names
-        else pa.array([UNKNOWN] * result.num_rows)
-    )
+
+    def text(name: str, default: str) -> pa.Array:
+        if name not in result.column_names:
+            return pa.array([default] * result.num_rows, pa.string())
+        return pc.fill_null(pc.cast(result.column(name), pa.string()), default)
+
     if "flows" in result.column_names:
         values = pc.fill_null(pc.cast(result.column("flows"), pa.float64()), 0.0)
     else:
         values = pa.array(np.ones(result.num_rows))
-    grouped = pa.table({"why": why, "flows": values}).group_by("why").aggregate([("flows", "sum")])
-    return {row["why"]: float(row["flows_sum"]) for row in grouped.to_pylist()}
+    table = pa.table(
+        {"cluster": text("cluster_name", NO_CLUSTER), "why": text("why", UNKNOWN), "flows": values}
+    )
+    grouped = table.group_by(["cluster", "why"]).aggregate([("flows", "sum")])
+    return {(row["cluster"], row["why"]): float(row["flows_sum"]) for row in grouped.to_pylist()}
 
 
 class UnexpectedDropsRefresher:
@@ -356,9 +403,11 @@ class UnexpectedDropsRefresher:
         *,
         interval_seconds: float = DEFAULT_QUESTION_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        cluster: str | None = None,
     ) -> None:
         self.metrics = metrics
         self.runner = runner
+        self.cluster = cluster
         self.interval_seconds = interval_seconds
         self.available: bool | None = None
         self._clock = clock
@@ -391,7 +440,8 @@ class UnexpectedDropsRefresher:
             self.available = False
             return False
         self.available = True
-        self.metrics.set_unexpected_drops(unexpected_drop_counts(result))
+        clusters = (self.cluster,) if self.cluster else ()
+        self.metrics.set_unexpected_drops(unexpected_drop_counts(result), clusters=clusters)
         self.metrics.record_question_run(UNEXPECTED_DROPS, ok=True)
         return True
 

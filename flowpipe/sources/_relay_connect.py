@@ -52,6 +52,19 @@ class RelayTLS:
         return self.cert_path is not None
 
 
+DEFAULT_RELAY_PORT = 4245
+"""The port `hubble observe --server` assumes when none is given (hubble-relay's own port; its Service in a
+default Cilium install listens on 80)."""
+
+
+def with_default_port(address: str) -> str:
+    """`address` with `DEFAULT_RELAY_PORT` added when it names only a host (`hubble-relay`, `[::1]`)."""
+    text = address.strip()
+    if re.fullmatch(r"\[[^\]]+\]|[^:\[\]\s]+", text):
+        return f"{text}:{DEFAULT_RELAY_PORT}"
+    return address
+
+
 def split_address(address: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` → (host, port); ConfigError naming the address otherwise."""
     match = re.fullmatch(r"\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)|(?P<host>[^:\[\]\s]+):(?P<p2>\d+)", address.strip())

@@ -1,0 +1,98 @@
+"""DuckDB's memory limit and threads from the container's limits, so questions run inside a collector fit it.
+
+DuckDB sizes itself from the machine: 80% of the host's memory and one thread per host CPU, whatever limits a
+container has. In a pod limited to 512 MiB that is an out-of-memory kill waiting to happen. `duckdb_settings()`
+reads the limits of the process's cgroup (v2: `memory.max`, `cpu.max`; v1: `memory.limit_in_bytes`,
+`cpu.cfs_quota_us` / `cpu.cfs_period_us`) and gives DuckDB half the memory limit (the rest is the collector's:
+Arrow batches, the gRPC stream) and the CPU limit rounded up as threads. No limit: DuckDB's own defaults.
+`FLOWPIPE_DUCKDB_MEMORY_LIMIT` (e.g. `300MiB`, `1GB`) and `FLOWPIPE_DUCKDB_THREADS` override either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flowpipe.errors import ConfigError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMORY_SHARE = 0.5
+"""The part of the container's memory limit DuckDB may use."""
+MIN_MEMORY_BYTES = 64 << 20
+MEMORY_VARIABLE = "FLOWPIPE_DUCKDB_MEMORY_LIMIT"
+THREADS_VARIABLE = "FLOWPIPE_DUCKDB_THREADS"
+_UNLIMITED_V1 = 1 << 60
+"""cgroup v1 writes "no limit" as a huge number (9223372036854771712): anything above this is none."""
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def memory_limit_bytes(root: Path = CGROUP_ROOT) -> int | None:
+    """The cgroup's memory limit in bytes, or None when there is none (or no cgroup to read)."""
+    text = _read(root / "memory.max")
+    if text is None:
+        text = _read(root / "memory" / "memory.limit_in_bytes")
+    if text is None or not text.isdigit():
+        return None  # "max" (v2) or unreadable
+    value = int(text)
+    return value if 0 < value < _UNLIMITED_V1 else None
+
+
+def cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The cgroup's CPU limit in CPUs (quota / period), or None when there is none."""
+    text = _read(root / "cpu.max")
+    if text is not None:
+        quota, _, period = text.partition(" ")
+    else:
+        quota = _read(root / "cpu" / "cpu.cfs_quota_us") or ""
+        period = _read(root / "cpu" / "cpu.cfs_period_us") or ""
+    if not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None  # "max" / -1: no quota
+    return int(quota) / int(period)
+
+
+def duckdb_settings(environ: Mapping[str, str] | None = None, root: Path = CGROUP_ROOT) -> dict[str, Any]:
+    """`memory_limit` and `threads` for DuckDB from the container's limits and the override variables; only
+    the settings that have a value."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, Any] = {}
+    memory = env.get(MEMORY_VARIABLE, "").strip()
+    if memory:
+        if not _SIZE.match(memory):
+            raise ConfigError(f"{MEMORY_VARIABLE}={memory!r} is not a size such as 300MiB or 1GB")
+        settings["memory_limit"] = memory.replace(" ", "")
+    else:
+        limit = memory_limit_bytes(root)
+        if limit is not None:
+            settings["memory_limit"] = f"{max(MIN_MEMORY_BYTES, int(limit * MEMORY_SHARE)) >> 20}MiB"
+    threads = env.get(THREADS_VARIABLE, "").strip()
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise ConfigError(f"{THREADS_VARIABLE}={threads!r} is not a whole number of threads (1 or more)")
+        settings["threads"] = int(threads)
+    else:
+        cpus = cpu_limit(root)
+        if cpus is not None:
+            settings["threads"] = max(1, math.ceil(cpus))
+    return settings
+
+
+def apply_duckdb_limits(connection: Any, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Set DuckDB's `memory_limit` and `threads` on `connection` (a DuckDB connection) from
+    `duckdb_settings()`; returns what was set. The values are checked above: a size, a number."""
+    chosen = dict(duckdb_settings() if settings is None else settings)
+    if "memory_limit" in chosen:
+        connection.execute(f"SET memory_limit = '{chosen['memory_limit']}'")
+    if "threads" in chosen:
+        connection.execute(f"SET threads = {int(chosen['threads'])}")
+    return chosen
