@@ -146,9 +146,9 @@ def check_sarif(document: dict[str, Any], files: dict[str, Path]) -> list[dict[s
         # 3.27.5/3.27.6: ruleId and ruleIndex name the same reportingDescriptor
         assert result["ruleId"] in ids
         assert rules[result["ruleIndex"]]["id"] == result["ruleId"]
-        # 3.27.10: a result with kind other than fail has level none (or note for informational tools)
+        # 3.27.9: a result whose kind is not `fail` has level `none`
         if result.get("kind", "fail") != "fail":
-            assert result.get("level", "none") in ("none", "note")
+            assert result.get("level", "none") == "none"
         assert result["locations"], result
         for location in result["locations"] + result.get("relatedLocations", []):
             physical = location["physicalLocation"]

@@ -235,9 +235,9 @@ def _classname(policy: Policy) -> str:
 _DELTA_RULES = (
     ("newly-denied", "Requests that get through today and the change would deny", "error"),
     ("newly-allowed", "Requests denied today that the change would allow", "warning"),
-    ("rule-removed", "A rule the change removes, with the requests it matched", "note"),
-    ("rule-changed", "A rule the change alters, with the requests it matched before and after", "note"),
-    ("rule-added", "A rule the change adds, with the requests it matches", "note"),
+    ("rule-removed", "A rule the change removes, with the requests it matched", "none"),
+    ("rule-changed", "A rule the change alters, with the requests it matched before and after", "none"),
+    ("rule-added", "A rule the change adds, with the requests it matches", "none"),
 )
 
 
@@ -278,7 +278,7 @@ def delta_sarif(report: DeltaReport) -> dict[str, Any]:
         results.append(
             {
                 "ruleId": f"rule-{change.change}",
-                "level": "note",
+                "level": "none",  # SARIF 3.27.9: a result whose kind is not `fail` has level `none`
                 "kind": "informational",
                 "message": {
                     "text": f"{change.policy} {change.rule} ({change.action}) {change.change}: matched "
