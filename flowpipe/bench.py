@@ -353,12 +353,13 @@ section("compaction", "compaction of 10x --flows flows written as 1,000 part fil
     bench_compaction
 )
 
-from flowpipe.bench_policy import bench_replay, bench_suggest
+from flowpipe.bench_policy import bench_delta, bench_replay, bench_suggest
 
 section("suggest", "suggest over 10x --flows simulated flows (10 million by default), under 20 s")(
     bench_suggest
 )
 section("replay", "replay of 200 policies over the same flows, under 30 s")(bench_replay)
+section("delta", "replay --baseline: 200 policies on each side over the same flows, under 10 s")(bench_delta)
 
 from flowpipe.bench_s3 import bench_s3
 

@@ -152,3 +152,83 @@ def bench_replay(ctx: BenchContext) -> list[Figure]:
     )
     return [Figure("replay", f"replay {len(policies)} policies", seconds, "s", REPLAY_TARGET_SECONDS, False,
                    _note(cpu, load, extra))]  # fmt: skip
+
+
+DELTA_TARGET_SECONDS = 10.0
+
+
+def proposed_change(policies: list[Any]) -> list[Any]:
+    """The baseline set changed as a pull request would: the first allow rule with two ports or more loses its
+    last port (in that policy and in its copies, which would allow it otherwise), a Cilium policy denies what
+    its first ingress rule allows, and the first policy is renamed (no change by itself)."""
+    from flowpipe.policy.model import PortRule
+
+    target = next(
+        (policy, ri, rule)
+        for policy in policies
+        for ri, rule in enumerate(policy.rules)
+        if policy.selector.match_labels
+        and rule.action == "allow"
+        and rule.peers
+        and len(rule.ports[0].ports) > 1
+    )
+    policy, ri, rule = target
+    first = rule.ports[0]
+    tightened = dataclasses.replace(
+        rule, ports=(PortRule(ports=first.ports[:-1], http=first.http, kafka=first.kafka, dns=first.dns),
+                     *rule.ports[1:])
+    )  # fmt: skip
+    proposed = []
+    for other in policies:
+        same = (other.namespace, other.selector) == (policy.namespace, policy.selector)
+        if same and ri < len(other.rules) and other.rules[ri] == rule:
+            rules = list(other.rules)
+            rules[ri] = tightened
+            other = dataclasses.replace(other, rules=tuple(rules))
+        proposed.append(other)
+    # and a deny rule: the first Cilium policy's first ingress rule, turned into `ingressDeny`
+    ci, cilium, allow = next(
+        (i, p, r)
+        for i, p in enumerate(proposed)
+        if p.flavour == "cilium" and p.selector.match_labels
+        for r in p.rules_for("ingress")
+        if r.peers and r.ports
+    )
+    deny = dataclasses.replace(allow, action="deny")
+    proposed[ci] = dataclasses.replace(cilium, rules=(*cilium.rules, deny))
+    proposed[0] = dataclasses.replace(proposed[0], name=f"{proposed[0].name}-renamed")
+    return proposed
+
+
+def bench_delta(ctx: BenchContext) -> list[Figure]:
+    """Wall and CPU time of `replay PROPOSED --baseline CURRENT` with 200 policies on each side over every
+    simulated flow: one grouping of the stored edges, judged by both sets."""
+    from flowpipe.bench import Figure
+    from flowpipe.policy.delta import delta_parameters, replay_delta
+    from flowpipe.policy.stored_edges import EDGES_SQL
+    from flowpipe.query.engine import open_engine
+
+    root, flows, start, end = simulated_dataset(ctx)
+    baseline = replay_policies(ctx)
+    proposed = proposed_change(baseline)
+
+    def delta() -> tuple[int, Any, float]:
+        with open_engine(str(root)) as engine:
+            edges = engine.run(
+                EDGES_SQL,
+                delta_parameters(proposed, baseline, since=start, until=end),
+                question="replay delta",
+            )
+        judging = time.perf_counter()
+        report = replay_delta(proposed, baseline, edges)
+        return edges.num_rows, report, time.perf_counter() - judging
+
+    (edges, report, judged), seconds, cpu, load = _measure(delta)
+    extra = (
+        f"{len(proposed)} policies on each side, {flows:,} flows in {edges:,} edges grouped once in "
+        f"{seconds - judged:.1f} s and judged by both sets in {judged:.1f} s, "
+        f"{report.newly_denied_requests:,} newly denied in {len(report.newly_denied)} edges, "
+        f"{len(report.rules)} rule changes; "
+    )
+    return [Figure("delta", f"replay --baseline, {len(proposed)} policies a side", seconds, "s",
+                   DELTA_TARGET_SECONDS, False, _note(cpu, load, extra))]  # fmt: skip

@@ -81,11 +81,11 @@ def test_replay_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: Deployment\napiVersion: apps/v1\n")
     result = CliRunner().invoke(cli, ["replay", str(bad), "--dataset", str(dataset(tmp_path))])
-    assert result.exit_code == 1 and "bad.yaml (document 1)" in result.output
+    assert result.exit_code == 2 and "bad.yaml (document 1)" in result.output  # invalid input
     empty = CliRunner().invoke(
         cli, ["replay", str(tmp_path / "bad.yaml"), "--dataset", str(tmp_path / "none")]
     )
-    assert empty.exit_code == 1
+    assert empty.exit_code == 2  # the policy input is read before the dataset
 
 
 def test_audit_exit_code_follows_fail_on(tmp_path: Path) -> None:

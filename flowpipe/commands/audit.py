@@ -9,19 +9,16 @@ import pyarrow as pa
 
 from flowpipe._cli_options import dataset_option, format_option
 from flowpipe._output import render
-from flowpipe.errors import PolicyError
+from flowpipe.commands._review import (
+    FINDINGS_EXIT_CODE,
+    load_policy_input,
+    report_file_options,
+    sarif_text,
+    write_report,
+)
 from flowpipe.policy.audit import INVENTORY_SQL, SEVERITIES, Inventory, at_or_above, audit_policies
-from flowpipe.policy.load import load_policies
+from flowpipe.policy.review import audit_junit, audit_sarif, junit_text
 from flowpipe.query.engine import open_engine
-
-FINDINGS_EXIT_CODE = 1
-INVALID_INPUT_EXIT_CODE = 2
-
-
-class InvalidPolicyInput(click.ClickException):
-    """Policy files that cannot be read or understood: exit status 2, apart from findings (1)."""
-
-    exit_code = INVALID_INPUT_EXIT_CODE
 
 
 @click.command("audit")
@@ -33,30 +30,34 @@ class InvalidPolicyInput(click.ClickException):
     show_default=True,
     help="Exit with status 1 when a finding is at or above this severity.",
 )
+@report_file_options
 @dataset_option
 @format_option("table", "json", "jsonl")
-def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str) -> None:
+def audit(
+    paths: tuple[str, ...],
+    fail_on: str,
+    sarif_path: str | None,
+    junit_path: str | None,
+    dataset: str,
+    output_format: str,
+) -> None:
     """Check Kubernetes and Cilium policy files for known pitfalls.
 
     Namespaces without default-deny, default-deny egress without DNS, empty from/to (allow-all), default-deny
     in kube-system; with flows in the dataset also namespace selectors and pod selectors that match nothing
     observed. Each finding has a severity, the file and policy, and what to do.
 
+    Exit status: 0 when no finding is at or above --fail-on; 1 when one is (or the dataset cannot be read); 2
+    when the policy input is invalid (a file that is missing, not YAML or not a policy; no policy found) or a
+    flag is wrong, so CI tells a finding from a broken input.
+
     \b
     Examples:
       flowpipe audit policies/
       flowpipe audit policies/ --fail-on medium -o jsonl
-
-    Exit status: 0 when no finding is at or above --fail-on; 1 when one is (or the dataset cannot be read); 2
-    when the policy input is invalid (a file that is missing, not YAML or not a policy; no policy found) or a
-    flag is wrong, so CI tells a finding from a broken input.
+      flowpipe audit policies/ --sarif audit.sarif --junit audit.xml
     """
-    try:
-        policies = load_policies(paths)
-    except PolicyError as exc:
-        raise InvalidPolicyInput(str(exc)) from exc
-    if not policies:
-        raise InvalidPolicyInput(f"no policies found in {', '.join(paths)}")
+    policies = load_policy_input(paths)
     with open_engine(dataset, require_flows=False) as engine:
         inventory = (
             Inventory.from_rows(engine.run(INVENTORY_SQL, question="observed workloads"))
@@ -92,6 +93,8 @@ def audit(paths: tuple[str, ...], fail_on: str, dataset: str, output_format: str
             ),
         )
         render(table, "table", title=f"audit of {len(policies)} policies")
+    write_report(sarif_path, sarif_text(audit_sarif(findings, policies)))
+    write_report(junit_path, junit_text(audit_junit(findings, policies, fail_on)))
     failing = at_or_above(findings, fail_on)  # type: ignore[arg-type]
     if failing:
         click.echo(f"{len(failing)} finding(s) at or above {fail_on}", err=True)

@@ -175,6 +175,9 @@ class Decision:
     allowed: bool
     matched: list[tuple[int, int]]
     reason: str | None = None
+    blame: tuple[tuple[int, int | None], ...] = ()
+    """When denied: the (policy, rule) pairs of the deny rules that matched, or (policy, None) for each policy
+    that isolates the direction without allowing the request."""
 
 
 class _CompiledRule:
@@ -291,15 +294,19 @@ class PolicySet:
                 (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
         if denies:
             names = ", ".join(f"{self.policies[p].key} {self.rule_ids[p][r]}" for p, r in denies)
-            return Decision(False, allows + denies, f"denied by {names}")
+            return Decision(False, allows + denies, f"denied by {names}", tuple(denies))
         if allows or not isolated:
             return Decision(True, allows)
         if direction == "ingress" and self.config.allow_localhost and "host" in peer.reserved:
             return Decision(True, allows)
-        isolating = sorted(
-            {self.policies[p].key for p in selecting if direction in self.policies[p].isolates}
+        isolating = [p for p in selecting if direction in self.policies[p].isolates]
+        names = ", ".join(sorted({self.policies[p].key for p in isolating}))
+        return Decision(
+            False,
+            [],
+            f"no {direction} rule allows it (isolated by {names})",
+            tuple((p, None) for p in isolating),
         )
-        return Decision(False, [], f"no {direction} rule allows it (isolated by {', '.join(isolating)})")
 
 
 def replay_flows(
