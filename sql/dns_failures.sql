@@ -14,7 +14,7 @@
 --   end of the data to tell are left out), `dropped` (DNS requests the datapath or the DNS proxy dropped).
 --   `failures` counts failed lookups (packets for `dropped`, requests for `no_answer`); `names` lists the query
 --   names seen for them. `lookups` is every lookup of that workload in the window (answered lookups grouped as
---   here, requests without an answer, dropped DNS packets), and `failure_share` = failures / lookups.
+--   here, requests that never got an answer, dropped DNS packets), and `failure_share` = failures / lookups.
 --   `include_search_expansions=true` shows every error answer as it came instead (`kind` `rcode`, one row per
 --   query name). `example_pods` lists up to three client pods. A workload whose DNS traffic (port 53) is visible
 --   only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of kind `no_l7_visibility` instead
@@ -318,9 +318,27 @@ unanswered AS (
             AND date_diff('microsecond', q.time, r.time) <= $timeout_seconds * 1000000
       )
 ),
+never_answered AS (
+    -- Requests to which no answer of their name and type ever came back to the client (late ones included): each is
+    -- a lookup of its own, judged or not.
+    SELECT q.*
+    FROM dns_l7 AS q
+    WHERE q.l7_type = 'REQUEST'
+      AND q.verdict = 'FORWARDED'
+      AND NOT EXISTS (
+          SELECT 1
+          FROM dns_l7 AS r
+          WHERE r.l7_type = 'RESPONSE'
+            AND coalesce(r.cluster_name, '') = coalesce(q.cluster_name, '')
+            AND r.client_ip = q.client_ip
+            AND r.dns_query = q.dns_query
+            AND (cardinality(r.dns_qtypes) = 0 OR cardinality(q.dns_qtypes) = 0 OR r.dns_qtypes = q.dns_qtypes)
+            AND r.time >= q.time
+      )
+),
 lookups AS (
     -- Every lookup of a workload: answered lookups (grouped across their search-path expansions), requests that
-    -- got no answer (an answered lookup whose final name got none counts there), and DNS packets dropped.
+    -- never got an answer (an answered lookup whose final name got none counts there), and DNS packets dropped.
     SELECT
         c.cluster_name,
         c.client_id,
@@ -352,7 +370,7 @@ lookups AS (
         FROM found_lookups AS f
         WHERE f.final_asked = 0 OR NOT EXISTS (
             SELECT 1
-            FROM unanswered AS u
+            FROM never_answered AS u
             WHERE coalesce(u.cluster_name, '') = coalesce(f.cluster_name, '')
               AND u.client_ip = f.client_ip
               AND u.dns_query = f.stem || '.'
@@ -363,7 +381,7 @@ lookups AS (
     ) AS a ON a.client_id = c.client_id AND coalesce(a.cluster_name, '') = coalesce(c.cluster_name, '')
     LEFT JOIN (
         SELECT cluster_name, client_id, CAST(sum(n) AS BIGINT) AS unanswered
-        FROM unanswered
+        FROM never_answered
         GROUP BY cluster_name, client_id
     ) AS u ON u.client_id = c.client_id AND coalesce(u.cluster_name, '') = coalesce(c.cluster_name, '')
 ),
