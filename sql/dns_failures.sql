@@ -14,7 +14,8 @@
 --   end of the data to tell are left out), `dropped` (DNS requests the datapath or the DNS proxy dropped).
 --   `failures` counts failed lookups (packets for `dropped`, requests for `no_answer`); `names` lists the query
 --   names seen for them. `lookups` is every lookup of that workload in the window (answered lookups grouped as
---   here, requests without an answer, dropped DNS packets), and `failure_share` = failures / lookups.
+--   here, requests whose name got no answer in time, dropped DNS packets), and `failure_share` = failures /
+--   lookups.
 --   `include_search_expansions=true` shows every error answer as it came instead (`kind` `rcode`, one row per
 --   query name). `example_pods` lists up to three client pods. A workload whose DNS traffic (port 53) is visible
 --   only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of kind `no_l7_visibility` instead
@@ -297,30 +298,44 @@ horizon AS (
     -- A request can only be judged unanswered once the data reaches `timeout_seconds` past it.
     SELECT max(time) AS newest FROM dns_l7
 ),
-unanswered AS (
-    SELECT q.*
+request_answers AS (
+    -- Each forwarded request with whether an answer of its name and type reached its client within
+    -- `timeout_seconds`: on its own port (`in_time`, its answer) or on any port (`any_port`).
+    SELECT
+        q.cluster_name, q.client_namespace, q.client_workload, q.client_id, q.client_pod, q.client_ip,
+        q.client_port, q.dns_query, q.dns_qtypes, q.time, q.n,
+        max(CASE WHEN r.client_port = q.client_port THEN 1 ELSE 0 END) AS in_time,
+        max(CASE WHEN r.time IS NULL THEN 0 ELSE 1 END) AS any_port
     FROM dns_l7 AS q
-    CROSS JOIN horizon AS h
+    LEFT JOIN dns_l7 AS r
+        ON r.l7_type = 'RESPONSE'
+        -- pod addresses repeat across clusters: an answer counts in the cluster of its request
+        AND coalesce(r.cluster_name, '') = coalesce(q.cluster_name, '')
+        AND r.client_ip = q.client_ip
+        AND r.dns_query = q.dns_query
+        AND (cardinality(r.dns_qtypes) = 0 OR cardinality(q.dns_qtypes) = 0 OR r.dns_qtypes = q.dns_qtypes)
+        AND r.time >= q.time
+        AND date_diff('microsecond', q.time, r.time) <= $timeout_seconds * 1000000
     WHERE q.l7_type = 'REQUEST'
       AND q.verdict = 'FORWARDED'
-      AND date_diff('microsecond', q.time, h.newest) >= $timeout_seconds * 1000000
-      AND NOT EXISTS (
-          SELECT 1
-          FROM dns_l7 AS r
-          WHERE r.l7_type = 'RESPONSE'
-            -- pod addresses repeat across clusters: an answer counts in the cluster of its request
-            AND coalesce(r.cluster_name, '') = coalesce(q.cluster_name, '')
-            AND r.client_ip = q.client_ip
-            AND r.client_port = q.client_port
-            AND r.dns_query = q.dns_query
-            AND (cardinality(r.dns_qtypes) = 0 OR cardinality(q.dns_qtypes) = 0 OR r.dns_qtypes = q.dns_qtypes)
-            AND r.time >= q.time
-            AND date_diff('microsecond', q.time, r.time) <= $timeout_seconds * 1000000
-      )
+    GROUP BY
+        q.cluster_name, q.client_namespace, q.client_workload, q.client_id, q.client_pod, q.client_ip,
+        q.client_port, q.dns_query, q.dns_qtypes, q.time, q.n, q.layer, q.l7_type, q.verdict, q.dns_rcode_name
+),
+unanswered AS (
+    SELECT a.*
+    FROM request_answers AS a
+    CROSS JOIN horizon AS h
+    WHERE a.in_time = 0
+      AND date_diff('microsecond', a.time, h.newest) >= $timeout_seconds * 1000000
+),
+never_answered AS (
+    -- Requests whose name got no answer in time on any port (judged or not yet): each is a lookup of its own.
+    SELECT * FROM request_answers WHERE any_port = 0
 ),
 lookups AS (
-    -- Every lookup of a workload: answered lookups (grouped across their search-path expansions), requests that
-    -- got no answer (an answered lookup whose final name got none counts there), and DNS packets dropped.
+    -- Every lookup of a workload: answered lookups (grouped across their search-path expansions), requests whose
+    -- name got no answer in time (an answered lookup whose final name got none counts there), dropped packets.
     SELECT
         c.cluster_name,
         c.client_id,
@@ -352,7 +367,7 @@ lookups AS (
         FROM found_lookups AS f
         WHERE f.final_asked = 0 OR NOT EXISTS (
             SELECT 1
-            FROM unanswered AS u
+            FROM never_answered AS u
             WHERE coalesce(u.cluster_name, '') = coalesce(f.cluster_name, '')
               AND u.client_ip = f.client_ip
               AND u.dns_query = f.stem || '.'
@@ -363,7 +378,7 @@ lookups AS (
     ) AS a ON a.client_id = c.client_id AND coalesce(a.cluster_name, '') = coalesce(c.cluster_name, '')
     LEFT JOIN (
         SELECT cluster_name, client_id, CAST(sum(n) AS BIGINT) AS unanswered
-        FROM unanswered
+        FROM never_answered
         GROUP BY cluster_name, client_id
     ) AS u ON u.client_id = c.client_id AND coalesce(u.cluster_name, '') = coalesce(c.cluster_name, '')
 ),
