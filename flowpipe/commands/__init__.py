@@ -50,3 +50,7 @@ COMMANDS.append(demo)
 from flowpipe.commands.suggest import suggest
 
 COMMANDS.append(suggest)
+
+from flowpipe.commands.serve_hubble import serve_hubble
+
+COMMANDS.append(serve_hubble)

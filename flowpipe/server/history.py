@@ -1,0 +1,699 @@
+"""The Observer API over a stored dataset: `flowpipe serve-hubble`, so Hubble clients read days of history.
+
+`HistoryServer` answers `observer.Observer` like hubble-relay, from the Parquet dataset instead of ring buffers::
+
+    with HistoryServer("flowpipe-data", port=0) as server:     # 127.0.0.1, a free port
+        channel = grpc.insecure_channel(server.address)
+        ...
+
+GetFlows, per request:
+
+- the part files are listed afresh (without the inputs a compaction already merged, so a flow is served once
+  while `compact` or `retention` run) and only the `date=/hour=` partitions that overlap `since`/`until` are read;
+- the time window and the filters DuckDB can evaluate (namespace, pod, verdict, IP, port, protocol, labels,
+  node) go into the SQL as bound parameters, a superset of the answer; every flow read is then checked by the
+  same FlowFilter matcher the built-in server uses, so the answer is exactly Hubble's;
+- the result is read in batches of `BATCH_ROWS` rows, and the next batch is read only once the client has
+  taken the previous one (HTTP/2 flow control): memory stays bounded whatever the window, and a client that
+  stops reading stops the read;
+- `number` gives the last N flows in time order (the first N with `first`, or from `since`) across all nodes;
+  no `number` gives the whole window; `follow` goes on with flows from part files published later;
+- `lost_events` records of the window are sent in time order among the flows.
+
+FlowFilter fields over what the table does not keep (HTTP headers, trace ids, interfaces, node labels,
+translated source IPs, service namespaces, endpoint cluster names, CEL) are refused with UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import grpc
+import pyarrow as pa
+from google.protobuf import wrappers_pb2
+
+from flowpipe._proto.flow import flow_pb2
+from flowpipe._proto.observer import observer_pb2
+from flowpipe._proto.relay import relay_pb2
+from flowpipe.compact import is_compacted_name, read_compacted_inputs, visible_part_files
+from flowpipe.dataset import FLOWS_TABLE, Dataset
+from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError
+from flowpipe.query.engine import DuckDBEngine
+from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
+from flowpipe.server.buffer import encode_varint, envelope_tail, frame_message
+from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
+from flowpipe.server.filters import FlowMatcher, MessageRecord, NodeMatcher, parse_pod_filter
+from flowpipe.server.health import HealthService
+from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
+from flowpipe.server.reflection import ReflectionService
+from flowpipe.server.tls import ServerTLSConfig
+from flowpipe.transforms.to_flow import served_node_name, table_to_flows
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 4096
+"""Rows read from the dataset at a time (the next batch is read once the client took this one)."""
+
+DEFAULT_FOLLOW_INTERVAL = 1.0
+"""Seconds between two listings of the dataset while following."""
+
+_SERVICE = "/observer.Observer/"
+_PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
+_HOUR_NS = 3_600_000_000_000
+
+# FlowFilter fields over data the flow table does not keep: refused, never ignored.
+_UNKEPT_FILTER_FIELDS = {
+    "source_service": "service namespaces",
+    "destination_service": "service namespaces",
+    "source_cluster_name": "endpoint cluster names",
+    "destination_cluster_name": "endpoint cluster names",
+    "http_header": "HTTP headers",
+    "trace_id": "trace contexts",
+    "source_ip_xlated": "translated source addresses",
+    "interface": "interfaces",
+    "node_labels": "node labels",
+    "ip_trace_id": "IP trace ids",
+}
+
+
+def _unsupported_filters(filters: Sequence[flow_pb2.FlowFilter], kind: str) -> None:
+    for i, flt in enumerate(filters):
+        for name, what in _UNKEPT_FILTER_FIELDS.items():
+            if len(getattr(flt, name)):
+                raise GrpcAbort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"{kind}[{i}].{name}: the stored flows do not keep {what}, so this filter cannot be answered",
+                )
+        if flt.HasField("experimental") and flt.experimental.cel_expression:
+            raise GrpcAbort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{kind}[{i}].experimental.cel_expression: CEL is not supported",
+            )
+
+
+# -- pushdown ----------------------------------------------------------------------------------------------
+
+
+class _Sql:
+    """WHERE clauses with their bound parameters (`$p0`, `$p1`, ...)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, object] = {}
+
+    def bind(self, value: object) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"${name}"
+
+
+_L4_PROTOCOLS = {
+    "tcp": ["TCP"], "udp": ["UDP"], "sctp": ["SCTP"], "icmp": ["ICMPv4", "ICMPv6"], "icmpv4": ["ICMPv4"],
+    "icmpv6": ["ICMPv6"], "vrrp": ["VRRP"], "igmp": ["IGMP"],
+}  # fmt: skip
+_L7_PROTOCOLS = {"dns": "dns", "http": "http", "kafka": "kafka"}
+
+
+def _filter_sql(flt: flow_pb2.FlowFilter, sql: _Sql) -> str | None:
+    """A predicate true for every flow `flt` accepts (looser is fine: the matcher decides); None: no pushdown."""
+    terms: list[str] = []
+    for side in ("source", "destination"):
+        pods = [parse_pod_filter(p) for p in getattr(flt, f"{side}_pod")]
+        if pods:
+            ors = []
+            for namespace, prefix in pods:
+                parts = []
+                if namespace:
+                    parts.append(f"{side}_namespace = {sql.bind(namespace)}")
+                if prefix:
+                    parts.append(f"starts_with({side}_pod_name, {sql.bind(prefix)})")
+                ors.append(" AND ".join(parts) if parts else f"{side}_pod_name IS NOT NULL")
+            terms.append("(" + " OR ".join(ors) + ")")
+        ips = list(getattr(flt, f"{side}_ip"))
+        if ips and all("/" not in ip for ip in ips):
+            try:
+                values = [str(ipaddress.ip_address(ip)) for ip in ips]
+            except ValueError:
+                values = []  # the matcher reports it
+            if values:
+                terms.append(f"{side}_ip IN ({', '.join(sql.bind(v) for v in values)})")
+        ports = [p for p in getattr(flt, f"{side}_port") if p.isdigit()]
+        if ports and len(ports) == len(getattr(flt, f"{side}_port")):
+            terms.append(f"{side}_port IN ({', '.join(sql.bind(int(p)) for p in ports)})")
+        labels = list(getattr(flt, f"{side}_label"))
+        if labels and all(_plain_label(label) for label in labels):
+            # key=value selectors: the stored label "source:key=value" ends with "key=value".
+            ors = [
+                f"len(list_filter({side}_labels, x -> x = {sql.bind(label)}"
+                f" OR ends_with(x, {sql.bind(':' + label)}))) > 0"
+                for label in labels
+            ]
+            terms.append("(" + " OR ".join(ors) + ")")
+    if flt.verdict:
+        names = [flow_pb2.Verdict.Name(v) for v in flt.verdict if v in flow_pb2.Verdict.values()]
+        if len(names) == len(flt.verdict):
+            terms.append(f"verdict IN ({', '.join(sql.bind(n) for n in names)})")
+    if flt.protocol:
+        l4: list[str] = []
+        l7: list[str] = []
+        for name in flt.protocol:
+            l4.extend(_L4_PROTOCOLS.get(name.lower(), []))
+            if name.lower() in _L7_PROTOCOLS:
+                l7.append(_L7_PROTOCOLS[name.lower()])
+        if len(l4) + len(l7) >= len(flt.protocol):
+            ors = []
+            if l4:
+                ors.append(f"l4_protocol IN ({', '.join(sql.bind(n) for n in l4)})")
+            if l7:
+                ors.append(f"l7_protocol IN ({', '.join(sql.bind(n) for n in l7)})")
+            terms.append("(" + " OR ".join(ors) + ")")
+    if flt.uuid:
+        terms.append(f"uuid IN ({', '.join(sql.bind(u) for u in flt.uuid)})")
+    return " AND ".join(terms) if terms else None
+
+
+def _plain_label(label: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9_.\-/]+=[A-Za-z0-9_.\-/]*", label))
+
+
+# -- reading the dataset -----------------------------------------------------------------------------------
+
+
+class _WindowEngine(DuckDBEngine):
+    """A DuckDBEngine whose `flows` view covers only the hour partitions overlapping [since, until].
+
+    `only`: read just these part files of `flows` (the ones a follower has not read yet). `listed` keeps the
+    whole listing of `flows` the view was built from (what a follower has then seen).
+    """
+
+    def __init__(
+        self, dataset: Dataset, since_ns: int | None, until_ns: int | None, only: frozenset[str] | None = None
+    ) -> None:
+        self._window = (since_ns, until_ns)
+        self._only = only
+        self.listed: tuple[str, ...] = ()
+        super().__init__(dataset)
+
+    def _list_files(self, table: str) -> tuple[str, ...]:
+        files = super()._list_files(table)
+        if table != FLOWS_TABLE:
+            return files
+        self.listed = files
+        if self._only is not None:
+            files = tuple(f for f in files if f in self._only)
+        since, until = self._window
+        if since is None and until is None:
+            return files
+        kept = []
+        for path in files:
+            match = _PARTITION.search(path)
+            if match is None:
+                continue  # the partition of flows without a time: outside any window
+            start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+            start_ns = int(start.timestamp()) * 1_000_000_000
+            if since is not None and start_ns + _HOUR_NS <= since:
+                continue
+            if until is not None and start_ns > until:
+                continue
+            kept.append(path)
+        return tuple(kept)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What ServerStatus, GetNodes and GetNamespaces report, for one listing of the part files."""
+
+    num_flows: int
+    oldest_ns: int | None
+    newest_ns: int | None
+    nodes: tuple[tuple[str, int], ...]  # (served node name, flows)
+    namespaces: tuple[tuple[str, str], ...]  # (cluster, namespace)
+
+
+def summarize(dataset: Dataset) -> DatasetSummary:
+    """Count flows per node, the time range and the namespaces of the dataset (one scan)."""
+    with DuckDBEngine(dataset) as engine:
+        nodes = engine.run(
+            "SELECT node_name, cluster_name, count(*) AS n, epoch_ns(min(time)) AS oldest,"
+            " epoch_ns(max(time)) AS newest FROM flows GROUP BY ALL"
+        ).to_pylist()
+        namespaces = engine.run(
+            "SELECT DISTINCT coalesce(cluster_name, '') AS c, ns FROM ("
+            " SELECT cluster_name, source_namespace AS ns FROM flows"
+            " UNION ALL SELECT cluster_name, destination_namespace FROM flows) WHERE ns IS NOT NULL ORDER BY ALL"
+        ).to_pylist()
+    per_node: dict[str, int] = {}
+    for row in nodes:
+        name = served_node_name(row["node_name"], row["cluster_name"])
+        per_node[name] = per_node.get(name, 0) + row["n"]
+    oldest = [r["oldest"] for r in nodes if r["oldest"] is not None]
+    newest = [r["newest"] for r in nodes if r["newest"] is not None]
+    return DatasetSummary(
+        num_flows=sum(per_node.values()),
+        oldest_ns=min(oldest) if oldest else None,
+        newest_ns=max(newest) if newest else None,
+        nodes=tuple(sorted(per_node.items())),
+        namespaces=tuple((r["c"], r["ns"]) for r in namespaces),
+    )
+
+
+class _Request:
+    """A validated GetFlowsRequest and its SQL."""
+
+    def __init__(self, data: bytes) -> None:
+        req = _decode(observer_pb2.GetFlowsRequest, data)
+        if req.first and req.follow:
+            raise GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
+        _unsupported_filters(req.whitelist, "whitelist")
+        _unsupported_filters(req.blacklist, "blacklist")
+        try:
+            self.matcher = FlowMatcher(req.whitelist, req.blacklist)
+            self.mask: MaskPlan | None = (
+                compile_field_mask(list(req.field_mask.paths)) if req.HasField("field_mask") else None
+            )
+        except ConfigError as exc:
+            raise GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        self.number = req.number
+        self.first = req.first
+        self.follow = req.follow
+        self.since = _timestamp_ns(req.since) if req.HasField("since") else None
+        self.until = _timestamp_ns(req.until) if req.HasField("until") else None
+        self.whitelist = list(req.whitelist)
+
+    @property
+    def history(self) -> bool:
+        """Whether stored flows are sent before following (follow without number or since: only new ones)."""
+        return not (self.follow and self.number == 0 and self.since is None)
+
+    def where(self, sql: _Sql, after_ns: int | None = None) -> str:
+        terms = ["time IS NOT NULL"]
+        if self.since is not None:
+            terms.append(f"time >= make_timestamp_ns({sql.bind(self.since)})")
+        if after_ns is not None:
+            terms.append(f"time > make_timestamp_ns({sql.bind(after_ns)})")
+        if self.until is not None:
+            terms.append(f"time <= make_timestamp_ns({sql.bind(self.until)})")
+        if self.whitelist:
+            ors = [_filter_sql(flt, sql) for flt in self.whitelist]
+            if all(o is not None for o in ors):
+                terms.append("(" + " OR ".join(f"({o})" for o in ors) + ")")
+        return " AND ".join(terms)
+
+    def query(self) -> tuple[str, dict[str, object], bool]:
+        """The history query: SQL, parameters, and whether it is read newest first (to be reversed)."""
+        sql = _Sql()
+        where = self.where(sql)
+        exact = self.matcher.accepts_all
+        if self.number and not self.follow and not self.first and self.since is None:
+            # The last N: read newest first; without filters LIMIT does it in DuckDB.
+            limit = f" LIMIT {int(self.number)}" if exact else ""
+            return (
+                f"SELECT * FROM flows WHERE {where} ORDER BY time DESC, node_name DESC{limit}",
+                sql.params,
+                True,
+            )
+        limit = f" LIMIT {int(self.number)}" if exact and self.number and not self.follow else ""
+        return f"SELECT * FROM flows WHERE {where} ORDER BY time, node_name{limit}", sql.params, False
+
+
+def _encode(flow: flow_pb2.Flow, node: str, time_ns: int, mask: MaskPlan | None) -> bytes:
+    if mask is not None:
+        apply_field_mask(flow, mask)
+    data = flow.SerializeToString()
+    return frame_message(b"\x0a" + encode_varint(len(data)) + data + envelope_tail(node, time_ns))
+
+
+class _Reader:
+    """Reads one query's batches, turning each into the framed responses of the flows that pass the filters."""
+
+    def __init__(self, engine: _WindowEngine, req: _Request, sql: str, params: dict[str, object]) -> None:
+        self.req = req
+        self.engine = engine
+        self.matchers: dict[str, NodeMatcher | None] = {}
+        try:
+            self.reader = _batches(self.engine.connection.sql(sql, params=params))
+        except Exception:
+            self.engine.close()
+            raise
+
+    def next(self) -> list[tuple[int, bytes]] | None:
+        """The next batch as (time_ns, framed response) of passing flows; None at the end."""
+        try:
+            batch = self.reader.read_next_batch()
+        except StopIteration:
+            return None
+        times = batch.column("time").cast(pa.int64()).to_pylist()
+        clusters = batch.column("cluster_name").to_pylist()
+        out = []
+        req = self.req
+        for flow, time_ns, cluster in zip(table_to_flows(batch), times, clusters, strict=True):
+            node = served_node_name(flow.node_name, cluster)
+            flow.node_name = node
+            if not req.matcher.accepts_all:
+                if node not in self.matchers:
+                    self.matchers[node] = req.matcher.for_node(node)
+                matcher = self.matchers[node]
+                if matcher is None or not matcher(MessageRecord(flow)):
+                    continue
+            out.append((time_ns, _encode(flow, node, time_ns, req.mask)))
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class HistoryService:
+    """The RPC handlers of `observer.Observer` over a dataset."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        relay_name: str,
+        version: str,
+        tls_enabled: bool,
+        follow_interval: float = DEFAULT_FOLLOW_INTERVAL,
+    ) -> None:
+        self.dataset = dataset
+        self.relay_name = relay_name
+        self.version = version
+        self.tls_enabled = tls_enabled
+        self.follow_interval = follow_interval
+        self.started_ns = time.time_ns()
+        self.flows_sent = 0
+        self.requests = 0
+        self._summary: tuple[tuple[str, ...], DatasetSummary] | None = None
+        self._summary_lock = threading.Lock()
+
+    def methods(self) -> dict[str, RpcMethod]:
+        """The method table for GrpcServer (the unary calls answer from a worker thread, as one message)."""
+        return {
+            _SERVICE + "GetFlows": RpcMethod(True, self.get_flows),
+            _SERVICE + "GetAgentEvents": RpcMethod(True, self._unimplemented("GetAgentEvents")),
+            _SERVICE + "GetDebugEvents": RpcMethod(True, self._unimplemented("GetDebugEvents")),
+            _SERVICE + "GetNodes": RpcMethod(True, self._unary(self.get_nodes)),
+            _SERVICE + "GetNamespaces": RpcMethod(True, self._unary(self.get_namespaces)),
+            _SERVICE + "ServerStatus": RpcMethod(True, self._unary(self.server_status)),
+        }
+
+    @staticmethod
+    def _unimplemented(name: str) -> Any:
+        async def handler(data: bytes, stream: ServerStream) -> None:
+            raise GrpcAbort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by hubble-relay")
+
+        return handler
+
+    @staticmethod
+    def _unary(handler: Callable[[bytes], bytes]) -> Any:
+        async def call(data: bytes, stream: ServerStream) -> None:
+            try:
+                response = await asyncio.to_thread(handler, data)
+            except FlowpipeError as exc:
+                raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+            await stream.send(frame_message(response))
+
+        return call
+
+    # -- unary calls -----------------------------------------------------------------------------------------
+
+    def summary(self) -> DatasetSummary:
+        """The dataset's figures, computed again only when the part files changed."""
+        with self._summary_lock:
+            files = tuple(self.dataset.list_part_files(FLOWS_TABLE))
+            if self._summary is None or self._summary[0] != files:
+                self._summary = (files, summarize(self.dataset))
+            return self._summary[1]
+
+    def server_status(self, data: bytes) -> bytes:
+        """ServerStatus: flows stored (num_flows, max_flows and seen_flows alike), nodes, oldest and newest."""
+        _decode(observer_pb2.ServerStatusRequest, data)
+        summary = self.summary()
+        response = observer_pb2.ServerStatusResponse(
+            num_flows=summary.num_flows,
+            max_flows=summary.num_flows,
+            seen_flows=summary.num_flows,
+            uptime_ns=time.time_ns() - self.started_ns,
+            num_connected_nodes=wrappers_pb2.UInt32Value(value=len(summary.nodes)),
+            num_unavailable_nodes=wrappers_pb2.UInt32Value(value=0),
+            version=self.version,
+        )
+        return bytes(response.SerializeToString())
+
+    def get_nodes(self, data: bytes) -> bytes:
+        """GetNodes: every node with stored flows, connected, with its flow count."""
+        _decode(observer_pb2.GetNodesRequest, data)
+        response = observer_pb2.GetNodesResponse()
+        for name, count in self.summary().nodes:
+            response.nodes.add(
+                name=name,
+                version=self.version,
+                state=relay_pb2.NODE_CONNECTED,
+                tls=observer_pb2.TLS(enabled=self.tls_enabled),
+                uptime_ns=time.time_ns() - self.started_ns,
+                num_flows=count,
+                max_flows=count,
+                seen_flows=count,
+            )
+        return bytes(response.SerializeToString())
+
+    def get_namespaces(self, data: bytes) -> bytes:
+        """GetNamespaces: (cluster, namespace) pairs of the stored flows."""
+        _decode(observer_pb2.GetNamespacesRequest, data)
+        response = observer_pb2.GetNamespacesResponse()
+        for cluster, namespace in self.summary().namespaces:
+            response.namespaces.add(cluster=cluster, namespace=namespace)
+        return bytes(response.SerializeToString())
+
+    # -- GetFlows --------------------------------------------------------------------------------------------
+
+    def _envelope(
+        self, response: observer_pb2.GetFlowsResponse, node_name: str, time_ns: int | None = None
+    ) -> bytes:
+        response.node_name = node_name
+        response.time.FromNanoseconds(time_ns if time_ns is not None else time.time_ns())
+        return frame_message(response.SerializeToString())
+
+    async def get_flows(self, data: bytes, stream: ServerStream) -> None:
+        """GetFlows: node_status, the stored flows of the request in time order, then (with follow) new ones."""
+        req = _Request(data)
+        self.requests += 1
+        try:
+            summary = await asyncio.to_thread(self.summary)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+        nodes = [name for name, _ in summary.nodes]
+        if nodes:
+            status = relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=nodes)
+            await stream.send(
+                self._envelope(observer_pb2.GetFlowsResponse(node_status=status), self.relay_name)
+            )
+        seen: frozenset[str] | None = None
+        if req.history:
+            seen = await self._history(req, stream)
+        if req.follow and not (req.until is not None and req.until < time.time_ns()):
+            if seen is None:
+                seen = frozenset(await self._listing())
+            await self._follow(req, stream, seen)
+
+    async def _listing(self) -> list[str]:
+        try:
+            return await asyncio.to_thread(visible_part_files, self.dataset, FLOWS_TABLE)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot list the dataset: {exc}") from exc
+
+    async def _read(
+        self, req: _Request, sql: str, params: dict[str, object], only: frozenset[str] | None = None
+    ) -> _Reader:
+        def open_reader() -> _Reader:
+            engine = _WindowEngine(self.dataset, req.since, req.until, only)
+            try:
+                return _Reader(engine, req, sql, params)
+            except BaseException:
+                engine.close()
+                raise
+
+        try:
+            return await asyncio.to_thread(open_reader)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+
+    async def _history(self, req: _Request, stream: ServerStream) -> frozenset[str]:
+        """Send the stored part of the answer; returns the part files it was read from (all of them listed)."""
+        sql, params, newest_first = req.query()
+        reader = await self._read(req, sql, params)
+        limit = req.number if req.number and not req.follow else 0
+        try:
+            if newest_first:
+                # The last N: collect N passing flows newest first (N is bounded by the request), then send.
+                kept: list[tuple[int, bytes]] = []
+                while len(kept) < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
+                    kept.extend(batch[: limit - len(kept)])
+                kept.reverse()
+                await self._send(stream, [m for _, m in kept])
+            else:
+                sent = 0
+                while (batch := await asyncio.to_thread(reader.next)) is not None:
+                    if limit:
+                        batch = batch[: limit - sent]
+                    await self._send(stream, [m for _, m in batch])
+                    sent += len(batch)
+                    if limit and sent >= limit:
+                        break
+        finally:
+            await asyncio.to_thread(reader.close)
+        return frozenset(reader.engine.listed)
+
+    async def _send(self, stream: ServerStream, messages: list[bytes]) -> None:
+        if messages:
+            self.flows_sent += len(messages)
+            await stream.send(b"".join(messages))
+
+    async def _follow(self, req: _Request, stream: ServerStream, seen: frozenset[str]) -> None:
+        """Flows of part files published after `seen` was listed, every `follow_interval` seconds.
+
+        A compacted file whose inputs were already read is only marked as read: its flows were sent.
+        """
+        seen_names = {path.rpartition("/")[2] for path in seen}
+        known = set(seen)
+        while True:
+            await asyncio.sleep(self.follow_interval)
+            listed = await self._listing()
+            new = [path for path in listed if path not in known]
+            known.update(new)
+            fresh = []
+            for path in new:
+                name = path.rpartition("/")[2]
+                if is_compacted_name(name):
+                    try:
+                        inputs = await asyncio.to_thread(read_compacted_inputs, self.dataset, path)
+                    except (OSError, pa.ArrowException):
+                        continue  # gone again (retention, another compaction): nothing new in it
+                    if any(input_name in seen_names for input_name, _ in inputs or []):
+                        continue
+                seen_names.add(name)
+                fresh.append(path)
+            if fresh:
+                sql = _Sql()
+                query = f"SELECT * FROM flows WHERE {req.where(sql)} ORDER BY time, node_name"
+                reader = await self._read(req, query, sql.params, frozenset(fresh))
+                try:
+                    while (batch := await asyncio.to_thread(reader.next)) is not None:
+                        await self._send(stream, [m for _, m in batch])
+                finally:
+                    await asyncio.to_thread(reader.close)
+            if req.until is not None and req.until < time.time_ns():
+                return
+
+
+class HistoryServer:
+    """hubble-relay's Observer API over a dataset, on 127.0.0.1 by default, in a background thread.
+
+    Plaintext by default; `tls=ServerTLSConfig(cert, key)` for TLS, plus `client_ca_path` for mutual TLS.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Dataset,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTLSConfig | None = None,
+        relay_name: str = DEFAULT_RELAY_NAME,
+        version: str = DEFAULT_VERSION,
+        follow_interval: float = DEFAULT_FOLLOW_INTERVAL,
+    ) -> None:
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.service = HistoryService(
+            self.dataset,
+            relay_name=relay_name,
+            version=version,
+            tls_enabled=tls is not None,
+            follow_interval=follow_interval,
+        )
+        self._ssl_context = tls.ssl_context() if tls is not None else None
+        self._metadata = [("hubble-relay-version", version)]
+        self._grpc: GrpcServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        """`host:port` to dial (the chosen port once started)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> Self:
+        """Start listening in a background thread; raises ObserverServerError if it cannot bind."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="flowpipe-serve-hubble", daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+        try:
+            self._call(self._listen())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _listen(self) -> None:
+        methods = {
+            **self.service.methods(),
+            **ReflectionService(["observer.Observer"]).methods(),
+            **HealthService(["observer.Observer"]).methods(),
+        }
+        server = GrpcServer(methods, ssl_context=self._ssl_context, initial_metadata=self._metadata)
+        try:
+            self.port = await server.start(self.host, self.port)
+        except OSError as exc:
+            raise ObserverServerError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+        self._grpc = server
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        if self._loop is None:
+            raise ObserverServerError("the server is not started")
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    async def _shutdown(self) -> None:
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            await server.stop("server is shutting down")
+
+    def stop(self) -> None:
+        """End every call with UNAVAILABLE, close connections, stop the thread."""
+        if self._loop is None:
+            return
+        self._call(self._shutdown())
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _batches(relation: Any) -> pa.RecordBatchReader:
+    """A reader of `BATCH_ROWS`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
+    to_reader = getattr(relation, "to_arrow_reader", None)
+    if to_reader is not None:
+        return to_reader(BATCH_ROWS)
+    return relation.fetch_arrow_reader(BATCH_ROWS)
