@@ -1,7 +1,7 @@
 """The standard gRPC health service (`grpc.health.v1.Health/Check`), which `hubble status` calls first.
 
 The two messages are tiny, so they are encoded by hand: HealthCheckRequest is `string service = 1`,
-HealthCheckResponse is `ServingStatus status = 1` (SERVING = 1, SERVICE_UNKNOWN = 3).
+HealthCheckResponse is `ServingStatus status = 1` (SERVING = 1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from flowpipe.server._http2 import GrpcAbort, RpcMethod
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _SERVING = b"\x08\x01"
-_SERVICE_UNKNOWN = b"\x08\x03"
+RELAY_HEALTH_NAME = "hubble.server.Observer"
+"""The name `hubble status` asks about (the one hubble-relay registers with its health server)."""
 
 
 def _service_name(data: bytes) -> str:
@@ -41,7 +42,7 @@ class HealthService:
     """SERVING for the whole server ("") and for each served service; NOT_FOUND for any other name."""
 
     def __init__(self, services: Iterable[str]) -> None:
-        self.services = frozenset(["", *services])
+        self.services = frozenset(["", RELAY_HEALTH_NAME, *services])
 
     def methods(self) -> dict[str, RpcMethod]:
         """The method table for GrpcServer (Watch is not offered: UNIMPLEMENTED, as grpc-go allows)."""

@@ -297,11 +297,11 @@ class _Request:
     def where(self, sql: _Sql, after_ns: int | None = None) -> str:
         terms = ["time IS NOT NULL"]
         if self.since is not None:
-            terms.append(f"time >= make_timestamp_ns({sql.bind(self.since)})")
+            terms.append(f"time >= CAST(make_timestamp_ns({sql.bind(self.since)}) AS TIMESTAMPTZ_NS)")
         if after_ns is not None:
-            terms.append(f"time > make_timestamp_ns({sql.bind(after_ns)})")
+            terms.append(f"time > CAST(make_timestamp_ns({sql.bind(after_ns)}) AS TIMESTAMPTZ_NS)")
         if self.until is not None:
-            terms.append(f"time <= make_timestamp_ns({sql.bind(self.until)})")
+            terms.append(f"time <= CAST(make_timestamp_ns({sql.bind(self.until)}) AS TIMESTAMPTZ_NS)")
         if self.whitelist:
             ors = [_filter_sql(flt, sql) for flt in self.whitelist]
             if all(o is not None for o in ors):
@@ -313,7 +313,7 @@ class _Request:
         sql = _Sql()
         where = self.where(sql)
         exact = self.matcher.accepts_all
-        if self.number and not self.follow and not self.first and self.since is None:
+        if self.number and not self.first and self.since is None:
             # The last N: read newest first; without filters LIMIT does it in DuckDB.
             limit = f" LIMIT {int(self.number)}" if exact else ""
             return (
@@ -490,6 +490,10 @@ class HistoryService:
             summary = await asyncio.to_thread(self.summary)
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+        if req.number >= summary.num_flows and not req.follow:
+            req.number = (
+                0  # `hubble observe --all` asks for 2^64-1 flows: every stored one, streamed in order
+            )
         nodes = [name for name, _ in summary.nodes]
         if nodes:
             status = relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=nodes)
@@ -530,7 +534,7 @@ class HistoryService:
         """Send the stored part of the answer; returns the part files it was read from (all of them listed)."""
         sql, params, newest_first = req.query()
         reader = await self._read(req, sql, params)
-        limit = req.number if req.number and not req.follow else 0
+        limit = req.number if req.number and (newest_first or not req.follow) else 0
         try:
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
