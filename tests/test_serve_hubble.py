@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2, json_format
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.model import EventBatch
+from flowpipe.model import EventBatch, LostEvent
 from flowpipe.query import DuckDBEngine
 from flowpipe.server.history import HistoryServer
 from flowpipe.sinks.parquet import ParquetSink
@@ -281,3 +281,46 @@ def test_hubble_observe_windows_and_filters(
     assert observe("--verdict", "DROPPED", "--all") == dropped
     kube = _expect(table, pc.fill_null(pc.equal(table["destination_namespace"], "kube-system"), False))
     assert observe("--to-namespace", "kube-system", "--all") == kube
+
+
+def test_lost_events_come_in_time_order_among_the_flows(
+    stored: tuple[Path, pa.Table, list[bytes]], tmp_path: Path
+) -> None:
+    table = stored[1].slice(0, 200)
+    times = _times(table)
+    middle, late = times[100], times[150]
+    events = [
+        LostEvent(source="HUBBLE_RING_BUFFER", num_events_lost=7, node_name="kind-worker", cpu=1,
+                  time=datetime.fromtimestamp(middle / 1e9, UTC)),
+        LostEvent(source="PERF_EVENT_RING_BUFFER", num_events_lost=3, node_name="kind-control-plane",
+                  time=datetime.fromtimestamp(late / 1e9, UTC)),
+    ]  # fmt: skip
+    sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id="t"))
+    sink.write(EventBatch(flows=table, lost_events=events))
+    sink.close()
+    stored_lost = [
+        e["time"]
+        for e in DuckDBEngine(tmp_path)
+        .run("SELECT epoch_ns(time) AS time FROM lost_events ORDER BY 1")
+        .to_pylist()
+    ]
+    with HistoryServer(str(tmp_path)) as server, grpc.insecure_channel(server.address) as channel:
+        stub = observer_pb2_grpc.ObserverStub(channel)
+        responses = [
+            r
+            for r in stub.GetFlows(observer_pb2.GetFlowsRequest(), timeout=60)
+            if not r.HasField("node_status")
+        ]
+        kinds = [(r.WhichOneof("response_types"), r.time.ToNanoseconds()) for r in responses]
+        assert [t for _, t in kinds] == sorted(t for _, t in kinds)
+        lost = [r for r in responses if r.HasField("lost_events")]
+        assert [(r.lost_events.num_events_lost, r.node_name, r.time.ToNanoseconds()) for r in lost] == [
+            (7, "kind-worker", stored_lost[0]),
+            (3, "kind-control-plane", stored_lost[1]),
+        ]
+        assert (
+            lost[0].lost_events.source == flow_pb2.HUBBLE_RING_BUFFER and lost[0].lost_events.cpu.value == 1
+        )
+        # the last 20 flows come after both losses: none is sent with them
+        last = list(stub.GetFlows(observer_pb2.GetFlowsRequest(number=20), timeout=60))
+        assert not any(r.HasField("lost_events") for r in last)

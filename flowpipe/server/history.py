@@ -57,7 +57,7 @@ from flowpipe.server.health import HealthService
 from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
-from flowpipe.transforms.to_flow import served_node_name, table_to_flows
+from flowpipe.transforms.to_flow import enum_number, served_node_name, table_to_flows
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ DEFAULT_FOLLOW_INTERVAL = 1.0
 _SERVICE = "/observer.Observer/"
 _PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 _HOUR_NS = 3_600_000_000_000
+_MAX_LOST_EVENTS = 100_000  # lost_events records sent with one answer (the table is small: one per loss)
 
 # FlowFilter fields over data the flow table does not keep: refused, never ignored.
 _UNKEPT_FILTER_FIELDS = {
@@ -340,7 +341,9 @@ class _Reader:
         self.engine = engine
         self.matchers: dict[str, NodeMatcher | None] = {}
         try:
-            self.reader = _batches(self.engine.connection.sql(sql, params=params))
+            # its own cursor: the connection stays free for the lost_events query
+            self._cursor = self.engine.connection.cursor()
+            self.reader = _batches(self._cursor.sql(sql, params=params))
         except Exception:
             self.engine.close()
             raise
@@ -368,6 +371,7 @@ class _Reader:
         return out
 
     def close(self) -> None:
+        self._cursor.close()
         self.engine.close()
 
 
@@ -491,9 +495,8 @@ class HistoryService:
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
         if req.number >= summary.num_flows and not req.follow:
-            req.number = (
-                0  # `hubble observe --all` asks for 2^64-1 flows: every stored one, streamed in order
-            )
+            # `hubble observe --all` asks for 2^64-1 flows: every stored one, streamed in order.
+            req.number = 0
         nodes = [name for name, _ in summary.nodes]
         if nodes:
             status = relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=nodes)
@@ -531,30 +534,107 @@ class HistoryService:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
 
     async def _history(self, req: _Request, stream: ServerStream) -> frozenset[str]:
-        """Send the stored part of the answer; returns the part files it was read from (all of them listed)."""
+        """Send the stored part of the answer; returns the part files it was read from (all of them listed).
+
+        Lost events of the `lost_events` table go among the flows in time order: those between `since` (else
+        the first flow sent, when `number` cut the start) and `until` (else the last flow sent, when `number`
+        cut the end).
+        """
         sql, params, newest_first = req.query()
         reader = await self._read(req, sql, params)
         limit = req.number if req.number and (newest_first or not req.follow) else 0
         try:
+            lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
                 kept: list[tuple[int, bytes]] = []
                 while len(kept) < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
                     kept.extend(batch[: limit - len(kept)])
                 kept.reverse()
-                await self._send(stream, [m for _, m in kept])
+                if kept and req.since is None:
+                    lost = [event for event in lost if event[0] >= kept[0][0]]
+                await self._send_merged(stream, kept, lost, final=True)
             else:
                 sent = 0
+                first = True
                 while (batch := await asyncio.to_thread(reader.next)) is not None:
                     if limit:
                         batch = batch[: limit - sent]
-                    await self._send(stream, [m for _, m in batch])
+                    if first and batch and limit and req.since is None:
+                        lost = [event for event in lost if event[0] >= batch[0][0]]
+                    first = first and not batch
+                    lost = await self._send_merged(stream, batch, lost, final=False)
                     sent += len(batch)
                     if limit and sent >= limit:
                         break
+                if not (limit and sent >= limit):
+                    await self._send_merged(stream, [], lost, final=True)
         finally:
             await asyncio.to_thread(reader.close)
         return frozenset(reader.engine.listed)
+
+    def _lost_events(self, engine: DuckDBEngine, req: _Request) -> list[tuple[int, bytes]]:
+        """The window's lost_events records as (time_ns, framed response), oldest first."""
+        sql = _Sql()
+        terms = ["time IS NOT NULL"]
+        if req.since is not None:
+            terms.append(f"time >= CAST(make_timestamp_ns({sql.bind(req.since)}) AS TIMESTAMPTZ_NS)")
+        if req.until is not None:
+            terms.append(f"time <= CAST(make_timestamp_ns({sql.bind(req.until)}) AS TIMESTAMPTZ_NS)")
+        rows = engine.run(
+            "SELECT epoch_ns(time) AS t, node_name, cluster_name, source, num_events_lost, cpu,"
+            f" epoch_ns(first) AS first_ns, epoch_ns(last) AS last_ns FROM lost_events WHERE {' AND '.join(terms)}"
+            f" ORDER BY time LIMIT {_MAX_LOST_EVENTS}",
+            sql.params,
+        ).to_pylist()
+        out = []
+        for row in rows:
+            lost = flow_pb2.LostEvent(
+                source=enum_number("LostEventSource", row["source"]),
+                num_events_lost=row["num_events_lost"] or 0,
+            )
+            if row["cpu"] is not None:
+                lost.cpu.value = row["cpu"]
+            if row["first_ns"] is not None:
+                lost.first.FromNanoseconds(row["first_ns"])
+            if row["last_ns"] is not None:
+                lost.last.FromNanoseconds(row["last_ns"])
+            node = served_node_name(row["node_name"], row["cluster_name"])
+            response = observer_pb2.GetFlowsResponse(lost_events=lost)
+            out.append((row["t"], self._envelope(response, node, row["t"])))
+        return out
+
+    async def _send_merged(
+        self,
+        stream: ServerStream,
+        flows: list[tuple[int, bytes]],
+        lost: list[tuple[int, bytes]],
+        *,
+        final: bool,
+    ) -> list[tuple[int, bytes]]:
+        """Send `flows` with the lost events due before each; returns the lost events not sent yet.
+
+        `final`: also send the lost events after the last flow (up to `until`: the caller chose them).
+        """
+        if not lost:
+            await self._send(stream, [m for _, m in flows])
+            return lost
+        out: list[bytes] = []
+        i = 0
+        count = 0
+        for time_ns, message in flows:
+            while i < len(lost) and lost[i][0] <= time_ns:
+                out.append(lost[i][1])
+                i += 1
+            out.append(message)
+            count += 1
+        if final:
+            out.extend(m for _, m in lost[i:])
+            i = len(lost)
+        if out:
+            self.flows_sent += count
+            await stream.send(b"".join(out))
+        return lost[i:]
 
     async def _send(self, stream: ServerStream, messages: list[bytes]) -> None:
         if messages:
