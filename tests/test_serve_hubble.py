@@ -21,6 +21,7 @@ from flowpipe.config import ParquetSinkConfig
 from flowpipe.model import EventBatch, LostEvent
 from flowpipe.query import DuckDBEngine
 from flowpipe.server.history import HistoryServer
+from flowpipe.server.tls import DEFAULT_SERVER_NAME, generate_test_pki
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.transforms.normalize import normalize_json_lines
 
@@ -324,3 +325,95 @@ def test_lost_events_come_in_time_order_among_the_flows(
         # the last 20 flows come after both losses: none is sent with them
         last = list(stub.GetFlows(observer_pb2.GetFlowsRequest(number=20), timeout=60))
         assert not any(r.HasField("lost_events") for r in last)
+
+
+def test_collect_from_serve_hubble_reproduces_the_dataset(
+    stored: tuple[Path, pa.Table, list[bytes]], server: HistoryServer, tmp_path: Path
+) -> None:
+    from _collect_support import background_collect, fast_collect_config, wait_until
+
+    table = stored[1]
+    copy = tmp_path / "copy"
+    with background_collect(fast_collect_config(server.address, copy)) as running:
+
+        def copied() -> int:
+            try:
+                with DuckDBEngine(copy) as engine:
+                    return int(engine.run("SELECT count(*) AS n FROM flows")["n"][0].as_py())
+            except Exception:  # noqa: BLE001  (not written yet)
+                return 0
+
+        wait_until(lambda: copied() >= table.num_rows, what="every stored flow collected again")
+        running.stop()
+    order = "ORDER BY time, node_name, source_ip, destination_ip, source_port, destination_port, uuid"
+    with DuckDBEngine(copy) as engine:
+        again = engine.run(f"SELECT * FROM flows {order}")
+    with DuckDBEngine(stored[0]) as engine:
+        original = engine.run(f"SELECT * FROM flows {order}")
+    assert again.num_rows == original.num_rows
+    for name in original.schema.names:
+        assert again.column(name).equals(original.column(name)), name
+
+
+def test_mutual_tls(stored: tuple[Path, pa.Table, list[bytes]], tmp_path: Path) -> None:
+    pki = generate_test_pki(tmp_path / "pki")
+    with HistoryServer(str(stored[0]), tls=pki.server_tls(mutual=True)) as server:
+        options = [("grpc.ssl_target_name_override", DEFAULT_SERVER_NAME)]
+
+        def last(cert: Path | None, key: Path | None) -> int:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=pki.ca_cert.read_bytes(),
+                private_key=key.read_bytes() if key else None,
+                certificate_chain=cert.read_bytes() if cert else None,
+            )
+            with grpc.secure_channel(server.address, credentials, options=options) as channel:
+                return len(_flows(observer_pb2_grpc.ObserverStub(channel), number=3))
+
+        assert last(pki.client_cert, pki.client_key) == 3
+        with pytest.raises(grpc.RpcError) as info:
+            last(pki.other_client_cert, pki.other_client_key)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_command_serves_flows_metrics_and_health(stored: tuple[Path, pa.Table, list[bytes]]) -> None:
+    import re
+    import signal
+    import sys
+    import urllib.request
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowpipe", "serve-hubble", "--dataset", str(stored[0]), "--listen",
+         "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        first, second = process.stdout.readline(), process.stdout.readline()
+        address = re.search(r"on (127\.0\.0\.1:\d+)", first)
+        metrics = re.search(r"(http://127\.0\.0\.1:\d+)/metrics", second)
+        assert address and metrics, (first, second)
+        with grpc.insecure_channel(address.group(1)) as channel:
+            assert len(_flows(observer_pb2_grpc.ObserverStub(channel), number=5)) == 5
+        with urllib.request.urlopen(metrics.group(1) + "/healthz", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(metrics.group(1) + "/metrics", timeout=10) as response:
+            assert "flowpipe_serve_hubble_flows_sent 5.0" in response.read().decode()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.external
+def test_hubble_status_against_simulate_relay(hubble: str) -> None:
+    from flowpipe.server import ObserverServer
+
+    with ObserverServer(nodes=["kind-worker"]) as relay:
+        result = subprocess.run(
+            [hubble, "status", "--server", relay.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "Healthcheck (via" in result.stdout

@@ -289,11 +289,12 @@ class _Request:
         self.since = _timestamp_ns(req.since) if req.HasField("since") else None
         self.until = _timestamp_ns(req.until) if req.HasField("until") else None
         self.whitelist = list(req.whitelist)
+        self.everything = False
 
     @property
     def history(self) -> bool:
         """Whether stored flows are sent before following (follow without number or since: only new ones)."""
-        return not (self.follow and self.number == 0 and self.since is None)
+        return self.everything or not (self.follow and self.number == 0 and self.since is None)
 
     def where(self, sql: _Sql, after_ns: int | None = None) -> str:
         terms = ["time IS NOT NULL"]
@@ -494,9 +495,9 @@ class HistoryService:
             summary = await asyncio.to_thread(self.summary)
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
-        if req.number >= summary.num_flows and not req.follow:
-            # `hubble observe --all` asks for 2^64-1 flows: every stored one, streamed in order.
-            req.number = 0
+        if req.number >= summary.num_flows:
+            # `hubble observe --all` (and a collector) asks for 2^64-1 flows: every stored one, in order.
+            req.number, req.everything = 0, True
         nodes = [name for name, _ in summary.nodes]
         if nodes:
             status = relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=nodes)
