@@ -365,3 +365,10 @@ from flowpipe.bench_s3 import bench_s3
 section(
     "s3", "requests per flush to an S3-compatible server (moto, counted at the server), no folder markers"
 )(bench_s3)
+
+from flowpipe.bench_serve import bench_serve_hubble
+
+section(
+    "serve-hubble",
+    "the Hubble API over 10x --flows stored flows: first flow, number=20, streaming, peak RSS",
+)(bench_serve_hubble)

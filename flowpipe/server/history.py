@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
 
+import duckdb
 import grpc
 import pyarrow as pa
 from google.protobuf import wrappers_pb2
@@ -48,7 +49,14 @@ from flowpipe._proto.relay import relay_pb2
 from flowpipe.compact import is_compacted_name, read_compacted_inputs, visible_part_files
 from flowpipe.dataset import FLOWS_TABLE, Dataset
 from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError
-from flowpipe.query.engine import DuckDBEngine
+from flowpipe.model import FLOW_SCHEMA
+from flowpipe.query.engine import (
+    FLOWS_VIEW,
+    MAX_ATTEMPTS,
+    DuckDBEngine,
+    _maybe_vanished,
+    translate_duckdb_errors,
+)
 from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
 from flowpipe.server.buffer import encode_varint, envelope_tail, frame_message
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
@@ -63,6 +71,9 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
+
+DUCKDB_MEMORY_LIMIT = "128MB"
+"""DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
 
 DEFAULT_FOLLOW_INTERVAL = 1.0
 """Seconds between two listings of the dataset while following."""
@@ -203,6 +214,17 @@ class _WindowEngine(DuckDBEngine):
         self._only = only
         self.listed: tuple[str, ...] = ()
         super().__init__(dataset)
+        # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
+        self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        self.connection.execute("SET preserve_insertion_order = false")
+
+    def define_flows(self, files: Sequence[str]) -> None:
+        """Redefine the view `flows` over just these part files (one hour's)."""
+        self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+
+    def relist(self) -> tuple[str, ...]:
+        """List the part files of `flows` again (the window's)."""
+        return self._list_files(FLOWS_TABLE)
 
     def _list_files(self, table: str) -> tuple[str, ...]:
         files = super()._list_files(table)
@@ -310,21 +332,18 @@ class _Request:
                 terms.append("(" + " OR ".join(f"({o})" for o in ors) + ")")
         return " AND ".join(terms)
 
-    def query(self) -> tuple[str, dict[str, object], bool]:
-        """The history query: SQL, parameters, and whether it is read newest first (to be reversed)."""
+    def query(self) -> tuple[str, dict[str, object], bool, int]:
+        """The history query: WHERE clause, parameters, newest first (to be reversed), and a LIMIT (0: none).
+
+        Without filters to check in Python, DuckDB applies the LIMIT of `number`.
+        """
         sql = _Sql()
         where = self.where(sql)
         exact = self.matcher.accepts_all
         if self.number and not self.first and self.since is None:
-            # The last N: read newest first; without filters LIMIT does it in DuckDB.
-            limit = f" LIMIT {int(self.number)}" if exact else ""
-            return (
-                f"SELECT * FROM flows WHERE {where} ORDER BY time DESC, node_name DESC{limit}",
-                sql.params,
-                True,
-            )
-        limit = f" LIMIT {int(self.number)}" if exact and self.number and not self.follow else ""
-        return f"SELECT * FROM flows WHERE {where} ORDER BY time, node_name{limit}", sql.params, False
+            return where, sql.params, True, self.number if exact else 0
+        limit = self.number if exact and self.number and not self.follow else 0
+        return where, sql.params, False, limit
 
 
 def _encode(flow: flow_pb2.Flow, node: str, time_ns: int, mask: MaskPlan | None) -> bytes:
@@ -334,26 +353,102 @@ def _encode(flow: flow_pb2.Flow, node: str, time_ns: int, mask: MaskPlan | None)
     return frame_message(b"\x0a" + encode_varint(len(data)) + data + envelope_tail(node, time_ns))
 
 
-class _Reader:
-    """Reads one query's batches, turning each into the framed responses of the flows that pass the filters."""
+_ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_port", "destination_port")
 
-    def __init__(self, engine: _WindowEngine, req: _Request, sql: str, params: dict[str, object]) -> None:
+
+class _Reader:
+    """Reads one query hour partition by hour partition, in time order, as framed responses of passing flows.
+
+    Sorting one hour at a time keeps DuckDB's memory to an hour's flows (and its `memory_limit` spills beyond)
+    and brings the first flow after reading only the first hour. A part file that vanishes under the read
+    (compaction or retention) makes the hour be listed again and read on from the same row: the order (time
+    and enough columns to break ties) is the same whichever files hold the rows.
+    """
+
+    def __init__(
+        self, engine: _WindowEngine, req: _Request, where: str, params: dict[str, object], newest_first: bool,
+        limit: int,
+    ) -> None:  # fmt: skip
         self.req = req
         self.engine = engine
+        self.where, self.params, self.newest_first, self.limit = where, params, newest_first, limit
         self.matchers: dict[str, NodeMatcher | None] = {}
-        try:
+        self._cursor: Any = None
+        self.reader: pa.RecordBatchReader | None = None
+        self._hours = sorted(self._by_hour(engine.flow_files), reverse=newest_first)
+        self._hour: str | None = None
+        self._read_in_hour = 0
+        self._attempts = 0
+        self._open_next()
+
+    @staticmethod
+    def _by_hour(files: Sequence[str]) -> dict[str, list[str]]:
+        hours: dict[str, list[str]] = {}
+        for path in files:
+            match = _PARTITION.search(path)
+            if match is not None:  # the partition of flows without a time never answers
+                hours.setdefault(match.group(0), []).append(path)
+        return hours
+
+    def _open_next(self) -> None:
+        self._close_cursor()
+        if not self._hours:
+            self._hour = None
+            return
+        self._hour, self._read_in_hour = self._hours.pop(0), 0
+        self._open(self._files_of(self._hour, self.engine.flow_files))
+
+    @staticmethod
+    def _files_of(hour: str, files: Sequence[str]) -> tuple[str, ...]:
+        return tuple(path for path in files if hour in path)
+
+    def _open(self, files: tuple[str, ...]) -> None:
+        self._close_cursor()
+        direction = " DESC" if self.newest_first else ""
+        order = ", ".join(f"{column}{direction}" for column in _ORDER)
+        sql = f"SELECT * FROM flows WHERE {self.where} ORDER BY {order}"
+        if self.limit:
+            sql += f" LIMIT {min(self.limit, 1 << 62)}"
+        if self._read_in_hour:
+            sql += f" OFFSET {self._read_in_hour}"
+        with translate_duckdb_errors(sql):
+            self.engine.define_flows(files)
             # its own cursor: the connection stays free for the lost_events query
             self._cursor = self.engine.connection.cursor()
-            self.reader = _batches(self._cursor.sql(sql, params=params))
-        except Exception:
-            self.engine.close()
-            raise
+            self.reader = _batches(self._cursor.sql(sql, params=self.params))
+
+    def _close_cursor(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
+            self._cursor = None
+        self.reader = None
+
+    def _read(self) -> pa.RecordBatch | None:
+        while self.reader is not None:
+            try:
+                batch = self.reader.read_next_batch()
+            except StopIteration:
+                self._open_next()
+                continue
+            except (duckdb.Error, pa.ArrowException) as exc:
+                self._attempts += 1
+                if self._attempts >= MAX_ATTEMPTS or not _maybe_vanished(exc) or self._hour is None:
+                    raise
+                log.info(
+                    "part files vanished while reading %s (compaction or retention); listing again",
+                    self._hour,
+                )
+                files = self._files_of(self._hour, self.engine.relist())
+                self._open(files)
+                continue
+            self._read_in_hour += batch.num_rows
+            return batch
+        return None
 
     def next(self) -> list[tuple[int, bytes]] | None:
         """The next batch as (time_ns, framed response) of passing flows; None at the end."""
-        try:
-            batch = self.reader.read_next_batch()
-        except StopIteration:
+        batch = self._read()
+        if batch is None:
             return None
         times = batch.column("time").cast(pa.int64()).to_pylist()
         clusters = batch.column("cluster_name").to_pylist()
@@ -372,7 +467,7 @@ class _Reader:
         return out
 
     def close(self) -> None:
-        self._cursor.close()
+        self._close_cursor()
         self.engine.close()
 
 
@@ -519,12 +614,19 @@ class HistoryService:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot list the dataset: {exc}") from exc
 
     async def _read(
-        self, req: _Request, sql: str, params: dict[str, object], only: frozenset[str] | None = None
+        self,
+        req: _Request,
+        where: str,
+        params: dict[str, object],
+        *,
+        newest_first: bool = False,
+        limit: int = 0,
+        only: frozenset[str] | None = None,
     ) -> _Reader:
         def open_reader() -> _Reader:
             engine = _WindowEngine(self.dataset, req.since, req.until, only)
             try:
-                return _Reader(engine, req, sql, params)
+                return _Reader(engine, req, where, params, newest_first, limit)
             except BaseException:
                 engine.close()
                 raise
@@ -541,8 +643,8 @@ class HistoryService:
         the first flow sent, when `number` cut the start) and `until` (else the last flow sent, when `number`
         cut the end).
         """
-        sql, params, newest_first = req.query()
-        reader = await self._read(req, sql, params)
+        where, params, newest_first, sql_limit = req.query()
+        reader = await self._read(req, where, params, newest_first=newest_first, limit=sql_limit)
         limit = req.number if req.number and (newest_first or not req.follow) else 0
         try:
             lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
@@ -668,8 +770,7 @@ class HistoryService:
                 fresh.append(path)
             if fresh:
                 sql = _Sql()
-                query = f"SELECT * FROM flows WHERE {req.where(sql)} ORDER BY time, node_name"
-                reader = await self._read(req, query, sql.params, frozenset(fresh))
+                reader = await self._read(req, req.where(sql), sql.params, only=frozenset(fresh))
                 try:
                     while (batch := await asyncio.to_thread(reader.next)) is not None:
                         await self._send(stream, [m for _, m in batch])
