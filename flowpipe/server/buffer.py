@@ -37,7 +37,8 @@ def _varint(value: int) -> bytes:
     return _SMALL_VARINTS[value] if 0 <= value < 16384 else encode_varint(value)
 
 
-def _timestamp_bytes(time_ns: int) -> bytes:
+def timestamp_bytes(time_ns: int) -> bytes:
+    """A google.protobuf.Timestamp's serialised fields for `time_ns`."""
     seconds, nanos = divmod(time_ns, 1_000_000_000)
     body = b""
     if seconds:
@@ -67,7 +68,7 @@ def _node_name_field(node_name: str) -> bytes:
 def envelope_tail(node_name: str, time_ns: int, timestamp: bytes | None = None) -> bytes:
     """The serialised `node_name` and `time` fields of a GetFlowsResponse (`timestamp`: serialised time)."""
     if timestamp is None:
-        timestamp = _timestamp_bytes(time_ns)
+        timestamp = timestamp_bytes(time_ns)
     return _node_name_field(node_name) + _TIME_KEY + _varint(len(timestamp)) + timestamp
 
 

@@ -65,7 +65,7 @@ from flowpipe.server.health import HealthService
 from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
-from flowpipe.transforms.to_flow import enum_number, served_node_name, table_to_flows
+from flowpipe.transforms.to_flow import GROUP_KEYS_SQL, FlowEncoder, enum_number, served_node_name
 
 log = logging.getLogger(__name__)
 
@@ -346,11 +346,9 @@ class _Request:
         return where, sql.params, False, limit
 
 
-def _encode(flow: flow_pb2.Flow, node: str, time_ns: int, mask: MaskPlan | None) -> bytes:
-    if mask is not None:
-        apply_field_mask(flow, mask)
-    data = flow.SerializeToString()
-    return frame_message(b"\x0a" + encode_varint(len(data)) + data + envelope_tail(node, time_ns))
+def _frame(flow: bytes, node: str, time_ns: int) -> bytes:
+    """A framed GetFlowsResponse around serialised flow bytes."""
+    return frame_message(b"\x0a" + encode_varint(len(flow)) + flow + envelope_tail(node, time_ns))
 
 
 _ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_port", "destination_port")
@@ -373,6 +371,7 @@ class _Reader:
         self.engine = engine
         self.where, self.params, self.newest_first, self.limit = where, params, newest_first, limit
         self.matchers: dict[str, NodeMatcher | None] = {}
+        self.encoder = FlowEncoder()
         self._cursor: Any = None
         self.reader: pa.RecordBatchReader | None = None
         self._hours = sorted(self._by_hour(engine.flow_files), reverse=newest_first)
@@ -406,7 +405,7 @@ class _Reader:
         self._close_cursor()
         direction = " DESC" if self.newest_first else ""
         order = ", ".join(f"{column}{direction}" for column in _ORDER)
-        sql = f"SELECT * FROM flows WHERE {self.where} ORDER BY {order}"
+        sql = f"SELECT *, {GROUP_KEYS_SQL} FROM flows WHERE {self.where} ORDER BY {order}"
         if self.limit:
             sql += f" LIMIT {min(self.limit, 1 << 62)}"
         if self._read_in_hour:
@@ -450,20 +449,25 @@ class _Reader:
         batch = self._read()
         if batch is None:
             return None
-        times = batch.column("time").cast(pa.int64()).to_pylist()
-        clusters = batch.column("cluster_name").to_pylist()
         out = []
         req = self.req
-        for flow, time_ns, cluster in zip(table_to_flows(batch), times, clusters, strict=True):
-            node = served_node_name(flow.node_name, cluster)
-            flow.node_name = node
+        plain = req.matcher.accepts_all and req.mask is None
+        for time_ns, node, data in self.encoder.encode(batch):
+            if plain:
+                out.append((time_ns, _frame(data, node, time_ns)))
+                continue
+            flow = flow_pb2.Flow.FromString(data)
             if not req.matcher.accepts_all:
                 if node not in self.matchers:
                     self.matchers[node] = req.matcher.for_node(node)
                 matcher = self.matchers[node]
                 if matcher is None or not matcher(MessageRecord(flow)):
                     continue
-            out.append((time_ns, _encode(flow, node, time_ns, req.mask)))
+            if req.mask is None:
+                out.append((time_ns, _frame(data, node, time_ns)))
+            else:
+                apply_field_mask(flow, req.mask)
+                out.append((time_ns, _frame(flow.SerializeToString(), node, time_ns)))
         return out
 
     def close(self) -> None:

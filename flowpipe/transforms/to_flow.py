@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from flowpipe._proto.flow import flow_pb2
+from flowpipe.server.buffer import encode_varint, timestamp_bytes
 from flowpipe.transforms._enums import enum_names
 from flowpipe.transforms._json_schema import TCP_FLAG_NAMES
 
@@ -232,3 +233,100 @@ def _layer7(l7: Any, row: dict[str, Any], l7_type: int) -> None:
         kafka.api_key = row.get("kafka_api_key") or ""
         kafka.topic = row.get("kafka_topic") or ""
         kafka.error_code = row.get("kafka_error_code") or 0
+
+
+# -- fast path: serialised flows from column groups ---------------------------------------------------------
+
+# Columns that go back to disjoint sets of Flow fields. A group's value is encoded once per distinct set of
+# values (most repeat from flow to flow: the same pods, verdicts, node), and a flow's bytes are the
+# concatenation of its groups' bytes: protobuf parses concatenated messages as their union.
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "static": (
+        "node_name", "cluster_name", "verdict", "drop_reason", "drop_reason_desc", "policy_match_type",
+        "auth_type", "flow_type", "event_type", "event_sub_type", "trace_observation_point",
+        "traffic_direction", "is_reply", "sock_xlate_point",
+    ),
+    "ip": ("source_ip", "destination_ip", "ip_version", "encrypted"),
+    "source": (
+        "source_namespace", "source_pod_name", "source_workload_name", "source_workload_kind",
+        "source_identity", "source_labels",
+    ),
+    "destination": (
+        "destination_namespace", "destination_pod_name", "destination_workload_name",
+        "destination_workload_kind", "destination_identity", "destination_labels",
+    ),
+    "l4": ("l4_protocol", "source_port", "destination_port", "tcp_flags", "icmp_type", "icmp_code"),
+    "rest": (
+        "socket_cookie", "cgroup_id", "source_service_name", "destination_service_name", "source_names",
+        "destination_names", "l7_type", "l7_protocol", "latency_ns", "dns_query", "dns_rcode", "dns_qtypes",
+        "dns_ips", "dns_ttl", "http_method", "http_url", "http_code", "http_protocol", "kafka_api_key",
+        "kafka_topic", "kafka_error_code", *_POLICY_FIELDS,
+    ),
+}  # fmt: skip
+
+# Each column is hashed on its own and the hashes are combined: DuckDB's many-argument `hash` over list
+# columns after a NULL gives two rows whose lists were swapped between columns the same value.
+GROUP_KEYS_SQL = ", ".join(
+    f"hash({', '.join(f'hash({column})' for column in columns)}) AS _flowpipe_{group}_key"
+    for group, columns in _GROUPS.items()
+)
+"""SELECT items giving each row a 64-bit hash per column group (DuckDB's `hash`), for `FlowEncoder`."""
+
+_UUID_TAG = bytes([(34 << 3 | 2) & 0x7F | 0x80, (34 << 3 | 2) >> 7])  # field 34 (uuid), length-delimited
+_TIME_TAG = bytes([1 << 3 | 2])  # field 1 (time), length-delimited
+_CACHE_LIMIT = 100_000
+
+
+class FlowEncoder:
+    """Serialised `flow.Flow` messages for rows of the flow table that carry `GROUP_KEYS_SQL`'s key columns.
+
+    Equal to `table_to_flows(...)` serialised, with node names as `served_node_name` gives them; a group's
+    bytes are built once per distinct key (64-bit hashes: two different value sets sharing one is about as
+    likely as a one in 10^8 event over a million distinct sets).
+    """
+
+    def __init__(self) -> None:
+        self._caches: dict[str, dict[int, tuple[bytes, str]]] = {group: {} for group in _GROUPS}
+        self._enums = {column: (_enum_numbers(enum), enum) for column, enum in _ENUM_COLUMNS.items()}
+        self._endpoints = _Endpoints()
+
+    def _group_bytes(self, group: str, batch: pa.RecordBatch, index: int) -> tuple[bytes, str]:
+        row: dict[str, Any] = {name: batch.column(name)[index].as_py() for name in _GROUPS[group]}
+        node = ""
+        if group == "static":
+            node = served_node_name(row.get("node_name"), row.get("cluster_name"))
+            row["node_name"] = node
+        enums = {column: value for column, value in self._enums.items() if column in row}
+        return _flow(row, enums, self._endpoints).SerializeToString(), node
+
+    def encode(self, batch: pa.RecordBatch) -> list[tuple[int, str, bytes]]:
+        """(time_ns, served node name, serialised Flow) for each row of `batch`, in order."""
+        times = batch.column("time").cast(pa.int64()).to_pylist()
+        uuids = batch.column("uuid").to_pylist()
+        keyed = []
+        for group in _GROUPS:
+            cache = self._caches[group]
+            if len(cache) > _CACHE_LIMIT:
+                cache.clear()
+            keyed.append((group, cache, batch.column(f"_flowpipe_{group}_key").to_pylist()))
+        out = []
+        for i in range(batch.num_rows):
+            parts = []
+            node = ""
+            for group, cache, keys in keyed:
+                found = cache.get(keys[i])
+                if found is None:
+                    found = cache[keys[i]] = self._group_bytes(group, batch, i)
+                parts.append(found[0])
+                if group == "static":
+                    node = found[1]
+            time_ns = times[i]
+            if time_ns is not None:
+                stamp = timestamp_bytes(time_ns)
+                parts.append(_TIME_TAG + encode_varint(len(stamp)) + stamp)
+            uuid = uuids[i]
+            if uuid:
+                data = uuid.encode()
+                parts.append(_UUID_TAG + encode_varint(len(data)) + data)
+            out.append((time_ns, node, b"".join(parts)))
+        return out
