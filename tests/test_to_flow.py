@@ -79,7 +79,7 @@ def test_the_fast_encoder_gives_the_same_flows() -> None:
     encoded = [item for batch in keyed.to_batches(max_chunksize=500) for item in encoder.encode(batch)]
     expected = list(table_to_flows(table))
     assert len(encoded) == len(expected) > 3000
-    for (time_ns, node, data), flow in zip(encoded, expected, strict=True):
+    for (time_ns, node, data, _), flow in zip(encoded, expected, strict=True):
         flow.node_name = served_node_name(flow.node_name, None)
         assert flow_pb2.Flow.FromString(data) == flow
         assert time_ns == flow.time.ToNanoseconds() and node == flow.node_name

@@ -58,7 +58,7 @@ from flowpipe.query.engine import (
     translate_duckdb_errors,
 )
 from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
-from flowpipe.server.buffer import encode_varint, envelope_tail, frame_message
+from flowpipe.server.buffer import envelope_tail, frame_message, varint
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, MessageRecord, NodeMatcher, parse_pod_filter
 from flowpipe.server.health import HealthService
@@ -346,9 +346,10 @@ class _Request:
         return where, sql.params, False, limit
 
 
-def _frame(flow: bytes, node: str, time_ns: int) -> bytes:
-    """A framed GetFlowsResponse around serialised flow bytes."""
-    return frame_message(b"\x0a" + encode_varint(len(flow)) + flow + envelope_tail(node, time_ns))
+def _frame(flow: bytes, node: str, time_ns: int, stamp: bytes) -> bytes:
+    """A framed GetFlowsResponse around serialised flow bytes (`stamp`: the serialised time)."""
+    message = b"\x0a" + varint(len(flow)) + flow + envelope_tail(node, time_ns, stamp)
+    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 _ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_port", "destination_port")
@@ -452,10 +453,10 @@ class _Reader:
         out = []
         req = self.req
         plain = req.matcher.accepts_all and req.mask is None
-        for time_ns, node, data in self.encoder.encode(batch):
-            if plain:
-                out.append((time_ns, _frame(data, node, time_ns)))
-                continue
+        encoded = self.encoder.encode(batch)
+        if plain:
+            return [(time_ns, _frame(data, node, time_ns, stamp)) for time_ns, node, data, stamp in encoded]
+        for time_ns, node, data, stamp in encoded:
             flow = flow_pb2.Flow.FromString(data)
             if not req.matcher.accepts_all:
                 if node not in self.matchers:
@@ -464,10 +465,10 @@ class _Reader:
                 if matcher is None or not matcher(MessageRecord(flow)):
                     continue
             if req.mask is None:
-                out.append((time_ns, _frame(data, node, time_ns)))
+                out.append((time_ns, _frame(data, node, time_ns, stamp)))
             else:
                 apply_field_mask(flow, req.mask)
-                out.append((time_ns, _frame(flow.SerializeToString(), node, time_ns)))
+                out.append((time_ns, _frame(flow.SerializeToString(), node, time_ns, stamp)))
         return out
 
     def close(self) -> None:

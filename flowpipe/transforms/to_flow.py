@@ -24,9 +24,10 @@ from functools import cache
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.server.buffer import encode_varint, timestamp_bytes
+from flowpipe.server.buffer import encode_varint
 from flowpipe.transforms._enums import enum_names
 from flowpipe.transforms._json_schema import TCP_FLAG_NAMES
 
@@ -289,6 +290,7 @@ class FlowEncoder:
         self._caches: dict[str, dict[int, tuple[bytes, str]]] = {group: {} for group in _GROUPS}
         self._enums = {column: (_enum_numbers(enum), enum) for column, enum in _ENUM_COLUMNS.items()}
         self._endpoints = _Endpoints()
+        self._seconds: dict[int, bytes] = {}
 
     def _group_bytes(self, group: str, batch: pa.RecordBatch, index: int) -> tuple[bytes, str]:
         row: dict[str, Any] = {name: batch.column(name)[index].as_py() for name in _GROUPS[group]}
@@ -299,34 +301,81 @@ class FlowEncoder:
         enums = {column: value for column, value in self._enums.items() if column in row}
         return _flow(row, enums, self._endpoints).SerializeToString(), node
 
-    def encode(self, batch: pa.RecordBatch) -> list[tuple[int, str, bytes]]:
-        """(time_ns, served node name, serialised Flow) for each row of `batch`, in order."""
-        times = batch.column("time").cast(pa.int64()).to_pylist()
+    def encode(self, batch: pa.RecordBatch) -> list[tuple[int, str, bytes, bytes]]:
+        """(time_ns, served node name, serialised Flow, serialised Timestamp) for each row of `batch`."""
+        nanos_column = batch.column("time").cast(pa.int64())
+        times = nanos_column.to_pylist()
+        seconds = pc.divide(nanos_column, 1_000_000_000).to_pylist()
+        fractions = pc.subtract(
+            nanos_column, pc.multiply(pc.divide(nanos_column, 1_000_000_000), 1_000_000_000)
+        )
+        nanos = fractions.to_pylist()
         uuids = batch.column("uuid").to_pylist()
-        keyed = []
+        keys = []
         for group in _GROUPS:
             cache = self._caches[group]
             if len(cache) > _CACHE_LIMIT:
                 cache.clear()
-            keyed.append((group, cache, batch.column(f"_flowpipe_{group}_key").to_pylist()))
+            keys.append(batch.column(f"_flowpipe_{group}_key").to_pylist())
+        c_static, c_ip, c_src, c_dst, c_l4, c_rest = (self._caches[group] for group in _GROUPS)
+        k_static, k_ip, k_src, k_dst, k_l4, k_rest = keys
+        second_fields = self._seconds
+        if len(second_fields) > _CACHE_LIMIT:
+            second_fields.clear()
+        miss = self._miss
         out = []
         for i in range(batch.num_rows):
-            parts = []
-            node = ""
-            for group, cache, keys in keyed:
-                found = cache.get(keys[i])
-                if found is None:
-                    found = cache[keys[i]] = self._group_bytes(group, batch, i)
-                parts.append(found[0])
-                if group == "static":
-                    node = found[1]
+            static = c_static.get(k_static[i]) or miss("static", c_static, k_static[i], batch, i)
+            parts = [
+                static[0],
+                (c_ip.get(k_ip[i]) or miss("ip", c_ip, k_ip[i], batch, i))[0],
+                (c_src.get(k_src[i]) or miss("source", c_src, k_src[i], batch, i))[0],
+                (c_dst.get(k_dst[i]) or miss("destination", c_dst, k_dst[i], batch, i))[0],
+                (c_l4.get(k_l4[i]) or miss("l4", c_l4, k_l4[i], batch, i))[0],
+                (c_rest.get(k_rest[i]) or miss("rest", c_rest, k_rest[i], batch, i))[0],
+            ]
             time_ns = times[i]
+            stamp = b""
             if time_ns is not None:
-                stamp = timestamp_bytes(time_ns)
-                parts.append(_TIME_TAG + encode_varint(len(stamp)) + stamp)
+                second = seconds[i]
+                head = second_fields.get(second)
+                if head is None:
+                    head = second_fields[second] = b"\x08" + encode_varint(second) if second else b""
+                fraction = nanos[i]
+                stamp = head + b"\x10" + _small_varint(fraction) if fraction else head
+                parts.append(_TIME_TAG + bytes((len(stamp),)) + stamp)
             uuid = uuids[i]
             if uuid:
                 data = uuid.encode()
                 parts.append(_UUID_TAG + encode_varint(len(data)) + data)
-            out.append((time_ns, node, b"".join(parts)))
+            out.append((time_ns, static[1], b"".join(parts), stamp))
         return out
+
+    def _miss(
+        self, group: str, cache: dict[int, tuple[bytes, str]], key: int, batch: pa.RecordBatch, index: int
+    ) -> tuple[bytes, str]:
+        found = cache[key] = self._group_bytes(group, batch, index)
+        return found
+
+
+def _small_varint(value: int) -> bytes:
+    """The varint of 0 <= value < 2^35 (a Timestamp's nanos), without a loop."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    if value < 0x10000000:
+        return bytes(
+            ((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, ((value >> 14) & 0x7F) | 0x80, value >> 21)
+        )
+    return bytes(
+        (
+            (value & 0x7F) | 0x80,
+            ((value >> 7) & 0x7F) | 0x80,
+            ((value >> 14) & 0x7F) | 0x80,
+            ((value >> 21) & 0x7F) | 0x80,
+            value >> 28,
+        )
+    )
