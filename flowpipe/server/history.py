@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +73,9 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
+
+SLICE_ROWS = 50_000
+"""About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
 
 DUCKDB_MEMORY_LIMIT = "128MB"
 """DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
@@ -216,6 +221,7 @@ class _WindowEngine(DuckDBEngine):
         super().__init__(dataset)
         # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
         self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
         self.connection.execute("SET preserve_insertion_order = false")
 
     def define_flows(self, files: Sequence[str]) -> None:
@@ -356,12 +362,13 @@ _ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_po
 
 
 class _Reader:
-    """Reads one query hour partition by hour partition, in time order, as framed responses of passing flows.
+    """Reads one query in time slices, in time order, as framed responses of the flows that pass the filters.
 
-    Sorting one hour at a time keeps DuckDB's memory to an hour's flows (and its `memory_limit` spills beyond)
-    and brings the first flow after reading only the first hour. A part file that vanishes under the read
-    (compaction or retention) makes the hour be listed again and read on from the same row: the order (time
-    and enough columns to break ties) is the same whichever files hold the rows.
+    Each hour partition is cut into slices of about `SLICE_ROWS` flows (by its row count, from the Parquet
+    footers), and each slice is sorted and read on its own: DuckDB's memory stays at a slice's flows whatever
+    the window, and the first flow comes after reading one slice. A part file that vanishes under the read
+    (compaction or retention) makes the hour be listed again and the slice read on from the same row: the
+    order (time, then enough columns to break ties) is the same whichever files hold the rows.
     """
 
     def __init__(
@@ -377,7 +384,10 @@ class _Reader:
         self.reader: pa.RecordBatchReader | None = None
         self._hours = sorted(self._by_hour(engine.flow_files), reverse=newest_first)
         self._hour: str | None = None
-        self._read_in_hour = 0
+        self._files: tuple[str, ...] = ()
+        self._slices: list[tuple[int, int]] = []
+        self._slice: tuple[int, int] | None = None
+        self._read_in_slice = 0
         self._attempts = 0
         self._open_next()
 
@@ -392,30 +402,58 @@ class _Reader:
 
     def _open_next(self) -> None:
         self._close_cursor()
-        if not self._hours:
-            self._hour = None
-            return
-        self._hour, self._read_in_hour = self._hours.pop(0), 0
-        self._open(self._files_of(self._hour, self.engine.flow_files))
+        while not self._slices:
+            if not self._hours:
+                self._hour = self._slice = None
+                return
+            self._hour = self._hours.pop(0)
+            self._files = self._files_of(self._hour, self.engine.flow_files)
+            self._slices = self._cut(self._hour, self._files)
+        self._slice, self._read_in_slice = self._slices.pop(0), 0
+        self._open()
+
+    def _cut(self, hour: str, files: tuple[str, ...]) -> list[tuple[int, int]]:
+        """The hour's time slices, in reading order."""
+        match = _PARTITION.search(hour)
+        assert match is not None
+        start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+        start_ns = int(start.timestamp()) * 1_000_000_000
+        with translate_duckdb_errors("-- count an hour"):
+            self.engine.define_flows(files)
+            rows = self.engine.connection.execute("SELECT count(*) FROM flows").fetchall()[0]
+        count = int(rows[0]) if rows else 0
+        parts = max(1, -(-count // SLICE_ROWS))
+        step = -(-_HOUR_NS // parts)
+        slices = [
+            (start_ns + i * step, min(start_ns + (i + 1) * step, start_ns + _HOUR_NS)) for i in range(parts)
+        ]
+        return slices[::-1] if self.newest_first else slices
 
     @staticmethod
     def _files_of(hour: str, files: Sequence[str]) -> tuple[str, ...]:
         return tuple(path for path in files if hour in path)
 
-    def _open(self, files: tuple[str, ...]) -> None:
+    def _open(self) -> None:
         self._close_cursor()
+        assert self._slice is not None
         direction = " DESC" if self.newest_first else ""
         order = ", ".join(f"{column}{direction}" for column in _ORDER)
-        sql = f"SELECT *, {GROUP_KEYS_SQL} FROM flows WHERE {self.where} ORDER BY {order}"
+        params = dict(self.params, slice_start=self._slice[0], slice_end=self._slice[1])
+        sql = (
+            f"SELECT *, {GROUP_KEYS_SQL} FROM flows WHERE {self.where}"
+            " AND time >= CAST(make_timestamp_ns($slice_start) AS TIMESTAMPTZ_NS)"
+            " AND time < CAST(make_timestamp_ns($slice_end) AS TIMESTAMPTZ_NS)"
+            f" ORDER BY {order}"
+        )
         if self.limit:
             sql += f" LIMIT {min(self.limit, 1 << 62)}"
-        if self._read_in_hour:
-            sql += f" OFFSET {self._read_in_hour}"
+        if self._read_in_slice:
+            sql += f" OFFSET {self._read_in_slice}"
         with translate_duckdb_errors(sql):
-            self.engine.define_flows(files)
+            self.engine.define_flows(self._files)
             # its own cursor: the connection stays free for the lost_events query
             self._cursor = self.engine.connection.cursor()
-            self.reader = _batches(self._cursor.sql(sql, params=self.params))
+            self.reader = _batches(self._cursor.sql(sql, params=params))
 
     def _close_cursor(self) -> None:
         if self._cursor is not None:
@@ -438,10 +476,10 @@ class _Reader:
                     "part files vanished while reading %s (compaction or retention); listing again",
                     self._hour,
                 )
-                files = self._files_of(self._hour, self.engine.relist())
-                self._open(files)
+                self._files = self._files_of(self._hour, self.engine.relist())
+                self._open()
                 continue
-            self._read_in_hour += batch.num_rows
+            self._read_in_slice += batch.num_rows
             return batch
         return None
 
@@ -880,6 +918,11 @@ class HistoryServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _spill_directory() -> str:
+    """Where DuckDB spills sorts larger than its memory limit (a folder of this process, made once)."""
+    return os.path.join(tempfile.gettempdir(), f"flowpipe-serve-hubble-{os.getpid()}")
 
 
 def _batches(relation: Any) -> pa.RecordBatchReader:
