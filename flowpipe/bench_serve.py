@@ -89,6 +89,8 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
         ) as channel:
             stub = observer_pb2_grpc.ObserverStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
+            # A running server: its dataset figures (node names for node_status) are computed at start.
+            stub.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=600)
 
             def since(delta: timedelta) -> observer_pb2.GetFlowsRequest:
                 request = observer_pb2.GetFlowsRequest()

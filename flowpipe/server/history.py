@@ -86,6 +86,7 @@ DEFAULT_FOLLOW_INTERVAL = 1.0
 _SERVICE = "/observer.Observer/"
 _PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 _HOUR_NS = 3_600_000_000_000
+_EVERYTHING = 1 << 32  # a `number` this large means every flow (`hubble observe --all` sends 2^64-1)
 _MAX_LOST_EVENTS = 100_000  # lost_events records sent with one answer (the table is small: one per loss)
 
 # FlowFilter fields over data the flow table does not keep: refused, never ignored.
@@ -270,7 +271,7 @@ class DatasetSummary:
 
 def summarize(dataset: Dataset) -> DatasetSummary:
     """Count flows per node, the time range and the namespaces of the dataset (one scan)."""
-    with DuckDBEngine(dataset) as engine:
+    with _WindowEngine(dataset, None, None) as engine:
         nodes = engine.run(
             "SELECT node_name, cluster_name, count(*) AS n, epoch_ns(min(time)) AS oldest,"
             " epoch_ns(max(time)) AS newest FROM flows GROUP BY ALL"
@@ -568,6 +569,18 @@ class HistoryService:
 
     # -- unary calls -----------------------------------------------------------------------------------------
 
+    def recent_summary(self) -> DatasetSummary:
+        """The last figures computed (possibly older than the newest part files); computed if there are none."""
+        known = self._summary
+        return known[1] if known is not None else self.summary()
+
+    def warm_up(self) -> None:
+        """Compute the dataset's figures ahead of the first call (errors are left for the calls to report)."""
+        try:
+            self.summary()
+        except Exception:
+            log.debug("could not summarize the dataset ahead of the first call", exc_info=True)
+
     def summary(self) -> DatasetSummary:
         """The dataset's figures, computed again only when the part files changed."""
         with self._summary_lock:
@@ -630,10 +643,10 @@ class HistoryService:
         req = _Request(data)
         self.requests += 1
         try:
-            summary = await asyncio.to_thread(self.summary)
+            summary = await asyncio.to_thread(self.recent_summary)
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
-        if req.number >= summary.num_flows:
+        if req.number >= _EVERYTHING:
             # `hubble observe --all` (and a collector) asks for 2^64-1 flows: every stored one, in order.
             req.number, req.everything = 0, True
         nodes = [name for name, _ in summary.nodes]
@@ -875,6 +888,9 @@ class HistoryServer:
         except BaseException:
             self.stop()
             raise
+        threading.Thread(
+            target=self.service.warm_up, name="flowpipe-serve-hubble-summary", daemon=True
+        ).start()
         return self
 
     async def _listen(self) -> None:
