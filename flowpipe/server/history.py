@@ -53,6 +53,7 @@ from flowpipe.dataset import FLOWS_TABLE, Dataset
 from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.engine import (
+    _VIEWS,
     FLOWS_VIEW,
     MAX_ATTEMPTS,
     DuckDBEngine,
@@ -73,6 +74,9 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
+
+FIRST_ROWS = 256
+"""Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
 
 SLICE_ROWS = 50_000
 """About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
@@ -219,15 +223,26 @@ class _WindowEngine(DuckDBEngine):
         self._window = (since_ns, until_ns)
         self._only = only
         self.listed: tuple[str, ...] = ()
+        self._defined: tuple[str, ...] | None = None
         super().__init__(dataset)
         # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
         self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
         self.connection.execute("SET preserve_insertion_order = false")
 
+    def _define_views(self) -> None:
+        # Only `flows` and `lost_events`: the shared question views are not read here.
+        for view, table, schema in _VIEWS:
+            files = self._list_files(table)
+            self.files[view] = files
+            with translate_duckdb_errors(f"-- define view {view}"):
+                self._define_view(view, schema, files)
+
     def define_flows(self, files: Sequence[str]) -> None:
-        """Redefine the view `flows` over just these part files (one hour's)."""
-        self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+        """Redefine the view `flows` over just these part files (one hour's); nothing to do if it is."""
+        if tuple(files) != self._defined:
+            self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+            self._defined = tuple(files)
 
     def relist(self) -> tuple[str, ...]:
         """List the part files of `flows` again (the window's)."""
@@ -390,6 +405,8 @@ class _Reader:
         self._slice: tuple[int, int] | None = None
         self._read_in_slice = 0
         self._attempts = 0
+        self._pending: pa.RecordBatch | None = None
+        self._first_rows = FIRST_ROWS
         self._open_next()
 
     @staticmethod
@@ -463,6 +480,19 @@ class _Reader:
         self.reader = None
 
     def _read(self) -> pa.RecordBatch | None:
+        """The next rows: the first few hundred alone (the first flow goes out sooner), then whole batches."""
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+        else:
+            batch = self._read_batch()
+        if batch is None:
+            return None
+        if self._first_rows and batch.num_rows > self._first_rows:
+            batch, self._pending = batch.slice(0, self._first_rows), batch.slice(self._first_rows)
+        self._first_rows = self._first_rows * 4 if self._first_rows < BATCH_ROWS else 0
+        return batch
+
+    def _read_batch(self) -> pa.RecordBatch | None:
         while self.reader is not None:
             try:
                 batch = self.reader.read_next_batch()
