@@ -53,7 +53,6 @@ from flowpipe.dataset import FLOWS_TABLE, Dataset
 from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.engine import (
-    _VIEWS,
     FLOWS_VIEW,
     MAX_ATTEMPTS,
     DuckDBEngine,
@@ -232,11 +231,7 @@ class _WindowEngine(DuckDBEngine):
 
     def _define_views(self) -> None:
         # Only `flows` and `lost_events`: the shared question views are not read here.
-        for view, table, schema in _VIEWS:
-            files = self._list_files(table)
-            self.files[view] = files
-            with translate_duckdb_errors(f"-- define view {view}"):
-                self._define_view(view, schema, files)
+        self._define_table_views()
 
     def define_flows(self, files: Sequence[str]) -> None:
         """Redefine the view `flows` over just these part files (one hour's); nothing to do if it is."""
