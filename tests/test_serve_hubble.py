@@ -417,3 +417,60 @@ def test_hubble_status_against_simulate_relay(hubble: str) -> None:
         )
     assert result.returncode == 0, result.stderr
     assert "Healthcheck (via" in result.stdout
+
+
+# -- a second gRPC implementation: Node's @grpc/grpc-js ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """@grpc/grpc-js and @grpc/proto-loader installed from npm into a temporary folder (skips without node)."""
+    import shutil
+
+    from conftest import REQUIRE_EXTERNAL
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    folder = tmp_path_factory.mktemp("node-grpc")
+    done = subprocess.run(
+        ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder),
+         "@grpc/grpc-js", "@grpc/proto-loader"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        message = f"npm could not install @grpc/grpc-js: {done.stderr.strip()[-500:]}"
+        if REQUIRE_EXTERNAL:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return folder / "node_modules"
+
+
+@pytest.mark.external
+def test_a_node_grpc_js_client_gets_the_same_answers(
+    node_modules: Path, server: HistoryServer, stored: tuple[Path, pa.Table, list[bytes]]
+) -> None:
+    import os
+
+    table = stored[1]
+    times = sorted(_times(table))
+    since, until = times[10], times[200]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["node", str(root / "tests" / "node" / "observer_client.js"), server.address, str(root / "proto"),
+         str(since), str(until), "kube-system"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "NODE_PATH": str(node_modules)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert int(answer["num_flows"]) == table.num_rows
+    assert answer["nodes"] == sorted(set(table.column("node_name").to_pylist()))
+    assert [int(t) for t in answer["last"]] == times[-10:]
+    assert [int(t) for t in answer["first"]] == times[:3]
+    assert [int(t) for t in answer["window"]] == [t for t in times if since <= t <= until]
+    either = pc.or_(
+        pc.fill_null(pc.equal(table["source_namespace"], "kube-system"), False),
+        pc.fill_null(pc.equal(table["destination_namespace"], "kube-system"), False),
+    )
+    assert [int(t) for t in answer["filtered"]] == _expect(table, either)
+    assert answer["unimplemented"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
