@@ -75,6 +75,11 @@ def _times(table: pa.Table) -> list[int]:
     return table.column("time").cast(pa.int64()).to_pylist()
 
 
+def _table_and_times(stored: tuple[Path, pa.Table, list[bytes]]) -> tuple[pa.Table, list[int]]:
+    """The stored rows and their times in order."""
+    return stored[1], sorted(_times(stored[1]))
+
+
 def _flow_times(flows: list[flow_pb2.Flow]) -> list[int]:
     return [f.time.ToNanoseconds() for f in flows]
 
@@ -258,8 +263,7 @@ def test_hubble_observe_gives_back_the_lines_it_was_given(
 def test_hubble_observe_windows_and_filters(
     hubble: str, server: HistoryServer, stored: tuple[Path, pa.Table, list[bytes]]
 ) -> None:
-    table = stored[1]
-    times = sorted(_times(table))
+    table, times = _table_and_times(stored)
 
     def observe(*args: str) -> list[int]:
         lines = _hubble(hubble, server, "observe", "-o", "jsonpb", *args).splitlines()
@@ -451,8 +455,7 @@ def test_a_node_grpc_js_client_gets_the_same_answers(
 ) -> None:
     import os
 
-    table = stored[1]
-    times = sorted(_times(table))
+    table, times = _table_and_times(stored)
     since, until = times[10], times[200]
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(

@@ -77,10 +77,10 @@ BATCH_ROWS = 4096
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
 
-SLICE_ROWS = 50_000
+SLICE_ROWS = 20_000
 """About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
 
-DUCKDB_MEMORY_LIMIT = "128MB"
+DUCKDB_MEMORY_LIMIT = "64MB"
 """DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
 
 DEFAULT_FOLLOW_INTERVAL = 1.0
