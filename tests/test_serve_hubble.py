@@ -477,3 +477,36 @@ def test_a_node_grpc_js_client_gets_the_same_answers(
     )
     assert [int(t) for t in answer["filtered"]] == _expect(table, either)
     assert answer["unimplemented"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+def test_a_compaction_under_a_running_answer_sends_each_flow_once(
+    stored: tuple[Path, pa.Table, list[bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flowpipe.server.history")
+    from flowpipe.compact import compact_dataset
+    from flowpipe.dataset import Dataset
+    from flowpipe.server import history
+
+    table = stored[1]
+    sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id="t", max_batch_rows=100))
+    for offset in range(0, table.num_rows, 100):
+        sink.write(EventBatch(flows=table.slice(offset, 100)))
+        sink.flush()
+    sink.close()
+    before = len(Dataset(tmp_path).list_part_files("flows"))
+    request = history._Request(observer_pb2.GetFlowsRequest().SerializeToString())
+    where, params, newest_first, limit = request.query()
+    engine = history._WindowEngine(Dataset(tmp_path), None, None)
+    reader = history._Reader(engine, request, where, params, newest_first, limit)
+    try:
+        got = list(reader.next() or [])
+        report = compact_dataset(Dataset(tmp_path), grace_seconds=0)
+        assert report.files_written and len(Dataset(tmp_path).list_part_files("flows")) < before
+        while (batch := reader.next()) is not None:
+            got.extend(batch)
+    finally:
+        reader.close()
+    assert [t for t, _ in got] == sorted(_times(table))
+    assert "vanished" in caplog.text  # the compacted inputs were gone when the reader came to them

@@ -50,7 +50,7 @@ from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.compact import is_compacted_name, read_compacted_inputs, visible_part_files
 from flowpipe.dataset import FLOWS_TABLE, Dataset
-from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError
+from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError, QueryError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.engine import (
     FLOWS_VIEW,
@@ -402,7 +402,9 @@ class _Reader:
         self._attempts = 0
         self._pending: pa.RecordBatch | None = None
         self._first_rows = FIRST_ROWS
-        self._open_next()
+        self._done = False
+        self._cutting = False
+        self._reopen = False
 
     @staticmethod
     def _by_hour(files: Sequence[str]) -> dict[str, list[str]]:
@@ -414,14 +416,19 @@ class _Reader:
         return hours
 
     def _open_next(self) -> None:
+        """Open the next slice (cutting the next hour into slices first); `_done` once there is none."""
         self._close_cursor()
         while not self._slices:
-            if not self._hours:
-                self._hour = self._slice = None
-                return
-            self._hour = self._hours.pop(0)
-            self._files = self._files_of(self._hour, self.engine.flow_files)
+            if not self._cutting:
+                if not self._hours:
+                    self._done = True
+                    return
+                self._hour = self._hours.pop(0)
+                self._files = self._files_of(self._hour, self.engine.flow_files)
+                self._cutting = True
+            assert self._hour is not None
             self._slices = self._cut(self._hour, self._files)
+            self._cutting = False
         self._slice, self._read_in_slice = self._slices.pop(0), 0
         self._open()
 
@@ -488,13 +495,21 @@ class _Reader:
         return batch
 
     def _read_batch(self) -> pa.RecordBatch | None:
-        while self.reader is not None:
+        while not self._done:
             try:
-                batch = self.reader.read_next_batch()
-            except StopIteration:
-                self._open_next()
-                continue
-            except (duckdb.Error, pa.ArrowException) as exc:
+                if self._reopen:
+                    self._reopen = False
+                    self._open()  # the same slice again, from the row it had reached
+                    continue
+                if self.reader is None:
+                    self._open_next()
+                    continue
+                try:
+                    batch = self.reader.read_next_batch()
+                except StopIteration:
+                    self._open_next()
+                    continue
+            except (duckdb.Error, pa.ArrowException, QueryError) as exc:
                 self._attempts += 1
                 if self._attempts >= MAX_ATTEMPTS or not _maybe_vanished(exc) or self._hour is None:
                     raise
@@ -502,8 +517,9 @@ class _Reader:
                     "part files vanished while reading %s (compaction or retention); listing again",
                     self._hour,
                 )
+                self._close_cursor()
                 self._files = self._files_of(self._hour, self.engine.relist())
-                self._open()
+                self._reopen = not self._cutting and self._slice is not None
                 continue
             self._read_in_slice += batch.num_rows
             return batch
