@@ -510,3 +510,31 @@ def test_a_compaction_under_a_running_answer_sends_each_flow_once(
         reader.close()
     assert [t for t, _ in got] == sorted(_times(table))
     assert "vanished" in caplog.text  # the compacted inputs were gone when the reader came to them
+
+
+def test_several_clusters_are_served_as_cluster_slash_node(
+    stored: tuple[Path, pa.Table, list[bytes]], tmp_path: Path
+) -> None:
+    table = stored[1].slice(0, 300)
+    east = table.slice(0, 150)
+    east = east.set_column(east.schema.get_field_index("node_name"), "node_name", pa.array(["east/n1"] * 150))
+    east = east.set_column(
+        east.schema.get_field_index("cluster_name"), "cluster_name", pa.array(["east"] * 150)
+    )
+    west = table.slice(150)
+    west = west.set_column(west.schema.get_field_index("node_name"), "node_name", pa.array(["n1"] * 150))
+    west = west.set_column(
+        west.schema.get_field_index("cluster_name"), "cluster_name", pa.array(["west"] * 150)
+    )
+    sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id="t"))
+    sink.write(EventBatch(flows=pa.concat_tables([east, west])))
+    sink.close()
+    with HistoryServer(str(tmp_path)) as server, grpc.insecure_channel(server.address) as channel:
+        stub = observer_pb2_grpc.ObserverStub(channel)
+        nodes = {n.name: n.num_flows for n in stub.GetNodes(observer_pb2.GetNodesRequest()).nodes}
+        assert nodes == {"east/n1": 150, "west/n1": 150}
+        west_flows = _flows(stub, whitelist=[flow_pb2.FlowFilter(node_name=["west/*"])])
+        assert {f.node_name for f in west_flows} == {"west/n1"}
+        assert sorted(_flow_times(west_flows)) == sorted(_times(west))
+        namespaces = stub.GetNamespaces(observer_pb2.GetNamespacesRequest()).namespaces
+        assert {n.cluster for n in namespaces} == {"east", "west"}
