@@ -275,7 +275,7 @@ GROUP_KEYS_SQL = ", ".join(
 
 _UUID_TAG = bytes([(34 << 3 | 2) & 0x7F | 0x80, (34 << 3 | 2) >> 7])  # field 34 (uuid), length-delimited
 _TIME_TAG = bytes([1 << 3 | 2])  # field 1 (time), length-delimited
-_CACHE_LIMIT = 100_000
+_CACHE_LIMIT = 20_000
 
 
 class FlowEncoder:
