@@ -27,10 +27,13 @@ translated source IPs, service namespaces, endpoint cluster names, CEL) are refu
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import ipaddress
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -977,9 +980,12 @@ class HistoryServer:
         self.stop()
 
 
+@functools.cache
 def _spill_directory() -> str:
-    """Where DuckDB spills sorts larger than its memory limit (a folder of this process, made once)."""
-    return os.path.join(tempfile.gettempdir(), f"flowpipe-serve-hubble-{os.getpid()}")
+    """Where DuckDB spills sorts larger than its memory limit: a folder of this process, removed at its exit."""
+    folder = os.path.join(tempfile.gettempdir(), f"flowpipe-serve-hubble-{os.getpid()}")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _batches(relation: Any) -> pa.RecordBatchReader:
