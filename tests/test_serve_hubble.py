@@ -538,3 +538,39 @@ def test_several_clusters_are_served_as_cluster_slash_node(
         assert sorted(_flow_times(west_flows)) == sorted(_times(west))
         namespaces = stub.GetNamespaces(observer_pb2.GetNamespacesRequest()).namespaces
         assert {n.cluster for n in namespaces} == {"east", "west"}
+
+
+@pytest.mark.external
+def test_hubble_observe_follow_gets_flows_collected_later(
+    hubble: str, stored: tuple[Path, pa.Table, list[bytes]], tmp_path: Path
+) -> None:
+    import queue
+    import shutil
+    import threading
+
+    root, table, _ = stored
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    year_ns = pa.scalar(365 * 86_400 * 10**9, pa.duration("ns"))
+    later = table.slice(0, 5).set_column(0, "time", pc.add(table["time"].slice(0, 5), year_ns))
+    with HistoryServer(str(copy), follow_interval=0.05) as server:
+        process = subprocess.Popen(
+            [hubble, "observe", "--server", server.address, "--follow", "--last", "1", "-o", "jsonpb"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lines: queue.Queue[str] = queue.Queue()
+        assert process.stdout is not None
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+        try:
+            got = [lines.get(timeout=60)]
+            sink = ParquetSink(ParquetSinkConfig(path=str(copy), writer_id="later"))
+            sink.write(EventBatch(flows=later))
+            sink.close()
+            got += [lines.get(timeout=60) for _ in range(5)]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    times = [
+        json_format.Parse(line, observer_pb2.GetFlowsResponse()).flow.time.ToNanoseconds() for line in got
+    ]
+    assert times == sorted(_times(table))[-1:] + sorted(_times(later))
