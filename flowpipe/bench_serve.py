@@ -13,6 +13,7 @@ is its own, read from /proc at the end); a grpcio client over loopback measures:
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -60,6 +61,17 @@ def _peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
@@ -138,12 +150,17 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
                 request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
                 response_deserializer=None,
             )
+            cpu_before = _cpu_seconds(process.pid)
             began = time.perf_counter()
             streamed = sum(1 for _ in raw(since(timedelta(hours=hours)), timeout=3600)) - 1  # node_status
             seconds = time.perf_counter() - began
+            cpu_after = _cpu_seconds(process.pid)
+            cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+            load = os.getloadavg()[0]
             figures.append(
                 Figure("serve-hubble", f"streaming a {hours} h window", streamed / seconds if seconds else None,
-                       "flows/s", STREAM_TARGET_FLOWS_PER_SECOND, True, f"{streamed:,} flows in {seconds:.1f} s")
+                       "flows/s", STREAM_TARGET_FLOWS_PER_SECOND, True, f"{streamed:,} flows in {seconds:.1f} s; server {cpu or 0:.1f} CPU-s "
+                       f"({streamed / cpu if cpu else 0:,.0f} flows per CPU-s); load average {load:.1f}")
             )  # fmt: skip
     finally:
         rss = _peak_rss_mb(process.pid)
