@@ -497,6 +497,26 @@ class _Reader:
         self._first_rows = self._first_rows * 4 if self._first_rows < BATCH_ROWS else 0
         return batch
 
+    def _split_slice(self, exc: BaseException) -> bool:
+        """A slice too large for DuckDB's memory (a burst of flows) is read as two halves; False if it cannot be."""
+        while exc is not None and not isinstance(exc, duckdb.OutOfMemoryException):
+            exc = exc.__cause__  # type: ignore[assignment]
+        if exc is None or self._slice is None or self._read_in_slice or self._cutting:
+            return False
+        start, end = self._slice
+        if end - start < 2:
+            return False
+        middle = start + (end - start) // 2
+        first, second = (
+            ((middle, end), (start, middle)) if self.newest_first else ((start, middle), (middle, end))
+        )
+        log.info("a slice of %s is too large for DuckDB's memory limit; reading it in two halves", self._hour)
+        self._close_cursor()
+        self._slices.insert(0, second)
+        self._slice = first
+        self._reopen = True
+        return True
+
     def _read_batch(self) -> pa.RecordBatch | None:
         while not self._done:
             try:
@@ -513,6 +533,8 @@ class _Reader:
                     self._open_next()
                     continue
             except (duckdb.Error, pa.ArrowException, QueryError) as exc:
+                if self._split_slice(exc):
+                    continue
                 self._attempts += 1
                 if self._attempts >= MAX_ATTEMPTS or not _maybe_vanished(exc) or self._hour is None:
                     raise
