@@ -143,7 +143,7 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
                        f"{got} flows")
             )  # fmt: skip
 
-            hours = max(1, min(grower.copies, STREAM_WINDOW_FLOWS // max(base.num_rows, 1)))
+            hours = max(1, min(grower.copies - 1, round(STREAM_WINDOW_FLOWS / max(base.num_rows, 1))))
             # A client that keeps up: it takes each response's bytes as they come (no decoding in Python).
             raw = channel.unary_stream(
                 "/observer.Observer/GetFlows",
@@ -151,8 +151,12 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
                 response_deserializer=None,
             )
             cpu_before = _cpu_seconds(process.pid)
+            # Whole hours before the last one (the last copy may be partial): about STREAM_WINDOW_FLOWS flows.
+            window = observer_pb2.GetFlowsRequest()
+            window.since.FromDatetime(end - timedelta(hours=hours + 1))
+            window.until.FromDatetime(end - timedelta(hours=1))
             began = time.perf_counter()
-            streamed = sum(1 for _ in raw(since(timedelta(hours=hours)), timeout=3600)) - 1  # node_status
+            streamed = sum(1 for _ in raw(window, timeout=3600)) - 1  # node_status
             seconds = time.perf_counter() - began
             cpu_after = _cpu_seconds(process.pid)
             cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
