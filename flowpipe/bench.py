@@ -372,3 +372,10 @@ from flowpipe.bench_startup import bench_startup
 section("startup", "warm start of `flowpipe --help` and `flowpipe query --list` (no data library imported)")(
     bench_startup
 )
+
+from flowpipe.bench_serve import bench_serve_hubble
+
+section(
+    "serve-hubble",
+    "the Hubble API over 10x --flows stored flows: first flow, number=20, streaming, peak RSS",
+)(bench_serve_hubble)

@@ -178,7 +178,7 @@ first_labels AS (
             AND f.destination_identity = i.identity AND f.destination_namespace = i.namespace
             AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
     ) AS seen
-    WHERE len(labels) > 0
+    WHERE cardinality(labels) > 0
     GROUP BY cluster_name, namespace, identity
 ),
 unlabelled AS (
@@ -207,7 +207,7 @@ identity_labels AS (
             ON f.destination_identity = i.identity AND f.destination_namespace = i.namespace
             AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
     ) AS seen
-    WHERE len(labels) > 0
+    WHERE cardinality(labels) > 0
     GROUP BY cluster_name, namespace, identity
 ),
 labelled AS (

@@ -49,4 +49,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "collect": CommandSpec("collect", "collect_command", "Follow hubble-relay's flows into the dataset."),
     "demo": CommandSpec("demo", "demo", "Try flowpipe with no cluster (simulated relay)."),
     "suggest": CommandSpec("suggest", "suggest", "Draft policies that allow exactly the observed traffic."),
+    "serve-hubble": CommandSpec(
+        "serve_hubble", "serve_hubble", "Serve the stored flows over the Hubble API."
+    ),
 }

@@ -32,7 +32,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _tls_config(
+def tls_config(
     cert: str | None, key: str | None, client_ca: str | None, generate: str | None, server_name: str
 ) -> tuple[ServerTLSConfig | None, dict[str, Path]]:
     if generate and (cert or key or client_ca):
@@ -50,7 +50,7 @@ def _tls_config(
     return ServerTLSConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None), {}
 
 
-def _client_hints(
+def client_hints(
     address: str, tls: ServerTLSConfig | None, files: dict[str, Path], server_name: str
 ) -> list[str]:
     if tls is None:
@@ -163,7 +163,7 @@ def simulate_relay(
         cluster_name=cluster_name,
     )
     simulator = Simulator(config)
-    tls, files = _tls_config(tls_cert, tls_key, tls_client_ca, tls_generate, tls_server_name)
+    tls, files = tls_config(tls_cert, tls_key, tls_client_ca, tls_generate, tls_server_name)
     server = ObserverServer(
         host=host, port=port, buffer_size=buffer_size, tls=tls, nodes=simulator.node_names
     )
@@ -185,7 +185,7 @@ def simulate_relay(
         if files:
             click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
         click.echo("Connect with:")
-        for hint in _client_hints(server.address, tls, files, tls_server_name):
+        for hint in client_hints(server.address, tls, files, tls_server_name):
             click.echo(f"  {hint}")
         click.echo("Press Ctrl-C to stop.", err=True)
         finished_reported = False

@@ -206,15 +206,19 @@ class DuckDBEngine:
         return self.dataset is not None and self.dataset.is_local
 
     def _define_views(self) -> None:
+        self._define_table_views()
+        # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
+        install_views(self._con)
+        if self._setup is not None:
+            self._setup(self._con)
+
+    def _define_table_views(self) -> None:
+        """The views `flows` and `lost_events` over freshly listed part files."""
         for view, table, schema in _VIEWS:
             files = self._list_files(table)
             self.files[view] = files
             with translate_duckdb_errors(f"-- define view {view}"):
                 self._define_view(view, schema, files)
-        # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
-        install_views(self._con)
-        if self._setup is not None:
-            self._setup(self._con)
 
     def _retrying(self, call: Callable[[], T], *, relist: bool = True) -> T:
         """`call()`, again over a fresh file list while it fails because listed part files are gone."""

@@ -33,11 +33,13 @@ def encode_varint(value: int) -> bytes:
 _SMALL_VARINTS = [encode_varint(n) for n in range(1 << 14)]
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`encode_varint`, from a table for values below 16384 (lengths)."""
     return _SMALL_VARINTS[value] if 0 <= value < 16384 else encode_varint(value)
 
 
-def _timestamp_bytes(time_ns: int) -> bytes:
+def timestamp_bytes(time_ns: int) -> bytes:
+    """A google.protobuf.Timestamp's serialised fields for `time_ns`."""
     seconds, nanos = divmod(time_ns, 1_000_000_000)
     body = b""
     if seconds:
@@ -58,7 +60,7 @@ def _node_name_field(node_name: str) -> bytes:
     field = _node_name_fields.get(node_name)
     if field is None:
         name = node_name.encode()
-        field = _NODE_NAME_KEY + _varint(len(name)) + name if name else b""
+        field = _NODE_NAME_KEY + varint(len(name)) + name if name else b""
         if len(_node_name_fields) < 100_000:
             _node_name_fields[node_name] = field
     return field
@@ -67,8 +69,8 @@ def _node_name_field(node_name: str) -> bytes:
 def envelope_tail(node_name: str, time_ns: int, timestamp: bytes | None = None) -> bytes:
     """The serialised `node_name` and `time` fields of a GetFlowsResponse (`timestamp`: serialised time)."""
     if timestamp is None:
-        timestamp = _timestamp_bytes(time_ns)
-    return _node_name_field(node_name) + _TIME_KEY + _varint(len(timestamp)) + timestamp
+        timestamp = timestamp_bytes(time_ns)
+    return _node_name_field(node_name) + _TIME_KEY + varint(len(timestamp)) + timestamp
 
 
 def frame_message(message: bytes) -> bytes:
@@ -146,7 +148,7 @@ def build_entry(
     else:
         time_ns = time.time_ns() if now_ns is None else now_ns
         tail = envelope_tail(flow.node_name, time_ns)
-    header = _FLOW_KEY + _varint(len(data))
+    header = _FLOW_KEY + varint(len(data))
     body_len = len(header) + len(data)
     message = b"".join((b"\x00", (body_len + len(tail)).to_bytes(4, "big"), header, data, tail))
     flow_start = 5 + len(header)

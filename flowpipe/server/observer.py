@@ -11,7 +11,8 @@
 GetFlows follows the semantics of Hubble v1.19's servers and relay: `number` per node, `first`, `follow`, `since`
 (wins over `number` for the start), `until`, whitelist/blacklist, `field_mask`, `node_status` first,
 `lost_events` when a follower falls so far behind that its node's ring buffer overwrote flows it had not read.
-gRPC server reflection is served as well (`flowpipe.server.reflection`).
+gRPC server reflection is served as well (`flowpipe.server.reflection`), and the standard health check
+(`flowpipe.server.health`), which `hubble status` calls first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStrea
 from flowpipe.server.buffer import DEFAULT_BUFFER_SIZE, BufferedFlow, FlowStore, encode_varint, frame_message
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, NodeMatcher
+from flowpipe.server.health import HealthService
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
 
@@ -375,7 +377,11 @@ class ObserverServer:
 
     async def _listen(self) -> None:
         # gRPC reflection too, as hubble-relay has it: grpcurl then needs no .proto files.
-        methods = {**self.service.methods(), **ReflectionService(["observer.Observer"]).methods()}
+        methods = {
+            **self.service.methods(),
+            **ReflectionService(["observer.Observer"]).methods(),
+            **HealthService(["observer.Observer"]).methods(),
+        }
         server = GrpcServer(methods, ssl_context=self._ssl_context, initial_metadata=self._metadata)
         try:
             self.port = await server.start(self.host, self.port)

@@ -1,0 +1,1018 @@
+"""The Observer API over a stored dataset: `flowpipe serve-hubble`, so Hubble clients read days of history.
+
+`HistoryServer` answers `observer.Observer` like hubble-relay, from the Parquet dataset instead of ring buffers::
+
+    with HistoryServer("flowpipe-data", port=0) as server:     # 127.0.0.1, a free port
+        channel = grpc.insecure_channel(server.address)
+        ...
+
+GetFlows, per request:
+
+- the part files are listed afresh (without the inputs a compaction already merged, so a flow is served once
+  while `compact` or `retention` run) and only the `date=/hour=` partitions that overlap `since`/`until` are read;
+- the time window and the filters DuckDB can evaluate (namespace, pod, verdict, IP, port, protocol, labels,
+  node) go into the SQL as bound parameters, a superset of the answer; every flow read is then checked by the
+  same FlowFilter matcher the built-in server uses, so the answer is exactly Hubble's;
+- the result is read in batches of `BATCH_ROWS` rows, and the next batch is read only once the client has
+  taken the previous one (HTTP/2 flow control): memory stays bounded whatever the window, and a client that
+  stops reading stops the read;
+- `number` gives the last N flows in time order (the first N with `first`, or from `since`) across all nodes;
+  no `number` gives the whole window; `follow` goes on with flows from part files published later;
+- `lost_events` records of the window are sent in time order among the flows.
+
+FlowFilter fields over what the table does not keep (HTTP headers, trace ids, interfaces, node labels,
+translated source IPs, service namespaces, endpoint cluster names, CEL) are refused with UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import duckdb
+import grpc
+import pyarrow as pa
+from google.protobuf import wrappers_pb2
+
+from flowpipe._proto.flow import flow_pb2
+from flowpipe._proto.observer import observer_pb2
+from flowpipe._proto.relay import relay_pb2
+from flowpipe.compact import is_compacted_name, read_compacted_inputs, visible_part_files
+from flowpipe.dataset import FLOWS_TABLE, Dataset
+from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError, QueryError
+from flowpipe.model import FLOW_SCHEMA
+from flowpipe.query.engine import (
+    FLOWS_VIEW,
+    MAX_ATTEMPTS,
+    DuckDBEngine,
+    _maybe_vanished,
+    translate_duckdb_errors,
+)
+from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
+from flowpipe.server.buffer import envelope_tail, frame_message, varint
+from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
+from flowpipe.server.filters import FlowMatcher, MessageRecord, NodeMatcher, parse_pod_filter
+from flowpipe.server.health import HealthService
+from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
+from flowpipe.server.reflection import ReflectionService
+from flowpipe.server.tls import ServerTLSConfig
+from flowpipe.transforms.to_flow import GROUP_KEYS_SQL, FlowEncoder, enum_number, served_node_name
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 4096
+"""Rows read from the dataset at a time (the next batch is read once the client took this one)."""
+
+FIRST_ROWS = 256
+"""Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
+
+SLICE_ROWS = 20_000
+"""About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
+
+DUCKDB_MEMORY_LIMIT = "64MB"
+"""DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
+
+DEFAULT_FOLLOW_INTERVAL = 1.0
+"""Seconds between two listings of the dataset while following."""
+
+_SERVICE = "/observer.Observer/"
+_PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
+_HOUR_NS = 3_600_000_000_000
+_EVERYTHING = 1 << 32  # a `number` this large means every flow (`hubble observe --all` sends 2^64-1)
+_MAX_LOST_EVENTS = 100_000  # lost_events records sent with one answer (the table is small: one per loss)
+
+# FlowFilter fields over data the flow table does not keep: refused, never ignored.
+_UNKEPT_FILTER_FIELDS = {
+    "source_service": "service namespaces",
+    "destination_service": "service namespaces",
+    "source_cluster_name": "endpoint cluster names",
+    "destination_cluster_name": "endpoint cluster names",
+    "http_header": "HTTP headers",
+    "trace_id": "trace contexts",
+    "source_ip_xlated": "translated source addresses",
+    "interface": "interfaces",
+    "node_labels": "node labels",
+    "ip_trace_id": "IP trace ids",
+}
+
+
+def _unsupported_filters(filters: Sequence[flow_pb2.FlowFilter], kind: str) -> None:
+    for i, flt in enumerate(filters):
+        for name, what in _UNKEPT_FILTER_FIELDS.items():
+            if len(getattr(flt, name)):
+                raise GrpcAbort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"{kind}[{i}].{name}: the stored flows do not keep {what}, so this filter cannot be answered",
+                )
+        if flt.HasField("experimental") and flt.experimental.cel_expression:
+            raise GrpcAbort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{kind}[{i}].experimental.cel_expression: CEL is not supported",
+            )
+
+
+# -- pushdown ----------------------------------------------------------------------------------------------
+
+
+class _Sql:
+    """WHERE clauses with their bound parameters (`$p0`, `$p1`, ...)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, object] = {}
+
+    def bind(self, value: object) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"${name}"
+
+
+_L4_PROTOCOLS = {
+    "tcp": ["TCP"], "udp": ["UDP"], "sctp": ["SCTP"], "icmp": ["ICMPv4", "ICMPv6"], "icmpv4": ["ICMPv4"],
+    "icmpv6": ["ICMPv6"], "vrrp": ["VRRP"], "igmp": ["IGMP"],
+}  # fmt: skip
+_L7_PROTOCOLS = {"dns": "dns", "http": "http", "kafka": "kafka"}
+
+
+def _filter_sql(flt: flow_pb2.FlowFilter, sql: _Sql) -> str | None:
+    """A predicate true for every flow `flt` accepts (looser is fine: the matcher decides); None: no pushdown."""
+    terms: list[str] = []
+    for side in ("source", "destination"):
+        pods = [parse_pod_filter(p) for p in getattr(flt, f"{side}_pod")]
+        if pods:
+            ors = []
+            for namespace, prefix in pods:
+                parts = []
+                if namespace:
+                    parts.append(f"{side}_namespace = {sql.bind(namespace)}")
+                if prefix:
+                    parts.append(f"starts_with({side}_pod_name, {sql.bind(prefix)})")
+                ors.append(" AND ".join(parts) if parts else f"{side}_pod_name IS NOT NULL")
+            terms.append("(" + " OR ".join(ors) + ")")
+        ips = list(getattr(flt, f"{side}_ip"))
+        if ips and all("/" not in ip for ip in ips):
+            try:
+                values = [str(ipaddress.ip_address(ip)) for ip in ips]
+            except ValueError:
+                values = []  # the matcher reports it
+            if values:
+                terms.append(f"{side}_ip IN ({', '.join(sql.bind(v) for v in values)})")
+        ports = [p for p in getattr(flt, f"{side}_port") if p.isdigit()]
+        if ports and len(ports) == len(getattr(flt, f"{side}_port")):
+            terms.append(f"{side}_port IN ({', '.join(sql.bind(int(p)) for p in ports)})")
+        labels = list(getattr(flt, f"{side}_label"))
+        if labels and all(_plain_label(label) for label in labels):
+            # key=value selectors: the stored label "source:key=value" ends with "key=value".
+            ors = [
+                f"len(list_filter({side}_labels, x -> x = {sql.bind(label)}"
+                f" OR ends_with(x, {sql.bind(':' + label)}))) > 0"
+                for label in labels
+            ]
+            terms.append("(" + " OR ".join(ors) + ")")
+    if flt.verdict:
+        names = [flow_pb2.Verdict.Name(v) for v in flt.verdict if v in flow_pb2.Verdict.values()]
+        if len(names) == len(flt.verdict):
+            terms.append(f"verdict IN ({', '.join(sql.bind(n) for n in names)})")
+    if flt.protocol:
+        l4: list[str] = []
+        l7: list[str] = []
+        for name in flt.protocol:
+            l4.extend(_L4_PROTOCOLS.get(name.lower(), []))
+            if name.lower() in _L7_PROTOCOLS:
+                l7.append(_L7_PROTOCOLS[name.lower()])
+        if len(l4) + len(l7) >= len(flt.protocol):
+            ors = []
+            if l4:
+                ors.append(f"l4_protocol IN ({', '.join(sql.bind(n) for n in l4)})")
+            if l7:
+                ors.append(f"l7_protocol IN ({', '.join(sql.bind(n) for n in l7)})")
+            terms.append("(" + " OR ".join(ors) + ")")
+    if flt.uuid:
+        terms.append(f"uuid IN ({', '.join(sql.bind(u) for u in flt.uuid)})")
+    return " AND ".join(terms) if terms else None
+
+
+def _plain_label(label: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9_.\-/]+=[A-Za-z0-9_.\-/]*", label))
+
+
+# -- reading the dataset -----------------------------------------------------------------------------------
+
+
+class _WindowEngine(DuckDBEngine):
+    """A DuckDBEngine whose `flows` view covers only the hour partitions overlapping [since, until].
+
+    `only`: read just these part files of `flows` (the ones a follower has not read yet). `listed` keeps the
+    whole listing of `flows` the view was built from (what a follower has then seen).
+    """
+
+    def __init__(
+        self, dataset: Dataset, since_ns: int | None, until_ns: int | None, only: frozenset[str] | None = None
+    ) -> None:
+        self._window = (since_ns, until_ns)
+        self._only = only
+        self.listed: tuple[str, ...] = ()
+        self._defined: tuple[str, ...] | None = None
+        super().__init__(dataset)
+        # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
+        self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
+        self.connection.execute("SET preserve_insertion_order = false")
+
+    def _define_views(self) -> None:
+        # Only `flows` and `lost_events`: the shared question views are not read here.
+        self._define_table_views()
+
+    def define_flows(self, files: Sequence[str]) -> None:
+        """Redefine the view `flows` over just these part files (one hour's); nothing to do if it is."""
+        if tuple(files) != self._defined:
+            self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+            self._defined = tuple(files)
+
+    def relist(self) -> tuple[str, ...]:
+        """List the part files of `flows` again (the window's)."""
+        return self._list_files(FLOWS_TABLE)
+
+    def _list_files(self, table: str) -> tuple[str, ...]:
+        files = super()._list_files(table)
+        if table != FLOWS_TABLE:
+            return files
+        self.listed = files
+        if self._only is not None:
+            files = tuple(f for f in files if f in self._only)
+        since, until = self._window
+        if since is None and until is None:
+            return files
+        kept = []
+        for path in files:
+            match = _PARTITION.search(path)
+            if match is None:
+                continue  # the partition of flows without a time: outside any window
+            start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+            start_ns = int(start.timestamp()) * 1_000_000_000
+            if since is not None and start_ns + _HOUR_NS <= since:
+                continue
+            if until is not None and start_ns > until:
+                continue
+            kept.append(path)
+        return tuple(kept)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What ServerStatus, GetNodes and GetNamespaces report, for one listing of the part files."""
+
+    num_flows: int
+    oldest_ns: int | None
+    newest_ns: int | None
+    nodes: tuple[tuple[str, int], ...]  # (served node name, flows)
+    namespaces: tuple[tuple[str, str], ...]  # (cluster, namespace)
+
+
+def summarize(dataset: Dataset) -> DatasetSummary:
+    """Count flows per node, the time range and the namespaces of the dataset (one scan)."""
+    with _WindowEngine(dataset, None, None) as engine:
+        nodes = engine.run(
+            "SELECT node_name, cluster_name, count(*) AS n, epoch_ns(min(time)) AS oldest,"
+            " epoch_ns(max(time)) AS newest FROM flows GROUP BY ALL"
+        ).to_pylist()
+        namespaces = engine.run(
+            "SELECT DISTINCT coalesce(cluster_name, '') AS c, ns FROM ("
+            " SELECT cluster_name, source_namespace AS ns FROM flows"
+            " UNION ALL SELECT cluster_name, destination_namespace FROM flows) WHERE ns IS NOT NULL ORDER BY ALL"
+        ).to_pylist()
+    per_node: dict[str, int] = {}
+    for row in nodes:
+        name = served_node_name(row["node_name"], row["cluster_name"])
+        per_node[name] = per_node.get(name, 0) + row["n"]
+    oldest = [r["oldest"] for r in nodes if r["oldest"] is not None]
+    newest = [r["newest"] for r in nodes if r["newest"] is not None]
+    return DatasetSummary(
+        num_flows=sum(per_node.values()),
+        oldest_ns=min(oldest) if oldest else None,
+        newest_ns=max(newest) if newest else None,
+        nodes=tuple(sorted(per_node.items())),
+        namespaces=tuple((r["c"], r["ns"]) for r in namespaces),
+    )
+
+
+class _Request:
+    """A validated GetFlowsRequest and its SQL."""
+
+    def __init__(self, data: bytes) -> None:
+        req = _decode(observer_pb2.GetFlowsRequest, data)
+        if req.first and req.follow:
+            raise GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
+        _unsupported_filters(req.whitelist, "whitelist")
+        _unsupported_filters(req.blacklist, "blacklist")
+        try:
+            self.matcher = FlowMatcher(req.whitelist, req.blacklist)
+            self.mask: MaskPlan | None = (
+                compile_field_mask(list(req.field_mask.paths)) if req.HasField("field_mask") else None
+            )
+        except ConfigError as exc:
+            raise GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        self.number = req.number
+        self.first = req.first
+        self.follow = req.follow
+        self.since = _timestamp_ns(req.since) if req.HasField("since") else None
+        self.until = _timestamp_ns(req.until) if req.HasField("until") else None
+        self.whitelist = list(req.whitelist)
+        self.everything = False
+
+    @property
+    def history(self) -> bool:
+        """Whether stored flows are sent before following (follow without number or since: only new ones)."""
+        return self.everything or not (self.follow and self.number == 0 and self.since is None)
+
+    def where(self, sql: _Sql, after_ns: int | None = None) -> str:
+        terms = ["time IS NOT NULL"]
+        if self.since is not None:
+            terms.append(f"time >= CAST(make_timestamp_ns({sql.bind(self.since)}) AS TIMESTAMPTZ_NS)")
+        if after_ns is not None:
+            terms.append(f"time > CAST(make_timestamp_ns({sql.bind(after_ns)}) AS TIMESTAMPTZ_NS)")
+        if self.until is not None:
+            terms.append(f"time <= CAST(make_timestamp_ns({sql.bind(self.until)}) AS TIMESTAMPTZ_NS)")
+        if self.whitelist:
+            ors = [_filter_sql(flt, sql) for flt in self.whitelist]
+            if all(o is not None for o in ors):
+                terms.append("(" + " OR ".join(f"({o})" for o in ors) + ")")
+        return " AND ".join(terms)
+
+    def query(self) -> tuple[str, dict[str, object], bool, int]:
+        """The history query: WHERE clause, parameters, newest first (to be reversed), and a LIMIT (0: none).
+
+        Without filters to check in Python, DuckDB applies the LIMIT of `number`.
+        """
+        sql = _Sql()
+        where = self.where(sql)
+        exact = self.matcher.accepts_all
+        if self.number and not self.first and self.since is None:
+            return where, sql.params, True, self.number if exact else 0
+        limit = self.number if exact and self.number and not self.follow else 0
+        return where, sql.params, False, limit
+
+
+def _frame(flow: bytes, node: str, time_ns: int, stamp: bytes) -> bytes:
+    """A framed GetFlowsResponse around serialised flow bytes (`stamp`: the serialised time)."""
+    message = b"\x0a" + varint(len(flow)) + flow + envelope_tail(node, time_ns, stamp)
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+_ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_port", "destination_port")
+
+
+class _Reader:
+    """Reads one query in time slices, in time order, as framed responses of the flows that pass the filters.
+
+    Each hour partition is cut into slices of about `SLICE_ROWS` flows (by its row count, from the Parquet
+    footers), and each slice is sorted and read on its own: DuckDB's memory stays at a slice's flows whatever
+    the window, and the first flow comes after reading one slice. A part file that vanishes under the read
+    (compaction or retention) makes the hour be listed again and the slice read on from the same row: the
+    order (time, then enough columns to break ties) is the same whichever files hold the rows.
+    """
+
+    def __init__(
+        self, engine: _WindowEngine, req: _Request, where: str, params: dict[str, object], newest_first: bool,
+        limit: int,
+    ) -> None:  # fmt: skip
+        self.req = req
+        self.engine = engine
+        self.where, self.params, self.newest_first, self.limit = where, params, newest_first, limit
+        self.matchers: dict[str, NodeMatcher | None] = {}
+        self.encoder = FlowEncoder()
+        self._cursor: Any = None
+        self.reader: pa.RecordBatchReader | None = None
+        self._hours = sorted(self._by_hour(engine.flow_files), reverse=newest_first)
+        self._hour: str | None = None
+        self._files: tuple[str, ...] = ()
+        self._slices: list[tuple[int, int]] = []
+        self._slice: tuple[int, int] | None = None
+        self._read_in_slice = 0
+        self._attempts = 0
+        self._pending: pa.RecordBatch | None = None
+        self._first_rows = FIRST_ROWS
+        self._done = False
+        self._cutting = False
+        self._reopen = False
+
+    @staticmethod
+    def _by_hour(files: Sequence[str]) -> dict[str, list[str]]:
+        hours: dict[str, list[str]] = {}
+        for path in files:
+            match = _PARTITION.search(path)
+            if match is not None:  # the partition of flows without a time never answers
+                hours.setdefault(match.group(0), []).append(path)
+        return hours
+
+    def _open_next(self) -> None:
+        """Open the next slice (cutting the next hour into slices first); `_done` once there is none."""
+        self._close_cursor()
+        while not self._slices:
+            if not self._cutting:
+                if not self._hours:
+                    self._done = True
+                    return
+                self._hour = self._hours.pop(0)
+                self._files = self._files_of(self._hour, self.engine.flow_files)
+                self._cutting = True
+            assert self._hour is not None
+            self._slices = self._cut(self._hour, self._files)
+            self._cutting = False
+        self._slice, self._read_in_slice = self._slices.pop(0), 0
+        self._open()
+
+    def _cut(self, hour: str, files: tuple[str, ...]) -> list[tuple[int, int]]:
+        """The hour's time slices, in reading order."""
+        match = _PARTITION.search(hour)
+        assert match is not None
+        start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+        start_ns = int(start.timestamp()) * 1_000_000_000
+        with translate_duckdb_errors("-- count an hour"):
+            self.engine.define_flows(files)
+            rows = self.engine.connection.execute("SELECT count(*) FROM flows").fetchall()[0]
+        count = int(rows[0]) if rows else 0
+        parts = max(1, -(-count // SLICE_ROWS))
+        step = -(-_HOUR_NS // parts)
+        slices = [
+            (start_ns + i * step, min(start_ns + (i + 1) * step, start_ns + _HOUR_NS)) for i in range(parts)
+        ]
+        return slices[::-1] if self.newest_first else slices
+
+    @staticmethod
+    def _files_of(hour: str, files: Sequence[str]) -> tuple[str, ...]:
+        return tuple(path for path in files if hour in path)
+
+    def _open(self) -> None:
+        self._close_cursor()
+        assert self._slice is not None
+        direction = " DESC" if self.newest_first else ""
+        order = ", ".join(f"{column}{direction}" for column in _ORDER)
+        params = dict(self.params, slice_start=self._slice[0], slice_end=self._slice[1])
+        sql = (
+            f"SELECT *, {GROUP_KEYS_SQL} FROM flows WHERE {self.where}"
+            " AND time >= CAST(make_timestamp_ns($slice_start) AS TIMESTAMPTZ_NS)"
+            " AND time < CAST(make_timestamp_ns($slice_end) AS TIMESTAMPTZ_NS)"
+            f" ORDER BY {order}"
+        )
+        if self.limit:
+            sql += f" LIMIT {min(self.limit, 1 << 62)}"
+        if self._read_in_slice:
+            sql += f" OFFSET {self._read_in_slice}"
+        with translate_duckdb_errors(sql):
+            self.engine.define_flows(self._files)
+            # its own cursor: the connection stays free for the lost_events query
+            self._cursor = self.engine.connection.cursor()
+            self.reader = _batches(self._cursor.sql(sql, params=params))
+
+    def _close_cursor(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
+            self._cursor = None
+        self.reader = None
+
+    def _read(self) -> pa.RecordBatch | None:
+        """The next rows: the first few hundred alone (the first flow goes out sooner), then whole batches."""
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+        else:
+            batch = self._read_batch()
+        if batch is None:
+            return None
+        if self._first_rows and batch.num_rows > self._first_rows:
+            batch, self._pending = batch.slice(0, self._first_rows), batch.slice(self._first_rows)
+        self._first_rows = self._first_rows * 4 if self._first_rows < BATCH_ROWS else 0
+        return batch
+
+    def _split_slice(self, exc: BaseException) -> bool:
+        """A slice too large for DuckDB's memory (a burst of flows) is read as two halves; False if it cannot be."""
+        while exc is not None and not isinstance(exc, duckdb.OutOfMemoryException):
+            exc = exc.__cause__  # type: ignore[assignment]
+        if exc is None or self._slice is None or self._read_in_slice or self._cutting:
+            return False
+        start, end = self._slice
+        if end - start < 2:
+            return False
+        middle = start + (end - start) // 2
+        first, second = (
+            ((middle, end), (start, middle)) if self.newest_first else ((start, middle), (middle, end))
+        )
+        log.info("a slice of %s is too large for DuckDB's memory limit; reading it in two halves", self._hour)
+        self._close_cursor()
+        self._slices.insert(0, second)
+        self._slice = first
+        self._reopen = True
+        return True
+
+    def _read_batch(self) -> pa.RecordBatch | None:
+        while not self._done:
+            try:
+                if self._reopen:
+                    self._reopen = False
+                    self._open()  # the same slice again, from the row it had reached
+                    continue
+                if self.reader is None:
+                    self._open_next()
+                    continue
+                try:
+                    batch = self.reader.read_next_batch()
+                except StopIteration:
+                    self._open_next()
+                    continue
+            except (duckdb.Error, pa.ArrowException, QueryError) as exc:
+                if self._split_slice(exc):
+                    continue
+                self._attempts += 1
+                if self._attempts >= MAX_ATTEMPTS or not _maybe_vanished(exc) or self._hour is None:
+                    raise
+                log.info(
+                    "part files vanished while reading %s (compaction or retention); listing again",
+                    self._hour,
+                )
+                self._close_cursor()
+                self._files = self._files_of(self._hour, self.engine.relist())
+                self._reopen = not self._cutting and self._slice is not None
+                continue
+            self._read_in_slice += batch.num_rows
+            return batch
+        return None
+
+    def next(self) -> list[tuple[int, bytes]] | None:
+        """The next batch as (time_ns, framed response) of passing flows; None at the end."""
+        batch = self._read()
+        if batch is None:
+            return None
+        out = []
+        req = self.req
+        plain = req.matcher.accepts_all and req.mask is None
+        encoded = self.encoder.encode(batch)
+        if plain:
+            return [(time_ns, _frame(data, node, time_ns, stamp)) for time_ns, node, data, stamp in encoded]
+        for time_ns, node, data, stamp in encoded:
+            flow = flow_pb2.Flow.FromString(data)
+            if not req.matcher.accepts_all:
+                if node not in self.matchers:
+                    self.matchers[node] = req.matcher.for_node(node)
+                matcher = self.matchers[node]
+                if matcher is None or not matcher(MessageRecord(flow)):
+                    continue
+            if req.mask is None:
+                out.append((time_ns, _frame(data, node, time_ns, stamp)))
+            else:
+                apply_field_mask(flow, req.mask)
+                out.append((time_ns, _frame(flow.SerializeToString(), node, time_ns, stamp)))
+        return out
+
+    def close(self) -> None:
+        self._close_cursor()
+        self.engine.close()
+
+
+class HistoryService:
+    """The RPC handlers of `observer.Observer` over a dataset."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        relay_name: str,
+        version: str,
+        tls_enabled: bool,
+        follow_interval: float = DEFAULT_FOLLOW_INTERVAL,
+    ) -> None:
+        self.dataset = dataset
+        self.relay_name = relay_name
+        self.version = version
+        self.tls_enabled = tls_enabled
+        self.follow_interval = follow_interval
+        self.started_ns = time.time_ns()
+        self.flows_sent = 0
+        self.requests = 0
+        self._summary: tuple[tuple[str, ...], DatasetSummary] | None = None
+        self._summary_lock = threading.Lock()
+
+    def methods(self) -> dict[str, RpcMethod]:
+        """The method table for GrpcServer (the unary calls answer from a worker thread, as one message)."""
+        return {
+            _SERVICE + "GetFlows": RpcMethod(True, self.get_flows),
+            _SERVICE + "GetAgentEvents": RpcMethod(True, self._unimplemented("GetAgentEvents")),
+            _SERVICE + "GetDebugEvents": RpcMethod(True, self._unimplemented("GetDebugEvents")),
+            _SERVICE + "GetNodes": RpcMethod(True, self._unary(self.get_nodes)),
+            _SERVICE + "GetNamespaces": RpcMethod(True, self._unary(self.get_namespaces)),
+            _SERVICE + "ServerStatus": RpcMethod(True, self._unary(self.server_status)),
+        }
+
+    @staticmethod
+    def _unimplemented(name: str) -> Any:
+        async def handler(data: bytes, stream: ServerStream) -> None:
+            raise GrpcAbort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by hubble-relay")
+
+        return handler
+
+    @staticmethod
+    def _unary(handler: Callable[[bytes], bytes]) -> Any:
+        async def call(data: bytes, stream: ServerStream) -> None:
+            try:
+                response = await asyncio.to_thread(handler, data)
+            except FlowpipeError as exc:
+                raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+            await stream.send(frame_message(response))
+
+        return call
+
+    # -- unary calls -----------------------------------------------------------------------------------------
+
+    def recent_summary(self) -> DatasetSummary:
+        """The last figures computed (possibly older than the newest part files); computed if there are none."""
+        known = self._summary
+        return known[1] if known is not None else self.summary()
+
+    def warm_up(self) -> None:
+        """Compute the dataset's figures ahead of the first call (errors are left for the calls to report)."""
+        try:
+            self.summary()
+        except Exception:
+            log.debug("could not summarize the dataset ahead of the first call", exc_info=True)
+
+    def summary(self) -> DatasetSummary:
+        """The dataset's figures, computed again only when the part files changed."""
+        with self._summary_lock:
+            files = tuple(self.dataset.list_part_files(FLOWS_TABLE))
+            if self._summary is None or self._summary[0] != files:
+                self._summary = (files, summarize(self.dataset))
+            return self._summary[1]
+
+    def server_status(self, data: bytes) -> bytes:
+        """ServerStatus: flows stored (num_flows, max_flows and seen_flows alike), nodes, oldest and newest."""
+        _decode(observer_pb2.ServerStatusRequest, data)
+        summary = self.summary()
+        response = observer_pb2.ServerStatusResponse(
+            num_flows=summary.num_flows,
+            max_flows=summary.num_flows,
+            seen_flows=summary.num_flows,
+            uptime_ns=time.time_ns() - self.started_ns,
+            num_connected_nodes=wrappers_pb2.UInt32Value(value=len(summary.nodes)),
+            num_unavailable_nodes=wrappers_pb2.UInt32Value(value=0),
+            version=self.version,
+        )
+        return bytes(response.SerializeToString())
+
+    def get_nodes(self, data: bytes) -> bytes:
+        """GetNodes: every node with stored flows, connected, with its flow count."""
+        _decode(observer_pb2.GetNodesRequest, data)
+        response = observer_pb2.GetNodesResponse()
+        for name, count in self.summary().nodes:
+            response.nodes.add(
+                name=name,
+                version=self.version,
+                state=relay_pb2.NODE_CONNECTED,
+                tls=observer_pb2.TLS(enabled=self.tls_enabled),
+                uptime_ns=time.time_ns() - self.started_ns,
+                num_flows=count,
+                max_flows=count,
+                seen_flows=count,
+            )
+        return bytes(response.SerializeToString())
+
+    def get_namespaces(self, data: bytes) -> bytes:
+        """GetNamespaces: (cluster, namespace) pairs of the stored flows."""
+        _decode(observer_pb2.GetNamespacesRequest, data)
+        response = observer_pb2.GetNamespacesResponse()
+        for cluster, namespace in self.summary().namespaces:
+            response.namespaces.add(cluster=cluster, namespace=namespace)
+        return bytes(response.SerializeToString())
+
+    # -- GetFlows --------------------------------------------------------------------------------------------
+
+    def _envelope(
+        self, response: observer_pb2.GetFlowsResponse, node_name: str, time_ns: int | None = None
+    ) -> bytes:
+        response.node_name = node_name
+        response.time.FromNanoseconds(time_ns if time_ns is not None else time.time_ns())
+        return frame_message(response.SerializeToString())
+
+    async def get_flows(self, data: bytes, stream: ServerStream) -> None:
+        """GetFlows: node_status, the stored flows of the request in time order, then (with follow) new ones."""
+        req = _Request(data)
+        self.requests += 1
+        try:
+            summary = await asyncio.to_thread(self.recent_summary)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+        if req.number >= _EVERYTHING:
+            # `hubble observe --all` (and a collector) asks for 2^64-1 flows: every stored one, in order.
+            req.number, req.everything = 0, True
+        nodes = [name for name, _ in summary.nodes]
+        if nodes:
+            status = relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_CONNECTED, node_names=nodes)
+            await stream.send(
+                self._envelope(observer_pb2.GetFlowsResponse(node_status=status), self.relay_name)
+            )
+        seen: frozenset[str] | None = None
+        if req.history:
+            seen = await self._history(req, stream)
+        if req.follow and not (req.until is not None and req.until < time.time_ns()):
+            if seen is None:
+                seen = frozenset(await self._listing())
+            await self._follow(req, stream, seen)
+
+    async def _listing(self) -> list[str]:
+        try:
+            return await asyncio.to_thread(visible_part_files, self.dataset, FLOWS_TABLE)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot list the dataset: {exc}") from exc
+
+    async def _read(
+        self,
+        req: _Request,
+        where: str,
+        params: dict[str, object],
+        *,
+        newest_first: bool = False,
+        limit: int = 0,
+        only: frozenset[str] | None = None,
+    ) -> _Reader:
+        def open_reader() -> _Reader:
+            engine = _WindowEngine(self.dataset, req.since, req.until, only)
+            try:
+                return _Reader(engine, req, where, params, newest_first, limit)
+            except BaseException:
+                engine.close()
+                raise
+
+        try:
+            return await asyncio.to_thread(open_reader)
+        except FlowpipeError as exc:
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
+
+    async def _history(self, req: _Request, stream: ServerStream) -> frozenset[str]:
+        """Send the stored part of the answer; returns the part files it was read from (all of them listed).
+
+        Lost events of the `lost_events` table go among the flows in time order: those between `since` (else
+        the first flow sent, when `number` cut the start) and `until` (else the last flow sent, when `number`
+        cut the end).
+        """
+        where, params, newest_first, sql_limit = req.query()
+        reader = await self._read(req, where, params, newest_first=newest_first, limit=sql_limit)
+        limit = req.number if req.number and (newest_first or not req.follow) else 0
+        try:
+            lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
+            if newest_first:
+                # The last N: collect N passing flows newest first (N is bounded by the request), then send.
+                kept: list[tuple[int, bytes]] = []
+                while len(kept) < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
+                    kept.extend(batch[: limit - len(kept)])
+                kept.reverse()
+                if kept and req.since is None:
+                    lost = [event for event in lost if event[0] >= kept[0][0]]
+                await self._send_merged(stream, kept, lost, final=True)
+            else:
+                sent = 0
+                first = True
+                while (batch := await asyncio.to_thread(reader.next)) is not None:
+                    if limit:
+                        batch = batch[: limit - sent]
+                    if first and batch and limit and req.since is None:
+                        lost = [event for event in lost if event[0] >= batch[0][0]]
+                    first = first and not batch
+                    lost = await self._send_merged(stream, batch, lost, final=False)
+                    sent += len(batch)
+                    if limit and sent >= limit:
+                        break
+                if not (limit and sent >= limit):
+                    await self._send_merged(stream, [], lost, final=True)
+        finally:
+            await asyncio.to_thread(reader.close)
+        return frozenset(reader.engine.listed)
+
+    def _lost_events(self, engine: DuckDBEngine, req: _Request) -> list[tuple[int, bytes]]:
+        """The window's lost_events records as (time_ns, framed response), oldest first."""
+        sql = _Sql()
+        terms = ["time IS NOT NULL"]
+        if req.since is not None:
+            terms.append(f"time >= CAST(make_timestamp_ns({sql.bind(req.since)}) AS TIMESTAMPTZ_NS)")
+        if req.until is not None:
+            terms.append(f"time <= CAST(make_timestamp_ns({sql.bind(req.until)}) AS TIMESTAMPTZ_NS)")
+        rows = engine.run(
+            "SELECT epoch_ns(time) AS t, node_name, cluster_name, source, num_events_lost, cpu,"
+            f" epoch_ns(first) AS first_ns, epoch_ns(last) AS last_ns FROM lost_events WHERE {' AND '.join(terms)}"
+            f" ORDER BY time LIMIT {_MAX_LOST_EVENTS}",
+            sql.params,
+        ).to_pylist()
+        out = []
+        for row in rows:
+            lost = flow_pb2.LostEvent(
+                source=enum_number("LostEventSource", row["source"]),
+                num_events_lost=row["num_events_lost"] or 0,
+            )
+            if row["cpu"] is not None:
+                lost.cpu.value = row["cpu"]
+            if row["first_ns"] is not None:
+                lost.first.FromNanoseconds(row["first_ns"])
+            if row["last_ns"] is not None:
+                lost.last.FromNanoseconds(row["last_ns"])
+            node = served_node_name(row["node_name"], row["cluster_name"])
+            response = observer_pb2.GetFlowsResponse(lost_events=lost)
+            out.append((row["t"], self._envelope(response, node, row["t"])))
+        return out
+
+    async def _send_merged(
+        self,
+        stream: ServerStream,
+        flows: list[tuple[int, bytes]],
+        lost: list[tuple[int, bytes]],
+        *,
+        final: bool,
+    ) -> list[tuple[int, bytes]]:
+        """Send `flows` with the lost events due before each; returns the lost events not sent yet.
+
+        `final`: also send the lost events after the last flow (up to `until`: the caller chose them).
+        """
+        if not lost:
+            await self._send(stream, [m for _, m in flows])
+            return lost
+        out: list[bytes] = []
+        i = 0
+        count = 0
+        for time_ns, message in flows:
+            while i < len(lost) and lost[i][0] <= time_ns:
+                out.append(lost[i][1])
+                i += 1
+            out.append(message)
+            count += 1
+        if final:
+            out.extend(m for _, m in lost[i:])
+            i = len(lost)
+        if out:
+            self.flows_sent += count
+            await stream.send(b"".join(out))
+        return lost[i:]
+
+    async def _send(self, stream: ServerStream, messages: list[bytes]) -> None:
+        if messages:
+            self.flows_sent += len(messages)
+            await stream.send(b"".join(messages))
+
+    async def _follow(self, req: _Request, stream: ServerStream, seen: frozenset[str]) -> None:
+        """Flows of part files published after `seen` was listed, every `follow_interval` seconds.
+
+        A compacted file whose inputs were already read is only marked as read: its flows were sent.
+        """
+        seen_names = {path.rpartition("/")[2] for path in seen}
+        known = set(seen)
+        while True:
+            await asyncio.sleep(self.follow_interval)
+            listed = await self._listing()
+            new = [path for path in listed if path not in known]
+            known.update(new)
+            fresh = []
+            for path in new:
+                name = path.rpartition("/")[2]
+                if is_compacted_name(name):
+                    try:
+                        inputs = await asyncio.to_thread(read_compacted_inputs, self.dataset, path)
+                    except (OSError, pa.ArrowException):
+                        continue  # gone again (retention, another compaction): nothing new in it
+                    if any(input_name in seen_names for input_name, _ in inputs or []):
+                        continue
+                seen_names.add(name)
+                fresh.append(path)
+            if fresh:
+                sql = _Sql()
+                reader = await self._read(req, req.where(sql), sql.params, only=frozenset(fresh))
+                try:
+                    while (batch := await asyncio.to_thread(reader.next)) is not None:
+                        await self._send(stream, [m for _, m in batch])
+                finally:
+                    await asyncio.to_thread(reader.close)
+            if req.until is not None and req.until < time.time_ns():
+                return
+
+
+class HistoryServer:
+    """hubble-relay's Observer API over a dataset, on 127.0.0.1 by default, in a background thread.
+
+    Plaintext by default; `tls=ServerTLSConfig(cert, key)` for TLS, plus `client_ca_path` for mutual TLS.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Dataset,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTLSConfig | None = None,
+        relay_name: str = DEFAULT_RELAY_NAME,
+        version: str = DEFAULT_VERSION,
+        follow_interval: float = DEFAULT_FOLLOW_INTERVAL,
+    ) -> None:
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.service = HistoryService(
+            self.dataset,
+            relay_name=relay_name,
+            version=version,
+            tls_enabled=tls is not None,
+            follow_interval=follow_interval,
+        )
+        self._ssl_context = tls.ssl_context() if tls is not None else None
+        self._metadata = [("hubble-relay-version", version)]
+        self._grpc: GrpcServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        """`host:port` to dial (the chosen port once started)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> Self:
+        """Start listening in a background thread; raises ObserverServerError if it cannot bind."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="flowpipe-serve-hubble", daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+        try:
+            self._call(self._listen())
+        except BaseException:
+            self.stop()
+            raise
+        threading.Thread(
+            target=self.service.warm_up, name="flowpipe-serve-hubble-summary", daemon=True
+        ).start()
+        return self
+
+    async def _listen(self) -> None:
+        methods = {
+            **self.service.methods(),
+            **ReflectionService(["observer.Observer"]).methods(),
+            **HealthService(["observer.Observer"]).methods(),
+        }
+        server = GrpcServer(methods, ssl_context=self._ssl_context, initial_metadata=self._metadata)
+        try:
+            self.port = await server.start(self.host, self.port)
+        except OSError as exc:
+            raise ObserverServerError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+        self._grpc = server
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        if self._loop is None:
+            raise ObserverServerError("the server is not started")
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    async def _shutdown(self) -> None:
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            await server.stop("server is shutting down")
+
+    def stop(self) -> None:
+        """End every call with UNAVAILABLE, close connections, stop the thread."""
+        if self._loop is None:
+            return
+        self._call(self._shutdown())
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@functools.cache
+def _spill_directory() -> str:
+    """Where DuckDB spills sorts larger than its memory limit: a folder of this process, removed at its exit."""
+    folder = os.path.join(tempfile.gettempdir(), f"flowpipe-serve-hubble-{os.getpid()}")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _batches(relation: Any) -> pa.RecordBatchReader:
+    """A reader of `BATCH_ROWS`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
+    to_reader = getattr(relation, "to_arrow_reader", None)
+    if to_reader is not None:
+        return to_reader(BATCH_ROWS)
+    return relation.fetch_arrow_reader(BATCH_ROWS)
