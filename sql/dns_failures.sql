@@ -438,7 +438,7 @@ grouped AS (
         END AS names,
         min(f.time) AS first_seen,
         max(f.time) AS last_seen,
-        array_slice(list_sort(array_agg(DISTINCT f.client_pod) FILTER (WHERE f.client_pod IS NOT NULL)), 1, 3) AS example_pods
+        array_slice(list_sort(coalesce(array_agg(DISTINCT f.client_pod) FILTER (WHERE f.client_pod IS NOT NULL), [])), 1, 3) AS example_pods
     FROM failures AS f
     GROUP BY f.kind, f.cluster_name, f.client_namespace, f.client_workload, f.client_id, f.dns_query, f.rcode_name
 ),
@@ -456,7 +456,7 @@ invisible AS (
         CAST(NULL AS VARCHAR[]) AS names,
         min(d.time) AS first_seen,
         max(d.time) AS last_seen,
-        array_slice(list_sort(array_agg(DISTINCT d.client_pod) FILTER (WHERE d.client_pod IS NOT NULL)), 1, 3) AS example_pods
+        array_slice(list_sort(coalesce(array_agg(DISTINCT d.client_pod) FILTER (WHERE d.client_pod IS NOT NULL), [])), 1, 3) AS example_pods
     FROM dns_l3 AS d
     JOIN lookups AS c ON c.client_id = d.client_id AND coalesce(c.cluster_name, '') = coalesce(d.cluster_name, '')
     WHERE c.l7_records = 0

@@ -243,7 +243,7 @@ def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Pat
 @pytest.mark.slow
 def test_metrics_of_a_running_collector_and_every_dashboard_query(tmp_path: Path) -> None:
     # a minute of the simulated cluster with its faults, ending now (the questions look at the last hour)
-    flows = retimed(sim_flow_bytes(3000, 3, 60.0), time.time_ns())
+    flows = retimed(sim_flow_bytes(3000, 8, 60.0), time.time_ns())  # a seed whose minute has every fault
     dataset = tmp_path / "data"
     port = free_port()
     url = f"http://127.0.0.1:{port}"

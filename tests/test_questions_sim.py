@@ -177,12 +177,12 @@ def test_dns_failures_rcodes(sim_faults: SimDataset, fault: str) -> None:
 
 def test_dns_failures_unanswered_lookups(sim_faults: SimDataset) -> None:
     truth = _truth(sim_faults, f.DNS_NO_RESPONSE)
-    # Requests within the timeout of the newest DNS record cannot be judged: this seed has one there.
+    # Requests within the timeout of the newest DNS record cannot be judged yet.
     dns = [r for r in sim_faults.rows() if r["l7_protocol"] == "dns"]
     newest = max(r["time"] for r in dns)
     asked = [r["time"] for r in dns if r["l7_type"] == "REQUEST" and r["dns_query"] == truth.destination_name]
     judged = [t for t in asked if (newest - t).total_seconds() >= 5]
-    assert len(asked) == truth.counts["attempts"] == len(judged) + 1
+    assert len(asked) == truth.counts["attempts"] >= len(judged) > 0
     rows = _rows(sim_faults.ask("dns_failures"), kind="no_answer")
     assert len(rows) == 1
     row = rows[0]

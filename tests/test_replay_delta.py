@@ -85,10 +85,8 @@ CHANGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], Callable[[Row],
             and has(r["destination_labels"], "app=web", "io.kubernetes.pod.namespace=production")
             and r["destination_port"] == 8443
         ),
-        (
-            ("ingress-nginx/ingress-nginx-controller", "production/web", "TCP", 8443),
-            ("ingress-nginx/ingress-nginx", "production/web", "TCP", 8443),  # named by its labels
-        ),
+        # one edge: the controller's records with only its labels name it by its identity's workload
+        (("ingress-nginx/ingress-nginx-controller", "production/web", "TCP", 8443),),
     ),
     "remove-dns": (
         remove_dns,
