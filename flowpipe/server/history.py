@@ -226,7 +226,9 @@ class _WindowEngine(DuckDBEngine):
         self._only = only
         self.listed: tuple[str, ...] = ()
         self._defined: tuple[str, ...] | None = None
-        super().__init__(dataset)
+        # No user SQL runs here (only the server's own, with bound parameters), and the views are redefined
+        # over each window's part files and spill to a temporary folder: the connection stays unlocked.
+        super().__init__(dataset, external_access=True)
         # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
         self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
