@@ -127,6 +127,7 @@ def assert_same(duck: DuckDBEngine, sparks: Any, question: Question, values: dic
     return len(expected)
 
 
+@pytest.mark.timeout(1200)  # every question, with several parameter sets, on a local Spark: minutes
 def test_every_question_returns_the_same_rows_on_duckdb_and_spark(
     engines: tuple[DuckDBEngine, Any],
 ) -> None:

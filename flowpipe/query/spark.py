@@ -55,6 +55,9 @@ SESSION_CONF: dict[str, str] = {
     "spark.sql.ansi.enabled": "false",
     "spark.sql.legacy.parquet.nanosAsLong": "true",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # The edge definition joins large intermediate tables (every connection, every identity); broadcasting them
+    # to each task runs out of memory where a shuffle join does not.
+    "spark.sql.autoBroadcastJoinThreshold": "-1",
 }
 LOCAL_CONF: dict[str, str] = {"spark.sql.shuffle.partitions": "2", "spark.driver.memory": "4g"}
 """Extra settings for local mode: as many shuffle partitions as local cores (the default 200 is for clusters),
