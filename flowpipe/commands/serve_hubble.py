@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 from prometheus_client import CollectorRegistry, Gauge
 
 from flowpipe._cli_options import dataset_option
-from flowpipe.commands.simulate_relay import client_hints, parse_listen, tls_config
+from flowpipe.commands.simulate_relay import client_hints, parse_listen, server_tls_options, tls_config
 from flowpipe.metrics import serve
+from flowpipe.pipeline import handle_stop_signals
 from flowpipe.server.history import DEFAULT_FOLLOW_INTERVAL, HistoryServer
-from flowpipe.server.tls import DEFAULT_SERVER_NAME
 
 _OFF = ("", "off", "none")
 
@@ -50,25 +48,7 @@ def _registry(server: HistoryServer) -> CollectorRegistry:
     show_default=True,
     help="Seconds between two looks for new part files while a client follows.",
 )
-@click.option(
-    "--tls-cert", default=None, metavar="PEM", help="Serve TLS with this certificate (needs --tls-key)."
-)
-@click.option("--tls-key", default=None, metavar="PEM", help="Private key of --tls-cert.")
-@click.option(
-    "--tls-client-ca", default=None, metavar="PEM", help="Require client certificates signed by this CA."
-)
-@click.option(
-    "--tls-generate",
-    default=None,
-    metavar="DIR",
-    help="Generate a throwaway CA, server and client certificates into DIR and serve mutual TLS with them.",
-)
-@click.option(
-    "--tls-server-name",
-    default=DEFAULT_SERVER_NAME,
-    show_default=True,
-    help="DNS name in the generated server certificate (besides 127.0.0.1 and localhost).",
-)
+@server_tls_options
 def serve_hubble(
     dataset: str,
     listen: str,
@@ -89,34 +69,28 @@ def serve_hubble(
     tls, files = tls_config(tls_cert, tls_key, tls_client_ca, tls_generate, tls_server_name)
     server = HistoryServer(dataset, host=host, port=port, tls=tls, follow_interval=follow_interval)
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     metrics = None
-    try:
-        server.start()
-        if metrics_address.strip().lower() not in _OFF:
-            metrics = serve(_registry(server), metrics_address)
-        mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
-        click.echo(
-            f"Serving the flows of {server.dataset.uri} over the Hubble API on {server.address} ({mode})."
-        )
-        if metrics is not None:
-            click.echo(f"Metrics on {metrics.url}/metrics, health on {metrics.url}/healthz")
-        if files:
-            click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
-        click.echo("Connect with:")
-        for hint in client_hints(server.address, tls, files, tls_server_name):
-            click.echo(f"  {hint}")
-        click.echo("Press Ctrl-C to stop.", err=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        if metrics is not None:
-            metrics.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with handle_stop_signals(stop):
+        try:
+            server.start()
+            if metrics_address.strip().lower() not in _OFF:
+                metrics = serve(_registry(server), metrics_address)
+            mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
+            click.echo(
+                f"Serving the flows of {server.dataset.uri} over the Hubble API on {server.address} ({mode})."
+            )
+            if metrics is not None:
+                click.echo(f"Metrics on {metrics.url}/metrics, health on {metrics.url}/healthz")
+            if files:
+                click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
+            click.echo("Connect with:")
+            for hint in client_hints(server.address, tls, files, tls_server_name):
+                click.echo(f"  {hint}")
+            click.echo("Press Ctrl-C to stop.", err=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.stop()
+            if metrics is not None:
+                metrics.close()
     click.echo(f"Stopped after sending {server.service.flows_sent} stored flows.", err=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import click
 
@@ -30,6 +32,28 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"invalid --listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:4245")
     return host, int(port_text)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_tls_options(func: F) -> F:
+    """`--tls-cert/--tls-key [--tls-client-ca]`, `--tls-generate DIR` and `--tls-server-name`: how a gRPC server
+    of flowpipe (`simulate-relay`, `serve-hubble`) serves TLS or mutual TLS; `tls_config` reads them."""
+    for decorate in reversed([
+        click.option("--tls-cert", default=None, metavar="PEM",
+                     help="Serve TLS with this certificate (needs --tls-key)."),
+        click.option("--tls-key", default=None, metavar="PEM", help="Private key of --tls-cert."),
+        click.option("--tls-client-ca", default=None, metavar="PEM",
+                     help="Require client certificates signed by this CA."),
+        click.option("--tls-generate", default=None, metavar="DIR",
+                     help="Generate a throwaway CA, server and client certificates into DIR and serve mutual "
+                     "TLS with them."),
+        click.option("--tls-server-name", default=DEFAULT_SERVER_NAME, show_default=True,
+                     help="DNS name in the generated server certificate (besides 127.0.0.1 and localhost)."),
+    ]):  # fmt: skip
+        func = decorate(func)
+    return func
 
 
 def tls_config(
@@ -106,25 +130,7 @@ def client_hints(
 @click.option("--faults", default=None, metavar="LIST", help="Comma-separated faults, or `all` / `none`.")
 @click.option("--no-faults", is_flag=True, help="Clean traffic: no injected faults.")
 @click.option("--cluster", "cluster_name", default="sim", show_default=True, help="Simulated cluster name.")
-@click.option(
-    "--tls-cert", default=None, metavar="PEM", help="Serve TLS with this certificate (needs --tls-key)."
-)
-@click.option("--tls-key", default=None, metavar="PEM", help="Private key of --tls-cert.")
-@click.option(
-    "--tls-client-ca", default=None, metavar="PEM", help="Require client certificates signed by this CA."
-)
-@click.option(
-    "--tls-generate",
-    default=None,
-    metavar="DIR",
-    help="Generate a throwaway CA, server and client certificates into DIR and serve mutual TLS with them.",
-)
-@click.option(
-    "--tls-server-name",
-    default=DEFAULT_SERVER_NAME,
-    show_default=True,
-    help="DNS name in the generated server certificate (besides 127.0.0.1 and localhost).",
-)
+@server_tls_options
 def simulate_relay(
     listen: str,
     seed: int,
