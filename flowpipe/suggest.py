@@ -496,18 +496,8 @@ def _observed_edges(
 
 
 _KNOWN_ADDRESSES_SQL = """
-SELECT DISTINCT ip FROM (
-    -- Read from the flows themselves (no view): a record that names a pod's namespace, or a Service, is about an
-    -- in-cluster address whatever identity it carries.
-    SELECT source_ip AS ip FROM flows
-    WHERE source_namespace IS NOT NULL
-      AND time >= $since AND time <= $until AND ($cluster IS NULL OR cluster_name = $cluster)
-    UNION ALL
-    SELECT destination_ip FROM flows
-    WHERE (destination_namespace IS NOT NULL OR destination_service_name IS NOT NULL)
-      AND time >= $since AND time <= $until AND ($cluster IS NULL OR cluster_name = $cluster)
-) AS known
-WHERE ip IS NOT NULL
+SELECT DISTINCT ip FROM cluster_addresses
+WHERE time >= $since AND time <= $until AND ($cluster IS NULL OR cluster_name = $cluster)
 """
 """Addresses of the window's known pods and services (the pod and service ranges are inferred from them)."""
 

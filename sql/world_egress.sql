@@ -8,28 +8,18 @@
 --   whatever identity a record gave them. A namespace filter matches the source.
 -- params: since=1h, until=now, namespace=, limit=500
 WITH cluster_ranges AS (
-    -- The cluster's own address ranges, inferred from the addresses of known pods and Services in the window
+    -- The cluster's own address ranges, inferred from its addresses in the window (shared view cluster_addresses)
     -- (an IPv4 address's /16, an IPv6 address's first four groups): an address in them is a pod or a Service
     -- whose identity the record did not carry (a ClusterIP before translation, a pod of another node), never
     -- the world.
     SELECT DISTINCT cluster_name, prefix
     FROM (
         SELECT cluster_name, CASE
-            WHEN source_ip LIKE '%.%' THEN regexp_extract(source_ip, '^([0-9]+\.[0-9]+)\.', 1)
-            ELSE regexp_extract(source_ip, '^([0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*):', 1)
+            WHEN ip LIKE '%.%' THEN regexp_extract(ip, '^([0-9]+\.[0-9]+)\.', 1)
+            ELSE regexp_extract(ip, '^([0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*):', 1)
         END AS prefix
-        FROM flows_enriched
-        WHERE time >= $since AND time <= $until AND source_namespace IS NOT NULL AND source_entity IS NULL
-        UNION ALL
-        SELECT cluster_name, CASE
-            WHEN destination_ip LIKE '%.%' THEN regexp_extract(destination_ip, '^([0-9]+\.[0-9]+)\.', 1)
-            ELSE regexp_extract(destination_ip, '^([0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F]*):', 1)
-        END
-        FROM flows_enriched
+        FROM cluster_addresses
         WHERE time >= $since AND time <= $until
-          AND ((destination_namespace IS NOT NULL AND destination_entity IS NULL)
-               OR destination_service_name IS NOT NULL
-               OR sock_xlate_point IN ('SOCK_XLATE_POINT_PRE_DIRECTION_FWD'))
     ) AS known
     WHERE prefix IS NOT NULL AND prefix <> ''
 ),
