@@ -107,9 +107,9 @@ def test_dockerfile_slim_base_non_root_entrypoint_and_healthcheck() -> None:
 
 
 def test_dockerfile_one_base_pinned_deps_and_compiled_bytecode() -> None:
-    assert (
-        len(set(dockerfile_bases())) == 1
-    )  # both stages on the same base (a digest given once applies to both)
+    bases = set(dockerfile_bases())
+    assert len(bases) == 1  # both stages on the same base (a digest given once applies to both)
+    assert re.fullmatch(r"python:3\.1[1-9]-slim@sha256:[0-9a-f]{64}", bases.pop())  # pinned by digest
     runs = [arg for op, arg in dockerfile_instructions() if op == "RUN"]
     assert any("pip wheel" in run and "--constraint" in run for run in runs)
     (install,) = [run for run in runs if "pip install" in run]
