@@ -162,7 +162,9 @@ class SparkEngine:
     ...     engine.run("SELECT verdict, count(*) AS n FROM flows GROUP BY verdict").to_pylist()
 
     `session` (or the session this process already runs) is used and left running on `close()`; otherwise a
-    session is started for `master` and stopped on `close()`.
+    session is started for `master` and stopped on `close()`. `cache_views` keeps each shared view in Spark's
+    cache once computed (until `refresh()`), for a session that asks many questions of one snapshot: Spark
+    otherwise recomputes the views (the edge definition among them) for every question.
     """
 
     def __init__(
@@ -171,8 +173,11 @@ class SparkEngine:
         *,
         master: str | None = None,
         session: Any | None = None,
+        cache_views: bool = False,
     ) -> None:
         _pyspark()
+        self.cache_views = cache_views
+        self._cached: list[str] = []
         if dataset is None or isinstance(dataset, Dataset):
             self.dataset = dataset
         else:
@@ -202,6 +207,7 @@ class SparkEngine:
 
     def refresh(self) -> None:
         """List the part files again and redefine every view over them."""
+        self._uncache()
         for view, table, schema in _VIEWS:
             files = tuple(visible_part_files(self.dataset, table)) if self.dataset is not None else ()
             self.files[view] = files
@@ -235,6 +241,13 @@ class SparkEngine:
                 raise QueryError(f"shared view {view.name} has parameters, which views cannot take")
             with _translate_errors(text, question=f"shared view {view.name}"):
                 self.spark.sql(f"CREATE OR REPLACE TEMP VIEW `{view.name}` AS\n{text}")
+                if self.cache_views:  # computed at first use, then read from the cache
+                    self.spark.sql(f"CACHE LAZY TABLE `{view.name}`")
+                    self._cached.append(view.name)
+
+    def _uncache(self) -> None:
+        while self._cached:
+            self.spark.sql(f"UNCACHE TABLE IF EXISTS `{self._cached.pop()}`")
 
     def _uri(self, path: str) -> str:
         assert self.dataset is not None
@@ -298,6 +311,7 @@ class SparkEngine:
 
     def close(self) -> None:
         """Drop the views; stop the session if this engine started it."""
+        self._uncache()
         if self._owns_session:
             self.spark.stop()
             return
