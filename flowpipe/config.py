@@ -12,7 +12,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field, fields
 
-from flowpipe.dataset import check_writer_id
+from flowpipe.dataset.layout import check_writer_id
 from flowpipe.errors import ConfigError
 
 DEFAULT_DATASET = "flowpipe-data"

@@ -152,7 +152,7 @@ class EventBatch:
     decode_errors: list[Exception] = field(default_factory=list)
     position: object | None = None
     flows_already_stored: int = 0
-    """Flows of this batch left out because the dataset already holds them (same uuid, `flowpipe.stored_flows`)."""
+    """Flows of this batch left out because the dataset already holds them (same uuid, `flowpipe.dataset.stored_flows`)."""
 
     def __len__(self) -> int:
         return self.flows.num_rows

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.collect import CollectConfig, CollectResult, collect
+from flowpipe.app.collect import CollectConfig, CollectResult, collect
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.sources.relay import RelaySourceConfig
 

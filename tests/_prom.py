@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import yaml
 from conftest import require_binary
 
-from flowpipe.metrics import Role, series_names
+from flowpipe.metrics.families import Role, series_names
 
 T = TypeVar("T")
 

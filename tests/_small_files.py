@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.model import EventBatch, LostEvent
 from flowpipe.query import DuckDBEngine
 from flowpipe.sim import Simulator, SimulatorConfig

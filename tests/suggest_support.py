@@ -11,8 +11,8 @@ from flowdata import T0, write_dataset
 from flowdata import flow as full_row
 from policy_support import flow
 
+from flowpipe.app.suggest import SuggestConfig, Suggestion, suggest_policies
 from flowpipe.query import DuckDBEngine
-from flowpipe.suggest import SuggestConfig, Suggestion, suggest_policies
 
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
 

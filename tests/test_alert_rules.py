@@ -11,7 +11,7 @@ import yaml
 from _prom import ROOT, promql_metric_names
 from conftest import require_binary
 
-from flowpipe.metrics import series_names
+from flowpipe.metrics.families import series_names
 
 RULES = ROOT / "docker" / "prometheus" / "flowpipe-alerts.yml"
 RULE_TESTS = ROOT / "docker" / "prometheus" / "flowpipe-alerts.test.yml"

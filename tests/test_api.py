@@ -13,10 +13,10 @@ from _small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_fi
 from click.testing import CliRunner
 
 import flowpipe
-import flowpipe.compact as compact_module
+import flowpipe.dataset.compact as compact_module
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import EmptyDatasetError, QuestionParameterError, UnknownQuestionError
 
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}

@@ -34,11 +34,11 @@ from flowdata import T0, flow, flows_table
 from prometheus_client import CollectorRegistry
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect
-from flowpipe.commands.collect import collect_command
+from flowpipe.app.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect
+from flowpipe.cli.collect import collect_command
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import DatasetWriteError
-from flowpipe.metrics import PipelineMetrics
+from flowpipe.metrics.families import PipelineMetrics
 from flowpipe.model import EventBatch
 from flowpipe.server import ObserverServer
 from flowpipe.sinks.parquet import ParquetSink

@@ -35,7 +35,7 @@ from conftest import small_tmpfs
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import DatasetWriteError
 from flowpipe.server import ObserverServer
 

@@ -26,7 +26,7 @@ from _prom import (
 )
 from conftest import require_binary
 
-from flowpipe.metrics import METRICS, series_names
+from flowpipe.metrics.families import METRICS, series_names
 
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import small_tmpfs
 
-from flowpipe.bench_data import generate_lines
+from flowpipe.bench.data import generate_lines
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.transforms import normalize_json_lines, normalize_json_texts
 
 

@@ -22,13 +22,13 @@ from policy_support import (
 )
 from suggest_support import connection, suggest
 
+from flowpipe.app.suggest import SuggestConfig, Suggestion
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import ConfigError
 from flowpipe.policy._istio_paths import draft_paths, istiod_refuses, normalize_path, path_matches
 from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, principal, unallowed_requests
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sources.file import read_events
-from flowpipe.suggest import SuggestConfig, Suggestion
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowpipe.errors import ConfigError, FlowDecodeError
-from flowpipe.metrics import (
+from flowpipe.metrics.families import (
     MAX_NODE_LABELS,
     METRICS,
     NO_CLUSTER,

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import DatasetWriteError, FlowDecodeError
 from flowpipe.model import FLOW_SCHEMA, EventBatch, LostEvent
 from flowpipe.pipeline import handle_stop_signals, run_pipeline

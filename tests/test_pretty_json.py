@@ -15,7 +15,7 @@ from flowpipe.cli import cli
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.sources import FileSource
-from flowpipe.sources._file_reader import looks_pretty_printed
+from flowpipe.sources.file._reader import looks_pretty_printed
 
 
 def _rows(path: Path, **options: object) -> tuple[pa.Table, list[Exception], FileSource]:

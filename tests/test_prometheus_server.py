@@ -39,7 +39,7 @@ from _prom import (
 from flowdata import flow, write_dataset
 
 from flowpipe.drop_reasons import drop_reason_table
-from flowpipe.metrics import series_names
+from flowpipe.metrics.families import series_names
 from flowpipe.model import LostEvent
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -380,8 +380,8 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 def test_unexpected_drops_gauge_matches_the_question(stack: Stack) -> None:
     if not question_available():
         pytest.skip("the question catalog has no unexpected_drops question yet")
-    from flowpipe.metrics import NO_CLUSTER, UNEXPECTED_WHYS
-    from flowpipe.sinks.prometheus import unexpected_drop_counts, unexpected_drops_runner
+    from flowpipe.metrics.families import NO_CLUSTER, UNEXPECTED_WHYS
+    from flowpipe.metrics.questions import unexpected_drop_counts, unexpected_drops_runner
 
     counts = unexpected_drop_counts(unexpected_drops_runner(str(stack.dataset))())
     clusters = {cluster for cluster, _ in counts} or {NO_CLUSTER}

@@ -13,7 +13,7 @@ from flowdata import flow, flows_table
 from prometheus_client import CollectorRegistry
 
 from flowpipe.errors import QueryError
-from flowpipe.metrics import (
+from flowpipe.metrics.families import (
     MAX_CLUSTER_LABELS,
     MAX_ENUM_LABELS,
     NO_CLUSTER,
@@ -21,15 +21,15 @@ from flowpipe.metrics import (
     NO_NAMESPACE,
     PipelineMetrics,
 )
-from flowpipe.model import EventBatch
-from flowpipe.sinks import Ack, Sink
-from flowpipe.sinks.prometheus import (
+from flowpipe.metrics.questions import (
     DNS_RCODE_NAMES,
     NamespaceCap,
     PrometheusSink,
     UnexpectedDropsRefresher,
     unexpected_drop_counts,
 )
+from flowpipe.model import EventBatch
+from flowpipe.sinks import Ack, Sink
 
 
 @pytest.fixture

@@ -485,8 +485,8 @@ def test_a_compaction_under_a_running_answer_sends_each_flow_once(
     import logging
 
     caplog.set_level(logging.INFO, logger="flowpipe.server.history")
-    from flowpipe.compact import compact_dataset
-    from flowpipe.dataset import Dataset
+    from flowpipe.dataset.compact import compact_dataset
+    from flowpipe.dataset.layout import Dataset
     from flowpipe.server import history
 
     table = stored[1]

@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowpipe.cli import cli
-from flowpipe.commands.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
-from flowpipe.dataset import Dataset
-from flowpipe.metrics import NO_NAMESPACE, PipelineMetrics
+from flowpipe.cli.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
+from flowpipe.dataset.layout import Dataset
+from flowpipe.metrics.families import NO_NAMESPACE, PipelineMetrics
+from flowpipe.metrics.questions import PrometheusSink
 from flowpipe.model import LostEvent
-from flowpipe.sinks.prometheus import PrometheusSink
 
 
 def follower_for(root: Path) -> tuple[DatasetFollower, CollectorRegistry]:

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from conftest import require_binary
 
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Question

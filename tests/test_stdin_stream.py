@@ -13,8 +13,8 @@ from pathlib import Path
 
 import duckdb
 
-from flowpipe.bench_data import write_synthetic_jsonpb
-from flowpipe.dataset import Dataset
+from flowpipe.bench.data import write_synthetic_jsonpb
+from flowpipe.dataset.layout import Dataset
 from flowpipe.sources.file import FileSource
 
 WAIT_SECONDS = 60.0

@@ -31,10 +31,10 @@ from _collect_support import (
 from _small_files import START
 from click.testing import CliRunner
 
-from flowpipe import storage
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset import storage
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.server import ObserverServer

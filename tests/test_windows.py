@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from flowdata import flow, write_dataset
 
 from flowpipe.cli import cli
-from flowpipe.commands.replay import resolve_window
+from flowpipe.cli.replay import resolve_window
 from flowpipe.model import LostEvent
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import open_engine

@@ -30,7 +30,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowpipe._output import format_datetime
+from flowpipe.cli._output import format_datetime
 from flowpipe.errors import ConfigError
 from flowpipe.query.catalog import RELATIVE_TO, Question, RelativeTo
 from flowpipe.query.engine import FLOWS_VIEW, LOST_EVENTS_VIEW, Engine

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import (
+from flowpipe.dataset.layout import (
     FLOWS_TABLE,
     LOST_EVENTS_TABLE,
     Dataset,

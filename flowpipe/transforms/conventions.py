@@ -1,6 +1,6 @@
 """The flow table's row conventions that a decoder outside `transforms` shares with `normalize`.
 
-`flowpipe.sources._relay_decode` decodes GetFlowsResponse bytes straight into the flow table; it must name
+`flowpipe.sources.relay._decode` decodes GetFlowsResponse bytes straight into the flow table; it must name
 enum values, split cluster names and spell TCP flags, L4/L7 kinds and policy lists exactly as `normalize` does
 (a test compares both). These are the pieces it shares, defined once next to the row builders that use them:
 
