@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _prom import ROOT, promql_metric_names
-from conftest import require_binary
+from support.env import require_binary
+from support.prom import ROOT, promql_metric_names
 
 from flowpipe.metrics.families import series_names
 

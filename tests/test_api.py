@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from _small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 from click.testing import CliRunner
+from support.small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 
 import flowpipe
 import flowpipe.dataset.compact as compact_module

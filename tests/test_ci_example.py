@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from review_support import check_junit, check_sarif
+from support.review import check_junit, check_sarif
 from test_storage_s3 import s3_endpoint  # noqa: F401 - the local S3 server fixture
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from flowdata import synthetic_flows, write_dataset
+from support.flowdata import synthetic_flows, write_dataset
 
 from flowpipe.bench.startup import HEAVY_MODULES, LIGHT_COMMANDS, imported_heavy_modules
 from flowpipe.cli import cli

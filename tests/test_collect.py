@@ -17,7 +17,8 @@ from pathlib import Path
 
 import click
 import pytest
-from _collect_support import (
+from prometheus_client import CollectorRegistry
+from support.collect import (
     chunks,
     dataset_table,
     dataset_uuids,
@@ -29,9 +30,8 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
-from _prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
-from flowdata import T0, flow, flows_table
-from prometheus_client import CollectorRegistry
+from support.flowdata import T0, flow, flows_table
+from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.app.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import (
+from click.testing import CliRunner
+from support.collect import (
     BackgroundCollect,
     background_collect,
     chunks,
@@ -30,8 +31,7 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
-from click.testing import CliRunner
-from conftest import small_tmpfs
+from support.env import small_tmpfs
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.cli import cli

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _collect_support import (
+from click.testing import CliRunner
+from cryptography import x509
+from support.collect import (
     background_collect,
     dataset_uuids,
     fast_collect_config,
@@ -20,8 +22,6 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
-from click.testing import CliRunner
-from cryptography import x509
 
 from flowpipe.cli import cli
 from flowpipe.server import ObserverServer, TestPKI, generate_test_pki

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _sim_dataset import ask
+from support.sim_dataset import ask
 
 from flowpipe.app.ingest import ingest_files
 from flowpipe.config import ParquetSinkConfig

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import yaml
-from policy_support import validate_document
+from support.policy import validate_document
 
 from flowpipe.policy._l7 import http_rules
 from flowpipe.policy.draft import Draft, draft_policies

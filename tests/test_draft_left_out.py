@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import validate_document
+from support.policy import validate_document
 from test_draft import DNS, WEB, edge, ent, policy, wl
 
 from flowpipe.app.suggest import split_denied

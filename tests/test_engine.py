@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
+from support.flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
 
 from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import EmptyDatasetError, QueryError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-from conftest import small_tmpfs
+from support.env import small_tmpfs
 
 from flowpipe.bench.data import generate_lines
 from flowpipe.cli import cli

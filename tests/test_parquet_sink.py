@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import small_tmpfs
+from support.env import small_tmpfs
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset, PartitionKey, parse_part_file_name

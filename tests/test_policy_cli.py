@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from flowdata import T0, write_dataset
-from flowdata import flow as row
-from policy_support import DB_NETWORK_POLICY, flow, pod
+from support.flowdata import T0, write_dataset
+from support.flowdata import flow as row
+from support.policy import DB_NETWORK_POLICY, flow, pod
 
 from flowpipe.cli import cli
 

@@ -3,8 +3,8 @@
 The counters equal what the dataset holds, new part files show up, and every dashboard query returns data.
 
 Dashboard queries over metrics that only `flowpipe collect` exports (relay connection, flushes, checkpoint age,
-decode errors, flowpipe's own drops) are listed by `_prom.deferred_to_collect()` and checked by the collect test,
-which runs `_prom.check_dashboard_queries(prom, role="collect", ...)` against a collector following the simulated
+decode errors, flowpipe's own drops) are listed by `support.prom.deferred_to_collect()` and checked by the collect test,
+which runs `support.prom.check_dashboard_queries(prom, role="collect", ...)` against a collector following the simulated
 relay.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import duckdb
 import pytest
-from _prom import (
+from support.flowdata import flow, write_dataset
+from support.prom import (
     QUESTION_METRICS,
     ROOT,
     PrometheusServer,
@@ -36,7 +37,6 @@ from _prom import (
     substitute_grafana_variables,
     wait_until,
 )
-from flowdata import flow, write_dataset
 
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.metrics.families import series_names

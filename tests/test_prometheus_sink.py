@@ -9,8 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from flowdata import flow, flows_table
 from prometheus_client import CollectorRegistry
+from support.flowdata import flow, flows_table
 
 from flowpipe.errors import QueryError
 from flowpipe.metrics.families import (

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from flowdata import synthetic_flows, write_dataset
+from support.flowdata import synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
 from flowpipe.dataset.layout import Dataset

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from _sim_dataset import ask
+from support.sim_dataset import ask
 
 from flowpipe.app.ingest import ingest_files
 from flowpipe.config import ParquetSinkConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _sim_dataset import SimDataset, parse_time
+from support.sim_dataset import SimDataset, parse_time
 
 from flowpipe.query import DuckDBEngine
 from flowpipe.sim import edges as e

@@ -17,7 +17,8 @@ import grpc
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import (
+from google.protobuf import json_format
+from support.collect import (
     WAIT_SECONDS,
     background_collect,
     chunks,
@@ -28,8 +29,7 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
-from _sim_dataset import ask
-from google.protobuf import json_format
+from support.sim_dataset import ask
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2

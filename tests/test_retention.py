@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from _small_files import LAST_HOUR, START, simulated_flows, sorted_rows, write_small_files
 from click.testing import CliRunner
-from flowdata import flow, write_dataset
+from support.flowdata import flow, write_dataset
+from support.small_files import LAST_HOUR, START, simulated_flows, sorted_rows, write_small_files
 
 from flowpipe.cli import cli
 from flowpipe.dataset.layout import Dataset, PartitionKey

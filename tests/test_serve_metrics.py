@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import require_binary
-from flowdata import T0, flow, synthetic_flows, write_dataset
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support.env import require_binary
+from support.flowdata import T0, flow, synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
 from flowpipe.cli.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower

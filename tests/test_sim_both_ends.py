@@ -3,7 +3,7 @@ through suggest: one connection attempt per SYN and its retransmits, counted onc
 
 from __future__ import annotations
 
-from _sim_dataset import SimDataset
+from support.sim_dataset import SimDataset
 
 from flowpipe.sim import faults as f
 

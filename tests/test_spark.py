@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from _small_files import START, lost_events, simulated_flows
 from click.testing import CliRunner
-from conftest import require_binary
+from support.env import require_binary
+from support.small_files import START, lost_events, simulated_flows
 
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig

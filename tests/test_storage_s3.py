@@ -18,7 +18,8 @@ from typing import Any
 
 import boto3
 import pytest
-from _collect_support import (
+from click.testing import CliRunner
+from support.collect import (
     background_collect,
     chunks,
     fast_collect_config,
@@ -28,8 +29,7 @@ from _collect_support import (
     uuids_of,
     wait_until,
 )
-from _small_files import START
-from click.testing import CliRunner
+from support.small_files import START
 
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig

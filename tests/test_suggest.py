@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import flow, pod, reserved, validate_document
-from suggest_support import connection, dns_server, documents, suggest
+from support.policy import flow, pod, reserved, validate_document
+from support.suggest import connection, dns_server, documents, suggest
 
 from flowpipe.policy.draft import Draft, draft_policies
 

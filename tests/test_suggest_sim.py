@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import validate_document
-from suggest_support import suggest
+from support.policy import validate_document
+from support.suggest import suggest
 
 from flowpipe.app.suggest import Suggestion
 from flowpipe.config import ParquetSinkConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flowdata import flow, write_dataset
+from support.flowdata import flow, write_dataset
 
 from flowpipe.cli import cli
 from flowpipe.cli.replay import resolve_window

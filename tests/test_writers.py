@@ -25,9 +25,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import ROOT, sim_flow_bytes, start_collector, stop_process, uuids_of, wait_until
-from _small_files import simulated_flows, write_small_files
 from click.testing import CliRunner
+from support.collect import ROOT, sim_flow_bytes, start_collector, stop_process, uuids_of, wait_until
+from support.small_files import simulated_flows, write_small_files
 
 from flowpipe.bench.s3 import count_flush_requests, counting_s3_server, request_counts
 from flowpipe.cli import cli

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from conftest import require_binary
 
 from flowpipe.metrics.families import Role, series_names
+from support.env import require_binary
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ def _wait_ready(server: PrometheusServer) -> bool:
 
 # -- dashboards and PromQL -------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
 
 GRAFANA_VARIABLES = {

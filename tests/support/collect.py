@@ -24,7 +24,7 @@ from flowpipe.app.collect import CollectConfig, CollectResult, collect
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.sources.relay import RelaySourceConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 WAIT_SECONDS = 60.0
 

@@ -165,7 +165,7 @@ _OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMe
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
-ISTIO_SCHEMAS = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas" / "istio"
+ISTIO_SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "istio"
 """Istio's AuthorizationPolicy CRD schema (`../shared/schemas/istio`), absent where `../shared` is."""
 _CEL_RULES = {
     "Cannot set serviceAccounts with namespaces or principals",

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from flowdata import T0, write_dataset
-from flowdata import flow as full_row
-from policy_support import flow
 
 from flowpipe.app.suggest import SuggestConfig, Suggestion, suggest_policies
 from flowpipe.query import DuckDBEngine
+from support.flowdata import T0, write_dataset
+from support.flowdata import flow as full_row
+from support.policy import flow
 
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
 
