@@ -12,10 +12,20 @@ import secrets
 import socket
 from dataclasses import dataclass, field, fields
 
-from flowpipe.dataset.layout import check_writer_id
 from flowpipe.errors import ConfigError
 
 DEFAULT_DATASET = "flowpipe-data"
+
+_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_writer_id(writer_id: str) -> str:
+    """Return `writer_id` if it can be part of a file name, else raise `ConfigError`."""
+    if not _WRITER_ID_RE.match(writer_id):
+        raise ConfigError(
+            f"writer id {writer_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return writer_id
 
 
 def default_writer_id() -> str:

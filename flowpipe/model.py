@@ -21,6 +21,8 @@ SCHEMA_VERSION = "1"
 """Stored in every part file's metadata under `flowpipe.schema_version`."""
 
 SCHEMA_VERSION_KEY = b"flowpipe.schema_version"
+WRITER_ID_KEY = b"flowpipe.writer_id"
+"""Part file metadata: the writer id of the process that wrote the file (the sink's, or a compaction run's)."""
 
 TIMESTAMP = pa.timestamp("ns", tz="UTC")
 _STRINGS = pa.list_(pa.string())

@@ -34,13 +34,14 @@ from support.flowdata import T0, flow, flows_table
 from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.app.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect
+from flowpipe.app.collect import collect
 from flowpipe.cli.collect import collect_command
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import DatasetWriteError
 from flowpipe.metrics.families import PipelineMetrics
 from flowpipe.model import EventBatch
 from flowpipe.server import ObserverServer
+from flowpipe.sinks.instrumented import READY_GRACE_SECONDS, InstrumentedParquetSink
 from flowpipe.sinks.parquet import ParquetSink
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]

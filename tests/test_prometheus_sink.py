@@ -21,15 +21,10 @@ from flowpipe.metrics.families import (
     NO_NAMESPACE,
     PipelineMetrics,
 )
-from flowpipe.metrics.questions import (
-    DNS_RCODE_NAMES,
-    NamespaceCap,
-    PrometheusSink,
-    UnexpectedDropsRefresher,
-    unexpected_drop_counts,
-)
+from flowpipe.metrics.questions import UnexpectedDropsRefresher, unexpected_drop_counts
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
+from flowpipe.sinks.prometheus import DNS_RCODE_NAMES, NamespaceCap, PrometheusSink
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from flowpipe.cli import cli
 from flowpipe.cli.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
 from flowpipe.dataset.layout import Dataset
 from flowpipe.metrics.families import NO_NAMESPACE, PipelineMetrics
-from flowpipe.metrics.questions import PrometheusSink
 from flowpipe.model import LostEvent
+from flowpipe.sinks.prometheus import PrometheusSink
 
 
 def follower_for(root: Path) -> tuple[DatasetFollower, CollectorRegistry]:

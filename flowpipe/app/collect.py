@@ -21,38 +21,32 @@ import hashlib
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry
 
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.dataset.layout import Dataset
 from flowpipe.dataset.leases import Lease, take_lease
 from flowpipe.dataset.stored_flows import StoredFlows
-from flowpipe.errors import ConfigError, SinkError
+from flowpipe.errors import ConfigError
 from flowpipe.metrics.families import MetricsServer, PipelineMetrics, parse_address, serve
 from flowpipe.metrics.questions import (
-    DEFAULT_MAX_NAMESPACES,
     DEFAULT_QUESTION_INTERVAL_SECONDS,
-    PrometheusSink,
     UnexpectedDropsRefresher,
     unexpected_drops_runner,
 )
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
-from flowpipe.sinks import Ack, Sink
+from flowpipe.sinks import Sink
+from flowpipe.sinks.instrumented import InstrumentedParquetSink
 from flowpipe.sinks.parquet import ParquetSink
+from flowpipe.sinks.prometheus import DEFAULT_MAX_NAMESPACES, PrometheusSink
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig
 
 log = logging.getLogger(__name__)
-
-READY_GRACE_SECONDS = 30.0
-"""How much longer than the flush interval flows may wait unflushed before /readyz says not ready."""
 
 
 COLLECT_MAX_BATCH_BYTES = 24 * 1024 * 1024
@@ -118,72 +112,6 @@ class CollectConfig:
             raise ConfigError("max_namespaces must be >= 0")
         if self.question_interval_seconds < 0:
             raise ConfigError("question_interval_seconds must be >= 0 (0: never)")
-
-
-class InstrumentedParquetSink:
-    """The Parquet sink, measured: each flush's rows, bytes, duration and newest flow time go to the metrics."""
-
-    name = "parquet"
-
-    def __init__(
-        self, inner: ParquetSink, metrics: PipelineMetrics, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.inner = inner
-        self.metrics = metrics
-        self._clock = clock
-        self._newest: datetime | None = None
-        self.waiting_since: float | None = None
-        self.failed = False
-
-    def _measured(self, call: Callable[[], Ack | None]) -> Ack | None:
-        started = time.perf_counter()
-        try:
-            ack = call()
-        except SinkError:
-            self.failed = True
-            self.metrics.record_error("sending", "write_failed")
-            raise
-        if ack is not None and ack.files:
-            size = sum(
-                info.size or 0 for info in self.inner.dataset.filesystem.get_file_info(list(ack.files))
-            )
-            self.metrics.record_flush(
-                ack.flows, size, time.perf_counter() - started, newest_flow_time=self._newest
-            )
-        if ack is not None and self.inner.buffered_rows == 0:
-            self.waiting_since = None
-        return ack
-
-    def write(self, batch: EventBatch) -> Ack | None:
-        """Hand the batch to the Parquet sink (which may flush)."""
-        if batch.flows.num_rows:
-            newest = pc.max(batch.flows.column("time")).as_py()
-            if newest is not None and (self._newest is None or newest > self._newest):
-                self._newest = newest
-            if self.waiting_since is None:
-                self.waiting_since = self._clock()
-        return self._measured(lambda: self.inner.write(batch))
-
-    def poll(self) -> Ack | None:
-        """Flush on age."""
-        return self._measured(self.inner.poll)
-
-    def flush(self) -> Ack | None:
-        """Flush what is open."""
-        return self._measured(self.inner.flush)
-
-    def close(self) -> Ack | None:
-        """Flush what is open."""
-        return self._measured(self.inner.close)
-
-    def keeping_up(self, flush_interval_seconds: float) -> bool:
-        """False when flows have waited unflushed far longer than the flush interval, or a flush failed."""
-        if self.failed:
-            return False
-        if self.waiting_since is None:
-            return True
-        limit = max(2 * flush_interval_seconds, flush_interval_seconds + READY_GRACE_SECONDS)
-        return self._clock() - self.waiting_since <= limit
 
 
 @dataclass(slots=True)

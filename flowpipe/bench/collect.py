@@ -12,7 +12,6 @@ Three child processes, so that each one's CPU and memory are its own:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -21,28 +20,18 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flowpipe.bench.context import BenchContext, Figure, process_cpu_seconds
 from flowpipe.errors import FlowpipeError
-
-if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
 
 POOL_FLOWS = 20_000
 _PAGE = 4096
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * _PAGE
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far (from /proc, so it works for a child still running)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _spawn(task: str, *args: str) -> subprocess.Popen[str]:
@@ -63,7 +52,6 @@ def _report(process: subprocess.Popen[str], task: str, timeout: float = 3600.0) 
 
 def bench_collect(ctx: BenchContext) -> list[Figure]:
     """Throughput and memory of `collect` draining a relay that holds `ctx.flows` flows, and the naive client."""
-    from flowpipe.bench import Figure
 
     dataset = ctx.workdir / "collect-dataset"
     outputs = (dataset, ctx.workdir / "collect-dataset-bare", ctx.workdir / "naive")
@@ -80,9 +68,9 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
         ctx.log(
             f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s); collecting them"
         )
-        relay_cpu = _cpu_seconds(relay.pid)
+        relay_cpu = process_cpu_seconds(relay.pid) or 0.0
         report = _report(_spawn("collector", address, str(dataset), str(ctx.flows), "on"), "collector")
-        relay_cpu = _cpu_seconds(relay.pid) - relay_cpu
+        relay_cpu = (process_cpu_seconds(relay.pid) or 0.0) - relay_cpu
         ctx.log("again with metrics off (no analytics sink, no /metrics)")
         bare = _report(
             _spawn("collector", address, str(ctx.workdir / "collect-dataset-bare"), str(ctx.flows), "off"),

@@ -25,10 +25,9 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
+from flowpipe.bench.context import BenchContext, Figure
 
 SCALE_FACTOR = 10
 """Flows in the dataset = SCALE_FACTOR x `--flows` (ten million by default)."""
@@ -81,7 +80,6 @@ def _note(cpu: float, load: float, extra: str = "") -> str:
 def bench_suggest(ctx: BenchContext) -> list[Figure]:
     """Wall and CPU time of `suggest` over the whole simulated dataset."""
     from flowpipe.app.suggest import SuggestConfig, suggest_policies
-    from flowpipe.bench import Figure
     from flowpipe.query.engine import open_engine
 
     root, flows, start, end = simulated_dataset(ctx)
@@ -131,7 +129,6 @@ def replay_policies(ctx: BenchContext) -> list[Any]:
 
 def bench_replay(ctx: BenchContext) -> list[Figure]:
     """Wall and CPU time of replaying 200 policies over every simulated flow (grouping plus judging)."""
-    from flowpipe.bench import Figure
     from flowpipe.policy.replay import replay_edges
     from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
     from flowpipe.query.engine import open_engine
@@ -203,7 +200,6 @@ def proposed_change(policies: list[Any]) -> list[Any]:
 def bench_delta(ctx: BenchContext) -> list[Figure]:
     """Wall and CPU time of `replay PROPOSED --baseline CURRENT` with 200 policies on each side over every
     simulated flow: one grouping of the stored edges, judged by both sets."""
-    from flowpipe.bench import Figure
     from flowpipe.policy.delta import delta_parameters, replay_delta
     from flowpipe.policy.stored_edges import EDGES_SQL
     from flowpipe.query.engine import open_engine

@@ -19,11 +19,10 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs
 
-if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
+from flowpipe.bench.context import BenchContext, Figure
 
 COUNTS_PATH = "/_flowpipe/requests"
 RESET_PATH = "/_flowpipe/reset"
@@ -118,7 +117,6 @@ def request_counts(endpoint: str, *, reset: bool = False) -> Counter[str]:
 
 def bench_s3(ctx: BenchContext) -> list[Figure]:
     """Requests per flush of the Parquet sink to an S3-compatible server, by kind; no folder markers."""
-    from flowpipe.bench import Figure
 
     try:
         import moto.server  # noqa: F401

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flowpipe.bench.context import BenchContext, Figure
+
 if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
     from flowpipe.query.catalog import Question
 
 SCALE_FACTORS = (1, 10, 50)
@@ -103,7 +104,6 @@ def _label(flows: int) -> str:
 
 def bench_scale(ctx: BenchContext) -> list[Figure]:
     """Bytes on disk and every question's DuckDB time at 1x, 10x and 50x `--flows` simulated flows."""
-    from flowpipe.bench import Figure
     from flowpipe.query.catalog import load_questions
     from flowpipe.query.engine import open_engine
     from flowpipe.query.run import run_question
@@ -154,7 +154,6 @@ def _spark_times(
     ctx: BenchContext, root: Path, questions: list[Question], window: dict[str, str], label: str
 ) -> list[Figure]:
     """Every question on Spark in local mode over the same dataset: what Spark costs on one machine."""
-    from flowpipe.bench import Figure
     from flowpipe.query.run import run_question
     from flowpipe.query.spark import DEFAULT_MASTER, SparkEngine
 
@@ -181,7 +180,6 @@ def _spark_times(
 
 def bench_compaction(ctx: BenchContext) -> list[Figure]:
     """Compaction of 10x `--flows` flows written as 1,000 part files, every hour closed."""
-    from flowpipe.bench import Figure
     from flowpipe.dataset.compact import compact_dataset
     from flowpipe.dataset.layout import Dataset
 

@@ -21,12 +21,10 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
+from flowpipe.bench.context import BenchContext, Figure, process_cpu_seconds
 
 SERVE_FACTOR = 10
 FIRST_FLOW_TARGET_SECONDS = 0.5
@@ -63,24 +61,12 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User and system CPU time of a process so far (Linux /proc)."""
-    import os
-
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
     """First-flow latency, last-20 latency, streaming throughput and peak RSS of serve-hubble."""
     import grpc
 
     from flowpipe._proto.flow import flow_pb2
     from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
-    from flowpipe.bench import Figure
     from flowpipe.bench.scale import _base, _Grower, _label
 
     base, start = _base(ctx)
@@ -150,7 +136,7 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
                 request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
                 response_deserializer=None,
             )
-            cpu_before = _cpu_seconds(process.pid)
+            cpu_before = process_cpu_seconds(process.pid)
             # Whole hours before the last one (the last copy may be partial): about STREAM_WINDOW_FLOWS flows.
             window = observer_pb2.GetFlowsRequest()
             window.since.FromDatetime(end - timedelta(hours=hours + 1))
@@ -158,7 +144,7 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
             began = time.perf_counter()
             streamed = sum(1 for _ in raw(window, timeout=3600)) - 1  # node_status
             seconds = time.perf_counter() - began
-            cpu_after = _cpu_seconds(process.pid)
+            cpu_after = process_cpu_seconds(process.pid)
             cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
             load = os.getloadavg()[0]
             figures.append(

@@ -15,12 +15,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from flowpipe.bench.context import BenchContext, Figure
 from flowpipe.errors import FlowpipeError
-
-if TYPE_CHECKING:
-    from flowpipe.bench import BenchContext, Figure
 
 HEAVY_MODULES = ("pyarrow", "duckdb", "pandas", "numpy", "grpc")
 """Libraries that cost most of a second to import; the light commands do without them."""
@@ -81,7 +78,6 @@ def startup_seconds(args: Sequence[str], runs: int = STARTUP_RUNS) -> float:
 
 def bench_startup(ctx: BenchContext) -> list[Figure]:
     """Warm start time of the light commands, with the heavy libraries each one loaded (none is the goal)."""
-    from flowpipe.bench import Figure
 
     figures = []
     for args in LIGHT_COMMANDS:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -100,8 +99,3 @@ def one_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
             param=param,
         )
     return values[0] if values else None
-
-
-def as_path(value: str) -> Path:
-    """A local dataset path from a `--dataset` value."""
-    return Path(value)

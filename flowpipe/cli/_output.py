@@ -41,6 +41,8 @@ from rich.segment import Segment, Segments
 from rich.table import Table
 from rich.text import Text
 
+from flowpipe.query.timeparse import format_datetime
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -257,15 +259,6 @@ def csv_value(value: Any) -> str:
     if isinstance(converted, (list, dict)):
         return json.dumps(converted, ensure_ascii=False, separators=(",", ":"))
     return str(converted)
-
-
-def format_datetime(value: datetime) -> str:
-    """ISO 8601; aware values in UTC with `Z` (nanoseconds kept when the value has them)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC)
-        text = value.isoformat()
-        return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
-    return value.isoformat()
 
 
 def _short_datetime(value: datetime) -> str:

@@ -19,8 +19,9 @@ from flowpipe.app.collect import (
 from flowpipe.cli._options import dataset_option
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS, MetricsServer
-from flowpipe.metrics.questions import DEFAULT_MAX_NAMESPACES, DEFAULT_QUESTION_INTERVAL_SECONDS
+from flowpipe.metrics.questions import DEFAULT_QUESTION_INTERVAL_SECONDS
 from flowpipe.pipeline import handle_stop_signals
+from flowpipe.sinks.prometheus import DEFAULT_MAX_NAMESPACES
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
 from flowpipe.sources.relay._connect import DEFAULT_RELAY_PORT, with_default_port
 

@@ -37,13 +37,11 @@ from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS, PipelineMetrics, parse_address, render, serve
 from flowpipe.metrics.questions import (
-    ANALYTICS_COLUMNS,
-    DEFAULT_MAX_NAMESPACES,
     DEFAULT_QUESTION_INTERVAL_SECONDS,
-    PrometheusSink,
     UnexpectedDropsRefresher,
     unexpected_drops_runner,
 )
+from flowpipe.sinks.prometheus import ANALYTICS_COLUMNS, DEFAULT_MAX_NAMESPACES, PrometheusSink
 
 log = logging.getLogger(__name__)
 

@@ -60,13 +60,12 @@ from flowpipe.dataset.layout import (
 )
 from flowpipe.dataset.maintenance import PartFile, PartitionFiles, list_partitions, maintenance_lock
 from flowpipe.errors import ConfigError, DatasetWriteError
-from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY
+from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITER_ID_KEY
 
 log = logging.getLogger(__name__)
 
 COMPACTED_FROM_KEY = b"flowpipe.compacted_from"
 """Parquet metadata key of a compacted file: JSON `[[input name, rows], ...]`, in the order of its rows."""
-WRITER_ID_KEY = b"flowpipe.writer_id"
 DEFAULT_TARGET_SIZE_BYTES = 128 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 3600.0
 ROW_GROUP_ROWS = 1_000_000

@@ -58,7 +58,6 @@ STALE_TEMP_SECONDS = 3600.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _START_FORMAT = "%Y%m%dT%H%M%S%fZ"
-_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PART_RE = re.compile(
     r"^part-(?P<start>\d{8}T\d{12}Z)-(?P<writer>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<seq>\d{6,})\.parquet$"
 )
@@ -146,15 +145,6 @@ def _close_quietly(handle: Any) -> None:
 def is_hidden_name(name: str) -> bool:
     """True for names every reader skips: temporary and private files (`.x`, `_x`, `x.tmp`)."""
     return name.startswith((".", "_")) or name.endswith(TEMP_SUFFIX)
-
-
-def check_writer_id(writer_id: str) -> str:
-    """Return `writer_id` if it can be part of a file name, else raise `ConfigError`."""
-    if not _WRITER_ID_RE.match(writer_id):
-        raise ConfigError(
-            f"writer id {writer_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return writer_id
 
 
 @dataclass(frozen=True, slots=True, order=True)

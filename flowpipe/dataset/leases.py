@@ -73,8 +73,6 @@ MAINTENANCE = "maintenance"
 class SourceClaimedError(DatasetWriteError):
     """Another live process holds a claim this one asked for (a source being written, or maintenance)."""
 
-    error_type = "source_claimed"
-
     def __init__(self, message: str, *, path: str, holder: Mapping[str, Any]) -> None:
         super().__init__(message, path=path)
         self.holder = dict(holder)

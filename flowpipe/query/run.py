@@ -30,11 +30,10 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowpipe.cli._output import format_datetime
 from flowpipe.errors import ConfigError
 from flowpipe.query.catalog import RELATIVE_TO, Question, RelativeTo
 from flowpipe.query.engine import FLOWS_VIEW, LOST_EVENTS_VIEW, Engine
-from flowpipe.query.timeparse import EARLIEST_FLOW_TIME, LATEST_FLOW_TIME, to_utc
+from flowpipe.query.timeparse import EARLIEST_FLOW_TIME, LATEST_FLOW_TIME, format_datetime, to_utc
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

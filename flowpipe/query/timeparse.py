@@ -108,3 +108,12 @@ def to_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def format_datetime(value: datetime) -> str:
+    """ISO 8601; aware values in UTC with `Z` (nanoseconds kept when the value has them)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+        text = value.isoformat()
+        return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
+    return value.isoformat()

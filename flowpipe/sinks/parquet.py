@@ -51,14 +51,13 @@ from flowpipe.model import (
     LOST_EVENTS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    WRITER_ID_KEY,
     EventBatch,
     LostEvent,
 )
 from flowpipe.sinks import Ack
 
 log = logging.getLogger(__name__)
-
-WRITER_ID_KEY = b"flowpipe.writer_id"
 
 Clock = Callable[[], float]
 
