@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import secrets
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from flowpipe.errors import ConfigError
 
@@ -108,6 +109,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "buffer_batches", "poll_interval_seconds", "stop_timeout_seconds")
+
+
+def field_defaults(config_class: type) -> dict[str, Any]:
+    """Field name → default value of a config dataclass (fields without a default left out): the CLI's
+    defaults, so that each is written once."""
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
 
 def field_help(config_class: type) -> dict[str, str]:

@@ -20,9 +20,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("flowpipe.dataset",),  # layout, storage, compaction, retention, leases, stored flow uuids
     ("flowpipe.transforms",),  # Hubble records <-> the flow table
     ("flowpipe.query",),  # the engine over the dataset and the named questions
-    ("flowpipe.metrics",),  # metric families, periodic questions, the metrics server
+    ("flowpipe.metrics.families",),  # the metric families a running pipeline keeps
     ("flowpipe.sources", "flowpipe.sinks"),
     ("flowpipe.pipeline",),  # source -> sinks, commits once durable
+    ("flowpipe.metrics",),  # periodic questions, the metrics server of a dataset
     ("flowpipe.policy",),
     ("flowpipe.server",),
     ("flowpipe.sim",),

@@ -13,9 +13,9 @@ from support.env import require_binary
 from support.flowdata import T0, flow, synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
-from flowpipe.cli.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
 from flowpipe.dataset.layout import Dataset
 from flowpipe.metrics.families import NO_NAMESPACE, PipelineMetrics
+from flowpipe.metrics.server import MAX_READ_ATTEMPTS, DatasetFollower
 from flowpipe.model import LostEvent
 from flowpipe.sinks.prometheus import PrometheusSink
 

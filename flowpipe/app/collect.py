@@ -35,8 +35,7 @@ from flowpipe.errors import ConfigError
 from flowpipe.metrics.families import MetricsServer, PipelineMetrics, parse_address, serve
 from flowpipe.metrics.questions import (
     DEFAULT_QUESTION_INTERVAL_SECONDS,
-    UnexpectedDropsRefresher,
-    unexpected_drops_runner,
+    unexpected_drops_refresher,
 )
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
@@ -199,11 +198,8 @@ def _collect(
     # One answer per cluster: a collector given --cluster answers for its cluster, and of sharded collectors
     # (one cluster, one dataset) only shard 0 does, so summing over collectors counts each drop once.
     cluster = config.source.cluster_name
-    refresher = UnexpectedDropsRefresher(
-        metrics,
-        unexpected_drops_runner(config.sink.path, cluster=cluster),
-        interval_seconds=config.question_interval_seconds,
-        cluster=cluster,
+    refresher = unexpected_drops_refresher(
+        metrics, config.sink.path, cluster=cluster, interval_seconds=config.question_interval_seconds
     )
     refresher_stop = threading.Event()
     refresher_thread = threading.Thread(

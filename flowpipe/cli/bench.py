@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowpipe.bench import DEFAULT_BASELINE_FLOWS, DEFAULT_FLOWS, SECTIONS, Figure, run_bench
-from flowpipe.cli._options import format_option
+from flowpipe.cli._options import AliasedOption, format_option
 from flowpipe.cli._output import render
 
 
@@ -63,7 +63,8 @@ def _print_table(figures: list[Figure]) -> None:
               help="Flows the naive baseline reads (it is slow and memory-hungry; its speed is per flow).")  # fmt: skip
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the generated file and dataset (kept); default: a temporary folder.")  # fmt: skip
-@click.option("--keep", is_flag=True, help="Keep the temporary folder and print where it is.")
+@click.option("--keep-workdir", "--keep", "keep", cls=AliasedOption, aliases=("--keep",), is_flag=True,
+              help="Keep the temporary folder and print where it is.")  # fmt: skip
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic flows.")
 @click.option("--check", is_flag=True, help="Exit with status 1 when a figure misses its target.")
 @format_option("table", "json", "jsonl", "csv")

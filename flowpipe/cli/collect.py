@@ -16,17 +16,18 @@ from flowpipe.app.collect import (
     source_writer_id,
     use_system_memory_pool,
 )
-from flowpipe.cli._options import dataset_option
-from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_help
+from flowpipe.cli._options import cluster_name_option, dataset_option
+from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_defaults, field_help
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS, MetricsServer
-from flowpipe.metrics.questions import DEFAULT_QUESTION_INTERVAL_SECONDS
 from flowpipe.pipeline import handle_stop_signals
-from flowpipe.sinks.prometheus import DEFAULT_MAX_NAMESPACES
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
 from flowpipe.sources.relay._connect import DEFAULT_RELAY_PORT, with_default_port
 
 _SINK = field_help(ParquetSinkConfig)
 _RELAY = field_help(RelaySourceConfig)
+_SINK_DEFAULT = field_defaults(ParquetSinkConfig)
+_RELAY_DEFAULT = field_defaults(RelaySourceConfig)
+_COLLECT_DEFAULT = field_defaults(CollectConfig)
 _OFF = ("", "off", "none")
 
 
@@ -69,9 +70,11 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     help=_RELAY["nodes"] + " Repeatable.",
 )
 @dataset_option
-@_option("--flush-interval-seconds", env="FLUSH_INTERVAL_SECONDS", type=click.FloatRange(min=0.01), default=60.0,
+@_option("--flush-interval-seconds", env="FLUSH_INTERVAL_SECONDS", type=click.FloatRange(min=0.01),
+         default=_SINK_DEFAULT["flush_interval_seconds"],
          show_default=True, help=_SINK["flush_interval_seconds"])  # fmt: skip
-@_option("--max-batch-rows", env="MAX_BATCH_ROWS", type=click.IntRange(min=1), default=200_000, show_default=True,
+@_option("--max-batch-rows", env="MAX_BATCH_ROWS", type=click.IntRange(min=1),
+         default=_SINK_DEFAULT["max_batch_rows"], show_default=True,
          help=_SINK["max_batch_rows"])  # fmt: skip
 @_option("--max-batch-bytes", env="MAX_BATCH_BYTES", type=click.IntRange(min=1), default=COLLECT_MAX_BATCH_BYTES,
          show_default=True, help=_SINK["max_batch_bytes"])  # fmt: skip
@@ -84,7 +87,7 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("--writer-id", env="WRITER_ID",
          help="Id of this writer in part-file names; unique among writers running on one dataset (default: named "
          "after the checkpoint, e.g. relay-shard-0-of-2, the same across restarts).")  # fmt: skip
-@_option("--cluster", env="CLUSTER_NAME", metavar="NAME", help=_RELAY["cluster_name"])
+@cluster_name_option(_RELAY["cluster_name"], envvar="FLOWPIPE_CLUSTER_NAME", show_envvar=True)
 @_option(
     "--field-mask/--no-field-mask",
     env="FIELD_MASK",
@@ -96,15 +99,19 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          help=_RELAY["startup_timeout_seconds"] + " Problems that waiting cannot fix (not a Hubble relay, TLS "
          "versus plaintext, certificates) stop at once.")  # fmt: skip
 @_option("--reconnect-backoff-initial-seconds", env="RECONNECT_BACKOFF_INITIAL_SECONDS", type=click.FloatRange(min=0.001),
-         default=0.5, show_default=True, help=_RELAY["reconnect_backoff_initial_seconds"])  # fmt: skip
+         default=_RELAY_DEFAULT["reconnect_backoff_initial_seconds"], show_default=True,
+         help=_RELAY["reconnect_backoff_initial_seconds"])  # fmt: skip
 @_option("--reconnect-backoff-max-seconds", env="RECONNECT_BACKOFF_MAX_SECONDS", type=click.FloatRange(min=0.001),
-         default=30.0, show_default=True, help=_RELAY["reconnect_backoff_max_seconds"])  # fmt: skip
-@_option("--resume-overlap-seconds", env="RESUME_OVERLAP_SECONDS", type=click.FloatRange(min=0), default=10.0,
+         default=_RELAY_DEFAULT["reconnect_backoff_max_seconds"], show_default=True,
+         help=_RELAY["reconnect_backoff_max_seconds"])  # fmt: skip
+@_option("--resume-overlap-seconds", env="RESUME_OVERLAP_SECONDS", type=click.FloatRange(min=0),
+         default=_RELAY_DEFAULT["resume_overlap_seconds"],
          show_default=True, help=_RELAY["resume_overlap_seconds"])  # fmt: skip
 @_option("--question-interval-seconds", env="QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
-         default=DEFAULT_QUESTION_INTERVAL_SECONDS, show_default=True,
+         default=_COLLECT_DEFAULT["question_interval_seconds"], show_default=True,
          help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
-@_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0), default=DEFAULT_MAX_NAMESPACES,
+@_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0),
+         default=_COLLECT_DEFAULT["max_namespaces"],
          show_default=True, help="Namespaces with their own label value in the flow analytics metrics; the rest "
          "are counted as 'other'.")  # fmt: skip
 def collect_command(
@@ -123,7 +130,7 @@ def collect_command(
     metrics_address: str,
     node_shard: str | None,
     writer_id: str | None,
-    cluster: str | None,
+    cluster_name: str | None,
     field_mask: bool,
     startup_timeout_seconds: float | None,
     reconnect_backoff_initial_seconds: float,
@@ -156,7 +163,7 @@ def collect_command(
         verdicts=verdict,
         nodes=node,
         node_shard=parse_node_shard(node_shard) if node_shard else None,
-        cluster_name=cluster or None,
+        cluster_name=cluster_name or None,
         field_mask=field_mask,
         startup_timeout_seconds=startup_timeout_seconds,
         reconnect_backoff_initial_seconds=reconnect_backoff_initial_seconds,

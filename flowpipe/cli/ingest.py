@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from flowpipe.app.ingest import IngestResult, ingest_files, plural
-from flowpipe.cli._options import dataset_option
+from flowpipe.cli._options import cluster_name_option, dataset_option
 from flowpipe.config import ParquetSinkConfig, field_help
 from flowpipe.errors import FlowpipeError, SourceError
 from flowpipe.model import EventBatch
@@ -38,8 +38,7 @@ STOPPED_EXIT_CODE = 130
 @click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @dataset_option
 @click.option("--strict", is_flag=True, help="Fail on the first malformed line instead of skipping it.")
-@click.option("--cluster", "cluster_name", metavar="NAME",
-              help="Cluster name for flows whose node name does not carry one.")  # fmt: skip
+@cluster_name_option("Cluster name for flows whose node name does not carry one.")
 @click.option("--max-batch-rows", type=click.IntRange(min=1), help=_HELP["max_batch_rows"])
 @click.option("--writer-id", help=_HELP["writer_id"])
 def ingest(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from flowpipe.cli._options import dataset_option, format_option, one_value
+from flowpipe.cli._options import dataset_option, format_option, one_value, param_option, parse_param_options
 from flowpipe.cli._output import Records, format_datetime, render
 from flowpipe.query.catalog import RELATIVE_TO, Catalog, Question, load_questions
 from flowpipe.query.timeparse import parse_time
@@ -27,20 +27,6 @@ SHORTCUTS = ("since", "until", "namespace", "verdict", "limit")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def parse_param_options(values: tuple[str, ...]) -> dict[str, str]:
-    """`-p key=value` options as a dict; a malformed one or a key given twice is a usage error."""
-    params: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise click.UsageError(f"-p expects KEY=VALUE, got {item!r}")
-        if key in params:
-            raise click.UsageError(f"parameter {key} is given twice")
-        params[key] = value
-    return params
-
-
 def sql_dir_option(func: F) -> F:
     """`--sql-dir DIR`: a folder of question files to use instead of the shipped ones."""
     return click.option(
@@ -53,14 +39,7 @@ def sql_dir_option(func: F) -> F:
 
 @click.command("query")
 @click.argument("name", required=False)
-@click.option(
-    "-p",
-    "--param",
-    "param_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Set a question parameter (repeatable).",
-)
+@param_option("Set a question parameter (repeatable).")
 @click.option(
     "--since",
     help="Window start: 1h, 30m, 7d, 45s, now, an ISO timestamp, or `all` (from the first record) (sets `since`).",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -13,29 +12,11 @@ from typing import IO
 
 import click
 
+from flowpipe.cli._options import choose_faults, simulation_options
 from flowpipe.errors import ConfigError
-from flowpipe.query import timeparse
-from flowpipe.sim import FAULT_NAMES, FAULTS, Simulator, SimulatorConfig, parse_faults
+from flowpipe.query.timeparse import parse_seconds
+from flowpipe.sim import FAULTS, Simulator, SimulatorConfig
 from flowpipe.sim.overlap import CaptureFiles, write_overlapping_files
-
-_SECONDS = re.compile(r"\d+(?:\.\d+)?")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from a duration as `--since` takes it (`90s`, `10m`, `1h30m`, `2d`, `1w`; the one parser of
-    `flowpipe.query.timeparse`) or a bare number of seconds (`90`); raises ConfigError otherwise."""
-    value = text.strip()
-    try:
-        if value.startswith("-") or value.lower() == "now":
-            raise ValueError(value)
-        seconds = (
-            float(value) if _SECONDS.fullmatch(value) else timeparse.parse_duration(value).total_seconds()
-        )
-    except ValueError:
-        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h30m, 2d, 1w") from None
-    if seconds <= 0:
-        raise ConfigError(f"invalid duration {text!r}: it must be more than 0 (e.g. 90s, 10m, 1h30m)")
-    return seconds
 
 
 def parse_start(text: str | None, duration_seconds: float, now: datetime) -> datetime:
@@ -49,17 +30,6 @@ def parse_start(text: str | None, duration_seconds: float, now: datetime) -> dat
     except ValueError as exc:
         raise ConfigError(f"invalid --start {text!r}: use ISO 8601, e.g. 2025-01-06T09:00:00Z") from exc
     return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
-
-
-def choose_faults(fault: tuple[str, ...], faults: str | None, no_faults: bool) -> frozenset[str]:
-    """The faults to inject from the three flags; all of them when none is given."""
-    if no_faults and (fault or faults):
-        raise ConfigError("--no-faults cannot be combined with --fault or --faults")
-    if no_faults:
-        return frozenset()
-    if not fault and faults is None:
-        return frozenset(FAULT_NAMES)
-    return parse_faults([*fault, *([faults] if faults else [])])
 
 
 @contextmanager
@@ -79,6 +49,12 @@ def _open_output(path: str) -> Iterator[IO[str]]:
 
 
 @click.command("simulate")
+@simulation_options(
+    rate=1000.0,
+    rate_help="Average flows per second of simulated time.",
+    duration="10m",
+    duration_help="Simulated duration, e.g. 90s, 10m, 1h.",
+)
 @click.option(
     "--out",
     "-o",
@@ -88,33 +64,13 @@ def _open_output(path: str) -> Iterator[IO[str]]:
     help="Where to write jsonpb lines; `-` is stdout, a name ending in .gz is compressed.",
 )
 @click.option(
-    "--seed", type=int, default=1, show_default=True, help="Random seed: the same seed, the same flows."
-)
-@click.option(
-    "--rate",
-    type=float,
-    default=1000.0,
-    show_default=True,
-    help="Average flows per second of simulated time.",
-)
-@click.option("--duration", default="10m", show_default=True, help="Simulated duration, e.g. 90s, 10m, 1h.")
-@click.option(
     "--start",
     default=None,
     metavar="ISO",
     help="Simulated start time (ISO 8601, UTC without an offset). Default: the last --duration before "
     "now, to the minute.",
 )
-@click.option(
-    "--fault",
-    multiple=True,
-    metavar="NAME",
-    help="Inject only this fault (repeatable). Default: all faults. See --list-faults.",
-)
-@click.option("--faults", default=None, metavar="LIST", help="Comma-separated faults, or `all` / `none`.")
-@click.option("--no-faults", is_flag=True, help="A clean run: no injected faults.")
 @click.option("--max-flows", type=int, default=None, help="Stop after this many flows.")
-@click.option("--cluster", "cluster_name", default="sim", show_default=True, help="Simulated cluster name.")
 @click.option(
     "--ground-truth",
     "ground_truth",
@@ -158,7 +114,7 @@ def simulate(
         return
     if out is None:
         raise click.UsageError("missing --out FILE (use `-` for stdout)")
-    seconds = parse_duration(duration)
+    seconds = parse_seconds(duration)
     config = SimulatorConfig(
         seed=seed,
         start=parse_start(start, seconds, datetime.now(UTC)),

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import click
 
-from flowpipe.cli.simulate import choose_faults, parse_duration
+from flowpipe.cli._options import choose_faults, simulation_options
 from flowpipe.errors import ConfigError, ObserverServerError
+from flowpipe.pipeline import handle_stop_signals
+from flowpipe.query.timeparse import parse_seconds
 from flowpipe.server import (
     DEFAULT_BUFFER_SIZE,
     FlowFeeder,
@@ -103,15 +103,6 @@ def client_hints(
     help="Address to serve on (port 0: any free port).",
 )
 @click.option(
-    "--seed", type=int, default=1, show_default=True, help="Simulator seed: the same seed, the same flows."
-)
-@click.option(
-    "--rate", type=float, default=200.0, show_default=True, help="Average flows per second, in real time."
-)
-@click.option(
-    "--duration", default="24h", show_default=True, help="How long the simulated traffic runs, e.g. 10m, 2h."
-)
-@click.option(
     "--backlog",
     default="2m",
     show_default=True,
@@ -124,12 +115,12 @@ def client_hints(
     show_default=True,
     help="Flows kept per node (Hubble's ring buffer capacity).",
 )
-@click.option(
-    "--fault", multiple=True, metavar="NAME", help="Inject only this fault (repeatable). Default: all."
+@simulation_options(
+    rate=200.0,
+    rate_help="Average flows per second, in real time.",
+    duration="24h",
+    duration_help="How long the simulated traffic runs, e.g. 10m, 2h.",
 )
-@click.option("--faults", default=None, metavar="LIST", help="Comma-separated faults, or `all` / `none`.")
-@click.option("--no-faults", is_flag=True, help="Clean traffic: no injected faults.")
-@click.option("--cluster", "cluster_name", default="sim", show_default=True, help="Simulated cluster name.")
 @server_tls_options
 def simulate_relay(
     listen: str,
@@ -157,8 +148,8 @@ def simulate_relay(
     host, port = parse_listen(listen)
     if buffer_size <= 0:
         raise ConfigError(f"--buffer-size must be > 0, got {buffer_size}")
-    backlog_seconds = 0.0 if backlog.strip() in ("0", "0s") else parse_duration(backlog)
-    duration_seconds = parse_duration(duration)
+    backlog_seconds = parse_seconds(backlog, allow_zero=True)
+    duration_seconds = parse_seconds(duration)
     start = datetime.now(UTC) - timedelta(seconds=backlog_seconds)
     config = SimulatorConfig(
         seed=seed,
@@ -175,36 +166,31 @@ def simulate_relay(
     )
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        feeder = FlowFeeder(server, simulator.flows(), realtime=True).start()
-        feeder.caught_up.wait()  # the backlog is in the buffers before anyone is told to connect
-        mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
-        click.echo(
-            f"Simulated hubble-relay listening on {server.address} ({mode}): cluster {cluster_name!r}, "
-            f"{len(simulator.node_names)} nodes, {rate:g} flows/s, {buffer_size} flows buffered per node."
-        )
-        if files:
-            click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
-        click.echo("Connect with:")
-        for hint in client_hints(server.address, tls, files, tls_server_name):
-            click.echo(f"  {hint}")
-        click.echo("Press Ctrl-C to stop.", err=True)
-        finished_reported = False
-        while not stop.wait(0.5):
-            if feeder.finished.is_set() and not finished_reported:
-                finished_reported = True
-                if feeder.error is not None:
-                    raise ObserverServerError(f"the simulator feeding the relay stopped: {feeder.error}")
-                click.echo("The simulated traffic has ended; still serving the buffers.", err=True)
-        feeder.stop()
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with handle_stop_signals(stop, doing="stopping"):
+        try:
+            server.start()
+            feeder = FlowFeeder(server, simulator.flows(), realtime=True).start()
+            feeder.caught_up.wait()  # the backlog is in the buffers before anyone is told to connect
+            mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
+            click.echo(
+                f"Simulated hubble-relay listening on {server.address} ({mode}): cluster {cluster_name!r}, "
+                f"{len(simulator.node_names)} nodes, {rate:g} flows/s, {buffer_size} flows buffered per node."
+            )
+            if files:
+                click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
+            click.echo("Connect with:")
+            for hint in client_hints(server.address, tls, files, tls_server_name):
+                click.echo(f"  {hint}")
+            click.echo("Press Ctrl-C to stop.", err=True)
+            finished_reported = False
+            while not stop.wait(0.5):
+                if feeder.finished.is_set() and not finished_reported:
+                    finished_reported = True
+                    if feeder.error is not None:
+                        raise ObserverServerError(f"the simulator feeding the relay stopped: {feeder.error}")
+                    click.echo("The simulated traffic has ended; still serving the buffers.", err=True)
+            feeder.stop()
+        finally:
+            server.stop()
     seen = sum(n.seen_flows for n in server.store.node_stats())
     click.echo(f"Stopped after serving {seen} simulated flows.", err=True)

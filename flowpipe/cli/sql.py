@@ -6,9 +6,8 @@ import sys
 
 import click
 
-from flowpipe.cli._options import dataset_option, format_option
+from flowpipe.cli._options import dataset_option, format_option, param_option, parse_param_options
 from flowpipe.cli._output import render
-from flowpipe.cli.query import parse_param_options
 from flowpipe.errors import QuestionParameterError
 from flowpipe.query.catalog import find_parameters
 from flowpipe.query.engine import open_engine
@@ -16,14 +15,7 @@ from flowpipe.query.engine import open_engine
 
 @click.command("sql")
 @click.argument("statement")
-@click.option(
-    "-p",
-    "--param",
-    "param_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Bind $KEY to VALUE (repeatable).",
-)
+@param_option("Bind $KEY to VALUE (repeatable).")
 @click.option(
     "--allow-external-access",
     is_flag=True,

@@ -143,3 +143,21 @@ class UnexpectedDropsRefresher:
         while not stop.is_set():
             self.poll()
             stop.wait(max(0.1, self.interval_seconds))
+
+
+def unexpected_drops_refresher(
+    metrics: PipelineMetrics,
+    dataset: str,
+    *,
+    params: Mapping[str, object] | None = None,
+    cluster: str | None = None,
+    interval_seconds: float = DEFAULT_QUESTION_INTERVAL_SECONDS,
+) -> UnexpectedDropsRefresher:
+    """The refresher of `flowpipe_unexpected_drops` over `dataset` (of `cluster` only, when given): how both
+    `collect` and `serve-metrics` answer the question."""
+    return UnexpectedDropsRefresher(
+        metrics,
+        unexpected_drops_runner(dataset, params, cluster=cluster),
+        interval_seconds=interval_seconds,
+        cluster=cluster,
+    )
