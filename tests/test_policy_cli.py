@@ -127,7 +127,7 @@ def test_audit_without_flows_skips_observed_checks(tmp_path: Path) -> None:
 def test_relative_windows_count_back_from_an_old_dataset() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from flowpipe.cli.replay import resolve_window
+    from flowpipe.query.run import resolve_window
 
     now = datetime(2025, 1, 1, tzinfo=UTC)
     start, end, anchor = resolve_window(T0, "1h", None, now=now)  # the data is older than the window

@@ -7,15 +7,15 @@ import json
 import click
 import pyarrow as pa
 
-from flowpipe.app.review import (
+from flowpipe.cli._options import dataset_option, format_option
+from flowpipe.cli._output import render
+from flowpipe.cli._review import (
     FINDINGS_EXIT_CODE,
     load_policy_input,
     report_file_options,
     sarif_text,
     write_report,
 )
-from flowpipe.cli._options import dataset_option, format_option
-from flowpipe.cli._output import render
 from flowpipe.policy.audit import INVENTORY_SQL, SEVERITIES, Inventory, at_or_above, audit_policies
 from flowpipe.policy.review import audit_junit, audit_sarif, junit_text
 from flowpipe.query.engine import open_engine

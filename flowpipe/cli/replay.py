@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
-from datetime import datetime
 
 import click
 import pyarrow as pa
 
-from flowpipe.app.review import (
+from flowpipe.app.replay import replay_stored_flows
+from flowpipe.cli._options import dataset_option, format_option, one_value
+from flowpipe.cli._output import format_datetime, render
+from flowpipe.cli._review import (
     FINDINGS_EXIT_CODE,
     load_policy_input,
     report_file_options,
     sarif_text,
     write_report,
 )
-from flowpipe.cli._options import dataset_option, format_option, one_value
-from flowpipe.cli._output import format_datetime, render
-from flowpipe.policy.clusters import choose_cluster
-from flowpipe.policy.delta import DeltaEdge, DeltaReport, delta_parameters, replay_delta
-from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
+from flowpipe.policy.delta import DeltaEdge, DeltaReport
+from flowpipe.policy.replay import ReplayConfig, ReplayReport
 from flowpipe.policy.review import delta_junit, delta_sarif, junit_text
-from flowpipe.policy.stored_edges import EDGES_SQL
-from flowpipe.query.engine import open_engine
-from flowpipe.query.run import newest_flow_time, relative_anchor
-from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
 
 
 def _help(name: str) -> str:
@@ -107,32 +102,31 @@ def replay(
     """
     policies = load_policy_input(paths)
     baseline = load_policy_input(baseline_paths, what="baseline policies") if baseline_paths else None
-    with open_engine(dataset, require_flows=True) as engine:
-        newest = newest_flow_time(engine)
-        start, end, anchor = resolve_window(newest, since, until)
-        chosen = choose_cluster(engine, cluster or None, start, end, command="replay")
-        # One grouping for both sets: it keeps what either set can tell apart.
-        edges = engine.run(
-            EDGES_SQL,
-            delta_parameters(policies, baseline, since=start, until=end, cluster=chosen),
-            question="replay edges",
-        )
-    if anchor is not None:
+    gating = baseline is not None or fail_on_break or fail_on_allow or bool(sarif_path) or bool(junit_path)
+    outcome = replay_stored_flows(
+        dataset,
+        policies,
+        baseline,
+        since=since,
+        until=until,
+        cluster=cluster,
+        config=ReplayConfig(allow_localhost=allow_localhost, cidr_match_nodes=cidr_match_nodes),
+        judge_delta=gating,
+    )
+    if outcome.anchor is not None:
         click.echo(
-            f"note: --since counts back from the newest flow ({format_datetime(anchor)}), not the clock",
+            f"note: --since counts back from the newest flow ({format_datetime(outcome.anchor)}), not the clock",
             err=True,
         )
-    config = ReplayConfig(allow_localhost=allow_localhost, cidr_match_nodes=cidr_match_nodes)
-    rows = edges.to_pylist()
-    gating = baseline is not None or fail_on_break or fail_on_allow or sarif_path or junit_path
-    delta = replay_delta(policies, baseline, rows, config) if gating else None
+    delta = outcome.delta
     if baseline is not None and delta is not None:
         if output_format == "json":
             click.echo(json.dumps(delta.to_dict(), indent=2, ensure_ascii=False))
         else:
             print_delta(delta)
     else:
-        report = replay_edges(policies, rows, config)
+        report = outcome.report
+        assert report is not None
         if output_format == "json":
             click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         else:
@@ -149,21 +143,6 @@ def replay(
     if failing:
         click.echo("; ".join(failing), err=True)
         raise click.exceptions.Exit(FINDINGS_EXIT_CODE)
-
-
-def resolve_window(
-    newest: datetime | None, since: str | None, until: str | None, *, now: datetime | None = None
-) -> tuple[datetime | None, datetime | None, datetime | None]:
-    """The (since, until) bounds, and the newest flow's time when relative values count back from it.
-
-    Relative values count back from the clock, unless the dataset is older than the window asked for: then
-    from the newest flow, so that an old capture still answers.
-    """
-    span = parse_duration(since) if since is not None and is_relative_time(since) else None
-    anchor, anchored_to = relative_anchor(newest, span, now=now)
-    start = parse_time(since, anchor=anchor, name="--since") if since is not None else None
-    end = parse_time(until, anchor=anchor, name="--until", end=True) if until is not None else None
-    return start, end, anchor if anchored_to == "data" else None
 
 
 def _edge_table(edges: list[DeltaEdge], title: str) -> None:
