@@ -40,7 +40,7 @@ from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
 from flowpipe.sources.relay._config import backoff_seconds, node_name_matches
 from flowpipe.sources.relay._connect import StreamReceiver, open_channel
-from flowpipe.sources.relay._decode import decode_responses
+from flowpipe.transforms.from_proto import decode_responses
 from flowpipe.transforms.normalize import normalize_responses
 
 ENVELOPE_KEYS = {"flow", "lost_events", "node_status", "agent_event", "debug_event"}

@@ -69,7 +69,6 @@ from flowpipe.sources.relay._connect import (
     status_code,
     status_details,
 )
-from flowpipe.sources.relay._decode import FIELD_MASK_PATHS, decode_responses
 from flowpipe.sources.relay._dedupe import (
     Deduplicator,
     RecentFlows,
@@ -80,6 +79,7 @@ from flowpipe.sources.relay._dedupe import (
 )
 from flowpipe.sources.relay._log import ConnectionLog
 from flowpipe.sources.relay._resume import RelayPosition, ResumeTracker, checkpoint_state, read_checkpoint
+from flowpipe.transforms.from_proto import FIELD_MASK_PATHS, decode_responses
 
 if TYPE_CHECKING:
     from flowpipe.metrics.families import PipelineMetrics
