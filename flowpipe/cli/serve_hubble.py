@@ -6,38 +6,29 @@ import threading
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry, Gauge
 
+from flowpipe.app.serve_hubble import DEFAULT_LISTEN, DEFAULT_METRICS_ADDRESS
+from flowpipe.app.serve_hubble import serve_hubble as run_serve_hubble
 from flowpipe.cli._options import dataset_option
-from flowpipe.cli.simulate_relay import client_hints, parse_listen, server_tls_options, tls_config
-from flowpipe.metrics.families import serve
+from flowpipe.cli._serving import client_hints, parse_listen, server_tls_options, tls_config
+from flowpipe.metrics.families import MetricsServer
 from flowpipe.pipeline import handle_stop_signals
 from flowpipe.server.history import DEFAULT_FOLLOW_INTERVAL, HistoryServer
 
 _OFF = ("", "off", "none")
 
 
-def _registry(server: HistoryServer) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    service = server.service
-    requests = Gauge("flowpipe_serve_hubble_get_flows_requests", "GetFlows calls answered", registry=registry)
-    requests.set_function(lambda: service.requests)
-    sent = Gauge("flowpipe_serve_hubble_flows_sent", "Stored flows sent to Hubble clients", registry=registry)
-    sent.set_function(lambda: service.flows_sent)
-    return registry
-
-
 @click.command("serve-hubble")
 @dataset_option
 @click.option(
     "--listen",
-    default="127.0.0.1:4245",
+    default=DEFAULT_LISTEN,
     show_default=True,
     help="Address to serve on (port 0: any free port).",
 )
 @click.option(
     "--metrics-address",
-    default="127.0.0.1:9967",
+    default=DEFAULT_METRICS_ADDRESS,
     show_default=True,
     help="HOST:PORT for /metrics and /healthz (`off`: none).",
 )
@@ -67,30 +58,31 @@ def serve_hubble(
     """
     host, port = parse_listen(listen)
     tls, files = tls_config(tls_cert, tls_key, tls_client_ca, tls_generate, tls_server_name)
-    server = HistoryServer(dataset, host=host, port=port, tls=tls, follow_interval=follow_interval)
+
+    def started(server: HistoryServer, metrics: MetricsServer | None) -> None:
+        mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
+        click.echo(
+            f"Serving the flows of {server.dataset.uri} over the Hubble API on {server.address} ({mode})."
+        )
+        if metrics is not None:
+            click.echo(f"Metrics on {metrics.url}/metrics, health on {metrics.url}/healthz")
+        if files:
+            click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
+        click.echo("Connect with:")
+        for hint in client_hints(server.address, tls, files, tls_server_name):
+            click.echo(f"  {hint}")
+        click.echo("Press Ctrl-C to stop.", err=True)
+
     stop = threading.Event()
-    metrics = None
-    with handle_stop_signals(stop):
-        try:
-            server.start()
-            if metrics_address.strip().lower() not in _OFF:
-                metrics = serve(_registry(server), metrics_address)
-            mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
-            click.echo(
-                f"Serving the flows of {server.dataset.uri} over the Hubble API on {server.address} ({mode})."
-            )
-            if metrics is not None:
-                click.echo(f"Metrics on {metrics.url}/metrics, health on {metrics.url}/healthz")
-            if files:
-                click.echo(f"Test certificates in {Path(tls_generate or '.').resolve()}")
-            click.echo("Connect with:")
-            for hint in client_hints(server.address, tls, files, tls_server_name):
-                click.echo(f"  {hint}")
-            click.echo("Press Ctrl-C to stop.", err=True)
-            while not stop.wait(0.5):
-                pass
-        finally:
-            server.stop()
-            if metrics is not None:
-                metrics.close()
+    with handle_stop_signals(stop, doing="stopping"):
+        server = run_serve_hubble(
+            dataset,
+            stop,
+            host=host,
+            port=port,
+            tls=tls,
+            follow_interval=follow_interval,
+            metrics_address=None if metrics_address.strip().lower() in _OFF else metrics_address,
+            on_started=started,
+        )
     click.echo(f"Stopped after sending {server.service.flows_sent} stored flows.", err=True)
