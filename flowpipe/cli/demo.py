@@ -12,144 +12,51 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
-import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import click
-import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from flowpipe.app.collect import CollectConfig, CollectResult, collect
+from flowpipe.app.collect import CollectResult
+from flowpipe.app.demo import ask_questions, collect_from_relay, fresh_dataset, simulate_cluster
 from flowpipe.cli._output import render
-from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.errors import ConfigError, FlowpipeError
-from flowpipe.model import EventBatch
-from flowpipe.server import ObserverServer
-from flowpipe.sim import Simulator, SimulatorConfig
-from flowpipe.sources.relay import RelaySourceConfig
+from flowpipe.errors import FlowpipeError
 
-QUESTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("drops_by_reason", "Drops by reason",
-     ("drop_reason_desc", "reason_class", "source_namespace", "destination_namespace", "flows")),
-    ("dns_failures", "Failing DNS lookups",
-     ("kind", "source_namespace", "source_workload", "query", "rcode_name", "failures", "lookups")),
-    ("unexpected_drops", "Unexpected drops",
-     ("why", "source_namespace", "source_workload", "destination_namespace", "destination_workload",
-      "destination_port", "drop_reason_desc", "flows")),
-)  # fmt: skip
-"""The questions the demo asks, and the columns it shows of each (the query command shows them all)."""
 ROWS_SHOWN = 8
-_PUBLISH_CHUNK = 5000
-
-
-def _fresh_dataset(path: str | None) -> Path:
-    if path is None:
-        return Path(tempfile.mkdtemp(prefix="flowpipe-demo-"))
-    folder = Path(path)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(
-            f"--dataset {folder} is not empty: the demo writes a fresh dataset (give a new folder)"
-        )
-    return folder
-
-
-def _simulate(minutes: float, rate: float, seed: int) -> tuple[Simulator, list[bytes]]:
-    end = datetime.now(UTC).replace(microsecond=0)
-    config = SimulatorConfig(
-        seed=seed,
-        start=end - timedelta(minutes=minutes),
-        duration_seconds=minutes * 60,
-        rate_flows_per_second=rate,
-    )
-    simulator = Simulator(config)
-    return simulator, list(simulator.flow_bytes())
 
 
 def _collect_from_relay(flows: list[bytes], dataset: Path, console: Console) -> CollectResult:
-    """Serve `flows` from the built-in relay and collect them over gRPC, with a progress bar."""
-    received = 0
-    done = threading.Event()
-
-    def count(batch: EventBatch) -> None:
-        nonlocal received
-        received += batch.flows.num_rows
-        progress.update(task, completed=received)
-        if received >= len(flows):
-            done.set()
-
-    with ObserverServer(port=0, buffer_size=len(flows) + 1) as server:
-        config = CollectConfig(
-            source=RelaySourceConfig(
-                address=server.address, reconnect_backoff_initial_seconds=0.05, batch_max_seconds=0.1
-            ),
-            sink=ParquetSinkConfig(path=str(dataset), writer_id="demo", flush_interval_seconds=1.0),
-            pipeline=PipelineConfig(poll_interval_seconds=0.1),
-            question_interval_seconds=3600.0,
+    """Collect `flows` from the built-in relay with a progress bar."""
+    with Progress(
+        TextColumn("collect over gRPC from {task.fields[address]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,} flows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("collect", total=len(flows), address="the built-in relay")
+        return collect_from_relay(
+            flows,
+            dataset,
+            on_started=lambda address: progress.update(task, address=address),
+            on_progress=lambda received: progress.update(task, completed=received),
         )
-        stop = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["result"] = collect(config, stop=stop, on_batch=count)
-            except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
-                outcome["error"] = exc
-                done.set()
-
-        with Progress(
-            TextColumn(f"collect over gRPC from {server.address}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.completed:,} flows"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("collect", total=len(flows))
-            worker = threading.Thread(target=run, name="flowpipe-demo-collect", daemon=True)
-            worker.start()
-            for start in range(
-                0, len(flows), _PUBLISH_CHUNK
-            ):  # the relay receives the window as it "happens"
-                server.publish(flows[start : start + _PUBLISH_CHUNK])
-            done.wait()
-            stop.set()
-            worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    result: CollectResult = outcome["result"]
-    return result
 
 
 def _ask(dataset: Path, console: Console) -> None:
-    from flowpipe.query.catalog import load_questions
-    from flowpipe.query.engine import open_engine
-    from flowpipe.query.run import run_question
-
-    catalog = load_questions()
-    engine = open_engine(str(dataset), require_flows=True)
-    try:
-        for name, title, columns in QUESTIONS:
-            if name not in catalog:
-                continue
-            try:
-                result = run_question(engine, catalog.question(name), {"since": "1d"}, relative_to="data")
-            except FlowpipeError as exc:
-                console.print(f"[red]{name} failed:[/] {exc}")
-                continue
-            table: pa.Table = result.table
-            shown = table.slice(0, ROWS_SHOWN)
-            shown = shown.select([c for c in columns if c in shown.column_names] or shown.column_names)
-            more = f" (first {ROWS_SHOWN} of {table.num_rows}; all: {program()} query {name} --dataset {_q(dataset)})"
-            console.print()
-            render(shown, "table", title=f"{title}: {name}" + (more if table.num_rows > ROWS_SHOWN else ""))
-    finally:
-        engine.close()
+    for name, title, columns, answer in ask_questions(dataset):
+        if isinstance(answer, FlowpipeError):
+            console.print(f"[red]{name} failed:[/] {answer}")
+            continue
+        shown = answer.slice(0, ROWS_SHOWN)
+        shown = shown.select([c for c in columns if c in shown.column_names] or shown.column_names)
+        more = f" (first {ROWS_SHOWN} of {answer.num_rows}; all: {program()} query {name} --dataset {_q(dataset)})"
+        console.print()
+        render(shown, "table", title=f"{title}: {name}" + (more if answer.num_rows > ROWS_SHOWN else ""))
 
 
 def program(path: str | None = None) -> str:
@@ -207,10 +114,10 @@ def demo(dataset: str | None, minutes: float, rate: float, seed: int) -> None:
     questions. Takes a few seconds.
     """
     console = Console(stderr=True)
-    folder = _fresh_dataset(dataset)
+    folder = fresh_dataset(dataset)
     started = time.monotonic()
     console.print(f"simulating {minutes:g} minutes of a cluster at about {rate:g} flows/s ...")
-    simulator, flows = _simulate(minutes, rate, seed)
+    simulator, flows = simulate_cluster(minutes, rate, seed)
     result = _collect_from_relay(flows, folder, console)
     run = result.pipeline
     truth = simulator.ground_truth()
