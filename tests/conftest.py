@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from support.env import SHARED_HUBBLE, SHARED_ISTIO_SCHEMAS, SHARED_SCHEMAS
+from support.s3 import s3_endpoint  # noqa: F401 - the local S3 server, a fixture of every test that asks for it
 
 
 @pytest.fixture(scope="session")

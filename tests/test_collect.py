@@ -26,12 +26,12 @@ from support.collect import (
     retimed,
     sim_flow_bytes,
     start_collector,
-    stop_process,
     uuids_of,
-    wait_until,
 )
 from support.flowdata import T0, flow, flows_table
+from support.processes import stop_process
 from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
+from support.wait import wait_until
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.app.collect import collect

@@ -29,9 +29,9 @@ from support.collect import (
     fast_collect_config,
     sim_flow_bytes,
     uuids_of,
-    wait_until,
 )
 from support.env import small_tmpfs
+from support.wait import wait_until
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.cli import cli

@@ -7,8 +7,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from support.collect import dataset_table, sim_flow_bytes, start_collector, stop_process
-from support.prom import free_port, run_prometheus, wait_until
+from support.collect import dataset_table, sim_flow_bytes, start_collector
+from support.processes import stop_process
+from support.prom import free_port, run_prometheus
+from support.wait import wait_until
 
 from flowpipe.metrics.families import NO_NAMESPACE
 from flowpipe.server import ObserverServer

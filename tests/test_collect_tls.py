@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from support.collect import (
-    background_collect,
-    dataset_uuids,
-    fast_collect_config,
-    sim_flow_bytes,
-    uuids_of,
-    wait_until,
-)
+from support.collect import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
+from support.wait import wait_until
 
 from flowpipe.cli import cli
 from flowpipe.server import ObserverServer, TestPKI, generate_test_pki

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from support.metrics import follower_for, received
 from support.small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
-from test_serve_metrics import follower_for, received
 
 import flowpipe.dataset.compact as compact_module
 from flowpipe.cli import cli

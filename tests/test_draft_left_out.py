@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+from support.draft import DNS, WEB, edge, ent, policy, wl
 from support.policy import validate_document
-from test_draft import DNS, WEB, edge, ent, policy, wl
 
 from flowpipe.app.suggest import split_denied
 from flowpipe.policy.draft import cluster_ranges, draft_policies

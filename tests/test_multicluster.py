@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from support.collect import background_collect, fast_collect_config, wait_until
+from support.collect import background_collect, fast_collect_config
+from support.wait import wait_until
 
 from flowpipe.cli import cli
 from flowpipe.query import DuckDBEngine, load_questions, run_question

@@ -35,8 +35,8 @@ from support.prom import (
     question_available,
     run_prometheus,
     substitute_grafana_variables,
-    wait_until,
 )
+from support.wait import wait_until
 
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.metrics.families import series_names

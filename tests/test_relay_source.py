@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 from google.protobuf import json_format
 from support.collect import (
-    WAIT_SECONDS,
     background_collect,
     chunks,
     dataset_table,
@@ -27,9 +26,9 @@ from support.collect import (
     fast_collect_config,
     sim_flow_bytes,
     uuids_of,
-    wait_until,
 )
 from support.sim_dataset import ask
+from support.wait import WAIT_SECONDS, wait_until
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2

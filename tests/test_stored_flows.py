@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import json_format
 from support.collect import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
-from support.collect import wait_until as wait_for
+from support.wait import wait_until as wait_for
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.app.ingest import ingest_files

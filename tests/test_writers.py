@@ -26,8 +26,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from support.collect import ROOT, sim_flow_bytes, start_collector, stop_process, uuids_of, wait_until
+from support.collect import ROOT, sim_flow_bytes, start_collector, uuids_of
+from support.processes import stop_process
 from support.small_files import simulated_flows, write_small_files
+from support.wait import wait_until
 
 from flowpipe.bench.s3 import count_flush_requests, counting_s3_server, request_counts
 from flowpipe.cli import cli

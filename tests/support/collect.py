@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,7 +24,6 @@ from flowpipe.sources.relay import RelaySourceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-WAIT_SECONDS = 60.0
 
 
 @cache
@@ -80,20 +77,6 @@ def dataset_uuids(root: Path | str) -> list[str]:
     """The uuid of every flow in a dataset (repeats kept, to count them)."""
     table = dataset_table(root, columns=["uuid"])
     return table.column("uuid").to_pylist() if table.num_columns else []
-
-
-def wait_until(
-    check: Callable[[], T], *, what: str, timeout: float = WAIT_SECONDS, interval: float = 0.05
-) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` (a bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def fast_source(address: str, **changes: Any) -> RelaySourceConfig:
@@ -181,10 +164,3 @@ def start_collector(
     return subprocess.Popen(
         collect_command(*args), stdout=log_file, stderr=log_file, cwd=ROOT, env=environment
     )
-
-
-def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-    """Send `sig` and wait for the exit code."""
-    if process.poll() is None:
-        process.send_signal(sig)
-    return process.wait(timeout)

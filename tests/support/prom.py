@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,11 +24,11 @@ import yaml
 
 from flowpipe.metrics.families import Role, series_names
 from support.env import require_binary
+from support.wait import WAIT_SECONDS, wait_until
 
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_SECONDS = 60.0
-WAIT_TIMEOUT_SECONDS = 60.0
 
 
 def free_port() -> int:
@@ -45,21 +45,6 @@ def http_get(url: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
-
-
-def wait_until(
-    check: Callable[[], T | None], *, timeout: float = WAIT_TIMEOUT_SECONDS, what: str, interval: float = 0.25
-) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds (a bounded wait)."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 class PrometheusServer:
@@ -110,7 +95,7 @@ class PrometheusServer:
         data = self.api("/api/v1/targets", state="active")
         return [t for t in data["activeTargets"] if t.get("health") == "up"]
 
-    def wait_for_series(self, expr: str, *, timeout: float = WAIT_TIMEOUT_SECONDS) -> list[dict[str, Any]]:
+    def wait_for_series(self, expr: str, *, timeout: float = WAIT_SECONDS) -> list[dict[str, Any]]:
         """Wait until `expr` returns at least one sample."""
         return wait_until(lambda: self.query(expr), timeout=timeout, what=f"data for {expr}")
 
