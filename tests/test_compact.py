@@ -21,15 +21,11 @@ from support.small_files import LAST_HOUR, simulated_flows, sorted_rows, write_s
 import flowpipe.dataset.compact as compact_module
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset.compact import (
-    COMPACTED_FROM_KEY,
-    compact_dataset,
-    is_compacted_name,
-    visible_part_files,
-)
+from flowpipe.dataset.compact import compact_dataset
 from flowpipe.dataset.layout import Dataset, PartitionKey
 from flowpipe.dataset.leases import read_leases
 from flowpipe.dataset.maintenance import maintenance_lock
+from flowpipe.dataset.visible import COMPACTED_FROM_KEY, is_compacted_name, visible_part_files
 from flowpipe.errors import DatasetWriteError
 from flowpipe.model import EventBatch
 from flowpipe.query import DuckDBEngine, load_questions, run_question

@@ -7,13 +7,21 @@ import pyarrow as pa
 
 from flowpipe.cli._options import dataset_option, format_option
 from flowpipe.cli._output import render
-from flowpipe.dataset.compact import DEFAULT_GRACE_SECONDS, CompactionReport, PartitionPlan, compact_dataset
+from flowpipe.dataset.compact import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_TARGET_SIZE_BYTES,
+    CompactionReport,
+    PartitionPlan,
+    compact_dataset,
+)
 from flowpipe.dataset.layout import Dataset
+
+_MIB = 1024 * 1024
 
 
 @click.command("compact")
 @dataset_option
-@click.option("--target-size-mb", type=click.FloatRange(min=1, min_open=False), default=128.0,
+@click.option("--target-size-mb", type=click.FloatRange(min=1, min_open=False), default=DEFAULT_TARGET_SIZE_BYTES / _MIB,
               show_default=True, help="Size of the merged part files, in MiB.")  # fmt: skip
 @click.option("--grace-seconds", type=click.FloatRange(min=0), default=DEFAULT_GRACE_SECONDS,
               show_default=True,
@@ -31,7 +39,7 @@ def compact(
     """
     report = compact_dataset(
         Dataset(dataset),
-        target_size_bytes=int(target_size_mb * 1024 * 1024),
+        target_size_bytes=int(target_size_mb * _MIB),
         grace_seconds=grace_seconds,
         dry_run=dry_run,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 
 import click
 import pyarrow as pa
@@ -18,13 +17,17 @@ from flowpipe.cli._review import (
     sarif_text,
     write_report,
 )
+from flowpipe.config import field_defaults, field_help
 from flowpipe.policy.delta import DeltaEdge, DeltaReport
 from flowpipe.policy.replay import ReplayConfig, ReplayReport
 from flowpipe.policy.review import delta_junit, delta_sarif, junit_text
 
+_HELP = field_help(ReplayConfig)
+_DEFAULT = field_defaults(ReplayConfig)
+
 
 def _help(name: str) -> str:
-    return str(next(f for f in fields(ReplayConfig) if f.name == name).metadata["help"])
+    return _HELP[name]
 
 
 @click.command("replay")
@@ -41,7 +44,10 @@ def _help(name: str) -> str:
     help="Replay the flows of this cluster (cluster_name); needed when the window holds several.",
 )
 @click.option(
-    "--allow-localhost/--no-allow-localhost", default=True, show_default=True, help=_help("allow_localhost")
+    "--allow-localhost/--no-allow-localhost",
+    default=_DEFAULT["allow_localhost"],
+    show_default=True,
+    help=_help("allow_localhost"),
 )
 @click.option("--cidr-match-nodes", is_flag=True, help=_help("cidr_match_nodes"))
 @click.option(

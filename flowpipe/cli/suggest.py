@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -12,19 +11,23 @@ from click.core import ParameterSource
 from flowpipe.app.suggest import EXIT_PARTIAL, FORMATS, SuggestConfig, suggest_policies, write_files
 from flowpipe.cli._options import dataset_option, one_value
 from flowpipe.cli._output import format_datetime
+from flowpipe.config import field_defaults, field_help
 from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
 from flowpipe.query.engine import open_engine
 from flowpipe.query.run import window_coverage
 
+_HELP = field_help(SuggestConfig)
+_DEFAULT = field_defaults(SuggestConfig)
+
 
 def _help(name: str) -> str:
-    return str(next(f for f in fields(SuggestConfig) if f.name == name).metadata["help"])
+    return _HELP[name]
 
 
 @click.command("suggest")
 @click.option("--namespace", "-n", "namespaces", multiple=True, metavar="NS", help=_help("namespaces"))
 @click.option("--cluster", metavar="NAME", multiple=True, callback=one_value, help=_help("cluster"))
-@click.option("--since", default="7d", show_default=True, help=_help("since"))
+@click.option("--since", default=_DEFAULT["since"], show_default=True, help=_help("since"))
 @click.option("--until", help=_help("until"))
 @click.option(
     "--policy-format",

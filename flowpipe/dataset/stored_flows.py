@@ -40,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset.compact import is_compacted_name, read_compacted_inputs, superseded_names
 from flowpipe.dataset.layout import FLOWS_TABLE, Dataset, PartitionKey, parse_part_file_name
+from flowpipe.dataset.visible import is_compacted_name, read_compacted_inputs, superseded_names
 from flowpipe.errors import DatasetWriteError
 from flowpipe.model import EventBatch
 

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry
 
-from flowpipe.dataset.compact import compacted_inputs
 from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.visible import compacted_inputs
 from flowpipe.errors import ConfigError
 from flowpipe.metrics.families import (
     DEFAULT_METRICS_ADDRESS,

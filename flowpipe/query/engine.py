@@ -8,7 +8,7 @@ How the views are built:
 
 - The part files are listed through `flowpipe.dataset.layout.Dataset`, which skips temporary and private files
   (names starting with `.` or `_`, or ending in `.tmp`) and works on any pyarrow filesystem; files that a
-  compacted file already holds are left out (`flowpipe.dataset.compact.visible_part_files`), so a query running
+  compacted file already holds are left out (`flowpipe.dataset.visible.visible_part_files`), so a query running
   during a compaction sees every row once. Only files in the
   `date=.../hour=.../` layout are read; anything else under `flows/` is logged and left out.
 - On a local folder the files go to DuckDB's own Parquet reader (`read_parquet([...], hive_partitioning=true,
@@ -58,8 +58,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from flowpipe._resources import apply_duckdb_limits
-from flowpipe.dataset.compact import visible_part_files
 from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
 from flowpipe.query.views import install_views

@@ -8,7 +8,7 @@ the SQL). Needs `pip install 'flowpipe[spark]'` (pyspark, sqlglot) and Java 17 o
 
 How the views are built, the same as DuckDB's:
 
-- `flows` and `lost_events` read the part files that `flowpipe.dataset.compact.visible_part_files` lists (temporary
+- `flows` and `lost_events` read the part files that `flowpipe.dataset.visible.visible_part_files` lists (temporary
   files, and inputs already in a compacted file, left out) with the Arrow schema of the flow table as the read
   schema, so older files without a column read it as NULL. Spark cannot read Parquet nanosecond timestamps as
   timestamps: they are read as integers (`spark.sql.legacy.parquet.nanosAsLong`) and the view turns them into
@@ -37,9 +37,9 @@ from typing import Any, Self
 
 import pyarrow as pa
 
-from flowpipe.dataset.compact import visible_part_files
 from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.dataset.storage import s3_options
+from flowpipe.dataset.visible import visible_part_files
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.errors import ConfigError, EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
