@@ -12,7 +12,7 @@ from typing import IO
 
 import click
 
-from flowpipe.cli._options import choose_faults, simulation_options
+from flowpipe.cli._options import AliasedOption, choose_faults, simulation_options
 from flowpipe.errors import ConfigError
 from flowpipe.query.timeparse import parse_seconds
 from flowpipe.sim import FAULTS, Simulator, SimulatorConfig
@@ -59,6 +59,8 @@ def _open_output(path: str) -> Iterator[IO[str]]:
     "--out",
     "-o",
     "out",
+    cls=AliasedOption,
+    aliases=("-o",),  # elsewhere -o is the output format (hubble's spelling); kept working here, not shown
     default=None,
     metavar="FILE",
     help="Where to write jsonpb lines; `-` is stdout, a name ending in .gz is compressed.",
