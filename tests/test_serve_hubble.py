@@ -334,7 +334,8 @@ def test_lost_events_come_in_time_order_among_the_flows(
 def test_collect_from_serve_hubble_reproduces_the_dataset(
     stored: tuple[Path, pa.Table, list[bytes]], server: HistoryServer, tmp_path: Path
 ) -> None:
-    from support.collect import background_collect, fast_collect_config, wait_until
+    from support.collect import background_collect, fast_collect_config
+    from support.wait import wait_until
 
     table = stored[1]
     copy = tmp_path / "copy"

@@ -1,15 +1,14 @@
 """Serialised GetFlowsResponse messages → flow rows, lost events and node status, decoded in bulk into Arrow.
 
-This is the one decoder of protobuf flows: the relay source receives each response as raw bytes (no protobuf object per flow) and decodes them a batch at
+The relay source receives each response as raw bytes (no protobuf object per flow) and decodes them a batch at
 a time with `ptars`, which parses protobuf straight into Arrow arrays in compiled code. It is given a *reduced*
 copy of the message types: only the fields that reach the flow table, with the same field numbers (derived at
 import time from the generated `flow`/`observer`/`relay` descriptors, so it cannot drift from them). Every other
 field is skipped as unknown, which keeps the decoder's work proportional to what flowpipe stores. Enums decode
 as numbers and are named here, so unknown numbers from newer Cilium versions survive as decimal strings.
 
-`normalize_flows` and `normalize_responses` (protobuf messages) serialise their messages and decode them here.
-The row conventions are those of the JSON decoder (the README's flow table), and the pieces both need come from
-`flowpipe.transforms.conventions`; tests check that both give identical tables for the same flows.
+The row conventions are those of `flowpipe.transforms.normalize` (the README's flow table), and the pieces both
+need come from `flowpipe.transforms.conventions`; a test checks that both give identical tables for the same flows.
 """
 
 from __future__ import annotations
