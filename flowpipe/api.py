@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from flowpipe.config import DEFAULT_DATASET
 from flowpipe.query.catalog import Catalog, RelativeTo, load_questions
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class FlowDataset:
 
 
 def open_dataset(
-    dataset: str | os.PathLike[str] = "flowpipe-data",
+    dataset: str | os.PathLike[str] = DEFAULT_DATASET,
     *,
     sql_dir: str | os.PathLike[str] | None = None,
     require_flows: bool = True,

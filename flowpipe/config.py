@@ -10,12 +10,23 @@ from __future__ import annotations
 import re
 import secrets
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
-from flowpipe.dataset import check_writer_id
 from flowpipe.errors import ConfigError
 
 DEFAULT_DATASET = "flowpipe-data"
+
+_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_writer_id(writer_id: str) -> str:
+    """Return `writer_id` if it can be part of a file name, else raise `ConfigError`."""
+    if not _WRITER_ID_RE.match(writer_id):
+        raise ConfigError(
+            f"writer id {writer_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return writer_id
 
 
 def default_writer_id() -> str:
@@ -98,6 +109,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "buffer_batches", "poll_interval_seconds", "stop_timeout_seconds")
+
+
+def field_defaults(config_class: type) -> dict[str, Any]:
+    """Field name → default value of a config dataclass (fields without a default left out): the CLI's
+    defaults, so that each is written once."""
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
 
 def field_help(config_class: type) -> dict[str, str]:

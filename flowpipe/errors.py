@@ -20,7 +20,7 @@ FlowpipeError                      base; the CLI catches exactly this and exits 
 └── ObserverServerError            the built-in Observer server cannot start or was given unusable flows
 ```
 
-Library code raises these; only `cli.py` turns them into exit codes. Foreign exceptions (grpc, duckdb,
+Library code raises these; only `flowpipe.cli` turns them into exit codes. Foreign exceptions (grpc, duckdb,
 pyarrow, yaml) are translated where the dependency is used, always with `raise ... from exc`.
 """
 
@@ -32,25 +32,17 @@ from collections.abc import Sequence
 class FlowpipeError(Exception):
     """Base of every error flowpipe raises on purpose."""
 
-    error_type = "error"
-
 
 class ConfigError(FlowpipeError):
     """A flag, environment variable or config value is invalid."""
-
-    error_type = "config_error"
 
 
 class SourceError(FlowpipeError):
     """Reading events failed (stage `receiving`)."""
 
-    error_type = "source_error"
-
 
 class RelayError(SourceError):
     """hubble-relay answered with an error, or is not a Hubble server."""
-
-    error_type = "relay_error"
 
     def __init__(self, message: str, *, address: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -61,13 +53,9 @@ class RelayError(SourceError):
 class RelayUnavailableError(RelayError):
     """The relay cannot be reached right now; retrying may help."""
 
-    error_type = "relay_unavailable"
-
 
 class FlowDecodeError(SourceError):
     """One record could not be decoded. Carries where it came from and why."""
-
-    error_type = "decode_error"
 
     def __init__(self, message: str, *, path: str, line_number: int | None, reason: str) -> None:
         where = f"{path}:{line_number}" if line_number is not None else path
@@ -80,13 +68,9 @@ class FlowDecodeError(SourceError):
 class SinkError(FlowpipeError):
     """Writing a batch failed (stage `sending`)."""
 
-    error_type = "sink_error"
-
 
 class DatasetWriteError(SinkError):
     """A part file could not be written; nothing of that batch was acknowledged."""
-
-    error_type = "write_failed"
 
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
@@ -95,8 +79,6 @@ class DatasetWriteError(SinkError):
 
 class QueryError(FlowpipeError):
     """A question or SQL statement failed."""
-
-    error_type = "query_failed"
 
     def __init__(self, message: str, *, question: str | None = None, sql: str | None = None) -> None:
         super().__init__(message)
@@ -139,8 +121,6 @@ class QuestionDefinitionError(QueryError):
 class PolicyError(FlowpipeError):
     """A policy could not be drafted, loaded or evaluated."""
 
-    error_type = "policy_error"
-
 
 class PolicyParseError(PolicyError):
     """A policy file is not valid YAML or not a policy flowpipe understands."""
@@ -162,5 +142,3 @@ class DraftRefusedError(PolicyError):
 
 class ObserverServerError(FlowpipeError):
     """The built-in Observer server cannot start (address in use, bad TLS files) or got unusable flows."""
-
-    error_type = "server_error"

@@ -21,6 +21,8 @@ SCHEMA_VERSION = "1"
 """Stored in every part file's metadata under `flowpipe.schema_version`."""
 
 SCHEMA_VERSION_KEY = b"flowpipe.schema_version"
+WRITER_ID_KEY = b"flowpipe.writer_id"
+"""Part file metadata: the writer id of the process that wrote the file (the sink's, or a compaction run's)."""
 
 TIMESTAMP = pa.timestamp("ns", tz="UTC")
 _STRINGS = pa.list_(pa.string())
@@ -152,7 +154,7 @@ class EventBatch:
     decode_errors: list[Exception] = field(default_factory=list)
     position: object | None = None
     flows_already_stored: int = 0
-    """Flows of this batch left out because the dataset already holds them (same uuid, `flowpipe.stored_flows`)."""
+    """Flows of this batch left out because the dataset already holds them (same uuid, `flowpipe.dataset.stored_flows`)."""
 
     def __len__(self) -> int:
         return self.flows.num_rows

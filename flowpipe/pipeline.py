@@ -239,8 +239,11 @@ def _count(result: PipelineResult, batch: EventBatch) -> None:
 
 
 @contextmanager
-def handle_stop_signals(stop: threading.Event) -> Iterator[None]:
-    """While active, SIGINT and SIGTERM set `stop` (a graceful stop); a second signal interrupts at once.
+def handle_stop_signals(
+    stop: threading.Event, *, doing: str = "finishing the current batch"
+) -> Iterator[None]:
+    """While active, SIGINT and SIGTERM set `stop` (a graceful stop, logged as `doing`); a second signal
+    interrupts at once. Every command that runs until stopped uses this one handler.
 
     Only the main thread can install signal handlers; elsewhere this does nothing.
     """
@@ -251,9 +254,7 @@ def handle_stop_signals(stop: threading.Event) -> Iterator[None]:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        log.warning(
-            "received %s: finishing the current batch (send it again to abort)", signal.Signals(signum).name
-        )
+        log.warning("received %s: %s (send it again to abort)", signal.Signals(signum).name, doing)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

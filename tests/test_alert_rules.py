@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _prom import ROOT, promql_metric_names
-from conftest import require_binary
+from support.env import require_binary
+from support.prom import ROOT, promql_metric_names
 
-from flowpipe.metrics import series_names
+from flowpipe.metrics.families import series_names
 
 RULES = ROOT / "docker" / "prometheus" / "flowpipe-alerts.yml"
 RULE_TESTS = ROOT / "docker" / "prometheus" / "flowpipe-alerts.test.yml"

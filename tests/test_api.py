@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from _small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 from click.testing import CliRunner
+from support.small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 
 import flowpipe
-import flowpipe.compact as compact_module
+import flowpipe.dataset.compact as compact_module
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import EmptyDatasetError, QuestionParameterError, UnknownQuestionError
 
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policy_support import pod
+from support.policy import pod
 
 from flowpipe.policy.audit import Finding, Inventory, at_or_above, audit_policies
 from flowpipe.policy.load import parse_policies

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from flowpipe.bench_policy import REPLAY_POLICIES
+from flowpipe.bench.policy import REPLAY_POLICIES
 from flowpipe.cli import cli
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flowpipe import bench_scale
-from flowpipe.bench_scale import COMPACTION_FACTOR, SCALE_FACTORS
+from flowpipe.bench import scale as bench_scale
+from flowpipe.bench.scale import COMPACTION_FACTOR, SCALE_FACTORS
 from flowpipe.cli import cli
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from review_support import check_junit, check_sarif
-from test_storage_s3 import s3_endpoint  # noqa: F401 - the local S3 server fixture
+from support.review import check_junit, check_sarif
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "docker" / "ci"
@@ -40,7 +39,7 @@ def rename(docs: list[dict[str, Any]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(sim_faults: Any, s3_endpoint: str) -> tuple[str, str]:  # noqa: F811
+def dataset(sim_faults: Any, s3_endpoint: str) -> tuple[str, str]:
     """The simulated dataset, uploaded object by object to a bucket of the local S3 server: (url, endpoint)."""
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="ci-example")

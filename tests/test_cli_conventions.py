@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from flowdata import synthetic_flows, write_dataset
+from support.flowdata import synthetic_flows, write_dataset
 
-from flowpipe.bench_startup import HEAVY_MODULES, LIGHT_COMMANDS, imported_heavy_modules
+from flowpipe.bench.startup import HEAVY_MODULES, LIGHT_COMMANDS, imported_heavy_modules
 from flowpipe.cli import cli
-from flowpipe.commands import COMMANDS
+from flowpipe.cli._commands import COMMANDS
 
 WINDOW = ["--since", "2024-01-01", "--until", "2025-01-01"]
 
@@ -203,7 +203,7 @@ def test_suggest_policy_format_and_its_older_spelling_agree(sim_faults: Any) -> 
     ],
 )
 def test_a_relay_address_without_a_port_takes_hubbles_default(given: str, used: str) -> None:
-    from flowpipe.sources._relay_connect import split_address, with_default_port
+    from flowpipe.sources.relay._connect import split_address, with_default_port
 
     assert with_default_port(given) == used
     split_address(with_default_port(given))  # a valid HOST:PORT

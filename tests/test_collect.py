@@ -17,7 +17,8 @@ from pathlib import Path
 
 import click
 import pytest
-from _collect_support import (
+from prometheus_client import CollectorRegistry
+from support.collect import (
     chunks,
     dataset_table,
     dataset_uuids,
@@ -25,22 +26,22 @@ from _collect_support import (
     retimed,
     sim_flow_bytes,
     start_collector,
-    stop_process,
     uuids_of,
-    wait_until,
 )
-from _prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
-from flowdata import T0, flow, flows_table
-from prometheus_client import CollectorRegistry
+from support.flowdata import T0, flow, flows_table
+from support.processes import stop_process
+from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
+from support.wait import wait_until
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.collect import READY_GRACE_SECONDS, InstrumentedParquetSink, collect
-from flowpipe.commands.collect import collect_command
+from flowpipe.app.collect import collect
+from flowpipe.cli.collect import collect_command
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import DatasetWriteError
-from flowpipe.metrics import PipelineMetrics
+from flowpipe.metrics.families import PipelineMetrics
 from flowpipe.model import EventBatch
 from flowpipe.server import ObserverServer
+from flowpipe.sinks.instrumented import READY_GRACE_SECONDS, InstrumentedParquetSink
 from flowpipe.sinks.parquet import ParquetSink
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]

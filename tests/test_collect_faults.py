@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import (
+from click.testing import CliRunner
+from support.collect import (
     BackgroundCollect,
     background_collect,
     chunks,
@@ -28,14 +29,13 @@ from _collect_support import (
     fast_collect_config,
     sim_flow_bytes,
     uuids_of,
-    wait_until,
 )
-from click.testing import CliRunner
-from conftest import small_tmpfs
+from support.env import small_tmpfs
+from support.wait import wait_until
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import DatasetWriteError
 from flowpipe.server import ObserverServer
 

@@ -7,10 +7,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from _collect_support import dataset_table, sim_flow_bytes, start_collector, stop_process
-from _prom import free_port, run_prometheus, wait_until
+from support.collect import dataset_table, sim_flow_bytes, start_collector
+from support.processes import stop_process
+from support.prom import free_port, run_prometheus
+from support.wait import wait_until
 
-from flowpipe.metrics import NO_NAMESPACE
+from flowpipe.metrics.families import NO_NAMESPACE
 from flowpipe.server import ObserverServer
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]

@@ -12,16 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _collect_support import (
-    background_collect,
-    dataset_uuids,
-    fast_collect_config,
-    sim_flow_bytes,
-    uuids_of,
-    wait_until,
-)
 from click.testing import CliRunner
 from cryptography import x509
+from support.collect import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
+from support.wait import wait_until
 
 from flowpipe.cli import cli
 from flowpipe.server import ObserverServer, TestPKI, generate_test_pki

@@ -14,22 +14,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from _small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 from click.testing import CliRunner
-from test_serve_metrics import follower_for, received
+from support.metrics import follower_for, received
+from support.small_files import LAST_HOUR, simulated_flows, sorted_rows, write_small_files
 
-import flowpipe.compact as compact_module
-from flowpipe._leases import read_leases
-from flowpipe._maintenance import maintenance_lock
+import flowpipe.dataset.compact as compact_module
 from flowpipe.cli import cli
-from flowpipe.compact import (
-    COMPACTED_FROM_KEY,
-    compact_dataset,
-    is_compacted_name,
-    visible_part_files,
-)
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset, PartitionKey
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset, PartitionKey
+from flowpipe.dataset.leases import read_leases
+from flowpipe.dataset.maintenance import maintenance_lock
+from flowpipe.dataset.visible import COMPACTED_FROM_KEY, is_compacted_name, visible_part_files
 from flowpipe.errors import DatasetWriteError
 from flowpipe.model import EventBatch
 from flowpipe.query import DuckDBEngine, load_questions, run_question

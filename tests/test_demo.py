@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from _collect_support import dataset_uuids
 from click.testing import CliRunner
+from support.collect import dataset_uuids
 
 from flowpipe.cli import cli
 

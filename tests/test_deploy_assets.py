@@ -16,7 +16,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from _prom import (
+from support.env import require_binary
+from support.prom import (
     DASHBOARD_DIR,
     ROOT,
     dashboard_expressions,
@@ -24,9 +25,8 @@ from _prom import (
     load_dashboards,
     promql_metric_names,
 )
-from conftest import require_binary
 
-from flowpipe.metrics import METRICS, series_names
+from flowpipe.metrics.families import METRICS, series_names
 
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _sim_dataset import ask
+from support.sim_dataset import ask
 
+from flowpipe.app.ingest import ingest_files
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.ingest import ingest_files
 from flowpipe.query import DuckDBEngine
 
 Row = dict[str, Any]

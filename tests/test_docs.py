@@ -9,7 +9,7 @@ import click
 import pytest
 
 from flowpipe.cli import cli
-from flowpipe.metrics import METRICS
+from flowpipe.metrics.families import METRICS
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.catalog import load_questions
 

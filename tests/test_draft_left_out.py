@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import validate_document
-from test_draft import DNS, WEB, edge, ent, policy, wl
+from support.draft import DNS, WEB, edge, ent, policy, wl
+from support.policy import validate_document
 
+from flowpipe.app.suggest import split_denied
 from flowpipe.policy.draft import cluster_ranges, draft_policies
 from flowpipe.policy.edges import learned_requests
 from flowpipe.policy.proof import as_deployed, prove_draft
 from flowpipe.policy.render import policy_document, render_yaml
-from flowpipe.suggest import split_denied
 
 FLAVOURS = ("cilium", "kubernetes")
 

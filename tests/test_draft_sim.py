@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import validate_document
+from support.policy import validate_document
 
 from flowpipe.policy.draft import draft_policies
 from flowpipe.policy.edges import OBSERVED_EDGE_SCHEMA

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
+from support.flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
 
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import EmptyDatasetError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA, LostEvent
 from flowpipe.query.engine import DuckDBEngine, open_engine, table_columns

@@ -12,11 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-from conftest import small_tmpfs
+from support.env import small_tmpfs
 
-from flowpipe.bench_data import generate_lines
+from flowpipe.bench.data import generate_lines
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.transforms import normalize_json_lines, normalize_json_texts
 
 

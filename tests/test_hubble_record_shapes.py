@@ -8,9 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flowdata import T0, write_dataset
-from flowdata import flow as full_row
-from policy_support import flow, pod, reserved
+from support.flowdata import T0, write_dataset
+from support.flowdata import flow as full_row
+from support.policy import flow, pod, reserved
 
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 

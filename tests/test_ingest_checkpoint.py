@@ -6,19 +6,19 @@ from pathlib import Path
 
 import pytest
 
-import flowpipe.ingest
-from flowpipe.bench_data import write_synthetic_jsonpb
+import flowpipe.app.ingest
+from flowpipe.app.ingest import ingest_files
+from flowpipe.bench.data import write_synthetic_jsonpb
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.ingest import ingest_files
-from flowpipe.sources._file_state import FileState
+from flowpipe.sources.file._state import FileState
 
 
 def test_one_checkpoint_write_per_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "flows.jsonpb"
     stats = write_synthetic_jsonpb(source, 3000)
-    original_init = flowpipe.ingest.FileSource.__init__
+    original_init = flowpipe.app.ingest.FileSource.__init__
 
-    def small_blocks(self: flowpipe.ingest.FileSource, *args: object, **kwargs: object) -> None:
+    def small_blocks(self: flowpipe.app.ingest.FileSource, *args: object, **kwargs: object) -> None:
         original_init(self, *args, **{**kwargs, "block_bytes": 64 * 1024})  # type: ignore[arg-type]
 
     saves: list[int] = []
@@ -28,7 +28,7 @@ def test_one_checkpoint_write_per_flush(tmp_path: Path, monkeypatch: pytest.Monk
         saves.append(1)
         original_save(self)
 
-    monkeypatch.setattr(flowpipe.ingest.FileSource, "__init__", small_blocks)
+    monkeypatch.setattr(flowpipe.app.ingest.FileSource, "__init__", small_blocks)
     monkeypatch.setattr(FileState, "_save", counted_save)
     result = ingest_files([source], ParquetSinkConfig(path=str(tmp_path / "data"), max_batch_rows=1000))
     assert result.pipeline.flows == stats.flows

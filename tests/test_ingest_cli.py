@@ -18,11 +18,11 @@ import duckdb
 import pytest
 from click.testing import CliRunner, Result
 
-from flowpipe.bench_data import write_synthetic_jsonpb
+from flowpipe.app.ingest import ingest_files
+from flowpipe.bench.data import write_synthetic_jsonpb
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset import Dataset
-from flowpipe.ingest import ingest_files
+from flowpipe.dataset.layout import Dataset
 
 COUNTED_EVENTS = ("lost_events", "node_status", "agent_event", "debug_event")
 

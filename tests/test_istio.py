@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from policy_support import (
+from support.policy import (
     AuthorizationPolicyError,
     istio_schema,
     istiod_path_error,
@@ -20,15 +20,15 @@ from policy_support import (
     reserved,
     validate_authorization_policy,
 )
-from suggest_support import connection, suggest
+from support.suggest import connection, suggest
 
+from flowpipe.app.suggest import SuggestConfig, Suggestion
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import ConfigError
 from flowpipe.policy._istio_paths import draft_paths, istiod_refuses, normalize_path, path_matches
 from flowpipe.policy.istio import IstioPolicy, draft_authorization_policies, principal, unallowed_requests
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sources.file import read_events
-from flowpipe.suggest import SuggestConfig, Suggestion
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
@@ -45,7 +45,7 @@ CRAFTED = [
 
 
 def http(src: dict[str, Any], dst: dict[str, Any], path: str, method: str = "GET") -> dict[str, Any]:
-    from policy_support import flow
+    from support.policy import flow
 
     return flow(src, dst, 8080, flow_type="L7", l7_type="REQUEST", l7_protocol="http", tcp_flags=None,
                 traffic_direction="INGRESS", http_method=method, http_url=f"http://api:8080{path}")  # fmt: skip

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
-from _prom import free_port, http_get
-from conftest import require_binary
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support.env import require_binary
+from support.prom import free_port, http_get
 
 from flowpipe.errors import ConfigError, FlowDecodeError
-from flowpipe.metrics import (
+from flowpipe.metrics.families import (
     MAX_NODE_LABELS,
     METRICS,
     NO_CLUSTER,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _collect_support import background_collect, fast_collect_config, wait_until
 from click.testing import CliRunner
+from support.collect import background_collect, fast_collect_config
+from support.wait import wait_until
 
 from flowpipe.cli import cli
 from flowpipe.query import DuckDBEngine, load_questions, run_question

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
-from flowdata import T0, write_dataset
-from flowdata import flow as full_row
-from policy_support import flow, pod
-from suggest_support import suggest
+from support.flowdata import T0, write_dataset
+from support.flowdata import flow as full_row
+from support.policy import flow, pod
+from support.suggest import suggest
 
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from click.testing import CliRunner
+from support.processes import start_simulate_relay, stop_process
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
@@ -347,35 +345,6 @@ def test_port_in_use_is_a_clear_error(server: ObserverServer) -> None:
         ObserverServer(port=server.port).start()
 
 
-def start_simulate_relay(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Run `flowpipe simulate-relay` on a free loopback port; returns the process and its address."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flowpipe", "simulate-relay", "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    first_line = process.stdout.readline()
-    match = re.search(r"listening on (127\.0\.0\.1:\d+)", first_line)
-    if match is None:
-        process.kill()
-        pytest.fail(
-            f"simulate-relay did not start: {first_line!r} {process.stderr.read() if process.stderr else ''}"
-        )
-    return process, match.group(1)
-
-
-def stop_process(process: subprocess.Popen[str]) -> int:
-    """Ctrl-C the process and return its exit code."""
-    process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def test_simulate_relay_serves_the_simulator_and_stops_on_ctrl_c() -> None:
     process, address = start_simulate_relay(
         "--backlog", "20s", "--rate", "50", "--seed", "3", "--buffer-size", "500"
@@ -395,7 +364,7 @@ def test_simulate_relay_serves_the_simulator_and_stops_on_ctrl_c() -> None:
                 for n in stub.GetNamespaces(observer_pb2.GetNamespacesRequest(), timeout=10).namespaces
             }
     finally:
-        code = stop_process(process)
+        code = stop_process(process, signal.SIGINT)
     assert code == 0
     assert process.stdout is not None and f"grpcurl -plaintext {address} list" in process.stdout.read()
 

@@ -20,10 +20,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import small_tmpfs
+from support.env import small_tmpfs
 
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import UNKNOWN_PARTITION, Dataset, PartitionKey, parse_part_file_name
+from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset, PartitionKey, parse_part_file_name
 from flowpipe.errors import ConfigError, DatasetWriteError
 from flowpipe.model import FLOW_SCHEMA, SCHEMA_VERSION, EventBatch, LostEvent
 from flowpipe.sinks import Ack, Sink
@@ -329,7 +329,7 @@ import os, sys, signal
 from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.model import FLOW_SCHEMA, EventBatch
 from flowpipe.sinks.parquet import ParquetSink
 

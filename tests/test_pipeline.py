@@ -13,9 +13,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from support.wait import wait_until
 
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import DatasetWriteError, FlowDecodeError
 from flowpipe.model import FLOW_SCHEMA, EventBatch, LostEvent
 from flowpipe.pipeline import handle_stop_signals, run_pipeline
@@ -39,14 +40,6 @@ def flows(n: int, start: int) -> pa.Table:
 
 def numbered(count: int, rows: int = 4) -> list[EventBatch]:
     return [EventBatch(flows=flows(rows, i * rows), position=i + 1) for i in range(count)]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class ListSource:
@@ -190,7 +183,7 @@ def test_a_full_buffer_makes_the_source_wait(tmp_path: Path) -> None:
     try:
         sink.entered.wait(30)
         # one batch in the sink, two in the buffer, one in the reader's hand waiting for room
-        wait_for(lambda: source.produced >= 4, "the buffer to fill")
+        wait_until(lambda: source.produced >= 4, what="the buffer to fill")
         time.sleep(0.2)
         assert source.produced == 4
     finally:
@@ -264,7 +257,7 @@ def test_an_idle_pipeline_still_flushes_by_age(tmp_path: Path) -> None:
         assert sink.buffered_rows == 4
         assert source.commits == []
         clock.now += 30
-        wait_for(lambda: source.commits == [1], "the age flush and its commit")
+        wait_until(lambda: source.commits == [1], what="the age flush and its commit")
         assert stored_ports(tmp_path) == [0, 1, 2, 3]
     finally:
         go.set()
@@ -302,7 +295,7 @@ def test_sigterm_sets_the_stop_event() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with handle_stop_signals(stop):
         os.kill(os.getpid(), signal.SIGTERM)
-        wait_for(stop.is_set, "the SIGTERM handler")
+        wait_until(stop.is_set, what="the SIGTERM handler")
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import yaml
-from policy_support import validate_document
+from support.policy import validate_document
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.policy.draft import draft_policies

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from flowdata import T0, write_dataset
-from flowdata import flow as row
-from policy_support import DB_NETWORK_POLICY, flow, pod
+from support.flowdata import T0, write_dataset
+from support.flowdata import flow as row
+from support.policy import DB_NETWORK_POLICY, flow, pod
 
 from flowpipe.cli import cli
 
@@ -127,7 +127,7 @@ def test_audit_without_flows_skips_observed_checks(tmp_path: Path) -> None:
 def test_relative_windows_count_back_from_an_old_dataset() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from flowpipe.commands.replay import resolve_window
+    from flowpipe.query.run import resolve_window
 
     now = datetime(2025, 1, 1, tzinfo=UTC)
     start, end, anchor = resolve_window(T0, "1h", None, now=now)  # the data is older than the window

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from policy_support import DB_NETWORK_POLICY
+from support.policy import DB_NETWORK_POLICY
 
 from flowpipe.errors import PolicyParseError
 from flowpipe.policy.load import load_policies, parse_policies

@@ -9,7 +9,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from policy_support import KUBERNETES_VERSION, validate_document
+from support.policy import KUBERNETES_VERSION, validate_document
 
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.model import (

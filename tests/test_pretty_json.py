@@ -15,7 +15,7 @@ from flowpipe.cli import cli
 from flowpipe.errors import FlowDecodeError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.sources import FileSource
-from flowpipe.sources._file_reader import looks_pretty_printed
+from flowpipe.sources.file._reader import looks_pretty_printed
 
 
 def _rows(path: Path, **options: object) -> tuple[pa.Table, list[Exception], FileSource]:
@@ -137,7 +137,7 @@ def test_an_input_from_which_nothing_could_be_read_fails_the_ingest_and_the_othe
 def test_a_paused_pipe_of_pretty_objects_delivers_them_before_it_is_closed(
     starwars: list[str], tmp_path: Path
 ) -> None:
-    from test_stdin_stream import PausedPipe
+    from support.stdin import PausedPipe
 
     text = _pretty(starwars[:7])
     cut = text.index("{", len(_pretty(starwars[:6])) - 1)  # the seventh object is cut in the middle

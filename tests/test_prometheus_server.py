@@ -3,8 +3,8 @@
 The counters equal what the dataset holds, new part files show up, and every dashboard query returns data.
 
 Dashboard queries over metrics that only `flowpipe collect` exports (relay connection, flushes, checkpoint age,
-decode errors, flowpipe's own drops) are listed by `_prom.deferred_to_collect()` and checked by the collect test,
-which runs `_prom.check_dashboard_queries(prom, role="collect", ...)` against a collector following the simulated
+decode errors, flowpipe's own drops) are listed by `support.prom.deferred_to_collect()` and checked by the collect test,
+which runs `support.prom.check_dashboard_queries(prom, role="collect", ...)` against a collector following the simulated
 relay.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import duckdb
 import pytest
-from _prom import (
+from support.flowdata import flow, write_dataset
+from support.prom import (
     QUESTION_METRICS,
     ROOT,
     PrometheusServer,
@@ -34,12 +35,11 @@ from _prom import (
     question_available,
     run_prometheus,
     substitute_grafana_variables,
-    wait_until,
 )
-from flowdata import flow, write_dataset
+from support.wait import wait_until
 
 from flowpipe.drop_reasons import drop_reason_table
-from flowpipe.metrics import series_names
+from flowpipe.metrics.families import series_names
 from flowpipe.model import LostEvent
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -380,8 +380,8 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 def test_unexpected_drops_gauge_matches_the_question(stack: Stack) -> None:
     if not question_available():
         pytest.skip("the question catalog has no unexpected_drops question yet")
-    from flowpipe.metrics import NO_CLUSTER, UNEXPECTED_WHYS
-    from flowpipe.sinks.prometheus import unexpected_drop_counts, unexpected_drops_runner
+    from flowpipe.metrics.families import NO_CLUSTER, UNEXPECTED_WHYS
+    from flowpipe.metrics.questions import unexpected_drop_counts, unexpected_drops_runner
 
     counts = unexpected_drop_counts(unexpected_drops_runner(str(stack.dataset))())
     clusters = {cluster for cluster, _ in counts} or {NO_CLUSTER}

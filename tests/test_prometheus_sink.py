@@ -9,11 +9,11 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from flowdata import flow, flows_table
 from prometheus_client import CollectorRegistry
+from support.flowdata import flow, flows_table
 
 from flowpipe.errors import QueryError
-from flowpipe.metrics import (
+from flowpipe.metrics.families import (
     MAX_CLUSTER_LABELS,
     MAX_ENUM_LABELS,
     NO_CLUSTER,
@@ -21,15 +21,10 @@ from flowpipe.metrics import (
     NO_NAMESPACE,
     PipelineMetrics,
 )
+from flowpipe.metrics.questions import UnexpectedDropsRefresher, unexpected_drop_counts
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
-from flowpipe.sinks.prometheus import (
-    DNS_RCODE_NAMES,
-    NamespaceCap,
-    PrometheusSink,
-    UnexpectedDropsRefresher,
-    unexpected_drop_counts,
-)
+from flowpipe.sinks.prometheus import DNS_RCODE_NAMES, NamespaceCap, PrometheusSink
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from flowdata import synthetic_flows, write_dataset
+from support.flowdata import synthetic_flows, write_dataset
 
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.model import FLOW_SCHEMA
 
 WINDOW = ["--since", "2024-01-01", "--until", "2025-01-01"]

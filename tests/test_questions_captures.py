@@ -12,11 +12,11 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from _sim_dataset import ask
+from support.sim_dataset import ask
 
+from flowpipe.app.ingest import ingest_files
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.drop_reasons import lookup
-from flowpipe.ingest import ingest_files
 from flowpipe.query import DuckDBEngine, load_questions
 
 Row = dict[str, Any]

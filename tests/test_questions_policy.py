@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from _sim_dataset import ask
-from flowdata import T0, flow, write_dataset
+from support.flowdata import T0, flow, write_dataset
+from support.sim_dataset import ask
 
 from flowpipe.query import DuckDBEngine
 

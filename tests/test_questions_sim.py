@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _sim_dataset import SimDataset, parse_time
+from support.sim_dataset import SimDataset, parse_time
 
 from flowpipe.query import DuckDBEngine
 from flowpipe.sim import edges as e
@@ -458,8 +458,8 @@ def test_http_errors_match_the_responses(sim_faults: SimDataset) -> None:
 
 
 def test_the_bench_dataset_repeats_a_simulated_hour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowpipe import bench_questions
     from flowpipe.bench import BenchContext
+    from flowpipe.bench import questions as bench_questions
 
     monkeypatch.setattr(bench_questions, "BASE_FLOWS_MAX", 1_000)
     flows, start, end = bench_questions.write_scaled_dataset(tmp_path / "scaled", 2_500, seed=3)

@@ -17,8 +17,8 @@ import grpc
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import (
-    WAIT_SECONDS,
+from google.protobuf import json_format
+from support.collect import (
     background_collect,
     chunks,
     dataset_table,
@@ -26,10 +26,9 @@ from _collect_support import (
     fast_collect_config,
     sim_flow_bytes,
     uuids_of,
-    wait_until,
 )
-from _sim_dataset import ask
-from google.protobuf import json_format
+from support.sim_dataset import ask
+from support.wait import WAIT_SECONDS, wait_until
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
@@ -37,10 +36,10 @@ from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError
 from flowpipe.query import DuckDBEngine
 from flowpipe.server import ObserverServer
-from flowpipe.sources._relay_config import backoff_seconds, node_name_matches
-from flowpipe.sources._relay_connect import StreamReceiver, open_channel
-from flowpipe.sources._relay_decode import decode_responses
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
+from flowpipe.sources.relay._config import backoff_seconds, node_name_matches
+from flowpipe.sources.relay._connect import StreamReceiver, open_channel
+from flowpipe.transforms.from_proto import decode_responses
 from flowpipe.transforms.normalize import normalize_responses
 
 ENVELOPE_KEYS = {"flow", "lost_events", "node_status", "agent_event", "debug_event"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from policy_support import DB_NETWORK_POLICY, flow, pod, reserved, table
+from support.policy import DB_NETWORK_POLICY, flow, pod, reserved, table
 
 from flowpipe.policy.load import parse_policies
 from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges, replay_flows

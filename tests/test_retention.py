@@ -8,16 +8,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from _small_files import LAST_HOUR, START, simulated_flows, sorted_rows, write_small_files
 from click.testing import CliRunner
-from flowdata import flow, write_dataset
+from support.flowdata import flow, write_dataset
+from support.small_files import LAST_HOUR, START, simulated_flows, sorted_rows, write_small_files
 
-from flowpipe._maintenance import maintenance_lock
 from flowpipe.cli import cli
-from flowpipe.dataset import Dataset, PartitionKey
+from flowpipe.dataset.layout import Dataset, PartitionKey
+from flowpipe.dataset.maintenance import maintenance_lock
+from flowpipe.dataset.retention import apply_retention, plan_retention
 from flowpipe.errors import ConfigError, DatasetWriteError
 from flowpipe.query import DuckDBEngine
-from flowpipe.retention import apply_retention, plan_retention
 
 NOW = LAST_HOUR + timedelta(days=30, minutes=30)
 """30 days after the newest hour began (13:00): with --keep 30d, hours up to 12:00-13:00 are expired."""

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from review_support import check_junit, check_sarif
+from support.review import check_junit, check_sarif
 
 from flowpipe.cli import cli
 

@@ -12,8 +12,8 @@ import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from _kept_fields import kept_line
 from google.protobuf import field_mask_pb2, json_format
+from support.kept_fields import kept_line
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
@@ -334,7 +334,8 @@ def test_lost_events_come_in_time_order_among_the_flows(
 def test_collect_from_serve_hubble_reproduces_the_dataset(
     stored: tuple[Path, pa.Table, list[bytes]], server: HistoryServer, tmp_path: Path
 ) -> None:
-    from _collect_support import background_collect, fast_collect_config, wait_until
+    from support.collect import background_collect, fast_collect_config
+    from support.wait import wait_until
 
     table = stored[1]
     copy = tmp_path / "copy"
@@ -431,7 +432,7 @@ def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """@grpc/grpc-js and @grpc/proto-loader installed from npm into a temporary folder (skips without node)."""
     import shutil
 
-    from conftest import REQUIRE_EXTERNAL
+    from support.env import REQUIRE_EXTERNAL
 
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are not installed")
@@ -485,8 +486,8 @@ def test_a_compaction_under_a_running_answer_sends_each_flow_once(
     import logging
 
     caplog.set_level(logging.INFO, logger="flowpipe.server.history")
-    from flowpipe.compact import compact_dataset
-    from flowpipe.dataset import Dataset
+    from flowpipe.dataset.compact import compact_dataset
+    from flowpipe.dataset.layout import Dataset
     from flowpipe.server import history
 
     table = stored[1]

@@ -7,33 +7,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import require_binary
-from flowdata import T0, flow, synthetic_flows, write_dataset
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support.env import require_binary
+from support.flowdata import T0, flow, synthetic_flows, write_dataset
+from support.metrics import follower_for, received
 
 from flowpipe.cli import cli
-from flowpipe.commands.serve_metrics import MAX_READ_ATTEMPTS, DatasetFollower
-from flowpipe.dataset import Dataset
-from flowpipe.metrics import NO_NAMESPACE, PipelineMetrics
+from flowpipe.metrics.families import NO_NAMESPACE
+from flowpipe.metrics.server import MAX_READ_ATTEMPTS
 from flowpipe.model import LostEvent
-from flowpipe.sinks.prometheus import PrometheusSink
-
-
-def follower_for(root: Path) -> tuple[DatasetFollower, CollectorRegistry]:
-    registry = CollectorRegistry()
-    metrics = PipelineMetrics.create(registry, role="dataset")
-    return DatasetFollower(Dataset(root), metrics, PrometheusSink(metrics)), registry
-
-
-def received(registry: CollectorRegistry) -> float:
-    return sum(
-        s.value
-        for m in registry.collect()
-        if m.name == "flowpipe_flows_received"
-        for s in m.samples
-        if s.name.endswith("_total")
-    )
 
 
 def test_each_part_file_is_read_once_and_new_ones_are_followed(tmp_path: Path) -> None:

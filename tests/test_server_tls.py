@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from support.processes import start_simulate_relay, stop_process
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
@@ -138,7 +140,6 @@ def test_missing_certificate_files_are_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_simulate_relay_generates_a_pki_and_serves_mutual_tls(tmp_path: Path) -> None:
-    from tests.test_observer_server import start_simulate_relay, stop_process
 
     directory = tmp_path / "relay-pki"
     process, address = start_simulate_relay(
@@ -166,4 +167,4 @@ def test_simulate_relay_generates_a_pki_and_serves_mutual_tls(tmp_path: Path) ->
                 )
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        assert stop_process(process) == 0
+        assert stop_process(process, signal.SIGINT) == 0

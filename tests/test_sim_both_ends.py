@@ -3,7 +3,7 @@ through suggest: one connection attempt per SYN and its retransmits, counted onc
 
 from __future__ import annotations
 
-from _sim_dataset import SimDataset
+from support.sim_dataset import SimDataset
 
 from flowpipe.sim import faults as f
 
@@ -43,8 +43,8 @@ def test_the_ingress_denial_is_counted_once_per_packet_in_every_question(sim_fau
 
 
 def test_suggest_never_opens_the_denied_edge(sim_faults: SimDataset) -> None:
+    from flowpipe.app.suggest import SuggestConfig, suggest_policies
     from flowpipe.query import DuckDBEngine
-    from flowpipe.suggest import SuggestConfig, suggest_policies
 
     with DuckDBEngine(sim_faults.root) as engine:
         suggestion = suggest_policies(

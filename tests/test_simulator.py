@@ -618,7 +618,7 @@ def test_replaying_the_cluster_policies_reproduces_the_policy_drops() -> None:
 
 
 def test_cluster_policies_are_valid_cilium_documents(cilium_schemas: Path) -> None:
-    from tests.policy_support import validate_document
+    from support.policy import validate_document
 
     for faults in (frozenset(), frozenset(FAULT_NAMES)):
         sim = Simulator(SimulatorConfig(faults=faults))

@@ -16,14 +16,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from _small_files import START, lost_events, simulated_flows
 from click.testing import CliRunner
-from conftest import require_binary
+from support.env import require_binary
+from support.small_files import START, lost_events, simulated_flows
 
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Question

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import sqlglot
-from flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
+from support.flowdata import T0, flow, flows_table, synthetic_flows, write_dataset
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.drop_reasons import DROP_REASONS

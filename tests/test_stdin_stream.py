@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
+from support.stdin import PausedPipe
+from support.wait import WAIT_SECONDS, wait_until
 
-from flowpipe.bench_data import write_synthetic_jsonpb
-from flowpipe.dataset import Dataset
-from flowpipe.sources.file import FileSource
+from flowpipe.bench.data import write_synthetic_jsonpb
+from flowpipe.dataset.layout import Dataset
 
-WAIT_SECONDS = 60.0
 """Upper bound of every wait below (a wait ends as soon as its condition holds)."""
-
-
-def wait_for(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def synthetic_lines(tmp_path: Path, flows: int) -> list[bytes]:
@@ -43,42 +31,6 @@ def stored_flows(root: Path) -> int:
         return 0
     ((count,),) = duckdb.sql("SELECT count(*) FROM read_parquet($files)", params={"files": files}).fetchall()
     return int(count)
-
-
-class PausedPipe:
-    """A real pipe whose writer writes `data`, then pauses with the pipe open until `release()`."""
-
-    def __init__(self, data: bytes) -> None:
-        self.read_end, write_end = os.pipe()
-        self.sent = threading.Event()
-        self.closed = threading.Event()
-        self._release = threading.Event()
-
-        def write() -> None:
-            with os.fdopen(write_end, "wb") as out:
-                out.write(data)
-                out.flush()
-                self.sent.set()
-                self._release.wait(WAIT_SECONDS)
-            self.closed.set()
-
-        self._writer = threading.Thread(target=write)
-        self._writer.start()
-
-    def release(self) -> None:
-        self._release.set()
-
-    def batches(self, **options: int) -> Iterator[int]:
-        """Flows per batch of a FileSource reading the pipe as stdin (the pipe is released at the end)."""
-        try:
-            with os.fdopen(self.read_end, "rb", buffering=0) as stdin:
-                for batch in FileSource(["-"], stdin=stdin, **options).batches():
-                    if batch.flows.num_rows:
-                        yield batch.flows.num_rows
-                        self.release()  # the writer closes the pipe once flows were delivered
-        finally:
-            self.release()
-            self._writer.join(WAIT_SECONDS)
 
 
 def test_a_paused_pipe_delivers_its_whole_lines_before_it_is_closed(tmp_path: Path) -> None:
@@ -139,9 +91,7 @@ def test_ingest_from_a_live_stdin_stores_flows_before_stdin_closes(tmp_path: Pat
             child.stdin.write(line)
             child.stdin.flush()
             time.sleep(0.01)
-        assert wait_for(lambda: stored_flows(dataset) == 20), (
-            "the first lines were stored while stdin is open"
-        )
+        wait_until(lambda: stored_flows(dataset) == 20, what="the first lines stored while stdin is open")
         assert child.poll() is None
         _, err = child.communicate(b"".join(lines[20:]), timeout=WAIT_SECONDS)  # then stdin is closed
     finally:

@@ -12,29 +12,28 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from _collect_support import (
+from click.testing import CliRunner
+from support.collect import (
     background_collect,
     chunks,
     fast_collect_config,
     sim_flow_bytes,
     start_collector,
-    stop_process,
     uuids_of,
-    wait_until,
 )
-from _small_files import START
-from click.testing import CliRunner
+from support.processes import stop_process
+from support.small_files import START
+from support.wait import wait_until
 
-from flowpipe import storage
 from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
+from flowpipe.dataset import storage
+from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.server import ObserverServer
@@ -42,37 +41,6 @@ from flowpipe.sim import Simulator, SimulatorConfig
 from flowpipe.sinks.parquet import ParquetSink
 
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
-MOTO = textwrap.dedent(
-    """
-    import sys, time
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server.get_host_and_port()[1], flush=True)
-    sys.stdin.read()  # until the test closes our stdin
-    server.stop()
-    """
-)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 in a child process (pyarrow's blocking calls never wait on its GIL)."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
-    assert process.stdout is not None and process.stdin is not None
-    port = int(process.stdout.readline())
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", "flowpipe-test")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "flowpipe-test")
-        patch.setenv("AWS_REGION", "us-east-1")
-        patch.setenv("FLOWPIPE_S3_ENDPOINT", f"http://127.0.0.1:{port}")
-        yield f"http://127.0.0.1:{port}"
-    process.stdin.close()
-    process.wait(10)
 
 
 @pytest.fixture

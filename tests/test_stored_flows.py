@@ -10,19 +10,19 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
-from _collect_support import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
-from _collect_support import wait_until as wait_for
 from click.testing import CliRunner
 from google.protobuf import json_format
+from support.collect import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
+from support.wait import wait_until as wait_for
 
 from flowpipe._proto.flow import flow_pb2
+from flowpipe.app.ingest import ingest_files
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import Dataset
-from flowpipe.ingest import ingest_files
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import Dataset
+from flowpipe.dataset.stored_flows import StoredFlows, uuid_words
 from flowpipe.server import ObserverServer
-from flowpipe.stored_flows import StoredFlows, uuid_words
 
 
 def _stored(root: Path) -> tuple[int, int]:

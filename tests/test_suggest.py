@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import flow, pod, reserved, validate_document
-from suggest_support import connection, dns_server, documents, suggest
+from support.policy import flow, pod, reserved, validate_document
+from support.suggest import connection, dns_server, documents, suggest
 
 from flowpipe.policy.draft import Draft, draft_policies
 
@@ -352,7 +352,7 @@ def test_a_namespace_whose_draft_would_deny_a_request_is_withheld_and_the_rest_o
         ]  # fmt: skip
         return draft
 
-    monkeypatch.setattr("flowpipe.suggest.draft_policies", without_api_ingress)
+    monkeypatch.setattr("flowpipe.app.suggest.draft_policies", without_api_ingress)
     rows = connection(WEB, API, 8080, 40001) + connection(PROM, WEB, 9090, 40002)
     suggestion = suggest(tmp_path, rows)
     assert suggestion.partial

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-from policy_support import flow, pod, reserved
-from suggest_support import connection, dataset, dns_server, documents, suggest
+from support.policy import flow, pod, reserved
+from support.suggest import connection, dataset, dns_server, documents, suggest
 
 from flowpipe.cli import cli
 from flowpipe.policy.load import load_policies, parse_policies

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 from click.testing import CliRunner
-from policy_support import pod, validate_document
-from suggest_support import connection, dataset
+from support.policy import pod, validate_document
+from support.suggest import connection, dataset
 
 from flowpipe.cli import cli
 from flowpipe.policy.model import Policy

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from policy_support import flow, pod, reserved, validate_document
-from suggest_support import connection, dataset
+from support.policy import flow, pod, reserved, validate_document
+from support.suggest import connection, dataset
 
 from flowpipe.cli import cli
 

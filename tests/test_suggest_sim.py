@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_support import validate_document
-from suggest_support import suggest
+from support.policy import validate_document
+from support.suggest import suggest
 
+from flowpipe.app.suggest import Suggestion
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.policy.draft import edge_text
 from flowpipe.policy.edges import learned_requests
@@ -19,7 +20,6 @@ from flowpipe.policy.load import parse_policies
 from flowpipe.policy.replay import ReplayReport, replay_edges, replay_flows
 from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.sources.file import read_events
-from flowpipe.suggest import Suggestion
 
 
 def deployed(suggestion: Suggestion, fmt: str) -> Any:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _kept_fields import kept, kept_line
 from google.protobuf import json_format
+from support.kept_fields import kept, kept_line
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.sim import Simulator, SimulatorConfig

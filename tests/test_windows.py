@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flowdata import flow, write_dataset
+from support.flowdata import flow, write_dataset
 
 from flowpipe.cli import cli
-from flowpipe.commands.replay import resolve_window
 from flowpipe.model import LostEvent
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import open_engine
-from flowpipe.query.run import relative_anchor, run_question, window_coverage
+from flowpipe.query.run import relative_anchor, resolve_window, run_question, window_coverage
 from flowpipe.query.timeparse import EARLIEST_FLOW_TIME, LATEST_FLOW_TIME, parse_time
 
 T = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

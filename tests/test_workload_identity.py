@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import sqlglot
-from flowdata import T0, flow, write_dataset
+from support.flowdata import T0, flow, write_dataset
 
 from flowpipe.errors import QuestionDefinitionError
 from flowpipe.query import DuckDBEngine, load_questions, run_question

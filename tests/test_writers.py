@@ -25,15 +25,17 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from _collect_support import ROOT, sim_flow_bytes, start_collector, stop_process, uuids_of, wait_until
-from _small_files import simulated_flows, write_small_files
 from click.testing import CliRunner
+from support.collect import ROOT, sim_flow_bytes, start_collector, uuids_of
+from support.processes import stop_process
+from support.small_files import simulated_flows, write_small_files
+from support.wait import wait_until
 
-from flowpipe._leases import SourceClaimedError, read_leases, take_lease
-from flowpipe.bench_s3 import count_flush_requests, counting_s3_server, request_counts
+from flowpipe.bench.s3 import count_flush_requests, counting_s3_server, request_counts
 from flowpipe.cli import cli
-from flowpipe.compact import compact_dataset
-from flowpipe.dataset import KILL_AT_VARIABLE, SINGLE_PUT_VARIABLE, Dataset
+from flowpipe.dataset.compact import compact_dataset
+from flowpipe.dataset.layout import KILL_AT_VARIABLE, SINGLE_PUT_VARIABLE, Dataset
+from flowpipe.dataset.leases import SourceClaimedError, read_leases, take_lease
 from flowpipe.query import DuckDBEngine
 from flowpipe.server import ObserverServer
 from flowpipe.sim import Simulator, SimulatorConfig
@@ -43,7 +45,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 in a child process, counting requests (`flowpipe.bench_s3`)."""
+    """moto's S3 server on 127.0.0.1 in a child process, counting requests (`flowpipe.bench.s3`)."""
     with counting_s3_server() as endpoint, pytest.MonkeyPatch.context() as patch:
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             patch.delenv(name, raising=False)
@@ -162,8 +164,8 @@ def test_two_ingests_of_one_file_at_once_store_it_once(where: str, tmp_path: Pat
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from flowpipe._leases import take_lease
-    from flowpipe.dataset import Dataset
+    from flowpipe.dataset.leases import take_lease
+    from flowpipe.dataset.layout import Dataset
     from flowpipe.sources.file import input_claims
     take_lease(Dataset(sys.argv[1]), "ingest", input_claims([sys.argv[2]]))
     print("held", flush=True)

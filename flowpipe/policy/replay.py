@@ -36,15 +36,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
-from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import Direction, Policy, PortRule
 from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
-from flowpipe.query.views import install_views
+from flowpipe.query.engine import DuckDBEngine
 
 try:  # the shared DropReason classification, where present
     from flowpipe.drop_reasons import is_policy_decision
@@ -323,16 +321,12 @@ def replay_flows(
     >>> report.would_break
     0
     """
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("flows", flows)
-        install_views(con)  # EDGES_SQL reads the shared view flows_enriched
-        relation = con.sql(EDGES_SQL, params=edge_parameters(policies, since=since, until=until))
-        edges = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-    except duckdb.Error as exc:
-        raise QueryError(f"grouping flows into edges failed: {exc}", sql=EDGES_SQL) from exc
-    finally:
-        con.close()
+    with DuckDBEngine(
+        None, tables={"flows": flows}
+    ) as engine:  # the views every question reads, over `flows`
+        edges = engine.run(
+            EDGES_SQL, edge_parameters(policies, since=since, until=until), question="replay edges"
+        )
     return replay_edges(policies, edges, config)
 
 

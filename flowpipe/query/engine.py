@@ -6,9 +6,9 @@ can implement it later without touching the catalog or the CLI.
 
 How the views are built:
 
-- The part files are listed through `flowpipe.dataset.Dataset`, which skips temporary and private files
+- The part files are listed through `flowpipe.dataset.layout.Dataset`, which skips temporary and private files
   (names starting with `.` or `_`, or ending in `.tmp`) and works on any pyarrow filesystem; files that a
-  compacted file already holds are left out (`flowpipe.compact.visible_part_files`), so a query running
+  compacted file already holds are left out (`flowpipe.dataset.visible.visible_part_files`), so a query running
   during a compaction sees every row once. Only files in the
   `date=.../hour=.../` layout are read; anything else under `flows/` is logged and left out.
 - On a local folder the files go to DuckDB's own Parquet reader (`read_parquet([...], hive_partitioning=true,
@@ -58,8 +58,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from flowpipe._resources import apply_duckdb_limits
-from flowpipe.compact import visible_part_files
-from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
 from flowpipe.query.views import install_views
@@ -124,7 +124,8 @@ class DuckDBEngine:
     `dataset` is a local folder, an object-store URL (`s3://bucket/prefix`), a `Dataset`, or None for no
     dataset (both views empty, e.g. to describe the schema). `filesystem` overrides the filesystem of a path.
     `setup` is called with the connection once `flows` and `lost_events` exist (and again after `refresh()`),
-    to add shared views or tables that questions read; it raises `QueryError` on failure.
+    to add shared views or tables that questions read; it raises `QueryError` on failure. `tables` gives a view
+    its rows from an Arrow table instead of part files (`{"flows": table}`: questions over rows in memory).
     """
 
     def __init__(
@@ -134,7 +135,9 @@ class DuckDBEngine:
         filesystem: pafs.FileSystem | None = None,
         setup: Setup | None = None,
         external_access: bool = False,
+        tables: Mapping[str, pa.Table] | None = None,
     ) -> None:
+        self._tables = dict(tables or {})
         if dataset is None or isinstance(dataset, Dataset):
             self.dataset = dataset
         else:
@@ -263,7 +266,11 @@ class DuckDBEngine:
 
     def _define_view(self, view: str, schema: pa.Schema, files: tuple[str, ...]) -> None:
         types = self._sql_types[view]
-        if not files:
+        if view in self._tables:
+            source = f"_flowpipe_{view}_table"
+            self._con.register(source, self._tables[view])
+            present = set(self._tables[view].column_names)
+        elif not files:
             source, present = f"_flowpipe_{view}_empty", set(schema.names)
         else:
             source = f"_flowpipe_{view}_files"

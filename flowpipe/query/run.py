@@ -30,11 +30,18 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowpipe._output import format_datetime
 from flowpipe.errors import ConfigError
 from flowpipe.query.catalog import RELATIVE_TO, Question, RelativeTo
 from flowpipe.query.engine import FLOWS_VIEW, LOST_EVENTS_VIEW, Engine
-from flowpipe.query.timeparse import EARLIEST_FLOW_TIME, LATEST_FLOW_TIME, to_utc
+from flowpipe.query.timeparse import (
+    EARLIEST_FLOW_TIME,
+    LATEST_FLOW_TIME,
+    format_datetime,
+    is_relative_time,
+    parse_duration,
+    parse_time,
+    to_utc,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -105,6 +112,21 @@ def relative_anchor(
     if relative_to == "data" or newest < clock - span:
         return newest, "data"
     return clock, "now"
+
+
+def resolve_window(
+    newest: datetime | None, since: str | None, until: str | None, *, now: datetime | None = None
+) -> tuple[datetime | None, datetime | None, datetime | None]:
+    """The (since, until) bounds, and the newest flow's time when relative values count back from it.
+
+    Relative values count back from the clock, unless the dataset is older than the window asked for: then
+    from the newest flow, so that an old capture still answers.
+    """
+    span = parse_duration(since) if since is not None and is_relative_time(since) else None
+    anchor, anchored_to = relative_anchor(newest, span, now=now)
+    start = parse_time(since, anchor=anchor, name="--since") if since is not None else None
+    end = parse_time(until, anchor=anchor, name="--until", end=True) if until is not None else None
+    return start, end, anchor if anchored_to == "data" else None
 
 
 def bind_window(

@@ -8,7 +8,7 @@ the SQL). Needs `pip install 'flowpipe[spark]'` (pyspark, sqlglot) and Java 17 o
 
 How the views are built, the same as DuckDB's:
 
-- `flows` and `lost_events` read the part files that `flowpipe.compact.visible_part_files` lists (temporary
+- `flows` and `lost_events` read the part files that `flowpipe.dataset.visible.visible_part_files` lists (temporary
   files, and inputs already in a compacted file, left out) with the Arrow schema of the flow table as the read
   schema, so older files without a column read it as NULL. Spark cannot read Parquet nanosecond timestamps as
   timestamps: they are read as integers (`spark.sql.legacy.parquet.nanosAsLong`) and the view turns them into
@@ -20,7 +20,7 @@ Where Spark runs: `master="local[2]"` (the default) runs in this process's JVM; 
 (`spark://host:7077`, `k8s://...`, `yarn`) is a cluster, whose executors must reach the dataset. A local
 folder then has to be on a filesystem every executor mounts at the same path. An `s3://bucket/prefix` dataset is
 read through Hadoop's S3A connector as `s3a://bucket/prefix`, with the endpoint and region of
-`flowpipe.storage` and the AWS credentials of the environment; the connector is not part of pyspark: add it,
+`flowpipe.dataset.storage` and the AWS credentials of the environment; the connector is not part of pyspark: add it,
 e.g. `PYSPARK_SUBMIT_ARGS="--packages org.apache.hadoop:hadoop-aws:<the Hadoop version of your Spark>
 pyspark-shell"` (or the `spark.jars.packages` setting of the cluster).
 """
@@ -37,13 +37,13 @@ from typing import Any, Self
 
 import pyarrow as pa
 
-from flowpipe.compact import visible_part_files
-from flowpipe.dataset import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.storage import s3_options
+from flowpipe.dataset.visible import visible_part_files
 from flowpipe.drop_reasons import drop_reason_table
 from flowpipe.errors import ConfigError, EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
 from flowpipe.query.views import DROP_REASONS_TABLE, NAMED_VIEW, flows_named_sql, load_views
-from flowpipe.storage import s3_options
 
 log = logging.getLogger(__name__)
 

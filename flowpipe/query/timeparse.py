@@ -23,11 +23,12 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from flowpipe.errors import QuestionParameterError
+from flowpipe.errors import ConfigError, QuestionParameterError
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"^-?(?:\d+(?:\.\d+)?[smhdw])+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _ISO_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
 ALL = "all"
 """The time value of no bound: `--since all` selects from the first flow on."""
@@ -63,6 +64,21 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"not a duration: {text!r} (use e.g. 45s, 30m, 1h, 7d, 2w)")
     seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _PART.findall(value))
     return timedelta(seconds=min(seconds, _LONGEST.total_seconds()))
+
+
+def parse_seconds(text: str, *, allow_zero: bool = False) -> float:
+    """Seconds from a duration as `--since` takes it (`90s`, `10m`, `1h30m`, `2d`, `1w`: `parse_duration`) or a
+    bare number of seconds (`90`); more than 0 unless `allow_zero`; raises ConfigError otherwise."""
+    value = text.strip()
+    try:
+        if value.startswith("-") or value.lower() == "now":
+            raise ValueError(value)
+        seconds = float(value) if _SECONDS.fullmatch(value) else parse_duration(value).total_seconds()
+    except ValueError:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h30m, 2d, 1w") from None
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(f"invalid duration {text!r}: it must be more than 0 (e.g. 90s, 10m, 1h30m)")
+    return seconds
 
 
 def parse_time(
@@ -108,3 +124,12 @@ def to_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def format_datetime(value: datetime) -> str:
+    """ISO 8601; aware values in UTC with `Z` (nanoseconds kept when the value has them)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+        text = value.isoformat()
+        return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
+    return value.isoformat()

@@ -11,23 +11,13 @@ from dataclasses import dataclass
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.errors import ObserverServerError
+from flowpipe.transforms.wire import encode_varint
 
 DEFAULT_BUFFER_SIZE = 4095
 """Flows kept per node, Hubble's default ring buffer capacity."""
 
 _FLOWS_RATE_WINDOW_SECONDS = 60
 _SEQ_KEY = operator.attrgetter("seq")
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int (negative int64 values as 10-byte two's complement)."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 _SMALL_VARINTS = [encode_varint(n) for n in range(1 << 14)]

@@ -51,8 +51,8 @@ from google.protobuf import wrappers_pb2
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
-from flowpipe.compact import is_compacted_name, read_compacted_inputs, visible_part_files
-from flowpipe.dataset import FLOWS_TABLE, Dataset
+from flowpipe.dataset.layout import FLOWS_TABLE, Dataset
+from flowpipe.dataset.visible import is_compacted_name, read_compacted_inputs, visible_part_files
 from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError, QueryError
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.query.engine import (

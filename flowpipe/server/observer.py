@@ -36,12 +36,13 @@ from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
 from flowpipe.errors import ConfigError, ObserverServerError
 from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStream
-from flowpipe.server.buffer import DEFAULT_BUFFER_SIZE, BufferedFlow, FlowStore, encode_varint, frame_message
+from flowpipe.server.buffer import DEFAULT_BUFFER_SIZE, BufferedFlow, FlowStore, frame_message
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, NodeMatcher
 from flowpipe.server.health import HealthService
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
+from flowpipe.transforms.wire import encode_varint
 
 DEFAULT_VERSION = f"{__version__}-flowpipe"
 """What ServerStatus, GetNodes and the `hubble-relay-version` header report."""

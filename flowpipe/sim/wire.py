@@ -18,6 +18,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from flowpipe._proto.flow import flow_pb2
+from flowpipe.transforms.wire import encode_varint
 
 US = 1_000
 """Nanoseconds in a microsecond."""
@@ -69,29 +70,8 @@ _SOCK_MARK = "\x00"
 
 _BYTE = [bytes((i,)) for i in range(256)]
 
-
-def varint(value: int) -> bytes:
-    """The protobuf base-128 varint encoding of a non-negative integer."""
-    # Unrolled for the sizes that matter (ports, nanoseconds, epoch seconds): this is the hottest code path.
-    if value < 0x80:
-        return _BYTE[value]
-    if value < 0x4000:
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    if value < 0x200000:
-        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
-    if value < 0x10000000:
-        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21))
-    if value < 0x800000000:  # nanoseconds and epoch seconds
-        return bytes((
-            value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21 & 0x7F | 0x80,
-            value >> 28,
-        ))  # fmt: skip
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+varint = encode_varint
+"""The protobuf base-128 varint (the simulator's name for it)."""
 
 
 def _tag(number: int, wire_type: int) -> bytes:

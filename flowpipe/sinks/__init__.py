@@ -58,13 +58,4 @@ class Sink(Protocol):
         ...
 
 
-def _parquet_sink() -> type[Sink]:
-    from flowpipe.sinks.parquet import ParquetSink
-
-    return ParquetSink
-
-
-SINKS = {"parquet": _parquet_sink}
-"""Sink type name → a function returning the sink class (imported lazily)."""
-
-__all__ = ["SINKS", "Ack", "Sink"]
+__all__ = ["Ack", "Sink"]

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset import (
+from flowpipe.dataset.layout import (
     FLOWS_TABLE,
     LOST_EVENTS_TABLE,
     Dataset,
@@ -51,14 +51,13 @@ from flowpipe.model import (
     LOST_EVENTS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    WRITER_ID_KEY,
     EventBatch,
     LostEvent,
 )
 from flowpipe.sinks import Ack
 
 log = logging.getLogger(__name__)
-
-WRITER_ID_KEY = b"flowpipe.writer_id"
 
 Clock = Callable[[], float]
 

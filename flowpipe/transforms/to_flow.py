@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flowpipe._proto.flow import flow_pb2
-from flowpipe.server.buffer import encode_varint
 from flowpipe.transforms._enums import enum_names
 from flowpipe.transforms._json_schema import TCP_FLAG_NAMES
+from flowpipe.transforms.wire import encode_varint
 
 # Columns whose values are enum names, and the enum each belongs to.
 _ENUM_COLUMNS = {
