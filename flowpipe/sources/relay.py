@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -79,6 +79,7 @@ from flowpipe.sources._relay_dedupe import (
 )
 from flowpipe.sources._relay_log import ConnectionLog
 from flowpipe.sources._relay_resume import RelayPosition, ResumeTracker, checkpoint_state, read_checkpoint
+from flowpipe.sources._relay_worker import ReceivingProcess, RemoteStream
 from flowpipe.stored_flows import StoredFlows
 
 if TYPE_CHECKING:
@@ -116,8 +117,11 @@ class RelaySource:
         stop: threading.Event | None = None,
         checkpoint_interval_seconds: float = 1.0,
         stored: StoredFlows | None = None,
+        receive_process: bool = False,
     ) -> None:
         self.config = config
+        self.receive_process = receive_process
+        """Whether the stream is read by a process of its own (`_relay_worker`) instead of a thread."""
         self.dataset = dataset
         self.state_name = state_name
         self.metrics = metrics
@@ -131,7 +135,12 @@ class RelaySource:
         self.reconnects = 0
         self._verdicts = verdict_numbers(config.verdicts)
         self._lock = threading.Lock()
-        self._receiver: StreamReceiver | None = None
+        self._receiver: StreamReceiver | RemoteStream | None = None
+        self._process: ReceivingProcess | None = None
+        self.decode_seconds = 0.0
+        """CPU time (of the thread that decodes) spent decoding, skipping repeats and tracking the resume point."""
+        self.receive_seconds = 0.0
+        """CPU time of this process spent taking batches from the receiving process (with `receive_process`)."""
         self._channel: grpc.Channel | None = None
         self._committed: RelayPosition | None = None
         self._saved: RelayPosition | None = None
@@ -160,6 +169,7 @@ class RelaySource:
             yield from self._batches()
         finally:
             self._close_channel()
+            self._end_process()
 
     def _batches(self) -> Iterator[EventBatch]:
         startup = self.config.startup_timeout_seconds
@@ -356,15 +366,23 @@ class RelaySource:
     ) -> Generator[EventBatch, None, BaseException | None]:
         """Yield batches of one GetFlows call; returns the error that ended it (None: ended normally)."""
         assert self._channel is not None
-        call = self._channel.unary_stream(
-            _METHOD + "GetFlows",
-            request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-            response_deserializer=None,
-        )(request)
         self._arm_dedupe()
-        receiver = StreamReceiver(call, self.config.max_pending_flows, lambda: self._set_connected(True))
+        on_first = lambda: self._set_connected(True)
+        receiver: StreamReceiver | RemoteStream
+        if self.receive_process:
+            try:
+                receiver = self._receiving_process().follow(request.SerializeToString(), on_first)
+            except OSError as exc:
+                return exc  # cannot start the receiving process: retried with backoff
+        else:
+            call = self._channel.unary_stream(
+                _METHOD + "GetFlows",
+                request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+                response_deserializer=None,
+            )(request)
+            receiver = StreamReceiver(call, self.config.max_pending_flows, on_first)
+            receiver.start()
         self._receiver = receiver
-        receiver.start()
         resume_ns = self._resume.resume_ns
         since = "the whole buffer" if resume_ns is None else f"flows since {iso_time(resume_ns)}"
         log.info("following hubble-relay %s: %s, then new flows", self.address, since)
@@ -390,10 +408,38 @@ class RelaySource:
             receiver.stop()
             receiver.join(5.0)
             self._receiver = None
+            if isinstance(receiver, RemoteStream):
+                self.receive_seconds += receiver.receive_seconds
         error = receiver.error
         if isinstance(error, grpc.RpcError) and status_code(error) == grpc.StatusCode.CANCELLED:
             return None  # we ended it ourselves (stop, or a node list change)
         return error
+
+    def _receiving_process(self) -> ReceivingProcess:
+        """The receiving process, started anew when there is none or it ended (killed, or failed)."""
+        process = self._process
+        if process is not None and not process.alive:
+            log.info("the receiving process (pid %d) %s: starting another", process.pid, process.ended())
+            self._end_process()
+            process = None
+        if process is None:
+            process = self._process = ReceivingProcess(self.config)
+        return process
+
+    def _end_process(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.close()
+
+    @property
+    def receiver_pid(self) -> int | None:
+        """The pid of the receiving process (None without one)."""
+        return None if self._process is None else self._process.pid
+
+    @property
+    def receiving(self) -> bool:
+        """Whether the stream's reader is up: always in one process; with a receiving process, while it runs."""
+        return not self.receive_process or (self._process is not None and self._process.alive)
 
     def _nodes_changed(self) -> bool:
         before = self._my_nodes
@@ -405,7 +451,14 @@ class RelaySource:
             return False
         return self._my_nodes != before
 
-    def _batch(self, messages: list[bytes]) -> EventBatch | None:
+    def _batch(self, messages: Sequence[bytes] | pa.BinaryArray) -> EventBatch | None:
+        started = time.thread_time()
+        try:
+            return self._decoded_batch(messages)
+        finally:
+            self.decode_seconds += time.thread_time() - started
+
+    def _decoded_batch(self, messages: Sequence[bytes] | pa.BinaryArray) -> EventBatch | None:
         decoded = decode_responses(messages, cluster_name=self.config.cluster_name)
         errors = [
             FlowDecodeError(
