@@ -111,14 +111,15 @@ def fast_source(address: str, **changes: Any) -> RelaySourceConfig:
 
 
 def fast_collect_config(
-    address: str, dataset: Path, *, writer_id: str = "test", **source: Any
+    address: str, dataset: Path, *, writer_id: str = "test", workers: int | None = None, **source: Any
 ) -> CollectConfig:
-    """A collect config that flushes every 0.1 s and polls often."""
+    """A collect config that flushes every 0.1 s and polls often (`workers` None: as many as the CPUs allow)."""
     return CollectConfig(
         source=fast_source(address, **source),
         sink=ParquetSinkConfig(path=str(dataset), flush_interval_seconds=0.1, writer_id=writer_id),
         pipeline=PipelineConfig(poll_interval_seconds=0.05, stop_timeout_seconds=5.0),
         question_interval_seconds=3600.0,
+        workers=workers,
     )
 
 
@@ -181,6 +182,26 @@ def start_collector(
     return subprocess.Popen(
         collect_command(*args), stdout=log_file, stderr=log_file, cwd=ROOT, env=environment
     )
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of a running process's children (from /proc)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in children.read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

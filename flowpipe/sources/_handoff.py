@@ -20,10 +20,10 @@ import socket
 import struct
 from array import array
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 """Kernel buffer asked for on each end of the socketpair (the system may grant less)."""
@@ -113,6 +113,9 @@ def read_frame(sock: socket.socket) -> tuple[bytes, int, bytearray]:
 
 def batch_messages(count: int, payload: bytearray) -> pa.BinaryArray:
     """A batch frame's payload as an Arrow binary array of its messages, over the payload itself (no copy)."""
+    import numpy as np  # (here: the receiving process never needs them)
+    import pyarrow as pa
+
     lengths = np.frombuffer(payload, dtype=np.uint32, count=count)
     offsets = np.zeros(count + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
