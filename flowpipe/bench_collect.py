@@ -3,7 +3,7 @@
 Three child processes, so that each one's CPU and memory are its own:
 
 - the relay: the built-in Observer server with `flows` simulated flows in its buffer (a pool of simulated flows
-  repeated with fresh uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
+  repeated with fresh random uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
 - the collector: `flowpipe.collect.collect` following the relay from an empty dataset until the first 1M (and
   3M, with `--flows 3000000`) flows are written, with two workers (the stream read by a receiving process of its
   own) and with one; it samples the resident memory of its processes together as it goes (peak, and growth over
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import random
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,11 +253,14 @@ def _relay_main(count: int, seed: int) -> None:
     span = pool[-1].time.ToNanoseconds() - pool[0].time.ToNanoseconds() + 1_000_000
     server = ObserverServer(port=0, buffer_size=count).start()  # a node's ring never overwrites
     batch: list[flow_pb2.Flow] = []
+    # random (version 4) uuids, as Cilium's: the stored-flow check keys on their leading bits, which counted
+    # uuids (all leading zeros) would make one long run of equal keys
+    draw = random.Random(seed).getrandbits
     for index in range(count):
         base = pool[index % pool_size]
         flow = flow_pb2.Flow()
         flow.CopyFrom(base)
-        flow.uuid = str(uuid.UUID(int=index + 1))
+        flow.uuid = str(uuid.UUID(int=draw(128), version=4))
         flow.time.FromNanoseconds(base.time.ToNanoseconds() + (index // pool_size) * span)
         batch.append(flow)
         if len(batch) >= 10_000:
