@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import random
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
