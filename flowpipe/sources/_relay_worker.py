@@ -8,7 +8,7 @@ receiving process (this module's `main`): one gRPC channel, one call at a time, 
 ```
 
 The receiving process never builds a protobuf object: responses arrive as bytes (no deserializer) and leave as
-bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) per frame (`_handoff`). It holds
+bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in frames (`_handoff`). It holds
 nothing durable and decides nothing: the collector says which stream to open (from its own resume point) and
 when to end it, and moves its checkpoint only for what its sinks made durable, as with one process.
 
@@ -226,22 +226,41 @@ class RemoteStream:
         return None
 
     def take(self, count: int, wait_seconds: float, stop: threading.Event) -> tuple[Any, bool]:
-        """The next batch (up to `wait_seconds`; at most `batch_max_flows` messages, the receiving process's
-        batch size, whatever `count`) and whether the call is over."""
+        """The next batch (waiting up to `wait_seconds` for it) and whether the call is over.
+
+        The receiving process batches by time and count and cuts a batch into frames that fit the socket's
+        buffer; frames already waiting are taken together up to `count` messages (fewer, larger batches cost
+        less to decode and write)."""
         deadline = time.monotonic() + wait_seconds
         while not self.done:
             left = deadline - time.monotonic()
             if wait_readable(self.process.sock, min(max(left, 0.0), 0.1)):
                 messages = self._read()
-                if messages is not None:
-                    if self.first:
-                        self.first = False
-                        self.on_first()
-                    return messages, False
-                continue
+                if messages is None:
+                    continue
+                if self.first:
+                    self.first = False
+                    self.on_first()
+                return self._more(messages, count), False
             if stop.is_set() or left <= 0:
                 return [], False
         return [], True
+
+    def _more(self, messages: pa.BinaryArray, count: int) -> pa.BinaryArray:
+        """`messages` and the batch frames that already wait after them, up to `count` messages in all."""
+        frames, total = [messages], len(messages)
+        while total < count and not self.done and wait_readable(self.process.sock, 0.0):
+            more = self._read()
+            if more is None:
+                break  # the call ended: that is seen at the next take, after these messages
+            frames.append(more)
+            total += len(more)
+        if len(frames) == 1:
+            return messages
+        import pyarrow as pa
+
+        joined: pa.BinaryArray = pa.concat_arrays(frames)
+        return joined
 
     def stop(self) -> None:
         """Ask the receiving process to end the call (the batches it still sends are read by `join`)."""
