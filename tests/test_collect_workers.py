@@ -24,6 +24,7 @@ from _collect_support import (
 
 from flowpipe._resources import available_cpus
 from flowpipe.collect import CollectConfig, collect, default_workers
+from flowpipe.dataset import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
@@ -101,6 +102,13 @@ def test_the_receiving_process_killed_is_replaced_and_nothing_is_lost_or_repeate
     written = dataset_uuids(tmp_path)
     assert len(written) == len(set(written)), "no flow written twice"
     assert sorted(written) == sorted(uuids_of(flows)), "no flow missing"
+
+
+def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:
+    # /readyz needs `receiving`: a collector whose receiving process is gone (not yet replaced) is not ready
+    config = fast_collect_config("127.0.0.1:4245", tmp_path).source
+    assert RelaySource(config, dataset=Dataset(tmp_path)).receiving, "one process: the stream's thread"
+    assert not RelaySource(config, dataset=Dataset(tmp_path), receive_process=True).receiving
 
 
 def write_cgroup(root: Path, quota: str) -> Path:

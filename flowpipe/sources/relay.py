@@ -28,6 +28,11 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
 
+- **Receiving process** (`receive_process=True`, `collect --workers 2`): the GetFlows call is read by a process of
+  its own (`_relay_worker`), which hands the raw responses over in batches; everything else stays here, the same
+  in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
+  and the stream resumes from the resume point with the repeats skipped.
+
 This module is the connection loop and the batch assembly; the helpers are `_relay_config` (the options),
 `_relay_connect` (channels, diagnosis, the receiver thread), `_relay_decode`, `_relay_dedupe`, `_relay_resume`
 (where a new stream starts, the checkpoint document) and `_relay_log` (what is logged about the relay).
