@@ -116,13 +116,13 @@ class RelaySourceConfig:
         default=True, metadata={"help": "Ask the relay only for the flow fields flowpipe stores."}
     )
     batch_max_flows: int = field(
-        default=8192, metadata={"help": "Most flows decoded together into one batch."}
+        default=4096, metadata={"help": "Most flows decoded together into one batch."}
     )
     batch_max_seconds: float = field(
         default=0.25, metadata={"help": "Longest time a received flow waits before its batch is decoded."}
     )
     max_pending_flows: int = field(
-        default=16384, metadata={"help": "Received flows waiting to be decoded before the stream is paused."}
+        default=8192, metadata={"help": "Received flows waiting to be decoded before the stream is paused."}
     )
     resume_overlap_seconds: float = field(
         default=10.0,
