@@ -197,9 +197,8 @@ class RemoteStream:
         """The receiving process is gone: the call is over."""
         if not self.done:
             self.done = True
-            self.error = ReceiverGone(
-                f"the receiving process (pid {self.process.pid}) {self.process.ended()}"
-            )
+            # (no pid in the text: the connection log says each reason once, however many processes end alike)
+            self.error = ReceiverGone(f"the receiving process {self.process.ended()}")
 
     def _read(self) -> pa.BinaryArray | None:
         """Read one frame: a batch's messages, or None (the call ended, `done` is set)."""
