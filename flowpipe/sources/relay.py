@@ -27,7 +27,6 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
   stream asks only for this shard's nodes (node_name filter), and the node list is refreshed periodically.
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
-
 - **Receiving process** (`receive_process=True`, `collect --workers 2`): the GetFlows call is read by a process of
   its own (`_relay_worker`), which hands the raw responses over in batches; everything else stays here, the same
   in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
