@@ -328,8 +328,11 @@ class _Worker:
                         if self.receiver is not None:
                             self.receiver.stop()
         except (HandoffClosed, OSError):
-            pass
-        os._exit(0)  # nothing here is durable: nothing to flush
+            code = 0
+        except BaseException:  # a bug here must not leave a process that nobody controls
+            log.exception("the receiving process stops")
+            code = 1
+        os._exit(code)  # nothing here is durable: nothing to flush
 
     def run(self) -> None:
         threading.Thread(target=self.control, name="flowpipe-receiver-control", daemon=True).start()
