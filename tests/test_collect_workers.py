@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from _collect_support import (
     chunks,
     dataset_uuids,
     fast_collect_config,
+    fast_source,
     process_gone,
     sim_flow_bytes,
     start_collector,
@@ -22,11 +24,14 @@ from _collect_support import (
     wait_until,
 )
 
+from flowpipe._proto.observer import observer_pb2
 from flowpipe._resources import available_cpus
 from flowpipe.collect import CollectConfig, collect, default_workers
 from flowpipe.dataset import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
+from flowpipe.sources._handoff import wait_readable
+from flowpipe.sources._relay_worker import ReceivingProcess
 from flowpipe.sources.relay import RelaySource
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
@@ -102,6 +107,36 @@ def test_the_receiving_process_killed_is_replaced_and_nothing_is_lost_or_repeate
     written = dataset_uuids(tmp_path)
     assert len(written) == len(set(written)), "no flow written twice"
     assert sorted(written) == sorted(uuids_of(flows)), "no flow missing"
+
+
+def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_waits_while_nobody_reads() -> (
+    None
+):
+    flows = sim_flow_bytes(40_000)  # ~44 MB: several times what the socket, the queue and the HTTP/2 window hold
+    with ObserverServer(buffer_size=50_000) as server:
+        server.publish(flows)
+        config = fast_source(server.address, max_pending_flows=500, batch_max_flows=300)
+        process = ReceivingProcess(config)
+        try:
+            request = observer_pb2.GetFlowsRequest(number=len(flows))  # the whole buffer, then the call ends
+            stream = process.follow(request.SerializeToString(), on_first=lambda: None)
+            wait_until(lambda: wait_readable(process.sock, 0.0), what="the first batch")
+            time.sleep(1.0)  # nobody reads meanwhile
+            arrived: list[bytes] = []
+            while wait_readable(process.sock, 0.0) and not stream.done:
+                arrived += stream._read().to_pylist()
+            assert len(arrived) < len(flows) / 2, "the relay's stream waited for the reader"
+            over = False
+            stop = threading.Event()
+            while not over:
+                taken, over = stream.take(300, 5.0, stop)
+                arrived += list(taken.to_pylist() if len(taken) else [])
+            assert stream.error is None
+        finally:
+            process.close()
+    got = [observer_pb2.GetFlowsResponse.FromString(m) for m in arrived]
+    assert [r.flow.uuid for r in got if r.HasField("flow")] == uuids_of(flows), "every flow, in order"
+    assert process_gone(process.pid), "closing the socket ends the receiving process"
 
 
 def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:
