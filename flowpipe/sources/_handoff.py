@@ -97,8 +97,9 @@ def _read_exactly(sock: socket.socket, size: int) -> bytearray:
 
 def wait_readable(sock: socket.socket, timeout: float) -> bool:
     """Whether something (a frame, or the end of the connection) can be read within `timeout` seconds."""
-    readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
-    return bool(readable)
+    poller = select.poll()  # (not select(): a busy process may hold descriptors above its 1024 limit)
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 def read_frame(sock: socket.socket) -> tuple[bytes, int, bytearray]:
