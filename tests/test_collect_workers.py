@@ -112,7 +112,8 @@ def test_the_receiving_process_killed_is_replaced_and_nothing_is_lost_or_repeate
 def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_waits_while_nobody_reads() -> (
     None
 ):
-    flows = sim_flow_bytes(40_000)  # ~44 MB: several times what the socket, the queue and the HTTP/2 window hold
+    # ~44 MB: several times what the socket, the queue and the HTTP/2 window hold together
+    flows = sim_flow_bytes(40_000)
     with ObserverServer(buffer_size=50_000) as server:
         server.publish(flows)
         config = fast_source(server.address, max_pending_flows=500, batch_max_flows=300)
