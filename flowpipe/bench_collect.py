@@ -96,12 +96,14 @@ def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
         "receive": "gRPC, the receiving process and the hand-over; the rest of the collector's CPU",
         "decode": "ptars, the flow table, the repeat check, resume tracking",
         "write": "Parquet, the analytics sink, flush bookkeeping",
+        "receiving process": "of the receive stage: the second process's share (the other core's load)",
     }
+    shown = ["receive", "decode", "write"] + (["receiving process"] if stages["receiving process"] else [])
     return [
         Figure(
             "collect", f"CPU per flow: {stage}, {label}", stages[stage] / flows * 1e6, "us", note=notes[stage]
         )
-        for stage in ("receive", "decode", "write")
+        for stage in shown
     ]
 
 
@@ -335,7 +337,12 @@ def _collector_main(
     cpu = time.process_time() - cpu + children.ru_utime + children.ru_stime
     samples.append((received, _rss_bytes()))
     decode_cpu = sources[0].decode_seconds if sources else 0.0
-    stages = {"decode": decode_cpu, "write": write_cpu, "receive": max(0.0, cpu - decode_cpu - write_cpu)}
+    stages = {
+        "decode": decode_cpu,
+        "write": write_cpu,
+        "receive": max(0.0, cpu - decode_cpu - write_cpu),
+        "receiving process": children.ru_utime + children.ru_stime,
+    }
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max([own_peak, *(rss for _, rss in samples)])
     return {
