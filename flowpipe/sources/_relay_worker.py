@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+import flowpipe
 from flowpipe.sources._handoff import (
     BATCH,
     CANCEL,
@@ -121,7 +122,7 @@ class ReceivingProcess:
         ours, theirs = socket_pair()
         environment = dict(os.environ)
         # the package as this process imported it, whatever the working directory and path of the child
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(flowpipe.__file__).resolve().parent.parent)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
         command = [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(_settings(config))]
         try:
@@ -135,7 +136,6 @@ class ReceivingProcess:
             theirs.close()
         self.sock = ours
         self.pid = self.process.pid
-        self.calls = 0
 
     @property
     def alive(self) -> bool:
@@ -144,7 +144,6 @@ class ReceivingProcess:
 
     def follow(self, request: bytes, on_first: Callable[[], None]) -> RemoteStream:
         """Ask for one GetFlows call with a serialised request; its batches come through the stream returned."""
-        self.calls += 1
         stream = RemoteStream(self, on_first)
         try:
             send_frame(self.sock, START, request)
