@@ -61,6 +61,17 @@ def cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
     return int(quota) / int(period)
 
 
+def available_cpus(root: Path = CGROUP_ROOT) -> float:
+    """The CPUs this process may use: those it may run on (`sched_getaffinity`), fewer under a cgroup quota
+    (a container's CPU limit), never the host's count alone."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = cpu_limit(root)
+    return min(cpus, limit) if limit is not None else cpus
+
+
 def duckdb_settings(environ: Mapping[str, str] | None = None, root: Path = CGROUP_ROOT) -> dict[str, Any]:
     """`memory_limit` and `threads` for DuckDB from the container's limits and the override variables; only
     the settings that have a value."""

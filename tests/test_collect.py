@@ -29,7 +29,7 @@ from support.collect import (
     uuids_of,
 )
 from support.flowdata import T0, flow, flows_table
-from support.processes import stop_process
+from support.processes import child_pids, process_gone, stop_process
 from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
 from support.wait import wait_until
 
@@ -75,8 +75,10 @@ def test_sigterm_flushes_the_open_batch_saves_the_checkpoint_and_exits_0(tmp_pat
             "FLOWPIPE_METRICS_ADDRESS": f"127.0.0.1:{port}",
             "FLOWPIPE_FLUSH_INTERVAL_SECONDS": "3600",  # only the stop flushes
             "FLOWPIPE_WRITER_ID": "from-env",
+            "FLOWPIPE_WORKERS": "2",  # the stream read by a receiving process of its own
         }
         process = start_collector([], tmp_path / "collect.log", env=env)
+        receivers: list[int] = []
         try:
             wait_until(
                 lambda: metric(url, "flowpipe_flows_received_total") == len(flows), what="every flow received"
@@ -85,10 +87,13 @@ def test_sigterm_flushes_the_open_batch_saves_the_checkpoint_and_exits_0(tmp_pat
             assert http_get(f"{url}/readyz")[0] == 200
             assert metric(url, "flowpipe_relay_connected") == 1
             assert dataset_uuids(dataset) == [], "nothing flushed before the stop"
+            receivers = child_pids(process.pid)
+            assert len(receivers) == 1, "one receiving process"
         finally:
             code = stop_process(process, signal.SIGTERM, timeout=20)
     log = (tmp_path / "collect.log").read_text()
     assert code == 0, log
+    assert all(process_gone(pid) for pid in receivers), "the receiving process ended with the collector"
     assert sorted(dataset_uuids(dataset)) == sorted(uuids_of(flows)), "the open batch was flushed"
     assert all("-from-env-" in p.name for p in (dataset / "flows").rglob("*.parquet"))
     state = json.loads((dataset / "_state" / "relay.json").read_text())
@@ -208,11 +213,13 @@ def test_readiness_needs_the_parquet_sink_to_keep_flushing(tmp_path: Path) -> No
     assert not measured.keeping_up(60.0), "a failed flush is not ready"
 
 
-def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path, workers: int) -> None:
     flows = sim_flow_bytes()[:3000]
     parts = chunks(flows, 6)
     dataset = tmp_path / "data"
-    args = ["--dataset", str(dataset), "--flush-interval-seconds", "0.05", "--metrics-address", "off", *FAST]
+    args = ["--dataset", str(dataset), "--flush-interval-seconds", "0.05", "--metrics-address", "off",
+            "--workers", str(workers), *FAST]  # fmt: skip
     log_path = tmp_path / "collect.log"
     with ObserverServer(buffer_size=10_000) as server:
         args = ["--relay", server.address, *args]

@@ -46,13 +46,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_relay_restarted_20_times_during_a_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_relay_restarted_20_times_during_a_stream_loses_and_repeats_nothing(
+    tmp_path: Path, workers: int
+) -> None:
     flows = sim_flow_bytes()[:4200]
     parts = chunks(flows, 21)
     with ObserverServer(buffer_size=10_000) as server:
         server.publish(parts[0])
         with background_collect(
-            fast_collect_config(server.address, tmp_path, resume_overlap_seconds=5.0)
+            fast_collect_config(server.address, tmp_path, resume_overlap_seconds=5.0, workers=workers)
         ) as run:
             for part in parts[1:]:
                 assert server.wait_for_streams(1, timeout_seconds=30)
@@ -170,8 +173,9 @@ def assert_checkpoint_not_ahead(state: dict[str, object], dataset: Path, written
     assert isinstance(newest, int) and newest <= pc.max(times).as_py()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_start_fetches_it(
-    small_disk: Path,
+    small_disk: Path, workers: int
 ) -> None:
     dataset = small_disk / "data"
     filler = small_disk / "filler"
@@ -180,7 +184,7 @@ def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_st
     flows = sim_flow_bytes()[:6000]
     with ObserverServer(buffer_size=20_000) as server:
         server.publish(flows)
-        config = fast_collect_config(server.address, dataset)
+        config = fast_collect_config(server.address, dataset, workers=workers)
         config = type(config)(
             # batches of 150 flows: several are published before the disk fills (a batch is published whole)
             source=dataclasses.replace(config.source, batch_max_flows=150),
@@ -189,6 +193,7 @@ def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_st
             ),
             pipeline=config.pipeline,
             question_interval_seconds=3600.0,
+            workers=workers,
         )
         failing = BackgroundCollect(config).start()
         assert failing.thread is not None

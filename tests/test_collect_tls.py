@@ -42,8 +42,8 @@ def plain_relay() -> Iterator[ObserverServer]:
         yield server
 
 
-def collects_everything(address: str, dataset: Path, **tls: str) -> None:
-    with background_collect(fast_collect_config(address, dataset, **tls)) as run:
+def collects_everything(address: str, dataset: Path, workers: int | None = None, **tls: str) -> None:
+    with background_collect(fast_collect_config(address, dataset, workers=workers, **tls)) as run:
         wait_until(lambda: len(dataset_uuids(dataset)) == FLOWS, what="the flows over TLS")
         run.stop()
     assert sorted(dataset_uuids(dataset)) == sorted(uuids_of(sim_flow_bytes()[:FLOWS]))
@@ -60,12 +60,14 @@ def refused(address: str, dataset: Path, *args: str, env: dict[str, str] | None 
     return result.output
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_mutual_tls_with_the_right_client_certificate_collects(
-    mtls_relay: ObserverServer, pki: TestPKI, tmp_path: Path
+    mtls_relay: ObserverServer, pki: TestPKI, tmp_path: Path, workers: int
 ) -> None:
     collects_everything(
         mtls_relay.address,
         tmp_path,
+        workers,
         tls_ca=str(pki.ca_cert),
         tls_cert=str(pki.client_cert),
         tls_key=str(pki.client_key),

@@ -274,7 +274,10 @@ def test_node_shards_together_write_every_flow_once(tmp_path: Path, shards: int)
         server.publish(flows[:1000])
         runs = [
             background_collect(
-                fast_collect_config(server.address, tmp_path, writer_id=f"s{i}", node_shard=(i, shards))
+                # each shard's stream read by a receiving process of its own (whatever the CPUs)
+                fast_collect_config(
+                    server.address, tmp_path, writer_id=f"s{i}", node_shard=(i, shards), workers=2
+                )
             )
             for i in range(shards)
         ]

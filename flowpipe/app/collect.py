@@ -12,7 +12,14 @@ lease claiming it (`flowpipe.dataset.leases`), and a second collector of the sam
 same dataset is refused with a message naming the first (host, pid, since when) instead of storing every flow
 twice. `collect` returns when `stop` is set (the CLI sets it on
 SIGTERM/SIGINT): the open batch is flushed, the checkpoint saved. `/readyz` answers ready while the relay stream
-is open and the Parquet sink keeps flushing (nothing waits much longer than the flush interval).
+is open (and its receiving process runs) and the Parquet sink keeps flushing (nothing waits much longer than the
+flush interval).
+
+With two workers (`workers=2`, the default where the container may use two CPUs) the stream is read by a
+process of its own (`flowpipe.sources.relay._worker`), which hands batches of raw responses to this process;
+this one decodes, skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
+nothing is lost or written twice: this one owns everything durable, and starts a new receiving process when
+its receiving process ends; the receiving process exits when this one is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from prometheus_client import CollectorRegistry
 
+from flowpipe._resources import available_cpus
 from flowpipe.config import ParquetSinkConfig, PipelineConfig
 from flowpipe.dataset.layout import Dataset
 from flowpipe.dataset.leases import Lease, take_lease
@@ -96,6 +104,13 @@ class CollectConfig:
     max_namespaces: int = field(
         default=DEFAULT_MAX_NAMESPACES, metadata={"help": "Namespaces with their own label value."}
     )
+    workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that collect: 1 reads, decodes and writes in one process; 2 reads the stream in a "
+            "process of its own (default: 2 when the container may use 1.5 CPUs or more, else 1)."
+        },
+    )
     question_interval_seconds: float = field(
         default=DEFAULT_QUESTION_INTERVAL_SECONDS,
         metadata={
@@ -111,6 +126,19 @@ class CollectConfig:
             raise ConfigError("max_namespaces must be >= 0")
         if self.question_interval_seconds < 0:
             raise ConfigError("question_interval_seconds must be >= 0 (0: never)")
+        if self.workers is not None and self.workers not in (1, 2):
+            raise ConfigError(f"workers must be 1 or 2, got {self.workers!r}")
+
+
+RECEIVE_PROCESS_MIN_CPUS = 1.5
+"""The CPUs from which `collect` reads the stream in a process of its own by default: below that, the two
+processes would share one CPU and only add the cost of handing batches over."""
+
+
+def default_workers(cpus: float | None = None) -> int:
+    """The number of collecting processes for the CPUs available (the container's limit, not the host's)."""
+    cpus = available_cpus() if cpus is None else cpus
+    return 2 if cpus >= RECEIVE_PROCESS_MIN_CPUS else 1
 
 
 @dataclass(slots=True)
@@ -176,8 +204,15 @@ def _collect(
     # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
     metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
     stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
+    workers = config.workers if config.workers is not None else default_workers()
     source = RelaySource(
-        config.source, dataset=dataset, state_name=state, metrics=metrics, stop=stop, stored=stored
+        config.source,
+        dataset=dataset,
+        state_name=state,
+        metrics=metrics,
+        stop=stop,
+        stored=stored,
+        receive_process=workers > 1,
     )
     parquet = InstrumentedParquetSink(ParquetSink(config.sink, dataset=dataset), metrics)
     # Flow analytics are only worth their cost when someone can scrape them (`--metrics-address off` skips them).
@@ -188,7 +223,8 @@ def _collect(
 
     def ready() -> bool:
         # a lease removed by another process (this one stalled past its expiry) may mean two writers now
-        return source.connected and parquet.keeping_up(flush_interval) and not lease.lost
+        ready = source.connected and source.receiving and parquet.keeping_up(flush_interval)
+        return ready and not lease.lost
 
     server = (
         serve(registry, config.metrics_address, ready=ready, after_scrape=metrics.after_scrape)

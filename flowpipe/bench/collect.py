@@ -3,15 +3,20 @@
 Three child processes, so that each one's CPU and memory are its own:
 
 - the relay: the built-in Observer server with `flows` simulated flows in its buffer (a pool of simulated flows
-  repeated with fresh uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
-- the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until every flow is
-  written; it samples its resident memory as it goes (peak, and growth over the second half of the stream);
+  repeated with fresh random uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
+- the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M (and
+  3M, with `--flows 3000000`) flows are written, with two workers (the stream read by a receiving process of its
+  own) and with one; it samples the resident memory of its processes together as it goes (peak, and growth over
+  the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time), write
+  (the sinks' thread) and receive (the rest: gRPC, the receiving process, the hand-over);
 - the naive client: per flow `MessageToDict`, rows gathered into pandas DataFrames and written with `to_parquet`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import resource
 import shutil
 import subprocess
@@ -50,14 +55,57 @@ def _report(process: subprocess.Popen[str], task: str, timeout: float = 3600.0) 
     return report
 
 
-def bench_collect(ctx: BenchContext) -> list[Figure]:
-    """Throughput and memory of `collect` draining a relay that holds `ctx.flows` flows, and the naive client."""
+COLLECT_SIZES = (1_000_000, 3_000_000)
+"""Stream lengths measured (those up to `--flows`; `--flows 3000000` measures both)."""
 
-    dataset = ctx.workdir / "collect-dataset"
-    outputs = (dataset, ctx.workdir / "collect-dataset-bare", ctx.workdir / "naive")
-    for folder in outputs:  # a kept --workdir holds the last run's checkpoints: start from an empty dataset
-        shutil.rmtree(folder, ignore_errors=True)
+
+def _sizes(flows: int) -> list[int]:
+    return sorted({size for size in COLLECT_SIZES if size <= flows} | {min(flows, COLLECT_SIZES[0])})
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _growth(report: dict[str, Any]) -> float | None:
+    """How much higher the resident memory peaked in the second half of the stream than in the first (bytes)."""
+    samples = report["rss_samples"]
+    half = [rss for done, rss in samples if done >= report["flows"] / 2]
+    first = [rss for done, rss in samples if done < report["flows"] / 2]
+    return float(max(half) - max(first)) if half and first else None
+
+
+def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
+    """CPU-µs per flow of each stage: receive (the stream and its hand-over), decode (with the repeat check and
+    resume tracking), write (the sinks and metrics)."""
+
+    flows = max(report["flows"], 1)
+    stages = report["stages"]
+    notes = {
+        "receive": "gRPC, the receiving process and the hand-over; the rest of the collector's CPU",
+        "decode": "ptars, the flow table, the repeat check, resume tracking",
+        "write": "Parquet, the analytics sink, flush bookkeeping",
+        "receiving process": "of the receive stage: the second process's share (the other core's load)",
+    }
+    shown = ["receive", "decode", "write"] + (["receiving process"] if stages["receiving process"] else [])
+    return [
+        Figure(
+            "collect", f"CPU per flow: {stage}, {label}", stages[stage] / flows * 1e6, "us", note=notes[stage]
+        )
+        for stage in shown
+    ]
+
+
+def bench_collect(ctx: BenchContext) -> list[Figure]:
+    """Throughput, CPU by stage and memory of `collect` with one and two workers, draining a relay that holds
+    `ctx.flows` flows (1M and 3M flows of it, where it holds that many), and the naive client."""
+
+    root = ctx.workdir / "collect"
+    shutil.rmtree(root, ignore_errors=True)  # a kept --workdir holds the last run's checkpoints
+    shutil.rmtree(ctx.workdir / "collect-dataset", ignore_errors=True)  # (older bench runs)
+    root.mkdir(parents=True)
     relay = _spawn("relay", str(ctx.flows), str(ctx.seed))
+    runs: dict[tuple[int, int], dict[str, Any]] = {}
     try:
         assert relay.stdout is not None
         ready = relay.stdout.readline().split()
@@ -65,58 +113,102 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             relay.kill()
             raise FlowpipeError(f"bench relay did not start: {relay.communicate()[1][-2000:]}")
         address, fill_seconds = ready[1], float(ready[2])
-        ctx.log(
-            f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s); collecting them"
-        )
-        relay_cpu = process_cpu_seconds(relay.pid) or 0.0
-        report = _report(_spawn("collector", address, str(dataset), str(ctx.flows), "on"), "collector")
-        relay_cpu = (process_cpu_seconds(relay.pid) or 0.0) - relay_cpu
-        ctx.log("again with metrics off (no analytics sink, no /metrics)")
+        ctx.log(f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s)")
+        relay_cpu = served = 0.0
+        for size in _sizes(ctx.flows):
+            for workers in (2, 1):
+                ctx.log(f"collecting {size:,} flows with {workers} worker(s)")
+                before = process_cpu_seconds(relay.pid) or 0.0
+                report = _report(
+                    _spawn(
+                        "collector", address, str(root / f"{size}-{workers}"), str(size), "on", str(workers)
+                    ),
+                    f"collector ({workers} workers)",
+                )
+                relay_cpu += (process_cpu_seconds(relay.pid) or 0.0) - before
+                served += report["flows"]
+                if not report["flows"]:
+                    raise FlowpipeError(f"bench collector received no flows from the relay at {address}")
+                runs[size, workers] = report
+        size = min(ctx.flows, COLLECT_SIZES[0])
+        ctx.log(f"again with metrics off (no analytics sink, no /metrics), {size:,} flows, 2 workers")
         bare = _report(
-            _spawn("collector", address, str(ctx.workdir / "collect-dataset-bare"), str(ctx.flows), "off"),
+            _spawn("collector", address, str(root / "bare"), str(size), "off", "2"),
             "collector without metrics",
         )
-        if not report["flows"] or not bare["flows"]:
-            raise FlowpipeError(f"bench collector received no flows from the relay at {address}")
         limit = min(ctx.flows, ctx.baseline_flows)
         ctx.log(f"naive client on {limit:,} flows")
-        naive = _report(_spawn("naive", address, str(ctx.workdir / "naive"), str(limit)), "naive client")
+        naive = _report(_spawn("naive", address, str(root / "naive"), str(limit)), "naive client")
     finally:
         relay.kill()
         relay.wait()
-    speed = report["flows"] / report["seconds"]
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    figures: list[Figure] = []
+    for size in _sizes(ctx.flows):
+        two, one = runs[size, 2], runs[size, 1]
+        label = f"{size / 1e6:g}M flows"
+        speed2, speed1 = two["flows"] / two["seconds"], one["flows"] / one["seconds"]
+        figures += [
+            Figure("collect", f"flows collected, {label}", two["flows"], "flows", target=size),
+            Figure(
+                "collect",
+                f"relay → dataset throughput, {label}, 2 workers",
+                speed2,
+                "flows/s",
+                target=90_000,
+                note=f"loopback gRPC, whole flows, the relay on the same cores; {load}",
+            ),
+            Figure(
+                "collect", f"relay → dataset throughput, {label}, 1 worker", speed1, "flows/s", target=50_000
+            ),
+            Figure("collect", f"2 workers / 1 worker, {label}", speed2 / speed1, "x", target=1.6),
+            Figure(
+                "collect",
+                f"collector CPU time per flow, {label}, 2 workers",
+                two["cpu_seconds"] / two["flows"] * 1e6,
+                "us",
+                note="both processes",
+            ),
+            Figure(
+                "collect",
+                f"collector CPU time per flow, {label}, 1 worker",
+                one["cpu_seconds"] / one["flows"] * 1e6,
+                "us",
+            ),
+            *_stage_figures(two, f"{label}, 2 workers"),
+            *_stage_figures(one, f"{label}, 1 worker"),
+            Figure(
+                "collect",
+                f"peak RSS of the collector's processes, {label}, 2 workers",
+                _mb(two["max_rss_bytes"]),
+                "MB",
+                400,
+                False,
+                note="both processes together",
+            ),
+            Figure(
+                "collect",
+                f"RSS growth over the second half, {label}, 2 workers",
+                _mb(_growth(two)),
+                "MB",
+                50,
+                False,
+                note=f"{len(two['rss_samples'])} samples",
+            ),
+            Figure(
+                "collect", f"peak RSS of the collector, {label}, 1 worker", _mb(one["max_rss_bytes"]), "MB"
+            ),
+        ]
+    first = runs[min(runs)[0], 2]
     naive_speed = naive["flows"] / naive["seconds"]
-    samples = report["rss_samples"]
-    half = [rss for done, rss in samples if done >= report["flows"] / 2]
-    first = [rss for done, rss in samples if done < report["flows"] / 2]
-    growth = (max(half) - max(first)) / 1e6 if half and first else None
-    return [
-        Figure("collect", "flows collected", report["flows"], "flows", target=ctx.flows),
-        Figure(
-            "collect",
-            "relay → dataset throughput",
-            speed,
-            "flows/s",
-            target=50_000,
-            note="loopback gRPC, whole flows (no field mask)",
-        ),
-        Figure("collect", "collector CPU time per flow", report["cpu_seconds"] / report["flows"] * 1e6, "us"),
+    speed = first["flows"] / first["seconds"]
+    figures += [
         Figure(
             "collect",
             "relay CPU time per flow served",
-            relay_cpu / report["flows"] * 1e6,
+            relay_cpu / max(served, 1) * 1e6,
             "us",
             note="the built-in relay shares the 2 cores",
-        ),
-        Figure("collect", "peak RSS of the collector", report["max_rss_bytes"] / 1e6, "MB", 300, False),
-        Figure(
-            "collect",
-            "RSS growth over the second half",
-            growth,
-            "MB",
-            50,
-            False,
-            note=f"{len(samples)} samples",
         ),
         Figure(
             "collect", "naive client throughput", naive_speed, "flows/s", note=f"on {naive['flows']:,} flows"
@@ -128,9 +220,10 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             speed / (bare["flows"] / bare["seconds"]),
             "x",
             target=0.9,
-            note="metrics cost at most 10%",
+            note="metrics cost at most 10% (2 workers)",
         ),
     ]
+    return figures
 
 
 # -- child processes --------------------------------------------------------------------------------------
@@ -150,11 +243,14 @@ def _relay_main(count: int, seed: int) -> None:
     span = pool[-1].time.ToNanoseconds() - pool[0].time.ToNanoseconds() + 1_000_000
     server = ObserverServer(port=0, buffer_size=count).start()  # a node's ring never overwrites
     batch: list[flow_pb2.Flow] = []
+    # random (version 4) uuids, as Cilium's: the stored-flow check keys on their leading bits, which counted
+    # uuids (all leading zeros) would make one long run of equal keys
+    draw = random.Random(seed).getrandbits
     for index in range(count):
         base = pool[index % pool_size]
         flow = flow_pb2.Flow()
         flow.CopyFrom(base)
-        flow.uuid = str(uuid.UUID(int=index + 1))
+        flow.uuid = str(uuid.UUID(int=draw(128), version=4))
         flow.time.FromNanoseconds(base.time.ToNanoseconds() + (index // pool_size) * span)
         batch.append(flow)
         if len(batch) >= 10_000:
@@ -167,15 +263,29 @@ def _relay_main(count: int, seed: int) -> None:
     threading.Event().wait()
 
 
-def _collector_main(address: str, dataset: str, count: int, metrics: bool = True) -> dict[str, Any]:
+def _statm_rss(pid: int | None) -> int:
+    """Resident bytes of another process (0 once it is gone)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _collector_main(
+    address: str, dataset: str, count: int, metrics: bool = True, workers: int = 2
+) -> dict[str, Any]:
     from flowpipe.app.collect import COLLECT_MAX_BATCH_BYTES, CollectConfig, collect, use_system_memory_pool
     from flowpipe.config import ParquetSinkConfig, PipelineConfig
     from flowpipe.model import EventBatch
-    from flowpipe.sources.relay import RelaySourceConfig
+    from flowpipe.sources.relay import RelaySource, RelaySourceConfig
 
     stop = threading.Event()
     received = 0
     samples: list[tuple[int, int]] = []
+    sources: list[RelaySource] = []
 
     def count_batch(batch: EventBatch) -> None:
         nonlocal received
@@ -186,7 +296,8 @@ def _collector_main(address: str, dataset: str, count: int, metrics: bool = True
     def sample() -> None:
         last, since = -1, time.monotonic()
         while not stop.wait(0.25):
-            samples.append((received, _rss_bytes()))
+            receiver = sources[0].receiver_pid if sources else None
+            samples.append((received, _rss_bytes() + _statm_rss(receiver)))
             if received != last:
                 last, since = received, time.monotonic()
             elif time.monotonic() - since > 60:  # the relay has nothing more: stop rather than wait forever
@@ -199,16 +310,37 @@ def _collector_main(address: str, dataset: str, count: int, metrics: bool = True
         pipeline=PipelineConfig(),
         question_interval_seconds=0,  # the periodic question is not part of the stream's path
         metrics_address="127.0.0.1:0" if metrics else None,
+        workers=workers,
     )
     sampler = threading.Thread(target=sample, daemon=True)
-    cpu = time.process_time()
+    cpu, write_cpu = time.process_time(), time.thread_time()
     started = time.perf_counter()
     sampler.start()
-    result = collect(config, stop=stop, on_batch=count_batch)
+    result = collect(
+        config, stop=stop, on_batch=count_batch, on_started=lambda source, _: sources.append(source)
+    )
     seconds = time.perf_counter() - started
-    cpu = time.process_time() - cpu
+    write_cpu = time.thread_time() - write_cpu  # this thread ran the sinks (the pipeline's consumer)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the receiving process, ended and waited for
+    cpu = time.process_time() - cpu + children.ru_utime + children.ru_stime
     samples.append((received, _rss_bytes()))
-    return {"flows": result.pipeline.flows, "seconds": seconds, "cpu_seconds": cpu, "rss_samples": samples}
+    decode_cpu = sources[0].decode_seconds if sources else 0.0
+    stages = {
+        "decode": decode_cpu,
+        "write": write_cpu,
+        "receive": max(0.0, cpu - decode_cpu - write_cpu),
+        "receiving process": children.ru_utime + children.ru_stime,
+    }
+    own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = max([own_peak, *(rss for _, rss in samples)])
+    return {
+        "flows": result.pipeline.flows,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "stages": stages,
+        "rss_samples": samples,
+        "max_rss_bytes": peak,
+    }
 
 
 def _naive_main(address: str, out: str, limit: int) -> dict[str, Any]:
@@ -264,10 +396,13 @@ def child_main(argv: list[str]) -> None:
         _relay_main(int(args[0]), int(args[1]))
         return
     if task == "collector":
-        report = _collector_main(args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"])
+        workers = int(args[4]) if len(args) > 4 else 2
+        report = _collector_main(
+            args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"], workers=workers
+        )
     elif task == "naive":
         report = _naive_main(args[0], args[1], int(args[2]))
     else:
         raise SystemExit(f"unknown bench task {task}")
-    report["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.setdefault("max_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps(report))

@@ -110,6 +110,10 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("--question-interval-seconds", env="QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
          default=_COLLECT_DEFAULT["question_interval_seconds"], show_default=True,
          help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
+@_option("--workers", env="WORKERS", type=click.IntRange(1, 2),
+         help="Processes that collect: 1 reads, decodes and writes in one process; 2 reads the relay's stream in "
+         "a process of its own, so that a second CPU decodes and writes (default: 2 when the container may use "
+         "two CPUs, from its CPU limit and affinity, else 1).")  # fmt: skip
 @_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0),
          default=_COLLECT_DEFAULT["max_namespaces"],
          show_default=True, help="Namespaces with their own label value in the flow analytics metrics; the rest "
@@ -137,6 +141,7 @@ def collect_command(
     reconnect_backoff_max_seconds: float,
     resume_overlap_seconds: float,
     question_interval_seconds: float,
+    workers: int | None,
     max_namespaces: int,
 ) -> None:
     """Follow hubble-relay's flow stream into the dataset, without loss or duplicates, until SIGTERM/SIGINT.
@@ -179,6 +184,7 @@ def collect_command(
         metrics_address=None if metrics_address.strip().lower() in _OFF else metrics_address,
         question_interval_seconds=question_interval_seconds,
         max_namespaces=max_namespaces,
+        workers=workers,
     )
     stop = threading.Event()
 

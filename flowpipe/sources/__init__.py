@@ -10,10 +10,23 @@ flush made durable (the file source writes its checkpoint once for them).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from flowpipe.model import EventBatch
-from flowpipe.sources.file import FileIngestSummary, FileSource, read_events
+if TYPE_CHECKING:
+    from flowpipe.model import EventBatch
+    from flowpipe.sources.file import FileIngestSummary, FileSource, read_events
+
+_FILE_NAMES = ("FileIngestSummary", "FileSource", "read_events")
+
+
+def __getattr__(name: str) -> Any:
+    """The file source's entry points, imported on first use: the receiving process of `collect` imports only
+    the relay's connection helpers, and stays small."""
+    if name in _FILE_NAMES:
+        from flowpipe.sources import file
+
+        return getattr(file, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Source(Protocol):

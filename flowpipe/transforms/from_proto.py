@@ -128,12 +128,16 @@ def _handler() -> Any:
     return ptars.HandlerPool([descriptor.file]).get_for_message(descriptor)
 
 
-def decode_record_batch(messages: Sequence[bytes]) -> pa.RecordBatch:
-    """Serialised GetFlowsResponse messages → one Arrow record batch of the reduced response type.
+def decode_record_batch(messages: Sequence[bytes] | pa.BinaryArray) -> pa.RecordBatch:
+    """Serialised GetFlowsResponse messages (bytes, or an Arrow binary array of them, as the receiving process
+    hands them over) → one Arrow record batch of the reduced response type.
 
     Raises an exception of the decoder (ptars) when a message is not valid protobuf; the caller isolates it.
     """
-    batch: pa.RecordBatch = _handler().list_to_record_batch(list(messages))
+    if isinstance(messages, pa.BinaryArray):
+        batch: pa.RecordBatch = _handler().array_to_record_batch(messages)
+    else:
+        batch = _handler().list_to_record_batch(list(messages))
     return batch
 
 
@@ -149,12 +153,16 @@ class DecodedResponses:
     """(index in the batch, error) of each message that could not be decoded."""
 
 
-def decode_responses(messages: Sequence[bytes], *, cluster_name: str | None = None) -> DecodedResponses:
+def decode_responses(
+    messages: Sequence[bytes] | pa.BinaryArray, *, cluster_name: str | None = None
+) -> DecodedResponses:
     """Decode serialised GetFlowsResponse messages; a message that fails to decode is reported, not raised."""
     bad: list[tuple[int, str]] = []
     try:
         batch = decode_record_batch(messages)
     except Exception:  # noqa: BLE001  (ptars raises its own errors: find the bad messages one by one)
+        if isinstance(messages, pa.BinaryArray):
+            messages = messages.to_pylist()
         good = []
         for index, message in enumerate(messages):
             try:

@@ -94,14 +94,15 @@ def fast_source(address: str, **changes: Any) -> RelaySourceConfig:
 
 
 def fast_collect_config(
-    address: str, dataset: Path, *, writer_id: str = "test", **source: Any
+    address: str, dataset: Path, *, writer_id: str = "test", workers: int | None = None, **source: Any
 ) -> CollectConfig:
-    """A collect config that flushes every 0.1 s and polls often."""
+    """A collect config that flushes every 0.1 s and polls often (`workers` None: as many as the CPUs allow)."""
     return CollectConfig(
         source=fast_source(address, **source),
         sink=ParquetSinkConfig(path=str(dataset), flush_interval_seconds=0.1, writer_id=writer_id),
         pipeline=PipelineConfig(poll_interval_seconds=0.05, stop_timeout_seconds=5.0),
         question_interval_seconds=3600.0,
+        workers=workers,
     )
 
 

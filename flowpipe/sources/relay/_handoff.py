@@ -1,0 +1,131 @@
+"""Frames between the collector and its receiving process, over one end each of a Unix socketpair.
+
+```
+frame  = kind (1 byte) | count (u32) | size (u64) | payload (size bytes)
+batch  = kind b"B": payload = count message lengths (u32 each) | the messages back to back
+others = a JSON document (kind b"E": a call ended), or a serialised request (kind b"S"), or nothing
+```
+
+A batch crosses with one `sendall` of one buffer and is read into one buffer; the reading side takes it as an
+Arrow binary array over that buffer (no copy, no Python object per message), which the decoder reads as it is.
+Both ends ask for `SOCKET_BUFFER_BYTES` of kernel buffer, so that a whole batch waits there while the previous
+one is decoded (a smaller buffer makes the sender wait for the reader at every batch).
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+"""Kernel buffer asked for on each end of the socketpair (the system may grant less)."""
+
+FRAME_MAX_BYTES = 3 * 1024 * 1024
+"""Most message bytes a batch frame holds: a batch of whole flows is cut into frames that fit the buffer."""
+
+_HEADER = struct.Struct("<cIQ")
+
+BATCH = b"B"
+END = b"E"
+START = b"S"
+CANCEL = b"C"
+
+
+class HandoffClosed(EOFError):
+    """The other end of the socketpair is gone (its process ended)."""
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of Unix stream sockets with large buffers: (this process's end, the other's end)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (ours, theirs):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+            except OSError:  # the system caps it: a smaller buffer still works, only slower
+                pass
+    return ours, theirs
+
+
+def send_frame(sock: socket.socket, kind: bytes, payload: bytes = b"", count: int = 0) -> None:
+    """Send one frame (blocks while the other end's buffer is full: that is the backpressure)."""
+    sock.sendall(_HEADER.pack(kind, count, len(payload)) + payload)
+
+
+def send_json(sock: socket.socket, kind: bytes, document: dict[str, Any]) -> None:
+    """Send one frame whose payload is a JSON document."""
+    send_frame(sock, kind, json.dumps(document).encode())
+
+
+def send_batch(sock: socket.socket, messages: Sequence[bytes]) -> None:
+    """Send messages as batch frames of at most `FRAME_MAX_BYTES` of messages each (at least one message)."""
+    start, total = 0, 0
+    for index, message in enumerate(messages):
+        total += len(message)
+        if total > FRAME_MAX_BYTES and index > start:
+            _send_batch_frame(sock, messages[start:index])
+            start, total = index, len(message)
+    if start < len(messages):
+        _send_batch_frame(sock, messages[start:])
+
+
+def _send_batch_frame(sock: socket.socket, messages: Sequence[bytes]) -> None:
+    lengths = array("I", map(len, messages))
+    size = 4 * len(messages) + sum(lengths)
+    sock.sendall(b"".join([_HEADER.pack(BATCH, len(messages), size), lengths.tobytes(), *messages]))
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        got = sock.recv_into(view[done:])
+        if not got:
+            raise HandoffClosed("the other process closed the socket in the middle of a frame")
+        done += got
+    return buffer
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether something (a frame, or the end of the connection) can be read within `timeout` seconds."""
+    poller = select.poll()  # (not select(): a busy process may hold descriptors above its 1024 limit)
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
+def read_frame(sock: socket.socket) -> tuple[bytes, int, bytearray]:
+    """Read the next frame: (kind, count, payload). Raises HandoffClosed at the end of the connection."""
+    first = sock.recv(_HEADER.size)
+    if not first:
+        raise HandoffClosed("the other process closed the socket")
+    header = first if len(first) == _HEADER.size else first + _read_exactly(sock, _HEADER.size - len(first))
+    kind, count, size = _HEADER.unpack(header)
+    return kind, count, _read_exactly(sock, size) if size else bytearray()
+
+
+def batch_messages(count: int, payload: bytearray) -> pa.BinaryArray:
+    """A batch frame's payload as an Arrow binary array of its messages, over the payload itself (no copy)."""
+    import numpy as np  # (here: the receiving process never needs them)
+    import pyarrow as pa
+
+    lengths = np.frombuffer(payload, dtype=np.uint32, count=count)
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    data = pa.py_buffer(payload)[4 * count :]
+    array: pa.BinaryArray = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), data])
+    return array
+
+
+def json_payload(payload: bytearray) -> dict[str, Any]:
+    """A frame's JSON document."""
+    document: dict[str, Any] = json.loads(bytes(payload))
+    return document

@@ -1,0 +1,392 @@
+"""The receiving process: reads GetFlows streams for the collector, so that receiving and decoding use two cores.
+
+```
+collector process (RelaySource: connect, resume, decode, dedupe; sinks; checkpoint; /metrics)
+   │ ▲   S: a serialised GetFlowsRequest      C: cancel the call      (end of connection: exit)
+   ▼ │   B: batches of raw GetFlowsResponse bytes      E: the call ended (status code and details)
+receiving process (this module's `main`): one gRPC channel, one call at a time, StreamReceiver ─▶ batches
+```
+
+The receiving process never builds a protobuf object: responses arrive as bytes (no deserializer) and leave as
+bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in frames (`_handoff`). It holds
+nothing durable and decides nothing: the collector says which stream to open (from its own resume point) and
+when to end it, and moves its checkpoint only for what its sinks made durable, as with one process.
+
+- **Backpressure**: a collector that falls behind stops reading the socket; once its buffer (a few MiB) is
+  full, the receiving process waits in `sendall`, its queue of responses fills to `max_pending_flows`, and the
+  relay's stream waits (HTTP/2 flow control).
+- **Either process killed**: the collector killed, its end of the socket closes and the receiving process exits
+  (it ignores SIGINT and SIGTERM, which are the collector's to act on). The receiving process killed, the
+  collector sees the socket close, counts it as a lost stream, and starts a new receiving process with the
+  reconnect backoff; the new stream resumes from the collector's resume point and repeats are skipped.
+- **Stop**: the collector cancels the call, reads what the receiving process still sends until the end of the
+  call, and then closes the socket (the receiving process exits).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+import flowpipe
+from flowpipe.sources.relay._connect import (
+    RelayTLS,
+    StreamReceiver,
+    open_channel,
+    status_code,
+    status_details,
+)
+from flowpipe.sources.relay._handoff import (
+    BATCH,
+    CANCEL,
+    END,
+    START,
+    HandoffClosed,
+    batch_messages,
+    json_payload,
+    read_frame,
+    send_batch,
+    send_frame,
+    send_json,
+    socket_pair,
+    wait_readable,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from flowpipe.sources.relay._config import RelaySourceConfig
+
+log = logging.getLogger("flowpipe.sources.relay")
+
+GET_FLOWS = "/observer.Observer/GetFlows"
+JOIN_SECONDS = 5.0
+"""How long the collector waits for the receiving process to end a call before it kills the process."""
+
+
+class RemoteCallError(grpc.RpcError):
+    """How a GetFlows call read by the receiving process ended: its status code and details, as grpcio's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status code."""
+        return self._code
+
+    def details(self) -> str:
+        """The call's status message."""
+        return self._details
+
+
+class ReceiverGone(Exception):
+    """The receiving process ended (killed, or failed) while the collector was using it."""
+
+
+# -- the collector's side ---------------------------------------------------------------------------------
+
+
+def _settings(config: RelaySourceConfig) -> dict[str, Any]:
+    tls = config.tls
+    return {
+        "address": config.address,
+        "tls": None
+        if tls is None
+        else {"ca": tls.ca_path, "cert": tls.cert_path, "key": tls.key_path, "name": tls.server_name},
+        "max_pending": config.max_pending_flows,
+        "batch_max_flows": config.batch_max_flows,
+        "batch_max_seconds": config.batch_max_seconds,
+        "log_level": logging.getLogger("flowpipe").getEffectiveLevel(),
+    }
+
+
+class ReceivingProcess:
+    """The collector's handle on its receiving process (started at once; `close()` ends it)."""
+
+    def __init__(self, config: RelaySourceConfig) -> None:
+        ours, theirs = socket_pair()
+        environment = dict(os.environ)
+        # the package as this process imported it, whatever the working directory and path of the child
+        root = str(Path(flowpipe.__file__).resolve().parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(_settings(config))]
+        try:
+            self.process = subprocess.Popen(
+                command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environment
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process.poll() is None
+
+    def follow(self, request: bytes, on_first: Callable[[], None]) -> RemoteStream:
+        """Ask for one GetFlows call with a serialised request; its batches come through the stream returned."""
+        stream = RemoteStream(self, on_first)
+        try:
+            send_frame(self.sock, START, request)
+        except OSError:
+            stream.gone()
+        return stream
+
+    def ended(self) -> str:
+        """How the process ended, in words (waits a little for it)."""
+        try:
+            code = self.process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return "closed its socket"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def kill(self) -> None:
+        """End the process at once."""
+        if self.alive:
+            self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        """End the process: its socket closes, so it exits; killed if it does not within a few seconds."""
+        self.sock.close()
+        try:
+            self.process.wait(JOIN_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class RemoteStream:
+    """One GetFlows call read by the receiving process; `take`, `stop`, `join` and `error` as StreamReceiver's."""
+
+    def __init__(self, process: ReceivingProcess, on_first: Callable[[], None]) -> None:
+        self.process = process
+        self.on_first = on_first
+        self.first = True
+        self.done = False
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.receive_seconds = 0.0
+        """Thread CPU time spent reading batches from the socket (the collector's share of receiving)."""
+
+    def gone(self) -> None:
+        """The receiving process is gone: the call is over."""
+        if not self.done:
+            self.done = True
+            # (no pid in the text: the connection log says each reason once, however many processes end alike)
+            self.error = ReceiverGone(f"the receiving process {self.process.ended()}")
+
+    def _read(self) -> pa.BinaryArray | None:
+        """Read one frame: a batch's messages, or None (the call ended, `done` is set)."""
+        started = time.thread_time()
+        try:
+            kind, count, payload = read_frame(self.process.sock)
+        except (HandoffClosed, OSError):
+            self.gone()
+            return None
+        if kind == BATCH:
+            messages = batch_messages(count, payload)
+            self.receive_seconds += time.thread_time() - started
+            return messages
+        if kind == END:
+            self.done = True
+            ending = json_payload(payload)
+            if ending.get("code"):
+                self.error = RemoteCallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
+            elif ending.get("error"):
+                self.error = ReceiverGone(f"the receiving process failed: {ending['error']}")
+            return None
+        self.process.kill()  # out of step: start again with a new process
+        self.gone()
+        return None
+
+    def take(self, count: int, wait_seconds: float, stop: threading.Event) -> tuple[Any, bool]:
+        """The next batch (waiting up to `wait_seconds` for it) and whether the call is over.
+
+        The receiving process batches by time and count and cuts a batch into frames that fit the socket's
+        buffer; frames already waiting are taken together up to `count` messages (fewer, larger batches cost
+        less to decode and write)."""
+        deadline = time.monotonic() + wait_seconds
+        while not self.done:
+            left = deadline - time.monotonic()
+            if wait_readable(self.process.sock, min(max(left, 0.0), 0.1)):
+                messages = self._read()
+                if messages is None:
+                    continue
+                if self.first:
+                    self.first = False
+                    self.on_first()
+                return self._more(messages, count), False
+            if stop.is_set() or left <= 0:
+                return [], False
+        return [], True
+
+    def _more(self, messages: pa.BinaryArray, count: int) -> pa.BinaryArray:
+        """`messages` and the batch frames that already wait after them, up to `count` messages in all."""
+        frames, total = [messages], len(messages)
+        while total < count and not self.done and wait_readable(self.process.sock, 0.0):
+            more = self._read()
+            if more is None:
+                break  # the call ended: that is seen at the next take, after these messages
+            frames.append(more)
+            total += len(more)
+        if len(frames) == 1:
+            return messages
+        import pyarrow as pa
+
+        joined: pa.BinaryArray = pa.concat_arrays(frames)
+        return joined
+
+    def stop(self) -> None:
+        """Ask the receiving process to end the call (the batches it still sends are read by `join`)."""
+        if self.stopping or self.done:
+            return
+        self.stopping = True
+        try:
+            send_frame(self.process.sock, CANCEL)
+        except OSError:
+            self.gone()
+
+    def join(self, timeout: float) -> None:
+        """Read (and drop) what the call still sends until its end; kill the process after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("the receiving process did not end its call within %.0fs: killing it", timeout)
+                self.process.kill()
+                self.gone()
+                return
+            if wait_readable(self.process.sock, min(left, 0.1)):
+                self._read()
+
+    def is_alive(self) -> bool:
+        """Whether the call is still going (as a thread's)."""
+        return not self.done
+
+
+# -- the receiving process --------------------------------------------------------------------------------
+
+
+def _describe(error: BaseException | None) -> dict[str, Any]:
+    if error is None:
+        return {"code": None}
+    if isinstance(error, grpc.RpcError):
+        return {"code": status_code(error).name, "details": status_details(error)}
+    return {"code": None, "error": f"{type(error).__name__}: {error}"}
+
+
+class _Worker:
+    """The receiving process: a control thread reads the collector's requests, the main thread sends batches."""
+
+    def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
+        self.sock = sock
+        self.settings = settings
+        tls = settings["tls"]
+        self.tls = None if tls is None else RelayTLS(tls["ca"], tls["cert"], tls["key"], tls["name"])
+        self.requests: queue.Queue[tuple[threading.Event, bytes]] = queue.Queue()
+        self.lock = threading.Lock()
+        self.cancel: threading.Event | None = None
+        self.receiver: StreamReceiver | None = None
+        self.channel: grpc.Channel | None = None
+
+    def control(self) -> None:
+        """Read the collector's frames; the end of the connection (the collector is gone) ends the process."""
+        try:
+            while True:
+                kind, _, payload = read_frame(self.sock)
+                with self.lock:
+                    if kind == START:
+                        self.cancel = threading.Event()
+                        self.requests.put((self.cancel, bytes(payload)))
+                    elif kind == CANCEL and self.cancel is not None:
+                        self.cancel.set()
+                        if self.receiver is not None:
+                            self.receiver.stop()
+        except (HandoffClosed, OSError):
+            code = 0
+        except BaseException:  # a bug here must not leave a process that nobody controls
+            log.exception("the receiving process stops")
+            code = 1
+        os._exit(code)  # nothing here is durable: nothing to flush
+
+    def run(self) -> None:
+        threading.Thread(target=self.control, name="flowpipe-receiver-control", daemon=True).start()
+        while True:
+            cancel, request = self.requests.get()
+            try:
+                ending = self._call(cancel, request)
+            except Exception as exc:  # noqa: BLE001  (told to the collector, which retries with backoff)
+                ending = _describe(exc)
+            send_json(self.sock, END, ending)
+
+    def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
+        if cancel.is_set():
+            return {"code": "CANCELLED", "details": "cancelled before it started"}
+        if self.channel is None:
+            self.channel = open_channel(self.settings["address"], self.tls)
+        call = self.channel.unary_stream(GET_FLOWS, request_serializer=None, response_deserializer=None)(
+            request
+        )
+        receiver = StreamReceiver(call, self.settings["max_pending"], lambda: None)
+        with self.lock:
+            self.receiver = receiver
+            receiver.start()
+            if cancel.is_set():
+                receiver.stop()
+        count, seconds = self.settings["batch_max_flows"], self.settings["batch_max_seconds"]
+        try:
+            while True:
+                messages, over = receiver.take(count, seconds, cancel)
+                if messages:
+                    send_batch(self.sock, messages)
+                if over or cancel.is_set():
+                    break
+        finally:
+            with self.lock:
+                self.receiver = None
+            receiver.stop()
+            receiver.join(JOIN_SECONDS)
+        if receiver.is_alive():
+            return {"code": None, "error": "the call did not end when cancelled"}
+        return _describe(receiver.error)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m flowpipe.sources.relay._worker FD SETTINGS`: serve the collector on socket FD until it goes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the collector's to act on: it stops this process itself
+        signal.signal(sig, signal.SIG_IGN)
+    settings = json.loads(argv[1])
+    logging.basicConfig(level=settings.get("log_level", logging.WARNING), format="%(levelname)s %(message)s")
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        _Worker(sock, settings).run()
+    except (OSError, HandoffClosed):  # the collector is gone
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
