@@ -15,7 +15,7 @@ import pytest
 from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.model import FLOW_SCHEMA, EventBatch
-from flowpipe.server import hour_merge
+from flowpipe.server import history, hour_merge
 from flowpipe.server.history import HistoryServer
 from flowpipe.server.hour_merge import HourMerge, MergeFallback, chains
 from flowpipe.sinks.parquet import ParquetSink
@@ -125,16 +125,18 @@ def test_chains_follow_one_another() -> None:
     assert [[p for p, _ in chain] for chain in chains(spans)] == [["y", "x"], ["z"]]
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
 def test_the_server_streams_interleaved_and_shuffled_part_files_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shuffled: bool
 ) -> None:
-    """Several writers' part files in one hour, one of them in random order: each flow once, in time order."""
+    """Several writers' part files in one hour (one of them in random order): each flow once, in time order."""
     monkeypatch.setattr(hour_merge, "MAX_PENDING_ROWS", 300)
+    monkeypatch.setattr(history, "SLICE_ROWS", 400)  # the first slice, then a merge of the rest of the hour
     rng = random.Random(9)
     tables = []
     for writer in ("w1", "w2", "w3"):
         times = sorted(_HOUR + rng.randrange(3500 * 10**9) for _ in range(1500))
-        if writer == "w3":
+        if shuffled and writer == "w3":
             rng.shuffle(times)  # far from time order: read in sorted slices from where the merge stopped
         table = _rows(times, writer)
         sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id=writer, max_batch_rows=500))

@@ -438,6 +438,7 @@ class _Reader:
         self._done = False
         self._cutting = False
         self._merging = False
+        self._merge_after = not newest_first
         self._streams = 0
         self._reopen = False
 
@@ -462,8 +463,9 @@ class _Reader:
                 self._files = self._files_of(self._hour, self.engine.flow_files)
                 self._from = None
                 self._cutting = True
-                if not self.newest_first:
-                    self._merging = True
+                # Oldest first, the hours are merged; the answer's first hour begins with a sorted slice, which
+                # gives its first flow sooner than the first pass of a merge.
+                self._merging = not self.newest_first and not self._merge_after
             assert self._hour is not None
             if self._merging:
                 self._merge = self._start_merge()
@@ -530,12 +532,13 @@ class _Reader:
         end_ns = start_ns + _HOUR_NS
         if self._from is not None:
             start_ns = max(start_ns, min(self._from, end_ns))
-        with translate_duckdb_errors("-- count an hour"):
+        sql, params = "SELECT count(*) FROM flows", {}
+        if self._from is not None:  # (a whole hour is counted from the Parquet footers)
+            sql += " WHERE time >= CAST(make_timestamp_ns($start) AS TIMESTAMPTZ_NS)"
+            params["start"] = start_ns
+        with translate_duckdb_errors(sql):
             self.engine.define_flows(files)
-            rows = self.engine.connection.execute(
-                "SELECT count(*) FROM flows WHERE time >= CAST(make_timestamp_ns($start) AS TIMESTAMPTZ_NS)",
-                {"start": start_ns},
-            ).fetchall()[0]
+            rows = self.engine.connection.execute(sql, params).fetchall()[0]
         count = int(rows[0]) if rows else 0
         parts = max(1, -(-count // SLICE_ROWS))
         step = max(1, -(-(end_ns - start_ns) // parts))
@@ -636,6 +639,13 @@ class _Reader:
                 try:
                     batch = self.reader.read_next_batch()
                 except StopIteration:
+                    if self._merge_after and self._slices:
+                        # The first slice of the answer is out (its first flow soon): merge the rest of the hour.
+                        assert self._slice is not None
+                        self._close_cursor()
+                        self._slices, self._from = [], self._slice[1]
+                        self._merging = self._cutting = True
+                    self._merge_after = False
                     self._open_next()
                     continue
             except MergeFallback as exc:
