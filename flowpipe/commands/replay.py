@@ -22,7 +22,7 @@ from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.delta import DeltaEdge, DeltaReport, delta_parameters, replay_delta
 from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
 from flowpipe.policy.review import delta_junit, delta_sarif, junit_text
-from flowpipe.policy.stored_edges import EDGES_SQL
+from flowpipe.policy.stored_edges import EDGES_SQL, prepare_edges
 from flowpipe.query.engine import open_engine
 from flowpipe.query.run import newest_flow_time, relative_anchor
 from flowpipe.query.timeparse import is_relative_time, parse_duration, parse_time
@@ -112,6 +112,7 @@ def replay(
         start, end, anchor = resolve_window(newest, since, until)
         chosen = choose_cluster(engine, cluster or None, start, end, command="replay")
         # One grouping for both sets: it keeps what either set can tell apart.
+        prepare_edges(engine)
         edges = engine.run(
             EDGES_SQL,
             delta_parameters(policies, baseline, since=start, until=end, cluster=chosen),

@@ -43,7 +43,7 @@ from flowpipe.errors import QueryError
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import Direction, Policy, PortRule
-from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters, prepare_edges
 from flowpipe.query.views import install_views
 
 try:  # the shared DropReason classification, where present
@@ -327,6 +327,7 @@ def replay_flows(
     try:
         con.register("flows", flows)
         install_views(con)  # EDGES_SQL reads the shared view flows_enriched
+        prepare_edges(con)
         relation = con.sql(EDGES_SQL, params=edge_parameters(policies, since=since, until=until))
         edges = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     except duckdb.Error as exc:
