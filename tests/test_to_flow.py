@@ -11,13 +11,7 @@ from support.kept_fields import kept, kept_line
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.sim import Simulator, SimulatorConfig
 from flowpipe.transforms.normalize import normalize_flows, normalize_json_lines
-from flowpipe.transforms.to_flow import (
-    GROUP_KEYS_SQL,
-    FlowEncoder,
-    enum_number,
-    served_node_name,
-    table_to_flows,
-)
+from flowpipe.transforms.to_flow import enum_number, served_node_name, table_to_flows
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -65,21 +59,3 @@ def test_served_node_names_carry_their_cluster() -> None:
     assert served_node_name("prod/kind-worker", "prod") == "prod/kind-worker"
     assert served_node_name("kind-worker", "prod") == "prod/kind-worker"
     assert served_node_name("kind-worker", "default") == "kind-worker"
-
-
-def test_the_fast_encoder_gives_the_same_flows() -> None:
-    import duckdb
-
-    simulator = Simulator(SimulatorConfig(seed=11, duration_seconds=60, rate_flows_per_second=100))
-    table = normalize_flows(list(simulator.flows()))
-    con = duckdb.connect()
-    con.register("rows", table)
-    keyed = con.sql(f"SELECT *, {GROUP_KEYS_SQL} FROM rows").to_arrow_table()
-    encoder = FlowEncoder()
-    encoded = [item for batch in keyed.to_batches(max_chunksize=500) for item in encoder.encode(batch)]
-    expected = list(table_to_flows(table))
-    assert len(encoded) == len(expected) > 3000
-    for (time_ns, node, data, _), flow in zip(encoded, expected, strict=True):
-        flow.node_name = served_node_name(flow.node_name, None)
-        assert flow_pb2.Flow.FromString(data) == flow
-        assert time_ns == flow.time.ToNanoseconds() and node == flow.node_name

@@ -11,7 +11,7 @@ from flowpipe.policy.clusters import choose_cluster
 from flowpipe.policy.delta import DeltaReport, delta_parameters, replay_delta
 from flowpipe.policy.model import Policy
 from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges
-from flowpipe.policy.stored_edges import EDGES_SQL
+from flowpipe.policy.stored_edges import EDGES_SQL, prepare_edges
 from flowpipe.query.engine import open_engine
 from flowpipe.query.run import newest_flow_time, resolve_window
 
@@ -47,6 +47,7 @@ def replay_stored_flows(
         start, end, anchor = resolve_window(newest_flow_time(engine), since, until)
         chosen = choose_cluster(engine, cluster or None, start, end, command="replay")
         # One grouping for both sets: it keeps what either set can tell apart.
+        prepare_edges(engine)
         edges = engine.run(
             EDGES_SQL,
             delta_parameters(policies, baseline, since=start, until=end, cluster=chosen),

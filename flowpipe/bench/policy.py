@@ -130,7 +130,7 @@ def replay_policies(ctx: BenchContext) -> list[Any]:
 def bench_replay(ctx: BenchContext) -> list[Figure]:
     """Wall and CPU time of replaying 200 policies over every simulated flow (grouping plus judging)."""
     from flowpipe.policy.replay import replay_edges
-    from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+    from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters, prepare_edges
     from flowpipe.query.engine import open_engine
 
     root, flows, start, end = simulated_dataset(ctx)
@@ -138,6 +138,7 @@ def bench_replay(ctx: BenchContext) -> list[Figure]:
 
     def replay() -> tuple[int, Any]:
         with open_engine(str(root)) as engine:
+            prepare_edges(engine)
             edges = engine.run(
                 EDGES_SQL, edge_parameters(policies, since=start, until=end), question="replay"
             )
@@ -201,7 +202,7 @@ def bench_delta(ctx: BenchContext) -> list[Figure]:
     """Wall and CPU time of `replay PROPOSED --baseline CURRENT` with 200 policies on each side over every
     simulated flow: one grouping of the stored edges, judged by both sets."""
     from flowpipe.policy.delta import delta_parameters, replay_delta
-    from flowpipe.policy.stored_edges import EDGES_SQL
+    from flowpipe.policy.stored_edges import EDGES_SQL, prepare_edges
     from flowpipe.query.engine import open_engine
 
     root, flows, start, end = simulated_dataset(ctx)
@@ -210,6 +211,7 @@ def bench_delta(ctx: BenchContext) -> list[Figure]:
 
     def delta() -> tuple[int, Any, float]:
         with open_engine(str(root)) as engine:
+            prepare_edges(engine)
             edges = engine.run(
                 EDGES_SQL,
                 delta_parameters(proposed, baseline, since=start, until=end),

@@ -26,7 +26,7 @@ from flowpipe.policy.load import parse_policies
 from flowpipe.policy.model import Policy
 from flowpipe.policy.render import render_policy
 from flowpipe.policy.replay import DeniedEdge, ReplayConfig, replay_edges
-from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters, prepare_edges
 from flowpipe.query.engine import Engine
 
 MAX_NAMED_EDGES = 20
@@ -77,6 +77,7 @@ class StoredEdges:
         params.update(http=False, kafka=False)
         key = tuple(sorted(params.items()))
         if key not in self._edges:
+            prepare_edges(self._engine)
             table = self._engine.run(EDGES_SQL, params, question="replay of the stored flows")
             self._edges[key] = table.to_pylist()
         return self._edges[key]

@@ -41,7 +41,7 @@ import pyarrow as pa
 from flowpipe.policy import _match as m
 from flowpipe.policy import _ports as ports
 from flowpipe.policy.model import Direction, Policy, PortRule
-from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters
+from flowpipe.policy.stored_edges import EDGES_SQL, edge_parameters, prepare_edges
 from flowpipe.query.engine import DuckDBEngine
 
 try:  # the shared DropReason classification, where present
@@ -324,6 +324,7 @@ def replay_flows(
     with DuckDBEngine(
         None, tables={"flows": flows}
     ) as engine:  # the views every question reads, over `flows`
+        prepare_edges(engine)
         edges = engine.run(
             EDGES_SQL, edge_parameters(policies, since=since, until=until), question="replay edges"
         )

@@ -26,8 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
+import duckdb
+
+from flowpipe.errors import QueryError
 from flowpipe.policy.model import FQDNSelector, Policy
+
+_IDENTITY_VIEW = "identity_workloads"
+_IDENTITY_TABLE = "_flowpipe_identity_workloads"
 
 _CLUSTER = "($cluster IS NULL OR {alias}cluster_name = $cluster)"
 
@@ -44,6 +51,15 @@ def _side(side: str) -> str:
         -- (and of pods recorded with a reserved identity: Cilium enforces on that identity, address included).
         CASE WHEN ({side}_namespace IS NULL OR {side}_reserved_identity IS NOT NULL)
             AND ($addresses OR NOT coalesce({world}, false)) THEN {side}_ip END AS {side}_ip,"""
+
+
+def _after_join(alias: str, condition: str) -> str:
+    """`condition` on the flows (and the cluster), checked only on the flows that met the join with `alias`.
+
+    The endpoint columns it reads (entity, reserved identity) are worked out from the labels of every flow
+    when they are checked below the join; the join keeps the few flows of the pods asked about first.
+    """
+    return f"CASE WHEN {alias}pod_name IS NOT NULL THEN {condition} AND {_CLUSTER.format(alias='f.')} END"
 
 
 def _labels(side: str) -> str:
@@ -166,12 +182,12 @@ pod_times AS (
         SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
         FROM flows_enriched AS f
         JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
-        WHERE f.source_entity IS NULL AND f.source_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
+        WHERE {_after_join("u.", "f.source_entity IS NULL AND f.source_reserved_identity IS NULL")}
         UNION ALL
         SELECT f.destination_namespace, f.destination_pod_name, f.time, false
         FROM flows_enriched AS f
         JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
-        WHERE f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
+        WHERE {_after_join("u.", "f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL")}
     ) AS seen
     GROUP BY namespace, pod_name
 ),
@@ -183,14 +199,15 @@ pod_labels AS (
         FROM flows_enriched AS f
         JOIN pod_times AS p
             ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
-            AND f.source_pod_name = p.pod_name AND f.source_entity IS NULL AND f.source_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
+            AND f.source_pod_name = p.pod_name
+        WHERE {_after_join("p.", "f.source_entity IS NULL AND f.source_reserved_identity IS NULL")}
         UNION ALL
         SELECT p.namespace, p.pod_name, f.destination_workload, f.destination_labels
         FROM flows_enriched AS f
         JOIN pod_times AS p
             ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
             AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
-            AND f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL AND {_CLUSTER.format(alias="f.")}
+        WHERE {_after_join("p.", "f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL")}
     ) AS seen
     GROUP BY namespace, pod_name
 )
@@ -202,9 +219,34 @@ FROM edges AS e{_SOURCE_JOINS}{_DESTINATION_JOINS}
 """Distinct edges of the view `flows_enriched` with their flow counts: the input of `replay_edges`.
 
 Parameters: `since`, `until` (None: unbounded), `cluster` (None: every cluster) and the flags of
-`edge_parameters`."""
+`edge_parameters`. Run `prepare_edges` on the engine first (the answer is the same without it, slower)."""
 
 _ANY_NAME = FQDNSelector(match_pattern="*")
+
+
+def prepare_edges(target: Any) -> None:
+    """Make a DuckDB engine (or connection) with the shared views ready for `EDGES_SQL`; other engines: nothing.
+
+    `EDGES_SQL` reads `flows_enriched` seven times, and where the dataset needs the view's fallbacks each read
+    joins `identity_workloads` (one row per pod identity). Computed in place, that view is estimated as large as
+    the flows it is computed from: DuckDB then hashes the flows, every column of them, to join the few rows,
+    and computes the view again for each read. Here it is computed once into a temporary table, which the view
+    then reads: the same rows, known to be few.
+    """
+    connection = getattr(target, "connection", target)
+    if not isinstance(connection, duckdb.DuckDBPyConnection):
+        return
+    sql = "SELECT view_name, sql FROM duckdb_views() WHERE view_name IN ('flows_enriched', $identity)"
+    try:
+        views = dict(connection.execute(sql, {"identity": _IDENTITY_VIEW}).fetchall())
+        if _IDENTITY_VIEW not in views.get("flows_enriched", "") or _IDENTITY_TABLE in views[_IDENTITY_VIEW]:
+            return  # no fallbacks (no such join), or ready
+        connection.execute(
+            f'CREATE OR REPLACE TEMP TABLE "{_IDENTITY_TABLE}" AS SELECT * FROM "{_IDENTITY_VIEW}"'
+        )
+        connection.execute(f'CREATE OR REPLACE VIEW "{_IDENTITY_VIEW}" AS SELECT * FROM "{_IDENTITY_TABLE}"')
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot prepare the grouping of flows into edges: {exc}") from exc
 
 
 def edge_parameters(

@@ -103,7 +103,7 @@ class ServerStream:
         """The client's address, `host:port`."""
         return self._connection.peer
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | memoryview) -> None:
         """Send one or more gRPC-framed messages, waiting for HTTP/2 flow control and any stall."""
         await self._connection.send_stream_data(self._call, data)
 
@@ -296,7 +296,7 @@ class _Connection(asyncio.Protocol):
             pass
         self.flush()
 
-    async def send_stream_data(self, call: _Call, data: bytes) -> None:
+    async def send_stream_data(self, call: _Call, data: bytes | memoryview) -> None:
         loop = asyncio.get_running_loop()
         server = self.server
         offset, total = 0, len(data)

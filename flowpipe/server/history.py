@@ -45,6 +45,7 @@ from typing import Any, Self
 
 import duckdb
 import grpc
+import numpy as np
 import pyarrow as pa
 from google.protobuf import wrappers_pb2
 
@@ -66,15 +67,18 @@ from flowpipe.server._http2 import GrpcAbort, GrpcServer, RpcMethod, ServerStrea
 from flowpipe.server.buffer import envelope_tail, frame_message, varint
 from flowpipe.server.fieldmask import MaskPlan, apply_field_mask, compile_field_mask
 from flowpipe.server.filters import FlowMatcher, MessageRecord, NodeMatcher, parse_pod_filter
+from flowpipe.server.frames import Frames, empty_frames, interleave
 from flowpipe.server.health import HealthService
+from flowpipe.server.hour_merge import HourMerge, MergeFallback
 from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
-from flowpipe.transforms.to_flow import GROUP_KEYS_SQL, FlowEncoder, enum_number, served_node_name
+from flowpipe.transforms.flow_responses import encode_responses
+from flowpipe.transforms.to_flow import enum_number, served_node_name
 
 log = logging.getLogger(__name__)
 
-BATCH_ROWS = 4096
+BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
 
 FIRST_ROWS = 256
@@ -86,9 +90,18 @@ SLICE_ROWS = 20_000
 DUCKDB_MEMORY_LIMIT = "64MB"
 """DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
 
+_DUCKDB_SETTINGS = {
+    "threads": "1",
+    "streaming_buffer_size": "1MB",
+    "disable_parquet_prefetching": "true",
+    "allocator_flush_threshold": "8MB",
+    "allocator_bulk_deallocation_flush_threshold": "8MB",
+}
+
 DEFAULT_FOLLOW_INTERVAL = 1.0
 """Seconds between two listings of the dataset while following."""
 
+_STREAM_VIEW = "flows_stream"
 _SERVICE = "/observer.Observer/"
 _PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 _HOUR_NS = 3_600_000_000_000
@@ -233,6 +246,13 @@ class _WindowEngine(DuckDBEngine):
         self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
         self.connection.execute("SET preserve_insertion_order = false")
+        # One thread, small read-ahead and little freed memory kept: a request reads a few streams at a time
+        # (its flows are encoded and sent meanwhile), and a server answers many requests in one process.
+        for setting, value in _DUCKDB_SETTINGS.items():
+            try:
+                self.connection.execute(f"SET {setting} = '{value}'")
+            except duckdb.CatalogException:
+                log.debug("DuckDB %s has no setting %s", duckdb.__version__, setting)
 
     def _define_views(self) -> None:
         # Only `flows` and `lost_events`: the shared question views are not read here.
@@ -243,6 +263,11 @@ class _WindowEngine(DuckDBEngine):
         if tuple(files) != self._defined:
             self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
             self._defined = tuple(files)
+
+    def define_stream(self, view: str, files: Sequence[str]) -> None:
+        """A view like `flows` over just these part files, in this order."""
+        self._sql_types.setdefault(view, self._sql_types[FLOWS_VIEW])
+        self._define_view(view, FLOW_SCHEMA, tuple(files))
 
     def relist(self) -> tuple[str, ...]:
         """List the part files of `flows` again (the window's)."""
@@ -368,23 +393,25 @@ class _Request:
         return where, sql.params, False, limit
 
 
-def _frame(flow: bytes, node: str, time_ns: int, stamp: bytes) -> bytes:
-    """A framed GetFlowsResponse around serialised flow bytes (`stamp`: the serialised time)."""
-    message = b"\x0a" + varint(len(flow)) + flow + envelope_tail(node, time_ns, stamp)
-    return b"\x00" + len(message).to_bytes(4, "big") + message
+def _frame(flow: bytes, node: str, time_ns: int) -> bytes:
+    """A framed GetFlowsResponse around serialised flow bytes."""
+    return frame_message(b"\x0a" + varint(len(flow)) + flow + envelope_tail(node, time_ns))
 
 
 _ORDER = ("time", "node_name", "uuid", "source_ip", "destination_ip", "source_port", "destination_port")
 
 
 class _Reader:
-    """Reads one query in time slices, in time order, as framed responses of the flows that pass the filters.
+    """Reads one query hour by hour, in time order, as framed responses of the flows that pass the filters.
 
-    Each hour partition is cut into slices of about `SLICE_ROWS` flows (by its row count, from the Parquet
-    footers), and each slice is sorted and read on its own: DuckDB's memory stays at a slice's flows whatever
-    the window, and the first flow comes after reading one slice. A part file that vanishes under the read
-    (compaction or retention) makes the hour be listed again and the slice read on from the same row: the
-    order (time, then enough columns to break ties) is the same whichever files hold the rows.
+    Oldest first, an hour's part files are merged (`HourMerge`: each file read once, in its stored order, with
+    the memory of a few batches). Newest first, or where the merge cannot go on (part files far from time
+    order, too many writers at once), the rest of the hour is cut into slices of about `SLICE_ROWS` flows (by
+    its row count), and each slice is sorted and read on its own: DuckDB's memory stays at a slice's flows
+    whatever the window. A part file that vanishes under the read (compaction or retention) makes the hour be
+    listed again and read on from where it was: the merge from its bound (every flow sent is older, none
+    other is), a slice from the same row (the order, time then enough columns to break ties, is the same
+    whichever files hold the rows).
     """
 
     def __init__(
@@ -395,11 +422,12 @@ class _Reader:
         self.engine = engine
         self.where, self.params, self.newest_first, self.limit = where, params, newest_first, limit
         self.matchers: dict[str, NodeMatcher | None] = {}
-        self.encoder = FlowEncoder()
         self._cursor: Any = None
         self.reader: pa.RecordBatchReader | None = None
         self._hours = sorted(self._by_hour(engine.flow_files), reverse=newest_first)
         self._hour: str | None = None
+        self._merge: HourMerge | None = None
+        self._from: int | None = None  # the rest of the hour starts at this time (None: the hour's start)
         self._files: tuple[str, ...] = ()
         self._slices: list[tuple[int, int]] = []
         self._slice: tuple[int, int] | None = None
@@ -409,6 +437,9 @@ class _Reader:
         self._first_rows = FIRST_ROWS
         self._done = False
         self._cutting = False
+        self._merging = False
+        self._merge_after = not newest_first
+        self._streams = 0
         self._reopen = False
 
     @staticmethod
@@ -421,7 +452,7 @@ class _Reader:
         return hours
 
     def _open_next(self) -> None:
-        """Open the next slice (cutting the next hour into slices first); `_done` once there is none."""
+        """Open the next slice or merge (taking the next hour first); `_done` once there is none."""
         self._close_cursor()
         while not self._slices:
             if not self._cutting:
@@ -430,27 +461,91 @@ class _Reader:
                     return
                 self._hour = self._hours.pop(0)
                 self._files = self._files_of(self._hour, self.engine.flow_files)
+                self._from = None
                 self._cutting = True
+                # Oldest first, the hours are merged; the answer's first hour begins with a sorted slice, which
+                # gives its first flow sooner than the first pass of a merge.
+                self._merging = not self.newest_first and not self._merge_after
             assert self._hour is not None
+            if self._merging:
+                self._merge = self._start_merge()
+                if self._merge is not None:
+                    return
             self._slices = self._cut(self._hour, self._files)
             self._cutting = False
         self._slice, self._read_in_slice = self._slices.pop(0), 0
         self._open()
 
+    def _start_merge(self) -> HourMerge | None:
+        """A merge of the current hour from `_from` on; None (and slices from its bound) if it cannot be."""
+        self._streams = 0  # the views of the last merge's streams are reused (they are closed)
+        try:
+            merge = HourMerge(
+                self._files, self._stream_times, self._open_stream, _ORDER, BATCH_ROWS, bound=self._from
+            )
+        except MergeFallback as exc:
+            log.debug("reading %s in sorted slices: %s", self._hour, exc)
+            self._merging = False
+            self._from = exc.bound
+            return None
+        self._cutting = False
+        return merge
+
+    def _stream_sql(self, view: str, columns: str) -> tuple[str, dict[str, object]]:
+        sql = f"SELECT {columns} FROM {view} WHERE {self.where}"
+        params = dict(self.params)
+        if self._from is not None:
+            sql += " AND time >= CAST(make_timestamp_ns($merge_from) AS TIMESTAMPTZ_NS)"
+            params["merge_from"] = self._from
+        return sql, params
+
+    def _stream_times(self, path: str) -> np.ndarray:
+        """The times of a part file's flows of the request, as a stream of the file gives them (first pass)."""
+        sql, params = self._stream_sql(_STREAM_VIEW, "epoch_ns(time) AS t")
+        with translate_duckdb_errors(sql):
+            self.engine.define_stream(_STREAM_VIEW, (path,))
+            table = self.engine.connection.sql(sql, params=params).to_arrow_table()
+        return table.column("t").to_numpy().astype(np.int64, copy=False)
+
+    def _open_stream(self, paths: Sequence[str]) -> tuple[pa.RecordBatchReader, Any]:
+        """A reader of the flows of the request in these part files, each in its stored order, one file after
+        the other."""
+        view = f"{_STREAM_VIEW}_{self._streams}"
+        self._streams += 1
+        sql, params = self._stream_sql(view, "*")
+        with translate_duckdb_errors(sql):
+            self.engine.define_stream(view, tuple(paths))
+            cursor = self.engine.connection.cursor()
+            try:
+                cursor.execute("SET preserve_insertion_order = true")
+                return _batches(cursor.sql(sql, params=params)), cursor
+            except BaseException:
+                cursor.close()
+                raise
+
     def _cut(self, hour: str, files: tuple[str, ...]) -> list[tuple[int, int]]:
-        """The hour's time slices, in reading order."""
+        """The hour's time slices (from `_from`, if set), in reading order."""
         match = _PARTITION.search(hour)
         assert match is not None
         start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
         start_ns = int(start.timestamp()) * 1_000_000_000
-        with translate_duckdb_errors("-- count an hour"):
+        end_ns = start_ns + _HOUR_NS
+        if self._from is not None:
+            start_ns = max(start_ns, min(self._from, end_ns))
+        sql, params = "SELECT count(*) FROM flows", {}
+        if self._from is not None:  # (a whole hour is counted from the Parquet footers)
+            sql += " WHERE time >= CAST(make_timestamp_ns($start) AS TIMESTAMPTZ_NS)"
+            params["start"] = start_ns
+        with translate_duckdb_errors(sql):
             self.engine.define_flows(files)
-            rows = self.engine.connection.execute("SELECT count(*) FROM flows").fetchall()[0]
+            rows = self.engine.connection.execute(sql, params).fetchall()[0]
         count = int(rows[0]) if rows else 0
         parts = max(1, -(-count // SLICE_ROWS))
-        step = -(-_HOUR_NS // parts)
+        step = max(1, -(-(end_ns - start_ns) // parts))
         slices = [
-            (start_ns + i * step, min(start_ns + (i + 1) * step, start_ns + _HOUR_NS)) for i in range(parts)
+            (start_ns + i * step, min(start_ns + (i + 1) * step, end_ns))
+            for i in range(parts)
+            if start_ns + i * step < end_ns
         ]
         return slices[::-1] if self.newest_first else slices
 
@@ -465,7 +560,7 @@ class _Reader:
         order = ", ".join(f"{column}{direction}" for column in _ORDER)
         params = dict(self.params, slice_start=self._slice[0], slice_end=self._slice[1])
         sql = (
-            f"SELECT *, {GROUP_KEYS_SQL} FROM flows WHERE {self.where}"
+            f"SELECT * FROM flows WHERE {self.where}"
             " AND time >= CAST(make_timestamp_ns($slice_start) AS TIMESTAMPTZ_NS)"
             " AND time < CAST(make_timestamp_ns($slice_end) AS TIMESTAMPTZ_NS)"
             f" ORDER BY {order}"
@@ -485,6 +580,9 @@ class _Reader:
             self._cursor.close()
             self._cursor = None
         self.reader = None
+        if self._merge is not None:
+            self._merge.close()
+            self._merge = None
 
     def _read(self) -> pa.RecordBatch | None:
         """The next rows: the first few hundred alone (the first flow goes out sooner), then whole batches."""
@@ -526,14 +624,37 @@ class _Reader:
                     self._reopen = False
                     self._open()  # the same slice again, from the row it had reached
                     continue
+                if self._merge is not None:
+                    merged = self._merge.next()
+                    if merged is None:
+                        self._merge.close()
+                        self._merge = None
+                        self._merging = False
+                        self._open_next()
+                        continue
+                    return merged
                 if self.reader is None:
                     self._open_next()
                     continue
                 try:
                     batch = self.reader.read_next_batch()
                 except StopIteration:
+                    if self._merge_after and self._slices:
+                        # The first slice of the answer is out (its first flow soon): merge the rest of the hour.
+                        assert self._slice is not None
+                        self._close_cursor()
+                        self._slices, self._from = [], self._slice[1]
+                        self._merging = self._cutting = True
+                    self._merge_after = False
                     self._open_next()
                     continue
+            except MergeFallback as exc:
+                log.debug("reading the rest of %s in sorted slices: %s", self._hour, exc)
+                self._close_cursor()
+                self._merging = False
+                self._from = exc.bound
+                self._cutting = True
+                continue
             except (duckdb.Error, pa.ArrowException, QueryError) as exc:
                 if self._split_slice(exc):
                     continue
@@ -544,6 +665,9 @@ class _Reader:
                     "part files vanished while reading %s (compaction or retention); listing again",
                     self._hour,
                 )
+                if self._merge is not None:
+                    self._from = self._merge.bound  # merged on from there
+                    self._cutting = True
                 self._close_cursor()
                 self._files = self._files_of(self._hour, self.engine.relist())
                 self._reopen = not self._cutting and self._slice is not None
@@ -552,31 +676,35 @@ class _Reader:
             return batch
         return None
 
-    def next(self) -> list[tuple[int, bytes]] | None:
-        """The next batch as (time_ns, framed response) of passing flows; None at the end."""
+    def next(self) -> Frames | None:
+        """The next batch: framed responses of the flows that pass the filters; None at the end."""
         batch = self._read()
         if batch is None:
             return None
-        out = []
         req = self.req
-        plain = req.matcher.accepts_all and req.mask is None
-        encoded = self.encoder.encode(batch)
-        if plain:
-            return [(time_ns, _frame(data, node, time_ns, stamp)) for time_ns, node, data, stamp in encoded]
-        for time_ns, node, data, stamp in encoded:
-            flow = flow_pb2.Flow.FromString(data)
+        encoded = encode_responses(batch)
+        frames = Frames.encoded(encoded)
+        if req.matcher.accepts_all and req.mask is None:
+            return frames
+        nodes = encoded.nodes.to_pylist()
+        kept: list[bytes] = []
+        times: list[int] = []
+        for i, node in enumerate(nodes):
+            message = frames.message(i)
+            flow = observer_pb2.GetFlowsResponse.FromString(message[5:]).flow
             if not req.matcher.accepts_all:
                 if node not in self.matchers:
                     self.matchers[node] = req.matcher.for_node(node)
                 matcher = self.matchers[node]
                 if matcher is None or not matcher(MessageRecord(flow)):
                     continue
-            if req.mask is None:
-                out.append((time_ns, _frame(data, node, time_ns, stamp)))
-            else:
+            time_ns = int(frames.times[i])
+            if req.mask is not None:
                 apply_field_mask(flow, req.mask)
-                out.append((time_ns, _frame(flow.SerializeToString(), node, time_ns, stamp)))
-        return out
+                message = _frame(flow.SerializeToString(), node, time_ns)
+            kept.append(message)
+            times.append(time_ns)
+        return Frames.of(kept, times)
 
     def close(self) -> None:
         self._close_cursor()
@@ -774,28 +902,31 @@ class HistoryService:
             lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
-                kept: list[tuple[int, bytes]] = []
-                while len(kept) < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
-                    kept.extend(batch[: limit - len(kept)])
-                kept.reverse()
-                if kept and req.since is None:
-                    lost = [event for event in lost if event[0] >= kept[0][0]]
+                runs: list[Frames] = []
+                count = 0
+                while count < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
+                    runs.append(batch.head(limit - count))
+                    count += len(runs[-1])
+                newest = Frames.concat(runs)
+                kept = newest.select(range(len(newest) - 1, -1, -1))
+                if len(kept) and req.since is None:
+                    lost = [event for event in lost if event[0] >= kept.times[0]]
                 await self._send_merged(stream, kept, lost, final=True)
             else:
                 sent = 0
                 first = True
                 while (batch := await asyncio.to_thread(reader.next)) is not None:
                     if limit:
-                        batch = batch[: limit - sent]
-                    if first and batch and limit and req.since is None:
-                        lost = [event for event in lost if event[0] >= batch[0][0]]
-                    first = first and not batch
+                        batch = batch.head(limit - sent)
+                    if first and len(batch) and limit and req.since is None:
+                        lost = [event for event in lost if event[0] >= batch.times[0]]
+                    first = first and not len(batch)
                     lost = await self._send_merged(stream, batch, lost, final=False)
                     sent += len(batch)
                     if limit and sent >= limit:
                         break
                 if not (limit and sent >= limit):
-                    await self._send_merged(stream, [], lost, final=True)
+                    await self._send_merged(stream, empty_frames(), lost, final=True)
         finally:
             await asyncio.to_thread(reader.close)
         return frozenset(reader.engine.listed)
@@ -832,41 +963,17 @@ class HistoryService:
         return out
 
     async def _send_merged(
-        self,
-        stream: ServerStream,
-        flows: list[tuple[int, bytes]],
-        lost: list[tuple[int, bytes]],
-        *,
-        final: bool,
+        self, stream: ServerStream, flows: Frames, lost: list[tuple[int, bytes]], *, final: bool
     ) -> list[tuple[int, bytes]]:
         """Send `flows` with the lost events due before each; returns the lost events not sent yet.
 
         `final`: also send the lost events after the last flow (up to `until`: the caller chose them).
         """
-        if not lost:
-            await self._send(stream, [m for _, m in flows])
-            return lost
-        out: list[bytes] = []
-        i = 0
-        count = 0
-        for time_ns, message in flows:
-            while i < len(lost) and lost[i][0] <= time_ns:
-                out.append(lost[i][1])
-                i += 1
-            out.append(message)
-            count += 1
-        if final:
-            out.extend(m for _, m in lost[i:])
-            i = len(lost)
-        if out:
-            self.flows_sent += count
-            await stream.send(b"".join(out))
-        return lost[i:]
-
-    async def _send(self, stream: ServerStream, messages: list[bytes]) -> None:
-        if messages:
-            self.flows_sent += len(messages)
-            await stream.send(b"".join(messages))
+        data, rest = interleave(flows, lost, final=final)
+        if data:
+            self.flows_sent += len(flows)
+            await stream.send(data)
+        return rest
 
     async def _follow(self, req: _Request, stream: ServerStream, seen: frozenset[str]) -> None:
         """Flows of part files published after `seen` was listed, every `follow_interval` seconds.
@@ -897,7 +1004,7 @@ class HistoryService:
                 reader = await self._read(req, req.where(sql), sql.params, only=frozenset(fresh))
                 try:
                     while (batch := await asyncio.to_thread(reader.next)) is not None:
-                        await self._send(stream, [m for _, m in batch])
+                        await self._send_merged(stream, batch, [], final=False)
                 finally:
                     await asyncio.to_thread(reader.close)
             if req.until is not None and req.until < time.time_ns():

@@ -1,0 +1,281 @@
+"""Flow-table record batches → serialised `GetFlowsResponse` messages, column at a time (the serving fast path).
+
+`FlowResponseEncoder().encode(batch)` gives, for every row of a batch of the `flows` view, the serialised
+`GetFlowsResponse` whose `flow` is what `to_flow.table_to_flows` gives for the row (with the node name
+`served_node_name` gives, also the response's `node_name`) and whose `time` is the flow's. The rows are
+turned into the nested Arrow layout of the Flow message with Arrow compute (the row conventions of `to_flow`
+undone column by column), and `ptars` writes the protobuf bytes of the whole batch in compiled code: no Python
+object is built per flow.
+
+`frame_responses` puts the messages in gRPC's length-prefixed framing, one buffer for the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flowpipe.transforms._enums import enum_names
+from flowpipe.transforms._json_schema import TCP_FLAG_NAMES
+
+# Columns whose values are enum names, the enum each belongs to and the Flow field it goes back to.
+_ENUM_FIELDS = {
+    "verdict": ("Verdict", "verdict"),
+    "drop_reason_desc": ("DropReason", "drop_reason_desc"),
+    "auth_type": ("AuthType", "auth_type"),
+    "flow_type": ("FlowType", "Type"),
+    "trace_observation_point": ("TraceObservationPoint", "trace_observation_point"),
+    "traffic_direction": ("TrafficDirection", "traffic_direction"),
+    "sock_xlate_point": ("SocketTranslationPoint", "sock_xlate_point"),
+}
+_POLICY_FIELDS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by", "egress_denied_by")
+_PORT_KINDS = ("TCP", "UDP", "SCTP")
+_ICMP_KINDS = ("ICMPv4", "ICMPv6")
+_EMPTY_KINDS = ("VRRP", "IGMP")  # kept as present, with none of their fields
+_U32 = pa.uint32()
+
+
+@cache
+def _handler() -> Any:
+    import ptars
+
+    from flowpipe._proto.observer import observer_pb2
+
+    descriptor = observer_pb2.GetFlowsResponse.DESCRIPTOR
+    return ptars.HandlerPool([descriptor.file]).get_for_message(descriptor)
+
+
+@cache
+def _enum_table(enum: str) -> tuple[pa.Array, pa.Array]:
+    names = enum_names(enum)
+    return pa.array(list(names.values()), pa.string()), pa.array(list(names), pa.int32())
+
+
+def _enum_numbers(values: pa.Array, enum: str) -> pa.Array:
+    """Enum names → numbers (NULL stays NULL: the zero value); a stored decimal string is the number.
+
+    Raises ValueError for a name that is neither (a value no decoder writes), as `to_flow.enum_number` does.
+    """
+    names, numbers = _enum_table(enum)
+    out = pc.take(numbers, pc.index_in(values, value_set=names))
+    unknown = pc.and_(pc.is_null(out), pc.is_valid(values))
+    if pc.any(unknown).as_py():
+        try:
+            out = pc.coalesce(out, pc.cast(pc.if_else(unknown, values, None), pa.int32()))
+        except pa.ArrowInvalid as exc:
+            raise ValueError(
+                f"a value of {values.type} is not a value of the enum flow.{enum}: {exc}"
+            ) from exc
+    return out
+
+
+def _u32(values: pa.Array) -> pa.Array:
+    return pc.cast(values, _U32, safe=False)
+
+
+def _struct(fields: dict[str, pa.Array], present: pa.Array | None = None) -> pa.StructArray:
+    """A struct column; rows where `present` is false (or NULL) are NULL: the message is absent."""
+    mask = None if present is None else pc.invert(pc.fill_null(present, False))
+    return pa.StructArray.from_arrays(list(fields.values()), names=list(fields), mask=mask)
+
+
+def _nonempty(values: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.not_equal(values, ""), False)
+
+
+def _one_item_lists(items: pa.StructArray, present: pa.Array) -> pa.ListArray:
+    """A list of the row's one item where `present`, else an empty list (NULL: protobuf has no other)."""
+    offsets = pa.array(np.arange(len(items) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, items, mask=pc.invert(present))
+
+
+def _policies(lists: pa.Array) -> pa.ListArray:
+    """ "namespace/name" or "name" strings → lists of Policy structs (name, namespace)."""
+    lengths = pc.fill_null(pc.list_value_length(lists), 0)
+    offsets = pa.concat_arrays([pa.array([0], pa.int32()), pc.cumulative_sum(lengths).cast(pa.int32())])
+    parts = pc.extract_regex(pc.list_flatten(lists), r"(?s)^(?:(?P<namespace>[^/]*)/)?(?P<name>.*)$")
+    items = _struct(
+        {"name": pc.struct_field(parts, ["name"]), "namespace": pc.struct_field(parts, ["namespace"])}
+    )
+    return pa.ListArray.from_arrays(offsets, items)
+
+
+def _endpoint(batch: pa.RecordBatch, side: str) -> pa.StructArray:
+    workload_name = batch.column(f"{side}_workload_name")
+    workload_kind = batch.column(f"{side}_workload_kind")
+    workloads = _one_item_lists(
+        _struct({"name": workload_name, "kind": workload_kind}),
+        pc.or_(pc.is_valid(workload_name), pc.is_valid(workload_kind)),
+    )
+    identity = batch.column(f"{side}_identity")
+    return _struct(
+        {
+            "identity": _u32(identity),
+            "namespace": batch.column(f"{side}_namespace"),
+            "pod_name": batch.column(f"{side}_pod_name"),
+            "labels": batch.column(f"{side}_labels"),
+            "workloads": workloads,
+        },
+        pc.is_valid(identity),
+    )
+
+
+def _layer4(batch: pa.RecordBatch) -> pa.StructArray:
+    kind = batch.column("l4_protocol")
+    source_port, destination_port = _u32(batch.column("source_port")), _u32(batch.column("destination_port"))
+    icmp = {"type": _u32(batch.column("icmp_type")), "code": _u32(batch.column("icmp_code"))}
+    flags_text = batch.column("tcp_flags")
+    flags = _struct(
+        {
+            name: pc.fill_null(pc.match_substring_regex(flags_text, f"(^|,){name}(,|$)"), False)
+            for name in TCP_FLAG_NAMES
+        },
+        pc.and_(pc.equal(kind, "TCP"), _nonempty(flags_text)),
+    )
+    nothing = pa.nulls(len(kind), _U32)
+    layers: dict[str, pa.Array] = {}
+    for name in _PORT_KINDS:
+        fields = {"source_port": source_port, "destination_port": destination_port}
+        if name == "TCP":
+            fields["flags"] = flags
+        layers[name] = _struct(fields, pc.equal(kind, name))
+    for name in _ICMP_KINDS:
+        layers[name] = _struct(icmp, pc.equal(kind, name))
+    for name in _EMPTY_KINDS:
+        layers[name] = _struct({"type": nothing}, pc.equal(kind, name))
+    return _struct(layers, pc.is_in(kind, pa.array(list(layers))))
+
+
+def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
+    record = batch.column("l7_protocol")
+    latency = batch.column("latency_ns")
+    dns = _struct(
+        {
+            "query": batch.column("dns_query"),
+            "rcode": _u32(batch.column("dns_rcode")),
+            "ttl": _u32(batch.column("dns_ttl")),
+            "qtypes": batch.column("dns_qtypes"),
+            "ips": batch.column("dns_ips"),
+        },
+        pc.equal(record, "dns"),
+    )
+    http = _struct(
+        {
+            "method": batch.column("http_method"),
+            "url": batch.column("http_url"),
+            "code": _u32(batch.column("http_code")),
+            "protocol": batch.column("http_protocol"),
+        },
+        pc.equal(record, "http"),
+    )
+    kafka = _struct(
+        {
+            "api_key": batch.column("kafka_api_key"),
+            "topic": batch.column("kafka_topic"),
+            "error_code": batch.column("kafka_error_code"),
+        },
+        pc.equal(record, "kafka"),
+    )
+    return _struct(
+        {
+            "type": _enum_numbers(batch.column("l7_type"), "L7FlowType"),
+            "latency_ns": pc.cast(latency, pa.uint64(), safe=False),
+            "dns": dns,
+            "http": http,
+            "kafka": kafka,
+        },
+        pc.or_(pc.is_valid(latency), pc.is_valid(record)),
+    )
+
+
+def served_node_names(node_name: pa.Array, cluster_name: pa.Array) -> pa.Array:
+    """`to_flow.served_node_name` of each row: `cluster/node` unless the name has a cluster or it is `default`."""
+    name = pc.fill_null(node_name, "")
+    bare = pc.and_(
+        pc.and_(pc.invert(pc.match_substring(name, "/")), pc.not_equal(name, "")),
+        pc.fill_null(pc.not_equal(cluster_name, "default"), False),
+    )
+    return pc.if_else(bare, pc.binary_join_element_wise(cluster_name, name, "/"), name)
+
+
+def flow_structs(batch: pa.RecordBatch, node_names: pa.Array) -> pa.StructArray:
+    """The rows of a batch of the flow table in the Arrow layout of `flow.Flow` (`node_names`: as served)."""
+    col = batch.column
+    fields: dict[str, pa.Array] = {"time": col("time"), "node_name": node_names, "uuid": col("uuid")}
+    for column, (enum, field) in _ENUM_FIELDS.items():
+        fields[field] = _enum_numbers(col(column), enum)
+    fields["drop_reason"] = _u32(col("drop_reason"))
+    fields["policy_match_type"] = _u32(col("policy_match_type"))
+    event_type, event_sub_type = col("event_type"), col("event_sub_type")
+    fields["event_type"] = _struct(
+        {"type": event_type, "sub_type": event_sub_type},
+        pc.or_(pc.is_valid(event_type), pc.is_valid(event_sub_type)),
+    )
+    # Like Cilium's agents, the deprecated `reply` beside the `is_reply` wrapper.
+    fields["is_reply"] = col("is_reply")
+    fields["reply"] = col("is_reply")
+    fields["socket_cookie"] = col("socket_cookie")
+    fields["cgroup_id"] = col("cgroup_id")
+    ip_version = _enum_numbers(col("ip_version"), "IPVersion")
+    source_ip, destination_ip, encrypted = col("source_ip"), col("destination_ip"), col("encrypted")
+    fields["IP"] = _struct(
+        {"source": source_ip, "destination": destination_ip, "ipVersion": ip_version, "encrypted": encrypted},
+        pc.or_(
+            pc.or_(pc.is_valid(encrypted), pc.is_valid(ip_version)),
+            pc.or_(_nonempty(source_ip), _nonempty(destination_ip)),
+        ),
+    )
+    for side in ("source", "destination"):
+        fields[side] = _endpoint(batch, side)
+        service = col(f"{side}_service_name")
+        fields[f"{side}_service"] = _struct({"name": service}, pc.is_valid(service))
+        fields[f"{side}_names"] = col(f"{side}_names")
+    fields["l4"] = _layer4(batch)
+    fields["l7"] = _layer7(batch)
+    for name in _POLICY_FIELDS:
+        fields[name] = _policies(col(name))
+    return _struct(fields)
+
+
+@dataclass(frozen=True)
+class EncodedResponses:
+    """A batch's GetFlowsResponse messages, with each flow's time (ns since the epoch) and served node name."""
+
+    messages: pa.BinaryArray
+    times: np.ndarray
+    nodes: pa.Array
+
+
+def encode_responses(batch: pa.RecordBatch) -> EncodedResponses:
+    """One serialised GetFlowsResponse per row of a batch of the flow table, the time of each its flow's."""
+    nodes = served_node_names(batch.column("node_name"), batch.column("cluster_name"))
+    time = batch.column("time")
+    responses = pa.RecordBatch.from_arrays(
+        [flow_structs(batch, nodes), nodes, time], names=["flow", "node_name", "time"]
+    )
+    messages = _handler().record_batch_to_array(responses)
+    times = pc.cast(time, pa.int64()).to_numpy(zero_copy_only=False)
+    return EncodedResponses(messages, times, nodes)
+
+
+def frame_responses(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
+    """The messages in gRPC's framing (a zero byte and the big-endian length before each), one after another.
+
+    Returns the buffer and where each framed message starts in it (one more entry: the end).
+    """
+    count = len(messages)
+    lengths = pc.binary_length(messages).to_numpy(zero_copy_only=False).astype(np.int64)
+    headers = np.zeros((count, 5), dtype=np.uint8)
+    headers[:, 1:] = lengths.astype(">u4").view(np.uint8).reshape(count, 4)
+    prefixes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(5), count, [None, pa.py_buffer(headers)])
+    framed = pc.binary_join_element_wise(prefixes.cast(pa.binary()), messages, b"")
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(lengths + 5, out=starts[1:])
+    _, offsets, data = framed.buffers()
+    first = int(np.frombuffer(offsets, dtype=np.int32, count=1, offset=4 * framed.offset)[0]) if count else 0
+    return (data.slice(first, int(starts[-1])) if data is not None else pa.py_buffer(b"")), starts
