@@ -128,6 +128,17 @@ def assert_same(duck: DuckDBEngine, sparks: Any, question: Question, values: dic
     return len(expected)
 
 
+NARROW_WINDOWS = {
+    "dns_failures": {
+        "since": START.isoformat(),
+        "until": (START + timedelta(minutes=20)).isoformat(),
+    },
+}
+"""Questions compared over part of the data: dns_failures pairs every answer with every cluster domain and every
+request with its responses, which a local Spark plans and runs in minutes over the whole three hours (every
+`kind` of failure occurs within these 20 minutes)."""
+
+
 @pytest.mark.timeout(600)  # a question on a local Spark: seconds to minutes
 @pytest.mark.parametrize("name", [question.name for question in load_questions()])
 def test_every_question_returns_the_same_rows_on_duckdb_and_spark(
@@ -135,7 +146,7 @@ def test_every_question_returns_the_same_rows_on_duckdb_and_spark(
 ) -> None:
     duck, sparks = engines
     question = load_questions().question(name)
-    found = assert_same(duck, sparks, question, values_for(question))
+    found = assert_same(duck, sparks, question, values_for(question, **NARROW_WINDOWS.get(name, {})))
     assert found, f"{name} finds nothing in the simulated clusters, so its parity would say little"
 
 
@@ -152,7 +163,8 @@ def test_parameters_bind_alike(engines: tuple[DuckDBEngine, Any]) -> None:
         assert assert_same(duck, sparks, question, values_for(question, **window, namespace="production")) > 0
     dns = catalog.question("dns_failures")
     options = {"include_search_expansions": "true", "timeout_seconds": "2.5"}
-    assert assert_same(duck, sparks, dns, values_for(dns, **window, **options)) > 0
+    narrow = {"since": window["since"], "until": (START + timedelta(minutes=70)).isoformat()}
+    assert assert_same(duck, sparks, dns, values_for(dns, **narrow, **options)) > 0
 
 
 def test_a_value_is_bound_never_spliced_into_the_sql(engines: tuple[DuckDBEngine, Any]) -> None:
