@@ -155,12 +155,16 @@ def build_after_publish(dataset: Dataset, published: Iterable[str], *, zstd_leve
     return written
 
 
-def repair_writer(dataset: Dataset, writer_id: str) -> list[str]:
-    """At a writer's start: the rollups its earlier run published no rollup for (it died between the two).
+def repair_writers(dataset: Dataset, writer_ids: Iterable[str]) -> list[str]:
+    """At a writer's start: the rollups of flow files that `writer_ids` (itself, writers that died) published
+    without their rollup (they stopped between the two writes); returns the rollups written.
 
-    Only that writer's flow files are built (by the writer id in their names): another writer running now
+    Only those writers' flow files are built (by the writer id in their names): another writer running now
     may be between its own two writes. Errors are logged, as in `build_after_publish`.
     """
+    writers = set(writer_ids)
+    if not writers:
+        return []
     from flowpipe.dataset import parse_part_file_name
 
     try:
@@ -175,7 +179,7 @@ def repair_writer(dataset: Dataset, writer_id: str) -> list[str]:
     for key, names in flows.items():
         for name, path in names.items():
             parsed = parse_part_file_name(name)
-            if parsed is not None and parsed.writer_id == writer_id and name not in have.get(key, set()):
+            if parsed is not None and parsed.writer_id in writers and name not in have.get(key, set()):
                 missing.append(path)
     written = build_after_publish(dataset, sorted(missing))
     if written:

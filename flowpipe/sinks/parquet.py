@@ -196,9 +196,9 @@ class ParquetSink:
                 "removed %d temporary file(s) left by an earlier crash: %s", len(removed), ", ".join(removed)
             )
         if config.edge_rollups:
-            from flowpipe.rollups.build import repair_writer
+            from flowpipe.rollups.build import repair_writers
 
-            repair_writer(self.dataset, config.writer_id)
+            repair_writers(self.dataset, [config.writer_id])
 
     @property
     def acked_batches(self) -> int:
