@@ -267,8 +267,11 @@ def compact_dataset(
     clock: Clock = lambda: datetime.now(UTC),
     on_partition: Callable[[PartitionPlan], None] = lambda plan: None,
     workers: int | None = None,
+    edge_rollups: bool = True,
 ) -> CompactionReport:
     """Merge the small part files of every closed hour of `dataset`; see the module docstring.
+
+    With `edge_rollups`, each compacted file gets its edge rollup (`flowpipe.rollups`) and its inputs' go.
 
     `workers` groups are merged at the same time (default: `default_workers()`); `on_partition` is called as
     each partition is done.
@@ -302,6 +305,11 @@ def compact_dataset(
         for plan in report.plans:
             report.files_removed += _remove(dataset, plan.leftovers)
         _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), on_partition)
+        if edge_rollups:  # the compacted files' edge rollups; those of their inputs go
+            from flowpipe.rollups.build import build_missing
+
+            merged = [(p.partition.key.date, p.partition.key.hour) for p in report.plans]
+            build_missing(dataset, partitions=merged, zstd_level=zstd_level)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -214,3 +214,44 @@ def test_a_collector_killed_between_a_flow_file_and_its_rollup_counts_every_flow
     assert request_records(where, "edges") == every  # every flow counted once in the rollups
     raw = answers(where, "flows")
     assert answers(where, "edges") == raw
+
+
+# -- rebuild, compaction, retention -----------------------------------------------------------------------------
+
+
+def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flowpipe.cli import cli
+    from flowpipe.compact import compact_dataset
+    from flowpipe.retention import apply_retention
+
+    root = tmp_path / "dataset"
+    write(root, simulated("east", seed=7, duration=1800, rate=8.0), writer="old", rows=2_000, rollups=False)
+    dataset = Dataset(root)
+    assert dataset.list_part_files(EDGES_TABLE) == [] and coverage(dataset).hours == []
+    raw = answers(root, "flows")
+
+    result = CliRunner().invoke(cli, ["rollup", "--dataset", str(root)])  # written before rollups existed
+    assert result.exit_code == 0, result.output
+    flows, edges = rollup_names(str(root))
+    assert edges == flows and "rollups written from" in result.output
+    assert answers(root, "edges") == raw
+
+    result = CliRunner().invoke(cli, ["rollup", "--dataset", str(root), "--rebuild", "--since", "2024-05-01T10:00:00Z"])
+    assert result.exit_code == 0, result.output
+    assert 0 < result.output.count("hour=10/") < len(flows)  # only the hours ending after --since
+    assert answers(root, "edges") == raw
+
+    compacted = compact_dataset(dataset, grace_seconds=0)
+    assert compacted.files_written
+    flows, edges = rollup_names(str(root))
+    assert edges == flows and all("compacted-" in name for name in flows)  # the inputs' rollups went
+    assert answers(root, "edges") == raw
+
+    apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=36500))
+    assert dataset.list_part_files("flows") == []
+    assert answers(root, "auto") == raw  # raw flows gone: the rollups answer alone
+    report = apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=1))
+    assert {p.table for p in report.partitions} == {EDGES_TABLE, EDGE_IDENTITIES_TABLE}
+    assert dataset.list_part_files(EDGES_TABLE) == []

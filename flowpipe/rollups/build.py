@@ -7,7 +7,8 @@
   with every pod known only by its identity left unnamed (`identity_workloads` is empty while they are
   computed): which workload that identity is may be written in another part file, so it is looked up when
   the rollups are read, over all of them;
-- `edge_identities/date=D/hour=H/NAME`: the rows of `identity_workloads` of this file.
+- `edge_identities/date=D/hour=H/NAME`: the rows of `edge_identities` of this file (the workload and the
+  labels of each pod identity).
 
 The identities are published first and the edges last, so a rollup whose `edges` file exists is complete.
 Building is idempotent (the same flow file gives the same rollup, replaced whole), so every repair is "build
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OBSERVATIONS_VIEW = "edge_observations"
 IDENTITY_WORKLOADS_VIEW = "identity_workloads"
+IDENTITIES_VIEW = "edge_identities"
 
 
 @dataclass(slots=True)
@@ -89,7 +91,7 @@ def read_flow_file(dataset: Dataset, path: str) -> pa.Table:
 
 
 def summarise(flows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The rollup of `flows` (any set of flows): (`edge_observations` rows, `identity_workloads` rows)."""
+    """The rollup of `flows` (any set of flows): (`edge_observations` rows, `edge_identities` rows)."""
     from flowpipe.query.views import install_views
 
     con = connect()
@@ -97,7 +99,7 @@ def summarise(flows: pa.Table) -> tuple[pa.Table, pa.Table]:
         con.register("_rollup_flows", flows)
         con.execute("CREATE VIEW flows AS SELECT * FROM _rollup_flows")
         install_views(con)
-        identities = _arrow(con.sql(f"SELECT * FROM {IDENTITY_WORKLOADS_VIEW}"))
+        identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
         # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
         con.execute(f"CREATE TABLE _rollup_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
         con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities")

@@ -6,11 +6,13 @@ out) has its rollup (`edges` and `edge_identities` files of the same name), or w
 remain, so a rollup left behind by a compaction is never added to the one of the file that replaced it.
 
 `install_rollups(con, dataset, source)` runs after the shared views exist on a query connection and redefines
-three of them:
+four of them:
 
 - `edge_observations`: the rows from flows of the hours not covered (`auto`), plus the rollup rows of the
   covered hours (`auto`, `edges`);
 - `identity_workloads`: over flows and the rollups' identity rows (the same minimum either way);
+- `edge_identity_labels`: the labels the rollups kept per pod identity (observed_edges reads them for
+  identities whose flows are gone);
 - `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed).
 
 Every view above `edge_observations` (connections, observed_edges, new_connections, ...) is then unchanged: it
@@ -125,13 +127,17 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_OBSERVATIONS} AS\n{observations}")
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_IDENTITIES} AS\n{sql('identity_workloads')}")
         rows = _register(con, dataset, ROWS, cover.edge_files, FLOW_OBSERVATIONS)
-        ids = _register(con, dataset, IDENTITIES, cover.identity_files, FLOW_IDENTITIES)
+        ids = _register(con, dataset, IDENTITIES, cover.identity_files, "edge_identities")
         flow_rows = f"SELECT * FROM {FLOW_OBSERVATIONS} UNION ALL " if source == "auto" else ""
         con.execute(f"CREATE OR REPLACE VIEW edge_observations AS {flow_rows}SELECT * FROM {rows}")
         con.execute(
             "CREATE OR REPLACE VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS workload "
-            f"FROM (SELECT * FROM {FLOW_IDENTITIES} UNION ALL SELECT * FROM {ids}) AS named "
-            "GROUP BY cluster_name, identity"
+            f"FROM (SELECT * FROM {FLOW_IDENTITIES} UNION ALL SELECT cluster_name, identity, workload FROM {ids} "
+            "WHERE workload IS NOT NULL) AS named GROUP BY cluster_name, identity"
+        )
+        con.execute(
+            "CREATE OR REPLACE VIEW edge_identity_labels AS SELECT cluster_name, namespace, identity, labels "
+            f"FROM {ids} WHERE labels IS NOT NULL"
         )
         con.execute(f"CREATE OR REPLACE VIEW connections AS\n{sql('connections', full=True)}")
     except duckdb.Error as exc:
