@@ -105,3 +105,16 @@ def one_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 def as_path(value: str) -> Path:
     """A local dataset path from a `--dataset` value."""
     return Path(value)
+
+
+def source_option(func: F) -> F:
+    """`--source auto|edges|flows`: where questions about edges read (see `flowpipe.rollups`)."""
+    return click.option(
+        "--source",
+        type=click.Choice(["auto", "edges", "flows"]),
+        default="auto",
+        show_default=True,
+        envvar="FLOWPIPE_SOURCE",
+        help="Where edges are read: edge rollups for the hours they cover and flows for the rest (auto), "
+        "rollups only (edges), or flows only.",
+    )(func)

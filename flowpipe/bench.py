@@ -367,6 +367,13 @@ section(
     "s3", "requests per flush to an S3-compatible server (moto, counted at the server), no folder markers"
 )(bench_s3)
 
+from flowpipe.bench_rollups import bench_rollups
+
+section(
+    "rollups",
+    "edge rollups: size and write cost on simulated flows, equal answers, a month of 5,000 workloads in 10 s",
+)(bench_rollups)
+
 from flowpipe.bench_startup import bench_startup
 
 section("startup", "warm start of `flowpipe --help` and `flowpipe query --list` (no data library imported)")(

@@ -86,7 +86,9 @@ def plan_retention(
         report.partitions += [p for p in list_partitions(dataset, table) if is_expired(p, cutoff)]
     if keep_edges is not None:
         for table in ROLLUP_TABLES:
-            report.partitions += [p for p in list_partitions(dataset, table) if is_expired(p, now - keep_edges)]
+            report.partitions += [
+                p for p in list_partitions(dataset, table) if is_expired(p, now - keep_edges)
+            ]
     return report
 
 

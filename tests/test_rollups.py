@@ -24,7 +24,6 @@ from flowpipe.model import EventBatch
 from flowpipe.query import load_questions, run_question
 from flowpipe.query.engine import open_engine
 from flowpipe.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
-from flowpipe.rollups.build import build_missing
 from flowpipe.rollups.read import coverage
 from flowpipe.server import ObserverServer
 from flowpipe.sim import FAULT_NAMES, Simulator, SimulatorConfig
@@ -58,7 +57,9 @@ def write(root: Path, table: pa.Table, *, writer: str, rows: int, rollups: bool 
     sink.close()
 
 
-def answers(root: Path | str, source: str, questions: tuple[str, ...] = EDGE_QUESTIONS, **values: Any) -> dict[str, list[dict[str, Any]]]:
+def answers(
+    root: Path | str, source: str, questions: tuple[str, ...] = EDGE_QUESTIONS, **values: Any
+) -> dict[str, list[dict[str, Any]]]:
     catalog = load_questions()
     given = {**ALL_TIME, **values}
     out = {}
@@ -107,7 +108,11 @@ def test_equal_over_windows_and_filters(two_clusters: Path) -> None:
     for values in (
         {"since": "2024-05-01T10:00:00Z", "until": "2024-05-01T10:30:00Z"},
         {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z", "cluster": "west"},
-        {"since": "2024-05-01T09:00:00Z", "until": "2024-05-01T11:00:00Z", "baseline_since": "2024-05-01T09:00:00Z"},
+        {
+            "since": "2024-05-01T09:00:00Z",
+            "until": "2024-05-01T11:00:00Z",
+            "baseline_since": "2024-05-01T09:00:00Z",
+        },
     ):
         raw = answers(two_clusters, "flows", **values)
         assert answers(two_clusters, "auto", **values) == raw, values
@@ -238,7 +243,9 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     assert edges == flows and "rollups written from" in result.output
     assert answers(root, "edges") == raw
 
-    result = CliRunner().invoke(cli, ["rollup", "--dataset", str(root), "--rebuild", "--since", "2024-05-01T10:00:00Z"])
+    result = CliRunner().invoke(
+        cli, ["rollup", "--dataset", str(root), "--rebuild", "--since", "2024-05-01T10:00:00Z"]
+    )
     assert result.exit_code == 0, result.output
     assert 0 < result.output.count("hour=10/") < len(flows)  # only the hours ending after --since
     assert answers(root, "edges") == raw
@@ -255,3 +262,18 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     report = apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=1))
     assert {p.table for p in report.partitions} == {EDGES_TABLE, EDGE_IDENTITIES_TABLE}
     assert dataset.list_part_files(EDGES_TABLE) == []
+
+
+def test_suggest_equal_from_rollups(two_clusters: Path) -> None:
+    from flowpipe.suggest import SuggestConfig, suggest_policies
+
+    def drafts(source: str) -> list[tuple[str, str]]:
+        with open_engine(two_clusters, source=source) as engine:
+            suggestion = suggest_policies(
+                engine,
+                SuggestConfig(cluster="west", since="2024-05-01T09:00:00Z", until="2024-05-01T11:00:00Z"),
+            )
+        assert suggestion.edges and suggestion.files
+        return [(str(f.path), f.text) for f in suggestion.files]
+
+    assert drafts("edges") == drafts("flows")

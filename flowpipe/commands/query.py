@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from flowpipe._cli_options import dataset_option, format_option, one_value
+from flowpipe._cli_options import dataset_option, format_option, one_value, source_option
 from flowpipe._output import Records, format_datetime, render
 from flowpipe.query.catalog import RELATIVE_TO, Catalog, Question, load_questions
 from flowpipe.query.timeparse import parse_time
@@ -112,6 +112,7 @@ def sql_dir_option(func: F) -> F:
 )
 @sql_dir_option
 @dataset_option
+@source_option
 @format_option("table", "json", "jsonl", "csv")
 def query(
     name: str | None,
@@ -128,6 +129,7 @@ def query(
     spark_master: str | None,
     sql_dir: Path | None,
     dataset: str,
+    source: str,
     output_format: str,
 ) -> None:
     """Run the question NAME over the dataset (`--list` shows them all).
@@ -172,7 +174,7 @@ def query(
 
         engine: Engine = open_spark_engine(dataset, master=spark_master, require_flows=True)
     else:
-        engine = open_engine(dataset, require_flows=True)
+        engine = open_engine(dataset, require_flows=True, source=source)
     coverage = None
     try:
         result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]

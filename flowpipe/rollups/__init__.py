@@ -28,3 +28,12 @@ EDGE_IDENTITIES_TABLE = "edge_identities"
 ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE)
 SOURCES: tuple[str, ...] = ("auto", "edges", "flows")
 """Where edge questions read: rollups where they cover an hour and flows for the rest, rollups only, flows only."""
+EDGE_QUESTIONS: tuple[str, ...] = (
+    "observed_edges",
+    "new_connections",
+    "top_talkers",
+    "cross_namespace",
+    "world_egress",
+)
+"""The questions that read edges only (the view `connections`), which rollups answer; `suggest` drafts from
+observed_edges. Other questions (least_privilege, drops, DNS, HTTP) read the flows' own records."""

@@ -84,7 +84,9 @@ def read_flow_file(dataset: Dataset, path: str) -> pa.Table:
     except (OSError, pa.ArrowException) as exc:
         raise DatasetWriteError(f"cannot read the flow part file {path}: {exc}", path=path) from exc
     columns = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
         for f in FLOW_SCHEMA
     ]
     return pa.Table.from_arrays(columns, schema=FLOW_SCHEMA)
@@ -102,7 +104,9 @@ def summarise(flows: pa.Table) -> tuple[pa.Table, pa.Table]:
         identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
         # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
         con.execute(f"CREATE TABLE _rollup_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
-        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities")
+        con.execute(
+            f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
+        )
         observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
     except duckdb.Error as exc:
         raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
@@ -117,7 +121,9 @@ def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
 
 
-def build_rollup(dataset: Dataset, flow_path: str, *, zstd_level: int = 3, report: RollupReport | None = None) -> str:
+def build_rollup(
+    dataset: Dataset, flow_path: str, *, zstd_level: int = 3, report: RollupReport | None = None
+) -> str:
     """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file."""
     flows = read_flow_file(dataset, flow_path)
     observations, identities = summarise(flows)
@@ -153,7 +159,9 @@ def build_after_publish(dataset: Dataset, published: Iterable[str], *, zstd_leve
         try:
             written.append(build_rollup(dataset, path, zstd_level=zstd_level))
         except FlowpipeError as exc:
-            log.warning("edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc)
+            log.warning(
+                "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc
+            )
     return written
 
 

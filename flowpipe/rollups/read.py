@@ -116,7 +116,10 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
             marker = "FROM flows_enriched\n"
             if observations.count(marker) != 1:
                 raise QueryError("edge_observations must read flows_enriched once to be split by hour")
-            con.register("_edge_rollup_hours_arrow", pa.table({"hour": pa.array(cover.hours, pa.timestamp("us", "UTC"))}))
+            con.register(
+                "_edge_rollup_hours_arrow",
+                pa.table({"hour": pa.array(cover.hours, pa.timestamp("us", "UTC"))}),
+            )
             con.execute(f"CREATE OR REPLACE TABLE {HOURS} AS SELECT hour FROM _edge_rollup_hours_arrow")
             con.unregister("_edge_rollup_hours_arrow")
             observations = observations.replace(
@@ -172,7 +175,9 @@ def _register(
         con.register(source, table)
         present = set(table.schema.names)
     select = ", ".join(
-        f'CAST("{column}" AS {sql_type}) AS "{column}"' if column in present else f'CAST(NULL AS {sql_type}) AS "{column}"'
+        f'CAST("{column}" AS {sql_type}) AS "{column}"'
+        if column in present
+        else f'CAST(NULL AS {sql_type}) AS "{column}"'
         for column, sql_type, *_ in columns
     )
     origin = f"FROM {source}" if files else "WHERE FALSE"
