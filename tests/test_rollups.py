@@ -256,6 +256,34 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     assert edges == flows and all("compacted-" in name for name in flows)  # the inputs' rollups went
     assert answers(root, "edges") == raw
 
+    # the raw flows of 09:00-10:00 go, their rollups stay (the CLI: --keep-edges)
+    keep = datetime.now(UTC) - datetime(2024, 5, 1, 10, 5, tzinfo=UTC)
+    args = [
+        "retention",
+        "--dataset",
+        str(root),
+        "--keep",
+        f"{int(keep.total_seconds())}s",
+        "--keep-edges",
+        "36500d",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--apply"])
+    assert result.exit_code == 0, result.output
+    assert all("hour=10/" in p for p in dataset.list_part_files("flows"))
+    assert any("hour=09/" in p for p in dataset.list_part_files(EDGES_TABLE))
+    assert answers(root, "auto") == raw
+    since = ["--since", "2024-05-01T09:00:00Z", "--until", "2024-05-01T11:00:00Z"]
+    result = CliRunner().invoke(cli, ["query", "drops_by_reason", "--dataset", str(root), *since])
+    assert result.exit_code == 0, result.output
+    assert (
+        "drops_by_reason reads raw flows, which this dataset keeps from 2024-05-01 10:00Z only"
+        in result.output
+    )
+    result = CliRunner().invoke(
+        cli, ["query", "observed_edges", "--dataset", str(root), *since, "--format", "json"]
+    )
+    assert result.exit_code == 0 and "reads raw flows" not in result.output
+
     apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=36500))
     assert dataset.list_part_files("flows") == []
     assert answers(root, "auto") == raw  # raw flows gone: the rollups answer alone

@@ -180,6 +180,12 @@ def query(
         result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]
         if _default_window(question, values):
             coverage = window_coverage(engine, result.params.get("since"), result.params.get("until"))  # type: ignore[arg-type]
+        if source != "flows" and engine_name != "spark":
+            from flowpipe.rollups.read import raw_flows_note
+
+            note = raw_flows_note(engine, question.name, result.params.get("since"))  # type: ignore[arg-type]
+            if note:
+                click.echo(note, err=True)
     finally:
         engine.close()
     if result.anchored_to == "data" and result.anchor is not None:

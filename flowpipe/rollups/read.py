@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -183,3 +184,22 @@ def _register(
     origin = f"FROM {source}" if files else "WHERE FALSE"
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} {origin}")
     return name
+
+
+def raw_flows_note(engine: Any, question: str, since: datetime | None) -> str | None:
+    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`) whose window starts before the
+    oldest flow kept while edge rollups reach back further; None otherwise."""
+    from flowpipe.rollups import EDGE_QUESTIONS
+
+    if question in EDGE_QUESTIONS or since is None or engine.dataset is None:
+        return None
+    oldest = engine.run("SELECT min(time) AS oldest FROM flows").column("oldest")[0].as_py()
+    if oldest is None or since >= oldest:
+        return None
+    hours = coverage(engine.dataset).hours
+    if not hours or hours[0] >= oldest:
+        return None
+    return (
+        f"note: {question} reads raw flows, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
+        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(EDGE_QUESTIONS)})"
+    )
