@@ -341,7 +341,9 @@ class Dataset:
         now = time.time()
         gone = set(writer_ids) | ({writer_id} if writer_id else set())
         removed = []
-        for table in TABLES:
+        from flowpipe.rollups import ROLLUP_TABLES  # their temporary files carry the flow file's name
+
+        for table in (*TABLES, *ROLLUP_TABLES):
             for info in self.list_temp_files(table):
                 name = info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
                 if name.startswith(COMPACTED_PREFIX):
