@@ -66,7 +66,8 @@ _PART_RE = re.compile(
 
 KILL_AT_VARIABLE = "FLOWPIPE_TEST_KILL_AT"
 """Test hook: `STEP` or `STEP@N` kills this process (SIGKILL) at the Nth time it reaches that step of a
-publish (`publish:written`, `publish:copied`, `publish:done`); tests use it to crash a real writer there."""
+publish (`publish:written`, `publish:copied`, `publish:done`), or before the edge rollup of a published flow
+file (`rollup:before`); tests use it to crash a real writer there."""
 _kill_counts: dict[str, int] = {}
 
 

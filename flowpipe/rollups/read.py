@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -90,6 +90,37 @@ def _hour(key: tuple[str, str]) -> datetime | None:
         return None
 
 
+MAX_RANGES = 64
+"""Above this many separate runs of hours without rollups, flows are filtered by a table of covered hours."""
+
+
+def _uncovered_filter(con: duckdb.DuckDBPyConnection, cover: Coverage) -> str:
+    """An SQL condition on `time` that keeps the flows of the hours rollups do not cover (and rows without a time).
+
+    Few runs of such hours (the open hour, a writer's missing rollups): time ranges, which Parquet statistics
+    use to skip the other hours' row groups unread. Many: a lookup in a table of the covered hours.
+    """
+    ranges: list[list[datetime]] = []
+    for hour in sorted(cover.uncovered):
+        if ranges and ranges[-1][1] == hour:
+            ranges[-1][1] = hour + timedelta(hours=1)
+        else:
+            ranges.append([hour, hour + timedelta(hours=1)])
+    if len(ranges) <= MAX_RANGES:
+        # the bounds are whole hours computed here from partition names (never text from flows or users)
+        spans = "".join(
+            f" OR (time >= TIMESTAMPTZ '{start:%Y-%m-%d %H:%M:%S}+00'"
+            f" AND time < TIMESTAMPTZ '{end:%Y-%m-%d %H:%M:%S}+00')"
+            for start, end in ranges
+        )
+        return f"(time IS NULL{spans})"
+    hours = pa.table({"hour": pa.array(cover.hours, pa.timestamp("us", "UTC"))})
+    con.register("_edge_rollup_hours_arrow", hours)
+    con.execute(f"CREATE OR REPLACE TABLE {HOURS} AS SELECT hour FROM _edge_rollup_hours_arrow")
+    con.unregister("_edge_rollup_hours_arrow")
+    return f"coalesce(date_trunc('hour', time) NOT IN (SELECT hour FROM {HOURS}), TRUE)"
+
+
 def check_source(source: str) -> str:
     """`source` if it is one of `SOURCES`, else `ConfigError`."""
     if source not in SOURCES:
@@ -104,6 +135,8 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
     if check_source(source) == "flows":
         return None
     cover = coverage(dataset)
+    if source == "auto" and not cover.hours:
+        return cover  # no rollups to read: the views stay as they are
     views = {view.name: view for view in load_views()}
     try:
         fallbacks = bool(con.execute(FALLBACK_NEEDED_SQL).fetchall()[0][0])
@@ -117,16 +150,9 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
             marker = "FROM flows_enriched\n"
             if observations.count(marker) != 1:
                 raise QueryError("edge_observations must read flows_enriched once to be split by hour")
-            con.register(
-                "_edge_rollup_hours_arrow",
-                pa.table({"hour": pa.array(cover.hours, pa.timestamp("us", "UTC"))}),
-            )
-            con.execute(f"CREATE OR REPLACE TABLE {HOURS} AS SELECT hour FROM _edge_rollup_hours_arrow")
-            con.unregister("_edge_rollup_hours_arrow")
             observations = observations.replace(
                 marker,
-                "FROM (SELECT * FROM flows_enriched WHERE coalesce(date_trunc('hour', time) NOT IN "
-                f"(SELECT hour FROM {HOURS}), TRUE)) AS flows_enriched\n",
+                f"FROM (SELECT * FROM flows_enriched WHERE {_uncovered_filter(con, cover)}) AS flows_enriched\n",
             )
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_OBSERVATIONS} AS\n{observations}")
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_IDENTITIES} AS\n{sql('identity_workloads')}")
