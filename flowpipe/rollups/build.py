@@ -27,7 +27,7 @@ from datetime import datetime
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from flowpipe._maintenance import PartitionFiles, list_partitions
 from flowpipe._resources import apply_duckdb_limits
@@ -75,31 +75,24 @@ def connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def read_flow_file(dataset: Dataset, path: str) -> pa.Table:
-    """One flow part file as a table of `FLOW_SCHEMA` (columns an older file lacks read as NULL)."""
-    try:
-        table = pq.read_table(path, filesystem=dataset.filesystem)
-    except FileNotFoundError:
-        raise
-    except (OSError, pa.ArrowException) as exc:
-        raise DatasetWriteError(f"cannot read the flow part file {path}: {exc}", path=path) from exc
-    columns = [
-        table.column(f.name).cast(f.type)
-        if f.name in table.column_names
-        else pa.nulls(table.num_rows, f.type)
-        for f in FLOW_SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=FLOW_SCHEMA)
-
-
-def summarise(flows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The rollup of `flows` (any set of flows): (`edge_observations` rows, `edge_identities` rows)."""
+def summarise(flows: pa.Table | pads.Dataset) -> tuple[pa.Table, pa.Table]:
+    """The rollup of `flows` (a table or a Parquet dataset of flows): (`edge_observations` rows,
+    `edge_identities` rows). A dataset is read column by column as the SQL needs (labels only where it does)."""
     from flowpipe.query.views import install_views
 
     con = connect()
     try:
         con.register("_rollup_flows", flows)
-        con.execute("CREATE VIEW flows AS SELECT * FROM _rollup_flows")
+        con.register("_rollup_schema", FLOW_SCHEMA.empty_table())
+        types = {str(row[0]): str(row[1]) for row in con.execute("DESCRIBE _rollup_schema").fetchall()}
+        present = set(flows.schema.names)
+        columns = ", ".join(
+            f'CAST("{name}" AS {types[name]}) AS "{name}"'
+            if name in present
+            else f'CAST(NULL AS {types[name]}) AS "{name}"'
+            for name in FLOW_SCHEMA.names
+        )
+        con.execute(f"CREATE VIEW flows AS SELECT {columns} FROM _rollup_flows")
         install_views(con)
         identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
         # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
@@ -108,7 +101,7 @@ def summarise(flows: pa.Table) -> tuple[pa.Table, pa.Table]:
             f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
         )
         observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
-    except duckdb.Error as exc:
+    except (duckdb.Error, pa.ArrowException) as exc:
         raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
     finally:
         con.close()
@@ -125,7 +118,13 @@ def build_rollup(
     dataset: Dataset, flow_path: str, *, zstd_level: int = 3, report: RollupReport | None = None
 ) -> str:
     """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file."""
-    flows = read_flow_file(dataset, flow_path)
+    try:
+        flows = pads.dataset([flow_path], format="parquet", filesystem=dataset.filesystem)
+        count = flows.count_rows()
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetWriteError(f"cannot read the flow part file {flow_path}: {exc}", path=flow_path) from exc
     observations, identities = summarise(flows)
     options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
     final = ""
@@ -142,7 +141,7 @@ def build_rollup(
             report.rollup_bytes += _size(dataset, final)
     if report is not None:
         report.written.append(final)
-        report.flows += flows.num_rows
+        report.flows += count
         report.flow_bytes += _size(dataset, flow_path)
     return final
 
