@@ -5,7 +5,8 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    through the real `ParquetSink`, without and with edge rollups; the rollups' bytes (`edges/` and
    `edge_identities/`) are held against 1% of the flow bytes, the extra write time against 10%.
 2. Equality: every edge question (`flowpipe.rollups.read`) over that dataset, from flows and from rollups alone.
-3. Fleet: rollup files generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (one file
+3. Fleet: rollup files generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (at the
+   default `--flows`; a smaller `--flows` scales both down, for a quick run) (one file
    per hour, as compaction leaves them), at the fewest rows the rollups can hold for that traffic: one row per
    edge (workload pair and port) per hour, i.e. one connection per edge and hour seen from one end (real
    traffic has a row per connection and reporting end). `observed_edges`, `new_connections` and `suggest`
@@ -145,28 +146,36 @@ def bench_rollups(ctx: BenchContext) -> list[Figure]:
 # -- the fleet: a month of rollups of a 5,000-workload cluster ------------------------------------------------
 
 
+def fleet_size(flows: int) -> tuple[int, int]:
+    """(workloads, days) of the fleet: the full `FLEET_WORKLOADS` x `FLEET_DAYS` at the default `--flows`
+    (a million), scaled down with a smaller `--flows` (a quick run)."""
+    scale = min(1.0, flows / 1_000_000)
+    return max(20, int(FLEET_WORKLOADS * scale)), max(1, round(FLEET_DAYS * scale))
+
+
 def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
     from flowpipe.bench import Figure
 
-    root = ctx.workdir / "rollups-fleet"
+    workloads, days = fleet_size(ctx.flows)
+    root = ctx.workdir / f"rollups-fleet-{workloads}x{days}"
     marker = root / "_state" / "bench-rollups.json"
     if not marker.is_file():
         shutil.rmtree(root, ignore_errors=True)
         started = time.perf_counter()
-        rows = generate_fleet(root, example)
+        rows = generate_fleet(root, example, workloads=workloads, days=days)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"rows": rows}))
         ctx.log(f"generated {rows:,} rollup rows in {time.perf_counter() - started:.0f} s")
     rows = json.loads(marker.read_text())["rows"]
     size = _folder_bytes(root)
     note = (
-        f"{FLEET_WORKLOADS:,} workloads, {FLEET_WORKLOADS * FLEET_PEERS:,} edges, {FLEET_DAYS} days: "
+        f"{workloads:,} workloads, {workloads * FLEET_PEERS:,} edges, {days} days: "
         f"{rows:,} rollup rows, {size / 1e6:,.0f} MB"
     )
     figures = [Figure(SECTION, "fleet rollups on disk", size / 1e6, "MB", note=note)]
     for task in ("observed_edges", "new_connections", "suggest"):
-        ctx.log(f"fleet: {task} over {FLEET_DAYS} days of rollups (child process)")
-        result = _child(task, root)
+        ctx.log(f"fleet: {task} over {days} days of rollups (child process)")
+        result = _child(task, root, days)
         seconds, rss = result.get("seconds"), result.get("rss_mb")
         detail = f"{note}; {result.get('detail', '')}".rstrip("; ")
         figures.append(Figure(SECTION, f"fleet {task}", seconds, "s", QUESTION_TARGET_SECONDS, False, detail))
@@ -186,8 +195,10 @@ def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
     return figures
 
 
-def generate_fleet(root: Path, example: Path) -> int:
-    """Write `FLEET_DAYS` days of hourly rollup files for the fleet under `root`; returns the rows written."""
+def generate_fleet(
+    root: Path, example: Path, *, workloads: int = FLEET_WORKLOADS, days: int = FLEET_DAYS
+) -> int:
+    """Write `days` days of hourly rollup files for `workloads` workloads under `root`; returns the rows written."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -197,20 +208,19 @@ def generate_fleet(root: Path, example: Path) -> int:
 
     edges_schema = pq.read_schema(next((example / EDGES_TABLE).rglob("*.parquet")))
     ids_schema = pq.read_schema(next((example / EDGE_IDENTITIES_TABLE).rglob("*.parquet")))
-    workloads = np.arange(FLEET_WORKLOADS)
-    names = pa.array([f"wl-{w}" for w in workloads])
-    namespaces = pa.array([f"ns-{w % 250}" for w in workloads])
-    ids = pa.array([f"ns-{w % 250}/wl-{w}" for w in workloads])
-    pods = pa.array([f"wl-{w}-7d9f8c6b5-x{w % 10}k2q" for w in workloads])
-    ips = pa.array([f"10.{w // 250}.{w % 250}.7" for w in workloads])
-    identities = pa.array(100_000 + workloads, pa.int64())
-    edges = FLEET_WORKLOADS * FLEET_PEERS
-    source = np.repeat(workloads, FLEET_PEERS)
-    destination = (
-        source * 7919 + np.tile(np.arange(1, FLEET_PEERS + 1), FLEET_WORKLOADS) * 104729
-    ) % FLEET_WORKLOADS
+    count = workloads
+    numbers = np.arange(count)
+    names = pa.array([f"wl-{w}" for w in numbers])
+    namespaces = pa.array([f"ns-{w % 250}" for w in numbers])
+    ids = pa.array([f"ns-{w % 250}/wl-{w}" for w in numbers])
+    pods = pa.array([f"wl-{w}-7d9f8c6b5-x{w % 10}k2q" for w in numbers])
+    ips = pa.array([f"10.{w // 250}.{w % 250}.7" for w in numbers])
+    identities = pa.array(100_000 + numbers, pa.int64())
+    edges = count * FLEET_PEERS
+    source = np.repeat(numbers, FLEET_PEERS)
+    destination = (source * 7919 + np.tile(np.arange(1, FLEET_PEERS + 1), count) * 104729) % count
     port = 8000 + (destination % 7)
-    hours = FLEET_DAYS * 24
+    hours = days * 24
     rows = 0
     base: dict[str, Any] = {
         "cluster_name": pa.array([FLEET_CLUSTER] * edges),
@@ -236,9 +246,7 @@ def generate_fleet(root: Path, example: Path) -> int:
         "destination_workload_id": ids.take(destination),
         "destination_identity": identities.take(destination),
     }
-    labels = pa.array(
-        [[f"k8s:app=wl-{w}", f"k8s:io.kubernetes.pod.namespace=ns-{w % 250}"] for w in workloads]
-    )
+    labels = pa.array([[f"k8s:app=wl-{w}", f"k8s:io.kubernetes.pod.namespace=ns-{w % 250}"] for w in numbers])
     for hour in range(hours):
         start = FLEET_START + timedelta(hours=hour)
         start_ns = int(start.timestamp() * 1e9)
@@ -288,11 +296,11 @@ def _as(schema: Any, columns: dict[str, Any], rows: int | None) -> Any:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _child(task: str, root: Path) -> dict[str, Any]:
+def _child(task: str, root: Path, days: int) -> dict[str, Any]:
     code = "import sys; from flowpipe.bench_rollups import child_main; child_main(sys.argv[1:])"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, task, str(root)],
+            [sys.executable, "-c", code, task, str(root), str(days)],
             capture_output=True,
             text=True,
             check=False,
@@ -312,9 +320,10 @@ def child_main(argv: list[str]) -> None:
     from flowpipe.query import load_questions, run_question
     from flowpipe.query.engine import open_engine
 
-    task, root = argv
+    task, root, days_text = argv
+    days = int(days_text)
     since = FLEET_START.isoformat()
-    until = (FLEET_START + timedelta(days=FLEET_DAYS)).isoformat()
+    until = (FLEET_START + timedelta(days=days)).isoformat()
     started = time.perf_counter()
     with open_engine(root, source="edges") as engine:
         if task == "suggest":
@@ -327,7 +336,7 @@ def child_main(argv: list[str]) -> None:
             values = {"since": since, "until": until, "limit": "1000000"}
             if task == "new_connections":
                 values = {
-                    "since": (FLEET_START + timedelta(days=FLEET_DAYS - 1)).isoformat(),
+                    "since": (FLEET_START + timedelta(days=days - 1)).isoformat(),
                     "until": until,
                     "baseline_since": since,
                 }
