@@ -190,8 +190,10 @@ unlabelled AS (
         AND coalesce(l.cluster_name, '') = coalesce(i.cluster_name, '')
     WHERE l.identity IS NULL
 ),
-searched_labels AS (
-    SELECT cluster_name, namespace, identity, min(labels) AS labels
+identity_labels AS (
+    SELECT cluster_name, namespace, identity, labels FROM first_labels
+    UNION ALL
+    SELECT cluster_name, namespace, identity, min(labels)
     FROM (
         SELECT i.cluster_name, i.namespace, i.identity, f.source_labels AS labels
         FROM flows_named AS f
@@ -207,23 +209,6 @@ searched_labels AS (
     ) AS seen
     WHERE cardinality(labels) > 0
     GROUP BY cluster_name, namespace, identity
-),
-identity_labels AS (
-    SELECT cluster_name, namespace, identity, labels FROM first_labels
-    UNION ALL
-    SELECT cluster_name, namespace, identity, labels FROM searched_labels
-    UNION ALL
-    -- Identities whose flows are gone (past the raw retention): the labels their edge rollups kept.
-    SELECT u.cluster_name, u.namespace, u.identity, min(r.labels)
-    FROM unlabelled AS u
-    JOIN edge_identity_labels AS r
-        ON r.identity = u.identity AND r.namespace = u.namespace
-        AND coalesce(r.cluster_name, '') = coalesce(u.cluster_name, '')
-    LEFT JOIN searched_labels AS s
-        ON s.identity = u.identity AND s.namespace = u.namespace
-        AND coalesce(s.cluster_name, '') = coalesce(u.cluster_name, '')
-    WHERE s.identity IS NULL
-    GROUP BY u.cluster_name, u.namespace, u.identity
 ),
 labelled AS (
     SELECT
