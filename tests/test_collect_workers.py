@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,6 +150,16 @@ def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Pat
 def write_cgroup(root: Path, quota: str) -> Path:
     (root / "cpu.max").write_text(f"{quota} 100000\n")
     return root
+
+
+def test_the_receiving_process_loads_no_data_library() -> None:
+    """The receiving process is started with `python -m`: its module and package must not import Arrow & co."""
+    code = (
+        "import sys, flowpipe.sources.relay._worker; "
+        "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_the_default_number_of_workers_follows_the_container_cpu_limit(tmp_path: Path) -> None:

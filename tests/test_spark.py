@@ -205,6 +205,25 @@ def test_part_files_compacted_under_a_running_engine(spark: Any, dataset: Path, 
         assert sparks.run("SELECT count(*) AS n FROM flows").column("n")[0].as_py() == total
 
 
+def test_cached_views_are_computed_again_after_a_refresh(spark: Any, dataset: Path, tmp_path: Path) -> None:
+    """With `cache_views`, a refresh over new part files answers from them, not from the cache of the old ones."""
+    from flowpipe.query.spark import SparkEngine
+
+    copy = tmp_path / "ds"
+    sink = ParquetSink(ParquetSinkConfig(path=str(copy), writer_id="first"))
+    sink.write(EventBatch(flows=simulated_flows(rate=0.1, cluster_name="eu-west", seed=3)))
+    sink.close()
+    count = "SELECT count(*) AS n FROM flows_enriched"
+    with SparkEngine(copy, session=spark, cache_views=True) as sparks:
+        before = sparks.run(count).column("n")[0].as_py()
+        assert before > 0 and sparks.spark.catalog.isCached("flows_enriched")
+        more = ParquetSink(ParquetSinkConfig(path=str(copy), writer_id="second"))
+        more.write(EventBatch(flows=simulated_flows(rate=0.1, cluster_name="us-east", seed=4)))
+        more.close()
+        sparks.refresh()
+        assert sparks.run(count).column("n")[0].as_py() > before
+
+
 def test_query_command_with_engine_spark(spark: Any, dataset: Path) -> None:
     runner = CliRunner()
     args = [

@@ -4,7 +4,7 @@ The relay merges its nodes' flows only nearly in time order, and a node's clock 
 received" is not a safe place to resume: a node still catching up would lose its flows between its own newest
 and that time. `ResumeTracker` keeps, per node, the time of the newest flow received and when that node last
 sent one; a new stream starts at the oldest of those newest times among recently active nodes, minus the
-overlap (the flows received again are skipped by key, `_relay_dedupe`). A node silent for longer than the
+overlap (the flows received again are skipped by key, `_dedupe`). A node silent for longer than the
 active window no longer holds the resume time back.
 
 The checkpoint position (`RelayPosition`) is that resume time plus the newest flow's time and uuid and the

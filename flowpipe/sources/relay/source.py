@@ -2,25 +2,26 @@
 
 ```
 ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filters, field_mask)
-   receiver thread (_relay_connect.StreamReceiver): raw response bytes ─▶ bounded deque (backpressure reaches
+   receiver thread (_connect.StreamReceiver): raw response bytes ─▶ bounded deque (backpressure reaches
                                                                           the relay through HTTP/2 flow control)
-   batches(): deque ─▶ decode in bulk (_relay_decode) ─▶ skip repeats (_relay_dedupe)
-                    ─▶ move the resume point (_relay_resume) ─▶ EventBatch(position)
+   batches(): deque ─▶ decode in bulk (transforms.from_proto) ─▶ skip repeats (_dedupe)
+                    ─▶ move the resume point (_resume) ─▶ EventBatch(position)
 ```
 
 - **First start** (no checkpoint): the whole buffer the relay still holds (`number` = 2^64-1, as `hubble observe
   --all`), then new flows. A bare follow request would start at "now" and miss what the relay still has.
-- **Resume** (restart, reconnect): `since` = the resume time kept in the checkpoint (`_relay_resume`: the
+- **Resume** (restart, reconnect): `since` = the resume time kept in the checkpoint (`_resume`: the
   oldest "newest flow" among recently active nodes, minus `resume_overlap_seconds`). The relay merges its nodes
   only nearly in time order, so the overlap takes back a few seconds already seen; those flows are recognised
   by uuid (a content hash without one) against what was received or is already in the dataset, and skipped.
   Flows with a uuid are also checked against every flow of the dataset's hours they fall in
-  (`flowpipe.dataset.stored_flows`, the check every writer makes): a flow an ingest or another collector stored already
-  is not stored again. The checkpoint (`<dataset>/_state/<state_name>`) is saved only for batches every sink made durable; a restart
-  also reads the keys of flows written after the last save, so nothing is written twice.
+  (`flowpipe.dataset.stored_flows`, the check every writer makes): a flow an ingest or another collector
+  stored already is not stored again. The checkpoint (`<dataset>/_state/<state_name>`) is saved only for
+  batches every sink made durable; a restart also reads the keys of flows written after the last save, so
+  nothing is written twice.
 - **Reconnect** with capped exponential backoff and jitter, forever once connected. Each failure is logged once
-  per distinct reason (then a reminder every few minutes), and the recovery once (`_relay_log`).
-- **Startup**: ServerStatus first; a failure is diagnosed (`_relay_connect.diagnose`). Permanent problems (not
+  per distinct reason (then a reminder every few minutes), and the recovery once (`_log`).
+- **Startup**: ServerStatus first; a failure is diagnosed (`_connect.diagnose`). Permanent problems (not
   a Hubble server, HTTP/1, TLS versus plaintext, certificates) stop at once with a message saying what to change;
   an unreachable relay is retried (`startup_timeout_seconds` bounds that).
 - **Sharding** (`node_shard=(i, n)`): nodes from GetNodes are split by a stable hash of their names; the
@@ -28,13 +29,14 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
 - **Receiving process** (`receive_process=True`, `collect --workers 2`): the GetFlows call is read by a process of
-  its own (`_relay_worker`), which hands the raw responses over in batches; everything else stays here, the same
+  its own (`_worker`), which hands the raw responses over in batches; everything else stays here, the same
   in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
   and the stream resumes from the resume point with the repeats skipped.
 
-This module is the connection loop and the batch assembly; the helpers are `_relay_config` (the options),
-`_relay_connect` (channels, diagnosis, the receiver thread), `_relay_decode`, `_relay_dedupe`, `_relay_resume`
-(where a new stream starts, the checkpoint document) and `_relay_log` (what is logged about the relay).
+This module is the connection loop and the batch assembly; the package's helpers are `_config` (the
+options), `_connect` (channels, diagnosis, the receiver thread), `_worker` and `_handoff` (the receiving
+process and its hand-over), `_dedupe`, `_resume` (where a new stream starts, the checkpoint document) and `_log`
+(what is logged about the relay); responses are decoded by `flowpipe.transforms.from_proto`.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class RelaySource:
     ) -> None:
         self.config = config
         self.receive_process = receive_process
-        """Whether the stream is read by a process of its own (`_relay_worker`) instead of a thread."""
+        """Whether the stream is read by a process of its own (`_worker`) instead of a thread."""
         self.dataset = dataset
         self.state_name = state_name
         self.metrics = metrics
