@@ -19,7 +19,9 @@
 --   `include_search_expansions=true` shows every error answer as it came instead (`kind` `rcode`, one row per
 --   query name). `example_pods` lists up to three client pods. A workload whose DNS traffic (port 53) is visible
 --   only at L3/L4 (no L7 DNS records, so rcodes cannot be seen) gets one row of kind `no_l7_visibility` instead
---   of an empty answer; `note` says what to do. A namespace filter matches the client.
+--   of an empty answer; `note` says what to do. `show_lookups=true` adds one row of kind `lookups` per client
+--   workload, failed or not, with its `lookups` (the denominator of `failure_share`; how the
+--   `flowpipe_dns_lookups` gauge counts every lookup). A namespace filter matches the client.
 -- How a lookup is found. Search suffixes: `<namespace>.svc.<domain>.` (position 1; any namespace, since a
 --   forwarder such as node-local-dns asks for pods of every namespace), `svc.<domain>.` (2), `<domain>.` (3), a
 --   node search domain (4), none (the name itself: 5, or 0 for names with five dots or more, which ndots:5 asks
@@ -33,7 +35,8 @@
 --   position, or the same name again, starts a new lookup); each answer is then given to the candidate lookup with
 --   the most answers (ties: the client's own namespace, the earlier position, the shorter stem). The final name
 --   is the stem itself; a lookup whose final name was asked but not answered is reported as `no_answer` only.
--- params: since=1h, until=now, namespace=, timeout_seconds=5.0, include_search_expansions=false, limit=500
+-- params: since=1h, until=now, namespace=, timeout_seconds=5.0, include_search_expansions=false, show_lookups=false,
+--   limit=500
 WITH dns AS (
     -- Every DNS record of the window in one scan: L7 records from Cilium's DNS proxy (`layer` l7; the client
     -- is the source of a request and the destination of a response) and requests to port 53 seen at L3/L4
@@ -442,13 +445,26 @@ grouped AS (
     FROM failures AS f
     GROUP BY f.kind, f.cluster_name, f.client_namespace, f.client_workload, f.client_id, f.dns_query, f.rcode_name
 ),
-invisible AS (
-    -- Port 53 traffic but no L7 DNS record at all: rcodes and unanswered lookups cannot be seen.
+client_rows AS (
+    -- Port 53 traffic of a workload without any L7 DNS record (kind `no_l7_visibility`: rcodes and unanswered
+    -- lookups cannot be seen), and with `show_lookups=true` every DNS record of every client (kind `lookups`).
+    SELECT 'no_l7_visibility' AS kind, d.*
+    FROM dns_l3 AS d
+    JOIN lookups AS c ON c.client_id = d.client_id AND coalesce(c.cluster_name, '') = coalesce(d.cluster_name, '')
+    WHERE c.l7_records = 0
+      AND d.verdict <> 'DROPPED'
+    UNION ALL
+    SELECT 'lookups' AS kind, d.*
+    FROM dns AS d
+    WHERE $show_lookups
+),
+per_client AS (
+    -- One row per kind and client workload, for its count of lookups (or of L3/L4 packets) below.
     SELECT
-        'no_l7_visibility' AS kind,
+        d.kind,
         d.cluster_name,
-        d.client_namespace,
-        d.client_workload,
+        min(d.client_namespace) AS client_namespace,
+        min(d.client_workload) AS client_workload,
         d.client_id,
         CAST(NULL AS VARCHAR) AS dns_query,
         CAST(NULL AS VARCHAR) AS rcode_name,
@@ -457,11 +473,8 @@ invisible AS (
         min(d.time) AS first_seen,
         max(d.time) AS last_seen,
         array_slice(list_sort(coalesce(array_agg(DISTINCT d.client_pod) FILTER (WHERE d.client_pod IS NOT NULL), [])), 1, 3) AS example_pods
-    FROM dns_l3 AS d
-    JOIN lookups AS c ON c.client_id = d.client_id AND coalesce(c.cluster_name, '') = coalesce(d.cluster_name, '')
-    WHERE c.l7_records = 0
-      AND d.verdict <> 'DROPPED'
-    GROUP BY d.cluster_name, d.client_namespace, d.client_workload, d.client_id
+    FROM client_rows AS d
+    GROUP BY d.kind, d.cluster_name, d.client_id
 )
 SELECT
     g.kind,
@@ -487,18 +500,19 @@ SELECT
             || 'show, e.g. by node-local-dns upstream): it may have resolved'
         WHEN g.kind = 'dropped' AND g.dns_query IS NULL THEN 'DNS packets dropped before the DNS proxy'
         WHEN g.kind = 'dropped' THEN 'lookup dropped by the DNS proxy'
+        WHEN g.kind = 'lookups' THEN 'every lookup of this workload in the window, failed or not'
     END AS note,
     g.cluster_name
 FROM (
     SELECT * FROM grouped
     UNION ALL
-    SELECT * FROM invisible
+    SELECT * FROM per_client
 ) AS g
 LEFT JOIN lookups AS l ON l.client_id = g.client_id AND coalesce(l.cluster_name, '') = coalesce(g.cluster_name, '')
 WHERE $namespace IS NULL OR g.client_namespace = $namespace
 ORDER BY
     CASE g.kind WHEN 'rcode' THEN 1 WHEN 'no_answer' THEN 2 WHEN 'dropped' THEN 3
-        WHEN 'unresolved_final_not_seen' THEN 4 ELSE 5 END,
+        WHEN 'unresolved_final_not_seen' THEN 4 WHEN 'no_l7_visibility' THEN 5 ELSE 6 END,
     g.failures DESC NULLS LAST,
     g.client_namespace NULLS LAST,
     g.client_workload NULLS LAST,

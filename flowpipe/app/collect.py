@@ -43,7 +43,7 @@ from flowpipe.errors import ConfigError
 from flowpipe.metrics.families import MetricsServer, PipelineMetrics, parse_address, serve
 from flowpipe.metrics.questions import (
     DEFAULT_QUESTION_INTERVAL_SECONDS,
-    unexpected_drops_refresher,
+    question_refreshers,
 )
 from flowpipe.model import EventBatch
 from flowpipe.pipeline import PipelineResult, run_pipeline
@@ -114,8 +114,9 @@ class CollectConfig:
     question_interval_seconds: float = field(
         default=DEFAULT_QUESTION_INTERVAL_SECONDS,
         metadata={
-            "help": "How often the unexpected_drops question refreshes flowpipe_unexpected_drops (0: never; "
-            "the question then runs only where serve-metrics runs)."
+            "help": "How often the unexpected_drops and dns_failures questions refresh their gauges "
+            "(flowpipe_unexpected_drops, flowpipe_dns_lookups, ...; 0: never; the questions then run only where "
+            "serve-metrics runs)."
         },
     )
 
@@ -232,17 +233,21 @@ def _collect(
         else None
     )
     # One answer per cluster: a collector given --cluster answers for its cluster, and of sharded collectors
-    # (one cluster, one dataset) only shard 0 does, so summing over collectors counts each drop once.
+    # (one cluster, one dataset) only shard 0 does, so summing over collectors counts each drop and lookup once.
     cluster = config.source.cluster_name
-    refresher = unexpected_drops_refresher(
-        metrics, config.sink.path, cluster=cluster, interval_seconds=config.question_interval_seconds
+    refresher = question_refreshers(
+        metrics,
+        config.sink.path,
+        cluster=cluster,
+        interval_seconds=config.question_interval_seconds,
+        max_namespaces=config.max_namespaces,
     )
     refresher_stop = threading.Event()
     refresher_thread = threading.Thread(
         target=refresher.run_forever, args=(refresher_stop,), name="flowpipe-questions", daemon=True
     )
     shard = config.source.node_shard
-    # 0: leave flowpipe_unexpected_drops to serve-metrics
+    # 0: leave the question gauges to serve-metrics
     questions = config.question_interval_seconds > 0 and (shard is None or shard[0] == 0)
 
     def count(batch: EventBatch) -> None:

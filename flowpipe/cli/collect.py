@@ -109,7 +109,8 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          show_default=True, help=_RELAY["resume_overlap_seconds"])  # fmt: skip
 @_option("--question-interval-seconds", env="QUESTION_INTERVAL_SECONDS", type=click.FloatRange(min=0.1),
          default=_COLLECT_DEFAULT["question_interval_seconds"], show_default=True,
-         help="How often the unexpected_drops question refreshes flowpipe_unexpected_drops.")  # fmt: skip
+         help="How often the unexpected_drops and dns_failures questions refresh their gauges "
+         "(flowpipe_unexpected_drops, flowpipe_dns_lookups, flowpipe_dns_failed_lookups).")  # fmt: skip
 @_option("--workers", env="WORKERS", type=click.IntRange(1, 2),
          help="Processes that collect: 1 reads, decodes and writes in one process; 2 reads the relay's stream in "
          "a process of its own, so that a second CPU decodes and writes (default: 2 when the container may use "

@@ -47,7 +47,8 @@ _HELP = field_help(DatasetMetricsConfig)
     help=_HELP["question_interval_seconds"],
 )
 @param_option(
-    "Parameter of the unexpected_drops question (repeatable), e.g. -p since=24h.",
+    "Parameter of the questions behind the gauges, unexpected_drops and dns_failures (repeatable; each takes "
+    "those it declares), e.g. -p since=24h.",
     aliases=("--question-param",),
 )
 @click.option(

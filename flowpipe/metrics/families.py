@@ -15,8 +15,10 @@ value. No legend is blank: a flow end without a namespace (world, host, remote n
 a flow without a traffic direction as `NO_DIRECTION`, a flow without a cluster name as `NO_CLUSTER`, lost events
 without a node as `NO_NODE`; none of them can be a real namespace, direction, cluster or node name.
 
-The flow analytics families and the question gauges (`flowpipe_unexpected_drops`, `flowpipe_expected_drops`)
-carry a `cluster` label (the flows' `cluster_name`): one answer per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, 0 when the question found none.
+The flow analytics families and the question gauges (`flowpipe_unexpected_drops`, `flowpipe_expected_drops`,
+`flowpipe_dns_lookups`, `flowpipe_dns_failed_lookups`) carry a `cluster` label (the flows' `cluster_name`): one
+answer per cluster. Every `why` of `UNEXPECTED_WHYS` is exported for each cluster, and every reason of
+`DNS_FAILURE_REASONS` for each client namespace with lookups, 0 when the question found none.
 
 Counters start at 0 and grow as data arrives, so `rate()` and `increase()` see every flow: with `zero_first`
 (serve-metrics, which reads a whole dataset at start, and collect, whose namespaces appear as flows do), a
@@ -87,6 +89,10 @@ NO_CLUSTER = "(no cluster)"
 UNEXPECTED_WHYS = ("non_policy", "dns_blocked", "regression", "infrastructure")
 """Every `why` of the unexpected_drops question (sql/unexpected_drops.sql) but `expected`."""
 EXPECTED_WHY = "expected"
+DNS_FAILURE_REASONS = ("NXDOMAIN", "SERVFAIL", "REFUSED", "no_answer", "dropped", "unresolved_final_not_seen")
+"""`reason`s of `flowpipe_dns_failed_lookups` exported for every client namespace, 0 when none: the rcodes a
+failed lookup usually ends with, then the other kinds of the dns_failures question (sql/dns_failures.sql). Other
+rcodes (FORMERR, NOTIMP, ...) appear when a lookup ends with them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "(every why exported, 0 when none)."),
     MetricSpec("expected_drops", "gauge", "flowpipe_expected_drops", ("cluster",),
                "Policy drops the same run classed as expected (traffic never seen delivered), by cluster."),
+    MetricSpec("dns_question_lookups", "gauge", "flowpipe_dns_lookups", ("cluster", "namespace"),
+               "DNS lookups the latest run of the dns_failures question counted over its window, by cluster and "
+               "client namespace: a client's answers for one name across its search-path expansions are one "
+               "lookup; requests without an answer and dropped DNS requests count too."),
+    MetricSpec("dns_question_failed_lookups", "gauge", "flowpipe_dns_failed_lookups",
+               ("cluster", "namespace", "reason"),
+               "Failed DNS lookups the same run found, by cluster, client namespace and reason: the final "
+               "name's rcode (NXDOMAIN answers to search-path expansions of a name that resolved are no "
+               "failure), no_answer, dropped, or unresolved_final_not_seen (every name seen failed, the name "
+               "itself was never seen). Every usual reason exported, 0 when none."),
     MetricSpec("question_runs", "counter", "flowpipe_question_runs_total", ("question", "outcome"),
                "Periodic question runs that refresh gauges, by question and outcome (ok, failed)."),
 )
@@ -332,12 +348,14 @@ class PipelineMetrics:
     world_flows: Counter
     unexpected_drops: Gauge
     expected_drops: Gauge
+    dns_question_lookups: Gauge
+    dns_question_failed_lookups: Gauge
     question_runs: Counter
     _times: _LiveState
     _nodes: BoundedLabel
     _reasons: BoundedLabel
     _caps: dict[str, BoundedLabel]
-    _unexpected_lock: threading.Lock
+    _question_lock: threading.Lock
     _gate: _ZeroFirstGate | None = None
 
     @classmethod
@@ -382,7 +400,7 @@ class PipelineMetrics:
             _nodes=BoundedLabel(MAX_NODE_LABELS),
             _reasons=BoundedLabel(MAX_REASON_LABELS),
             _caps=_data_label_caps(),
-            _unexpected_lock=threading.Lock(),
+            _question_lock=threading.Lock(),
             _gate=gate,
             **built,
         )
@@ -535,13 +553,55 @@ class PipelineMetrics:
                 continue
             key = (name, self._reasons(label_token(why)))
             unexpected[key] = unexpected.get(key, 0.0) + float(value)
-        with self._unexpected_lock:
+        with self._question_lock:
             self.unexpected_drops.clear()
             self.expected_drops.clear()
             for (cluster, why), value in sorted(unexpected.items()):
                 self.unexpected_drops.labels(cluster=cluster, why=why).set(value)
             for cluster, value in sorted(expected.items()):
                 self.expected_drops.labels(cluster=cluster).set(value)
+
+    def set_dns_lookups(
+        self,
+        lookups: Mapping[tuple[str, str], float],
+        failed: Mapping[tuple[str, str, str], float],
+        *,
+        clusters: Iterable[str] = (),
+    ) -> None:
+        """Replace the DNS question gauges with the latest dns_failures run: (cluster, namespace) → lookups and
+        (cluster, namespace, reason) → failed lookups, namespaces already capped by the caller.
+
+        Every (cluster, namespace) in either mapping gets a lookup count and every reason of
+        `DNS_FAILURE_REASONS` (0 when absent); a cluster in `clusters` without any namespace gets
+        `NO_NAMESPACE` at 0, and with no cluster at all `NO_CLUSTER` stands for the (empty) answer."""
+        cap = self._caps["cluster"]
+        counts: dict[tuple[str, str], float] = {}
+        for (cluster, namespace), value in lookups.items():
+            key = (cap(cluster or NO_CLUSTER), namespace or NO_NAMESPACE)
+            counts[key] = counts.get(key, 0.0) + float(value)
+        failures: dict[tuple[str, str, str], float] = {}
+        for (cluster, namespace, reason), value in failed.items():
+            key = (cap(cluster or NO_CLUSTER), namespace or NO_NAMESPACE, self._reasons(label_token(reason)))
+            counts.setdefault(key[:2], 0.0)
+            failures[key] = failures.get(key, 0.0) + float(value)
+        named = {cluster for cluster, _ in counts}
+        wanted = {cap(cluster or NO_CLUSTER) for cluster in clusters} or (
+            {NO_CLUSTER} if not named else set()
+        )
+        for cluster in wanted - named:
+            counts[(cluster, NO_NAMESPACE)] = 0.0
+        for cluster, namespace in counts:
+            for reason in DNS_FAILURE_REASONS:
+                failures.setdefault((cluster, namespace, reason), 0.0)
+        with self._question_lock:
+            self.dns_question_lookups.clear()
+            self.dns_question_failed_lookups.clear()
+            for (cluster, namespace), value in sorted(counts.items()):
+                self.dns_question_lookups.labels(cluster=cluster, namespace=namespace).set(value)
+            for (cluster, namespace, reason), value in sorted(failures.items()):
+                self.dns_question_failed_lookups.labels(
+                    cluster=cluster, namespace=namespace, reason=reason
+                ).set(value)
 
     def after_scrape(self) -> None:
         """Called after each scrape: series shown at 0 start counting (see `zero_first`)."""

@@ -4,8 +4,8 @@ For datasets that `flowpipe ingest` (or another collector) fills: every part fil
 columns the analytics need), its flows counted by verdict and fed to the Prometheus sink, its lost events
 counted by source and node. New part files are picked up on every poll; files already read are remembered
 by path, and a compacted file (`flowpipe compact`) adds only the rows of its inputs that were not read
-before. The `unexpected_drops` question refreshes `flowpipe_unexpected_drops` on its own interval when the
-catalog has it.
+before. The `unexpected_drops` and `dns_failures` questions refresh their gauges (`flowpipe_unexpected_drops`,
+`flowpipe_dns_lookups`, ...) on their own interval when the catalog has them.
 
 Counters start at 0 and grow as data arrives: the dataset already there when serve-metrics starts is first
 exported at 0, then added after the next scrape, so Prometheus's `rate()` and `increase()` see it as it came
@@ -41,8 +41,9 @@ from flowpipe.metrics.families import (
 )
 from flowpipe.metrics.questions import (
     DEFAULT_QUESTION_INTERVAL_SECONDS,
-    UnexpectedDropsRefresher,
-    unexpected_drops_refresher,
+    QuestionRefreshers,
+    check_question_params,
+    question_refreshers,
 )
 from flowpipe.sinks.prometheus import ANALYTICS_COLUMNS, DEFAULT_MAX_NAMESPACES, PrometheusSink
 
@@ -161,13 +162,13 @@ class DatasetFollower:
 
 def run(
     follower: DatasetFollower,
-    refresher: UnexpectedDropsRefresher | None,
+    refresher: QuestionRefreshers | None,
     stop: threading.Event,
     *,
     poll_interval_seconds: float,
     on_scanned: Callable[[], None] = lambda: None,
 ) -> None:
-    """Scan the dataset and refresh the question gauge until `stop` is set (`on_scanned` after each scan)."""
+    """Scan the dataset and refresh the question gauges until `stop` is set (`on_scanned` after each scan)."""
     while not stop.is_set():
         started = time.monotonic()
         follower.scan()
@@ -194,10 +195,14 @@ class DatasetMetricsConfig:
     )
     question_interval_seconds: float = field(
         default=DEFAULT_QUESTION_INTERVAL_SECONDS,
-        metadata={"help": "How often to rerun the unexpected_drops question for flowpipe_unexpected_drops."},
+        metadata={
+            "help": "How often to rerun the questions behind the gauges (unexpected_drops for "
+            "flowpipe_unexpected_drops, dns_failures for flowpipe_dns_lookups and flowpipe_dns_failed_lookups)."
+        },
     )
     question_params: Mapping[str, object] = field(
-        default_factory=dict, metadata={"help": "Parameters of the unexpected_drops question."}
+        default_factory=dict,
+        metadata={"help": "Parameters of those questions (each takes those it declares, e.g. since)."},
     )
     max_namespaces: int = field(
         default=DEFAULT_MAX_NAMESPACES,
@@ -210,10 +215,11 @@ class DatasetMetricsConfig:
             raise ConfigError("poll_interval_seconds and question_interval_seconds must be > 0")
         if self.max_namespaces < 0:
             raise ConfigError("max_namespaces must be >= 0")
+        check_question_params(self.question_params)
 
 
 class DatasetMetrics:
-    """The metrics of one dataset: the registry, the follower that reads new part files, the question gauge."""
+    """The metrics of one dataset: the registry, the follower that reads new part files, the question gauges."""
 
     def __init__(self, config: DatasetMetricsConfig, *, zero_first: bool = True) -> None:
         self.config = config
@@ -224,15 +230,16 @@ class DatasetMetrics:
             self.metrics,
             PrometheusSink(self.metrics, max_namespaces=config.max_namespaces),
         )
-        self.refresher = unexpected_drops_refresher(
+        self.refresher = question_refreshers(
             self.metrics,
             config.dataset,
             params=config.question_params,
             interval_seconds=config.question_interval_seconds,
+            max_namespaces=config.max_namespaces,
         )
 
     def once(self) -> bytes:
-        """Read the dataset once, answer the question once; the metrics in the text format."""
+        """Read the dataset once, answer the questions once; the metrics in the text format."""
         self.follower.scan()
         self.refresher.refresh()
         return render(self.registry)
