@@ -79,26 +79,15 @@ def analytics_rows(start: datetime, *, scale: int = 1) -> list[dict[str, Any]]:
     add(4, dropped(181, "POLICY_DENY"), edge("billing", "payments", "EGRESS"), tcp(5432))
     add(3, dropped(155, "CT_MAP_INSERTION_FAILED"), edge("shop", "shop", "EGRESS"), tcp(6379))
     add(2, dropped(151, None), edge("payments", None, None, None), tcp(443))  # old data: the number only
-    dns = {
-        "verdict": "FORWARDED",
-        "l7_protocol": "dns",
-        "flow_type": "L7",
-        "event_type": 129,
-        "l4_protocol": "UDP",
-    }
-    for client, rcode, count in (("shop", 0, 5), ("shop", 3, 3), ("billing", 2, 2)):
-        add(count, dns, edge(client, "kube-system", "EGRESS"), {"l7_type": "REQUEST", "dns_rcode": 0})
-        add(
-            count,
-            dns,
-            edge("kube-system", client, "EGRESS", True),
-            {"l7_type": "RESPONSE", "dns_rcode": rcode},
-        )
+    for _ in range(scale):  # whole lookups, one request and its answer after the other
+        for client, name, rcode in DNS_ANSWERS:
+            add_dns(rows, clock, client, name, rcode)
     add(
         2,
         dropped(133, "POLICY_DENIED"),
         edge("billing", "kube-system", "EGRESS"),
         {"l4_protocol": "UDP", "destination_port": 53},
+        {"source_pod_name": DNS_CLIENTS["billing"][0], "source_ip": DNS_CLIENTS["billing"][1]},
     )
     add(4, verdict_event, {"verdict": "DROPPED"}, edge("billing", "shop", "INGRESS"), tcp(8080))
     add(5, verdict_event, {"verdict": "FORWARDED"}, edge("shop", "shop", "INGRESS"))
@@ -119,6 +108,64 @@ def analytics_rows(start: datetime, *, scale: int = 1) -> list[dict[str, Any]]:
     add(10, forwarded, edge("shop", "shop", "INGRESS"), tcp(8080))
     add(10, forwarded, edge("shop", "shop", "INGRESS", True), {"l4_protocol": "TCP", "source_port": 8080})
     return rows
+
+
+DNS_CLIENTS = {"shop": ("web-5c6d-fghij", "10.0.1.5"), "billing": ("worker-0", "10.0.2.7")}
+DNS_ANSWERS = (
+    # shop's resolver tries the search path of api.example.com (ndots:5) until the name itself resolves: three
+    # NXDOMAIN answers, one lookup that did not fail; then four lookups of a Service, answered at once
+    ("shop", "api.example.com.shop.svc.cluster.local.", 3),
+    ("shop", "api.example.com.svc.cluster.local.", 3),
+    ("shop", "api.example.com.cluster.local.", 3),
+    ("shop", "api.example.com.", 0),
+    *[("shop", "redis.shop.svc.cluster.local.", 0)] * 4,
+    # billing: a typo failing at every name (one failed lookup), two lookups answered SERVFAIL, one that resolved
+    ("billing", "postgress.billing.svc.cluster.local.", 3),
+    ("billing", "postgress.svc.cluster.local.", 3),
+    ("billing", "postgress.cluster.local.", 3),
+    ("billing", "postgress.", 3),
+    *[("billing", "flaky.example.org.", 2)] * 2,
+    ("billing", "api.example.com.", 0),
+)
+"""DNS the DNS proxy saw, as (client namespace, name asked, rcode); with billing's two dropped DNS packets the
+dns_failures question counts 5 lookups of shop (none failed) and 6 of billing (NXDOMAIN 1, SERVFAIL 2, dropped 2)."""
+DNS_GAUGES = {
+    "lookups": {("(no cluster)", "shop"): 5.0, ("(no cluster)", "billing"): 6.0},
+    "failed": {("(no cluster)", "billing", "NXDOMAIN"): 1.0, ("(no cluster)", "billing", "SERVFAIL"): 2.0,
+               ("(no cluster)", "billing", "dropped"): 2.0},
+}  # fmt: skip
+"""What the DNS question gauges say of one `analytics_rows(scale=1)` (failed lookups: the reasons above 0)."""
+
+
+def add_dns(
+    rows: list[dict[str, Any]], clock: Iterator[datetime], client: str, name: str, rcode: int
+) -> None:
+    """One DNS request of `client` for `name` from a port of its own, and its answer a second later."""
+    pod, address = DNS_CLIENTS[client]
+    port = 40000 + len(rows)
+    server = {"namespace": "kube-system", "pod_name": "coredns-558bd-w2m67", "ip": "10.0.0.10"}
+    common = {"verdict": "FORWARDED", "l7_protocol": "dns", "flow_type": "L7", "event_type": 129,
+              "l4_protocol": "UDP", "dns_query": name, "dns_qtypes": ["A"], "traffic_direction": "EGRESS"}  # fmt: skip
+    ends = {
+        "client": {"namespace": client, "pod_name": pod, "ip": address, "port": port},
+        "server": {**server, "port": 53},
+    }
+    for kind, src, dst in (("REQUEST", "client", "server"), ("RESPONSE", "server", "client")):
+        values = {f"source_{k}": v for k, v in ends[src].items()} | {
+            f"destination_{k}": v for k, v in ends[dst].items()
+        }
+        answer = {"dns_rcode": rcode} if kind == "RESPONSE" else {}
+        rows.append(
+            flow(
+                time=next(clock),
+                node_name="kind/worker",
+                l7_type=kind,
+                is_reply=kind == "RESPONSE",
+                **common,
+                **values,
+                **answer,
+            )
+        )
 
 
 def lost_events(start: datetime) -> list[LostEvent]:
@@ -228,6 +275,16 @@ def prometheus_counts(prom: PrometheusServer, metric: str) -> dict[tuple[str, ..
     names = [name.strip() for name in labels.split(",")]
     result = prom.query(f"sum by ({labels}) ({metric})")
     return {tuple(s["metric"].get(n, "") for n in names): float(s["value"][1]) for s in result}
+
+
+def gauge(prom: PrometheusServer, expr: str, *labels: str) -> dict[Any, float]:
+    """An instant query as {label value (a tuple for several labels): value}."""
+    return {
+        tuple(s["metric"][n] for n in labels) if len(labels) > 1 else s["metric"][labels[0]]: float(
+            s["value"][1]
+        )
+        for s in prom.query(expr)
+    }
 
 
 def eventually_equal(actual: Callable[[], Any], expected: Any, what: str) -> None:
@@ -344,6 +401,46 @@ def test_counters_equal_the_counts_in_the_dataset(stack: Stack) -> None:
         eventually_equal(lambda m=metric: prometheus_counts(stack.prom, m), counts, metric)
 
 
+def test_dns_gauges_count_lookups_as_the_question_does(stack: Stack) -> None:
+    """The DNS gauges are the dns_failures question's answer, and the "DNS failure share" panel reads them: shop's
+    NXDOMAIN answers to the search-path expansions of a name that resolved fail no lookup (the streaming counter
+    counts them as error answers), billing's typo, SERVFAIL answers and dropped requests do."""
+    from flowpipe.metrics.families import DNS_FAILURE_REASONS
+    from flowpipe.metrics.questions import dns_failures_runner, dns_lookup_counts
+
+    lookups, failed = dns_lookup_counts(dns_failures_runner(str(stack.dataset))())
+    assert lookups == DNS_GAUGES["lookups"]
+    assert {key: n for key, n in failed.items() if n} == DNS_GAUGES["failed"]
+    every_reason = {(c, ns, why): 0.0 for c, ns in DNS_GAUGES["lookups"] for why in DNS_FAILURE_REASONS}
+    eventually_equal(
+        lambda: gauge(
+            stack.prom, "sum by (cluster, namespace) (flowpipe_dns_lookups)", "cluster", "namespace"
+        ),
+        DNS_GAUGES["lookups"],
+        "flowpipe_dns_lookups by cluster and namespace",
+    )
+    eventually_equal(
+        lambda: gauge(
+            stack.prom,
+            "sum by (cluster, namespace, reason) (flowpipe_dns_failed_lookups)",
+            "cluster",
+            "namespace",
+            "reason",
+        ),
+        every_reason | DNS_GAUGES["failed"],
+        "flowpipe_dns_failed_lookups by cluster, namespace and reason, every reason present",
+    )
+    (panel,) = [e for _, title, e in dashboard_expressions() if title == "DNS failure share"]
+    share = stack.prom.values(substitute_grafana_variables(panel))
+    assert share == {(): pytest.approx(5 / 11)}
+    shop = stack.prom.values(
+        substitute_grafana_variables(panel).replace('namespace=~".*"', 'namespace="shop"')
+    )
+    assert shop == {(): 0.0}
+    streamed = prometheus_counts(stack.prom, "flowpipe_observed_dns_failures_total")
+    assert streamed[("shop", "NXDOMAIN")] == 3  # what a counter fed flow by flow would call failures
+
+
 def test_new_part_files_are_picked_up(stack: Stack) -> None:
     later = stack.start + timedelta(minutes=5)
     write_dataset(
@@ -393,21 +490,13 @@ def test_unexpected_drops_gauge_matches_the_question(stack: Stack) -> None:
     )  # the conntrack and routing drops
     assert sum(expected.values()) > 0  # policy drops never seen delivered
 
-    def gauge(expr: str, *labels: str) -> dict[Any, float]:
-        return {
-            tuple(s["metric"][n] for n in labels) if len(labels) > 1 else s["metric"][labels[0]]: float(
-                s["value"][1]
-            )
-            for s in stack.prom.query(expr)
-        }
-
     eventually_equal(
-        lambda: gauge("sum by (cluster, why) (flowpipe_unexpected_drops)", "cluster", "why"),
+        lambda: gauge(stack.prom, "sum by (cluster, why) (flowpipe_unexpected_drops)", "cluster", "why"),
         unexpected,
         "flowpipe_unexpected_drops by cluster and why, every why present",
     )
     eventually_equal(
-        lambda: gauge("sum by (cluster) (flowpipe_expected_drops)", "cluster"),
+        lambda: gauge(stack.prom, "sum by (cluster) (flowpipe_expected_drops)", "cluster"),
         expected,
         "flowpipe_expected_drops by cluster",
     )

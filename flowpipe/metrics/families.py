@@ -153,11 +153,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("dns_responses", "counter", "flowpipe_observed_dns_responses_total", ("cluster", "namespace", "rcode"),
                "DNS responses seen by the DNS proxy (L7 records), by client namespace and rcode name."),
     MetricSpec("dns_failures", "counter", "flowpipe_observed_dns_failures_total", ("cluster", "namespace", "reason"),
-               "Failed DNS lookups by client namespace: an error rcode (NXDOMAIN, SERVFAIL, REFUSED, ...) or "
-               "dropped (a DNS request dropped by Cilium)."),
+               "DNS error answers (NXDOMAIN, SERVFAIL, REFUSED, ...; every answer to a search-path expansion "
+               "counts) and dropped DNS requests (reason dropped), by client namespace, as they come; failed "
+               "lookups are flowpipe_dns_failed_lookups."),
     MetricSpec("dns_lookups", "counter", "flowpipe_observed_dns_lookups_total", ("cluster", "namespace"),
-               "DNS lookups by client namespace, as the dns_failures question counts them: requests seen by "
-               "the DNS proxy plus dropped DNS requests."),
+               "DNS requests by client namespace, as they come: requests seen by the DNS proxy (each name of a "
+               "search path is one) plus dropped DNS requests; lookups are flowpipe_dns_lookups."),
     MetricSpec("policy_verdicts", "counter", "flowpipe_observed_policy_verdicts_total",
                ("cluster", "namespace", "direction", "verdict"),
                "Policy verdict events, by namespace of the enforcing endpoint, direction and verdict."),

@@ -12,11 +12,12 @@ Which namespace a flow counts for:
 - DNS and world traffic count for the **client**: the source of a request, the destination of a response.
 - No namespace (world, host, remote node): `NO_NAMESPACE`; no traffic direction: `NO_DIRECTION`.
 
-The sink counts as the questions do: a drop is a drop notification (the policy-verdict event Cilium sends for
-the same denied packet is counted by `flowpipe_observed_policy_verdicts_total`, not again as a drop), and DNS
-lookups and failures follow `dns_failures`: a lookup is a request seen by the DNS proxy or a dropped DNS
-request; a failure an error rcode or a dropped request. (Search-path expansions and unanswered lookups need the
-whole window: the `dns_failures` question tells them apart.)
+The sink counts as the questions do where a flow says enough: a drop is a drop notification (the policy-verdict
+event Cilium sends for the same denied packet is counted by `flowpipe_observed_policy_verdicts_total`, not again
+as a drop). DNS is counted as it comes: requests seen by the DNS proxy plus dropped DNS requests, error answers
+plus dropped requests. Lookups need the whole window (a lookup's search-path expansions, unanswered requests):
+the `dns_failures` question counts them, and `flowpipe.metrics.questions` exports its answer as
+`flowpipe_dns_lookups` and `flowpipe_dns_failed_lookups`.
 
 Namespaces are capped (`NamespaceCap`): the first `max_namespaces` namespaces seen get their own label value,
 largest first within each batch (so the initial read of a dataset ranks them by volume); later newcomers are
@@ -300,7 +301,7 @@ class PrometheusSink:
         dropped_dns = pc.and_(pc.and_(dropped, pc.invert(reply)), pc.or_(l7_dns, port_53))
         for row in _count_groups({"cluster": cluster, "namespace": client_ns}, dropped_dns):
             self.metrics.dns_failures.labels(row["cluster"], row["namespace"], DROPPED_DNS).inc(row["count"])
-        # Lookups as dns_failures counts them: requests the DNS proxy saw, plus DNS requests dropped below it.
+        # DNS requests: those the DNS proxy saw, plus DNS requests dropped below it.
         proxied = pc.and_(l7_dns, _is_true(pc.equal(l7_type, "REQUEST")))
         lookups = pc.or_(proxied, pc.and_(dropped_dns, pc.invert(l7_dns)))
         for row in _count_groups({"cluster": cluster, "namespace": client_ns}, lookups):

@@ -280,9 +280,15 @@ def dashboard_expressions() -> list[tuple[str, str, str]]:
 # -- dashboards against a running flowpipe -------------------------------------------------------------------
 
 QUESTION_METRICS = frozenset(
-    {"flowpipe_unexpected_drops", "flowpipe_expected_drops", "flowpipe_question_runs_total"}
+    {
+        "flowpipe_unexpected_drops",
+        "flowpipe_expected_drops",
+        "flowpipe_dns_lookups",
+        "flowpipe_dns_failed_lookups",
+        "flowpipe_question_runs_total",
+    }
 )
-"""Filled only when the question catalog has `unexpected_drops`."""
+"""Filled only when the question catalog has `unexpected_drops` (and `dns_failures`)."""
 
 
 def question_available() -> bool:
