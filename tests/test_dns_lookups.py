@@ -1,18 +1,24 @@
 """`dns_failures` counts lookups, not answers: search-path expansions on a hand-written capture of the GKE pattern,
-and on the real captures (which hold no failed lookup)."""
+and on the real captures (which hold no failed lookup). The gauges `flowpipe_dns_lookups` and
+`flowpipe_dns_failed_lookups` say the same as the question, there, on the real captures and on the simulator."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.sim_dataset import ask
+from prometheus_client import CollectorRegistry
+from support.metrics import follower_for
+from support.sim_dataset import ALL_TIME, SimDataset, ask
 
 from flowpipe.app.ingest import ingest_files
 from flowpipe.config import ParquetSinkConfig
+from flowpipe.metrics.families import NO_CLUSTER, NO_NAMESPACE, PipelineMetrics
+from flowpipe.metrics.questions import DNS_FAILED_KINDS, DnsFailuresRefresher, dns_failures_runner
 from flowpipe.query import DuckDBEngine
 
 Row = dict[str, Any]
@@ -188,3 +194,103 @@ def test_real_captures_have_no_failed_lookup(hubble_captures: Path, tmp_path: Pa
         # 148 DNS records: 37 A and 37 AAAA lookups, each answered NOERROR at its first name
         raw = _failures(tmp_path / "ds", include_search_expansions="true", limit="100000")
         assert not [r for r in raw if r["kind"] == "rcode"]
+
+
+# -- the gauges, as collect and serve-metrics set them --------------------------------------------------------------
+
+Gauges = tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]
+
+
+def _gauges(dataset: Path) -> Gauges:
+    """(cluster, namespace) → `flowpipe_dns_lookups` and (cluster, namespace, reason) → `flowpipe_dns_failed_lookups`
+    (those above 0), as the refresher sets them from the question over all of `dataset`."""
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics.create(registry, role="dataset")
+    assert DnsFailuresRefresher(metrics, dns_failures_runner(str(dataset), ALL_TIME)).refresh()
+    samples = [sample for family in registry.collect() for sample in family.samples]
+    lookups = {
+        (s.labels["cluster"], s.labels["namespace"]): s.value
+        for s in samples
+        if s.name == "flowpipe_dns_lookups"
+    }
+    failed = {
+        (s.labels["cluster"], s.labels["namespace"], s.labels["reason"]): s.value
+        for s in samples
+        if s.name == "flowpipe_dns_failed_lookups" and s.value
+    }
+    return lookups, failed
+
+
+def _the_question_says(dataset: Path) -> Gauges:
+    """The same, added up by hand from `flowpipe query dns_failures`: its failures by client namespace and reason
+    (the rcode for kind `rcode`), and the lookups of every client workload (`show_lookups=true`, which adds those
+    rows and changes no other)."""
+    rows = _failures(dataset, limit="100000")
+    every = _failures(dataset, limit="100000", show_lookups="true")
+    assert [r for r in every if r["kind"] != "lookups"] == rows
+    lookups: dict[tuple[str, ...], float] = defaultdict(float)
+    by_workload = {}
+    for row in every:
+        if row["kind"] == "lookups":
+            where = (row["cluster_name"] or NO_CLUSTER, row["source_namespace"] or NO_NAMESPACE)
+            lookups[where] += row["lookups"]
+            by_workload[(*where, row["source_workload"])] = row["lookups"]
+    failed: dict[tuple[str, ...], float] = defaultdict(float)
+    for row in rows:
+        if row["kind"] not in DNS_FAILED_KINDS:
+            continue
+        where = (row["cluster_name"] or NO_CLUSTER, row["source_namespace"] or NO_NAMESPACE)
+        failed[(*where, row["rcode_name"] if row["kind"] == "rcode" else row["kind"])] += row["failures"]
+        # the lookups its failure_share is a share of are the workload's lookups
+        assert row["lookups"] == by_workload[(*where, row["source_workload"])], row
+    return dict(lookups), dict(failed)
+
+
+def _streamed(dataset: Path) -> dict[tuple[str, str], float]:
+    """(namespace, reason) → `flowpipe_observed_dns_failures_total`: error answers counted flow by flow."""
+    follower, registry = follower_for(dataset)
+    follower.scan()
+    return {
+        (s.labels["namespace"], s.labels["reason"]): s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "flowpipe_observed_dns_failures_total"
+    }
+
+
+def test_the_gauges_count_a_lookup_across_its_search_path(gke_pattern: Path) -> None:
+    lookups, failed = _gauges(gke_pattern)
+    assert lookups == {
+        (NO_CLUSTER, "istio-system"): 2,
+        (NO_CLUSTER, "kube-system"): 4,
+        (NO_CLUSTER, "default"): 4,
+    }
+    # zipkin resolved at its second name and storage.googleapis.com at the name itself: their NXDOMAIN answers
+    # are no failure; the typo'd postgress failed twice, the names never seen resolved are their own reason
+    assert failed == {
+        (NO_CLUSTER, "default", "NXDOMAIN"): 2,
+        (NO_CLUSTER, "kube-system", "unresolved_final_not_seen"): 4,
+    }
+    assert (lookups, failed) == _the_question_says(gke_pattern)
+    # a counter fed flow by flow counts every NXDOMAIN answer of a search path as a failure
+    streamed = _streamed(gke_pattern)
+    assert streamed[("istio-system", "NXDOMAIN")] == 2 and streamed[("default", "NXDOMAIN")] == 2 * (6 + 5)
+
+
+def test_the_gauges_say_what_the_question_says_on_the_real_captures(
+    capture_files: list[Path], tmp_path: Path
+) -> None:
+    ingest_files(capture_files, ParquetSinkConfig(path=str(tmp_path / "ds"), writer_id="test"))
+    lookups, failed = _gauges(tmp_path / "ds")
+    assert (lookups, failed) == _the_question_says(tmp_path / "ds")
+    assert lookups[(NO_CLUSTER, "bookinfo")] == 74 and failed == {}  # 74 lookups, none failed
+
+
+def test_the_gauges_say_what_the_question_says_on_the_simulator(sim_faults: SimDataset) -> None:
+    lookups, failed = _gauges(sim_faults.root)
+    assert (lookups, failed) == _the_question_says(sim_faults.root)
+    reasons = {reason for _, _, reason in failed}
+    assert {"NXDOMAIN", "SERVFAIL", "REFUSED", "no_answer", "dropped", "unresolved_final_not_seen"} <= reasons
+    # the simulated resolvers search too: far more NXDOMAIN answers stream by than lookups fail with NXDOMAIN
+    streamed = sum(n for (_, reason), n in _streamed(sim_faults.root).items() if reason == "NXDOMAIN")
+    assert streamed > sum(n for (_, _, reason), n in failed.items() if reason == "NXDOMAIN")

@@ -16,9 +16,11 @@ from support.prom import free_port, http_get
 
 from flowpipe.errors import ConfigError, FlowDecodeError
 from flowpipe.metrics.families import (
+    DNS_FAILURE_REASONS,
     MAX_NODE_LABELS,
     METRICS,
     NO_CLUSTER,
+    NO_NAMESPACE,
     OTHER,
     UNEXPECTED_WHYS,
     BoundedLabel,
@@ -275,6 +277,37 @@ def test_unexpected_drops_gauge_is_replaced_by_each_run_with_every_why_per_clust
     assert [unexpected(NO_CLUSTER, why) for why in UNEXPECTED_WHYS] == [0, 0, 0, 0]
     metrics.set_unexpected_drops({}, clusters=["eu"])
     assert unexpected("eu", "non_policy") == 0 and unexpected(NO_CLUSTER, "non_policy") is None
+
+
+def test_dns_gauges_are_replaced_by_each_run_with_every_reason_per_namespace() -> None:
+    registry, metrics, _ = exercised()
+
+    def lookups(cluster: str, namespace: str) -> float | None:
+        return registry.get_sample_value("flowpipe_dns_lookups", {"cluster": cluster, "namespace": namespace})
+
+    def failed(cluster: str, namespace: str, reason: str) -> float | None:
+        labels = {"cluster": cluster, "namespace": namespace, "reason": reason}
+        return registry.get_sample_value("flowpipe_dns_failed_lookups", labels)
+
+    metrics.set_dns_lookups(
+        {("eu", "shop"): 40, ("eu", "web"): 3},
+        {("eu", "shop", "NXDOMAIN"): 2, ("eu", "shop", "FORMERR"): 1, ("", "", "no_answer"): 4},
+    )
+    assert lookups("eu", "shop") == 40 and lookups("eu", "web") == 3
+    assert failed("eu", "shop", "NXDOMAIN") == 2 and failed("eu", "shop", "FORMERR") == 1
+    assert [failed("eu", "web", reason) for reason in DNS_FAILURE_REASONS] == [0] * len(DNS_FAILURE_REASONS)
+    assert failed("eu", "web", "FORMERR") is None  # an unusual rcode only where a lookup ended with it
+    # failures without a cluster, namespace or lookups still have a named series, and a lookup count (0)
+    assert failed(NO_CLUSTER, NO_NAMESPACE, "no_answer") == 4 and lookups(NO_CLUSTER, NO_NAMESPACE) == 0
+    metrics.set_dns_lookups({("eu", "shop"): 5}, {})
+    assert lookups("eu", "shop") == 5 and failed("eu", "shop", "NXDOMAIN") == 0
+    assert lookups("eu", "web") is None and failed(NO_CLUSTER, NO_NAMESPACE, "no_answer") is None
+    metrics.set_dns_lookups({}, {})  # nothing found: still one series per reason, at 0
+    assert lookups(NO_CLUSTER, NO_NAMESPACE) == 0 and failed(NO_CLUSTER, NO_NAMESPACE, "dropped") == 0
+    metrics.set_dns_lookups({}, {}, clusters=["eu"])  # the cluster a collector answers for
+    assert lookups("eu", NO_NAMESPACE) == 0 and lookups(NO_CLUSTER, NO_NAMESPACE) is None
+    metrics.set_dns_lookups({("eu", "shop"): 1}, {}, clusters=["eu", "us"])
+    assert lookups("eu", NO_NAMESPACE) is None and lookups("us", NO_NAMESPACE) == 0
 
 
 def test_zero_first_counters_are_shown_at_zero_before_they_count() -> None:

@@ -21,7 +21,13 @@ from flowpipe.metrics.families import (
     NO_NAMESPACE,
     PipelineMetrics,
 )
-from flowpipe.metrics.questions import UnexpectedDropsRefresher, unexpected_drop_counts
+from flowpipe.metrics.questions import (
+    DnsFailuresRefresher,
+    QuestionRefreshers,
+    UnexpectedDropsRefresher,
+    dns_lookup_counts,
+    unexpected_drop_counts,
+)
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
 from flowpipe.sinks.prometheus import DNS_RCODE_NAMES, NamespaceCap, PrometheusSink
@@ -530,6 +536,103 @@ def test_a_failed_run_keeps_the_last_values_and_is_counted(registry: CollectorRe
     assert value(registry, "flowpipe_unexpected_drops", cluster=NO_CLUSTER, why="infrastructure") == 7
     assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="failed") == 1
     assert value(registry, "flowpipe_errors_total", stage="processing", error_type="query_failed") == 1
+
+
+# -- the dns_failures gauges -------------------------------------------------------------------------------------
+
+DNS_ANSWER = pa.table(
+    {
+        "kind": ["rcode", "rcode", "no_answer", "dropped", "unresolved_final_not_seen", "no_l7_visibility",
+                 "lookups", "lookups", "lookups", "lookups", "lookups"],
+        "source_namespace": ["shop", "shop", "shop", "billing", "kube-system", "legacy",
+                             "shop", "shop", "billing", "kube-system", None],
+        "rcode_name": ["NXDOMAIN", "FORMERR", None, None, "NXDOMAIN", None, None, None, None, None, None],
+        "failures": [2, 1, 3, 4, 5, None, None, None, None, None, None],
+        "lookups": [30, 30, 30, 4, 5, 99, 20, 10, 4, 5, 2],
+        "cluster_name": ["kind"] * 11,
+    }
+)  # fmt: skip
+"""A dns_failures answer with `show_lookups=true`: failure rows by kind, a workload seen only at L3/L4, and the
+lookups of every client workload (shop has two)."""
+
+
+def test_dns_lookup_counts_take_failures_by_reason_and_lookups_by_workload() -> None:
+    lookups, failed = dns_lookup_counts(DNS_ANSWER)
+    assert lookups == {
+        ("kind", "shop"): 30,
+        ("kind", "billing"): 4,
+        ("kind", "kube-system"): 5,
+        ("kind", NO_NAMESPACE): 2,
+    }
+    assert failed == {
+        ("kind", "shop", "NXDOMAIN"): 2,  # an rcode row's reason is its rcode
+        ("kind", "shop", "FORMERR"): 1,
+        ("kind", "shop", "no_answer"): 3,  # the other kinds are their own reason
+        ("kind", "billing", "dropped"): 4,
+        ("kind", "kube-system", "unresolved_final_not_seen"): 5,
+    }
+    # the namespaces with the most lookups keep their name; (no namespace) always does
+    lookups, failed = dns_lookup_counts(DNS_ANSWER, max_namespaces=1)
+    assert lookups == {("kind", "shop"): 30, ("kind", "other"): 9, ("kind", NO_NAMESPACE): 2}
+    assert (
+        failed[("kind", "other", "dropped")] == 4
+        and failed[("kind", "other", "unresolved_final_not_seen")] == 5
+    )
+    assert dns_lookup_counts(DNS_ANSWER.slice(0, 0)) == ({}, {})
+
+
+def test_dns_gauges_from_question_results(registry: CollectorRegistry) -> None:
+    metrics = PipelineMetrics.create(registry, role="dataset")
+    results = [DNS_ANSWER]
+    clock = Clock()
+    refresher = DnsFailuresRefresher(
+        metrics, lambda: results[-1], interval_seconds=60, clock=clock, cluster="kind"
+    )
+    assert refresher.poll() is True and refresher.available
+    assert value(registry, "flowpipe_dns_lookups", cluster="kind", namespace="shop") == 30
+    assert value(registry, "flowpipe_dns_failed_lookups", cluster="kind", namespace="shop") == 6
+    assert (
+        value(registry, "flowpipe_dns_failed_lookups", cluster="kind", namespace="billing", reason="dropped")
+        == 4
+    )
+    assert (
+        registry.get_sample_value(
+            "flowpipe_dns_failed_lookups", {"cluster": "kind", "namespace": "billing", "reason": "NXDOMAIN"}
+        )
+        == 0
+    )
+    assert value(registry, "flowpipe_question_runs_total", question="dns_failures", outcome="ok") == 1
+    results.append(DNS_ANSWER.slice(0, 0))
+    clock.now += 60
+    assert refresher.poll() is True
+    # nothing found: the cluster answered for, every reason at 0, and no namespace left from the run before
+    assert (
+        registry.get_sample_value("flowpipe_dns_lookups", {"cluster": "kind", "namespace": NO_NAMESPACE}) == 0
+    )
+    assert registry.get_sample_value("flowpipe_dns_lookups", {"cluster": "kind", "namespace": "shop"}) is None
+
+
+def test_question_refreshers_run_every_question_each_on_its_own(registry: CollectorRegistry) -> None:
+    metrics = PipelineMetrics.create(registry, role="dataset")
+    clock = Clock()
+
+    def failing() -> pa.Table:
+        raise QueryError("duckdb said no", question="unexpected_drops")
+
+    refreshers = QuestionRefreshers(
+        [
+            UnexpectedDropsRefresher(metrics, failing, interval_seconds=60, clock=clock),
+            DnsFailuresRefresher(metrics, lambda: DNS_ANSWER, interval_seconds=30, clock=clock),
+        ]
+    )
+    assert refreshers.interval_seconds == 30
+    assert refreshers.poll() is True  # the first failed, the second still ran
+    assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="failed") == 1
+    assert value(registry, "flowpipe_dns_lookups", namespace="shop") == 30
+    clock.now += 30
+    assert refreshers.poll() is True
+    assert value(registry, "flowpipe_question_runs_total", question="dns_failures", outcome="ok") == 2
+    assert value(registry, "flowpipe_question_runs_total", question="unexpected_drops", outcome="failed") == 1
 
 
 def test_counts_without_a_flows_column_are_rows() -> None:
