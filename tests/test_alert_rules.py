@@ -87,6 +87,13 @@ def test_rules_read_only_flowpipe_metrics_with_severity_and_text() -> None:
         assert {"summary", "description"} <= set(rule["annotations"])  # type: ignore[arg-type]
 
 
+def test_the_dns_failure_share_reads_the_lookups_the_question_counts() -> None:
+    # a counter fed flow by flow counts NXDOMAIN answers to search-path expansions as failures; the
+    # dns_failures question's gauges do not
+    (rule,) = [rule for rule in rules() if rule["alert"] == "FlowpipeDNSFailureShareHigh"]
+    assert promql_metric_names(str(rule["expr"])) == {"flowpipe_dns_failed_lookups", "flowpipe_dns_lookups"}
+
+
 def test_the_prometheus_rule_holds_the_same_rules() -> None:
     (document,) = [d for d in yaml.safe_load_all(PROMETHEUS_RULE.read_text()) if d]
     assert (document["apiVersion"], document["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")

@@ -13,6 +13,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -30,7 +31,16 @@ from support.collect import (
 )
 from support.flowdata import T0, flow, flows_table
 from support.processes import child_pids, process_gone, stop_process
-from support.prom import check_dashboard_queries, free_port, http_get, question_available, run_prometheus
+from support.prom import (
+    PrometheusServer,
+    check_dashboard_queries,
+    dashboard_expressions,
+    free_port,
+    http_get,
+    question_available,
+    run_prometheus,
+    substitute_grafana_variables,
+)
 from support.wait import wait_until
 
 from flowpipe._proto.flow import flow_pb2
@@ -39,6 +49,7 @@ from flowpipe.cli.collect import collect_command
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.errors import DatasetWriteError
 from flowpipe.metrics.families import PipelineMetrics
+from flowpipe.metrics.questions import dns_failures_runner, dns_lookup_counts
 from flowpipe.model import EventBatch
 from flowpipe.server import ObserverServer
 from flowpipe.sinks.instrumented import READY_GRACE_SECONDS, InstrumentedParquetSink
@@ -247,6 +258,36 @@ def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Pat
     assert sorted(written) == sorted(uuids_of(flows))
 
 
+def check_dns_gauges(prom: PrometheusServer, dataset: Path, *, nxdomain_answers: int) -> None:
+    """The collector's DNS gauges, as Prometheus has them, are the dns_failures answer over its dataset, and the
+    "DNS failure share" panel is failed lookups over lookups; fewer lookups failed with NXDOMAIN than NXDOMAIN
+    answers streamed by (the simulated resolvers search)."""
+    lookups, failed = dns_lookup_counts(dns_failures_runner(str(dataset))())
+    failed = {key: n for key, n in failed.items() if n}
+
+    def series(counts: Mapping[tuple[str, ...], float], *labels: str) -> dict[tuple[str, ...], float]:
+        return {tuple(sorted(zip(labels, key, strict=True))): n for key, n in counts.items()}
+
+    wait_until(
+        lambda: (
+            prom.values("sum by (cluster, namespace) (flowpipe_dns_lookups)")
+            == series(lookups, "cluster", "namespace")
+        ),
+        what="flowpipe_dns_lookups as the dns_failures question counts",
+    )
+    wait_until(
+        lambda: (
+            prom.values("sum by (cluster, namespace, reason) (flowpipe_dns_failed_lookups) > 0")
+            == series(failed, "cluster", "namespace", "reason")
+        ),
+        what="flowpipe_dns_failed_lookups as the dns_failures question counts",
+    )
+    assert 0 < sum(n for (_, _, reason), n in failed.items() if reason == "NXDOMAIN") < nxdomain_answers
+    (panel,) = [e for _, title, e in dashboard_expressions() if title == "DNS failure share"]
+    share = prom.values(substitute_grafana_variables(panel))
+    assert share == {(): pytest.approx(sum(failed.values()) / sum(lookups.values()))}
+
+
 @pytest.mark.external
 @pytest.mark.slow
 def test_metrics_of_a_running_collector_and_every_dashboard_query(tmp_path: Path) -> None:
@@ -298,6 +339,7 @@ def test_metrics_of_a_running_collector_and_every_dashboard_query(tmp_path: Path
                         lambda: prom.values("flowpipe_unexpected_drops", "why").get("regression", 0) > 0,
                         what="the api -> redis regression in flowpipe_unexpected_drops",
                     )
+                    check_dns_gauges(prom, dataset, nxdomain_answers=rcodes.count(3))
             assert not [q for q in left_out if "flowpipe_relay" in q or "flush" in q], left_out
         finally:
             assert stop_process(process, signal.SIGTERM) == 0

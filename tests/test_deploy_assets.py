@@ -552,6 +552,21 @@ def test_every_analytics_family_is_on_a_dashboard() -> None:
     assert wanted - used == set()
 
 
+def test_failed_lookup_panels_read_the_dns_failures_gauges() -> None:
+    # failed lookups and their share are the dns_failures question's (a lookup across its search-path
+    # expansions), never the streaming counters of error answers
+    panels = [
+        (title, expr)
+        for _, title, expr in dashboard_expressions()
+        if "failure share" in title.lower() or "failed lookups" in title.lower()
+    ]
+    assert {title for title, _ in panels} >= {"DNS failure share", "Failed lookups by namespace and reason"}
+    for title, expr in panels:
+        assert promql_metric_names(expr) <= {"flowpipe_dns_failed_lookups", "flowpipe_dns_lookups"}, title
+    (share,) = [expr for title, expr in panels if title == "DNS failure share"]
+    assert promql_metric_names(share) == {"flowpipe_dns_failed_lookups", "flowpipe_dns_lookups"}
+
+
 def test_promql_metric_names() -> None:
     expr = (
         'histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="y{z}"}[$__rate_interval]))) '

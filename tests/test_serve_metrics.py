@@ -13,7 +13,7 @@ from support.flowdata import T0, flow, synthetic_flows, write_dataset
 from support.metrics import follower_for, received
 
 from flowpipe.cli import cli
-from flowpipe.metrics.families import NO_NAMESPACE
+from flowpipe.metrics.families import DNS_FAILURE_REASONS, NO_NAMESPACE
 from flowpipe.metrics.server import MAX_READ_ATTEMPTS
 from flowpipe.model import LostEvent
 
@@ -105,6 +105,30 @@ def test_once_prints_metrics_that_promtool_accepts(tmp_path: Path) -> None:
     )
 
 
+def test_once_exports_the_dns_gauges_over_the_questions_window(tmp_path: Path) -> None:
+    write_dataset(tmp_path, synthetic_flows(400))
+
+    def dns_gauges(*args: str) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+        result = CliRunner().invoke(cli, ["serve-metrics", "--dataset", str(tmp_path), "--once", *args])
+        assert result.exit_code == 0, result.output
+        families = {f.name: f for f in text_string_to_metric_families(result.output)}
+        lookups = {s.labels["namespace"]: s.value for s in families["flowpipe_dns_lookups"].samples}
+        failed = {
+            (s.labels["namespace"], s.labels["reason"]): s.value
+            for s in families["flowpipe_dns_failed_lookups"].samples
+        }
+        return lookups, failed
+
+    # the data is two hours of 2024: the questions' default window (the last hour) holds none of it
+    assert dns_gauges() == ({NO_NAMESPACE: 0}, {(NO_NAMESPACE, reason): 0 for reason in DNS_FAILURE_REASONS})
+    lookups, failed = dns_gauges("-p", "since=2024-05-01", "-p", "until=2024-05-02")
+    assert lookups["shop"] > 0 and lookups["billing"] > 0
+    assert (
+        failed[("shop", "NXDOMAIN")] > 0 and failed[("shop", "SERVFAIL")] > 0
+    )  # nope.invalid., flaky.example.org.
+    assert failed[("shop", "dropped")] == 0  # every reason, 0 when none
+
+
 def test_namespace_cap_flag(tmp_path: Path) -> None:
     write_dataset(tmp_path, synthetic_flows(400))
     result = CliRunner().invoke(
@@ -121,6 +145,7 @@ def test_namespace_cap_flag(tmp_path: Path) -> None:
     [
         (["--metrics-address", "nowhere"], "is not HOST:PORT"),
         (["-p", "since"], "is not KEY=VALUE"),
+        (["-p", "show_expected=true", "-p", "nosuch=1"], "question parameter nosuch: no question"),
     ],
 )
 def test_bad_flags_are_reported(tmp_path: Path, args: list[str], message: str) -> None:
