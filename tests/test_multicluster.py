@@ -1,5 +1,6 @@
 """Several clusters in one dataset: `cluster_name` from the flows' node names or from `--cluster`, collectors of
-three simulated clusters writing one dataset, and every question answering per cluster and in total."""
+three simulated clusters writing one dataset, every question answering per cluster and in total, and the question
+gauges of the three collectors counting each cluster once."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 from support.collect import background_collect, fast_collect_config
 from support.wait import wait_until
 
 from flowpipe.cli import cli
+from flowpipe.metrics.families import PipelineMetrics
+from flowpipe.metrics.questions import DnsFailuresRefresher, dns_failures_runner, dns_lookup_counts
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.server import ObserverServer
 from flowpipe.sim import Simulator, SimulatorConfig
@@ -133,3 +137,26 @@ def test_every_question_answers_per_cluster_and_in_total(
             if clusters == set(CLUSTERS.values()):
                 answered.append(question.name)
     assert len(answered) >= 8, answered  # most questions find something in every cluster
+
+
+def test_collectors_sharing_a_dataset_answer_the_dns_gauges_once_per_cluster(combined: Path) -> None:
+    # each collector runs the question over the shared dataset for its own cluster (as `collect --cluster` does):
+    # summed over the collectors, every cluster's lookups count once, as the question over all of them says
+    lookups, failed = dns_lookup_counts(dns_failures_runner(str(combined), ALL_TIME)())
+    assert {cluster for cluster, _ in lookups} == set(CLUSTERS.values())
+    summed: dict[tuple[str, ...], float] = {}
+    for cluster in CLUSTERS.values():
+        registry = CollectorRegistry()
+        metrics = PipelineMetrics.create(registry)
+        runner = dns_failures_runner(str(combined), ALL_TIME, cluster=cluster)
+        assert DnsFailuresRefresher(metrics, runner, cluster=cluster).refresh()
+        for family in registry.collect():
+            for sample in family.samples:
+                if sample.name in ("flowpipe_dns_lookups", "flowpipe_dns_failed_lookups") and sample.value:
+                    assert sample.labels["cluster"] == cluster, sample
+                    key = (sample.name, *sample.labels.values())
+                    summed[key] = summed.get(key, 0.0) + sample.value
+    expected = {("flowpipe_dns_lookups", *key): n for key, n in lookups.items() if n}
+    expected |= {("flowpipe_dns_failed_lookups", *key): n for key, n in failed.items() if n}
+    assert summed == expected
+    assert any(name == "flowpipe_dns_failed_lookups" for name, *_ in summed)
