@@ -68,9 +68,13 @@ def _enum_fields(descriptor: Any, prefix: tuple[str, ...] = ()) -> Iterator[tupl
         path = (*prefix, field.name)
         if field.enum_type is not None and not field.is_repeated:
             yield path
-        elif field.message_type is not None and not field.is_repeated and len(path) < 4:
-            if field.message_type.full_name.startswith("flow."):
-                yield from _enum_fields(field.message_type, path)
+        elif (
+            field.message_type is not None
+            and not field.is_repeated
+            and len(path) < 4
+            and field.message_type.full_name.startswith("flow.")
+        ):
+            yield from _enum_fields(field.message_type, path)
 
 
 def _parent(flow: flow_pb2.Flow, path: tuple[str, ...]) -> Any:
