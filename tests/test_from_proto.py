@@ -73,7 +73,7 @@ def test_a_message_the_caller_serialised_badly_is_an_error_naming_it() -> None:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("mode", ["alone", "threads", "fork"])
+@pytest.mark.parametrize("mode", ["alone", "threads", "fork", "first"])
 def test_decoding_odd_flows_again_and_again_finishes(mode: str) -> None:
     """In a child process with a timeout: a hang fails this test instead of stopping the run."""
     environment = dict(os.environ)
@@ -81,7 +81,7 @@ def test_decoding_odd_flows_again_and_again_finishes(mode: str) -> None:
     environment["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "support.decoders", mode, "20"],
+            [sys.executable, "-m", "support.decoders", mode, "10"],
             env=environment,
             capture_output=True,
             text=True,

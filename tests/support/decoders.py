@@ -8,7 +8,8 @@
 - `python -m support.decoders MODE ROUNDS` (run by the tests in a child process with a timeout, so that a hang
   fails a test instead of stopping the run): decodes the odd flows over and over, alone and in large batches;
   MODE `threads` does it from several threads while gRPC threads stream flows over loopback into the decoder,
-  MODE `fork` also decodes in children forked while other threads are inside the decoder. Prints `ok`.
+  MODE `fork` also decodes in children forked while other threads are inside the decoder, MODE `first` makes
+  the process's first decoding calls from several threads at once. Prints `ok`.
 """
 
 from __future__ import annotations
@@ -151,8 +152,41 @@ def _stream_into_decoder(rounds: int, errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
+def _first_use_from_threads(messages: list[bytes], threads: int = 4) -> None:
+    """Several threads make the process's first decoding calls at once (building the decoder, its first
+    conversions to pyarrow), while the main thread serialises more messages."""
+    import pyarrow as pa
+
+    start = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def first(index: int) -> None:
+        try:
+            start.wait()
+            if index % 2:
+                decode_responses(pa.array(messages, pa.binary()))
+            else:
+                decode_responses(messages)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    workers = [threading.Thread(target=first, args=(index,)) for index in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    odd_responses()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+
+
 def main(mode: str, rounds: int) -> None:
     messages = odd_responses()
+    if mode == "first":
+        _first_use_from_threads(messages)
+        print("ok", flush=True)
+        return
     _decode_rounds(messages, 1)
     large = messages * max(1, 100_000 // len(messages))
     assert decode_responses(large).flows.num_rows == len(large)
