@@ -1,5 +1,6 @@
 """from_proto, the one protobuf decoder: odd but valid flows give the rows the JSON decoder gives, and decoding
-them over and over (alone, from several threads beside gRPC's, after a fork) finishes."""
+them over and over (alone, from several threads beside gRPC's, after a fork, first calls from several threads)
+finishes, as does decoding garbled messages (each reported, the others kept)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_a_message_the_caller_serialised_badly_is_an_error_naming_it() -> None:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("mode", ["alone", "threads", "fork", "first"])
+@pytest.mark.parametrize("mode", ["alone", "threads", "fork", "first", "garbage"])
 def test_decoding_odd_flows_again_and_again_finishes(mode: str) -> None:
     """In a child process with a timeout: a hang fails this test instead of stopping the run."""
     environment = dict(os.environ)

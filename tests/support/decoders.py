@@ -9,12 +9,14 @@
   fails a test instead of stopping the run): decodes the odd flows over and over, alone and in large batches;
   MODE `threads` does it from several threads while gRPC threads stream flows over loopback into the decoder,
   MODE `fork` also decodes in children forked while other threads are inside the decoder, MODE `first` makes
-  the process's first decoding calls from several threads at once. Prints `ok`.
+  the process's first decoding calls from several threads at once, MODE `garbage` decodes batches of garbled
+  messages (each bad one reported, the others decoded). Prints `ok`.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
@@ -181,10 +183,56 @@ def _first_use_from_threads(messages: list[bytes], threads: int = 4) -> None:
         raise errors[0]
 
 
+def garbled(messages: Sequence[bytes], count: int, seed: int = 7) -> list[bytes]:
+    """`count` messages made from `messages` by a changed, inserted or cut byte, bytes of the wire format's
+    markers (continuation, group, invalid wire types) or random bytes: most are not valid protobuf."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        message = bytearray(rng.choice(messages))
+        how = rng.randrange(5)
+        if how == 0 and message:
+            message[rng.randrange(len(message))] = rng.randrange(256)
+        elif how == 1:
+            del message[rng.randrange(len(message) + 1) :]
+        elif how == 2:
+            message.insert(rng.randrange(len(message) + 1), rng.randrange(256))
+        elif how == 3:
+            message = bytearray(rng.randbytes(rng.randrange(40)))
+        else:
+            for _ in range(3):
+                if message:
+                    message[rng.randrange(len(message))] = rng.choice([0xFF, 0x80, 0x00, 0x0B, 0x0C, 0x0F])
+        out.append(bytes(message))
+    return out
+
+
+def _garbage(messages: list[bytes], rounds: int) -> None:
+    """Batches with garbled messages: each bad one is reported (and fails alone), every other one decodes."""
+    for round_ in range(rounds):
+        batch = garbled(messages, 500, seed=round_)
+        decoded = decode_responses(batch)
+        bad = {index for index, _ in decoded.bad_messages}
+        assert 0 < len(bad) < len(batch)
+        for index, message in enumerate(batch):
+            try:
+                decode_record_batch([message])
+            except Exception:  # noqa: BLE001
+                assert index in bad, index
+            else:
+                assert index not in bad, index
+        good = [message for index, message in enumerate(batch) if index not in bad]
+        assert decoded.flows.equals(decode_responses(good).flows)
+
+
 def main(mode: str, rounds: int) -> None:
     messages = odd_responses()
     if mode == "first":
         _first_use_from_threads(messages)
+        print("ok", flush=True)
+        return
+    if mode == "garbage":
+        _garbage(messages, rounds)
         print("ok", flush=True)
         return
     _decode_rounds(messages, 1)
