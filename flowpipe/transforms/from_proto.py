@@ -199,10 +199,11 @@ def decode_messages(
     return decoded
 
 
-# GetFlowsResponse (and ExportEvent) number their fields flow = 1, node_name = 1000, time = 1001.
-_FLOW_KEY = encode_varint((1 << 3) | 2)
-_NODE_NAME_KEY = encode_varint((1000 << 3) | 2)
-_TIME_KEY = encode_varint((1001 << 3) | 2)
+_ENVELOPE = observer_pb2.GetFlowsResponse.DESCRIPTOR.fields_by_name
+_LENGTH_DELIMITED = 2
+_FLOW_KEY, _NODE_NAME_KEY, _TIME_KEY = (
+    encode_varint(_ENVELOPE[name].number << 3 | _LENGTH_DELIMITED) for name in ("flow", "node_name", "time")
+)
 
 
 def flow_response(flow: bytes, node_name: str = "", time: bytes = b"") -> bytes:
