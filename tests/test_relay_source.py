@@ -1,6 +1,6 @@
 """The relay source against the built-in Observer server on loopback.
 
-Bulk decoding equals normalize, the whole buffer on first start, resume from the checkpoint, server-side
+Bulk decoding equals the JSON decoder, the whole buffer on first start, resume from the checkpoint, server-side
 filters, node shards and lost events.
 """
 
@@ -27,6 +27,7 @@ from support.collect import (
     sim_flow_bytes,
     uuids_of,
 )
+from support.decoders import assert_same_as_json
 from support.sim_dataset import ask
 from support.wait import WAIT_SECONDS, wait_until
 
@@ -40,26 +41,14 @@ from flowpipe.sources.relay import node_shard_of, parse_node_shard
 from flowpipe.sources.relay._config import backoff_seconds, node_name_matches
 from flowpipe.sources.relay._connect import StreamReceiver, open_channel
 from flowpipe.transforms.from_proto import decode_responses
-from flowpipe.transforms.normalize import normalize_responses
 
 ENVELOPE_KEYS = {"flow", "lost_events", "node_status", "agent_event", "debug_event"}
-
-
-def check_same_as_normalize(messages: list[bytes]) -> None:
-    decoded = decode_responses(messages)
-    reference = normalize_responses([observer_pb2.GetFlowsResponse.FromString(m) for m in messages])
-    assert decoded.bad_messages == []
-    assert decoded.flows.schema == reference.flows.schema
-    for name in decoded.flows.column_names:
-        assert decoded.flows.column(name).equals(reference.flows.column(name)), name
-    assert decoded.lost_events == reference.lost_events
-    assert len(decoded.node_status) == reference.node_status
 
 
 # -- decoding -------------------------------------------------------------------------------------------------
 
 
-def test_bulk_decoding_gives_the_rows_of_normalize_for_simulated_responses() -> None:
+def test_bulk_decoding_gives_the_rows_of_the_json_decoder_for_simulated_responses() -> None:
     messages = [
         observer_pb2.GetFlowsResponse(flow=flow_pb2.Flow.FromString(f), node_name="n").SerializeToString()
         for f in sim_flow_bytes()[:3000]
@@ -67,8 +56,8 @@ def test_bulk_decoding_gives_the_rows_of_normalize_for_simulated_responses() -> 
     odd = observer_pb2.GetFlowsResponse(node_name="kind/worker")
     odd.time.FromNanoseconds(1_700_000_000_123_456_789)  # a flow without time, uuid or node: the envelope's
     odd.flow.verdict = 77  # an enum number from a newer Cilium
-    odd.flow.drop_reason = 4_000_000_000  # beyond int32: NULL, as normalize
-    odd.flow.l7.latency_ns = (1 << 64) - 1
+    odd.flow.drop_reason = 4_000_000_000  # beyond int32: NULL, as through JSON
+    odd.flow.l7.latency_ns = (1 << 63) - 1  # the largest the column holds
     odd.flow.l7.dns.query = "example.com."
     lost = observer_pb2.GetFlowsResponse(
         lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=42),
@@ -81,7 +70,7 @@ def test_bulk_decoding_gives_the_rows_of_normalize_for_simulated_responses() -> 
             state_change=relay_pb2.NODE_ERROR, node_names=["a"], message="boom"
         )
     )
-    check_same_as_normalize(
+    assert_same_as_json(
         [status.SerializeToString(), *messages, odd.SerializeToString(), lost.SerializeToString()]
     )
     decoded = decode_responses([status.SerializeToString(), lost.SerializeToString()])
@@ -89,7 +78,9 @@ def test_bulk_decoding_gives_the_rows_of_normalize_for_simulated_responses() -> 
     assert decoded.lost_events[0].num_events_lost == 42 and decoded.lost_events[0].node_name == "kind/n2"
 
 
-def test_bulk_decoding_gives_the_rows_of_normalize_for_every_real_capture(capture_files: list[Path]) -> None:
+def test_bulk_decoding_gives_the_rows_of_the_json_decoder_for_every_real_capture(
+    capture_files: list[Path],
+) -> None:
     messages: list[bytes] = []
     for path in capture_files:
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -108,7 +99,7 @@ def test_bulk_decoding_gives_the_rows_of_normalize_for_every_real_capture(captur
                 json_format.Parse(line, event.flow, ignore_unknown_fields=True)
             messages.append(event.SerializeToString())
     assert len(messages) > 1000
-    check_same_as_normalize(messages)
+    assert_same_as_json(messages)
 
 
 def test_an_undecodable_message_is_reported_and_the_others_kept() -> None:

@@ -35,7 +35,7 @@ _NORMALIZE_BATCH = 50_000
 def simulated_flows(flows: int, *, seed: int) -> tuple[pa.Table, datetime]:
     """About `flows` simulated flows (all faults on) over one simulated hour, as flow rows; and the start."""
     from flowpipe.sim import Simulator, SimulatorConfig
-    from flowpipe.transforms.normalize import normalize_flows
+    from flowpipe.transforms.from_proto import decode_messages
 
     config = SimulatorConfig(
         seed=seed,
@@ -43,13 +43,13 @@ def simulated_flows(flows: int, *, seed: int) -> tuple[pa.Table, datetime]:
         rate_flows_per_second=max(flows, 1) / SIMULATED_HOUR_SECONDS,
     )
     tables, batch = [], []
-    for flow in Simulator(config).flows():
-        batch.append(flow)
+    for _, _, response in Simulator(config).response_bytes():
+        batch.append(response)
         if len(batch) >= _NORMALIZE_BATCH:
-            tables.append(normalize_flows(batch))
+            tables.append(decode_messages(batch).flows)
             batch = []
     if batch:
-        tables.append(normalize_flows(batch))
+        tables.append(decode_messages(batch).flows)
     return pa.concat_tables(tables), config.start
 
 

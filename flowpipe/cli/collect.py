@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from flowpipe.app.collect import (
-    COLLECT_MAX_BATCH_BYTES,
-    CollectConfig,
-    CollectResult,
-    collect,
-    source_writer_id,
-    use_system_memory_pool,
-)
+from flowpipe.app.collect import COLLECT_MAX_BATCH_BYTES, CollectConfig, source_writer_id
+from flowpipe.app.progress import collect_with_progress
 from flowpipe.cli._options import cluster_name_option, dataset_option
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_defaults, field_help
-from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS, MetricsServer
-from flowpipe.pipeline import handle_stop_signals
-from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
+from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS
+from flowpipe.sources.relay import RelaySourceConfig, parse_node_shard
 from flowpipe.sources.relay._connect import DEFAULT_RELAY_PORT, with_default_port
 
 _SINK = field_help(ParquetSinkConfig)
@@ -187,30 +179,4 @@ def collect_command(
         max_namespaces=max_namespaces,
         workers=workers,
     )
-    stop = threading.Event()
-
-    def started(relay_source: RelaySource, server: MetricsServer | None) -> None:
-        where = f"; metrics on {server.url}/metrics" if server is not None else ""
-        shard = f" (shard {source.shard_label})" if source.shard_label else ""
-        click.echo(f"collecting from hubble-relay {relay}{shard} into {dataset}{where}", err=True)
-
-    use_system_memory_pool()
-    with handle_stop_signals(stop):
-        result = collect(config, stop=stop, on_started=started)
-    _print_summary(result)
-
-
-def _print_summary(result: CollectResult) -> None:
-    run = result.pipeline
-
-    def echo(text: str) -> None:
-        click.echo(text, err=True)
-
-    echo(
-        f"stopped: {run.flows:,} flows written in {len(run.files):,} part files, "
-        f"{run.events_lost:,} events lost by Hubble ({run.lost_event_records:,} records), "
-        f"{result.reconnects:,} reconnects, {result.repeats_skipped:,} repeated flows skipped"
-    )
-    if run.decode_errors:
-        echo(f"undecodable responses skipped: {run.decode_errors:,}")
-    echo(f"checkpoint: {result.checkpoint_state}")
+    collect_with_progress(config, echo=lambda line: click.echo(line, err=True))

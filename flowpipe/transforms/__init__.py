@@ -1,6 +1,7 @@
 """Transforms: Hubble events <-> flow-table rows. `normalize` turns Hubble events (protobuf messages, JSON) into
-rows; `from_proto` decodes the relay's serialised responses in bulk (ptars); `to_flow` encodes rows back into
-Hubble `Flow` messages (serve-hubble); `wire` holds the protobuf varint.
+rows; `from_proto` is the one protobuf decoder (serialised responses in bulk, with ptars; `normalize` hands it
+the messages it is given); `to_flow` encodes rows back into Hubble `Flow` messages (serve-hubble); `wire`
+holds the protobuf varint.
 
 `conventions` holds the row conventions other decoders share with `normalize` (enum names, cluster names, TCP
 flags, L4/L7 kinds, policy lists); they are re-exported here.

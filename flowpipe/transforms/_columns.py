@@ -1,8 +1,8 @@
 """Nested Hubble flow structs (Arrow, proto field names) → the flow table, column by column with pyarrow.compute.
 
 This is the single row builder of the JSON path: the fast block parser and the per-line fallback both hand it
-the same canonical struct, so a flow gives the same row whichever way it was read. The protobuf path
-(`_proto.py`) implements the same row conventions (model.py / README) with attribute access.
+the same canonical struct, so a flow gives the same row whichever way it was read. The protobuf decoder
+(`from_proto`) implements the same row conventions (model.py / README) over the Arrow arrays ptars decodes.
 """
 
 from __future__ import annotations

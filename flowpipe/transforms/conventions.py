@@ -1,8 +1,8 @@
-"""The flow table's row conventions that every decoder into the flow table shares with `normalize`.
+"""The flow table's row conventions that both decoders share: protobuf (`from_proto`) and JSON (`_json`).
 
 `flowpipe.transforms.from_proto` decodes GetFlowsResponse bytes straight into the flow table; it must name
-enum values, split cluster names and spell TCP flags, L4/L7 kinds and policy lists exactly as `normalize` does
-(a test compares both). These are the pieces they share, defined once next to the row builders that use them:
+enum values, split cluster names and spell TCP flags, L4/L7 kinds and policy lists exactly as the JSON decoder
+does (tests compare both). These are the pieces they share, defined once next to the row builders that use them:
 
 - `enum_names(enum)`: number → value name of one enum of package `flow`; `enum_row_values(enum)`: the same
   with the zero value as NULL (the caller stores an unknown number as its decimal string).

@@ -1,14 +1,17 @@
 """Serialised GetFlowsResponse messages → flow rows, lost events and node status, decoded in bulk into Arrow.
 
-The relay source receives each response as raw bytes (no protobuf object per flow) and decodes them a batch at
-a time with `ptars`, which parses protobuf straight into Arrow arrays in compiled code. It is given a *reduced*
-copy of the message types: only the fields that reach the flow table, with the same field numbers (derived at
-import time from the generated `flow`/`observer`/`relay` descriptors, so it cannot drift from them). Every other
-field is skipped as unknown, which keeps the decoder's work proportional to what flowpipe stores. Enums decode
-as numbers and are named here, so unknown numbers from newer Cilium versions survive as decimal strings.
+This is the one decoder of protobuf flows. The relay source receives each response as raw bytes (no protobuf
+object per flow) and decodes them a batch at a time with `ptars`, which parses protobuf straight into Arrow
+arrays in compiled code; `normalize_flows` and `normalize_responses` (callers holding protobuf messages)
+serialise them and decode them here too (`flow_response` wraps a serialised Flow in its envelope). The decoder
+is given a *reduced* copy of the message types: only the fields that reach the flow table, with the same field
+numbers (derived at import time from the generated `flow`/`observer`/`relay` descriptors, so it cannot drift
+from them). Every other field is skipped as unknown, which keeps the decoder's work proportional to what
+flowpipe stores. Enums decode as numbers and are named here, so unknown numbers from newer Cilium versions
+survive as decimal strings.
 
-The row conventions are those of `flowpipe.transforms.normalize` (the README's flow table), and the pieces both
-need come from `flowpipe.transforms.conventions`; a test checks that both give identical tables for the same flows.
+The row conventions are those of the JSON decoder (`_json`, the README's flow table), and the pieces both need
+come from `flowpipe.transforms.conventions`; tests check that both give identical tables for the same flows.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pyarrow.compute as pc
 from google.protobuf import descriptor_pb2, descriptor_pool, timestamp_pb2, wrappers_pb2
 
 from flowpipe._proto.observer import observer_pb2
+from flowpipe.errors import FlowDecodeError
 from flowpipe.model import FLOW_SCHEMA, LostEvent
 from flowpipe.transforms.conventions import (
     L4_KINDS,
@@ -35,6 +39,7 @@ from flowpipe.transforms.conventions import (
     enum_names,
     enum_row_values,
 )
+from flowpipe.transforms.wire import encode_varint
 
 _PACKAGE = "flowpipe_wire"
 _FILE = "flowpipe_wire/relay_subset.proto"
@@ -175,6 +180,42 @@ def decode_responses(
     decoded = _split(batch, cluster_name)
     decoded.bad_messages = bad
     return decoded
+
+
+def decode_messages(
+    messages: Sequence[bytes], *, cluster_name: str | None = None, what: str = "<protobuf>"
+) -> DecodedResponses:
+    """As `decode_responses`, for messages a caller serialised itself: one that cannot be decoded raises
+    FlowDecodeError (naming `what` and its position, counted from 1) instead of being left out."""
+    decoded = decode_responses(messages, cluster_name=cluster_name)
+    if decoded.bad_messages:
+        index, reason = decoded.bad_messages[0]
+        raise FlowDecodeError(
+            f"protobuf message {index + 1} could not be decoded: {reason}",
+            path=what,
+            line_number=None,
+            reason=reason,
+        )
+    return decoded
+
+
+_ENVELOPE = observer_pb2.GetFlowsResponse.DESCRIPTOR.fields_by_name
+_LENGTH_DELIMITED = 2
+_FLOW_KEY, _NODE_NAME_KEY, _TIME_KEY = (
+    encode_varint(_ENVELOPE[name].number << 3 | _LENGTH_DELIMITED) for name in ("flow", "node_name", "time")
+)
+
+
+def flow_response(flow: bytes, node_name: str = "", time: bytes = b"") -> bytes:
+    """A serialised GetFlowsResponse around a serialised `flow.Flow`, with the envelope's node name and
+    serialised `Timestamp` when given (empty: left out, as protobuf leaves out unset fields)."""
+    parts = [_FLOW_KEY, encode_varint(len(flow)), flow]
+    if node_name:
+        name = node_name.encode()
+        parts += [_NODE_NAME_KEY, encode_varint(len(name)), name]
+    if time:
+        parts += [_TIME_KEY, encode_varint(len(time)), time]
+    return b"".join(parts)
 
 
 def _split(batch: pa.RecordBatch, cluster_name: str | None) -> DecodedResponses:

@@ -1,6 +1,6 @@
 """normalize: Hubble events (protobuf messages or JSON text) → flow-table rows, counting what is not a flow.
 
-Two inputs, one result: `normalize_flows` takes protobuf `flow.Flow` messages (the gRPC collector),
+Two inputs, one result: `normalize_flows` takes protobuf `flow.Flow` messages (decoded by `from_proto`),
 `normalize_json_lines` takes Hubble JSON lines (files: `hubble observe -o jsonpb`, exporter files, legacy bare
 flows). The same flow gives the same row either way; the row conventions are listed in the README (flow table).
 
@@ -13,15 +13,13 @@ events = normalize_json_lines(b'{"flow": {...}, "node_name": "n1"}\\n')  # Decod
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from flowpipe.model import EventBatch, LostEvent
-from flowpipe.transforms._enums import enum_name_or_number
+from flowpipe.model import EventBatch
 from flowpipe.transforms._json import DecodedEvents, decode_lines, decode_objects, decode_texts
-from flowpipe.transforms._proto import flows_to_table
+from flowpipe.transforms.from_proto import decode_messages, flow_response
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -49,11 +47,21 @@ def normalize_flows(
     """Protobuf flows → the flow table (FLOW_SCHEMA), one row per flow, in order.
 
     `node_names`/`times` are the envelopes' (GetFlowsResponse) values, used where the flow has none;
-    `cluster_name` fills `cluster_name` where the node name does not carry one.
+    `cluster_name` fills `cluster_name` where the node name does not carry one. The flows are serialised and
+    decoded as the relay's responses are (`flowpipe.transforms.from_proto`, the one protobuf decoder); a
+    caller that has the serialised flows should hand those to `from_proto` instead.
     """
-    if not isinstance(flows, Sequence):
-        flows = list(flows)
-    return flows_to_table(flows, node_names, times, cluster_name=cluster_name)
+    messages = []
+    for index, flow in enumerate(flows):
+        stamp = times[index] if times is not None else None
+        messages.append(
+            flow_response(
+                flow.SerializeToString(),
+                node_names[index] if node_names is not None else "",
+                stamp.SerializeToString() if stamp is not None else b"",
+            )
+        )
+    return decode_messages(messages, cluster_name=cluster_name).flows
 
 
 def normalize_responses(
@@ -61,46 +69,16 @@ def normalize_responses(
 ) -> EventBatch:
     """GetFlowsResponse / ExportEvent messages → an EventBatch: flow rows, lost events, node_status count.
 
-    Agent and debug events (ExportEvent only) are not flows and are left out.
+    Agent and debug events (ExportEvent only) are not flows and are left out. ExportEvent numbers its flow,
+    node_status, lost_events, node_name and time fields as GetFlowsResponse does, so both decode alike
+    (`flowpipe.transforms.from_proto`).
     """
-    flows: list[Flow] = []
-    node_names: list[str] = []
-    times: list[Timestamp | None] = []
-    lost_events: list[LostEvent] = []
-    node_status = 0
-    for response in responses:
-        kind = response.WhichOneof("response_types")
-        if kind == "flow":
-            flows.append(response.flow)
-            node_names.append(response.node_name)
-            times.append(response.time if response.HasField("time") else None)
-        elif kind == "lost_events":
-            lost_events.append(lost_event_from_proto(response))
-        elif kind == "node_status":
-            node_status += 1
+    decoded = decode_messages(
+        [response.SerializeToString() for response in responses], cluster_name=cluster_name
+    )
     return EventBatch(
-        flows=flows_to_table(flows, node_names, times, cluster_name=cluster_name),
-        lost_events=lost_events,
-        node_status=node_status,
+        flows=decoded.flows, lost_events=decoded.lost_events, node_status=len(decoded.node_status)
     )
-
-
-def lost_event_from_proto(response: GetFlowsResponse | ExportEvent) -> LostEvent:
-    """The `lost_events` record of a response as a LostEvent (source name, count, node, times)."""
-    lost = response.lost_events
-    return LostEvent(
-        source=enum_name_or_number("LostEventSource", lost.source),
-        num_events_lost=lost.num_events_lost,
-        node_name=response.node_name,
-        time=_datetime(response.time) if response.HasField("time") else None,
-        cpu=lost.cpu.value if lost.HasField("cpu") else None,
-        first=_datetime(lost.first) if lost.HasField("first") else None,
-        last=_datetime(lost.last) if lost.HasField("last") else None,
-    )
-
-
-def _datetime(stamp: Any) -> datetime:
-    return datetime.fromtimestamp(stamp.seconds, tz=UTC).replace(microsecond=stamp.nanos // 1000)
 
 
 def normalize_json_lines(

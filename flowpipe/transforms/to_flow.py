@@ -1,4 +1,4 @@
-"""The flow table → protobuf `flow.Flow` messages: the inverse of the decoders (`_proto.py`, `_columns.py`).
+"""The flow table → protobuf `flow.Flow` messages: the inverse of the decoders (`from_proto`, `_columns.py`).
 
 Every column goes back to the Flow field it was read from, so that decoding the messages again gives the same
 rows (a test checks it on the real captures and the simulator). The row conventions are undone one by one:

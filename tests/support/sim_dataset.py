@@ -17,7 +17,7 @@ from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Catalog
 from flowpipe.sim import FAULT_NAMES, GroundTruth, Simulator, SimulatorConfig
 from flowpipe.sinks.parquet import ParquetSink
-from flowpipe.transforms.normalize import normalize_flows
+from flowpipe.transforms.from_proto import decode_messages
 
 SEED = 3
 DURATION_SECONDS = 600.0
@@ -76,7 +76,7 @@ def ask(engine: DuckDBEngine, question: str, **values: object) -> list[dict[str,
 
 
 def build_sim_dataset(root: Path, *, faults: bool, seed: int = SEED) -> SimDataset:
-    """Simulate (all faults on, or none), normalize the flows and write them with the ParquetSink at `root`."""
+    """Simulate (all faults on, or none), decode the flows and write them with the ParquetSink at `root`."""
     config = SimulatorConfig(
         seed=seed,
         duration_seconds=DURATION_SECONDS,
@@ -84,7 +84,7 @@ def build_sim_dataset(root: Path, *, faults: bool, seed: int = SEED) -> SimDatas
         faults=frozenset(FAULT_NAMES) if faults else frozenset(),
     )
     simulator = Simulator(config)
-    table = normalize_flows(list(simulator.flows()))
+    table = decode_messages([response for _, _, response in simulator.response_bytes()]).flows
     sink = ParquetSink(ParquetSinkConfig(path=str(root), writer_id="sim", max_batch_rows=20_000))
     for batch in _batches(table, 8_000):
         sink.write(EventBatch(flows=batch))

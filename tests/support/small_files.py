@@ -13,7 +13,7 @@ from flowpipe.model import EventBatch, LostEvent
 from flowpipe.query import DuckDBEngine
 from flowpipe.sim import Simulator, SimulatorConfig
 from flowpipe.sinks.parquet import ParquetSink
-from flowpipe.transforms.normalize import normalize_flows
+from flowpipe.transforms.from_proto import decode_messages
 
 START = datetime(2024, 3, 1, 10, 30, tzinfo=UTC)
 HOURS = 3.0
@@ -30,7 +30,7 @@ def simulated_flows(*, rate: float = 1.2, cluster_name: str = "default", seed: i
         rate_flows_per_second=rate,
         cluster_name=cluster_name,
     )
-    return normalize_flows(list(Simulator(config).flows()))
+    return decode_messages([response for _, _, response in Simulator(config).response_bytes()]).flows
 
 
 def lost_events(count: int = 40) -> list[LostEvent]:
