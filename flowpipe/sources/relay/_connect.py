@@ -95,12 +95,15 @@ up waiting for window updates (grpc's 64 KiB default holds some fifty), yet a bo
 def open_channel(address: str, tls: RelayTLS | None) -> grpc.Channel:
     """A gRPC channel to the relay. Streaming calls run on the caller's thread (fewer thread handoffs per
     message); the receive window is fixed at `RECEIVE_WINDOW_BYTES` (BDP probing off, which would grow it
-    without a bound a reader that is behind could rely on)."""
+    without a bound a reader that is behind could rely on), and so is the largest DATA frame the relay may send."""
     split_address(address)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+        # frames as large as the window: a server that honours it (the built-in one) writes a few large DATA
+        # frames where 16 KiB ones cost it a frame each ~15 flows (grpc-go servers keep to 16 KiB anyway)
+        ("grpc.http2.max_frame_size", RECEIVE_WINDOW_BYTES),
         # grpc-go servers (hubble-relay) close connections that ping more often than every 5 minutes.
         ("grpc.keepalive_time_ms", 300_000),
         ("grpc.keepalive_timeout_ms", 20_000),
