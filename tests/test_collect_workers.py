@@ -31,8 +31,9 @@ from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
+from flowpipe.sources.relay._h2call import FlowsCall
 from flowpipe.sources.relay._handoff import wait_readable
-from flowpipe.sources.relay._worker import ReceivingProcess
+from flowpipe.sources.relay._worker import GET_FLOWS, ReceivingProcess
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
 
@@ -138,6 +139,50 @@ def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_wai
     got = [observer_pb2.GetFlowsResponse.FromString(m) for m in arrived]
     assert [r.flow.uuid for r in got if r.HasField("flow")] == uuids_of(flows), "every flow, in order"
     assert process_gone(process.pid), "closing the socket ends the receiving process"
+
+
+def read_all(call: FlowsCall, until: int | None = None) -> list[bytes]:
+    """The messages of a call until it ends (or `until` of them arrived)."""
+    messages: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while call.status is None and (until is None or len(messages) < until) and time.monotonic() < deadline:
+        messages += call.read(0.1)
+    return messages
+
+
+def test_a_call_read_over_http2_gives_every_response_and_ends_with_the_relays_status() -> None:
+    flows = sim_flow_bytes()[:2000]
+    with ObserverServer(buffer_size=5000) as server:
+        server.publish(flows)
+        whole = FlowsCall(
+            server.address, None, GET_FLOWS, observer_pb2.GetFlowsRequest(number=5000).SerializeToString()
+        )
+        responses = [observer_pb2.GetFlowsResponse.FromString(m) for m in read_all(whole)]
+        assert whole.status == ("OK", "")
+        assert responses[0].HasField("node_status")
+        assert [r.flow.uuid for r in responses[1:]] == uuids_of(flows), "every flow, in order"
+
+        wrong = observer_pb2.GetFlowsRequest(first=1, follow=True).SerializeToString()
+        refused = FlowsCall(server.address, None, GET_FLOWS, wrong)
+        assert read_all(refused) == []
+        assert refused.status == ("INVALID_ARGUMENT", "first cannot be specified with follow")
+
+        following = observer_pb2.GetFlowsRequest(number=5000, follow=True).SerializeToString()
+        broken = FlowsCall(server.address, None, GET_FLOWS, following)
+        assert len(read_all(broken, until=len(flows) + 1)) == len(flows) + 1
+        server.restart()
+        read_all(broken)
+        assert broken.status is not None and broken.status[0] == "UNAVAILABLE"
+
+        cancelled = FlowsCall(server.address, None, GET_FLOWS, following)
+        read_all(cancelled, until=1)
+        cancelled.cancel()
+        assert cancelled.status is not None and cancelled.status[0] == "CANCELLED"
+        assert cancelled.read(0.1) == []
+        wait_until(lambda: server.active_streams() == 0, what="the relay to see the cancelled call end")
+        address = server.address
+    nobody = FlowsCall(address, None, GET_FLOWS, following)
+    assert nobody.status is not None and nobody.status[0] == "UNAVAILABLE" and address in nobody.status[1]
 
 
 def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:

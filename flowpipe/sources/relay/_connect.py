@@ -168,7 +168,9 @@ class Diagnosis:
     kind: str
 
 
-def _tls_context(tls: RelayTLS | None, *, verify: bool) -> ssl.SSLContext:
+def tls_context(tls: RelayTLS | None, *, verify: bool = True) -> ssl.SSLContext:
+    """A client TLS context offering HTTP/2 (ALPN): verifying the relay with `tls` (its CA, or the system's,
+    and its client certificate), or (`verify=False`) verifying nothing, to look at what a server presents."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.set_alpn_protocols(["h2"])
     if not verify:
@@ -241,7 +243,7 @@ def _speaks_tls(host: str, port: int, deadline: float) -> bool:
         return False
     try:
         sock.settimeout(_left(deadline))
-        with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
+        with tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
             return True
     except (OSError, ssl.SSLError):
         return False
@@ -328,7 +330,7 @@ def _diagnose_tls(
 ) -> Diagnosis | None:
     name = tls.server_name or host
     try:
-        context = _tls_context(tls, verify=True)
+        context = tls_context(tls, verify=True)
     except (OSError, ssl.SSLError) as exc:
         return Diagnosis(
             f"cannot load the TLS files (--tls-ca/--tls-cert/--tls-key): {exc}", False, "tls_files"
@@ -423,7 +425,7 @@ def _validity_failure(where: str, name: str, tls: RelayTLS, timeout: float) -> D
     sock = _connect(host, port, timeout)
     if not isinstance(sock, Diagnosis):
         try:
-            with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=name) as wrapped:
+            with tls_context(None, verify=False).wrap_socket(sock, server_hostname=name) as wrapped:
                 der = wrapped.getpeercert(binary_form=True)
             if der:
                 certificates.append((f"the certificate of {where}", x509.load_der_x509_certificate(der)))

@@ -4,17 +4,18 @@
 collector process (RelaySource: connect, resume, decode, dedupe; sinks; checkpoint; /metrics)
    │ ▲   S: a serialised GetFlowsRequest      C: cancel the call      (end of connection: exit)
    ▼ │   B: batches of raw GetFlowsResponse bytes      E: the call ended (status code and details)
-receiving process (this module's `main`): one gRPC channel, one call at a time, StreamReceiver ─▶ batches
+receiving process (this module's `main`): one GetFlows call at a time over HTTP/2 (`_h2call`) ─▶ batches
 ```
 
-The receiving process never builds a protobuf object: responses arrive as bytes (no deserializer) and leave as
-bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in frames (`_handoff`). It holds
+The receiving process never builds a protobuf object, and does not use grpcio (which costs several
+microseconds a streamed message): it reads the call's HTTP/2 frames itself and cuts the responses out of them
+as bytes, which leave as bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in frames (`_handoff`). It holds
 nothing durable and decides nothing: the collector says which stream to open (from its own resume point) and
 when to end it, and moves its checkpoint only for what its sinks made durable, as with one process.
 
 - **Backpressure**: a collector that falls behind stops reading the socket; once its buffer (a few MiB) is
-  full, the receiving process waits in `sendall`, its queue of responses fills to `max_pending_flows`, and the
-  relay's stream waits (HTTP/2 flow control).
+  full, the receiving process waits in `sendall` and stops reading its connection (it holds at most a batch
+  of `max_pending_flows`), and the relay's stream waits (HTTP/2 flow control).
 - **Either process killed**: the collector killed, its end of the socket closes and the receiving process exits
   (it ignores SIGINT and SIGTERM, which are the collector's to act on). The receiving process killed, the
   collector sees the socket close, counts it as a lost stream, and starts a new receiving process with the
@@ -42,13 +43,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 import flowpipe
-from flowpipe.sources.relay._connect import (
-    RelayTLS,
-    StreamReceiver,
-    open_channel,
-    status_code,
-    status_details,
-)
+from flowpipe.sources.relay._connect import RelayTLS, status_code, status_details
+from flowpipe.sources.relay._h2call import FlowsCall
 from flowpipe.sources.relay._handoff import (
     BATCH,
     CANCEL,
@@ -300,7 +296,8 @@ def _describe(error: BaseException | None) -> dict[str, Any]:
 
 
 class _Worker:
-    """The receiving process: a control thread reads the collector's requests, the main thread sends batches."""
+    """The receiving process: a control thread reads the collector's requests, the main thread reads the call
+    (`_h2call.FlowsCall`) and sends its batches."""
 
     def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
         self.sock = sock
@@ -310,8 +307,6 @@ class _Worker:
         self.requests: queue.Queue[tuple[threading.Event, bytes]] = queue.Queue()
         self.lock = threading.Lock()
         self.cancel: threading.Event | None = None
-        self.receiver: StreamReceiver | None = None
-        self.channel: grpc.Channel | None = None
 
     def control(self) -> None:
         """Read the collector's frames; the end of the connection (the collector is gone) ends the process."""
@@ -323,9 +318,7 @@ class _Worker:
                         self.cancel = threading.Event()
                         self.requests.put((self.cancel, bytes(payload)))
                     elif kind == CANCEL and self.cancel is not None:
-                        self.cancel.set()
-                        if self.receiver is not None:
-                            self.receiver.stop()
+                        self.cancel.set()  # the call's loop looks at it between reads (every 0.1 s at most)
         except (HandoffClosed, OSError):
             code = 0
         except BaseException:  # a bug here must not leave a process that nobody controls
@@ -339,40 +332,42 @@ class _Worker:
             cancel, request = self.requests.get()
             try:
                 ending = self._call(cancel, request)
+            except (OSError, HandoffClosed):
+                raise  # the collector is gone
             except Exception as exc:  # noqa: BLE001  (told to the collector, which retries with backoff)
                 ending = _describe(exc)
             send_json(self.sock, END, ending)
 
     def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
+        """Read one call, handing its messages over in batches of `batch_max_flows` (at most
+        `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
         if cancel.is_set():
             return {"code": "CANCELLED", "details": "cancelled before it started"}
-        if self.channel is None:
-            self.channel = open_channel(self.settings["address"], self.tls)
-        call = self.channel.unary_stream(GET_FLOWS, request_serializer=None, response_deserializer=None)(
-            request
-        )
-        receiver = StreamReceiver(call, self.settings["max_pending"], lambda: None)
-        with self.lock:
-            self.receiver = receiver
-            receiver.start()
+        call = FlowsCall(self.settings["address"], self.tls, GET_FLOWS, request)
+        count = max(1, min(self.settings["batch_max_flows"], self.settings["max_pending"]))
+        seconds = self.settings["batch_max_seconds"]
+        batch: list[bytes] = []
+        due = 0.0
+        while call.status is None:
             if cancel.is_set():
-                receiver.stop()
-        count, seconds = self.settings["batch_max_flows"], self.settings["batch_max_seconds"]
-        try:
-            while True:
-                messages, over = receiver.take(count, seconds, cancel)
-                if messages:
-                    send_batch(self.sock, messages)
-                if over or cancel.is_set():
-                    break
-        finally:
-            with self.lock:
-                self.receiver = None
-            receiver.stop()
-            receiver.join(JOIN_SECONDS)
-        if receiver.is_alive():
-            return {"code": None, "error": "the call did not end when cancelled"}
-        return _describe(receiver.error)
+                call.cancel()
+                break
+            wait = 0.1 if not batch else min(0.1, due - time.monotonic())
+            messages = call.read(wait)
+            if messages:
+                if not batch:
+                    due = time.monotonic() + seconds
+                batch += messages
+            # (a collector that does not read makes `send_batch` wait: the socket is not read meanwhile,
+            # and the relay's stream waits for its HTTP/2 window)
+            if batch and (len(batch) >= count or time.monotonic() >= due):
+                send_batch(self.sock, batch)
+                batch = []
+        if batch:
+            send_batch(self.sock, batch)
+        assert call.status is not None
+        code, details = call.status
+        return {"code": None} if code == "OK" else {"code": code, "details": details}
 
 
 def main(argv: list[str]) -> None:
