@@ -2,8 +2,10 @@
 
 Three child processes, so that each one's CPU and memory are its own:
 
-- the relay: the built-in Observer server with `flows` simulated flows in its buffer (a pool of simulated flows
-  repeated with fresh random uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
+- the relay: the built-in Observer server's transport serving `flows` simulated flows (a pool of simulated flows
+  repeated with fresh random uuids and times, written into the pool's encoded responses as they are sent:
+  `bench.collect_relay`), so that serving costs about a byte copy per flow, as a real relay's would, and 3M
+  flows take no memory of their own;
 - the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M (and
   3M, with `--flows 3000000`) flows are written, with two workers (the stream read by a receiving process of its
   own) and with one; it samples the resident memory of its processes together as it goes (peak, and growth over
@@ -16,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
 
 def _relay_main(count: int, seed: int) -> None:
     from flowpipe._proto.flow import flow_pb2
-    from flowpipe.server import ObserverServer
+    from flowpipe.bench.collect_relay import start_relay
     from flowpipe.sim import Simulator, SimulatorConfig
 
     started = time.perf_counter()
@@ -240,24 +240,7 @@ def _relay_main(count: int, seed: int) -> None:
         SimulatorConfig(seed=seed, duration_seconds=600, rate_flows_per_second=pool_size / 600)
     )
     pool = [flow_pb2.Flow.FromString(data) for data in simulator.flow_bytes()][:pool_size]
-    span = pool[-1].time.ToNanoseconds() - pool[0].time.ToNanoseconds() + 1_000_000
-    server = ObserverServer(port=0, buffer_size=count).start()  # a node's ring never overwrites
-    batch: list[flow_pb2.Flow] = []
-    # random (version 4) uuids, as Cilium's: the stored-flow check keys on their leading bits, which counted
-    # uuids (all leading zeros) would make one long run of equal keys
-    draw = random.Random(seed).getrandbits
-    for index in range(count):
-        base = pool[index % pool_size]
-        flow = flow_pb2.Flow()
-        flow.CopyFrom(base)
-        flow.uuid = str(uuid.UUID(int=draw(128), version=4))
-        flow.time.FromNanoseconds(base.time.ToNanoseconds() + (index // pool_size) * span)
-        batch.append(flow)
-        if len(batch) >= 10_000:
-            server.publish(batch)
-            batch = []
-    if batch:
-        server.publish(batch)
+    server = start_relay(pool, count, seed)
     print(f"ready {server.address} {time.perf_counter() - started:.1f}", flush=True)
     sys.stdin.close()
     threading.Event().wait()
