@@ -60,6 +60,11 @@ COLLECT_MAX_BATCH_BYTES = 24 * 1024 * 1024
 """The collector's open-batch size limit: smaller than the file ingest's, to keep a long-running process small."""
 
 
+COLLECT_MAX_STORED_KEYS = 1_000_000
+"""Uuids of stored flows the collector keeps in memory at most (16 MB, beyond the hours it is writing into; the
+hours touched least recently are forgotten first): a live stream comes in time order, seldom back to an hour."""
+
+
 def use_system_memory_pool() -> None:
     """Make Arrow allocate with the system allocator, which returns freed memory to the OS sooner than the
     bundled one: a collector that runs for days then keeps a flat, smaller resident size."""
@@ -203,7 +208,7 @@ def _collect(
         )
     # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
     metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
-    stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
+    stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline, max_keys=COLLECT_MAX_STORED_KEYS)
     workers = config.workers if config.workers is not None else default_workers()
     source = RelaySource(
         config.source,
