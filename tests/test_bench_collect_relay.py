@@ -11,7 +11,7 @@ from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.bench.collect_relay import RepeatedPool, start_relay
 from flowpipe.sources.relay._h2call import FlowsCall
-from flowpipe.sources.relay._worker import GET_FLOWS
+from flowpipe.sources.relay._receiver import GET_FLOWS
 
 
 def pool(count: int = 500) -> list[flow_pb2.Flow]:

@@ -33,7 +33,8 @@ from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
 from flowpipe.sources.relay._h2call import FlowsCall
 from flowpipe.sources.relay._handoff import wait_readable
-from flowpipe.sources.relay._worker import GET_FLOWS, ReceivingProcess
+from flowpipe.sources.relay._receiver import GET_FLOWS
+from flowpipe.sources.relay._worker import ReceivingProcess
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
 
@@ -197,11 +198,11 @@ def write_cgroup(root: Path, quota: str) -> Path:
     return root
 
 
-def test_the_receiving_process_loads_no_data_library() -> None:
+def test_the_receiving_process_loads_no_data_library_and_no_grpcio() -> None:
     """The receiving process is started with `python -m`: its module and package must not import Arrow & co."""
     code = (
-        "import sys, flowpipe.sources.relay._worker; "
-        "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars') if m in sys.modules))"
+        "import sys, flowpipe.sources.relay._receiver; "
+        "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars', 'grpc') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -16,7 +16,7 @@ is open (and its receiving process runs) and the Parquet sink keeps flushing (no
 flush interval).
 
 With two workers (`workers=2`, the default where the container may use two CPUs) the stream is read by a
-process of its own (`flowpipe.sources.relay._worker`), which hands batches of raw responses to this process;
+process of its own (`flowpipe.sources.relay._receiver`), which hands batches of raw responses to this process;
 this one decodes, skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
 nothing is lost or written twice: this one owns everything durable, and starts a new receiving process when
 its receiving process ends; the receiving process exits when this one is gone.

@@ -21,7 +21,7 @@ from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_defaults, f
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS, MetricsServer
 from flowpipe.pipeline import handle_stop_signals
 from flowpipe.sources.relay import RelaySource, RelaySourceConfig, parse_node_shard
-from flowpipe.sources.relay._connect import DEFAULT_RELAY_PORT, with_default_port
+from flowpipe.sources.relay._address import DEFAULT_RELAY_PORT, with_default_port
 
 _SINK = field_help(ParquetSinkConfig)
 _RELAY = field_help(RelaySourceConfig)

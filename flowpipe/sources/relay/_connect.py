@@ -10,7 +10,6 @@ given up for plaintext: a TLS problem is reported as one.
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 import threading
@@ -26,58 +25,18 @@ from typing import Any
 import grpc
 
 from flowpipe.errors import ConfigError, RelayError, RelayUnavailableError
+from flowpipe.sources.relay._address import (
+    MAX_MESSAGE_BYTES,
+    RECEIVE_WINDOW_BYTES,
+    RelayTLS,
+    split_address,
+    tls_context,
+)
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Codes that say "not now" rather than "never": the source backs off and retries them."""
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayTLS:
-    """TLS settings for the relay connection; `ca_path` None uses the system's trusted CAs."""
-
-    ca_path: str | None = None
-    cert_path: str | None = None
-    key_path: str | None = None
-    server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.cert_path is None) != (self.key_path is None):
-            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
-
-    @property
-    def mutual(self) -> bool:
-        """Whether a client certificate is presented."""
-        return self.cert_path is not None
-
-
-DEFAULT_RELAY_PORT = 4245
-"""The port `hubble observe --server` assumes when none is given (hubble-relay's own port; its Service in a
-default Cilium install listens on 80)."""
-
-
-def with_default_port(address: str) -> str:
-    """`address` with `DEFAULT_RELAY_PORT` added when it names only a host (`hubble-relay`, `[::1]`)."""
-    text = address.strip()
-    if re.fullmatch(r"\[[^\]]+\]|[^:\[\]\s]+", text):
-        return f"{text}:{DEFAULT_RELAY_PORT}"
-    return address
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` → (host, port); ConfigError naming the address otherwise."""
-    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)|(?P<host>[^:\[\]\s]+):(?P<p2>\d+)", address.strip())
-    if match is None:
-        raise ConfigError(
-            f"relay address {address!r} is not HOST:PORT (e.g. hubble-relay:4245 or 127.0.0.1:4245)"
-        )
-    host = match["v6"] or match["host"]
-    port = int(match["p1"] or match["p2"])
-    if not 0 < port < 65536:
-        raise ConfigError(f"relay address {address!r}: port {port} is out of range")
-    return host, port
 
 
 def _read(path: str, what: str) -> bytes:
@@ -85,11 +44,6 @@ def _read(path: str, what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
-
-
-RECEIVE_WINDOW_BYTES = 1 << 20
-"""HTTP/2 receive window of the GetFlows stream: about a thousand flows in flight, so the relay is not held
-up waiting for window updates (grpc's 64 KiB default holds some fifty), yet a bound on what grpcio buffers."""
 
 
 def open_channel(address: str, tls: RelayTLS | None) -> grpc.Channel:
@@ -166,25 +120,6 @@ class Diagnosis:
     message: str
     retryable: bool
     kind: str
-
-
-def tls_context(tls: RelayTLS | None, *, verify: bool = True) -> ssl.SSLContext:
-    """A client TLS context offering HTTP/2 (ALPN): verifying the relay with `tls` (its CA, or the system's,
-    and its client certificate), or (`verify=False`) verifying nothing, to look at what a server presents."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.set_alpn_protocols(["h2"])
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    assert tls is not None
-    if tls.ca_path:
-        context.load_verify_locations(cafile=tls.ca_path)
-    else:
-        context.load_default_certs()
-    if tls.cert_path and tls.key_path:
-        context.load_cert_chain(tls.cert_path, tls.key_path)
-    return context
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket | Diagnosis:

@@ -36,7 +36,7 @@ import h2.settings
 import hyperframe.frame
 
 from flowpipe import __version__
-from flowpipe.sources.relay._connect import (
+from flowpipe.sources.relay._address import (
     MAX_MESSAGE_BYTES,
     RECEIVE_WINDOW_BYTES,
     split_address,
@@ -44,7 +44,7 @@ from flowpipe.sources.relay._connect import (
 )
 
 if TYPE_CHECKING:
-    from flowpipe.sources.relay._connect import RelayTLS
+    from flowpipe.sources.relay._address import RelayTLS
 
 KEEPALIVE_SECONDS = 300.0
 KEEPALIVE_TIMEOUT_SECONDS = 20.0
