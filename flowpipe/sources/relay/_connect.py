@@ -32,6 +32,7 @@ from flowpipe.sources.relay._address import (
     split_address,
     tls_context,
 )
+from flowpipe.sources.relay._h2call import FlowsCall
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Codes that say "not now" rather than "never": the source backs off and retries them."""
@@ -532,3 +533,50 @@ class StreamReceiver(threading.Thread):
         self.stopping = True
         self.room.set()
         self.call.cancel()
+
+
+class CallError(grpc.RpcError):
+    """How a GetFlows call read over HTTP/2 (`_h2call`, in this process or the receiving one) ended: its status
+    code and details, as grpcio's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status code."""
+        return self._code
+
+    def details(self) -> str:
+        """The call's status message."""
+        return self._details
+
+
+class CallMessages:
+    """A GetFlows call read over HTTP/2 (`_h2call.FlowsCall`) as grpcio's streaming call: iterating gives the raw
+    response messages, and raises `CallError` when the call ends with a status other than OK; `cancel()` may be
+    called from another thread. The connection is made by the iterating thread, on its first step."""
+
+    def __init__(self, address: str, tls: RelayTLS | None, path: str, request: bytes) -> None:
+        self._open = (address, tls, path, request)
+        self._call: FlowsCall | None = None
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._cancelled:
+            raise CallError(grpc.StatusCode.CANCELLED, "cancelled before it started")
+        call = self._call = FlowsCall(*self._open)
+        if self._cancelled:
+            call.interrupt()
+        while call.status is None:
+            yield from call.read(0.5)
+        code, details = call.status
+        if code != "OK":
+            raise CallError(grpc.StatusCode[code], details)
+
+    def cancel(self) -> None:
+        """End the call (the iterating thread sees it end as CANCELLED)."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.interrupt()

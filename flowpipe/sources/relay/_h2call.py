@@ -97,6 +97,7 @@ class FlowsCall:
         self._stream_id = 0
         self._last_frame = time.monotonic()
         self._ping_sent: float | None = None
+        self._interrupted = False
         self._conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
@@ -161,10 +162,19 @@ class FlowsCall:
             sock.settimeout(max(timeout, 0.0))
             data = sock.recv(_READ_BYTES)
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
-            self._keepalive()
+            if self._interrupted:
+                self.cancel()
+            else:
+                self._keepalive()
             return messages
         except OSError as exc:
+            if self._interrupted:
+                self.cancel()
+                return messages
             self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
+            return messages
+        if self._interrupted:
+            self.cancel()
             return messages
         if not data:
             self._end("UNAVAILABLE", f"the relay {self.address} closed the connection")
@@ -271,6 +281,17 @@ class FlowsCall:
                 self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
 
     # -- ending --------------------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Have the call cancelled (from another thread than the one reading it): the connection is shut down,
+        which wakes a `read` in progress, and the reading thread ends the call as CANCELLED."""
+        self._interrupted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket's, under any TLS
+            except OSError:
+                pass
 
     def cancel(self) -> None:
         """End the call (RST_STREAM CANCEL) and close the connection; `status` becomes CANCELLED."""

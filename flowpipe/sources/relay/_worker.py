@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 import flowpipe
+from flowpipe.sources.relay._connect import CallError
 from flowpipe.sources.relay._handoff import (
     BATCH,
     CANCEL,
@@ -67,23 +68,6 @@ RECEIVER_MODULE = "flowpipe.sources.relay._receiver"
 """What the receiving process runs (`python -m`): it loads no grpcio and no data library."""
 JOIN_SECONDS = 5.0
 """How long the collector waits for the receiving process to end a call before it kills the process."""
-
-
-class RemoteCallError(grpc.RpcError):
-    """How a GetFlows call read by the receiving process ended: its status code and details, as grpcio's."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        """The call's status code."""
-        return self._code
-
-    def details(self) -> str:
-        """The call's status message."""
-        return self._details
 
 
 class ReceiverGone(Exception):
@@ -207,7 +191,7 @@ class RemoteStream:
             self.done = True
             ending = json_payload(payload)
             if ending.get("code"):
-                self.error = RemoteCallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
+                self.error = CallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
             elif ending.get("error"):
                 self.error = ReceiverGone(f"the receiving process failed: {ending['error']}")
             return None

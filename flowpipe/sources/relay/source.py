@@ -2,8 +2,8 @@
 
 ```
 ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filters, field_mask)
-   receiver thread (_connect.StreamReceiver): raw response bytes ─▶ bounded deque (backpressure reaches
-                                                                          the relay through HTTP/2 flow control)
+   receiver thread (_connect.StreamReceiver; the call read over HTTP/2 by _h2call): raw response bytes
+                    ─▶ bounded deque (backpressure reaches the relay through HTTP/2 flow control)
    batches(): deque ─▶ decode in bulk (transforms.from_proto) ─▶ skip repeats (_dedupe)
                     ─▶ move the resume point (_resume) ─▶ EventBatch(position)
 ```
@@ -68,6 +68,7 @@ from flowpipe.sources.relay._config import (
     verdict_numbers,
 )
 from flowpipe.sources.relay._connect import (
+    CallMessages,
     StreamReceiver,
     explain_call_error,
     open_channel,
@@ -381,11 +382,10 @@ class RelaySource:
             except OSError as exc:
                 return exc  # cannot start the receiving process: retried with backoff
         else:
-            call = self._channel.unary_stream(
-                _METHOD + "GetFlows",
-                request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-                response_deserializer=None,
-            )(request)
+            # read over HTTP/2 directly, as the receiving process does (grpcio costs several µs a message)
+            call = CallMessages(
+                self.address, self.config.tls, _METHOD + "GetFlows", request.SerializeToString()
+            )
             receiver = StreamReceiver(call, self.config.max_pending_flows, on_first)
             receiver.start()
         self._receiver = receiver
