@@ -114,7 +114,7 @@ class _Worker:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m flowpipe.sources.relay._worker FD SETTINGS`: serve the collector on socket FD until it goes."""
+    """`python -m flowpipe.sources.relay._receiver FD SETTINGS`: serve the collector on socket FD until it goes."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the collector's to act on: it stops this process itself
         signal.signal(sig, signal.SIG_IGN)
     settings = json.loads(argv[1])

@@ -10,9 +10,9 @@ receiving process (`_receiver`): one GetFlows call at a time over HTTP/2 (`_h2ca
 The receiving process never builds a protobuf object, and does not load grpcio (which costs several
 microseconds a streamed message): it reads the call's HTTP/2 frames itself and cuts the responses out of them
 as bytes, which leave as bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in
-frames (`_handoff`). It holds
-nothing durable and decides nothing: the collector says which stream to open (from its own resume point) and
-when to end it, and moves its checkpoint only for what its sinks made durable, as with one process.
+frames (`_handoff`). It holds nothing durable and decides nothing: the collector says which stream to open (from
+its own resume point) and when to end it, and moves its checkpoint only for what its sinks made durable, as with
+one process.
 
 - **Backpressure**: a collector that falls behind stops reading the socket; once its buffer (a few MiB) is
   full, the receiving process waits in `sendall` and stops reading its connection (it holds at most a batch
