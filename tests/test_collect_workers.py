@@ -9,8 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from support.collect import (
     chunks,
@@ -184,6 +187,39 @@ def test_a_call_read_over_http2_gives_every_response_and_ends_with_the_relays_st
         address = server.address
     nobody = FlowsCall(address, None, GET_FLOWS, following)
     assert nobody.status is not None and nobody.status[0] == "UNAVAILABLE" and address in nobody.status[1]
+
+
+def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
+    """Another gRPC implementation on the other end (grpcio's server: 16 KiB frames, its own window updates)."""
+    responses = [
+        observer_pb2.GetFlowsResponse(
+            flow={"uuid": f"u{i}", "node_name": "n" * (i % 3000)}
+        ).SerializeToString()
+        for i in range(3000)
+    ]
+
+    def get_flows(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if observer_pb2.GetFlowsRequest.FromString(request).first:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no first here: 100% sure")
+        yield from responses
+
+    handler = grpc.method_handlers_generic_handler(
+        "observer.Observer", {"GetFlows": grpc.unary_stream_rpc_method_handler(get_flows)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        whole = FlowsCall(address, None, GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
+        assert read_all(whole) == responses and whole.status == ("OK", "")
+        refused = FlowsCall(
+            address, None, GET_FLOWS, observer_pb2.GetFlowsRequest(first=1).SerializeToString()
+        )
+        assert read_all(refused) == []
+        assert refused.status == ("FAILED_PRECONDITION", "no first here: 100% sure")
+    finally:
+        server.stop(None)
 
 
 def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:
