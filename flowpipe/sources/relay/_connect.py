@@ -569,8 +569,12 @@ class CallMessages:
         call = self._call = FlowsCall(*self._open)
         if self._cancelled:
             call.interrupt()
-        while call.status is None:
-            yield from call.read(0.5)
+        try:
+            while call.status is None:
+                yield from call.read(0.5)
+        finally:
+            if call.status is None:  # the reader stopped iterating: end the call and close its connection
+                call.cancel()
         code, details = call.status
         if code != "OK":
             raise CallError(grpc.StatusCode[code], details)
