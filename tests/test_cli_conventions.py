@@ -203,7 +203,7 @@ def test_suggest_policy_format_and_its_older_spelling_agree(sim_faults: Any) -> 
     ],
 )
 def test_a_relay_address_without_a_port_takes_hubbles_default(given: str, used: str) -> None:
-    from flowpipe.sources.relay._connect import split_address, with_default_port
+    from flowpipe.sources.relay._address import split_address, with_default_port
 
     assert with_default_port(given) == used
     split_address(with_default_port(given))  # a valid HOST:PORT

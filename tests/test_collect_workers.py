@@ -9,8 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from support.collect import (
     chunks,
@@ -31,7 +34,9 @@ from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
+from flowpipe.sources.relay._h2call import FlowsCall
 from flowpipe.sources.relay._handoff import wait_readable
+from flowpipe.sources.relay._receiver import GET_FLOWS
 from flowpipe.sources.relay._worker import ReceivingProcess
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
@@ -140,6 +145,83 @@ def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_wai
     assert process_gone(process.pid), "closing the socket ends the receiving process"
 
 
+def read_all(call: FlowsCall, until: int | None = None) -> list[bytes]:
+    """The messages of a call until it ends (or `until` of them arrived)."""
+    messages: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while call.status is None and (until is None or len(messages) < until) and time.monotonic() < deadline:
+        messages += call.read(0.1)
+    return messages
+
+
+def test_a_call_read_over_http2_gives_every_response_and_ends_with_the_relays_status() -> None:
+    flows = sim_flow_bytes()[:2000]
+    with ObserverServer(buffer_size=5000) as server:
+        server.publish(flows)
+        whole = FlowsCall(
+            server.address, None, GET_FLOWS, observer_pb2.GetFlowsRequest(number=5000).SerializeToString()
+        )
+        responses = [observer_pb2.GetFlowsResponse.FromString(m) for m in read_all(whole)]
+        assert whole.status == ("OK", "")
+        assert responses[0].HasField("node_status")
+        assert [r.flow.uuid for r in responses[1:]] == uuids_of(flows), "every flow, in order"
+
+        wrong = observer_pb2.GetFlowsRequest(first=1, follow=True).SerializeToString()
+        refused = FlowsCall(server.address, None, GET_FLOWS, wrong)
+        assert read_all(refused) == []
+        assert refused.status == ("INVALID_ARGUMENT", "first cannot be specified with follow")
+
+        following = observer_pb2.GetFlowsRequest(number=5000, follow=True).SerializeToString()
+        broken = FlowsCall(server.address, None, GET_FLOWS, following)
+        assert len(read_all(broken, until=len(flows) + 1)) == len(flows) + 1
+        server.restart()
+        read_all(broken)
+        assert broken.status is not None and broken.status[0] == "UNAVAILABLE"
+
+        cancelled = FlowsCall(server.address, None, GET_FLOWS, following)
+        read_all(cancelled, until=1)
+        cancelled.cancel()
+        assert cancelled.status is not None and cancelled.status[0] == "CANCELLED"
+        assert cancelled.read(0.1) == []
+        wait_until(lambda: server.active_streams() == 0, what="the relay to see the cancelled call end")
+        address = server.address
+    nobody = FlowsCall(address, None, GET_FLOWS, following)
+    assert nobody.status is not None and nobody.status[0] == "UNAVAILABLE" and address in nobody.status[1]
+
+
+def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
+    """Another gRPC implementation on the other end (grpcio's server: 16 KiB frames, its own window updates)."""
+    responses = [
+        observer_pb2.GetFlowsResponse(
+            flow={"uuid": f"u{i}", "node_name": "n" * (i % 3000)}
+        ).SerializeToString()
+        for i in range(3000)
+    ]
+
+    def get_flows(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if observer_pb2.GetFlowsRequest.FromString(request).first:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no first here: 100% sure")
+        yield from responses
+
+    handler = grpc.method_handlers_generic_handler(
+        "observer.Observer", {"GetFlows": grpc.unary_stream_rpc_method_handler(get_flows)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        whole = FlowsCall(address, None, GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
+        assert read_all(whole) == responses and whole.status == ("OK", "")
+        refused = FlowsCall(
+            address, None, GET_FLOWS, observer_pb2.GetFlowsRequest(first=1).SerializeToString()
+        )
+        assert read_all(refused) == []
+        assert refused.status == ("FAILED_PRECONDITION", "no first here: 100% sure")
+    finally:
+        server.stop(None)
+
+
 def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:
     # /readyz needs `receiving`: a collector whose receiving process is gone (not yet replaced) is not ready
     config = fast_collect_config("127.0.0.1:4245", tmp_path).source
@@ -152,11 +234,11 @@ def write_cgroup(root: Path, quota: str) -> Path:
     return root
 
 
-def test_the_receiving_process_loads_no_data_library() -> None:
+def test_the_receiving_process_loads_no_data_library_and_no_grpcio() -> None:
     """The receiving process is started with `python -m`: its module and package must not import Arrow & co."""
     code = (
-        "import sys, flowpipe.sources.relay._worker; "
-        "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars') if m in sys.modules))"
+        "import sys, flowpipe.sources.relay._receiver; "
+        "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars', 'grpc') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

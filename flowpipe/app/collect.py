@@ -16,7 +16,7 @@ is open (and its receiving process runs) and the Parquet sink keeps flushing (no
 flush interval).
 
 With two workers (`workers=2`, the default where the container may use two CPUs) the stream is read by a
-process of its own (`flowpipe.sources.relay._worker`), which hands batches of raw responses to this process;
+process of its own (`flowpipe.sources.relay._receiver`), which hands batches of raw responses to this process;
 this one decodes, skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
 nothing is lost or written twice: this one owns everything durable, and starts a new receiving process when
 its receiving process ends; the receiving process exits when this one is gone.
@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 COLLECT_MAX_BATCH_BYTES = 24 * 1024 * 1024
 """The collector's open-batch size limit: smaller than the file ingest's, to keep a long-running process small."""
+
+
+COLLECT_MAX_STORED_KEYS = 1_000_000
+"""Uuids of stored flows the collector keeps in memory at most (16 MB, beyond the hours it is writing into; the
+hours touched least recently are forgotten first): a live stream comes in time order, seldom back to an hour."""
 
 
 def use_system_memory_pool() -> None:
@@ -204,7 +209,7 @@ def _collect(
         )
     # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
     metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
-    stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline)
+    stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline, max_keys=COLLECT_MAX_STORED_KEYS)
     workers = config.workers if config.workers is not None else default_workers()
     source = RelaySource(
         config.source,

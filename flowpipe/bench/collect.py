@@ -2,11 +2,13 @@
 
 Three child processes, so that each one's CPU and memory are its own:
 
-- the relay: the built-in Observer server with `flows` simulated flows in its buffer (a pool of simulated flows
-  repeated with fresh random uuids and times), so that serving costs a byte copy per flow, as a real relay's would;
-- the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M (and
-  3M, with `--flows 3000000`) flows are written, with two workers (the stream read by a receiving process of its
-  own) and with one; it samples the resident memory of its processes together as it goes (peak, and growth over
+- the relay: the built-in Observer server's transport serving 3M simulated flows (a pool of simulated flows
+  repeated with fresh random uuids and times, written into the pool's encoded responses as they are sent:
+  `bench.collect_relay`), so that serving costs about a byte copy per flow, as a real relay's would, and 3M
+  flows take no memory of their own;
+- the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M
+  flows are written, with two workers (the stream read by a receiving process of its own) and with one, then
+  3M with two (a `--flows` below 1M: that many, with both); it samples the resident memory of its processes together as it goes (peak, and growth over
   the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time), write
   (the sinks' thread) and receive (the rest: gRPC, the receiving process, the hand-over);
 - the naive client: per flow `MessageToDict`, rows gathered into pandas DataFrames and written with `to_parquet`.
@@ -16,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,19 @@ def _report(process: subprocess.Popen[str], task: str, timeout: float = 3600.0) 
 
 
 COLLECT_SIZES = (1_000_000, 3_000_000)
-"""Stream lengths measured (those up to `--flows`; `--flows 3000000` measures both)."""
+"""Stream lengths measured: 1M with two workers and with one, 3M with two (a smaller `--flows`: that many, with
+both; a larger one: that many as well, with two)."""
 
 
 def _sizes(flows: int) -> list[int]:
-    return sorted({size for size in COLLECT_SIZES if size <= flows} | {min(flows, COLLECT_SIZES[0])})
+    if flows < COLLECT_SIZES[0]:
+        return [flows]
+    return sorted({*COLLECT_SIZES, flows})
+
+
+def _workers(size: int, sizes: list[int]) -> tuple[int, ...]:
+    """The worker counts measured at `size`: both at the first size, two beyond (the 1-worker comparison once)."""
+    return (2, 1) if size == sizes[0] else (2,)
 
 
 def _mb(value: float | None) -> float | None:
@@ -97,14 +105,15 @@ def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
 
 
 def bench_collect(ctx: BenchContext) -> list[Figure]:
-    """Throughput, CPU by stage and memory of `collect` with one and two workers, draining a relay that holds
-    `ctx.flows` flows (1M and 3M flows of it, where it holds that many), and the naive client."""
+    """Throughput, CPU by stage and memory of `collect` with two workers over 1M and 3M flows (and one worker over
+    1M), draining the bench's relay, and the naive client."""
 
     root = ctx.workdir / "collect"
     shutil.rmtree(root, ignore_errors=True)  # a kept --workdir holds the last run's checkpoints
     shutil.rmtree(ctx.workdir / "collect-dataset", ignore_errors=True)  # (older bench runs)
     root.mkdir(parents=True)
-    relay = _spawn("relay", str(ctx.flows), str(ctx.seed))
+    sizes = _sizes(ctx.flows)
+    relay = _spawn("relay", str(max(sizes)), str(ctx.seed))
     runs: dict[tuple[int, int], dict[str, Any]] = {}
     try:
         assert relay.stdout is not None
@@ -113,10 +122,10 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             relay.kill()
             raise FlowpipeError(f"bench relay did not start: {relay.communicate()[1][-2000:]}")
         address, fill_seconds = ready[1], float(ready[2])
-        ctx.log(f"relay on {address} holds {ctx.flows:,} flows (filled in {fill_seconds:.0f}s)")
+        ctx.log(f"relay on {address} serves {max(sizes):,} flows (ready in {fill_seconds:.0f}s)")
         relay_cpu = served = 0.0
-        for size in _sizes(ctx.flows):
-            for workers in (2, 1):
+        for size in sizes:
+            for workers in _workers(size, sizes):
                 ctx.log(f"collecting {size:,} flows with {workers} worker(s)")
                 before = process_cpu_seconds(relay.pid) or 0.0
                 report = _report(
@@ -130,7 +139,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
                 if not report["flows"]:
                     raise FlowpipeError(f"bench collector received no flows from the relay at {address}")
                 runs[size, workers] = report
-        size = min(ctx.flows, COLLECT_SIZES[0])
+        size = sizes[0]
         ctx.log(f"again with metrics off (no analytics sink, no /metrics), {size:,} flows, 2 workers")
         bare = _report(
             _spawn("collector", address, str(root / "bare"), str(size), "off", "2"),
@@ -144,10 +153,10 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
         relay.wait()
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     figures: list[Figure] = []
-    for size in _sizes(ctx.flows):
-        two, one = runs[size, 2], runs[size, 1]
+    for size in sizes:
+        two, one = runs[size, 2], runs.get((size, 1))
         label = f"{size / 1e6:g}M flows"
-        speed2, speed1 = two["flows"] / two["seconds"], one["flows"] / one["seconds"]
+        speed2 = two["flows"] / two["seconds"]
         figures += [
             Figure("collect", f"flows collected, {label}", two["flows"], "flows", target=size),
             Figure(
@@ -159,24 +168,13 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
                 note=f"loopback gRPC, whole flows, the relay on the same cores; {load}",
             ),
             Figure(
-                "collect", f"relay → dataset throughput, {label}, 1 worker", speed1, "flows/s", target=50_000
-            ),
-            Figure("collect", f"2 workers / 1 worker, {label}", speed2 / speed1, "x", target=1.6),
-            Figure(
                 "collect",
                 f"collector CPU time per flow, {label}, 2 workers",
                 two["cpu_seconds"] / two["flows"] * 1e6,
                 "us",
                 note="both processes",
             ),
-            Figure(
-                "collect",
-                f"collector CPU time per flow, {label}, 1 worker",
-                one["cpu_seconds"] / one["flows"] * 1e6,
-                "us",
-            ),
             *_stage_figures(two, f"{label}, 2 workers"),
-            *_stage_figures(one, f"{label}, 1 worker"),
             Figure(
                 "collect",
                 f"peak RSS of the collector's processes, {label}, 2 workers",
@@ -195,6 +193,22 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
                 False,
                 note=f"{len(two['rss_samples'])} samples",
             ),
+        ]
+        if one is None:
+            continue
+        speed1 = one["flows"] / one["seconds"]
+        figures += [
+            Figure(
+                "collect", f"relay → dataset throughput, {label}, 1 worker", speed1, "flows/s", target=50_000
+            ),
+            Figure("collect", f"2 workers / 1 worker, {label}", speed2 / speed1, "x", target=1.6),
+            Figure(
+                "collect",
+                f"collector CPU time per flow, {label}, 1 worker",
+                one["cpu_seconds"] / one["flows"] * 1e6,
+                "us",
+            ),
+            *_stage_figures(one, f"{label}, 1 worker"),
             Figure(
                 "collect", f"peak RSS of the collector, {label}, 1 worker", _mb(one["max_rss_bytes"]), "MB"
             ),
@@ -231,7 +245,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
 
 def _relay_main(count: int, seed: int) -> None:
     from flowpipe._proto.flow import flow_pb2
-    from flowpipe.server import ObserverServer
+    from flowpipe.bench.collect_relay import start_relay
     from flowpipe.sim import Simulator, SimulatorConfig
 
     started = time.perf_counter()
@@ -240,24 +254,7 @@ def _relay_main(count: int, seed: int) -> None:
         SimulatorConfig(seed=seed, duration_seconds=600, rate_flows_per_second=pool_size / 600)
     )
     pool = [flow_pb2.Flow.FromString(data) for data in simulator.flow_bytes()][:pool_size]
-    span = pool[-1].time.ToNanoseconds() - pool[0].time.ToNanoseconds() + 1_000_000
-    server = ObserverServer(port=0, buffer_size=count).start()  # a node's ring never overwrites
-    batch: list[flow_pb2.Flow] = []
-    # random (version 4) uuids, as Cilium's: the stored-flow check keys on their leading bits, which counted
-    # uuids (all leading zeros) would make one long run of equal keys
-    draw = random.Random(seed).getrandbits
-    for index in range(count):
-        base = pool[index % pool_size]
-        flow = flow_pb2.Flow()
-        flow.CopyFrom(base)
-        flow.uuid = str(uuid.UUID(int=draw(128), version=4))
-        flow.time.FromNanoseconds(base.time.ToNanoseconds() + (index // pool_size) * span)
-        batch.append(flow)
-        if len(batch) >= 10_000:
-            server.publish(batch)
-            batch = []
-    if batch:
-        server.publish(batch)
+    server = start_relay(pool, count, seed)
     print(f"ready {server.address} {time.perf_counter() - started:.1f}", flush=True)
     sys.stdin.close()
     threading.Event().wait()

@@ -13,7 +13,7 @@ from flowpipe.cli._options import cluster_name_option, dataset_option
 from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_defaults, field_help
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS
 from flowpipe.sources.relay import RelaySourceConfig, parse_node_shard
-from flowpipe.sources.relay._connect import DEFAULT_RELAY_PORT, with_default_port
+from flowpipe.sources.relay._address import DEFAULT_RELAY_PORT, with_default_port
 
 _SINK = field_help(ParquetSinkConfig)
 _RELAY = field_help(RelaySourceConfig)

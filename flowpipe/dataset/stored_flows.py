@@ -204,7 +204,12 @@ class StoredFlows:
 
     @classmethod
     def for_writer(
-        cls, dataset: Dataset, sink: ParquetSinkConfig, pipeline: PipelineConfig | None = None
+        cls,
+        dataset: Dataset,
+        sink: ParquetSinkConfig,
+        pipeline: PipelineConfig | None = None,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> StoredFlows:
         """The stored flows of `dataset`, for a run that writes into it with the sink configuration `sink`."""
         return cls(
@@ -212,6 +217,7 @@ class StoredFlows:
             own_writer_id=sink.writer_id,
             unflushed_rows=sink.max_batch_rows,
             buffer_batches=(pipeline or PipelineConfig()).buffer_batches,
+            max_keys=max_keys,
         )
 
     def new_rows(self, flows: pa.Table) -> tuple[pa.Table, int]:

@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from typing import Any, Self, TypeVar, cast
 
 import grpc
+import numpy as np
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import DecodeError, Message
 
@@ -52,7 +53,6 @@ DEFAULT_RELAY_NAME = "flowpipe-relay"
 
 _SEND_FLOWS = 512  # flows per write: one HTTP/2 write carries a few hundred kB
 _SCAN_CHUNK = 4096  # flows examined between yields to the event loop
-_ORDER_KEY = operator.attrgetter("time_ns", "seq")
 _FOLLOW_CHUNK = 8192  # flows read per node per follow step
 _SERVICE = "/observer.Observer/"
 
@@ -70,6 +70,17 @@ def _decode(cls: type[M], data: bytes) -> M:
 
 def _timestamp_ns(message: Any) -> int:
     return int(message.seconds) * 1_000_000_000 + int(message.nanos)
+
+
+def _time_ordered(entries: list[BufferedFlow]) -> list[BufferedFlow]:
+    """`entries` by time, then by publish order (a sort of two integer columns: no key tuple per flow)."""
+    try:
+        times = np.fromiter([entry.time_ns for entry in entries], dtype=np.int64, count=len(entries))
+    except OverflowError:  # a time past 2262 (a Timestamp may say up to year 9999)
+        return sorted(entries, key=operator.attrgetter("time_ns", "seq"))
+    seqs = np.fromiter([entry.seq for entry in entries], dtype=np.int64, count=len(entries))
+    order = np.lexsort((seqs, times))
+    return [entries[i] for i in order.tolist()]
 
 
 class _Request:
@@ -107,6 +118,8 @@ class _Request:
         if self.number == 0:
             return 0
         count, until = 0, self.until
+        if until is None and matcher.accepts_all:
+            return max(0, len(entries) - self.number)
         while i > 0:
             i -= 1
             entry = entries[i]
@@ -117,6 +130,12 @@ class _Request:
                 if count >= self.number:
                     return i
         return 0
+
+    def takes_all(self, matcher: NodeMatcher) -> bool:
+        """Whether `select` takes every flow of a node's backlog from its start (no time bound, no count,
+        no filter): the backlog is then a slice."""
+        limit = 0 if self.follow else self.number
+        return self.since is None and self.until is None and not limit and matcher.accepts_all
 
     def select(
         self, entries: Sequence[BufferedFlow], start: int, matcher: NodeMatcher, hit_until: list[bool]
@@ -259,15 +278,19 @@ class ObserverService:
             if matcher is None:
                 continue
             entries = snapshot[node][0]
-            selection = req.select(entries, req.start_index(entries, matcher), matcher, hit_until)
+            start = req.start_index(entries, matcher)
             before = len(backlog)
-            while chunk := list(itertools.islice(selection, _SCAN_CHUNK)):
-                backlog.extend(chunk)
-                await asyncio.sleep(0)  # long filtered scans must not starve other calls
+            if req.takes_all(matcher):
+                backlog += entries[start:]
+            else:
+                selection = req.select(entries, start, matcher, hit_until)
+                while chunk := list(itertools.islice(selection, _SCAN_CHUNK)):
+                    backlog.extend(chunk)
+                    await asyncio.sleep(0)  # long filtered scans must not starve other calls
             runs += len(backlog) > before
         del snapshot
         if runs > 1:
-            backlog.sort(key=_ORDER_KEY)  # merge the per-node runs by time, like the relay's merge
+            backlog = _time_ordered(backlog)  # merge the per-node runs by time, like the relay's merge
         for i in range(0, len(backlog), _SEND_FLOWS):
             chunk = backlog[i : i + _SEND_FLOWS]
             if mask is None:

@@ -1,7 +1,7 @@
 """The relay source (`source`: `RelaySource` following hubble-relay's GetFlows stream) and its parts.
 
-The package itself imports nothing heavy: the receiving process (`_worker`, started with `python -m`) needs
-only gRPC and the connection helpers (`_connect`, `_handoff`), not Arrow. Every name of `source` (the
+The package itself imports nothing heavy: the receiving process (`_receiver`, started with `python -m`) needs
+only h2 and its helpers (`_address`, `_h2call`, `_handoff`), neither grpcio nor Arrow. Every name of `source` (the
 source, its configuration and helpers) is reachable from here and imported on first use.
 """
 

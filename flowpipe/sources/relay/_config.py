@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.errors import ConfigError
-from flowpipe.sources.relay._connect import RelayTLS, split_address
+from flowpipe.sources.relay._address import RelayTLS, split_address
 
 ALL_EVENTS = 2**64 - 1
 """`GetFlowsRequest.number` for "everything in the buffer" (what `hubble observe --all` sends)."""

@@ -10,7 +10,6 @@ given up for plaintext: a TLS problem is reported as one.
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 import threading
@@ -26,58 +25,19 @@ from typing import Any
 import grpc
 
 from flowpipe.errors import ConfigError, RelayError, RelayUnavailableError
+from flowpipe.sources.relay._address import (
+    MAX_MESSAGE_BYTES,
+    RECEIVE_WINDOW_BYTES,
+    RelayTLS,
+    split_address,
+    tls_context,
+)
+from flowpipe.sources.relay._h2call import FlowsCall
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Codes that say "not now" rather than "never": the source backs off and retries them."""
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayTLS:
-    """TLS settings for the relay connection; `ca_path` None uses the system's trusted CAs."""
-
-    ca_path: str | None = None
-    cert_path: str | None = None
-    key_path: str | None = None
-    server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.cert_path is None) != (self.key_path is None):
-            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
-
-    @property
-    def mutual(self) -> bool:
-        """Whether a client certificate is presented."""
-        return self.cert_path is not None
-
-
-DEFAULT_RELAY_PORT = 4245
-"""The port `hubble observe --server` assumes when none is given (hubble-relay's own port; its Service in a
-default Cilium install listens on 80)."""
-
-
-def with_default_port(address: str) -> str:
-    """`address` with `DEFAULT_RELAY_PORT` added when it names only a host (`hubble-relay`, `[::1]`)."""
-    text = address.strip()
-    if re.fullmatch(r"\[[^\]]+\]|[^:\[\]\s]+", text):
-        return f"{text}:{DEFAULT_RELAY_PORT}"
-    return address
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` → (host, port); ConfigError naming the address otherwise."""
-    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)|(?P<host>[^:\[\]\s]+):(?P<p2>\d+)", address.strip())
-    if match is None:
-        raise ConfigError(
-            f"relay address {address!r} is not HOST:PORT (e.g. hubble-relay:4245 or 127.0.0.1:4245)"
-        )
-    host = match["v6"] or match["host"]
-    port = int(match["p1"] or match["p2"])
-    if not 0 < port < 65536:
-        raise ConfigError(f"relay address {address!r}: port {port} is out of range")
-    return host, port
 
 
 def _read(path: str, what: str) -> bytes:
@@ -87,20 +47,18 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
 
 
-RECEIVE_WINDOW_BYTES = 1 << 20
-"""HTTP/2 receive window of the GetFlows stream: about a thousand flows in flight, so the relay is not held
-up waiting for window updates (grpc's 64 KiB default holds some fifty), yet a bound on what grpcio buffers."""
-
-
 def open_channel(address: str, tls: RelayTLS | None) -> grpc.Channel:
     """A gRPC channel to the relay. Streaming calls run on the caller's thread (fewer thread handoffs per
     message); the receive window is fixed at `RECEIVE_WINDOW_BYTES` (BDP probing off, which would grow it
-    without a bound a reader that is behind could rely on)."""
+    without a bound a reader that is behind could rely on), and so is the largest DATA frame the relay may send."""
     split_address(address)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+        # frames as large as the window: a server that honours it (the built-in one) writes a few large DATA
+        # frames where 16 KiB ones cost it a frame each ~15 flows (grpc-go servers keep to 16 KiB anyway)
+        ("grpc.http2.max_frame_size", RECEIVE_WINDOW_BYTES),
         # grpc-go servers (hubble-relay) close connections that ping more often than every 5 minutes.
         ("grpc.keepalive_time_ms", 300_000),
         ("grpc.keepalive_timeout_ms", 20_000),
@@ -165,23 +123,6 @@ class Diagnosis:
     kind: str
 
 
-def _tls_context(tls: RelayTLS | None, *, verify: bool) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.set_alpn_protocols(["h2"])
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    assert tls is not None
-    if tls.ca_path:
-        context.load_verify_locations(cafile=tls.ca_path)
-    else:
-        context.load_default_certs()
-    if tls.cert_path and tls.key_path:
-        context.load_cert_chain(tls.cert_path, tls.key_path)
-    return context
-
-
 def _connect(host: str, port: int, timeout: float) -> socket.socket | Diagnosis:
     where = f"{host}:{port}"
     try:
@@ -238,7 +179,7 @@ def _speaks_tls(host: str, port: int, deadline: float) -> bool:
         return False
     try:
         sock.settimeout(_left(deadline))
-        with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
+        with tls_context(None, verify=False).wrap_socket(sock, server_hostname=host):
             return True
     except (OSError, ssl.SSLError):
         return False
@@ -325,7 +266,7 @@ def _diagnose_tls(
 ) -> Diagnosis | None:
     name = tls.server_name or host
     try:
-        context = _tls_context(tls, verify=True)
+        context = tls_context(tls, verify=True)
     except (OSError, ssl.SSLError) as exc:
         return Diagnosis(
             f"cannot load the TLS files (--tls-ca/--tls-cert/--tls-key): {exc}", False, "tls_files"
@@ -420,7 +361,7 @@ def _validity_failure(where: str, name: str, tls: RelayTLS, timeout: float) -> D
     sock = _connect(host, port, timeout)
     if not isinstance(sock, Diagnosis):
         try:
-            with _tls_context(None, verify=False).wrap_socket(sock, server_hostname=name) as wrapped:
+            with tls_context(None, verify=False).wrap_socket(sock, server_hostname=name) as wrapped:
                 der = wrapped.getpeercert(binary_form=True)
             if der:
                 certificates.append((f"the certificate of {where}", x509.load_der_x509_certificate(der)))
@@ -592,3 +533,54 @@ class StreamReceiver(threading.Thread):
         self.stopping = True
         self.room.set()
         self.call.cancel()
+
+
+class CallError(grpc.RpcError):
+    """How a GetFlows call read over HTTP/2 (`_h2call`, in this process or the receiving one) ended: its status
+    code and details, as grpcio's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status code."""
+        return self._code
+
+    def details(self) -> str:
+        """The call's status message."""
+        return self._details
+
+
+class CallMessages:
+    """A GetFlows call read over HTTP/2 (`_h2call.FlowsCall`) as grpcio's streaming call: iterating gives the raw
+    response messages, and raises `CallError` when the call ends with a status other than OK; `cancel()` may be
+    called from another thread. The connection is made by the iterating thread, on its first step."""
+
+    def __init__(self, address: str, tls: RelayTLS | None, path: str, request: bytes) -> None:
+        self._open = (address, tls, path, request)
+        self._call: FlowsCall | None = None
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._cancelled:
+            raise CallError(grpc.StatusCode.CANCELLED, "cancelled before it started")
+        call = self._call = FlowsCall(*self._open)
+        if self._cancelled:
+            call.interrupt()
+        try:
+            while call.status is None:
+                yield from call.read(0.5)
+        finally:
+            if call.status is None:  # the reader stopped iterating: end the call and close its connection
+                call.cancel()
+        code, details = call.status
+        if code != "OK":
+            raise CallError(grpc.StatusCode[code], details)
+
+    def cancel(self) -> None:
+        """End the call (the iterating thread sees it end as CANCELLED)."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.interrupt()

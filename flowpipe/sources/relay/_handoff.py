@@ -83,10 +83,17 @@ def _send_batch_frame(sock: socket.socket, messages: Sequence[bytes]) -> None:
     sock.sendall(b"".join([_HEADER.pack(BATCH, len(messages), size), lengths.tobytes(), *messages]))
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytearray:
+def _read_exactly(sock: socket.socket, size: int) -> bytes | bytearray:
+    # one recv mostly gets the whole frame (waiting in the socket's buffer): then nothing is zeroed or copied
+    first = sock.recv(size)
+    if len(first) == size:
+        return first
+    if not first:
+        raise HandoffClosed("the other process closed the socket in the middle of a frame")
     buffer = bytearray(size)
+    buffer[: len(first)] = first
     view = memoryview(buffer)
-    done = 0
+    done = len(first)
     while done < size:
         got = sock.recv_into(view[done:])
         if not got:
@@ -102,17 +109,17 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
-def read_frame(sock: socket.socket) -> tuple[bytes, int, bytearray]:
+def read_frame(sock: socket.socket) -> tuple[bytes, int, bytes | bytearray]:
     """Read the next frame: (kind, count, payload). Raises HandoffClosed at the end of the connection."""
     first = sock.recv(_HEADER.size)
     if not first:
         raise HandoffClosed("the other process closed the socket")
     header = first if len(first) == _HEADER.size else first + _read_exactly(sock, _HEADER.size - len(first))
     kind, count, size = _HEADER.unpack(header)
-    return kind, count, _read_exactly(sock, size) if size else bytearray()
+    return kind, count, _read_exactly(sock, size) if size else b""
 
 
-def batch_messages(count: int, payload: bytearray) -> pa.BinaryArray:
+def batch_messages(count: int, payload: bytes | bytearray) -> pa.BinaryArray:
     """A batch frame's payload as an Arrow binary array of its messages, over the payload itself (no copy)."""
     import numpy as np  # (here: the receiving process never needs them)
     import pyarrow as pa
@@ -125,7 +132,7 @@ def batch_messages(count: int, payload: bytearray) -> pa.BinaryArray:
     return array
 
 
-def json_payload(payload: bytearray) -> dict[str, Any]:
+def json_payload(payload: bytes | bytearray) -> dict[str, Any]:
     """A frame's JSON document."""
     document: dict[str, Any] = json.loads(bytes(payload))
     return document

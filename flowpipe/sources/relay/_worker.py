@@ -4,17 +4,19 @@
 collector process (RelaySource: connect, resume, decode, dedupe; sinks; checkpoint; /metrics)
    │ ▲   S: a serialised GetFlowsRequest      C: cancel the call      (end of connection: exit)
    ▼ │   B: batches of raw GetFlowsResponse bytes      E: the call ended (status code and details)
-receiving process (this module's `main`): one gRPC channel, one call at a time, StreamReceiver ─▶ batches
+receiving process (`_receiver`): one GetFlows call at a time over HTTP/2 (`_h2call`) ─▶ batches
 ```
 
-The receiving process never builds a protobuf object: responses arrive as bytes (no deserializer) and leave as
-bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in frames (`_handoff`). It holds
-nothing durable and decides nothing: the collector says which stream to open (from its own resume point) and
-when to end it, and moves its checkpoint only for what its sinks made durable, as with one process.
+The receiving process never builds a protobuf object, and does not load grpcio (which costs several
+microseconds a streamed message): it reads the call's HTTP/2 frames itself and cuts the responses out of them
+as bytes, which leave as bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in
+frames (`_handoff`). It holds nothing durable and decides nothing: the collector says which stream to open (from
+its own resume point) and when to end it, and moves its checkpoint only for what its sinks made durable, as with
+one process.
 
 - **Backpressure**: a collector that falls behind stops reading the socket; once its buffer (a few MiB) is
-  full, the receiving process waits in `sendall`, its queue of responses fills to `max_pending_flows`, and the
-  relay's stream waits (HTTP/2 flow control).
+  full, the receiving process waits in `sendall` and stops reading its connection (it holds at most a batch
+  of `max_pending_flows`), and the relay's stream waits (HTTP/2 flow control).
 - **Either process killed**: the collector killed, its end of the socket closes and the receiving process exits
   (it ignores SIGINT and SIGTERM, which are the collector's to act on). The receiving process killed, the
   collector sees the socket close, counts it as a lost stream, and starts a new receiving process with the
@@ -28,9 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,13 +42,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 import flowpipe
-from flowpipe.sources.relay._connect import (
-    RelayTLS,
-    StreamReceiver,
-    open_channel,
-    status_code,
-    status_details,
-)
+from flowpipe.sources.relay._connect import CallError
 from flowpipe.sources.relay._handoff import (
     BATCH,
     CANCEL,
@@ -58,9 +52,7 @@ from flowpipe.sources.relay._handoff import (
     batch_messages,
     json_payload,
     read_frame,
-    send_batch,
     send_frame,
-    send_json,
     socket_pair,
     wait_readable,
 )
@@ -72,26 +64,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowpipe.sources.relay")
 
-GET_FLOWS = "/observer.Observer/GetFlows"
+RECEIVER_MODULE = "flowpipe.sources.relay._receiver"
+"""What the receiving process runs (`python -m`): it loads no grpcio and no data library."""
 JOIN_SECONDS = 5.0
 """How long the collector waits for the receiving process to end a call before it kills the process."""
-
-
-class RemoteCallError(grpc.RpcError):
-    """How a GetFlows call read by the receiving process ended: its status code and details, as grpcio's."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        """The call's status code."""
-        return self._code
-
-    def details(self) -> str:
-        """The call's status message."""
-        return self._details
 
 
 class ReceiverGone(Exception):
@@ -124,7 +100,7 @@ class ReceivingProcess:
         # the package as this process imported it, whatever the working directory and path of the child
         root = str(Path(flowpipe.__file__).resolve().parent.parent)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(_settings(config))]
+        command = [sys.executable, "-m", RECEIVER_MODULE, str(theirs.fileno()), json.dumps(_settings(config))]
         try:
             self.process = subprocess.Popen(
                 command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environment
@@ -215,7 +191,7 @@ class RemoteStream:
             self.done = True
             ending = json_payload(payload)
             if ending.get("code"):
-                self.error = RemoteCallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
+                self.error = CallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
             elif ending.get("error"):
                 self.error = ReceiverGone(f"the receiving process failed: {ending['error']}")
             return None
@@ -286,107 +262,3 @@ class RemoteStream:
     def is_alive(self) -> bool:
         """Whether the call is still going (as a thread's)."""
         return not self.done
-
-
-# -- the receiving process --------------------------------------------------------------------------------
-
-
-def _describe(error: BaseException | None) -> dict[str, Any]:
-    if error is None:
-        return {"code": None}
-    if isinstance(error, grpc.RpcError):
-        return {"code": status_code(error).name, "details": status_details(error)}
-    return {"code": None, "error": f"{type(error).__name__}: {error}"}
-
-
-class _Worker:
-    """The receiving process: a control thread reads the collector's requests, the main thread sends batches."""
-
-    def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
-        self.sock = sock
-        self.settings = settings
-        tls = settings["tls"]
-        self.tls = None if tls is None else RelayTLS(tls["ca"], tls["cert"], tls["key"], tls["name"])
-        self.requests: queue.Queue[tuple[threading.Event, bytes]] = queue.Queue()
-        self.lock = threading.Lock()
-        self.cancel: threading.Event | None = None
-        self.receiver: StreamReceiver | None = None
-        self.channel: grpc.Channel | None = None
-
-    def control(self) -> None:
-        """Read the collector's frames; the end of the connection (the collector is gone) ends the process."""
-        try:
-            while True:
-                kind, _, payload = read_frame(self.sock)
-                with self.lock:
-                    if kind == START:
-                        self.cancel = threading.Event()
-                        self.requests.put((self.cancel, bytes(payload)))
-                    elif kind == CANCEL and self.cancel is not None:
-                        self.cancel.set()
-                        if self.receiver is not None:
-                            self.receiver.stop()
-        except (HandoffClosed, OSError):
-            code = 0
-        except BaseException:  # a bug here must not leave a process that nobody controls
-            log.exception("the receiving process stops")
-            code = 1
-        os._exit(code)  # nothing here is durable: nothing to flush
-
-    def run(self) -> None:
-        threading.Thread(target=self.control, name="flowpipe-receiver-control", daemon=True).start()
-        while True:
-            cancel, request = self.requests.get()
-            try:
-                ending = self._call(cancel, request)
-            except Exception as exc:  # noqa: BLE001  (told to the collector, which retries with backoff)
-                ending = _describe(exc)
-            send_json(self.sock, END, ending)
-
-    def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
-        if cancel.is_set():
-            return {"code": "CANCELLED", "details": "cancelled before it started"}
-        if self.channel is None:
-            self.channel = open_channel(self.settings["address"], self.tls)
-        call = self.channel.unary_stream(GET_FLOWS, request_serializer=None, response_deserializer=None)(
-            request
-        )
-        receiver = StreamReceiver(call, self.settings["max_pending"], lambda: None)
-        with self.lock:
-            self.receiver = receiver
-            receiver.start()
-            if cancel.is_set():
-                receiver.stop()
-        count, seconds = self.settings["batch_max_flows"], self.settings["batch_max_seconds"]
-        try:
-            while True:
-                messages, over = receiver.take(count, seconds, cancel)
-                if messages:
-                    send_batch(self.sock, messages)
-                if over or cancel.is_set():
-                    break
-        finally:
-            with self.lock:
-                self.receiver = None
-            receiver.stop()
-            receiver.join(JOIN_SECONDS)
-        if receiver.is_alive():
-            return {"code": None, "error": "the call did not end when cancelled"}
-        return _describe(receiver.error)
-
-
-def main(argv: list[str]) -> None:
-    """`python -m flowpipe.sources.relay._worker FD SETTINGS`: serve the collector on socket FD until it goes."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the collector's to act on: it stops this process itself
-        signal.signal(sig, signal.SIG_IGN)
-    settings = json.loads(argv[1])
-    logging.basicConfig(level=settings.get("log_level", logging.WARNING), format="%(levelname)s %(message)s")
-    sock = socket.socket(fileno=int(argv[0]))
-    try:
-        _Worker(sock, settings).run()
-    except (OSError, HandoffClosed):  # the collector is gone
-        os._exit(0)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -2,8 +2,8 @@
 
 ```
 ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filters, field_mask)
-   receiver thread (_connect.StreamReceiver): raw response bytes ─▶ bounded deque (backpressure reaches
-                                                                          the relay through HTTP/2 flow control)
+   receiver thread (_connect.StreamReceiver; the call read over HTTP/2 by _h2call): raw response bytes
+                    ─▶ bounded deque (backpressure reaches the relay through HTTP/2 flow control)
    batches(): deque ─▶ decode in bulk (transforms.from_proto) ─▶ skip repeats (_dedupe)
                     ─▶ move the resume point (_resume) ─▶ EventBatch(position)
 ```
@@ -29,13 +29,13 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
 - **Receiving process** (`receive_process=True`, `collect --workers 2`): the GetFlows call is read by a process of
-  its own (`_worker`), which hands the raw responses over in batches; everything else stays here, the same
+  its own (`_worker` drives it, `_receiver` runs in it), which hands the raw responses over in batches; everything else stays here, the same
   in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
   and the stream resumes from the resume point with the repeats skipped.
 
 This module is the connection loop and the batch assembly; the package's helpers are `_config` (the
-options), `_connect` (channels, diagnosis, the receiver thread), `_worker` and `_handoff` (the receiving
-process and its hand-over), `_dedupe`, `_resume` (where a new stream starts, the checkpoint document) and `_log`
+options), `_address` (addresses, TLS settings), `_connect` (channels, diagnosis, the receiver thread),
+`_worker`, `_receiver`, `_h2call` and `_handoff` (the receiving process, its HTTP/2 call and its hand-over), `_dedupe`, `_resume` (where a new stream starts, the checkpoint document) and `_log`
 (what is logged about the relay); responses are decoded by `flowpipe.transforms.from_proto`.
 """
 
@@ -68,6 +68,7 @@ from flowpipe.sources.relay._config import (
     verdict_numbers,
 )
 from flowpipe.sources.relay._connect import (
+    CallMessages,
     StreamReceiver,
     explain_call_error,
     open_channel,
@@ -381,11 +382,10 @@ class RelaySource:
             except OSError as exc:
                 return exc  # cannot start the receiving process: retried with backoff
         else:
-            call = self._channel.unary_stream(
-                _METHOD + "GetFlows",
-                request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-                response_deserializer=None,
-            )(request)
+            # read over HTTP/2 directly, as the receiving process does (grpcio costs several µs a message)
+            call = CallMessages(
+                self.address, self.config.tls, _METHOD + "GetFlows", request.SerializeToString()
+            )
             receiver = StreamReceiver(call, self.config.max_pending_flows, on_first)
             receiver.start()
         self._receiver = receiver

@@ -1,0 +1,323 @@
+"""One GetFlows call over HTTP/2 on a socket of its own (h2): how the receiving process reads the stream.
+
+grpcio hands a streamed message to Python for several microseconds each (a completion-queue event, a lock,
+a Python object); the receiving process wants only the bytes of the messages, in order, as fast as they come.
+`FlowsCall` speaks the same gRPC over HTTP/2 as grpcio (length-prefixed messages in DATA frames, the status
+in trailers), reads the socket in large pieces and cuts the messages out of them: the cost per message is a
+slice. It advertises a receive window of `RECEIVE_WINDOW_BYTES` and DATA frames as large as that window (a
+server that honours it writes few, large frames; grpc-go's keep to 16 KiB, which h2 reads as well).
+
+- **Backpressure**: received data is acknowledged (a WINDOW_UPDATE) as it is read; a reader that stops
+  calling `read` stops reading the socket, so the relay's window closes and its stream waits.
+- **How it ends**: `status` is set once the call is over, as grpcio reports it: the code and details of the
+  trailers, UNAVAILABLE when the connection cannot be made or breaks (reset, GOAWAY, closed), CANCELLED
+  after `cancel()`; a response gRPC cannot read (not HTTP 200 `application/grpc`, compressed or oversized
+  messages) ends it too, with the code grpcio would give.
+- **Keepalive**: after `KEEPALIVE_SECONDS` without a frame it sends a PING and ends the call as UNAVAILABLE if
+  no answer comes within `KEEPALIVE_TIMEOUT_SECONDS` (grpcio's channel does the same with the settings of
+  `_connect.open_channel`).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+import urllib.parse
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+from flowpipe import __version__
+from flowpipe.sources.relay._address import (
+    MAX_MESSAGE_BYTES,
+    RECEIVE_WINDOW_BYTES,
+    split_address,
+    tls_context,
+)
+
+if TYPE_CHECKING:
+    from flowpipe.sources.relay._address import RelayTLS
+
+KEEPALIVE_SECONDS = 300.0
+KEEPALIVE_TIMEOUT_SECONDS = 20.0
+CONNECT_TIMEOUT_SECONDS = 20.0
+_READ_BYTES = 1 << 20
+_PREFIX = struct.Struct(">BI")
+
+# gRPC's mapping of RST_STREAM codes to status codes (what grpcio reports for a reset stream)
+_RESET_CODES = {
+    h2.errors.ErrorCodes.REFUSED_STREAM: "UNAVAILABLE",
+    h2.errors.ErrorCodes.CANCEL: "CANCELLED",
+    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
+    h2.errors.ErrorCodes.INADEQUATE_SECURITY: "PERMISSION_DENIED",
+}
+# and of HTTP statuses, for a response that is not gRPC's
+_HTTP_CODES = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
+               429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}  # fmt: skip
+_STATUS_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
+                 5: "NOT_FOUND", 6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED",
+                 9: "FAILED_PRECONDITION", 10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED",
+                 13: "INTERNAL", 14: "UNAVAILABLE", 15: "DATA_LOSS", 16: "UNAUTHENTICATED"}  # fmt: skip
+
+
+def _data_frame_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"data=<{len(frame.data)} bytes>"
+
+
+# h2 logs every frame it receives with `repr(frame)`, computed whether or not anything is logged, and
+# hyperframe's repr of a DATA frame serialises its data again and hex-encodes all of it: three passes over
+# every byte received. Its length says as much in a log.
+hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign]
+
+
+class FlowsCall:
+    """A server-streaming call (`path`, one serialised request) read as raw response messages.
+
+    >>> call = FlowsCall("127.0.0.1:4245", None, "/observer.Observer/GetFlows", request)
+    >>> while call.status is None:
+    ...     messages = call.read(0.1)      # the messages that arrived within 0.1 s (bytes each)
+    >>> call.status                        # ("OK", "") or (code name, details)
+    """
+
+    def __init__(self, address: str, tls: RelayTLS | None, path: str, request: bytes) -> None:
+        self.address = address
+        self.status: tuple[str, str] | None = None
+        """(status code name, details) once the call is over."""
+        self._pending = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._sock: socket.socket | None = None
+        self._stream_id = 0
+        self._last_frame = time.monotonic()
+        self._ping_sent: float | None = None
+        self._interrupted = False
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        try:
+            self._open(tls, path, request)
+        except (OSError, h2.exceptions.H2Error) as exc:
+            self._end("UNAVAILABLE", f"failed to connect to {address}: {_reason(exc)}")
+
+    # -- opening -------------------------------------------------------------------------------------------
+
+    def _open(self, tls: RelayTLS | None, path: str, request: bytes) -> None:
+        host, port = split_address(self.address)
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if tls is not None:
+                sock = tls_context(tls).wrap_socket(sock, server_hostname=tls.server_name or host)
+                if sock.selected_alpn_protocol() != "h2":
+                    raise OSError("the relay did not agree to HTTP/2 over TLS (ALPN)")
+                authority = tls.server_name or authority
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        conn = self._conn
+        conn.initiate_connection()
+        conn.update_settings(
+            {
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW_BYTES,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: RECEIVE_WINDOW_BYTES,
+            }
+        )
+        conn.increment_flow_control_window(RECEIVE_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
+        self._stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            self._stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https" if tls is not None else b"http"),
+                (b":path", path.encode()),
+                (b":authority", authority.encode("idna")),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"user-agent", f"flowpipe/{__version__}".encode()),
+            ],
+        )
+        conn.send_data(self._stream_id, b"\x00" + len(request).to_bytes(4, "big") + request, end_stream=True)
+        self._flush()
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def read(self, timeout: float) -> list[bytes]:
+        """The messages that arrive within `timeout` seconds (at most one read of the socket); [] once over."""
+        sock = self._sock
+        if self.status is not None or sock is None:
+            return []
+        messages: list[bytes] = []
+        try:
+            sock.settimeout(max(timeout, 0.0))
+            data = sock.recv(_READ_BYTES)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            if self._interrupted:
+                self.cancel()
+            else:
+                self._keepalive()
+            return messages
+        except OSError as exc:
+            if self._interrupted:
+                self.cancel()
+                return messages
+            self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
+            return messages
+        if self._interrupted:
+            self.cancel()
+            return messages
+        if not data:
+            self._end("UNAVAILABLE", f"the relay {self.address} closed the connection")
+            return messages
+        self._last_frame, self._ping_sent = time.monotonic(), None
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._end("UNAVAILABLE", f"the relay {self.address} broke HTTP/2: {exc}")
+            return messages
+        for event in events:
+            self._event(event, messages)
+            if self.status is not None:
+                break
+        if self.status is None:
+            try:
+                self._flush()
+            except OSError as exc:
+                self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
+        return messages
+
+    def _event(self, event: h2.events.Event, messages: list[bytes]) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            if event.stream_id == self._stream_id:
+                self._pending += event.data or b""
+                self._cut(messages)
+            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            self._headers.update((bytes(k), bytes(v)) for k, v in event.headers or [])
+            if isinstance(event, h2.events.ResponseReceived):
+                self._check_response()
+        elif isinstance(event, h2.events.StreamEnded) and event.stream_id == self._stream_id:
+            self._trailers()
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id == self._stream_id:
+            code = _RESET_CODES.get(event.error_code, "INTERNAL")  # type: ignore[call-overload]
+            self._end(code, f"stream reset by the relay (HTTP/2 error {event.error_code})")
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            if event.last_stream_id is not None and event.last_stream_id >= self._stream_id:
+                return  # a graceful GOAWAY: this stream still ends on its own
+            self._end("UNAVAILABLE", f"the relay {self.address} closed the connection (GOAWAY)")
+
+    def _cut(self, messages: list[bytes]) -> None:
+        """Move the complete messages at the front of the pending bytes to `messages`."""
+        pending = self._pending
+        end, at = len(pending), 0
+        view = memoryview(pending)
+        unpack, append = _PREFIX.unpack_from, messages.append
+        try:
+            while end - at >= 5:
+                compressed, size = unpack(pending, at)
+                stop = at + 5 + size
+                if compressed or size > MAX_MESSAGE_BYTES:
+                    self._refuse(compressed, size)
+                    return
+                if stop > end:
+                    break
+                append(bytes(view[at + 5 : stop]))
+                at = stop
+        finally:
+            view.release()
+        if at:
+            del pending[:at]
+
+    def _refuse(self, compressed: int, size: int) -> None:
+        if compressed:
+            self._end("INTERNAL", "the relay sent a compressed message, which was not asked for")
+        else:
+            self._end(
+                "RESOURCE_EXHAUSTED", f"received message larger than max ({size} vs. {MAX_MESSAGE_BYTES})"
+            )
+
+    def _check_response(self) -> None:
+        status = self._headers.get(b":status", b"")
+        if status != b"200":
+            number = int(status) if status.isdigit() else 0
+            code = _HTTP_CODES.get(number, "UNKNOWN")
+            self._end(code, f"the relay answered HTTP status {status.decode('latin-1') or '?'}")
+        elif not self._headers.get(b"content-type", b"").startswith(b"application/grpc"):
+            self._end("UNKNOWN", "the relay's answer is not gRPC (content-type)")
+
+    def _trailers(self) -> None:
+        value = self._headers.get(b"grpc-status")
+        if value is None:
+            self._end("UNKNOWN", "the relay ended the stream without a gRPC status")
+            return
+        number = int(value) if value.isdigit() else 2
+        details = urllib.parse.unquote(self._headers.get(b"grpc-message", b"").decode("latin-1"))
+        if self._pending and number == 0:
+            self._end("INTERNAL", "the stream ended in the middle of a message")
+            return
+        self._end(_STATUS_NAMES.get(number, "UNKNOWN"), details)
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        if self._ping_sent is not None:
+            if now - self._ping_sent > KEEPALIVE_TIMEOUT_SECONDS:
+                self._end("UNAVAILABLE", f"the relay {self.address} did not answer a keepalive ping")
+        elif now - self._last_frame > KEEPALIVE_SECONDS:
+            self._ping_sent = now
+            try:
+                self._conn.ping(b"flowpipe")
+                self._flush()
+            except OSError as exc:
+                self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
+
+    # -- ending --------------------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Have the call cancelled (from another thread than the one reading it): the connection is shut down,
+        which wakes a `read` in progress, and the reading thread ends the call as CANCELLED."""
+        self._interrupted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket's, under any TLS
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        """End the call (RST_STREAM CANCEL) and close the connection; `status` becomes CANCELLED."""
+        if self.status is None and self._sock is not None:
+            try:
+                self._conn.reset_stream(self._stream_id, h2.errors.ErrorCodes.CANCEL)
+                self._flush()
+            except (OSError, h2.exceptions.H2Error):
+                pass
+        self._end("CANCELLED", "cancelled by the collector")
+
+    def _end(self, code: str, details: str) -> None:
+        if self.status is None:
+            self.status = (code, details)
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._sock is not None:
+            self._sock.settimeout(None)
+            self._sock.sendall(data)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
