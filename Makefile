@@ -22,7 +22,7 @@ system-deps:
 	bash scripts/install-system-deps
 
 test: $(VENV)/.dev system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Regenerate the committed gRPC stubs in flowpipe/_proto from proto/ (a test checks they are current).
 proto: $(VENV)/.dev
