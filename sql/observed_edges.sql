@@ -20,7 +20,7 @@
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
 -- rest of the question. So the flows are first grouped without them (`connections`), and each end's labels
--- are then read from the flows of the first second it was seen (the shared `edge_endpoints`, which replay's
+-- are then read from the flows of the moment it was first seen (the shared `edge_endpoints`, which replay's
 -- grouping of stored flows names its ends with too), which DuckDB finds without decoding the other flows'.
 WITH calls AS (
     -- The requests of the window as the edge definition counts them (the shared view `connections`): one row

@@ -13,7 +13,7 @@ entity, and the pods recorded with a reserved identity): the grouping reads that
 How an edge names its ends is the one definition the observed_edges question uses too, the shared part
 `sql/_parts/edge_endpoints.sql` (included below): labels are lists of a dozen strings on every flow, and reading
 them costs more than the rest of the grouping, so edges are grouped by each end's identity number (plus its
-address outside the pods), and the labels of each identity are read from the flows of the first second it was
+address outside the pods), and the labels of each identity are read from the flows of the moment it was first
 seen. A pod whose record carries a reserved identity (`*_unresolved_pod`: older agents report L7 records of the
 egress proxy with the world identity) gets the workload and labels (and no identity) of the pod of that name
 seen with its own identity in the window; when no such record exists, it keeps its reserved identity.

@@ -124,6 +124,10 @@ def to_spark_sql(sql: str) -> tuple[str, tuple[str, ...]]:
 
     try:
         tree = sqlglot.parse_one(sql, read="duckdb")
+        for cte in tree.find_all(
+            exp.CTE
+        ):  # `[NOT] MATERIALIZED` is DuckDB's planning hint; Spark has no such
+            cte.set("materialized", None)
         names = tuple(sorted({str(node.this) for node in tree.find_all(exp.Placeholder) if node.this}))
         text = tree.sql(dialect="spark", unsupported_level=sqlglot.ErrorLevel.RAISE)
     except sqlglot.errors.SqlglotError as exc:
@@ -153,6 +157,8 @@ def to_spark_steps(sql: str) -> tuple[tuple[tuple[str, str, tuple[str, ...]], ..
         tree = sqlglot.parse_one(sql, read="duckdb")
     except sqlglot.errors.SqlglotError as exc:  # pragma: no cover - to_spark_sql raised first
         raise QueryError(f"cannot translate the SQL for Spark: {exc}", sql=sql) from exc
+    for cte in tree.find_all(exp.CTE):
+        cte.set("materialized", None)
     key = "with_" if "with_" in tree.arg_types else "with"  # the name differs between sqlglot versions
     with_ = tree.args.get(key)
     if with_ is None or with_.recursive:

@@ -11,15 +11,18 @@
 --   is the pod of that name (namespace, cluster) seen with its own identity in the window: its workload and
 --   identity, and no reserved identity; without such a record it keeps its reserved identity. The labels of
 --   an end are those of its identity (per cluster and namespace; for an end that is not a pod, per address
---   too), read from the flows of the first second the edges saw it (every pod of an identity has the same
---   identity labels, whether a record named the pod or knew only its identity), else from any flow that
---   carries them (an exporter field mask emptied the first ones).
+--   too), read from the flows of the moment the edges first saw it (every pod of an identity has the same
+--   identity labels, whether a record named the pod or knew only its identity), else, for a pod, from any
+--   flow that carries them (an exporter field mask emptied the first ones). A pod found by its pod name is
+--   looked up at the moment it was first seen with its own identity.
 -- params: since, until
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
--- rest of the grouping; they are read only from the flows of those first seconds, which DuckDB finds without
--- decoding the labels of the others. The pod-naming checks of the reserved-identity lookup are made after its
--- join (`CASE WHEN u.pod_name IS NOT NULL ...`), so they are computed for the few flows of those pods only.
+-- rest of the grouping; they are read only from the flows of those first moments (a join on the time, which
+-- DuckDB pushes into the scan). `edge_end_labels` is not materialized, so that each join reads only the flows
+-- it needs; `edge_unlabelled` is (usually empty, and computed before the flows are joined to it, not after).
+-- The pod-naming checks of the reserved-identity lookup are made after its join (`CASE WHEN u.pod_name IS NOT
+-- NULL ...`), so they are computed for the few flows of those pods only. Spark ignores the MATERIALIZED hints.
 edge_unresolved AS (
     SELECT DISTINCT cluster_name, namespace, pod_name
     FROM edge_ends
@@ -27,10 +30,11 @@ edge_unresolved AS (
 ),
 edge_pods AS (
     -- Each pod recorded with a reserved identity as seen with its own identity in the window, in its cluster.
-    SELECT cluster_name, namespace, pod_name, min(workload) AS workload, min(identity) AS identity
+    SELECT cluster_name, namespace, pod_name, min(workload) AS workload, min(identity) AS identity,
+           min(time) AS first_seen
     FROM (
         SELECT u.cluster_name, u.namespace, u.pod_name, f.source_workload AS workload,
-               f.source_identity AS identity
+               f.source_identity AS identity, f.time
         FROM flows_enriched AS f
         JOIN edge_unresolved AS u
             ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
@@ -39,7 +43,7 @@ edge_pods AS (
           AND CASE WHEN u.pod_name IS NOT NULL
               THEN f.source_entity IS NULL AND f.source_reserved_identity IS NULL END
         UNION ALL
-        SELECT u.cluster_name, u.namespace, u.pod_name, f.destination_workload, f.destination_identity
+        SELECT u.cluster_name, u.namespace, u.pod_name, f.destination_workload, f.destination_identity, f.time
         FROM flows_enriched AS f
         JOIN edge_unresolved AS u
             ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
@@ -60,7 +64,8 @@ edge_named AS (
         -- The key of its labels: a pod's identity in its namespace; other ends by their address too.
         CASE WHEN e.entity IS NOT NULL OR (e.reserved_identity IS NOT NULL AND p.pod_name IS NULL)
             THEN e.ip END AS label_ip,
-        min(e.first_seen) AS first_seen
+        -- (a pod found by its pod name: when it was first seen with its identity, whose labels are wanted)
+        min(CASE WHEN p.pod_name IS NOT NULL THEN p.first_seen ELSE e.first_seen END) AS first_seen
     FROM edge_ends AS e
     LEFT JOIN edge_pods AS p
         ON e.reserved_identity IS NOT NULL AND p.namespace = e.namespace AND p.pod_name = e.pod_name
@@ -80,8 +85,8 @@ edge_identities AS (
     WHERE named_identity IS NOT NULL
     GROUP BY cluster_name, namespace, named_identity, label_ip
 ),
-edge_end_labels AS (
-    -- The labels each flow gives each of its ends.
+edge_end_labels AS NOT MATERIALIZED (
+    -- The labels each flow gives each of its ends (not materialized: each join below reads only its flows).
     SELECT cluster_name, time, source_namespace AS namespace, source_identity AS identity, source_ip AS ip,
            source_labels AS labels
     FROM flows_named
@@ -93,20 +98,19 @@ edge_first_labels AS (
     SELECT i.cluster_name, i.namespace, i.identity, i.ip, min(f.labels) AS labels
     FROM edge_end_labels AS f
     JOIN edge_identities AS i
-        ON f.time >= i.first_seen AND f.time <= i.first_seen + INTERVAL 1 SECOND
-        AND f.identity = i.identity AND coalesce(f.namespace, '') = coalesce(i.namespace, '')
+        ON f.time IS NOT DISTINCT FROM i.first_seen AND f.identity = i.identity AND coalesce(f.namespace, '') = coalesce(i.namespace, '')
         AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '') AND (i.ip IS NULL OR f.ip = i.ip)
     WHERE cardinality(f.labels) > 0
     GROUP BY i.cluster_name, i.namespace, i.identity, i.ip
 ),
-edge_unlabelled AS (
-    -- Identities whose first flows carried no labels (an exporter field mask): every flow is searched.
+edge_unlabelled AS MATERIALIZED (
+    -- Pod identities whose first flows carried no labels (an exporter field mask): every flow is searched.
     SELECT i.cluster_name, i.namespace, i.identity, i.ip
     FROM edge_identities AS i
     LEFT JOIN edge_first_labels AS l
         ON l.identity = i.identity AND coalesce(l.namespace, '') = coalesce(i.namespace, '')
         AND coalesce(l.cluster_name, '') = coalesce(i.cluster_name, '') AND coalesce(l.ip, '') = coalesce(i.ip, '')
-    WHERE l.identity IS NULL
+    WHERE l.identity IS NULL AND i.namespace IS NOT NULL AND i.ip IS NULL
 ),
 edge_labels AS (
     SELECT cluster_name, namespace, identity, ip, labels FROM edge_first_labels
