@@ -182,7 +182,7 @@ _ANY_NAME = FQDNSelector(match_pattern="*")
 def prepare_edges(target: Any) -> None:
     """Make a DuckDB engine (or connection) with the shared views ready for `EDGES_SQL`; other engines: nothing.
 
-    `EDGES_SQL` reads `flows_enriched` seven times, and where the dataset needs the view's fallbacks each read
+    `EDGES_SQL` reads `flows_enriched` three times, and where the dataset needs the view's fallbacks each read
     joins `identity_workloads` (one row per pod identity). Computed in place, that view is estimated as large as
     the flows it is computed from: DuckDB then hashes the flows, every column of them, to join the few rows,
     and computes the view again for each read. Here it is computed once into a temporary table, which the view
