@@ -14,7 +14,12 @@ How the views are built, the same as DuckDB's:
   timestamps: they are read as integers (`spark.sql.legacy.parquet.nanosAsLong`) and the view turns them into
   Spark timestamps, which have microseconds (the last three digits of a time are dropped).
 - `drop_reasons` and the shared views of `sql/_views/` (translated the same way) are created on the session.
-- The session runs in UTC with ANSI mode off (like DuckDB, an array index past the end is NULL, not an error).
+- The session runs in UTC with ANSI mode off (like DuckDB, an array index past the end is NULL, not an error),
+  and without constraint propagation (minutes of optimizing on the larger questions' plans).
+- A question whose CTEs are read more than once runs in steps (`to_spark_steps`): each such CTE is computed
+  once into a view of its rows, since Spark would otherwise copy it into the plan wherever it is read.
+- Times have microseconds: a record in the microsecond after a window's `until` is inside it on Spark (its
+  nanoseconds dropped), outside on DuckDB.
 
 Where Spark runs: `master="local[2]"` (the default) runs in this process's JVM; any other master
 (`spark://host:7077`, `k8s://...`, `yarn`) is a cluster, whose executors must reach the dataset. A local
