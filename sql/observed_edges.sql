@@ -19,9 +19,9 @@
 -- params: since=7d, until=now, namespace=, learn_from_drops=false, l7=true, cluster=
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
--- rest of the question. So the flows are first grouped without them (`connections`), and each pod identity's
--- labels are then read from the flows of the first second it was seen (`identity_labels`), which DuckDB
--- finds without decoding the labels of the other flows.
+-- rest of the question. So the flows are first grouped without them (`connections`), and each end's labels
+-- are then read from the flows of the moment it was first seen (the shared `edge_endpoints`, which replay's
+-- grouping of stored flows names its ends with too), which DuckDB finds without decoding the other flows'.
 WITH calls AS (
     -- The requests of the window as the edge definition counts them (the shared view `connections`): one row
     -- per connection, whatever end or ends reported it, or per ICMP / L7 call and observing side.
@@ -31,9 +31,6 @@ WITH calls AS (
         source_pod_name,
         source_entity,
         source_workload,
-        -- A pod recorded with a reserved identity (flows_enriched): it is looked up by pod name among the pods
-        -- of its cluster seen in the window.
-        source_unresolved_pod IS NOT NULL AS source_unresolved,
         source_reserved_identity,
         source_identity,
         -- World clients are many and only the entity matters for them; other entities keep their address.
@@ -42,7 +39,6 @@ WITH calls AS (
         destination_pod_name,
         destination_entity,
         destination_workload,
-        destination_unresolved_pod IS NOT NULL AS destination_unresolved,
         destination_reserved_identity,
         destination_identity,
         CASE WHEN destination_entity IS NOT NULL THEN destination_ip END AS destination_ip,
@@ -83,10 +79,10 @@ pairs AS (
     -- The calls folded per pod pair and outcome: a connection counts once, an ICMP or L7 call per observing
     -- side (the larger side wins below).
     SELECT
-        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_unresolved,
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload,
         source_reserved_identity, source_identity, source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
-        destination_unresolved, destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
+        destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
         destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied,
         count(*) FILTER (WHERE is_connection) AS connections,
         sum(packets) FILTER (WHERE side = 'EGRESS') AS egress_flows,
@@ -96,155 +92,68 @@ pairs AS (
         max(last_seen) AS last_seen
     FROM calls
     GROUP BY
-        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_unresolved,
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload,
         source_reserved_identity, source_identity, source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
-        destination_unresolved, destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
+        destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
         destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied
 ),
-pods AS (
-    -- Every pod of the requests named with its own identity (per cluster), for the pods recorded with a
-    -- reserved identity: they take the workload and identity their pod name has elsewhere in their cluster.
-    SELECT cluster_name, namespace, pod_name, min(workload) AS workload, min(identity) AS identity
-    FROM (
-        SELECT cluster_name, source_namespace AS namespace, source_pod_name AS pod_name,
-               source_workload AS workload, source_identity AS identity
-        FROM pairs
-        WHERE source_entity IS NULL AND source_pod_name IS NOT NULL AND NOT source_unresolved
-        UNION ALL
-        SELECT cluster_name, destination_namespace, destination_pod_name, destination_workload,
-               destination_identity
-        FROM pairs
-        WHERE destination_entity IS NULL AND destination_pod_name IS NOT NULL AND NOT destination_unresolved
-    ) AS seen
-    GROUP BY cluster_name, namespace, pod_name
+edge_ends AS (
+    -- Both ends of every pair, named by the one definition of an edge's ends (sql/_parts/edge_endpoints.sql).
+    SELECT cluster_name, source_namespace AS namespace, source_pod_name AS pod_name, source_identity AS identity,
+           source_workload AS workload, source_entity AS entity, source_reserved_identity AS reserved_identity,
+           source_ip AS ip, first_seen
+    FROM pairs
+    UNION ALL
+    SELECT cluster_name, destination_namespace, destination_pod_name, destination_identity, destination_workload,
+           destination_entity, destination_reserved_identity, destination_ip, first_seen
+    FROM pairs
 ),
-edges AS (
+-- include: edge_endpoints
+labelled AS (
     SELECT
         c.cluster_name,
+        CASE WHEN c.source_entity IS NULL THEN c.source_namespace END AS source_namespace,
+        CASE WHEN c.source_entity IS NULL THEN s.named_workload END AS source_workload,
+        CASE
+            WHEN c.source_entity IS NOT NULL THEN ['reserved:' || c.source_entity]
+            WHEN s.named_reserved_identity IS NOT NULL THEN ['reserved:' || s.named_reserved_identity]
+            ELSE coalesce(s.labels, [])
+        END AS source_labels,
         c.source_entity,
-        CASE WHEN sp.pod_name IS NOT NULL THEN sp.workload ELSE c.source_workload END AS source_workload,
-        CASE WHEN sp.pod_name IS NOT NULL THEN sp.identity ELSE c.source_identity END AS source_identity,
-        CASE WHEN sp.pod_name IS NULL THEN c.source_reserved_identity END AS source_reserved_identity,
-        c.source_namespace, c.source_ip,
+        s.named_reserved_identity AS source_reserved_identity,
+        CASE WHEN c.source_entity IS NOT NULL AND c.source_entity <> 'world' THEN c.source_ip END AS source_ip,
+        CASE WHEN c.destination_entity IS NULL THEN c.destination_namespace END AS destination_namespace,
+        CASE WHEN c.destination_entity IS NULL THEN d.named_workload END AS destination_workload,
+        CASE
+            WHEN c.destination_entity IS NOT NULL THEN ['reserved:' || c.destination_entity]
+            WHEN d.named_reserved_identity IS NOT NULL THEN ['reserved:' || d.named_reserved_identity]
+            ELSE coalesce(d.labels, [])
+        END AS destination_labels,
         c.destination_entity,
-        CASE WHEN dp.pod_name IS NOT NULL THEN dp.workload ELSE c.destination_workload END
-            AS destination_workload,
-        CASE WHEN dp.pod_name IS NOT NULL THEN dp.identity ELSE c.destination_identity END
-            AS destination_identity,
-        CASE WHEN dp.pod_name IS NULL THEN c.destination_reserved_identity END AS destination_reserved_identity,
-        c.destination_namespace, c.destination_ip, c.destination_names,
+        d.named_reserved_identity AS destination_reserved_identity,
+        CASE WHEN c.destination_entity IS NOT NULL OR d.named_reserved_identity IS NOT NULL
+            THEN c.destination_ip END AS destination_ip,
+        CASE WHEN c.destination_entity IS NOT NULL THEN c.destination_names ELSE [] END AS destination_names,
         c.l4_protocol, c.destination_port, c.icmp_type, c.l7_protocol, c.http_method, c.http_path, c.kafka_role,
         c.kafka_topic, c.denied, c.connections, c.egress_flows, c.ingress_flows, c.other_flows, c.first_seen,
         c.last_seen
     FROM pairs AS c
-    LEFT JOIN pods AS sp
-        ON c.source_unresolved AND sp.namespace = c.source_namespace AND sp.pod_name = c.source_pod_name
-        AND coalesce(sp.cluster_name, '') = coalesce(c.cluster_name, '')
-    LEFT JOIN pods AS dp
-        ON c.destination_unresolved AND dp.namespace = c.destination_namespace
-        AND dp.pod_name = c.destination_pod_name AND coalesce(dp.cluster_name, '') = coalesce(c.cluster_name, '')
-),
-identities AS (
-    -- Each pod identity of the edges (per cluster and namespace) with the first time it was seen.
-    SELECT cluster_name, namespace, identity, min(first_seen) AS first_seen
-    FROM (
-        SELECT cluster_name, source_namespace AS namespace, source_identity AS identity, first_seen
-        FROM edges
-        WHERE source_entity IS NULL AND source_reserved_identity IS NULL
-        UNION ALL
-        SELECT cluster_name, destination_namespace, destination_identity, first_seen
-        FROM edges
-        WHERE destination_entity IS NULL AND destination_reserved_identity IS NULL
-    ) AS seen
-    GROUP BY cluster_name, namespace, identity
-),
-first_labels AS (
-    -- The labels of a pod identity, read from the flows carrying it in the first second it was seen: every pod
-    -- of an identity has the same identity labels, whether the record named the pod or knew only its identity.
-    SELECT cluster_name, namespace, identity, min(labels) AS labels
-    FROM (
-        SELECT i.cluster_name, i.namespace, i.identity, f.source_labels AS labels
-        FROM flows_named AS f
-        JOIN identities AS i
-            ON f.time >= i.first_seen AND f.time <= i.first_seen + INTERVAL 1 SECOND
-            AND f.source_identity = i.identity AND f.source_namespace = i.namespace
-            AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
-        UNION ALL
-        SELECT i.cluster_name, i.namespace, i.identity, f.destination_labels
-        FROM flows_named AS f
-        JOIN identities AS i
-            ON f.time >= i.first_seen AND f.time <= i.first_seen + INTERVAL 1 SECOND
-            AND f.destination_identity = i.identity AND f.destination_namespace = i.namespace
-            AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
-    ) AS seen
-    WHERE cardinality(labels) > 0
-    GROUP BY cluster_name, namespace, identity
-),
-unlabelled AS (
-    -- Identities whose first records carried no labels (an exporter field mask): every record is searched.
-    SELECT i.*
-    FROM identities AS i
-    LEFT JOIN first_labels AS l
-        ON l.identity = i.identity AND l.namespace = i.namespace
-        AND coalesce(l.cluster_name, '') = coalesce(i.cluster_name, '')
-    WHERE l.identity IS NULL
-),
-identity_labels AS (
-    SELECT cluster_name, namespace, identity, labels FROM first_labels
-    UNION ALL
-    SELECT cluster_name, namespace, identity, min(labels)
-    FROM (
-        SELECT i.cluster_name, i.namespace, i.identity, f.source_labels AS labels
-        FROM flows_named AS f
-        JOIN unlabelled AS i
-            ON f.source_identity = i.identity AND f.source_namespace = i.namespace
-            AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
-        UNION ALL
-        SELECT i.cluster_name, i.namespace, i.identity, f.destination_labels
-        FROM flows_named AS f
-        JOIN unlabelled AS i
-            ON f.destination_identity = i.identity AND f.destination_namespace = i.namespace
-            AND coalesce(f.cluster_name, '') = coalesce(i.cluster_name, '')
-    ) AS seen
-    WHERE cardinality(labels) > 0
-    GROUP BY cluster_name, namespace, identity
-),
-labelled AS (
-    SELECT
-        e.cluster_name,
-        CASE WHEN e.source_entity IS NULL THEN e.source_namespace END AS source_namespace,
-        CASE WHEN e.source_entity IS NULL THEN e.source_workload END AS source_workload,
-        CASE
-            WHEN e.source_entity IS NOT NULL THEN ['reserved:' || e.source_entity]
-            WHEN e.source_reserved_identity IS NOT NULL THEN ['reserved:' || e.source_reserved_identity]
-            ELSE coalesce(sl.labels, [])
-        END AS source_labels,
-        e.source_entity,
-        e.source_reserved_identity,
-        CASE WHEN e.source_entity IS NOT NULL AND e.source_entity <> 'world' THEN e.source_ip END AS source_ip,
-        CASE WHEN e.destination_entity IS NULL THEN e.destination_namespace END AS destination_namespace,
-        CASE WHEN e.destination_entity IS NULL THEN e.destination_workload END AS destination_workload,
-        CASE
-            WHEN e.destination_entity IS NOT NULL THEN ['reserved:' || e.destination_entity]
-            WHEN e.destination_reserved_identity IS NOT NULL THEN ['reserved:' || e.destination_reserved_identity]
-            ELSE coalesce(dl.labels, [])
-        END AS destination_labels,
-        e.destination_entity,
-        e.destination_reserved_identity,
-        CASE WHEN e.destination_entity IS NOT NULL OR e.destination_reserved_identity IS NOT NULL
-            THEN e.destination_ip END AS destination_ip,
-        CASE WHEN e.destination_entity IS NOT NULL THEN e.destination_names ELSE [] END AS destination_names,
-        e.l4_protocol, e.destination_port, e.icmp_type, e.l7_protocol, e.http_method, e.http_path, e.kafka_role,
-        e.kafka_topic, e.denied, e.connections, e.egress_flows, e.ingress_flows, e.other_flows, e.first_seen,
-        e.last_seen
-    FROM edges AS e
-    LEFT JOIN identity_labels AS sl
-        ON e.source_entity IS NULL AND sl.namespace = e.source_namespace AND sl.identity = e.source_identity
-        AND coalesce(sl.cluster_name, '') = coalesce(e.cluster_name, '')
-    LEFT JOIN identity_labels AS dl
-        ON e.destination_entity IS NULL AND dl.namespace = e.destination_namespace
-        AND dl.identity = e.destination_identity AND coalesce(dl.cluster_name, '') = coalesce(e.cluster_name, '')
+    LEFT JOIN edge_endpoints AS s
+        ON s.cluster_name IS NOT DISTINCT FROM c.cluster_name AND s.namespace IS NOT DISTINCT FROM c.source_namespace
+        AND s.pod_name IS NOT DISTINCT FROM c.source_pod_name AND s.identity IS NOT DISTINCT FROM c.source_identity
+        AND s.workload IS NOT DISTINCT FROM c.source_workload AND s.entity IS NOT DISTINCT FROM c.source_entity
+        AND s.reserved_identity IS NOT DISTINCT FROM c.source_reserved_identity
+        AND s.ip IS NOT DISTINCT FROM c.source_ip
+    LEFT JOIN edge_endpoints AS d
+        ON d.cluster_name IS NOT DISTINCT FROM c.cluster_name
+        AND d.namespace IS NOT DISTINCT FROM c.destination_namespace
+        AND d.pod_name IS NOT DISTINCT FROM c.destination_pod_name
+        AND d.identity IS NOT DISTINCT FROM c.destination_identity
+        AND d.workload IS NOT DISTINCT FROM c.destination_workload
+        AND d.entity IS NOT DISTINCT FROM c.destination_entity
+        AND d.reserved_identity IS NOT DISTINCT FROM c.destination_reserved_identity
+        AND d.ip IS NOT DISTINCT FROM c.destination_ip
 )
 SELECT
     source_namespace,

@@ -326,3 +326,37 @@ def test_times_beyond_what_a_flow_can_carry_are_clamped(text: str, expected: dat
     # Flow times are int64 nanoseconds: nothing lies outside these bounds, so "since year 1" means "everything".
     assert parse_time(text, anchor=NOW) == expected
     assert parse_duration("99999999999999999999d") <= LATEST_FLOW_TIME - EARLIEST_FLOW_TIME
+
+
+def test_a_question_includes_a_shared_part_of_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "_parts").mkdir()
+    (tmp_path / "_parts" / "recent.sql").write_text(
+        "-- description: the flows of the window\n-- params: since\nrecent AS (SELECT * FROM flows WHERE time >= $since),\n"
+    )
+    (tmp_path / "count.sql").write_text(
+        "-- description: flows\n-- params: since=1h, limit=5\n"
+        "WITH\n-- include: recent\ncounted AS (SELECT count(*) AS n FROM recent)\nSELECT n FROM counted LIMIT $limit\n"
+    )
+    question = load_questions(tmp_path).question("count")
+    assert "recent AS (SELECT * FROM flows WHERE time >= $since)," in question.sql
+    assert {p.name for p in question.parameters} == {"since", "limit"}
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        (None, r"count.sql:4: -- include: .*no shared part recent"),
+        ("-- description: x\nrecent AS (SELECT $since AS s),\n", r"count.sql:4: -- include: .*declares \[\]"),
+    ],
+)
+def test_a_missing_or_wrong_part_names_the_question_and_its_line(
+    tmp_path: Path, part: str | None, message: str
+) -> None:
+    if part is not None:
+        (tmp_path / "_parts").mkdir()
+        (tmp_path / "_parts" / "recent.sql").write_text(part)
+    (tmp_path / "count.sql").write_text(
+        "-- description: flows\n-- params: since=1h\nWITH\n-- include: recent\nx AS (SELECT 1)\nSELECT * FROM x\n"
+    )
+    with pytest.raises(QuestionDefinitionError, match=message):
+        load_questions(tmp_path)

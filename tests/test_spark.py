@@ -48,6 +48,25 @@ def test_every_question_and_shared_view_translates_with_its_parameters() -> None
         assert to_spark_sql(view.sql)[1] == (), view.name
 
 
+def test_ctes_read_more_than_once_are_steps_of_their_own() -> None:
+    """Spark copies a CTE wherever it is read: those that compute something and are read more than once become
+    views computed first, each step translated with the parameters it uses."""
+    pytest.importorskip("sqlglot")
+    from flowpipe.query.spark import CTE_VIEW_PREFIX, to_spark_steps
+
+    question = load_questions().question("observed_edges")
+    steps, text, names = to_spark_steps(question.sql)
+    views = [view for view, _, _ in steps]
+    assert f"{CTE_VIEW_PREFIX}pairs" in views and f"{CTE_VIEW_PREFIX}edge_endpoints" in views
+    assert f"{CTE_VIEW_PREFIX}calls" not in views  # read once: stays inside the step that reads it
+    for view, sql, used in steps:
+        assert set(used) <= {p.name for p in question.parameters}, view
+        assert all(f":{name}" in sql for name in used) and "$" not in sql.replace("'$'", ""), view
+    assert f"JOIN {CTE_VIEW_PREFIX}edge_endpoints AS s" in text and names == ()  # the steps bind them
+    plain = "SELECT a FROM (SELECT 1 AS a) AS t WHERE a = $a"
+    assert to_spark_steps(plain) == ((), "SELECT a FROM (SELECT 1 AS a) AS t WHERE a = :a", ("a",))
+
+
 @pytest.fixture(scope="module")
 def spark() -> Iterator[Any]:
     """One local[2] SparkSession for this module (UI off), stopped at the end."""
@@ -128,17 +147,11 @@ def assert_same(duck: DuckDBEngine, sparks: Any, question: Question, values: dic
     return len(expected)
 
 
-NARROW_WINDOWS = {
-    "dns_failures": {
-        "since": START.isoformat(),
-        "until": (START + timedelta(minutes=20)).isoformat(),
-        "show_lookups": "true",
-    },
-}
-"""Questions compared over part of the data: dns_failures pairs every answer with every cluster domain and every
-request with its responses, which a local Spark plans and runs in minutes over the whole three hours (every
-`kind` of failure occurs within these 20 minutes). It shows every client's lookups too (the rows the
-`flowpipe_dns_lookups` gauge reads; they add rows and change none), rather than run once more."""
+QUESTION_OPTIONS: dict[str, dict[str, str]] = {"dns_failures": {"show_lookups": "true"}}
+"""Options beyond the whole window for some questions: dns_failures shows every client's lookups too (the rows the
+`flowpipe_dns_lookups` gauge reads; they add rows and change none), rather than run once more. Every question runs
+over the whole data: Spark computes the CTEs a question reads more than once only once
+(`flowpipe.query.spark.to_spark_steps`)."""
 
 
 @pytest.mark.timeout(600)  # a question on a local Spark: seconds to minutes
@@ -148,7 +161,7 @@ def test_every_question_returns_the_same_rows_on_duckdb_and_spark(
 ) -> None:
     duck, sparks = engines
     question = load_questions().question(name)
-    found = assert_same(duck, sparks, question, values_for(question, **NARROW_WINDOWS.get(name, {})))
+    found = assert_same(duck, sparks, question, values_for(question, **QUESTION_OPTIONS.get(name, {})))
     assert found, f"{name} finds nothing in the simulated clusters, so its parity would say little"
 
 
@@ -160,7 +173,7 @@ def test_parameters_bind_alike(engines: tuple[DuckDBEngine, Any]) -> None:
         "until": (START + timedelta(hours=2)).isoformat(),
     }
     catalog = load_questions()
-    for name in ("drops_by_reason", "top_talkers", "cross_namespace"):
+    for name in ("drops_by_reason", "top_talkers", "cross_namespace", "observed_edges"):
         question = catalog.question(name)
         assert assert_same(duck, sparks, question, values_for(question, **window, namespace="production")) > 0
     dns = catalog.question("dns_failures")

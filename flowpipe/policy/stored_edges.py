@@ -10,13 +10,13 @@ hundred edges.
 Endpoints are named as every question names them, by the shared view `flows_enriched` (workload, reserved
 entity, and the pods recorded with a reserved identity): the grouping reads that view, not `flows`.
 
-Labels are lists of a dozen strings on every flow, and reading them costs more than the rest of the grouping.
-So edges are grouped by the endpoint's identity number (plus its address outside the pods), and the labels of
-each (namespace, workload, identity, address) are read from the one flow where it was first seen, which
-DuckDB finds without decoding the labels of the other flows. A pod whose record carries a reserved identity
-(`*_unresolved_pod`: older agents report L7 records of the egress proxy with the world identity) gets the
-workload and labels (and no identity) of the pod of that name seen with its own identity, as in the
-observed_edges question; when no such record exists, it keeps its pod name.
+How an edge names its ends is the one definition the observed_edges question uses too, the shared part
+`sql/_parts/edge_endpoints.sql` (included below): labels are lists of a dozen strings on every flow, and reading
+them costs more than the rest of the grouping, so edges are grouped by each end's identity number (plus its
+address outside the pods), and the labels of each identity are read from the flows of the moment it was first
+seen. A pod whose record carries a reserved identity (`*_unresolved_pod`: older agents report L7 records of the
+egress proxy with the world identity) gets the workload and labels (and no identity) of the pod of that name
+seen with its own identity in the window; when no such record exists, it keeps its reserved identity.
 
 A policy set applies to one cluster: `cluster` keeps the flows of that cluster only, labels and pods included
 (`flowpipe.policy.clusters.choose_cluster` picks it). Without it, every flow is grouped, whatever its cluster.
@@ -32,11 +32,10 @@ import duckdb
 
 from flowpipe.errors import QueryError
 from flowpipe.policy.model import FQDNSelector, Policy
+from flowpipe.query.catalog import part_sql
 
 _IDENTITY_VIEW = "identity_workloads"
 _IDENTITY_TABLE = "_flowpipe_identity_workloads"
-
-_CLUSTER = "($cluster IS NULL OR {alias}cluster_name = $cluster)"
 
 
 def _side(side: str) -> str:
@@ -46,6 +45,8 @@ def _side(side: str) -> str:
         {side}_namespace,
         {side}_workload,
         {side}_identity,
+        {side}_entity,
+        {side}_reserved_identity,
         {side}_unresolved_pod,
         -- Addresses only outside the pods: CIDR rules need them, pods are judged by labels.
         -- (and of pods recorded with a reserved identity: Cilium enforces on that identity, address included).
@@ -53,57 +54,42 @@ def _side(side: str) -> str:
             AND ($addresses OR NOT coalesce({world}, false)) THEN {side}_ip END AS {side}_ip,"""
 
 
-def _after_join(alias: str, condition: str) -> str:
-    """`condition` on the flows (and the cluster), checked only on the flows that met the join with `alias`.
-
-    The endpoint columns it reads (entity, reserved identity) are worked out from the labels of every flow
-    when they are checked below the join; the join keeps the few flows of the pods asked about first.
-    """
-    return f"CASE WHEN {alias}pod_name IS NOT NULL THEN {condition} AND {_CLUSTER.format(alias='f.')} END"
-
-
-def _labels(side: str) -> str:
+def _ends(side: str) -> str:
     return f"""
-{side}_keys AS (
-    SELECT {side}_namespace AS namespace, {side}_workload AS workload, {side}_identity AS identity,
-           {side}_ip AS ip, min(first_seen) AS first_seen
-    FROM edges
-    GROUP BY ALL
-),
-{side}_labels AS (
-    SELECT k.namespace, k.workload, k.identity, k.ip, min(f.{side}_labels) AS labels
-    FROM flows_enriched AS f
-    JOIN {side}_keys AS k
-        ON f.time IS NOT DISTINCT FROM k.first_seen
-        AND f.{side}_namespace IS NOT DISTINCT FROM k.namespace
-        AND f.{side}_identity IS NOT DISTINCT FROM k.identity
-        AND f.{side}_workload IS NOT DISTINCT FROM k.workload
-        AND (k.ip IS NULL OR f.{side}_ip = k.ip)
-        AND {_CLUSTER.format(alias="f.")}
-    GROUP BY ALL
-),"""
+    SELECT cluster_name, {side}_namespace AS namespace, {side}_unresolved_pod AS pod_name, {side}_identity AS identity,
+           {side}_workload AS workload, {side}_entity AS entity, {side}_reserved_identity AS reserved_identity,
+           {side}_ip AS ip, first_seen
+    FROM edges"""
 
 
-def _resolved(side: str, alias: str) -> tuple[str, str]:
-    """The workload, labels and identity columns of one side, and the joins that give them."""
+def _named(side: str, alias: str) -> tuple[str, str]:
+    """The workload, labels and identity columns of one side, and the join that gives them."""
     columns = f"""
-    CASE WHEN {alias}p.labels IS NOT NULL THEN {alias}p.workload
-        ELSE coalesce(e.{side}_unresolved_pod, e.{side}_workload) END AS {side}_workload,
-    CASE WHEN {alias}p.labels IS NOT NULL THEN {alias}p.labels ELSE {alias}l.labels END AS {side}_labels,
-    CASE WHEN {alias}p.labels IS NULL THEN e.{side}_identity END AS {side}_identity,"""
-    joins = f"""
-LEFT JOIN {side}_labels AS {alias}l
-    ON e.{side}_namespace IS NOT DISTINCT FROM {alias}l.namespace
-    AND e.{side}_workload IS NOT DISTINCT FROM {alias}l.workload
-    AND e.{side}_identity IS NOT DISTINCT FROM {alias}l.identity
-    AND e.{side}_ip IS NOT DISTINCT FROM {alias}l.ip
-LEFT JOIN pod_labels AS {alias}p
-    ON {alias}p.namespace = e.{side}_namespace AND {alias}p.pod_name = e.{side}_unresolved_pod"""
-    return columns, joins
+    {alias}.named_workload AS {side}_workload,
+    coalesce({alias}.labels, []) AS {side}_labels,
+    -- A pod found by its pod name is judged by its labels (as before: no identity number).
+    CASE WHEN {alias}.named_reserved_identity IS NULL AND {alias}.reserved_identity IS NOT NULL THEN NULL
+        ELSE {alias}.named_identity END AS {side}_identity,"""
+    keys = ("namespace", "unresolved_pod", "identity", "workload", "entity", "reserved_identity", "ip")
+    on = "\n    ".join(
+        f"AND {alias}.{'pod_name' if key == 'unresolved_pod' else key} IS NOT DISTINCT FROM e.{side}_{key}"
+        for key in keys
+    )
+    join = f"""
+LEFT JOIN edge_endpoints AS {alias}
+    ON {alias}.cluster_name IS NOT DISTINCT FROM e.cluster_name
+    {on}"""
+    return columns, join
 
 
-_SOURCE_COLUMNS, _SOURCE_JOINS = _resolved("source", "s")
-_DESTINATION_COLUMNS, _DESTINATION_JOINS = _resolved("destination", "d")
+_SOURCE_COLUMNS, _SOURCE_JOIN = _named("source", "s")
+_DESTINATION_COLUMNS, _DESTINATION_JOIN = _named("destination", "d")
+_KEYS = (
+    "verdict, drop_reason_desc, traffic_direction, is_reply, source_namespace, source_ip, destination_namespace, "
+    "destination_ip, destination_names, l4_protocol, destination_port, icmp_type, l7_protocol, http_method, "
+    "http_url, kafka_api_key, kafka_topic, dns_query, source_workload, source_labels, source_identity, "
+    "destination_workload, destination_labels, destination_identity"
+)
 
 EDGES_SQL = f"""
 WITH denied AS (
@@ -142,10 +128,11 @@ judged AS (
       AND f.is_traffic
       AND ($since IS NULL OR f.time >= $since)
       AND ($until IS NULL OR f.time <= $until)
-      AND {_CLUSTER.format(alias="f.")}
+      AND ($cluster IS NULL OR f.cluster_name = $cluster)
 ),
 edges AS (
     SELECT
+        cluster_name,
         verdict,
         coalesce(drop_reason_desc, CAST(nullif(drop_reason, 0) AS VARCHAR)) AS drop_reason_desc,
         traffic_direction,
@@ -167,54 +154,22 @@ edges AS (
         min(time) AS first_seen
     FROM judged
     GROUP BY ALL
-),{_labels("source")}{_labels("destination")}
-unresolved AS (
-    SELECT source_namespace AS namespace, source_unresolved_pod AS pod_name FROM edges
-    WHERE source_unresolved_pod IS NOT NULL
-    UNION
-    SELECT destination_namespace, destination_unresolved_pod FROM edges WHERE destination_unresolved_pod IS NOT NULL
 ),
-pod_times AS (
-    -- When each pod named without its identity was first seen with it (as the client, else as the server).
-    SELECT namespace, pod_name, bool_or(as_source) AS as_source,
-           min(time) FILTER (WHERE as_source) AS source_time, min(time) FILTER (WHERE NOT as_source) AS destination_time
-    FROM (
-        SELECT f.source_namespace AS namespace, f.source_pod_name AS pod_name, f.time, true AS as_source
-        FROM flows_enriched AS f
-        JOIN unresolved AS u ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
-        WHERE {_after_join("u.", "f.source_entity IS NULL AND f.source_reserved_identity IS NULL")}
-        UNION ALL
-        SELECT f.destination_namespace, f.destination_pod_name, f.time, false
-        FROM flows_enriched AS f
-        JOIN unresolved AS u ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
-        WHERE {_after_join("u.", "f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL")}
-    ) AS seen
-    GROUP BY namespace, pod_name
+edge_ends AS ({_ends("source")}
+    UNION ALL{_ends("destination")}
 ),
-pod_labels AS (
-    -- The workload and labels of each such pod, from that flow.
-    SELECT namespace, pod_name, min(workload) AS workload, min(labels) AS labels
-    FROM (
-        SELECT p.namespace, p.pod_name, f.source_workload AS workload, f.source_labels AS labels
-        FROM flows_enriched AS f
-        JOIN pod_times AS p
-            ON p.as_source AND f.time IS NOT DISTINCT FROM p.source_time AND f.source_namespace = p.namespace
-            AND f.source_pod_name = p.pod_name
-        WHERE {_after_join("p.", "f.source_entity IS NULL AND f.source_reserved_identity IS NULL")}
-        UNION ALL
-        SELECT p.namespace, p.pod_name, f.destination_workload, f.destination_labels
-        FROM flows_enriched AS f
-        JOIN pod_times AS p
-            ON NOT p.as_source AND f.time IS NOT DISTINCT FROM p.destination_time
-            AND f.destination_namespace = p.namespace AND f.destination_pod_name = p.pod_name
-        WHERE {_after_join("p.", "f.destination_entity IS NULL AND f.destination_reserved_identity IS NULL")}
-    ) AS seen
-    GROUP BY namespace, pod_name
+{part_sql("edge_endpoints")}
+named AS (
+    SELECT
+        e.* EXCLUDE (cluster_name, source_workload, source_identity, source_entity, source_reserved_identity,
+                     source_unresolved_pod, destination_workload, destination_identity, destination_entity,
+                     destination_reserved_identity, destination_unresolved_pod, first_seen),{_SOURCE_COLUMNS}{_DESTINATION_COLUMNS}
+    FROM edges AS e{_SOURCE_JOIN}{_DESTINATION_JOIN}
 )
-SELECT
-    e.* EXCLUDE (source_workload, source_identity, source_unresolved_pod, destination_workload,
-                 destination_identity, destination_unresolved_pod, first_seen),{_SOURCE_COLUMNS}{_DESTINATION_COLUMNS}
-FROM edges AS e{_SOURCE_JOINS}{_DESTINATION_JOINS}
+-- Edges of several clusters (no `cluster`) that name their ends alike are one edge.
+SELECT {_KEYS}, CAST(sum(flows) AS BIGINT) AS flows
+FROM named
+GROUP BY {_KEYS}
 """
 """Distinct edges of the view `flows_enriched` with their flow counts: the input of `replay_edges`.
 
@@ -227,7 +182,7 @@ _ANY_NAME = FQDNSelector(match_pattern="*")
 def prepare_edges(target: Any) -> None:
     """Make a DuckDB engine (or connection) with the shared views ready for `EDGES_SQL`; other engines: nothing.
 
-    `EDGES_SQL` reads `flows_enriched` seven times, and where the dataset needs the view's fallbacks each read
+    `EDGES_SQL` reads `flows_enriched` three times, and where the dataset needs the view's fallbacks each read
     joins `identity_workloads` (one row per pod identity). Computed in place, that view is estimated as large as
     the flows it is computed from: DuckDB then hashes the flows, every column of them, to join the few rows,
     and computes the view again for each read. Here it is computed once into a temporary table, which the view

@@ -33,6 +33,12 @@ declared default converts to its type; the SQL holds one statement; and the set 
 (after removing comments, string literals, quoted identifiers and dollar-quoted strings) equals the set declared
 in `params:`. Positional parameters (`$1`) are rejected.
 
+A question may include a shared part: a line `-- include: NAME` in its SQL is replaced by the CTEs of
+`_parts/NAME.sql` (in the question's folder, else the shipped one), so that definitions that must not drift apart
+(how an edge names its ends) are written once. A part has the header of a question (`description`, `params`:
+the parameters its SQL uses, which the including question declares too) and a body of CTE definitions, each
+followed by a comma, for a `WITH` list.
+
 Values are always bound by DuckDB (`con.sql(sql, params={...})`), never formatted into the SQL. Time values
 accept `1h`, `30m`, `7d`, `45s`, `now` and ISO timestamps (see `flowpipe.query.timeparse`); an empty value is
 NULL.
@@ -283,6 +289,7 @@ def parse_question(text: str, *, name: str, path: Path | None = None) -> Questio
     params_text, params_line = fields.get("params", ("", 0))
     parameters = parse_params(params_text, where=where, line_number=params_line)
 
+    text = include_parts(text, where=where, directory=path.parent if path is not None else None)
     code = strip_non_code(text)
     if _POSITIONAL_PARAM.search(code):
         raise QuestionDefinitionError(
@@ -302,6 +309,62 @@ def parse_question(text: str, *, name: str, path: Path | None = None) -> Questio
             problems.append(f"declared in params but not used: {', '.join(sorted(declared - used))}")
         raise QuestionDefinitionError("; ".join(problems), path=where, line_number=params_line or None)
     return Question(name=name, description=description, parameters=parameters, sql=text, path=path)
+
+
+PARTS_DIR_NAME = "_parts"
+_INCLUDE = re.compile(r"^[ \t]*-- include:[ \t]*(\S*)[ \t]*$", re.MULTILINE)
+
+
+def part_sql(name: str, directory: Path | str | None = None) -> str:
+    """The CTEs of the shared part `name` (`_parts/NAME.sql` in `directory`, else in the shipped questions),
+    without its header; `QuestionDefinitionError` when it is missing or its parameters are not declared."""
+    if not re.fullmatch(_NAME, name):
+        raise QuestionDefinitionError(
+            f"shared part name {name!r} is not an SQL identifier", path=PARTS_DIR_NAME
+        )
+    roots = [Path(directory)] if directory is not None else []
+    for root in [*roots, default_sql_dir()]:
+        path = root / PARTS_DIR_NAME / f"{name}.sql"
+        if path.is_file():
+            break
+    else:
+        raise QuestionDefinitionError(f"no shared part {name}", path=f"{PARTS_DIR_NAME}/{name}.sql")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuestionDefinitionError(f"cannot read shared part: {exc}", path=str(path)) from exc
+    fields = parse_header(text, where=str(path))
+    params_text, params_line = fields.get("params", ("", 0))
+    declared = {p.name for p in parse_params(params_text, where=str(path), line_number=params_line)}
+    lines = text.splitlines()
+    first = next(
+        (i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("--")), None
+    )
+    body = "\n".join(lines[first:]).strip() + "\n" if first is not None else ""
+    used = set(find_parameters(body))
+    if not body or used != declared:
+        raise QuestionDefinitionError(
+            f"shared part {name}: its SQL uses the parameters {sorted(used)}, its params line declares "
+            f"{sorted(declared)}",
+            path=str(path),
+            line_number=params_line or None,
+        )
+    if _INCLUDE.search(body):
+        raise QuestionDefinitionError(f"shared part {name} includes another part", path=str(path))
+    return body
+
+
+def include_parts(text: str, *, where: str, directory: Path | str | None = None) -> str:
+    """`text` with each `-- include: NAME` line replaced by the shared part `NAME` (see `part_sql`)."""
+
+    def part(match: re.Match[str]) -> str:
+        try:
+            return part_sql(match.group(1), directory)
+        except QuestionDefinitionError as exc:
+            line = text.count("\n", 0, match.start()) + 1
+            raise QuestionDefinitionError(f"-- include: {exc}", path=where, line_number=line) from None
+
+    return _INCLUDE.sub(part, text)
 
 
 def parse_params(text: str, *, where: str = "<params>", line_number: int = 0) -> tuple[Parameter, ...]:

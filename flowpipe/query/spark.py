@@ -14,7 +14,12 @@ How the views are built, the same as DuckDB's:
   timestamps: they are read as integers (`spark.sql.legacy.parquet.nanosAsLong`) and the view turns them into
   Spark timestamps, which have microseconds (the last three digits of a time are dropped).
 - `drop_reasons` and the shared views of `sql/_views/` (translated the same way) are created on the session.
-- The session runs in UTC with ANSI mode off (like DuckDB, an array index past the end is NULL, not an error).
+- The session runs in UTC with ANSI mode off (like DuckDB, an array index past the end is NULL, not an error),
+  and without constraint propagation (minutes of optimizing on the larger questions' plans).
+- A question whose CTEs are read more than once runs in steps (`to_spark_steps`): each such CTE is computed
+  once into a view of its rows, since Spark would otherwise copy it into the plan wherever it is read.
+- Times have microseconds: a record in the microsecond after a window's `until` is inside it on Spark (its
+  nanoseconds dropped), outside on DuckDB.
 
 Where Spark runs: `master="local[2]"` (the default) runs in this process's JVM; any other master
 (`spark://host:7077`, `k8s://...`, `yarn`) is a cluster, whose executors must reach the dataset. A local
@@ -58,6 +63,9 @@ SESSION_CONF: dict[str, str] = {
     # The edge definition joins large intermediate tables (every connection, every identity); broadcasting them
     # to each task runs out of memory where a shuffle join does not.
     "spark.sql.autoBroadcastJoinThreshold": "-1",
+    # Inferring filters from the constraints of every operator costs minutes on the plans of the larger questions
+    # (and fails on some unions of aggregates: "key not found"); the questions filter where they need to.
+    "spark.sql.constraintPropagation.enabled": "false",
 }
 LOCAL_CONF: dict[str, str] = {"spark.sql.shuffle.partitions": "2", "spark.driver.memory": "4g"}
 """Extra settings for local mode: as many shuffle partitions as local cores (the default 200 is for clusters),
@@ -103,6 +111,7 @@ def spark_session(master: str | None = None, *, app_name: str = "flowpipe") -> A
         "spark.sql.session.timeZone",
         "spark.sql.ansi.enabled",
         "spark.sql.legacy.parquet.nanosAsLong",
+        "spark.sql.constraintPropagation.enabled",
     ):
         session.conf.set(key, SESSION_CONF[key])
     session.sparkContext.setLogLevel("ERROR")
@@ -120,11 +129,101 @@ def to_spark_sql(sql: str) -> tuple[str, tuple[str, ...]]:
 
     try:
         tree = sqlglot.parse_one(sql, read="duckdb")
+        for cte in tree.find_all(
+            exp.CTE
+        ):  # `[NOT] MATERIALIZED` is DuckDB's planning hint; Spark has no such
+            cte.set("materialized", None)
         names = tuple(sorted({str(node.this) for node in tree.find_all(exp.Placeholder) if node.this}))
         text = tree.sql(dialect="spark", unsupported_level=sqlglot.ErrorLevel.RAISE)
     except sqlglot.errors.SqlglotError as exc:
         raise QueryError(f"cannot translate the SQL for Spark: {exc}", sql=sql) from exc
     return text, names
+
+
+CTE_VIEW_PREFIX = "_flowpipe_cte_"
+
+
+@lru_cache(maxsize=256)
+def to_spark_steps(sql: str) -> tuple[tuple[tuple[str, str, tuple[str, ...]], ...], str, tuple[str, ...]]:
+    """`sql` as Spark SQL in steps: each CTE of its top-level `WITH` that is read more than once, as (temporary
+    view name, its SELECT, its parameter names), in order; then the statement (parameters too), which reads
+    those CTEs from their views.
+
+    Spark copies a CTE into the plan wherever it is read (DuckDB computes it once), so a question whose CTEs
+    read each other (the edge definition: each end named, then its labels looked up, both ends joined back) has
+    a plan of hundreds of joins that takes minutes to optimize and runs every copy. Computed once each, as
+    views, every step stays small. The SQL is the same question; without such CTEs there is one step.
+    """
+    import sqlglot
+    from sqlglot import exp
+
+    text, names = to_spark_sql(sql)
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except sqlglot.errors.SqlglotError as exc:  # pragma: no cover - to_spark_sql raised first
+        raise QueryError(f"cannot translate the SQL for Spark: {exc}", sql=sql) from exc
+    for cte in tree.find_all(exp.CTE):
+        cte.set("materialized", None)
+    key = "with_" if "with_" in tree.arg_types else "with"  # the name differs between sqlglot versions
+    with_ = tree.args.get(key)
+    if with_ is None or with_.recursive:
+        return (), text, names
+    ctes = {cte.alias_or_name: cte for cte in with_.expressions}
+
+    def reads(node: exp.Expression) -> list[str]:
+        return [t.name for t in node.find_all(exp.Table) if not t.db and not t.catalog and t.name in ctes]
+
+    counts: dict[str, int] = dict.fromkeys(ctes, 0)
+    for name in reads(tree):
+        counts[name] += 1
+
+    def computes(node: exp.Expression) -> bool:  # more than a projection of what it reads, cheap to copy
+        return any(node.find(kind) for kind in (exp.Join, exp.Group, exp.AggFunc, exp.Window, exp.Distinct))
+
+    shared = [name for name, cte in ctes.items() if counts[name] > 1 and computes(cte.this)]
+    if not shared:
+        return (), text, names
+
+    def renamed(node: exp.Expression) -> exp.Expression:
+        def rename(table: exp.Expression) -> exp.Expression:
+            if isinstance(table, exp.Table) and not table.db and table.name in shared:
+                alias = table.alias or table.name
+                return exp.to_table(CTE_VIEW_PREFIX + table.name).as_(alias)
+            return table
+
+        return node.copy().transform(rename)
+
+    def needed(node: exp.Expression) -> list[exp.Expression]:
+        """The CTEs not made views that `node` reads, with those they read, in their order."""
+        wanted: set[str] = set()
+        todo = [n for n in reads(node) if n not in shared]
+        while todo:
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo.extend(n for n in reads(ctes[name].this) if n not in shared)
+        return [renamed(cte) for name, cte in ctes.items() if name in wanted]
+
+    def spark(node: exp.Expression) -> tuple[str, tuple[str, ...]]:
+        found = tuple(sorted({str(p.this) for p in node.find_all(exp.Placeholder) if p.this}))
+        try:
+            return node.sql(dialect="spark", unsupported_level=sqlglot.ErrorLevel.RAISE), found
+        except sqlglot.errors.SqlglotError as exc:  # pragma: no cover - to_spark_sql raised first
+            raise QueryError(f"cannot translate the SQL for Spark: {exc}", sql=sql) from exc
+
+    steps = []
+    for name in shared:
+        body = renamed(ctes[name].this)
+        prior = needed(ctes[name].this)
+        if prior:
+            body.set(key, exp.With(expressions=prior))
+        steps.append((CTE_VIEW_PREFIX + name, *spark(body)))
+    statement = tree.copy()
+    statement.set(key, None)
+    rest = needed(statement)
+    final = renamed(statement)
+    final.set(key, exp.With(expressions=rest) if rest else None)
+    return tuple(steps), *spark(final)
 
 
 def _spark_type(arrow_type: pa.DataType) -> str:
@@ -191,6 +290,8 @@ class SparkEngine:
                 )
         self._owns_session = session is None
         self.spark = session if session is not None else spark_session(master)
+        # a session started elsewhere too: without it the edge definition's plan fails to optimize on Spark 4
+        self.spark.conf.set("spark.sql.constraintPropagation.enabled", "false")
         if self.dataset is not None and not self.dataset.is_local:
             self._configure_s3a()
         self.refresh()
@@ -279,31 +380,49 @@ class SparkEngine:
         A part file removed since the views were defined (compaction, retention) makes the engine list the
         files again and retry once. Errors become `QueryError`.
         """
-        text, names = to_spark_sql(sql)
+        steps, text, names = to_spark_steps(sql)
         given = dict(params or {})
         missing = [name for name in names if name not in given]
         if missing:
             raise QueryError(f"no value for parameter(s) {', '.join(missing)}", question=question, sql=sql)
-        # aware datetimes (times are bound in UTC) are taken by pyspark as the instant they are
-        args = {name: given[name] for name in names}
         try:
             with _translate_errors(text, question=question):
-                return self._run(text, args)
+                return self._run(steps, text, names, given)
         except QueryError as exc:
             if self.dataset is None or not _is_missing_file(exc.__cause__) or self._all_there():
                 raise
         self.refresh()
         with _translate_errors(text, question=question):
-            return self._run(text, args)
+            return self._run(steps, text, names, given)
 
-    def _run(self, text: str, args: dict[str, object]) -> pa.Table:
-        frame = self.spark.sql(text, args=args or None)
-        to_arrow = getattr(frame, "toArrow", None)
-        if to_arrow is not None:  # Spark 4
-            table: pa.Table = to_arrow()
-            return table
-        pandas = frame.toPandas()
-        return pa.Table.from_pandas(pandas, preserve_index=False)
+    def _run(
+        self,
+        steps: tuple[tuple[str, str, tuple[str, ...]], ...],
+        text: str,
+        names: tuple[str, ...],
+        given: dict[str, object],
+    ) -> pa.Table:
+        # aware datetimes (times are bound in UTC) are taken by pyspark as the instant they are
+        made = []
+        try:
+            for view, step, step_names in steps:
+                # Each CTE read more than once, computed once: the view reads its rows, not its plan (a cached
+                # DataFrame would keep the plan, which Spark matches against every later plan).
+                frame = self.spark.sql(step, args={name: given[name] for name in step_names} or None)
+                frame = frame.localCheckpoint(eager=True)
+                frame.createOrReplaceTempView(view)
+                made.append((view, frame))
+            frame = self.spark.sql(text, args={name: given[name] for name in names} or None)
+            to_arrow = getattr(frame, "toArrow", None)
+            if to_arrow is not None:  # Spark 4
+                table: pa.Table = to_arrow()
+                return table
+            pandas = frame.toPandas()
+            return pa.Table.from_pandas(pandas, preserve_index=False)
+        finally:
+            for view, frame in made:
+                self.spark.catalog.dropTempView(view)
+                frame.unpersist()
 
     def _all_there(self) -> bool:
         assert self.dataset is not None
