@@ -229,13 +229,21 @@ class _WindowEngine(DuckDBEngine):
     """A DuckDBEngine whose `flows` view covers only the hour partitions overlapping [since, until].
 
     `only`: read just these part files of `flows` (the ones a follower has not read yet). `listed` keeps the
-    whole listing of `flows` the view was built from (what a follower has then seen).
+    whole listing of `flows` the view was built from (what a follower has then seen). `flows` covers no part
+    file until `define_flows` names some (a reader reads an hour at a time), or all of the window's with `whole`.
     """
 
     def __init__(
-        self, dataset: Dataset, since_ns: int | None, until_ns: int | None, only: frozenset[str] | None = None
+        self,
+        dataset: Dataset,
+        since_ns: int | None,
+        until_ns: int | None,
+        only: frozenset[str] | None = None,
+        *,
+        whole: bool = False,
     ) -> None:
         self._window = (since_ns, until_ns)
+        self._whole = whole
         self._only = only
         self.listed: tuple[str, ...] = ()
         self._defined: tuple[str, ...] | None = None
@@ -258,10 +266,17 @@ class _WindowEngine(DuckDBEngine):
         # Only `flows` and `lost_events`: the shared question views are not read here.
         self._define_table_views()
 
+    def _define_view(self, view: str, schema: pa.Schema, files: tuple[str, ...]) -> None:
+        # `flows` starts over no part file (reading the schemas of the whole window's files would cost more
+        # than a short answer): a reader defines it over the hour it reads (`define_flows`).
+        if view == FLOWS_VIEW and not self._whole:
+            files, self._defined = (), ()
+        super()._define_view(view, schema, files)
+
     def define_flows(self, files: Sequence[str]) -> None:
         """Redefine the view `flows` over just these part files (one hour's); nothing to do if it is."""
         if tuple(files) != self._defined:
-            self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+            super()._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
             self._defined = tuple(files)
 
     def define_stream(self, view: str, files: Sequence[str]) -> None:
@@ -311,7 +326,7 @@ class DatasetSummary:
 
 def summarize(dataset: Dataset) -> DatasetSummary:
     """Count flows per node, the time range and the namespaces of the dataset (one scan)."""
-    with _WindowEngine(dataset, None, None) as engine:
+    with _WindowEngine(dataset, None, None, whole=True) as engine:
         nodes = engine.run(
             "SELECT node_name, cluster_name, count(*) AS n, epoch_ns(min(time)) AS oldest,"
             " epoch_ns(max(time)) AS newest FROM flows GROUP BY ALL"
@@ -530,6 +545,11 @@ class _Reader:
         start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
         start_ns = int(start.timestamp()) * 1_000_000_000
         end_ns = start_ns + _HOUR_NS
+        bounds = self._time_bounds(files)
+        if (
+            bounds is not None
+        ):  # the slices cover the flows' times, not the whole hour (a partial hour's newest)
+            start_ns, end_ns = max(start_ns, bounds[0]), max(start_ns, min(end_ns, bounds[1]))
         if self._from is not None:
             start_ns = max(start_ns, min(self._from, end_ns))
         sql, params = "SELECT count(*) FROM flows", {}
@@ -548,6 +568,29 @@ class _Reader:
             if start_ns + i * step < end_ns
         ]
         return slices[::-1] if self.newest_first else slices
+
+    def _time_bounds(self, files: tuple[str, ...]) -> tuple[int, int] | None:
+        """The oldest time and past the newest of local part files, from their footers' statistics; None when
+        they are not local or a row group has none (the slices then cover the hour)."""
+        dataset = self.engine.dataset
+        if not files or dataset is None or not dataset.is_local:
+            return None
+        # Statistics as text, read at microseconds: the newest is moved one microsecond on (slices end before).
+        sql = (
+            "SELECT epoch_ns(min(CAST(stats_min_value AS TIMESTAMPTZ))),"
+            " epoch_ns(max(CAST(stats_max_value AS TIMESTAMPTZ))) + 1000,"
+            " count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL)"
+            " FROM parquet_metadata($files) WHERE path_in_schema = 'time'"
+        )
+        try:
+            oldest, newest, missing = self.engine.connection.execute(sql, {"files": list(files)}).fetchall()[
+                0
+            ]
+        except duckdb.Error:
+            return None  # (a vanished file: the count that follows reports it)
+        if missing or oldest is None or newest is None:
+            return None
+        return int(oldest), int(newest)
 
     @staticmethod
     def _files_of(hour: str, files: Sequence[str]) -> tuple[str, ...]:
