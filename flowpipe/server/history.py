@@ -546,9 +546,8 @@ class _Reader:
         start_ns = int(start.timestamp()) * 1_000_000_000
         end_ns = start_ns + _HOUR_NS
         bounds = self._time_bounds(files)
-        if (
-            bounds is not None
-        ):  # the slices cover the flows' times, not the whole hour (a partial hour's newest)
+        if bounds is not None:
+            # The slices cover the flows' times, not the whole hour (the newest hour is often partial).
             start_ns, end_ns = max(start_ns, bounds[0]), max(start_ns, min(end_ns, bounds[1]))
         if self._from is not None:
             start_ns = max(start_ns, min(self._from, end_ns))
