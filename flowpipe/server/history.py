@@ -38,10 +38,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import duckdb
 import grpc
@@ -77,6 +77,7 @@ from flowpipe.transforms.flow_responses import encode_responses
 from flowpipe.transforms.to_flow import enum_number, served_node_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
@@ -753,6 +754,24 @@ class _Reader:
         self.engine.close()
 
 
+class _CallThread:
+    """One thread for the dataset reads of one GetFlows call (started at its first read)."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on the call's thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowpipe-serve-hubble-read")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+    def close(self) -> None:
+        """The thread ends once what was handed to it is done."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
 class HistoryService:
     """The RPC handlers of `observer.Observer` over a dataset."""
 
@@ -893,13 +912,22 @@ class HistoryService:
             await stream.send(
                 self._envelope(observer_pb2.GetFlowsResponse(node_status=status), self.relay_name)
             )
+        # The call's reads all run on one thread of its own: DuckDB's allocator keeps memory per thread, so a
+        # read hopping over the pool's threads held several times its memory.
+        thread = _CallThread()
+        try:
+            await self._answer(req, stream, thread)
+        finally:
+            thread.close()
+
+    async def _answer(self, req: _Request, stream: ServerStream, thread: _CallThread) -> None:
         seen: frozenset[str] | None = None
         if req.history:
-            seen = await self._history(req, stream)
+            seen = await self._history(req, stream, thread)
         if req.follow and not (req.until is not None and req.until < time.time_ns()):
             if seen is None:
                 seen = frozenset(await self._listing())
-            await self._follow(req, stream, seen)
+            await self._follow(req, stream, seen, thread)
 
     async def _listing(self) -> list[str]:
         try:
@@ -915,6 +943,7 @@ class HistoryService:
         *,
         newest_first: bool = False,
         limit: int = 0,
+        thread: _CallThread,
         only: frozenset[str] | None = None,
     ) -> _Reader:
         def open_reader() -> _Reader:
@@ -926,11 +955,11 @@ class HistoryService:
                 raise
 
         try:
-            return await asyncio.to_thread(open_reader)
+            return await thread.run(open_reader)
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
 
-    async def _history(self, req: _Request, stream: ServerStream) -> frozenset[str]:
+    async def _history(self, req: _Request, stream: ServerStream, thread: _CallThread) -> frozenset[str]:
         """Send the stored part of the answer; returns the part files it was read from (all of them listed).
 
         Lost events of the `lost_events` table go among the flows in time order: those between `since` (else
@@ -938,15 +967,17 @@ class HistoryService:
         cut the end).
         """
         where, params, newest_first, sql_limit = req.query()
-        reader = await self._read(req, where, params, newest_first=newest_first, limit=sql_limit)
+        reader = await self._read(
+            req, where, params, newest_first=newest_first, limit=sql_limit, thread=thread
+        )
         limit = req.number if req.number and (newest_first or not req.follow) else 0
         try:
-            lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
+            lost = await thread.run(self._lost_events, reader.engine, req)
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
                 runs: list[Frames] = []
                 count = 0
-                while count < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
+                while count < limit and (batch := await thread.run(reader.next)) is not None:
                     runs.append(batch.head(limit - count))
                     count += len(runs[-1])
                 newest = Frames.concat(runs)
@@ -957,7 +988,7 @@ class HistoryService:
             else:
                 sent = 0
                 first = True
-                while (batch := await asyncio.to_thread(reader.next)) is not None:
+                while (batch := await thread.run(reader.next)) is not None:
                     if limit:
                         batch = batch.head(limit - sent)
                     if first and len(batch) and limit and req.since is None:
@@ -970,7 +1001,7 @@ class HistoryService:
                 if not (limit and sent >= limit):
                     await self._send_merged(stream, empty_frames(), lost, final=True)
         finally:
-            await asyncio.to_thread(reader.close)
+            await thread.run(reader.close)
         return frozenset(reader.engine.listed)
 
     def _lost_events(self, engine: DuckDBEngine, req: _Request) -> list[tuple[int, bytes]]:
@@ -1017,7 +1048,9 @@ class HistoryService:
             await stream.send(data)
         return rest
 
-    async def _follow(self, req: _Request, stream: ServerStream, seen: frozenset[str]) -> None:
+    async def _follow(
+        self, req: _Request, stream: ServerStream, seen: frozenset[str], thread: _CallThread
+    ) -> None:
         """Flows of part files published after `seen` was listed, every `follow_interval` seconds.
 
         A compacted file whose inputs were already read is only marked as read: its flows were sent.
@@ -1043,12 +1076,14 @@ class HistoryService:
                 fresh.append(path)
             if fresh:
                 sql = _Sql()
-                reader = await self._read(req, req.where(sql), sql.params, only=frozenset(fresh))
+                reader = await self._read(
+                    req, req.where(sql), sql.params, thread=thread, only=frozenset(fresh)
+                )
                 try:
-                    while (batch := await asyncio.to_thread(reader.next)) is not None:
+                    while (batch := await thread.run(reader.next)) is not None:
                         await self._send_merged(stream, batch, [], final=False)
                 finally:
-                    await asyncio.to_thread(reader.close)
+                    await thread.run(reader.close)
             if req.until is not None and req.until < time.time_ns():
                 return
 
