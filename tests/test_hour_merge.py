@@ -84,7 +84,10 @@ def test_interleaved_writers_come_out_in_time_order() -> None:
     assert len(source.opened) == 3 and all(len(paths) == 2 for paths in source.opened)
 
 
-def test_files_a_little_out_of_order_and_ties() -> None:
+@pytest.mark.parametrize("block_rows", [1, 7, 4096])
+def test_files_a_little_out_of_order_and_ties(monkeypatch: pytest.MonkeyPatch, block_rows: int) -> None:
+    # The smallest time still to come is kept per block of rows: blocks smaller than a batch, larger, one row.
+    monkeypatch.setattr(hour_merge, "_BLOCK_ROWS", block_rows)
     rng = random.Random(5)
     files = {}
     for writer in ("a", "b"):
@@ -157,3 +160,40 @@ def test_the_server_streams_interleaved_and_shuffled_part_files_in_order(
         got_first = [(r.flow.time.ToNanoseconds(), r.flow.uuid) for r in first if r.HasField("flow")]
     assert got == expected
     assert got_first == expected[:1000]
+
+
+def test_the_newest_flows_of_a_partial_hour_read_in_many_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An hour whose flows fill its first minutes only, cut in slices of its flows' times: the last N, the
+    last N before `until` and the first N are those of the table."""
+    monkeypatch.setattr(history, "SLICE_ROWS", 40)
+    rng = random.Random(11)
+    times = sorted(_HOUR + 3600 * 10**9 + rng.randrange(150 * 10**9) for _ in range(600))  # 18:00 to 18:02:30
+    times[300:305] = [times[300]] * 5  # ties
+    older = sorted(_HOUR + rng.randrange(3600 * 10**9) for _ in range(200))  # the hour before, whole
+    table = pa.concat_tables([_rows(older, "w1"), _rows(times, "w2")])
+    sink = ParquetSink(ParquetSinkConfig(path=str(tmp_path), writer_id="w", max_batch_rows=100))
+    for offset in range(0, table.num_rows, 100):
+        sink.write(EventBatch(flows=table.slice(offset, 100)))
+        sink.flush()
+    sink.close()
+    expected = sorted(
+        zip(pc.cast(table.column("time"), pa.int64()).to_pylist(), table.column("uuid").to_pylist())
+    )
+
+    def flows(
+        stub: observer_pb2_grpc.ObserverStub, request: observer_pb2.GetFlowsRequest
+    ) -> list[tuple[int, str]]:
+        responses = stub.GetFlows(request, timeout=60)
+        return [(r.flow.time.ToNanoseconds(), r.flow.uuid) for r in responses if r.HasField("flow")]
+
+    with HistoryServer(str(tmp_path)) as server, grpc.insecure_channel(server.address) as channel:
+        stub = observer_pb2_grpc.ObserverStub(channel)
+        until = observer_pb2.GetFlowsRequest(number=150)
+        until.until.FromNanoseconds(times[450])
+        assert flows(stub, observer_pb2.GetFlowsRequest(number=20)) == expected[-20:]
+        assert flows(stub, observer_pb2.GetFlowsRequest(number=700)) == expected[-700:]
+        assert flows(stub, until) == [row for row in expected if row[0] <= times[450]][-150:]
+        assert flows(stub, observer_pb2.GetFlowsRequest(number=500, first=True)) == expected[:500]
+        assert flows(stub, observer_pb2.GetFlowsRequest()) == expected

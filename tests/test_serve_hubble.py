@@ -408,6 +408,27 @@ def test_the_command_serves_flows_metrics_and_health(stored: tuple[Path, pa.Tabl
         assert process.wait(timeout=30) == 0
 
 
+def test_the_command_runs_without_pandas(stored: tuple[Path, pa.Table, list[bytes]]) -> None:
+    """pyarrow would import pandas (tens of MB the server never uses) the first time it builds an array from a
+    list; the command keeps it out, and serves all the same."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "from flowpipe.cli._commands import COMMANDS\n"
+        "COMMANDS['serve-hubble'].load()\n"
+        "import pyarrow as pa\n"
+        "from flowpipe.server.history import summarize\n"
+        "from flowpipe.dataset.layout import Dataset\n"
+        "pa.array(['a', 'b'])\n"
+        "print(summarize(Dataset(sys.argv[1])).num_flows, 'pandas' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(stored[0])], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == [str(stored[1].num_rows), "False"]
+
+
 @pytest.mark.external
 def test_hubble_status_against_simulate_relay(hubble: str) -> None:
     from flowpipe.server import ObserverServer

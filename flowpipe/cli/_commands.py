@@ -9,9 +9,18 @@ libraries where it needs them. New commands are added here.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 import click
+
+
+class _NoPandas:
+    """An import finder under which `import pandas` fails: pyarrow then takes pandas for not installed."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ModuleNotFoundError("pandas is not loaded by this command", name=name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +30,14 @@ class CommandSpec:
     module: str
     attribute: str
     short_help: str
+    without_pandas: bool = False
+    """The command never uses pandas: pyarrow is kept from importing it (pyarrow probes for pandas, ~40 MB,
+    the first time an array is built from a Python list), for a long-running server's memory."""
 
     def load(self) -> click.Command:
         """Import the command's module and return the command, with this short help."""
+        if self.without_pandas and "pandas" not in sys.modules:
+            sys.meta_path.insert(0, _NoPandas())
         command = getattr(importlib.import_module(f"flowpipe.cli.{self.module}"), self.attribute)
         if not isinstance(command, click.Command):
             raise TypeError(f"flowpipe.cli.{self.module}.{self.attribute} is not a click command")
@@ -50,6 +64,6 @@ COMMANDS: dict[str, CommandSpec] = {
     "demo": CommandSpec("demo", "demo", "Try flowpipe with no cluster (simulated relay)."),
     "suggest": CommandSpec("suggest", "suggest", "Draft policies that allow exactly the observed traffic."),
     "serve-hubble": CommandSpec(
-        "serve_hubble", "serve_hubble", "Serve the stored flows over the Hubble API."
+        "serve_hubble", "serve_hubble", "Serve the stored flows over the Hubble API.", without_pandas=True
     ),
 }

@@ -38,10 +38,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import duckdb
 import grpc
@@ -77,6 +77,7 @@ from flowpipe.transforms.flow_responses import encode_responses
 from flowpipe.transforms.to_flow import enum_number, served_node_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
@@ -229,13 +230,21 @@ class _WindowEngine(DuckDBEngine):
     """A DuckDBEngine whose `flows` view covers only the hour partitions overlapping [since, until].
 
     `only`: read just these part files of `flows` (the ones a follower has not read yet). `listed` keeps the
-    whole listing of `flows` the view was built from (what a follower has then seen).
+    whole listing of `flows` the view was built from (what a follower has then seen). `flows` covers no part
+    file until `define_flows` names some (a reader reads an hour at a time), or all of the window's with `whole`.
     """
 
     def __init__(
-        self, dataset: Dataset, since_ns: int | None, until_ns: int | None, only: frozenset[str] | None = None
+        self,
+        dataset: Dataset,
+        since_ns: int | None,
+        until_ns: int | None,
+        only: frozenset[str] | None = None,
+        *,
+        whole: bool = False,
     ) -> None:
         self._window = (since_ns, until_ns)
+        self._whole = whole
         self._only = only
         self.listed: tuple[str, ...] = ()
         self._defined: tuple[str, ...] | None = None
@@ -258,10 +267,17 @@ class _WindowEngine(DuckDBEngine):
         # Only `flows` and `lost_events`: the shared question views are not read here.
         self._define_table_views()
 
+    def _define_view(self, view: str, schema: pa.Schema, files: tuple[str, ...]) -> None:
+        # `flows` starts over no part file (reading the schemas of the whole window's files would cost more
+        # than a short answer): a reader defines it over the hour it reads (`define_flows`).
+        if view == FLOWS_VIEW and not self._whole:
+            files, self._defined = (), ()
+        super()._define_view(view, schema, files)
+
     def define_flows(self, files: Sequence[str]) -> None:
         """Redefine the view `flows` over just these part files (one hour's); nothing to do if it is."""
         if tuple(files) != self._defined:
-            self._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
+            super()._define_view(FLOWS_VIEW, FLOW_SCHEMA, tuple(files))
             self._defined = tuple(files)
 
     def define_stream(self, view: str, files: Sequence[str]) -> None:
@@ -311,7 +327,7 @@ class DatasetSummary:
 
 def summarize(dataset: Dataset) -> DatasetSummary:
     """Count flows per node, the time range and the namespaces of the dataset (one scan)."""
-    with _WindowEngine(dataset, None, None) as engine:
+    with _WindowEngine(dataset, None, None, whole=True) as engine:
         nodes = engine.run(
             "SELECT node_name, cluster_name, count(*) AS n, epoch_ns(min(time)) AS oldest,"
             " epoch_ns(max(time)) AS newest FROM flows GROUP BY ALL"
@@ -530,6 +546,10 @@ class _Reader:
         start = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
         start_ns = int(start.timestamp()) * 1_000_000_000
         end_ns = start_ns + _HOUR_NS
+        bounds = self._time_bounds(files)
+        if bounds is not None:
+            # The slices cover the flows' times, not the whole hour (the newest hour is often partial).
+            start_ns, end_ns = max(start_ns, bounds[0]), max(start_ns, min(end_ns, bounds[1]))
         if self._from is not None:
             start_ns = max(start_ns, min(self._from, end_ns))
         sql, params = "SELECT count(*) FROM flows", {}
@@ -548,6 +568,29 @@ class _Reader:
             if start_ns + i * step < end_ns
         ]
         return slices[::-1] if self.newest_first else slices
+
+    def _time_bounds(self, files: tuple[str, ...]) -> tuple[int, int] | None:
+        """The oldest time and past the newest of local part files, from their footers' statistics; None when
+        they are not local or a row group has none (the slices then cover the hour)."""
+        dataset = self.engine.dataset
+        if not files or dataset is None or not dataset.is_local:
+            return None
+        # Statistics as text, read at microseconds: the newest is moved one microsecond on (slices end before).
+        sql = (
+            "SELECT epoch_ns(min(CAST(stats_min_value AS TIMESTAMPTZ))),"
+            " epoch_ns(max(CAST(stats_max_value AS TIMESTAMPTZ))) + 1000,"
+            " count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL)"
+            " FROM parquet_metadata($files) WHERE path_in_schema = 'time'"
+        )
+        try:
+            oldest, newest, missing = self.engine.connection.execute(sql, {"files": list(files)}).fetchall()[
+                0
+            ]
+        except duckdb.Error:
+            return None  # (a vanished file: the count that follows reports it)
+        if missing or oldest is None or newest is None:
+            return None
+        return int(oldest), int(newest)
 
     @staticmethod
     def _files_of(hour: str, files: Sequence[str]) -> tuple[str, ...]:
@@ -711,6 +754,24 @@ class _Reader:
         self.engine.close()
 
 
+class _CallThread:
+    """One thread for the dataset reads of one GetFlows call (started at its first read)."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on the call's thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowpipe-serve-hubble-read")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+    def close(self) -> None:
+        """The thread ends once what was handed to it is done."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
 class HistoryService:
     """The RPC handlers of `observer.Observer` over a dataset."""
 
@@ -851,13 +912,22 @@ class HistoryService:
             await stream.send(
                 self._envelope(observer_pb2.GetFlowsResponse(node_status=status), self.relay_name)
             )
+        # The call's reads all run on one thread of its own: DuckDB's allocator keeps memory per thread, so a
+        # read hopping over the pool's threads held several times its memory.
+        thread = _CallThread()
+        try:
+            await self._answer(req, stream, thread)
+        finally:
+            thread.close()
+
+    async def _answer(self, req: _Request, stream: ServerStream, thread: _CallThread) -> None:
         seen: frozenset[str] | None = None
         if req.history:
-            seen = await self._history(req, stream)
+            seen = await self._history(req, stream, thread)
         if req.follow and not (req.until is not None and req.until < time.time_ns()):
             if seen is None:
                 seen = frozenset(await self._listing())
-            await self._follow(req, stream, seen)
+            await self._follow(req, stream, seen, thread)
 
     async def _listing(self) -> list[str]:
         try:
@@ -873,6 +943,7 @@ class HistoryService:
         *,
         newest_first: bool = False,
         limit: int = 0,
+        thread: _CallThread,
         only: frozenset[str] | None = None,
     ) -> _Reader:
         def open_reader() -> _Reader:
@@ -884,11 +955,11 @@ class HistoryService:
                 raise
 
         try:
-            return await asyncio.to_thread(open_reader)
+            return await thread.run(open_reader)
         except FlowpipeError as exc:
             raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
 
-    async def _history(self, req: _Request, stream: ServerStream) -> frozenset[str]:
+    async def _history(self, req: _Request, stream: ServerStream, thread: _CallThread) -> frozenset[str]:
         """Send the stored part of the answer; returns the part files it was read from (all of them listed).
 
         Lost events of the `lost_events` table go among the flows in time order: those between `since` (else
@@ -896,15 +967,17 @@ class HistoryService:
         cut the end).
         """
         where, params, newest_first, sql_limit = req.query()
-        reader = await self._read(req, where, params, newest_first=newest_first, limit=sql_limit)
+        reader = await self._read(
+            req, where, params, newest_first=newest_first, limit=sql_limit, thread=thread
+        )
         limit = req.number if req.number and (newest_first or not req.follow) else 0
         try:
-            lost = await asyncio.to_thread(self._lost_events, reader.engine, req)
+            lost = await thread.run(self._lost_events, reader.engine, req)
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
                 runs: list[Frames] = []
                 count = 0
-                while count < limit and (batch := await asyncio.to_thread(reader.next)) is not None:
+                while count < limit and (batch := await thread.run(reader.next)) is not None:
                     runs.append(batch.head(limit - count))
                     count += len(runs[-1])
                 newest = Frames.concat(runs)
@@ -915,7 +988,7 @@ class HistoryService:
             else:
                 sent = 0
                 first = True
-                while (batch := await asyncio.to_thread(reader.next)) is not None:
+                while (batch := await thread.run(reader.next)) is not None:
                     if limit:
                         batch = batch.head(limit - sent)
                     if first and len(batch) and limit and req.since is None:
@@ -928,7 +1001,7 @@ class HistoryService:
                 if not (limit and sent >= limit):
                     await self._send_merged(stream, empty_frames(), lost, final=True)
         finally:
-            await asyncio.to_thread(reader.close)
+            await thread.run(reader.close)
         return frozenset(reader.engine.listed)
 
     def _lost_events(self, engine: DuckDBEngine, req: _Request) -> list[tuple[int, bytes]]:
@@ -975,7 +1048,9 @@ class HistoryService:
             await stream.send(data)
         return rest
 
-    async def _follow(self, req: _Request, stream: ServerStream, seen: frozenset[str]) -> None:
+    async def _follow(
+        self, req: _Request, stream: ServerStream, seen: frozenset[str], thread: _CallThread
+    ) -> None:
         """Flows of part files published after `seen` was listed, every `follow_interval` seconds.
 
         A compacted file whose inputs were already read is only marked as read: its flows were sent.
@@ -1001,12 +1076,14 @@ class HistoryService:
                 fresh.append(path)
             if fresh:
                 sql = _Sql()
-                reader = await self._read(req, req.where(sql), sql.params, only=frozenset(fresh))
+                reader = await self._read(
+                    req, req.where(sql), sql.params, thread=thread, only=frozenset(fresh)
+                )
                 try:
-                    while (batch := await asyncio.to_thread(reader.next)) is not None:
+                    while (batch := await thread.run(reader.next)) is not None:
                         await self._send_merged(stream, batch, [], final=False)
                 finally:
-                    await asyncio.to_thread(reader.close)
+                    await thread.run(reader.close)
             if req.until is not None and req.until < time.time_ns():
                 return
 

@@ -31,6 +31,7 @@ MAX_PENDING_ROWS = 100_000
 """Rows read ahead of the watermark; more (part files far from time order) stops the merge."""
 
 _AFTER_LAST = np.iinfo(np.int64).max
+_BLOCK_ROWS = 4096  # a stream keeps the smallest time still to come per block of rows (not per row)
 
 
 class MergeFallback(Exception):
@@ -48,13 +49,25 @@ class _Stream:
         self.reader = reader
         self.cursor = cursor
         self.times = times
-        # suffix[i]: the smallest time of rows i.. (the last entry: after the last row)
-        self.suffix = np.append(np.minimum.accumulate(times[::-1])[::-1], _AFTER_LAST)
+        # blocks[k]: the smallest time of rows k * _BLOCK_ROWS.. (the last entry: after the last row)
+        starts = np.arange(0, len(times), _BLOCK_ROWS)
+        minima = np.minimum.reduceat(times, starts) if len(times) else np.zeros(0, dtype=np.int64)
+        self.blocks = np.append(np.minimum.accumulate(minima[::-1])[::-1], _AFTER_LAST)
         self.position = 0
+        self.next_time = self._smallest_from(0)
 
-    @property
-    def next_time(self) -> int:
-        return int(self.suffix[self.position])
+    def _smallest_from(self, position: int) -> int:
+        """The smallest time of rows `position`.. (`_AFTER_LAST` after the last row)."""
+        if position >= len(self.times):
+            return _AFTER_LAST
+        block = position // _BLOCK_ROWS
+        rest = self.times[position : (block + 1) * _BLOCK_ROWS]
+        return min(int(rest.min()), int(self.blocks[block + 1]))
+
+    def advance(self, rows: int) -> None:
+        """`rows` more rows were read."""
+        self.position += rows
+        self.next_time = self._smallest_from(self.position)
 
     def close(self) -> None:
         self.cursor.close()
@@ -145,8 +158,7 @@ class HourMerge:
         except StopIteration:
             if stream.position != len(stream.times):
                 raise MergeFallback("a part file gave fewer rows than counted", self.bound) from None
-            stream.position = len(stream.times)
-            stream.suffix[-1] = _AFTER_LAST
+            stream.advance(len(stream.times) - stream.position)
             self._streams.remove(stream)
             stream.close()
             return
@@ -154,7 +166,7 @@ class HourMerge:
         expected = stream.times[stream.position : stream.position + len(times)]
         if not np.array_equal(times, expected):
             raise MergeFallback("a part file gave its rows in another order than counted", self.bound)
-        stream.position += len(times)
+        stream.advance(len(times))
         if stream.position == len(stream.times):
             self._streams.remove(stream)
             stream.close()

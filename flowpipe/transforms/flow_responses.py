@@ -130,9 +130,14 @@ def _layer4(batch: pa.RecordBatch) -> pa.StructArray:
     source_port, destination_port = _u32(batch.column("source_port")), _u32(batch.column("destination_port"))
     icmp = {"type": _u32(batch.column("icmp_type")), "code": _u32(batch.column("icmp_code"))}
     flags_text = batch.column("tcp_flags")
+    # A few flag combinations recur: each flag is matched once per distinct text, then spread to the rows.
+    distinct = pc.dictionary_encode(flags_text)
     flags = _struct(
         {
-            name: pc.fill_null(pc.match_substring_regex(flags_text, f"(^|,){name}(,|$)"), False)
+            name: pc.fill_null(
+                pc.take(pc.match_substring_regex(distinct.dictionary, f"(^|,){name}(,|$)"), distinct.indices),
+                False,
+            )
             for name in TCP_FLAG_NAMES
         },
         pc.and_(pc.equal(kind, "TCP"), _nonempty(flags_text)),
