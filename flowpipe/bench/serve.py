@@ -2,7 +2,8 @@
 
 The dataset is the simulated base hour written again and again an hour later (as in the `scale` section), up to
 ten times `--flows` (10 million by default). `flowpipe serve-hubble` runs in a child process (so that its peak RSS
-is its own, read from /proc at the end); a grpcio client over loopback measures:
+is its own, read from /proc at the end); a grpcio client over loopback measures the latencies, and collect's
+own stream reader (HTTP/2) the streaming rate:
 
 - the first flow of `GetFlows(since=24h, namespace=X)` (`hubble observe --since 24h --namespace X`), X the
   busiest namespace: under 0.5 s;
@@ -25,6 +26,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from flowpipe.bench.context import BenchContext, Figure, process_cpu_seconds
+from flowpipe.errors import FlowpipeError
 
 SERVE_FACTOR = 10
 FIRST_FLOW_TARGET_SECONDS = 0.5
@@ -68,6 +70,7 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
     from flowpipe._proto.flow import flow_pb2
     from flowpipe._proto.observer import observer_pb2, observer_pb2_grpc
     from flowpipe.bench.scale import _base, _Grower, _label
+    from flowpipe.sources.relay._h2call import FlowsCall
 
     base, start = _base(ctx)
     total = SERVE_FACTOR * ctx.flows
@@ -130,19 +133,20 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
             )  # fmt: skip
 
             hours = max(1, min(grower.copies - 1, round(STREAM_WINDOW_FLOWS / max(base.num_rows, 1))))
-            # A client that keeps up: it takes each response's bytes as they come (no decoding in Python).
-            raw = channel.unary_stream(
-                "/observer.Observer/GetFlows",
-                request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-                response_deserializer=None,
-            )
+            # A client that keeps up: collect's own stream reader (HTTP/2, each response's bytes as they come,
+            # no decoding in Python), as `flowpipe collect --server` would read serve-hubble.
             cpu_before = process_cpu_seconds(process.pid)
             # Whole hours before the last one (the last copy may be partial): about STREAM_WINDOW_FLOWS flows.
             window = observer_pb2.GetFlowsRequest()
             window.since.FromDatetime(end - timedelta(hours=hours + 1))
             window.until.FromDatetime(end - timedelta(hours=1))
             began = time.perf_counter()
-            streamed = sum(1 for _ in raw(window, timeout=3600)) - 1  # node_status
+            call = FlowsCall(address, None, "/observer.Observer/GetFlows", window.SerializeToString())
+            streamed = -1  # node_status
+            while call.status is None:
+                streamed += len(call.read(1.0))
+            if call.status[0] != "OK":
+                raise FlowpipeError(f"serve-hubble ended the stream with {call.status[0]}: {call.status[1]}")
             seconds = time.perf_counter() - began
             cpu_after = process_cpu_seconds(process.pid)
             cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
