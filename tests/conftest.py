@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,16 @@ def sim_clean(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from support.sim_dataset import build_sim_dataset
 
     return build_sim_dataset(tmp_path_factory.mktemp("sim-clean"), faults=False)
+
+
+@pytest.fixture(autouse=True)
+def s3_flags_of_one_test() -> Iterator[None]:
+    """A command run in-process with `--s3-endpoint` sets the process's S3 flags (`set_s3_options`): put them
+    back after each test, so a later module's server is reached through its own environment."""
+    yield
+    from flowpipe.dataset.storage import set_s3_options
+
+    set_s3_options()
 
 
 # The longest module (one SparkSession, every question on it), started first: with the suite on two workers
