@@ -73,7 +73,7 @@ from flowpipe.server.hour_merge import HourMerge, MergeFallback
 from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
-from flowpipe.transforms.flow_responses import encode_responses
+from flowpipe.transforms.flow_responses import encode_framed
 from flowpipe.transforms.to_flow import enum_number, served_node_name
 
 log = logging.getLogger(__name__)
@@ -725,7 +725,7 @@ class _Reader:
         if batch is None:
             return None
         req = self.req
-        encoded = encode_responses(batch)
+        encoded = encode_framed(batch)
         frames = Frames.encoded(encoded)
         if req.matcher.accepts_all and req.mask is None:
             return frames

@@ -41,12 +41,14 @@ _U32 = pa.uint32()
 
 
 @cache
-def _handler() -> Any:
+def _handler(message: str) -> Any:
+    """ptars' encoder of `flow.Flow` or `observer.GetFlowsResponse`."""
     import ptars
 
+    from flowpipe._proto.flow import flow_pb2
     from flowpipe._proto.observer import observer_pb2
 
-    descriptor = observer_pb2.GetFlowsResponse.DESCRIPTOR
+    descriptor = {"flow": flow_pb2.Flow, "response": observer_pb2.GetFlowsResponse}[message].DESCRIPTOR
     return ptars.HandlerPool([descriptor.file]).get_for_message(descriptor)
 
 
@@ -256,16 +258,93 @@ class EncodedResponses:
     nodes: pa.Array
 
 
-def encode_responses(batch: pa.RecordBatch) -> EncodedResponses:
-    """One serialised GetFlowsResponse per row of a batch of the flow table, the time of each its flow's."""
+@dataclass(frozen=True)
+class FramedResponses:
+    """A batch's GetFlowsResponse messages in gRPC's framing, one after another in `data`.
+
+    The i-th is `data[starts[i]:starts[i + 1]]`; `times` and `nodes` as in `EncodedResponses`.
+    """
+
+    data: pa.Buffer
+    starts: np.ndarray
+    times: np.ndarray
+    nodes: pa.Array
+
+
+_VARINT_BYTES = 5  # a length below 2^35: every message here
+
+
+def _lengths(values: pa.BinaryArray) -> np.ndarray:
+    return pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _heads(flow_lengths: np.ndarray, tail_lengths: np.ndarray, framed: bool) -> pa.BinaryArray:
+    """What goes before each serialised flow: gRPC's framing prefix (if `framed`: a zero byte and the
+    message's big-endian length), the key of GetFlowsResponse's `flow` and the flow's length (a varint)."""
+    count = len(flow_lengths)
+    varint_size = np.ones(count, dtype=np.int64)
+    for shift in range(7, 7 * _VARINT_BYTES, 7):
+        varint_size += flow_lengths >= (1 << shift)
+    at = 5 if framed else 0
+    columns = np.zeros((count, at + 1 + _VARINT_BYTES), dtype=np.uint8)
+    if framed:
+        message_lengths = 1 + varint_size + flow_lengths + tail_lengths
+        columns[:, 1:5] = message_lengths.astype(">u4").view(np.uint8).reshape(count, 4)
+    columns[:, at] = 0x0A  # GetFlowsResponse.flow: field 1, length-delimited
+    for k in range(_VARINT_BYTES):
+        more = (varint_size > k + 1).astype(np.uint8) << 7
+        columns[:, at + 1 + k] = ((flow_lengths >> (7 * k)) & 0x7F).astype(np.uint8) | more
+    width = at + 1 + varint_size
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(width, out=offsets[1:])
+    data = columns[np.arange(columns.shape[1]) < width[:, None]]  # row by row, each row's first `width`
+    return pa.BinaryArray.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _responses(batch: pa.RecordBatch, framed: bool) -> tuple[pa.BinaryArray, np.ndarray, pa.Array]:
+    """The batch's GetFlowsResponse messages (framed or not), each flow's time (ns) and served node name.
+
+    ptars writes each row's `flow.Flow` and, apart, the response's other fields (`node_name`, `time`: its
+    tail); the head before the flow is computed here, and the three are joined in one copy (ptars would copy
+    each flow once more into its response, and the framing once more again).
+    """
     nodes = served_node_names(batch.column("node_name"), batch.column("cluster_name"))
     time = batch.column("time")
-    responses = pa.RecordBatch.from_arrays(
-        [flow_structs(batch, nodes), nodes, time], names=["flow", "node_name", "time"]
+    flows = _handler("flow").record_batch_to_array(
+        pa.RecordBatch.from_struct_array(flow_structs(batch, nodes))
     )
-    messages = _handler().record_batch_to_array(responses)
+    tails = _handler("response").record_batch_to_array(
+        pa.RecordBatch.from_arrays([nodes, time], names=["node_name", "time"])
+    )
+    heads = _heads(_lengths(flows), _lengths(tails), framed)
+    messages = pc.binary_join_element_wise(heads, flows, tails, b"")
     times = pc.cast(time, pa.int64()).to_numpy(zero_copy_only=False)
+    return messages, times, nodes
+
+
+def encode_responses(batch: pa.RecordBatch) -> EncodedResponses:
+    """One serialised GetFlowsResponse per row of a batch of the flow table, the time of each its flow's."""
+    messages, times, nodes = _responses(batch, framed=False)
     return EncodedResponses(messages, times, nodes)
+
+
+def encode_framed(batch: pa.RecordBatch) -> FramedResponses:
+    """`encode_responses` in gRPC's framing, every message in one buffer (what is sent)."""
+    messages, times, nodes = _responses(batch, framed=True)
+    data, starts = _joined(messages)
+    return FramedResponses(data, starts, times, nodes)
+
+
+def _joined(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
+    """The bytes of every message one after another (one buffer), and where each starts (and the end)."""
+    count = len(messages)
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(_lengths(messages), out=starts[1:])
+    _, offsets, data = messages.buffers()
+    first = (
+        int(np.frombuffer(offsets, dtype=np.int32, count=1, offset=4 * messages.offset)[0]) if count else 0
+    )
+    return (data.slice(first, int(starts[-1])) if data is not None else pa.py_buffer(b"")), starts
 
 
 def frame_responses(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
@@ -274,13 +353,8 @@ def frame_responses(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
     Returns the buffer and where each framed message starts in it (one more entry: the end).
     """
     count = len(messages)
-    lengths = pc.binary_length(messages).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = _lengths(messages)
     headers = np.zeros((count, 5), dtype=np.uint8)
     headers[:, 1:] = lengths.astype(">u4").view(np.uint8).reshape(count, 4)
     prefixes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(5), count, [None, pa.py_buffer(headers)])
-    framed = pc.binary_join_element_wise(prefixes.cast(pa.binary()), messages, b"")
-    starts = np.zeros(count + 1, dtype=np.int64)
-    np.cumsum(lengths + 5, out=starts[1:])
-    _, offsets, data = framed.buffers()
-    first = int(np.frombuffer(offsets, dtype=np.int32, count=1, offset=4 * framed.offset)[0]) if count else 0
-    return (data.slice(first, int(starts[-1])) if data is not None else pa.py_buffer(b"")), starts
+    return _joined(pc.binary_join_element_wise(prefixes.cast(pa.binary()), messages, b""))
