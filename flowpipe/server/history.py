@@ -82,11 +82,19 @@ T = TypeVar("T")
 BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
 
+MERGED_ROWS = 4096
+"""Rows of a merged hour handed on at a time: each is encoded in one go (fewer, larger steps of Arrow compute
+and protobuf encoding), while DuckDB still reads `BATCH_ROWS` at a time from each part file."""
+
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
 
 SLICE_ROWS = 20_000
 """About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
+
+FIRST_SLICE_ROWS = 4096
+"""About this many flows are sorted in the first slice of an answer read oldest first (the rest of its hour is
+merged)."""
 
 DUCKDB_MEMORY_LIMIT = "64MB"
 """DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
@@ -497,7 +505,7 @@ class _Reader:
         self._streams = 0  # the views of the last merge's streams are reused (they are closed)
         try:
             merge = HourMerge(
-                self._files, self._stream_times, self._open_stream, _ORDER, BATCH_ROWS, bound=self._from
+                self._files, self._stream_times, self._open_stream, _ORDER, MERGED_ROWS, bound=self._from
             )
         except MergeFallback as exc:
             log.debug("reading %s in sorted slices: %s", self._hour, exc)
@@ -560,7 +568,7 @@ class _Reader:
             self.engine.define_flows(files)
             rows = self.engine.connection.execute(sql, params).fetchall()[0]
         count = int(rows[0]) if rows else 0
-        parts = max(1, -(-count // SLICE_ROWS))
+        parts = max(1, -(-count // (FIRST_SLICE_ROWS if self._merge_after else SLICE_ROWS)))
         step = max(1, -(-(end_ns - start_ns) // parts))
         slices = [
             (start_ns + i * step, min(start_ns + (i + 1) * step, end_ns))
