@@ -83,8 +83,8 @@ BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
 
 MERGED_ROWS = 4096
-"""Rows of a merged hour handed on at a time: each is encoded in one go (fewer, larger steps of Arrow compute
-and protobuf encoding), while DuckDB still reads `BATCH_ROWS` at a time from each part file."""
+"""Rows of a merged hour read from each part file and handed on at a time: each is encoded in one go (fewer,
+larger steps of Arrow compute and protobuf encoding)."""
 
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
@@ -542,7 +542,7 @@ class _Reader:
             cursor = self.engine.connection.cursor()
             try:
                 cursor.execute("SET preserve_insertion_order = true")
-                return _batches(cursor.sql(sql, params=params)), cursor
+                return _batches(cursor.sql(sql, params=params), MERGED_ROWS), cursor
             except BaseException:
                 cursor.close()
                 raise
@@ -1204,9 +1204,9 @@ def _spill_directory() -> str:
     return folder
 
 
-def _batches(relation: Any) -> pa.RecordBatchReader:
-    """A reader of `BATCH_ROWS`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
+def _batches(relation: Any, rows: int = BATCH_ROWS) -> pa.RecordBatchReader:
+    """A reader of `rows`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
     to_reader = getattr(relation, "to_arrow_reader", None)
     if to_reader is not None:
-        return to_reader(BATCH_ROWS)
-    return relation.fetch_arrow_reader(BATCH_ROWS)
+        return to_reader(rows)
+    return relation.fetch_arrow_reader(rows)
