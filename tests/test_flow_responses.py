@@ -10,7 +10,12 @@ import pytest
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.model import FLOW_SCHEMA
 from flowpipe.sim import Simulator, SimulatorConfig
-from flowpipe.transforms.flow_responses import encode_responses, frame_responses, served_node_names
+from flowpipe.transforms.flow_responses import (
+    encode_framed,
+    encode_responses,
+    frame_responses,
+    served_node_names,
+)
 from flowpipe.transforms.normalize import normalize_flows, normalize_json_lines
 from flowpipe.transforms.to_flow import served_node_name, table_to_flows
 
@@ -23,6 +28,10 @@ def _served(table: pa.Table, chunk: int) -> list[tuple[int, str, observer_pb2.Ge
         data, starts = frame_responses(encoded.messages)
         buffer = data.to_pybytes()
         assert len(buffer) == starts[-1]
+        # What is sent: the same frames, encoded framed in one go.
+        framed = encode_framed(batch)
+        assert framed.data.to_pybytes() == buffer and list(framed.starts) == list(starts)
+        assert list(framed.times) == list(encoded.times) and framed.nodes.equals(encoded.nodes)
         for i in range(batch.num_rows):
             frame = buffer[starts[i] : starts[i + 1]]
             assert frame[0] == 0 and int.from_bytes(frame[1:5], "big") == len(frame) - 5
@@ -74,6 +83,15 @@ def test_every_kind_of_row_value() -> None:
     ]  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=FLOW_SCHEMA)
     assert _check(table, chunk=3) == 4
+
+
+def test_a_flow_longer_than_two_varint_bytes_say() -> None:
+    """A flow of more than 16,383 bytes: its length takes three bytes before it in the response."""
+    labels = [f"k8s:label-{i:05d}=value" for i in range(1200)]
+    rows = [{"time": 5, "node_name": "n", "source_identity": 7, "source_labels": labels}]
+    table = pa.Table.from_pylist(rows, schema=FLOW_SCHEMA)
+    assert _check(table) == 1
+    assert len(encode_responses(table.to_batches()[0]).messages[0].as_py()) > 1 << 14
 
 
 def test_served_node_names_column() -> None:

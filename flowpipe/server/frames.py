@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowpipe.transforms.flow_responses import EncodedResponses, frame_responses
+from flowpipe.transforms.flow_responses import FramedResponses
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,9 @@ class Frames:
     times: np.ndarray  # int64
 
     @classmethod
-    def encoded(cls, encoded: EncodedResponses) -> Frames:
-        """The framed messages of an encoded batch."""
-        buffer, starts = frame_responses(encoded.messages)
-        return cls(memoryview(buffer), starts, encoded.times)
+    def encoded(cls, encoded: FramedResponses) -> Frames:
+        """The messages of an encoded batch."""
+        return cls(memoryview(encoded.data), encoded.starts, encoded.times)
 
     @classmethod
     def of(cls, messages: Sequence[bytes], times: Sequence[int]) -> Frames:

@@ -73,7 +73,7 @@ from flowpipe.server.hour_merge import HourMerge, MergeFallback
 from flowpipe.server.observer import DEFAULT_RELAY_NAME, DEFAULT_VERSION, _decode, _timestamp_ns
 from flowpipe.server.reflection import ReflectionService
 from flowpipe.server.tls import ServerTLSConfig
-from flowpipe.transforms.flow_responses import encode_responses
+from flowpipe.transforms.flow_responses import encode_framed
 from flowpipe.transforms.to_flow import enum_number, served_node_name
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,19 @@ T = TypeVar("T")
 BATCH_ROWS = 2048
 """Rows read from the dataset at a time (the next batch is read once the client took this one)."""
 
+MERGED_ROWS = 4096
+"""Rows of a merged hour read from each part file and handed on at a time: each is encoded in one go (fewer,
+larger steps of Arrow compute and protobuf encoding)."""
+
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
 
 SLICE_ROWS = 20_000
 """About this many flows are sorted at a time (an hour partition is read in slices of its time range)."""
+
+FIRST_SLICE_ROWS = 4096
+"""About this many flows are sorted in the first slice of an answer read oldest first (the rest of its hour is
+merged)."""
 
 DUCKDB_MEMORY_LIMIT = "64MB"
 """DuckDB's memory per request; sorting an hour larger than that spills to its temporary folder."""
@@ -497,7 +505,7 @@ class _Reader:
         self._streams = 0  # the views of the last merge's streams are reused (they are closed)
         try:
             merge = HourMerge(
-                self._files, self._stream_times, self._open_stream, _ORDER, BATCH_ROWS, bound=self._from
+                self._files, self._stream_times, self._open_stream, _ORDER, MERGED_ROWS, bound=self._from
             )
         except MergeFallback as exc:
             log.debug("reading %s in sorted slices: %s", self._hour, exc)
@@ -534,7 +542,7 @@ class _Reader:
             cursor = self.engine.connection.cursor()
             try:
                 cursor.execute("SET preserve_insertion_order = true")
-                return _batches(cursor.sql(sql, params=params)), cursor
+                return _batches(cursor.sql(sql, params=params), MERGED_ROWS), cursor
             except BaseException:
                 cursor.close()
                 raise
@@ -560,7 +568,7 @@ class _Reader:
             self.engine.define_flows(files)
             rows = self.engine.connection.execute(sql, params).fetchall()[0]
         count = int(rows[0]) if rows else 0
-        parts = max(1, -(-count // SLICE_ROWS))
+        parts = max(1, -(-count // (FIRST_SLICE_ROWS if self._merge_after else SLICE_ROWS)))
         step = max(1, -(-(end_ns - start_ns) // parts))
         slices = [
             (start_ns + i * step, min(start_ns + (i + 1) * step, end_ns))
@@ -725,7 +733,7 @@ class _Reader:
         if batch is None:
             return None
         req = self.req
-        encoded = encode_responses(batch)
+        encoded = encode_framed(batch)
         frames = Frames.encoded(encoded)
         if req.matcher.accepts_all and req.mask is None:
             return frames
@@ -1196,9 +1204,9 @@ def _spill_directory() -> str:
     return folder
 
 
-def _batches(relation: Any) -> pa.RecordBatchReader:
-    """A reader of `BATCH_ROWS`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
+def _batches(relation: Any, rows: int = BATCH_ROWS) -> pa.RecordBatchReader:
+    """A reader of `rows`-row batches of a DuckDB relation (the method's name changed in DuckDB 1.4)."""
     to_reader = getattr(relation, "to_arrow_reader", None)
     if to_reader is not None:
-        return to_reader(BATCH_ROWS)
-    return relation.fetch_arrow_reader(BATCH_ROWS)
+        return to_reader(rows)
+    return relation.fetch_arrow_reader(rows)

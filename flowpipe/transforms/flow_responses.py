@@ -41,12 +41,14 @@ _U32 = pa.uint32()
 
 
 @cache
-def _handler() -> Any:
+def _handler(message: str) -> Any:
+    """ptars' encoder of `flow.Flow` or `observer.GetFlowsResponse`."""
     import ptars
 
+    from flowpipe._proto.flow import flow_pb2
     from flowpipe._proto.observer import observer_pb2
 
-    descriptor = observer_pb2.GetFlowsResponse.DESCRIPTOR
+    descriptor = {"flow": flow_pb2.Flow, "response": observer_pb2.GetFlowsResponse}[message].DESCRIPTOR
     return ptars.HandlerPool([descriptor.file]).get_for_message(descriptor)
 
 
@@ -63,8 +65,8 @@ def _enum_numbers(values: pa.Array, enum: str) -> pa.Array:
     """
     names, numbers = _enum_table(enum)
     out = pc.take(numbers, pc.index_in(values, value_set=names))
-    unknown = pc.and_(pc.is_null(out), pc.is_valid(values))
-    if pc.any(unknown).as_py():
+    if out.null_count != values.null_count:  # values that are not names of the enum
+        unknown = pc.and_(pc.is_null(out), pc.is_valid(values))
         try:
             out = pc.coalesce(out, pc.cast(pc.if_else(unknown, values, None), pa.int32()))
         except pa.ArrowInvalid as exc:
@@ -74,35 +76,80 @@ def _enum_numbers(values: pa.Array, enum: str) -> pa.Array:
     return out
 
 
+# The masks of which rows have a message are computed with numpy from the arrays' buffers: each Arrow compute
+# call costs several microseconds whatever its size, and a batch took a few hundred of them.
+
+
+def _valid(values: pa.Array) -> np.ndarray:
+    """Whether each value is not NULL (bool numpy array)."""
+    count = len(values)
+    if values.null_count == 0:
+        return np.ones(count, dtype=bool)
+    bitmap = values.buffers()[0]
+    if bitmap is None:  # (the null type: every value NULL)
+        return np.zeros(count, dtype=bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+    return bits[values.offset : values.offset + count].view(bool)
+
+
+def _offsets(values: pa.Array) -> np.ndarray:
+    """The offsets of a string, binary or list array's values (one more than its length)."""
+    wide = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
+    wide = wide or pa.types.is_large_list(values.type)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64 if wide else np.int32)
+    return offsets[values.offset : values.offset + len(values) + 1]
+
+
+def _nonempty(values: pa.Array) -> np.ndarray:
+    """Whether each string is neither NULL nor empty."""
+    return (np.diff(_offsets(values)) > 0) & _valid(values)
+
+
+def _codes(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """The index of each value in `value_set`, -1 where it is not there (or NULL)."""
+    return _indices(pc.index_in(values, value_set=value_set))
+
+
+def _indices(found: pa.Array) -> np.ndarray:
+    """An int32 array's values, -1 where NULL."""
+    codes = np.frombuffer(found.buffers()[1], dtype=np.int32)[found.offset : found.offset + len(found)]
+    return np.where(_valid(found), codes, -1)
+
+
 def _u32(values: pa.Array) -> pa.Array:
+    if values.type == pa.int32():
+        return values.view(_U32)  # the same bits as an unchecked cast
     return pc.cast(values, _U32, safe=False)
 
 
-def _struct(fields: dict[str, pa.Array], present: pa.Array | None = None) -> pa.StructArray:
-    """A struct column; rows where `present` is false (or NULL) are NULL: the message is absent."""
-    mask = None if present is None else pc.invert(pc.fill_null(present, False))
+def _struct(fields: dict[str, pa.Array], present: np.ndarray | None = None) -> pa.StructArray:
+    """A struct column; rows where `present` is false are NULL: the message is absent."""
+    mask = None if present is None else pa.array(~present)
     return pa.StructArray.from_arrays(list(fields.values()), names=list(fields), mask=mask)
 
 
-def _nonempty(values: pa.Array) -> pa.Array:
-    return pc.fill_null(pc.not_equal(values, ""), False)
-
-
-def _one_item_lists(items: pa.StructArray, present: pa.Array) -> pa.ListArray:
+def _one_item_lists(items: pa.StructArray, present: np.ndarray) -> pa.ListArray:
     """A list of the row's one item where `present`, else an empty list (NULL: protobuf has no other)."""
     offsets = pa.array(np.arange(len(items) + 1, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, items, mask=pc.invert(present))
+    return pa.ListArray.from_arrays(offsets, items, mask=pa.array(~present))
+
+
+_POLICY_ITEM = pa.struct([("name", pa.string()), ("namespace", pa.string())])
 
 
 def _policies(lists: pa.Array) -> pa.ListArray:
     """ "namespace/name" or "name" strings → lists of Policy structs (name, namespace)."""
-    lengths = pc.fill_null(pc.list_value_length(lists), 0)
-    offsets = pa.concat_arrays([pa.array([0], pa.int32()), pc.cumulative_sum(lengths).cast(pa.int32())])
-    parts = pc.extract_regex(pc.list_flatten(lists), r"(?s)^(?:(?P<namespace>[^/]*)/)?(?P<name>.*)$")
+    lengths = np.where(_valid(lists), np.diff(_offsets(lists)), 0)
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = lists.flatten()  # (the values of the rows, without those under NULL lists)
+    if not len(flat):
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array([], _POLICY_ITEM))
+    parts = pc.extract_regex(flat, r"(?s)^(?:(?P<namespace>[^/]*)/)?(?P<name>.*)$")
     items = _struct(
         {"name": pc.struct_field(parts, ["name"]), "namespace": pc.struct_field(parts, ["namespace"])}
     )
-    return pa.ListArray.from_arrays(offsets, items)
+    return pa.ListArray.from_arrays(pa.array(offsets), items)
 
 
 def _endpoint(batch: pa.RecordBatch, side: str) -> pa.StructArray:
@@ -110,7 +157,7 @@ def _endpoint(batch: pa.RecordBatch, side: str) -> pa.StructArray:
     workload_kind = batch.column(f"{side}_workload_kind")
     workloads = _one_item_lists(
         _struct({"name": workload_name, "kind": workload_kind}),
-        pc.or_(pc.is_valid(workload_name), pc.is_valid(workload_kind)),
+        _valid(workload_name) | _valid(workload_kind),
     )
     identity = batch.column(f"{side}_identity")
     return _struct(
@@ -121,43 +168,62 @@ def _endpoint(batch: pa.RecordBatch, side: str) -> pa.StructArray:
             "labels": batch.column(f"{side}_labels"),
             "workloads": workloads,
         },
-        pc.is_valid(identity),
+        _valid(identity),
     )
+
+
+def _tcp_flags(flags_text: pa.Array, tcp: np.ndarray) -> pa.StructArray:
+    """The TCPFlags of each row: present where `tcp` and the text (flag names between commas) is not empty.
+
+    A few flag combinations recur: the flags of each distinct text are found once, then spread to the rows.
+    """
+    distinct = pc.dictionary_encode(flags_text)
+    texts = distinct.dictionary.to_pylist()
+    # table[k, f]: whether text k has flag f; the last row (index -1) for rows without a text
+    table = np.zeros((len(texts) + 1, len(TCP_FLAG_NAMES)), dtype=bool)
+    for k, text in enumerate(texts):
+        words = set(text.split(","))
+        table[k] = [name in words for name in TCP_FLAG_NAMES]
+    rows = table[_indices(distinct.indices)]
+    return _struct(
+        {name: pa.array(rows[:, f]) for f, name in enumerate(TCP_FLAG_NAMES)}, tcp & _nonempty(flags_text)
+    )
+
+
+_LAYER4_KINDS = (*_PORT_KINDS, *_ICMP_KINDS, *_EMPTY_KINDS)
+
+
+@cache
+def _value_set(values: tuple[str, ...]) -> pa.Array:
+    return pa.array(values, pa.string())
 
 
 def _layer4(batch: pa.RecordBatch) -> pa.StructArray:
-    kind = batch.column("l4_protocol")
+    kind = _codes(batch.column("l4_protocol"), _value_set(_LAYER4_KINDS))
+    present = {name: kind == i for i, name in enumerate(_LAYER4_KINDS)}
     source_port, destination_port = _u32(batch.column("source_port")), _u32(batch.column("destination_port"))
     icmp = {"type": _u32(batch.column("icmp_type")), "code": _u32(batch.column("icmp_code"))}
-    flags_text = batch.column("tcp_flags")
-    # A few flag combinations recur: each flag is matched once per distinct text, then spread to the rows.
-    distinct = pc.dictionary_encode(flags_text)
-    flags = _struct(
-        {
-            name: pc.fill_null(
-                pc.take(pc.match_substring_regex(distinct.dictionary, f"(^|,){name}(,|$)"), distinct.indices),
-                False,
-            )
-            for name in TCP_FLAG_NAMES
-        },
-        pc.and_(pc.equal(kind, "TCP"), _nonempty(flags_text)),
-    )
+    flags = _tcp_flags(batch.column("tcp_flags"), present["TCP"])
     nothing = pa.nulls(len(kind), _U32)
     layers: dict[str, pa.Array] = {}
     for name in _PORT_KINDS:
         fields = {"source_port": source_port, "destination_port": destination_port}
         if name == "TCP":
             fields["flags"] = flags
-        layers[name] = _struct(fields, pc.equal(kind, name))
+        layers[name] = _struct(fields, present[name])
     for name in _ICMP_KINDS:
-        layers[name] = _struct(icmp, pc.equal(kind, name))
+        layers[name] = _struct(icmp, present[name])
     for name in _EMPTY_KINDS:
-        layers[name] = _struct({"type": nothing}, pc.equal(kind, name))
-    return _struct(layers, pc.is_in(kind, pa.array(list(layers))))
+        layers[name] = _struct({"type": nothing}, present[name])
+    return _struct(layers, kind >= 0)
+
+
+_L7_RECORDS = ("dns", "http", "kafka")
 
 
 def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
     record = batch.column("l7_protocol")
+    kind = _codes(record, _value_set(_L7_RECORDS))
     latency = batch.column("latency_ns")
     dns = _struct(
         {
@@ -167,7 +233,7 @@ def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
             "qtypes": batch.column("dns_qtypes"),
             "ips": batch.column("dns_ips"),
         },
-        pc.equal(record, "dns"),
+        kind == 0,
     )
     http = _struct(
         {
@@ -176,7 +242,7 @@ def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
             "code": _u32(batch.column("http_code")),
             "protocol": batch.column("http_protocol"),
         },
-        pc.equal(record, "http"),
+        kind == 1,
     )
     kafka = _struct(
         {
@@ -184,7 +250,7 @@ def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
             "topic": batch.column("kafka_topic"),
             "error_code": batch.column("kafka_error_code"),
         },
-        pc.equal(record, "kafka"),
+        kind == 2,
     )
     return _struct(
         {
@@ -194,7 +260,7 @@ def _layer7(batch: pa.RecordBatch) -> pa.StructArray:
             "http": http,
             "kafka": kafka,
         },
-        pc.or_(pc.is_valid(latency), pc.is_valid(record)),
+        _valid(latency) | _valid(record),
     )
 
 
@@ -219,7 +285,7 @@ def flow_structs(batch: pa.RecordBatch, node_names: pa.Array) -> pa.StructArray:
     event_type, event_sub_type = col("event_type"), col("event_sub_type")
     fields["event_type"] = _struct(
         {"type": event_type, "sub_type": event_sub_type},
-        pc.or_(pc.is_valid(event_type), pc.is_valid(event_sub_type)),
+        _valid(event_type) | _valid(event_sub_type),
     )
     # Like Cilium's agents, the deprecated `reply` beside the `is_reply` wrapper.
     fields["is_reply"] = col("is_reply")
@@ -230,15 +296,12 @@ def flow_structs(batch: pa.RecordBatch, node_names: pa.Array) -> pa.StructArray:
     source_ip, destination_ip, encrypted = col("source_ip"), col("destination_ip"), col("encrypted")
     fields["IP"] = _struct(
         {"source": source_ip, "destination": destination_ip, "ipVersion": ip_version, "encrypted": encrypted},
-        pc.or_(
-            pc.or_(pc.is_valid(encrypted), pc.is_valid(ip_version)),
-            pc.or_(_nonempty(source_ip), _nonempty(destination_ip)),
-        ),
+        _valid(encrypted) | _valid(ip_version) | _nonempty(source_ip) | _nonempty(destination_ip),
     )
     for side in ("source", "destination"):
         fields[side] = _endpoint(batch, side)
         service = col(f"{side}_service_name")
-        fields[f"{side}_service"] = _struct({"name": service}, pc.is_valid(service))
+        fields[f"{side}_service"] = _struct({"name": service}, _valid(service))
         fields[f"{side}_names"] = col(f"{side}_names")
     fields["l4"] = _layer4(batch)
     fields["l7"] = _layer7(batch)
@@ -256,16 +319,93 @@ class EncodedResponses:
     nodes: pa.Array
 
 
-def encode_responses(batch: pa.RecordBatch) -> EncodedResponses:
-    """One serialised GetFlowsResponse per row of a batch of the flow table, the time of each its flow's."""
+@dataclass(frozen=True)
+class FramedResponses:
+    """A batch's GetFlowsResponse messages in gRPC's framing, one after another in `data`.
+
+    The i-th is `data[starts[i]:starts[i + 1]]`; `times` and `nodes` as in `EncodedResponses`.
+    """
+
+    data: pa.Buffer
+    starts: np.ndarray
+    times: np.ndarray
+    nodes: pa.Array
+
+
+_VARINT_BYTES = 5  # a length below 2^35: every message here
+
+
+def _lengths(values: pa.BinaryArray) -> np.ndarray:
+    return pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _heads(flow_lengths: np.ndarray, tail_lengths: np.ndarray, framed: bool) -> pa.BinaryArray:
+    """What goes before each serialised flow: gRPC's framing prefix (if `framed`: a zero byte and the
+    message's big-endian length), the key of GetFlowsResponse's `flow` and the flow's length (a varint)."""
+    count = len(flow_lengths)
+    varint_size = np.ones(count, dtype=np.int64)
+    for shift in range(7, 7 * _VARINT_BYTES, 7):
+        varint_size += flow_lengths >= (1 << shift)
+    at = 5 if framed else 0
+    columns = np.zeros((count, at + 1 + _VARINT_BYTES), dtype=np.uint8)
+    if framed:
+        message_lengths = 1 + varint_size + flow_lengths + tail_lengths
+        columns[:, 1:5] = message_lengths.astype(">u4").view(np.uint8).reshape(count, 4)
+    columns[:, at] = 0x0A  # GetFlowsResponse.flow: field 1, length-delimited
+    for k in range(_VARINT_BYTES):
+        more = (varint_size > k + 1).astype(np.uint8) << 7
+        columns[:, at + 1 + k] = ((flow_lengths >> (7 * k)) & 0x7F).astype(np.uint8) | more
+    width = at + 1 + varint_size
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(width, out=offsets[1:])
+    data = columns[np.arange(columns.shape[1]) < width[:, None]]  # row by row, each row's first `width`
+    return pa.BinaryArray.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _responses(batch: pa.RecordBatch, framed: bool) -> tuple[pa.BinaryArray, np.ndarray, pa.Array]:
+    """The batch's GetFlowsResponse messages (framed or not), each flow's time (ns) and served node name.
+
+    ptars writes each row's `flow.Flow` and, apart, the response's other fields (`node_name`, `time`: its
+    tail); the head before the flow is computed here, and the three are joined in one copy (ptars would copy
+    each flow once more into its response, and the framing once more again).
+    """
     nodes = served_node_names(batch.column("node_name"), batch.column("cluster_name"))
     time = batch.column("time")
-    responses = pa.RecordBatch.from_arrays(
-        [flow_structs(batch, nodes), nodes, time], names=["flow", "node_name", "time"]
+    flows = _handler("flow").record_batch_to_array(
+        pa.RecordBatch.from_struct_array(flow_structs(batch, nodes))
     )
-    messages = _handler().record_batch_to_array(responses)
+    tails = _handler("response").record_batch_to_array(
+        pa.RecordBatch.from_arrays([nodes, time], names=["node_name", "time"])
+    )
+    heads = _heads(_lengths(flows), _lengths(tails), framed)
+    messages = pc.binary_join_element_wise(heads, flows, tails, b"")
     times = pc.cast(time, pa.int64()).to_numpy(zero_copy_only=False)
+    return messages, times, nodes
+
+
+def encode_responses(batch: pa.RecordBatch) -> EncodedResponses:
+    """One serialised GetFlowsResponse per row of a batch of the flow table, the time of each its flow's."""
+    messages, times, nodes = _responses(batch, framed=False)
     return EncodedResponses(messages, times, nodes)
+
+
+def encode_framed(batch: pa.RecordBatch) -> FramedResponses:
+    """`encode_responses` in gRPC's framing, every message in one buffer (what is sent)."""
+    messages, times, nodes = _responses(batch, framed=True)
+    data, starts = _joined(messages)
+    return FramedResponses(data, starts, times, nodes)
+
+
+def _joined(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
+    """The bytes of every message one after another (one buffer), and where each starts (and the end)."""
+    count = len(messages)
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(_lengths(messages), out=starts[1:])
+    _, offsets, data = messages.buffers()
+    first = (
+        int(np.frombuffer(offsets, dtype=np.int32, count=1, offset=4 * messages.offset)[0]) if count else 0
+    )
+    return (data.slice(first, int(starts[-1])) if data is not None else pa.py_buffer(b"")), starts
 
 
 def frame_responses(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
@@ -274,13 +414,8 @@ def frame_responses(messages: pa.BinaryArray) -> tuple[pa.Buffer, np.ndarray]:
     Returns the buffer and where each framed message starts in it (one more entry: the end).
     """
     count = len(messages)
-    lengths = pc.binary_length(messages).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = _lengths(messages)
     headers = np.zeros((count, 5), dtype=np.uint8)
     headers[:, 1:] = lengths.astype(">u4").view(np.uint8).reshape(count, 4)
     prefixes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(5), count, [None, pa.py_buffer(headers)])
-    framed = pc.binary_join_element_wise(prefixes.cast(pa.binary()), messages, b"")
-    starts = np.zeros(count + 1, dtype=np.int64)
-    np.cumsum(lengths + 5, out=starts[1:])
-    _, offsets, data = framed.buffers()
-    first = int(np.frombuffer(offsets, dtype=np.int32, count=1, offset=4 * framed.offset)[0]) if count else 0
-    return (data.slice(first, int(starts[-1])) if data is not None else pa.py_buffer(b"")), starts
+    return _joined(pc.binary_join_element_wise(prefixes.cast(pa.binary()), messages, b""))
