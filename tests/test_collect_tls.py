@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from support.collect import RECEIVING_MODES, background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
+from support.collect import (
+    RECEIVING_MODES,
+    background_collect,
+    dataset_uuids,
+    fast_collect_config,
+    sim_flow_bytes,
+    uuids_of,
+)
 from support.wait import wait_until
 
 from flowpipe.cli import cli

@@ -197,7 +197,10 @@ class _Groups:
             first = rows[first]
         names = list(columns)
         return [
-            {**{name: values[codes[row]] for name, (codes, values) in zip(names, coded, strict=True)}, "count": n}
+            {
+                **{name: values[codes[row]] for name, (codes, values) in zip(names, coded, strict=True)},
+                "count": n,
+            }
             for row, n in zip(first.tolist(), counts.tolist(), strict=True)
         ]
 
@@ -290,7 +293,9 @@ class PrometheusSink:
         # Likewise the trace event of a forwarded packet: count the packet once.
         requests = pc.and_(pc.invert(reply), pc.invert(is_verdict_event))
         world = self._to_world(table, requests)
-        for row in groups.count({"cluster": cluster, "namespace": client_ns, "verdict": verdict_label}, world):
+        for row in groups.count(
+            {"cluster": cluster, "namespace": client_ns, "verdict": verdict_label}, world
+        ):
             self.metrics.world_flows.labels(*_labels(row)).inc(row["count"])
 
     def _count_drops(

@@ -25,7 +25,6 @@ import pyarrow.compute as pc
 from flowpipe.dataset.layout import Dataset
 from flowpipe.sources.relay._config import iso_time
 
-
 _NO_TIME = np.iinfo(np.int64).min
 
 

@@ -131,7 +131,9 @@ class RelaySource:
         receive_process: bool = False,
     ) -> None:
         if receive_process and config.receiver == "grpcio":
-            raise ConfigError("the grpcio receiver reads the stream in the collecting process: use one worker")
+            raise ConfigError(
+                "the grpcio receiver reads the stream in the collecting process: use one worker"
+            )
         self.config = config
         self.receive_process = receive_process
         """Whether the stream is read by a process of its own (`_worker`) instead of a thread."""
