@@ -20,6 +20,7 @@ import click
 import pytest
 from prometheus_client import CollectorRegistry
 from support.collect import (
+    RECEIVING_MODES,
     chunks,
     dataset_table,
     dataset_uuids,
@@ -224,13 +225,15 @@ def test_readiness_needs_the_parquet_sink_to_keep_flushing(tmp_path: Path) -> No
     assert not measured.keeping_up(60.0), "a failed flush is not ready"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "receiver"), RECEIVING_MODES)
+def test_sigkill_five_times_then_restart_loses_and_repeats_nothing(
+    tmp_path: Path, workers: int, receiver: str
+) -> None:
     flows = sim_flow_bytes()[:3000]
     parts = chunks(flows, 6)
     dataset = tmp_path / "data"
     args = ["--dataset", str(dataset), "--flush-interval-seconds", "0.05", "--metrics-address", "off",
-            "--workers", str(workers), *FAST]  # fmt: skip
+            "--workers", str(workers), "--receiver", receiver, *FAST]  # fmt: skip
     log_path = tmp_path / "collect.log"
     with ObserverServer(buffer_size=10_000) as server:
         args = ["--relay", server.address, *args]

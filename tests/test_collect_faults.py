@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from support.collect import (
+    RECEIVING_MODES,
     BackgroundCollect,
     background_collect,
     chunks,
@@ -46,16 +47,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "receiver"), RECEIVING_MODES)
 def test_relay_restarted_20_times_during_a_stream_loses_and_repeats_nothing(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, receiver: str
 ) -> None:
     flows = sim_flow_bytes()[:4200]
     parts = chunks(flows, 21)
     with ObserverServer(buffer_size=10_000) as server:
         server.publish(parts[0])
         with background_collect(
-            fast_collect_config(server.address, tmp_path, resume_overlap_seconds=5.0, workers=workers)
+            fast_collect_config(
+                server.address, tmp_path, resume_overlap_seconds=5.0, workers=workers, receiver=receiver
+            )
         ) as run:
             for part in parts[1:]:
                 assert server.wait_for_streams(1, timeout_seconds=30)
@@ -173,9 +176,9 @@ def assert_checkpoint_not_ahead(state: dict[str, object], dataset: Path, written
     assert isinstance(newest, int) and newest <= pc.max(times).as_py()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "receiver"), RECEIVING_MODES)
 def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_start_fetches_it(
-    small_disk: Path, workers: int
+    small_disk: Path, workers: int, receiver: str
 ) -> None:
     dataset = small_disk / "data"
     filler = small_disk / "filler"
@@ -184,7 +187,7 @@ def test_disk_full_while_flushing_acknowledges_nothing_unwritten_and_the_next_st
     flows = sim_flow_bytes()[:6000]
     with ObserverServer(buffer_size=20_000) as server:
         server.publish(flows)
-        config = fast_collect_config(server.address, dataset, workers=workers)
+        config = fast_collect_config(server.address, dataset, workers=workers, receiver=receiver)
         config = type(config)(
             # batches of 150 flows: several are published before the disk fills (a batch is published whole)
             source=dataclasses.replace(config.source, batch_max_flows=150),

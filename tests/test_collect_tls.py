@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from support.collect import background_collect, dataset_uuids, fast_collect_config, sim_flow_bytes, uuids_of
+from support.collect import (
+    RECEIVING_MODES,
+    background_collect,
+    dataset_uuids,
+    fast_collect_config,
+    sim_flow_bytes,
+    uuids_of,
+)
 from support.wait import wait_until
 
 from flowpipe.cli import cli
@@ -42,8 +49,11 @@ def plain_relay() -> Iterator[ObserverServer]:
         yield server
 
 
-def collects_everything(address: str, dataset: Path, workers: int | None = None, **tls: str) -> None:
-    with background_collect(fast_collect_config(address, dataset, workers=workers, **tls)) as run:
+def collects_everything(
+    address: str, dataset: Path, workers: int | None = None, receiver: str = "http2", **tls: str
+) -> None:
+    config = fast_collect_config(address, dataset, workers=workers, receiver=receiver, **tls)
+    with background_collect(config) as run:
         wait_until(lambda: len(dataset_uuids(dataset)) == FLOWS, what="the flows over TLS")
         run.stop()
     assert sorted(dataset_uuids(dataset)) == sorted(uuids_of(sim_flow_bytes()[:FLOWS]))
@@ -60,14 +70,15 @@ def refused(address: str, dataset: Path, *args: str, env: dict[str, str] | None 
     return result.output
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "receiver"), RECEIVING_MODES)
 def test_mutual_tls_with_the_right_client_certificate_collects(
-    mtls_relay: ObserverServer, pki: TestPKI, tmp_path: Path, workers: int
+    mtls_relay: ObserverServer, pki: TestPKI, tmp_path: Path, workers: int, receiver: str
 ) -> None:
     collects_everything(
         mtls_relay.address,
         tmp_path,
         workers,
+        receiver,
         tls_ca=str(pki.ca_cert),
         tls_cert=str(pki.client_cert),
         tls_key=str(pki.client_key),

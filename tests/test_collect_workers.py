@@ -34,6 +34,14 @@ from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
+from flowpipe.sources.relay._connect import (
+    CallMessages,
+    StreamReceiver,
+    library_call,
+    open_channel,
+    status_code,
+    status_details,
+)
 from flowpipe.sources.relay._h2call import FlowsCall
 from flowpipe.sources.relay._handoff import wait_readable
 from flowpipe.sources.relay._receiver import GET_FLOWS
@@ -220,6 +228,76 @@ def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
         assert refused.status == ("FAILED_PRECONDITION", "no first here: 100% sure")
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("receiver", ["http2", "grpcio"])
+def test_each_receiver_hands_over_every_response_and_ends_with_grpcios_status_codes(receiver: str) -> None:
+    """`collect --receiver`: the HTTP/2 reader and the library client, read by the stream receiver thread as
+    `collect --workers 1` reads them, give the same responses and end with the same status codes."""
+    flows = sim_flow_bytes()[:2000]
+    stop = threading.Event()
+    with ObserverServer(buffer_size=5000) as server:
+        server.publish(flows)
+        channel = open_channel(server.address, None)
+
+        def start(request: observer_pb2.GetFlowsRequest) -> StreamReceiver:
+            data = request.SerializeToString()
+            if receiver == "grpcio":
+                call = library_call(channel, GET_FLOWS, data)
+            else:
+                call = CallMessages(server.address, None, GET_FLOWS, data)
+            stream = StreamReceiver(call, 10_000, lambda: None)
+            stream.start()
+            return stream
+
+        def drain(stream: StreamReceiver, until: int | None = None) -> list[bytes]:
+            messages: list[bytes] = []
+            over, deadline = False, time.monotonic() + 30
+            while not over and (until is None or len(messages) < until) and time.monotonic() < deadline:
+                taken, over = stream.take(10_000, 0.1, stop)
+                messages += taken
+            return messages
+
+        try:
+            whole = start(observer_pb2.GetFlowsRequest(number=5000))
+            responses = [observer_pb2.GetFlowsResponse.FromString(m) for m in drain(whole)]
+            assert whole.done and whole.error is None
+            assert [r.flow.uuid for r in responses[1:]] == uuids_of(flows), "every flow, in order"
+
+            refused = start(observer_pb2.GetFlowsRequest(first=1, follow=True))
+            assert drain(refused) == [] and isinstance(refused.error, grpc.RpcError)
+            assert status_code(refused.error) == grpc.StatusCode.INVALID_ARGUMENT
+            assert status_details(refused.error) == "first cannot be specified with follow"
+
+            following = observer_pb2.GetFlowsRequest(number=5000, follow=True)
+            broken = start(following)
+            assert len(drain(broken, until=len(flows) + 1)) == len(flows) + 1
+            server.restart()
+            drain(broken)
+            assert isinstance(broken.error, grpc.RpcError)
+            assert status_code(broken.error) == grpc.StatusCode.UNAVAILABLE
+
+            cancelled = start(following)
+            assert drain(cancelled, until=1)
+            cancelled.stop()  # from this thread, as the source does
+            cancelled.join(5.0)
+            assert not cancelled.is_alive() and isinstance(cancelled.error, grpc.RpcError)
+            assert status_code(cancelled.error) == grpc.StatusCode.CANCELLED
+            wait_until(lambda: server.active_streams() == 0, what="the relay to see the cancelled call end")
+        finally:
+            channel.close()
+
+
+def test_the_grpcio_receiver_runs_in_one_process(tmp_path: Path) -> None:
+    source = fast_source("127.0.0.1:4245", receiver="grpcio")
+    assert CollectConfig(source=source).processes == 1, "whatever the CPUs"
+    assert CollectConfig(source=fast_source("127.0.0.1:4245")).processes == default_workers()
+    with pytest.raises(ConfigError, match="--receiver grpcio .* --workers 1"):
+        CollectConfig(source=source, workers=2)
+    with pytest.raises(ConfigError, match="one worker"):
+        RelaySource(source, dataset=Dataset(tmp_path), receive_process=True)
+    with pytest.raises(ConfigError, match="receiver must be one of http2, grpcio, got 'h3'"):
+        fast_source("127.0.0.1:4245", receiver="h3")
 
 
 def test_without_its_receiving_process_the_source_is_not_receiving(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from flowpipe.query import DuckDBEngine
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import node_shard_of, parse_node_shard
 from flowpipe.sources.relay._config import backoff_seconds, node_name_matches
-from flowpipe.sources.relay._connect import StreamReceiver, open_channel
+from flowpipe.sources.relay._connect import StreamReceiver, library_call, open_channel
 from flowpipe.transforms.from_proto import decode_responses
 
 ENVELOPE_KEYS = {"flow", "lost_events", "node_status", "agent_event", "debug_event"}
@@ -348,12 +348,8 @@ def test_lost_events_are_recorded_in_the_dataset(tmp_path: Path) -> None:
 
 
 def get_flows_call(channel: grpc.Channel, request: observer_pb2.GetFlowsRequest) -> Any:
-    """A GetFlows call whose responses arrive as raw bytes, as the relay source reads them."""
-    return channel.unary_stream(
-        "/observer.Observer/GetFlows",
-        request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
-        response_deserializer=None,
-    )(request)
+    """A GetFlows call whose responses arrive as raw bytes, as the relay source reads them with grpcio."""
+    return library_call(channel, "/observer.Observer/GetFlows", request.SerializeToString())
 
 
 def test_the_stream_receiver_holds_at_most_max_pending_and_hands_over_every_flow_in_order() -> None:

@@ -19,7 +19,9 @@ With two workers (`workers=2`, the default where the container may use two CPUs)
 process of its own (`flowpipe.sources.relay._receiver`), which hands batches of raw responses to this process;
 this one decodes, skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
 nothing is lost or written twice: this one owns everything durable, and starts a new receiving process when
-its receiving process ends; the receiving process exits when this one is gone.
+its receiving process ends; the receiving process exits when this one is gone. The stream is read by flowpipe's
+own HTTP/2 reader in either mode; `--receiver grpcio` reads it with the gRPC library's client instead (one
+process, several microseconds a flow more: for relays or proxies the built-in reader has trouble with).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class CollectConfig:
         default=None,
         metadata={
             "help": "Processes that collect: 1 reads, decodes and writes in one process; 2 reads the stream in a "
-            "process of its own (default: 2 when the container may use 1.5 CPUs or more, else 1)."
+            "process of its own (default: 2 when the container may use 1.5 CPUs or more, else 1; 1 with the "
+            "grpcio receiver)."
         },
     )
     question_interval_seconds: float = field(
@@ -134,6 +137,17 @@ class CollectConfig:
             raise ConfigError("question_interval_seconds must be >= 0 (0: never)")
         if self.workers is not None and self.workers not in (1, 2):
             raise ConfigError(f"workers must be 1 or 2, got {self.workers!r}")
+        if self.workers == 2 and self.source.receiver == "grpcio":
+            raise ConfigError(
+                "--receiver grpcio reads the stream in the collecting process: it runs with --workers 1"
+            )
+
+    @property
+    def processes(self) -> int:
+        """The collecting processes: `workers`, or by default as many as the CPUs allow (one with grpcio)."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.source.receiver == "grpcio" else default_workers()
 
 
 RECEIVE_PROCESS_MIN_CPUS = 1.5
@@ -210,7 +224,6 @@ def _collect(
     # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
     metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
     stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline, max_keys=COLLECT_MAX_STORED_KEYS)
-    workers = config.workers if config.workers is not None else default_workers()
     source = RelaySource(
         config.source,
         dataset=dataset,
@@ -218,7 +231,7 @@ def _collect(
         metrics=metrics,
         stop=stop,
         stored=stored,
-        receive_process=workers > 1,
+        receive_process=config.processes > 1,
     )
     parquet = InstrumentedParquetSink(ParquetSink(config.sink, dataset=dataset), metrics)
     # Flow analytics are only worth their cost when someone can scrape them (`--metrics-address off` skips them).

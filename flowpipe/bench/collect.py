@@ -7,8 +7,10 @@ Three child processes, so that each one's CPU and memory are its own:
   `bench.collect_relay`), so that serving costs about a byte copy per flow, as a real relay's would, and 3M
   flows take no memory of their own;
 - the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M
-  flows are written, with two workers (the stream read by a receiving process of its own) and with one, then
-  3M with two (a `--flows` below 1M: that many, with both); it samples the resident memory of its processes together as it goes (peak, and growth over
+  flows are written, with two workers (the stream read by a receiving process of its own), with one, and with
+  one reading through grpcio (`--receiver grpcio`: the single grpcio process `collect` was before it read the
+  stream itself, the baseline of the 2-worker speedup), then 3M with two (a `--flows` below 1M: that many,
+  with all three); it samples the resident memory of its processes together as it goes (peak, and growth over
   the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time), write
   (the sinks' thread) and receive (the rest: gRPC, the receiving process, the hand-over);
 - the naive client: per flow `MessageToDict`, rows gathered into pandas DataFrames and written with `to_parquet`.
@@ -56,8 +58,11 @@ def _report(process: subprocess.Popen[str], task: str, timeout: float = 3600.0) 
 
 
 COLLECT_SIZES = (1_000_000, 3_000_000)
-"""Stream lengths measured: 1M with two workers and with one, 3M with two (a smaller `--flows`: that many, with
-both; a larger one: that many as well, with two)."""
+"""Stream lengths measured: 1M with two workers, with one and with one grpcio process, 3M with two (a smaller
+`--flows`: that many, with all three; a larger one: that many as well, with two)."""
+
+MODES = {"2 workers": ("2", "http2"), "1 worker": ("1", "http2"), "grpcio": ("1", "grpcio")}
+"""The ways of collecting measured: (workers, receiver)."""
 
 
 def _sizes(flows: int) -> list[int]:
@@ -66,9 +71,9 @@ def _sizes(flows: int) -> list[int]:
     return sorted({*COLLECT_SIZES, flows})
 
 
-def _workers(size: int, sizes: list[int]) -> tuple[int, ...]:
-    """The worker counts measured at `size`: both at the first size, two beyond (the 1-worker comparison once)."""
-    return (2, 1) if size == sizes[0] else (2,)
+def _modes(size: int, sizes: list[int]) -> tuple[str, ...]:
+    """The modes (`MODES`) measured at `size`: all at the first size, 2 workers beyond (the comparisons once)."""
+    return tuple(MODES) if size == sizes[0] else ("2 workers",)
 
 
 def _mb(value: float | None) -> float | None:
@@ -114,7 +119,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
     root.mkdir(parents=True)
     sizes = _sizes(ctx.flows)
     relay = _spawn("relay", str(max(sizes)), str(ctx.seed))
-    runs: dict[tuple[int, int], dict[str, Any]] = {}
+    runs: dict[tuple[int, str], dict[str, Any]] = {}
     try:
         assert relay.stdout is not None
         ready = relay.stdout.readline().split()
@@ -125,20 +130,20 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
         ctx.log(f"relay on {address} serves {max(sizes):,} flows (ready in {fill_seconds:.0f}s)")
         relay_cpu = served = 0.0
         for size in sizes:
-            for workers in _workers(size, sizes):
-                ctx.log(f"collecting {size:,} flows with {workers} worker(s)")
+            for mode in _modes(size, sizes):
+                ctx.log(f"collecting {size:,} flows, {mode}")
                 before = process_cpu_seconds(relay.pid) or 0.0
+                workers, receiver = MODES[mode]
+                folder = str(root / f"{size}-{workers}-{receiver}")
                 report = _report(
-                    _spawn(
-                        "collector", address, str(root / f"{size}-{workers}"), str(size), "on", str(workers)
-                    ),
-                    f"collector ({workers} workers)",
+                    _spawn("collector", address, folder, str(size), "on", workers, receiver),
+                    f"collector ({mode})",
                 )
                 relay_cpu += (process_cpu_seconds(relay.pid) or 0.0) - before
                 served += report["flows"]
                 if not report["flows"]:
                     raise FlowpipeError(f"bench collector received no flows from the relay at {address}")
-                runs[size, workers] = report
+                runs[size, mode] = report
         size = sizes[0]
         ctx.log(f"again with metrics off (no analytics sink, no /metrics), {size:,} flows, 2 workers")
         bare = _report(
@@ -154,7 +159,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     figures: list[Figure] = []
     for size in sizes:
-        two, one = runs[size, 2], runs.get((size, 1))
+        two, one, grpcio = runs[size, "2 workers"], runs.get((size, "1 worker")), runs.get((size, "grpcio"))
         label = f"{size / 1e6:g}M flows"
         speed2 = two["flows"] / two["seconds"]
         figures += [
@@ -194,14 +199,36 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
                 note=f"{len(two['rss_samples'])} samples",
             ),
         ]
-        if one is None:
+        if one is None or grpcio is None:
             continue
         speed1 = one["flows"] / one["seconds"]
+        speed_grpcio = grpcio["flows"] / grpcio["seconds"]
         figures += [
+            Figure(
+                "collect",
+                f"relay → dataset throughput, {label}, 1 grpcio process",
+                speed_grpcio,
+                "flows/s",
+                note="--workers 1 --receiver grpcio: the single grpcio process collect started from",
+            ),
+            Figure(
+                "collect",
+                f"2 workers / 1 grpcio process, {label}",
+                speed2 / speed_grpcio,
+                "x",
+                target=1.6,
+                note="the same run, the same relay",
+            ),
+            Figure(
+                "collect",
+                f"collector CPU time per flow, {label}, 1 grpcio process",
+                grpcio["cpu_seconds"] / grpcio["flows"] * 1e6,
+                "us",
+            ),
             Figure(
                 "collect", f"relay → dataset throughput, {label}, 1 worker", speed1, "flows/s", target=50_000
             ),
-            Figure("collect", f"2 workers / 1 worker, {label}", speed2 / speed1, "x", target=1.6),
+            Figure("collect", f"2 workers / 1 worker, {label}", speed2 / speed1, "x"),
             Figure(
                 "collect",
                 f"collector CPU time per flow, {label}, 1 worker",
@@ -213,7 +240,7 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
                 "collect", f"peak RSS of the collector, {label}, 1 worker", _mb(one["max_rss_bytes"]), "MB"
             ),
         ]
-    first = runs[min(runs)[0], 2]
+    first = runs[sizes[0], "2 workers"]
     naive_speed = naive["flows"] / naive["seconds"]
     speed = first["flows"] / first["seconds"]
     figures += [
@@ -235,6 +262,14 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             "x",
             target=0.9,
             note="metrics cost at most 10% (2 workers)",
+        ),
+        Figure(
+            "collect",
+            "collector CPU time per flow for the metrics",
+            (first["cpu_seconds"] / first["flows"] - bare["cpu_seconds"] / bare["flows"]) * 1e6,
+            "us",
+            note=f"{sizes[0] / 1e6:g}M flows, 2 workers: on {first['cpu_seconds'] / first['flows'] * 1e6:.1f}, off "
+            f"{bare['cpu_seconds'] / bare['flows'] * 1e6:.1f} (what the ratio above costs, less the load's noise)",
         ),
     ]
     return figures
@@ -272,7 +307,7 @@ def _statm_rss(pid: int | None) -> int:
 
 
 def _collector_main(
-    address: str, dataset: str, count: int, metrics: bool = True, workers: int = 2
+    address: str, dataset: str, count: int, metrics: bool = True, workers: int = 2, receiver: str = "http2"
 ) -> dict[str, Any]:
     from flowpipe.app.collect import COLLECT_MAX_BATCH_BYTES, CollectConfig, collect, use_system_memory_pool
     from flowpipe.config import ParquetSinkConfig, PipelineConfig
@@ -302,7 +337,7 @@ def _collector_main(
 
     use_system_memory_pool()  # as `flowpipe collect` does
     config = CollectConfig(
-        source=RelaySourceConfig(address=address, field_mask=False),
+        source=RelaySourceConfig(address=address, field_mask=False, receiver=receiver),
         sink=ParquetSinkConfig(path=dataset, writer_id="bench", max_batch_bytes=COLLECT_MAX_BATCH_BYTES),
         pipeline=PipelineConfig(),
         question_interval_seconds=0,  # the periodic question is not part of the stream's path
@@ -310,6 +345,8 @@ def _collector_main(
         workers=workers,
     )
     sampler = threading.Thread(target=sample, daemon=True)
+    # (children's times add up over the process's life: what this run's receiving processes took is a difference)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, write_cpu = time.process_time(), time.thread_time()
     started = time.perf_counter()
     sampler.start()
@@ -319,14 +356,15 @@ def _collector_main(
     seconds = time.perf_counter() - started
     write_cpu = time.thread_time() - write_cpu  # this thread ran the sinks (the pipeline's consumer)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the receiving process, ended and waited for
-    cpu = time.process_time() - cpu + children.ru_utime + children.ru_stime
+    children_cpu = children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
+    cpu = time.process_time() - cpu + children_cpu
     samples.append((received, _rss_bytes()))
     decode_cpu = sources[0].decode_seconds if sources else 0.0
     stages = {
         "decode": decode_cpu,
         "write": write_cpu,
         "receive": max(0.0, cpu - decode_cpu - write_cpu),
-        "receiving process": children.ru_utime + children.ru_stime,
+        "receiving process": children_cpu,
     }
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max([own_peak, *(rss for _, rss in samples)])
@@ -386,7 +424,8 @@ def _naive_main(address: str, out: str, limit: int) -> dict[str, Any]:
 
 
 def child_main(argv: list[str]) -> None:
-    """Entry point of the bench children: `relay COUNT SEED`, `collector ADDRESS DATASET COUNT`,
+    """Entry point of the bench children: `relay COUNT SEED`, `collector ADDRESS DATASET COUNT [on|off WORKERS
+    RECEIVER]`,
     `naive ADDRESS OUT LIMIT`; each prints one JSON report (the relay: `ready ADDRESS SECONDS`)."""
     task, *args = argv
     if task == "relay":
@@ -394,8 +433,9 @@ def child_main(argv: list[str]) -> None:
         return
     if task == "collector":
         workers = int(args[4]) if len(args) > 4 else 2
+        receiver = args[5] if len(args) > 5 else "http2"
         report = _collector_main(
-            args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"], workers=workers
+            args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"], workers=workers, receiver=receiver
         )
     elif task == "naive":
         report = _naive_main(args[0], args[1], int(args[2]))

@@ -14,6 +14,7 @@ from flowpipe.config import ParquetSinkConfig, PipelineConfig, field_defaults, f
 from flowpipe.metrics.families import DEFAULT_METRICS_ADDRESS
 from flowpipe.sources.relay import RelaySourceConfig, parse_node_shard
 from flowpipe.sources.relay._address import DEFAULT_RELAY_PORT, with_default_port
+from flowpipe.sources.relay._config import RECEIVERS
 
 _SINK = field_help(ParquetSinkConfig)
 _RELAY = field_help(RelaySourceConfig)
@@ -107,6 +108,8 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          help="Processes that collect: 1 reads, decodes and writes in one process; 2 reads the relay's stream in "
          "a process of its own, so that a second CPU decodes and writes (default: 2 when the container may use "
          "two CPUs, from its CPU limit and affinity, else 1).")  # fmt: skip
+@_option("--receiver", env="RECEIVER", type=click.Choice(RECEIVERS), default=_RELAY_DEFAULT["receiver"],
+         show_default=True, help=_RELAY["receiver"] + " grpcio runs with --workers 1.")  # fmt: skip
 @_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0),
          default=_COLLECT_DEFAULT["max_namespaces"],
          show_default=True, help="Namespaces with their own label value in the flow analytics metrics; the rest "
@@ -135,6 +138,7 @@ def collect_command(
     resume_overlap_seconds: float,
     question_interval_seconds: float,
     workers: int | None,
+    receiver: str,
     max_namespaces: int,
 ) -> None:
     """Follow hubble-relay's flow stream into the dataset, without loss or duplicates, until SIGTERM/SIGINT.
@@ -167,6 +171,7 @@ def collect_command(
         reconnect_backoff_initial_seconds=reconnect_backoff_initial_seconds,
         reconnect_backoff_max_seconds=reconnect_backoff_max_seconds,
         resume_overlap_seconds=resume_overlap_seconds,
+        receiver=receiver,
     )
     # by default named after the checkpoint: a restart finds and removes what it left when it was killed
     sink_options["writer_id"] = writer_id or source_writer_id(source)

@@ -747,9 +747,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, *, head: bool) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, render(self.server.registry), CONTENT_TYPE_PLAIN_0_0_4, head)
+            body = render(self.server.registry)
+            # released once rendered, before the answer leaves: a scrape that follows at once sees the counts
             if not head and self.server.after_scrape is not None:
                 self.server.after_scrape()
+            self._send(200, body, CONTENT_TYPE_PLAIN_0_0_4, head)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain; charset=utf-8", head)
         elif path == "/readyz":

@@ -1,8 +1,10 @@
 """The Prometheus sink: flow analytics counters (drops, DNS, policy verdicts, world traffic), bounded labels.
 
 Each batch of flow rows (`FLOW_SCHEMA`) updates the analytics families of `flowpipe.metrics.families.PipelineMetrics`
-with a handful of vectorized `pyarrow.compute` passes and group-bys: the Python work per batch is one loop
-over the *groups* (bounded by the label sets), never over rows.
+with a handful of vectorized `pyarrow.compute` passes and counts of label combinations (`_Groups`: each label
+column dictionary-encoded once a batch, combinations counted with numpy; Arrow's group-by costs about a
+millisecond a call, as much as the rest of the sink together on a batch of a few thousand flows): the Python
+work per batch is one loop over the *groups* (bounded by the label sets), never over rows.
 
 Which namespace a flow counts for:
 
@@ -145,24 +147,66 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     """One column as a single array; all nulls when an older part file lacks it."""
     if name in table.column_names:
         column = table.column(name)
-        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if isinstance(column, pa.ChunkedArray):  # (one chunk: that chunk, where combining copies it)
+            return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        return column
     return pa.nulls(table.num_rows, FLOW_SCHEMA.field(name).type)
 
 
-def _count_groups(columns: Mapping[str, pa.Array], mask: pa.Array | None = None) -> list[dict[str, Any]]:
-    """Rows per distinct combination of `columns` (where `mask` is true): [{col: value, ..., "count": n}]."""
-    table = pa.table(dict(columns))
-    if mask is not None:
-        table = table.filter(mask)
-    if table.num_rows == 0:
-        return []
-    grouped = table.group_by(list(columns)).aggregate([([], "count_all")])
-    rows: list[dict[str, Any]] = grouped.rename_columns([*columns, "count"]).to_pylist()
-    return rows
+class _Groups:
+    """Counts the rows of one batch per combination of label columns; each column is encoded once per batch
+    (`pc.dictionary_encode`, nulls as a value of their own) however many counts use it."""
+
+    _DENSE_LIMIT = 1 << 62
+
+    def __init__(self) -> None:
+        self._encoded: dict[int, tuple[pa.Array, np.ndarray, list[Any]]] = {}
+
+    def _codes(self, column: pa.Array) -> tuple[np.ndarray, list[Any]]:
+        found = self._encoded.get(id(column))
+        if found is None or found[0] is not column:
+            encoded = pc.dictionary_encode(column, null_encoding="encode")
+            codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            found = (column, codes, encoded.dictionary.to_pylist())  # (the column kept: its id stays its own)
+            self._encoded[id(column)] = found
+        return found[1], found[2]
+
+    def count(self, columns: Mapping[str, pa.Array], mask: pa.Array | None = None) -> list[dict[str, Any]]:
+        """Rows per distinct combination of `columns` (where `mask` is true): [{col: value, ..., "count": n}]."""
+        coded = [self._codes(column) for column in columns.values()]
+        key: np.ndarray | None = None
+        size = 1
+        for codes, values in coded:
+            if key is None:
+                key, size = codes, len(values)
+                continue
+            if size * len(values) >= self._DENSE_LIMIT:  # renumber the combinations so far: no overflow
+                key = np.unique(key, return_inverse=True)[1].astype(np.int64)
+                size = int(key.max()) + 1 if len(key) else 1
+            key, size = key * len(values) + codes, size * len(values)
+        if key is None:
+            return []
+        rows = None
+        if mask is not None:
+            rows = np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
+            key = key[rows]
+        if not len(key):
+            return []
+        _, first, counts = np.unique(key, return_index=True, return_counts=True)
+        if rows is not None:
+            first = rows[first]
+        names = list(columns)
+        return [
+            {
+                **{name: values[codes[row]] for name, (codes, values) in zip(names, coded, strict=True)},
+                "count": n,
+            }
+            for row, n in zip(first.tolist(), counts.tolist(), strict=True)
+        ]
 
 
 def _labels(row: Mapping[str, Any]) -> list[str]:
-    """The label values of a `_count_groups` row, in the order of its columns (the count left out)."""
+    """The label values of a `_Groups.count` row, in the order of its columns (the count left out)."""
     return [value for key, value in row.items() if key != "count"]
 
 
@@ -222,6 +266,7 @@ class PrometheusSink:
         enforcing_is_source = pc.if_else(pc.is_null(direction), pc.invert(reply), pc.xor(egress, reply))
         enforcing_ns = pc.if_else(_is_true(enforcing_is_source), source_ns, destination_ns)
         client_ns = pc.if_else(reply, destination_ns, source_ns)
+        groups = _Groups()
         enforcing_ns, client_ns = (
             pc.if_else(pc.equal(column, ""), NO_NAMESPACE, column)
             for column in self.namespaces.apply(enforcing_ns, client_ns)
@@ -235,26 +280,32 @@ class PrometheusSink:
         is_verdict_event = _is_true(pc.equal(event_type, POLICY_VERDICT_EVENT))
         # A policy verdict event repeats the drop notification of the same packet: a drop is counted once.
         dropped = pc.and_(pc.equal(verdict, "DROPPED"), pc.invert(is_verdict_event))
-        self._count_drops(table, dropped, cluster, enforcing_ns, direction_label)
-        self._count_dns(table, dropped, reply, l7_type, cluster, client_ns)
-        groups = {
+        self._count_drops(groups, table, dropped, cluster, enforcing_ns, direction_label)
+        self._count_dns(groups, table, dropped, reply, l7_type, cluster, client_ns)
+        labels = {
             "cluster": cluster,
             "namespace": enforcing_ns,
             "direction": direction_label,
             "verdict": verdict_label,
         }
-        for row in _count_groups(groups, is_verdict_event):
+        for row in groups.count(labels, is_verdict_event):
             self.metrics.policy_verdicts.labels(*_labels(row)).inc(row["count"])
         # Likewise the trace event of a forwarded packet: count the packet once.
         requests = pc.and_(pc.invert(reply), pc.invert(is_verdict_event))
         world = self._to_world(table, requests)
-        for row in _count_groups(
+        for row in groups.count(
             {"cluster": cluster, "namespace": client_ns, "verdict": verdict_label}, world
         ):
             self.metrics.world_flows.labels(*_labels(row)).inc(row["count"])
 
     def _count_drops(
-        self, table: pa.Table, dropped: pa.Array, cluster: pa.Array, namespace: pa.Array, direction: pa.Array
+        self,
+        groups: _Groups,
+        table: pa.Table,
+        dropped: pa.Array,
+        cluster: pa.Array,
+        namespace: pa.Array,
+        direction: pa.Array,
     ) -> None:
         if not pc.any(dropped).as_py():
             return
@@ -265,17 +316,18 @@ class PrometheusSink:
         reason_class = pc.fill_null(
             pc.take(_REASON_CLASS_ARRAY, pc.index_in(key, value_set=_REASON_KEY_SET)), UNKNOWN_CLASS
         )
-        groups = {
+        labels = {
             "cluster": pc.filter(cluster, dropped),
             "namespace": pc.filter(namespace, dropped),
             "direction": pc.filter(direction, dropped),
             "reason_class": reason_class,
         }
-        for row in _count_groups(groups):
+        for row in groups.count(labels):
             self.metrics.observed_drops.labels(*_labels(row)).inc(row["count"])
 
     def _count_dns(
         self,
+        groups: _Groups,
         table: pa.Table,
         dropped: pa.Array,
         reply: pa.Array,
@@ -288,8 +340,8 @@ class PrometheusSink:
         responses = pc.and_(pc.and_(l7_dns, _is_true(pc.equal(l7_type, "RESPONSE"))), pc.is_valid(rcode))
         if pc.any(responses).as_py():
             rcode_name = pc.fill_null(pc.take(_RCODE_NAMES, pc.index_in(rcode, value_set=_RCODE_SET)), OTHER)
-            groups = {"cluster": cluster, "namespace": client_ns, "rcode": rcode_name}
-            for row in _count_groups(groups, responses):
+            labels = {"cluster": cluster, "namespace": client_ns, "rcode": rcode_name}
+            for row in groups.count(labels, responses):
                 self.metrics.dns_responses.labels(*_labels(row)).inc(row["count"])
                 if row["rcode"] != "NOERROR":
                     self.metrics.dns_failures.labels(*_labels(row)).inc(row["count"])
@@ -299,12 +351,12 @@ class PrometheusSink:
             _is_true(pc.is_in(_column(table, "l4_protocol"), value_set=pa.array(["UDP", "TCP"]))),
         )
         dropped_dns = pc.and_(pc.and_(dropped, pc.invert(reply)), pc.or_(l7_dns, port_53))
-        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, dropped_dns):
+        for row in groups.count({"cluster": cluster, "namespace": client_ns}, dropped_dns):
             self.metrics.dns_failures.labels(row["cluster"], row["namespace"], DROPPED_DNS).inc(row["count"])
         # DNS requests: those the DNS proxy saw, plus DNS requests dropped below it.
         proxied = pc.and_(l7_dns, _is_true(pc.equal(l7_type, "REQUEST")))
         lookups = pc.or_(proxied, pc.and_(dropped_dns, pc.invert(l7_dns)))
-        for row in _count_groups({"cluster": cluster, "namespace": client_ns}, lookups):
+        for row in groups.count({"cluster": cluster, "namespace": client_ns}, lookups):
             self.metrics.dns_lookups.labels(*_labels(row)).inc(row["count"])
 
     @staticmethod

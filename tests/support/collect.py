@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pytest
 
 from flowpipe._proto.flow import flow_pb2
 from flowpipe.app.collect import CollectConfig, CollectResult, collect
@@ -24,6 +25,14 @@ from flowpipe.sources.relay import RelaySourceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+
+RECEIVING_MODES = [
+    pytest.param(1, "http2", id="1-http2"),
+    pytest.param(2, "http2", id="2-http2"),
+    pytest.param(1, "grpcio", id="1-grpcio"),
+]
+"""(workers, receiver) of the reliability tests: one process and two with the HTTP/2 reader, and the library
+client (`--receiver grpcio`, one process)."""
 
 
 @cache

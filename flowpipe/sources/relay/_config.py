@@ -16,6 +16,11 @@ from flowpipe.sources.relay._address import RelayTLS, split_address
 ALL_EVENTS = 2**64 - 1
 """`GetFlowsRequest.number` for "everything in the buffer" (what `hubble observe --all` sends)."""
 
+RECEIVERS = ("http2", "grpcio")
+"""How the GetFlows stream is read: `http2`, flowpipe's own HTTP/2 reader (`_h2call`: a slice a message, in
+either process); `grpcio`, the gRPC library's client in the collecting process (several microseconds a message,
+for relays or proxies the built-in reader has trouble with)."""
+
 
 def parse_node_shard(text: str) -> tuple[int, int]:
     """`I/N` (0 <= I < N) → (I, N); ConfigError otherwise."""
@@ -148,6 +153,13 @@ class RelaySourceConfig:
     node_refresh_seconds: float = field(
         default=60.0, metadata={"help": "With --node-shard: how often the relay's node list is read again."}
     )
+    receiver: str = field(
+        default="http2",
+        metadata={
+            "help": "How the flow stream is read: http2 (flowpipe's own HTTP/2 reader) or grpcio (the gRPC "
+            "library's client, in one process: for relays or proxies the built-in reader has trouble with)."
+        },
+    )
 
     def __post_init__(self) -> None:
         split_address(self.address)
@@ -155,6 +167,8 @@ class RelaySourceConfig:
                      "reconnect_backoff_max_seconds", "call_timeout_seconds", "node_refresh_seconds"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RelaySourceConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.receiver not in RECEIVERS:
+            raise ConfigError(f"receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         if self.resume_overlap_seconds < 0:
             raise ConfigError("resume_overlap_seconds must be >= 0")
         if self.startup_timeout_seconds is not None and self.startup_timeout_seconds <= 0:

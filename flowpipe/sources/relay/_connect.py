@@ -584,3 +584,14 @@ class CallMessages:
         self._cancelled = True
         if self._call is not None:
             self._call.interrupt()
+
+
+def library_call(channel: grpc.Channel, path: str, request: bytes) -> Any:
+    """A GetFlows call read by grpcio itself (`collect --receiver grpcio`), as `CallMessages` is read: iterating
+    gives the raw response messages (no deserializer: bytes, decoded in bulk later), a status other than OK is
+    raised as grpcio's `RpcError` with grpcio's code, and `cancel()` may be called from another thread.
+
+    It costs several microseconds a message (a completion-queue event and a Python object each, on the
+    iterating thread with `open_channel`'s options) where `CallMessages` costs a slice: it is the library
+    client, for relays or proxies `_h2call` has trouble with."""
+    return channel.unary_stream(path, request_serializer=None, response_deserializer=None)(request)

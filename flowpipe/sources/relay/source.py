@@ -32,6 +32,9 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
   its own (`_worker` drives it, `_receiver` runs in it), which hands the raw responses over in batches; everything else stays here, the same
   in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
   and the stream resumes from the resume point with the repeats skipped.
+- **Library client** (`receiver="grpcio"`, `collect --receiver grpcio`, one process): the receiver thread reads
+  the call through grpcio (`_connect.library_call`) instead of `_h2call`: slower (several µs a message), for
+  relays or proxies the built-in HTTP/2 reader has trouble with; the rest is the same.
 
 This module is the connection loop and the batch assembly; the package's helpers are `_config` (the
 options), `_address` (addresses, TLS settings), `_connect` (channels, diagnosis, the receiver thread),
@@ -55,7 +58,7 @@ from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe.dataset.layout import Dataset
 from flowpipe.dataset.stored_flows import StoredFlows
-from flowpipe.errors import FlowDecodeError, FlowpipeError, RelayError, RelayUnavailableError
+from flowpipe.errors import ConfigError, FlowDecodeError, FlowpipeError, RelayError, RelayUnavailableError
 from flowpipe.model import EventBatch, LostEvent
 from flowpipe.sources.relay._config import (
     ALL_EVENTS,
@@ -71,6 +74,7 @@ from flowpipe.sources.relay._connect import (
     CallMessages,
     StreamReceiver,
     explain_call_error,
+    library_call,
     open_channel,
     relay_error,
     status_code,
@@ -126,6 +130,10 @@ class RelaySource:
         stored: StoredFlows | None = None,
         receive_process: bool = False,
     ) -> None:
+        if receive_process and config.receiver == "grpcio":
+            raise ConfigError(
+                "the grpcio receiver reads the stream in the collecting process: use one worker"
+            )
         self.config = config
         self.receive_process = receive_process
         """Whether the stream is read by a process of its own (`_worker`) instead of a thread."""
@@ -382,10 +390,13 @@ class RelaySource:
             except OSError as exc:
                 return exc  # cannot start the receiving process: retried with backoff
         else:
-            # read over HTTP/2 directly, as the receiving process does (grpcio costs several µs a message)
-            call = CallMessages(
-                self.address, self.config.tls, _METHOD + "GetFlows", request.SerializeToString()
-            )
+            call: Any
+            if self.config.receiver == "grpcio":  # the library client, on the channel of ServerStatus
+                call = library_call(self._channel, _METHOD + "GetFlows", request.SerializeToString())
+            else:  # read over HTTP/2 directly, as the receiving process does (grpcio costs µs a message)
+                call = CallMessages(
+                    self.address, self.config.tls, _METHOD + "GetFlows", request.SerializeToString()
+                )
             receiver = StreamReceiver(call, self.config.max_pending_flows, on_first)
             receiver.start()
         self._receiver = receiver
