@@ -225,8 +225,12 @@ class PolicySet:
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
         self._l4: dict[
-            tuple[Any, ...], tuple[list[tuple[int, _CompiledRule, tuple[PortRule, ...]]], bool]
+            tuple[Any, ...], tuple[list[tuple[int, _CompiledRule, tuple[PortRule, ...], int]], bool]
         ] = {}
+        # Whether the L7 rules of some port rules allow a call, by the port rules (a number for each distinct
+        # set: copies of a policy share theirs) and the call: many edges make the same calls.
+        self._port_rule_numbers: dict[tuple[PortRule, ...], int] = {}
+        self._l7: dict[tuple[int, tuple[str | None, ...]], bool] = {}
         self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
         # What the rules can tell apart: requests that differ only in other fields share their decisions.
         kept = edge_parameters(self.policies)
@@ -281,14 +285,29 @@ class PolicySet:
                 for compiled in self._rules.get((pi, direction), ()):
                     port_rules = compiled.l4_matches(peer, traffic)
                     if port_rules is not None:
-                        candidates.append((pi, compiled, port_rules))
+                        number = self._port_rule_numbers.setdefault(port_rules, len(self._port_rule_numbers))
+                        candidates.append((pi, compiled, port_rules, number))
             isolated = any(direction in self.policies[pi].isolates for pi in selecting)
             found = self._l4[l4] = (candidates, isolated)
         candidates, isolated = found
         allows: list[tuple[int, int]] = []
         denies: list[tuple[int, int]] = []
-        for pi, compiled, port_rules in candidates:
-            if not port_rules or any(ports.port_rule_l7_matches(pr, traffic) for pr in port_rules):
+        call = (
+            (traffic.l7, traffic.http_method, traffic.http_url, traffic.kafka_api_key, traffic.kafka_topic,
+             traffic.dns_query)
+            if traffic.l7 is not None
+            else None
+        )  # fmt: skip
+        for pi, compiled, port_rules, number in candidates:
+            if not port_rules or call is None:  # (no L7 call: `port_rule_l7_matches` is true)
+                allowed = True
+            else:
+                known = self._l7.get((number, call))
+                if known is None:
+                    known = any(ports.port_rule_l7_matches(pr, traffic) for pr in port_rules)
+                    self._l7[(number, call)] = known
+                allowed = known
+            if allowed:
                 (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
         if denies:
             names = ", ".join(f"{self.policies[p].key} {self.rule_ids[p][r]}" for p, r in denies)
