@@ -109,6 +109,10 @@ edge_ends AS (
            destination_entity, destination_reserved_identity, destination_ip, first_seen
     FROM pairs
 ),
+edge_flows AS NOT MATERIALIZED (
+    -- The flows whose pods name the pods recorded with a reserved identity (the shared part below).
+    SELECT * FROM flows_enriched
+),
 -- include: edge_endpoints
 labelled AS (
     SELECT

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.flowdata import T0, flow, write_dataset
 from support.sim_dataset import ask
 
 from flowpipe.config import ParquetSinkConfig
@@ -102,3 +103,83 @@ def test_both_users_of_the_edge_definition_agree_on_the_real_captures(
     observed, replayed = _both_users(tmp_path)
     assert len(observed) > 5
     assert observed == replayed
+
+
+def _end(side: str, **values: Any) -> dict[str, Any]:
+    return {f"{side}_{key}": value for key, value in values.items()}
+
+
+def test_the_grouping_names_each_end_as_flows_enriched_names_its_flows(tmp_path: Path) -> None:
+    """Flows are grouped by their ends as recorded and the groups named by the view's definition: every kind
+    of end the view names apart (a pod known only by identity and labels, ends without an identity number,
+    a pod recorded with a reserved identity, with and without its workload) gets the view's name, and a pod
+    recorded with a reserved identity takes the workload of the pod of that name seen with its own identity,
+    even when only a record replay does not judge (a socket-LB event) shows it."""
+    fighter = (
+        "k8s:app.kubernetes.io/name=tiefighter",
+        "k8s:io.kubernetes.pod.namespace=default",
+        "k8s:org=empire",
+    )
+    remote = _end("source", identity=31246, labels=list(fighter), ip="10.0.2.7")
+    star = _end(
+        "destination", namespace="default", pod_name="deathstar-6c94dcc57b-9p2xq", workload_name="deathstar",
+        identity=15153, labels=["k8s:app.kubernetes.io/name=deathstar", "k8s:io.kubernetes.pod.namespace=default"],
+        ip="10.0.2.9",
+    )  # fmt: skip
+    fighter_named = _end(
+        "source", namespace="default", pod_name="tiefighter-7d9f8b6c5d-bcdfg", workload_name="tiefighter",
+        identity=31246, labels=list(fighter), ip="10.0.2.8",
+    )  # fmt: skip
+    host_by_labels = _end("source", identity=None, labels=["reserved:host"], ip="172.18.0.2")
+    unknown = _end("source", identity=0, labels=["reserved:unknown"], ip="fe80::1")
+    dns_host_net = _end(
+        "destination", namespace="kube-system", pod_name="node-local-dns-9d7hc", identity=2,
+        labels=["reserved:world"], ip="172.18.0.3",
+    )  # fmt: skip
+    dns_own = _end(
+        "destination", namespace="kube-system", pod_name="node-local-dns-9d7hc", workload_name="node-local-dns",
+        identity=40001, labels=["k8s:k8s-app=node-local-dns", "k8s:io.kubernetes.pod.namespace=kube-system"],
+        ip="172.18.0.3",
+    )  # fmt: skip
+    tcp = {"l4_protocol": "TCP", "is_reply": False, "verdict": "FORWARDED", "traffic_direction": "INGRESS"}
+    udp = {"l4_protocol": "UDP", "is_reply": False, "verdict": "FORWARDED", "traffic_direction": "EGRESS"}
+    rows = [
+        flow(**remote, **star, **tcp, source_port=40000 + i, destination_port=80) for i in range(3)
+    ] + [
+        flow(**fighter_named, **star, **tcp, source_port=41000, destination_port=80),
+        flow(**host_by_labels, **star, **tcp, source_port=42000, destination_port=80),
+        flow(**unknown, **star, **{**tcp, "verdict": "DROPPED"}, source_port=43000, destination_port=80,
+             drop_reason_desc="UNSUPPORTED_L3_PROTOCOL"),
+        flow(**fighter_named, **dns_host_net, **udp, source_port=44000, destination_port=53),
+        # the DNS pod with its own identity, only in a socket-LB event (not judged: it only names the pod)
+        flow(**fighter_named, **dns_own, l4_protocol="UDP", verdict="TRACED", flow_type="SOCK", event_type=7,
+             destination_port=53),
+    ]  # fmt: skip
+    for index, row in enumerate(rows):
+        row["time"] = T0.replace(second=index)
+    write_dataset(tmp_path, rows)
+    params = {"since": None, "until": None, "cluster": None, **dict.fromkeys(_FLAGS, False)}
+    with open_engine(str(tmp_path)) as engine:
+        prepare_edges(engine)
+        edges = engine.run(EDGES_SQL, params).to_pylist()
+        viewed = engine.run(
+            "SELECT source_namespace, source_workload, destination_namespace, destination_workload"
+            " FROM flows_enriched WHERE is_traffic"
+        ).to_pylist()
+    ends = {(e["source_namespace"], e["source_workload"], e["destination_workload"]): e for e in edges}
+    # every end as the view names it (the DNS pod aside: named by its own identity's record, as the view's
+    # users that name edges do)
+    assert set(ends) == {
+        (v["source_namespace"], v["source_workload"], v["destination_workload"]) for v in viewed
+    }
+    assert sum(e["flows"] for e in edges) == len(rows) - 1
+    by_labels = ends[("default", "tiefighter", "deathstar")]
+    assert by_labels["flows"] == 4 and by_labels["source_labels"] == list(fighter)
+    # an end without an identity number is named by its own labels (the host), or else by its address
+    assert ends[(None, "host", "deathstar")]["source_ip"] == "172.18.0.2"
+    assert ends[(None, "fe80::1", "deathstar")]["verdict"] == "DROPPED"
+    # the DNS pod recorded with the world identity: the workload and labels of its own identity's record
+    lookup = ends[("default", "tiefighter", "node-local-dns")]
+    assert lookup["destination_namespace"] == "kube-system" and lookup["destination_port"] == 53
+    assert lookup["destination_labels"] == dns_own["destination_labels"]
+    assert lookup["destination_identity"] is None

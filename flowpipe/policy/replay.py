@@ -210,6 +210,11 @@ class _CompiledRule:
         return found or None
 
 
+_PortRuleMatches = tuple[tuple[PortRule, ...], int, list[tuple[int, int]], list[tuple[int, int]]]
+"""Rules that match a request at L3/L4 with the same port rules: (port rules, their number, the (policy, rule)
+indexes of the allow rules, of the deny rules)."""
+
+
 class PolicySet:
     """Compiled policies, ready to judge requests; caches which policies select each endpoint."""
 
@@ -224,9 +229,11 @@ class PolicySet:
             for ri, rule in enumerate(policy.rules):
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
-        self._l4: dict[
-            tuple[Any, ...], tuple[list[tuple[int, _CompiledRule, tuple[PortRule, ...]]], bool]
-        ] = {}
+        self._l4: dict[tuple[Any, ...], tuple[list[_PortRuleMatches], bool]] = {}
+        # Whether the L7 rules of some port rules allow a call, by the port rules (a number for each distinct
+        # set: copies of a policy share theirs) and the call: many edges make the same calls.
+        self._port_rule_numbers: dict[tuple[PortRule, ...], int] = {}
+        self._l7: dict[tuple[int, tuple[str | None, ...]], bool] = {}
         self.warnings = [f"{p.key}: {c}" for p in self.policies for c in p.comments]
         # What the rules can tell apart: requests that differ only in other fields share their decisions.
         kept = edge_parameters(self.policies)
@@ -276,20 +283,39 @@ class PolicySet:
         l4 = (direction, subject, peer, traffic.protocol, traffic.port, traffic.icmp_type)
         found = self._l4.get(l4)
         if found is None:
-            candidates = []
+            # The matching rules by their port rules: copies of a policy share theirs, matched once per call.
+            groups: dict[int, _PortRuleMatches] = {}
             for pi in selecting:
                 for compiled in self._rules.get((pi, direction), ()):
                     port_rules = compiled.l4_matches(peer, traffic)
                     if port_rules is not None:
-                        candidates.append((pi, compiled, port_rules))
+                        number = self._port_rule_numbers.setdefault(port_rules, len(self._port_rule_numbers))
+                        group = groups.setdefault(number, (port_rules, number, [], []))
+                        group[3 if compiled.rule.action == "deny" else 2].append((pi, compiled.index))
             isolated = any(direction in self.policies[pi].isolates for pi in selecting)
-            found = self._l4[l4] = (candidates, isolated)
+            found = self._l4[l4] = (list(groups.values()), isolated)
         candidates, isolated = found
         allows: list[tuple[int, int]] = []
         denies: list[tuple[int, int]] = []
-        for pi, compiled, port_rules in candidates:
-            if not port_rules or any(ports.port_rule_l7_matches(pr, traffic) for pr in port_rules):
-                (denies if compiled.rule.action == "deny" else allows).append((pi, compiled.index))
+        call = (
+            (traffic.l7, traffic.http_method, traffic.http_url, traffic.kafka_api_key, traffic.kafka_topic,
+             traffic.dns_query)
+            if traffic.l7 is not None
+            else None
+        )  # fmt: skip
+        for port_rules, number, allowing, denying in candidates:
+            if port_rules and call is not None:  # (no L7 call: `port_rule_l7_matches` is true)
+                known = self._l7.get((number, call))
+                if known is None:
+                    known = any(ports.port_rule_l7_matches(pr, traffic) for pr in port_rules)
+                    self._l7[(number, call)] = known
+                if not known:
+                    continue
+            allows.extend(allowing)
+            denies.extend(denying)
+        if len(candidates) > 1:  # in policy and rule order, as the rules were listed
+            allows.sort()
+            denies.sort()
         if denies:
             names = ", ".join(f"{self.policies[p].key} {self.rule_ids[p][r]}" for p, r in denies)
             return Decision(False, allows + denies, f"denied by {names}", tuple(denies))

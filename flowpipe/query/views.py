@@ -48,7 +48,8 @@ _FALLBACK_REGION = re.compile(
 )
 
 
-def _undescribed(side: str) -> str:
+def undescribed_sql(side: str) -> str:
+    """True for a flow whose end `side` (source, destination) only the fallback regions can name."""
     # What the fallback regions of `flows_enriched` decide: a pod without a workload name, or an endpoint whose
     # identity number is not one of: reserved 1-10, node-local (CIDR/FQDN) >= 2^24, a pod's cluster identity.
     identity = f"coalesce({side}_identity, 0)"
@@ -61,7 +62,7 @@ def _undescribed(side: str) -> str:
 
 FALLBACK_NEEDED_SQL = (
     "SELECT count(*) AS undescribed FROM (SELECT 1 FROM flows"
-    f" WHERE {_undescribed('source')} OR {_undescribed('destination')} LIMIT 1) AS probe"
+    f" WHERE {undescribed_sql('source')} OR {undescribed_sql('destination')} LIMIT 1) AS probe"
 )
 """One row, one count: 1 when some flow needs the fallback regions to name its endpoints, else 0."""
 
@@ -83,18 +84,46 @@ def flows_named_sql(*, fallbacks: bool) -> str:
     for name in FLOW_SCHEMA.names:
         side = name.removesuffix("_namespace")
         if fallbacks and name.endswith("_namespace") and side in ("source", "destination"):
-            label = (
-                f"nullif(regexp_extract(array_to_string({side}_labels, ' '), "
-                f"'(?:^| )k8s:io\\.kubernetes\\.pod\\.namespace=([^ ]+)', 1), '')"
-            )
-            # Only for a cluster identity (a pod); reserved identities keep no namespace they do not name.
-            columns.append(
-                f"coalesce({name}, CASE WHEN coalesce({side}_identity, 0) >= 256"
-                f" AND coalesce({side}_identity, 0) < 16777216 THEN {label} END) AS {name}"
-            )
+            columns.append(f"{_named_namespace(side)} AS {name}")
         else:
             columns.append(name)
     return "SELECT\n    " + ",\n    ".join(columns) + "\nFROM flows"
+
+
+def _named_namespace(side: str) -> str:
+    """The namespace `flows_named` gives one end: the record's, else (for a pod) that of its labels."""
+    label = (
+        f"nullif(regexp_extract(array_to_string({side}_labels, ' '), "
+        f"'(?:^| )k8s:io\\.kubernetes\\.pod\\.namespace=([^ ]+)', 1), '')"
+    )
+    # Only for a cluster identity (a pod); reserved identities keep no namespace they do not name.
+    return (
+        f"coalesce({side}_namespace, CASE WHEN coalesce({side}_identity, 0) >= 256"
+        f" AND coalesce({side}_identity, 0) < 16777216 THEN {label} END)"
+    )
+
+
+ENRICHED_VIEW = "flows_enriched"
+_ENRICHED_FROM = "FROM flows_named AS f"
+
+
+def enriched_sql(source: str) -> str:
+    """The SELECT of `flows_enriched` (fallbacks included) over the relation `source` instead of the flows.
+
+    The one definition of how a flow names its ends, applied to other rows: `source` has the columns of `flows`
+    that the view reads (rows grouped by them name their ends as each of their flows would), and the view
+    passes its other columns through. DuckDB SQL (`* REPLACE`), for DuckDB-only users such as replay's grouping.
+    """
+    view = next(v for v in load_views() if v.name == ENRICHED_VIEW)
+    if view.sql.count(_ENRICHED_FROM) != 1:
+        raise QuestionDefinitionError(
+            f"shared view {ENRICHED_VIEW} reads its flows in one `{_ENRICHED_FROM}`", path=str(view.path)
+        )
+    named = (
+        f"(SELECT r.* REPLACE ({_named_namespace('source')} AS source_namespace, "
+        f"{_named_namespace('destination')} AS destination_namespace) FROM {source} AS r) AS f"
+    )
+    return view.sql.replace(_ENRICHED_FROM, f"FROM {named}")
 
 
 @dataclass(frozen=True, slots=True)

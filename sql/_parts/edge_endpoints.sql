@@ -2,6 +2,10 @@
 --   question and the grouping of stored flows that suggest, replay, its proof and its delta judge. The user
 --   groups the flows of its window into edges, lists their ends in a CTE `edge_ends`, includes these CTEs
 --   after it, and joins `edge_endpoints` back to its edges, once per end.
+--   It also reads a CTE `edge_flows` (not materialized where it is a view's rows) with the columns `flows_enriched`
+--   names a flow's ends by (cluster_name, time, and source_ / destination_ namespace, pod_name, workload,
+--   identity, entity, reserved_identity): the flows, or flows grouped by those columns with their first time,
+--   whose pods recorded with their own identity name the pods recorded with a reserved one.
 --   `edge_ends`: one row per end of each edge (duplicates welcome), with the columns cluster_name, namespace,
 --   pod_name, identity, workload, entity, reserved_identity, ip (as `flows_enriched` names the end; ip and
 --   pod_name only where the user keeps them) and first_seen (when the edge was first seen).
@@ -35,7 +39,7 @@ edge_pods AS (
     FROM (
         SELECT u.cluster_name, u.namespace, u.pod_name, f.source_workload AS workload,
                f.source_identity AS identity, f.time
-        FROM flows_enriched AS f
+        FROM edge_flows AS f
         JOIN edge_unresolved AS u
             ON f.source_namespace = u.namespace AND f.source_pod_name = u.pod_name
             AND coalesce(f.cluster_name, '') = coalesce(u.cluster_name, '')
@@ -44,7 +48,7 @@ edge_pods AS (
               THEN f.source_entity IS NULL AND f.source_reserved_identity IS NULL END
         UNION ALL
         SELECT u.cluster_name, u.namespace, u.pod_name, f.destination_workload, f.destination_identity, f.time
-        FROM flows_enriched AS f
+        FROM edge_flows AS f
         JOIN edge_unresolved AS u
             ON f.destination_namespace = u.namespace AND f.destination_pod_name = u.pod_name
             AND coalesce(f.cluster_name, '') = coalesce(u.cluster_name, '')
