@@ -361,13 +361,24 @@ def open_engine(
     filesystem: pafs.FileSystem | None = None,
     setup: Setup | None = None,
     external_access: bool = False,
+    source: str = "flows",
 ) -> DuckDBEngine:
     """A `DuckDBEngine` over `dataset`; with `require_flows`, `EmptyDatasetError` when it has no flows yet.
 
     `external_access` lets SQL reach files and the network beyond the dataset (see the module's docstring).
+    `source` is where the edge views read (`flowpipe.dataset.rollups.read`): `flows`, or edge rollups where they cover
+    an hour (`auto`) or only (`edges`); a dataset with rollups but no flows left is then not empty.
     """
+    if source != "flows":
+        from flowpipe.dataset.rollups.read import with_rollups
+
+        if not isinstance(dataset, Dataset):
+            dataset = Dataset(dataset, filesystem=filesystem)
+        setup, covered = with_rollups(dataset, source, setup)
+    else:
+        covered = None
     engine = DuckDBEngine(dataset, filesystem=filesystem, setup=setup, external_access=external_access)
-    if require_flows and not engine.has_flows:
+    if require_flows and not engine.has_flows and not (covered is not None and covered()):
         engine.close()
         assert engine.dataset is not None
         where = engine.dataset.table_dir(FLOWS_TABLE)

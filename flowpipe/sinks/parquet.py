@@ -194,6 +194,10 @@ class ParquetSink:
             log.warning(
                 "removed %d temporary file(s) left by an earlier crash: %s", len(removed), ", ".join(removed)
             )
+        if config.edge_rollups:
+            from flowpipe.dataset.rollups.build import repair_writers
+
+            repair_writers(self.dataset, [config.writer_id])
 
     @property
     def acked_batches(self) -> int:
@@ -270,6 +274,10 @@ class ParquetSink:
         except DatasetWriteError as exc:
             self._abort(staged, exc)
             raise
+        if self.config.edge_rollups:
+            from flowpipe.dataset.rollups.build import build_after_publish
+
+            build_after_publish(self.dataset, files, zstd_level=self.config.zstd_level)
         flows = self._rows
         self.flows_written += flows
         self.lost_events_written += len(self._lost)
