@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -115,17 +115,31 @@ def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
 
 
 def build_rollup(
-    dataset: Dataset, flow_path: str, *, zstd_level: int = 3, report: RollupReport | None = None
+    dataset: Dataset,
+    flow_path: str,
+    *,
+    zstd_level: int = 3,
+    report: RollupReport | None = None,
+    flows: pa.Table | None = None,
 ) -> str:
-    """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file."""
-    try:
-        flows = pads.dataset([flow_path], format="parquet", filesystem=dataset.filesystem)
-        count = flows.count_rows()
-    except FileNotFoundError:
-        raise
-    except (OSError, pa.ArrowException) as exc:
-        raise DatasetWriteError(f"cannot read the flow part file {flow_path}: {exc}", path=flow_path) from exc
-    observations, identities = summarise(flows)
+    """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file.
+
+    `flows` are the file's flows when the writer still holds them (the file is then not read back): a table
+    in memory is summarised for about half the CPU of reading the file's columns again."""
+    source: pa.Table | pads.Dataset
+    if flows is not None:
+        source, count = flows, flows.num_rows
+    else:
+        try:
+            source = pads.dataset([flow_path], format="parquet", filesystem=dataset.filesystem)
+            count = source.count_rows()
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetWriteError(
+                f"cannot read the flow part file {flow_path}: {exc}", path=flow_path
+            ) from exc
+    observations, identities = summarise(source)
     options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
     final = ""
     for table, rows in ((EDGE_IDENTITIES_TABLE, identities), (EDGES_TABLE, observations)):
@@ -176,10 +190,17 @@ def _compact_layout(rows: pa.Table) -> tuple[pa.Table, dict[str, object]]:
     }
 
 
-def build_after_publish(dataset: Dataset, published: Iterable[str], *, zstd_level: int = 3) -> list[str]:
+def build_after_publish(
+    dataset: Dataset,
+    published: Iterable[str],
+    *,
+    zstd_level: int = 3,
+    flows: Mapping[str, Sequence[pa.Table]] | None = None,
+) -> list[str]:
     """The rollups of the flow part files just published (other paths, e.g. lost events, are skipped).
 
-    Called by the writers right after they publish flow files. A rollup that cannot be written is logged and
+    Called by the writers right after they publish flow files; `flows` holds, by path, the flows of the files
+    the writer still has in memory (their row groups), which are summarised instead of read back. A rollup that cannot be written is logged and
     left missing: the flows are safe, the hour is read from raw flows until `build_missing` (the writer's next
     start, compaction, retention or `flowpipe rollup`) writes it.
     """
@@ -189,8 +210,10 @@ def build_after_publish(dataset: Dataset, published: Iterable[str], *, zstd_leve
         if not path.startswith(flows_dir):
             continue
         kill_point("rollup:before")
+        tables = (flows or {}).get(path)
+        held = (pa.concat_tables(tables) if len(tables) > 1 else tables[0]) if tables else None
         try:
-            written.append(build_rollup(dataset, path, zstd_level=zstd_level))
+            written.append(build_rollup(dataset, path, zstd_level=zstd_level, flows=held))
         except FlowpipeError as exc:
             log.warning(
                 "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc
