@@ -25,6 +25,7 @@ from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset.compact import compact_dataset
 from flowpipe.dataset.layout import Dataset
 from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups.build import SEEN_FOR
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Question
@@ -311,7 +312,11 @@ def test_spark_merges_duckdb_rollups_into_the_same_connections(
             *[f"file://{p}" for p in dataset.list_part_files(EDGE_IDENTITIES_TABLE)]
         )
         identities.createOrReplaceTempView("_rollup_identities")
-        spark.sql("CREATE OR REPLACE TEMP VIEW edge_observations AS SELECT * FROM _rollup_rows")
+        # a rollup stores last_seen as the nanoseconds after first_seen (Spark reads both as nanosecond numbers)
+        spark.sql(
+            "CREATE OR REPLACE TEMP VIEW edge_observations AS "
+            f"SELECT *, first_seen + {SEEN_FOR} AS last_seen FROM _rollup_rows"
+        )
         spark.sql(
             "CREATE OR REPLACE TEMP VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS "
             "workload FROM _rollup_identities WHERE workload IS NOT NULL GROUP BY cluster_name, identity"

@@ -205,6 +205,7 @@ def generate_fleet(
 
     from flowpipe.dataset.layout import PartitionKey, part_file_name
     from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+    from flowpipe.dataset.rollups.build import SEEN_FOR
 
     edges_schema = pq.read_schema(next((example / EDGES_TABLE).rglob("*.parquet")))
     ids_schema = pq.read_schema(next((example / EDGE_IDENTITIES_TABLE).rglob("*.parquet")))
@@ -255,7 +256,7 @@ def generate_fleet(
         columns["source_port"] = pa.array(32768 + (np.arange(edges) + hour * 7) % 28000)
         columns["records"] = pa.array(1 + (np.arange(edges) + hour) % 5000)
         columns["first_seen"] = pa.array(start_ns + offsets, pa.timestamp("ns", "UTC"))
-        columns["last_seen"] = pa.array(start_ns + offsets + 500_000_000_000, pa.timestamp("ns", "UTC"))
+        columns[SEEN_FOR] = pa.array(np.full(edges, 500_000_000_000), pa.int64())
         table = _as(edges_schema, columns, edges)
         key = PartitionKey.from_time(start)
         name = part_file_name(start, "fleet", 1)

@@ -34,7 +34,7 @@ import pyarrow.dataset as pads
 from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset
 from flowpipe.dataset.maintenance import list_partitions
 from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, SOURCES
-from flowpipe.dataset.rollups.build import visible_flow_names
+from flowpipe.dataset.rollups.build import SEEN_FOR, visible_flow_names
 from flowpipe.errors import ConfigError, QueryError
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,21 @@ def _register(
         table = pads.dataset(files, format="parquet", filesystem=dataset.filesystem)
         con.register(source, table)
         present = set(table.schema.names)
-    select = ", ".join(
-        f'CAST("{column}" AS {sql_type}) AS "{column}"'
-        if column in present
-        else f'CAST(NULL AS {sql_type}) AS "{column}"'
-        for column, sql_type, *_ in columns
-    )
+    select = ", ".join(_column(column, sql_type, present) for column, sql_type, *_ in columns)
     origin = f"FROM {source}" if files else "WHERE FALSE"
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} {origin}")
     return name
+
+
+def _column(column: str, sql_type: str, present: set[str]) -> str:
+    """The select item of one column of the rollup files: itself, `last_seen` from its duration, or NULL."""
+    if column in present:
+        return f'CAST("{column}" AS {sql_type}) AS "{column}"'
+    if column == "last_seen" and SEEN_FOR in present:
+        # nanoseconds after first_seen, added in UTC whatever the session's time zone
+        time = f'timezone(\'UTC\', make_timestamp_ns(epoch_ns("first_seen") + "{SEEN_FOR}"))'
+        return f'CAST({time} AS {sql_type}) AS "{column}"'
+    return f'CAST(NULL AS {sql_type}) AS "{column}"'
 
 
 def raw_flows_note(engine: Any, question: str, since: datetime | None) -> str | None:
