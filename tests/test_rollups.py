@@ -117,6 +117,21 @@ def test_a_writers_rollup_from_memory_equals_the_one_read_from_its_file(
             ), one
 
 
+def test_rollups_are_read_in_a_locked_engine_that_reads_nothing_else(
+    two_clusters: Path, tmp_path: Path
+) -> None:
+    from flowpipe.errors import QueryError
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    with open_engine(two_clusters, source="edges") as engine:
+        # DuckDB reads the local rollup files itself: they, and nothing else, are readable
+        assert engine.run("SELECT count(*) AS n FROM connections").column("n")[0].as_py() > 100
+        with pytest.raises(QueryError) as refused:
+            engine.run(f"SELECT * FROM read_csv('{secret}')")
+        assert "hunter2" not in str(refused.value)
+
+
 def test_off_by_default_and_auto_reads_the_flows(tmp_path: Path) -> None:
     """Writers build no rollups unless asked (their cost); `--source auto` then reads the flows, and compaction
     builds none for hours that had none."""

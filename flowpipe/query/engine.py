@@ -82,7 +82,15 @@ _VIEWS: tuple[tuple[str, str, pa.Schema], ...] = (
 T = TypeVar("T")
 
 Setup = Callable[[duckdb.DuckDBPyConnection], object]
-"""Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined)."""
+"""Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined). A setup whose views
+read more of the dataset's local files with DuckDB's reader returns them as `ReadableFiles`."""
+
+
+class ReadableFiles(tuple[str, ...]):
+    """What a setup returns to keep these local files of the dataset readable once the connection is locked
+    (e.g. edge rollups); any other return value allows nothing more."""
+
+    __slots__ = ()
 
 
 class Engine(Protocol):
@@ -144,6 +152,7 @@ class DuckDBEngine:
             self.dataset = Dataset(dataset, filesystem=filesystem)
         self.files: dict[str, tuple[str, ...]] = {}
         self._setup = setup
+        self._setup_files: list[str] = []
         self.external_access = external_access
         self._con = _connect()
         try:
@@ -199,7 +208,8 @@ class DuckDBEngine:
         """External access off and the configuration locked; the listed part files stay readable."""
         if self.external_access:
             return
-        allowed = sorted({path for files in self.files.values() for path in files}) if self._local else []
+        listed = {path for files in self.files.values() for path in files}
+        allowed = sorted(listed | set(self._setup_files)) if self._local else []
         self._con.execute("SET allowed_paths = $paths", {"paths": allowed})
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
@@ -213,7 +223,8 @@ class DuckDBEngine:
         # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
         install_views(self._con)
         if self._setup is not None:
-            self._setup(self._con)
+            readable = self._setup(self._con)
+            self._setup_files = list(readable) if isinstance(readable, ReadableFiles) else []
 
     def _define_table_views(self) -> None:
         """The views `flows` and `lost_events` over freshly listed part files."""
