@@ -62,7 +62,7 @@ from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
-from flowpipe.query.views import install_views
+from flowpipe.query.views import ReadableFiles, install_views
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,6 @@ T = TypeVar("T")
 Setup = Callable[[duckdb.DuckDBPyConnection], object]
 """Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined). A setup whose views
 read more of the dataset's local files with DuckDB's reader returns them as `ReadableFiles`."""
-
-
-class ReadableFiles(tuple[str, ...]):
-    """What a setup returns to keep these local files of the dataset readable once the connection is locked
-    (e.g. edge rollups); any other return value allows nothing more."""
-
-    __slots__ = ()
 
 
 class Engine(Protocol):

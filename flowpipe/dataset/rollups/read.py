@@ -179,7 +179,7 @@ def with_rollups(
     dataset: Dataset, source: str, setup: Callable[[duckdb.DuckDBPyConnection], object] | None = None
 ) -> tuple[Callable[[duckdb.DuckDBPyConnection], object], Callable[[], bool]]:
     """An engine setup that installs the rollups (then runs `setup`), and a check: did they cover an hour?"""
-    from flowpipe.query.engine import ReadableFiles
+    from flowpipe.query.views import ReadableFiles
 
     check_source(source)
     last: list[Coverage | None] = [None]
