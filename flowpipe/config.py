@@ -80,6 +80,14 @@ class ParquetSinkConfig:
         default=3,
         metadata={"help": "zstd compression level of part files (1 fastest .. 22 smallest)."},
     )
+    edge_rollups: bool = field(
+        default=False,
+        metadata={
+            "help": "Write each flow part file's edge rollup (`<dataset>/edges/`) right after it, for edge "
+            "questions over months (see `flowpipe rollup`). Off by default: building a rollup costs several "
+            "times the CPU of writing its flows."
+        },
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "max_batch_rows", "max_batch_bytes", "row_group_bytes", "flush_interval_seconds")

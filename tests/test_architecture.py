@@ -17,6 +17,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the package's face and core vocabulary: errors, the flow table, configuration, drop reasons
     ("flowpipe", "flowpipe.errors", "flowpipe.model", "flowpipe.config", "flowpipe.drop_reasons"),
     ("flowpipe._proto", "flowpipe._resources"),
+    # the SQL views over the flow table (SQL files and the core vocabulary only): the dataset's edge rollups
+    # are built with the same views the questions read, so they sit below the dataset
+    ("flowpipe.query.timeparse", "flowpipe.query.catalog", "flowpipe.query.views"),
     ("flowpipe.dataset",),  # layout, storage, compaction, retention, leases, stored flow uuids
     ("flowpipe.transforms",),  # Hubble records <-> the flow table
     ("flowpipe.query",),  # the engine over the dataset and the named questions

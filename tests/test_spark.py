@@ -24,9 +24,12 @@ from flowpipe.cli import cli
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset.compact import compact_dataset
 from flowpipe.dataset.layout import Dataset
+from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups.build import SEEN_FOR
 from flowpipe.model import EventBatch, empty_flows
 from flowpipe.query import DuckDBEngine, load_questions, run_question
 from flowpipe.query.catalog import Question
+from flowpipe.query.engine import open_engine
 from flowpipe.query.views import load_views
 from flowpipe.sinks.parquet import ParquetSink
 
@@ -268,3 +271,56 @@ def test_query_command_with_engine_spark(spark: Any, dataset: Path) -> None:
     )
     assert empty.exit_code == 1 and "holds no flows" in empty.output
     assert spark.sparkContext._jsc is not None  # the shared session is still running
+
+
+# -- edge rollups: DuckDB writes them per part file, Spark merges them with the same SQL -----------------------
+
+ROLLUP_SUMMARY = (
+    "SELECT cluster_name, outcome, l4_protocol, count(*) AS connections, sum(packets) AS packets, "
+    "sum(denied_packets) AS denied, min(source_workload_id) AS first_source, "
+    "max(destination_workload_id) AS last_destination "
+    "FROM connections GROUP BY cluster_name, outcome, l4_protocol"
+)
+
+
+def _summary_rows(table: Any) -> list[tuple[Any, ...]]:
+    return sorted((tuple(str(v) for v in row.values()) for row in table.to_pylist()), key=repr)
+
+
+def test_spark_merges_duckdb_rollups_into_the_same_connections(
+    spark: Any, capture_files: list[Path], tmp_path: Path
+) -> None:
+    from flowpipe.app.ingest import ingest_files
+    from flowpipe.query.spark import SparkEngine, to_spark_sql
+
+    ingest_files(
+        capture_files,
+        ParquetSinkConfig(path=str(tmp_path), writer_id="c", max_batch_rows=150, edge_rollups=True),
+    )
+    with open_engine(tmp_path) as duck:
+        expected = _summary_rows(duck.run(ROLLUP_SUMMARY))
+    assert expected
+    dataset = Dataset(tmp_path)
+    with SparkEngine(tmp_path, session=spark) as engine:
+        assert (
+            _summary_rows(engine.run(ROLLUP_SUMMARY)) == expected
+        )  # the edge definition on Spark, from flows
+        # the same views over the rollup files instead of the flows
+        observations = spark.read.parquet(*[f"file://{p}" for p in dataset.list_part_files(EDGES_TABLE)])
+        observations.createOrReplaceTempView("_rollup_rows")
+        identities = spark.read.parquet(
+            *[f"file://{p}" for p in dataset.list_part_files(EDGE_IDENTITIES_TABLE)]
+        )
+        identities.createOrReplaceTempView("_rollup_identities")
+        # a rollup stores last_seen as the nanoseconds after first_seen (Spark reads both as nanosecond numbers)
+        spark.sql(
+            "CREATE OR REPLACE TEMP VIEW edge_observations AS "
+            f"SELECT *, first_seen + {SEEN_FOR} AS last_seen FROM _rollup_rows"
+        )
+        spark.sql(
+            "CREATE OR REPLACE TEMP VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS "
+            "workload FROM _rollup_identities WHERE workload IS NOT NULL GROUP BY cluster_name, identity"
+        )
+        [connections] = [view for view in load_views() if view.name == "connections"]
+        spark.sql(f"CREATE OR REPLACE TEMP VIEW connections AS\n{to_spark_sql(connections.sql)[0]}")
+        assert _summary_rows(engine.run(ROLLUP_SUMMARY)) == expected

@@ -247,7 +247,7 @@ def test_shared_views_transpile_to_spark() -> None:
             [spark] = sqlglot.transpile(
                 sql, read="duckdb", write="spark", unsupported_level=sqlglot.ErrorLevel.RAISE
             )
-            assert "FROM flows" in spark, view.name
+            assert "FROM flows" in spark or "FROM edge_observations" in spark, view.name
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ a compaction killed half-way is finished at once by the next; queries never fail
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 from support.collect import ROOT, sim_flow_bytes, start_collector, uuids_of
 from support.processes import stop_process
+from support.s3 import fresh_bucket
 from support.small_files import simulated_flows, write_small_files
 from support.wait import wait_until
 
@@ -62,22 +62,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "dataset")
     request.getfixturevalue("s3_endpoint")
-    return _fresh_bucket(request)
-
-
-def _fresh_bucket(request: pytest.FixtureRequest) -> str:
-    name = request.node.name.lower()
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    bucket = "w-" + "".join(c if c.isalnum() else "-" for c in name)[:40].strip("-") + "-" + digest
-    _bucket_fs().create_dir(bucket)
-    return f"s3://{bucket}/data"
-
-
-def _bucket_fs() -> pafs.S3FileSystem:
-    endpoint = os.environ["FLOWPIPE_S3_ENDPOINT"].removeprefix("http://")
-    return pafs.S3FileSystem(
-        endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True
-    )
+    return fresh_bucket(request)
 
 
 def all_keys(url: str) -> list[str]:
@@ -269,7 +254,7 @@ def uuids(url: str) -> list[str]:
 def test_a_collector_killed_at_each_step_of_a_publish_leaves_nothing_counted_twice(
     step: str, single_put_bytes: str | None, s3_endpoint: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    where = _fresh_bucket(request)  # an object store: no rename, a copy then a delete
+    where = fresh_bucket(request)  # an object store: no rename, a copy then a delete
     flows = sim_flow_bytes()[:1500]
     log = tmp_path / "collect.log"
     with ObserverServer(buffer_size=10_000) as server:
@@ -299,7 +284,7 @@ def test_a_collector_killed_at_each_step_of_a_publish_leaves_nothing_counted_twi
 def test_an_ingest_killed_between_copy_and_delete_leaves_no_temporary_object(
     s3_endpoint: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    where = _fresh_bucket(request)
+    where = fresh_bucket(request)
     source = simulated_file(tmp_path / "flows.jsonpb", seed=6, seconds=600)
     args = ["ingest", "--dataset", where, "--max-batch-rows", "300", str(source)]
     hooks = {KILL_AT_VARIABLE: "publish:copied@2", SINGLE_PUT_VARIABLE: "0"}

@@ -221,6 +221,12 @@ def _collect(
         log.warning(
             "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
         )
+    if (
+        config.sink.edge_rollups
+    ):  # the rollups of flow files published by writers that died before writing them
+        from flowpipe.dataset.rollups.build import repair_writers
+
+        repair_writers(dataset, lease.dead_writers)
     # Counters shown at 0 before they count, so rate() sees a namespace's first flows (only with a scraper).
     metrics = PipelineMetrics.create(registry, role="collect", zero_first=bool(config.metrics_address))
     stored = StoredFlows.for_writer(dataset, config.sink, config.pipeline, max_keys=COLLECT_MAX_STORED_KEYS)

@@ -197,6 +197,12 @@ def _ingest(
         log.warning(
             "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
         )
+    if (
+        sink_config.edge_rollups
+    ):  # the rollups of flow files published by writers that died before writing them
+        from flowpipe.dataset.rollups.build import repair_writers
+
+        repair_writers(dataset, lease.dead_writers)
     checkpoint = StateFolder(dataset, CHECKPOINT_STATE)
     source = FileSource(
         [str(p) for p in paths], strict=strict, checkpoint_path=checkpoint, cluster_name=cluster_name

@@ -26,6 +26,7 @@ from flowpipe.bench.context import (
 from flowpipe.bench.ingest import bench_baseline, bench_ingest
 from flowpipe.bench.policy import bench_delta, bench_replay, bench_suggest
 from flowpipe.bench.questions import bench_questions, bench_questions_at_scale
+from flowpipe.bench.rollups import bench_rollups
 from flowpipe.bench.s3 import bench_s3
 from flowpipe.bench.scale import bench_compaction, bench_scale
 from flowpipe.bench.serve import bench_serve_hubble
@@ -73,6 +74,11 @@ SECTIONS: list[BenchSection] = [
         "s3",
         "requests per flush to an S3-compatible server (moto, counted at the server), no folder markers",
         bench_s3,
+    ),
+    BenchSection(
+        "rollups",
+        "edge rollups: size and write cost on simulated flows, equal answers, a month of 5,000 workloads in 10 s",
+        bench_rollups,
     ),
     BenchSection(
         "startup",

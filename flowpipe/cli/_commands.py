@@ -60,6 +60,7 @@ COMMANDS: dict[str, CommandSpec] = {
     ),
     "compact": CommandSpec("compact", "compact", "Merge the small part files of closed hours."),
     "retention": CommandSpec("retention", "retention", "List or remove hour partitions past an age."),
+    "rollup": CommandSpec("rollup", "rollup", "Write the edge rollups of stored flows (--rebuild: all)."),
     "collect": CommandSpec("collect", "collect_command", "Follow hubble-relay's flows into the dataset."),
     "demo": CommandSpec("demo", "demo", "Try flowpipe with no cluster (simulated relay)."),
     "suggest": CommandSpec("suggest", "suggest", "Draft policies that allow exactly the observed traffic."),

@@ -196,3 +196,16 @@ def choose_faults(fault: Sequence[str], faults: str | None, no_faults: bool) -> 
     if not fault and faults is None:
         return frozenset(FAULT_NAMES)
     return parse_faults([*fault, *([faults] if faults else [])])
+
+
+def source_option(func: F) -> F:
+    """`--source auto|edges|flows`: where questions about edges read (see `flowpipe.dataset.rollups`)."""
+    return click.option(
+        "--source",
+        type=click.Choice(["auto", "edges", "flows"]),
+        default="auto",
+        show_default=True,
+        envvar="FLOWPIPE_SOURCE",
+        help="Where edges are read: edge rollups for the hours they cover and flows for the rest (auto), "
+        "rollups only (edges), or flows only.",
+    )(func)

@@ -71,6 +71,8 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
          help=_SINK["max_batch_rows"])  # fmt: skip
 @_option("--max-batch-bytes", env="MAX_BATCH_BYTES", type=click.IntRange(min=1), default=COLLECT_MAX_BATCH_BYTES,
          show_default=True, help=_SINK["max_batch_bytes"])  # fmt: skip
+@_option("--edge-rollups/--no-edge-rollups", env="EDGE_ROLLUPS", default=False, show_default=True,
+         help=_SINK["edge_rollups"])  # fmt: skip
 @_option("--metrics-address", env="METRICS_ADDRESS", default=DEFAULT_METRICS_ADDRESS, show_default=True,
          help="HOST:PORT for /metrics, /healthz and /readyz (port 0: any free port; 0.0.0.0: all interfaces; "
          "`off`: no endpoint).")  # fmt: skip
@@ -127,6 +129,7 @@ def collect_command(
     flush_interval_seconds: float,
     max_batch_rows: int,
     max_batch_bytes: int,
+    edge_rollups: bool,
     metrics_address: str,
     node_shard: str | None,
     writer_id: str | None,
@@ -153,6 +156,7 @@ def collect_command(
         "flush_interval_seconds": flush_interval_seconds,
         "max_batch_rows": max_batch_rows,
         "max_batch_bytes": max_batch_bytes,
+        "edge_rollups": edge_rollups,
     }
     relay = with_default_port(relay)
     source = RelaySourceConfig(

@@ -23,6 +23,9 @@ STOPPED_EXIT_CODE = 130
 @cluster_name_option("Cluster name for flows whose node name does not carry one.")
 @click.option("--max-batch-rows", type=click.IntRange(min=1), help=_HELP["max_batch_rows"])
 @click.option("--writer-id", help=_HELP["writer_id"])
+@click.option(
+    "--edge-rollups/--no-edge-rollups", default=False, show_default=True, help=_HELP["edge_rollups"]
+)
 def ingest(
     files: tuple[str, ...],
     dataset: str,
@@ -30,6 +33,7 @@ def ingest(
     cluster_name: str | None,
     max_batch_rows: int | None,
     writer_id: str | None,
+    edge_rollups: bool,
 ) -> None:
     """Ingest Hubble flow files into the dataset.
 
@@ -47,7 +51,7 @@ def ingest(
     logged as they happen at --log-level info), lines already ingested, and flows already stored: a flow whose
     uuid the dataset already holds (overlapping captures, a file cut from another) is stored once.
     """
-    options: dict[str, Any] = {"path": dataset}
+    options: dict[str, Any] = {"path": dataset, "edge_rollups": edge_rollups}
     if max_batch_rows is not None:
         options["max_batch_rows"] = max_batch_rows
     if writer_id is not None:

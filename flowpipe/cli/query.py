@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from flowpipe.cli._options import dataset_option, format_option, one_value, param_option, parse_param_options
+from flowpipe.cli._options import (
+    dataset_option,
+    format_option,
+    one_value,
+    param_option,
+    parse_param_options,
+    source_option,
+)
 from flowpipe.cli._output import Records, format_datetime, render
 from flowpipe.query.catalog import RELATIVE_TO, Catalog, Question, load_questions
 from flowpipe.query.timeparse import parse_time
@@ -91,6 +98,7 @@ def sql_dir_option(func: F) -> F:
 )
 @sql_dir_option
 @dataset_option
+@source_option
 @format_option("table", "json", "jsonl", "csv")
 def query(
     name: str | None,
@@ -107,6 +115,7 @@ def query(
     spark_master: str | None,
     sql_dir: Path | None,
     dataset: str,
+    source: str,
     output_format: str,
 ) -> None:
     """Run the question NAME over the dataset (`--list` shows them all).
@@ -151,12 +160,18 @@ def query(
 
         engine: Engine = open_spark_engine(dataset, master=spark_master, require_flows=True)
     else:
-        engine = open_engine(dataset, require_flows=True)
+        engine = open_engine(dataset, require_flows=True, source=source)
     coverage = None
     try:
         result = run_question(engine, question, values, relative_to=relative_to, now=now)  # type: ignore[arg-type]
         if _default_window(question, values):
             coverage = window_coverage(engine, result.params.get("since"), result.params.get("until"))  # type: ignore[arg-type]
+        if source != "flows" and engine_name != "spark":
+            from flowpipe.dataset.rollups.read import raw_flows_note
+
+            note = raw_flows_note(engine, question.name, result.params.get("since"))  # type: ignore[arg-type]
+            if note:
+                click.echo(note, err=True)
     finally:
         engine.close()
     if result.anchored_to == "data" and result.anchor is not None:

@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 from flowpipe.app.suggest import EXIT_PARTIAL, FORMATS, SuggestConfig, suggest_policies, write_files
-from flowpipe.cli._options import dataset_option, one_value
+from flowpipe.cli._options import dataset_option, one_value, source_option
 from flowpipe.cli._output import format_datetime
 from flowpipe.config import field_defaults, field_help
 from flowpipe.policy.istio import DEFAULT_ISTIO_VERSION
@@ -72,6 +72,7 @@ def _help(name: str) -> str:
     help=_help("istio_version"),
 )
 @dataset_option
+@source_option
 def suggest(
     namespaces: tuple[str, ...],
     cluster: str | None,
@@ -88,6 +89,7 @@ def suggest(
     verify_flows: bool,
     istio_version: str,
     dataset: str,
+    source: str,
 ) -> None:
     """Draft the network policies that allow exactly the traffic observed, and nothing else.
 
@@ -126,7 +128,7 @@ def suggest(
         istio_version=istio_version,
     )
     default_window = click.get_current_context().get_parameter_source("since") == ParameterSource.DEFAULT
-    with open_engine(dataset, require_flows=True) as engine:
+    with open_engine(dataset, require_flows=True, source=source) as engine:
         suggestion = suggest_policies(engine, config)
         coverage = window_coverage(engine, suggestion.since, suggestion.until) if default_window else None
     if suggestion.anchored_to == "data":

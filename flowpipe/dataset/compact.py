@@ -180,8 +180,12 @@ def compact_dataset(
     clock: Clock = lambda: datetime.now(UTC),
     on_partition: Callable[[PartitionPlan], None] = lambda plan: None,
     workers: int | None = None,
+    edge_rollups: bool = True,
 ) -> CompactionReport:
     """Merge the small part files of every closed hour of `dataset`; see the module docstring.
+
+    With `edge_rollups`, each compacted file of an hour that has edge rollups (`flowpipe.dataset.rollups`) gets
+    its own and its inputs' go.
 
     `workers` groups are merged at the same time (default: `default_workers()`); `on_partition` is called as
     each partition is done.
@@ -215,6 +219,16 @@ def compact_dataset(
         for plan in report.plans:
             report.files_removed += _remove(dataset, plan.leftovers)
         _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), on_partition)
+        if (
+            edge_rollups
+        ):  # the compacted files' edge rollups, in hours that had rollups; those of their inputs go
+            from flowpipe.dataset.rollups import EDGES_TABLE
+            from flowpipe.dataset.rollups.build import build_missing
+
+            rolled_up = {(p.key.date, p.key.hour) for p in list_partitions(dataset, EDGES_TABLE)}
+            merged = [(p.partition.key.date, p.partition.key.hour) for p in report.plans]
+            if hours := [key for key in merged if key in rolled_up]:
+                build_missing(dataset, partitions=hours, zstd_level=zstd_level)
     report.seconds = time.perf_counter() - started
     return report
 

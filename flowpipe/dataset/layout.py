@@ -65,7 +65,8 @@ _PART_RE = re.compile(
 
 KILL_AT_VARIABLE = "FLOWPIPE_TEST_KILL_AT"
 """Test hook: `STEP` or `STEP@N` kills this process (SIGKILL) at the Nth time it reaches that step of a
-publish (`publish:written`, `publish:copied`, `publish:done`); tests use it to crash a real writer there."""
+publish (`publish:written`, `publish:copied`, `publish:done`), or before the edge rollup of a published flow
+file (`rollup:before`); tests use it to crash a real writer there."""
 _kill_counts: dict[str, int] = {}
 
 
@@ -331,7 +332,9 @@ class Dataset:
         now = time.time()
         gone = set(writer_ids) | ({writer_id} if writer_id else set())
         removed = []
-        for table in TABLES:
+        from flowpipe.dataset.rollups import ROLLUP_TABLES  # their temporary files carry the flow file's name
+
+        for table in (*TABLES, *ROLLUP_TABLES):
             for info in self.list_temp_files(table):
                 name = info.base_name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
                 if name.startswith(COMPACTED_PREFIX):

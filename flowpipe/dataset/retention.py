@@ -25,8 +25,9 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from flowpipe.dataset.layout import STALE_TEMP_SECONDS, TABLES, Dataset
+from flowpipe.dataset.layout import FLOWS_TABLE, STALE_TEMP_SECONDS, TABLES, Dataset
 from flowpipe.dataset.maintenance import PartitionFiles, list_partitions, maintenance_lock
+from flowpipe.dataset.rollups import EDGES_TABLE, ROLLUP_TABLES
 from flowpipe.errors import ConfigError, DatasetWriteError
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,25 @@ def plan_retention(
     *,
     clock: Clock = lambda: datetime.now(UTC),
     tables: Iterable[str] = TABLES,
+    keep_edges: timedelta | None = None,
 ) -> RetentionReport:
-    """The partitions older than `keep` (nothing is removed). `ConfigError` when `keep` is not positive."""
-    if keep <= timedelta(0):
-        raise ConfigError(f"retention must keep a positive age, got {keep}")
-    cutoff = clock() - keep
+    """The partitions older than `keep` (nothing is removed). `ConfigError` when `keep` is not positive.
+
+    Edge rollups (`flowpipe.dataset.rollups`) have their own age, `keep_edges`; without it they are kept.
+    """
+    if keep <= timedelta(0) or (keep_edges is not None and keep_edges <= timedelta(0)):
+        bad = keep if keep <= timedelta(0) else keep_edges
+        raise ConfigError(f"retention must keep a positive age, got {bad}")
+    now = clock()
+    cutoff = now - keep
     report = RetentionReport(keep=keep, cutoff=cutoff, applied=False)
     for table in tables:
         report.partitions += [p for p in list_partitions(dataset, table) if is_expired(p, cutoff)]
+    if keep_edges is not None:
+        for table in ROLLUP_TABLES:
+            report.partitions += [
+                p for p in list_partitions(dataset, table) if is_expired(p, now - keep_edges)
+            ]
     return report
 
 
@@ -86,16 +98,25 @@ def apply_retention(
     *,
     clock: Clock = lambda: datetime.now(UTC),
     on_partition: Callable[[PartitionFiles], None] = lambda partition: None,
+    keep_edges: timedelta | None = None,
+    edge_rollups: bool = True,
 ) -> RetentionReport:
-    """Remove every partition older than `keep`; the report lists them with what they held.
+    """Remove every partition older than `keep` (edge rollups: older than `keep_edges`, if given); the report
+    lists them with what they held. With `edge_rollups`, the flows of an hour that goes leave their rollups
+    complete first: any flow file without one gets it, and rollups of flow files compacted away go.
 
     Raises `DatasetWriteError` when a file cannot be removed (partitions removed before stay removed) or
     when another maintenance run holds the lock.
     """
     started = time.perf_counter()
     with maintenance_lock(dataset, "retention", clock=clock):
-        report = plan_retention(dataset, keep, clock=clock)
+        report = plan_retention(dataset, keep, clock=clock, keep_edges=keep_edges)
         report.applied = True
+        if edge_rollups and dataset.list_part_files(EDGES_TABLE):
+            from flowpipe.dataset.rollups.build import build_missing
+
+            hours = [(p.key.date, p.key.hour) for p in report.partitions if p.table == FLOWS_TABLE]
+            build_missing(dataset, partitions=hours)
         now = time.time()
         for partition in report.partitions:
             for entry in partition.files:

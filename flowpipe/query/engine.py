@@ -62,7 +62,7 @@ from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
 from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
-from flowpipe.query.views import install_views
+from flowpipe.query.views import ReadableFiles, install_views
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ _VIEWS: tuple[tuple[str, str, pa.Schema], ...] = (
 T = TypeVar("T")
 
 Setup = Callable[[duckdb.DuckDBPyConnection], object]
-"""Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined)."""
+"""Adds views or tables to a fresh connection (after `flows` and `lost_events` are defined). A setup whose views
+read more of the dataset's local files with DuckDB's reader returns them as `ReadableFiles`."""
 
 
 class Engine(Protocol):
@@ -144,6 +145,7 @@ class DuckDBEngine:
             self.dataset = Dataset(dataset, filesystem=filesystem)
         self.files: dict[str, tuple[str, ...]] = {}
         self._setup = setup
+        self._setup_files: list[str] = []
         self.external_access = external_access
         self._con = _connect()
         try:
@@ -199,7 +201,8 @@ class DuckDBEngine:
         """External access off and the configuration locked; the listed part files stay readable."""
         if self.external_access:
             return
-        allowed = sorted({path for files in self.files.values() for path in files}) if self._local else []
+        listed = {path for files in self.files.values() for path in files}
+        allowed = sorted(listed | set(self._setup_files)) if self._local else []
         self._con.execute("SET allowed_paths = $paths", {"paths": allowed})
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
@@ -213,7 +216,8 @@ class DuckDBEngine:
         # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
         install_views(self._con)
         if self._setup is not None:
-            self._setup(self._con)
+            readable = self._setup(self._con)
+            self._setup_files = list(readable) if isinstance(readable, ReadableFiles) else []
 
     def _define_table_views(self) -> None:
         """The views `flows` and `lost_events` over freshly listed part files."""
@@ -361,13 +365,24 @@ def open_engine(
     filesystem: pafs.FileSystem | None = None,
     setup: Setup | None = None,
     external_access: bool = False,
+    source: str = "flows",
 ) -> DuckDBEngine:
     """A `DuckDBEngine` over `dataset`; with `require_flows`, `EmptyDatasetError` when it has no flows yet.
 
     `external_access` lets SQL reach files and the network beyond the dataset (see the module's docstring).
+    `source` is where the edge views read (`flowpipe.dataset.rollups.read`): `flows`, or edge rollups where they cover
+    an hour (`auto`) or only (`edges`); a dataset with rollups but no flows left is then not empty.
     """
+    if source != "flows":
+        from flowpipe.dataset.rollups.read import with_rollups
+
+        if not isinstance(dataset, Dataset):
+            dataset = Dataset(dataset, filesystem=filesystem)
+        setup, covered = with_rollups(dataset, source, setup)
+    else:
+        covered = None
     engine = DuckDBEngine(dataset, filesystem=filesystem, setup=setup, external_access=external_access)
-    if require_flows and not engine.has_flows:
+    if require_flows and not engine.has_flows and not (covered is not None and covered()):
         engine.close()
         assert engine.dataset is not None
         where = engine.dataset.table_dir(FLOWS_TABLE)

@@ -67,6 +67,14 @@ FALLBACK_NEEDED_SQL = (
 """One row, one count: 1 when some flow needs the fallback regions to name its endpoints, else 0."""
 
 
+class ReadableFiles(tuple[str, ...]):
+    """What an engine setup that defines views over more of the dataset's local files (edge rollups) returns:
+    those files stay readable once the engine's connection is locked (`flowpipe.query.engine`); any other
+    return value allows nothing more."""
+
+    __slots__ = ()
+
+
 NAMED_VIEW = "flows_named"
 _NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
 

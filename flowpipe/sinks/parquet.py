@@ -132,6 +132,9 @@ class _OpenPart:
     seq: int
     rows: int = 0
     min_ns: int | None = None
+    tables: list[pa.Table] = field(default_factory=list)
+    """With edge rollups: the flows written, kept until the file is published so that its rollup is built
+    from them (not read back from the file)."""
 
 
 @dataclass(slots=True)
@@ -194,6 +197,10 @@ class ParquetSink:
             log.warning(
                 "removed %d temporary file(s) left by an earlier crash: %s", len(removed), ", ".join(removed)
             )
+        if config.edge_rollups:
+            from flowpipe.dataset.rollups.build import repair_writers
+
+            repair_writers(self.dataset, [config.writer_id])
 
     @property
     def acked_batches(self) -> int:
@@ -249,11 +256,13 @@ class ParquetSink:
         if not self._rows and not self._lost:
             return self._ack_empty()
         staged: list[tuple[str, str]] = []
+        written: dict[str, list[pa.Table]] = {}
         try:
             self._close_parts()
             for part in self._closed:
                 name = self._final_name(part.folder, part.min_ns, part.seq)
                 staged.append((part.temp, f"{part.folder}/{name}"))
+                written[f"{part.folder}/{name}"] = part.tables
             self._closed.clear()
             if self._lost:
                 for key, table in split_by_hour(lost_events_table(self._lost)):
@@ -270,6 +279,10 @@ class ParquetSink:
         except DatasetWriteError as exc:
             self._abort(staged, exc)
             raise
+        if self.config.edge_rollups:
+            from flowpipe.dataset.rollups.build import build_after_publish
+
+            build_after_publish(self.dataset, files, zstd_level=self.config.zstd_level, flows=written)
         flows = self._rows
         self.flows_written += flows
         self.lost_events_written += len(self._lost)
@@ -334,6 +347,8 @@ class ParquetSink:
         except DatasetWriteError as exc:
             self._abort([], exc)
             raise
+        if self.config.edge_rollups:
+            part.tables.append(table)
         part.rows += table.num_rows
         low = _min_ns(table)
         if low is not None and (part.min_ns is None or low < part.min_ns):

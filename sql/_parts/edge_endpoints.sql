@@ -17,8 +17,10 @@
 --   an end are those of its identity (per cluster and namespace; for an end that is not a pod, per address
 --   too), read from the flows of the moment the edges first saw it (every pod of an identity has the same
 --   identity labels, whether a record named the pod or knew only its identity), else, for a pod, from any
---   flow that carries them (an exporter field mask emptied the first ones). A pod found by its pod name is
---   looked up at the moment it was first seen with its own identity.
+--   flow that carries them (an exporter field mask emptied the first ones), else, for a pod whose flows are
+--   gone (edges read from rollups past the raw retention), from the labels its edge rollups kept
+--   (`edge_identity_labels`). A pod found by its pod name is looked up at the moment it was first seen with its
+--   own identity (among the flows kept: with its flows gone, it keeps its reserved identity).
 -- params: since, until
 --
 -- How it stays fast: labels are lists of a dozen strings on every flow, and reading them costs more than the
@@ -127,12 +129,22 @@ edge_labels AS (
     WHERE cardinality(f.labels) > 0
     GROUP BY i.cluster_name, i.namespace, i.identity, i.ip
 ),
+edge_kept_labels AS (
+    -- The labels edge rollups kept per pod identity (empty when the flows are read alone), for a pod whose
+    -- flows are gone (past their raw retention).
+    SELECT cluster_name, namespace, identity, min(labels) AS labels
+    FROM edge_identity_labels
+    GROUP BY cluster_name, namespace, identity
+),
 edge_endpoints AS (
     SELECT
         n.cluster_name, n.namespace, n.pod_name, n.identity, n.workload, n.entity, n.reserved_identity, n.ip,
-        n.named_workload, n.named_identity, n.named_reserved_identity, l.labels
+        n.named_workload, n.named_identity, n.named_reserved_identity, coalesce(l.labels, k.labels) AS labels
     FROM edge_named AS n
     LEFT JOIN edge_labels AS l
         ON l.identity = n.named_identity AND coalesce(l.namespace, '') = coalesce(n.namespace, '')
         AND coalesce(l.cluster_name, '') = coalesce(n.cluster_name, '') AND coalesce(l.ip, '') = coalesce(n.label_ip, '')
+    LEFT JOIN edge_kept_labels AS k
+        ON n.label_ip IS NULL AND k.identity = n.named_identity AND k.namespace = n.namespace
+        AND coalesce(k.cluster_name, '') = coalesce(n.cluster_name, '')
 ),

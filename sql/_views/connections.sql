@@ -17,110 +17,76 @@
 --   `source_observed` / `destination_observed`: whether the source's node (EGRESS) or the destination's node
 --   (INGRESS) reported it. Endpoints are named as `flows_enriched` names them, taking the description from the
 --   records that have one (a remote pod known only by identity at one end is the same pod as at the other).
--- requires: flows_enriched
-WITH records AS (
+--   The rows of `edge_observations` (each observer's records), however they were split (part files, edge
+--   rollups and flows), are merged here first: a pod known only by identity takes its identity's workload.
+-- requires: edge_observations, identity_workloads
+WITH named AS (
     SELECT
-        cluster_name,
-        time,
-        node_name,
-        event_type,
-        trace_observation_point,
-        traffic_direction,
-        verdict,
-        is_reply,
-        tcp_flags,
-        l4_protocol,
-        source_ip,
-        destination_ip,
-        source_port,
-        destination_port,
-        icmp_type,
-        l7_type,
-        l7_protocol,
-        http_method,
-        http_url,
-        kafka_api_key,
-        kafka_topic,
-        dns_query,
-        source_namespace,
-        source_pod_name,
-        source_workload,
-        source_workload_id,
-        source_entity,
-        source_reserved_identity,
-        source_unresolved_pod,
-        source_identity,
-        destination_namespace,
-        destination_pod_name,
-        destination_workload,
-        destination_workload_id,
-        destination_entity,
-        destination_reserved_identity,
-        destination_unresolved_pod,
-        destination_identity,
-        destination_names,
-        l7_type IS NULL AND l4_protocol IN ('TCP', 'UDP', 'SCTP') AND source_port IS NOT NULL AS is_connection,
-        verdict = 'DROPPED' AND coalesce(
-            drop_reason_desc IN (SELECT drop_reason_desc FROM drop_reasons WHERE policy_decision), FALSE)
-            AS policy_drop
-    FROM flows_enriched
-    WHERE is_request
-      -- Without is_reply, a TCP packet with flags is a request only when it opens the connection.
-      AND NOT (is_reply IS NULL AND l4_protocol = 'TCP' AND tcp_flags IS NOT NULL
-               AND NOT (tcp_flags LIKE '%SYN%' AND tcp_flags NOT LIKE '%ACK%'))
+        o.*,
+        -- fallback: begin
+        siw.workload AS source_identity_workload,
+        diw.workload AS destination_identity_workload,
+        -- fallback: end
+        1 AS one
+    FROM edge_observations AS o
+    -- fallback: begin
+    LEFT JOIN identity_workloads AS siw
+        ON siw.identity = o.source_identity_key AND coalesce(siw.cluster_name, '') = coalesce(o.cluster_name, '')
+    LEFT JOIN identity_workloads AS diw
+        ON diw.identity = o.destination_identity_key
+        AND coalesce(diw.cluster_name, '') = coalesce(o.cluster_name, '')
+    -- fallback: end
 ),
 observers AS (
-    -- Each observer's records of each request: one node, event type, observation point, direction, verdict.
+    -- Each observer's records of each request (all its rows of `edge_observations` added up).
     SELECT
-        cluster_name,
-        is_connection,
-        -- The key of a connection (5-tuple) or of an ICMP / L7 call (endpoint pair, call, observing side); the
-        -- ICMP and L7 fields are NULL on L4 records.
-        source_ip,
-        source_port,
-        destination_ip,
-        destination_port,
-        l4_protocol,
-        icmp_type,
-        l7_protocol,
-        http_method,
-        http_url,
-        kafka_api_key,
-        kafka_topic,
-        dns_query,
-        CASE WHEN is_connection THEN NULL ELSE coalesce(traffic_direction, '') END AS side,
-        node_name,
-        event_type,
-        trace_observation_point,
-        traffic_direction,
-        verdict,
-        policy_drop,
-        count(*) AS records,
-        min(time) AS first_seen,
-        max(time) AS last_seen,
+        cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+        icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side, node_name,
+        event_type, trace_observation_point, traffic_direction, verdict, policy_drop,
+        CAST(sum(records) AS BIGINT) AS records,
+        min(first_seen) AS first_seen,
+        max(last_seen) AS last_seen,
         min(source_namespace) AS source_namespace,
         min(source_pod_name) AS source_pod_name,
-        min(source_workload) AS source_workload,
-        min(source_workload_id) AS source_workload_id,
+        min(coalesce(
+            -- fallback: begin
+            source_identity_workload,
+            -- fallback: end
+            source_workload)) AS source_workload,
+        min(coalesce(
+            -- fallback: begin
+            CASE WHEN source_namespace IS NOT NULL THEN source_namespace || '/' || source_identity_workload
+                ELSE source_identity_workload END,
+            -- fallback: end
+            source_workload_id)) AS source_workload_id,
         min(source_entity) AS source_entity,
         min(source_reserved_identity) AS source_reserved_identity,
         min(source_unresolved_pod) AS source_unresolved_pod,
         min(source_identity) AS source_identity,
         min(destination_namespace) AS destination_namespace,
         min(destination_pod_name) AS destination_pod_name,
-        min(destination_workload) AS destination_workload,
-        min(destination_workload_id) AS destination_workload_id,
+        min(coalesce(
+            -- fallback: begin
+            destination_identity_workload,
+            -- fallback: end
+            destination_workload)) AS destination_workload,
+        min(coalesce(
+            -- fallback: begin
+            CASE WHEN destination_namespace IS NOT NULL
+                THEN destination_namespace || '/' || destination_identity_workload
+                ELSE destination_identity_workload END,
+            -- fallback: end
+            destination_workload_id)) AS destination_workload_id,
         min(destination_entity) AS destination_entity,
         min(destination_reserved_identity) AS destination_reserved_identity,
         min(destination_unresolved_pod) AS destination_unresolved_pod,
         min(destination_identity) AS destination_identity,
-        min(list_sort(destination_names)) AS destination_names
-    FROM records
+        min(destination_names) AS destination_names
+    FROM named
     GROUP BY
         cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
-        icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query,
-        CASE WHEN is_connection THEN NULL ELSE coalesce(traffic_direction, '') END, node_name, event_type,
-        trace_observation_point, traffic_direction, verdict, policy_drop
+        icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side, node_name,
+        event_type, trace_observation_point, traffic_direction, verdict, policy_drop
 )
 SELECT
     cluster_name,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 
+import pyarrow.fs as pafs
 import pytest
 
 MOTO = textwrap.dedent(
@@ -40,3 +43,20 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     process.stdin.close()
     process.wait(10)
+
+
+def fresh_bucket(request: pytest.FixtureRequest, prefix: str = "w") -> str:
+    """`s3://BUCKET/data` in a new bucket of the local S3 server, named after the test asking for it."""
+    name = request.node.name.lower()
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    bucket = f"{prefix}-" + "".join(c if c.isalnum() else "-" for c in name)[:40].strip("-") + "-" + digest
+    bucket_filesystem().create_dir(bucket)
+    return f"s3://{bucket}/data"
+
+
+def bucket_filesystem() -> pafs.S3FileSystem:
+    """The local S3 server (`FLOWPIPE_S3_ENDPOINT`) as a pyarrow filesystem that may create buckets."""
+    endpoint = os.environ["FLOWPIPE_S3_ENDPOINT"].removeprefix("http://")
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True
+    )

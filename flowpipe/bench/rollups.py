@@ -1,0 +1,352 @@
+"""The `rollups` section of `flowpipe bench`: edge rollups' size, their cost when writing, equal answers, and the
+edge questions over a month of a 5,000-workload cluster read from rollups alone.
+
+1. Size and build cost: up to a million flows of the built-in simulator (all faults on) are written twice
+   through the real `ParquetSink`, without and with edge rollups; the rollups' bytes (`edges/` and
+   `edge_identities/`) are held against 1% of the flow bytes, the extra write CPU time against 10%.
+2. Equality: every edge question (`flowpipe.dataset.rollups.read`) over that dataset, from flows and from rollups alone.
+3. Fleet: rollup files generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (at the
+   default `--flows`; a smaller `--flows` scales both down, for a quick run) (one file
+   per hour, as compaction leaves them), at the fewest rows the rollups can hold for that traffic: one row per
+   edge (workload pair and port) per hour, i.e. one connection per edge and hour seen from one end (real
+   traffic has a row per connection and reporting end). `observed_edges`, `new_connections` and `suggest`
+   read them (`--source edges`), each in a child process, against 10 s and 2 GiB of peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flowpipe.bench.context import BenchContext, Figure
+
+SECTION = "rollups"
+SIZE_TARGET_PERCENT = 1.0
+BUILD_COST_TARGET_PERCENT = 10.0
+QUESTION_TARGET_SECONDS = 10.0
+RSS_TARGET_MB = 2048.0
+BASE_FLOWS_MAX = 1_000_000
+FLEET_WORKLOADS = 5_000
+FLEET_DAYS = 30
+FLEET_PEERS = 6
+"""Destinations per workload: 30,000 edges."""
+FLEET_START = datetime(2024, 6, 1, tzinfo=UTC)
+FLEET_CLUSTER = "fleet"
+CHILD_TIMEOUT_SECONDS = 300.0
+"""A fleet task still running after this is stopped (and reported as such)."""
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.parquet")) if path.is_dir() else 0
+
+
+def _write(root: Path, table: Any, *, rollups: bool) -> tuple[float, float]:
+    """Write `table` through the Parquet sink into `root`; (wall seconds, CPU seconds of this process)."""
+    from flowpipe.config import ParquetSinkConfig
+    from flowpipe.model import EventBatch
+    from flowpipe.sinks.parquet import ParquetSink
+
+    shutil.rmtree(root, ignore_errors=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    sink = ParquetSink(ParquetSinkConfig(path=str(root), writer_id="bench", edge_rollups=rollups))
+    for offset in range(0, table.num_rows, 50_000):
+        sink.write(EventBatch(flows=table.slice(offset, 50_000)))
+    sink.close()
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def _answers(root: Path, source: str) -> tuple[dict[str, list[str]], float]:
+    from flowpipe.dataset.rollups import EDGE_QUESTIONS
+    from flowpipe.query import load_questions, run_question
+    from flowpipe.query.engine import open_engine
+
+    catalog = load_questions()
+    out = {}
+    started = time.perf_counter()
+    with open_engine(root, source=source) as engine:
+        for name in EDGE_QUESTIONS:
+            question = catalog.question(name)
+            names = {p.name for p in question.parameters}
+            values = {
+                k: v
+                for k, v in {"since": "all", "until": "2100-01-01", "limit": "1000000"}.items()
+                if k in names
+            }
+            table = run_question(engine, question, values).table
+            out[name] = sorted(repr(row) for row in table.to_pylist())
+    return out, time.perf_counter() - started
+
+
+def bench_rollups(ctx: BenchContext) -> list[Figure]:
+    """Rollup size, build cost and equality on simulated flows; the fleet questions over generated rollups."""
+    from flowpipe.bench.context import Figure
+    from flowpipe.bench.questions import simulated_flows
+    from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+
+    figures: list[Figure] = []
+    flows, _ = simulated_flows(min(ctx.flows, BASE_FLOWS_MAX), seed=ctx.seed)
+    ctx.log(f"simulated {flows.num_rows:,} flows; writing them without, then with edge rollups")
+    off_root, on_root = ctx.workdir / "rollups-off", ctx.workdir / "rollups-on"
+    (off, off_cpu), (on, on_cpu) = (
+        _write(off_root, flows, rollups=False),
+        _write(on_root, flows, rollups=True),
+    )
+    raw_bytes = _folder_bytes(on_root / "flows")
+    rollup_bytes = _folder_bytes(on_root / EDGES_TABLE) + _folder_bytes(on_root / EDGE_IDENTITIES_TABLE)
+    rows = f"{flows.num_rows:,} simulated flows"
+    figures += [
+        Figure(SECTION, "write without rollups", flows.num_rows / off, "flows/s", note=rows),
+        Figure(SECTION, "write with rollups", flows.num_rows / on, "flows/s", note=rows),
+        Figure(
+            SECTION,
+            "build cost (extra write CPU)",
+            100.0 * (on_cpu - off_cpu) / off_cpu,
+            "%",
+            BUILD_COST_TARGET_PERCENT,
+            False,
+            f"{on_cpu:.1f} CPU-s against {off_cpu:.1f} (wall {on:.1f} s against {off:.1f} s: the machine is shared)",
+        ),
+        Figure(
+            SECTION,
+            "rollup size / flow bytes",
+            100.0 * rollup_bytes / max(raw_bytes, 1),
+            "%",
+            SIZE_TARGET_PERCENT,
+            False,
+            f"{rollup_bytes / 1e6:,.1f} MB of rollups for {raw_bytes / 1e6:,.1f} MB of flows",
+        ),
+    ]
+    ctx.log("edge questions from flows, then from rollups alone")
+    raw, raw_seconds = _answers(on_root, "flows")
+    rolled, rolled_seconds = _answers(on_root, "edges")
+    equal = sum(raw[name] == rolled[name] for name in raw)
+    unequal = [name for name in raw if raw[name] != rolled[name]]
+    figures.append(
+        Figure(
+            SECTION,
+            "edge questions equal from rollups",
+            float(equal),
+            "questions",
+            float(len(raw)),
+            True,
+            f"{rows}; from flows {raw_seconds:.1f} s, from rollups {rolled_seconds:.1f} s"
+            + (f"; differ: {', '.join(unequal)}" if unequal else ""),
+        ),
+    )
+    figures += _fleet(ctx, on_root)
+    return figures
+
+
+# -- the fleet: a month of rollups of a 5,000-workload cluster ------------------------------------------------
+
+
+def fleet_size(flows: int) -> tuple[int, int]:
+    """(workloads, days) of the fleet: the full `FLEET_WORKLOADS` x `FLEET_DAYS` at the default `--flows`
+    (a million), scaled down with a smaller `--flows` (a quick run)."""
+    scale = min(1.0, flows / 1_000_000)
+    return max(20, int(FLEET_WORKLOADS * scale)), max(1, round(FLEET_DAYS * scale))
+
+
+def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
+    from flowpipe.bench.context import Figure
+
+    workloads, days = fleet_size(ctx.flows)
+    root = ctx.workdir / f"rollups-fleet-{workloads}x{days}"
+    marker = root / "_state" / "bench-rollups.json"
+    if not marker.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        rows = generate_fleet(root, example, workloads=workloads, days=days)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"rows": rows}))
+        ctx.log(f"generated {rows:,} rollup rows in {time.perf_counter() - started:.0f} s")
+    rows = json.loads(marker.read_text())["rows"]
+    size = _folder_bytes(root)
+    note = (
+        f"{workloads:,} workloads, {workloads * FLEET_PEERS:,} edges, {days} days: "
+        f"{rows:,} rollup rows, {size / 1e6:,.0f} MB"
+    )
+    figures = [Figure(SECTION, "fleet rollups on disk", size / 1e6, "MB", note=note)]
+    for task in ("observed_edges", "new_connections", "suggest"):
+        ctx.log(f"fleet: {task} over {days} days of rollups (child process)")
+        result = _child(task, root, days)
+        seconds, rss = result.get("seconds"), result.get("rss_mb")
+        detail = f"{note}; {result.get('detail', '')}".rstrip("; ")
+        figures.append(Figure(SECTION, f"fleet {task}", seconds, "s", QUESTION_TARGET_SECONDS, False, detail))
+        figures.append(Figure(SECTION, f"fleet {task} peak RSS", rss, "MB", RSS_TARGET_MB, False))
+    figures.append(
+        Figure(
+            SECTION,
+            "fleet least_privilege",
+            None,
+            "s",
+            QUESTION_TARGET_SECONDS,
+            False,
+            "not read from rollups: it judges policy-verdict records (which policies allowed each request), "
+            "which rollups do not keep; it needs the raw flows of its window",
+        ),
+    )
+    return figures
+
+
+def generate_fleet(
+    root: Path, example: Path, *, workloads: int = FLEET_WORKLOADS, days: int = FLEET_DAYS
+) -> int:
+    """Write `days` days of hourly rollup files for `workloads` workloads under `root`; returns the rows written."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flowpipe.dataset.layout import PartitionKey, part_file_name
+    from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+    from flowpipe.dataset.rollups.build import SEEN_FOR
+
+    edges_schema = pq.read_schema(next((example / EDGES_TABLE).rglob("*.parquet")))
+    ids_schema = pq.read_schema(next((example / EDGE_IDENTITIES_TABLE).rglob("*.parquet")))
+    count = workloads
+    numbers = np.arange(count)
+    names = pa.array([f"wl-{w}" for w in numbers])
+    namespaces = pa.array([f"ns-{w % 250}" for w in numbers])
+    ids = pa.array([f"ns-{w % 250}/wl-{w}" for w in numbers])
+    pods = pa.array([f"wl-{w}-7d9f8c6b5-x{w % 10}k2q" for w in numbers])
+    ips = pa.array([f"10.{w // 250}.{w % 250}.7" for w in numbers])
+    identities = pa.array(100_000 + numbers, pa.int64())
+    edges = count * FLEET_PEERS
+    source = np.repeat(numbers, FLEET_PEERS)
+    destination = (source * 7919 + np.tile(np.arange(1, FLEET_PEERS + 1), count) * 104729) % count
+    port = 8000 + (destination % 7)
+    hours = days * 24
+    rows = 0
+    base: dict[str, Any] = {
+        "cluster_name": pa.array([FLEET_CLUSTER] * edges),
+        "is_connection": pa.array(np.ones(edges, bool)),
+        "source_ip": ips.take(source),
+        "destination_ip": ips.take(destination),
+        "destination_port": pa.array(port),
+        "l4_protocol": pa.array(["TCP"] * edges),
+        "node_name": pa.array([f"{FLEET_CLUSTER}/node-{w % 100}" for w in source]),
+        "event_type": pa.array(np.full(edges, 4)),
+        "trace_observation_point": pa.array(["TO_OVERLAY"] * edges),
+        "traffic_direction": pa.array(["EGRESS"] * edges),
+        "verdict": pa.array(["FORWARDED"] * edges),
+        "policy_drop": pa.array(np.zeros(edges, bool)),
+        "source_namespace": namespaces.take(source),
+        "source_pod_name": pods.take(source),
+        "source_workload": names.take(source),
+        "source_workload_id": ids.take(source),
+        "source_identity": identities.take(source),
+        "destination_namespace": namespaces.take(destination),
+        "destination_pod_name": pods.take(destination),
+        "destination_workload": names.take(destination),
+        "destination_workload_id": ids.take(destination),
+        "destination_identity": identities.take(destination),
+    }
+    labels = pa.array([[f"k8s:app=wl-{w}", f"k8s:io.kubernetes.pod.namespace=ns-{w % 250}"] for w in numbers])
+    for hour in range(hours):
+        start = FLEET_START + timedelta(hours=hour)
+        start_ns = int(start.timestamp() * 1e9)
+        offsets = (np.arange(edges) * 1_000_003) % 3_000_000_000_000
+        columns = dict(base)
+        columns["source_port"] = pa.array(32768 + (np.arange(edges) + hour * 7) % 28000)
+        columns["records"] = pa.array(1 + (np.arange(edges) + hour) % 5000)
+        columns["first_seen"] = pa.array(start_ns + offsets, pa.timestamp("ns", "UTC"))
+        columns[SEEN_FOR] = pa.array(np.full(edges, 500_000_000_000), pa.int64())
+        table = _as(edges_schema, columns, edges)
+        key = PartitionKey.from_time(start)
+        name = part_file_name(start, "fleet", 1)
+        for table_name, rows_table in (
+            (EDGES_TABLE, table),
+            (
+                EDGE_IDENTITIES_TABLE,
+                _as(ids_schema, _fleet_identities(hour, identities, namespaces, labels), None),
+            ),
+        ):
+            folder = root / table_name / key.path
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows_table, folder / name, compression="zstd")
+        rows += edges
+    return rows
+
+
+def _fleet_identities(hour: int, identities: Any, namespaces: Any, labels: Any) -> dict[str, Any]:
+    import pyarrow as pa
+
+    if hour:  # the first hour names every identity; later hours add nothing new
+        return {}
+    count = len(identities)
+    return {
+        "cluster_name": pa.array([FLEET_CLUSTER] * count),
+        "identity": identities,
+        "namespace": namespaces,
+        "labels": labels,
+    }
+
+
+def _as(schema: Any, columns: dict[str, Any], rows: int | None) -> Any:
+    """A table of `schema` from `columns` (cast to its types; other columns NULL)."""
+    import pyarrow as pa
+
+    length = rows if rows is not None else (len(next(iter(columns.values()))) if columns else 0)
+    arrays = [columns[f.name].cast(f.type) if f.name in columns else pa.nulls(length, f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _child(task: str, root: Path, days: int) -> dict[str, Any]:
+    code = "import sys; from flowpipe.bench.rollups import child_main; child_main(sys.argv[1:])"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, task, str(root), str(days)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=CHILD_TIMEOUT_SECONDS,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+    except subprocess.TimeoutExpired:
+        return {"seconds": None, "rss_mb": None, "detail": f"stopped after {CHILD_TIMEOUT_SECONDS:.0f} s"}
+    if done.returncode != 0:
+        return {"seconds": None, "rss_mb": None, "detail": f"failed: {done.stderr.strip()[-300:]}"}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def child_main(argv: list[str]) -> None:
+    """In a child process: run one fleet task over rollups alone; print seconds, peak RSS and a note as JSON."""
+    from flowpipe.query import load_questions, run_question
+    from flowpipe.query.engine import open_engine
+
+    task, root, days_text = argv
+    days = int(days_text)
+    since = FLEET_START.isoformat()
+    until = (FLEET_START + timedelta(days=days)).isoformat()
+    started = time.perf_counter()
+    with open_engine(root, source="edges") as engine:
+        if task == "suggest":
+            from flowpipe.app.suggest import SuggestConfig, suggest_policies
+
+            suggestion = suggest_policies(engine, SuggestConfig(since=since, until=until, verify_flows=False))
+            detail = f"{suggestion.edges:,} edges, {len(suggestion.files)} files drafted"
+        else:
+            question = load_questions().question(task)
+            values = {"since": since, "until": until, "limit": "1000000"}
+            if task == "new_connections":
+                values = {
+                    "since": (FLEET_START + timedelta(days=days - 1)).isoformat(),
+                    "until": until,
+                    "baseline_since": since,
+                }
+            names = {p.name for p in question.parameters}
+            table = run_question(engine, question, {k: v for k, v in values.items() if k in names}).table
+            detail = f"{table.num_rows:,} rows"
+    seconds = time.perf_counter() - started
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "detail": detail}))

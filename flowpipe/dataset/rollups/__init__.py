@@ -1,0 +1,39 @@
+"""Edge rollups: the first step of the edge definition stored per flow part file, for months of history.
+
+Raw flows answer every question but cost 50 bytes a flow; the questions about edges (observed_edges,
+new_connections, top_talkers, cross_namespace, world_egress, and `suggest` through observed_edges) need only
+the rows of the shared view `edge_observations`: each observer's records of each request, keyed by connection
+(5-tuple, or ICMP / L7 call and side) and observer, with a record count and first and last time. Those rows add
+up over any split of the flows (records are summed, times take min and max, descriptions min), so:
+
+- `build`: each published flow part file `<dataset>/flows/date=D/hour=H/NAME` gets its rollup
+  `<dataset>/edges/date=D/hour=H/NAME` (and the workloads it names per pod identity,
+  `<dataset>/edge_identities/date=D/hour=H/NAME`), written right after it by the same writer (collect, ingest,
+  compact). The rollup is named after the flow file it summarises: building it again gives the same file, so
+  a crash between the two writes is repaired by building the missing one, never by counting twice.
+- `read`: a query over `--source auto` reads, for every hour whose flow files all have their rollup (or whose
+  flows are past their retention), the rollup rows, and raw flows for the other hours (the open hour, the
+  files of a crashed writer); the view `connections` merges both into the same rows the flows alone give.
+  `--source edges` reads rollups only, `--source flows` flows only.
+- Retention keeps rollups apart (`retention --keep 3d --keep-edges 400d`); `flowpipe rollup --rebuild` writes
+  them for flows written before rollups existed.
+"""
+
+from __future__ import annotations
+
+EDGES_TABLE = "edges"
+"""The rollup rows (`edge_observations` per flow part file)."""
+EDGE_IDENTITIES_TABLE = "edge_identities"
+"""Per flow part file, the workload Cilium reported for each pod identity (`identity_workloads`)."""
+ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE)
+SOURCES: tuple[str, ...] = ("auto", "edges", "flows")
+"""Where edge questions read: rollups where they cover an hour and flows for the rest, rollups only, flows only."""
+EDGE_QUESTIONS: tuple[str, ...] = (
+    "observed_edges",
+    "new_connections",
+    "top_talkers",
+    "cross_namespace",
+    "world_egress",
+)
+"""The questions that read edges only (the view `connections`), which rollups answer; `suggest` drafts from
+observed_edges. Other questions (least_privilege, drops, DNS, HTTP) read the flows' own records."""

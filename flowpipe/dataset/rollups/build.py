@@ -1,0 +1,374 @@
+"""Write edge rollups: one rollup per flow part file, named after it, built from that file alone.
+
+`build_rollup` reads one flow part file into DuckDB, defines the shared views over it exactly as a query does
+(the same SQL: `sql/_views/`), and writes two small Parquet files under the flow file's own name:
+
+- `edges/date=D/hour=H/NAME`: the rows of `edge_observations` (each observer's records of each request),
+  with every pod known only by its identity left unnamed (`identity_workloads` is empty while they are
+  computed): which workload that identity is may be written in another part file, so it is looked up when
+  the rollups are read, over all of them;
+- `edge_identities/date=D/hour=H/NAME`: the rows of `edge_identities` of this file (the workload and the
+  labels of each pod identity).
+
+The identities are published first and the edges last, so a rollup whose `edges` file exists is complete.
+Building is idempotent (the same flow file gives the same rollup, replaced whole), so every repair is "build
+what is missing": `build_missing` after a crash between a flow file and its rollup, `prune_orphans` for the
+rollups of flow files that a compaction replaced. A flow file is counted once either way: readers take the
+rollup of each flow file present, never the rollups of files that are gone while flows of that hour remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from flowpipe._resources import apply_duckdb_limits
+from flowpipe.dataset.layout import FLOWS_TABLE, Dataset, kill_point, translate_write_errors
+from flowpipe.dataset.maintenance import PartitionFiles, list_partitions
+from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, ROLLUP_TABLES
+from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
+from flowpipe.model import FLOW_SCHEMA
+
+log = logging.getLogger(__name__)
+
+OBSERVATIONS_VIEW = "edge_observations"
+IDENTITY_WORKLOADS_VIEW = "identity_workloads"
+IDENTITIES_VIEW = "edge_identities"
+
+
+@dataclass(slots=True)
+class RollupReport:
+    """What a build, repair or rebuild did: rollups written, orphans removed, flows and bytes summarised."""
+
+    written: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    flows: int = 0
+    flow_bytes: int = 0
+    rollup_bytes: int = 0
+    seconds: float = 0.0
+
+
+def rollup_path(dataset: Dataset, flow_path: str, table: str = EDGES_TABLE) -> str:
+    """The rollup file (of `table`) of one flow part file: the same partition and name under `table`."""
+    flows_dir = dataset.table_dir(FLOWS_TABLE)
+    if not flow_path.startswith(flows_dir + "/"):
+        raise ValueError(f"{flow_path} is not a flow part file of {dataset.uri}")
+    return dataset.table_dir(table) + flow_path[len(flows_dir) :]
+
+
+def connect() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection in UTC within the container's limits (as queries use)."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    apply_duckdb_limits(con)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+    except duckdb.Error:  # a build without ICU is UTC anyway
+        pass
+    return con
+
+
+def summarise(flows: pa.Table | pads.Dataset) -> tuple[pa.Table, pa.Table]:
+    """The rollup of `flows` (a table or a Parquet dataset of flows): (`edge_observations` rows,
+    `edge_identities` rows). A dataset is read column by column as the SQL needs (labels only where it does)."""
+    from flowpipe.query.views import install_views
+
+    con = connect()
+    try:
+        con.register("_rollup_flows", flows)
+        con.register("_rollup_schema", FLOW_SCHEMA.empty_table())
+        types = {str(row[0]): str(row[1]) for row in con.execute("DESCRIBE _rollup_schema").fetchall()}
+        present = set(flows.schema.names)
+        columns = ", ".join(
+            f'CAST("{name}" AS {types[name]}) AS "{name}"'
+            if name in present
+            else f'CAST(NULL AS {types[name]}) AS "{name}"'
+            for name in FLOW_SCHEMA.names
+        )
+        con.execute(f"CREATE VIEW flows AS SELECT {columns} FROM _rollup_flows")
+        install_views(con)
+        identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
+        # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
+        con.execute(f"CREATE TABLE _rollup_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
+        con.execute(
+            f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
+        )
+        observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
+    except (duckdb.Error, pa.ArrowException) as exc:
+        raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
+    finally:
+        con.close()
+    return observations, identities
+
+
+def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    convert = getattr(relation, "to_arrow_table", None) or relation.arrow
+    table = convert()
+    return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+
+
+def build_rollup(
+    dataset: Dataset,
+    flow_path: str,
+    *,
+    zstd_level: int = 3,
+    report: RollupReport | None = None,
+    flows: pa.Table | None = None,
+) -> str:
+    """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file.
+
+    `flows` are the file's flows when the writer still holds them (the file is then not read back): a table
+    in memory is summarised for about half the CPU of reading the file's columns again."""
+    source: pa.Table | pads.Dataset
+    if flows is not None:
+        source, count = flows, flows.num_rows
+    else:
+        try:
+            source = pads.dataset([flow_path], format="parquet", filesystem=dataset.filesystem)
+            count = source.count_rows()
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetWriteError(
+                f"cannot read the flow part file {flow_path}: {exc}", path=flow_path
+            ) from exc
+    observations, identities = summarise(source)
+    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
+    final = ""
+    for table, rows in ((EDGE_IDENTITIES_TABLE, identities), (EDGES_TABLE, observations)):
+        final = rollup_path(dataset, flow_path, table)
+        folder, _, name = final.rpartition("/")
+        if table == EDGES_TABLE:
+            rows, extra = _compact_layout(rows)
+            temp = dataset.write_parquet_temp(rows, folder, name, hold=True, **{**options, **extra})
+        else:
+            temp = dataset.write_parquet_temp(rows, folder, name, hold=True, **options)
+        dataset.publish(temp, final)
+        if report is not None:
+            report.rollup_bytes += _size(dataset, final)
+    if report is not None:
+        report.written.append(final)
+        report.flows += count
+        report.flow_bytes += _size(dataset, flow_path)
+    return final
+
+
+SORT_KEYS = (
+    "cluster_name",
+    "source_workload_id",
+    "destination_workload_id",
+    "destination_port",
+    "source_ip",
+    "destination_ip",
+    "source_port",
+    "l4_protocol",
+    "first_seen",
+)
+"""Rollup rows are stored in this order: the rows of one connection together (its observers' times nearly the
+same), connections by edge."""
+SEEN_FOR = "seen_for_ns"
+"""Stored instead of `last_seen`: the nanoseconds from `first_seen` to it (0 for most rows, which hold one
+record); readers add it back (`flowpipe.dataset.rollups.read`)."""
+DELTA_COLUMNS = ("first_seen", "records")
+PLAIN_COLUMNS = ("source_port", SEEN_FOR)
+"""Stored as they are (then zstd): ephemeral ports and durations repeat too little for a dictionary, and jump too
+much between rows for deltas."""
+
+
+def _compact_layout(rows: pa.Table) -> tuple[pa.Table, dict[str, object]]:
+    """Rollup rows sorted by connection and time, `last_seen` as `SEEN_FOR`, and the Parquet options that store
+    times as deltas (a rollup is 40% smaller than with `last_seen` and deltas of every number)."""
+    if "last_seen" in rows.column_names and "first_seen" in rows.column_names:
+        seen_for = pc.subtract(rows["last_seen"].cast(pa.int64()), rows["first_seen"].cast(pa.int64()))
+        rows = rows.drop_columns(["last_seen"]).append_column(SEEN_FOR, seen_for)
+    rows = rows.sort_by([(key, "ascending") for key in SORT_KEYS if key in rows.column_names])
+    encodings = {
+        **{name: "DELTA_BINARY_PACKED" for name in DELTA_COLUMNS if _numeric(rows, name)},
+        **{name: "PLAIN" for name in PLAIN_COLUMNS if _numeric(rows, name)},
+    }
+    dictionary = [name for name in rows.column_names if name not in encodings]
+    return rows, {"use_dictionary": dictionary, "column_encoding": encodings}
+
+
+def _numeric(rows: pa.Table, name: str) -> bool:
+    if name not in rows.column_names:
+        return False
+    kind = rows.schema.field(name).type
+    return pa.types.is_integer(kind) or pa.types.is_timestamp(kind)
+
+
+def build_after_publish(
+    dataset: Dataset,
+    published: Iterable[str],
+    *,
+    zstd_level: int = 3,
+    flows: Mapping[str, Sequence[pa.Table]] | None = None,
+) -> list[str]:
+    """The rollups of the flow part files just published (other paths, e.g. lost events, are skipped).
+
+    Called by the writers right after they publish flow files; `flows` holds, by path, the flows of the files
+    the writer still has in memory (their row groups), which are summarised instead of read back. A rollup that cannot be written is logged and
+    left missing: the flows are safe, the hour is read from raw flows until `build_missing` (the writer's next
+    start, compaction, retention or `flowpipe rollup`) writes it.
+    """
+    flows_dir = dataset.table_dir(FLOWS_TABLE) + "/"
+    written = []
+    for path in published:
+        if not path.startswith(flows_dir):
+            continue
+        kill_point("rollup:before")
+        tables = (flows or {}).get(path)
+        held = (pa.concat_tables(tables) if len(tables) > 1 else tables[0]) if tables else None
+        try:
+            written.append(build_rollup(dataset, path, zstd_level=zstd_level, flows=held))
+        except FlowpipeError as exc:
+            log.warning(
+                "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc
+            )
+    return written
+
+
+def repair_writers(dataset: Dataset, writer_ids: Iterable[str]) -> list[str]:
+    """At a writer's start: the rollups of flow files that `writer_ids` (itself, writers that died) published
+    without their rollup (they stopped between the two writes); returns the rollups written.
+
+    Only those writers' flow files are built (by the writer id in their names): another writer running now
+    may be between its own two writes. Errors are logged, as in `build_after_publish`.
+    """
+    writers = set(writer_ids)
+    if not writers:
+        return []
+    from flowpipe.dataset.layout import parse_part_file_name
+
+    try:
+        flows = visible_flow_names(dataset)
+        have = {
+            (p.key.date, p.key.hour): {f.name for f in p.files} for p in list_partitions(dataset, EDGES_TABLE)
+        }
+    except FlowpipeError as exc:
+        log.warning("cannot look for missing edge rollups: %s", exc)
+        return []
+    missing = []
+    for key, names in flows.items():
+        for name, path in names.items():
+            parsed = parse_part_file_name(name)
+            if parsed is not None and parsed.writer_id in writers and name not in have.get(key, set()):
+                missing.append(path)
+    written = build_after_publish(dataset, sorted(missing))
+    if written:
+        log.info("wrote %d edge rollup(s) missing after an earlier run stopped", len(written))
+    return written
+
+
+def _size(dataset: Dataset, path: str) -> int:
+    try:
+        return int(dataset.filesystem.get_file_info(path).size or 0)
+    except (OSError, pa.ArrowException):
+        return 0
+
+
+def _by_partition(dataset: Dataset, table: str) -> dict[tuple[str, str], PartitionFiles]:
+    return {(p.key.date, p.key.hour): p for p in list_partitions(dataset, table)}
+
+
+def visible_flow_names(dataset: Dataset) -> dict[tuple[str, str], dict[str, str]]:
+    """The flow part files a query reads (compacted inputs left out), by partition: name → path."""
+    from flowpipe.dataset.visible import visible_part_files
+
+    flows_dir = dataset.table_dir(FLOWS_TABLE)
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for path in visible_part_files(dataset, FLOWS_TABLE):
+        parts = path[len(flows_dir) :].strip("/").split("/")
+        if len(parts) == 3 and parts[0].startswith("date=") and parts[1].startswith("hour="):
+            out.setdefault((parts[0][5:], parts[1][5:]), {})[parts[2]] = path
+    return out
+
+
+def build_missing(
+    dataset: Dataset,
+    *,
+    since: datetime | None = None,
+    partitions: Iterable[tuple[str, str]] | None = None,
+    rebuild: bool = False,
+    zstd_level: int = 3,
+) -> RollupReport:
+    """Write the rollup of every visible flow file that has none (with `rebuild`, of every one), and remove
+    orphans (`prune_orphans`). `since` keeps to hours that end after it; `partitions` to those (date, hour)."""
+    started = time.perf_counter()
+    report = RollupReport()
+    wanted = set(partitions) if partitions is not None else None
+    flows = visible_flow_names(dataset)
+    edges = _by_partition(dataset, EDGES_TABLE)
+    identities = _by_partition(dataset, EDGE_IDENTITIES_TABLE)
+    for key in sorted(flows):
+        if wanted is not None and key not in wanted:
+            continue
+        if since is not None and not _ends_after(key, since):
+            continue
+        have = {f.name for f in edges[key].files} if key in edges else set()
+        have &= {f.name for f in identities[key].files} if key in identities else set()
+        for name, path in sorted(flows[key].items()):
+            if rebuild or name not in have:
+                try:
+                    build_rollup(dataset, path, zstd_level=zstd_level, report=report)
+                except FileNotFoundError:
+                    continue  # compacted or expired meanwhile
+    report.removed = prune_orphans(dataset, partitions=wanted, flows=flows)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def prune_orphans(
+    dataset: Dataset,
+    *,
+    partitions: Iterable[tuple[str, str]] | None = None,
+    flows: dict[tuple[str, str], dict[str, str]] | None = None,
+) -> list[str]:
+    """Remove the rollups of flow files that are gone from an hour that still has flow files (a compaction
+    replaced them); returns their paths. Hours without flow files (past the raw retention) keep theirs."""
+    wanted = set(partitions) if partitions is not None else None
+    flows = flows if flows is not None else visible_flow_names(dataset)
+    removed = []
+    for table in (EDGES_TABLE, EDGE_IDENTITIES_TABLE):  # edges first: a rollup without edges is not read
+        for key, partition in _by_partition(dataset, table).items():
+            if (wanted is not None and key not in wanted) or key not in flows:
+                continue
+            for entry in partition.files:
+                if entry.name not in flows[key]:
+                    with translate_write_errors(entry.path):
+                        try:
+                            dataset.filesystem.delete_file(entry.path)
+                        except FileNotFoundError:
+                            continue
+                    removed.append(entry.path)
+    return removed
+
+
+def _ends_after(key: tuple[str, str], since: datetime) -> bool:
+    from datetime import UTC, timedelta
+
+    try:
+        start = datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+    except ValueError:
+        return True
+    return start + timedelta(hours=1) > since
+
+
+__all__ = [
+    "ROLLUP_TABLES",
+    "RollupReport",
+    "build_after_publish",
+    "build_missing",
+    "build_rollup",
+    "prune_orphans",
+    "rollup_path",
+    "summarise",
+]

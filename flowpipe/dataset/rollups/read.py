@@ -1,0 +1,246 @@
+"""Read edge rollups: which hours they cover, and the views that merge them with the flows of the other hours.
+
+An hour `date=D/hour=H` is covered when each flow part file a query would read there (compacted inputs left
+out) has its rollup (`edges` and `edge_identities` files of the same name), or when it has no flow files left
+(past the raw retention) but has rollups. Only the rollups of the flow files present are read while flows
+remain, so a rollup left behind by a compaction is never added to the one of the file that replaced it.
+
+`install_rollups(con, dataset, source)` runs after the shared views exist on a query connection and redefines
+four of them:
+
+- `edge_observations`: the rows from flows of the hours not covered (`auto`), plus the rollup rows of the
+  covered hours (`auto`, `edges`);
+- `identity_workloads`: over flows and the rollups' identity rows (the same minimum either way);
+- `edge_identity_labels`: the labels the rollups kept per pod identity (observed_edges reads them for
+  identities whose flows are gone);
+- `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed).
+
+Every view above `edge_observations` (connections, observed_edges, new_connections, ...) is then unchanged: it
+merges rows that add up, so flows and rollups give the same answer for the same records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset
+from flowpipe.dataset.maintenance import list_partitions
+from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, SOURCES
+from flowpipe.dataset.rollups.build import SEEN_FOR, visible_flow_names
+from flowpipe.errors import ConfigError, QueryError
+
+log = logging.getLogger(__name__)
+
+ROWS = "_edge_rollup_rows"
+IDENTITIES = "_edge_rollup_identities"
+HOURS = "_edge_rollup_hours"
+FLOW_OBSERVATIONS = "_edge_observations_flows"
+FLOW_IDENTITIES = "_identity_workloads_flows"
+
+
+@dataclass(slots=True)
+class Coverage:
+    """The hours rollups answer for, and the rollup files to read for them."""
+
+    hours: list[datetime] = field(default_factory=list)
+    edge_files: list[str] = field(default_factory=list)
+    identity_files: list[str] = field(default_factory=list)
+    uncovered: list[datetime] = field(default_factory=list)
+    """Hours with flows but without a rollup for every flow file (read from flows)."""
+
+
+def coverage(dataset: Dataset) -> Coverage:
+    """Which hours of `dataset` its rollups cover, and their files (see the module docstring)."""
+    flows = visible_flow_names(dataset)
+    edges = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGES_TABLE)}
+    identities = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGE_IDENTITIES_TABLE)}
+    result = Coverage()
+    for key in sorted(set(edges) | set(flows)):
+        start = _hour(key)
+        if start is None:
+            continue  # rows without a time: always from flows
+        edge_names = {f.name: f.path for f in edges[key].files} if key in edges else {}
+        identity_names = {f.name: f.path for f in identities[key].files} if key in identities else {}
+        complete = set(edge_names) & set(identity_names)
+        names = set(flows.get(key, {})) or complete
+        if not names or not names <= complete:
+            if key in flows:
+                result.uncovered.append(start)
+            continue
+        result.hours.append(start)
+        result.edge_files += [edge_names[name] for name in sorted(names)]
+        result.identity_files += [identity_names[name] for name in sorted(names)]
+    return result
+
+
+def _hour(key: tuple[str, str]) -> datetime | None:
+    if key[0] == UNKNOWN_PARTITION:
+        return None
+    try:
+        return datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+MAX_RANGES = 64
+"""Above this many separate runs of hours without rollups, flows are filtered by a table of covered hours."""
+
+
+def _uncovered_filter(con: duckdb.DuckDBPyConnection, cover: Coverage) -> str:
+    """An SQL condition on `time` that keeps the flows of the hours rollups do not cover (and rows without a time).
+
+    Few runs of such hours (the open hour, a writer's missing rollups): time ranges, which Parquet statistics
+    use to skip the other hours' row groups unread. Many: a lookup in a table of the covered hours.
+    """
+    ranges: list[list[datetime]] = []
+    for hour in sorted(cover.uncovered):
+        if ranges and ranges[-1][1] == hour:
+            ranges[-1][1] = hour + timedelta(hours=1)
+        else:
+            ranges.append([hour, hour + timedelta(hours=1)])
+    if len(ranges) <= MAX_RANGES:
+        # the bounds are whole hours computed here from partition names (never text from flows or users)
+        spans = "".join(
+            f" OR (time >= TIMESTAMPTZ '{start:%Y-%m-%d %H:%M:%S}+00'"
+            f" AND time < TIMESTAMPTZ '{end:%Y-%m-%d %H:%M:%S}+00')"
+            for start, end in ranges
+        )
+        return f"(time IS NULL{spans})"
+    hours = pa.table({"hour": pa.array(cover.hours, pa.timestamp("us", "UTC"))})
+    con.register("_edge_rollup_hours_arrow", hours)
+    con.execute(f"CREATE OR REPLACE TABLE {HOURS} AS SELECT hour FROM _edge_rollup_hours_arrow")
+    con.unregister("_edge_rollup_hours_arrow")
+    return f"coalesce(date_trunc('hour', time) NOT IN (SELECT hour FROM {HOURS}), TRUE)"
+
+
+def check_source(source: str) -> str:
+    """`source` if it is one of `SOURCES`, else `ConfigError`."""
+    if source not in SOURCES:
+        raise ConfigError(f"unknown source {source!r}: one of {', '.join(SOURCES)}")
+    return source
+
+
+def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: str) -> Coverage | None:
+    """Redefine the edge views on `con` to read rollups (`source` auto or edges); None for `flows`."""
+    from flowpipe.query.views import FALLBACK_NEEDED_SQL, load_views
+
+    if check_source(source) == "flows":
+        return None
+    cover = coverage(dataset)
+    if source == "auto" and not cover.hours:
+        return cover  # no rollups to read: the views stay as they are
+    views = {view.name: view for view in load_views()}
+    try:
+        fallbacks = bool(con.execute(FALLBACK_NEEDED_SQL).fetchall()[0][0])
+
+        def sql(name: str, *, full: bool = False) -> str:
+            view = views[name]
+            return view.sql if fallbacks or full else view.sql_without_fallbacks
+
+        observations = sql("edge_observations")
+        if source == "auto":
+            marker = "FROM flows_enriched\n"
+            if observations.count(marker) != 1:
+                raise QueryError("edge_observations must read flows_enriched once to be split by hour")
+            observations = observations.replace(
+                marker,
+                f"FROM (SELECT * FROM flows_enriched WHERE {_uncovered_filter(con, cover)}) AS flows_enriched\n",
+            )
+        con.execute(f"CREATE OR REPLACE VIEW {FLOW_OBSERVATIONS} AS\n{observations}")
+        con.execute(f"CREATE OR REPLACE VIEW {FLOW_IDENTITIES} AS\n{sql('identity_workloads')}")
+        rows = _register(con, dataset, ROWS, cover.edge_files, FLOW_OBSERVATIONS)
+        ids = _register(con, dataset, IDENTITIES, cover.identity_files, "edge_identities")
+        flow_rows = f"SELECT * FROM {FLOW_OBSERVATIONS} UNION ALL " if source == "auto" else ""
+        con.execute(f"CREATE OR REPLACE VIEW edge_observations AS {flow_rows}SELECT * FROM {rows}")
+        con.execute(
+            "CREATE OR REPLACE VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS workload "
+            f"FROM (SELECT * FROM {FLOW_IDENTITIES} UNION ALL SELECT cluster_name, identity, workload FROM {ids} "
+            "WHERE workload IS NOT NULL) AS named GROUP BY cluster_name, identity"
+        )
+        con.execute(
+            "CREATE OR REPLACE VIEW edge_identity_labels AS SELECT cluster_name, namespace, identity, labels "
+            f"FROM {ids} WHERE labels IS NOT NULL"
+        )
+        con.execute(f"CREATE OR REPLACE VIEW connections AS\n{sql('connections', full=True)}")
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot read the edge rollups of {dataset.uri}: {exc}") from exc
+    return cover
+
+
+def with_rollups(
+    dataset: Dataset, source: str, setup: Callable[[duckdb.DuckDBPyConnection], object] | None = None
+) -> tuple[Callable[[duckdb.DuckDBPyConnection], object], Callable[[], bool]]:
+    """An engine setup that installs the rollups (then runs `setup`), and a check: did they cover an hour?"""
+    from flowpipe.query.views import ReadableFiles
+
+    check_source(source)
+    last: list[Coverage | None] = [None]
+
+    def install(con: duckdb.DuckDBPyConnection) -> ReadableFiles:
+        cover = last[0] = install_rollups(con, dataset, source)
+        if setup is not None:
+            setup(con)
+        # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
+        files = [*cover.edge_files, *cover.identity_files] if cover is not None and dataset.is_local else []
+        return ReadableFiles(files)
+
+    return install, lambda: bool(last[0] is not None and last[0].hours)
+
+
+def _register(
+    con: duckdb.DuckDBPyConnection, dataset: Dataset, name: str, files: list[str], like: str
+) -> str:
+    """The rollup files as a view `name` with the columns and types of the view `like`; returns `name`."""
+    columns = con.execute(f"DESCRIBE {like}").fetchall()
+    source = f"{name}_files"
+    present: set[str] = set()
+    if files and dataset.is_local:  # DuckDB's own Parquet reader, as for the flows: the fastest path
+        relation = con.read_parquet(list(files), union_by_name=True)
+        relation.create_view(source, replace=True)
+        present = set(relation.columns)
+    elif files:  # an object store: a pyarrow dataset, which DuckDB scans with pushdown
+        table = pads.dataset(files, format="parquet", filesystem=dataset.filesystem)
+        con.register(source, table)
+        present = set(table.schema.names)
+    select = ", ".join(_column(column, sql_type, present) for column, sql_type, *_ in columns)
+    origin = f"FROM {source}" if files else "WHERE FALSE"
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} {origin}")
+    return name
+
+
+def _column(column: str, sql_type: str, present: set[str]) -> str:
+    """The select item of one column of the rollup files: itself, `last_seen` from its duration, or NULL."""
+    if column in present:
+        return f'CAST("{column}" AS {sql_type}) AS "{column}"'
+    if column == "last_seen" and SEEN_FOR in present:
+        # nanoseconds after first_seen, added in UTC whatever the session's time zone
+        time = f'timezone(\'UTC\', make_timestamp_ns(epoch_ns("first_seen") + "{SEEN_FOR}"))'
+        return f'CAST({time} AS {sql_type}) AS "{column}"'
+    return f'CAST(NULL AS {sql_type}) AS "{column}"'
+
+
+def raw_flows_note(engine: Any, question: str, since: datetime | None) -> str | None:
+    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`) whose window starts before the
+    oldest flow kept while edge rollups reach back further; None otherwise."""
+    from flowpipe.dataset.rollups import EDGE_QUESTIONS
+
+    if question in EDGE_QUESTIONS or since is None or engine.dataset is None:
+        return None
+    oldest = engine.run("SELECT min(time) AS oldest FROM flows").column("oldest")[0].as_py()
+    if oldest is None or since >= oldest:
+        return None
+    hours = coverage(engine.dataset).hours
+    if not hours or hours[0] >= oldest:
+        return None
+    return (
+        f"note: {question} reads raw flows, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
+        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(EDGE_QUESTIONS)})"
+    )
