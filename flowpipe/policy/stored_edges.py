@@ -189,7 +189,7 @@ def _identity_labels(side: str, alias: str) -> tuple[str, str]:
         CASE WHEN {undescribed_sql(f"r.{side}")} THEN coalesce(r.{side}_flow_labels, {alias}.labels) END
             AS {side}_labels,"""
     join = f"""
-    LEFT JOIN edge_identity_labels AS {alias}
+    LEFT JOIN edge_group_labels AS {alias}
         ON {alias}.identity = r.{side}_identity AND coalesce({alias}.cluster_name, '') = coalesce(r.cluster_name, '')"""
     return column, join
 
@@ -280,7 +280,7 @@ edge_identity_first AS (
     ) AS ends
     GROUP BY cluster_name, identity
 ),
-edge_identity_labels AS (
+edge_group_labels AS (
     -- The labels of those identities, read from the flows of that moment (DuckDB decodes no others').
     SELECT i.cluster_name, i.identity, min(f.labels) AS labels
     FROM (
