@@ -221,9 +221,8 @@ def _collect(
         log.warning(
             "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
         )
-    if (
-        config.sink.edge_rollups
-    ):  # the rollups of flow files published by writers that died before writing them
+    # the rollups of flow files published by writers that died before writing them
+    if config.sink.edge_rollups:
         from flowpipe.dataset.rollups.build import repair_writers
 
         repair_writers(dataset, lease.dead_writers)

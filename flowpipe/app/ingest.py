@@ -197,9 +197,8 @@ def _ingest(
         log.warning(
             "removed %d temporary file(s) left by a writer that died: %s", len(removed), ", ".join(removed)
         )
-    if (
-        sink_config.edge_rollups
-    ):  # the rollups of flow files published by writers that died before writing them
+    # the rollups of flow files published by writers that died before writing them
+    if sink_config.edge_rollups:
         from flowpipe.dataset.rollups.build import repair_writers
 
         repair_writers(dataset, lease.dead_writers)

@@ -109,7 +109,7 @@ def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("--workers", env="WORKERS", type=click.IntRange(1, 2),
          help="Processes that collect: 1 reads, decodes and writes in one process; 2 reads the relay's stream in "
          "a process of its own, so that a second CPU decodes and writes (default: 2 when the container may use "
-         "two CPUs, from its CPU limit and affinity, else 1).")  # fmt: skip
+         "two CPUs, from its CPU limit and affinity, else 1; 1 with --receiver grpcio).")  # fmt: skip
 @_option("--receiver", env="RECEIVER", type=click.Choice(RECEIVERS), default=_RELAY_DEFAULT["receiver"],
          show_default=True, help=_RELAY["receiver"] + " grpcio runs with --workers 1.")  # fmt: skip
 @_option("--max-namespaces", env="MAX_NAMESPACES", type=click.IntRange(min=0),
