@@ -6,13 +6,20 @@ reads the limits of the process's cgroup (v2: `memory.max`, `cpu.max`; v1: `memo
 `cpu.cfs_quota_us` / `cpu.cfs_period_us`) and gives DuckDB half the memory limit (the rest is the collector's:
 Arrow batches, the gRPC stream) and the CPU limit rounded up as threads. No limit: DuckDB's own defaults.
 `FLOWPIPE_DUCKDB_MEMORY_LIMIT` (e.g. `300MiB`, `1GB`) and `FLOWPIPE_DUCKDB_THREADS` override either.
+
+What does not fit in memory DuckDB spills to disk; an in-memory connection would spill into `.tmp/` of the
+current directory (a user's checkout, a read-only folder): flowpipe's connections spill into a folder of their
+process under the system's temporary directory (`TMPDIR`), removed when the process ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,10 +107,32 @@ def duckdb_settings(environ: Mapping[str, str] | None = None, root: Path = CGROU
 
 def apply_duckdb_limits(connection: Any, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Set DuckDB's `memory_limit` and `threads` on `connection` (a DuckDB connection) from
-    `duckdb_settings()`; returns what was set. The values are checked above: a size, a number."""
+    `duckdb_settings()`, and where it spills (`spill_directory()`); returns the limits set. The values are
+    checked above: a size, a number."""
     chosen = dict(duckdb_settings() if settings is None else settings)
+    connection.execute("SET temp_directory = $dir", {"dir": spill_directory()})
     if "memory_limit" in chosen:
         connection.execute(f"SET memory_limit = '{chosen['memory_limit']}'")
     if "threads" in chosen:
         connection.execute(f"SET threads = {int(chosen['threads'])}")
     return chosen
+
+
+_spill_folders: dict[int, str] = {}
+
+
+def spill_directory() -> str:
+    """Where this process's DuckDB connections spill what exceeds their memory limit: a folder of its own
+    under the system's temporary directory (DuckDB creates it when it first spills), removed at exit. A forked
+    child gets a folder of its own, and never removes its parent's."""
+    pid = os.getpid()
+    folder = _spill_folders.get(pid)
+    if folder is None:
+        folder = _spill_folders[pid] = os.path.join(tempfile.gettempdir(), f"flowpipe-spill-{pid}")
+        atexit.register(_remove_spill_folder, pid, folder)
+    return folder
+
+
+def _remove_spill_folder(pid: int, folder: str) -> None:
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,11 @@
-"""DuckDB inside a container: its memory limit and threads follow the cgroup's limits, not the host's."""
+"""DuckDB inside a container: its memory limit and threads follow the cgroup's limits, not the host's; it spills
+under the system's temporary folder."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -72,3 +76,32 @@ def test_every_engine_applies_them(monkeypatch: pytest.MonkeyPatch) -> None:
     with DuckDBEngine(None) as engine:
         row = engine.run("SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t")
     assert row.to_pylist() == [{"m": "200.0 MiB", "t": 1}]
+
+
+def test_a_spill_goes_to_the_temporary_folder_and_leaves_with_the_process(tmp_path: Path) -> None:
+    """A question larger than DuckDB's memory limit spills: never into `.tmp/` of the directory the user runs
+    flowpipe from, and the spill folder is gone when the process ends."""
+    work, temporary = tmp_path / "checkout", tmp_path / "tmp"
+    work.mkdir()
+    temporary.mkdir()
+    script = (
+        "import duckdb, os\n"
+        "from flowpipe._resources import apply_duckdb_limits, spill_directory\n"
+        "con = duckdb.connect()\n"
+        "apply_duckdb_limits(con, {'memory_limit': '64MiB', 'threads': 1})\n"
+        "con.execute('SET preserve_insertion_order = false')\n"
+        "con.execute('SET enable_progress_bar = false')\n"
+        "rows = con.execute('SELECT count(*) FROM (SELECT i, md5(i::VARCHAR) AS h FROM range(3000000) t(i)"
+        " ORDER BY h)').fetchone()[0]\n"
+        "assert rows == 3000000, rows\n"
+        "print(spill_directory(), os.path.isdir(spill_directory()))\n"
+    )
+    env = {**os.environ, "TMPDIR": str(temporary)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=work, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    folder, spilled = done.stdout.split()
+    assert Path(folder).parent == temporary and spilled == "True"  # it did spill, there
+    assert not (work / ".tmp").exists() and list(work.iterdir()) == []
+    assert not Path(folder).exists()  # removed at exit
