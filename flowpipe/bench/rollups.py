@@ -10,7 +10,8 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    per hour, as compaction leaves them), at the fewest rows the rollups can hold for that traffic: one row per
    edge (workload pair and port) per hour, i.e. one connection per edge and hour seen from one end (real
    traffic has a row per connection and reporting end). `observed_edges`, `new_connections` and `suggest`
-   read them (`--source edges`), each in a child process, against 10 s and 2 GiB of peak RSS.
+   read them (`--source edges`), each in a child process whose DuckDB may use `FLEET_DUCKDB_MEMORY`, against
+   10 s and 2 GiB of peak RSS (with its CPU seconds and the load average: the machine may be shared).
 """
 
 from __future__ import annotations
