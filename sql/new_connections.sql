@@ -6,7 +6,32 @@
 --   replies and socket-LB events are not counted. Useful after a deployment or to spot a compromised pod reaching out. A
 --   namespace filter matches either side.
 -- params: since=1h, until=now, baseline_since=7d, namespace=, limit=500
-WITH edges AS (
+WITH pods AS (
+    -- The connections of each edge folded per source pod first seen in the window (NULL: the baseline's), so
+    -- that the pods are counted by a second grouping rather than a DISTINCT (which would hold every connection).
+    SELECT
+        cluster_name,
+        source_namespace,
+        source_workload,
+        destination_namespace,
+        destination_workload,
+        destination_port,
+        l4_protocol,
+        CASE WHEN first_seen >= $since THEN source_pod_name END AS source_pod_name,
+        min(first_seen) AS first_seen,
+        max(last_seen) AS last_seen,
+        sum(CASE WHEN first_seen >= $since THEN packets ELSE 0 END) AS flows,
+        sum(CASE WHEN first_seen >= $since THEN packets - dropped_packets ELSE 0 END) AS forwarded,
+        sum(CASE WHEN first_seen >= $since THEN dropped_packets ELSE 0 END) AS dropped
+    FROM connections
+    WHERE first_seen >= least($baseline_since, $since)
+      AND first_seen <= $until
+      AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
+    GROUP BY
+        cluster_name, source_namespace, source_workload, destination_namespace, destination_workload,
+        destination_port, l4_protocol, CASE WHEN first_seen >= $since THEN source_pod_name END
+),
+edges AS (
     SELECT
         cluster_name,
         source_namespace,
@@ -17,14 +42,11 @@ WITH edges AS (
         l4_protocol,
         min(first_seen) AS first_seen,
         max(last_seen) AS last_seen,
-        sum(CASE WHEN first_seen >= $since THEN packets ELSE 0 END) AS flows,
-        sum(CASE WHEN first_seen >= $since THEN packets - dropped_packets ELSE 0 END) AS forwarded,
-        sum(CASE WHEN first_seen >= $since THEN dropped_packets ELSE 0 END) AS dropped,
-        count(DISTINCT CASE WHEN first_seen >= $since THEN source_pod_name END) AS source_pods
-    FROM connections
-    WHERE first_seen >= least($baseline_since, $since)
-      AND first_seen <= $until
-      AND ($namespace IS NULL OR source_namespace = $namespace OR destination_namespace = $namespace)
+        sum(flows) AS flows,
+        sum(forwarded) AS forwarded,
+        sum(dropped) AS dropped,
+        count(source_pod_name) AS source_pods
+    FROM pods
     GROUP BY
         cluster_name, source_namespace, source_workload, destination_namespace, destination_workload,
         destination_port, l4_protocol

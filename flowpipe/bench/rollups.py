@@ -10,7 +10,8 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    per hour, as compaction leaves them), at the fewest rows the rollups can hold for that traffic: one row per
    edge (workload pair and port) per hour, i.e. one connection per edge and hour seen from one end (real
    traffic has a row per connection and reporting end). `observed_edges`, `new_connections` and `suggest`
-   read them (`--source edges`), each in a child process, against 10 s and 2 GiB of peak RSS.
+   read them (`--source edges`), each in a child process whose DuckDB may use `FLEET_DUCKDB_MEMORY`, against
+   10 s and 2 GiB of peak RSS (with its CPU seconds and the load average: the machine may be shared).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ FLEET_START = datetime(2024, 6, 1, tzinfo=UTC)
 FLEET_CLUSTER = "fleet"
 CHILD_TIMEOUT_SECONDS = 300.0
 """A fleet task still running after this is stopped (and reported as such)."""
+FLEET_DUCKDB_MEMORY = "1536MiB"
+"""DuckDB's memory limit in a fleet task (unless `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets one): the RSS target less
+the interpreter's own, so that a task spills rather than takes the machine's memory (merging a week of the fleet's
+connections holds some 3 GB, a month 10 GB and more)."""
 
 
 def _folder_bytes(path: Path) -> int:
@@ -301,15 +306,23 @@ def _as(schema: Any, columns: dict[str, Any], rows: int | None) -> Any:
 
 
 def _child(task: str, root: Path, days: int) -> dict[str, Any]:
+    from flowpipe._resources import MEMORY_VARIABLE
+
     code = "import sys; from flowpipe.bench.rollups import child_main; child_main(sys.argv[1:])"
+    root = root.resolve()
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, task, str(root), str(days)],
+            cwd=root.parent,  # where DuckDB spills (`.tmp/` in the working directory): the bench's workdir
             capture_output=True,
             text=True,
             check=False,
             timeout=CHILD_TIMEOUT_SECONDS,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            env={
+                MEMORY_VARIABLE: FLEET_DUCKDB_MEMORY,
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            },
         )
     except subprocess.TimeoutExpired:
         return {"seconds": None, "rss_mb": None, "detail": f"stopped after {CHILD_TIMEOUT_SECONDS:.0f} s"}
@@ -348,5 +361,8 @@ def child_main(argv: list[str]) -> None:
             table = run_question(engine, question, {k: v for k, v in values.items() if k in names}).table
             detail = f"{table.num_rows:,} rows"
     seconds = time.perf_counter() - started
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mb = usage.ru_maxrss / 1024
+    # the machine may be shared: the CPU time says what the task cost whatever else ran
+    detail += f"; {usage.ru_utime + usage.ru_stime:.1f} CPU-s, load average {os.getloadavg()[0]:.1f}"
     print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "detail": detail}))
