@@ -313,7 +313,6 @@ def _child(task: str, root: Path, days: int) -> dict[str, Any]:
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, task, str(root), str(days)],
-            cwd=root.parent,  # where DuckDB spills (`.tmp/` in the working directory): the bench's workdir
             capture_output=True,
             text=True,
             check=False,
