@@ -53,19 +53,21 @@ def rows_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     monkeypatch.setattr(history, "BATCH_ROWS", _BATCH)
     monkeypatch.setattr(history, "FIRST_ROWS", _BATCH)
     counts: list[int] = []
-    read = history._Reader.next
+    read = history._Reader.read
 
-    def counting(self: history._Reader) -> history.Frames | None:
+    def counting(self: history._Reader) -> pa.RecordBatch | None:
         batch = read(self)
-        counts.append(len(batch) if batch is not None else 0)
+        counts.append(batch.num_rows if batch is not None else 0)
         return batch
 
-    monkeypatch.setattr(history._Reader, "next", counting)
+    monkeypatch.setattr(history._Reader, "read", counting)
     yield counts
 
 
 def _reading_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("flowpipe-serve-hubble-read")]
+    """The threads that read and encode for calls."""
+    prefixes = ("flowpipe-serve-hubble-read", "flowpipe-serve-hubble-encode")
+    return [t for t in threading.enumerate() if t.name.startswith(prefixes)]
 
 
 def _wait_until(done: Callable[[], bool], seconds: float = 30.0) -> None:

@@ -14,8 +14,9 @@ GetFlows, per request:
   node) go into the SQL as bound parameters, a superset of the answer; every flow read is then checked by the
   same FlowFilter matcher the built-in server uses, so the answer is exactly Hubble's;
 - the result is read in batches of `BATCH_ROWS` rows, at most `PREFETCH_BATCHES` of them ahead of the one
-  being sent (reading and sending overlap; HTTP/2 flow control holds the send): memory stays bounded whatever
-  the window, and a client that stops reading stops the read;
+  being sent (DuckDB reads on one thread of the call, another encodes, the event loop sends, all at once;
+  HTTP/2 flow control holds the send): memory stays bounded whatever the window, and a client that stops
+  reading stops the read;
 - `number` gives the last N flows in time order (the first N with `first`, or from `since`) across all nodes;
   no `number` gives the whole window; `follow` goes on with flows from part files published later;
 - `lost_events` records of the window are sent in time order among the flows.
@@ -733,9 +734,15 @@ class _Reader:
 
     def next(self) -> Frames | None:
         """The next batch: framed responses of the flows that pass the filters; None at the end."""
-        batch = self._read()
-        if batch is None:
-            return None
+        batch = self.read()
+        return None if batch is None else self.encode(batch)
+
+    def read(self) -> pa.RecordBatch | None:
+        """The next rows read, in order (DuckDB's part: its work runs without the GIL); None at the end."""
+        return self._read()
+
+    def encode(self, batch: pa.RecordBatch) -> Frames:
+        """Rows `read` gave as framed responses of the flows that pass the filters (one thread at a time)."""
         req = self.req
         encoded = encode_framed(batch)
         frames = Frames.encoded(encoded)
@@ -769,7 +776,8 @@ class _Reader:
 class _CallThread:
     """One thread for the dataset reads of one GetFlows call (started at its first read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "flowpipe-serve-hubble-read") -> None:
+        self._name = name
         self._executor: ThreadPoolExecutor | None = None
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
@@ -779,7 +787,7 @@ class _CallThread:
     def start(self, call: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`call(*args)` handed to the call's thread now (after what it was handed before); its future."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowpipe-serve-hubble-read")
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
         return asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
 
     def close(self) -> None:
@@ -789,15 +797,17 @@ class _CallThread:
 
 
 class _ReadAhead:
-    """The batches of a `_Reader`, read on the call's thread up to `PREFETCH_BATCHES` ahead of the one sent.
+    """The batches of a `_Reader`, up to `PREFETCH_BATCHES` ahead of the one being sent.
 
-    Reading (DuckDB, encoding) and sending (the event loop, the client taking the bytes) overlap instead of
-    taking turns; as the batches ahead are never more than that, a client that stops reading stops the read
-    after them (HTTP/2 flow control holds the send, and no further read is started).
+    Three steps overlap instead of taking turns: DuckDB reads rows on the call's thread (without the GIL),
+    a second thread encodes the rows read before, and the event loop sends the batch before those. As the
+    batches ahead are never more than that, a client that stops reading stops the read after them (HTTP/2 flow
+    control holds the send, and no further read is started).
     """
 
     def __init__(self, thread: _CallThread, reader: _Reader, depth: int = PREFETCH_BATCHES) -> None:
         self._thread = thread
+        self._encoder = _CallThread("flowpipe-serve-hubble-encode")
         self._reader = reader
         self._depth = depth
         self._ahead: collections.deque[asyncio.Future[Frames | None]] = collections.deque()
@@ -805,9 +815,14 @@ class _ReadAhead:
 
     def _fill(self, count: int) -> None:
         while not self._ended and len(self._ahead) < count:
-            future = self._thread.start(self._reader.next)
-            future.add_done_callback(_retrieve)
-            self._ahead.append(future)
+            rows = self._thread.start(self._reader.read)  # handed to the reading thread now, in order
+            task = asyncio.ensure_future(self._encoded(rows))
+            task.add_done_callback(_retrieve)
+            self._ahead.append(task)
+
+    async def _encoded(self, rows: asyncio.Future[pa.RecordBatch | None]) -> Frames | None:
+        batch = await rows
+        return None if batch is None else await self._encoder.start(self._reader.encode, batch)
 
     async def next(self) -> Frames | None:
         """The next batch (read ahead, or now); None at the end."""
@@ -822,10 +837,12 @@ class _ReadAhead:
         self._fill(self._depth)
 
     def close(self) -> None:
-        """Ask for no more batches: those not begun are dropped (the one being read ends on its own)."""
+        """Ask for no more batches: those not begun are dropped (the one being read ends on its own), and the
+        encoding thread ends."""
         self._ended = True
         while self._ahead:
             self._ahead.popleft().cancel()
+        self._encoder.close()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
