@@ -816,6 +816,7 @@ class _ReadAhead:
     def _fill(self, count: int) -> None:
         while not self._ended and len(self._ahead) < count:
             rows = self._thread.start(self._reader.read)  # handed to the reading thread now, in order
+            rows.add_done_callback(_retrieve)
             task = asyncio.ensure_future(self._encoded(rows))
             task.add_done_callback(_retrieve)
             self._ahead.append(task)
