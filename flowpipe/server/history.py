@@ -89,7 +89,8 @@ MERGED_ROWS = 4096
 larger steps of Arrow compute and protobuf encoding)."""
 
 PREFETCH_BATCHES = 2
-"""Batches read ahead of the one being sent (so that reading and sending overlap); no more are ever held."""
+"""Batches read and encoded ahead of the one being sent (so that reading, encoding and sending overlap); no more
+are ever held."""
 
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
@@ -774,7 +775,7 @@ class _Reader:
 
 
 class _CallThread:
-    """One thread for the dataset reads of one GetFlows call (started at its first read)."""
+    """One thread of one GetFlows call, for its dataset reads (or its encoding), started at its first task."""
 
     def __init__(self, name: str = "flowpipe-serve-hubble-read") -> None:
         self._name = name
