@@ -13,9 +13,10 @@ GetFlows, per request:
 - the time window and the filters DuckDB can evaluate (namespace, pod, verdict, IP, port, protocol, labels,
   node) go into the SQL as bound parameters, a superset of the answer; every flow read is then checked by the
   same FlowFilter matcher the built-in server uses, so the answer is exactly Hubble's;
-- the result is read in batches of `BATCH_ROWS` rows, and the next batch is read only once the client has
-  taken the previous one (HTTP/2 flow control): memory stays bounded whatever the window, and a client that
-  stops reading stops the read;
+- the result is read in batches of `BATCH_ROWS` rows, at most `PREFETCH_BATCHES` of them ahead of the one
+  being sent (DuckDB reads on one thread of the call, another encodes, the event loop sends, all at once;
+  HTTP/2 flow control holds the send): memory stays bounded whatever the window, and a client that stops
+  reading stops the read;
 - `number` gives the last N flows in time order (the first N with `first`, or from `since`) across all nodes;
   no `number` gives the whole window; `follow` goes on with flows from part files published later;
 - `lost_events` records of the window are sent in time order among the flows.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import functools
 import ipaddress
 import logging
@@ -85,6 +87,10 @@ BATCH_ROWS = 2048
 MERGED_ROWS = 4096
 """Rows of a merged hour read from each part file and handed on at a time: each is encoded in one go (fewer,
 larger steps of Arrow compute and protobuf encoding)."""
+
+PREFETCH_BATCHES = 2
+"""Batches read and encoded ahead of the one being sent (so that reading, encoding and sending overlap); no more
+are ever held."""
 
 FIRST_ROWS = 256
 """Rows of the first batch handed on (then 4x more each time up to BATCH_ROWS): the first flow goes out sooner."""
@@ -729,9 +735,15 @@ class _Reader:
 
     def next(self) -> Frames | None:
         """The next batch: framed responses of the flows that pass the filters; None at the end."""
-        batch = self._read()
-        if batch is None:
-            return None
+        batch = self.read()
+        return None if batch is None else self.encode(batch)
+
+    def read(self) -> pa.RecordBatch | None:
+        """The next rows read, in order (DuckDB's part: its work runs without the GIL); None at the end."""
+        return self._read()
+
+    def encode(self, batch: pa.RecordBatch) -> Frames:
+        """Rows `read` gave as framed responses of the flows that pass the filters (one thread at a time)."""
         req = self.req
         encoded = encode_framed(batch)
         frames = Frames.encoded(encoded)
@@ -763,21 +775,82 @@ class _Reader:
 
 
 class _CallThread:
-    """One thread for the dataset reads of one GetFlows call (started at its first read)."""
+    """One thread of one GetFlows call, for its dataset reads (or its encoding), started at its first task."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "flowpipe-serve-hubble-read") -> None:
+        self._name = name
         self._executor: ThreadPoolExecutor | None = None
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
         """`call(*args)` on the call's thread."""
+        return await self.start(call, *args)
+
+    def start(self, call: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`call(*args)` handed to the call's thread now (after what it was handed before); its future."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowpipe-serve-hubble-read")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
 
     def close(self) -> None:
         """The thread ends once what was handed to it is done."""
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+class _ReadAhead:
+    """The batches of a `_Reader`, up to `PREFETCH_BATCHES` ahead of the one being sent.
+
+    Three steps overlap instead of taking turns: DuckDB reads rows on the call's thread (without the GIL),
+    a second thread encodes the rows read before, and the event loop sends the batch before those. As the
+    batches ahead are never more than that, a client that stops reading stops the read after them (HTTP/2 flow
+    control holds the send, and no further read is started).
+    """
+
+    def __init__(self, thread: _CallThread, reader: _Reader, depth: int = PREFETCH_BATCHES) -> None:
+        self._thread = thread
+        self._encoder = _CallThread("flowpipe-serve-hubble-encode")
+        self._reader = reader
+        self._depth = depth
+        self._ahead: collections.deque[asyncio.Future[Frames | None]] = collections.deque()
+        self._ended = False
+
+    def _fill(self, count: int) -> None:
+        while not self._ended and len(self._ahead) < count:
+            rows = self._thread.start(self._reader.read)  # handed to the reading thread now, in order
+            rows.add_done_callback(_retrieve)
+            task = asyncio.ensure_future(self._encoded(rows))
+            task.add_done_callback(_retrieve)
+            self._ahead.append(task)
+
+    async def _encoded(self, rows: asyncio.Future[pa.RecordBatch | None]) -> Frames | None:
+        batch = await rows
+        return None if batch is None else await self._encoder.start(self._reader.encode, batch)
+
+    async def next(self) -> Frames | None:
+        """The next batch (read ahead, or now); None at the end."""
+        self._fill(1)
+        batch = await self._ahead.popleft()
+        if batch is None:
+            self._ended = True
+        return batch
+
+    def read_on(self) -> None:
+        """Have the batches after the last one read meanwhile (an answer cut at `number` does not)."""
+        self._fill(self._depth)
+
+    def close(self) -> None:
+        """Ask for no more batches: those not begun are dropped (the one being read ends on its own), and the
+        encoding thread ends."""
+        self._ended = True
+        while self._ahead:
+            self._ahead.popleft().cancel()
+        self._encoder.close()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A batch read ahead and then dropped: its error (if any) is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 class HistoryService:
@@ -979,13 +1052,14 @@ class HistoryService:
             req, where, params, newest_first=newest_first, limit=sql_limit, thread=thread
         )
         limit = req.number if req.number and (newest_first or not req.follow) else 0
+        ahead = _ReadAhead(thread, reader)
         try:
             lost = await thread.run(self._lost_events, reader.engine, req)
             if newest_first:
                 # The last N: collect N passing flows newest first (N is bounded by the request), then send.
                 runs: list[Frames] = []
                 count = 0
-                while count < limit and (batch := await thread.run(reader.next)) is not None:
+                while count < limit and (batch := await ahead.next()) is not None:
                     runs.append(batch.head(limit - count))
                     count += len(runs[-1])
                 newest = Frames.concat(runs)
@@ -996,19 +1070,23 @@ class HistoryService:
             else:
                 sent = 0
                 first = True
-                while (batch := await thread.run(reader.next)) is not None:
+                while (batch := await ahead.next()) is not None:
                     if limit:
                         batch = batch.head(limit - sent)
                     if first and len(batch) and limit and req.since is None:
                         lost = [event for event in lost if event[0] >= batch.times[0]]
                     first = first and not len(batch)
-                    lost = await self._send_merged(stream, batch, lost, final=False)
                     sent += len(batch)
-                    if limit and sent >= limit:
+                    done = bool(limit) and sent >= limit
+                    if not done:
+                        ahead.read_on()  # the next batches are read while this one is sent
+                    lost = await self._send_merged(stream, batch, lost, final=False)
+                    if done:
                         break
                 if not (limit and sent >= limit):
                     await self._send_merged(stream, empty_frames(), lost, final=True)
         finally:
+            ahead.close()
             await thread.run(reader.close)
         return frozenset(reader.engine.listed)
 
@@ -1087,10 +1165,13 @@ class HistoryService:
                 reader = await self._read(
                     req, req.where(sql), sql.params, thread=thread, only=frozenset(fresh)
                 )
+                ahead = _ReadAhead(thread, reader)
                 try:
-                    while (batch := await thread.run(reader.next)) is not None:
+                    while (batch := await ahead.next()) is not None:
+                        ahead.read_on()
                         await self._send_merged(stream, batch, [], final=False)
                 finally:
+                    ahead.close()
                     await thread.run(reader.close)
             if req.until is not None and req.until < time.time_ns():
                 return
