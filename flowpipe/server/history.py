@@ -28,15 +28,10 @@ translated source IPs, service namespaces, endpoint cluster names, CEL) are refu
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
-import functools
 import ipaddress
 import logging
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +49,7 @@ from google.protobuf import wrappers_pb2
 from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe._proto.relay import relay_pb2
+from flowpipe._resources import spill_directory
 from flowpipe.dataset.layout import FLOWS_TABLE, Dataset
 from flowpipe.dataset.visible import is_compacted_name, read_compacted_inputs, visible_part_files
 from flowpipe.errors import ConfigError, FlowpipeError, ObserverServerError, QueryError
@@ -267,7 +263,7 @@ class _WindowEngine(DuckDBEngine):
         super().__init__(dataset, external_access=True)
         # Bounded memory: DuckDB spills a large hour's sort to disk instead of growing.
         self.connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
-        self.connection.execute("SET temp_directory = $dir", {"dir": _spill_directory()})
+        self.connection.execute("SET temp_directory = $dir", {"dir": spill_directory()})
         self.connection.execute("SET preserve_insertion_order = false")
         # One thread, small read-ahead and little freed memory kept: a request reads a few streams at a time
         # (its flows are encoded and sent meanwhile), and a server answers many requests in one process.
@@ -1275,14 +1271,6 @@ class HistoryServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@functools.cache
-def _spill_directory() -> str:
-    """Where DuckDB spills sorts larger than its memory limit: a folder of this process, removed at its exit."""
-    folder = os.path.join(tempfile.gettempdir(), f"flowpipe-serve-hubble-{os.getpid()}")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 def _batches(relation: Any, rows: int = BATCH_ROWS) -> pa.RecordBatchReader:
