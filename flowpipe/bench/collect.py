@@ -13,8 +13,8 @@ Three child processes, so that each one's CPU and memory are its own:
   with all three); it samples the resident memory of its processes together as it goes (peak, and growth over
   the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time, and with
   two workers what the receiving process reports of its own decoding), write (the sinks' thread) and receive
-  (the rest: gRPC or HTTP/2 reading, the hand-over), and with two workers by process (the collector's is the
-  bound: one interpreter lock);
+  (the rest: gRPC or HTTP/2 reading, the hand-over), and with two workers by process (each under an interpreter
+  lock of its own: the larger share bounds the throughput);
 - the naive client: per flow `MessageToDict`, rows gathered into pandas DataFrames and written with `to_parquet`.
 """
 
@@ -93,13 +93,13 @@ def _growth(report: dict[str, Any]) -> float | None:
 def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
     """CPU-µs per flow of each stage: receive (the stream and its hand-over), decode (the flow table, the repeat
     check and resume tracking), write (the sinks and metrics); with two workers, each process's whole share too
-    (the collector's is the bound: its interpreter lock)."""
+    (each runs under an interpreter lock of its own: the larger share bounds the throughput)."""
 
     flows = max(report["flows"], 1)
     stages = report["stages"]
     two = bool(stages["receiving process"])
     notes = {
-        "receive": "HTTP/2 reading (the receiving process) and the hand-over (both processes)"
+        "receive": "HTTP/2 reading (the receiving process), the hand-over (both); the rest of the CPU"
         if two
         else "gRPC, the stream's thread; the rest of the collector's CPU",
         "decode": "ptars and the flow table (the receiving process), the repeat check, resume tracking (the "
@@ -107,10 +107,9 @@ def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
         if two
         else "ptars, the flow table, the repeat check, resume tracking",
         "write": "Parquet, the analytics sink, flush bookkeeping (the collector)",
-        "receiving process": "receive and decode there: the second process's share",
+        "receiving process": "HTTP/2 reading, decoding and handing over: one interpreter lock",
         "decode in the receiving process": "of the decode stage: ptars and the flow table",
-        "collector process": "the hand-over, the repeat check, resume tracking and write: the bound (one "
-        "interpreter lock)",
+        "collector process": "taking batches, the repeat check, resume tracking, write: the other lock",
     }
     shown = ["receive", "decode", "write"]
     if two:
