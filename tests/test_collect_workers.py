@@ -206,6 +206,12 @@ def test_the_receiving_process_decodes_every_flow_and_hands_the_rows_over_in_ord
                 elif len(taken):
                     messages += taken.to_pylist()
             assert stream.error is None
+            with open(f"/proc/{process.pid}/maps") as maps:
+                libraries = maps.read()
+            assert "pyarrow" in libraries and "ptars" in libraries, "the decoder runs there"
+            assert "pandas" not in libraries and "grpc" not in libraries, (
+                "neither pandas nor grpcio is loaded"
+            )
         finally:
             process.close()
     assert len(tables) > 1 and all(table.num_rows for table in tables), "batches of rows, a frame each"

@@ -60,9 +60,8 @@ class _Decoder:
 
         from flowpipe.transforms.from_proto import decode_flow_rows
 
-        pa.set_memory_pool(
-            pa.system_memory_pool()
-        )  # freed batches go back to the system (as the collector's)
+        # freed batches go back to the system sooner (as in the collector)
+        pa.set_memory_pool(pa.system_memory_pool())
         self.cluster_name = cluster_name
         self.decode = decode_flow_rows
         self.seconds = 0.0
@@ -139,8 +138,8 @@ class _Worker:
             send_batch(self.sock, messages)
 
     def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
-        """Read one call, handing its messages over (decoded, with a decoder) in batches of `batch_max_flows` (at most
-        `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
+        """Read one call, handing its messages over (decoded, with a decoder) in batches of `batch_max_flows`
+        (at most `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
         if cancel.is_set():
             return {"code": "CANCELLED", "details": "cancelled before it started"}
         call = FlowsCall(self.settings["address"], self.tls, GET_FLOWS, request)
@@ -158,7 +157,7 @@ class _Worker:
                 if not batch:
                     due = time.monotonic() + seconds
                 batch += messages
-            # (a collector that does not read makes `send_batch` wait: the socket is not read meanwhile,
+            # (a collector that does not read makes the hand-over wait: the socket is not read meanwhile,
             # and the relay's stream waits for its HTTP/2 window)
             if batch and (len(batch) >= count or time.monotonic() >= due):
                 self._send(batch)
