@@ -83,15 +83,26 @@ def send_batch(sock: socket.socket, messages: Sequence[bytes]) -> None:
 
 
 def send_table(sock: socket.socket, table: pa.Table) -> None:
-    """Send flow-table rows as one decoded frame (an Arrow IPC stream; the payload is not copied again)."""
+    """Send flow-table rows as one decoded frame: an Arrow IPC stream written straight into the socket (its size
+    counted first), so that no buffer of the whole frame is allocated, filled and freed at every batch."""
     import pyarrow as pa
 
-    sink = pa.BufferOutputStream()
+    counter = pa.MockOutputStream()
+    _write_ipc(counter, table)
+    sock.sendall(_HEADER.pack(DECODED, table.num_rows, counter.size()))
+    with sock.makefile("wb", buffering=_IPC_WRITE_BUFFER) as out:
+        _write_ipc(out, table)
+
+
+_IPC_WRITE_BUFFER = 256 * 1024
+"""Buffer that gathers the small pieces of an IPC stream (metadata, short columns) into fewer writes."""
+
+
+def _write_ipc(sink: Any, table: pa.Table) -> None:
+    import pyarrow as pa
+
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    payload = sink.getvalue()
-    sock.sendall(_HEADER.pack(DECODED, table.num_rows, payload.size))
-    sock.sendall(memoryview(payload))
 
 
 def _send_batch_frame(sock: socket.socket, messages: Sequence[bytes]) -> None:
