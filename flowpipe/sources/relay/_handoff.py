@@ -9,9 +9,10 @@ others  = a JSON document (kind b"E": a call ended), or a serialised request (ki
 
 The receiving process decodes the flows it reads and hands them over as flow-table rows (`D`); the responses
 that are not flows (lost events, node status), and a batch it cannot decode, cross as messages (`B`), which
-the collector decodes as the single process does. A frame crosses with `sendall` and is read into one
-buffer; the reading side takes a batch as an Arrow binary array over that buffer, and decoded rows as a
-table over it (no copy, no Python object per message or row).
+the collector decodes as the single process does. A frame of messages crosses with one `sendall`; decoded
+rows are written into the socket as an IPC stream, with no buffer of the whole frame on the sending side. Each
+frame is read into one buffer; the reading side takes a batch as an Arrow binary array over that buffer, and
+decoded rows as a table over it (no copy, no Python object per message or row).
 Both ends ask for `SOCKET_BUFFER_BYTES` of kernel buffer, so that a whole batch waits there while the previous
 one is decoded (a smaller buffer makes the sender wait for the reader at every batch).
 """
