@@ -429,7 +429,8 @@ def write_cgroup(root: Path, quota: str) -> Path:
 
 
 def test_the_receiving_process_loads_no_data_library_and_no_grpcio() -> None:
-    """The receiving process is started with `python -m`: its module and package must not import Arrow & co."""
+    """The receiving process is started with `python -m`: its module and package must not import Arrow & co (it
+    loads the decoder itself, when asked for decoded batches)."""
     code = (
         "import sys, flowpipe.sources.relay._receiver; "
         "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars', 'grpc') if m in sys.modules))"
