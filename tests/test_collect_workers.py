@@ -1,5 +1,5 @@
-"""`flowpipe collect` on two processes: the stream read by a receiving process, decoded and written by the
-collector. Either one killed with SIGKILL: every flow stored exactly once once it runs again."""
+"""`flowpipe collect` on two processes: the stream read and decoded by a receiving process, deduplicated and
+written by the collector. Either one killed with SIGKILL: every flow stored exactly once once it runs again."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
 import pytest
 from support.collect import (
     chunks,
@@ -27,11 +28,13 @@ from support.collect import (
 from support.processes import child_pids, process_gone, stop_process
 from support.wait import wait_until
 
+from flowpipe._proto.flow import flow_pb2
 from flowpipe._proto.observer import observer_pb2
 from flowpipe._resources import available_cpus
 from flowpipe.app.collect import CollectConfig, collect, default_workers
 from flowpipe.dataset.layout import Dataset
 from flowpipe.errors import ConfigError
+from flowpipe.model import FLOW_SCHEMA
 from flowpipe.server import ObserverServer
 from flowpipe.sources.relay import RelaySource
 from flowpipe.sources.relay._connect import (
@@ -43,9 +46,18 @@ from flowpipe.sources.relay._connect import (
     status_details,
 )
 from flowpipe.sources.relay._h2call import FlowsCall
-from flowpipe.sources.relay._handoff import wait_readable
-from flowpipe.sources.relay._receiver import GET_FLOWS
+from flowpipe.sources.relay._handoff import (
+    BATCH,
+    DECODED,
+    batch_messages,
+    decoded_rows,
+    read_frame,
+    socket_pair,
+    wait_readable,
+)
+from flowpipe.sources.relay._receiver import GET_FLOWS, _Decoder
 from flowpipe.sources.relay._worker import ReceivingProcess
+from flowpipe.transforms.from_proto import decode_responses, flow_response
 
 FAST = ["--reconnect-backoff-initial-seconds", "0.05", "--reconnect-backoff-max-seconds", "0.5"]
 
@@ -82,75 +94,179 @@ def test_the_decoding_process_killed_mid_batch_then_restarted_stores_every_flow_
     assert sorted(written) == sorted(uuids_of(flows)), "no flow missing"
 
 
-def test_the_receiving_process_killed_is_replaced_and_nothing_is_lost_or_repeated(tmp_path: Path) -> None:
-    flows = sim_flow_bytes()[:4000]
-    parts = chunks(flows, 4)
+def kill_receiving_processes(
+    config: CollectConfig, steps: list[Callable[[], object]], flows: Sequence[bytes]
+) -> None:
+    """Collect on a thread; at each step (once a receiving process reads an open stream) run it, then kill that
+    process with SIGKILL and wait for its replacement. Then every flow must be stored once, and collect stop
+    cleanly."""
     sources: list[RelaySource] = []
     stop = threading.Event()
     errors: list[BaseException] = []
-    with ObserverServer(buffer_size=10_000) as server:
-        server.publish(parts[0])
-        config = fast_collect_config(server.address, tmp_path, workers=2, resume_overlap_seconds=5.0)
 
-        def run() -> None:
-            try:
-                collect(config, stop=stop, on_started=lambda source, _: sources.append(source))
-            except BaseException as exc:  # noqa: BLE001  (asserted below)
-                errors.append(exc)
-
-        thread = threading.Thread(target=run, name="test-collect", daemon=True)
-        thread.start()
+    def run() -> None:
         try:
-            killed: list[int] = []
-            for part in parts[1:]:
-                pid = wait_until(lambda: sources and sources[0].receiver_pid, what="a receiving process")
-                wait_until(lambda: sources[0].connected, what="the stream open")
-                server.publish(part)  # flows on their way while the receiving process dies
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                wait_until(
-                    lambda p=pid: sources[0].receiver_pid not in (None, p), what="a new receiving process"
-                )
-            wait_until(lambda: len(dataset_uuids(tmp_path)) >= len(flows), what="every flow after the kills")
-        finally:
-            stop.set()
-            thread.join(30)
+            collect(config, stop=stop, on_started=lambda source, _: sources.append(source))
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="test-collect", daemon=True)
+    thread.start()
+    dataset = Path(config.sink.path)
+    try:
+        for step in steps:
+            pid = wait_until(lambda: sources and sources[0].receiver_pid, what="a receiving process")
+            wait_until(lambda: sources[0].connected, what="the stream open")
+            step()
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pid: sources[0].receiver_pid not in (None, p), what="a new receiving process")
+        wait_until(lambda: len(dataset_uuids(dataset)) >= len(flows), what="every flow after the kills")
+    finally:
+        stop.set()
+        thread.join(30)
     assert not thread.is_alive() and errors == []
-    assert sources[0].reconnects >= len(killed)
-    written = dataset_uuids(tmp_path)
+    assert sources[0].reconnects >= len(steps)
+    written = dataset_uuids(dataset)
     assert len(written) == len(set(written)), "no flow written twice"
     assert sorted(written) == sorted(uuids_of(flows)), "no flow missing"
 
 
-def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_waits_while_nobody_reads() -> (
-    None
-):
+def test_the_receiving_process_killed_is_replaced_and_nothing_is_lost_or_repeated(tmp_path: Path) -> None:
+    flows = sim_flow_bytes()[:4000]
+    parts = chunks(flows, 4)
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(parts[0])
+        config = fast_collect_config(server.address, tmp_path, workers=2, resume_overlap_seconds=5.0)
+        # flows on their way while the receiving process dies
+        kill_receiving_processes(config, [lambda p=part: server.publish(p) for part in parts[1:]], flows)
+
+
+def flow_uuids(batch: pa.BinaryArray | pa.Table) -> list[str]:
+    """The uuids of the flows in a batch handed over: decoded rows, or serialised responses."""
+    if isinstance(batch, pa.Table):
+        return list(batch.column("uuid").to_pylist())
+    responses = [observer_pb2.GetFlowsResponse.FromString(m) for m in batch.to_pylist()]
+    return [r.flow.uuid for r in responses if r.HasField("flow")]
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decoded", "messages"])
+def test_the_receiving_process_hands_over_every_flow_in_order_and_the_stream_waits_while_nobody_reads(
+    decode: bool,
+) -> None:
     # ~44 MB: several times what the socket, the queue and the HTTP/2 window hold together
     flows = sim_flow_bytes(40_000)
     with ObserverServer(buffer_size=50_000) as server:
         server.publish(flows)
         config = fast_source(server.address, max_pending_flows=500, batch_max_flows=300)
-        process = ReceivingProcess(config)
+        process = ReceivingProcess(config, decode=decode)
         try:
             request = observer_pb2.GetFlowsRequest(number=len(flows))  # the whole buffer, then the call ends
             stream = process.follow(request.SerializeToString(), on_first=lambda: None)
             wait_until(lambda: wait_readable(process.sock, 0.0), what="the first batch")
             time.sleep(1.0)  # nobody reads meanwhile
-            arrived: list[bytes] = []
+            batches: list[pa.BinaryArray | pa.Table] = []
             while wait_readable(process.sock, 0.0) and not stream.done:
-                arrived += stream._read().to_pylist()
-            assert len(arrived) < len(flows) / 2, "the relay's stream waited for the reader"
+                batch = (
+                    stream._read()
+                )  # (read as fast as it can: the process sends more as the socket empties)
+                if batch is not None:
+                    batches.append(batch)
+            waiting = sum(len(batch) for batch in batches)
+            assert waiting < len(flows) / 2, "the relay's stream waited for the reader"
             over = False
             stop = threading.Event()
             while not over:
                 taken, over = stream.take(300, 5.0, stop)
-                arrived += list(taken.to_pylist() if len(taken) else [])
+                if len(taken):
+                    batches.append(taken)
             assert stream.error is None
         finally:
             process.close()
-    got = [observer_pb2.GetFlowsResponse.FromString(m) for m in arrived]
-    assert [r.flow.uuid for r in got if r.HasField("flow")] == uuids_of(flows), "every flow, in order"
+    arrived = [uuid for batch in batches for uuid in flow_uuids(batch)]
+    assert arrived == uuids_of(flows), "every flow, in order"
     assert process_gone(process.pid), "closing the socket ends the receiving process"
+
+
+def test_the_receiving_process_decodes_every_flow_and_hands_the_rows_over_in_order() -> None:
+    flows = sim_flow_bytes(6000)
+    with ObserverServer(buffer_size=10_000) as server:
+        server.publish(flows)
+        config = fast_source(server.address, batch_max_flows=1000, cluster_name="prod")
+        process = ReceivingProcess(config)
+        try:
+            request = observer_pb2.GetFlowsRequest(number=len(flows))  # the whole buffer, then the call ends
+            stream = process.follow(request.SerializeToString(), on_first=lambda: None)
+            stop, over = threading.Event(), False
+            tables: list[pa.Table] = []
+            messages: list[bytes] = []
+            while not over:
+                taken, over = stream.take(1000, 5.0, stop)
+                if isinstance(taken, pa.Table):
+                    tables.append(taken)
+                elif len(taken):
+                    messages += taken.to_pylist()
+            assert stream.error is None
+            with open(f"/proc/{process.pid}/maps") as maps:
+                libraries = maps.read()
+            assert "pyarrow" in libraries and "ptars" in libraries, "the decoder runs there"
+            assert "pandas" not in libraries and "grpc" not in libraries, (
+                "neither pandas nor grpcio is loaded"
+            )
+        finally:
+            process.close()
+    assert len(tables) > 1 and all(table.num_rows for table in tables), "batches of rows, a frame each"
+    rows = pa.concat_tables(tables)
+    assert rows.schema == FLOW_SCHEMA
+    assert rows.column("uuid").to_pylist() == uuids_of(flows), "every flow, decoded here, in order"
+    expected = decode_responses([flow_response(flow) for flow in flows], cluster_name="prod").flows
+    assert rows.equals(expected), "the same rows as decoding in the collector"
+    # the relay's node_status response is no flow: it crosses as it came, and the collector decodes it
+    assert decode_responses(messages).node_status, "node status handed over as a message"
+    assert stream.decode_seconds > 0, "the receiving process tells its decoding time at the end of the call"
+
+
+def test_responses_that_are_no_flows_and_batches_that_do_not_decode_cross_as_messages() -> None:
+    good = [flow_response(flow) for flow in sim_flow_bytes()[:20]]
+    lost = observer_pb2.GetFlowsResponse(
+        lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=7), node_name="n1"
+    )
+    lost.time.FromNanoseconds(1_700_000_001_000_000_123)
+    bad = b"\x0a\xff\xff\xff\x0f\x01"
+    ours, theirs = socket_pair()
+    try:
+        decoder = _Decoder(cluster_name=None)
+        decoder.send(theirs, [*good[:10], lost.SerializeToString(), *good[10:]])
+        kind, count, payload = read_frame(ours)
+        assert (kind, count) == (DECODED, 20)
+        assert decoded_rows(payload).column("uuid").to_pylist() == uuids_of(sim_flow_bytes()[:20])
+        kind, count, payload = read_frame(ours)
+        assert (kind, count) == (BATCH, 1)
+        (event,) = decode_responses(batch_messages(count, payload)).lost_events
+        assert (event.num_events_lost, event.node_name) == (7, "n1")
+
+        decoder.send(theirs, [good[0], bad, good[1]])  # the collector finds the bad message and reports it
+        kind, count, payload = read_frame(ours)
+        assert (kind, count) == (BATCH, 3)
+        assert batch_messages(count, payload).to_pylist() == [good[0], bad, good[1]]
+        assert not wait_readable(ours, 0.0), "nothing else"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_the_receiving_process_killed_while_it_decodes_and_hands_over_loses_and_repeats_nothing(
+    tmp_path: Path,
+) -> None:
+    # a backlog of 20,000 flows in batches of 4,000: each kill falls while the receiving process reads, decodes
+    # a batch or is in the middle of handing its rows over (a frame of several MB)
+    flows = sim_flow_bytes(20_000)
+    with ObserverServer(buffer_size=30_000) as server:
+        server.publish(flows)
+        config = fast_collect_config(
+            server.address, tmp_path, workers=2, batch_max_flows=4000, max_pending_flows=4000
+        )
+        waits = [lambda d=delay: time.sleep(d) for delay in (0.0, 0.05, 0.2, 0.5)]
+        kill_receiving_processes(config, waits, flows)
 
 
 def read_all(call: FlowsCall, until: int | None = None) -> list[bytes]:
@@ -313,7 +429,8 @@ def write_cgroup(root: Path, quota: str) -> Path:
 
 
 def test_the_receiving_process_loads_no_data_library_and_no_grpcio() -> None:
-    """The receiving process is started with `python -m`: its module and package must not import Arrow & co."""
+    """The receiving process is started with `python -m`: its module and package must not import Arrow & co (it
+    loads the decoder itself, when asked for decoded batches)."""
     code = (
         "import sys, flowpipe.sources.relay._receiver; "
         "print(sorted(m for m in ('pyarrow', 'duckdb', 'numpy', 'pandas', 'ptars', 'grpc') if m in sys.modules))"

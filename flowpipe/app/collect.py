@@ -15,9 +15,9 @@ SIGTERM/SIGINT): the open batch is flushed, the checkpoint saved. `/readyz` answ
 is open (and its receiving process runs) and the Parquet sink keeps flushing (nothing waits much longer than the
 flush interval).
 
-With two workers (`workers=2`, the default where the container may use two CPUs) the stream is read by a
-process of its own (`flowpipe.sources.relay._receiver`), which hands batches of raw responses to this process;
-this one decodes, skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
+With two workers (`workers=2`, the default where the container may use two CPUs) the stream is read and decoded
+by a process of its own (`flowpipe.sources.relay._receiver`), which hands batches of flow-table rows to this
+process; this one skips repeats, writes and moves the checkpoint, as with one worker. Either process killed,
 nothing is lost or written twice: this one owns everything durable, and starts a new receiving process when
 its receiving process ends; the receiving process exits when this one is gone. The stream is read by flowpipe's
 own HTTP/2 reader in either mode; `--receiver grpcio` reads it with the gRPC library's client instead (one
@@ -114,8 +114,8 @@ class CollectConfig:
     workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes that collect: 1 reads, decodes and writes in one process; 2 reads the stream in a "
-            "process of its own (default: 2 when the container may use 1.5 CPUs or more, else 1; 1 with the "
+            "help": "Processes that collect: 1 reads, decodes and writes in one process; 2 reads and decodes the "
+            "stream in a process of its own (default: 2 when the container may use 1.5 CPUs or more, else 1; 1 with the "
             "grpcio receiver)."
         },
     )

@@ -7,12 +7,14 @@ Three child processes, so that each one's CPU and memory are its own:
   `bench.collect_relay`), so that serving costs about a byte copy per flow, as a real relay's would, and 3M
   flows take no memory of their own;
 - the collector: `flowpipe.app.collect.collect` following the relay from an empty dataset until the first 1M
-  flows are written, with two workers (the stream read by a receiving process of its own), with one, and with
+  flows are written, with two workers (the stream read and decoded by a receiving process of its own), with one, and with
   one reading through grpcio (`--receiver grpcio`: the single grpcio process `collect` was before it read the
   stream itself, the baseline of the 2-worker speedup), then 3M with two (a `--flows` below 1M: that many,
   with all three); it samples the resident memory of its processes together as it goes (peak, and growth over
-  the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time), write
-  (the sinks' thread) and receive (the rest: gRPC, the receiving process, the hand-over);
+  the second half of the stream) and splits its CPU time by stage: decode (the decoding thread's time, and with
+  two workers what the receiving process reports of its own decoding), write (the sinks' thread) and receive
+  (the rest: gRPC or HTTP/2 reading, the hand-over), and with two workers by process (each under an interpreter
+  lock of its own: the larger share bounds the throughput);
 - the naive client: per flow `MessageToDict`, rows gathered into pandas DataFrames and written with `to_parquet`.
 """
 
@@ -89,18 +91,29 @@ def _growth(report: dict[str, Any]) -> float | None:
 
 
 def _stage_figures(report: dict[str, Any], label: str) -> list[Figure]:
-    """CPU-µs per flow of each stage: receive (the stream and its hand-over), decode (with the repeat check and
-    resume tracking), write (the sinks and metrics)."""
+    """CPU-µs per flow of each stage: receive (the stream and its hand-over), decode (the flow table, the repeat
+    check and resume tracking), write (the sinks and metrics); with two workers, each process's whole share too
+    (each runs under an interpreter lock of its own: the larger share bounds the throughput)."""
 
     flows = max(report["flows"], 1)
     stages = report["stages"]
+    two = bool(stages["receiving process"])
     notes = {
-        "receive": "gRPC, the receiving process and the hand-over; the rest of the collector's CPU",
-        "decode": "ptars, the flow table, the repeat check, resume tracking",
-        "write": "Parquet, the analytics sink, flush bookkeeping",
-        "receiving process": "of the receive stage: the second process's share (the other core's load)",
+        "receive": "HTTP/2 reading (the receiving process), the hand-over (both); the rest of the CPU"
+        if two
+        else "gRPC, the stream's thread; the rest of the collector's CPU",
+        "decode": "ptars and the flow table (the receiving process), the repeat check, resume tracking (the "
+        "collector)"
+        if two
+        else "ptars, the flow table, the repeat check, resume tracking",
+        "write": "Parquet, the analytics sink, flush bookkeeping (the collector)",
+        "receiving process": "HTTP/2 reading, decoding and handing over: one interpreter lock",
+        "decode in the receiving process": "of the decode stage: ptars and the flow table",
+        "collector process": "taking batches, the repeat check, resume tracking, write: the other lock",
     }
-    shown = ["receive", "decode", "write"] + (["receiving process"] if stages["receiving process"] else [])
+    shown = ["receive", "decode", "write"]
+    if two:
+        shown += ["receiving process", "decode in the receiving process", "collector process"]
     return [
         Figure(
             "collect", f"CPU per flow: {stage}, {label}", stages[stage] / flows * 1e6, "us", note=notes[stage]
@@ -359,12 +372,15 @@ def _collector_main(
     children_cpu = children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
     cpu = time.process_time() - cpu + children_cpu
     samples.append((received, _rss_bytes()))
-    decode_cpu = sources[0].decode_seconds if sources else 0.0
+    remote_decode_cpu = sources[0].remote_decode_seconds if sources else 0.0
+    decode_cpu = (sources[0].decode_seconds if sources else 0.0) + remote_decode_cpu
     stages = {
         "decode": decode_cpu,
         "write": write_cpu,
         "receive": max(0.0, cpu - decode_cpu - write_cpu),
         "receiving process": children_cpu,
+        "decode in the receiving process": remote_decode_cpu,
+        "collector process": cpu - children_cpu,
     }
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max([own_peak, *(rss for _, rss in samples)])

@@ -182,6 +182,32 @@ def decode_responses(
     return decoded
 
 
+def decode_flow_rows(
+    messages: Sequence[bytes] | pa.BinaryArray, *, cluster_name: str | None = None
+) -> tuple[pa.Table, list[bytes] | None]:
+    """The flow table of the flow responses among `messages`, and the other responses (lost events, node status)
+    as they came, for `decode_responses` to read, or None when every response is a flow. (A list of messages is
+    read as it is: no copy into an Arrow array first.)
+
+    This is what `collect`'s receiving process decodes: it never turns a row into Python objects (lost events'
+    times would need pandas). Raises an exception of the decoder (ptars) when a message is not valid protobuf:
+    the caller hands the batch on undecoded, and `decode_responses` finds the bad messages.
+    """
+    batch = decode_record_batch(messages)
+    flow_column = batch.column("flow")
+    is_flow = pc.is_valid(flow_column)
+    if not batch.num_rows or is_flow.true_count == batch.num_rows:
+        return flow_table(flow_column, batch.column("node_name"), batch.column("time"), cluster_name), None
+    selected = batch.filter(is_flow)
+    flows = flow_table(
+        selected.column("flow"), selected.column("node_name"), selected.column("time"), cluster_name
+    )
+    others = pc.indices_nonzero(pc.invert(is_flow)).to_pylist()
+    if isinstance(messages, pa.BinaryArray):
+        return flows, messages.take(others).to_pylist()
+    return flows, [messages[index] for index in others]
+
+
 def decode_messages(
     messages: Sequence[bytes], *, cluster_name: str | None = None, what: str = "<protobuf>"
 ) -> DecodedResponses:

@@ -1,7 +1,8 @@
 """The relay source (`source`: `RelaySource` following hubble-relay's GetFlows stream) and its parts.
 
-The package itself imports nothing heavy: the receiving process (`_receiver`, started with `python -m`) needs
-only h2 and its helpers (`_address`, `_h2call`, `_handoff`), neither grpcio nor Arrow. Every name of `source` (the
+The package itself imports nothing heavy: the receiving process (`_receiver`, started with `python -m`) starts
+with only h2 and its helpers (`_address`, `_h2call`, `_handoff`), and loads Arrow and the decoder (never grpcio)
+when the collector asks it for decoded batches. Every name of `source` (the
 source, its configuration and helpers) is reachable from here and imported on first use.
 """
 

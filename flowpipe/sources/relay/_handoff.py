@@ -1,13 +1,18 @@
 """Frames between the collector and its receiving process, over one end each of a Unix socketpair.
 
 ```
-frame  = kind (1 byte) | count (u32) | size (u64) | payload (size bytes)
-batch  = kind b"B": payload = count message lengths (u32 each) | the messages back to back
-others = a JSON document (kind b"E": a call ended), or a serialised request (kind b"S"), or nothing
+frame   = kind (1 byte) | count (u32) | size (u64) | payload (size bytes)
+batch   = kind b"B": payload = count message lengths (u32 each) | the messages back to back
+decoded = kind b"D": payload = an Arrow IPC stream of count rows of the flow table
+others  = a JSON document (kind b"E": a call ended), or a serialised request (kind b"S"), or nothing
 ```
 
-A batch crosses with one `sendall` of one buffer and is read into one buffer; the reading side takes it as an
-Arrow binary array over that buffer (no copy, no Python object per message), which the decoder reads as it is.
+The receiving process decodes the flows it reads and hands them over as flow-table rows (`D`); the responses
+that are not flows (lost events, node status), and a batch it cannot decode, cross as messages (`B`), which
+the collector decodes as the single process does. A frame of messages crosses with one `sendall`; decoded
+rows are written into the socket as an IPC stream, with no buffer of the whole frame on the sending side. Each
+frame is read into one buffer; the reading side takes a batch as an Arrow binary array over that buffer, and
+decoded rows as a table over it (no copy, no Python object per message or row).
 Both ends ask for `SOCKET_BUFFER_BYTES` of kernel buffer, so that a whole batch waits there while the previous
 one is decoded (a smaller buffer makes the sender wait for the reader at every batch).
 """
@@ -34,6 +39,7 @@ FRAME_MAX_BYTES = 3 * 1024 * 1024
 _HEADER = struct.Struct("<cIQ")
 
 BATCH = b"B"
+DECODED = b"D"
 END = b"E"
 START = b"S"
 CANCEL = b"C"
@@ -75,6 +81,29 @@ def send_batch(sock: socket.socket, messages: Sequence[bytes]) -> None:
             start, total = index, len(message)
     if start < len(messages):
         _send_batch_frame(sock, messages[start:])
+
+
+def send_table(sock: socket.socket, table: pa.Table) -> None:
+    """Send flow-table rows as one decoded frame: an Arrow IPC stream written straight into the socket (its size
+    counted first), so that no buffer of the whole frame is allocated, filled and freed at every batch."""
+    import pyarrow as pa
+
+    counter = pa.MockOutputStream()
+    _write_ipc(counter, table)
+    sock.sendall(_HEADER.pack(DECODED, table.num_rows, counter.size()))
+    with sock.makefile("wb", buffering=_IPC_WRITE_BUFFER) as out:
+        _write_ipc(out, table)
+
+
+_IPC_WRITE_BUFFER = 256 * 1024
+"""Buffer that gathers the small pieces of an IPC stream (metadata, short columns) into fewer writes."""
+
+
+def _write_ipc(sink: Any, table: pa.Table) -> None:
+    import pyarrow as pa
+
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _send_batch_frame(sock: socket.socket, messages: Sequence[bytes]) -> None:
@@ -130,6 +159,14 @@ def batch_messages(count: int, payload: bytes | bytearray) -> pa.BinaryArray:
     data = pa.py_buffer(payload)[4 * count :]
     array: pa.BinaryArray = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), data])
     return array
+
+
+def decoded_rows(payload: bytes | bytearray) -> pa.Table:
+    """A decoded frame's flow-table rows, over the payload itself (no copy)."""
+    import pyarrow as pa
+
+    table: pa.Table = pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+    return table
 
 
 def json_payload(payload: bytes | bytearray) -> dict[str, Any]:

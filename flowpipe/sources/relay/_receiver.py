@@ -1,7 +1,9 @@
 """The receiving process of `collect --workers 2` (`python -m flowpipe.sources.relay._receiver FD SETTINGS`):
-reads the GetFlows calls the collector asks for over HTTP/2 (`_h2call`) and hands their responses over in
-batches (`_handoff`). What it does and how the collector drives it: `_worker`. It loads neither grpcio nor a
-data library: a small process that starts fast.
+reads the GetFlows calls the collector asks for over HTTP/2 (`_h2call`), decodes their flows into flow-table
+rows (`from_proto.decode_flow_rows`, on this process's CPU and interpreter lock) and hands them over in
+batches (`_handoff`). What it does and how the collector drives it: `_worker`. Its module loads neither grpcio
+nor a data library; the decoder (Arrow, ptars) is loaded when the collector asks for decoded batches, and
+pandas never is (nothing here turns rows into Python objects).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flowpipe.sources.relay._handoff import (
     read_frame,
     send_batch,
     send_json,
+    send_table,
 )
 
 log = logging.getLogger("flowpipe.sources.relay")
@@ -36,6 +39,47 @@ GET_FLOWS = "/observer.Observer/GetFlows"
 
 def _describe(error: BaseException) -> dict[str, Any]:
     return {"code": None, "error": f"{type(error).__name__}: {error}"}
+
+
+class _NoPandas:
+    """An import hook that makes pandas unavailable to this process: Arrow looks for it when it builds an array,
+    and loading it would cost tens of MB here for nothing."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("the receiving process does not load pandas", name=name)
+
+
+class _Decoder:
+    """Decodes a batch of responses into flow-table rows and hands them over (`D` frames); the responses that
+    are not flows, and a batch that cannot be decoded, are handed over as they came (`B` frames)."""
+
+    def __init__(self, cluster_name: str | None) -> None:
+        import pyarrow as pa
+
+        from flowpipe.transforms.from_proto import decode_flow_rows
+
+        # freed batches go back to the system sooner (as in the collector)
+        pa.set_memory_pool(pa.system_memory_pool())
+        self.cluster_name = cluster_name
+        self.decode = decode_flow_rows
+        self.seconds = 0.0
+        """Thread CPU time spent decoding (this process's share of the decode stage)."""
+
+    def send(self, sock: socket.socket, messages: list[bytes]) -> None:
+        started = time.thread_time()
+        try:
+            flows, others = self.decode(messages, cluster_name=self.cluster_name)
+        except Exception:  # noqa: BLE001  (not valid protobuf: the collector finds and reports the bad messages)
+            self.seconds += time.thread_time() - started
+            send_batch(sock, messages)
+            return
+        self.seconds += time.thread_time() - started
+        if flows.num_rows:
+            send_table(sock, flows)
+        if others is not None:
+            send_batch(sock, others)
 
 
 class _Worker:
@@ -50,6 +94,7 @@ class _Worker:
         self.requests: queue.Queue[tuple[threading.Event, bytes]] = queue.Queue()
         self.lock = threading.Lock()
         self.cancel: threading.Event | None = None
+        self.decoder: _Decoder | None = None
 
     def control(self) -> None:
         """Read the collector's frames; the end of the connection (the collector is gone) ends the process."""
@@ -71,19 +116,30 @@ class _Worker:
 
     def run(self) -> None:
         threading.Thread(target=self.control, name="flowpipe-receiver-control", daemon=True).start()
+        if self.settings.get("decode"):
+            self.decoder = _Decoder(self.settings.get("cluster_name"))
         while True:
             cancel, request = self.requests.get()
+            decoded_before = self.decoder.seconds if self.decoder is not None else 0.0
             try:
                 ending = self._call(cancel, request)
             except (OSError, HandoffClosed):
                 raise  # the collector is gone
             except Exception as exc:  # noqa: BLE001  (told to the collector, which retries with backoff)
                 ending = _describe(exc)
+            if self.decoder is not None:
+                ending["decode_seconds"] = self.decoder.seconds - decoded_before
             send_json(self.sock, END, ending)
 
+    def _send(self, messages: list[bytes]) -> None:
+        if self.decoder is not None:
+            self.decoder.send(self.sock, messages)
+        else:
+            send_batch(self.sock, messages)
+
     def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
-        """Read one call, handing its messages over in batches of `batch_max_flows` (at most
-        `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
+        """Read one call, handing its messages over (decoded, with a decoder) in batches of `batch_max_flows`
+        (at most `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
         if cancel.is_set():
             return {"code": "CANCELLED", "details": "cancelled before it started"}
         call = FlowsCall(self.settings["address"], self.tls, GET_FLOWS, request)
@@ -101,13 +157,13 @@ class _Worker:
                 if not batch:
                     due = time.monotonic() + seconds
                 batch += messages
-            # (a collector that does not read makes `send_batch` wait: the socket is not read meanwhile,
+            # (a collector that does not read makes the hand-over wait: the socket is not read meanwhile,
             # and the relay's stream waits for its HTTP/2 window)
             if batch and (len(batch) >= count or time.monotonic() >= due):
-                send_batch(self.sock, batch)
+                self._send(batch)
                 batch = []
         if batch:
-            send_batch(self.sock, batch)
+            self._send(batch)
         assert call.status is not None
         code, details = call.status
         return {"code": None} if code == "OK" else {"code": code, "details": details}
@@ -118,6 +174,8 @@ def main(argv: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the collector's to act on: it stops this process itself
         signal.signal(sig, signal.SIG_IGN)
     settings = json.loads(argv[1])
+    if settings.get("decode"):
+        sys.meta_path.insert(0, _NoPandas)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.get("log_level", logging.WARNING), format="%(levelname)s %(message)s")
     sock = socket.socket(fileno=int(argv[0]))
     try:

@@ -1,26 +1,32 @@
-"""The receiving process: reads GetFlows streams for the collector, so that receiving and decoding use two cores.
+"""The receiving process: reads and decodes GetFlows streams for the collector, so that collecting uses two cores.
 
 ```
-collector process (RelaySource: connect, resume, decode, dedupe; sinks; checkpoint; /metrics)
+collector process (RelaySource: connect, resume, dedupe; sinks; checkpoint; /metrics)
    │ ▲   S: a serialised GetFlowsRequest      C: cancel the call      (end of connection: exit)
-   ▼ │   B: batches of raw GetFlowsResponse bytes      E: the call ended (status code and details)
-receiving process (`_receiver`): one GetFlows call at a time over HTTP/2 (`_h2call`) ─▶ batches
+   ▼ │   D: batches of flow-table rows (Arrow IPC)      B: batches of raw GetFlowsResponse bytes
+   │ │   E: the call ended (status code and details, the CPU time spent decoding)
+receiving process (`_receiver`): one GetFlows call at a time over HTTP/2 (`_h2call`) ─▶ decode ─▶ batches
 ```
 
-The receiving process never builds a protobuf object, and does not load grpcio (which costs several
-microseconds a streamed message): it reads the call's HTTP/2 frames itself and cuts the responses out of them
-as bytes, which leave as bytes, a batch (`batch_max_flows`, or `batch_max_seconds` after its first flow) in
-frames (`_handoff`). It holds nothing durable and decides nothing: the collector says which stream to open (from
-its own resume point) and when to end it, and moves its checkpoint only for what its sinks made durable, as with
-one process.
+The receiving process does not load grpcio (which costs several microseconds a streamed message): it reads the
+call's HTTP/2 frames itself and cuts the responses out of them as bytes. A batch of them (`batch_max_flows`, or
+`batch_max_seconds` after its first flow) is decoded there into flow-table rows (ptars and the flow table, the
+same code as in one process: `from_proto.decode_flow_rows`), which cross as one Arrow IPC frame (`_handoff`);
+the collector takes them as they are, with no decoding of its own. Responses that are not flows (lost events,
+node status: rare) and a batch that does not decode cross as raw bytes, and the collector decodes them as one
+process does (a bad message is reported there). The receiving process holds nothing durable and decides
+nothing: the collector says which stream to open (from its own resume point) and when to end it, skips repeats,
+moves the resume point, and moves its checkpoint only for what its sinks made durable, as with one process.
 
 - **Backpressure**: a collector that falls behind stops reading the socket; once its buffer (a few MiB) is
   full, the receiving process waits in `sendall` and stops reading its connection (it holds at most a batch
-  of `max_pending_flows`), and the relay's stream waits (HTTP/2 flow control).
+  of `max_pending_flows`, and the rows of the batch being handed over), and the relay's stream waits (HTTP/2
+  flow control).
 - **Either process killed**: the collector killed, its end of the socket closes and the receiving process exits
-  (it ignores SIGINT and SIGTERM, which are the collector's to act on). The receiving process killed, the
-  collector sees the socket close, counts it as a lost stream, and starts a new receiving process with the
-  reconnect backoff; the new stream resumes from the collector's resume point and repeats are skipped.
+  (it ignores SIGINT and SIGTERM, which are the collector's to act on). The receiving process killed (reading,
+  decoding or in the middle of a frame), the collector sees the socket close, drops the partial frame, counts it
+  as a lost stream, and starts a new receiving process with the reconnect backoff; the new stream resumes from
+  the collector's resume point and repeats are skipped.
 - **Stop**: the collector cancels the call, reads what the receiving process still sends until the end of the
   call, and then closes the socket (the receiving process exits).
 """
@@ -40,16 +46,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pyarrow as pa
 
 import flowpipe
 from flowpipe.sources.relay._connect import CallError
 from flowpipe.sources.relay._handoff import (
     BATCH,
     CANCEL,
+    DECODED,
     END,
     START,
     HandoffClosed,
     batch_messages,
+    decoded_rows,
     json_payload,
     read_frame,
     send_frame,
@@ -58,8 +67,6 @@ from flowpipe.sources.relay._handoff import (
 )
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from flowpipe.sources.relay._config import RelaySourceConfig
 
 log = logging.getLogger("flowpipe.sources.relay")
@@ -77,7 +84,7 @@ class ReceiverGone(Exception):
 # -- the collector's side ---------------------------------------------------------------------------------
 
 
-def _settings(config: RelaySourceConfig) -> dict[str, Any]:
+def _settings(config: RelaySourceConfig, decode: bool) -> dict[str, Any]:
     tls = config.tls
     return {
         "address": config.address,
@@ -88,19 +95,28 @@ def _settings(config: RelaySourceConfig) -> dict[str, Any]:
         "batch_max_flows": config.batch_max_flows,
         "batch_max_seconds": config.batch_max_seconds,
         "log_level": logging.getLogger("flowpipe").getEffectiveLevel(),
+        "decode": decode,
+        "cluster_name": config.cluster_name,
     }
 
 
 class ReceivingProcess:
-    """The collector's handle on its receiving process (started at once; `close()` ends it)."""
+    """The collector's handle on its receiving process (started at once; `close()` ends it). With `decode`, it
+    hands flows over as flow-table rows; without, every response as bytes."""
 
-    def __init__(self, config: RelaySourceConfig) -> None:
+    def __init__(self, config: RelaySourceConfig, *, decode: bool = True) -> None:
         ours, theirs = socket_pair()
         environment = dict(os.environ)
         # the package as this process imported it, whatever the working directory and path of the child
         root = str(Path(flowpipe.__file__).resolve().parent.parent)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", RECEIVER_MODULE, str(theirs.fileno()), json.dumps(_settings(config))]
+        command = [
+            sys.executable,
+            "-m",
+            RECEIVER_MODULE,
+            str(theirs.fileno()),
+            json.dumps(_settings(config, decode)),
+        ]
         try:
             self.process = subprocess.Popen(
                 command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environment
@@ -167,6 +183,9 @@ class RemoteStream:
         self.error: BaseException | None = None
         self.receive_seconds = 0.0
         """Thread CPU time spent reading batches from the socket (the collector's share of receiving)."""
+        self.decode_seconds = 0.0
+        """CPU time the receiving process spent decoding this call's batches (told at the end of the call)."""
+        self._held: pa.BinaryArray | pa.Table | None = None
 
     def gone(self) -> None:
         """The receiving process is gone: the call is over."""
@@ -175,21 +194,22 @@ class RemoteStream:
             # (no pid in the text: the connection log says each reason once, however many processes end alike)
             self.error = ReceiverGone(f"the receiving process {self.process.ended()}")
 
-    def _read(self) -> pa.BinaryArray | None:
-        """Read one frame: a batch's messages, or None (the call ended, `done` is set)."""
+    def _read(self) -> pa.BinaryArray | pa.Table | None:
+        """Read one frame: a batch's messages or decoded rows, or None (the call ended, `done` is set)."""
         started = time.thread_time()
         try:
             kind, count, payload = read_frame(self.process.sock)
         except (HandoffClosed, OSError):
             self.gone()
             return None
-        if kind == BATCH:
-            messages = batch_messages(count, payload)
+        if kind in (BATCH, DECODED):
+            batch = batch_messages(count, payload) if kind == BATCH else decoded_rows(payload)
             self.receive_seconds += time.thread_time() - started
-            return messages
+            return batch
         if kind == END:
             self.done = True
             ending = json_payload(payload)
+            self.decode_seconds += ending.get("decode_seconds") or 0.0
             if ending.get("code"):
                 self.error = CallError(grpc.StatusCode[ending["code"]], ending.get("details") or "")
             elif ending.get("error"):
@@ -200,13 +220,16 @@ class RemoteStream:
         return None
 
     def take(self, count: int, wait_seconds: float, stop: threading.Event) -> tuple[Any, bool]:
-        """The next batch (waiting up to `wait_seconds` for it) and whether the call is over.
+        """The next batch (waiting up to `wait_seconds` for it) and whether the call is over: messages (an Arrow
+        binary array) or decoded rows (a table of the flow table's columns).
 
-        The receiving process batches by time and count and cuts a batch into frames that fit the socket's
-        buffer; frames already waiting are taken together up to `count` messages (fewer, larger batches cost
-        less to decode and write)."""
+        The receiving process batches by time and count; frames of messages already waiting are taken together
+        up to `count` messages (fewer, larger batches cost less to decode and write)."""
         deadline = time.monotonic() + wait_seconds
-        while not self.done:
+        while not self.done or self._held is not None:
+            if self._held is not None:
+                messages, self._held = self._held, None
+                return self._more(messages, count), False
             left = deadline - time.monotonic()
             if wait_readable(self.process.sock, min(max(left, 0.0), 0.1)):
                 messages = self._read()
@@ -220,19 +243,23 @@ class RemoteStream:
                 return [], False
         return [], True
 
-    def _more(self, messages: pa.BinaryArray, count: int) -> pa.BinaryArray:
-        """`messages` and the batch frames that already wait after them, up to `count` messages in all."""
+    def _more(self, messages: pa.BinaryArray | pa.Table, count: int) -> pa.BinaryArray | pa.Table:
+        """`messages` and the batch frames that already wait after them, up to `count` messages in all (decoded
+        rows come a whole batch to a frame, and are taken alone)."""
+        if not isinstance(messages, pa.BinaryArray):
+            return messages
         frames, total = [messages], len(messages)
         while total < count and not self.done and wait_readable(self.process.sock, 0.0):
             more = self._read()
             if more is None:
                 break  # the call ended: that is seen at the next take, after these messages
+            if not isinstance(more, pa.BinaryArray):
+                self._held = more  # rows: the next take's
+                break
             frames.append(more)
             total += len(more)
         if len(frames) == 1:
             return messages
-        import pyarrow as pa
-
         joined: pa.BinaryArray = pa.concat_arrays(frames)
         return joined
 

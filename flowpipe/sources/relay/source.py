@@ -4,6 +4,7 @@
 ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filters, field_mask)
    receiver thread (_connect.StreamReceiver; the call read over HTTP/2 by _h2call): raw response bytes
                     ─▶ bounded deque (backpressure reaches the relay through HTTP/2 flow control)
+   (or the receiving process, `_worker`: the call read and decoded there ─▶ flow-table rows over a socket)
    batches(): deque ─▶ decode in bulk (transforms.from_proto) ─▶ skip repeats (_dedupe)
                     ─▶ move the resume point (_resume) ─▶ EventBatch(position)
 ```
@@ -29,8 +30,9 @@ ServerStatus ─▶ (GetNodes: --node-shard) ─▶ GetFlows(follow, since, filt
 - `lost_events` become `EventBatch.lost_events` (this shard's nodes only, each record once); `node_status`
   events are counted and their errors logged.
 - **Receiving process** (`receive_process=True`, `collect --workers 2`): the GetFlows call is read by a process of
-  its own (`_worker` drives it, `_receiver` runs in it), which hands the raw responses over in batches; everything else stays here, the same
-  in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
+  its own (`_worker` drives it, `_receiver` runs in it), which decodes the flows there and hands them over as
+  flow-table rows in batches (responses that are not flows as bytes, decoded here); skipping repeats, the
+  resume point and everything else stays here, the same in both modes. A receiving process that dies ends the stream like a broken connection: a new one is started,
   and the stream resumes from the resume point with the repeats skipped.
 - **Library client** (`receiver="grpcio"`, `collect --receiver grpcio`, one process): the receiver thread reads
   the call through grpcio (`_connect.library_call`) instead of `_h2call`: slower (several µs a message), for
@@ -91,7 +93,7 @@ from flowpipe.sources.relay._dedupe import (
 from flowpipe.sources.relay._log import ConnectionLog
 from flowpipe.sources.relay._resume import RelayPosition, ResumeTracker, checkpoint_state, read_checkpoint
 from flowpipe.sources.relay._worker import ReceivingProcess, RemoteStream
-from flowpipe.transforms.from_proto import FIELD_MASK_PATHS, decode_responses
+from flowpipe.transforms.from_proto import FIELD_MASK_PATHS, DecodedResponses, decode_responses
 
 if TYPE_CHECKING:
     from flowpipe.metrics.families import PipelineMetrics
@@ -153,7 +155,10 @@ class RelaySource:
         self._receiver: StreamReceiver | RemoteStream | None = None
         self._process: ReceivingProcess | None = None
         self.decode_seconds = 0.0
-        """CPU time (of the thread that decodes) spent decoding, skipping repeats and tracking the resume point."""
+        """CPU time (of the thread that decodes) spent decoding, skipping repeats and tracking the resume point
+        (with `receive_process`, the flows arrive decoded: only the rest)."""
+        self.remote_decode_seconds = 0.0
+        """CPU time the receiving process spent decoding (with `receive_process`; told at the end of each call)."""
         self.receive_seconds = 0.0
         """CPU time of this process spent taking batches from the receiving process (with `receive_process`)."""
         self._channel: grpc.Channel | None = None
@@ -427,6 +432,7 @@ class RelaySource:
             self._receiver = None
             if isinstance(receiver, RemoteStream):
                 self.receive_seconds += receiver.receive_seconds
+                self.remote_decode_seconds += receiver.decode_seconds
         error = receiver.error
         if isinstance(error, grpc.RpcError) and status_code(error) == grpc.StatusCode.CANCELLED:
             return None  # we ended it ourselves (stop, or a node list change)
@@ -468,15 +474,18 @@ class RelaySource:
             return False
         return self._my_nodes != before
 
-    def _batch(self, messages: Sequence[bytes] | pa.BinaryArray) -> EventBatch | None:
+    def _batch(self, messages: Sequence[bytes] | pa.BinaryArray | pa.Table) -> EventBatch | None:
         started = time.thread_time()
         try:
             return self._decoded_batch(messages)
         finally:
             self.decode_seconds += time.thread_time() - started
 
-    def _decoded_batch(self, messages: Sequence[bytes] | pa.BinaryArray) -> EventBatch | None:
-        decoded = decode_responses(messages, cluster_name=self.config.cluster_name)
+    def _decoded_batch(self, messages: Sequence[bytes] | pa.BinaryArray | pa.Table) -> EventBatch | None:
+        if isinstance(messages, pa.Table):  # decoded by the receiving process
+            decoded = DecodedResponses(messages)
+        else:
+            decoded = decode_responses(messages, cluster_name=self.config.cluster_name)
         errors = [
             FlowDecodeError(
                 f"undecodable GetFlowsResponse: {why}",
