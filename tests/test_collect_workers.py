@@ -393,12 +393,16 @@ def test_each_receiver_hands_over_every_response_and_ends_with_grpcios_status_co
             assert isinstance(broken.error, grpc.RpcError)
             assert status_code(broken.error) == grpc.StatusCode.UNAVAILABLE
 
+            if receiver == "grpcio":  # the channel reconnects on its own, after a backoff of up to a second
+                grpc.channel_ready_future(channel).result(timeout=30)
             cancelled = start(following)
             assert drain(cancelled, until=1)
             cancelled.stop()  # from this thread, as the source does
             cancelled.join(5.0)
-            assert not cancelled.is_alive() and isinstance(cancelled.error, grpc.RpcError)
-            assert status_code(cancelled.error) == grpc.StatusCode.CANCELLED
+            assert not cancelled.is_alive()
+            # Stopped between two messages it ends as asked, with no error; stopped while waiting for one, with
+            # the call's CANCELLED: never with another status.
+            assert cancelled.error is None or status_code(cancelled.error) == grpc.StatusCode.CANCELLED
             wait_until(lambda: server.active_streams() == 0, what="the relay to see the cancelled call end")
         finally:
             channel.close()
