@@ -1,8 +1,10 @@
 """serve-hubble reads the next batches while it sends one: still in time order, each flow once, bounded by the
-client (a client that stops reading stops the read), and a cancelled call leaves no reading thread behind."""
+client (a client that stops reading stops the read), a cancelled call leaves no reading thread behind, and a
+file that cannot be read ends the call with a status."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from support.small_files import write_small_files
 
@@ -179,3 +182,33 @@ def test_a_call_cancelled_mid_stream_ends_its_reading_thread(
         _read_all(again, tail)
     assert again.status[0] == "OK"
     assert [flow for m in tail if (flow := _time_and_uuid(m))] == expected[-5:]
+
+
+def test_a_corrupt_part_file_met_mid_stream_ends_the_call_with_a_clean_status(
+    stored: tuple[Path, list[tuple[int, str]]],
+    rows_read: list[int],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root, expected = stored
+    copy = tmp_path / "dataset"
+    shutil.copytree(root, copy)
+    # A part file of the second hour with its flows' uuids damaged (its footer intact): found only when read.
+    victim = max(copy.glob("flows/**/hour=18/*.parquet"))
+    chunk = pq.ParquetFile(victim).metadata.row_group(0).column(FLOW_SCHEMA.get_field_index("uuid"))
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data = victim.read_bytes()
+    victim.write_bytes(data[:middle] + bytes(16) + data[middle + 16 :])
+    with HistoryServer(str(copy)) as server:
+        call = FlowsCall(server.address, None, _GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
+        messages: list[bytes] = []
+        _read_all(call, messages)
+        _wait_until(lambda: not _reading_threads())
+        assert not _reading_threads()
+    code, message = call.status
+    assert code == "UNAVAILABLE", call.status
+    assert "cannot read the dataset" in message and "hour=18" in message, message
+    assert "Traceback" not in caplog.text  # the operator gets one line, not the handler's traceback
+    # what went out before the damaged file is in order, each flow once
+    flows = [flow for m in messages if (flow := _time_and_uuid(m))]
+    assert flows and flows == expected[: len(flows)]
