@@ -212,3 +212,21 @@ def test_a_corrupt_part_file_met_mid_stream_ends_the_call_with_a_clean_status(
     # what went out before the damaged file is in order, each flow once
     flows = [flow for m in messages if (flow := _time_and_uuid(m))]
     assert flows and flows == expected[: len(flows)]
+
+
+def test_calls_opened_together_and_read_later_each_get_the_whole_answer(
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int]
+) -> None:
+    # The client reads its socket only later: the server's acknowledgement of the client's settings (frames as
+    # large as its window) and the first large frames of the answer then come in one read.
+    root, expected = stored
+    with HistoryServer(str(root)) as server:
+        request = observer_pb2.GetFlowsRequest().SerializeToString()
+        calls = [FlowsCall(server.address, None, _GET_FLOWS, request) for _ in range(3)]
+        _wait_until(_settled(rows_read))  # every call has read ahead and waits for its client
+        answers: list[list[bytes]] = [[] for _ in calls]
+        for call, messages in zip(calls, answers, strict=True):
+            _read_all(call, messages)
+    for call, messages in zip(calls, answers, strict=True):
+        assert call.status[0] == "OK", call.status
+        assert [flow for m in messages if (flow := _time_and_uuid(m))] == expected
