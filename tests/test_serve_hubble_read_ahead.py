@@ -67,6 +67,20 @@ def rows_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield counts
 
 
+@pytest.fixture()
+def closed(monkeypatch: pytest.MonkeyPatch) -> list[history._Reader]:
+    """The readers closed (each closes its call's DuckDB connection)."""
+    readers: list[history._Reader] = []
+    close = history._Reader.close
+
+    def closing(self: history._Reader) -> None:
+        close(self)
+        readers.append(self)
+
+    monkeypatch.setattr(history._Reader, "close", closing)
+    return readers
+
+
 def _reading_threads() -> list[threading.Thread]:
     """The threads that read and encode for calls."""
     prefixes = ("flowpipe-serve-hubble-read", "flowpipe-serve-hubble-encode")
@@ -151,17 +165,9 @@ def test_a_client_that_stops_reading_stops_the_read_ahead(
 
 
 def test_a_call_cancelled_mid_stream_ends_its_reading_thread(
-    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], monkeypatch: pytest.MonkeyPatch
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], closed: list[history._Reader]
 ) -> None:
     root, expected = stored
-    closed: list[history._Reader] = []
-    close = history._Reader.close
-
-    def closing(self: history._Reader) -> None:
-        close(self)
-        closed.append(self)
-
-    monkeypatch.setattr(history._Reader, "close", closing)
     with HistoryServer(str(root)) as server:
         call = FlowsCall(server.address, None, _GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
         messages: list[bytes] = []
@@ -230,3 +236,27 @@ def test_calls_opened_together_and_read_later_each_get_the_whole_answer(
     for call, messages in zip(calls, answers, strict=True):
         assert call.status[0] == "OK", call.status
         assert [flow for m in messages if (flow := _time_and_uuid(m))] == expected
+
+
+def test_stopping_the_server_mid_stream_ends_every_call_and_closes_its_reader(
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], closed: list[history._Reader]
+) -> None:
+    root, _ = stored
+    server = HistoryServer(str(root)).start()
+    try:
+        request = observer_pb2.GetFlowsRequest().SerializeToString()
+        calls = [FlowsCall(server.address, None, _GET_FLOWS, request) for _ in range(3)]
+        for call in calls:  # each call's client has taken some flows, then stops reading
+            messages: list[bytes] = []
+            while len(messages) < 1000 and call.status is None:
+                messages.extend(call.read(1.0))
+        _wait_until(_settled(rows_read))
+        assert _reading_threads()
+    finally:
+        server.stop()  # (what SIGTERM does)
+    for call in calls:
+        _read_all(call, [])
+        assert call.status == ("UNAVAILABLE", "server is shutting down")
+    _wait_until(lambda: not _reading_threads())
+    assert not _reading_threads()
+    assert len(closed) == len(calls)  # each call's DuckDB connection was closed
