@@ -1,8 +1,10 @@
 """serve-hubble reads the next batches while it sends one: still in time order, each flow once, bounded by the
-client (a client that stops reading stops the read), and a cancelled call leaves no reading thread behind."""
+client (a client that stops reading stops the read), a cancelled call leaves no reading thread behind, and a
+file that cannot be read ends the call with a status."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from support.small_files import write_small_files
 
@@ -62,6 +65,20 @@ def rows_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     monkeypatch.setattr(history._Reader, "read", counting)
     yield counts
+
+
+@pytest.fixture()
+def closed(monkeypatch: pytest.MonkeyPatch) -> list[history._Reader]:
+    """The readers closed (each closes its call's DuckDB connection)."""
+    readers: list[history._Reader] = []
+    close = history._Reader.close
+
+    def closing(self: history._Reader) -> None:
+        close(self)
+        readers.append(self)
+
+    monkeypatch.setattr(history._Reader, "close", closing)
+    return readers
 
 
 def _reading_threads() -> list[threading.Thread]:
@@ -148,17 +165,9 @@ def test_a_client_that_stops_reading_stops_the_read_ahead(
 
 
 def test_a_call_cancelled_mid_stream_ends_its_reading_thread(
-    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], monkeypatch: pytest.MonkeyPatch
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], closed: list[history._Reader]
 ) -> None:
     root, expected = stored
-    closed: list[history._Reader] = []
-    close = history._Reader.close
-
-    def closing(self: history._Reader) -> None:
-        close(self)
-        closed.append(self)
-
-    monkeypatch.setattr(history._Reader, "close", closing)
     with HistoryServer(str(root)) as server:
         call = FlowsCall(server.address, None, _GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
         messages: list[bytes] = []
@@ -179,3 +188,75 @@ def test_a_call_cancelled_mid_stream_ends_its_reading_thread(
         _read_all(again, tail)
     assert again.status[0] == "OK"
     assert [flow for m in tail if (flow := _time_and_uuid(m))] == expected[-5:]
+
+
+def test_a_corrupt_part_file_met_mid_stream_ends_the_call_with_a_clean_status(
+    stored: tuple[Path, list[tuple[int, str]]],
+    rows_read: list[int],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root, expected = stored
+    copy = tmp_path / "dataset"
+    shutil.copytree(root, copy)
+    # A part file of the second hour with its flows' uuids damaged (its footer intact): found only when read.
+    victim = max(copy.glob("flows/**/hour=18/*.parquet"))
+    chunk = pq.ParquetFile(victim).metadata.row_group(0).column(FLOW_SCHEMA.get_field_index("uuid"))
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data = victim.read_bytes()
+    victim.write_bytes(data[:middle] + bytes(16) + data[middle + 16 :])
+    with HistoryServer(str(copy)) as server:
+        call = FlowsCall(server.address, None, _GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
+        messages: list[bytes] = []
+        _read_all(call, messages)
+        _wait_until(lambda: not _reading_threads())
+        assert not _reading_threads()
+    code, message = call.status
+    assert code == "UNAVAILABLE", call.status
+    assert "cannot read the dataset" in message and "hour=18" in message, message
+    assert "Traceback" not in caplog.text  # the operator gets one line, not the handler's traceback
+    # what went out before the damaged file is in order, each flow once
+    flows = [flow for m in messages if (flow := _time_and_uuid(m))]
+    assert flows and flows == expected[: len(flows)]
+
+
+def test_calls_opened_together_and_read_later_each_get_the_whole_answer(
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int]
+) -> None:
+    # The client reads its socket only later: the server's acknowledgement of the client's settings (frames as
+    # large as its window) and the first large frames of the answer then come in one read.
+    root, expected = stored
+    with HistoryServer(str(root)) as server:
+        request = observer_pb2.GetFlowsRequest().SerializeToString()
+        calls = [FlowsCall(server.address, None, _GET_FLOWS, request) for _ in range(3)]
+        _wait_until(_settled(rows_read))  # every call has read ahead and waits for its client
+        answers: list[list[bytes]] = [[] for _ in calls]
+        for call, messages in zip(calls, answers, strict=True):
+            _read_all(call, messages)
+    for call, messages in zip(calls, answers, strict=True):
+        assert call.status[0] == "OK", call.status
+        assert [flow for m in messages if (flow := _time_and_uuid(m))] == expected
+
+
+def test_stopping_the_server_mid_stream_ends_every_call_and_closes_its_reader(
+    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], closed: list[history._Reader]
+) -> None:
+    root, _ = stored
+    server = HistoryServer(str(root)).start()
+    try:
+        request = observer_pb2.GetFlowsRequest().SerializeToString()
+        calls = [FlowsCall(server.address, None, _GET_FLOWS, request) for _ in range(3)]
+        for call in calls:  # each call's client has taken some flows, then stops reading
+            messages: list[bytes] = []
+            while len(messages) < 1000 and call.status is None:
+                messages.extend(call.read(1.0))
+        _wait_until(_settled(rows_read))
+        assert _reading_threads()
+    finally:
+        server.stop()  # (what SIGTERM does)
+    for call in calls:
+        _read_all(call, [])
+        assert call.status == ("UNAVAILABLE", "server is shutting down")
+    _wait_until(lambda: not _reading_threads())
+    assert not _reading_threads()
+    assert len(closed) == len(calls)  # each call's DuckDB connection was closed

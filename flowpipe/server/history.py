@@ -735,8 +735,16 @@ class _Reader:
         return None if batch is None else self.encode(batch)
 
     def read(self) -> pa.RecordBatch | None:
-        """The next rows read, in order (DuckDB's part: its work runs without the GIL); None at the end."""
-        return self._read()
+        """The next rows read, in order (DuckDB's part: its work runs without the GIL); None at the end.
+
+        Raises QueryError naming the hour when its part files cannot be read (a damaged file: DuckDB's errors
+        come out of its Arrow stream as OSError).
+        """
+        try:
+            return self._read()
+        except (duckdb.Error, pa.ArrowException, OSError, QueryError) as exc:
+            detail = str(exc).strip() or type(exc).__name__
+            raise QueryError(f"reading the flows of {self._hour or 'the window'} failed: {detail}") from exc
 
     def encode(self, batch: pa.RecordBatch) -> Frames:
         """Rows `read` gave as framed responses of the flows that pass the filters (one thread at a time)."""
@@ -994,6 +1002,9 @@ class HistoryService:
         thread = _CallThread()
         try:
             await self._answer(req, stream, thread)
+        except FlowpipeError as exc:  # met while streaming (a damaged part file): a status, not a traceback
+            log.warning("GetFlows ended: cannot read the dataset: %s", exc)
+            raise GrpcAbort(grpc.StatusCode.UNAVAILABLE, f"cannot read the dataset: {exc}") from exc
         finally:
             thread.close()
 

@@ -133,6 +133,9 @@ class FlowsCall:
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: RECEIVE_WINDOW_BYTES,
             }
         )
+        # Frames that large are taken from now on (a server may send them once it has our settings): h2 would
+        # take them only after the server's acknowledgement, and refuses one read that holds both.
+        conn.max_inbound_frame_size = RECEIVE_WINDOW_BYTES
         conn.increment_flow_control_window(RECEIVE_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
         self._stream_id = conn.get_next_available_stream_id()
         conn.send_headers(
