@@ -3,10 +3,10 @@
 Drafts for a fleet hold tens of thousands of documents; PyYAML's pure-Python emitter spends most of `suggest`
 on them, and its C emitter (libyaml) indents lists differently. `dump_document` writes the shapes policy
 documents have (mappings with string keys, lists, strings, integers, booleans, None) itself, and only when every
-string is one PyYAML would write plain and on one line: a conservative character set (letters, digits and
-`_ . / : = -`, nothing that could start an indicator, a comment or a document marker), not read back as another
-type (`yes`, `on`, `null`, `1:20`, `0x1F`, `.inf` ... are checked with PyYAML's own resolver), keys shorter than
-PyYAML's simple-key limit. Any other document (a name with a space, a quote, a line break, unicode, a key too
+string is one PyYAML writes on one line without escapes: a conservative character set (letters, digits and
+`_ . / : = -`, nothing that could start an indicator, a comment or a document marker), plain, or single-quoted
+when PyYAML's own resolver would read it back as another type (`'8080'`, `'yes'`, `'on'`, `'null'`, `'1:20'`,
+`'0x1F'`), keys shorter than PyYAML's simple-key limit. Any other document (a name with a space, a quote, a line break, unicode, a key too
 long, a type it does not know) goes to PyYAML itself, which quotes and escapes it as it always has: text from
 flows stays data either way, and the bytes never depend on which path wrote them (a test compares the two on
 generated documents, hostile strings included).
@@ -71,19 +71,24 @@ def pyyaml_document(document: Any, *, allow_unicode: bool = True) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _plain(text: str) -> bool:
-    """True when PyYAML writes `text` as a plain scalar on one line and reads it back as this string."""
-    return (
-        _PLAIN.fullmatch(text) is not None
-        and _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR_TAG
-    )
+def _string(text: str) -> str | None:
+    """`text` as PyYAML writes it when that is plain (`web`), or single-quoted because it would read back as
+    another type (`'8080'`, `'yes'`, `''`); None for anything else (PyYAML writes it)."""
+    if not text:
+        return "''"
+    if _PLAIN.fullmatch(text) is None:
+        return None
+    if _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR_TAG:
+        return text
+    return f"'{text}'"  # the characters allowed hold no quote to double
 
 
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        if _plain(value):
-            return value
-        raise _NotSimple
+        text = _string(value)
+        if text is None:
+            raise _NotSimple
+        return text
     if value is True:
         return "true"
     if value is False:
@@ -100,7 +105,7 @@ def _scalar(value: Any) -> str:
 
 
 def _key(key: Any) -> str:
-    if not isinstance(key, str) or len(key) >= _SIMPLE_KEY_MAX:
+    if not isinstance(key, str) or not key or len(key) >= _SIMPLE_KEY_MAX:  # `? ''` for an empty key
         raise _NotSimple
     return _scalar(key)
 
