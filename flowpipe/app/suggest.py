@@ -613,11 +613,12 @@ def _prove(
     policies = list(draft.policies)
     left_out = list(draft.left_out)
     withheld: set[str] = set()
+    bodies: dict[str, tuple[tuple[int, ...], str]] = {}
     while True:
         result = FormatResult(fmt, policies, notes=list(draft.notes), review=_world_ingress(policies))
         result.notes += sorted({f"{p.key}: {n}" for p in policies for n in unexpressed(p)})
         result.left_out = left_out
-        files = _files(result, config, suggestion)
+        files = _files(result, config, suggestion, bodies)
         # The exact text that is written, read back: what the cluster would get is what is proved.
         documents = {f.path: _documents(f.text) for f in files}
         deployed = [p for f in files for p in _read_back(f, documents[f.path])]
@@ -647,8 +648,11 @@ def _prove(
     for edge in proof.learned_denied:
         for namespace in {s[0].split("/", 1)[0] for s in subjects(edge) if "/" in s[0]}:
             result.denied[namespace] = result.denied.get(namespace, 0) + edge.flows
-    files = _files(result, config, suggestion)  # the headers now name everything left out
+    files = _files(result, config, suggestion, bodies)  # the headers now name everything left out
     for draft_file in files:
+        body = bodies[draft_file.path][1] if draft_file.path in proved else None
+        if body is not None and draft_file.text.endswith(body) and _comments(draft_file.text[: -len(body)]):
+            continue  # the text proved, with other comment lines above it: the same documents
         if [d for d in _documents(draft_file.text) if d is not None] != proved.get(draft_file.path):
             raise PolicyError(f"the written text of {draft_file.path} differs from the proved documents")
     return result, files
@@ -663,6 +667,11 @@ def _read_back(draft_file: DraftFile, documents: Sequence[Any]) -> list[Policy]:
             f"{draft_file.path} reads back as {len(policies)} policies where {draft_file.policies} were drafted"
         )
     return policies
+
+
+def _comments(text: str) -> bool:
+    """True when `text` is whole comment lines only (every line, split at any line break, starts with `#`)."""
+    return text.endswith("\n") and all(line.startswith("#") for line in text.splitlines())
 
 
 def _documents(text: str) -> list[Any]:
@@ -860,7 +869,15 @@ def _unique_paths(files: list[DraftFile]) -> None:
             files[i] = dataclasses.replace(draft_file, path=path)
 
 
-def _files(result: FormatResult, config: SuggestConfig, suggestion: Suggestion) -> list[DraftFile]:
+def _files(
+    result: FormatResult,
+    config: SuggestConfig,
+    suggestion: Suggestion,
+    bodies: dict[str, tuple[tuple[int, ...], str]] | None = None,
+) -> list[DraftFile]:
+    """The files of a format's policies. `bodies`: each path's policies (by identity) and their rendered text,
+    reused while the same policies go to the same path (only the file headers change between proof rounds)."""
+    bodies = {} if bodies is None else bodies
     prefix = f"{result.format}/" if len(config.formats) > 1 else ""
     groups: dict[tuple[str, str], list[Any]] = {}
     for policy in result.policies:
@@ -873,10 +890,14 @@ def _files(result: FormatResult, config: SuggestConfig, suggestion: Suggestion) 
         groups.setdefault((namespace, prefix + name), []).append(policy)
     files = []
     for (namespace, path), policies in groups.items():
-        if result.format == "istio":
+        same = tuple(map(id, policies))
+        if path in bodies and bodies[path][0] == same:
+            body = bodies[path][1]
+        elif result.format == "istio":
             body = render_istio(policies, window=suggestion.window)
         else:
             body = render_yaml(policies, window=suggestion.window)
+        bodies[path] = (same, body)
         header = _file_header(result, namespace, policies, config, suggestion)
         rules = sum(_rule_count(p) for p in policies)
         files.append(DraftFile(path, result.format, namespace, header + body, len(policies), rules))
