@@ -96,6 +96,8 @@ def _header(
 def printable(text: str) -> str:
     """`text` on one line: line breaks and other control characters escaped (`\\n`), as text from flows
     (names, labels) must never end a comment or start a YAML document."""
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
