@@ -290,14 +290,16 @@ def draft_policies(
             "L7 (HTTP, Kafka) rules cannot be written in a NetworkPolicy; the drafts allow those ports at L4"
         )
 
+    in_namespace: dict[str, list[tuple[str, Any]]] = defaultdict(list)  # workloads in order, by namespace
+    for (ns, workload), by_direction in sorted(uses.items()):
+        in_namespace[ns].append((workload, by_direction))
     for namespace in sorted(drafted):
         if namespace in deny_namespaces:
             draft.policies.append(
                 _default_deny(namespace, flavour, dns_servers, selectors, draft.notes, held_dns)
             )
-        for (ns, workload), by_direction in sorted(uses.items()):
-            if ns != namespace:
-                continue
+        ns = namespace
+        for workload, by_direction in in_namespace.get(namespace, ()):
             rules = [rule for d in DIRECTIONS for rule in _rules(d, by_direction[d])]
             if any(p.kind == "fqdn" for r in rules for p in r.peers) and namespace not in deny_namespaces:
                 rules.append(_dns_rule(namespace, flavour, dns_servers, selectors))
