@@ -44,8 +44,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
 from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
@@ -69,7 +67,7 @@ from flowpipe.policy.istio import (
     render_istio,
     unallowed_requests,
 )
-from flowpipe.policy.load import load_policies, parse_policies
+from flowpipe.policy.load import load_documents, load_policies, policies_of
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
 from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, Subject, prove_draft, subjects
 from flowpipe.policy.proof import edge_text as denied_text
@@ -615,13 +613,15 @@ def _prove(
     policies = list(draft.policies)
     left_out = list(draft.left_out)
     withheld: set[str] = set()
+    bodies: dict[str, tuple[tuple[int, ...], str]] = {}
     while True:
         result = FormatResult(fmt, policies, notes=list(draft.notes), review=_world_ingress(policies))
         result.notes += sorted({f"{p.key}: {n}" for p in policies for n in unexpressed(p)})
         result.left_out = left_out
-        files = _files(result, config, suggestion)
+        files = _files(result, config, suggestion, bodies)
         # The exact text that is written, read back: what the cluster would get is what is proved.
-        deployed = [p for f in files for p in _read_back(f)]
+        documents = {f.path: _documents(f.text) for f in files}
+        deployed = [p for f in files for p in _read_back(f, documents[f.path])]
         proof = prove_draft(deployed, learned, flavour=fmt, existing=existing, stored=stored,
                             cidr_match_nodes=nodes, left_out=expected)  # fmt: skip
         broken = [(e, False) for e in proof.broken] + [(e, True) for e in proof.broken_stored]
@@ -640,7 +640,7 @@ def _prove(
             for ns in sorted({s[0].split("/", 1)[0] for s in subjects(e)} & blamed)
         ]
         policies = [p for p in policies if p.namespace not in withheld]
-    proved = {f.path: _documents(f.text) for f in files}
+    proved = {path: [d for d in docs if d is not None] for path, docs in documents.items()}
     result.left_out = left_out + [_unexpressible(e) for e in proof.unexpressible]
     result.requires = proof.requires
     result.requests_proved, result.flows_proved = proof.requests, proof.flows
@@ -648,16 +648,20 @@ def _prove(
     for edge in proof.learned_denied:
         for namespace in {s[0].split("/", 1)[0] for s in subjects(edge) if "/" in s[0]}:
             result.denied[namespace] = result.denied.get(namespace, 0) + edge.flows
-    files = _files(result, config, suggestion)  # the headers now name everything left out
+    files = _files(result, config, suggestion, bodies)  # the headers now name everything left out
     for draft_file in files:
-        if _documents(draft_file.text) != proved.get(draft_file.path):
+        body = bodies[draft_file.path][1] if draft_file.path in proved else None
+        if body is not None and draft_file.text.endswith(body) and _comments(draft_file.text[: -len(body)]):
+            continue  # the text proved, with other comment lines above it: the same documents
+        if [d for d in _documents(draft_file.text) if d is not None] != proved.get(draft_file.path):
             raise PolicyError(f"the written text of {draft_file.path} differs from the proved documents")
     return result, files
 
 
-def _read_back(draft_file: DraftFile) -> list[Policy]:
-    """The policies of a file as the cluster would read its text: exactly as many as were drafted."""
-    policies = parse_policies(draft_file.text, path=draft_file.path)
+def _read_back(draft_file: DraftFile, documents: Sequence[Any]) -> list[Policy]:
+    """The policies of a file as the cluster would read its text (`documents`, read from it): exactly as many
+    as were drafted."""
+    policies = policies_of(enumerate(documents), path=draft_file.path)
     if len(policies) != draft_file.policies:
         raise PolicyError(
             f"{draft_file.path} reads back as {len(policies)} policies where {draft_file.policies} were drafted"
@@ -665,10 +669,16 @@ def _read_back(draft_file: DraftFile) -> list[Policy]:
     return policies
 
 
+def _comments(text: str) -> bool:
+    """True when `text` is whole comment lines only (every line, split at any line break, starts with `#`)."""
+    return text.endswith("\n") and all(line.startswith("#") for line in text.splitlines())
+
+
 def _documents(text: str) -> list[Any]:
+    """Every document of a drafted file's text (None for an empty one)."""
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
+        return load_documents(text, path="<draft>")
+    except PolicyParseError as exc:
         raise PolicyParseError(f"a drafted file does not parse back: {exc}", path="<draft>") from exc
 
 
@@ -828,7 +838,7 @@ def _istio(
     result.covered = _covered(rows, result, set())
     files = _files(result, config, suggestion)
     for draft_file in files:
-        if len(_documents(draft_file.text)) != draft_file.policies:
+        if sum(d is not None for d in _documents(draft_file.text)) != draft_file.policies:
             raise PolicyError(f"{draft_file.path} reads back as other documents than were drafted")
     return result, files
 
@@ -859,7 +869,15 @@ def _unique_paths(files: list[DraftFile]) -> None:
             files[i] = dataclasses.replace(draft_file, path=path)
 
 
-def _files(result: FormatResult, config: SuggestConfig, suggestion: Suggestion) -> list[DraftFile]:
+def _files(
+    result: FormatResult,
+    config: SuggestConfig,
+    suggestion: Suggestion,
+    bodies: dict[str, tuple[tuple[int, ...], str]] | None = None,
+) -> list[DraftFile]:
+    """The files of a format's policies. `bodies`: each path's policies (by identity) and their rendered text,
+    reused while the same policies go to the same path (only the file headers change between proof rounds)."""
+    bodies = {} if bodies is None else bodies
     prefix = f"{result.format}/" if len(config.formats) > 1 else ""
     groups: dict[tuple[str, str], list[Any]] = {}
     for policy in result.policies:
@@ -872,10 +890,14 @@ def _files(result: FormatResult, config: SuggestConfig, suggestion: Suggestion) 
         groups.setdefault((namespace, prefix + name), []).append(policy)
     files = []
     for (namespace, path), policies in groups.items():
-        if result.format == "istio":
+        same = tuple(map(id, policies))
+        if path in bodies and bodies[path][0] == same:
+            body = bodies[path][1]
+        elif result.format == "istio":
             body = render_istio(policies, window=suggestion.window)
         else:
             body = render_yaml(policies, window=suggestion.window)
+        bodies[path] = (same, body)
         header = _file_header(result, namespace, policies, config, suggestion)
         rules = sum(_rule_count(p) for p in policies)
         files.append(DraftFile(path, result.format, namespace, header + body, len(policies), rules))

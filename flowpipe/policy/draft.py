@@ -204,7 +204,7 @@ def draft_policies(
     parsed_context = parsed if context is None else [_parse_row(r) for r in everything]
     labels = _workload_labels(parsed_context)
     drafted = _drafted_namespaces(labels, namespaces, include_kube_system)
-    selectors = {key: _choose_selector(key, labels) for key in labels}
+    selectors = _selectors(labels)
     dns_servers = _dns_servers(parsed_context)
     held_dns = sorted({
         f"{dst.key} (recorded with the identity {dst.held})" for _, dst, row in parsed_context
@@ -290,14 +290,16 @@ def draft_policies(
             "L7 (HTTP, Kafka) rules cannot be written in a NetworkPolicy; the drafts allow those ports at L4"
         )
 
+    in_namespace: dict[str, list[tuple[str, Any]]] = defaultdict(list)  # workloads in order, by namespace
+    for (ns, workload), by_direction in sorted(uses.items()):
+        in_namespace[ns].append((workload, by_direction))
     for namespace in sorted(drafted):
         if namespace in deny_namespaces:
             draft.policies.append(
                 _default_deny(namespace, flavour, dns_servers, selectors, draft.notes, held_dns)
             )
-        for (ns, workload), by_direction in sorted(uses.items()):
-            if ns != namespace:
-                continue
+        ns = namespace
+        for workload, by_direction in in_namespace.get(namespace, ()):
             rules = [rule for d in DIRECTIONS for rule in _rules(d, by_direction[d])]
             if any(p.kind == "fqdn" for r in rules for p in r.peers) and namespace not in deny_namespaces:
                 rules.append(_dns_rule(namespace, flavour, dns_servers, selectors))
@@ -363,8 +365,7 @@ def workload_selectors(
 ) -> dict[tuple[str, str], LabelSelector | None]:
     """The selector `draft_policies` uses for each observed (namespace, workload); None: no stable labels."""
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
-    labels = _workload_labels([_parse_row(r) for r in rows])
-    return {key: _choose_selector(key, labels) for key in labels}
+    return _selectors(_workload_labels([_parse_row(r) for r in rows]))
 
 
 def stable_labels(labels: Iterable[str]) -> dict[str, str]:
@@ -406,14 +407,24 @@ def _workload_labels(
     return found
 
 
-def _choose_selector(
-    key: tuple[str, str], labels: Mapping[tuple[str, str], dict[str, str]]
-) -> LabelSelector | None:
-    """The fewest preferred stable labels that tell this workload apart from the others in its namespace."""
-    own = labels[key]
+def _selectors(
+    labels: Mapping[tuple[str, str], dict[str, str]],
+) -> dict[tuple[str, str], LabelSelector | None]:
+    """The selector of each (namespace, workload), told apart from the others of its namespace (only those)."""
+    by_namespace: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for key in labels:
+        by_namespace[key[0]].append(key)
+    return {
+        key: _choose_selector(labels[key], [labels[k] for k in by_namespace[key[0]] if k != key])
+        for key in labels
+    }
+
+
+def _choose_selector(own: dict[str, str], others: Sequence[dict[str, str]]) -> LabelSelector | None:
+    """The fewest preferred stable labels of `own` that tell this workload apart from `others` (the other
+    workloads of its namespace)."""
     if not own:
         return None
-    others = [v for k, v in labels.items() if k[0] == key[0] and k != key]
     ordered = [k for k in PREFERRED_LABEL_KEYS if k in own] + sorted(
         k for k in own if k not in PREFERRED_LABEL_KEYS
     )

@@ -39,8 +39,8 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
+from flowpipe.policy._emit import dump_document
 from flowpipe.policy._istio_paths import (
     draft_paths,
     istiod_refuses,
@@ -52,7 +52,6 @@ from flowpipe.policy._istio_paths import (
 from flowpipe.policy._match import parse_label
 from flowpipe.policy.draft import policy_name, workload_selectors
 from flowpipe.policy.model import LabelSelector
-from flowpipe.policy.render import _Dumper
 
 ISTIO_API = "security.istio.io/v1"
 KIND = "AuthorizationPolicy"
@@ -391,8 +390,7 @@ def _render(policy: IstioPolicy, window: tuple[datetime, datetime] | None) -> st
         lines.extend(f"  rules[{i}]: {flows} flows" for i, flows in enumerate(policy.rule_flows))
     lines.extend(f"note: {c}" for c in policy.comments)
     header = "".join(f"# {line}\n" for line in lines)
-    body = yaml.dump(policy.document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
-    return header + str(body)
+    return header + dump_document(policy.document, allow_unicode=False)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------

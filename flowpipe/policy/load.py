@@ -29,6 +29,8 @@ POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 KUBERNETES_API = "networking.k8s.io/v1"
 CILIUM_API = "cilium.io/v2"
 K8S_PROTOCOLS = ("TCP", "UDP", "SCTP")
+_CLoader = getattr(yaml, "CSafeLoader", None)
+"""PyYAML's safe loader on libyaml (several times faster than the pure-Python one), when PyYAML was built with it."""
 
 
 def load_policies(paths: Iterable[str | Path]) -> list[Policy]:
@@ -74,12 +76,35 @@ def load_file(path: str | Path) -> list[Policy]:
 
 def parse_policies(text: str, *, path: str = "<string>") -> list[Policy]:
     """The policies in a YAML stream; `path` is used in error messages."""
+    return policies_of(_stream(text, path), path=path)
+
+
+def policies_of(documents: Iterable[tuple[int, Any]], *, path: str = "<string>") -> list[Policy]:
+    """The policies of a stream's documents as (index, document) pairs (`load_documents`, empty ones skipped)."""
     policies: list[Policy] = []
-    for index, document in _documents(text, path):
+    for index, document in documents:
         if document is None:
             continue
         policies.extend(_parse_document(document, Where(path, index)))
     return policies
+
+
+def load_documents(text: str, *, path: str = "<string>") -> list[Any]:
+    """Every document of a YAML stream (None for an empty one), read with PyYAML's C parser (libyaml).
+
+    A stream the C parser refuses is read again with the pure-Python one, whose error (`PolicyParseError` with
+    line, column and document) is the one raised, so messages do not depend on which parser is installed.
+    """
+    return [document for _, document in _stream(text, path)]
+
+
+def _stream(text: str, path: str) -> Iterable[tuple[int, Any]]:
+    if _CLoader is not None:
+        try:
+            return list(enumerate(yaml.load_all(text, Loader=_CLoader)))
+        except yaml.YAMLError:
+            pass  # read again, lazily, by the parser whose messages users get: the documents before it count
+    return _documents(text, path)
 
 
 def _documents(text: str, path: str) -> Iterator[tuple[int, Any]]:

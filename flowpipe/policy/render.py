@@ -1,9 +1,9 @@
 """Policy → NetworkPolicy / CiliumNetworkPolicy YAML, with a stable key order and a provenance header.
 
 Each document is built as a plain dict in the order Kubernetes users read (apiVersion, kind, metadata, spec;
-selector before rules; peers before ports) and written with PyYAML without key sorting, so the same policies
-always give the same bytes. A comment header above each document says where it came from: the observed window,
-the flows behind each rule, and anything the flavour cannot express (a Kubernetes NetworkPolicy has no FQDN,
+selector before rules; peers before ports) and written as PyYAML writes it without key sorting
+(`_emit.dump_document`), so the same policies always give the same bytes. A comment header above each document
+says where it came from: the observed window, the flows behind each rule, and anything the flavour cannot express (a Kubernetes NetworkPolicy has no FQDN,
 L7, ICMP, deny or entity rules: such parts are left out and named in the header, never dropped silently).
 """
 
@@ -13,8 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-import yaml
-
+from flowpipe.policy._emit import dump_document
 from flowpipe.policy.model import (
     ANY_PEER,
     NAMESPACE_NAME_LABEL,
@@ -34,13 +33,6 @@ NAMESPACE_LABELS_KEY = "k8s:io.cilium.k8s.namespace.labels."
 WORLD_CIDRS = ("0.0.0.0/0", "::/0")
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block style, lists indented under their key (as kubectl writes them)."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-
 def render_yaml(policies: Iterable[Policy], *, window: tuple[datetime, datetime] | None = None) -> str:
     """All policies as one multi-document YAML stream, each with its comment header.
 
@@ -53,12 +45,7 @@ def render_policy(policy: Policy, *, window: tuple[datetime, datetime] | None = 
     """One policy as a YAML document preceded by its provenance comment header."""
     document, notes, provenance = _build(policy)
     header = _header(policy, notes, provenance, window)
-    body = str(
-        yaml.dump(
-            document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120
-        )
-    )
-    return header + body
+    return header + dump_document(document)
 
 
 def policy_document(policy: Policy) -> dict[str, Any]:
@@ -109,6 +96,8 @@ def _header(
 def printable(text: str) -> str:
     """`text` on one line: line breaks and other control characters escaped (`\\n`), as text from flows
     (names, labels) must never end a comment or start a YAML document."""
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 

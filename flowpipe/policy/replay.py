@@ -229,6 +229,12 @@ class PolicySet:
             for ri, rule in enumerate(policy.rules):
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
+        # The policies that select pods, by their namespace (None: clusterwide). A namespaced policy requires its
+        # namespace of every pod it selects, so a pod is checked against its namespace's policies only.
+        self._by_namespace: dict[str | None, list[int]] = defaultdict(list)
+        for i, (policy, reqs) in enumerate(zip(self.policies, self._subjects, strict=True)):
+            if reqs is not None:
+                self._by_namespace[policy.namespace].append(i)
         self._l4: dict[tuple[Any, ...], tuple[list[_PortRuleMatches], bool]] = {}
         # Whether the L7 rules of some port rules allow a call, by the port rules (a number for each distinct
         # set: copies of a policy share theirs) and the call: many edges make the same calls.
@@ -260,13 +266,14 @@ class PolicySet:
         key = (direction, endpoint)
         found = self._selecting.get(key)
         if found is None:
+            candidates = [] if not endpoint.is_pod else self._by_namespace.get(None, [])
+            for namespace in endpoint.values("k8s", m.POD_NAMESPACE_KEY) if endpoint.is_pod else ():
+                candidates = sorted(candidates + self._by_namespace.get(namespace, []))
             found = [
                 i
-                for i, (policy, reqs) in enumerate(zip(self.policies, self._subjects, strict=True))
-                if reqs is not None
-                and endpoint.is_pod
-                and (direction in policy.isolates or self._rules.get((i, direction)))
-                and m.requirements_match(reqs, endpoint)
+                for i in candidates
+                if (direction in self.policies[i].isolates or self._rules.get((i, direction)))
+                and m.requirements_match(self._subjects[i], endpoint)  # type: ignore[arg-type]
             ]
             self._selecting[key] = found
         return found
