@@ -256,7 +256,10 @@ def test_stopping_the_server_mid_stream_ends_every_call_and_closes_its_reader(
         server.stop()  # (what SIGTERM does)
     for call in calls:
         _read_all(call, [])
-        assert call.status == ("UNAVAILABLE", "server is shutting down")
+        # UNAVAILABLE (a client retries it): with the server's reason, or, when the closed socket still held
+        # unread data and the kernel reset the connection before the client read the trailers, the reset
+        assert call.status is not None and call.status[0] == "UNAVAILABLE", call.status
+        assert call.status[1] == "server is shutting down" or "broke" in call.status[1], call.status
     _wait_until(lambda: not _reading_threads())
     assert not _reading_threads()
     assert len(closed) == len(calls)  # each call's DuckDB connection was closed
