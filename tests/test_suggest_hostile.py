@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from support.policy import pod, validate_document
 from support.suggest import connection, dataset
 
+from flowpipe.app.suggest import _comments
 from flowpipe.cli import cli
+from flowpipe.policy.load import load_documents
 from flowpipe.policy.model import Policy
 from flowpipe.policy.render import render_policy
 
@@ -89,6 +91,27 @@ def test_comments_escape_every_line_break() -> None:
     assert "# note: seen from\\n---\\nkind: CiliumClusterwideNetworkPolicy" in comment_lines
     assert not any(line.startswith(("---", "kind: CiliumClusterwide")) for line in text.splitlines())
     assert "# note: carriage\\rreturn and \\u2028 line separator" in comment_lines
+
+
+def test_a_header_counts_as_comments_only_when_no_line_of_it_can_be_yaml() -> None:
+    """`suggest` takes the final file for the proved one without reading it again only when everything above
+    the proved text is comment lines: whatever passes must read back as the proved documents alone."""
+    body = render_policy(Policy("p", "shop", "cilium"))
+    proved = load_documents(body)
+    comment_only = ["# a\n", "# a\n#\n# b: c\n", "", "# note: seen from\\n---\\nkind: x\n"]
+    not_only = [
+        "# a\nkind: CiliumClusterwideNetworkPolicy\n",  # a line that is not a comment
+        "# a\r---\n",  # a carriage return starts a line for YAML
+        "# a\u2028---\n",  # so does a line separator
+        "# a\x85---\n",  # and a next-line character
+        "# no line break at the end",  # would join the body's first line
+        "---\n",
+    ]
+    for header in comment_only:
+        assert _comments(header) == (header != ""), header  # (an empty header: the text is the body itself)
+        assert load_documents(header + body) == proved, header
+    for header in not_only:
+        assert not _comments(header), header
 
 
 def test_names_never_write_outside_out_and_files_are_safe_unique_slugs(tmp_path: Path) -> None:

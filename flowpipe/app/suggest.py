@@ -613,6 +613,8 @@ def _prove(
     policies = list(draft.policies)
     left_out = list(draft.left_out)
     withheld: set[str] = set()
+    # Each file's rendered policies, kept while the same policies go to it (by identity: `draft` holds them all
+    # alive, so an identity is never reused here).
     bodies: dict[str, tuple[tuple[int, ...], str]] = {}
     while True:
         result = FormatResult(fmt, policies, notes=list(draft.notes), review=_world_ingress(policies))
@@ -641,6 +643,7 @@ def _prove(
         ]
         policies = [p for p in policies if p.namespace not in withheld]
     proved = {path: [d for d in docs if d is not None] for path, docs in documents.items()}
+    proved_bodies = {path: bodies[path][1] for path in documents}  # the very texts read back and proved
     result.left_out = left_out + [_unexpressible(e) for e in proof.unexpressible]
     result.requires = proof.requires
     result.requests_proved, result.flows_proved = proof.requests, proof.flows
@@ -650,7 +653,7 @@ def _prove(
             result.denied[namespace] = result.denied.get(namespace, 0) + edge.flows
     files = _files(result, config, suggestion, bodies)  # the headers now name everything left out
     for draft_file in files:
-        body = bodies[draft_file.path][1] if draft_file.path in proved else None
+        body = proved_bodies.get(draft_file.path)
         if body is not None and draft_file.text.endswith(body) and _comments(draft_file.text[: -len(body)]):
             continue  # the text proved, with other comment lines above it: the same documents
         if [d for d in _documents(draft_file.text) if d is not None] != proved.get(draft_file.path):

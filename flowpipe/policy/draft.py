@@ -298,24 +298,25 @@ def draft_policies(
             draft.policies.append(
                 _default_deny(namespace, flavour, dns_servers, selectors, draft.notes, held_dns)
             )
-        ns = namespace
         for workload, by_direction in in_namespace.get(namespace, ()):
             rules = [rule for d in DIRECTIONS for rule in _rules(d, by_direction[d])]
             if any(p.kind == "fqdn" for r in rules for p in r.peers) and namespace not in deny_namespaces:
                 rules.append(_dns_rule(namespace, flavour, dns_servers, selectors))
-            selector = selectors.get((ns, workload))
+            selector = selectors.get((namespace, workload))
             if selector is None:
-                draft.notes.append(f"{ns}/{workload}: no stable labels to select it by; no policy drafted")
+                draft.notes.append(
+                    f"{namespace}/{workload}: no stable labels to select it by; no policy drafted"
+                )
                 continue
             draft.policies.append(
                 Policy(
                     name=policy_name(workload),
-                    namespace=ns,
+                    namespace=namespace,
                     flavour=flavour,
                     selector=selector,
                     rules=tuple(rules),
                     isolates=DIRECTIONS,
-                    comments=tuple(sorted(comments.get((ns, workload), ()))),
+                    comments=tuple(sorted(comments.get((namespace, workload), ()))),
                 )
             )
     draft.notes = sorted(set(draft.notes))
