@@ -62,6 +62,7 @@ WITH calls AS (
         END AS kafka_role,
         CASE WHEN $l7 THEN kafka_topic END AS kafka_topic,
         is_connection,
+        folded,
         -- Learned from: delivered requests; with learn_from_drops also those the current policy denies.
         outcome = 'denied' AND NOT $learn_from_drops AS denied,
         CASE WHEN is_connection THEN 0 ELSE packets END AS packets,
@@ -84,7 +85,7 @@ pairs AS (
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
         destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied,
-        count(*) FILTER (WHERE is_connection) AS connections,
+        sum(folded) FILTER (WHERE is_connection) AS connections,
         sum(packets) FILTER (WHERE side = 'EGRESS') AS egress_flows,
         sum(packets) FILTER (WHERE side = 'INGRESS') AS ingress_flows,
         sum(packets) FILTER (WHERE side IS NULL OR side NOT IN ('EGRESS', 'INGRESS')) AS other_flows,

@@ -18,7 +18,7 @@ from support.wait import wait_until
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset.layout import KILL_AT_VARIABLE, Dataset
-from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups import EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE, EDGES_TABLE
 from flowpipe.dataset.rollups.read import coverage
 from flowpipe.model import EventBatch
 from flowpipe.query import load_questions, run_question
@@ -311,7 +311,10 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [*args, "--apply"])
     assert result.exit_code == 0, result.output
     assert all("hour=10/" in p for p in dataset.list_part_files("flows"))
-    assert any("hour=09/" in p for p in dataset.list_part_files(EDGES_TABLE))
+    # the hour whose flows went is answered by its folded rows: its per-file rollups went too
+    assert not any("hour=09/" in p for p in dataset.list_part_files(EDGES_TABLE))
+    assert any("hour=09/" in p for p in dataset.list_part_files(EDGE_HOURS_TABLE))
+    assert any("hour=09/" in p for p in dataset.list_part_files(EDGE_IDENTITIES_TABLE))
     assert answers(root, "auto") == raw
     since = ["--since", "2024-05-01T09:00:00Z", "--until", "2024-05-01T11:00:00Z"]
     result = CliRunner().invoke(cli, ["query", "drops_by_reason", "--dataset", str(root), *since])
@@ -329,8 +332,8 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     assert dataset.list_part_files("flows") == []
     assert answers(root, "auto") == raw  # raw flows gone: the rollups answer alone
     report = apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=1))
-    assert {p.table for p in report.partitions} == {EDGES_TABLE, EDGE_IDENTITIES_TABLE}
-    assert dataset.list_part_files(EDGES_TABLE) == []
+    assert {p.table for p in report.partitions} == {EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE}
+    assert dataset.list_part_files(EDGES_TABLE) == dataset.list_part_files(EDGE_HOURS_TABLE) == []
 
 
 def test_suggest_equal_from_rollups(two_clusters: Path) -> None:
@@ -346,3 +349,123 @@ def test_suggest_equal_from_rollups(two_clusters: Path) -> None:
         return [(str(f.path), f.text) for f in suggestion.files]
 
     assert drafts("edges") == drafts("flows")
+
+
+# -- closed hours folded by edge --------------------------------------------------------------------------------
+
+WINDOWS: tuple[dict[str, str], ...] = (
+    {},
+    {"since": "2024-05-01T10:00:00Z", "until": "2024-05-01T10:30:00Z"},
+    {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z", "cluster": "west"},
+    {
+        "since": "2024-05-01T10:00:00Z",
+        "until": "2024-05-01T11:00:00Z",
+        "baseline_since": "2024-05-01T09:00:00Z",
+    },
+)
+"""All time, then windows that cut an hour (read from the per-file rollups) or hold whole hours (folded)."""
+LATER = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def folded(two_clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
+    from flowpipe.dataset.rollups.fold import fold_closed_hours
+
+    root = tmp_path_factory.mktemp("rollups-folded") / "dataset"
+    shutil.copytree(two_clusters, root)
+    assert len(fold_closed_hours(Dataset(root), now=LATER)) == 2
+    return root
+
+
+def connection_rows(root: Path, **params: Any) -> tuple[int, int]:
+    """(rows of `connections`, the connections and calls they stand for) over rollups alone."""
+    with open_engine(root, source="edges") as engine:
+        where = "WHERE first_seen >= $since" if params else ""
+        row = engine.run(
+            f"SELECT count(*) AS n, CAST(sum(folded) AS BIGINT) AS f FROM connections {where}", params
+        )
+        return row.column("n")[0].as_py(), row.column("f")[0].as_py()
+
+
+def test_folded_hours_answer_as_the_flows_do(two_clusters: Path, folded: Path) -> None:
+    cover = coverage(Dataset(folded))
+    assert [h.hour for h in cover.folded] == [9, 10] and not cover.coarse
+    # the folded rows are read: fewer rows, standing for the same connections
+    rows, stands_for = connection_rows(folded)
+    assert rows < stands_for == connection_rows(two_clusters)[1]
+    # a window starting inside hour 09 reads that hour's per-file rollups, and hour 10's folded rows
+    inside = {"since": datetime(2024, 5, 1, 9, 45, tzinfo=UTC)}
+    (rows, stands_for), (raw_rows, raw_stands_for) = (
+        connection_rows(folded, **inside),
+        connection_rows(two_clusters, **inside),
+    )
+    assert stands_for == raw_stands_for and rows < raw_rows
+    ten = {"since": datetime(2024, 5, 1, 10, tzinfo=UTC)}
+    assert connection_rows(folded, **ten)[0] < connection_rows(two_clusters, **ten)[0]
+    assert rows - connection_rows(folded, **ten)[0] == raw_rows - connection_rows(two_clusters, **ten)[0]
+    for values in WINDOWS:
+        raw = answers(two_clusters, "flows", **values)
+        assert answers(folded, "auto", **values) == raw, values
+        assert answers(folded, "edges", **values) == raw, values
+
+
+def test_suggest_equal_from_folded_hours(two_clusters: Path, folded: Path) -> None:
+    from flowpipe.app.suggest import SuggestConfig, suggest_policies
+
+    def drafts(root: Path, source: str) -> list[tuple[str, str]]:
+        with open_engine(root, source=source) as engine:
+            suggestion = suggest_policies(
+                engine,
+                SuggestConfig(cluster="east", since="2024-05-01T09:00:00Z", until="2024-05-01T11:00:00Z"),
+            )
+        assert suggestion.edges and suggestion.files
+        return [(str(f.path), f.text) for f in suggestion.files]
+
+    assert drafts(folded, "edges") == drafts(two_clusters, "flows")
+
+
+def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from flowpipe.dataset.rollups.fold import fold_closed_hours
+
+    root = tmp_path / "dataset"
+    shutil.copytree(folded, root)
+    late = simulated("east", seed=77, duration=600, rate=6.0)  # 09:40-09:50, a collector catching up
+    write(root, late, writer="late", rows=2_000)
+    dataset = Dataset(root)
+    stale = coverage(dataset)
+    assert [h.hour for h in stale.folded] == [10]  # hour 09 is read from its per-file rollups again
+    raw = answers(root, "flows")
+    assert answers(root, "edges") == raw
+    assert [p.split("/")[-2] for p in fold_closed_hours(dataset, now=LATER)] == ["hour=09"]
+    assert [h.hour for h in coverage(dataset).folded] == [9, 10]
+    assert len(dataset.list_part_files(EDGE_HOURS_TABLE)) == 2  # the stale fold went
+    assert answers(root, "edges") == raw
+    # an hour is folded only once it is closed
+    assert fold_closed_hours(dataset, now=datetime(2024, 5, 1, 11, 5, tzinfo=UTC), refold=True) == [
+        p for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p
+    ]
+
+
+def test_folded_hours_alone_answer_whole_hours(two_clusters: Path, folded: Path, tmp_path: Path) -> None:
+    """Past the raw retention only the folded rows (and the identities) stay: windows of whole hours give the
+    flows' answers; a window cutting such an hour takes the hour whole."""
+    import shutil
+
+    from flowpipe.dataset.rollups.fold import drop_observations
+
+    root = tmp_path / "dataset"
+    shutil.copytree(folded, root)
+    shutil.rmtree(root / "flows")
+    dataset = Dataset(root)
+    assert len(drop_observations(dataset, [("2024-05-01", "09"), ("2024-05-01", "10")])) > 4
+    assert dataset.list_part_files(EDGES_TABLE) == []
+    cover = coverage(dataset)
+    assert cover.coarse == set(cover.folded) and len(cover.folded) == 2
+    for values in (WINDOWS[0], WINDOWS[3]):
+        assert answers(root, "auto", **values) == answers(two_clusters, "flows", **values), values
+    cut = {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z"}
+    assert answers(root, "auto", **cut)["observed_edges"]

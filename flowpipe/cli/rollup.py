@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 import pyarrow as pa
 
@@ -23,8 +25,9 @@ def rollup(dataset: str, rebuild: bool, since: str | None, output_format: str) -
 
     Collect, ingest and compact write each flow part file's rollup as they publish it; this command writes
     those of flows stored before rollups existed, or of flow files whose writer stopped between the two
-    writes, and removes the rollups of flow files a compaction replaced. Rollups of hours whose flows are
-    past their retention are kept as they are.
+    writes, and removes the rollups of flow files a compaction replaced. Then it folds each closed hour's
+    rollups into one row per edge (`<dataset>/edge_hours/`), which long windows read. Rollups of hours whose
+    flows are past their retention are kept as they are.
 
     \b
     Examples:
@@ -38,7 +41,11 @@ def rollup(dataset: str, rebuild: bool, since: str | None, output_format: str) -
         start = parse_time(since, name="since") if since else None
     except QuestionParameterError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from exc
+    from flowpipe.dataset.rollups.fold import fold_closed_hours
+
+    started = time.perf_counter()
     report = build_missing(Dataset(dataset), since=start, rebuild=rebuild)
+    folded = fold_closed_hours(Dataset(dataset), since=start, refold=rebuild)
     table = pa.table(
         {
             "rollup": pa.array([path.rpartition("/edges/")[2] for path in report.written], pa.string()),
@@ -49,6 +56,7 @@ def rollup(dataset: str, rebuild: bool, since: str | None, output_format: str) -
     click.echo(
         f"{len(report.written):,} rollups written from {report.flows:,} flows "
         f"({report.flow_bytes / 1e6:,.1f} MB of flows, {report.rollup_bytes / 1e6:,.1f} MB of rollups{ratio}), "
-        f"{len(report.removed):,} left by compacted files removed, in {report.seconds:.1f}s",
+        f"{len(report.removed):,} left by compacted files removed, {len(folded):,} closed hours folded by edge, "
+        f"in {time.perf_counter() - started:.1f}s",
         err=True,
     )

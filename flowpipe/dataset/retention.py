@@ -114,9 +114,11 @@ def apply_retention(
         report.applied = True
         if edge_rollups and dataset.list_part_files(EDGES_TABLE):
             from flowpipe.dataset.rollups.build import build_missing
+            from flowpipe.dataset.rollups.fold import fold_closed_hours
 
             hours = [(p.key.date, p.key.hour) for p in report.partitions if p.table == FLOWS_TABLE]
             build_missing(dataset, partitions=hours)
+            fold_closed_hours(dataset, partitions=hours, now=clock())
         now = time.time()
         for partition in report.partitions:
             for entry in partition.files:
@@ -129,6 +131,12 @@ def apply_retention(
                     _delete(dataset, info.path)
             _remove_empty_folders(dataset, partition)
             on_partition(partition)
+        if edge_rollups:
+            from flowpipe.dataset.rollups.fold import drop_observations
+
+            # hours whose flows went: their folded rows answer, the per-file rollups go (most of the size)
+            gone = [(p.key.date, p.key.hour) for p in report.partitions if p.table == FLOWS_TABLE]
+            report.files_removed += len(drop_observations(dataset, gone))
     report.seconds = time.perf_counter() - started
     return report
 

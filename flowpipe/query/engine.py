@@ -49,6 +49,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
@@ -59,6 +60,7 @@ import pyarrow.fs as pafs
 
 from flowpipe._resources import apply_duckdb_limits
 from flowpipe.dataset.layout import FLOWS_TABLE, LOST_EVENTS_TABLE, Dataset
+from flowpipe.dataset.rollups import CUTS_VARIABLE
 from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
@@ -330,6 +332,10 @@ class DuckDBEngine:
             return self._retrying(lambda: self._run(sql, params))
 
     def _run(self, sql: str, params: Mapping[str, object] | None) -> pa.Table:
+        # the window's times, for the edge views: an hour of folded rollups is read only when no time of the
+        # window falls inside it (flowpipe.dataset.rollups.read)
+        cuts = sorted(v for v in (params or {}).values() if isinstance(v, datetime))
+        self._con.execute(f"SET VARIABLE {CUTS_VARIABLE} = CAST(? AS TIMESTAMPTZ[])", [cuts])
         relation = self._con.sql(sql, params=dict(params) if params else None)
         if relation is None:
             return pa.table({})

@@ -1,9 +1,9 @@
 -- description: The edge definition, once for every question and command that speaks of edges (observed_edges,
 --   suggest, replay, least_privilege, new_connections, top_talkers): one row per request, however many
 --   records Hubble wrote for it. Requests only (`is_request`: no replies, no L7 responses, no socket-LB events).
---   A TCP, UDP or SCTP connection is its 5-tuple (cluster, addresses, ports, protocol), whatever end or ends
---   reported it: the source node's FORWARDED egress record and the destination node's delivery, drop
---   notification and policy-verdict event are one connection. An ICMP echo pair and an L7 request have no
+--   A TCP, UDP or SCTP connection is its 5-tuple (cluster, addresses, ports, protocol) within one hour
+--   (`hour`), whatever end or ends reported it: the source node's FORWARDED egress record and the destination
+--   node's delivery, drop notification and policy-verdict event are one connection. An ICMP echo pair and an L7 request have no
 --   connection: they are one row per endpoint pair and call, per observing side (`side`: EGRESS records are
 --   the source's view, INGRESS the destination's), and edges take the larger side.
 --   `packets`: the request packets of the row counted once: the most records any one observer (node, event
@@ -40,7 +40,7 @@ WITH named AS (
 observers AS (
     -- Each observer's records of each request (all its rows of `edge_observations` added up).
     SELECT
-        cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+        cluster_name, hour, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
         icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side, node_name,
         event_type, trace_observation_point, traffic_direction, verdict, policy_drop,
         CAST(sum(records) AS BIGINT) AS records,
@@ -63,6 +63,7 @@ observers AS (
         min(source_reserved_identity) AS source_reserved_identity,
         min(source_unresolved_pod) AS source_unresolved_pod,
         min(source_identity) AS source_identity,
+        min(source_identity_key) AS source_identity_key,
         min(destination_namespace) AS destination_namespace,
         min(destination_pod_name) AS destination_pod_name,
         min(coalesce(
@@ -81,15 +82,17 @@ observers AS (
         min(destination_reserved_identity) AS destination_reserved_identity,
         min(destination_unresolved_pod) AS destination_unresolved_pod,
         min(destination_identity) AS destination_identity,
+        min(destination_identity_key) AS destination_identity_key,
         min(destination_names) AS destination_names
     FROM named
     GROUP BY
-        cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+        cluster_name, hour, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
         icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side, node_name,
         event_type, trace_observation_point, traffic_direction, verdict, policy_drop
 )
 SELECT
     cluster_name,
+    hour,
     is_connection,
     source_ip,
     source_port,
@@ -137,8 +140,13 @@ SELECT
     min(destination_reserved_identity) AS destination_reserved_identity,
     min(destination_unresolved_pod) AS destination_unresolved_pod,
     min(destination_identity) AS destination_identity,
-    min(destination_names) AS destination_names
+    min(destination_names) AS destination_names,
+    -- How many rows of this definition the row stands for (1; more in an hour of folded edge rollups).
+    CAST(1 AS BIGINT) AS folded,
+    -- A pod known only by its identity at every end that reported it: that identity (its name is looked up).
+    min(source_identity_key) AS source_identity_key,
+    min(destination_identity_key) AS destination_identity_key
 FROM observers
 GROUP BY
-    cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+    cluster_name, hour, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
     icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query, side

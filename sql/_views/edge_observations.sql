@@ -2,6 +2,8 @@
 --   one row per connection key (a TCP, UDP or SCTP 5-tuple; an ICMP or L7 call per observing side), observer
 --   (node, event type, observation point, direction, verdict, policy drop) and, for a pod known only by its
 --   identity, that identity (`*_identity_key`, so that its name can be taken again from `identity_workloads`).
+--   A connection is its key within one hour (`hour`, of each record's time): a connection whose records span an
+--   hour boundary is a connection in each hour, so that an hour's rows can be merged for good (edge rollups).
 --   `records` counts the records, `first_seen` / `last_seen` bound them. Every column but `records`,
 --   `first_seen`, `last_seen` and the endpoint descriptions is the key, and rows of the same key add up (sum,
 --   min, max), so the rows of any split of the flows (part files, hours) merge into the rows of all of them:
@@ -11,6 +13,7 @@ WITH records AS (
     SELECT
         cluster_name,
         time,
+        date_trunc('hour', time) AS hour,
         node_name,
         event_type,
         trace_observation_point,
@@ -70,6 +73,7 @@ observations AS (
     -- Each observer's records of each request: one node, event type, observation point, direction, verdict.
     SELECT
         cluster_name,
+        hour,
         is_connection,
         -- The key of a connection (5-tuple) or of an ICMP / L7 call (endpoint pair, call, observing side); the
         -- ICMP and L7 fields are NULL on L4 records.
@@ -116,7 +120,7 @@ observations AS (
         min(list_sort(destination_names)) AS destination_names
     FROM records
     GROUP BY
-        cluster_name, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
+        cluster_name, hour, is_connection, source_ip, source_port, destination_ip, destination_port, l4_protocol,
         icmp_type, l7_protocol, http_method, http_url, kafka_api_key, kafka_topic, dns_query,
         CASE WHEN is_connection THEN NULL ELSE coalesce(traffic_direction, '') END, node_name, event_type,
         trace_observation_point, traffic_direction, verdict, policy_drop, source_identity_key,

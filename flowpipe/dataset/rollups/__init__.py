@@ -15,6 +15,8 @@ up over any split of the flows (records are summed, times take min and max, desc
   flows are past their retention), the rollup rows, and raw flows for the other hours (the open hour, the
   files of a crashed writer); the view `connections` merges both into the same rows the flows alone give.
   `--source edges` reads rollups only, `--source flows` flows only.
+- `fold`: once an hour is closed (compaction, `flowpipe rollup`, retention), its rollups are merged into one
+  row per edge and hour (`<dataset>/edge_hours/`), which questions read for the hours their window holds whole.
 - Retention keeps rollups apart (`retention --keep 3d --keep-edges 400d`); `flowpipe rollup --rebuild` writes
   them for flows written before rollups existed.
 """
@@ -25,7 +27,12 @@ EDGES_TABLE = "edges"
 """The rollup rows (`edge_observations` per flow part file)."""
 EDGE_IDENTITIES_TABLE = "edge_identities"
 """Per flow part file, the workload Cilium reported for each pod identity (`identity_workloads`)."""
-ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE)
+EDGE_HOURS_TABLE = "edge_hours"
+"""An hour's rollups folded by edge once the hour is closed (`flowpipe.dataset.rollups.fold`)."""
+ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE)
+CUTS_VARIABLE = "flowpipe_window_cuts"
+"""A DuckDB variable: the times of a question's window (since, until, ...), which the query engine sets before
+it runs one; an hour of folded rollups is read only when none of them falls inside it."""
 SOURCES: tuple[str, ...] = ("auto", "edges", "flows")
 """Where edge questions read: rollups where they cover an hour and flows for the rest, rollups only, flows only."""
 EDGE_QUESTIONS: tuple[str, ...] = (

@@ -33,7 +33,13 @@ import pyarrow.dataset as pads
 
 from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset
 from flowpipe.dataset.maintenance import list_partitions
-from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, SOURCES
+from flowpipe.dataset.rollups import (
+    CUTS_VARIABLE,
+    EDGE_HOURS_TABLE,
+    EDGE_IDENTITIES_TABLE,
+    EDGES_TABLE,
+    SOURCES,
+)
 from flowpipe.dataset.rollups.build import SEEN_FOR, visible_flow_names
 from flowpipe.errors import ConfigError, QueryError
 
@@ -55,22 +61,38 @@ class Coverage:
     identity_files: list[str] = field(default_factory=list)
     uncovered: list[datetime] = field(default_factory=list)
     """Hours with flows but without a rollup for every flow file (read from flows)."""
+    folded: dict[datetime, str] = field(default_factory=dict)
+    """Hours with a folded file that holds for them (`flowpipe.dataset.rollups.fold`): hour → file."""
+    coarse: set[datetime] = field(default_factory=set)
+    """Folded hours whose per-file rollups are gone: they are read from the folded file whatever the window."""
 
 
 def coverage(dataset: Dataset) -> Coverage:
     """Which hours of `dataset` its rollups cover, and their files (see the module docstring)."""
+    from flowpipe.dataset.rollups.fold import fold_name
+
     flows = visible_flow_names(dataset)
     edges = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGES_TABLE)}
     identities = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGE_IDENTITIES_TABLE)}
+    folds = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGE_HOURS_TABLE)}
     result = Coverage()
-    for key in sorted(set(edges) | set(flows)):
+    for key in sorted(set(edges) | set(flows) | set(folds)):
         start = _hour(key)
         if start is None:
             continue  # rows without a time: always from flows
         edge_names = {f.name: f.path for f in edges[key].files} if key in edges else {}
         identity_names = {f.name: f.path for f in identities[key].files} if key in identities else {}
+        folded = {f.name: f.path for f in folds[key].files} if key in folds else {}
         complete = set(edge_names) & set(identity_names)
         names = set(flows.get(key, {})) or complete
+        fold = _valid_fold(folded, set(flows.get(key, {})), fold_name)
+        if fold is not None and not (names and names <= complete):
+            # flows past their retention, per-file rollups removed: the folded rows alone
+            result.hours.append(start)
+            result.folded[start] = fold
+            result.coarse.add(start)
+            result.identity_files += [identity_names[name] for name in sorted(identity_names)]
+            continue
         if not names or not names <= complete:
             if key in flows:
                 result.uncovered.append(start)
@@ -78,7 +100,34 @@ def coverage(dataset: Dataset) -> Coverage:
         result.hours.append(start)
         result.edge_files += [edge_names[name] for name in sorted(names)]
         result.identity_files += [identity_names[name] for name in sorted(names)]
+        if fold is not None:
+            result.folded[start] = fold
     return result
+
+
+def _valid_fold(
+    folded: dict[str, str], flow_names: set[str], fold_name: Callable[[set[str]], str]
+) -> str | None:
+    """The folded file that holds for an hour: the one named after its flow files, or, without flows, the
+    newest name there (there is one but for a moment while a fold replaces another)."""
+    if not folded:
+        return None
+    if flow_names:
+        return folded.get(fold_name(flow_names))
+    return folded[max(folded)]
+
+
+def complete_rollups(dataset: Dataset, key: tuple[str, str]) -> dict[str, str]:
+    """The flow-file names of hour `key` with both rollup files: name → path of its `edges` file."""
+    paths: dict[str, str] = {}
+    identities: set[str] = set()
+    for partition in list_partitions(dataset, EDGES_TABLE):
+        if (partition.key.date, partition.key.hour) == key:
+            paths = {f.name: f.path for f in partition.files}
+    for partition in list_partitions(dataset, EDGE_IDENTITIES_TABLE):
+        if (partition.key.date, partition.key.hour) == key:
+            identities = {f.name for f in partition.files}
+    return {name: path for name, path in paths.items() if name in identities}
 
 
 def _hour(key: tuple[str, str]) -> datetime | None:
@@ -156,10 +205,14 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
             )
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_OBSERVATIONS} AS\n{observations}")
         con.execute(f"CREATE OR REPLACE VIEW {FLOW_IDENTITIES} AS\n{sql('identity_workloads')}")
-        rows = _register(con, dataset, ROWS, cover.edge_files, FLOW_OBSERVATIONS)
-        ids = _register(con, dataset, IDENTITIES, cover.identity_files, "edge_identities")
+        rows = register_files(con, dataset, ROWS, cover.edge_files, FLOW_OBSERVATIONS)
+        ids = register_files(con, dataset, IDENTITIES, cover.identity_files, "edge_identities")
+        folded = _install_folded_hours(con, dataset, cover)
         flow_rows = f"SELECT * FROM {FLOW_OBSERVATIONS} UNION ALL " if source == "auto" else ""
-        con.execute(f"CREATE OR REPLACE VIEW edge_observations AS {flow_rows}SELECT * FROM {rows}")
+        con.execute(
+            f"CREATE OR REPLACE VIEW edge_observations AS {flow_rows}SELECT * FROM {rows} "
+            f"WHERE coalesce(hour NOT IN (SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE}), TRUE)"
+        )
         con.execute(
             "CREATE OR REPLACE VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS workload "
             f"FROM (SELECT * FROM {FLOW_IDENTITIES} UNION ALL SELECT cluster_name, identity, workload FROM {ids} "
@@ -169,7 +222,8 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
             "CREATE OR REPLACE VIEW edge_identity_labels AS SELECT cluster_name, namespace, identity, labels "
             f"FROM {ids} WHERE labels IS NOT NULL"
         )
-        con.execute(f"CREATE OR REPLACE VIEW connections AS\n{sql('connections', full=True)}")
+        merged = sql("connections", full=True)
+        con.execute(f"CREATE OR REPLACE VIEW connections AS\nSELECT * FROM (\n{merged}\n) AS merged{folded}")
     except duckdb.Error as exc:
         raise QueryError(f"cannot read the edge rollups of {dataset.uri}: {exc}") from exc
     return cover
@@ -189,13 +243,71 @@ def with_rollups(
         if setup is not None:
             setup(con)
         # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
-        files = [*cover.edge_files, *cover.identity_files] if cover is not None and dataset.is_local else []
+        files = (
+            [*cover.edge_files, *cover.identity_files, *cover.folded.values()]
+            if cover is not None and dataset.is_local
+            else []
+        )
         return ReadableFiles(files)
 
     return install, lambda: bool(last[0] is not None and last[0].hours)
 
 
-def _register(
+FOLDED_ROWS = "_edge_hour_rows"
+FOLDED_HOURS = "_edge_folded_hours"
+USABLE = (
+    f"(coarse OR coalesce(len(list_filter(getvariable('{CUTS_VARIABLE}'), "
+    "lambda t: t > hour AND t < hour + INTERVAL 1 HOUR)) = 0, TRUE))"
+)
+"""A folded hour is read when no time of the window falls inside it (the question takes the hour whole or not
+at all, so whole-hour rows give its answer), or when it has nothing finer left; else its per-file rollups are."""
+
+
+def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
+    """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
+    their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
+    hours = sorted(cover.folded)
+    table = pa.table(
+        {
+            "hour": pa.array(hours, pa.timestamp("us", "UTC")),
+            "coarse": pa.array([hour in cover.coarse for hour in hours], pa.bool_()),
+        }
+    )
+    con.register("_edge_folded_hours_arrow", table)
+    con.execute(f"CREATE OR REPLACE TABLE {FOLDED_HOURS} AS SELECT * FROM _edge_folded_hours_arrow")
+    con.unregister("_edge_folded_hours_arrow")
+    if not hours:
+        return ""
+    register_files(con, dataset, FOLDED_ROWS, [cover.folded[hour] for hour in hours], "connections")
+    columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
+    items = []
+    for column in columns:
+        side = column.split("_", 1)[0]
+        alias = "siw" if side == "source" else "diw"
+        if column in ("source_workload", "destination_workload"):
+            items.append(
+                f"CASE WHEN f.{side}_identity_key IS NOT NULL AND {alias}.workload IS NOT NULL "
+                f"THEN {alias}.workload ELSE f.{column} END AS {column}"
+            )
+        elif column in ("source_workload_id", "destination_workload_id"):
+            items.append(
+                f"CASE WHEN f.{side}_identity_key IS NOT NULL AND {alias}.workload IS NOT NULL THEN "
+                f"(CASE WHEN f.{side}_namespace IS NOT NULL THEN f.{side}_namespace || '/' || {alias}.workload "
+                f"ELSE {alias}.workload END) ELSE f.{column} END AS {column}"
+            )
+        else:
+            items.append(f'f."{column}"')
+    return (
+        f"\nUNION ALL\nSELECT {', '.join(items)} FROM {FOLDED_ROWS} AS f\n"
+        "LEFT JOIN identity_workloads AS siw ON siw.identity = f.source_identity_key\n"
+        "    AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
+        "LEFT JOIN identity_workloads AS diw ON diw.identity = f.destination_identity_key\n"
+        "    AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
+        f"WHERE f.hour IN (SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE})"
+    )
+
+
+def register_files(
     con: duckdb.DuckDBPyConnection, dataset: Dataset, name: str, files: list[str], like: str
 ) -> str:
     """The rollup files as a view `name` with the columns and types of the view `like`; returns `name`."""
@@ -220,6 +332,8 @@ def _column(column: str, sql_type: str, present: set[str]) -> str:
     """The select item of one column of the rollup files: itself, `last_seen` from its duration, or NULL."""
     if column in present:
         return f'CAST("{column}" AS {sql_type}) AS "{column}"'
+    if column == "hour" and "first_seen" in present:  # rollups written before connections were per hour
+        return f'CAST(date_trunc(\'hour\', "first_seen") AS {sql_type}) AS "{column}"'
     if column == "last_seen" and SEEN_FOR in present:
         # nanoseconds after first_seen, added in UTC whatever the session's time zone
         time = f'timezone(\'UTC\', make_timestamp_ns(epoch_ns("first_seen") + "{SEEN_FOR}"))'

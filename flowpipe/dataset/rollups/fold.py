@@ -1,0 +1,216 @@
+"""Fold an hour of edge rollups into edge rows: one row per edge and hour, for months of history in seconds.
+
+The rollup of a part file keeps each observer's records of each connection (`edge_observations`), which is
+what lets rollups of any split of the flows merge into exact answers, and also why a month of them is large and
+slow to merge: every connection is a group. Once an hour is closed, its connections are final (the edge
+definition counts a connection within its hour), so `fold_hour` merges them once, through the same view
+`connections` a query uses, and folds them by edge: every column of `connections` except the client's port
+(and the source address of pods and world clients, which no edge question reads) is the key, and the counts
+add up (`packets`, `denied_packets`, `dropped_packets`, `folded`: the connections or calls a row stands for),
+with the first and last time. The file is `<dataset>/edge_hours/date=D/hour=H/hour-<digest>.parquet`, where the
+digest names the flow files it summarises: readers take it only while the hour holds exactly those flow files
+(a flow file written into the hour later makes it stale, and the hour is read as before until it is folded
+again), and once the hour's flows are past their retention, whatever folded file the hour has.
+
+A pod known only by its identity at every end stays unnamed here (its identity is kept in
+`*_identity_key`) and is named when read, over every rollup, as the view `connections` names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import pyarrow as pa
+
+from flowpipe.dataset.layout import Dataset, kill_point, translate_write_errors
+from flowpipe.dataset.maintenance import list_partitions
+from flowpipe.dataset.rollups import EDGE_HOURS_TABLE, EDGES_TABLE
+from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
+
+log = logging.getLogger(__name__)
+
+FOLD_PREFIX = "hour-"
+SUMS = ("packets", "denied_packets", "dropped_packets", "folded")
+"""The counts of a folded row: summed over the connections (or ICMP / L7 calls) it stands for."""
+TIMES = {"first_seen": "min", "last_seen": "max"}
+DROPPED = ("source_port",)
+"""Not kept: the client's ephemeral port (one per connection)."""
+SOURCE_IP = "CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' THEN source_ip END"
+"""The source address kept: that of reserved entities other than the world (observed_edges shows them)."""
+CLOSED_AFTER = timedelta(minutes=10)
+"""An hour is folded once it ended this long ago (late records of collectors catching up go to their hour)."""
+
+
+def fold_name(flow_names: Iterable[str]) -> str:
+    """The folded file's name for an hour holding exactly the flow files `flow_names`."""
+    digest = hashlib.sha256("\n".join(sorted(flow_names)).encode()).hexdigest()[:24]
+    return f"{FOLD_PREFIX}{digest}.parquet"
+
+
+def fold_sql(columns: list[str]) -> str:
+    """The SELECT folding the rows of `connections` (whose columns are `columns`) by edge."""
+    items, keys = [], []
+    for name in columns:
+        quoted = f'"{name}"'
+        if name in SUMS:
+            items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
+        elif name in TIMES:
+            items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
+        elif name in DROPPED:
+            items.append(f"CAST(NULL AS INTEGER) AS {quoted}")
+        elif name == "source_ip":
+            items.append(f"{SOURCE_IP} AS source_ip")
+            keys.append(SOURCE_IP)
+        else:
+            items.append(quoted)
+            keys.append(quoted)
+    return f"SELECT {', '.join(items)} FROM connections GROUP BY {', '.join(keys)}"
+
+
+def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
+    """The folded rows of the rollup files `edge_files` (the `edges` files of one hour's flow files)."""
+    from flowpipe.dataset.rollups.build import IDENTITY_WORKLOADS_VIEW, OBSERVATIONS_VIEW, _arrow, connect
+    from flowpipe.dataset.rollups.read import register_files
+    from flowpipe.model import FLOW_SCHEMA
+    from flowpipe.query.views import install_views, load_views
+
+    con = connect()
+    try:
+        con.register("_fold_no_flows", FLOW_SCHEMA.empty_table())
+        con.execute("CREATE VIEW flows AS SELECT * FROM _fold_no_flows")
+        install_views(con)
+        rows = register_files(con, dataset, "_fold_rows", edge_files, OBSERVATIONS_VIEW)
+        con.execute(f"CREATE OR REPLACE VIEW {OBSERVATIONS_VIEW} AS SELECT * FROM {rows}")
+        # pods known only by identity stay unnamed: they are named when read, over every rollup
+        con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
+        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _fold_no_identities")
+        connections = next(view for view in load_views() if view.name == "connections")
+        con.execute(f"CREATE OR REPLACE VIEW connections AS\n{connections.sql}")
+        columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
+        return _arrow(con.sql(fold_sql(columns)))
+    except (duckdb.Error, pa.ArrowException) as exc:
+        raise QueryError(f"cannot fold the edge rollups of {dataset.uri}: {exc}") from exc
+    finally:
+        con.close()
+
+
+def fold_hour(dataset: Dataset, key: tuple[str, str], *, zstd_level: int = 3) -> str | None:
+    """Fold the hour `key` (date, hour) whose every flow file has its rollup; returns the folded file's path,
+    or None when the hour has no flows or a flow file lacks its rollup (nothing is written then).
+
+    Earlier folded files of the hour are removed after the new one is published: a reader sees one of them
+    whole, and takes only the one named after the flow files it sees."""
+    from flowpipe.dataset.rollups.build import visible_flow_names
+    from flowpipe.dataset.rollups.read import complete_rollups
+
+    flows = visible_flow_names(dataset).get(key, {})
+    if not flows:
+        return None
+    complete = complete_rollups(dataset, key)
+    if not set(flows) <= set(complete):
+        return None
+    rows = fold_rows(dataset, [complete[name] for name in sorted(flows)])
+    folder = dataset.partition_dir(EDGE_HOURS_TABLE, _partition(key))
+    name = fold_name(flows)
+    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
+    final = f"{folder}/{name}"
+    temp = dataset.write_parquet_temp(rows, folder, name, hold=True, **options)
+    kill_point("fold:written")
+    dataset.publish(temp, final)
+    for entry in _folded_files(dataset, key):
+        if entry != final:
+            _delete(dataset, entry)
+    return final
+
+
+def fold_closed_hours(
+    dataset: Dataset,
+    *,
+    partitions: Iterable[tuple[str, str]] | None = None,
+    since: datetime | None = None,
+    now: datetime | None = None,
+    refold: bool = False,
+    zstd_level: int = 3,
+) -> list[str]:
+    """Fold every closed hour (of `partitions`, else all; ending after `since`) whose rollups are complete and
+    whose folded file is missing or stale (with `refold`, every one); returns the folded files written. A
+    failure is logged and leaves the hour as it was."""
+    from flowpipe.dataset.rollups.build import visible_flow_names
+
+    wanted = set(partitions) if partitions is not None else None
+    cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
+    written = []
+    folded = {
+        (p.key.date, p.key.hour): {f.name for f in p.files}
+        for p in list_partitions(dataset, EDGE_HOURS_TABLE)
+    }
+    for key, names in sorted(visible_flow_names(dataset).items()):
+        start = hour_start(key)
+        if (wanted is not None and key not in wanted) or start is None or start + timedelta(hours=1) > cutoff:
+            continue
+        if since is not None and start + timedelta(hours=1) <= since:
+            continue
+        if not refold and fold_name(names) in folded.get(key, set()):
+            continue
+        try:
+            path = fold_hour(dataset, key, zstd_level=zstd_level)
+        except FlowpipeError as exc:
+            log.warning("edge hour %s %s:00 not folded (read from its rollups until it is): %s", *key, exc)
+            continue
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def hour_start(key: tuple[str, str]) -> datetime | None:
+    """The start of the hour of a partition key (None for the partition of rows without a time)."""
+    try:
+        return datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _partition(key: tuple[str, str]):  # type: ignore[no-untyped-def]
+    from flowpipe.dataset.layout import PartitionKey
+
+    return PartitionKey(*key)
+
+
+def _folded_files(dataset: Dataset, key: tuple[str, str]) -> list[str]:
+    for partition in list_partitions(dataset, EDGE_HOURS_TABLE):
+        if (partition.key.date, partition.key.hour) == key:
+            return [entry.path for entry in partition.files]
+    return []
+
+
+def _delete(dataset: Dataset, path: str) -> None:
+    with translate_write_errors(path):
+        try:
+            dataset.filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def drop_observations(dataset: Dataset, keys: Iterable[tuple[str, str]]) -> list[str]:
+    """Remove the per-file rollups (`edges`) of the hours `keys` that have a folded file (their flows are going:
+    the folded rows answer for them); returns the paths removed. Identity rows stay (they name pods)."""
+    folded = {(p.key.date, p.key.hour) for p in list_partitions(dataset, EDGE_HOURS_TABLE) if p.files}
+    removed = []
+    wanted = set(keys) & folded
+    for partition in list_partitions(dataset, EDGES_TABLE):
+        if (partition.key.date, partition.key.hour) in wanted:
+            for entry in partition.files:
+                try:
+                    _delete(dataset, entry.path)
+                except DatasetWriteError as exc:
+                    log.warning("%s", exc)
+                    continue
+                removed.append(entry.path)
+    return removed
+
+
+__all__ = ["drop_observations", "fold_closed_hours", "fold_hour", "fold_name", "fold_rows"]
