@@ -65,6 +65,7 @@ WITH calls AS (
         folded,
         -- Learned from: delivered requests; with learn_from_drops also those the current policy denies.
         outcome = 'denied' AND NOT $learn_from_drops AS denied,
+        at_hour_edge AND outcome = 'delivered' AND NOT $learn_from_drops AS hour_edge,
         CASE WHEN is_connection THEN 0 ELSE packets END AS packets,
         side,
         first_seen,
@@ -84,7 +85,7 @@ pairs AS (
         source_reserved_identity, source_identity, source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
-        destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied,
+        destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied, hour_edge,
         sum(folded) FILTER (WHERE is_connection) AS connections,
         sum(packets) FILTER (WHERE side = 'EGRESS') AS egress_flows,
         sum(packets) FILTER (WHERE side = 'INGRESS') AS ingress_flows,
@@ -97,18 +98,59 @@ pairs AS (
         source_reserved_identity, source_identity, source_ip,
         destination_namespace, destination_pod_name, destination_entity, destination_workload,
         destination_reserved_identity, destination_identity, destination_ip, destination_names, l4_protocol,
-        destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied
+        destination_port, icmp_type, l7_protocol, http_method, http_path, kafka_role, kafka_topic, denied,
+        hour_edge
+),
+denied_pairs AS (
+    -- The pod pairs and ports denied in the window.
+    SELECT DISTINCT
+        cluster_name, source_namespace, source_pod_name, source_entity, source_workload, source_identity,
+        source_ip, destination_namespace, destination_pod_name, destination_entity, destination_workload,
+        destination_identity, destination_ip, l4_protocol, destination_port,
+        TRUE AS edge_denied
+    FROM pairs
+    WHERE denied
+),
+judged AS (
+    -- A connection the source's node alone reported delivered within two seconds of an hour boundary is the
+    -- source's half of a denied attempt when its edge was denied in the window: the destination's drop fell in
+    -- the other hour (the edge definition counts a connection per hour). Such connections count as denied.
+    SELECT
+        p.cluster_name, p.source_namespace, p.source_pod_name, p.source_entity, p.source_workload,
+        p.source_reserved_identity, p.source_identity, p.source_ip, p.destination_namespace,
+        p.destination_pod_name, p.destination_entity, p.destination_workload, p.destination_reserved_identity,
+        p.destination_identity, p.destination_ip, p.destination_names, p.l4_protocol, p.destination_port,
+        p.icmp_type, p.l7_protocol, p.http_method, p.http_path, p.kafka_role, p.kafka_topic,
+        p.denied OR (p.hour_edge AND coalesce(d.edge_denied, FALSE)) AS denied,
+        p.connections, p.egress_flows, p.ingress_flows, p.other_flows, p.first_seen, p.last_seen
+    FROM pairs AS p
+    LEFT JOIN denied_pairs AS d
+        ON d.cluster_name IS NOT DISTINCT FROM p.cluster_name
+        AND d.source_namespace IS NOT DISTINCT FROM p.source_namespace
+        AND d.source_pod_name IS NOT DISTINCT FROM p.source_pod_name
+        AND d.source_entity IS NOT DISTINCT FROM p.source_entity
+        AND d.source_workload IS NOT DISTINCT FROM p.source_workload
+        AND d.source_identity IS NOT DISTINCT FROM p.source_identity
+        AND d.source_ip IS NOT DISTINCT FROM p.source_ip
+        AND d.destination_namespace IS NOT DISTINCT FROM p.destination_namespace
+        AND d.destination_pod_name IS NOT DISTINCT FROM p.destination_pod_name
+        AND d.destination_entity IS NOT DISTINCT FROM p.destination_entity
+        AND d.destination_workload IS NOT DISTINCT FROM p.destination_workload
+        AND d.destination_identity IS NOT DISTINCT FROM p.destination_identity
+        AND d.destination_ip IS NOT DISTINCT FROM p.destination_ip
+        AND d.l4_protocol IS NOT DISTINCT FROM p.l4_protocol
+        AND d.destination_port IS NOT DISTINCT FROM p.destination_port
 ),
 edge_ends AS (
     -- Both ends of every pair, named by the one definition of an edge's ends (sql/_parts/edge_endpoints.sql).
     SELECT cluster_name, source_namespace AS namespace, source_pod_name AS pod_name, source_identity AS identity,
            source_workload AS workload, source_entity AS entity, source_reserved_identity AS reserved_identity,
            source_ip AS ip, first_seen
-    FROM pairs
+    FROM judged
     UNION ALL
     SELECT cluster_name, destination_namespace, destination_pod_name, destination_identity, destination_workload,
            destination_entity, destination_reserved_identity, destination_ip, first_seen
-    FROM pairs
+    FROM judged
 ),
 edge_flows AS NOT MATERIALIZED (
     -- The flows whose pods name the pods recorded with a reserved identity (the shared part below).
@@ -143,7 +185,7 @@ labelled AS (
         c.l4_protocol, c.destination_port, c.icmp_type, c.l7_protocol, c.http_method, c.http_path, c.kafka_role,
         c.kafka_topic, c.denied, c.connections, c.egress_flows, c.ingress_flows, c.other_flows, c.first_seen,
         c.last_seen
-    FROM pairs AS c
+    FROM judged AS c
     LEFT JOIN edge_endpoints AS s
         ON s.cluster_name IS NOT DISTINCT FROM c.cluster_name AND s.namespace IS NOT DISTINCT FROM c.source_namespace
         AND s.pod_name IS NOT DISTINCT FROM c.source_pod_name AND s.identity IS NOT DISTINCT FROM c.source_identity

@@ -469,3 +469,72 @@ def test_folded_hours_alone_answer_whole_hours(two_clusters: Path, folded: Path,
         assert answers(root, "auto", **values) == answers(two_clusters, "flows", **values), values
     cut = {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z"}
     assert answers(root, "auto", **cut)["observed_edges"]
+
+
+def test_a_denied_attempt_reported_either_side_of_an_hour_boundary_stays_denied(tmp_path: Path) -> None:
+    """An ingress denial is FORWARDED at the source and DROPPED at the destination; nodes' clocks differ, so the
+    two reports of one attempt can fall in two hours, which the edge definition counts apart. The source's half
+    alone looks delivered: observed_edges (and so suggest) counts it denied, from flows and from folded hours."""
+    import duckdb
+
+    from flowpipe.dataset.rollups.fold import fold_closed_hours
+
+    table = simulated("east", seed=5)
+    con = duckdb.connect()
+    con.register("flows", table)
+    # a connection denied at the destination (every report of it in one hour, like all the simulator's)
+    found = con.sql(
+        """
+        SELECT source_ip, source_port, destination_ip, destination_port
+        FROM flows
+        GROUP BY ALL
+        HAVING bool_or(verdict = 'DROPPED' AND traffic_direction = 'INGRESS' AND drop_reason_desc = 'POLICY_DENIED')
+           AND bool_or(verdict = 'FORWARDED' AND traffic_direction = 'EGRESS')
+           AND count(DISTINCT date_trunc('hour', time)) = 1
+        ORDER BY min(time)
+        LIMIT 1
+        """
+    ).fetchall()
+    assert found, "the simulator denies connections at their destination"
+    denied = found[0]
+    # its source's reports half a millisecond before 10:00, its destination's just after (the clocks' skew)
+    edge = "source_ip = ? AND source_port = ? AND destination_ip = ? AND destination_port = ?"
+    moved = con.sql(
+        f"""
+        SELECT * REPLACE (CASE WHEN {edge} THEN (CASE WHEN traffic_direction = 'EGRESS'
+            THEN TIMESTAMPTZ '2024-05-01 09:59:59.9995+00' ELSE TIMESTAMPTZ '2024-05-01 10:00:00.0002+00' END)
+            ELSE time END AS time)
+        FROM flows ORDER BY time
+        """,
+        params=[*denied],
+    ).to_arrow_table()
+    root = tmp_path / "dataset"
+    write(root, moved, writer="skew", rows=4_000)
+
+    def statuses(source: str) -> set[str]:
+        rows = answers(root, source, ("observed_edges",))["observed_edges"]
+        return {
+            r["status"]
+            for r in rows
+            if r["destination_port"] == denied[3]
+            and r["l4_protocol"] == "TCP"
+            and (r["source_workload"], r["destination_workload"]) == pair
+        }
+
+    with open_engine(root, source="flows") as engine:
+        names = engine.run(
+            "SELECT source_workload, destination_workload FROM connections WHERE source_ip = $a "
+            "AND source_port = $b AND destination_ip = $c AND destination_port = $d",
+            dict(zip("abcd", denied, strict=True)),
+        ).to_pylist()
+        halves = engine.run(
+            "SELECT hour, outcome, at_hour_edge FROM connections WHERE source_ip = $a AND source_port = $b "
+            "ORDER BY hour",
+            {"a": denied[0], "b": denied[1]},
+        ).to_pylist()
+    assert [(h["outcome"], h["at_hour_edge"]) for h in halves] == [("delivered", True), ("denied", False)]
+    pair = (names[0]["source_workload"], names[0]["destination_workload"])
+    assert statuses("flows") == {"denied"}
+    assert len(fold_closed_hours(Dataset(root), now=LATER)) == 2
+    assert statuses("edges") == {"denied"}
+    assert answers(root, "edges") == answers(root, "flows")

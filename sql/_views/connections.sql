@@ -143,6 +143,14 @@ SELECT
     min(destination_names) AS destination_names,
     -- How many rows of this definition the row stands for (1; more in an hour of folded edge rollups).
     CAST(1 AS BIGINT) AS folded,
+    -- Delivered as far as the source's node saw it, with no report from the destination's, within two seconds
+    -- of an hour boundary: possibly the source's half of an attempt the destination denied in the other hour
+    -- (nodes' clocks differ by milliseconds), which observed_edges counts as denied when its edge was denied.
+    coalesce(
+        is_connection AND NOT bool_or(policy_drop) AND bool_or(traffic_direction = 'EGRESS')
+        AND NOT bool_or(traffic_direction = 'INGRESS')
+        AND (min(first_seen) < hour + INTERVAL 2 SECOND OR max(last_seen) >= hour + INTERVAL 3598 SECOND),
+        FALSE) AS at_hour_edge,
     -- A pod known only by its identity at every end that reported it: that identity (its name is looked up).
     min(source_identity_key) AS source_identity_key,
     min(destination_identity_key) AS destination_identity_key
