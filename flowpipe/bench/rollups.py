@@ -387,7 +387,9 @@ def child_main(argv: list[str]) -> None:
             detail = f"{table.num_rows:,} rows"
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    rss_mb = usage.ru_maxrss / 1024
+    from flowpipe.bench.context import peak_rss_mb
+
+    rss_mb = peak_rss_mb(os.getpid()) or usage.ru_maxrss / 1024
     # the machine may be shared: the CPU time says what the task cost whatever else ran
     detail += f"; {usage.ru_utime + usage.ru_stime:.1f} CPU-s, load average {os.getloadavg()[0]:.1f}"
     print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "detail": detail}))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from flowpipe.bench.context import BenchContext, Figure, process_cpu_seconds
+from flowpipe.bench.context import BenchContext, Figure, peak_rss_mb, process_cpu_seconds
 from flowpipe.errors import FlowpipeError
 
 SERVE_FACTOR = 10
@@ -51,16 +51,6 @@ def _start_server(root: Path) -> tuple[subprocess.Popen[str], str]:
         process.kill()
         raise FlowpipeError(f"serve-hubble did not start: {line!r}")
     return process, match.group(1)
-
-
-def _peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
@@ -157,7 +147,7 @@ def bench_serve_hubble(ctx: BenchContext) -> list[Figure]:
                        f"({streamed / cpu if cpu else 0:,.0f} flows per CPU-s); load average {load:.1f}")
             )  # fmt: skip
     finally:
-        rss = _peak_rss_mb(process.pid)
+        rss = peak_rss_mb(process.pid)
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=30)
