@@ -18,7 +18,7 @@ from support.wait import wait_until
 
 from flowpipe.config import ParquetSinkConfig
 from flowpipe.dataset.layout import KILL_AT_VARIABLE, Dataset
-from flowpipe.dataset.rollups import EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE, EDGES_TABLE
 from flowpipe.dataset.rollups.read import coverage
 from flowpipe.model import EventBatch
 from flowpipe.query import load_questions, run_question
@@ -332,8 +332,9 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     assert dataset.list_part_files("flows") == []
     assert answers(root, "auto") == raw  # raw flows gone: the rollups answer alone
     report = apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=1))
-    assert {p.table for p in report.partitions} == {EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE}
+    assert {p.table for p in report.partitions} == {EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE, EDGE_DAYS_TABLE}
     assert dataset.list_part_files(EDGES_TABLE) == dataset.list_part_files(EDGE_HOURS_TABLE) == []
+    assert dataset.list_part_files(EDGE_DAYS_TABLE) == []
 
 
 def test_suggest_equal_from_rollups(two_clusters: Path) -> None:
@@ -371,11 +372,12 @@ LATER = datetime(2030, 1, 1, tzinfo=UTC)
 def folded(two_clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
-    from flowpipe.dataset.rollups.fold import fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed
 
     root = tmp_path_factory.mktemp("rollups-folded") / "dataset"
     shutil.copytree(two_clusters, root)
-    assert len(fold_closed_hours(Dataset(root), now=LATER)) == 2
+    hours, days = fold_closed(Dataset(root), now=LATER)
+    assert len(hours) == 2 and len(days) == 1
     return root
 
 
@@ -392,9 +394,12 @@ def connection_rows(root: Path, **params: Any) -> tuple[int, int]:
 def test_folded_hours_answer_as_the_flows_do(two_clusters: Path, folded: Path) -> None:
     cover = coverage(Dataset(folded))
     assert [h.hour for h in cover.folded] == [9, 10] and not cover.coarse
-    # the folded rows are read: fewer rows, standing for the same connections
+    assert list(cover.days) == [datetime(2024, 5, 1, tzinfo=UTC)]
+    # the folded rows are read: fewer rows, standing for the same connections; the day's fewer than its hours'
     rows, stands_for = connection_rows(folded)
     assert rows < stands_for == connection_rows(two_clusters)[1]
+    nine = {"since": datetime(2024, 5, 1, 9, tzinfo=UTC)}  # inside the day: its hours are read
+    assert rows < connection_rows(folded, **nine)[0] and connection_rows(folded, **nine)[1] == stands_for
     # a window starting inside hour 09 reads that hour's per-file rollups, and hour 10's folded rows
     inside = {"since": datetime(2024, 5, 1, 9, 45, tzinfo=UTC)}
     (rows, stands_for), (raw_rows, raw_stands_for) = (
@@ -429,7 +434,7 @@ def test_suggest_equal_from_folded_hours(two_clusters: Path, folded: Path) -> No
 def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Path, tmp_path: Path) -> None:
     import shutil
 
-    from flowpipe.dataset.rollups.fold import fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed_days, fold_closed_hours
 
     root = tmp_path / "dataset"
     shutil.copytree(folded, root)
@@ -437,12 +442,16 @@ def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Pat
     write(root, late, writer="late", rows=2_000)
     dataset = Dataset(root)
     stale = coverage(dataset)
-    assert [h.hour for h in stale.folded] == [10]  # hour 09 is read from its per-file rollups again
+    # hour 09 is read from its per-file rollups again, and the day from its hours
+    assert [h.hour for h in stale.folded] == [10] and not stale.days
     raw = answers(root, "flows")
     assert answers(root, "edges") == raw
     assert [p.split("/")[-2] for p in fold_closed_hours(dataset, now=LATER)] == ["hour=09"]
-    assert [h.hour for h in coverage(dataset).folded] == [9, 10]
+    assert [h.hour for h in coverage(dataset).folded] == [9, 10] and not coverage(dataset).days
     assert len(dataset.list_part_files(EDGE_HOURS_TABLE)) == 2  # the stale fold went
+    assert answers(root, "edges") == raw
+    assert len(fold_closed_days(dataset, now=LATER)) == 1 and coverage(dataset).days
+    assert len(dataset.list_part_files(EDGE_DAYS_TABLE)) == 1
     assert answers(root, "edges") == raw
     # an hour is folded only once it is closed
     assert fold_closed_hours(dataset, now=datetime(2024, 5, 1, 11, 5, tzinfo=UTC), refold=True) == [

@@ -72,11 +72,11 @@ def _write(root: Path, table: Any, *, rollups: bool) -> tuple[float, float]:
 def _fold(root: Path) -> tuple[float, float, int]:
     """Fold every hour of `root` (as compaction does once an hour is closed); (wall s, CPU s, hours folded)."""
     from flowpipe.dataset.layout import Dataset
-    from flowpipe.dataset.rollups.fold import fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed
 
     started, cpu = time.perf_counter(), time.process_time()
-    written = fold_closed_hours(Dataset(root), now=datetime(2100, 1, 1, tzinfo=UTC))
-    return time.perf_counter() - started, time.process_time() - cpu, len(written)
+    hours, _ = fold_closed(Dataset(root), now=datetime(2100, 1, 1, tzinfo=UTC))
+    return time.perf_counter() - started, time.process_time() - cpu, len(hours)
 
 
 def _answers(root: Path, source: str) -> tuple[dict[str, list[str]], float]:
@@ -190,7 +190,7 @@ def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
     from flowpipe.bench.context import Figure
 
     workloads, days = fleet_size(ctx.flows)
-    root = ctx.workdir / f"rollups-fleet-hours-{workloads}x{days}"
+    root = ctx.workdir / f"rollups-fleet-folded-{workloads}x{days}"
     marker = root / "_state" / "bench-rollups.json"
     if not marker.is_file():
         shutil.rmtree(root, ignore_errors=True)
@@ -231,15 +231,16 @@ def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
 def generate_fleet(
     root: Path, example: Path, *, workloads: int = FLEET_WORKLOADS, days: int = FLEET_DAYS
 ) -> int:
-    """Write `days` days of folded hours (one row per edge and hour, `edge_hours/`) and the pod identities for
-    `workloads` workloads under `root`, as compaction leaves a month whose flows are gone; returns the rows."""
+    """Write `days` days of folded hours and days (one row per edge and hour, `edge_hours/`, and per edge and
+    day, `edge_days/`) and the pod identities for `workloads` workloads under `root`, as compaction and
+    retention leave a month whose flows are gone; returns the hourly rows."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from flowpipe.dataset.layout import PartitionKey
-    from flowpipe.dataset.rollups import EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE
-    from flowpipe.dataset.rollups.fold import fold_name
+    from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE
+    from flowpipe.dataset.rollups.fold import day_name, fold_name
 
     hours_schema = pq.read_schema(next((example / EDGE_HOURS_TABLE).rglob("*.parquet")))
     ids_schema = pq.read_schema(next((example / EDGE_IDENTITIES_TABLE).rglob("*.parquet")))
@@ -280,6 +281,8 @@ def generate_fleet(
         "destination_identity": identities.take(destination),
     }
     labels = pa.array([[f"k8s:app=wl-{w}", f"k8s:io.kubernetes.pod.namespace=ns-{w % 250}"] for w in numbers])
+    day_files: dict[datetime, str] = {}
+    day_sums = np.zeros(edges, np.int64)
     for hour in range(hours):
         start = FLEET_START + timedelta(hours=hour)
         start_ns = int(start.timestamp() * 1e9)
@@ -304,7 +307,24 @@ def generate_fleet(
             folder.mkdir(parents=True, exist_ok=True)
             name = fold_name([f"fleet-{hour}"]) if table_name == EDGE_HOURS_TABLE else f"fleet-{hour}.parquet"
             pq.write_table(rows_table, folder / name, compression="zstd")
+            if table_name == EDGE_HOURS_TABLE:
+                day_files[start] = str(folder / name)
         rows += edges
+        day_sums += connections
+        if start.hour == 23:  # the day is closed: its hours folded again by edge, as compaction does
+            day = start.replace(hour=0)
+            columns["hour"] = pa.array(np.full(edges, int(day.timestamp() * 1e9)), pa.timestamp("ns", "UTC"))
+            columns["folded"], columns["packets"] = pa.array(day_sums), pa.array(day_sums * 20)
+            first = int(day.timestamp() * 1e9) + offsets
+            columns["first_seen"] = pa.array(first, pa.timestamp("ns", "UTC"))
+            columns["last_seen"] = pa.array(
+                first + 23 * 3_600_000_000_000 + 500_000_000_000, pa.timestamp("ns", "UTC")
+            )
+            folder = root / EDGE_DAYS_TABLE / PartitionKey.from_time(day).path
+            folder.mkdir(parents=True, exist_ok=True)
+            own = {h: path for h, path in day_files.items() if h >= day}
+            pq.write_table(_as(hours_schema, columns, edges), folder / day_name(own), compression="zstd")
+            day_sums[:] = 0
     return rows
 
 

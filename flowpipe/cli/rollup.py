@@ -41,11 +41,11 @@ def rollup(dataset: str, rebuild: bool, since: str | None, output_format: str) -
         start = parse_time(since, name="since") if since else None
     except QuestionParameterError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from exc
-    from flowpipe.dataset.rollups.fold import fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed
 
     started = time.perf_counter()
     report = build_missing(Dataset(dataset), since=start, rebuild=rebuild)
-    folded = fold_closed_hours(Dataset(dataset), since=start, refold=rebuild)
+    folded, days = fold_closed(Dataset(dataset), since=start, refold=rebuild)
     table = pa.table(
         {
             "rollup": pa.array([path.rpartition("/edges/")[2] for path in report.written], pa.string()),
@@ -56,7 +56,7 @@ def rollup(dataset: str, rebuild: bool, since: str | None, output_format: str) -
     click.echo(
         f"{len(report.written):,} rollups written from {report.flows:,} flows "
         f"({report.flow_bytes / 1e6:,.1f} MB of flows, {report.rollup_bytes / 1e6:,.1f} MB of rollups{ratio}), "
-        f"{len(report.removed):,} left by compacted files removed, {len(folded):,} closed hours folded by edge, "
+        f"{len(report.removed):,} left by compacted files removed, {len(folded):,} closed hours and {len(days):,} days folded by edge, "
         f"in {time.perf_counter() - started:.1f}s",
         err=True,
     )

@@ -229,10 +229,10 @@ def compact_dataset(
             merged = [(p.partition.key.date, p.partition.key.hour) for p in report.plans]
             if hours := [key for key in merged if key in rolled_up]:
                 build_missing(dataset, partitions=hours, zstd_level=zstd_level)
-                from flowpipe.dataset.rollups.fold import fold_closed_hours
+                from flowpipe.dataset.rollups.fold import fold_closed
 
-                # a compacted hour is closed: its rollups folded by edge
-                fold_closed_hours(dataset, partitions=hours, now=clock(), zstd_level=zstd_level)
+                # a compacted hour is closed: its rollups folded by edge (and its day, once closed)
+                fold_closed(dataset, partitions=hours, now=clock(), zstd_level=zstd_level)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -114,11 +114,11 @@ def apply_retention(
         report.applied = True
         if edge_rollups and dataset.list_part_files(EDGES_TABLE):
             from flowpipe.dataset.rollups.build import build_missing
-            from flowpipe.dataset.rollups.fold import fold_closed_hours
+            from flowpipe.dataset.rollups.fold import fold_closed
 
             hours = [(p.key.date, p.key.hour) for p in report.partitions if p.table == FLOWS_TABLE]
             build_missing(dataset, partitions=hours)
-            fold_closed_hours(dataset, partitions=hours, now=clock())
+            fold_closed(dataset, partitions=hours, now=clock())
         now = time.time()
         for partition in report.partitions:
             for entry in partition.files:

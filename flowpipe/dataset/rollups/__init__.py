@@ -16,7 +16,8 @@ up over any split of the flows (records are summed, times take min and max, desc
   files of a crashed writer); the view `connections` merges both into the same rows the flows alone give.
   `--source edges` reads rollups only, `--source flows` flows only.
 - `fold`: once an hour is closed (compaction, `flowpipe rollup`, retention), its rollups are merged into one
-  row per edge and hour (`<dataset>/edge_hours/`), which questions read for the hours their window holds whole.
+  row per edge and hour (`<dataset>/edge_hours/`), and a closed day's hours into one row per edge and day
+  (`<dataset>/edge_days/`), which questions read for the hours and days their window holds whole.
 - Retention keeps rollups apart (`retention --keep 3d --keep-edges 400d`); `flowpipe rollup --rebuild` writes
   them for flows written before rollups existed.
 """
@@ -29,7 +30,9 @@ EDGE_IDENTITIES_TABLE = "edge_identities"
 """Per flow part file, the workload Cilium reported for each pod identity (`identity_workloads`)."""
 EDGE_HOURS_TABLE = "edge_hours"
 """An hour's rollups folded by edge once the hour is closed (`flowpipe.dataset.rollups.fold`)."""
-ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE)
+EDGE_DAYS_TABLE = "edge_days"
+"""A closed day's folded hours folded again by edge (`date=D/hour=00/`), for windows of weeks and months."""
+ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE, EDGE_DAYS_TABLE)
 CUTS_VARIABLE = "flowpipe_window_cuts"
 """A DuckDB variable: the times of a question's window (since, until, ...), which the query engine sets before
 it runs one; an hour of folded rollups is read only when none of them falls inside it."""

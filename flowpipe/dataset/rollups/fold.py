@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from flowpipe.dataset.layout import Dataset, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import list_partitions
-from flowpipe.dataset.rollups import EDGE_HOURS_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGES_TABLE
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,29 @@ def fold_name(flow_names: Iterable[str]) -> str:
     """The folded file's name for an hour holding exactly the flow files `flow_names`."""
     digest = hashlib.sha256("\n".join(sorted(flow_names)).encode()).hexdigest()[:24]
     return f"{FOLD_PREFIX}{digest}.parquet"
+
+
+def day_name(hours: dict[datetime, str]) -> str:
+    """The folded day's name for a day whose hours are folded in the files `hours` (hour → path)."""
+    listed = "\n".join(f"{hour:%H} {path.rpartition('/')[2]}" for hour, path in sorted(hours.items()))
+    return f"day-{hashlib.sha256(listed.encode()).hexdigest()[:24]}.parquet"
+
+
+def day_sql(columns: list[str], source: str) -> str:
+    """The SELECT folding hourly folded rows (`source`, columns `columns`) into one row per edge and day."""
+    items, keys = [], []
+    for name in columns:
+        quoted = f'"{name}"'
+        if name in SUMS:
+            items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
+        elif name in TIMES:
+            items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
+        elif name == "hour":
+            items.append(f"min(date_trunc('day', {quoted})) AS {quoted}")
+        else:
+            items.append(quoted)
+            keys.append(quoted)
+    return f"SELECT {', '.join(items)} FROM {source} GROUP BY {', '.join(keys)}"
 
 
 def fold_sql(columns: list[str]) -> str:
@@ -166,6 +189,89 @@ def fold_closed_hours(
     return written
 
 
+def fold_closed(
+    dataset: Dataset,
+    *,
+    partitions: Iterable[tuple[str, str]] | None = None,
+    since: datetime | None = None,
+    now: datetime | None = None,
+    refold: bool = False,
+    zstd_level: int = 3,
+) -> tuple[list[str], list[str]]:
+    """`fold_closed_hours`, then `fold_closed_days`: (hour files, day files) written."""
+    hours = fold_closed_hours(
+        dataset, partitions=partitions, since=since, now=now, refold=refold, zstd_level=zstd_level
+    )
+    return hours, fold_closed_days(dataset, now=now, refold=refold, zstd_level=zstd_level)
+
+
+def fold_closed_days(
+    dataset: Dataset, *, now: datetime | None = None, refold: bool = False, zstd_level: int = 3
+) -> list[str]:
+    """Fold every closed day (UTC) whose hours with edges are all folded and whose folded day is missing or
+    stale (with `refold`, every one) into one row per edge and day; returns the files written. Earlier files of
+    the day go once the new one is published. A failure is logged and leaves the day as it was."""
+    from flowpipe.dataset.rollups.read import coverage
+
+    cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
+    cover = coverage(dataset)
+    by_day: dict[datetime, dict[datetime, str]] = {}
+    for hour, path in cover.folded.items():
+        by_day.setdefault(hour.replace(hour=0), {})[hour] = path
+    pending = {hour.replace(hour=0) for hour in cover.uncovered}
+    pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.folded}
+    written = []
+    for day, hours in sorted(by_day.items()):
+        if day in pending or day + timedelta(days=1) > cutoff:
+            continue
+        if not refold and cover.days.get(day, "").endswith("/" + day_name(hours)):
+            continue
+        try:
+            written.append(_write_day(dataset, day, hours, zstd_level))
+        except FlowpipeError as exc:
+            log.warning(
+                "edge day %s not folded (read from its hours until it is): %s", f"{day:%Y-%m-%d}", exc
+            )
+    return written
+
+
+def _write_day(dataset: Dataset, day: datetime, hours: dict[datetime, str], zstd_level: int) -> str:
+    from flowpipe.dataset.layout import PartitionKey
+    from flowpipe.dataset.rollups.build import _arrow, connect
+    from flowpipe.dataset.rollups.read import register_files
+
+    con = connect()
+    try:
+        schema = _hour_schema(dataset, next(iter(hours.values())))
+        columns = list(schema.names)
+        con.register("_day_like", schema.empty_table())
+        rows_view = register_files(con, dataset, "_day_rows", [hours[h] for h in sorted(hours)], "_day_like")
+        rows = _arrow(con.sql(day_sql(columns, rows_view)))
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        raise QueryError(f"cannot fold the edge hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
+    finally:
+        con.close()
+    key = PartitionKey.from_time(day)
+    folder = dataset.partition_dir(EDGE_DAYS_TABLE, key)
+    name = day_name(hours)
+    final = f"{folder}/{name}"
+    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
+    dataset.publish(dataset.write_parquet_temp(rows, folder, name, hold=True, **options), final)
+    for partition in list_partitions(dataset, EDGE_DAYS_TABLE):
+        if partition.key == key:
+            for entry in partition.files:
+                if entry.path != final:
+                    _delete(dataset, entry.path)
+    return final
+
+
+def _hour_schema(dataset: Dataset, path: str) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    with dataset.filesystem.open_input_file(path) as handle:
+        return pq.read_schema(handle)
+
+
 def hour_start(key: tuple[str, str]) -> datetime | None:
     """The start of the hour of a partition key (None for the partition of rows without a time)."""
     try:
@@ -213,4 +319,13 @@ def drop_observations(dataset: Dataset, keys: Iterable[tuple[str, str]]) -> list
     return removed
 
 
-__all__ = ["drop_observations", "fold_closed_hours", "fold_hour", "fold_name", "fold_rows"]
+__all__ = [
+    "day_name",
+    "drop_observations",
+    "fold_closed",
+    "fold_closed_days",
+    "fold_closed_hours",
+    "fold_hour",
+    "fold_name",
+    "fold_rows",
+]

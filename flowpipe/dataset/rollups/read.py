@@ -35,6 +35,7 @@ from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset
 from flowpipe.dataset.maintenance import list_partitions
 from flowpipe.dataset.rollups import (
     CUTS_VARIABLE,
+    EDGE_DAYS_TABLE,
     EDGE_HOURS_TABLE,
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
@@ -65,6 +66,8 @@ class Coverage:
     """Hours with a folded file that holds for them (`flowpipe.dataset.rollups.fold`): hour → file."""
     coarse: set[datetime] = field(default_factory=set)
     """Folded hours whose per-file rollups are gone: they are read from the folded file whatever the window."""
+    days: dict[datetime, str] = field(default_factory=dict)
+    """Days (UTC) whose every hour with edges is folded and whose folded day holds for those hours: day → file."""
 
 
 def coverage(dataset: Dataset) -> Coverage:
@@ -102,7 +105,27 @@ def coverage(dataset: Dataset) -> Coverage:
         result.identity_files += [identity_names[name] for name in sorted(names)]
         if fold is not None:
             result.folded[start] = fold
+    _cover_days(dataset, result, {_hour(key) for key in set(edges) | set(flows) | set(folds)} - {None})
     return result
+
+
+def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None]) -> None:
+    """Fill `result.days`: the days whose hours with edges are all folded, and whose day file is named after
+    those hours' folded files."""
+    from flowpipe.dataset.rollups.fold import day_name
+
+    files = {
+        _hour((p.key.date, "00")): {f.name: f.path for f in p.files}
+        for p in list_partitions(dataset, EDGE_DAYS_TABLE)
+    }
+    for day, named in files.items():
+        if day is None or not named:
+            continue
+        own = [hour for hour in hours if hour is not None and day <= hour < day + timedelta(days=1)]
+        if own and all(hour in result.folded for hour in own):
+            path = named.get(day_name({hour: result.folded[hour] for hour in own}))
+            if path is not None:
+                result.days[day] = path
 
 
 def _valid_fold(
@@ -244,7 +267,7 @@ def with_rollups(
             setup(con)
         # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
         files = (
-            [*cover.edge_files, *cover.identity_files, *cover.folded.values()]
+            [*cover.edge_files, *cover.identity_files, *cover.folded.values(), *cover.days.values()]
             if cover is not None and dataset.is_local
             else []
         )
@@ -255,30 +278,47 @@ def with_rollups(
 
 FOLDED_ROWS = "_edge_hour_rows"
 FOLDED_HOURS = "_edge_folded_hours"
-USABLE = (
-    f"(coarse OR coalesce(len(list_filter(getvariable('{CUTS_VARIABLE}'), "
-    "lambda t: t > hour AND t < hour + INTERVAL 1 HOUR)) = 0, TRUE))"
-)
-"""A folded hour is read when no time of the window falls inside it (the question takes the hour whole or not
-at all, so whole-hour rows give its answer), or when it has nothing finer left; else its per-file rollups are."""
+FOLDED_DAYS = "_edge_folded_days"
+DAY_ROWS = "_edge_day_rows"
+
+
+def _whole(start: str, length: str) -> str:
+    """SQL: no time of the window falls inside the span from `start` (the question takes it whole or not at all,
+    so rows of the whole span give its answer)."""
+    return (
+        f"coalesce(len(list_filter(getvariable('{CUTS_VARIABLE}'), "
+        f"lambda t: t > {start} AND t < {start} + INTERVAL {length})) = 0, TRUE)"
+    )
+
+
+USABLE = f"(coarse OR {_whole('hour', '1 HOUR')})"
+"""A folded hour is read when the window holds it whole, or when it has nothing finer left; else its per-file
+rollups are."""
+DAY_USABLE = _whole("day", "1 DAY")
+"""A folded day is read when the window holds it whole; else its folded hours are."""
 
 
 def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
     """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
     their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
-    hours = sorted(cover.folded)
-    table = pa.table(
-        {
+    hours, days = sorted(cover.folded), sorted(cover.days)
+    tables = {
+        FOLDED_HOURS: {
             "hour": pa.array(hours, pa.timestamp("us", "UTC")),
             "coarse": pa.array([hour in cover.coarse for hour in hours], pa.bool_()),
-        }
-    )
-    con.register("_edge_folded_hours_arrow", table)
-    con.execute(f"CREATE OR REPLACE TABLE {FOLDED_HOURS} AS SELECT * FROM _edge_folded_hours_arrow")
-    con.unregister("_edge_folded_hours_arrow")
+            "day": pa.array([hour.replace(hour=0) for hour in hours], pa.timestamp("us", "UTC")),
+            "day_folded": pa.array([hour.replace(hour=0) in cover.days for hour in hours], pa.bool_()),
+        },
+        FOLDED_DAYS: {"day": pa.array(days, pa.timestamp("us", "UTC"))},
+    }
+    for name, columns in tables.items():
+        con.register(f"{name}_arrow", pa.table(columns))
+        con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_arrow")
+        con.unregister(f"{name}_arrow")
     if not hours:
         return ""
     register_files(con, dataset, FOLDED_ROWS, [cover.folded[hour] for hour in hours], "connections")
+    register_files(con, dataset, DAY_ROWS, [cover.days[day] for day in days], "connections")
     columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
     items = []
     for column in columns:
@@ -297,13 +337,17 @@ def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cove
             )
         else:
             items.append(f'f."{column}"')
+    hour_rows = (
+        f"SELECT * FROM {FOLDED_ROWS} WHERE hour IN "
+        f"(SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE} AND NOT (day_folded AND {DAY_USABLE}))"
+    )
+    day_rows = f"SELECT * FROM {DAY_ROWS} WHERE hour IN (SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
     return (
-        f"\nUNION ALL\nSELECT {', '.join(items)} FROM {FOLDED_ROWS} AS f\n"
+        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({hour_rows} UNION ALL {day_rows}) AS f\n"
         "LEFT JOIN identity_workloads AS siw ON siw.identity = f.source_identity_key\n"
         "    AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
         "LEFT JOIN identity_workloads AS diw ON diw.identity = f.destination_identity_key\n"
-        "    AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
-        f"WHERE f.hour IN (SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE})"
+        "    AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')"
     )
 
 
