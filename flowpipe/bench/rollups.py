@@ -239,8 +239,13 @@ def generate_fleet(
     import pyarrow.parquet as pq
 
     from flowpipe.dataset.layout import PartitionKey
-    from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE
-    from flowpipe.dataset.rollups.fold import day_name, fold_name
+    from flowpipe.dataset.rollups import (
+        EDGE_DAYS_TABLE,
+        EDGE_HOURS_TABLE,
+        EDGE_IDENTITIES_TABLE,
+        day_name,
+        fold_name,
+    )
 
     hours_schema = pq.read_schema(next((example / EDGE_HOURS_TABLE).rglob("*.parquet")))
     ids_schema = pq.read_schema(next((example / EDGE_IDENTITIES_TABLE).rglob("*.parquet")))

@@ -24,6 +24,10 @@ up over any split of the flows (records are summed, times take min and max, desc
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+
 EDGES_TABLE = "edges"
 """The rollup rows (`edge_observations` per flow part file)."""
 EDGE_IDENTITIES_TABLE = "edge_identities"
@@ -47,3 +51,15 @@ EDGE_QUESTIONS: tuple[str, ...] = (
 )
 """The questions that read edges only (the view `connections`), which rollups answer; `suggest` drafts from
 observed_edges. Other questions (least_privilege, drops, DNS, HTTP) read the flows' own records."""
+
+
+def fold_name(flow_names: Iterable[str]) -> str:
+    """The folded file's name for an hour holding exactly the flow files `flow_names`."""
+    digest = hashlib.sha256("\n".join(sorted(flow_names)).encode()).hexdigest()[:24]
+    return f"hour-{digest}.parquet"
+
+
+def day_name(hours: dict[datetime, str]) -> str:
+    """The folded day's name for a day whose hours are folded in the files `hours` (hour → path)."""
+    listed = "\n".join(f"{hour:%H} {path.rpartition('/')[2]}" for hour, path in sorted(hours.items()))
+    return f"day-{hashlib.sha256(listed.encode()).hexdigest()[:24]}.parquet"

@@ -18,7 +18,6 @@ A pod known only by its identity at every end stays unnamed here (its identity i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -28,12 +27,11 @@ import pyarrow as pa
 
 from flowpipe.dataset.layout import Dataset, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import list_partitions
-from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGES_TABLE
+from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGES_TABLE, day_name, fold_name
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
 
 log = logging.getLogger(__name__)
 
-FOLD_PREFIX = "hour-"
 SUMS = ("packets", "denied_packets", "dropped_packets", "folded")
 """The counts of a folded row: summed over the connections (or ICMP / L7 calls) it stands for."""
 TIMES = {"first_seen": "min", "last_seen": "max"}
@@ -43,18 +41,6 @@ SOURCE_IP = "CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' TH
 """The source address kept: that of reserved entities other than the world (observed_edges shows them)."""
 CLOSED_AFTER = timedelta(minutes=10)
 """An hour is folded once it ended this long ago (late records of collectors catching up go to their hour)."""
-
-
-def fold_name(flow_names: Iterable[str]) -> str:
-    """The folded file's name for an hour holding exactly the flow files `flow_names`."""
-    digest = hashlib.sha256("\n".join(sorted(flow_names)).encode()).hexdigest()[:24]
-    return f"{FOLD_PREFIX}{digest}.parquet"
-
-
-def day_name(hours: dict[datetime, str]) -> str:
-    """The folded day's name for a day whose hours are folded in the files `hours` (hour → path)."""
-    listed = "\n".join(f"{hour:%H} {path.rpartition('/')[2]}" for hour, path in sorted(hours.items()))
-    return f"day-{hashlib.sha256(listed.encode()).hexdigest()[:24]}.parquet"
 
 
 def day_sql(columns: list[str], source: str) -> str:

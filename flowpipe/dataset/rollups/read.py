@@ -72,7 +72,7 @@ class Coverage:
 
 def coverage(dataset: Dataset) -> Coverage:
     """Which hours of `dataset` its rollups cover, and their files (see the module docstring)."""
-    from flowpipe.dataset.rollups.fold import fold_name
+    from flowpipe.dataset.rollups import fold_name
 
     flows = visible_flow_names(dataset)
     edges = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGES_TABLE)}
@@ -112,7 +112,7 @@ def coverage(dataset: Dataset) -> Coverage:
 def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None]) -> None:
     """Fill `result.days`: the days whose hours with edges are all folded, and whose day file is named after
     those hours' folded files."""
-    from flowpipe.dataset.rollups.fold import day_name
+    from flowpipe.dataset.rollups import day_name
 
     files = {
         _hour((p.key.date, "00")): {f.name: f.path for f in p.files}
