@@ -547,3 +547,27 @@ def test_a_denied_attempt_reported_either_side_of_an_hour_boundary_stays_denied(
     assert len(fold_closed_hours(Dataset(root), now=LATER)) == 2
     assert statuses("edges") == {"denied"}
     assert answers(root, "edges") == answers(root, "flows")
+
+
+def test_compaction_can_build_the_rollups_writers_did_not(tmp_path: Path) -> None:
+    """Writers without rollups pay nothing; `compact --edge-rollups` writes every closed hour's rollups and folds
+    the hours and the day, and the answers stay the flows'."""
+    from click.testing import CliRunner
+
+    from flowpipe.cli import cli
+
+    root = tmp_path / "dataset"
+    write(root, simulated("east", seed=8, duration=1800, rate=8.0), writer="plain", rows=2_000, rollups=False)
+    raw = answers(root, "flows")
+    result = CliRunner().invoke(
+        cli, ["compact", "--dataset", str(root), "--grace-seconds", "0", "--edge-rollups"]
+    )
+    assert result.exit_code == 0, result.output
+    flows, edges = rollup_names(str(root))
+    assert flows and edges == flows
+    cover = coverage(Dataset(root))
+    assert [h.hour for h in cover.folded] == [9, 10] and len(cover.days) == 1
+    assert answers(root, "edges") == raw
+    assert answers(root, "auto", since="2024-05-01T09:50:00Z", until="2024-05-01T10:10:00Z") == answers(
+        root, "flows", since="2024-05-01T09:50:00Z", until="2024-05-01T10:10:00Z"
+    )

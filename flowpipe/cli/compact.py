@@ -26,10 +26,17 @@ _MIB = 1024 * 1024
 @click.option("--grace-seconds", type=click.FloatRange(min=0), default=DEFAULT_GRACE_SECONDS,
               show_default=True,
               help="Leave an hour alone until it ended this long ago (late flows may still arrive).")  # fmt: skip
+@click.option("--edge-rollups", is_flag=True,
+              help="Also write the edge rollups of every closed hour (writers then need not) and fold them.")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Show what would be merged; change nothing.")
 @format_option("table", "json", "jsonl", "csv")
 def compact(
-    dataset: str, target_size_mb: float, grace_seconds: float, dry_run: bool, output_format: str
+    dataset: str,
+    target_size_mb: float,
+    grace_seconds: float,
+    edge_rollups: bool,
+    dry_run: bool,
+    output_format: str,
 ) -> None:
     """Merge the small part files of closed hours into files of about --target-size-mb.
 
@@ -42,6 +49,7 @@ def compact(
         target_size_bytes=int(target_size_mb * _MIB),
         grace_seconds=grace_seconds,
         dry_run=dry_run,
+        build_rollups=edge_rollups,
     )
     render(_plan_table(report.plans), output_format, title=_title(report, dataset))
     for reason in report.skipped:

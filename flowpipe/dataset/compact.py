@@ -181,11 +181,13 @@ def compact_dataset(
     on_partition: Callable[[PartitionPlan], None] = lambda plan: None,
     workers: int | None = None,
     edge_rollups: bool = True,
+    build_rollups: bool = False,
 ) -> CompactionReport:
     """Merge the small part files of every closed hour of `dataset`; see the module docstring.
 
     With `edge_rollups`, each compacted file of an hour that has edge rollups (`flowpipe.dataset.rollups`) gets
-    its own and its inputs' go.
+    its own and its inputs' go, and those hours are folded. With `build_rollups`, every closed hour gets its
+    rollups and is folded, whether or not its writers built any (rollups built here cost the writers nothing).
 
     `workers` groups are merged at the same time (default: `default_workers()`); `on_partition` is called as
     each partition is done.
@@ -219,22 +221,41 @@ def compact_dataset(
         for plan in report.plans:
             report.files_removed += _remove(dataset, plan.leftovers)
         _merge_all(dataset, report, run_id, zstd_level, workers or default_workers(), on_partition)
-        if (
-            edge_rollups
-        ):  # the compacted files' edge rollups, in hours that had rollups; those of their inputs go
-            from flowpipe.dataset.rollups import EDGES_TABLE
-            from flowpipe.dataset.rollups.build import build_missing
-
-            rolled_up = {(p.key.date, p.key.hour) for p in list_partitions(dataset, EDGES_TABLE)}
-            merged = [(p.partition.key.date, p.partition.key.hour) for p in report.plans]
-            if hours := [key for key in merged if key in rolled_up]:
-                build_missing(dataset, partitions=hours, zstd_level=zstd_level)
-                from flowpipe.dataset.rollups.fold import fold_closed
-
-                # a compacted hour is closed: its rollups folded by edge (and its day, once closed)
-                fold_closed(dataset, partitions=hours, now=clock(), zstd_level=zstd_level)
+        if edge_rollups or build_rollups:
+            _roll_up(dataset, report, clock(), grace_seconds, build_rollups, zstd_level)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _roll_up(
+    dataset: Dataset,
+    report: CompactionReport,
+    now: datetime,
+    grace_seconds: float,
+    every_hour: bool,
+    zstd_level: int,
+) -> None:
+    """The compacted files' edge rollups, in hours that had rollups (with `every_hour`, in every closed hour);
+    those of their inputs go; then the closed hours and days are folded."""
+    from flowpipe.dataset.rollups import EDGES_TABLE
+    from flowpipe.dataset.rollups.build import build_missing, visible_flow_names
+    from flowpipe.dataset.rollups.fold import fold_closed, hour_start
+
+    if every_hour:
+        closed = now - timedelta(seconds=grace_seconds)
+        hours = [
+            key
+            for key in visible_flow_names(dataset)
+            if (start := hour_start(key)) is not None and start + timedelta(hours=1) <= closed
+        ]
+    else:
+        rolled_up = {(p.key.date, p.key.hour) for p in list_partitions(dataset, EDGES_TABLE)}
+        hours = [(p.partition.key.date, p.partition.key.hour) for p in report.plans]
+        hours = [key for key in hours if key in rolled_up]
+    if hours:
+        build_missing(dataset, partitions=hours, zstd_level=zstd_level)
+        # a compacted hour is closed: its rollups folded by edge (and its day, once closed)
+        fold_closed(dataset, partitions=hours, now=now, zstd_level=zstd_level)
 
 
 def default_workers() -> int:
