@@ -190,6 +190,13 @@ def test_equal_on_real_captures(capture_files: list[Path], tmp_path: Path) -> No
     assert raw["observed_edges"] and raw["new_connections"]
     assert answers(tmp_path, "edges", limit=100000) == raw
     assert answers(tmp_path, "auto", limit=100000) == raw
+    # folded by hour and day: a pod known only by identity in every record of an hour is named when read
+    from flowpipe.dataset.rollups.fold import fold_closed
+
+    hours, days = fold_closed(Dataset(tmp_path), now=datetime(2100, 1, 1, tzinfo=UTC))
+    assert hours and days and coverage(Dataset(tmp_path)).days
+    assert answers(tmp_path, "edges", limit=100000) == raw
+    assert answers(tmp_path, "auto", limit=100000) == raw
 
 
 # -- object storage, and a collector killed between a flow file and its rollup ---------------------------------
@@ -259,6 +266,11 @@ def test_a_collector_killed_between_a_flow_file_and_its_rollup_counts_every_flow
     assert request_records(where, "edges") == every  # every flow counted once in the rollups
     raw = answers(where, "flows")
     assert answers(where, "edges") == raw
+    from flowpipe.dataset.rollups.fold import fold_closed
+
+    hours, _ = fold_closed(Dataset(where), now=datetime(2100, 1, 1, tzinfo=UTC))
+    assert hours and len(coverage(Dataset(where)).folded) == len(hours)
+    assert answers(where, "edges") == raw  # folded on the object store too
 
 
 # -- rebuild, compaction, retention -----------------------------------------------------------------------------
