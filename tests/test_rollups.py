@@ -446,7 +446,7 @@ def test_suggest_equal_from_folded_hours(two_clusters: Path, folded: Path) -> No
 def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Path, tmp_path: Path) -> None:
     import shutil
 
-    from flowpipe.dataset.rollups.fold import fold_closed_days, fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed, fold_closed_days
 
     root = tmp_path / "dataset"
     shutil.copytree(folded, root)
@@ -458,7 +458,7 @@ def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Pat
     assert [h.hour for h in stale.folded] == [10] and not stale.days
     raw = answers(root, "flows")
     assert answers(root, "edges") == raw
-    assert [p.split("/")[-2] for p in fold_closed_hours(dataset, now=LATER)] == ["hour=09"]
+    assert [p.split("/")[-2] for p in fold_closed(dataset, now=LATER, days=False)[0]] == ["hour=09"]
     assert [h.hour for h in coverage(dataset).folded] == [9, 10] and not coverage(dataset).days
     assert len(dataset.list_part_files(EDGE_HOURS_TABLE)) == 2  # the stale fold went
     assert answers(root, "edges") == raw
@@ -466,7 +466,7 @@ def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Pat
     assert len(dataset.list_part_files(EDGE_DAYS_TABLE)) == 1
     assert answers(root, "edges") == raw
     # an hour is folded only once it is closed
-    assert fold_closed_hours(dataset, now=datetime(2024, 5, 1, 11, 5, tzinfo=UTC), refold=True) == [
+    assert fold_closed(dataset, now=datetime(2024, 5, 1, 11, 5, tzinfo=UTC), refold=True, days=False)[0] == [
         p for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p
     ]
 
@@ -498,7 +498,7 @@ def test_a_denied_attempt_reported_either_side_of_an_hour_boundary_stays_denied(
     alone looks delivered: observed_edges (and so suggest) counts it denied, from flows and from folded hours."""
     import duckdb
 
-    from flowpipe.dataset.rollups.fold import fold_closed_hours
+    from flowpipe.dataset.rollups.fold import fold_closed
 
     table = simulated("east", seed=5)
     con = duckdb.connect()
@@ -556,7 +556,7 @@ def test_a_denied_attempt_reported_either_side_of_an_hour_boundary_stays_denied(
     assert [(h["outcome"], h["at_hour_edge"]) for h in halves] == [("delivered", True), ("denied", False)]
     pair = (names[0]["source_workload"], names[0]["destination_workload"])
     assert statuses("flows") == {"denied"}
-    assert len(fold_closed_hours(Dataset(root), now=LATER)) == 2
+    assert len(fold_closed(Dataset(root), now=LATER, days=False)[0]) == 2
     assert statuses("edges") == {"denied"}
     assert answers(root, "edges") == answers(root, "flows")
 

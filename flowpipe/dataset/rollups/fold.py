@@ -136,18 +136,20 @@ def fold_hour(dataset: Dataset, key: tuple[str, str], *, zstd_level: int = 3) ->
     return final
 
 
-def fold_closed_hours(
+def fold_closed(
     dataset: Dataset,
     *,
     partitions: Iterable[tuple[str, str]] | None = None,
     since: datetime | None = None,
     now: datetime | None = None,
     refold: bool = False,
+    days: bool = True,
     zstd_level: int = 3,
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Fold every closed hour (of `partitions`, else all; ending after `since`) whose rollups are complete and
-    whose folded file is missing or stale (with `refold`, every one); returns the folded files written. A
-    failure is logged and leaves the hour as it was."""
+    whose folded file is missing or stale (with `refold`, every one), then (with `days`) every closed day as
+    `fold_closed_days` does; returns the (hour, day) files written. A failure is logged and leaves the hour as
+    it was."""
     from flowpipe.dataset.rollups.build import visible_flow_names
 
     wanted = set(partitions) if partitions is not None else None
@@ -172,23 +174,9 @@ def fold_closed_hours(
             continue
         if path is not None:
             written.append(path)
-    return written
-
-
-def fold_closed(
-    dataset: Dataset,
-    *,
-    partitions: Iterable[tuple[str, str]] | None = None,
-    since: datetime | None = None,
-    now: datetime | None = None,
-    refold: bool = False,
-    zstd_level: int = 3,
-) -> tuple[list[str], list[str]]:
-    """`fold_closed_hours`, then `fold_closed_days`: (hour files, day files) written."""
-    hours = fold_closed_hours(
-        dataset, partitions=partitions, since=since, now=now, refold=refold, zstd_level=zstd_level
-    )
-    return hours, fold_closed_days(dataset, now=now, refold=refold, zstd_level=zstd_level)
+    if not days:
+        return written, []
+    return written, fold_closed_days(dataset, now=now, refold=refold, zstd_level=zstd_level)
 
 
 def fold_closed_days(
@@ -310,7 +298,6 @@ __all__ = [
     "drop_observations",
     "fold_closed",
     "fold_closed_days",
-    "fold_closed_hours",
     "fold_hour",
     "fold_name",
     "fold_rows",
