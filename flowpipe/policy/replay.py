@@ -210,6 +210,58 @@ class _CompiledRule:
         return found or None
 
 
+class _LabelIndex:
+    """Items (policies, or rules) by a label each one requires: the ones an endpoint can match, found by its
+    labels instead of trying every item.
+
+    An item whose requirements (any one of which must hold: a rule's peers) each hold an `In` requirement is
+    filed under that label key and each of its values; every other item is tried for every endpoint. The
+    items returned are a superset of the ones that match (each is still matched in full), in the given order.
+    """
+
+    __slots__ = ("always", "by_key")
+
+    def __init__(self, items: Sequence[tuple[int, Sequence[tuple[m.Requirement, ...]] | None]]) -> None:
+        self.always: list[int] = []
+        self.by_key: dict[str, dict[str, list[int]]] = {}
+        for item, alternatives in items:
+            keys = [_indexed(reqs) for reqs in alternatives] if alternatives is not None else [None]
+            if not keys or any(k is None for k in keys):
+                self.always.append(item)
+                continue
+            for key, values in keys:  # type: ignore[misc]
+                by_value = self.by_key.setdefault(key, {})
+                for value in values:
+                    found = by_value.setdefault(value, [])
+                    if not found or found[-1] != item:
+                        found.append(item)
+
+    def candidates(self, endpoint: m.Endpoint) -> list[int]:
+        """The items `endpoint` may match, in order."""
+        if not self.by_key:
+            return self.always
+        found: set[int] = set()
+        for key, by_value in self.by_key.items():
+            for value in endpoint.values("any", key):
+                found.update(by_value.get(value, ()))
+        if not found:
+            return self.always
+        found.update(self.always)
+        return sorted(found)
+
+
+def _indexed(reqs: tuple[m.Requirement, ...]) -> tuple[str, frozenset[str]] | None:
+    """The label an endpoint must carry to meet `reqs` (the first `In` requirement, the namespace's last), as
+    (key, values); None when no label is required."""
+    found = None
+    for _, key, operator, values in reqs:
+        if operator == "In":
+            if key != m.POD_NAMESPACE_KEY:
+                return key, values
+            found = found or (key, values)
+    return found
+
+
 _PortRuleMatches = tuple[tuple[PortRule, ...], int, list[tuple[int, int]], list[tuple[int, int]]]
 """Rules that match a request at L3/L4 with the same port rules: (port rules, their number, the (policy, rule)
 indexes of the allow rules, of the deny rules)."""
@@ -229,6 +281,8 @@ class PolicySet:
             for ri, rule in enumerate(policy.rules):
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
+        self._rule_index: dict[tuple[int, str], _LabelIndex] = {}
+        self._policy_index: dict[str | None, _LabelIndex] = {}
         # The policies that select pods, by their namespace (None: clusterwide). A namespaced policy requires its
         # namespace of every pod it selects, so a pod is checked against its namespace's policies only.
         self._by_namespace: dict[str | None, list[int]] = defaultdict(list)
@@ -266,9 +320,9 @@ class PolicySet:
         key = (direction, endpoint)
         found = self._selecting.get(key)
         if found is None:
-            candidates = [] if not endpoint.is_pod else self._by_namespace.get(None, [])
+            candidates = [] if not endpoint.is_pod else self._policies_of(None, endpoint)
             for namespace in endpoint.values("k8s", m.POD_NAMESPACE_KEY) if endpoint.is_pod else ():
-                candidates = sorted(candidates + self._by_namespace.get(namespace, []))
+                candidates = sorted(candidates + self._policies_of(namespace, endpoint))
             found = [
                 i
                 for i in candidates
@@ -277,6 +331,30 @@ class PolicySet:
             ]
             self._selecting[key] = found
         return found
+
+    def _policies_of(self, namespace: str | None, endpoint: m.Endpoint) -> list[int]:
+        """The policies of `namespace` (None: clusterwide) that may select `endpoint` (by an indexed label)."""
+        index = self._policy_index.get(namespace)
+        if index is None:
+            policies = self._by_namespace.get(namespace, [])
+            index = self._policy_index[namespace] = _LabelIndex([(i, (self._subjects[i],)) for i in policies])  # type: ignore[misc]
+        return index.candidates(endpoint)
+
+    def _rules_of(self, policy: int, direction: Direction, peer: m.Endpoint) -> list[_CompiledRule]:
+        """The rules of a policy in one direction that may match `peer` (rules without peers never do)."""
+        rules = self._rules.get((policy, direction))
+        if not rules:
+            return []
+        index = self._rule_index.get((policy, direction))
+        if index is None:
+            index = self._rule_index[(policy, direction)] = _LabelIndex(
+                [
+                    (i, None if any(r is None for r in c.peer_reqs) else c.peer_reqs)  # type: ignore[misc]
+                    for i, c in enumerate(rules)
+                    if c.rule.peers
+                ]
+            )
+        return [rules[i] for i in index.candidates(peer)]
 
     def decide(
         self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: ports.Traffic
@@ -293,7 +371,7 @@ class PolicySet:
             # The matching rules by their port rules: copies of a policy share theirs, matched once per call.
             groups: dict[int, _PortRuleMatches] = {}
             for pi in selecting:
-                for compiled in self._rules.get((pi, direction), ()):
+                for compiled in self._rules_of(pi, direction, peer):
                     port_rules = compiled.l4_matches(peer, traffic)
                     if port_rules is not None:
                         number = self._port_rule_numbers.setdefault(port_rules, len(self._port_rule_numbers))
