@@ -44,6 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from flowpipe._resources import fewer_collections
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
 from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
@@ -388,6 +389,11 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     `existing` files, and `ConfigError` when the window holds flows of several clusters and `config.cluster`
     names none of them. Edges that cannot be drafted are listed in the suggestion, never raised.
     """
+    with fewer_collections():  # a fleet's drafts are millions of objects that live on
+        return _suggest(engine, config, now)
+
+
+def _suggest(engine: Engine, config: SuggestConfig, now: datetime | None) -> Suggestion:
     rows, since, until, anchored_to, cluster = _observed_edges(engine, config, now)
     rows, denied_rows = split_denied(rows, learn_from_drops=config.learn_from_drops)
     invalid = _invalid_names(rows)
