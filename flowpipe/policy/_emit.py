@@ -127,16 +127,47 @@ def _key(key: Any) -> str:
     return _scalar(key)
 
 
+_KEYS: dict[str, str] = {}
+"""Keys (strings) as the fast path writes them, kept: policy documents use a few keys again and again."""
+_TEXTS: dict[str, str] = {}
+"""String values as the fast path writes them, kept (up to `_KEPT` of them)."""
+_KEPT = 65536
+
+
+def _kept_key(key: Any) -> str:
+    if type(key) is not str:
+        return _key(key)
+    text = _KEYS.get(key)
+    if text is None:
+        text = _key(key)  # raises for a key the fast path does not write: nothing is kept for it
+        if len(_KEYS) >= _KEPT:
+            _KEYS.clear()
+        _KEYS[key] = text
+    return text
+
+
 def _mapping(mapping: dict[Any, Any], indent: int, first: str, lines: list[str]) -> None:
     """Keys at column `indent`; the first one after `first` (a list item's `- `, or the indentation)."""
     pad = " " * indent
     head = first or pad
+    keys, texts = _KEYS, _TEXTS
     for key, value in mapping.items():
-        text = _key(key)
-        if type(value) is dict and value:
+        text = keys.get(key) if type(key) is str else None
+        if text is None:
+            text = _kept_key(key)
+        kind = type(value)
+        if kind is str:
+            scalar = texts.get(value)
+            if scalar is None:
+                scalar = _scalar(value)  # raises for a string the fast path does not write
+                if len(texts) >= _KEPT:
+                    texts.clear()
+                texts[value] = scalar
+            lines.append(f"{head}{text}: {scalar}")
+        elif kind is dict and value:
             lines.append(f"{head}{text}:")
             _mapping(value, indent + 2, "", lines)
-        elif type(value) is list and value:
+        elif kind is list and value:
             lines.append(f"{head}{text}:")
             _sequence(value, indent + 2, lines)
         else:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from datetime import datetime
 from typing import Any
 
@@ -274,7 +275,6 @@ class PolicySet:
         self.policies = list(policies)
         self.config = config or ReplayConfig()
         cidr_match_nodes = self.config.cidr_match_nodes
-        self.rule_ids = [p.rule_ids() for p in self.policies]
         self._subjects = [m.subject_requirements(p) for p in self.policies]
         self._rules: dict[tuple[int, str], list[_CompiledRule]] = defaultdict(list)
         for pi, policy in enumerate(self.policies):
@@ -302,6 +302,11 @@ class PolicySet:
             bool(kept["kafka"]),
             bool(kept["dns"]),
         )
+
+    @cached_property
+    def rule_ids(self) -> list[list[str]]:
+        """Each policy's rule ids (`Policy.rule_ids`), by policy index."""
+        return [p.rule_ids() for p in self.policies]
 
     def decision_key(self, traffic: ports.Traffic) -> ports.Traffic:
         """`traffic` without the L7 fields that no rule of the set looks at."""
@@ -446,8 +451,13 @@ def replay_edges(
     policies: Sequence[Policy],
     edges: pa.Table | Iterable[Mapping[str, Any]],
     config: ReplayConfig | None = None,
+    *,
+    rules: bool = True,
 ) -> ReplayReport:
-    """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`."""
+    """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`.
+
+    `rules=False` leaves `ReplayReport.rules` empty (the flows each rule matched are not counted): for a caller
+    that wants the verdicts only."""
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
     policy_set = PolicySet(policies, config)
     report = ReplayReport(warnings=list(policy_set.warnings))
@@ -463,8 +473,9 @@ def replay_edges(
         traffic, directions, decisions = judge.row(row)
         reasons: list[str] = []
         for direction, decision in zip(directions, decisions, strict=True):
-            for hit in decision.matched:
-                matched[hit] += flows
+            if rules:
+                for hit in decision.matched:
+                    matched[hit] += flows
             if not decision.allowed and decision.reason:
                 reasons.append(f"{direction}: {decision.reason}")
         verdict = row.get("verdict")
@@ -510,7 +521,7 @@ def replay_edges(
         ),
         key=lambda e: (-e.forwarded, -e.flows, e.source, e.destination, e.port or 0, e.l7 or ""),
     )
-    for pi, policy in enumerate(policy_set.policies):
+    for pi, policy in enumerate(policy_set.policies if rules else ()):
         for ri, rule in enumerate(policy.rules):
             if rule.allows_nothing:
                 continue  # a default-deny entry matches nothing by design
