@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
