@@ -36,8 +36,6 @@ MEMORY_VARIABLE = "FLOWPIPE_DUCKDB_MEMORY_LIMIT"
 THREADS_VARIABLE = "FLOWPIPE_DUCKDB_THREADS"
 _UNLIMITED_V1 = 1 << 60
 """cgroup v1 writes "no limit" as a huge number (9223372036854771712): anything above this is none."""
-YOUNG_OBJECTS = 100_000
-"""New objects between two collections of the youngest generation in `fewer_collections` (Python's: 700)."""
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 
 
@@ -143,17 +141,19 @@ def _remove_spill_folder(pid: int, folder: str) -> None:
 
 
 @contextmanager
-def fewer_collections(young: int = YOUNG_OBJECTS) -> Iterator[None]:
-    """Run a block that builds many objects that live on (rows, drafts, documents) with the cyclic garbage
-    collector started after `young` new objects rather than Python's 700, the previous thresholds restored after.
+def collector_paused() -> Iterator[None]:
+    """Run a block that builds many objects that live on (rows, drafts, documents) with Python's cyclic garbage
+    collector paused, as it was before restored after (a collection can then run as usual).
 
-    Each of Python's collections of its oldest generation walks every live object; a block that builds a
-    million lasting ones starts such walks again and again (in `suggest`, most of its CPU time). Garbage that
-    reference counting frees is freed at once as before; only cycles wait a little longer.
+    Each collection walks the objects built since the last one, and collections of the older generations walk
+    them again, until they reach the oldest: a block that builds a million lasting objects pays for walks that
+    find nothing to free (in `suggest` over a fleet, half of its CPU time; the whole run leaves some 100 objects
+    in cycles). Reference counting frees everything else at once, as always.
     """
-    before = gc.get_threshold()
-    gc.set_threshold(max(young, before[0]), *before[1:])
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        if enabled:
+            gc.enable()

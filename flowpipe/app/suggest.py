@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from flowpipe._resources import fewer_collections
+from flowpipe._resources import collector_paused
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
 from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
@@ -389,7 +389,7 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     `existing` files, and `ConfigError` when the window holds flows of several clusters and `config.cluster`
     names none of them. Edges that cannot be drafted are listed in the suggestion, never raised.
     """
-    with fewer_collections():  # a fleet's drafts are millions of objects that live on
+    with collector_paused():  # a fleet's drafts are millions of objects that live on
         return _suggest(engine, config, now)
 
 
