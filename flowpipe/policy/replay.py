@@ -555,6 +555,14 @@ def denied_directions(
     return out
 
 
+_SIDE_COLUMNS = {
+    side: tuple(
+        f"{side}_{c}" for c in ("labels", "namespace", "reserved_identity", "identity", "ip", "names")
+    )
+    for side in ("source", "destination")
+}
+
+
 class _Judge:
     """Judges edge rows against a policy set, sharing endpoints and decisions between rows."""
 
@@ -565,22 +573,17 @@ class _Judge:
         self.decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
 
     def endpoint(self, row: Mapping[str, Any], side: str) -> m.Endpoint:
-        labels = tuple(row.get(f"{side}_labels") or ())
-        namespace = row.get(f"{side}_namespace")
-        held = row.get(f"{side}_reserved_identity")
+        labels_key, namespace_key, held_key, identity_key, ip_key, names_key = _SIDE_COLUMNS[side]
+        labels = tuple(row.get(labels_key) or ())
+        namespace = row.get(namespace_key)
+        held = row.get(held_key)
         if namespace is not None and (
             held or (labels and all(lbl.startswith("reserved:") for lbl in labels))
         ):
             # A pod recorded with a reserved identity is that identity to Cilium: no policy selects it, and
             # selectors match it as that identity (world: by CIDR), never by its namespace or labels.
             namespace, labels = None, (f"reserved:{held}",) if held else labels
-        key = (
-            namespace,
-            labels,
-            row.get(f"{side}_identity"),
-            row.get(f"{side}_ip"),
-            tuple(row.get(f"{side}_names") or ()),
-        )
+        key = (namespace, labels, row.get(identity_key), row.get(ip_key), tuple(row.get(names_key) or ()))
         found = self.endpoints.get(key)
         if found is None:
             found = self.endpoints[key] = m.Endpoint(*key)
