@@ -16,6 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -283,7 +284,10 @@ def draft_policies(
                     "a NetworkPolicy cannot restrict L7"
                 )
             for one in peer:
-                use = uses[key][direction][one].setdefault(port, _PortUse())
+                by_port = uses[key][direction][one]
+                use = by_port.get(port)
+                if use is None:
+                    use = by_port[port] = _PortUse()
                 _record(use, row, direction, dst, drafted, l7 and flavour == "cilium")
     if (
         l7
@@ -469,6 +473,7 @@ def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Ser
     return servers
 
 
+@lru_cache(maxsize=65536)
 def valid_name(name: str, *, subdomain: bool = False) -> bool:
     """True for a name Kubernetes accepts: a DNS-1123 label (namespaces), or subdomain (object names)."""
     if subdomain:
