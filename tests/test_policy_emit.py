@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flowpipe.policy._emit import dump_document, pyyaml_document
+from flowpipe.policy._emit import dump_document, exact_document, pyyaml_document
 from flowpipe.policy.load import load_documents, parse_policies
 from flowpipe.policy.model import LabelSelector, Peer, Policy, Port, PortRule, Rule
 from flowpipe.policy.render import render_policy
@@ -73,6 +73,12 @@ HOSTILE = [
     "x" * 122,
     "x" * 123,
     "word " * 40,
+    "*",
+    "*.example.com",
+    "**.example.com",
+    '@a"b\\c',
+    "`" + "y" * 130,
+    "%" * 200,
 ]
 PLAIN = ["wl-1", "k8s:app", "k8s:io.kubernetes.pod.namespace", "app=web", "10.0.0.0/8", "/v1/items", "_x"]
 
@@ -183,3 +189,32 @@ def test_a_stream_the_c_parser_refuses_gets_the_python_parsers_message() -> None
 
     with pytest.raises(PolicyParseError, match=r"invalid YAML at line 2, column"):
         load_documents("a: b\n  c: d: e\n", path="bad.yaml")
+
+
+@pytest.mark.parametrize("value", HOSTILE + PLAIN)
+def test_what_the_fast_path_writes_reads_back_as_the_document_itself(value: str) -> None:
+    """`exact_document`'s text is never parsed by `suggest` (`Rendered.exact`): it must read back as the very
+    document, types included (`'8080'` a string, 8080 an integer, `true` a boolean), and be PyYAML's bytes."""
+    document = policy_like(value, 8080)
+    text = exact_document(document)
+    if text is None:
+        return  # PyYAML writes it; suggest parses it
+    assert text == pyyaml(document)
+    [loaded] = load_documents(text)
+    assert loaded == document
+
+    def types(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: types(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [types(v) for v in value]
+        return type(value)
+
+    assert types(loaded) == types(document)
+
+
+def test_the_fast_path_writes_dns_wildcards_and_leaves_spaces_and_quotes_to_pyyaml() -> None:
+    for value in ("*", "*.example.com", "!x", "&y", "web", "8080", "yes", "`" + "y" * 100):
+        assert exact_document(policy_like(value, 53)) is not None, value
+    for value in ("* x", "*'", "x y", "a: b", "line\nbreak", "é", "'quoted'", " lead"):
+        assert exact_document(policy_like(value, 53)) is None, value

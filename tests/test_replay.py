@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 
 import pytest
 from support.policy import DB_NETWORK_POLICY, flow, pod, reserved, table
 
+from flowpipe.policy._match import Endpoint, compile_selector, requirements_match
 from flowpipe.policy.load import parse_policies
-from flowpipe.policy.replay import ReplayConfig, ReplayReport, replay_edges, replay_flows
+from flowpipe.policy.model import LabelExpression, LabelSelector
+from flowpipe.policy.replay import ReplayConfig, ReplayReport, _LabelIndex, replay_edges, replay_flows
 
 WEB = pod("shop", "web")
 API = pod("shop", "api")
@@ -665,3 +668,40 @@ egress:
     rows = [flow(WEB, host_dns, 53, "UDP")]
     assert replay(kube_system_deny, *rows).denied == 0  # no policy selects it while it has that identity
     assert replay(by_label, *rows).would_break == 1  # its labels do not match
+
+
+def test_the_label_index_offers_every_policy_or_rule_that_can_match_in_order() -> None:
+    """Policies and rules are looked up by a label they require: whatever matches an endpoint is among the ones
+    offered (offered in order, once), whatever the selector's operators, sources and namespace."""
+    rng = random.Random(5)
+    keys = ["app", "k8s:app", "tier", "container:tier", "io.kubernetes.pod.namespace", "$host"]
+    values = ["web", "api", "db", "shop", ""]
+
+    def selector() -> tuple:
+        labels = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 2))}
+        expressions = [
+            LabelExpression(
+                rng.choice(keys), op, tuple(rng.sample(values, 2)) if op in ("In", "NotIn") else ()
+            )
+            for op in rng.sample(["In", "NotIn", "Exists", "DoesNotExist"], rng.randint(0, 2))
+        ]
+        return compile_selector(LabelSelector.of(labels, *expressions))
+
+    def endpoint() -> Endpoint:
+        labels = [f"{rng.choice(['k8s', 'container'])}:{rng.choice(['app', 'tier'])}={rng.choice(values)}"
+                  for _ in range(rng.randint(0, 3))] + (["reserved:host"] if rng.random() < 0.1 else [])  # fmt: skip
+        return Endpoint(
+            rng.choice(["shop", "web", None]), labels, rng.choice([None, 1, 2, 12345]), "10.0.0.1"
+        )
+
+    for _ in range(300):
+        items = [(i, None if rng.random() < 0.1 else [selector() for _ in range(rng.randint(1, 2))])
+                 for i in range(rng.randint(0, 8))]  # fmt: skip
+        index = _LabelIndex(items)
+        for _ in range(20):
+            ep = endpoint()
+            offered = index.candidates(ep)
+            assert offered == sorted(set(offered))
+            matching = [i for i, alternatives in items
+                        if alternatives is None or any(requirements_match(r, ep) for r in alternatives)]  # fmt: skip
+            assert set(matching) <= set(offered), (items, ep.key)

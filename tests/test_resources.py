@@ -3,6 +3,7 @@ under the system's temporary folder."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -11,7 +12,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from flowpipe._resources import apply_duckdb_limits, cpu_limit, duckdb_settings, memory_limit_bytes
+from flowpipe._resources import (
+    apply_duckdb_limits,
+    collector_paused,
+    cpu_limit,
+    duckdb_settings,
+    memory_limit_bytes,
+)
 from flowpipe.errors import ConfigError
 from flowpipe.query.engine import DuckDBEngine
 
@@ -105,3 +112,20 @@ def test_a_spill_goes_to_the_temporary_folder_and_leaves_with_the_process(tmp_pa
     assert Path(folder).parent == temporary and spilled == "True"  # it did spill, there
     assert not (work / ".tmp").exists() and list(work.iterdir()) == []
     assert not Path(folder).exists()  # removed at exit
+
+
+def test_the_collector_is_paused_in_the_block_and_restored_after_even_on_an_error() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), collector_paused():
+        raise ValueError("boom")
+    assert gc.isenabled()
+    gc.disable()  # paused before: stays paused
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from support.policy import pod, validate_document
 from support.suggest import connection, dataset
 
-from flowpipe.app.suggest import _comments
+from flowpipe.app.suggest import DraftFile, _Body, _comments, _read_documents
 from flowpipe.cli import cli
 from flowpipe.policy.load import load_documents
-from flowpipe.policy.model import Policy
-from flowpipe.policy.render import render_policy
+from flowpipe.policy.model import FQDNSelector, LabelSelector, Peer, Policy, Port, PortRule, Rule
+from flowpipe.policy.render import render_parts, render_policy
 
 WINDOW = ["--since", "2000-01-01", "--until", "2100-01-01"]
 INJECTED = (
@@ -106,6 +106,8 @@ def test_a_header_counts_as_comments_only_when_no_line_of_it_can_be_yaml() -> No
         "# a\x85---\n",  # and a next-line character
         "# no line break at the end",  # would join the body's first line
         "---\n",
+        "# a\x00\n",  # a character a YAML reader refuses
+        "# a\x1b[2J\n",
     ]
     for header in comment_only:
         assert _comments(header) == (header != ""), header  # (an empty header: the text is the body itself)
@@ -155,3 +157,40 @@ def test_a_namespace_option_kubernetes_would_not_accept_is_a_clear_error(tmp_pat
     assert result.exit_code == 2 and "Traceback" not in result.output  # a bad option
     assert "not a namespace name Kubernetes accepts (DNS-1123): '../../escape'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_reads_back_without_parsing_only_as_parsing_it_would_read_it() -> None:
+    """A body the fast path wrote whole is taken for its documents; one PyYAML wrote any part of, a text changed
+    after rendering, or lines above the body that are not comments are parsed, and read as they are."""
+    dns = PortRule((Port(53, "UDP"),), dns=(FQDNSelector(match_pattern="*"),))
+    policies = [
+        Policy("flowpipe-web", "shop", "cilium", LabelSelector.of({"app": "web"}), isolates=("ingress", "egress"),
+               rules=(Rule("ingress", (Peer.endpoints({"app": "api"}),), (PortRule((Port(8080),)),)),
+                      Rule("egress", (Peer.endpoints({"k8s-app": "kube-dns"}, namespace="kube-system"),),
+                           (dns,)))),
+        Policy("flowpipe-api", "shop", "kubernetes", LabelSelector.of({"app": "yes"}), isolates=("ingress",)),
+        Policy("flowpipe-x", "shop", "cilium", LabelSelector.of({"app": "x" + INJECTED})),
+        Policy("flowpipe-y", "shop", "cilium", LabelSelector.of({"app": "y y"}), isolates=("egress",)),
+    ]  # fmt: skip
+    parts = [render_parts(p) for p in policies]
+    assert [r.exact for r in parts] == [True, True, False, False]
+    for i in range(len(parts)):
+        chosen = parts[: i + 1]
+        exact = all(r.exact for r in chosen)
+        body = _Body(
+            (), "---\n".join(r.text for r in chosen), tuple(r.document for r in chosen) if exact else None
+        )
+        for header in ("# flowpipe suggest\n", ""):
+            text = header + body.text
+            draft_file = DraftFile("shop.yaml", "cilium", "shop", text, len(chosen), 0)
+            assert _read_documents(draft_file, body) == load_documents(text) == [r.document for r in chosen]
+        changed = [
+            text.replace("app: web", "app: web2"),  # the body was changed after it was rendered
+            "apiVersion: v1\n---\n" + body.text,  # a document above it
+            "# a\rkind: x\n" + body.text,  # a line break YAML knows in a comment
+        ]
+        for text in changed:
+            draft_file = DraftFile("shop.yaml", "cilium", "shop", text, len(chosen), 0)
+            assert _read_documents(draft_file, body) == load_documents(text)
+    above = DraftFile("a", "cilium", "shop", "apiVersion: v1\n---\n" + body.text, 0, 0)
+    assert len(_read_documents(above, body)) == len(policies) + 1

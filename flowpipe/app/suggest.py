@@ -38,12 +38,13 @@ import hashlib
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from flowpipe._resources import collector_paused
 from flowpipe.errors import ConfigError, PolicyError, PolicyParseError
 from flowpipe.policy._istio_paths import parse_istio_version
 from flowpipe.policy.clusters import choose_cluster
@@ -71,7 +72,7 @@ from flowpipe.policy.load import load_documents, load_policies, policies_of
 from flowpipe.policy.model import DIRECTIONS, Flavour, Policy
 from flowpipe.policy.proof import MAX_NAMED_EDGES, StoredEdges, Subject, prove_draft, subjects
 from flowpipe.policy.proof import edge_text as denied_text
-from flowpipe.policy.render import comment_block, printable, render_yaml, unexpressed
+from flowpipe.policy.render import Rendered, comment_block, printable, render_parts
 from flowpipe.policy.replay import DeniedEdge, denied_directions
 from flowpipe.query.catalog import load_questions
 from flowpipe.query.engine import Engine
@@ -388,6 +389,11 @@ def suggest_policies(engine: Engine, config: SuggestConfig, *, now: datetime | N
     `existing` files, and `ConfigError` when the window holds flows of several clusters and `config.cluster`
     names none of them. Edges that cannot be drafted are listed in the suggestion, never raised.
     """
+    with collector_paused():  # a fleet's drafts are millions of objects that live on
+        return _suggest(engine, config, now)
+
+
+def _suggest(engine: Engine, config: SuggestConfig, now: datetime | None) -> Suggestion:
     rows, since, until, anchored_to, cluster = _observed_edges(engine, config, now)
     rows, denied_rows = split_denied(rows, learn_from_drops=config.learn_from_drops)
     invalid = _invalid_names(rows)
@@ -613,16 +619,24 @@ def _prove(
     policies = list(draft.policies)
     left_out = list(draft.left_out)
     withheld: set[str] = set()
-    # Each file's rendered policies, kept while the same policies go to it (by identity: `draft` holds them all
-    # alive, so an identity is never reused here).
-    bodies: dict[str, tuple[tuple[int, ...], str]] = {}
+    # Each policy rendered once, and each file's rendered policies, kept while the same policies go to it (by
+    # identity: `draft` holds them all alive, so an identity is never reused here).
+    rendered: dict[int, Rendered] = {}
+    bodies: dict[str, _Body] = {}
+
+    def render(policy: Policy) -> Rendered:
+        found = rendered.get(id(policy))
+        if found is None:
+            found = rendered[id(policy)] = render_parts(policy, window=suggestion.window)
+        return found
+
     while True:
         result = FormatResult(fmt, policies, notes=list(draft.notes), review=_world_ingress(policies))
-        result.notes += sorted({f"{p.key}: {n}" for p in policies for n in unexpressed(p)})
+        result.notes += sorted({f"{p.key}: {n}" for p in policies for n in render(p).notes})
         result.left_out = left_out
-        files = _files(result, config, suggestion, bodies)
+        files = _files(result, config, suggestion, bodies, render)
         # The exact text that is written, read back: what the cluster would get is what is proved.
-        documents = {f.path: _documents(f.text) for f in files}
+        documents = {f.path: _read_documents(f, bodies.get(f.path)) for f in files}
         deployed = [p for f in files for p in _read_back(f, documents[f.path])]
         proof = prove_draft(deployed, learned, flavour=fmt, existing=existing, stored=stored,
                             cidr_match_nodes=nodes, left_out=expected)  # fmt: skip
@@ -643,7 +657,7 @@ def _prove(
         ]
         policies = [p for p in policies if p.namespace not in withheld]
     proved = {path: [d for d in docs if d is not None] for path, docs in documents.items()}
-    proved_bodies = {path: bodies[path][1] for path in documents}  # the very texts read back and proved
+    proved_bodies = {path: bodies[path].text for path in documents}  # the very texts read back and proved
     result.left_out = left_out + [_unexpressible(e) for e in proof.unexpressible]
     result.requires = proof.requires
     result.requests_proved, result.flows_proved = proof.requests, proof.flows
@@ -651,7 +665,7 @@ def _prove(
     for edge in proof.learned_denied:
         for namespace in {s[0].split("/", 1)[0] for s in subjects(edge) if "/" in s[0]}:
             result.denied[namespace] = result.denied.get(namespace, 0) + edge.flows
-    files = _files(result, config, suggestion, bodies)  # the headers now name everything left out
+    files = _files(result, config, suggestion, bodies, render)  # the headers now name everything left out
     for draft_file in files:
         body = proved_bodies.get(draft_file.path)
         if body is not None and draft_file.text.endswith(body) and _comments(draft_file.text[: -len(body)]):
@@ -672,9 +686,26 @@ def _read_back(draft_file: DraftFile, documents: Sequence[Any]) -> list[Policy]:
     return policies
 
 
+def _read_documents(draft_file: DraftFile, body: _Body | None) -> list[Any]:
+    """Every document of a drafted file's text, as the cluster would read it.
+
+    The text is parsed, unless it is whole comment lines above a body whose every document the fast path wrote
+    (`Rendered.exact`: its output reads back as the very documents it was given, so parsing it would only give
+    them again); then they are those documents. A body PyYAML wrote any part of is always parsed.
+    """
+    if body is not None and body.documents is not None:
+        text = body.text
+        if draft_file.text.endswith(text) and _comments(draft_file.text[: -len(text)]):
+            return list(body.documents)
+    return _documents(draft_file.text)
+
+
 def _comments(text: str) -> bool:
-    """True when `text` is whole comment lines only (every line, split at any line break, starts with `#`)."""
-    return text.endswith("\n") and all(line.startswith("#") for line in text.splitlines())
+    """True when `text` is whole comment lines only: every line, split at any line break, starts with `#` and
+    holds printable characters only (nothing a YAML reader refuses, and nothing it could take as a line break)."""
+    return text.endswith("\n") and all(
+        line.startswith("#") and line.isprintable() for line in text.splitlines()
+    )
 
 
 def _documents(text: str) -> list[Any]:
@@ -872,15 +903,33 @@ def _unique_paths(files: list[DraftFile]) -> None:
             files[i] = dataclasses.replace(draft_file, path=path)
 
 
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """The rendered policies of one file: the policies (by identity), their text, and their documents when the
+    fast path wrote every one of them (None: parse the text)."""
+
+    policies: tuple[int, ...]
+    text: str
+    documents: tuple[dict[str, Any], ...] | None
+
+
 def _files(
     result: FormatResult,
     config: SuggestConfig,
     suggestion: Suggestion,
-    bodies: dict[str, tuple[tuple[int, ...], str]] | None = None,
+    bodies: dict[str, _Body] | None = None,
+    render: Callable[[Policy], Rendered] | None = None,
 ) -> list[DraftFile]:
-    """The files of a format's policies. `bodies`: each path's policies (by identity) and their rendered text,
-    reused while the same policies go to the same path (only the file headers change between proof rounds)."""
+    """The files of a format's policies. `bodies`: each path's rendered policies, reused while the same
+    policies go to the same path (only the file headers change between proof rounds). `render`: how a policy
+    is rendered (each one once, by the caller; default: `render_parts`)."""
     bodies = {} if bodies is None else bodies
+    if render is None:
+        window = suggestion.window
+
+        def render(policy: Policy) -> Rendered:
+            return render_parts(policy, window=window)
+
     prefix = f"{result.format}/" if len(config.formats) > 1 else ""
     groups: dict[tuple[str, str], list[Any]] = {}
     for policy in result.policies:
@@ -894,22 +943,31 @@ def _files(
     files = []
     for (namespace, path), policies in groups.items():
         same = tuple(map(id, policies))
-        if path in bodies and bodies[path][0] == same:
-            body = bodies[path][1]
-        elif result.format == "istio":
-            body = render_istio(policies, window=suggestion.window)
-        else:
-            body = render_yaml(policies, window=suggestion.window)
-        bodies[path] = (same, body)
-        header = _file_header(result, namespace, policies, config, suggestion)
+        known = bodies.get(path)
+        if known is None or known.policies != same:
+            if result.format == "istio":
+                known = _Body(same, render_istio(policies, window=suggestion.window), None)
+            else:
+                parts = [render(p) for p in policies]
+                exact = all(r.exact for r in parts)
+                text = "---\n".join(r.text for r in parts)  # as `render_yaml` writes them
+                known = _Body(same, text, tuple(r.document for r in parts) if exact else None)
+            bodies[path] = known
+        body = known.text
+        header = _file_header(result, namespace, policies, config, suggestion, render)
         rules = sum(_rule_count(p) for p in policies)
         files.append(DraftFile(path, result.format, namespace, header + body, len(policies), rules))
     return files
 
 
 def _file_header(
-    result: FormatResult, namespace: str, policies: Sequence[Any], config: SuggestConfig, suggestion: Suggestion
-) -> str:  # fmt: skip
+    result: FormatResult,
+    namespace: str,
+    policies: Sequence[Any],
+    config: SuggestConfig,
+    suggestion: Suggestion,
+    render: Callable[[Policy], Rendered],
+) -> str:
     kind = KINDS[result.format]
     lines = [f"flowpipe suggest: {kind} drafts for namespace {namespace}{_of_cluster(suggestion.cluster)}"]
     if suggestion.existing_policies is not None:
@@ -927,7 +985,7 @@ def _file_header(
     lines += [f"left out: {lo.edge}: {lo.reason}; what to do: {lo.action}" for lo in left_out]
     lines += [f"review: {r}" for r in result.review if r.startswith(f"{namespace}/")]
     notes = sorted({c for p in policies for c in p.comments} | {
-        n for p in policies if isinstance(p, Policy) for n in unexpressed(p)})  # fmt: skip
+        n for p in policies if isinstance(p, Policy) for n in render(p).notes})  # fmt: skip
     lines += [f"note: {n}" for n in notes]
     lines.append("review before applying: flowpipe never applies anything")
     return comment_block(lines)

@@ -110,17 +110,21 @@ _L3_KEYS = {
 }
 
 
+_KNOWN = {
+    direction: frozenset(keys)
+    | {"toPorts", "icmps", "authentication"}
+    | {k for k in UNEVALUATED if k.startswith("from" if direction == "ingress" else "to")}
+    for direction, keys in _L3_KEYS.items()
+}
+"""The fields a rule of each direction may have."""
+
+
 def _cilium_rule(entry: Any, where: Where, at: str, direction: str, action: str, notes: list[str]) -> Rule:
     if entry is None:
         entry = {}
     if not isinstance(entry, dict):
         where.fail(at, "expected a mapping")
-    known = (
-        set(_L3_KEYS[direction])
-        | {"toPorts", "icmps", "authentication"}
-        | {k for k in UNEVALUATED if k.startswith("from" if direction == "ingress" else "to")}
-    )
-    unknown = set(entry) - known
+    unknown = entry.keys() - _KNOWN[direction]
     if unknown:
         where.fail(at, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     has_l3 = False
@@ -213,6 +217,8 @@ def _cilium_port_rule(value: Any, where: Where, at: str, action: str, notes: lis
         if end_port is not None and not isinstance(end_port, int):
             where.fail(field + ".endPort", "expected a number")
         ports.append(Port(port=number, protocol=protocol, end_port=end_port or None))
+    if value.get("rules") is None:  # L4 only
+        return PortRule(ports=tuple(ports))
     rules = f.mapping(value, "rules", where, at + ".rules") or {}
     if rules and action == "deny":
         where.fail(at + ".rules", "deny rules cannot have L7 rules")

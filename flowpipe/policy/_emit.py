@@ -28,6 +28,10 @@ tag, `!!str`, too): such keys never take the fast path."""
 _PLAIN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./=-]*(?::[A-Za-z0-9_./=-]+)*")
 """Strings PyYAML writes plain on one line in block context: no leading `-`, `.`, `:`, no trailing `:`, no `: `,
 no space, quote, `#`, flow or other indicator, no line break, ASCII only."""
+_INDICATED = re.compile(r"[#,\[\]{}&*!|>\"%@`][!-&(-~]*")
+"""Strings PyYAML writes single-quoted on one line: they start with an indicator that no plain scalar may start
+with (`*` of a DNS pattern, `!`, `&`, ...), and hold printable ASCII only, no space and no quote to double (so
+nothing to escape, fold or break)."""
 _STR_TAG = "tag:yaml.org,2002:str"
 _RESOLVER = yaml.resolver.Resolver()
 
@@ -45,13 +49,25 @@ class _NotSimple(Exception):
 
 def dump_document(document: dict[str, Any], *, allow_unicode: bool = True) -> str:
     """`document` as PyYAML's `_Dumper` writes it (block style, no key sorting, width 120)."""
+    text = exact_document(document)
+    return pyyaml_document(document, allow_unicode=allow_unicode) if text is None else text
+
+
+def exact_document(document: Any) -> str | None:
+    """`document` written by the fast path, or None when it holds anything the fast path leaves to PyYAML.
+
+    What this path writes reads back, with PyYAML's safe loaders, as `document` itself, value for value and
+    type for type: plain strings only where the loader's own resolver reads them as strings (quoted where it
+    would not, with no quote inside), `str()` of integers, `true`/`false`/`null`, `{}`/`[]` for empty ones, and
+    no other kind of node. So its output need not be parsed to be known (`Rendered.exact`).
+    """
     lines: list[str] = []
     try:
         if not isinstance(document, dict) or not document:
             raise _NotSimple
         _mapping(document, 0, "", lines)
     except _NotSimple:
-        return pyyaml_document(document, allow_unicode=allow_unicode)
+        return None
     lines.append("")
     return "\n".join(lines)
 
@@ -73,11 +89,12 @@ def pyyaml_document(document: Any, *, allow_unicode: bool = True) -> str:
 @lru_cache(maxsize=65536)
 def _string(text: str) -> str | None:
     """`text` as PyYAML writes it when that is plain (`web`), or single-quoted because it would read back as
-    another type (`'8080'`, `'yes'`, `''`); None for anything else (PyYAML writes it)."""
+    another type (`'8080'`, `'yes'`, `''`) or starts with an indicator (`'*'`); None for anything else (PyYAML
+    writes it)."""
     if not text:
         return "''"
     if _PLAIN.fullmatch(text) is None:
-        return None
+        return f"'{text}'" if _INDICATED.fullmatch(text) else None
     if _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR_TAG:
         return text
     return f"'{text}'"  # the characters allowed hold no quote to double
@@ -110,16 +127,47 @@ def _key(key: Any) -> str:
     return _scalar(key)
 
 
+_KEYS: dict[str, str] = {}
+"""Keys (strings) as the fast path writes them, kept: policy documents use a few keys again and again."""
+_TEXTS: dict[str, str] = {}
+"""String values as the fast path writes them, kept (up to `_KEPT` of them)."""
+_KEPT = 65536
+
+
+def _kept_key(key: Any) -> str:
+    if type(key) is not str:
+        return _key(key)
+    text = _KEYS.get(key)
+    if text is None:
+        text = _key(key)  # raises for a key the fast path does not write: nothing is kept for it
+        if len(_KEYS) >= _KEPT:
+            _KEYS.clear()
+        _KEYS[key] = text
+    return text
+
+
 def _mapping(mapping: dict[Any, Any], indent: int, first: str, lines: list[str]) -> None:
     """Keys at column `indent`; the first one after `first` (a list item's `- `, or the indentation)."""
     pad = " " * indent
     head = first or pad
+    keys, texts = _KEYS, _TEXTS
     for key, value in mapping.items():
-        text = _key(key)
-        if type(value) is dict and value:
+        text = keys.get(key) if type(key) is str else None
+        if text is None:
+            text = _kept_key(key)
+        kind = type(value)
+        if kind is str:
+            scalar = texts.get(value)
+            if scalar is None:
+                scalar = _scalar(value)  # raises for a string the fast path does not write
+                if len(texts) >= _KEPT:
+                    texts.clear()
+                texts[value] = scalar
+            lines.append(f"{head}{text}: {scalar}")
+        elif kind is dict and value:
             lines.append(f"{head}{text}:")
             _mapping(value, indent + 2, "", lines)
-        elif type(value) is list and value:
+        elif kind is list and value:
             lines.append(f"{head}{text}:")
             _sequence(value, indent + 2, lines)
         else:

@@ -182,11 +182,17 @@ def requirements_match(reqs: tuple[Requirement, ...], endpoint: Endpoint) -> boo
 
 
 def _names_namespace(reqs: tuple[Requirement, ...]) -> bool:
-    return any(key == POD_NAMESPACE_KEY and source in ("any", "k8s") for source, key, _, _ in reqs)
+    for source, key, _, _ in reqs:
+        if key == POD_NAMESPACE_KEY and (source == "any" or source == "k8s"):
+            return True
+    return False
 
 
 def _names_reserved(reqs: tuple[Requirement, ...]) -> bool:
-    return any(source == "reserved" for source, _, _, _ in reqs)
+    for source, _, _, _ in reqs:
+        if source == "reserved":
+            return True
+    return False
 
 
 _NAMESPACE_EXISTS: Requirement = ("k8s", POD_NAMESPACE_KEY, "Exists", frozenset())

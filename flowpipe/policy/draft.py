@@ -16,6 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -226,37 +227,40 @@ def draft_policies(
             for d, subject, other in ends
             if subject.is_pod and subject.namespace in drafted and (sides is None or d in sides[index])
         ]
-        text, requests = edge_text(row), int(row.get("flows") or 0)
+        requests = int(row.get("flows") or 0)  # (its text is made only for an edge left out)
         if port is None:
             for _, subject, _ in drafted_ends:
                 comments[(str(subject.namespace), str(subject.workload))].update(port_notes)
             if drafted_ends:
                 draft.left_out.append(LeftOut(
-                    text, drafted_ends[0][1].namespace, "; ".join(port_notes), "allow it in a policy of your own",
+                    edge_text(row), drafted_ends[0][1].namespace, "; ".join(port_notes),
+                    "allow it in a policy of your own",
                     requests, tuple(_subject(s, d, row) for d, s, _ in drafted_ends)))  # fmt: skip
             continue
         is_dns = port.port == DNS_PORT and (dst.namespace, dst.workload) in dns_servers[None]
         for direction, subject, other in drafted_ends:
             key = (str(subject.namespace), str(subject.workload))
             if subject.held is not None:
-                draft.left_out.append(_held_subject(subject, direction, text, requests, row))
+                draft.left_out.append(_held_subject(subject, direction, edge_text(row), requests, row))
                 continue
             if selectors.get(key) is None:
                 draft.left_out.append(LeftOut(
-                    text, subject.namespace,
+                    edge_text(row), subject.namespace,
                     f"{subject.key} has no stable labels to select it by, so no policy is drafted for it",
                     "give its pods a stable label (app.kubernetes.io/name or app) and draft again",
                     requests, (_subject(subject, direction, row),), kind="no stable labels"))  # fmt: skip
                 continue
             if other.is_pod and other.held is not None:
-                draft.left_out.append(_held_peer(subject, other, direction, text, requests, row, flavour))
+                draft.left_out.append(
+                    _held_peer(subject, other, direction, edge_text(row), requests, row, flavour)
+                )
                 continue
             if direction == "egress" and is_dns and subject.namespace in deny_namespaces:
                 continue  # the namespace's DNS allowance covers it
             inside = _in_cluster(other, cluster_ranges)
             if inside is not None:
                 draft.left_out.append(LeftOut(
-                    text, subject.namespace,
+                    edge_text(row), subject.namespace,
                     f"{other.ip} is an address inside {inside}, where the cluster's pods and services are, "
                     "recorded without labels: a rule on one pod address breaks when the pod restarts",
                     "allow it by the labels of the pod or service behind it (its records carry them once Cilium "
@@ -270,7 +274,8 @@ def draft_policies(
             if peer is None:
                 if not (flavour == "kubernetes" and other.entity == "host" and direction == "ingress"):
                     draft.left_out.append(LeftOut(
-                        text, subject.namespace, "; ".join(peer_notes) or "no peer can be written for it",
+                        edge_text(row), subject.namespace,
+                        "; ".join(peer_notes) or "no peer can be written for it",
                         "allow it in a policy of your own", requests, (_subject(subject, direction, row),)))  # fmt: skip
                 continue
             if flavour == "kubernetes" and l7 and row.get("l7_protocol") in ("http", "kafka"):
@@ -279,7 +284,10 @@ def draft_policies(
                     "a NetworkPolicy cannot restrict L7"
                 )
             for one in peer:
-                use = uses[key][direction][one].setdefault(port, _PortUse())
+                by_port = uses[key][direction][one]
+                use = by_port.get(port)
+                if use is None:
+                    use = by_port[port] = _PortUse()
                 _record(use, row, direction, dst, drafted, l7 and flavour == "cilium")
     if (
         l7
@@ -465,6 +473,7 @@ def _dns_servers(parsed: Sequence[tuple[_End, _End, Mapping[str, Any]]]) -> _Ser
     return servers
 
 
+@lru_cache(maxsize=65536)
 def valid_name(name: str, *, subdomain: bool = False) -> bool:
     """True for a name Kubernetes accepts: a DNS-1123 label (namespaces), or subdomain (object names)."""
     if subdomain:

@@ -111,17 +111,17 @@ def prove_draft(
     if cidr_match_nodes:
         proof.requires.append("Cilium policy-cidr-match-mode: nodes (ipBlocks that name node addresses)")
     policies = list(existing) + list(deployed)
-    report = replay_edges(policies, learned, config)
+    report = replay_edges(policies, learned, config, rules=False)
     _sort(report.denied_edges, flavour, left_out, proof, proof.broken)
     proof.requests = report.allowed
     proof.learned_denied = list(report.denied_edges)
     if stored is not None:
         edges = stored.edges(policies)
-        flows = replay_edges(policies, edges, config)
+        flows = replay_edges(policies, edges, config, rules=False)
         denied = [e for e in flows.denied_edges if e.forwarded]
         if existing:
             # What the existing policies deny already is theirs to answer for; the additions must break nothing.
-            before = {_key(e) for e in replay_edges(existing, edges, config).denied_edges}
+            before = {_key(e) for e in replay_edges(existing, edges, config, rules=False).denied_edges}
             denied = [e for e in denied if _key(e) not in before]
         _sort(denied, flavour, left_out, proof, proof.broken_stored)
         proof.flows = flows.allowed

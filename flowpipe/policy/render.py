@@ -10,10 +10,11 @@ L7, ICMP, deny or entity rules: such parts are left out and named in the header,
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from flowpipe.policy._emit import dump_document
+from flowpipe.policy._emit import dump_document, exact_document
 from flowpipe.policy.model import (
     ANY_PEER,
     NAMESPACE_NAME_LABEL,
@@ -41,11 +42,34 @@ def render_yaml(policies: Iterable[Policy], *, window: tuple[datetime, datetime]
     return "---\n".join(render_policy(p, window=window) for p in policies)
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One policy as `render_policy` writes it (`text`), the document in it, and what its flavour could not
+    express (`notes`, as `unexpressed` gives them)."""
+
+    text: str
+    document: dict[str, Any]
+    notes: tuple[str, ...]
+    exact: bool
+    """True when the document was written by the fast path (`_emit.exact_document`): the text is comment lines
+    (`comment_block`) and that path's output, which reads back as `document` itself. False: PyYAML wrote it,
+    and only parsing the text says what it holds."""
+
+
 def render_policy(policy: Policy, *, window: tuple[datetime, datetime] | None = None) -> str:
     """One policy as a YAML document preceded by its provenance comment header."""
+    return render_parts(policy, window=window).text
+
+
+def render_parts(policy: Policy, *, window: tuple[datetime, datetime] | None = None) -> Rendered:
+    """One policy rendered once: its text (`render_policy`), document and notes (`unexpressed`)."""
     document, notes, provenance = _build(policy)
     header = _header(policy, notes, provenance, window)
-    return header + dump_document(document)
+    body = exact_document(document)
+    exact = body is not None
+    if body is None:
+        body = dump_document(document)
+    return Rendered(header + body, document, tuple(notes), exact)
 
 
 def policy_document(policy: Policy) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -210,6 +211,58 @@ class _CompiledRule:
         return found or None
 
 
+class _LabelIndex:
+    """Items (policies, or rules) by a label each one requires: the ones an endpoint can match, found by its
+    labels instead of trying every item.
+
+    An item whose requirements (any one of which must hold: a rule's peers) each hold an `In` requirement is
+    filed under that label key and each of its values; every other item is tried for every endpoint. The
+    items returned are a superset of the ones that match (each is still matched in full), in the given order.
+    """
+
+    __slots__ = ("always", "by_key")
+
+    def __init__(self, items: Sequence[tuple[int, Sequence[tuple[m.Requirement, ...]] | None]]) -> None:
+        self.always: list[int] = []
+        self.by_key: dict[str, dict[str, list[int]]] = {}
+        for item, alternatives in items:
+            keys = [_indexed(reqs) for reqs in alternatives] if alternatives is not None else [None]
+            if not keys or any(k is None for k in keys):
+                self.always.append(item)
+                continue
+            for key, values in keys:  # type: ignore[misc]
+                by_value = self.by_key.setdefault(key, {})
+                for value in values:
+                    found = by_value.setdefault(value, [])
+                    if not found or found[-1] != item:
+                        found.append(item)
+
+    def candidates(self, endpoint: m.Endpoint) -> list[int]:
+        """The items `endpoint` may match, in order."""
+        if not self.by_key:
+            return self.always
+        found: set[int] = set()
+        for key, by_value in self.by_key.items():
+            for value in endpoint.values("any", key):
+                found.update(by_value.get(value, ()))
+        if not found:
+            return self.always
+        found.update(self.always)
+        return sorted(found)
+
+
+def _indexed(reqs: tuple[m.Requirement, ...]) -> tuple[str, frozenset[str]] | None:
+    """The label an endpoint must carry to meet `reqs` (the first `In` requirement, the namespace's last), as
+    (key, values); None when no label is required."""
+    found = None
+    for _, key, operator, values in reqs:
+        if operator == "In":
+            if key != m.POD_NAMESPACE_KEY:
+                return key, values
+            found = found or (key, values)
+    return found
+
+
 _PortRuleMatches = tuple[tuple[PortRule, ...], int, list[tuple[int, int]], list[tuple[int, int]]]
 """Rules that match a request at L3/L4 with the same port rules: (port rules, their number, the (policy, rule)
 indexes of the allow rules, of the deny rules)."""
@@ -222,13 +275,14 @@ class PolicySet:
         self.policies = list(policies)
         self.config = config or ReplayConfig()
         cidr_match_nodes = self.config.cidr_match_nodes
-        self.rule_ids = [p.rule_ids() for p in self.policies]
         self._subjects = [m.subject_requirements(p) for p in self.policies]
         self._rules: dict[tuple[int, str], list[_CompiledRule]] = defaultdict(list)
         for pi, policy in enumerate(self.policies):
             for ri, rule in enumerate(policy.rules):
                 self._rules[(pi, rule.direction)].append(_CompiledRule(ri, rule, policy, cidr_match_nodes))
         self._selecting: dict[tuple[str, m.Endpoint], list[int]] = {}
+        self._rule_index: dict[tuple[int, str], _LabelIndex] = {}
+        self._policy_index: dict[str | None, _LabelIndex] = {}
         # The policies that select pods, by their namespace (None: clusterwide). A namespaced policy requires its
         # namespace of every pod it selects, so a pod is checked against its namespace's policies only.
         self._by_namespace: dict[str | None, list[int]] = defaultdict(list)
@@ -249,6 +303,11 @@ class PolicySet:
             bool(kept["dns"]),
         )
 
+    @cached_property
+    def rule_ids(self) -> list[list[str]]:
+        """Each policy's rule ids (`Policy.rule_ids`), by policy index."""
+        return [p.rule_ids() for p in self.policies]
+
     def decision_key(self, traffic: ports.Traffic) -> ports.Traffic:
         """`traffic` without the L7 fields that no rule of the set looks at."""
         if traffic.l7 is None or (
@@ -266,9 +325,9 @@ class PolicySet:
         key = (direction, endpoint)
         found = self._selecting.get(key)
         if found is None:
-            candidates = [] if not endpoint.is_pod else self._by_namespace.get(None, [])
+            candidates = [] if not endpoint.is_pod else self._policies_of(None, endpoint)
             for namespace in endpoint.values("k8s", m.POD_NAMESPACE_KEY) if endpoint.is_pod else ():
-                candidates = sorted(candidates + self._by_namespace.get(namespace, []))
+                candidates = sorted(candidates + self._policies_of(namespace, endpoint))
             found = [
                 i
                 for i in candidates
@@ -277,6 +336,30 @@ class PolicySet:
             ]
             self._selecting[key] = found
         return found
+
+    def _policies_of(self, namespace: str | None, endpoint: m.Endpoint) -> list[int]:
+        """The policies of `namespace` (None: clusterwide) that may select `endpoint` (by an indexed label)."""
+        index = self._policy_index.get(namespace)
+        if index is None:
+            policies = self._by_namespace.get(namespace, [])
+            index = self._policy_index[namespace] = _LabelIndex([(i, (self._subjects[i],)) for i in policies])  # type: ignore[misc]
+        return index.candidates(endpoint)
+
+    def _rules_of(self, policy: int, direction: Direction, peer: m.Endpoint) -> list[_CompiledRule]:
+        """The rules of a policy in one direction that may match `peer` (rules without peers never do)."""
+        rules = self._rules.get((policy, direction))
+        if not rules:
+            return []
+        index = self._rule_index.get((policy, direction))
+        if index is None:
+            index = self._rule_index[(policy, direction)] = _LabelIndex(
+                [
+                    (i, None if any(r is None for r in c.peer_reqs) else c.peer_reqs)  # type: ignore[misc]
+                    for i, c in enumerate(rules)
+                    if c.rule.peers
+                ]
+            )
+        return [rules[i] for i in index.candidates(peer)]
 
     def decide(
         self, direction: Direction, subject: m.Endpoint, peer: m.Endpoint, traffic: ports.Traffic
@@ -293,7 +376,7 @@ class PolicySet:
             # The matching rules by their port rules: copies of a policy share theirs, matched once per call.
             groups: dict[int, _PortRuleMatches] = {}
             for pi in selecting:
-                for compiled in self._rules.get((pi, direction), ()):
+                for compiled in self._rules_of(pi, direction, peer):
                     port_rules = compiled.l4_matches(peer, traffic)
                     if port_rules is not None:
                         number = self._port_rule_numbers.setdefault(port_rules, len(self._port_rule_numbers))
@@ -368,8 +451,13 @@ def replay_edges(
     policies: Sequence[Policy],
     edges: pa.Table | Iterable[Mapping[str, Any]],
     config: ReplayConfig | None = None,
+    *,
+    rules: bool = True,
 ) -> ReplayReport:
-    """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`."""
+    """Replay distinct edges (the columns of `EDGES_SQL`, with a `flows` count) through `policies`.
+
+    `rules=False` leaves `ReplayReport.rules` empty (the flows each rule matched are not counted): for a caller
+    that wants the verdicts only."""
     rows = edges.to_pylist() if isinstance(edges, pa.Table) else list(edges)
     policy_set = PolicySet(policies, config)
     report = ReplayReport(warnings=list(policy_set.warnings))
@@ -385,8 +473,9 @@ def replay_edges(
         traffic, directions, decisions = judge.row(row)
         reasons: list[str] = []
         for direction, decision in zip(directions, decisions, strict=True):
-            for hit in decision.matched:
-                matched[hit] += flows
+            if rules:
+                for hit in decision.matched:
+                    matched[hit] += flows
             if not decision.allowed and decision.reason:
                 reasons.append(f"{direction}: {decision.reason}")
         verdict = row.get("verdict")
@@ -432,7 +521,7 @@ def replay_edges(
         ),
         key=lambda e: (-e.forwarded, -e.flows, e.source, e.destination, e.port or 0, e.l7 or ""),
     )
-    for pi, policy in enumerate(policy_set.policies):
+    for pi, policy in enumerate(policy_set.policies if rules else ()):
         for ri, rule in enumerate(policy.rules):
             if rule.allows_nothing:
                 continue  # a default-deny entry matches nothing by design
@@ -466,6 +555,14 @@ def denied_directions(
     return out
 
 
+_SIDE_COLUMNS = {
+    side: tuple(
+        f"{side}_{c}" for c in ("labels", "namespace", "reserved_identity", "identity", "ip", "names")
+    )
+    for side in ("source", "destination")
+}
+
+
 class _Judge:
     """Judges edge rows against a policy set, sharing endpoints and decisions between rows."""
 
@@ -476,22 +573,17 @@ class _Judge:
         self.decisions: dict[tuple[Direction, m.Endpoint, m.Endpoint, ports.Traffic], Decision] = {}
 
     def endpoint(self, row: Mapping[str, Any], side: str) -> m.Endpoint:
-        labels = tuple(row.get(f"{side}_labels") or ())
-        namespace = row.get(f"{side}_namespace")
-        held = row.get(f"{side}_reserved_identity")
+        labels_key, namespace_key, held_key, identity_key, ip_key, names_key = _SIDE_COLUMNS[side]
+        labels = tuple(row.get(labels_key) or ())
+        namespace = row.get(namespace_key)
+        held = row.get(held_key)
         if namespace is not None and (
             held or (labels and all(lbl.startswith("reserved:") for lbl in labels))
         ):
             # A pod recorded with a reserved identity is that identity to Cilium: no policy selects it, and
             # selectors match it as that identity (world: by CIDR), never by its namespace or labels.
             namespace, labels = None, (f"reserved:{held}",) if held else labels
-        key = (
-            namespace,
-            labels,
-            row.get(f"{side}_identity"),
-            row.get(f"{side}_ip"),
-            tuple(row.get(f"{side}_names") or ()),
-        )
+        key = (namespace, labels, row.get(identity_key), row.get(ip_key), tuple(row.get(names_key) or ()))
         found = self.endpoints.get(key)
         if found is None:
             found = self.endpoints[key] = m.Endpoint(*key)
