@@ -278,7 +278,7 @@ def test_query_command_with_engine_spark(spark: Any, dataset: Path) -> None:
 ROLLUP_SUMMARY = (
     "SELECT cluster_name, outcome, l4_protocol, count(*) AS connections, sum(packets) AS packets, "
     "sum(denied_packets) AS denied, min(source_workload_id) AS first_source, "
-    "max(destination_workload_id) AS last_destination "
+    "max(destination_workload_id) AS last_destination, count_if(at_hour_edge) AS at_hour_edge "
     "FROM connections GROUP BY cluster_name, outcome, l4_protocol"
 )
 
@@ -290,6 +290,8 @@ def _summary_rows(table: Any) -> list[tuple[Any, ...]]:
 def test_spark_merges_duckdb_rollups_into_the_same_connections(
     spark: Any, capture_files: list[Path], tmp_path: Path
 ) -> None:
+    from pyspark.sql import functions as F
+
     from flowpipe.app.ingest import ingest_files
     from flowpipe.query.spark import SparkEngine, to_spark_sql
 
@@ -312,10 +314,12 @@ def test_spark_merges_duckdb_rollups_into_the_same_connections(
             *[f"file://{p}" for p in dataset.list_part_files(EDGE_IDENTITIES_TABLE)]
         )
         identities.createOrReplaceTempView("_rollup_identities")
-        # a rollup stores last_seen as the nanoseconds after first_seen (Spark reads both as nanosecond numbers)
-        spark.sql(
-            "CREATE OR REPLACE TEMP VIEW edge_observations AS "
-            f"SELECT *, first_seen + {SEEN_FOR} AS last_seen FROM _rollup_rows"
+        # a rollup stores last_seen as the nanoseconds after first_seen (Spark reads both as nanosecond numbers):
+        # both as timestamps again, to the microsecond as Spark keeps them
+        observations.withColumn(
+            "last_seen", F.expr(f"timestamp_micros((first_seen + {SEEN_FOR}) div 1000)")
+        ).withColumn("first_seen", F.expr("timestamp_micros(first_seen div 1000)")).createOrReplaceTempView(
+            "edge_observations"
         )
         spark.sql(
             "CREATE OR REPLACE TEMP VIEW identity_workloads AS SELECT cluster_name, identity, min(workload) AS "
