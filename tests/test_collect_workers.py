@@ -50,9 +50,12 @@ from flowpipe.sources.relay._h2call import FlowsCall, MessageRun
 from flowpipe.sources.relay._handoff import (
     BATCH,
     DECODED,
+    FRAME_MAX_BYTES,
     batch_messages,
     decoded_rows,
     read_frame,
+    send_batch,
+    send_table,
     socket_pair,
     wait_readable,
 )
@@ -224,6 +227,32 @@ def test_the_receiving_process_decodes_every_flow_and_hands_the_rows_over_in_ord
     # the relay's node_status response is no flow: it crosses as it came, and the collector decodes it
     assert decode_responses(messages).node_status, "node status handed over as a message"
     assert stream.decode_seconds > 0, "the receiving process tells its decoding time at the end of the call"
+
+
+def test_frames_small_and_large_cross_whole_whatever_the_socket_buffer_holds() -> None:
+    """A frame larger than the socket's buffer is read in pieces into one buffer: messages and rows come whole."""
+    messages = [flow_response(flow) for flow in sim_flow_bytes()[:2000]]
+    rows = decode_responses(messages).flows
+    assert 1024 * 1024 < sum(map(len, messages)) < FRAME_MAX_BYTES and rows.nbytes > 1024 * 1024
+    ours, theirs = socket_pair()
+    frames: list[tuple[bytes, int, object]] = []
+    reader = threading.Thread(target=lambda: frames.extend(read_frame(ours) for _ in range(4)))
+    reader.start()
+    try:
+        send_batch(theirs, messages[:3])
+        send_batch(theirs, messages)  # one frame of all of them (under FRAME_MAX_BYTES)
+        send_table(theirs, rows.slice(0, 2))
+        send_table(theirs, rows)
+        reader.join(30)
+    finally:
+        ours.close()
+        theirs.close()
+    assert [kind for kind, _, _ in frames] == [BATCH, BATCH, DECODED, DECODED]
+    small, large, few, many = [payload for _, _, payload in frames]
+    assert batch_messages(3, small).to_pylist() == messages[:3]  # type: ignore[arg-type]
+    assert batch_messages(len(messages), large).to_pylist() == messages  # type: ignore[arg-type]
+    assert decoded_rows(few).equals(rows.slice(0, 2))  # type: ignore[arg-type]
+    assert decoded_rows(many).equals(rows)  # type: ignore[arg-type]
 
 
 def message_run(messages: Sequence[bytes]) -> MessageRun:

@@ -145,8 +145,9 @@ class NamespaceCap:
 
 def _column(table: pa.Table, name: str) -> pa.Array:
     """One column as a single array; all nulls when an older part file lacks it."""
-    if name in table.column_names:
-        column = table.column(name)
+    index = table.schema.get_field_index(name)  # (`column_names` builds a list of every name: ~30 µs a call)
+    if index >= 0:
+        column = table.column(index)
         if isinstance(column, pa.ChunkedArray):  # (one chunk: that chunk, where combining copies it)
             return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
         return column
