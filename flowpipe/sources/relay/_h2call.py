@@ -4,8 +4,10 @@ grpcio hands a streamed message to Python for several microseconds each (a compl
 a Python object); the receiving process wants only the bytes of the messages, in order, as fast as they come.
 `FlowsCall` speaks the same gRPC over HTTP/2 as grpcio (length-prefixed messages in DATA frames, the status
 in trailers), reads the socket in large pieces and cuts the messages out of them: the cost per message is a
-slice. It advertises a receive window of `RECEIVE_WINDOW_BYTES` and DATA frames as large as that window (a
-server that honours it writes few, large frames; grpc-go's keep to 16 KiB, which h2 reads as well).
+slice. It advertises DATA frames of up to `RECEIVE_WINDOW_BYTES` (a server that honours it writes few, large
+frames; grpc-go's keep to 16 KiB, which h2 reads as well) and a receive window of `STREAM_WINDOW_BYTES`, several
+such frames: the relay goes on sending while the receiving process decodes and hands over a batch (with a window
+of one frame, relay and reader took turns).
 
 - **Backpressure**: received data is acknowledged (a WINDOW_UPDATE) as it is read; a reader that stops
   calling `read` stops reading the socket, so the relay's window closes and its stream waits.
@@ -56,6 +58,10 @@ KEEPALIVE_SECONDS = 300.0
 KEEPALIVE_TIMEOUT_SECONDS = 20.0
 CONNECT_TIMEOUT_SECONDS = 20.0
 _READ_BYTES = 1 << 20
+STREAM_WINDOW_BYTES = 8 * RECEIVE_WINDOW_BYTES
+"""The receive window this reader advertises: more than a batch of responses, so that the relay goes on sending
+the next batch while this one is decoded and handed over (the bytes wait in the kernel's socket buffers, not in
+this process); a reader that stops reading still stops the relay once that much is on its way."""
 _PREFIX = struct.Struct(">BI")
 PREFIX_BYTES = _PREFIX.size
 """Bytes before each message in the stream: a compressed flag and the message's length."""
@@ -145,14 +151,14 @@ class FlowsCall:
         conn.update_settings(
             {
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW_BYTES,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: RECEIVE_WINDOW_BYTES,
             }
         )
         # Frames that large are taken from now on (a server may send them once it has our settings): h2 would
         # take them only after the server's acknowledgement, and refuses one read that holds both.
         conn.max_inbound_frame_size = RECEIVE_WINDOW_BYTES
-        conn.increment_flow_control_window(RECEIVE_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
+        conn.increment_flow_control_window(STREAM_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
         self._stream_id = conn.get_next_available_stream_id()
         conn.send_headers(
             self._stream_id,
