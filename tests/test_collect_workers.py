@@ -3,6 +3,7 @@ written by the collector. Either one killed with SIGKILL: every flow stored exac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,13 +46,16 @@ from flowpipe.sources.relay._connect import (
     status_code,
     status_details,
 )
-from flowpipe.sources.relay._h2call import FlowsCall
+from flowpipe.sources.relay._h2call import FlowsCall, MessageRun
 from flowpipe.sources.relay._handoff import (
     BATCH,
     DECODED,
+    FRAME_MAX_BYTES,
     batch_messages,
     decoded_rows,
     read_frame,
+    send_batch,
+    send_table,
     socket_pair,
     wait_readable,
 )
@@ -225,6 +229,41 @@ def test_the_receiving_process_decodes_every_flow_and_hands_the_rows_over_in_ord
     assert stream.decode_seconds > 0, "the receiving process tells its decoding time at the end of the call"
 
 
+def test_frames_small_and_large_cross_whole_whatever_the_socket_buffer_holds() -> None:
+    """A frame larger than the socket's buffer is read in pieces into one buffer: messages and rows come whole."""
+    messages = [flow_response(flow) for flow in sim_flow_bytes()[:2000]]
+    rows = decode_responses(messages).flows
+    assert 1024 * 1024 < sum(map(len, messages)) < FRAME_MAX_BYTES and rows.nbytes > 1024 * 1024
+    ours, theirs = socket_pair()
+    frames: list[tuple[bytes, int, object]] = []
+    reader = threading.Thread(target=lambda: frames.extend(read_frame(ours) for _ in range(4)))
+    reader.start()
+    try:
+        send_batch(theirs, messages[:3])
+        send_batch(theirs, messages)  # one frame of all of them (under FRAME_MAX_BYTES)
+        send_table(theirs, rows.slice(0, 2))
+        send_table(theirs, rows)
+        reader.join(30)
+    finally:
+        ours.close()
+        theirs.close()
+    assert [kind for kind, _, _ in frames] == [BATCH, BATCH, DECODED, DECODED]
+    small, large, few, many = [payload for _, _, payload in frames]
+    assert batch_messages(3, small).to_pylist() == messages[:3]  # type: ignore[arg-type]
+    assert batch_messages(len(messages), large).to_pylist() == messages  # type: ignore[arg-type]
+    assert decoded_rows(few).equals(rows.slice(0, 2))  # type: ignore[arg-type]
+    assert decoded_rows(many).equals(rows)  # type: ignore[arg-type]
+
+
+def message_run(messages: Sequence[bytes]) -> MessageRun:
+    """Messages as they arrive in a stream (each behind its gRPC prefix), as one run."""
+    buffer, starts = bytearray(), []
+    for message in messages:
+        starts.append(len(buffer))
+        buffer += b"\x00" + len(message).to_bytes(4, "big") + message
+    return MessageRun(buffer, starts, len(buffer))
+
+
 def test_responses_that_are_no_flows_and_batches_that_do_not_decode_cross_as_messages() -> None:
     good = [flow_response(flow) for flow in sim_flow_bytes()[:20]]
     lost = observer_pb2.GetFlowsResponse(
@@ -235,7 +274,7 @@ def test_responses_that_are_no_flows_and_batches_that_do_not_decode_cross_as_mes
     ours, theirs = socket_pair()
     try:
         decoder = _Decoder(cluster_name=None)
-        decoder.send(theirs, [*good[:10], lost.SerializeToString(), *good[10:]])
+        decoder.send(theirs, message_run([*good[:10], lost.SerializeToString(), *good[10:]]))
         kind, count, payload = read_frame(ours)
         assert (kind, count) == (DECODED, 20)
         assert decoded_rows(payload).column("uuid").to_pylist() == uuids_of(sim_flow_bytes()[:20])
@@ -244,7 +283,9 @@ def test_responses_that_are_no_flows_and_batches_that_do_not_decode_cross_as_mes
         (event,) = decode_responses(batch_messages(count, payload)).lost_events
         assert (event.num_events_lost, event.node_name) == (7, "n1")
 
-        decoder.send(theirs, [good[0], bad, good[1]])  # the collector finds the bad message and reports it
+        decoder.send(
+            theirs, message_run([good[0], bad, good[1]])
+        )  # the collector finds the bad message and reports it
         kind, count, payload = read_frame(ours)
         assert (kind, count) == (BATCH, 3)
         assert batch_messages(count, payload).to_pylist() == [good[0], bad, good[1]]
@@ -313,6 +354,66 @@ def test_a_call_read_over_http2_gives_every_response_and_ends_with_the_relays_st
     assert nobody.status is not None and nobody.status[0] == "UNAVAILABLE" and address in nobody.status[1]
 
 
+@contextlib.contextmanager
+def grpcio_relay(get_flows: Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]) -> Iterator[str]:
+    """A GetFlows of grpcio's server (16 KiB frames, its own window updates) on 127.0.0.1: its address."""
+    handler = grpc.method_handlers_generic_handler(
+        "observer.Observer", {"GetFlows": grpc.unary_stream_rpc_method_handler(get_flows)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def take_all(call: FlowsCall) -> list[MessageRun]:
+    """The runs of messages of a call until it ends (taken whenever some are held)."""
+    runs: list[MessageRun] = []
+    deadline = time.monotonic() + 30
+    while call.status is None and time.monotonic() < deadline:
+        call.receive(0.1)
+        if call.held >= 700:
+            runs.append(call.take())  # type: ignore[arg-type]
+    last = call.take()
+    return [*runs, last] if last is not None else runs
+
+
+def test_runs_of_messages_taken_from_a_call_are_its_responses_and_decode_as_they_do() -> None:
+    """What the receiving process takes: runs over the buffers the messages arrived in, cut anywhere in a
+    message (grpcio's server sends 16 KiB frames), as bytes and as Arrow arrays that decode as the messages."""
+    responses = [
+        observer_pb2.GetFlowsResponse(
+            flow={"uuid": f"u{i}", "node_name": "n" * (i % 3000)}, node_name=f"node-{i % 7}"
+        ).SerializeToString()
+        for i in range(3000)
+    ] + [b"", observer_pb2.GetFlowsResponse(node_name="last").SerializeToString()]
+
+    def get_flows(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from responses
+
+    with grpcio_relay(get_flows) as address:
+        call = FlowsCall(address, None, GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
+        runs = take_all(call)
+    assert call.status == ("OK", "") and call.held == 0
+    assert len(runs) > 1, "several runs"
+    before = [run.messages() for run in runs]
+    assert [m for messages in before for m in messages] == responses, "every response, whole, in order"
+    arrays = [run.array() for run in runs]
+    assert sum(len(array) for array in arrays) == len(responses)
+    # each element is its message behind a field no response has: protobuf and the bulk decoder read the same
+    elements = [observer_pb2.GetFlowsResponse.FromString(e) for a in arrays for e in a.to_pylist()]
+    for element, response in zip(elements, responses, strict=True):
+        assert element.ByteSize() == len(response) + 5, "the prefix: a field of its own"
+        element.DiscardUnknownFields()
+        assert element.SerializeToString() == response
+    decoded = pa.concat_tables([decode_responses(array).flows for array in arrays])
+    assert decoded.equals(decode_responses(responses).flows)
+    assert [run.messages() for run in runs] == before, "after array(): still the messages as they came"
+
+
 def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
     """Another gRPC implementation on the other end (grpcio's server: 16 KiB frames, its own window updates)."""
     responses = [
@@ -327,14 +428,7 @@ def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no first here: 100% sure")
         yield from responses
 
-    handler = grpc.method_handlers_generic_handler(
-        "observer.Observer", {"GetFlows": grpc.unary_stream_rpc_method_handler(get_flows)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        address = f"127.0.0.1:{port}"
+    with grpcio_relay(get_flows) as address:
         whole = FlowsCall(address, None, GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
         assert read_all(whole) == responses and whole.status == ("OK", "")
         refused = FlowsCall(
@@ -342,8 +436,6 @@ def test_a_call_read_over_http2_reads_a_grpcio_server_too() -> None:
         )
         assert read_all(refused) == []
         assert refused.status == ("FAILED_PRECONDITION", "no first here: 100% sure")
-    finally:
-        server.stop(None)
 
 
 @pytest.mark.parametrize("receiver", ["http2", "grpcio"])

@@ -227,6 +227,26 @@ def test_part_files_carry_zstd_dictionary_and_schema_version(tmp_path: Path) -> 
     assert pq.read_schema(path).remove_metadata() == FLOW_SCHEMA.remove_metadata()
 
 
+def test_part_files_keep_dictionaries_and_statistics_where_they_serve(tmp_path: Path) -> None:
+    """Every column has a dictionary but `uuid` (every value differs) and statistics but the lists' items; `time`
+    keeps its range and `uuid` its null count (readers skip row groups and files by them)."""
+    sink = sink_for(tmp_path)
+    sink.write(batch_of(seconds(100)))
+    (path,) = sink.close().files  # type: ignore[union-attr]
+    group = pq.read_metadata(path).row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    lists = {field.name for field in FLOW_SCHEMA if pa.types.is_list(field.type)}
+    assert {"source_labels", "destination_names", "dns_ips"} <= lists
+    for name, column in columns.items():
+        top = name.split(".", 1)[0]
+        assert column.compression == "ZSTD"
+        if column.physical_type != "BOOLEAN":  # (Parquet has no dictionary of booleans)
+            assert ("RLE_DICTIONARY" in column.encodings) == (top != "uuid"), name
+        assert (column.statistics is not None) == (top not in lists), name
+    assert columns["time"].statistics.has_min_max and columns["uuid"].statistics.has_null_count
+    assert columns["uuid"].statistics.null_count == 0
+
+
 def test_part_file_names_hold_start_writer_and_sequence(tmp_path: Path) -> None:
     sink = sink_for(tmp_path, writer_id="node-a.1", max_batch_rows=2)
     sink.write(batch_of([T0 + timedelta(minutes=10), T0 + timedelta(minutes=3)]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from flowpipe.metrics.questions import (
 )
 from flowpipe.model import EventBatch
 from flowpipe.sinks import Ack, Sink
-from flowpipe.sinks.prometheus import DNS_RCODE_NAMES, NamespaceCap, PrometheusSink
+from flowpipe.sinks.prometheus import DNS_RCODE_NAMES, NamespaceCap, PrometheusSink, _Groups
 
 
 @pytest.fixture
@@ -697,3 +698,29 @@ def test_real_captures_counted_like_their_json(capture_files: list[Path]) -> Non
             if s.name.endswith("_total")
         )
         assert counted == dns_answers, path.name
+
+
+@pytest.mark.parametrize("combinations_counted_by_number", [True, False])
+def test_groups_count_each_combination_of_labels_once_where_the_mask_is_true(
+    combinations_counted_by_number: bool,
+) -> None:
+    """The counts behind every analytics family: by combination number (few combinations) or by sorting."""
+    cluster = pa.array(["a", "b", None, "a", "a", "b", "a"] * 30)
+    verdict = pa.array(["DROPPED", "FORWARDED", "DROPPED", None, "DROPPED", "FORWARDED", "AUDIT"] * 30)
+    namespace = pa.array([f"ns{i % 11}" if i % 13 else None for i in range(210)])
+    mask = pa.array([i % 4 != 0 for i in range(210)])
+    groups = _Groups()
+    if not combinations_counted_by_number:
+        groups._BINCOUNT_LIMIT = 0
+    rows = groups.count({"cluster": cluster, "verdict": verdict, "namespace": namespace}, mask)
+    expected = Counter(
+        (c, v, n)
+        for c, v, n, m in zip(
+            cluster.to_pylist(), verdict.to_pylist(), namespace.to_pylist(), mask.to_pylist(), strict=True
+        )
+        if m
+    )
+    got = {(row["cluster"], row["verdict"], row["namespace"]): row["count"] for row in rows}
+    assert got == dict(expected) and len(rows) == len(expected)
+    assert [list(row) for row in rows[:1]] == [["cluster", "verdict", "namespace", "count"]]
+    assert groups.count({"cluster": cluster}, pa.array([False] * 210)) == []

@@ -142,7 +142,8 @@ def test_a_client_that_stops_reading_stops_the_read_ahead(
 ) -> None:
     root, expected = stored
     window = 1 << 16
-    monkeypatch.setattr(_h2call, "RECEIVE_WINDOW_BYTES", window)  # the client's flow-control window
+    monkeypatch.setattr(_h2call, "RECEIVE_WINDOW_BYTES", window)  # the client's frames
+    monkeypatch.setattr(_h2call, "STREAM_WINDOW_BYTES", window)  # and its flow-control window
     with HistoryServer(str(root)) as server:
         call = FlowsCall(server.address, None, _GET_FLOWS, observer_pb2.GetFlowsRequest().SerializeToString())
         messages: list[bytes] = []
@@ -239,9 +240,14 @@ def test_calls_opened_together_and_read_later_each_get_the_whole_answer(
 
 
 def test_stopping_the_server_mid_stream_ends_every_call_and_closes_its_reader(
-    stored: tuple[Path, list[tuple[int, str]]], rows_read: list[int], closed: list[history._Reader]
+    stored: tuple[Path, list[tuple[int, str]]],
+    rows_read: list[int],
+    closed: list[history._Reader],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root, _ = stored
+    # a client window of one frame: far less than each answer, so that every call is mid-stream
+    monkeypatch.setattr(_h2call, "STREAM_WINDOW_BYTES", _h2call.RECEIVE_WINDOW_BYTES)
     server = HistoryServer(str(root)).start()
     try:
         request = observer_pb2.GetFlowsRequest().SerializeToString()

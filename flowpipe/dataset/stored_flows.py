@@ -223,7 +223,7 @@ class StoredFlows:
     def new_rows(self, flows: pa.Table) -> tuple[pa.Table, int]:
         """`flows` without the rows whose uuid is already stored (or earlier in `flows`), and how many left out."""
         self._largest_batch = max(self._largest_batch, flows.num_rows)
-        if flows.num_rows == 0 or "uuid" not in flows.column_names:
+        if flows.num_rows == 0 or flows.schema.get_field_index("uuid") < 0:
             return flows, 0
         uuid = flows.column("uuid").combine_chunks()
         if uuid.null_count == len(uuid):

@@ -23,6 +23,7 @@ further work (the pipeline stops; the source delivers the unacknowledged batches
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -272,7 +273,7 @@ class ParquetSink:
                         {**(LOST_EVENTS_SCHEMA.metadata or {}), **self._metadata}
                     )
                     temp = self.dataset.write_parquet_temp(
-                        table, folder, name, hold=True, **self._parquet_options()
+                        table, folder, name, hold=True, **self._parquet_options(LOST_EVENTS_SCHEMA)
                     )
                     staged.append((temp, f"{folder}/{name}"))
             files = self._publish(staged)
@@ -362,7 +363,7 @@ class ParquetSink:
         schema = FLOW_SCHEMA.with_metadata({**(FLOW_SCHEMA.metadata or {}), **self._metadata})
         try:
             with translate_write_errors(temp):
-                writer = pq.ParquetWriter(handle, schema, **self._parquet_options())
+                writer = pq.ParquetWriter(handle, schema, **self._parquet_options(FLOW_SCHEMA))
         except DatasetWriteError:
             handle.close()
             self.dataset.discard(temp)
@@ -430,12 +431,13 @@ class ParquetSink:
                 return name
             seq = None
 
-    def _parquet_options(self) -> dict[str, Any]:
+    def _parquet_options(self, schema: pa.Schema) -> dict[str, Any]:
+        dictionary, statistics = _column_options(schema)
         return {
             "compression": "zstd",
             "compression_level": self.config.zstd_level,
-            "use_dictionary": True,
-            "write_statistics": True,
+            "use_dictionary": dictionary,
+            "write_statistics": statistics,
         }
 
     def _publish(self, staged: list[tuple[str, str]]) -> list[str]:
@@ -446,6 +448,28 @@ class ParquetSink:
             published.append(final)
         self.dataset.sync_dirs({final.rsplit("/", 1)[0] for final in published})
         return published
+
+
+PLAIN_COLUMNS = frozenset({"uuid"})
+"""Columns written without a dictionary: every value is different (a dictionary of them costs time and space)."""
+
+
+@functools.cache
+def _column_options(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """The Parquet columns (paths) of `schema` written with a dictionary, and those written with statistics.
+
+    Every column but `PLAIN_COLUMNS` has a dictionary. Lists (labels, names, policies, DNS answers) have no
+    statistics: the smallest and largest of their items tell a reader nothing, and computing them over every
+    item costs more than any other column's (the other columns keep theirs: `time` to skip row groups,
+    `uuid`'s null count to skip whole files, and the rest to skip on the filters of questions)."""
+    out = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), out)
+    parquet = pq.ParquetFile(pa.BufferReader(out.getvalue())).schema
+    paths = [parquet.column(index).path for index in range(len(parquet))]
+    lists = {field.name for field in schema if pa.types.is_list(field.type)}
+    dictionary = [path for path in paths if path not in PLAIN_COLUMNS]
+    statistics = [path for path in paths if path.split(".", 1)[0] not in lists]
+    return dictionary, statistics
 
 
 def _min_ns(table: pa.Table) -> int | None:

@@ -4,8 +4,10 @@ grpcio hands a streamed message to Python for several microseconds each (a compl
 a Python object); the receiving process wants only the bytes of the messages, in order, as fast as they come.
 `FlowsCall` speaks the same gRPC over HTTP/2 as grpcio (length-prefixed messages in DATA frames, the status
 in trailers), reads the socket in large pieces and cuts the messages out of them: the cost per message is a
-slice. It advertises a receive window of `RECEIVE_WINDOW_BYTES` and DATA frames as large as that window (a
-server that honours it writes few, large frames; grpc-go's keep to 16 KiB, which h2 reads as well).
+slice. It advertises DATA frames of up to `RECEIVE_WINDOW_BYTES` (a server that honours it writes few, large
+frames; grpc-go's keep to 16 KiB, which h2 reads as well) and a receive window of `STREAM_WINDOW_BYTES`, several
+such frames: the relay goes on sending while the receiving process decodes and hands over a batch (with a window
+of one frame, relay and reader took turns).
 
 - **Backpressure**: received data is acknowledged (a WINDOW_UPDATE) as it is read; a reader that stops
   calling `read` stops reading the socket, so the relay's window closes and its stream waits.
@@ -13,6 +15,10 @@ server that honours it writes few, large frames; grpc-go's keep to 16 KiB, which
   trailers, UNAVAILABLE when the connection cannot be made or breaks (reset, GOAWAY, closed), CANCELLED
   after `cancel()`; a response gRPC cannot read (not HTTP 200 `application/grpc`, compressed or oversized
   messages) ends it too, with the code grpcio would give.
+- **Runs of messages**: `read` cuts each message out as bytes (a copy each); the receiving process takes the
+  messages received so far as one `MessageRun` instead (`receive`, then `take`): the buffer they arrived in
+  and where each starts, which `MessageRun.array` turns into an Arrow binary array over that very buffer
+  (no copy, no Python object per message).
 - **Keepalive**: after `KEEPALIVE_SECONDS` without a frame it sends a PING and ends the call as UNAVAILABLE if
   no answer comes within `KEEPALIVE_TIMEOUT_SECONDS` (grpcio's channel does the same with the settings of
   `_connect.open_channel`).
@@ -44,13 +50,25 @@ from flowpipe.sources.relay._address import (
 )
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from flowpipe.sources.relay._address import RelayTLS
 
 KEEPALIVE_SECONDS = 300.0
 KEEPALIVE_TIMEOUT_SECONDS = 20.0
 CONNECT_TIMEOUT_SECONDS = 20.0
 _READ_BYTES = 1 << 20
+STREAM_WINDOW_BYTES = 8 * RECEIVE_WINDOW_BYTES
+"""The receive window this reader advertises: more than a batch of responses, so that the relay goes on sending
+the next batch while this one is decoded and handed over (the bytes wait in the kernel's socket buffers, not in
+this process); a reader that stops reading still stops the relay once that much is on its way."""
 _PREFIX = struct.Struct(">BI")
+PREFIX_BYTES = _PREFIX.size
+"""Bytes before each message in the stream: a compressed flag and the message's length."""
+# What `MessageRun.array` writes over each message's prefix: the key of a length-delimited field that no
+# response type has (15, wire type 2) and a length of the 3 bytes left, so that prefix and message together are
+# still the same message to a protobuf decoder, which skips unknown fields.
+_SKIPPED_FIELD = (15 << 3 | 2, PREFIX_BYTES - 2)
 
 # gRPC's mapping of RST_STREAM codes to status codes (what grpcio reports for a reset stream)
 _RESET_CODES = {
@@ -92,6 +110,10 @@ class FlowsCall:
         self.status: tuple[str, str] | None = None
         """(status code name, details) once the call is over."""
         self._pending = bytearray()
+        self._starts: list[int] = []
+        """Where each complete message not yet taken starts in `_pending` (at its prefix)."""
+        self._complete = 0
+        """The end of the last complete message in `_pending`."""
         self._headers: dict[bytes, bytes] = {}
         self._sock: socket.socket | None = None
         self._stream_id = 0
@@ -129,14 +151,14 @@ class FlowsCall:
         conn.update_settings(
             {
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW_BYTES,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: RECEIVE_WINDOW_BYTES,
             }
         )
         # Frames that large are taken from now on (a server may send them once it has our settings): h2 would
         # take them only after the server's acknowledgement, and refuses one read that holds both.
         conn.max_inbound_frame_size = RECEIVE_WINDOW_BYTES
-        conn.increment_flow_control_window(RECEIVE_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
+        conn.increment_flow_control_window(STREAM_WINDOW_BYTES - 65_535)  # the connection's, as the stream's
         self._stream_id = conn.get_next_available_stream_id()
         conn.send_headers(
             self._stream_id,
@@ -157,10 +179,38 @@ class FlowsCall:
 
     def read(self, timeout: float) -> list[bytes]:
         """The messages that arrive within `timeout` seconds (at most one read of the socket); [] once over."""
+        self.receive(timeout)
+        run = self.take()
+        return [] if run is None else run.messages()
+
+    @property
+    def held(self) -> int:
+        """How many complete messages were received and not yet taken (`read`, `take`)."""
+        return len(self._starts)
+
+    @property
+    def held_bytes(self) -> int:
+        """The bytes of the messages held (prefixes included)."""
+        return self._complete
+
+    def take(self) -> MessageRun | None:
+        """The messages received and not yet taken, as one run over the buffer they arrived in (None: none);
+        what follows them (the start of a message) moves to a new buffer."""
+        count = len(self._starts)
+        if not count:
+            return None
+        pending, end = self._pending, self._complete
+        self._pending = bytearray(memoryview(pending)[end:])
+        run = MessageRun(pending, self._starts, end)
+        self._starts, self._complete = [], 0
+        return run
+
+    def receive(self, timeout: float) -> None:
+        """Read what arrives within `timeout` seconds (at most one read of the socket) and hold its complete
+        messages (`held`) until they are taken; nothing once over."""
         sock = self._sock
         if self.status is not None or sock is None:
-            return []
-        messages: list[bytes] = []
+            return
         try:
             sock.settimeout(max(timeout, 0.0))
             data = sock.recv(_READ_BYTES)
@@ -169,27 +219,27 @@ class FlowsCall:
                 self.cancel()
             else:
                 self._keepalive()
-            return messages
+            return
         except OSError as exc:
             if self._interrupted:
                 self.cancel()
-                return messages
+                return
             self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
-            return messages
+            return
         if self._interrupted:
             self.cancel()
-            return messages
+            return
         if not data:
             self._end("UNAVAILABLE", f"the relay {self.address} closed the connection")
-            return messages
+            return
         self._last_frame, self._ping_sent = time.monotonic(), None
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._end("UNAVAILABLE", f"the relay {self.address} broke HTTP/2: {exc}")
-            return messages
+            return
         for event in events:
-            self._event(event, messages)
+            self._event(event)
             if self.status is not None:
                 break
         if self.status is None:
@@ -197,13 +247,12 @@ class FlowsCall:
                 self._flush()
             except OSError as exc:
                 self._end("UNAVAILABLE", f"the connection to {self.address} broke: {_reason(exc)}")
-        return messages
 
-    def _event(self, event: h2.events.Event, messages: list[bytes]) -> None:
+    def _event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
             if event.stream_id == self._stream_id:
                 self._pending += event.data or b""
-                self._cut(messages)
+                self._cut()
             self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
             self._headers.update((bytes(k), bytes(v)) for k, v in event.headers or [])
@@ -219,27 +268,22 @@ class FlowsCall:
                 return  # a graceful GOAWAY: this stream still ends on its own
             self._end("UNAVAILABLE", f"the relay {self.address} closed the connection (GOAWAY)")
 
-    def _cut(self, messages: list[bytes]) -> None:
-        """Move the complete messages at the front of the pending bytes to `messages`."""
-        pending = self._pending
-        end, at = len(pending), 0
-        view = memoryview(pending)
-        unpack, append = _PREFIX.unpack_from, messages.append
-        try:
-            while end - at >= 5:
-                compressed, size = unpack(pending, at)
-                stop = at + 5 + size
-                if compressed or size > MAX_MESSAGE_BYTES:
-                    self._refuse(compressed, size)
-                    return
-                if stop > end:
-                    break
-                append(bytes(view[at + 5 : stop]))
-                at = stop
-        finally:
-            view.release()
-        if at:
-            del pending[:at]
+    def _cut(self) -> None:
+        """Find the complete messages after those already found in the pending bytes (where each starts)."""
+        pending, starts = self._pending, self._starts
+        end, at = len(pending), self._complete
+        unpack, append = _PREFIX.unpack_from, starts.append
+        while end - at >= PREFIX_BYTES:
+            compressed, size = unpack(pending, at)
+            if compressed or size > MAX_MESSAGE_BYTES:
+                self._refuse(compressed, size)
+                return
+            stop = at + PREFIX_BYTES + size
+            if stop > end:
+                break
+            append(at)
+            at = stop
+        self._complete = at
 
     def _refuse(self, compressed: int, size: int) -> None:
         if compressed:
@@ -265,7 +309,7 @@ class FlowsCall:
             return
         number = int(value) if value.isdigit() else 2
         details = urllib.parse.unquote(self._headers.get(b"grpc-message", b"").decode("latin-1"))
-        if self._pending and number == 0:
+        if len(self._pending) > self._complete and number == 0:
             self._end("INTERNAL", "the stream ended in the middle of a message")
             return
         self._end(_STATUS_NAMES.get(number, "UNKNOWN"), details)
@@ -318,6 +362,51 @@ class FlowsCall:
         if data and self._sock is not None:
             self._sock.settimeout(None)
             self._sock.sendall(data)
+
+
+class MessageRun:
+    """Complete messages as they arrived: `buffer[starts[i]:starts[i + 1]]` is message i with its prefix (the
+    last one ends at `end`). The run owns its buffer (the call reads on into another)."""
+
+    __slots__ = ("buffer", "end", "starts")
+
+    def __init__(self, buffer: bytearray, starts: list[int], end: int) -> None:
+        self.buffer = buffer
+        self.starts = starts
+        self.end = end
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def messages(self) -> list[bytes]:
+        """The messages as bytes (a copy each, without their prefixes)."""
+        view = memoryview(self.buffer)
+        try:
+            bounds = [*self.starts[1:], self.end]
+            return [
+                bytes(view[at + PREFIX_BYTES : stop]) for at, stop in zip(self.starts, bounds, strict=True)
+            ]
+        finally:
+            view.release()
+
+    def array(self) -> pa.BinaryArray:
+        """The messages as an Arrow binary array over the run's own buffer (no copy): each element is the
+        message with its prefix rewritten into a field no response has (`_SKIPPED_FIELD`), which decodes as the
+        message alone (`messages()` still gives them as they came). The run must be under 2 GiB."""
+        import numpy as np  # (here: the module itself loads no data library)
+        import pyarrow as pa
+
+        count = len(self.starts)
+        offsets = np.empty(count + 1, dtype=np.int32)
+        offsets[:count] = self.starts
+        offsets[count] = self.end
+        prefixes = offsets[:count]
+        data = np.frombuffer(self.buffer, dtype=np.uint8)
+        data[prefixes], data[prefixes + 1] = _SKIPPED_FIELD
+        array: pa.BinaryArray = pa.Array.from_buffers(
+            pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(self.buffer)]
+        )
+        return array
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,8 +11,9 @@ The receiving process decodes the flows it reads and hands them over as flow-tab
 that are not flows (lost events, node status), and a batch it cannot decode, cross as messages (`B`), which
 the collector decodes as the single process does. A frame of messages crosses with one `sendall`; decoded
 rows are written into the socket as an IPC stream, with no buffer of the whole frame on the sending side. Each
-frame is read into one buffer; the reading side takes a batch as an Arrow binary array over that buffer, and
-decoded rows as a table over it (no copy, no Python object per message or row).
+frame is read into one buffer (a large one straight into an uninitialised Arrow buffer); the reading side takes a
+batch as an Arrow binary array over that buffer, and decoded rows as a table over it (no copy, no Python object
+per message or row).
 Both ends ask for `SOCKET_BUFFER_BYTES` of kernel buffer, so that a whole batch waits there while the previous
 one is decoded (a smaller buffer makes the sender wait for the reader at every batch).
 """
@@ -112,17 +113,29 @@ def _send_batch_frame(sock: socket.socket, messages: Sequence[bytes]) -> None:
     sock.sendall(b"".join([_HEADER.pack(BATCH, len(messages), size), lengths.tobytes(), *messages]))
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes | bytearray:
-    # one recv mostly gets the whole frame (waiting in the socket's buffer): then nothing is zeroed or copied
-    first = sock.recv(size)
-    if len(first) == size:
-        return first
-    if not first:
-        raise HandoffClosed("the other process closed the socket in the middle of a frame")
-    buffer = bytearray(size)
-    buffer[: len(first)] = first
-    view = memoryview(buffer)
-    done = len(first)
+_LARGE_FRAME_BYTES = 1024 * 1024
+"""A frame this large is read straight into a buffer of its own (no first read, no zeroed buffer)."""
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | bytearray | pa.Buffer:
+    if size >= _LARGE_FRAME_BYTES:
+        # batches (only the collector reads them, with Arrow loaded): into an uninitialised Arrow buffer, which
+        # the batch's arrays then use as they are; a first recv would copy the bytes it got once more
+        import pyarrow as pa
+
+        buffer: bytearray | pa.Buffer = pa.allocate_buffer(size)
+        done = 0
+    else:
+        # one recv mostly gets the whole frame (waiting in the socket's buffer): then nothing is zeroed or copied
+        first = sock.recv(size)
+        if len(first) == size:
+            return first
+        if not first:
+            raise HandoffClosed("the other process closed the socket in the middle of a frame")
+        buffer = bytearray(size)
+        buffer[: len(first)] = first
+        done = len(first)
+    view = memoryview(buffer)  # type: ignore[arg-type]
     while done < size:
         got = sock.recv_into(view[done:])
         if not got:
@@ -138,7 +151,7 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
-def read_frame(sock: socket.socket) -> tuple[bytes, int, bytes | bytearray]:
+def read_frame(sock: socket.socket) -> tuple[bytes, int, bytes | bytearray | pa.Buffer]:
     """Read the next frame: (kind, count, payload). Raises HandoffClosed at the end of the connection."""
     first = sock.recv(_HEADER.size)
     if not first:
@@ -148,7 +161,7 @@ def read_frame(sock: socket.socket) -> tuple[bytes, int, bytes | bytearray]:
     return kind, count, _read_exactly(sock, size) if size else b""
 
 
-def batch_messages(count: int, payload: bytes | bytearray) -> pa.BinaryArray:
+def batch_messages(count: int, payload: bytes | bytearray | pa.Buffer) -> pa.BinaryArray:
     """A batch frame's payload as an Arrow binary array of its messages, over the payload itself (no copy)."""
     import numpy as np  # (here: the receiving process never needs them)
     import pyarrow as pa
@@ -161,7 +174,7 @@ def batch_messages(count: int, payload: bytes | bytearray) -> pa.BinaryArray:
     return array
 
 
-def decoded_rows(payload: bytes | bytearray) -> pa.Table:
+def decoded_rows(payload: bytes | bytearray | pa.Buffer) -> pa.Table:
     """A decoded frame's flow-table rows, over the payload itself (no copy)."""
     import pyarrow as pa
 
@@ -169,7 +182,7 @@ def decoded_rows(payload: bytes | bytearray) -> pa.Table:
     return table
 
 
-def json_payload(payload: bytes | bytearray) -> dict[str, Any]:
+def json_payload(payload: bytes | bytearray | pa.Buffer) -> dict[str, Any]:
     """A frame's JSON document."""
     document: dict[str, Any] = json.loads(bytes(payload))
     return document

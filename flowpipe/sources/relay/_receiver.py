@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from flowpipe.sources.relay._address import RelayTLS
-from flowpipe.sources.relay._h2call import FlowsCall
+from flowpipe.sources.relay._h2call import PREFIX_BYTES, FlowsCall, MessageRun
 from flowpipe.sources.relay._handoff import (
     CANCEL,
     END,
@@ -35,6 +35,8 @@ from flowpipe.sources.relay._handoff import (
 log = logging.getLogger("flowpipe.sources.relay")
 
 GET_FLOWS = "/observer.Observer/GetFlows"
+RUN_MAX_BYTES = 64 * 1024 * 1024
+"""Most message bytes of one batch (a batch of `batch_max_flows` large responses is handed over sooner)."""
 
 
 def _describe(error: BaseException) -> dict[str, Any]:
@@ -67,19 +69,19 @@ class _Decoder:
         self.seconds = 0.0
         """Thread CPU time spent decoding (this process's share of the decode stage)."""
 
-    def send(self, sock: socket.socket, messages: list[bytes]) -> None:
+    def send(self, sock: socket.socket, run: MessageRun) -> None:
         started = time.thread_time()
         try:
-            flows, others = self.decode(messages, cluster_name=self.cluster_name)
+            flows, others = self.decode(run.array(), cluster_name=self.cluster_name)
         except Exception:  # noqa: BLE001  (not valid protobuf: the collector finds and reports the bad messages)
             self.seconds += time.thread_time() - started
-            send_batch(sock, messages)
+            send_batch(sock, run.messages())
             return
         self.seconds += time.thread_time() - started
         if flows.num_rows:
             send_table(sock, flows)
-        if others is not None:
-            send_batch(sock, others)
+        if others is not None:  # (as the array holds them: each behind its rewritten prefix)
+            send_batch(sock, [message[PREFIX_BYTES:] for message in others])
 
 
 class _Worker:
@@ -131,39 +133,43 @@ class _Worker:
                 ending["decode_seconds"] = self.decoder.seconds - decoded_before
             send_json(self.sock, END, ending)
 
-    def _send(self, messages: list[bytes]) -> None:
+    def _send(self, run: MessageRun) -> None:
         if self.decoder is not None:
-            self.decoder.send(self.sock, messages)
+            self.decoder.send(self.sock, run)
         else:
-            send_batch(self.sock, messages)
+            send_batch(self.sock, run.messages())
 
     def _call(self, cancel: threading.Event, request: bytes) -> dict[str, Any]:
         """Read one call, handing its messages over (decoded, with a decoder) in batches of `batch_max_flows`
-        (at most `max_pending_flows`), or fewer once `batch_max_seconds` passed since a batch's first message."""
+        (at most `max_pending_flows`, and `RUN_MAX_BYTES`), or fewer once `batch_max_seconds` passed since a
+        batch's first message. The call holds a batch's messages in the buffer they arrived in until the batch is
+        taken (`FlowsCall.take`)."""
         if cancel.is_set():
             return {"code": "CANCELLED", "details": "cancelled before it started"}
         call = FlowsCall(self.settings["address"], self.tls, GET_FLOWS, request)
         count = max(1, min(self.settings["batch_max_flows"], self.settings["max_pending"]))
         seconds = self.settings["batch_max_seconds"]
-        batch: list[bytes] = []
         due = 0.0
         while call.status is None:
             if cancel.is_set():
                 call.cancel()
                 break
-            wait = 0.1 if not batch else min(0.1, due - time.monotonic())
-            messages = call.read(wait)
-            if messages:
-                if not batch:
-                    due = time.monotonic() + seconds
-                batch += messages
+            held = call.held
+            wait = 0.1 if not held else min(0.1, due - time.monotonic())
+            call.receive(wait)
+            if not held and call.held:
+                due = time.monotonic() + seconds
             # (a collector that does not read makes the hand-over wait: the socket is not read meanwhile,
             # and the relay's stream waits for its HTTP/2 window)
-            if batch and (len(batch) >= count or time.monotonic() >= due):
-                self._send(batch)
-                batch = []
-        if batch:
-            self._send(batch)
+            if (
+                call.held >= count
+                or call.held_bytes >= RUN_MAX_BYTES
+                or (call.held and time.monotonic() >= due)
+            ):
+                self._send(call.take())  # type: ignore[arg-type]  (held: a run)
+        run = call.take()
+        if run is not None:
+            self._send(run)
         assert call.status is not None
         code, details = call.status
         return {"code": None} if code == "OK" else {"code": code, "details": details}

@@ -9,8 +9,9 @@ receiving process (`_receiver`): one GetFlows call at a time over HTTP/2 (`_h2ca
 ```
 
 The receiving process does not load grpcio (which costs several microseconds a streamed message): it reads the
-call's HTTP/2 frames itself and cuts the responses out of them as bytes. A batch of them (`batch_max_flows`, or
-`batch_max_seconds` after its first flow) is decoded there into flow-table rows (ptars and the flow table, the
+call's HTTP/2 frames itself and finds the responses in them, where they stay: a batch of them (`batch_max_flows`,
+or `batch_max_seconds` after its first flow) is taken as one run over the buffer it arrived in (`_h2call.MessageRun`,
+an Arrow binary array over that buffer, no copy of a message) and decoded there into flow-table rows (ptars and the flow table, the
 same code as in one process: `from_proto.decode_flow_rows`), which cross as one Arrow IPC frame (`_handoff`);
 the collector takes them as they are, with no decoding of its own. Responses that are not flows (lost events,
 node status: rare) and a batch that does not decode cross as raw bytes, and the collector decodes them as one
