@@ -43,8 +43,9 @@ CLOSED_AFTER = timedelta(minutes=10)
 """An hour is folded once it ended this long ago (late records of collectors catching up go to their hour)."""
 
 
-def day_sql(columns: list[str], source: str) -> str:
-    """The SELECT folding hourly folded rows (`source`, columns `columns`) into one row per edge and day."""
+def _folding_sql(columns: list[str], source: str, replaced: dict[str, tuple[str, str | None]]) -> str:
+    """The SELECT folding the rows of `source` (columns `columns`): counts summed, times bounded, `replaced`
+    columns as (expression, grouping key or None), every other column a key."""
     items, keys = [], []
     for name in columns:
         quoted = f'"{name}"'
@@ -52,32 +53,25 @@ def day_sql(columns: list[str], source: str) -> str:
             items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
         elif name in TIMES:
             items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
-        elif name == "hour":
-            items.append(f"min(date_trunc('day', {quoted})) AS {quoted}")
+        elif name in replaced:
+            expression, key = replaced[name]
+            items.append(f"{expression} AS {quoted}")
+            keys += [key] if key is not None else []
         else:
             items.append(quoted)
             keys.append(quoted)
     return f"SELECT {', '.join(items)} FROM {source} GROUP BY {', '.join(keys)}"
 
 
+def day_sql(columns: list[str], source: str) -> str:
+    """The SELECT folding hourly folded rows (`source`, columns `columns`) into one row per edge and day."""
+    return _folding_sql(columns, source, {"hour": ("min(date_trunc('day', \"hour\"))", None)})
+
+
 def fold_sql(columns: list[str]) -> str:
     """The SELECT folding the rows of `connections` (whose columns are `columns`) by edge."""
-    items, keys = [], []
-    for name in columns:
-        quoted = f'"{name}"'
-        if name in SUMS:
-            items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
-        elif name in TIMES:
-            items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
-        elif name in DROPPED:
-            items.append(f"CAST(NULL AS INTEGER) AS {quoted}")
-        elif name == "source_ip":
-            items.append(f"{SOURCE_IP} AS source_ip")
-            keys.append(SOURCE_IP)
-        else:
-            items.append(quoted)
-            keys.append(quoted)
-    return f"SELECT {', '.join(items)} FROM connections GROUP BY {', '.join(keys)}"
+    dropped = {name: ("CAST(NULL AS INTEGER)", None) for name in DROPPED}
+    return _folding_sql(columns, "connections", {**dropped, "source_ip": (SOURCE_IP, SOURCE_IP)})
 
 
 def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
