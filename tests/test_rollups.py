@@ -583,3 +583,22 @@ def test_compaction_can_build_the_rollups_writers_did_not(tmp_path: Path) -> Non
     assert answers(root, "auto", since="2024-05-01T09:50:00Z", until="2024-05-01T10:10:00Z") == answers(
         root, "flows", since="2024-05-01T09:50:00Z", until="2024-05-01T10:10:00Z"
     )
+
+
+def test_a_damaged_folded_file_is_named_and_rebuilt(folded: Path, two_clusters: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from flowpipe.cli import cli
+
+    root = tmp_path / "dataset"
+    shutil.copytree(folded, root)
+    [day] = Dataset(root).list_part_files(EDGE_DAYS_TABLE)
+    Path(day).write_bytes(Path(day).read_bytes()[:300])  # cut short
+    result = CliRunner().invoke(cli, ["query", "top_talkers", "--dataset", str(root), "--since", "all"])
+    assert result.exit_code != 0 and day in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["rollup", "--dataset", str(root), "--rebuild"])
+    assert result.exit_code == 0, result.output
+    assert "2 closed hours and 1 days folded" in result.output
+    assert answers(root, "edges") == answers(two_clusters, "flows")

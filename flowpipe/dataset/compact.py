@@ -239,7 +239,8 @@ def _roll_up(
     those of their inputs go; then the closed hours and days are folded."""
     from flowpipe.dataset.rollups import EDGES_TABLE
     from flowpipe.dataset.rollups.build import build_missing, visible_flow_names
-    from flowpipe.dataset.rollups.fold import fold_closed, hour_start
+    from flowpipe.dataset.rollups.fold import fold_closed
+    from flowpipe.dataset.rollups.read import hour_start
 
     if every_hour:
         closed = now - timedelta(seconds=grace_seconds)

@@ -172,6 +172,15 @@ class PartitionKey:
             when = when.replace(tzinfo=UTC)
         return cls.from_hour_index(int((when - _EPOCH) // timedelta(hours=1)))
 
+    def start(self) -> datetime | None:
+        """When the partition's hour begins (None for the partition of rows without a time, or a malformed one)."""
+        if self.date == UNKNOWN_PARTITION:
+            return None
+        try:
+            return datetime.strptime(f"{self.date} {self.hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+        except ValueError:
+            return None
+
     @property
     def path(self) -> str:
         """The relative folder, e.g. `date=2024-03-22/hour=17`."""

@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset, PartitionKey, is_hidden_name
+from flowpipe.dataset.layout import Dataset, PartitionKey, is_hidden_name
 from flowpipe.dataset.leases import LEASE_SECONDS, MAINTENANCE, Lease, holding_lease
 from flowpipe.errors import DatasetWriteError
 
@@ -46,12 +46,7 @@ class PartitionFiles:
 
     def hour_start(self) -> datetime | None:
         """When this partition's hour begins (None for the partition of rows without a time)."""
-        if self.key.date == UNKNOWN_PARTITION:
-            return None
-        try:
-            return datetime.strptime(f"{self.key.date} {self.key.hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-        except ValueError:
-            return None
+        return self.key.start()
 
 
 def list_partitions(dataset: Dataset, table: str) -> list[PartitionFiles]:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from flowpipe._resources import apply_duckdb_limits
-from flowpipe.dataset.layout import FLOWS_TABLE, Dataset, kill_point, translate_write_errors
+from flowpipe.dataset.layout import FLOWS_TABLE, Dataset, PartitionKey, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import PartitionFiles, list_partitions
 from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, ROLLUP_TABLES
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
@@ -353,13 +353,10 @@ def prune_orphans(
 
 
 def _ends_after(key: tuple[str, str], since: datetime) -> bool:
-    from datetime import UTC, timedelta
+    from datetime import timedelta
 
-    try:
-        start = datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-    except ValueError:
-        return True
-    return start + timedelta(hours=1) > since
+    start = PartitionKey(*key).start()
+    return start is None or start + timedelta(hours=1) > since
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 The rollup of a part file keeps each observer's records of each connection (`edge_observations`), which is
 what lets rollups of any split of the flows merge into exact answers, and also why a month of them is large and
 slow to merge: every connection is a group. Once an hour is closed, its connections are final (the edge
-definition counts a connection within its hour), so `fold_hour` merges them once, through the same view
+definition counts a connection within its hour), so `fold_closed` merges them once, through the same view
 `connections` a query uses, and folds them by edge: every column of `connections` except the client's port
 (and the source address of pods and world clients, which no edge question reads) is the key, and the counts
 add up (`packets`, `denied_packets`, `dropped_packets`, `folded`: the connections or calls a row stands for),
@@ -11,6 +11,9 @@ with the first and last time. The file is `<dataset>/edge_hours/date=D/hour=H/ho
 digest names the flow files it summarises: readers take it only while the hour holds exactly those flow files
 (a flow file written into the hour later makes it stale, and the hour is read as before until it is folded
 again), and once the hour's flows are past their retention, whatever folded file the hour has.
+
+A closed day whose hours with edges are all folded is folded again the same way, into one row per edge and
+day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded files).
 
 A pod known only by its identity at every end stays unnamed here (its identity is kept in
 `*_identity_key`) and is named when read, over every rollup, as the view `connections` names it.
@@ -20,14 +23,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
 
-from flowpipe.dataset.layout import Dataset, kill_point, translate_write_errors
+from flowpipe.dataset.layout import Dataset, PartitionKey, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import list_partitions
-from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGES_TABLE, day_name, fold_name
+from flowpipe.dataset.rollups import (
+    EDGE_DAYS_TABLE,
+    EDGE_HOURS_TABLE,
+    EDGE_IDENTITIES_TABLE,
+    EDGES_TABLE,
+    day_name,
+    fold_name,
+)
+from flowpipe.dataset.rollups.read import hour_start
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
 
 log = logging.getLogger(__name__)
@@ -101,32 +113,68 @@ def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
         con.close()
 
 
-def fold_hour(dataset: Dataset, key: tuple[str, str], *, zstd_level: int = 3) -> str | None:
-    """Fold the hour `key` (date, hour) whose every flow file has its rollup; returns the folded file's path,
-    or None when the hour has no flows or a flow file lacks its rollup (nothing is written then).
+def _files(dataset: Dataset, table: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The part files of `table` by partition (date, hour): name → path (one listing)."""
+    return {
+        (p.key.date, p.key.hour): {f.name: f.path for f in p.files} for p in list_partitions(dataset, table)
+    }
 
-    Earlier folded files of the hour are removed after the new one is published: a reader sees one of them
-    whole, and takes only the one named after the flow files it sees."""
-    from flowpipe.dataset.rollups.build import visible_flow_names
-    from flowpipe.dataset.rollups.read import complete_rollups
 
-    flows = visible_flow_names(dataset).get(key, {})
-    if not flows:
-        return None
-    complete = complete_rollups(dataset, key)
-    if not set(flows) <= set(complete):
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """The rollup files of a dataset by partition (name → path), listed once for every hour a run folds."""
+
+    edges: dict[tuple[str, str], dict[str, str]]
+    identities: dict[tuple[str, str], dict[str, str]]
+    folded: dict[tuple[str, str], dict[str, str]]
+
+    @classmethod
+    def take(cls, dataset: Dataset) -> _Listing:
+        return cls(
+            _files(dataset, EDGES_TABLE),
+            _files(dataset, EDGE_IDENTITIES_TABLE),
+            _files(dataset, EDGE_HOURS_TABLE),
+        )
+
+    def complete(self, key: tuple[str, str]) -> dict[str, str]:
+        """The flow-file names of hour `key` with both rollup files: name → path of its `edges` file."""
+        identities = self.identities.get(key, {})
+        return {name: path for name, path in self.edges.get(key, {}).items() if name in identities}
+
+
+def _fold_hour(
+    dataset: Dataset, key: tuple[str, str], flows: dict[str, str], listing: _Listing, zstd_level: int
+) -> str | None:
+    """Fold hour `key`, which holds the flow files `flows` (name → path), when each has its rollup; the folded
+    file's path, or None (nothing written). Earlier folded files of the hour go once it is published: a reader
+    sees one of them whole, and takes only the one named after the flow files it sees."""
+    complete = listing.complete(key)
+    if not flows or not set(flows) <= set(complete):
         return None
     rows = fold_rows(dataset, [complete[name] for name in sorted(flows)])
-    folder = dataset.partition_dir(EDGE_HOURS_TABLE, _partition(key))
-    name = fold_name(flows)
-    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
+    others = list(listing.folded.get(key, {}).values())
+    return _publish(dataset, EDGE_HOURS_TABLE, PartitionKey(*key), fold_name(flows), rows, others, zstd_level)
+
+
+def _publish(
+    dataset: Dataset,
+    table: str,
+    key: PartitionKey,
+    name: str,
+    rows: pa.Table,
+    others: list[str],
+    zstd_level: int,
+) -> str:
+    """Write folded `rows` as `name` in partition `key` of `table`, then remove the `others` it replaces."""
+    folder = dataset.partition_dir(table, key)
     final = f"{folder}/{name}"
+    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
     temp = dataset.write_parquet_temp(rows, folder, name, hold=True, **options)
     kill_point("fold:written")
     dataset.publish(temp, final)
-    for entry in _folded_files(dataset, key):
-        if entry != final:
-            _delete(dataset, entry)
+    for path in others:
+        if path != final:
+            _delete(dataset, path)
     return final
 
 
@@ -149,20 +197,17 @@ def fold_closed(
     wanted = set(partitions) if partitions is not None else None
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
     written = []
-    folded = {
-        (p.key.date, p.key.hour): {f.name for f in p.files}
-        for p in list_partitions(dataset, EDGE_HOURS_TABLE)
-    }
+    listing = _Listing.take(dataset)
     for key, names in sorted(visible_flow_names(dataset).items()):
         start = hour_start(key)
         if (wanted is not None and key not in wanted) or start is None or start + timedelta(hours=1) > cutoff:
             continue
         if since is not None and start + timedelta(hours=1) <= since:
             continue
-        if not refold and fold_name(names) in folded.get(key, set()):
+        if not refold and fold_name(names) in listing.folded.get(key, {}):
             continue
         try:
-            path = fold_hour(dataset, key, zstd_level=zstd_level)
+            path = _fold_hour(dataset, key, names, listing, zstd_level)
         except FlowpipeError as exc:
             log.warning("edge hour %s %s:00 not folded (read from its rollups until it is): %s", *key, exc)
             continue
@@ -189,13 +234,17 @@ def fold_closed_days(
     pending = {hour.replace(hour=0) for hour in cover.uncovered}
     pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.folded}
     written = []
+    day_files = _files(dataset, EDGE_DAYS_TABLE)
     for day, hours in sorted(by_day.items()):
         if day in pending or day + timedelta(days=1) > cutoff:
             continue
         if not refold and cover.days.get(day, "").endswith("/" + day_name(hours)):
             continue
         try:
-            written.append(_write_day(dataset, day, hours, zstd_level))
+            key = PartitionKey.from_time(day)
+            rows = _day_rows(dataset, day, hours)
+            others = list(day_files.get((key.date, key.hour), {}).values())
+            written.append(_publish(dataset, EDGE_DAYS_TABLE, key, day_name(hours), rows, others, zstd_level))
         except FlowpipeError as exc:
             log.warning(
                 "edge day %s not folded (read from its hours until it is): %s", f"{day:%Y-%m-%d}", exc
@@ -203,34 +252,21 @@ def fold_closed_days(
     return written
 
 
-def _write_day(dataset: Dataset, day: datetime, hours: dict[datetime, str], zstd_level: int) -> str:
-    from flowpipe.dataset.layout import PartitionKey
+def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, str]) -> pa.Table:
+    """The folded rows of the day's folded hours (`hours`: hour → file), one row per edge and day."""
     from flowpipe.dataset.rollups.build import _arrow, connect
     from flowpipe.dataset.rollups.read import register_files
 
     con = connect()
     try:
         schema = _hour_schema(dataset, next(iter(hours.values())))
-        columns = list(schema.names)
         con.register("_day_like", schema.empty_table())
         rows_view = register_files(con, dataset, "_day_rows", [hours[h] for h in sorted(hours)], "_day_like")
-        rows = _arrow(con.sql(day_sql(columns, rows_view)))
+        return _arrow(con.sql(day_sql(list(schema.names), rows_view)))
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
         raise QueryError(f"cannot fold the edge hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
     finally:
         con.close()
-    key = PartitionKey.from_time(day)
-    folder = dataset.partition_dir(EDGE_DAYS_TABLE, key)
-    name = day_name(hours)
-    final = f"{folder}/{name}"
-    options = {"compression": "zstd", "compression_level": zstd_level, "use_dictionary": True}
-    dataset.publish(dataset.write_parquet_temp(rows, folder, name, hold=True, **options), final)
-    for partition in list_partitions(dataset, EDGE_DAYS_TABLE):
-        if partition.key == key:
-            for entry in partition.files:
-                if entry.path != final:
-                    _delete(dataset, entry.path)
-    return final
 
 
 def _hour_schema(dataset: Dataset, path: str) -> pa.Schema:
@@ -238,27 +274,6 @@ def _hour_schema(dataset: Dataset, path: str) -> pa.Schema:
 
     with dataset.filesystem.open_input_file(path) as handle:
         return pq.read_schema(handle)
-
-
-def hour_start(key: tuple[str, str]) -> datetime | None:
-    """The start of the hour of a partition key (None for the partition of rows without a time)."""
-    try:
-        return datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def _partition(key: tuple[str, str]):  # type: ignore[no-untyped-def]
-    from flowpipe.dataset.layout import PartitionKey
-
-    return PartitionKey(*key)
-
-
-def _folded_files(dataset: Dataset, key: tuple[str, str]) -> list[str]:
-    for partition in list_partitions(dataset, EDGE_HOURS_TABLE):
-        if (partition.key.date, partition.key.hour) == key:
-            return [entry.path for entry in partition.files]
-    return []
 
 
 def _delete(dataset: Dataset, path: str) -> None:
@@ -292,7 +307,6 @@ __all__ = [
     "drop_observations",
     "fold_closed",
     "fold_closed_days",
-    "fold_hour",
     "fold_name",
     "fold_rows",
 ]

@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from flowpipe.dataset.layout import UNKNOWN_PARTITION, Dataset
+from flowpipe.dataset.layout import Dataset, PartitionKey
 from flowpipe.dataset.maintenance import list_partitions
 from flowpipe.dataset.rollups import (
     CUTS_VARIABLE,
@@ -80,7 +80,7 @@ def coverage(dataset: Dataset) -> Coverage:
     folds = {(p.key.date, p.key.hour): p for p in list_partitions(dataset, EDGE_HOURS_TABLE)}
     result = Coverage()
     for key in sorted(set(edges) | set(flows) | set(folds)):
-        start = _hour(key)
+        start = hour_start(key)
         if start is None:
             continue  # rows without a time: always from flows
         edge_names = {f.name: f.path for f in edges[key].files} if key in edges else {}
@@ -105,7 +105,7 @@ def coverage(dataset: Dataset) -> Coverage:
         result.identity_files += [identity_names[name] for name in sorted(names)]
         if fold is not None:
             result.folded[start] = fold
-    _cover_days(dataset, result, {_hour(key) for key in set(edges) | set(flows) | set(folds)} - {None})
+    _cover_days(dataset, result, {hour_start(key) for key in set(edges) | set(flows) | set(folds)} - {None})
     return result
 
 
@@ -115,8 +115,7 @@ def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None])
     from flowpipe.dataset.rollups import day_name
 
     files = {
-        _hour((p.key.date, "00")): {f.name: f.path for f in p.files}
-        for p in list_partitions(dataset, EDGE_DAYS_TABLE)
+        p.key.start(): {f.name: f.path for f in p.files} for p in list_partitions(dataset, EDGE_DAYS_TABLE)
     }
     for day, named in files.items():
         if day is None or not named:
@@ -131,8 +130,9 @@ def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None])
 def _valid_fold(
     folded: dict[str, str], flow_names: set[str], fold_name: Callable[[set[str]], str]
 ) -> str | None:
-    """The folded file that holds for an hour: the one named after its flow files, or, without flows, the
-    newest name there (there is one but for a moment while a fold replaces another)."""
+    """The folded file that holds for an hour: the one named after its flow files, or, without flows, the one
+    there (two only if a fold stopped between publishing a file and removing the one it replaced: then the
+    last by name, either one a whole summary of the hour)."""
     if not folded:
         return None
     if flow_names:
@@ -140,26 +140,9 @@ def _valid_fold(
     return folded[max(folded)]
 
 
-def complete_rollups(dataset: Dataset, key: tuple[str, str]) -> dict[str, str]:
-    """The flow-file names of hour `key` with both rollup files: name → path of its `edges` file."""
-    paths: dict[str, str] = {}
-    identities: set[str] = set()
-    for partition in list_partitions(dataset, EDGES_TABLE):
-        if (partition.key.date, partition.key.hour) == key:
-            paths = {f.name: f.path for f in partition.files}
-    for partition in list_partitions(dataset, EDGE_IDENTITIES_TABLE):
-        if (partition.key.date, partition.key.hour) == key:
-            identities = {f.name for f in partition.files}
-    return {name: path for name, path in paths.items() if name in identities}
-
-
-def _hour(key: tuple[str, str]) -> datetime | None:
-    if key[0] == UNKNOWN_PARTITION:
-        return None
-    try:
-        return datetime.strptime(f"{key[0]} {key[1]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+def hour_start(key: tuple[str, str]) -> datetime | None:
+    """The start of the hour of partition `key` (date, hour); None for rows without a time."""
+    return PartitionKey(*key).start()
 
 
 MAX_RANGES = 64
