@@ -187,6 +187,19 @@ def test_refresh_sees_new_part_files(tmp_path: Path) -> None:
         assert count(engine) == 3 and engine.has_flows
 
 
+def test_a_file_replaced_under_its_name_is_read_afresh(dataset: Path) -> None:
+    # The engine caches Parquet footers; a file published again under the same name (a rebuilt rollup, a
+    # repaired part) must be read as it is now, not as its cached footer says.
+    part = min((dataset / "flows").rglob("*.parquet"))
+    with DuckDBEngine(dataset) as engine:
+        before = count(engine)
+        rows = pq.read_table(part)
+        staged = part.with_name("staged.tmp")
+        pq.write_table(pa.concat_tables([rows, rows]), staged)
+        staged.replace(part)
+        assert count(engine) == before + rows.num_rows
+
+
 # -- parameters and errors ----------------------------------------------------------------------------------
 
 
