@@ -17,7 +17,7 @@ from support.s3 import fresh_bucket
 from support.wait import wait_until
 
 from flowpipe.config import ParquetSinkConfig
-from flowpipe.dataset.layout import KILL_AT_VARIABLE, Dataset
+from flowpipe.dataset.layout import KILL_AT_VARIABLE, Dataset, PartitionKey
 from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE, EDGES_TABLE
 from flowpipe.dataset.rollups.read import coverage
 from flowpipe.model import EventBatch
@@ -602,3 +602,52 @@ def test_a_damaged_folded_file_is_named_and_rebuilt(folded: Path, two_clusters: 
     assert result.exit_code == 0, result.output
     assert "2 closed hours and 1 days folded" in result.output
     assert answers(root, "edges") == answers(two_clusters, "flows")
+
+
+def test_flows_backfilled_into_an_hour_past_the_raw_retention_add_to_its_folded_rows(
+    two_clusters: Path, folded: Path, tmp_path: Path
+) -> None:
+    """An old capture ingested into an hour whose flows went (only its folded rows left): the hour's edges are
+    those of the flows that went plus the new ones, through folding again, a rebuild, a day fold and a crash."""
+    import shutil
+
+    from flowpipe.dataset.retention import apply_retention
+    from flowpipe.dataset.rollups.fold import fold_closed
+
+    root = tmp_path / "dataset"
+    shutil.copytree(folded, root)
+    dataset = Dataset(root)
+    # the flows of 09:00-10:00 go (hour 10 stays); their folded rows are kept apart from any flows to come
+    apply_retention(dataset, timedelta(hours=2), clock=lambda: datetime(2024, 5, 1, 12, 0, tzinfo=UTC))
+    assert not any("hour=09/" in p for p in dataset.list_part_files("flows"))
+    kept = [p for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p]
+    assert [p.rpartition("/")[2][:5] for p in kept] == ["kept-"]
+    assert answers(root, "edges") == answers(two_clusters, "flows")
+
+    # what the dataset has seen: the first flows and the backfilled ones
+    late = simulated("north", seed=78, duration=600, rate=6.0)  # 09:40-09:50, another cluster's capture
+    truth = tmp_path / "truth"
+    shutil.copytree(two_clusters, truth)
+    write(truth, late, writer="backfill", rows=2_000)
+    expected = answers(truth, "flows")
+
+    write(root, late, writer="backfill", rows=2_000)
+    assert answers(root, "edges") == expected  # hour 09: its kept rows and the new flows' rollups
+    assert answers(root, "auto") == expected
+    hours, days = fold_closed(dataset, now=LATER)
+    assert [p.split("/")[-2] for p in hours] == ["hour=09"] and len(days) == 1
+    assert answers(root, "edges") == expected  # from the day's rows
+    assert answers(root, "edges", since="2024-05-01T09:00:00Z") == expected  # from the hours' rows
+    fold_closed(dataset, now=LATER, refold=True)  # `flowpipe rollup --rebuild` keeps them too
+    assert answers(root, "edges") == expected
+    assert kept[0] in dataset.list_part_files(EDGE_HOURS_TABLE)
+
+    # the backfilled flows go too: a second kept file; a retention stopped between writing it and removing
+    # the folded file it replaces reads the hour once
+    apply_retention(dataset, timedelta(hours=2), clock=lambda: datetime(2024, 5, 1, 12, 0, tzinfo=UTC))
+    files = sorted(p.rpartition("/")[2] for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p)
+    assert [name[:5] for name in files] == ["kept-", "kept-"]
+    assert answers(root, "edges") == expected
+    replaced = dataset.partition_dir(EDGE_HOURS_TABLE, PartitionKey("2024-05-01", "09"))
+    shutil.copy(kept[0], f"{replaced}/hour-{kept[0].rpartition('/')[2][5:]}")
+    assert answers(root, "edges") == expected

@@ -132,11 +132,13 @@ def apply_retention(
             _remove_empty_folders(dataset, partition)
             on_partition(partition)
         if edge_rollups:
-            from flowpipe.dataset.rollups.fold import drop_observations
+            from flowpipe.dataset.rollups.fold import drop_observations, keep_folded
 
-            # hours whose flows went: their folded rows answer, the per-file rollups go (most of the size)
+            # hours whose flows went: their folded rows answer, the per-file rollups go (most of the size), and
+            # the folded rows are kept apart from any flows written into those hours later
             gone = [(p.key.date, p.key.hour) for p in report.partitions if p.table == FLOWS_TABLE]
             report.files_removed += len(drop_observations(dataset, gone))
+            keep_folded(dataset, gone)
     report.seconds = time.perf_counter() - started
     return report
 

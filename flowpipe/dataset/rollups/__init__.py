@@ -25,7 +25,7 @@ up over any split of the flows (records are summed, times take min and max, desc
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 EDGES_TABLE = "edges"
@@ -53,13 +53,31 @@ EDGE_QUESTIONS: tuple[str, ...] = (
 observed_edges. Other questions (least_privilege, drops, DNS, HTTP) read the flows' own records."""
 
 
+FOLD_PREFIX = "hour-"
+"""An hour's folded file: the folded rows of the flow files it is named after."""
+KEPT_PREFIX = "kept-"
+"""An hour's kept file: the folded rows of flow files that are gone (past the raw retention), kept apart from
+any flows written into the hour later, so that folding the hour again never loses them."""
+
+
 def fold_name(flow_names: Iterable[str]) -> str:
     """The folded file's name for an hour holding exactly the flow files `flow_names`."""
     digest = hashlib.sha256("\n".join(sorted(flow_names)).encode()).hexdigest()[:24]
-    return f"hour-{digest}.parquet"
+    return f"{FOLD_PREFIX}{digest}.parquet"
 
 
-def day_name(hours: dict[datetime, str]) -> str:
-    """The folded day's name for a day whose hours are folded in the files `hours` (hour → path)."""
-    listed = "\n".join(f"{hour:%H} {path.rpartition('/')[2]}" for hour, path in sorted(hours.items()))
+def kept_name(fold_file: str) -> str:
+    """The kept file's name for the folded file `fold_file` (a name or path) whose flows went."""
+    return KEPT_PREFIX + fold_file.rpartition("/")[2].removeprefix(FOLD_PREFIX)
+
+
+def day_name(hours: Mapping[datetime, str | Iterable[str]]) -> str:
+    """The folded day's name for a day whose hours are folded in the files `hours` (hour → path, or the paths
+    of its folded and kept files). A folded file and the kept file it becomes name the day alike."""
+
+    def digests(files: str | Iterable[str]) -> list[str]:
+        names = [files] if isinstance(files, str) else list(files)
+        return sorted(name.rpartition("/")[2].partition("-")[2] for name in names)
+
+    listed = "\n".join(f"{hour:%H} {' '.join(digests(files))}" for hour, files in sorted(hours.items()))
     return f"day-{hashlib.sha256(listed.encode()).hexdigest()[:24]}.parquet"

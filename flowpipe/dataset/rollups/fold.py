@@ -12,8 +12,15 @@ digest names the flow files it summarises: readers take it only while the hour h
 (a flow file written into the hour later makes it stale, and the hour is read as before until it is folded
 again), and once the hour's flows are past their retention, whatever folded file the hour has.
 
+Once an hour's flows are gone (past the raw retention), its folded file becomes a kept file
+(`kept-<digest>.parquet`, `keep_folded`): rows of flow files that no longer exist, never folded again and read
+for the hour whatever else it holds. Flows written into that hour later (an old capture ingested) are folded
+apart from them, and the hour's edges are both: folding the hour again never drops the edges of flows that
+went.
+
 A closed day whose hours with edges are all folded is folded again the same way, into one row per edge and
-day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded files).
+day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded and kept
+files).
 
 A pod known only by its identity at every end stays unnamed here (its identity is kept in
 `*_identity_key`) and is named when read, over every rollup, as the view `connections` names it.
@@ -36,8 +43,10 @@ from flowpipe.dataset.rollups import (
     EDGE_HOURS_TABLE,
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
+    FOLD_PREFIX,
     day_name,
     fold_name,
+    kept_name,
 )
 from flowpipe.dataset.rollups.read import hour_start
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
@@ -113,10 +122,12 @@ def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
         con.close()
 
 
-def _files(dataset: Dataset, table: str) -> dict[tuple[str, str], dict[str, str]]:
-    """The part files of `table` by partition (date, hour): name → path (one listing)."""
+def _files(dataset: Dataset, table: str, prefix: str = "") -> dict[tuple[str, str], dict[str, str]]:
+    """The part files of `table` (whose names start with `prefix`) by partition (date, hour): name → path (one
+    listing)."""
     return {
-        (p.key.date, p.key.hour): {f.name: f.path for f in p.files} for p in list_partitions(dataset, table)
+        (p.key.date, p.key.hour): {f.name: f.path for f in p.files if f.name.startswith(prefix)}
+        for p in list_partitions(dataset, table)
     }
 
 
@@ -127,13 +138,14 @@ class _Listing:
     edges: dict[tuple[str, str], dict[str, str]]
     identities: dict[tuple[str, str], dict[str, str]]
     folded: dict[tuple[str, str], dict[str, str]]
+    """The folded files (`hour-*`) only: kept files are never replaced by a fold."""
 
     @classmethod
     def take(cls, dataset: Dataset) -> _Listing:
         return cls(
             _files(dataset, EDGES_TABLE),
             _files(dataset, EDGE_IDENTITIES_TABLE),
-            _files(dataset, EDGE_HOURS_TABLE),
+            _files(dataset, EDGE_HOURS_TABLE, FOLD_PREFIX),
         )
 
     def complete(self, key: tuple[str, str]) -> dict[str, str]:
@@ -197,8 +209,13 @@ def fold_closed(
     wanted = set(partitions) if partitions is not None else None
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
     written = []
+    visible = visible_flow_names(dataset)
+    # hours whose flows went without their folded file becoming a kept one (a retention run that stopped, a
+    # dataset folded before kept files existed): kept now, before flows written there later are folded
+    bare = [key for key, files in _files(dataset, EDGE_HOURS_TABLE, FOLD_PREFIX).items() if files]
+    keep_folded(dataset, [key for key in bare if key not in visible and (wanted is None or key in wanted)])
     listing = _Listing.take(dataset)
-    for key, names in sorted(visible_flow_names(dataset).items()):
+    for key, names in sorted(visible.items()):
         start = hour_start(key)
         if (wanted is not None and key not in wanted) or start is None or start + timedelta(hours=1) > cutoff:
             continue
@@ -218,6 +235,44 @@ def fold_closed(
     return written, fold_closed_days(dataset, now=now, refold=refold, zstd_level=zstd_level)
 
 
+def keep_folded(dataset: Dataset, keys: Iterable[tuple[str, str]], zstd_level: int = 3) -> list[str]:
+    """Make the folded file of each hour of `keys` whose flows are gone a kept file (`kept_name`), read for the
+    hour whatever flows come later; returns the kept files written. A kept file is published before the folded
+    file goes: a reader seeing both takes the kept one only (they have the same digest)."""
+    import pyarrow.parquet as pq
+
+    from flowpipe.dataset.rollups.build import visible_flow_names
+
+    wanted = set(keys)
+    if not wanted:
+        return []
+    visible = visible_flow_names(dataset)
+    written = []
+    for partition in list_partitions(dataset, EDGE_HOURS_TABLE):
+        key = (partition.key.date, partition.key.hour)
+        names = {f.name: f.path for f in partition.files}
+        folds = sorted(name for name in names if name.startswith(FOLD_PREFIX))
+        if key not in wanted or key in visible or not folds:
+            continue
+        # two folded files only if a fold stopped before removing the one it replaced: either is the whole hour
+        last, others = folds[-1], [names[name] for name in folds]
+        try:
+            if kept_name(last) in names:  # published by a run that stopped before removing the folded files
+                for path in others:
+                    _delete(dataset, path)
+                continue
+            with dataset.filesystem.open_input_file(names[last]) as handle:
+                rows = pq.read_table(handle)
+            written.append(
+                _publish(dataset, EDGE_HOURS_TABLE, partition.key, kept_name(last), rows, others, zstd_level)
+            )
+        except (FlowpipeError, OSError, pa.ArrowException) as exc:
+            log.warning(
+                "edge hour %s %s:00 not kept apart yet (its folded file answers for it): %s", *key, exc
+            )
+    return written
+
+
 def fold_closed_days(
     dataset: Dataset, *, now: datetime | None = None, refold: bool = False, zstd_level: int = 3
 ) -> list[str]:
@@ -228,11 +283,11 @@ def fold_closed_days(
 
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
     cover = coverage(dataset)
-    by_day: dict[datetime, dict[datetime, str]] = {}
-    for hour, path in cover.folded.items():
-        by_day.setdefault(hour.replace(hour=0), {})[hour] = path
+    by_day: dict[datetime, dict[datetime, list[str]]] = {}
+    for hour, files in cover.hour_files.items():
+        by_day.setdefault(hour.replace(hour=0), {})[hour] = files
     pending = {hour.replace(hour=0) for hour in cover.uncovered}
-    pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.folded}
+    pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.hour_files}
     written = []
     day_files = _files(dataset, EDGE_DAYS_TABLE)
     for day, hours in sorted(by_day.items()):
@@ -252,16 +307,18 @@ def fold_closed_days(
     return written
 
 
-def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, str]) -> pa.Table:
-    """The folded rows of the day's folded hours (`hours`: hour → file), one row per edge and day."""
+def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, list[str]]) -> pa.Table:
+    """The folded rows of the day's hours (`hours`: hour → its folded and kept files), one row per edge and
+    day."""
     from flowpipe.dataset.rollups.build import _arrow, connect
     from flowpipe.dataset.rollups.read import register_files
 
+    files = [path for hour in sorted(hours) for path in hours[hour]]
     con = connect()
     try:
-        schema = _hour_schema(dataset, next(iter(hours.values())))
+        schema = _hour_schema(dataset, files[0])
         con.register("_day_like", schema.empty_table())
-        rows_view = register_files(con, dataset, "_day_rows", [hours[h] for h in sorted(hours)], "_day_like")
+        rows_view = register_files(con, dataset, "_day_rows", files, "_day_like")
         return _arrow(con.sql(day_sql(list(schema.names), rows_view)))
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
         raise QueryError(f"cannot fold the edge hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
@@ -309,4 +366,5 @@ __all__ = [
     "fold_closed_days",
     "fold_name",
     "fold_rows",
+    "keep_folded",
 ]

@@ -3,7 +3,8 @@
 An hour `date=D/hour=H` is covered when each flow part file a query would read there (compacted inputs left
 out) has its rollup (`edges` and `edge_identities` files of the same name), or when it has no flow files left
 (past the raw retention) but has rollups. Only the rollups of the flow files present are read while flows
-remain, so a rollup left behind by a compaction is never added to the one of the file that replaced it.
+remain, so a rollup left behind by a compaction is never added to the one of the file that replaced it. An
+hour's kept files (the folded rows of flows past their retention) are read for it besides whatever else it has.
 
 `install_rollups(con, dataset, source)` runs after the shared views exist on a query connection and redefines
 four of them:
@@ -68,6 +69,11 @@ class Coverage:
     """Folded hours whose per-file rollups are gone: they are read from the folded file whatever the window."""
     days: dict[datetime, str] = field(default_factory=dict)
     """Days (UTC) whose every hour with edges is folded and whose folded day holds for those hours: day → file."""
+    kept: dict[datetime, list[str]] = field(default_factory=dict)
+    """Hours with kept files (the folded rows of flows that went): read whatever else the hour holds, unless
+    the hour is read from its folded day."""
+    hour_files: dict[datetime, list[str]] = field(default_factory=dict)
+    """Hours whose edges are all in folded and kept files (what a folded day is made of): hour → those files."""
 
 
 def coverage(dataset: Dataset) -> Coverage:
@@ -85,28 +91,49 @@ def coverage(dataset: Dataset) -> Coverage:
             continue  # rows without a time: always from flows
         edge_names = {f.name: f.path for f in edges[key].files} if key in edges else {}
         identity_names = {f.name: f.path for f in identities[key].files} if key in identities else {}
-        folded = {f.name: f.path for f in folds[key].files} if key in folds else {}
+        folded, kept = _hour_folds({f.name: f.path for f in folds[key].files} if key in folds else {})
         complete = set(edge_names) & set(identity_names)
-        names = set(flows.get(key, {})) or complete
-        fold = _valid_fold(folded, set(flows.get(key, {})), fold_name)
+        present = set(flows.get(key, {}))
+        names = present or complete
+        fold = _valid_fold(folded, present, fold_name)
+        named: list[str] = []  # the identity files to read
         if fold is not None and not (names and names <= complete):
-            # flows past their retention, per-file rollups removed: the folded rows alone
-            result.hours.append(start)
+            # flows past their retention, per-file rollups removed (before kept files): the folded rows alone
             result.folded[start] = fold
             result.coarse.add(start)
-            result.identity_files += [identity_names[name] for name in sorted(identity_names)]
-            continue
-        if not names or not names <= complete:
-            if key in flows:
-                result.uncovered.append(start)
-            continue
-        result.hours.append(start)
-        result.edge_files += [edge_names[name] for name in sorted(names)]
-        result.identity_files += [identity_names[name] for name in sorted(names)]
-        if fold is not None:
-            result.folded[start] = fold
+            named = sorted(identity_names)
+        elif names and names <= complete:
+            result.edge_files += [edge_names[name] for name in sorted(names)]
+            named = sorted(names)
+            if fold is not None:
+                result.folded[start] = fold
+        elif present:
+            result.uncovered.append(start)
+        if kept:
+            result.kept[start] = [kept[name] for name in sorted(kept)]
+            named = sorted(identity_names)  # every one: they name the pods of the kept rows too
+        if start in result.folded or (names and names <= complete) or (kept and not present):
+            result.hours.append(start)
+        if start in result.folded or (kept and not present):
+            result.hour_files[start] = [result.folded[start]] if start in result.folded else []
+            result.hour_files[start] += result.kept.get(start, [])
+        result.identity_files += [identity_names[name] for name in named]
     _cover_days(dataset, result, {hour_start(key) for key in set(edges) | set(flows) | set(folds)} - {None})
     return result
+
+
+def _hour_folds(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """An hour's files in `edge_hours` (name → path) as (folded files, kept files); a folded file whose kept
+    file exists is left out (a retention run stopped between writing one and removing the other)."""
+    from flowpipe.dataset.rollups import FOLD_PREFIX, KEPT_PREFIX, kept_name
+
+    kept = {name: path for name, path in files.items() if name.startswith(KEPT_PREFIX)}
+    folded = {
+        name: path
+        for name, path in files.items()
+        if name.startswith(FOLD_PREFIX) and kept_name(name) not in kept
+    }
+    return folded, kept
 
 
 def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None]) -> None:
@@ -121,8 +148,8 @@ def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None])
         if day is None or not named:
             continue
         own = [hour for hour in hours if hour is not None and day <= hour < day + timedelta(days=1)]
-        if own and all(hour in result.folded for hour in own):
-            path = named.get(day_name({hour: result.folded[hour] for hour in own}))
+        if own and all(hour in result.hour_files for hour in own):
+            path = named.get(day_name({hour: result.hour_files[hour] for hour in own}))
             if path is not None:
                 result.days[day] = path
 
@@ -190,7 +217,7 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
     if check_source(source) == "flows":
         return None
     cover = coverage(dataset)
-    if source == "auto" and not cover.hours:
+    if source == "auto" and not cover.hours and not cover.kept:
         return cover  # no rollups to read: the views stay as they are
     views = {view.name: view for view in load_views()}
     try:
@@ -250,7 +277,13 @@ def with_rollups(
             setup(con)
         # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
         files = (
-            [*cover.edge_files, *cover.identity_files, *cover.folded.values(), *cover.days.values()]
+            [
+                *cover.edge_files,
+                *cover.identity_files,
+                *cover.folded.values(),
+                *cover.days.values(),
+                *(path for paths in cover.kept.values() for path in paths),
+            ]
             if cover is not None and dataset.is_local
             else []
         )
@@ -263,6 +296,7 @@ FOLDED_ROWS = "_edge_hour_rows"
 FOLDED_HOURS = "_edge_folded_hours"
 FOLDED_DAYS = "_edge_folded_days"
 DAY_ROWS = "_edge_day_rows"
+KEPT_ROWS = "_edge_kept_rows"
 
 
 def _whole(start: str, length: str) -> str:
@@ -298,10 +332,12 @@ def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cove
         con.register(f"{name}_arrow", pa.table(columns))
         con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_arrow")
         con.unregister(f"{name}_arrow")
-    if not hours:
+    kept = [path for hour in sorted(cover.kept) for path in cover.kept[hour]]
+    if not hours and not kept:
         return ""
     register_files(con, dataset, FOLDED_ROWS, [cover.folded[hour] for hour in hours], "connections")
     register_files(con, dataset, DAY_ROWS, [cover.days[day] for day in days], "connections")
+    register_files(con, dataset, KEPT_ROWS, kept, "connections")
     columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
     items = []
     for column in columns:
@@ -325,8 +361,13 @@ def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cove
         f"(SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE} AND NOT (day_folded AND {DAY_USABLE}))"
     )
     day_rows = f"SELECT * FROM {DAY_ROWS} WHERE hour IN (SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
+    # kept rows: whatever the window cuts (nothing finer is left of them), unless their day's rows are read
+    kept_rows = (
+        f"SELECT * FROM {KEPT_ROWS} WHERE date_trunc('day', hour) NOT IN "
+        f"(SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
+    )
     return (
-        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({hour_rows} UNION ALL {day_rows}) AS f\n"
+        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({hour_rows} UNION ALL {day_rows} UNION ALL {kept_rows}) AS f\n"
         "LEFT JOIN identity_workloads AS siw ON siw.identity = f.source_identity_key\n"
         "    AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
         "LEFT JOIN identity_workloads AS diw ON diw.identity = f.destination_identity_key\n"
