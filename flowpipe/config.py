@@ -83,9 +83,11 @@ class ParquetSinkConfig:
     edge_rollups: bool = field(
         default=False,
         metadata={
-            "help": "Write each flow part file's edge rollup (`<dataset>/edges/`) right after it, for edge "
-            "questions over months (see `flowpipe rollup`). Off by default: building a rollup costs several "
-            "times the CPU of writing its flows."
+            "help": "Build each flow part file's edge rollup (`<dataset>/edges/`) once it is published, for "
+            "edge questions over months (see `flowpipe rollup`), in a background thread at the lowest CPU "
+            "priority: building a rollup costs more CPU than writing its flows, so it takes what the writer "
+            "leaves and trails a writer that uses every core (hours are read from flows until their rollups "
+            "exist). Off by default."
         },
     )
 

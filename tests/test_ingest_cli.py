@@ -241,6 +241,12 @@ def test_bench_prints_its_figures(tmp_path: Path) -> None:
     assert figures[("baseline", "ingest speed / baseline speed")]["value"] > 0
     questions = [row for (section, _), row in figures.items() if section == "questions"]
     assert len(questions) >= 3 and all(row["value"] is not None for row in questions)
+    # what edge rollups cost collect and ingest, against the same target
+    for key in (
+        ("collect", "throughput cost of edge rollups"),
+        ("rollups", "ingest throughput cost of edge rollups"),
+    ):
+        assert figures[key]["value"] is not None and figures[key]["target"] == 10.0, key
 
 
 def test_bench_only_runs_the_named_sections(tmp_path: Path) -> None:

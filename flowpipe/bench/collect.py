@@ -164,6 +164,11 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             _spawn("collector", address, str(root / "bare"), str(size), "off", "2"),
             "collector without metrics",
         )
+        ctx.log(f"again with edge rollups on, {size:,} flows, 2 workers")
+        rolled = _report(
+            _spawn("collector", address, str(root / "rollups"), str(size), "on", "2", "http2", "rollups"),
+            "collector with edge rollups",
+        )
         limit = min(ctx.flows, ctx.baseline_flows)
         ctx.log(f"naive client on {limit:,} flows")
         naive = _report(_spawn("naive", address, str(root / "naive"), str(limit)), "naive client")
@@ -293,8 +298,39 @@ def bench_collect(ctx: BenchContext) -> list[Figure]:
             note=f"{sizes[0] / 1e6:g}M flows, 2 workers: on {first['cpu_seconds'] / first['flows'] * 1e6:.1f}, off "
             f"{bare['cpu_seconds'] / bare['flows'] * 1e6:.1f} (what the ratio above costs, less the load's noise)",
         ),
+        *_rollup_figures(first, rolled, sizes[0]),
     ]
     return figures
+
+
+def _rollup_figures(plain: dict[str, Any], rolled: dict[str, Any], size: int) -> list[Figure]:
+    """Collect's throughput with edge rollups on against the same run without, to the last batch each took."""
+    from flowpipe.bench.context import Figure
+
+    plain_rate = plain["flows"] / max(plain["batches_seconds"], 1e-9)
+    rolled_rate = rolled["flows"] / max(rolled["batches_seconds"], 1e-9)
+    built = f"{rolled['rollup_files']} of {rolled['flow_files']} flow files"
+    return [
+        Figure(
+            "collect",
+            f"throughput with edge rollups, {size / 1e6:g}M flows, 2 workers",
+            rolled_rate,
+            "flows/s",
+            note=f"to the last batch taken, against {plain_rate:,.0f} without; rollups built in a thread at the "
+            f"lowest priority: {built} had theirs when the collector stopped "
+            f"({rolled['closing_seconds']:.1f} s after the last batch, of which up to 60 s waiting for them)",
+        ),
+        Figure(
+            "collect",
+            "throughput cost of edge rollups",
+            100.0 * (plain_rate / rolled_rate - 1.0),
+            "%",
+            10.0,
+            False,
+            note=f"{rolled['cpu_seconds'] / rolled['flows'] * 1e6:.1f} CPU-us a flow with rollups (building them "
+            f"included), {plain['cpu_seconds'] / plain['flows'] * 1e6:.1f} without",
+        ),
+    ]
 
 
 # -- child processes --------------------------------------------------------------------------------------
@@ -337,7 +373,13 @@ def _rate(report: dict[str, Any]) -> float:
 
 
 def _collector_main(
-    address: str, dataset: str, count: int, metrics: bool = True, workers: int = 2, receiver: str = "http2"
+    address: str,
+    dataset: str,
+    count: int,
+    metrics: bool = True,
+    workers: int = 2,
+    receiver: str = "http2",
+    rollups: bool = False,
 ) -> dict[str, Any]:
     from flowpipe.app.collect import COLLECT_MAX_BATCH_BYTES, CollectConfig, collect, use_system_memory_pool
     from flowpipe.config import ParquetSinkConfig, PipelineConfig
@@ -347,14 +389,16 @@ def _collector_main(
     stop = threading.Event()
     received = 0
     first: list[tuple[float, int]] = []  # when the first batch came through, and its flows
+    last: list[float] = [0.0]  # when the last batch came through (the sinks took it)
     samples: list[tuple[int, int]] = []
     sources: list[RelaySource] = []
 
     def count_batch(batch: EventBatch) -> None:
         nonlocal received
         received += batch.flows.num_rows
+        last[0] = time.perf_counter()
         if not first:
-            first.append((time.perf_counter(), received))
+            first.append((last[0], received))
         if received >= count:
             stop.set()
 
@@ -371,7 +415,9 @@ def _collector_main(
     use_system_memory_pool()  # as `flowpipe collect` does
     config = CollectConfig(
         source=RelaySourceConfig(address=address, field_mask=False, receiver=receiver),
-        sink=ParquetSinkConfig(path=dataset, writer_id="bench", max_batch_bytes=COLLECT_MAX_BATCH_BYTES),
+        sink=ParquetSinkConfig(
+            path=dataset, writer_id="bench", max_batch_bytes=COLLECT_MAX_BATCH_BYTES, edge_rollups=rollups
+        ),
         pipeline=PipelineConfig(),
         question_interval_seconds=0,  # the periodic question is not part of the stream's path
         metrics_address="127.0.0.1:0" if metrics else None,
@@ -405,7 +451,17 @@ def _collector_main(
     }
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max([own_peak, *(rss for _, rss in samples)])
+    from flowpipe.dataset.layout import Dataset
+    from flowpipe.dataset.rollups import EDGES_TABLE
+
+    stored = Dataset(dataset)
     return {
+        # the batches' own rate, to the last batch the sinks took (not the closing flush, nor the rollups the
+        # closing sink waits for)
+        "batches_seconds": last[0] - first[0][0] if first else seconds,
+        "flow_files": len(stored.list_part_files("flows")),
+        "rollup_files": len(stored.list_part_files(EDGES_TABLE)) if rollups else 0,
+        "closing_seconds": ended - last[0] if first else 0.0,
         "flows": result.pipeline.flows,
         "seconds": seconds,
         # the stream's own rate: from the first batch through (the processes started, the imports done, the
@@ -467,7 +523,7 @@ def _naive_main(address: str, out: str, limit: int) -> dict[str, Any]:
 
 def child_main(argv: list[str]) -> None:
     """Entry point of the bench children: `relay COUNT SEED`, `collector ADDRESS DATASET COUNT [on|off WORKERS
-    RECEIVER]`,
+    RECEIVER [rollups]]`,
     `naive ADDRESS OUT LIMIT`; each prints one JSON report (the relay: `ready ADDRESS SECONDS`)."""
     task, *args = argv
     if task == "relay":
@@ -477,7 +533,13 @@ def child_main(argv: list[str]) -> None:
         workers = int(args[4]) if len(args) > 4 else 2
         receiver = args[5] if len(args) > 5 else "http2"
         report = _collector_main(
-            args[0], args[1], int(args[2]), metrics=args[3:4] != ["off"], workers=workers, receiver=receiver
+            args[0],
+            args[1],
+            int(args[2]),
+            metrics=args[3:4] != ["off"],
+            workers=workers,
+            receiver=receiver,
+            rollups=args[6:7] == ["rollups"],
         )
     elif task == "naive":
         report = _naive_main(args[0], args[1], int(args[2]))

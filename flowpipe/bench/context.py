@@ -133,15 +133,16 @@ def run_child(task: str, *args: str) -> dict[str, Any]:
 
 
 def child_main(argv: list[str]) -> None:
-    """Entry point of the child processes: `ingest FILE DATASET` or `baseline FILE OUT LIMIT`."""
+    """Entry point of the child processes: `ingest FILE DATASET [rollups]` or `baseline FILE OUT LIMIT`."""
     task, *args = argv
     if task == "ingest":
         from flowpipe.app.ingest import ingest_files
         from flowpipe.config import ParquetSinkConfig
 
-        source, dataset = args
+        source, dataset, *options = args
         cpu, started = cpu_seconds(), time.perf_counter()
-        result = ingest_files([source], ParquetSinkConfig(path=dataset, writer_id="bench"))
+        sink = ParquetSinkConfig(path=dataset, writer_id="bench", edge_rollups="rollups" in options)
+        result = ingest_files([source], sink)
         seconds = time.perf_counter() - started
         report: dict[str, Any] = {
             "flows": result.pipeline.flows,

@@ -84,6 +84,9 @@ def lost_events_table(events: list[LostEvent]) -> pa.Table:
 
 MAX_RUNS_PER_PART = 256
 """Above this many separate runs of rows per partition, a flush copies rows (filter) instead of slicing."""
+ROLLUP_CLOSE_SECONDS = 60.0
+"""How long closing a sink waits for the edge rollups still being built in the background (the flows are
+already safe; rollups left are built by the next start, compaction or `flowpipe rollup`)."""
 
 
 def split_by_hour(table: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
@@ -198,10 +201,12 @@ class ParquetSink:
             log.warning(
                 "removed %d temporary file(s) left by an earlier crash: %s", len(removed), ", ".join(removed)
             )
+        self._rollups = None
         if config.edge_rollups:
-            from flowpipe.dataset.rollups.build import repair_writers
+            from flowpipe.dataset.rollups.build import RollupBuilder, repair_writers
 
             repair_writers(self.dataset, [config.writer_id])
+            self._rollups = RollupBuilder(self.dataset, zstd_level=config.zstd_level)
 
     @property
     def acked_batches(self) -> int:
@@ -280,10 +285,8 @@ class ParquetSink:
         except DatasetWriteError as exc:
             self._abort(staged, exc)
             raise
-        if self.config.edge_rollups:
-            from flowpipe.dataset.rollups.build import build_after_publish
-
-            build_after_publish(self.dataset, files, zstd_level=self.config.zstd_level, flows=written)
+        if self._rollups is not None:
+            self._rollups.submit(files, written)
         flows = self._rows
         self.flows_written += flows
         self.lost_events_written += len(self._lost)
@@ -292,9 +295,19 @@ class ParquetSink:
         self._acked_batches = self._written_batches
         return Ack(batches=self._acked_batches, flows=flows, files=tuple(files))
 
+    @property
+    def rollups_waiting(self) -> int:
+        """Published flow files whose edge rollup is not built yet (0 with rollups off)."""
+        return self._rollups.waiting if self._rollups is not None else 0
+
     def close(self) -> Ack | None:
-        """Flush what is open."""
-        return self.flush()
+        """Flush what is open; with edge rollups, wait for the rollups of the files published (at most
+        `ROLLUP_CLOSE_SECONDS`: the rest are built by the next start, compaction or `flowpipe rollup`)."""
+        try:
+            return self.flush()
+        finally:
+            if self._rollups is not None:
+                self._rollups.close(ROLLUP_CLOSE_SECONDS)
 
     # -- internals ----------------------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ rollup of each flow file present, never the rollups of files that are gone while
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,6 +237,139 @@ def build_after_publish(
                 "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc
             )
     return written
+
+
+class RollupBuilder:
+    """Builds the rollups of the flow part files a writer publishes, in a thread of its own at the lowest CPU
+    priority (nice 19, Linux), so that the writer goes on at its own rate.
+
+    Building a rollup costs more CPU than writing the flows (the SQL of the edge definition over every flow), so
+    a writer that built them itself would keep up with less than half the flows. The builder takes the CPU the
+    writer leaves: beside a single-process ingest, the second core; beside a collector busy on both cores,
+    little, and it trails (its files wait in a queue, by path; the hour is read from raw flows until its
+    rollups exist). The flows of files just published are handed over while few are waiting (up to
+    `HELD_ROWS`), else the file is read back. `close` builds what is queued itself, at the writer's priority, up
+    to a deadline, then waits for the file being built only; files still waiting then (or lost to a crash) are
+    built at the writer's next start (`repair_writers`), by compaction, retention or `flowpipe rollup`: a
+    rollup is named after its flow file, so building it twice gives the same file.
+    """
+
+    HELD_ROWS = 500_000
+    """Flows held in memory for files waiting to be built; files beyond are read back when their turn comes."""
+
+    def __init__(self, dataset: Dataset, *, zstd_level: int = 3) -> None:
+        self.dataset = dataset
+        self.zstd_level = zstd_level
+        self.built = 0
+        self._flows_dir = dataset.table_dir(FLOWS_TABLE) + "/"
+        self._queue: queue.Queue[tuple[str, pa.Table | None] | None] = queue.Queue()
+        self._held = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._skipped = 0
+
+    @property
+    def waiting(self) -> int:
+        """Files published whose rollup is not built yet."""
+        return self._queue.unfinished_tasks
+
+    def submit(self, published: Iterable[str], flows: Mapping[str, Sequence[pa.Table]] | None = None) -> None:
+        """Queue the rollups of the flow part files just `published` (other paths are skipped); `flows` holds,
+        by path, the flows the writer still has in memory."""
+        for path in published:
+            if not path.startswith(self._flows_dir):
+                continue
+            tables = (flows or {}).get(path)
+            held = None
+            with self._lock:
+                rows = sum(t.num_rows for t in tables) if tables else 0
+                if tables and self._held + rows <= self.HELD_ROWS:
+                    held = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                    self._held += rows
+            self._start()
+            self._queue.put((path, held))
+
+    def close(self, timeout: float | None = None) -> int:
+        """Build the queued rollups here, at the caller's priority (the writer is done with the CPU), for at
+        most `timeout` seconds (None: all of them); then stop the thread once the file it is building is done.
+        Returns the files left unbuilt (logged: later runs build them). The thread never outlives this call: a
+        process must not exit while it is inside DuckDB."""
+        if self._thread is None:
+            return 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._take(item)
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join()
+        left, self._skipped, self._thread = self._skipped, 0, None
+        self._stopping.clear()
+        if left:
+            log.warning(
+                "%d edge rollup(s) not built before stopping: the next start, compaction or `flowpipe rollup` "
+                "builds them (their hours are read from flows until then)",
+                left,
+            )
+        return left
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flowpipe-rollups", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        _lowest_priority()
+        while self._take(self._queue.get()):
+            pass
+
+    def _take(self, item: tuple[str, pa.Table | None] | None) -> bool:
+        """Build one queued rollup (skipped once stopping); False for the end of the queue."""
+        try:
+            if item is None:
+                return False
+            path, held = item
+            if held is not None:
+                with self._lock:
+                    self._held -= held.num_rows
+            if self._stopping.is_set():
+                with self._lock:
+                    self._skipped += 1
+            else:
+                self._build(path, held)
+            return True
+        finally:
+            self._queue.task_done()
+
+    def _build(self, path: str, held: pa.Table | None) -> None:
+        kill_point("rollup:before")
+        try:
+            build_rollup(self.dataset, path, zstd_level=self.zstd_level, flows=held)
+            self.built += 1
+        except FileNotFoundError:
+            log.debug("flow part file %s went before its rollup was built (compacted)", path)
+        except FlowpipeError as exc:
+            log.warning(
+                "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc
+            )
+        except Exception:  # the thread must go on: a rollup is never needed for the flows' safety
+            log.exception("edge rollup of %s not written (its hour is read from flows until it is)", path)
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread (and the threads it starts, DuckDB's) the lowest CPU priority, where the system
+    lets a thread have its own (Linux)."""
+    native = getattr(threading, "get_native_id", None)
+    if native is None or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, native(), 19)
+    except OSError:  # not permitted or not per thread here: the builder runs at the writer's priority
+        pass
 
 
 def repair_writers(dataset: Dataset, writer_ids: Iterable[str]) -> list[str]:

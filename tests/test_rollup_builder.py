@@ -1,0 +1,103 @@
+"""The background builder of edge rollups: a writer hands over the files it published and goes on; the
+rollups are built at the lowest CPU priority, a stop leaves the rest to the next start, and nothing is
+counted twice."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from support.flowdata import flows_table, synthetic_flows, write_dataset
+from support.wait import wait_until
+
+from flowpipe.config import ParquetSinkConfig
+from flowpipe.dataset.layout import Dataset
+from flowpipe.dataset.rollups import EDGES_TABLE
+from flowpipe.dataset.rollups.build import RollupBuilder
+from flowpipe.model import EventBatch
+from flowpipe.sinks.parquet import ParquetSink
+
+
+def rollup_names(dataset: Dataset) -> set[str]:
+    return {p.rpartition("/")[2] for p in dataset.list_part_files(EDGES_TABLE)}
+
+
+def flow_names(dataset: Dataset) -> set[str]:
+    return {p.rpartition("/")[2] for p in dataset.list_part_files("flows")}
+
+
+def test_a_sink_builds_the_rollups_of_what_it_published_by_the_time_it_is_closed(tmp_path: Path) -> None:
+    sink = ParquetSink(
+        ParquetSinkConfig(path=str(tmp_path), writer_id="w1", max_batch_rows=50, edge_rollups=True)
+    )
+    flows = flows_table(synthetic_flows(400))
+    for offset in range(0, flows.num_rows, 50):
+        sink.write(EventBatch(flows=flows.slice(offset, 50)))
+    sink.close()
+    dataset = Dataset(tmp_path)
+    assert len(flow_names(dataset)) >= 8 and rollup_names(dataset) == flow_names(dataset)
+    assert sink.rollups_waiting == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_builder_runs_at_the_lowest_priority(tmp_path: Path) -> None:
+    write_dataset(tmp_path, synthetic_flows(200), batch_rows=50)
+    dataset = Dataset(tmp_path)
+    builder = RollupBuilder(dataset)
+    seen: list[int] = []
+    original = builder._build
+
+    def build(path: str, held: object) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        original(path, held)  # type: ignore[arg-type]
+
+    builder._build = build  # type: ignore[method-assign]
+    builder.submit(dataset.list_part_files("flows"))
+    wait_until(lambda: seen, what="the builder thread's first rollup", timeout=300)
+    assert builder.close() == 0  # the rest built here, at the caller's priority
+    assert seen[0] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the writer's own is untouched
+    assert rollup_names(dataset) == flow_names(dataset)
+
+
+def test_a_builder_stopped_early_leaves_the_rest_to_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_dataset(tmp_path, synthetic_flows(320), batch_rows=40)
+    dataset = Dataset(tmp_path)
+    published = dataset.list_part_files("flows")
+    release = threading.Event()
+    builder = RollupBuilder(dataset)
+    original = builder._build
+
+    def slow(path: str, held: object) -> None:
+        release.wait(10)
+        original(path, held)  # type: ignore[arg-type]
+
+    builder._build = slow  # type: ignore[method-assign]
+    builder.submit(published)
+    threading.Timer(0.3, release.set).start()
+    with caplog.at_level(logging.WARNING):
+        # builds one itself, past the deadline, and waits for the one the thread is building, not for the rest
+        left = builder.close(timeout=0.05)
+    assert len(published) > 4 and len(published) - 2 <= left < len(published)
+    assert "not built before stopping" in caplog.text and len(rollup_names(dataset)) == len(published) - left
+    # the next start of that writer builds what is missing (its flow files carry its writer id)
+    from flowpipe.dataset.rollups.build import repair_writers
+
+    repair_writers(dataset, ["test"])
+    assert rollup_names(dataset) == flow_names(dataset)
+
+
+def test_a_flow_file_compacted_away_before_its_turn_is_skipped(tmp_path: Path) -> None:
+    write_dataset(tmp_path, synthetic_flows(100), batch_rows=50)
+    dataset = Dataset(tmp_path)
+    builder = RollupBuilder(dataset)
+    gone = dataset.list_part_files("flows")[0]
+    Path(gone).unlink()
+    builder.submit([gone, *dataset.list_part_files("flows")])
+    assert builder.close() == 0 and builder.built == len(flow_names(dataset))
