@@ -5,7 +5,13 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    through the real `ParquetSink`, without and with edge rollups, and the closed hours are folded; what stays
    past the raw retention (`edge_hours/` and `edge_identities/`) is held against 1% of the flow bytes, the
    writer's extra CPU time against 10%, and the fold's CPU time is printed.
-2. Equality: every edge question (`flowpipe.dataset.rollups.read`) over that dataset, from flows and from rollups alone.
+2. Equality: `EQUALITY_FLOWS` (ten million) simulated flows at the default `--flows` (a smaller `--flows`
+   scales them down), all faults on, over `EQUALITY_HOURS` (the end of one UTC day, a whole day, the start of the
+   next), streamed from the simulator in batches (never held whole) through the real `ParquetSink` with rollups
+   on, every closed hour and day folded; then every edge question (`flowpipe.dataset.rollups.EDGE_QUESTIONS`,
+   over `EQUALITY_WINDOWS`) and `suggest`'s drafts from the flows (`--source flows`) and from rollups alone
+   (`--source edges`), each side in a child process whose DuckDB may use `EQUALITY_DUCKDB_MEMORY`; target: every
+   answer equal, row for row, and the drafts byte for byte, with each side's time and peak RSS.
 3. Fleet: folded hours generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (at the
    default `--flows`; a smaller `--flows` scales both down, for a quick run), as compaction and retention leave
    a month whose flows are gone: one row per edge (pod pair and port) and hour, standing for that hour's
@@ -156,7 +162,7 @@ def bench_rollups(ctx: BenchContext) -> list[Figure]:
         ),
     ]
     del flows  # the equality part writes its own flows, in batches, in a child process
-    figures += _equality(ctx)
+    figures += bench_equality(ctx)
     figures += _fleet(ctx, on_root)
     return figures
 
@@ -193,7 +199,7 @@ def equality_flows(flows: int) -> int:
     return max(1, round(EQUALITY_FLOWS * min(1.0, flows / 1_000_000)))
 
 
-def _equality(ctx: BenchContext) -> list[Figure]:
+def bench_equality(ctx: BenchContext) -> list[Figure]:
     """Write `equality_flows` simulated flows with their rollups and fold them (a child process), then answer
     every edge question and `suggest` from the flows and from the rollups (a child process each), and compare."""
     from flowpipe.bench.context import Figure
@@ -291,27 +297,34 @@ def _differences(answers: Path, log: Callable[[str], None]) -> dict[str, str]:
 def _equality_child(task: str, *args: str) -> dict[str, Any]:
     """Run `task` of `equality_main` in a child process whose DuckDB may use `EQUALITY_DUCKDB_MEMORY`; its
     report, or {"error": why}."""
+    outcome = run_python("equality_main", [task, *args], EQUALITY_TIMEOUT_SECONDS, EQUALITY_DUCKDB_MEMORY)
+    return outcome if isinstance(outcome, dict) else {"error": f"equality {task} {outcome}"}
+
+
+def run_python(entry: str, args: list[str], timeout: float, memory: str) -> dict[str, Any] | str:
+    """Run `entry(args)` of this module in a child process whose DuckDB may use `memory` (unless
+    `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets a limit); the JSON object it prints last, or why it gave none."""
     from flowpipe._resources import MEMORY_VARIABLE
 
-    code = "import sys; from flowpipe.bench.rollups import equality_main; equality_main(sys.argv[1:])"
+    code = f"import sys; from flowpipe.bench.rollups import {entry}; {entry}(sys.argv[1:])"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, task, *args],
+            [sys.executable, "-c", code, *args],
             capture_output=True,
             text=True,
             check=False,
-            timeout=EQUALITY_TIMEOUT_SECONDS,
+            timeout=timeout,
             env={
-                MEMORY_VARIABLE: EQUALITY_DUCKDB_MEMORY,
+                MEMORY_VARIABLE: memory,
                 **os.environ,
                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
             },
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"equality {task} stopped after {EQUALITY_TIMEOUT_SECONDS:.0f} s"}
+        return f"stopped after {timeout:.0f} s"
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"error": f"equality {task} failed: {done.stderr.strip()[-300:]}"}
+        return f"failed: {done.stderr.strip()[-300:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
@@ -580,29 +593,10 @@ def _as(schema: Any, columns: dict[str, Any], rows: int | None) -> Any:
 
 
 def _child(task: str, root: Path, days: int) -> dict[str, Any]:
-    from flowpipe._resources import MEMORY_VARIABLE
-
-    code = "import sys; from flowpipe.bench.rollups import child_main; child_main(sys.argv[1:])"
-    root = root.resolve()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code, task, str(root), str(days)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=CHILD_TIMEOUT_SECONDS,
-            env={
-                MEMORY_VARIABLE: FLEET_DUCKDB_MEMORY,
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-            },
-        )
-    except subprocess.TimeoutExpired:
-        return {"seconds": None, "rss_mb": None, "detail": f"stopped after {CHILD_TIMEOUT_SECONDS:.0f} s"}
-    if done.returncode != 0:
-        return {"seconds": None, "rss_mb": None, "detail": f"failed: {done.stderr.strip()[-300:]}"}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    outcome = run_python(
+        "child_main", [task, str(root.resolve()), str(days)], CHILD_TIMEOUT_SECONDS, FLEET_DUCKDB_MEMORY
+    )
+    return outcome if isinstance(outcome, dict) else {"seconds": None, "rss_mb": None, "detail": outcome}
 
 
 def child_main(argv: list[str]) -> None:
