@@ -236,6 +236,10 @@ def bench_equality(ctx: BenchContext) -> list[Figure]:
         f"{written['hours']} hours and {written['days']} days folded in {written['fold_seconds']:.0f} s"
     )
     rss = {"writer": written["rss_mb"], "from flows": raw["rss_mb"], "from rollups": rolled["rss_mb"]}
+    ctx.log(
+        f"equality: {len(names) - len(unequal)} of {len(names)} edge questions equal, suggest's drafts "
+        f"{'differ' if 'suggest' in differ else 'equal'}, in {total:.0f} s"
+    )
     return [
         Figure(
             SECTION,
