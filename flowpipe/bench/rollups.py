@@ -228,18 +228,28 @@ def bench_equality(ctx: BenchContext) -> list[Figure]:
         ]
     raw, rolled = reports["flows"], reports["edges"]
     differ = _differences(answers, ctx.log)
+    # a question one side could not answer (e.g. DuckDB out of memory) is compared no more than one that differs
+    errors = {
+        k: f"{k} from {side}: {why}"
+        for side, r in (("flows", raw), ("rollups", rolled))
+        for k, why in r["errors"].items()
+    }
+    for line in errors.values():
+        ctx.log(f"not answered: {line}")
     names = raw["questions"]
-    unequal = [name for name in names if any(key.startswith(f"{name}.") for key in differ)]
+    unequal = [name for name in names if any(key.startswith(f"{name}.") for key in (*differ, *errors))]
     what = (
         f"{written['flows']:,} simulated flows, all faults on, over {EQUALITY_HOURS} h from "
         f"{EQUALITY_START:%Y-%m-%d %H:%M} UTC, written with rollups in {written['write_seconds']:.0f} s, "
         f"{written['hours']} hours and {written['days']} days folded in {written['fold_seconds']:.0f} s"
     )
     rss = {"writer": written["rss_mb"], "from flows": raw["rss_mb"], "from rollups": rolled["rss_mb"]}
+    suggest_equal = None if "suggest" in errors else float("suggest" not in differ)
     ctx.log(
         f"equality: {len(names) - len(unequal)} of {len(names)} edge questions equal, suggest's drafts "
-        f"{'differ' if 'suggest' in differ else 'equal'}, in {total:.0f} s"
+        f"{ {None: 'not compared', 0.0: 'differ', 1.0: 'equal'}[suggest_equal] }, in {total:.0f} s"
     )
+    questions_differ = sorted(k for k in differ if k != "suggest")
     return [
         Figure(
             SECTION,
@@ -251,18 +261,20 @@ def bench_equality(ctx: BenchContext) -> list[Figure]:
             f"{what}; {len(EQUALITY_WINDOWS)} windows each (all time; one cutting hours); from flows "
             f"{sum(raw['seconds_by_question'].values()):.1f} s (peak RSS {raw['rss_mb']:.0f} MB), from rollups "
             f"{sum(rolled['seconds_by_question'].values()):.1f} s (peak RSS {rolled['rss_mb']:.0f} MB)"
-            + (f"; differ: {', '.join(sorted(k for k in differ if k != 'suggest'))}" if unequal else ""),
+            + (f"; differ: {', '.join(questions_differ)}" if questions_differ else "")
+            + "".join(f"; not answered: {line}" for k, line in sorted(errors.items()) if k != "suggest"),
         ),
         Figure(
             SECTION,
             "suggest drafts equal from rollups",
-            0.0 if "suggest" in differ else 1.0,
+            suggest_equal,
             "",
             1.0,
             True,
-            f"{raw['drafted']} from the {EQUALITY_HOURS} h; from flows {raw['suggest_seconds']:.1f} s, from "
+            f"{rolled['drafted']} from the {EQUALITY_HOURS} h; from flows {raw['suggest_seconds']:.1f} s, from "
             f"rollups {rolled['suggest_seconds']:.1f} s (with the replay of the stored flows)"
-            + (f"; differ: {differ['suggest']}" if "suggest" in differ else ""),
+            + (f"; differ: {differ['suggest']}" if "suggest" in differ else "")
+            + (f"; not answered: {errors['suggest']}" if "suggest" in errors else ""),
         ),
         Figure(
             SECTION,
@@ -282,9 +294,11 @@ def _differences(answers: Path, log: Callable[[str], None]) -> dict[str, str]:
     """What differs between the answers from flows and from rollups (`answers/{flows,edges}/<key>.txt`, one row
     a line): key → how many rows each side alone has; the first rows are logged."""
     differ = {}
-    for path in sorted((answers / "flows").iterdir()):
+    for path in sorted((answers / "flows").glob("*.txt")):
         other = answers / "edges" / path.name
-        raw, rolled = path.read_text(), other.read_text() if other.is_file() else ""
+        if not other.is_file():
+            continue  # not answered from rollups
+        raw, rolled = path.read_text(), other.read_text()
         if raw == rolled:
             continue
         key = path.name.removesuffix(".txt")
@@ -386,12 +400,14 @@ def _equality_answer(source: str, root: Path, out: Path) -> dict[str, Any]:
     questions leave ties in any order; `suggest.txt`: the drafts)."""
     from flowpipe.app.suggest import SuggestConfig, suggest_policies
     from flowpipe.dataset.rollups import EDGE_QUESTIONS
+    from flowpipe.errors import FlowpipeError
     from flowpipe.query import load_questions, run_question
     from flowpipe.query.engine import open_engine
 
     catalog = load_questions()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    errors: dict[str, str] = {}
     with open_engine(root, source=source) as engine:
         for name in EDGE_QUESTIONS:
             question = catalog.question(name)
@@ -399,20 +415,32 @@ def _equality_answer(source: str, root: Path, out: Path) -> dict[str, Any]:
             started = time.perf_counter()
             for number, window in enumerate(EQUALITY_WINDOWS, 1):
                 values = {k: v for k, v in {**window, "limit": "1000000"}.items() if k in names}
-                rows = sorted(repr(row) for row in run_question(engine, question, values).table.to_pylist())
+                try:
+                    table = run_question(engine, question, values).table
+                except FlowpipeError as exc:
+                    errors[f"{name}.{number}"] = str(exc).splitlines()[0][:300]
+                    continue
+                rows = sorted(repr(row) for row in table.to_pylist())
                 (out / f"{name}.{number}.txt").write_text("".join(f"{row}\n" for row in rows))
             seconds[name] = time.perf_counter() - started
         started = time.perf_counter()
         end = EQUALITY_START + timedelta(hours=EQUALITY_HOURS)
-        suggestion = suggest_policies(
-            engine, SuggestConfig(since=EQUALITY_START.isoformat(), until=end.isoformat())
-        )
-        (out / "suggest.txt").write_text("".join(f"# {f.path}\n{f.text}" for f in suggestion.files))
+        drafted = "no drafts"
+        try:
+            suggestion = suggest_policies(
+                engine, SuggestConfig(since=EQUALITY_START.isoformat(), until=end.isoformat())
+            )
+        except FlowpipeError as exc:
+            errors["suggest"] = str(exc).splitlines()[0][:300]
+        else:
+            (out / "suggest.txt").write_text("".join(f"# {f.path}\n{f.text}" for f in suggestion.files))
+            drafted = f"{len(suggestion.files)} files drafted from {suggestion.edges:,} edges"
     return {
         "questions": list(EDGE_QUESTIONS),
         "seconds_by_question": seconds,
         "suggest_seconds": time.perf_counter() - started,
-        "drafted": f"{len(suggestion.files)} files drafted from {suggestion.edges:,} edges",
+        "drafted": drafted,
+        "errors": errors,
     }
 
 
