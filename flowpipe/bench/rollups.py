@@ -187,9 +187,10 @@ EQUALITY_WINDOWS: tuple[dict[str, str], ...] = (
 hour of the first and of the last day (those hours read from their per-file rollups, the other hours of those
 days from their folded hours, the day between from its folded day)."""
 EQUALITY_DUCKDB_MEMORY = "1GiB"
-"""DuckDB's memory limit in an equality task (unless `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets one): an edge question
-from the flows takes all it is given (1.5 GiB over two million flows, with no gain in time), so that over ten
-million it spills rather than grows."""
+"""DuckDB's memory limit in an equality task (unless `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets one), so that no task
+takes the machine's memory: an edge question from the flows takes all it is given (1.5 GiB over two million
+flows, with no gain in time). Over ten million flows none fits (`observed_edges` not in 2.5 GiB either): DuckDB
+stops with "out of memory" rather than spill, and the figure names each question so left unanswered."""
 EQUALITY_TIMEOUT_SECONDS = 3600.0
 
 
