@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -34,23 +34,40 @@ _NORMALIZE_BATCH = 50_000
 
 def simulated_flows(flows: int, *, seed: int) -> tuple[pa.Table, datetime]:
     """About `flows` simulated flows (all faults on) over one simulated hour, as flow rows; and the start."""
-    from flowpipe.sim import Simulator, SimulatorConfig
+    from flowpipe.sim import DEFAULT_START
+
+    return pa.concat_tables(simulated_batches(flows, seed=seed)), DEFAULT_START
+
+
+def simulated_batches(
+    flows: int,
+    *,
+    seed: int,
+    start: datetime | None = None,
+    duration_seconds: float = SIMULATED_HOUR_SECONDS,
+    max_flows: int | None = None,
+) -> Iterator[pa.Table]:
+    """About `flows` simulated flows (all faults on, at most `max_flows`) over `duration_seconds` from `start`
+    (the simulator's default), as flow rows in time order, `_NORMALIZE_BATCH` at a time: the same arguments give
+    the same batches, and only one is held at a time, so any number of flows can be written."""
+    from flowpipe.sim import DEFAULT_START, Simulator, SimulatorConfig
     from flowpipe.transforms.from_proto import decode_messages
 
     config = SimulatorConfig(
         seed=seed,
-        duration_seconds=SIMULATED_HOUR_SECONDS,
-        rate_flows_per_second=max(flows, 1) / SIMULATED_HOUR_SECONDS,
+        start=start or DEFAULT_START,
+        duration_seconds=duration_seconds,
+        rate_flows_per_second=max(flows, 1) / duration_seconds,
+        max_flows=max_flows,
     )
-    tables, batch = [], []
+    batch = []
     for _, _, response in Simulator(config).response_bytes():
         batch.append(response)
         if len(batch) >= _NORMALIZE_BATCH:
-            tables.append(decode_messages(batch).flows)
+            yield decode_messages(batch).flows
             batch = []
     if batch:
-        tables.append(decode_messages(batch).flows)
-    return pa.concat_tables(tables), config.start
+        yield decode_messages(batch).flows
 
 
 def write_scaled_dataset(

@@ -5,7 +5,13 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    through the real `ParquetSink`, without and with edge rollups, and the closed hours are folded; what stays
    past the raw retention (`edge_hours/` and `edge_identities/`) is held against 1% of the flow bytes, the
    writer's extra CPU time against 10%, and the fold's CPU time is printed.
-2. Equality: every edge question (`flowpipe.dataset.rollups.read`) over that dataset, from flows and from rollups alone.
+2. Equality: `EQUALITY_FLOWS` (ten million) simulated flows at the default `--flows` (a smaller `--flows`
+   scales them down), all faults on, over `EQUALITY_HOURS` (the end of one UTC day, a whole day, the start of the
+   next), streamed from the simulator in batches (never held whole) through the real `ParquetSink` with rollups
+   on, every closed hour and day folded; then every edge question (`flowpipe.dataset.rollups.EDGE_QUESTIONS`,
+   over `EQUALITY_WINDOWS`) and `suggest`'s drafts from the flows (`--source flows`) and from rollups alone
+   (`--source edges`), each side in a child process whose DuckDB may use `EQUALITY_DUCKDB_MEMORY`; target: every
+   answer equal, row for row, and the drafts byte for byte, with each side's time and peak RSS.
 3. Fleet: folded hours generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (at the
    default `--flows`; a smaller `--flows` scales both down, for a quick run), as compaction and retention leave
    a month whose flows are gone: one row per edge (pod pair and port) and hour, standing for that hour's
@@ -23,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,28 +130,6 @@ def _build_later(root: Path) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-def _answers(root: Path, source: str) -> tuple[dict[str, list[str]], float]:
-    from flowpipe.dataset.rollups import EDGE_QUESTIONS
-    from flowpipe.query import load_questions, run_question
-    from flowpipe.query.engine import open_engine
-
-    catalog = load_questions()
-    out = {}
-    started = time.perf_counter()
-    with open_engine(root, source=source) as engine:
-        for name in EDGE_QUESTIONS:
-            question = catalog.question(name)
-            names = {p.name for p in question.parameters}
-            values = {
-                k: v
-                for k, v in {"since": "all", "until": "2100-01-01", "limit": "1000000"}.items()
-                if k in names
-            }
-            table = run_question(engine, question, values).table
-            out[name] = sorted(repr(row) for row in table.to_pylist())
-    return out, time.perf_counter() - started
-
-
 def bench_rollups(ctx: BenchContext) -> list[Figure]:
     """Rollup size, build cost and equality on simulated flows; the fleet questions over generated rollups."""
     from flowpipe.bench.context import Figure
@@ -208,25 +193,288 @@ def bench_rollups(ctx: BenchContext) -> list[Figure]:
             f"({100.0 * file_bytes / max(raw_bytes, 1):.1f}%)",
         ),
     ]
-    ctx.log("edge questions from flows, then from rollups alone (closed hours folded)")
-    raw, raw_seconds = _answers(on_root, "flows")
-    rolled, rolled_seconds = _answers(on_root, "edges")
-    equal = sum(raw[name] == rolled[name] for name in raw)
-    unequal = [name for name in raw if raw[name] != rolled[name]]
-    figures.append(
+    del flows  # the equality part writes its own flows, in batches, in a child process
+    figures += bench_equality(ctx)
+    figures += _fleet(ctx, on_root)
+    return figures
+
+
+# -- equality: every edge question and `suggest` from ten million flows and from their rollups ------------------
+
+EQUALITY_FLOWS = 10_000_000
+"""Flows of the equality part at the default `--flows` (a million); a smaller `--flows` scales it down."""
+EQUALITY_START = datetime(2025, 1, 5, 21, tzinfo=UTC)
+EQUALITY_HOURS = 30
+"""The equality flows span the last three hours of a UTC day, the whole next day and three hours of the day
+after, so that hours and days are folded (the last hours as far as the flows reach)."""
+EQUALITY_WINDOWS: tuple[dict[str, str], ...] = (
+    {"since": "2000-01-01", "until": "2100-01-01", "baseline_since": "2000-01-01"},
+    {
+        "since": "2025-01-05T22:30:00Z",
+        "until": "2025-01-07T01:30:00Z",
+        "baseline_since": "2025-01-05T21:00:00Z",
+    },
+)
+"""Every edge question runs over each: all time (read from the folded days), then a window whose times cut an
+hour of the first and of the last day (those hours read from their per-file rollups, the other hours of those
+days from their folded hours, the day between from its folded day)."""
+EQUALITY_DUCKDB_MEMORY = "1GiB"
+"""DuckDB's memory limit in an equality task (unless `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets one), so that no task
+takes the machine's memory: an edge question from the flows takes all it is given (1.5 GiB over two million
+flows, with no gain in time). Over ten million flows none fits (`observed_edges` not in 2.5 GiB either): DuckDB
+stops with "out of memory" rather than spill, and the figure names each question so left unanswered."""
+EQUALITY_TIMEOUT_SECONDS = 3600.0
+
+
+def equality_flows(flows: int) -> int:
+    """Flows of the equality part: `EQUALITY_FLOWS` at the default `--flows` (a million), scaled down with a
+    smaller `--flows` (a quick run)."""
+    return max(1, round(EQUALITY_FLOWS * min(1.0, flows / 1_000_000)))
+
+
+def bench_equality(ctx: BenchContext) -> list[Figure]:
+    """Write `equality_flows` simulated flows with their rollups and fold them (a child process), then answer
+    every edge question and `suggest` from the flows and from the rollups (a child process each), and compare."""
+    from flowpipe.bench.context import Figure
+
+    flows = equality_flows(ctx.flows)
+    root, answers = ctx.workdir / "rollups-equal", ctx.workdir / "rollups-equal-answers"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(answers, ignore_errors=True)
+    started = time.perf_counter()
+    ctx.log(
+        f"equality: simulating {flows:,} flows over {EQUALITY_HOURS} h, writing them with edge rollups, folding"
+    )
+    written = _equality_child("write", str(flows), str(ctx.seed), str(root))
+    reports = {}
+    for source in ("flows", "edges"):
+        if "error" not in written:
+            ctx.log(f"equality: every edge question and suggest from --source {source} (child process)")
+            reports[source] = _equality_child("answer", source, str(root), str(answers / source))
+    total = time.perf_counter() - started
+    failed = [r["error"] for r in (written, *reports.values()) if "error" in r]
+    if failed:
+        note = "; ".join(failed)
+        return [
+            Figure(SECTION, "edge questions equal from rollups", None, "questions", note=note),
+            Figure(SECTION, "suggest drafts equal from rollups", None, "", note=note),
+        ]
+    raw, rolled = reports["flows"], reports["edges"]
+    differ = _differences(answers, ctx.log)
+    # a question one side could not answer (e.g. DuckDB out of memory) is compared no more than one that differs
+    errors = {
+        k: f"{k} from {side}: {why}"
+        for side, r in (("flows", raw), ("rollups", rolled))
+        for k, why in r["errors"].items()
+    }
+    for line in errors.values():
+        ctx.log(f"not answered: {line}")
+    names = raw["questions"]
+    unequal = [name for name in names if any(key.startswith(f"{name}.") for key in (*differ, *errors))]
+    what = (
+        f"{written['flows']:,} simulated flows, all faults on, over {EQUALITY_HOURS} h from "
+        f"{EQUALITY_START:%Y-%m-%d %H:%M} UTC, written with rollups in {written['write_seconds']:.0f} s, "
+        f"{written['hours']} hours and {written['days']} days folded in {written['fold_seconds']:.0f} s"
+    )
+    rss = {"writer": written["rss_mb"], "from flows": raw["rss_mb"], "from rollups": rolled["rss_mb"]}
+    suggest_equal = None if "suggest" in errors else float("suggest" not in differ)
+    ctx.log(
+        f"equality: {len(names) - len(unequal)} of {len(names)} edge questions equal, suggest's drafts "
+        f"{ {None: 'not compared', 0.0: 'differ', 1.0: 'equal'}[suggest_equal] }, in {total:.0f} s"
+    )
+    questions_differ = sorted(k for k in differ if k != "suggest")
+    return [
         Figure(
             SECTION,
             "edge questions equal from rollups",
-            float(equal),
+            float(len(names) - len(unequal)),
             "questions",
-            float(len(raw)),
+            float(len(names)),
             True,
-            f"{rows}; from flows {raw_seconds:.1f} s, from rollups {rolled_seconds:.1f} s"
-            + (f"; differ: {', '.join(unequal)}" if unequal else ""),
+            f"{what}; {len(EQUALITY_WINDOWS)} windows each (all time; one cutting hours); from flows "
+            f"{sum(raw['seconds_by_question'].values()):.1f} s (peak RSS {raw['rss_mb']:.0f} MB), from rollups "
+            f"{sum(rolled['seconds_by_question'].values()):.1f} s (peak RSS {rolled['rss_mb']:.0f} MB)"
+            + (f"; differ: {', '.join(questions_differ)}" if questions_differ else "")
+            + "".join(f"; not answered: {line}" for k, line in sorted(errors.items()) if k != "suggest"),
         ),
-    )
-    figures += _fleet(ctx, on_root)
-    return figures
+        Figure(
+            SECTION,
+            "suggest drafts equal from rollups",
+            suggest_equal,
+            "",
+            1.0,
+            True,
+            f"{rolled['drafted']} from the {EQUALITY_HOURS} h; from flows {raw['suggest_seconds']:.1f} s, from "
+            f"rollups {rolled['suggest_seconds']:.1f} s (with the replay of the stored flows)"
+            + (f"; differ: {differ['suggest']}" if "suggest" in differ else "")
+            + (f"; not answered: {errors['suggest']}" if "suggest" in errors else ""),
+        ),
+        Figure(
+            SECTION,
+            "equality peak RSS",
+            max(v for v in rss.values() if v is not None),
+            "MB",
+            RSS_TARGET_MB,
+            False,
+            ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
+            + f" (child processes, DuckDB limited to {EQUALITY_DUCKDB_MEMORY}); the equality part took "
+            f"{total:.0f} s",
+        ),
+    ]
+
+
+def _differences(answers: Path, log: Callable[[str], None]) -> dict[str, str]:
+    """What differs between the answers from flows and from rollups (`answers/{flows,edges}/<key>.txt`, one row
+    a line): key → how many rows each side alone has; the first rows are logged."""
+    differ = {}
+    for path in sorted((answers / "flows").glob("*.txt")):
+        other = answers / "edges" / path.name
+        if not other.is_file():
+            continue  # not answered from rollups
+        raw, rolled = path.read_text(), other.read_text()
+        if raw == rolled:
+            continue
+        key = path.name.removesuffix(".txt")
+        only_raw = sorted(set(raw.splitlines()) - set(rolled.splitlines()))
+        only_rolled = sorted(set(rolled.splitlines()) - set(raw.splitlines()))
+        differ[key] = f"{len(only_raw)} lines only from flows, {len(only_rolled)} only from rollups"
+        log(f"differ: {key}: {differ[key]}")
+        for side, lines in (("flows", only_raw), ("rollups", only_rolled)):
+            for line in lines[:3]:
+                log(f"  only from {side}: {line[:500]}")
+    return differ
+
+
+def _equality_child(task: str, *args: str) -> dict[str, Any]:
+    """Run `task` of `equality_main` in a child process whose DuckDB may use `EQUALITY_DUCKDB_MEMORY`; its
+    report, or {"error": why}."""
+    outcome = run_python("equality_main", [task, *args], EQUALITY_TIMEOUT_SECONDS, EQUALITY_DUCKDB_MEMORY)
+    return outcome if isinstance(outcome, dict) else {"error": f"equality {task} {outcome}"}
+
+
+def run_python(entry: str, args: list[str], timeout: float, memory: str) -> dict[str, Any] | str:
+    """Run `entry(args)` of this module in a child process whose DuckDB may use `memory` (unless
+    `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets a limit); the JSON object it prints last, or why it gave none."""
+    from flowpipe._resources import MEMORY_VARIABLE
+
+    code = f"import sys; from flowpipe.bench.rollups import {entry}; {entry}(sys.argv[1:])"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            env={
+                MEMORY_VARIABLE: memory,
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            },
+        )
+    except subprocess.TimeoutExpired:
+        return f"stopped after {timeout:.0f} s"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return f"failed: {done.stderr.strip()[-300:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def equality_main(argv: list[str]) -> None:
+    """In a child process: `write FLOWS SEED ROOT` or `answer SOURCE ROOT OUT`; prints its report (with the
+    process's peak RSS) as JSON."""
+    from flowpipe.bench.context import peak_rss_mb
+
+    task, *args = argv
+    if task == "write":
+        report = _equality_write(int(args[0]), int(args[1]), Path(args[2]))
+    elif task == "answer":
+        report = _equality_answer(args[0], Path(args[1]), Path(args[2]))
+    else:
+        raise SystemExit(f"unknown equality task {task}")
+    report["rss_mb"] = peak_rss_mb(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
+
+
+def _equality_write(flows: int, seed: int, root: Path) -> dict[str, Any]:
+    """Simulate `flows` flows over `EQUALITY_HOURS` in batches, write them through the Parquet sink with edge
+    rollups (cheaper than building them afterwards, which reads the flows back), and fold every closed hour
+    and day as compaction does."""
+    from flowpipe.bench.questions import simulated_batches
+    from flowpipe.config import ParquetSinkConfig
+    from flowpipe.dataset.layout import Dataset
+    from flowpipe.dataset.rollups.fold import fold_closed
+    from flowpipe.model import EventBatch
+    from flowpipe.sinks.parquet import ParquetSink
+
+    started = time.perf_counter()
+    sink = ParquetSink(ParquetSinkConfig(path=str(root), writer_id="bench", edge_rollups=True))
+    written = 0
+    for batch in simulated_batches(
+        flows, seed=seed, start=EQUALITY_START, duration_seconds=EQUALITY_HOURS * 3600.0, max_flows=flows
+    ):
+        sink.write(EventBatch(flows=batch))
+        written += batch.num_rows
+    sink.close()
+    write_seconds, started = time.perf_counter() - started, time.perf_counter()
+    hours, days = fold_closed(Dataset(root), now=datetime(2100, 1, 1, tzinfo=UTC))
+    return {
+        "flows": written,
+        "write_seconds": write_seconds,
+        "fold_seconds": time.perf_counter() - started,
+        "hours": len(hours),
+        "days": len(days),
+    }
+
+
+def _equality_answer(source: str, root: Path, out: Path) -> dict[str, Any]:
+    """Every edge question over each of `EQUALITY_WINDOWS` and `suggest` over the whole span, from `source`;
+    each answer written under `out` (`<question>.<window>.txt`: its rows in a canonical order, one a line, as
+    questions leave ties in any order; `suggest.txt`: the drafts)."""
+    from flowpipe.app.suggest import SuggestConfig, suggest_policies
+    from flowpipe.dataset.rollups import EDGE_QUESTIONS
+    from flowpipe.errors import FlowpipeError
+    from flowpipe.query import load_questions, run_question
+    from flowpipe.query.engine import open_engine
+
+    catalog = load_questions()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    with open_engine(root, source=source) as engine:
+        for name in EDGE_QUESTIONS:
+            question = catalog.question(name)
+            names = {p.name for p in question.parameters}
+            started = time.perf_counter()
+            for number, window in enumerate(EQUALITY_WINDOWS, 1):
+                values = {k: v for k, v in {**window, "limit": "1000000"}.items() if k in names}
+                try:
+                    table = run_question(engine, question, values).table
+                except FlowpipeError as exc:
+                    errors[f"{name}.{number}"] = str(exc).splitlines()[0][:300]
+                    continue
+                rows = sorted(repr(row) for row in table.to_pylist())
+                (out / f"{name}.{number}.txt").write_text("".join(f"{row}\n" for row in rows))
+            seconds[name] = time.perf_counter() - started
+        started = time.perf_counter()
+        end = EQUALITY_START + timedelta(hours=EQUALITY_HOURS)
+        drafted = "no drafts"
+        try:
+            suggestion = suggest_policies(
+                engine, SuggestConfig(since=EQUALITY_START.isoformat(), until=end.isoformat())
+            )
+        except FlowpipeError as exc:
+            errors["suggest"] = str(exc).splitlines()[0][:300]
+        else:
+            (out / "suggest.txt").write_text("".join(f"# {f.path}\n{f.text}" for f in suggestion.files))
+            drafted = f"{len(suggestion.files)} files drafted from {suggestion.edges:,} edges"
+    return {
+        "questions": list(EDGE_QUESTIONS),
+        "seconds_by_question": seconds,
+        "suggest_seconds": time.perf_counter() - started,
+        "drafted": drafted,
+        "errors": errors,
+    }
 
 
 # -- the fleet: a month of rollups of a 5,000-workload cluster ------------------------------------------------
@@ -410,29 +658,10 @@ def _as(schema: Any, columns: dict[str, Any], rows: int | None) -> Any:
 
 
 def _child(task: str, root: Path, days: int) -> dict[str, Any]:
-    from flowpipe._resources import MEMORY_VARIABLE
-
-    code = "import sys; from flowpipe.bench.rollups import child_main; child_main(sys.argv[1:])"
-    root = root.resolve()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code, task, str(root), str(days)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=CHILD_TIMEOUT_SECONDS,
-            env={
-                MEMORY_VARIABLE: FLEET_DUCKDB_MEMORY,
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-            },
-        )
-    except subprocess.TimeoutExpired:
-        return {"seconds": None, "rss_mb": None, "detail": f"stopped after {CHILD_TIMEOUT_SECONDS:.0f} s"}
-    if done.returncode != 0:
-        return {"seconds": None, "rss_mb": None, "detail": f"failed: {done.stderr.strip()[-300:]}"}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    outcome = run_python(
+        "child_main", [task, str(root.resolve()), str(days)], CHILD_TIMEOUT_SECONDS, FLEET_DUCKDB_MEMORY
+    )
+    return outcome if isinstance(outcome, dict) else {"seconds": None, "rss_mb": None, "detail": outcome}
 
 
 def child_main(argv: list[str]) -> None:
