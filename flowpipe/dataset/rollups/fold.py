@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from flowpipe.dataset.layout import Dataset, PartitionKey, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import list_partitions
@@ -36,6 +37,8 @@ from flowpipe.dataset.rollups import (
     EDGE_HOURS_TABLE,
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
+    PRIVILEGE_DAYS_TABLE,
+    PRIVILEGE_HOURS_TABLE,
     day_name,
     fold_name,
 )
@@ -51,17 +54,22 @@ DROPPED = ("source_port",)
 """Not kept: the client's ephemeral port (one per connection)."""
 SOURCE_IP = "CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' THEN source_ip END"
 """The source address kept: that of reserved entities other than the world (observed_edges shows them)."""
+PRIVILEGE_SUMS = ("flows",)
+"""The count of a folded privilege row: the records it stands for."""
+PRIVILEGE_VIEW = "privilege_records"
 CLOSED_AFTER = timedelta(minutes=10)
 """An hour is folded once it ended this long ago (late records of collectors catching up go to their hour)."""
 
 
-def _folding_sql(columns: list[str], source: str, replaced: dict[str, tuple[str, str | None]]) -> str:
-    """The SELECT folding the rows of `source` (columns `columns`): counts summed, times bounded, `replaced`
-    columns as (expression, grouping key or None), every other column a key."""
+def _folding_sql(
+    columns: list[str], source: str, replaced: dict[str, tuple[str, str | None]], sums: tuple[str, ...] = SUMS
+) -> str:
+    """The SELECT folding the rows of `source` (columns `columns`): counts (`sums`) summed, times bounded,
+    `replaced` columns as (expression, grouping key or None), every other column a key."""
     items, keys = [], []
     for name in columns:
         quoted = f'"{name}"'
-        if name in SUMS:
+        if name in sums:
             items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
         elif name in TIMES:
             items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
@@ -75,9 +83,9 @@ def _folding_sql(columns: list[str], source: str, replaced: dict[str, tuple[str,
     return f"SELECT {', '.join(items)} FROM {source} GROUP BY {', '.join(keys)}"
 
 
-def day_sql(columns: list[str], source: str) -> str:
+def day_sql(columns: list[str], source: str, sums: tuple[str, ...] = SUMS) -> str:
     """The SELECT folding hourly folded rows (`source`, columns `columns`) into one row per edge and day."""
-    return _folding_sql(columns, source, {"hour": ("min(date_trunc('day', \"hour\"))", None)})
+    return _folding_sql(columns, source, {"hour": ("min(date_trunc('day', \"hour\"))", None)}, sums)
 
 
 def fold_sql(columns: list[str]) -> str:
@@ -113,6 +121,31 @@ def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
         con.close()
 
 
+def privilege_rows(dataset: Dataset, flow_files: list[str]) -> pa.Table:
+    """The rows of `privilege_records` of the flow files `flow_files` (one closed hour's, so that a denial
+    reported at either end is among them) folded by every column but the time: `flows` summed, `first_seen` and
+    `last_seen` bounded. Pods known only by identity stay unnamed (their identity is kept in
+    `*_identity_key`): they are named when read, over every rollup, as `flows_enriched` names them."""
+    from flowpipe.dataset.rollups.build import IDENTITY_WORKLOADS_VIEW, _arrow, connect, flows_view
+    from flowpipe.model import FLOW_SCHEMA
+    from flowpipe.query.views import install_views
+
+    con = connect()
+    try:
+        flows_view(
+            con, pads.dataset(flow_files, schema=FLOW_SCHEMA, format="parquet", filesystem=dataset.filesystem)
+        )
+        install_views(con)
+        con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
+        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _fold_no_identities")
+        columns = [str(row[0]) for row in con.execute(f"DESCRIBE {PRIVILEGE_VIEW}").fetchall()]
+        return _arrow(con.sql(_folding_sql(columns, PRIVILEGE_VIEW, {}, PRIVILEGE_SUMS)))
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        raise QueryError(f"cannot fold the privilege records of {dataset.uri}: {exc}") from exc
+    finally:
+        con.close()
+
+
 def _files(dataset: Dataset, table: str) -> dict[tuple[str, str], dict[str, str]]:
     """The part files of `table` by partition (date, hour): name → path (one listing)."""
     return {
@@ -127,6 +160,7 @@ class _Listing:
     edges: dict[tuple[str, str], dict[str, str]]
     identities: dict[tuple[str, str], dict[str, str]]
     folded: dict[tuple[str, str], dict[str, str]]
+    privilege: dict[tuple[str, str], dict[str, str]]
 
     @classmethod
     def take(cls, dataset: Dataset) -> _Listing:
@@ -134,6 +168,7 @@ class _Listing:
             _files(dataset, EDGES_TABLE),
             _files(dataset, EDGE_IDENTITIES_TABLE),
             _files(dataset, EDGE_HOURS_TABLE),
+            _files(dataset, PRIVILEGE_HOURS_TABLE),
         )
 
     def complete(self, key: tuple[str, str]) -> dict[str, str]:
@@ -154,6 +189,18 @@ def _fold_hour(
     rows = fold_rows(dataset, [complete[name] for name in sorted(flows)])
     others = list(listing.folded.get(key, {}).values())
     return _publish(dataset, EDGE_HOURS_TABLE, PartitionKey(*key), fold_name(flows), rows, others, zstd_level)
+
+
+def _fold_privilege_hour(
+    dataset: Dataset, key: tuple[str, str], flows: dict[str, str], listing: _Listing, zstd_level: int
+) -> str:
+    """Fold the privilege records of hour `key` from its flow files `flows` (name → path); the folded file's
+    path, named and published as the hour's folded edges."""
+    rows = privilege_rows(dataset, [flows[name] for name in sorted(flows)])
+    others = list(listing.privilege.get(key, {}).values())
+    return _publish(
+        dataset, PRIVILEGE_HOURS_TABLE, PartitionKey(*key), fold_name(flows), rows, others, zstd_level
+    )
 
 
 def _publish(
@@ -190,8 +237,9 @@ def fold_closed(
 ) -> tuple[list[str], list[str]]:
     """Fold every closed hour (of `partitions`, else all; ending after `since`) whose rollups are complete and
     whose folded file is missing or stale (with `refold`, every one), then (with `days`) every closed day as
-    `fold_closed_days` does; returns the (hour, day) files written. A failure is logged and leaves the hour as
-    it was."""
+    `fold_closed_days` does; returns the (hour, day) files of folded edges written. The privilege records of
+    each such hour with flows are folded too, from its flows (`privilege_hours`, then `privilege_days`). A
+    failure is logged and leaves the hour as it was."""
     from flowpipe.dataset.rollups.build import visible_flow_names
 
     wanted = set(partitions) if partitions is not None else None
@@ -204,6 +252,13 @@ def fold_closed(
             continue
         if since is not None and start + timedelta(hours=1) <= since:
             continue
+        if refold or fold_name(names) not in listing.privilege.get(key, {}):
+            try:
+                _fold_privilege_hour(dataset, key, names, listing, zstd_level)
+            except FlowpipeError as exc:
+                log.warning(
+                    "privilege hour %s %s:00 not folded (read from its flows until it is): %s", *key, exc
+                )
         if not refold and fold_name(names) in listing.folded.get(key, {}):
             continue
         try:
@@ -223,37 +278,78 @@ def fold_closed_days(
 ) -> list[str]:
     """Fold every closed day (UTC) whose hours with edges are all folded and whose folded day is missing or
     stale (with `refold`, every one) into one row per edge and day; returns the files written. Earlier files of
-    the day go once the new one is published. A failure is logged and leaves the day as it was."""
-    from flowpipe.dataset.rollups.read import coverage
+    the day go once the new one is published. A failure is logged and leaves the day as it was. The closed days
+    whose hours with flows all have folded privilege records are folded too."""
+    from flowpipe.dataset.rollups.read import coverage, privilege_coverage
 
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
+    privilege = privilege_coverage(dataset)
+    _fold_days(
+        dataset,
+        PRIVILEGE_DAYS_TABLE,
+        privilege.folded,
+        set(privilege.pending),
+        privilege.days,
+        cutoff=cutoff,
+        refold=refold,
+        zstd_level=zstd_level,
+    )
     cover = coverage(dataset)
+    pending = set(cover.uncovered) | {hour for hour in cover.hours if hour not in cover.folded}
+    return _fold_days(
+        dataset,
+        EDGE_DAYS_TABLE,
+        cover.folded,
+        pending,
+        cover.days,
+        cutoff=cutoff,
+        refold=refold,
+        zstd_level=zstd_level,
+    )
+
+
+def _fold_days(
+    dataset: Dataset,
+    table: str,
+    folded: dict[datetime, str],
+    pending: set[datetime],
+    days: dict[datetime, str],
+    *,
+    cutoff: datetime,
+    refold: bool,
+    zstd_level: int,
+) -> list[str]:
+    """Fold into `table` every day closed before `cutoff` whose hours are all `folded` (none `pending`) and
+    whose folded day (`days`) is missing or stale (with `refold`, every one); the files written."""
     by_day: dict[datetime, dict[datetime, str]] = {}
-    for hour, path in cover.folded.items():
+    for hour, path in folded.items():
         by_day.setdefault(hour.replace(hour=0), {})[hour] = path
-    pending = {hour.replace(hour=0) for hour in cover.uncovered}
-    pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.folded}
+    waiting = {hour.replace(hour=0) for hour in pending}
+    sums = PRIVILEGE_SUMS if table == PRIVILEGE_DAYS_TABLE else SUMS
+    what = "privilege" if table == PRIVILEGE_DAYS_TABLE else "edge"
     written = []
-    day_files = _files(dataset, EDGE_DAYS_TABLE)
+    day_files = _files(dataset, table)
     for day, hours in sorted(by_day.items()):
-        if day in pending or day + timedelta(days=1) > cutoff:
+        if day in waiting or day + timedelta(days=1) > cutoff:
             continue
-        if not refold and cover.days.get(day, "").endswith("/" + day_name(hours)):
+        if not refold and days.get(day, "").endswith("/" + day_name(hours)):
             continue
         try:
             key = PartitionKey.from_time(day)
-            rows = _day_rows(dataset, day, hours)
+            rows = _day_rows(dataset, day, hours, sums)
             others = list(day_files.get((key.date, key.hour), {}).values())
-            written.append(_publish(dataset, EDGE_DAYS_TABLE, key, day_name(hours), rows, others, zstd_level))
+            written.append(_publish(dataset, table, key, day_name(hours), rows, others, zstd_level))
         except FlowpipeError as exc:
             log.warning(
-                "edge day %s not folded (read from its hours until it is): %s", f"{day:%Y-%m-%d}", exc
+                "%s day %s not folded (read from its hours until it is): %s", what, f"{day:%Y-%m-%d}", exc
             )
     return written
 
 
-def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, str]) -> pa.Table:
-    """The folded rows of the day's folded hours (`hours`: hour → file), one row per edge and day."""
+def _day_rows(
+    dataset: Dataset, day: datetime, hours: dict[datetime, str], sums: tuple[str, ...] = SUMS
+) -> pa.Table:
+    """The folded rows of the day's folded hours (`hours`: hour → file), one row per key and day."""
     from flowpipe.dataset.rollups.build import _arrow, connect
     from flowpipe.dataset.rollups.read import register_files
 
@@ -262,9 +358,9 @@ def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, str]) -> pa
         schema = _hour_schema(dataset, next(iter(hours.values())))
         con.register("_day_like", schema.empty_table())
         rows_view = register_files(con, dataset, "_day_rows", [hours[h] for h in sorted(hours)], "_day_like")
-        return _arrow(con.sql(day_sql(list(schema.names), rows_view)))
+        return _arrow(con.sql(day_sql(list(schema.names), rows_view, sums)))
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
-        raise QueryError(f"cannot fold the edge hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
+        raise QueryError(f"cannot fold the hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
     finally:
         con.close()
 
@@ -309,4 +405,5 @@ __all__ = [
     "fold_closed_days",
     "fold_name",
     "fold_rows",
+    "privilege_rows",
 ]

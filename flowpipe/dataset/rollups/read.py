@@ -39,6 +39,8 @@ from flowpipe.dataset.rollups import (
     EDGE_HOURS_TABLE,
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
+    PRIVILEGE_DAYS_TABLE,
+    PRIVILEGE_HOURS_TABLE,
     SOURCES,
 )
 from flowpipe.dataset.rollups.build import SEEN_FOR, visible_flow_names
@@ -68,6 +70,53 @@ class Coverage:
     """Folded hours whose per-file rollups are gone: they are read from the folded file whatever the window."""
     days: dict[datetime, str] = field(default_factory=dict)
     """Days (UTC) whose every hour with edges is folded and whose folded day holds for those hours: day → file."""
+    privilege: PrivilegeCoverage | None = None
+    """The folded privilege records (set when the views are installed)."""
+
+
+@dataclass(slots=True)
+class PrivilegeCoverage:
+    """The hours and days of folded privilege records (`privilege_records`) that hold, as `Coverage` for edges."""
+
+    folded: dict[datetime, str] = field(default_factory=dict)
+    """Hours with a folded file named after their flow files (or, without flows left, any): hour → file."""
+    coarse: set[datetime] = field(default_factory=set)
+    """Folded hours without flows left: read from the folded file whatever the window."""
+    pending: set[datetime] = field(default_factory=set)
+    """Hours with flows but no folded file that holds for them (read from flows)."""
+    days: dict[datetime, str] = field(default_factory=dict)
+    """Days whose every hour with flows or folded records is folded, and whose folded day holds: day → file."""
+
+    @property
+    def files(self) -> list[str]:
+        return [*self.folded.values(), *self.days.values()]
+
+
+def privilege_coverage(dataset: Dataset) -> PrivilegeCoverage:
+    """Which hours and days of `dataset` have folded privilege records that hold for them."""
+    from flowpipe.dataset.rollups import fold_name
+
+    flows = visible_flow_names(dataset)
+    folds = {
+        (p.key.date, p.key.hour): {f.name: f.path for f in p.files}
+        for p in list_partitions(dataset, PRIVILEGE_HOURS_TABLE)
+    }
+    result = PrivilegeCoverage()
+    for key in set(flows) | set(folds):
+        start = hour_start(key)
+        if start is None:
+            continue
+        fold = _valid_fold(folds.get(key, {}), set(flows.get(key, {})), fold_name)
+        if fold is not None:
+            result.folded[start] = fold
+            if key not in flows:
+                result.coarse.add(start)
+        elif key in flows:
+            result.pending.add(start)
+    result.days = _valid_days(
+        dataset, PRIVILEGE_DAYS_TABLE, result.folded, set(result.folded) | result.pending
+    )
+    return result
 
 
 def coverage(dataset: Dataset) -> Coverage:
@@ -105,26 +154,29 @@ def coverage(dataset: Dataset) -> Coverage:
         result.identity_files += [identity_names[name] for name in sorted(names)]
         if fold is not None:
             result.folded[start] = fold
-    _cover_days(dataset, result, {hour_start(key) for key in set(edges) | set(flows) | set(folds)} - {None})
+    hours = {hour_start(key) for key in set(edges) | set(flows) | set(folds)}
+    result.days = _valid_days(dataset, EDGE_DAYS_TABLE, result.folded, {h for h in hours if h is not None})
     return result
 
 
-def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None]) -> None:
-    """Fill `result.days`: the days whose hours with edges are all folded, and whose day file is named after
+def _valid_days(
+    dataset: Dataset, table: str, folded: dict[datetime, str], hours: set[datetime]
+) -> dict[datetime, str]:
+    """The days of `table` (day → file) whose `hours` are all `folded`, and whose day file is named after
     those hours' folded files."""
     from flowpipe.dataset.rollups import day_name
 
-    files = {
-        p.key.start(): {f.name: f.path for f in p.files} for p in list_partitions(dataset, EDGE_DAYS_TABLE)
-    }
+    files = {p.key.start(): {f.name: f.path for f in p.files} for p in list_partitions(dataset, table)}
+    days = {}
     for day, named in files.items():
         if day is None or not named:
             continue
-        own = [hour for hour in hours if hour is not None and day <= hour < day + timedelta(days=1)]
-        if own and all(hour in result.folded for hour in own):
-            path = named.get(day_name({hour: result.folded[hour] for hour in own}))
+        own = [hour for hour in hours if day <= hour < day + timedelta(days=1)]
+        if own and all(hour in folded for hour in own):
+            path = named.get(day_name({hour: folded[hour] for hour in own}))
             if path is not None:
-                result.days[day] = path
+                days[day] = path
+    return days
 
 
 def _valid_fold(
@@ -190,7 +242,8 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
     if check_source(source) == "flows":
         return None
     cover = coverage(dataset)
-    if source == "auto" and not cover.hours:
+    cover.privilege = privilege_coverage(dataset)
+    if source == "auto" and not cover.hours and not cover.privilege.folded:
         return cover  # no rollups to read: the views stay as they are
     views = {view.name: view for view in load_views()}
     try:
@@ -230,6 +283,7 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
         )
         merged = sql("connections", full=True)
         con.execute(f"CREATE OR REPLACE VIEW connections AS\nSELECT * FROM (\n{merged}\n) AS merged{folded}")
+        _install_privilege(con, dataset, source, cover.privilege, sql("privilege_records"))
     except duckdb.Error as exc:
         raise QueryError(f"cannot read the edge rollups of {dataset.uri}: {exc}") from exc
     return cover
@@ -251,6 +305,7 @@ def with_rollups(
         # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
         files = (
             [*cover.edge_files, *cover.identity_files, *cover.folded.values(), *cover.days.values()]
+            + (cover.privilege.files if cover.privilege is not None else [])
             if cover is not None and dataset.is_local
             else []
         )
@@ -281,23 +336,46 @@ DAY_USABLE = _whole("day", "1 DAY")
 """A folded day is read when the window holds it whole; else its folded hours are."""
 
 
-def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
-    """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
-    their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
-    hours, days = sorted(cover.folded), sorted(cover.days)
+def _folded_tables(
+    con: duckdb.DuckDBPyConnection,
+    names: tuple[str, str],
+    folded: dict[datetime, str],
+    coarse: set[datetime],
+    days: dict[datetime, str],
+) -> None:
+    """Create the tables `names` (folded hours: hour, coarse, day, day_folded; folded days: day)."""
+    hours = sorted(folded)
     tables = {
-        FOLDED_HOURS: {
+        names[0]: {
             "hour": pa.array(hours, pa.timestamp("us", "UTC")),
-            "coarse": pa.array([hour in cover.coarse for hour in hours], pa.bool_()),
+            "coarse": pa.array([hour in coarse for hour in hours], pa.bool_()),
             "day": pa.array([hour.replace(hour=0) for hour in hours], pa.timestamp("us", "UTC")),
-            "day_folded": pa.array([hour.replace(hour=0) in cover.days for hour in hours], pa.bool_()),
+            "day_folded": pa.array([hour.replace(hour=0) in days for hour in hours], pa.bool_()),
         },
-        FOLDED_DAYS: {"day": pa.array(days, pa.timestamp("us", "UTC"))},
+        names[1]: {"day": pa.array(sorted(days), pa.timestamp("us", "UTC"))},
     }
     for name, columns in tables.items():
         con.register(f"{name}_arrow", pa.table(columns))
         con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_arrow")
         con.unregister(f"{name}_arrow")
+
+
+def _folded_rows(hour_rows: str, day_rows: str, tables: tuple[str, str], hour_usable: str) -> str:
+    """SQL: the rows of the folded hours (`hour_rows`) that are usable (`hour_usable`) and not read from their
+    day, and those of the folded days (`day_rows`) the window holds whole."""
+    hours, days = tables
+    return (
+        f"SELECT * FROM {hour_rows} WHERE hour IN "
+        f"(SELECT hour FROM {hours} WHERE {hour_usable} AND NOT (day_folded AND {DAY_USABLE})) "
+        f"UNION ALL SELECT * FROM {day_rows} WHERE hour IN (SELECT day FROM {days} WHERE {DAY_USABLE})"
+    )
+
+
+def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
+    """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
+    their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
+    hours, days = sorted(cover.folded), sorted(cover.days)
+    _folded_tables(con, (FOLDED_HOURS, FOLDED_DAYS), cover.folded, cover.coarse, cover.days)
     if not hours:
         return ""
     register_files(con, dataset, FOLDED_ROWS, [cover.folded[hour] for hour in hours], "connections")
@@ -320,17 +398,66 @@ def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cove
             )
         else:
             items.append(f'f."{column}"')
-    hour_rows = (
-        f"SELECT * FROM {FOLDED_ROWS} WHERE hour IN "
-        f"(SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE} AND NOT (day_folded AND {DAY_USABLE}))"
-    )
-    day_rows = f"SELECT * FROM {DAY_ROWS} WHERE hour IN (SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
+    rows = _folded_rows(FOLDED_ROWS, DAY_ROWS, (FOLDED_HOURS, FOLDED_DAYS), USABLE)
     return (
-        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({hour_rows} UNION ALL {day_rows}) AS f\n"
+        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({rows}) AS f\n"
         "LEFT JOIN identity_workloads AS siw ON siw.identity = f.source_identity_key\n"
         "    AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
         "LEFT JOIN identity_workloads AS diw ON diw.identity = f.destination_identity_key\n"
         "    AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')"
+    )
+
+
+PRIVILEGE_FLOWS = "_privilege_records_flows"
+PRIVILEGE_HOURS = "_privilege_folded_hours"
+PRIVILEGE_DAYS = "_privilege_folded_days"
+PRIVILEGE_HOUR_ROWS = "_privilege_hour_rows"
+PRIVILEGE_DAY_ROWS = "_privilege_day_rows"
+PRIVILEGE_NAMED = {
+    "workload": ("workload_identity_key", "wiw"),
+    "peer_workload": ("peer_identity_key", "piw"),
+}
+"""The columns of `privilege_records` that name a pod known only by identity, with the column of its identity."""
+
+
+def _install_privilege(
+    con: duckdb.DuckDBPyConnection, dataset: Dataset, source: str, cover: PrivilegeCoverage, flow_sql: str
+) -> None:
+    """Redefine `privilege_records`: the folded rows of the hours (days) the window holds whole or whose flows
+    are gone (with `edges`: every folded hour), with pods known only by identity named as `flows_enriched`
+    names them; plus (`auto`) the rows from flows of every other hour."""
+    con.execute(f"CREATE OR REPLACE VIEW {PRIVILEGE_FLOWS} AS\n{flow_sql}")
+    _folded_tables(con, (PRIVILEGE_HOURS, PRIVILEGE_DAYS), cover.folded, cover.coarse, cover.days)
+    hours, days = sorted(cover.folded), sorted(cover.days)
+    register_files(con, dataset, PRIVILEGE_HOUR_ROWS, [cover.folded[h] for h in hours], PRIVILEGE_FLOWS)
+    register_files(con, dataset, PRIVILEGE_DAY_ROWS, [cover.days[d] for d in days], PRIVILEGE_FLOWS)
+    usable = USABLE if source == "auto" else "TRUE"
+    columns = [str(row[0]) for row in con.execute(f"DESCRIBE {PRIVILEGE_FLOWS}").fetchall()]
+    items = []
+    for column in columns:
+        if column in PRIVILEGE_NAMED:
+            key, alias = PRIVILEGE_NAMED[column]
+            items.append(
+                f"CASE WHEN f.{key} IS NOT NULL AND {alias}.workload IS NOT NULL THEN {alias}.workload "
+                f"ELSE f.{column} END AS {column}"
+            )
+        else:
+            items.append(f'f."{column}"')
+    joins = "".join(
+        f"\nLEFT JOIN identity_workloads AS {alias} ON {alias}.identity = f.{key}"
+        f"\n    AND coalesce({alias}.cluster_name, '') = coalesce(f.cluster_name, '')"
+        for key, alias in PRIVILEGE_NAMED.values()
+    )
+    rows = _folded_rows(PRIVILEGE_HOUR_ROWS, PRIVILEGE_DAY_ROWS, (PRIVILEGE_HOURS, PRIVILEGE_DAYS), usable)
+    flow_rows = (
+        f"SELECT * FROM {PRIVILEGE_FLOWS} WHERE "
+        f"coalesce(hour NOT IN (SELECT hour FROM {PRIVILEGE_HOURS} WHERE {USABLE}), TRUE)\nUNION ALL\n"
+        if source == "auto"
+        else ""
+    )
+    con.execute(
+        f"CREATE OR REPLACE VIEW privilege_records AS\n{flow_rows}"
+        f"SELECT {', '.join(items)} FROM ({rows}) AS f{joins}"
     )
 
 
