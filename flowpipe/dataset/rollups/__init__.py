@@ -69,6 +69,9 @@ EDGE_QUESTIONS: tuple[str, ...] = (
 """The questions that rollups answer: those that read edges only (the view `connections`; `suggest` drafts from
 observed_edges), and least_privilege, which reads the view `privilege_records` (folded by hour and day as
 `privilege_hours` and `privilege_days`). Other questions (drops, DNS, HTTP) read the flows' own records."""
+PRIVILEGE_QUESTIONS: tuple[str, ...] = ("least_privilege",)
+"""Of `EDGE_QUESTIONS`, those that read folded privilege records (`privilege_hours`, `privilege_days`) for the
+hours whose flows are gone, not edge rollups: rollups written before they existed have none."""
 
 
 def fold_name(flow_names: Iterable[str]) -> str:

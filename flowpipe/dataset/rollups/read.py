@@ -496,19 +496,28 @@ def _column(column: str, sql_type: str, present: set[str]) -> str:
 
 
 def raw_flows_note(engine: Any, question: str, since: datetime | None) -> str | None:
-    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`) whose window starts before the
-    oldest flow kept while edge rollups reach back further; None otherwise."""
-    from flowpipe.dataset.rollups import EDGE_QUESTIONS
+    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`), or raw flows and folded privilege
+    records (`PRIVILEGE_QUESTIONS`), whose window starts before the oldest of them while edge rollups reach back
+    further; None otherwise."""
+    from flowpipe.dataset.rollups import EDGE_QUESTIONS, PRIVILEGE_QUESTIONS
 
-    if question in EDGE_QUESTIONS or since is None or engine.dataset is None:
+    privilege = question in PRIVILEGE_QUESTIONS
+    if (question in EDGE_QUESTIONS and not privilege) or since is None or engine.dataset is None:
         return None
     oldest = engine.run("SELECT min(time) AS oldest FROM flows").column("oldest")[0].as_py()
+    what = "raw flows"
+    if privilege:
+        folded = privilege_coverage(engine.dataset).folded
+        if folded and (oldest is None or min(folded) < oldest):
+            oldest = min(folded)
+        what = "raw flows and privilege rollups"
     if oldest is None or since >= oldest:
         return None
     hours = coverage(engine.dataset).hours
     if not hours or hours[0] >= oldest:
         return None
+    edge_only = [name for name in EDGE_QUESTIONS if name not in PRIVILEGE_QUESTIONS]
     return (
-        f"note: {question} reads raw flows, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
-        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(EDGE_QUESTIONS)})"
+        f"note: {question} reads {what}, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
+        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(edge_only)})"
     )
