@@ -15,6 +15,11 @@ again), and once the hour's flows are past their retention, whatever folded file
 A closed day whose hours with edges are all folded is folded again the same way, into one row per edge and
 day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded files).
 
+The same run folds each such hour's privilege records (the view `privilege_records`, what least_privilege
+judges) from the hour's flows, which hold the denials reported at either end: by every column but the time,
+`flows` summed, into `<dataset>/privilege_hours/` (named after the flow files like the folded edges), and a
+closed day's into `<dataset>/privilege_days/`.
+
 A pod known only by its identity at every end stays unnamed here (its identity is kept in
 `*_identity_key`) and is named when read, over every rollup, as the view `connections` names it.
 """

@@ -6,14 +6,17 @@ out) has its rollup (`edges` and `edge_identities` files of the same name), or w
 remain, so a rollup left behind by a compaction is never added to the one of the file that replaced it.
 
 `install_rollups(con, dataset, source)` runs after the shared views exist on a query connection and redefines
-four of them:
+five of them:
 
 - `edge_observations`: the rows from flows of the hours not covered (`auto`), plus the rollup rows of the
   covered hours (`auto`, `edges`);
 - `identity_workloads`: over flows and the rollups' identity rows (the same minimum either way);
 - `edge_identity_labels`: the labels the rollups kept per pod identity (observed_edges reads them for
   identities whose flows are gone);
-- `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed).
+- `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed);
+- `privilege_records` (least_privilege): the folded privilege rows (`privilege_hours`, `privilege_days`) of
+  the hours and days the window holds whole (or whose flows are gone; with `edges`, every folded hour), pods
+  known only by identity named as `flows_enriched` names them, and (`auto`) the flows' rows of the other hours.
 
 Every view above `edge_observations` (connections, observed_edges, new_connections, ...) is then unchanged: it
 merges rows that add up, so flows and rollups give the same answer for the same records.
