@@ -262,7 +262,6 @@ def generate_fleet(
         EDGE_DAYS_TABLE,
         EDGE_HOURS_TABLE,
         EDGE_IDENTITIES_TABLE,
-        day_name,
         fold_name,
     )
 
@@ -336,18 +335,8 @@ def generate_fleet(
         rows += edges
         day_sums += connections
         if start.hour == 23:  # the day is closed: its hours folded again by edge, as compaction does
-            day = start.replace(hour=0)
-            columns["hour"] = pa.array(np.full(edges, int(day.timestamp() * 1e9)), pa.timestamp("ns", "UTC"))
             columns["folded"], columns["packets"] = pa.array(day_sums), pa.array(day_sums * 20)
-            first = int(day.timestamp() * 1e9) + offsets
-            columns["first_seen"] = pa.array(first, pa.timestamp("ns", "UTC"))
-            columns["last_seen"] = pa.array(
-                first + 23 * 3_600_000_000_000 + 500_000_000_000, pa.timestamp("ns", "UTC")
-            )
-            folder = root / EDGE_DAYS_TABLE / PartitionKey.from_time(day).path
-            folder.mkdir(parents=True, exist_ok=True)
-            own = {h: path for h, path in day_files.items() if h >= day}
-            pq.write_table(_as(hours_schema, columns, edges), folder / day_name(own), compression="zstd")
+            _write_fleet_day(root / EDGE_DAYS_TABLE, hours_schema, columns, start, offsets, day_files)
             day_sums[:] = 0
     return rows
 
@@ -371,7 +360,7 @@ def generate_fleet_privilege(
     import pyarrow.parquet as pq
 
     from flowpipe.dataset.layout import PartitionKey
-    from flowpipe.dataset.rollups import PRIVILEGE_DAYS_TABLE, PRIVILEGE_HOURS_TABLE, day_name, fold_name
+    from flowpipe.dataset.rollups import PRIVILEGE_DAYS_TABLE, PRIVILEGE_HOURS_TABLE, fold_name
 
     schema = pq.read_schema(next((example / PRIVILEGE_HOURS_TABLE).rglob("*.parquet")))
     numbers = np.arange(workloads)
@@ -434,20 +423,41 @@ def generate_fleet_privilege(
         rows += count
         day_sums += np.where(verdict, 1 + (edge + hour) % 300, records)
         if start.hour == 23:  # the day is closed: its hours folded again, as compaction does
-            day = start.replace(hour=0)
-            day_ns = int(day.timestamp() * 1e9)
-            columns["hour"] = pa.array(np.full(count, day_ns), pa.timestamp("ns", "UTC"))
             columns["flows"] = pa.array(day_sums)
-            columns["first_seen"] = pa.array(day_ns + offsets, pa.timestamp("ns", "UTC"))
-            columns["last_seen"] = pa.array(
-                day_ns + offsets + 23 * 3_600_000_000_000 + 500_000_000_000, pa.timestamp("ns", "UTC")
-            )
-            folder = root / PRIVILEGE_DAYS_TABLE / PartitionKey.from_time(day).path
-            folder.mkdir(parents=True, exist_ok=True)
-            own = {h: path for h, path in hour_files.items() if h >= day}
-            pq.write_table(_as(schema, columns, count), folder / day_name(own), compression="zstd")
+            _write_fleet_day(root / PRIVILEGE_DAYS_TABLE, schema, columns, start, offsets, hour_files)
             day_sums[:] = 0
     return rows
+
+
+def _write_fleet_day(
+    table_dir: Path,
+    schema: Any,
+    columns: dict[str, Any],
+    last_hour: datetime,
+    offsets: Any,
+    hours: dict[datetime, str],
+) -> None:
+    """Write the folded day ending with `last_hour` (its hours' files in `hours`) under `table_dir`: `columns`
+    (their counts the day's) with the day as `hour` and times spanning the day."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flowpipe.dataset.layout import PartitionKey
+    from flowpipe.dataset.rollups import day_name
+
+    day = last_hour.replace(hour=0)
+    first = int(day.timestamp() * 1e9) + offsets
+    columns = {
+        **columns,
+        "hour": pa.array(np.full(len(offsets), int(day.timestamp() * 1e9)), pa.timestamp("ns", "UTC")),
+        "first_seen": pa.array(first, pa.timestamp("ns", "UTC")),
+        "last_seen": pa.array(first + 23 * 3_600_000_000_000 + 500_000_000_000, pa.timestamp("ns", "UTC")),
+    }
+    folder = table_dir / PartitionKey.from_time(day).path
+    folder.mkdir(parents=True, exist_ok=True)
+    own = {h: path for h, path in hours.items() if h >= day}
+    pq.write_table(_as(schema, columns, len(offsets)), folder / day_name(own), compression="zstd")
 
 
 def _fleet_identities(hour: int, identities: Any, namespaces: Any, labels: Any) -> dict[str, Any]:
