@@ -228,7 +228,10 @@ def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
         f"{workloads:,} workloads, {workloads * FLEET_PEERS:,} edges, {days} days: "
         f"{rows:,} rollup rows, {size / 1e6:,.0f} MB"
     )
-    figures = [Figure(SECTION, "fleet rollups on disk", size / 1e6, "MB", note=note)]
+    figures = [
+        _privilege_size(example),
+        Figure(SECTION, "fleet rollups on disk", size / 1e6, "MB", note=note),
+    ]
     privilege_marker = root / "_state" / "bench-privilege.json"
     if not privilege_marker.is_file():
         started = time.perf_counter()
@@ -245,6 +248,26 @@ def _fleet(ctx: BenchContext, example: Path) -> list[Figure]:
         figures.append(Figure(SECTION, f"fleet {task}", seconds, "s", QUESTION_TARGET_SECONDS, False, detail))
         figures.append(Figure(SECTION, f"fleet {task} peak RSS", rss, "MB", RSS_TARGET_MB, False))
     return figures
+
+
+def _privilege_size(example: Path) -> Figure:
+    """What least_privilege keeps past the raw retention (folded privilege hours) against the flow bytes of the
+    simulated dataset `example` (its closed hours folded)."""
+    from flowpipe.bench.context import Figure
+    from flowpipe.dataset.rollups import PRIVILEGE_HOURS_TABLE
+
+    flow_bytes, privilege_bytes = (
+        _folder_bytes(example / "flows"),
+        _folder_bytes(example / PRIVILEGE_HOURS_TABLE),
+    )
+    return Figure(
+        SECTION,
+        "privilege rollup size / flow bytes",
+        100.0 * privilege_bytes / max(flow_bytes, 1),
+        "%",
+        note=f"{privilege_bytes / 1e6:,.2f} MB of hourly privilege rows (least_privilege past the raw retention) "
+        f"for {flow_bytes / 1e6:,.1f} MB of flows, besides the edge rows above",
+    )
 
 
 def generate_fleet(
