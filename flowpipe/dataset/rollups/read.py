@@ -95,11 +95,14 @@ class PrivilegeCoverage:
         return [*self.folded.values(), *self.days.values()]
 
 
-def privilege_coverage(dataset: Dataset) -> PrivilegeCoverage:
-    """Which hours and days of `dataset` have folded privilege records that hold for them."""
+def privilege_coverage(
+    dataset: Dataset, flows: dict[tuple[str, str], dict[str, str]] | None = None
+) -> PrivilegeCoverage:
+    """Which hours and days of `dataset` have folded privilege records that hold for them (`flows`: the flow
+    files by partition, when already listed)."""
     from flowpipe.dataset.rollups import fold_name
 
-    flows = visible_flow_names(dataset)
+    flows = visible_flow_names(dataset) if flows is None else flows
     folds = {
         (p.key.date, p.key.hour): {f.name: f.path for f in p.files}
         for p in list_partitions(dataset, PRIVILEGE_HOURS_TABLE)
@@ -122,8 +125,9 @@ def privilege_coverage(dataset: Dataset) -> PrivilegeCoverage:
     return result
 
 
-def coverage(dataset: Dataset) -> Coverage:
-    """Which hours of `dataset` its rollups cover, and their files (see the module docstring)."""
+def coverage(dataset: Dataset, *, privilege: bool = False) -> Coverage:
+    """Which hours of `dataset` its rollups cover, and their files (see the module docstring); with `privilege`,
+    its folded privilege records too (`Coverage.privilege`)."""
     from flowpipe.dataset.rollups import fold_name
 
     flows = visible_flow_names(dataset)
@@ -159,6 +163,8 @@ def coverage(dataset: Dataset) -> Coverage:
             result.folded[start] = fold
     hours = {hour_start(key) for key in set(edges) | set(flows) | set(folds)}
     result.days = _valid_days(dataset, EDGE_DAYS_TABLE, result.folded, {h for h in hours if h is not None})
+    if privilege:
+        result.privilege = privilege_coverage(dataset, flows)
     return result
 
 
@@ -244,9 +250,9 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
 
     if check_source(source) == "flows":
         return None
-    cover = coverage(dataset)
-    cover.privilege = privilege_coverage(dataset)
-    if source == "auto" and not cover.hours and not cover.privilege.folded:
+    cover = coverage(dataset, privilege=True)
+    privilege = cover.privilege or PrivilegeCoverage()
+    if source == "auto" and not cover.hours and not privilege.folded:
         return cover  # no rollups to read: the views stay as they are
     views = {view.name: view for view in load_views()}
     try:
@@ -286,7 +292,7 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
         )
         merged = sql("connections", full=True)
         con.execute(f"CREATE OR REPLACE VIEW connections AS\nSELECT * FROM (\n{merged}\n) AS merged{folded}")
-        _install_privilege(con, dataset, source, cover.privilege, sql("privilege_records"))
+        _install_privilege(con, dataset, source, privilege, sql("privilege_records"))
     except duckdb.Error as exc:
         raise QueryError(f"cannot read the edge rollups of {dataset.uri}: {exc}") from exc
     return cover
