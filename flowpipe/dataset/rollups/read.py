@@ -108,7 +108,7 @@ def privilege_coverage(
         for p in list_partitions(dataset, PRIVILEGE_HOURS_TABLE)
     }
     result = PrivilegeCoverage()
-    for key in set(flows) | set(folds):
+    for key in sorted(set(flows) | set(folds)):
         start = hour_start(key)
         if start is None:
             continue
