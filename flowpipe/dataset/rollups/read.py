@@ -74,7 +74,7 @@ class Coverage:
     days: dict[datetime, str] = field(default_factory=dict)
     """Days (UTC) whose every hour with edges is folded and whose folded day holds for those hours: day → file."""
     privilege: PrivilegeCoverage | None = None
-    """The folded privilege records (set when the views are installed)."""
+    """The folded privilege records (`coverage(..., privilege=True)`, as a query installs the views)."""
 
 
 @dataclass(slots=True)
