@@ -11,80 +11,25 @@
 --   names, Kafka api key and topic); at most `max_listed` entries; `policies` lists the policies that allowed
 --   them (Cilium 1.15+ attribution), i.e. what is allowed today against what is used. Requests only, each
 --   observed where the policy of that direction applies; a connection denied at either end (the edge
---   definition, shared view `connections`) is no use of an allowance at the other. A namespace filter matches the workload. Every
+--   definition, shared views `connections` and `privilege_records`: within one hour) is no use of an allowance
+--   at the other. A namespace filter matches the workload. Every
 --   finding is per cluster (`cluster_name`), the evidence of policies included: a cluster without any
 --   policy-verdict event gets no `no_*policy` finding, whatever the other clusters show.
 -- params: since=24h, until=now, namespace=, max_listed=25, limit=2000
-WITH denied AS (
-    -- Connections the edge definition counts as denied (a policy drop at either end): the source's FORWARDED
-    -- egress record of a connection denied at the destination is no use of the source's egress allowance.
-    SELECT cluster_name AS denied_cluster, source_ip AS denied_source_ip, source_port AS denied_source_port,
-           destination_ip AS denied_destination_ip, destination_port AS denied_destination_port,
-           l4_protocol AS denied_protocol
-    FROM denied_connections
-    WHERE last_seen >= $since AND first_seen <= $until
-),
-base AS (
-    -- One pass over the window: each request, from the side whose policy decides it (the destination for
-    -- ingress, the source for egress), folded into one row per workload, direction, peer, port, protocol, L7
-    -- call and policy outcome. Everything below reads this small table.
+WITH base AS (
+    -- The window's requests (shared view `privilege_records`: each from the side whose policy decides it,
+    -- judged against the connections denied at either end), folded into one row per workload, direction, peer,
+    -- port, protocol, L7 call and policy outcome. Everything below reads this small table. A row stands for
+    -- `flows` records between `first_seen` and `last_seen`: one record, or a closed hour or day of them read
+    -- from privilege rollups where the window holds it whole.
     SELECT
         cluster_name, namespace, workload, direction, peer_namespace, peer_workload, peer_name, peer_entity,
         world_client, port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call,
-        count(*) AS flows
-    FROM (
-        SELECT
-            cluster_name,
-            CASE WHEN traffic_direction = 'INGRESS' THEN destination_namespace ELSE source_namespace END AS namespace,
-            CASE WHEN traffic_direction = 'INGRESS' THEN destination_workload ELSE source_workload END AS workload,
-            lower(traffic_direction) AS direction,
-            CASE WHEN traffic_direction = 'INGRESS' THEN source_namespace ELSE destination_namespace END
-                AS peer_namespace,
-            CASE WHEN traffic_direction = 'INGRESS' THEN source_workload ELSE destination_workload END
-                AS peer_workload,
-            -- An outside address is named by the first DNS name Cilium knows for it (what toFQDNs matches).
-            CASE
-                WHEN traffic_direction = 'EGRESS' AND destination_entity = 'world' AND cardinality(destination_names) > 0
-                    THEN destination_names[1]
-            END AS peer_name,
-            CASE WHEN traffic_direction = 'INGRESS' THEN source_entity ELSE destination_entity END AS peer_entity,
-            -- World clients by address (for ingress from the world); other peers are counted by name.
-            CASE WHEN traffic_direction = 'INGRESS' AND source_entity = 'world' THEN source_ip END AS world_client,
-            destination_port AS port,
-            l4_protocol,
-            verdict IN ('FORWARDED', 'REDIRECTED', 'AUDIT') AND d.denied_source_ip IS NULL AS allowed,
-            coalesce(event_type = 5, FALSE) AS verdict_event,
-            -- Policy details only on policy-verdict events, so the other flows fold into fewer rows.
-            CASE WHEN event_type = 5 THEN policy_match_type END AS policy_match_type,
-            CASE
-                WHEN event_type <> 5 THEN NULL
-                WHEN traffic_direction = 'INGRESS' THEN ingress_allowed_by
-                ELSE egress_allowed_by
-            END AS allowed_by,
-            CASE
-                WHEN l7_type IS NULL OR l7_type <> 'REQUEST' THEN NULL
-                WHEN l7_protocol = 'http' THEN coalesce(http_method, '?') || ' ' || coalesce(http_path, '/')
-                WHEN l7_protocol = 'dns' THEN 'dns ' || dns_query
-                WHEN l7_protocol = 'kafka' THEN 'kafka ' || coalesce(kafka_api_key, '?') || ' ' || coalesce(kafka_topic, '?')
-            END AS call
-        FROM flows_enriched AS f
-        LEFT JOIN denied AS d
-            ON f.l7_type IS NULL AND d.denied_source_ip = f.source_ip AND d.denied_source_port = f.source_port
-            AND d.denied_destination_ip = f.destination_ip AND d.denied_destination_port = f.destination_port
-            AND d.denied_protocol = f.l4_protocol AND coalesce(d.denied_cluster, '') = coalesce(f.cluster_name, '')
-        WHERE time >= $since
-          AND time <= $until
-          AND is_request
-          AND (
-              (traffic_direction = 'INGRESS' AND destination_namespace IS NOT NULL)
-              OR (traffic_direction = 'EGRESS' AND source_namespace IS NOT NULL)
-          )
-          AND (
-              $namespace IS NULL
-              OR (traffic_direction = 'INGRESS' AND destination_namespace = $namespace)
-              OR (traffic_direction = 'EGRESS' AND source_namespace = $namespace)
-          )
-    ) AS r
+        CAST(sum(flows) AS BIGINT) AS flows
+    FROM privilege_records
+    WHERE first_seen >= $since
+      AND last_seen <= $until
+      AND ($namespace IS NULL OR namespace = $namespace)
     GROUP BY
         cluster_name, namespace, workload, direction, peer_namespace, peer_workload, peer_name, peer_entity,
         world_client, port, l4_protocol, allowed, verdict_event, policy_match_type, allowed_by, call

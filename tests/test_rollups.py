@@ -17,9 +17,10 @@ from support.s3 import fresh_bucket
 from support.wait import wait_until
 
 from flowpipe.config import ParquetSinkConfig
+from flowpipe.dataset import rollups
 from flowpipe.dataset.layout import KILL_AT_VARIABLE, Dataset, PartitionKey
 from flowpipe.dataset.rollups import EDGE_DAYS_TABLE, EDGE_HOURS_TABLE, EDGE_IDENTITIES_TABLE, EDGES_TABLE
-from flowpipe.dataset.rollups.read import coverage
+from flowpipe.dataset.rollups.read import coverage, privilege_coverage
 from flowpipe.model import EventBatch
 from flowpipe.query import load_questions, run_question
 from flowpipe.query.engine import open_engine
@@ -29,6 +30,9 @@ from flowpipe.sinks.parquet import ParquetSink
 from flowpipe.transforms.normalize import normalize_flows
 
 EDGE_QUESTIONS = ("observed_edges", "new_connections", "top_talkers", "cross_namespace", "world_egress")
+PRIVILEGE_HOURS_TABLE, PRIVILEGE_DAYS_TABLE = rollups.PRIVILEGE_HOURS_TABLE, rollups.PRIVILEGE_DAYS_TABLE
+PRIVILEGE = ("least_privilege",)
+"""Answered from folded privilege records (hours and days), which only folding writes."""
 ALL_TIME = {"since": "2000-01-01", "until": "2100-01-01"}
 START = datetime(2024, 5, 1, 9, 40, tzinfo=UTC)
 """Twenty minutes before an hour boundary: connections and both ends of one straddle it."""
@@ -193,10 +197,15 @@ def test_equal_on_real_captures(capture_files: list[Path], tmp_path: Path) -> No
     # folded by hour and day: a pod known only by identity in every record of an hour is named when read
     from flowpipe.dataset.rollups.fold import fold_closed
 
+    privilege = answers(tmp_path, "flows", PRIVILEGE, limit=100000)
+    assert privilege["least_privilege"]
     hours, days = fold_closed(Dataset(tmp_path), now=datetime(2100, 1, 1, tzinfo=UTC))
     assert hours and days and coverage(Dataset(tmp_path)).days
     assert answers(tmp_path, "edges", limit=100000) == raw
     assert answers(tmp_path, "auto", limit=100000) == raw
+    assert privilege_coverage(Dataset(tmp_path)).days
+    assert answers(tmp_path, "edges", PRIVILEGE, limit=100000) == privilege
+    assert answers(tmp_path, "auto", PRIVILEGE, limit=100000) == privilege
 
 
 # -- object storage, and a collector killed between a flow file and its rollup ---------------------------------
@@ -271,6 +280,8 @@ def test_a_collector_killed_between_a_flow_file_and_its_rollup_counts_every_flow
     hours, _ = fold_closed(Dataset(where), now=datetime(2100, 1, 1, tzinfo=UTC))
     assert hours and len(coverage(Dataset(where)).folded) == len(hours)
     assert answers(where, "edges") == raw  # folded on the object store too
+    assert len(privilege_coverage(Dataset(where)).folded) == len(hours)
+    assert answers(where, "edges", PRIVILEGE) == answers(where, "flows", PRIVILEGE)
 
 
 # -- rebuild, compaction, retention -----------------------------------------------------------------------------
@@ -288,6 +299,8 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     dataset = Dataset(root)
     assert dataset.list_part_files(EDGES_TABLE) == [] and coverage(dataset).hours == []
     raw = answers(root, "flows")
+    every = {**raw, **answers(root, "flows", PRIVILEGE)}
+    assert every["least_privilege"]
     assert answers(root, "auto") == raw  # no rollups yet: auto reads the flows
 
     result = CliRunner().invoke(cli, ["rollup", "--dataset", str(root)])  # written before rollups existed
@@ -327,7 +340,8 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
     assert not any("hour=09/" in p for p in dataset.list_part_files(EDGES_TABLE))
     assert any("hour=09/" in p for p in dataset.list_part_files(EDGE_HOURS_TABLE))
     assert any("hour=09/" in p for p in dataset.list_part_files(EDGE_IDENTITIES_TABLE))
-    assert answers(root, "auto") == raw
+    assert any("hour=09/" in p for p in dataset.list_part_files(PRIVILEGE_HOURS_TABLE))
+    assert answers(root, "auto", (*EDGE_QUESTIONS, *PRIVILEGE)) == every
     since = ["--since", "2024-05-01T09:00:00Z", "--until", "2024-05-01T11:00:00Z"]
     result = CliRunner().invoke(cli, ["query", "drops_by_reason", "--dataset", str(root), *since])
     assert result.exit_code == 0, result.output
@@ -339,14 +353,34 @@ def test_rebuild_compaction_and_separate_retention(tmp_path: Path) -> None:
         cli, ["query", "observed_edges", "--dataset", str(root), *since, "--format", "json"]
     )
     assert result.exit_code == 0 and "reads raw flows" not in result.output
+    result = CliRunner().invoke(cli, ["query", "least_privilege", "--dataset", str(root), *since])
+    assert result.exit_code == 0 and "reads raw flows" not in result.output
+    # edge rollups folded before privilege rollups existed: least_privilege says what it cannot see
+    import shutil
+
+    older = Path(shutil.copytree(root, tmp_path / "older"))
+    shutil.rmtree(older / PRIVILEGE_HOURS_TABLE / "date=2024-05-01" / "hour=09")
+    result = CliRunner().invoke(cli, ["query", "least_privilege", "--dataset", str(older), *since])
+    assert result.exit_code == 0, result.output
+    assert (
+        "least_privilege reads raw flows and privilege rollups, which this dataset keeps from 2024-05-01 10:00Z"
+        in result.output
+    )
 
     apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=36500))
     assert dataset.list_part_files("flows") == []
-    assert answers(root, "auto") == raw  # raw flows gone: the rollups answer alone
+    # raw flows gone: the rollups answer alone
+    assert answers(root, "auto", (*EDGE_QUESTIONS, *PRIVILEGE)) == every
     report = apply_retention(dataset, timedelta(days=1), keep_edges=timedelta(days=1))
-    assert {p.table for p in report.partitions} == {EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE, EDGE_DAYS_TABLE}
+    assert {p.table for p in report.partitions} == {
+        EDGE_IDENTITIES_TABLE,
+        EDGE_HOURS_TABLE,
+        EDGE_DAYS_TABLE,
+        PRIVILEGE_HOURS_TABLE,
+        PRIVILEGE_DAYS_TABLE,
+    }
     assert dataset.list_part_files(EDGES_TABLE) == dataset.list_part_files(EDGE_HOURS_TABLE) == []
-    assert dataset.list_part_files(EDGE_DAYS_TABLE) == []
+    assert dataset.list_part_files(EDGE_DAYS_TABLE) == dataset.list_part_files(PRIVILEGE_HOURS_TABLE) == []
 
 
 def test_suggest_equal_from_rollups(two_clusters: Path) -> None:
@@ -456,15 +490,28 @@ def test_a_flow_file_written_into_a_folded_hour_makes_its_fold_stale(folded: Pat
     stale = coverage(dataset)
     # hour 09 is read from its per-file rollups again, and the day from its hours
     assert [h.hour for h in stale.folded] == [10] and not stale.days
+    assert [h.hour for h in privilege_coverage(dataset).folded] == [10] and not privilege_coverage(
+        dataset
+    ).days
     raw = answers(root, "flows")
     assert answers(root, "edges") == raw
+    privilege = answers(root, "flows", PRIVILEGE)
+    assert answers(root, "auto", PRIVILEGE) == privilege  # hour 09 from its flows, late file included
+    assert answers(root, "edges", PRIVILEGE) != privilege  # rollups alone: hour 09's privilege rows are stale
     assert [p.split("/")[-2] for p in fold_closed(dataset, now=LATER, days=False)[0]] == ["hour=09"]
     assert [h.hour for h in coverage(dataset).folded] == [9, 10] and not coverage(dataset).days
     assert len(dataset.list_part_files(EDGE_HOURS_TABLE)) == 2  # the stale fold went
+    assert len(dataset.list_part_files(PRIVILEGE_HOURS_TABLE)) == 2
     assert answers(root, "edges") == raw
+    assert answers(root, "edges", PRIVILEGE) == privilege
     assert len(fold_closed_days(dataset, now=LATER)) == 1 and coverage(dataset).days
-    assert len(dataset.list_part_files(EDGE_DAYS_TABLE)) == 1
+    assert (
+        len(dataset.list_part_files(EDGE_DAYS_TABLE))
+        == len(dataset.list_part_files(PRIVILEGE_DAYS_TABLE))
+        == 1
+    )
     assert answers(root, "edges") == raw
+    assert answers(root, "edges", PRIVILEGE) == answers(root, "auto", PRIVILEGE) == privilege
     # an hour is folded only once it is closed
     assert fold_closed(dataset, now=datetime(2024, 5, 1, 11, 5, tzinfo=UTC), refold=True, days=False)[0] == [
         p for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p
@@ -488,6 +535,10 @@ def test_folded_hours_alone_answer_whole_hours(two_clusters: Path, folded: Path,
     assert cover.coarse == set(cover.folded) and len(cover.folded) == 2
     for values in (WINDOWS[0], WINDOWS[3]):
         assert answers(root, "auto", **values) == answers(two_clusters, "flows", **values), values
+        every = (*EDGE_QUESTIONS, *PRIVILEGE)
+        assert answers(root, "auto", every, **values) == answers(two_clusters, "flows", every, **values), (
+            values
+        )
     cut = {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z"}
     assert answers(root, "auto", **cut)["observed_edges"]
 
@@ -622,24 +673,32 @@ def test_flows_backfilled_into_an_hour_past_the_raw_retention_add_to_its_folded_
     assert not any("hour=09/" in p for p in dataset.list_part_files("flows"))
     kept = [p for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p]
     assert [p.rpartition("/")[2][:5] for p in kept] == ["kept-"]
-    assert answers(root, "edges") == answers(two_clusters, "flows")
+    assert any("hour=09/kept-" in p for p in dataset.list_part_files(rollups.PRIVILEGE_HOURS_TABLE))
+    assert answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE) == answers(
+        two_clusters, "flows", EDGE_QUESTIONS + PRIVILEGE
+    )
 
     # what the dataset has seen: the first flows and the backfilled ones
     late = simulated("north", seed=78, duration=600, rate=6.0)  # 09:40-09:50, another cluster's capture
     truth = tmp_path / "truth"
     shutil.copytree(two_clusters, truth)
     write(truth, late, writer="backfill", rows=2_000)
-    expected = answers(truth, "flows")
+    expected = answers(truth, "flows", EDGE_QUESTIONS + PRIVILEGE)
+    assert expected["least_privilege"]
 
     write(root, late, writer="backfill", rows=2_000)
-    assert answers(root, "edges") == expected  # hour 09: its kept rows and the new flows' rollups
-    assert answers(root, "auto") == expected
+    # hour 09: its kept rows and the new flows' rollups (privilege records: the new flows, until folded)
+    edges_only = {name: rows for name, rows in expected.items() if name in EDGE_QUESTIONS}
+    assert answers(root, "edges") == edges_only
+    assert answers(root, "auto", EDGE_QUESTIONS + PRIVILEGE) == expected
     hours, days = fold_closed(dataset, now=LATER)
     assert [p.split("/")[-2] for p in hours] == ["hour=09"] and len(days) == 1
-    assert answers(root, "edges") == expected  # from the day's rows
-    assert answers(root, "edges", since="2024-05-01T09:00:00Z") == expected  # from the hours' rows
+    assert answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE) == expected  # from the day's rows
+    assert (
+        answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE, since="2024-05-01T09:00:00Z") == expected
+    )  # from the hours' rows
     fold_closed(dataset, now=LATER, refold=True)  # `flowpipe rollup --rebuild` keeps them too
-    assert answers(root, "edges") == expected
+    assert answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE) == expected
     assert kept[0] in dataset.list_part_files(EDGE_HOURS_TABLE)
 
     # the backfilled flows go too: a second kept file; a retention stopped between writing it and removing
@@ -647,7 +706,95 @@ def test_flows_backfilled_into_an_hour_past_the_raw_retention_add_to_its_folded_
     apply_retention(dataset, timedelta(hours=2), clock=lambda: datetime(2024, 5, 1, 12, 0, tzinfo=UTC))
     files = sorted(p.rpartition("/")[2] for p in dataset.list_part_files(EDGE_HOURS_TABLE) if "hour=09/" in p)
     assert [name[:5] for name in files] == ["kept-", "kept-"]
-    assert answers(root, "edges") == expected
+    assert answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE) == expected
     replaced = dataset.partition_dir(EDGE_HOURS_TABLE, PartitionKey("2024-05-01", "09"))
     shutil.copy(kept[0], f"{replaced}/hour-{kept[0].rpartition('/')[2][5:]}")
-    assert answers(root, "edges") == expected
+    assert answers(root, "edges", EDGE_QUESTIONS + PRIVILEGE) == expected
+
+
+PRIVILEGE_WINDOWS: tuple[dict[str, str], ...] = (
+    {},
+    {"since": "2024-05-01T10:00:00Z", "until": "2024-05-01T10:30:00Z"},
+    {"since": "2024-05-01T09:50:00Z", "until": "2024-05-01T10:05:00Z"},
+    {"since": "2024-05-01T09:00:00Z", "until": "2024-05-01T10:00:00Z"},
+    {"since": "2024-05-01T09:00:00Z", "until": "2024-05-01T11:00:00Z", "namespace": "production"},
+)
+"""All time, windows cutting hours (their flows are read), whole hours and the whole day, a namespace."""
+
+
+def privilege_totals(root: Path, source: str) -> list[dict[str, Any]]:
+    """Per direction and `allowed`: the rows of `privilege_records` read and the records they stand for."""
+    with open_engine(root, source=source) as engine:
+        return engine.run(
+            "SELECT direction, allowed, count(*) AS rows, CAST(sum(flows) AS BIGINT) AS records "
+            "FROM privilege_records GROUP BY ALL ORDER BY ALL"
+        ).to_pylist()
+
+
+def test_least_privilege_equal_from_folded_privilege_records(two_clusters: Path, folded: Path) -> None:
+    """least_privilege answers from the folded privilege rows of whole hours and days (and the flows of the hours
+    a window cuts) as from the flows: every finding of both clusters, the namespace filter, the egress records of
+    connections denied at their destination counted as denied."""
+    cover = privilege_coverage(Dataset(folded))
+    assert [h.hour for h in cover.folded] == [9, 10] and len(cover.days) == 1 and not cover.pending
+    raw_totals, folded_totals = privilege_totals(two_clusters, "flows"), privilege_totals(folded, "edges")
+    assert [(r["direction"], r["allowed"], r["records"]) for r in folded_totals] == [
+        (r["direction"], r["allowed"], r["records"]) for r in raw_totals
+    ]
+    assert all(f["rows"] < r["rows"] for f, r in zip(folded_totals, raw_totals, strict=True))
+    # the source's FORWARDED egress records of connections its destination denied: no use of an allowance
+    assert any(r["direction"] == "egress" and not r["allowed"] for r in raw_totals)
+    for values in PRIVILEGE_WINDOWS:
+        raw = answers(two_clusters, "flows", PRIVILEGE, **values)
+        rows = raw["least_privilege"]
+        assert {r["cluster_name"] for r in rows} == {"east", "west"}, values
+        assert {"no_policy", "ingress_from_world", "observed_ingress", "observed_egress"} <= {
+            r["finding"] for r in rows
+        } or values.get("namespace"), values
+        assert answers(folded, "auto", PRIVILEGE, **values) == raw, values
+        if values.get("since", "").endswith(":00:00Z") and values.get("until", "").endswith(":00:00Z"):
+            assert answers(folded, "edges", PRIVILEGE, **values) == raw, values
+    assert {
+        r["namespace"] for r in answers(folded, "auto", PRIVILEGE, **PRIVILEGE_WINDOWS[4])["least_privilege"]
+    } == {"production"}
+
+
+def test_least_privilege_from_rollups_names_pods_known_only_by_identity(tmp_path: Path) -> None:
+    """A pod that one hour's records know only by its identity, named in another hour's: the folded privilege
+    rows keep the identity, and the pod takes the name the flows give it."""
+    import duckdb
+
+    from flowpipe.dataset.rollups.fold import fold_closed
+
+    table = simulated("east", seed=12, duration=1800, rate=8.0)
+    con = duckdb.connect()
+    con.register("flows", table)
+    # in hour 10, the pods of a namespace lose their pod name, workload name and labels as destinations: known
+    # by identity only, named by the records of hour 09
+    blurred = con.sql(
+        """
+        SELECT * REPLACE (
+            CASE WHEN time >= TIMESTAMPTZ '2024-05-01 10:00:00+00' AND destination_namespace = 'production'
+                THEN NULL ELSE destination_pod_name END AS destination_pod_name,
+            CASE WHEN time >= TIMESTAMPTZ '2024-05-01 10:00:00+00' AND destination_namespace = 'production'
+                THEN NULL ELSE destination_workload_name END AS destination_workload_name,
+            CASE WHEN time >= TIMESTAMPTZ '2024-05-01 10:00:00+00' AND destination_namespace = 'production'
+                THEN [] ELSE destination_labels END AS destination_labels)
+        FROM flows ORDER BY time
+        """
+    ).to_arrow_table()
+    root = tmp_path / "dataset"
+    write(root, blurred, writer="blur", rows=4_000)
+    raw = answers(root, "flows", PRIVILEGE)
+    fold_closed(Dataset(root), now=LATER)
+    with open_engine(root, source="edges") as engine:
+        keys = (
+            engine.run("SELECT count(*) AS n FROM privilege_records WHERE workload_identity_key IS NOT NULL")
+            .column("n")[0]
+            .as_py()
+        )
+    assert keys > 0
+    assert answers(root, "edges", PRIVILEGE) == raw
+    assert answers(
+        root, "auto", PRIVILEGE, since="2024-05-01T10:00:00Z", until="2024-05-01T11:00:00Z"
+    ) == answers(root, "flows", PRIVILEGE, since="2024-05-01T10:00:00Z", until="2024-05-01T11:00:00Z")

@@ -206,6 +206,6 @@ def source_option(func: F) -> F:
         default="auto",
         show_default=True,
         envvar="FLOWPIPE_SOURCE",
-        help="Where edges are read: edge rollups for the hours they cover and flows for the rest (auto), "
-        "rollups only (edges), or flows only.",
+        help="Where edges (and least_privilege's records) are read: rollups for the hours they cover and flows "
+        "for the rest (auto), rollups only (edges), or flows only.",
     )(func)

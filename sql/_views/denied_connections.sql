@@ -1,7 +1,7 @@
 -- description: The connections that a policy denied at either end, by 5-tuple (cluster, addresses, ports,
 --   protocol), with when the denial was first and last reported: the `denied` outcome of the edge definition
---   (`connections`), small enough to join every record against. A connection's FORWARDED record at the source's
---   node belongs to the denial its destination's node reported.
+--   (`connections`), small enough to join every record against; the hours of `denied_connection_hours` merged.
+-- requires: denied_connection_hours
 SELECT
     cluster_name,
     source_ip,
@@ -9,13 +9,7 @@ SELECT
     destination_ip,
     destination_port,
     l4_protocol,
-    min(time) AS first_seen,
-    max(time) AS last_seen
-FROM flows
-WHERE verdict = 'DROPPED'
-  AND drop_reason_desc IN (SELECT drop_reason_desc FROM drop_reasons WHERE policy_decision)
-  AND l7_type IS NULL
-  AND l4_protocol IN ('TCP', 'UDP', 'SCTP')
-  AND source_port IS NOT NULL
-  AND NOT coalesce(is_reply, FALSE)
+    min(first_seen) AS first_seen,
+    max(last_seen) AS last_seen
+FROM denied_connection_hours
 GROUP BY cluster_name, source_ip, source_port, destination_ip, destination_port, l4_protocol

@@ -18,6 +18,10 @@ up over any split of the flows (records are summed, times take min and max, desc
 - `fold`: once an hour is closed (compaction, `flowpipe rollup`, retention), its rollups are merged into one
   row per edge and hour (`<dataset>/edge_hours/`), and a closed day's hours into one row per edge and day
   (`<dataset>/edge_days/`), which questions read for the hours and days their window holds whole.
+- `privilege_hours` / `privilege_days`: when an hour is folded, the rows of the view `privilege_records` (what
+  least_privilege judges: each request from the side whose policy decides it, its policy verdict and L7 call)
+  are folded from the hour's flows too (the denials of either end are in that hour), and a closed day's folded
+  hours again; least_privilege reads them as the edge questions read `edge_hours` and `edge_days`.
 - Retention keeps rollups apart (`retention --keep 3d --keep-edges 400d`); `flowpipe rollup --rebuild` writes
   them for flows written before rollups existed.
 """
@@ -36,7 +40,19 @@ EDGE_HOURS_TABLE = "edge_hours"
 """An hour's rollups folded by edge once the hour is closed (`flowpipe.dataset.rollups.fold`)."""
 EDGE_DAYS_TABLE = "edge_days"
 """A closed day's folded hours folded again by edge (`date=D/hour=00/`), for windows of weeks and months."""
-ROLLUP_TABLES: tuple[str, ...] = (EDGES_TABLE, EDGE_IDENTITIES_TABLE, EDGE_HOURS_TABLE, EDGE_DAYS_TABLE)
+PRIVILEGE_HOURS_TABLE = "privilege_hours"
+"""A closed hour's `privilege_records` (what least_privilege judges) folded by every column but the time, written
+from the hour's flows when its edges are folded (`flowpipe.dataset.rollups.fold`), named as `edge_hours`."""
+PRIVILEGE_DAYS_TABLE = "privilege_days"
+"""A closed day's folded privilege hours folded again (`date=D/hour=00/`), as `edge_days`."""
+ROLLUP_TABLES: tuple[str, ...] = (
+    EDGES_TABLE,
+    EDGE_IDENTITIES_TABLE,
+    EDGE_HOURS_TABLE,
+    EDGE_DAYS_TABLE,
+    PRIVILEGE_HOURS_TABLE,
+    PRIVILEGE_DAYS_TABLE,
+)
 CUTS_VARIABLE = "flowpipe_window_cuts"
 """A DuckDB variable: the times of a question's window (since, until, ...), which the query engine sets before
 it runs one; an hour of folded rollups is read only when none of them falls inside it."""
@@ -48,9 +64,14 @@ EDGE_QUESTIONS: tuple[str, ...] = (
     "top_talkers",
     "cross_namespace",
     "world_egress",
+    "least_privilege",
 )
-"""The questions that read edges only (the view `connections`), which rollups answer; `suggest` drafts from
-observed_edges. Other questions (least_privilege, drops, DNS, HTTP) read the flows' own records."""
+"""The questions that rollups answer: those that read edges only (the view `connections`; `suggest` drafts from
+observed_edges), and least_privilege, which reads the view `privilege_records` (folded by hour and day as
+`privilege_hours` and `privilege_days`). Other questions (drops, DNS, HTTP) read the flows' own records."""
+PRIVILEGE_QUESTIONS: tuple[str, ...] = ("least_privilege",)
+"""Of `EDGE_QUESTIONS`, those that read folded privilege records (`privilege_hours`, `privilege_days`) for the
+hours whose flows are gone, not edge rollups: rollups written before they existed have none."""
 
 
 FOLD_PREFIX = "hour-"

@@ -79,6 +79,22 @@ def connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def flows_view(con: duckdb.DuckDBPyConnection, flows: pa.Table | pads.Dataset) -> None:
+    """Define the view `flows` on `con` over `flows` (a table or a Parquet dataset of flows) with the columns
+    and types of `FLOW_SCHEMA` (NULL for those a file written by an older version lacks)."""
+    con.register("_rollup_flows", flows)
+    con.register("_rollup_schema", FLOW_SCHEMA.empty_table())
+    types = {str(row[0]): str(row[1]) for row in con.execute("DESCRIBE _rollup_schema").fetchall()}
+    present = set(flows.schema.names)
+    columns = ", ".join(
+        f'CAST("{name}" AS {types[name]}) AS "{name}"'
+        if name in present
+        else f'CAST(NULL AS {types[name]}) AS "{name}"'
+        for name in FLOW_SCHEMA.names
+    )
+    con.execute(f"CREATE VIEW flows AS SELECT {columns} FROM _rollup_flows")
+
+
 def summarise(flows: pa.Table | pads.Dataset) -> tuple[pa.Table, pa.Table]:
     """The rollup of `flows` (a table or a Parquet dataset of flows): (`edge_observations` rows,
     `edge_identities` rows). A dataset is read column by column as the SQL needs (labels only where it does)."""
@@ -86,17 +102,7 @@ def summarise(flows: pa.Table | pads.Dataset) -> tuple[pa.Table, pa.Table]:
 
     con = connect()
     try:
-        con.register("_rollup_flows", flows)
-        con.register("_rollup_schema", FLOW_SCHEMA.empty_table())
-        types = {str(row[0]): str(row[1]) for row in con.execute("DESCRIBE _rollup_schema").fetchall()}
-        present = set(flows.schema.names)
-        columns = ", ".join(
-            f'CAST("{name}" AS {types[name]}) AS "{name}"'
-            if name in present
-            else f'CAST(NULL AS {types[name]}) AS "{name}"'
-            for name in FLOW_SCHEMA.names
-        )
-        con.execute(f"CREATE VIEW flows AS SELECT {columns} FROM _rollup_flows")
+        flows_view(con, flows)
         install_views(con)
         identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
         # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.

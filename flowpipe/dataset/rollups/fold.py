@@ -12,15 +12,19 @@ digest names the flow files it summarises: readers take it only while the hour h
 (a flow file written into the hour later makes it stale, and the hour is read as before until it is folded
 again), and once the hour's flows are past their retention, whatever folded file the hour has.
 
-Once an hour's flows are gone (past the raw retention), its folded file becomes a kept file
-(`kept-<digest>.parquet`, `keep_folded`): rows of flow files that no longer exist, never folded again and read
-for the hour whatever else it holds. Flows written into that hour later (an old capture ingested) are folded
-apart from them, and the hour's edges are both: folding the hour again never drops the edges of flows that
-went.
-
 A closed day whose hours with edges are all folded is folded again the same way, into one row per edge and
-day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded and kept
-files).
+day (`<dataset>/edge_days/date=D/hour=00/day-<digest>.parquet`, the digest naming the hours' folded files).
+
+The same run folds each such hour's privilege records (the view `privilege_records`, what least_privilege
+judges) from the hour's flows, which hold the denials reported at either end: by every column but the time,
+`flows` summed, into `<dataset>/privilege_hours/` (named after the flow files like the folded edges), and a
+closed day's into `<dataset>/privilege_days/`.
+
+Once an hour's flows are gone (past the raw retention), its folded files (edges and privilege records) become
+kept files (`kept-<digest>.parquet`, `keep_folded`): rows of flow files that no longer exist, never folded again
+and read for the hour whatever else it holds. Flows written into that hour later (an old capture ingested) are
+folded apart from them, and the hour's rows are both: folding the hour again never drops the rows of flows that
+went.
 
 A pod known only by its identity at every end stays unnamed here (its identity is kept in
 `*_identity_key`) and is named when read, over every rollup, as the view `connections` names it.
@@ -35,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from flowpipe.dataset.layout import Dataset, PartitionKey, kill_point, translate_write_errors
 from flowpipe.dataset.maintenance import list_partitions
@@ -44,6 +49,8 @@ from flowpipe.dataset.rollups import (
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
     FOLD_PREFIX,
+    PRIVILEGE_DAYS_TABLE,
+    PRIVILEGE_HOURS_TABLE,
     day_name,
     fold_name,
     kept_name,
@@ -60,17 +67,22 @@ DROPPED = ("source_port",)
 """Not kept: the client's ephemeral port (one per connection)."""
 SOURCE_IP = "CASE WHEN source_entity IS NOT NULL AND source_entity <> 'world' THEN source_ip END"
 """The source address kept: that of reserved entities other than the world (observed_edges shows them)."""
+PRIVILEGE_SUMS = ("flows",)
+"""The count of a folded privilege row: the records it stands for."""
+PRIVILEGE_VIEW = "privilege_records"
 CLOSED_AFTER = timedelta(minutes=10)
 """An hour is folded once it ended this long ago (late records of collectors catching up go to their hour)."""
 
 
-def _folding_sql(columns: list[str], source: str, replaced: dict[str, tuple[str, str | None]]) -> str:
-    """The SELECT folding the rows of `source` (columns `columns`): counts summed, times bounded, `replaced`
-    columns as (expression, grouping key or None), every other column a key."""
+def _folding_sql(
+    columns: list[str], source: str, replaced: dict[str, tuple[str, str | None]], sums: tuple[str, ...] = SUMS
+) -> str:
+    """The SELECT folding the rows of `source` (columns `columns`): counts (`sums`) summed, times bounded,
+    `replaced` columns as (expression, grouping key or None), every other column a key."""
     items, keys = [], []
     for name in columns:
         quoted = f'"{name}"'
-        if name in SUMS:
+        if name in sums:
             items.append(f"CAST(sum({quoted}) AS BIGINT) AS {quoted}")
         elif name in TIMES:
             items.append(f"{TIMES[name]}({quoted}) AS {quoted}")
@@ -84,9 +96,9 @@ def _folding_sql(columns: list[str], source: str, replaced: dict[str, tuple[str,
     return f"SELECT {', '.join(items)} FROM {source} GROUP BY {', '.join(keys)}"
 
 
-def day_sql(columns: list[str], source: str) -> str:
+def day_sql(columns: list[str], source: str, sums: tuple[str, ...] = SUMS) -> str:
     """The SELECT folding hourly folded rows (`source`, columns `columns`) into one row per edge and day."""
-    return _folding_sql(columns, source, {"hour": ("min(date_trunc('day', \"hour\"))", None)})
+    return _folding_sql(columns, source, {"hour": ("min(date_trunc('day', \"hour\"))", None)}, sums)
 
 
 def fold_sql(columns: list[str]) -> str:
@@ -122,6 +134,31 @@ def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
         con.close()
 
 
+def privilege_rows(dataset: Dataset, flow_files: list[str]) -> pa.Table:
+    """The rows of `privilege_records` of the flow files `flow_files` (one closed hour's, so that a denial
+    reported at either end is among them) folded by every column but the time: `flows` summed, `first_seen` and
+    `last_seen` bounded. Pods known only by identity stay unnamed (their identity is kept in
+    `*_identity_key`): they are named when read, over every rollup, as `flows_enriched` names them."""
+    from flowpipe.dataset.rollups.build import IDENTITY_WORKLOADS_VIEW, _arrow, connect, flows_view
+    from flowpipe.model import FLOW_SCHEMA
+    from flowpipe.query.views import install_views
+
+    con = connect()
+    try:
+        flows_view(
+            con, pads.dataset(flow_files, schema=FLOW_SCHEMA, format="parquet", filesystem=dataset.filesystem)
+        )
+        install_views(con)
+        con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
+        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _fold_no_identities")
+        columns = [str(row[0]) for row in con.execute(f"DESCRIBE {PRIVILEGE_VIEW}").fetchall()]
+        return _arrow(con.sql(_folding_sql(columns, PRIVILEGE_VIEW, {}, PRIVILEGE_SUMS)))
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        raise QueryError(f"cannot fold the privilege records of {dataset.uri}: {exc}") from exc
+    finally:
+        con.close()
+
+
 def _files(dataset: Dataset, table: str, prefix: str = "") -> dict[tuple[str, str], dict[str, str]]:
     """The part files of `table` (whose names start with `prefix`) by partition (date, hour): name → path (one
     listing)."""
@@ -139,6 +176,7 @@ class _Listing:
     identities: dict[tuple[str, str], dict[str, str]]
     folded: dict[tuple[str, str], dict[str, str]]
     """The folded files (`hour-*`) only: kept files are never replaced by a fold."""
+    privilege: dict[tuple[str, str], dict[str, str]]
 
     @classmethod
     def take(cls, dataset: Dataset) -> _Listing:
@@ -146,6 +184,7 @@ class _Listing:
             _files(dataset, EDGES_TABLE),
             _files(dataset, EDGE_IDENTITIES_TABLE),
             _files(dataset, EDGE_HOURS_TABLE, FOLD_PREFIX),
+            _files(dataset, PRIVILEGE_HOURS_TABLE, FOLD_PREFIX),
         )
 
     def complete(self, key: tuple[str, str]) -> dict[str, str]:
@@ -166,6 +205,18 @@ def _fold_hour(
     rows = fold_rows(dataset, [complete[name] for name in sorted(flows)])
     others = list(listing.folded.get(key, {}).values())
     return _publish(dataset, EDGE_HOURS_TABLE, PartitionKey(*key), fold_name(flows), rows, others, zstd_level)
+
+
+def _fold_privilege_hour(
+    dataset: Dataset, key: tuple[str, str], flows: dict[str, str], listing: _Listing, zstd_level: int
+) -> str:
+    """Fold the privilege records of hour `key` from its flow files `flows` (name → path); the folded file's
+    path, named and published as the hour's folded edges."""
+    rows = privilege_rows(dataset, [flows[name] for name in sorted(flows)])
+    others = list(listing.privilege.get(key, {}).values())
+    return _publish(
+        dataset, PRIVILEGE_HOURS_TABLE, PartitionKey(*key), fold_name(flows), rows, others, zstd_level
+    )
 
 
 def _publish(
@@ -202,18 +253,24 @@ def fold_closed(
 ) -> tuple[list[str], list[str]]:
     """Fold every closed hour (of `partitions`, else all; ending after `since`) whose rollups are complete and
     whose folded file is missing or stale (with `refold`, every one), then (with `days`) every closed day as
-    `fold_closed_days` does; returns the (hour, day) files written. A failure is logged and leaves the hour as
-    it was."""
+    `fold_closed_days` does; returns the (hour, day) files of folded edges written. The privilege records of
+    each such hour with flows are folded too, from its flows (`privilege_hours`, then `privilege_days`). A
+    failure is logged and leaves the hour as it was."""
     from flowpipe.dataset.rollups.build import visible_flow_names
 
     wanted = set(partitions) if partitions is not None else None
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
     written = []
     visible = visible_flow_names(dataset)
-    # hours whose flows went without their folded file becoming a kept one (a retention run that stopped, a
+    # hours whose flows went without their folded files becoming kept ones (a retention run that stopped, a
     # dataset folded before kept files existed): kept now, before flows written there later are folded
-    bare = [key for key, files in _files(dataset, EDGE_HOURS_TABLE, FOLD_PREFIX).items() if files]
-    keep_folded(dataset, [key for key in bare if key not in visible and (wanted is None or key in wanted)])
+    bare = {
+        key
+        for table in KEEPABLE
+        for key, files in _files(dataset, table, FOLD_PREFIX).items()
+        if files and key not in visible and (wanted is None or key in wanted)
+    }
+    keep_folded(dataset, bare)
     listing = _Listing.take(dataset)
     for key, names in sorted(visible.items()):
         start = hour_start(key)
@@ -221,6 +278,13 @@ def fold_closed(
             continue
         if since is not None and start + timedelta(hours=1) <= since:
             continue
+        if refold or fold_name(names) not in listing.privilege.get(key, {}):
+            try:
+                _fold_privilege_hour(dataset, key, names, listing, zstd_level)
+            except FlowpipeError as exc:
+                log.warning(
+                    "privilege hour %s %s:00 not folded (read from its flows until it is): %s", *key, exc
+                )
         if not refold and fold_name(names) in listing.folded.get(key, {}):
             continue
         try:
@@ -235,10 +299,14 @@ def fold_closed(
     return written, fold_closed_days(dataset, now=now, refold=refold, zstd_level=zstd_level)
 
 
+KEEPABLE = (EDGE_HOURS_TABLE, PRIVILEGE_HOURS_TABLE)
+"""The tables of folded hours whose files become kept files once the hour's flows are gone."""
+
+
 def keep_folded(dataset: Dataset, keys: Iterable[tuple[str, str]], zstd_level: int = 3) -> list[str]:
-    """Make the folded file of each hour of `keys` whose flows are gone a kept file (`kept_name`), read for the
-    hour whatever flows come later; returns the kept files written. A kept file is published before the folded
-    file goes: a reader seeing both takes the kept one only (they have the same digest)."""
+    """Make the folded files (edges, privilege records) of each hour of `keys` whose flows are gone kept files
+    (`kept_name`), read for the hour whatever flows come later; returns the kept files written. A kept file is
+    published before the folded file goes: a reader seeing both takes the kept one only (same digest)."""
     import pyarrow.parquet as pq
 
     from flowpipe.dataset.rollups.build import visible_flow_names
@@ -248,28 +316,31 @@ def keep_folded(dataset: Dataset, keys: Iterable[tuple[str, str]], zstd_level: i
         return []
     visible = visible_flow_names(dataset)
     written = []
-    for partition in list_partitions(dataset, EDGE_HOURS_TABLE):
-        key = (partition.key.date, partition.key.hour)
-        names = {f.name: f.path for f in partition.files}
-        folds = sorted(name for name in names if name.startswith(FOLD_PREFIX))
-        if key not in wanted or key in visible or not folds:
-            continue
-        # two folded files only if a fold stopped before removing the one it replaced: either is the whole hour
-        last, others = folds[-1], [names[name] for name in folds]
-        try:
-            if kept_name(last) in names:  # published by a run that stopped before removing the folded files
-                for path in others:
-                    _delete(dataset, path)
+    for table in KEEPABLE:
+        for partition in list_partitions(dataset, table):
+            key = (partition.key.date, partition.key.hour)
+            names = {f.name: f.path for f in partition.files}
+            folds = sorted(name for name in names if name.startswith(FOLD_PREFIX))
+            if key not in wanted or key in visible or not folds:
                 continue
-            with dataset.filesystem.open_input_file(names[last]) as handle:
-                rows = pq.read_table(handle)
-            written.append(
-                _publish(dataset, EDGE_HOURS_TABLE, partition.key, kept_name(last), rows, others, zstd_level)
-            )
-        except (FlowpipeError, OSError, pa.ArrowException) as exc:
-            log.warning(
-                "edge hour %s %s:00 not kept apart yet (its folded file answers for it): %s", *key, exc
-            )
+            # two folded files only if a fold stopped before removing the one it replaced: either is the hour
+            last, others = folds[-1], [names[name] for name in folds]
+            try:
+                if (
+                    kept_name(last) in names
+                ):  # published by a run that stopped before removing the folded files
+                    for path in others:
+                        _delete(dataset, path)
+                    continue
+                with dataset.filesystem.open_input_file(names[last]) as handle:
+                    rows = pq.read_table(handle)
+                written.append(
+                    _publish(dataset, table, partition.key, kept_name(last), rows, others, zstd_level)
+                )
+            except (FlowpipeError, OSError, pa.ArrowException) as exc:
+                log.warning(
+                    "%s %s %s:00 not kept apart yet (its folded file answers for it): %s", table, *key, exc
+                )
     return written
 
 
@@ -278,37 +349,79 @@ def fold_closed_days(
 ) -> list[str]:
     """Fold every closed day (UTC) whose hours with edges are all folded and whose folded day is missing or
     stale (with `refold`, every one) into one row per edge and day; returns the files written. Earlier files of
-    the day go once the new one is published. A failure is logged and leaves the day as it was."""
-    from flowpipe.dataset.rollups.read import coverage
+    the day go once the new one is published. A failure is logged and leaves the day as it was. The closed days
+    whose hours with flows all have folded privilege records are folded too."""
+    from flowpipe.dataset.rollups.read import coverage, privilege_coverage
 
     cutoff = (now or datetime.now(UTC)) - CLOSED_AFTER
+    privilege = privilege_coverage(dataset)
+    _fold_days(
+        dataset,
+        PRIVILEGE_DAYS_TABLE,
+        privilege.hour_files,
+        set(privilege.pending),
+        privilege.days,
+        cutoff=cutoff,
+        refold=refold,
+        zstd_level=zstd_level,
+    )
     cover = coverage(dataset)
+    pending = set(cover.uncovered) | {hour for hour in cover.hours if hour not in cover.hour_files}
+    return _fold_days(
+        dataset,
+        EDGE_DAYS_TABLE,
+        cover.hour_files,
+        pending,
+        cover.days,
+        cutoff=cutoff,
+        refold=refold,
+        zstd_level=zstd_level,
+    )
+
+
+def _fold_days(
+    dataset: Dataset,
+    table: str,
+    folded: dict[datetime, list[str]],
+    pending: set[datetime],
+    days: dict[datetime, str],
+    *,
+    cutoff: datetime,
+    refold: bool,
+    zstd_level: int,
+) -> list[str]:
+    """Fold into `table` every day closed before `cutoff` whose hours are all `folded` (hour → its folded and
+    kept files; none `pending`) and whose folded day (`days`) is missing or stale (with `refold`, every one);
+    the files written."""
     by_day: dict[datetime, dict[datetime, list[str]]] = {}
-    for hour, files in cover.hour_files.items():
+    for hour, files in folded.items():
         by_day.setdefault(hour.replace(hour=0), {})[hour] = files
-    pending = {hour.replace(hour=0) for hour in cover.uncovered}
-    pending |= {hour.replace(hour=0) for hour in cover.hours if hour not in cover.hour_files}
+    waiting = {hour.replace(hour=0) for hour in pending}
+    sums = PRIVILEGE_SUMS if table == PRIVILEGE_DAYS_TABLE else SUMS
+    what = "privilege" if table == PRIVILEGE_DAYS_TABLE else "edge"
     written = []
-    day_files = _files(dataset, EDGE_DAYS_TABLE)
+    day_files = _files(dataset, table)
     for day, hours in sorted(by_day.items()):
-        if day in pending or day + timedelta(days=1) > cutoff:
+        if day in waiting or day + timedelta(days=1) > cutoff:
             continue
-        if not refold and cover.days.get(day, "").endswith("/" + day_name(hours)):
+        if not refold and days.get(day, "").endswith("/" + day_name(hours)):
             continue
         try:
             key = PartitionKey.from_time(day)
-            rows = _day_rows(dataset, day, hours)
+            rows = _day_rows(dataset, day, hours, sums)
             others = list(day_files.get((key.date, key.hour), {}).values())
-            written.append(_publish(dataset, EDGE_DAYS_TABLE, key, day_name(hours), rows, others, zstd_level))
+            written.append(_publish(dataset, table, key, day_name(hours), rows, others, zstd_level))
         except FlowpipeError as exc:
             log.warning(
-                "edge day %s not folded (read from its hours until it is): %s", f"{day:%Y-%m-%d}", exc
+                "%s day %s not folded (read from its hours until it is): %s", what, f"{day:%Y-%m-%d}", exc
             )
     return written
 
 
-def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, list[str]]) -> pa.Table:
-    """The folded rows of the day's hours (`hours`: hour → its folded and kept files), one row per edge and
+def _day_rows(
+    dataset: Dataset, day: datetime, hours: dict[datetime, list[str]], sums: tuple[str, ...] = SUMS
+) -> pa.Table:
+    """The folded rows of the day's hours (`hours`: hour → its folded and kept files), one row per key and
     day."""
     from flowpipe.dataset.rollups.build import _arrow, connect
     from flowpipe.dataset.rollups.read import register_files
@@ -319,9 +432,9 @@ def _day_rows(dataset: Dataset, day: datetime, hours: dict[datetime, list[str]])
         schema = _hour_schema(dataset, files[0])
         con.register("_day_like", schema.empty_table())
         rows_view = register_files(con, dataset, "_day_rows", files, "_day_like")
-        return _arrow(con.sql(day_sql(list(schema.names), rows_view)))
+        return _arrow(con.sql(day_sql(list(schema.names), rows_view, sums)))
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
-        raise QueryError(f"cannot fold the edge hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
+        raise QueryError(f"cannot fold the hours of {day:%Y-%m-%d} in {dataset.uri}: {exc}") from exc
     finally:
         con.close()
 
@@ -367,4 +480,5 @@ __all__ = [
     "fold_name",
     "fold_rows",
     "keep_folded",
+    "privilege_rows",
 ]

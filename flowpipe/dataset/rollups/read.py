@@ -7,14 +7,17 @@ remain, so a rollup left behind by a compaction is never added to the one of the
 hour's kept files (the folded rows of flows past their retention) are read for it besides whatever else it has.
 
 `install_rollups(con, dataset, source)` runs after the shared views exist on a query connection and redefines
-four of them:
+five of them:
 
 - `edge_observations`: the rows from flows of the hours not covered (`auto`), plus the rollup rows of the
   covered hours (`auto`, `edges`);
 - `identity_workloads`: over flows and the rollups' identity rows (the same minimum either way);
 - `edge_identity_labels`: the labels the rollups kept per pod identity (observed_edges reads them for
   identities whose flows are gone);
-- `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed).
+- `connections`: with the lookup of pods known only by identity kept (rollups hold such pods unnamed);
+- `privilege_records` (least_privilege): the folded privilege rows (`privilege_hours`, `privilege_days`) of
+  the hours and days the window holds whole (or whose flows are gone; with `edges`, every folded hour), pods
+  known only by identity named as `flows_enriched` names them, and (`auto`) the flows' rows of the other hours.
 
 Every view above `edge_observations` (connections, observed_edges, new_connections, ...) is then unchanged: it
 merges rows that add up, so flows and rollups give the same answer for the same records.
@@ -40,6 +43,8 @@ from flowpipe.dataset.rollups import (
     EDGE_HOURS_TABLE,
     EDGE_IDENTITIES_TABLE,
     EDGES_TABLE,
+    PRIVILEGE_DAYS_TABLE,
+    PRIVILEGE_HOURS_TABLE,
     SOURCES,
 )
 from flowpipe.dataset.rollups.build import SEEN_FOR, visible_flow_names
@@ -74,10 +79,70 @@ class Coverage:
     the hour is read from its folded day."""
     hour_files: dict[datetime, list[str]] = field(default_factory=dict)
     """Hours whose edges are all in folded and kept files (what a folded day is made of): hour → those files."""
+    privilege: PrivilegeCoverage | None = None
+    """The folded privilege records (`coverage(..., privilege=True)`, as a query installs the views)."""
 
 
-def coverage(dataset: Dataset) -> Coverage:
-    """Which hours of `dataset` its rollups cover, and their files (see the module docstring)."""
+@dataclass(slots=True)
+class PrivilegeCoverage:
+    """The hours and days of folded privilege records (`privilege_records`) that hold, as `Coverage` for edges."""
+
+    folded: dict[datetime, str] = field(default_factory=dict)
+    """Hours with a folded file named after their flow files (or, without flows left, any): hour → file."""
+    coarse: set[datetime] = field(default_factory=set)
+    """Folded hours without flows left: read from the folded file whatever the window."""
+    pending: set[datetime] = field(default_factory=set)
+    """Hours with flows but no folded file that holds for them (read from flows)."""
+    days: dict[datetime, str] = field(default_factory=dict)
+    """Days whose every hour with flows or folded records is folded, and whose folded day holds: day → file."""
+    kept: dict[datetime, list[str]] = field(default_factory=dict)
+    """Hours with kept files (folded records of flows that went), read as `Coverage.kept`."""
+    hour_files: dict[datetime, list[str]] = field(default_factory=dict)
+    """Hours whose records are all in folded and kept files: hour → those files."""
+
+    @property
+    def files(self) -> list[str]:
+        return [*self.folded.values(), *self.days.values(), *_flat(self.kept)]
+
+
+def privilege_coverage(
+    dataset: Dataset, flows: dict[tuple[str, str], dict[str, str]] | None = None
+) -> PrivilegeCoverage:
+    """Which hours and days of `dataset` have folded privilege records that hold for them (`flows`: the flow
+    files by partition, when already listed)."""
+    from flowpipe.dataset.rollups import fold_name
+
+    flows = visible_flow_names(dataset) if flows is None else flows
+    folds = {
+        (p.key.date, p.key.hour): {f.name: f.path for f in p.files}
+        for p in list_partitions(dataset, PRIVILEGE_HOURS_TABLE)
+    }
+    result = PrivilegeCoverage()
+    for key in sorted(set(flows) | set(folds)):
+        start = hour_start(key)
+        if start is None:
+            continue
+        folded, kept = _hour_folds(folds.get(key, {}))
+        fold = _valid_fold(folded, set(flows.get(key, {})), fold_name)
+        if fold is not None:
+            result.folded[start] = fold
+            if key not in flows:
+                result.coarse.add(start)
+        elif key in flows:
+            result.pending.add(start)
+        if kept:
+            result.kept[start] = [kept[name] for name in sorted(kept)]
+        if fold is not None or (kept and key not in flows):
+            result.hour_files[start] = ([fold] if fold is not None else []) + result.kept.get(start, [])
+    result.days = _valid_days(
+        dataset, PRIVILEGE_DAYS_TABLE, result.hour_files, set(result.hour_files) | result.pending
+    )
+    return result
+
+
+def coverage(dataset: Dataset, *, privilege: bool = False) -> Coverage:
+    """Which hours of `dataset` its rollups cover, and their files (see the module docstring); with `privilege`,
+    its folded privilege records too (`Coverage.privilege`)."""
     from flowpipe.dataset.rollups import fold_name
 
     flows = visible_flow_names(dataset)
@@ -118,12 +183,37 @@ def coverage(dataset: Dataset) -> Coverage:
             result.hour_files[start] = [result.folded[start]] if start in result.folded else []
             result.hour_files[start] += result.kept.get(start, [])
         result.identity_files += [identity_names[name] for name in named]
-    _cover_days(dataset, result, {hour_start(key) for key in set(edges) | set(flows) | set(folds)} - {None})
+    hours = {hour_start(key) for key in set(edges) | set(flows) | set(folds)}
+    result.days = _valid_days(
+        dataset, EDGE_DAYS_TABLE, result.hour_files, {h for h in hours if h is not None}
+    )
+    if privilege:
+        result.privilege = privilege_coverage(dataset, flows)
     return result
 
 
+def _valid_days(
+    dataset: Dataset, table: str, folded: dict[datetime, list[str]], hours: set[datetime]
+) -> dict[datetime, str]:
+    """The days of `table` (day → file) whose `hours` are all `folded` (hour → its folded and kept files), and
+    whose day file is named after those files."""
+    from flowpipe.dataset.rollups import day_name
+
+    files = {p.key.start(): {f.name: f.path for f in p.files} for p in list_partitions(dataset, table)}
+    days = {}
+    for day, named in files.items():
+        if day is None or not named:
+            continue
+        own = [hour for hour in hours if day <= hour < day + timedelta(days=1)]
+        if own and all(hour in folded for hour in own):
+            path = named.get(day_name({hour: folded[hour] for hour in own}))
+            if path is not None:
+                days[day] = path
+    return days
+
+
 def _hour_folds(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """An hour's files in `edge_hours` (name → path) as (folded files, kept files); a folded file whose kept
+    """An hour's files of folded rows (name → path) as (folded files, kept files); a folded file whose kept
     file exists is left out (a retention run stopped between writing one and removing the other)."""
     from flowpipe.dataset.rollups import FOLD_PREFIX, KEPT_PREFIX, kept_name
 
@@ -136,22 +226,9 @@ def _hour_folds(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return folded, kept
 
 
-def _cover_days(dataset: Dataset, result: Coverage, hours: set[datetime | None]) -> None:
-    """Fill `result.days`: the days whose hours with edges are all folded, and whose day file is named after
-    those hours' folded files."""
-    from flowpipe.dataset.rollups import day_name
-
-    files = {
-        p.key.start(): {f.name: f.path for f in p.files} for p in list_partitions(dataset, EDGE_DAYS_TABLE)
-    }
-    for day, named in files.items():
-        if day is None or not named:
-            continue
-        own = [hour for hour in hours if hour is not None and day <= hour < day + timedelta(days=1)]
-        if own and all(hour in result.hour_files for hour in own):
-            path = named.get(day_name({hour: result.hour_files[hour] for hour in own}))
-            if path is not None:
-                result.days[day] = path
+def _flat(files: dict[datetime, list[str]]) -> list[str]:
+    """The paths of `files` (hour → paths), hour by hour."""
+    return [path for hour in sorted(files) for path in files[hour]]
 
 
 def _valid_fold(
@@ -216,8 +293,15 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
 
     if check_source(source) == "flows":
         return None
-    cover = coverage(dataset)
-    if source == "auto" and not cover.hours and not cover.kept:
+    cover = coverage(dataset, privilege=True)
+    privilege = cover.privilege or PrivilegeCoverage()
+    if (
+        source == "auto"
+        and not cover.hours
+        and not cover.kept
+        and not privilege.folded
+        and not privilege.kept
+    ):
         return cover  # no rollups to read: the views stay as they are
     views = {view.name: view for view in load_views()}
     try:
@@ -257,6 +341,7 @@ def install_rollups(con: duckdb.DuckDBPyConnection, dataset: Dataset, source: st
         )
         merged = sql("connections", full=True)
         con.execute(f"CREATE OR REPLACE VIEW connections AS\nSELECT * FROM (\n{merged}\n) AS merged{folded}")
+        _install_privilege(con, dataset, source, privilege, sql("privilege_records"))
     except duckdb.Error as exc:
         raise QueryError(f"cannot read the edge rollups of {dataset.uri}: {exc}") from exc
     return cover
@@ -277,13 +362,9 @@ def with_rollups(
             setup(con)
         # DuckDB reads a local dataset's rollup files itself: they stay readable once the engine is locked
         files = (
-            [
-                *cover.edge_files,
-                *cover.identity_files,
-                *cover.folded.values(),
-                *cover.days.values(),
-                *(path for paths in cover.kept.values() for path in paths),
-            ]
+            [*cover.edge_files, *cover.identity_files, *cover.folded.values(), *cover.days.values()]
+            + _flat(cover.kept)
+            + (cover.privilege.files if cover.privilege is not None else [])
             if cover is not None and dataset.is_local
             else []
         )
@@ -315,29 +396,56 @@ DAY_USABLE = _whole("day", "1 DAY")
 """A folded day is read when the window holds it whole; else its folded hours are."""
 
 
-def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
-    """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
-    their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
-    hours, days = sorted(cover.folded), sorted(cover.days)
+def _folded_tables(
+    con: duckdb.DuckDBPyConnection,
+    names: tuple[str, str],
+    folded: dict[datetime, str],
+    coarse: set[datetime],
+    days: dict[datetime, str],
+) -> None:
+    """Create the tables `names` (folded hours: hour, coarse, day, day_folded; folded days: day)."""
+    hours = sorted(folded)
     tables = {
-        FOLDED_HOURS: {
+        names[0]: {
             "hour": pa.array(hours, pa.timestamp("us", "UTC")),
-            "coarse": pa.array([hour in cover.coarse for hour in hours], pa.bool_()),
+            "coarse": pa.array([hour in coarse for hour in hours], pa.bool_()),
             "day": pa.array([hour.replace(hour=0) for hour in hours], pa.timestamp("us", "UTC")),
-            "day_folded": pa.array([hour.replace(hour=0) in cover.days for hour in hours], pa.bool_()),
+            "day_folded": pa.array([hour.replace(hour=0) in days for hour in hours], pa.bool_()),
         },
-        FOLDED_DAYS: {"day": pa.array(days, pa.timestamp("us", "UTC"))},
+        names[1]: {"day": pa.array(sorted(days), pa.timestamp("us", "UTC"))},
     }
     for name, columns in tables.items():
         con.register(f"{name}_arrow", pa.table(columns))
         con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_arrow")
         con.unregister(f"{name}_arrow")
-    kept = [path for hour in sorted(cover.kept) for path in cover.kept[hour]]
-    if not hours and not kept:
+
+
+def _folded_rows(
+    hour_rows: str, day_rows: str, kept_rows: str, tables: tuple[str, str], hour_usable: str
+) -> str:
+    """SQL: the rows of the folded hours (`hour_rows`) that are usable (`hour_usable`) and not read from their
+    day, those of the folded days (`day_rows`) the window holds whole, and the kept rows (`kept_rows`) of
+    hours not read from their day (whatever the window cuts: nothing finer is left of them)."""
+    hours, days = tables
+    return (
+        f"SELECT * FROM {hour_rows} WHERE hour IN "
+        f"(SELECT hour FROM {hours} WHERE {hour_usable} AND NOT (day_folded AND {DAY_USABLE})) "
+        f"UNION ALL SELECT * FROM {day_rows} WHERE hour IN (SELECT day FROM {days} WHERE {DAY_USABLE}) "
+        f"UNION ALL SELECT * FROM {kept_rows} WHERE date_trunc('day', hour) NOT IN "
+        f"(SELECT day FROM {days} WHERE {DAY_USABLE})"
+    )
+
+
+def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cover: Coverage) -> str:
+    """Register the folded files of `cover` and the table of folded hours; returns the UNION ALL that adds
+    their rows (named as `connections` names pods) to the merged connections ('' without folded hours)."""
+    hours, days = sorted(cover.folded), sorted(cover.days)
+    _folded_tables(con, (FOLDED_HOURS, FOLDED_DAYS), cover.folded, cover.coarse, cover.days)
+    if not hours and not cover.kept:
         return ""
     register_files(con, dataset, FOLDED_ROWS, [cover.folded[hour] for hour in hours], "connections")
     register_files(con, dataset, DAY_ROWS, [cover.days[day] for day in days], "connections")
-    register_files(con, dataset, KEPT_ROWS, kept, "connections")
+    register_files(con, dataset, KEPT_ROWS, _flat(cover.kept), "connections")
     columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
     items = []
     for column in columns:
@@ -356,22 +464,74 @@ def _install_folded_hours(con: duckdb.DuckDBPyConnection, dataset: Dataset, cove
             )
         else:
             items.append(f'f."{column}"')
-    hour_rows = (
-        f"SELECT * FROM {FOLDED_ROWS} WHERE hour IN "
-        f"(SELECT hour FROM {FOLDED_HOURS} WHERE {USABLE} AND NOT (day_folded AND {DAY_USABLE}))"
-    )
-    day_rows = f"SELECT * FROM {DAY_ROWS} WHERE hour IN (SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
-    # kept rows: whatever the window cuts (nothing finer is left of them), unless their day's rows are read
-    kept_rows = (
-        f"SELECT * FROM {KEPT_ROWS} WHERE date_trunc('day', hour) NOT IN "
-        f"(SELECT day FROM {FOLDED_DAYS} WHERE {DAY_USABLE})"
-    )
+    rows = _folded_rows(FOLDED_ROWS, DAY_ROWS, KEPT_ROWS, (FOLDED_HOURS, FOLDED_DAYS), USABLE)
     return (
-        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({hour_rows} UNION ALL {day_rows} UNION ALL {kept_rows}) AS f\n"
+        f"\nUNION ALL\nSELECT {', '.join(items)} FROM ({rows}) AS f\n"
         "LEFT JOIN identity_workloads AS siw ON siw.identity = f.source_identity_key\n"
         "    AND coalesce(siw.cluster_name, '') = coalesce(f.cluster_name, '')\n"
         "LEFT JOIN identity_workloads AS diw ON diw.identity = f.destination_identity_key\n"
         "    AND coalesce(diw.cluster_name, '') = coalesce(f.cluster_name, '')"
+    )
+
+
+PRIVILEGE_FLOWS = "_privilege_records_flows"
+PRIVILEGE_HOURS = "_privilege_folded_hours"
+PRIVILEGE_DAYS = "_privilege_folded_days"
+PRIVILEGE_HOUR_ROWS = "_privilege_hour_rows"
+PRIVILEGE_DAY_ROWS = "_privilege_day_rows"
+PRIVILEGE_KEPT_ROWS = "_privilege_kept_rows"
+PRIVILEGE_NAMED = {
+    "workload": ("workload_identity_key", "wiw"),
+    "peer_workload": ("peer_identity_key", "piw"),
+}
+"""The columns of `privilege_records` that name a pod known only by identity, with the column of its identity."""
+
+
+def _install_privilege(
+    con: duckdb.DuckDBPyConnection, dataset: Dataset, source: str, cover: PrivilegeCoverage, flow_sql: str
+) -> None:
+    """Redefine `privilege_records`: the folded rows of the hours (days) the window holds whole or whose flows
+    are gone (with `edges`: every folded hour), with pods known only by identity named as `flows_enriched`
+    names them; plus (`auto`) the rows from flows of every other hour."""
+    con.execute(f"CREATE OR REPLACE VIEW {PRIVILEGE_FLOWS} AS\n{flow_sql}")
+    _folded_tables(con, (PRIVILEGE_HOURS, PRIVILEGE_DAYS), cover.folded, cover.coarse, cover.days)
+    hours, days = sorted(cover.folded), sorted(cover.days)
+    register_files(con, dataset, PRIVILEGE_HOUR_ROWS, [cover.folded[h] for h in hours], PRIVILEGE_FLOWS)
+    register_files(con, dataset, PRIVILEGE_DAY_ROWS, [cover.days[d] for d in days], PRIVILEGE_FLOWS)
+    register_files(con, dataset, PRIVILEGE_KEPT_ROWS, _flat(cover.kept), PRIVILEGE_FLOWS)
+    usable = USABLE if source == "auto" else "TRUE"
+    columns = [str(row[0]) for row in con.execute(f"DESCRIBE {PRIVILEGE_FLOWS}").fetchall()]
+    items = []
+    for column in columns:
+        if column in PRIVILEGE_NAMED:
+            key, alias = PRIVILEGE_NAMED[column]
+            items.append(
+                f"CASE WHEN f.{key} IS NOT NULL AND {alias}.workload IS NOT NULL THEN {alias}.workload "
+                f"ELSE f.{column} END AS {column}"
+            )
+        else:
+            items.append(f'f."{column}"')
+    joins = "".join(
+        f"\nLEFT JOIN identity_workloads AS {alias} ON {alias}.identity = f.{key}"
+        f"\n    AND coalesce({alias}.cluster_name, '') = coalesce(f.cluster_name, '')"
+        for key, alias in PRIVILEGE_NAMED.values()
+    )
+    rows = _folded_rows(
+        PRIVILEGE_HOUR_ROWS,
+        PRIVILEGE_DAY_ROWS,
+        PRIVILEGE_KEPT_ROWS,
+        (PRIVILEGE_HOURS, PRIVILEGE_DAYS),
+        usable,
+    )
+    flow_rows = (
+        f"SELECT * FROM {PRIVILEGE_FLOWS} WHERE "
+        f"coalesce(hour NOT IN (SELECT hour FROM {PRIVILEGE_HOURS} WHERE {USABLE}), TRUE)\nUNION ALL\n"
+        if source == "auto"
+        else ""
+    )
+    con.execute(
+        f"CREATE OR REPLACE VIEW privilege_records AS\n{flow_rows}"
+        f"SELECT {', '.join(items)} FROM ({rows}) AS f{joins}"
     )
 
 
@@ -410,19 +570,28 @@ def _column(column: str, sql_type: str, present: set[str]) -> str:
 
 
 def raw_flows_note(engine: Any, question: str, since: datetime | None) -> str | None:
-    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`) whose window starts before the
-    oldest flow kept while edge rollups reach back further; None otherwise."""
-    from flowpipe.dataset.rollups import EDGE_QUESTIONS
+    """A note for a question that reads raw flows (not one of `EDGE_QUESTIONS`), or raw flows and folded privilege
+    records (`PRIVILEGE_QUESTIONS`), whose window starts before the oldest of them while edge rollups reach back
+    further; None otherwise."""
+    from flowpipe.dataset.rollups import EDGE_QUESTIONS, PRIVILEGE_QUESTIONS
 
-    if question in EDGE_QUESTIONS or since is None or engine.dataset is None:
+    privilege = question in PRIVILEGE_QUESTIONS
+    if (question in EDGE_QUESTIONS and not privilege) or since is None or engine.dataset is None:
         return None
     oldest = engine.run("SELECT min(time) AS oldest FROM flows").column("oldest")[0].as_py()
+    what = "raw flows"
+    if privilege:
+        folded = privilege_coverage(engine.dataset).hour_files
+        if folded and (oldest is None or min(folded) < oldest):
+            oldest = min(folded)
+        what = "raw flows and privilege rollups"
     if oldest is None or since >= oldest:
         return None
     hours = coverage(engine.dataset).hours
     if not hours or hours[0] >= oldest:
         return None
+    edge_only = [name for name in EDGE_QUESTIONS if name not in PRIVILEGE_QUESTIONS]
     return (
-        f"note: {question} reads raw flows, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
-        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(EDGE_QUESTIONS)})"
+        f"note: {question} reads {what}, which this dataset keeps from {oldest:%Y-%m-%d %H:%M}Z only (edge "
+        f"rollups go back to {hours[0]:%Y-%m-%d %H:%M}Z, for the edge questions: {', '.join(edge_only)})"
     )
