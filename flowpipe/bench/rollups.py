@@ -10,8 +10,9 @@ edge questions over a month of a 5,000-workload cluster read from rollups alone.
    scales them down), all faults on, over `EQUALITY_HOURS` (the end of one UTC day, a whole day, the start of the
    next), streamed from the simulator in batches (never held whole) through the real `ParquetSink` with rollups
    on, every closed hour and day folded; then every edge question (`flowpipe.dataset.rollups.EDGE_QUESTIONS`,
-   over `EQUALITY_WINDOWS`) and `suggest`'s drafts from the flows (`--source flows`) and from rollups alone
-   (`--source edges`), each side in a child process whose DuckDB may use `EQUALITY_FLOWS_DUCKDB_MEMORY` (flows,
+   over `EQUALITY_WINDOWS`) and `suggest`'s drafts from the flows (`--source flows`) and from rollups
+   (`--source auto` with every closed hour folded: rollups alone, but for an hour a window cuts, which
+   least_privilege reads from its flows: it has no per-file rollups), each side in a child process whose DuckDB may use `EQUALITY_FLOWS_DUCKDB_MEMORY` (flows,
    the reference) or `EQUALITY_DUCKDB_MEMORY` (rollups); target: every
    answer equal, row for row, and the drafts byte for byte, with each side's time and peak RSS.
 3. Fleet: folded hours generated directly for `FLEET_WORKLOADS` workloads over `FLEET_DAYS` days (at the
@@ -254,13 +255,13 @@ def bench_equality(ctx: BenchContext) -> list[Figure]:
     )
     written = _equality_child("write", str(flows), str(ctx.seed), str(root))
     reports = {}
-    for source in ("flows", "edges"):
+    # the rollups' side reads as `--source auto` does with every closed hour folded: rollups for every edge
+    # question; least_privilege has no per-file rollups, so an hour its window cuts is read from its flows
+    for side, source in (("flows", "flows"), ("edges", "auto")):
         if "error" not in written:
             ctx.log(f"equality: every edge question and suggest from --source {source} (child process)")
-            memory = EQUALITY_FLOWS_DUCKDB_MEMORY if source == "flows" else EQUALITY_DUCKDB_MEMORY
-            reports[source] = _equality_child(
-                "answer", source, str(root), str(answers / source), memory=memory
-            )
+            memory = EQUALITY_FLOWS_DUCKDB_MEMORY if side == "flows" else EQUALITY_DUCKDB_MEMORY
+            reports[side] = _equality_child("answer", source, str(root), str(answers / side), memory=memory)
     total = time.perf_counter() - started
     failed = [r["error"] for r in (written, *reports.values()) if "error" in r]
     if failed:
