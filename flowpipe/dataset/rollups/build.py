@@ -260,8 +260,9 @@ class RollupBuilder:
     rollup is named after its flow file, so building it twice gives the same file.
     """
 
-    HELD_ROWS = 500_000
-    """Flows held in memory for files waiting to be built; files beyond are read back when their turn comes."""
+    HELD_ROWS = 50_000
+    """Flows held in memory for files waiting to be built (small files, built from memory); larger files are
+    read back when their turn comes, so a builder that trails holds no flows (a collector's memory stays flat)."""
 
     def __init__(self, dataset: Dataset, *, zstd_level: int = 3) -> None:
         self.dataset = dataset
