@@ -219,14 +219,11 @@ def build_after_publish(
     published: Iterable[str],
     *,
     zstd_level: int = 3,
-    flows: Mapping[str, Sequence[pa.Table]] | None = None,
 ) -> list[str]:
-    """The rollups of the flow part files just published (other paths, e.g. lost events, are skipped).
-
-    Called by the writers right after they publish flow files; `flows` holds, by path, the flows of the files
-    the writer still has in memory (their row groups), which are summarised instead of read back. A rollup that cannot be written is logged and
-    left missing: the flows are safe, the hour is read from raw flows until `build_missing` (the writer's next
-    start, compaction, retention or `flowpipe rollup`) writes it.
+    """The rollups of the flow part files `published` (other paths, e.g. lost events, are skipped), each read
+    back. A rollup that cannot be written is logged and left missing: the flows are safe, the hour is read from
+    raw flows until `build_missing` (the writer's next start, compaction, retention or `flowpipe rollup`)
+    writes it.
     """
     flows_dir = dataset.table_dir(FLOWS_TABLE) + "/"
     written = []
@@ -234,10 +231,8 @@ def build_after_publish(
         if not path.startswith(flows_dir):
             continue
         kill_point("rollup:before")
-        tables = (flows or {}).get(path)
-        held = (pa.concat_tables(tables) if len(tables) > 1 else tables[0]) if tables else None
         try:
-            written.append(build_rollup(dataset, path, zstd_level=zstd_level, flows=held))
+            written.append(build_rollup(dataset, path, zstd_level=zstd_level))
         except FlowpipeError as exc:
             log.warning(
                 "edge rollup of %s not written (its hour is read from flows until it is): %s", path, exc

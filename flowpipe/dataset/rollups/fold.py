@@ -270,7 +270,7 @@ def fold_closed(
         for key, files in _files(dataset, table, FOLD_PREFIX).items()
         if files and key not in visible and (wanted is None or key in wanted)
     }
-    keep_folded(dataset, bare)
+    keep_folded(dataset, bare, zstd_level, visible)
     listing = _Listing.take(dataset)
     for key, names in sorted(visible.items()):
         start = hour_start(key)
@@ -303,10 +303,16 @@ KEEPABLE = (EDGE_HOURS_TABLE, PRIVILEGE_HOURS_TABLE)
 """The tables of folded hours whose files become kept files once the hour's flows are gone."""
 
 
-def keep_folded(dataset: Dataset, keys: Iterable[tuple[str, str]], zstd_level: int = 3) -> list[str]:
+def keep_folded(
+    dataset: Dataset,
+    keys: Iterable[tuple[str, str]],
+    zstd_level: int = 3,
+    visible: dict[tuple[str, str], dict[str, str]] | None = None,
+) -> list[str]:
     """Make the folded files (edges, privilege records) of each hour of `keys` whose flows are gone kept files
     (`kept_name`), read for the hour whatever flows come later; returns the kept files written. A kept file is
-    published before the folded file goes: a reader seeing both takes the kept one only (same digest)."""
+    published before the folded file goes: a reader seeing both takes the kept one only (same digest).
+    `visible`: the flow files by partition, when already listed."""
     import pyarrow.parquet as pq
 
     from flowpipe.dataset.rollups.build import visible_flow_names
@@ -314,7 +320,7 @@ def keep_folded(dataset: Dataset, keys: Iterable[tuple[str, str]], zstd_level: i
     wanted = set(keys)
     if not wanted:
         return []
-    visible = visible_flow_names(dataset)
+    visible = visible_flow_names(dataset) if visible is None else visible
     written = []
     for table in KEEPABLE:
         for partition in list_partitions(dataset, table):
