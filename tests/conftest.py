@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from support.env import SHARED_HUBBLE, SHARED_ISTIO_SCHEMAS, SHARED_SCHEMAS
+from support.rollups import write_two_clusters
 from support.s3 import s3_endpoint  # noqa: F401 - the local S3 server, a fixture of every test that asks for it
 
 
@@ -55,6 +56,12 @@ def sim_clean(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from support.sim_dataset import build_sim_dataset
 
     return build_sim_dataset(tmp_path_factory.mktemp("sim-clean"), faults=False)
+
+
+@pytest.fixture(scope="module")
+def two_clusters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two clusters, two writers each, small part files (many per hour), over an hour boundary."""
+    return write_two_clusters(tmp_path_factory.mktemp("rollups-sim"))
 
 
 @pytest.fixture(autouse=True)

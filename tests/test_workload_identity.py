@@ -11,7 +11,7 @@ from support.flowdata import T0, flow, write_dataset
 
 from flowpipe.errors import QuestionDefinitionError
 from flowpipe.query import DuckDBEngine, load_questions, run_question
-from flowpipe.query.views import FALLBACK_NEEDED_SQL, load_views, parse_view
+from flowpipe.query.views import FALLBACK_NEEDED_SQL, HELD_IDENTITY_WORKLOADS, load_views, parse_view
 
 IDENTITY_COLUMNS = (
     "source_entity, source_workload, source_workload_id, destination_entity, destination_workload, "
@@ -338,3 +338,42 @@ def test_every_question_names_endpoints_as_the_view_does(tmp_path: Path) -> None
     assert found["top_talkers"] == {"web", "api", "kube-dns", "world"}
     assert found["dns_queries"] == {"web"}
     assert found["dns_failures"] == {"web"} and found["unexpected_drops"] == {"web", "api"}
+
+
+def test_identity_workloads_is_held_per_listing_and_names_pods_known_only_by_identity(tmp_path: Path) -> None:
+    """Where the fallbacks join `identity_workloads` on every flow, the engine computes it once per listing of the
+    part files (a table, so that DuckDB builds that join over the identities): a pod known only by its identity
+    takes the workload another record names it by, and a refresh takes the identities of new files too."""
+    only_identity = ("k8s:app=a", "k8s:io.kubernetes.pod.namespace=shop")
+
+    def pair(identity: int, workload: str, minute: int) -> list[dict[str, Any]]:
+        rows = [
+            flow(**pod("source", "shop", f"{workload}-7d9f-bcdfg", workload=workload, identity=identity)),
+            flow(**entity("source", identity, *only_identity, ip="10.9.9.9")),
+        ]
+        for second, row in enumerate(rows):
+            row["time"] = T0.replace(minute=minute, second=second)
+        return rows
+
+    def held(engine: DuckDBEngine) -> list[dict[str, Any]]:
+        return engine.run(
+            "SELECT table_name FROM duckdb_tables() WHERE table_name = $name",
+            {"name": HELD_IDENTITY_WORKLOADS},
+        ).to_pylist()
+
+    write_dataset(tmp_path, pair(5000, "web", 1), writer_id="one")
+    query = (
+        "SELECT source_ip, source_workload FROM flows_enriched WHERE source_pod_name IS NULL ORDER BY time"
+    )
+    with DuckDBEngine(tmp_path) as engine:
+        assert held(engine) == [{"table_name": HELD_IDENTITY_WORKLOADS}]
+        assert engine.run(query).to_pylist() == [{"source_ip": "10.9.9.9", "source_workload": "web"}]
+        write_dataset(tmp_path, pair(6000, "api", 2), writer_id="two")
+        engine.refresh()
+        assert held(engine) == [{"table_name": HELD_IDENTITY_WORKLOADS}]
+        assert [r["source_workload"] for r in engine.run(query).to_pylist()] == ["web", "api"]
+    # Every endpoint described: no fallbacks, nothing joins the view on every flow, nothing is held.
+    described = tmp_path / "described"
+    write_dataset(described, described_rows())
+    with DuckDBEngine(described) as engine:
+        assert held(engine) == []

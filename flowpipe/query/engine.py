@@ -64,7 +64,7 @@ from flowpipe.dataset.rollups import CUTS_VARIABLE
 from flowpipe.dataset.visible import visible_part_files
 from flowpipe.errors import EmptyDatasetError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA, LOST_EVENTS_SCHEMA
-from flowpipe.query.views import ReadableFiles, install_views
+from flowpipe.query.views import ReadableFiles, hold_identity_workloads, install_views
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +216,14 @@ class DuckDBEngine:
     def _define_views(self) -> None:
         self._define_table_views()
         # The shared views every question may read (sql/_views/: workload identity) and `drop_reasons`.
-        install_views(self._con)
+        fallbacks = install_views(self._con)
         if self._setup is not None:
             readable = self._setup(self._con)
             self._setup_files = list(readable) if isinstance(readable, ReadableFiles) else []
+        # Joined on every flow (fallback regions) or every rollup row (edges read from rollups): held as a
+        # table, so that DuckDB builds those joins over the identities, not over the flows.
+        if fallbacks or self._setup_files:
+            hold_identity_workloads(self._con)
 
     def _define_table_views(self) -> None:
         """The views `flows` and `lost_events` over freshly listed part files."""

@@ -216,9 +216,10 @@ def load_views(directory: Path | str | None = None) -> list[SharedView]:
     return ordered
 
 
-def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None = None) -> list[str]:
-    """Create `drop_reasons` and every shared view on `con` (which already has `flows`); returns their names."""
-    created = [DROP_REASONS_TABLE]
+def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None = None) -> bool:
+    """Create `drop_reasons` and every shared view on `con` (which already has `flows`); returns whether the
+    views carry their fallback regions (some flow needs them: then `flows_enriched` joins `identity_workloads`
+    on every flow, see `hold_identity_workloads`)."""
     try:
         con.register(f"_flowpipe_{DROP_REASONS_TABLE}", drop_reason_table())
         con.execute(
@@ -238,7 +239,6 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
         con.execute(f'CREATE OR REPLACE VIEW "{NAMED_VIEW}" AS\n{named}')
     except duckdb.Error as exc:
         raise QueryError(f"cannot create the view {NAMED_VIEW}: {exc}", sql=named) from exc
-    created.append(NAMED_VIEW)
     for view in load_views(directory):
         select = view.sql if fallbacks_needed else view.sql_without_fallbacks
         statement = f'CREATE OR REPLACE VIEW "{view.name}" AS\n{select}'
@@ -246,5 +246,27 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
             con.execute(statement)
         except duckdb.Error as exc:
             raise QueryError(f"shared view {view.name} ({view.path}) failed: {exc}", sql=statement) from exc
-        created.append(view.name)
-    return created
+    return fallbacks_needed
+
+
+IDENTITY_WORKLOADS_VIEW = "identity_workloads"
+HELD_IDENTITY_WORKLOADS = "_identity_workloads_held"
+
+
+def hold_identity_workloads(con: duckdb.DuckDBPyConnection) -> None:
+    """Compute the view `identity_workloads` once and make it read its rows from a table.
+
+    Its rows are one per pod identity, but DuckDB estimates a GROUP BY at the rows it reads, so it takes the
+    view for the larger side of `LEFT JOIN identity_workloads` and builds that join's hash table over the flows,
+    every column included: over ten million flows, some 9 GB, and "out of memory" under 3 GB (the flows, the
+    probe side, need only a few MB). A table's rows are known, so the join is built over the identities. One
+    scan of four narrow columns, where some view joins it on every flow or rollup row (the engine decides)."""
+    try:
+        con.execute(
+            f'CREATE OR REPLACE TABLE "{HELD_IDENTITY_WORKLOADS}" AS SELECT * FROM "{IDENTITY_WORKLOADS_VIEW}"'
+        )
+        con.execute(
+            f'CREATE OR REPLACE VIEW "{IDENTITY_WORKLOADS_VIEW}" AS SELECT * FROM "{HELD_IDENTITY_WORKLOADS}"'
+        )
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot compute the view {IDENTITY_WORKLOADS_VIEW}: {exc}") from exc
