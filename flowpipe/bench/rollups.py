@@ -226,11 +226,10 @@ days from their folded hours, the day between from its folded day)."""
 EQUALITY_DUCKDB_MEMORY = "1GiB"
 """DuckDB's memory limit in the equality tasks that write and answer from rollups (unless
 `FLOWPIPE_DUCKDB_MEMORY_LIMIT` sets one): rollups answer within it."""
-EQUALITY_FLOWS_DUCKDB_MEMORY = "16GiB"
+EQUALITY_FLOWS_DUCKDB_MEMORY = "4GiB"
 """DuckDB's memory limit when the equality part answers from the raw flows, the reference: an edge question
-over all of ten million stored flows groups every connection at once, and stops with "out of memory" rather than
-spill below several GiB (`observed_edges` needs more than 2.5, `cross_namespace` more than 10); the figure
-names a question so left unanswered."""
+over all of ten million stored flows groups every connection at once (a peak RSS near 3 GB); the figure names a
+question left unanswered ("out of memory")."""
 EQUALITY_TIMEOUT_SECONDS = 3600.0
 
 
