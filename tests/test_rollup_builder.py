@@ -101,3 +101,56 @@ def test_a_flow_file_compacted_away_before_its_turn_is_skipped(tmp_path: Path) -
     Path(gone).unlink()
     builder.submit([gone, *dataset.list_part_files("flows")])
     assert builder.close() == 0 and builder.built == len(flow_names(dataset))
+
+
+def test_a_part_larger_than_the_builder_holds_is_not_kept_in_memory_and_is_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink keeps an open part's flows for its rollup only while the part is small enough to be built from
+    memory (`RollupBuilder.HELD_ROWS`); a larger part holds none, and its rollup is built from its file, with the
+    rows of the one built from memory."""
+    import pyarrow.parquet as pq
+
+    from flowpipe.dataset.rollups.build import build_rollup
+
+    monkeypatch.setattr(RollupBuilder, "HELD_ROWS", 120)
+    sink = ParquetSink(
+        ParquetSinkConfig(
+            path=str(tmp_path / "large"),
+            writer_id="w1",
+            max_batch_rows=100_000,
+            row_group_bytes=1,
+            edge_rollups=True,
+        )
+    )
+    flows = flows_table(synthetic_flows(400))
+    held_rows = []
+    for offset in range(0, flows.num_rows, 40):
+        sink.write(EventBatch(flows=flows.slice(offset, 40)))
+        held_rows.append(
+            max((sum(t.num_rows for t in part.tables) for part in sink._parts.values()), default=0)
+        )
+    assert 0 < max(held_rows) <= 120 and held_rows[-1] == 0  # the parts outgrew what is held: nothing held
+    handed: list[object] = []
+    original = sink._rollups._build  # type: ignore[union-attr]
+
+    def build(path: str, held: object) -> None:
+        handed.append(held)
+        original(path, held)  # type: ignore[arg-type]
+
+    sink._rollups._build = build  # type: ignore[method-assign, union-attr]
+    sink.close()
+    dataset = Dataset(tmp_path / "large")
+    assert handed and all(h is None for h in handed)  # every part read back
+    assert rollup_names(dataset) == flow_names(dataset)
+    # The same rows as from memory: each file's flows, summarised as a writer holding them would.
+    for path in dataset.list_part_files("flows"):
+        copy = Dataset(tmp_path / "memory")
+        target = copy.table_dir("flows") + path[len(dataset.table_dir("flows")) :]
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(Path(path).read_bytes())
+        rollup = build_rollup(copy, target, flows=pq.read_table(path))
+        stored = dataset.table_dir(EDGES_TABLE) + path[len(dataset.table_dir("flows")) :]
+        assert sorted(map(repr, pq.read_table(rollup).to_pylist())) == sorted(
+            map(repr, pq.read_table(stored).to_pylist())
+        )

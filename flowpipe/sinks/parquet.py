@@ -137,8 +137,8 @@ class _OpenPart:
     rows: int = 0
     min_ns: int | None = None
     tables: list[pa.Table] = field(default_factory=list)
-    """With edge rollups: the flows written, kept until the file is published so that its rollup is built
-    from them (not read back from the file)."""
+    """With edge rollups: the flows written while the part holds at most `RollupBuilder.HELD_ROWS`, kept until
+    the file is published so that its rollup is built from them (a larger part's file is read back)."""
 
 
 @dataclass(slots=True)
@@ -361,8 +361,13 @@ class ParquetSink:
         except DatasetWriteError as exc:
             self._abort([], exc)
             raise
-        if self.config.edge_rollups:
-            part.tables.append(table)
+        if self._rollups is not None:
+            # Held only while the part is small enough to be built from memory; a larger one is read back
+            # (DuckDB reads a file back for about the CPU of a table in memory), so its flows are not held.
+            if part.rows + table.num_rows <= self._rollups.HELD_ROWS:
+                part.tables.append(table)
+            else:
+                part.tables.clear()
         part.rows += table.num_rows
         low = _min_ns(table)
         if low is not None and (part.min_ns is None or low < part.min_ns):

@@ -146,7 +146,12 @@ def privilege_rows(dataset: Dataset, flow_files: list[str]) -> pa.Table:
     con = connect()
     try:
         flows_view(
-            con, pads.dataset(flow_files, schema=FLOW_SCHEMA, format="parquet", filesystem=dataset.filesystem)
+            con,
+            list(flow_files)
+            if dataset.is_local
+            else pads.dataset(
+                flow_files, schema=FLOW_SCHEMA, format="parquet", filesystem=dataset.filesystem
+            ),
         )
         install_views(con)
         con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
