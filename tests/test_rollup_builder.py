@@ -154,3 +154,51 @@ def test_a_part_larger_than_the_builder_holds_is_not_kept_in_memory_and_is_read_
         assert sorted(map(repr, pq.read_table(rollup).to_pylist())) == sorted(
             map(repr, pq.read_table(stored).to_pylist())
         )
+
+
+def test_one_summariser_for_many_files_gives_each_files_own_rollup(tmp_path: Path) -> None:
+    """A summariser keeps its views from file to file (they are created again when the fallback regions the
+    flows need change): each file's rows are those of a summariser of its own, whatever came before."""
+    import duckdb
+
+    from flowpipe.dataset.rollups.build import Summariser, summarise
+    from flowpipe.query.views import undescribed_sql
+
+    flows = flows_table(synthetic_flows(600))
+    con = duckdb.connect()
+    con.register("f", flows)
+    undescribed = f"({undescribed_sql('source')}) OR ({undescribed_sql('destination')})"
+    # the same flows as Cilium describes them: every pod with its workload, every other end a reserved identity
+    described = con.sql(
+        "SELECT * REPLACE ("
+        + ", ".join(
+            f"CASE WHEN {side}_namespace IS NOT NULL THEN coalesce({side}_workload_name, 'w') END"
+            f" AS {side}_workload_name, CASE WHEN {side}_namespace IS NOT NULL THEN 4242 ELSE 2 END"
+            f" AS {side}_identity"
+            for side in ("source", "destination")
+        )
+        + ") FROM f"
+    ).to_arrow_table()
+    needing = f"SELECT count(*) FROM {{}} WHERE {undescribed}"
+    con.register("d", described)
+    assert con.sql(needing.format("f")).fetchall()[0][0] > 0 == con.sql(needing.format("d")).fetchall()[0][0]
+    write_dataset(tmp_path / "all", synthetic_flows(600), batch_rows=150)
+    files = sorted(Dataset(tmp_path / "all").list_part_files("flows"))
+    # described flows first (views without the fallbacks), twice in a row (the views kept), then flows that need
+    # them (created again), files, and back
+    sources: list[object] = [
+        described.slice(0, 200),
+        described,
+        flows.slice(0, 300),
+        [files[0]],
+        described.slice(100, 300),
+        files[1:],
+        flows,
+    ]
+
+    def canonical(rows: tuple[object, object]) -> list[list[str]]:
+        return [sorted(map(repr, table.to_pylist())) for table in rows]  # type: ignore[attr-defined]
+
+    with Summariser() as summariser:
+        for source in sources:
+            assert canonical(summariser.summarise(source)) == canonical(summarise(source))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Self
 
 import duckdb
 import pyarrow as pa
@@ -87,13 +88,15 @@ and less than a table in memory: converting its label lists costs more than deco
 
 
 def flows_view(con: duckdb.DuckDBPyConnection, flows: FlowSource) -> None:
-    """Define the view `flows` on `con` over `flows` with the columns and types of `FLOW_SCHEMA` (NULL for those
-    a file written by an older version lacks)."""
+    """Define (or point again) the view `flows` on `con` over `flows` with the columns and types of
+    `FLOW_SCHEMA` (NULL for those a file written by an older version lacks)."""
     if isinstance(flows, list):
-        con.read_parquet(flows, union_by_name=True, hive_partitioning=False).create_view("_rollup_flows")
-        present = {str(row[0]) for row in con.execute("DESCRIBE _rollup_flows").fetchall()}
+        source = "_rollup_flow_files"
+        con.read_parquet(flows, union_by_name=True, hive_partitioning=False).create_view(source, replace=True)
+        present = {str(row[0]) for row in con.execute(f"DESCRIBE {source}").fetchall()}
     else:
-        con.register("_rollup_flows", flows)
+        source = "_rollup_flow_table"
+        con.register(source, flows)
         present = set(flows.schema.names)
     con.register("_rollup_schema", FLOW_SCHEMA.empty_table())
     types = {str(row[0]): str(row[1]) for row in con.execute("DESCRIBE _rollup_schema").fetchall()}
@@ -103,30 +106,79 @@ def flows_view(con: duckdb.DuckDBPyConnection, flows: FlowSource) -> None:
         else f'CAST(NULL AS {types[name]}) AS "{name}"'
         for name in FLOW_SCHEMA.names
     )
-    con.execute(f"CREATE VIEW flows AS SELECT {columns} FROM _rollup_flows")
+    con.execute(f"CREATE OR REPLACE VIEW flows AS SELECT {columns} FROM {source}")
+
+
+class Summariser:
+    """Summarises flows into rollup rows (`summarise`) on one DuckDB connection, kept from call to call.
+
+    Creating the shared views binds each of them, some 0.2 CPU-s: as much as summarising a collector's part
+    file of 20,000 flows. So they are created once, and each call points the view `flows` at its flows; they
+    are created again only when the fallback regions the flows need (`FALLBACK_NEEDED_SQL`) change. Use from
+    one thread at a time; `close` when done (a failed call closes the connection: the next opens a new one).
+    """
+
+    def __init__(self) -> None:
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._fallbacks: bool | None = None
+        self._workloads_sql: dict[bool, str] = {}
+
+    def summarise(self, flows: FlowSource) -> tuple[pa.Table, pa.Table]:
+        """The rollup of `flows` (see `FlowSource`): (`edge_observations` rows, `edge_identities` rows). Files
+        are read column by column as the SQL needs (labels only where it does)."""
+        from flowpipe.query.views import FALLBACK_NEEDED_SQL, install_views, load_views
+
+        try:
+            con = self._con if self._con is not None else self._open()
+            flows_view(con, flows)
+            fallbacks = bool(con.execute(FALLBACK_NEEDED_SQL).fetchall()[0][0])
+            if fallbacks != self._fallbacks:
+                self._fallbacks = install_views(con)
+                con.execute(
+                    "CREATE OR REPLACE TABLE _rollup_no_identities AS "
+                    f"SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0"
+                )
+            else:  # the view the previous call emptied, as installed
+                if not self._workloads_sql:
+                    view = next(v for v in load_views() if v.name == IDENTITY_WORKLOADS_VIEW)
+                    self._workloads_sql = {True: view.sql, False: view.sql_without_fallbacks}
+                con.execute(
+                    f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS\n{self._workloads_sql[fallbacks]}"
+                )
+            identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
+            # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
+            con.execute(
+                f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
+            )
+            observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
+            if not isinstance(flows, list):
+                con.unregister("_rollup_flow_table")  # the flows are not kept alive by the connection
+        except (duckdb.Error, pa.ArrowException) as exc:
+            self.close()
+            raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
+        return observations, identities
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        con = self._con = connect()
+        self._fallbacks = None
+        return con
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def summarise(flows: FlowSource) -> tuple[pa.Table, pa.Table]:
-    """The rollup of `flows` (see `FlowSource`): (`edge_observations` rows, `edge_identities` rows). Files are
-    read column by column as the SQL needs (labels only where it does)."""
-    from flowpipe.query.views import install_views
-
-    con = connect()
-    try:
-        flows_view(con, flows)
-        install_views(con)
-        identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
-        # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
-        con.execute(f"CREATE TABLE _rollup_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
-        con.execute(
-            f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
-        )
-        observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
-    except (duckdb.Error, pa.ArrowException) as exc:
-        raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
-    finally:
-        con.close()
-    return observations, identities
+    """The rollup of `flows` on a connection of its own (see `Summariser.summarise`)."""
+    with Summariser() as summariser:
+        return summariser.summarise(flows)
 
 
 def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
@@ -142,8 +194,10 @@ def build_rollup(
     zstd_level: int = 3,
     report: RollupReport | None = None,
     flows: pa.Table | None = None,
+    summariser: Summariser | None = None,
 ) -> str:
     """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file.
+    `summariser` is the caller's (one for many files: its views are created once), else one for this file.
 
     `flows` are the file's flows when the writer still holds them (the file is then not read back): a table
     in memory is summarised for about half the CPU of reading the file's columns again."""
@@ -164,7 +218,7 @@ def build_rollup(
                 f"cannot read the flow part file {flow_path}: {exc}", path=flow_path
             ) from exc
     try:
-        observations, identities = summarise(source)
+        observations, identities = summariser.summarise(source) if summariser else summarise(source)
     except QueryError:
         if isinstance(source, list) and not os.path.exists(flow_path):
             raise FileNotFoundError(flow_path) from None  # removed meanwhile (compaction, retention)
@@ -289,6 +343,8 @@ class RollupBuilder:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._skipped = 0
+        self._local = threading.local()
+        self._summarisers: list[Summariser] = []
 
     @property
     def waiting(self) -> int:
@@ -328,6 +384,11 @@ class RollupBuilder:
         self._stopping.set()
         self._queue.put(None)
         self._thread.join()
+        with self._lock:
+            summarisers, self._summarisers = self._summarisers, []
+        for summariser in summarisers:
+            summariser.close()
+        self._local = threading.local()
         left, self._skipped, self._thread = self._skipped, 0, None
         self._stopping.clear()
         if left:
@@ -337,6 +398,15 @@ class RollupBuilder:
                 left,
             )
         return left
+
+    def _summariser(self) -> Summariser:
+        """This thread's summariser (the builder's thread, and the one that closes the builder)."""
+        found: Summariser | None = getattr(self._local, "summariser", None)
+        if found is None:
+            found = self._local.summariser = Summariser()
+            with self._lock:
+                self._summarisers.append(found)
+        return found
 
     def _start(self) -> None:
         if self._thread is None:
@@ -369,7 +439,9 @@ class RollupBuilder:
     def _build(self, path: str, held: pa.Table | None) -> None:
         kill_point("rollup:before")
         try:
-            build_rollup(self.dataset, path, zstd_level=self.zstd_level, flows=held)
+            build_rollup(
+                self.dataset, path, zstd_level=self.zstd_level, flows=held, summariser=self._summariser()
+            )
             self.built += 1
         except FileNotFoundError:
             log.debug("flow part file %s went before its rollup was built (compacted)", path)
@@ -465,19 +537,22 @@ def build_missing(
     flows = visible_flow_names(dataset)
     edges = _by_partition(dataset, EDGES_TABLE)
     identities = _by_partition(dataset, EDGE_IDENTITIES_TABLE)
-    for key in sorted(flows):
-        if wanted is not None and key not in wanted:
-            continue
-        if since is not None and not _ends_after(key, since):
-            continue
-        have = {f.name for f in edges[key].files} if key in edges else set()
-        have &= {f.name for f in identities[key].files} if key in identities else set()
-        for name, path in sorted(flows[key].items()):
-            if rebuild or name not in have:
-                try:
-                    build_rollup(dataset, path, zstd_level=zstd_level, report=report)
-                except FileNotFoundError:
-                    continue  # compacted or expired meanwhile
+    with Summariser() as summariser:
+        for key in sorted(flows):
+            if wanted is not None and key not in wanted:
+                continue
+            if since is not None and not _ends_after(key, since):
+                continue
+            have = {f.name for f in edges[key].files} if key in edges else set()
+            have &= {f.name for f in identities[key].files} if key in identities else set()
+            for name, path in sorted(flows[key].items()):
+                if rebuild or name not in have:
+                    try:
+                        build_rollup(
+                            dataset, path, zstd_level=zstd_level, report=report, summariser=summariser
+                        )
+                    except FileNotFoundError:
+                        continue  # compacted or expired meanwhile
     report.removed = prune_orphans(dataset, partitions=wanted, flows=flows)
     report.seconds = time.perf_counter() - started
     return report
