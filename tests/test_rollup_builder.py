@@ -82,9 +82,10 @@ def test_a_builder_stopped_early_leaves_the_rest_to_the_next_start(
     builder.submit(published)
     threading.Timer(0.3, release.set).start()
     with caplog.at_level(logging.WARNING):
-        # builds one itself, past the deadline, and waits for the one the thread is building, not for the rest
+        # builds one itself, past the deadline, and waits for the one the thread is building (which may have
+        # taken another meanwhile), not for the rest
         left = builder.close(timeout=0.05)
-    assert len(published) > 4 and len(published) - 2 <= left < len(published)
+    assert len(published) > 8 and len(published) // 2 < left <= len(published) - 2
     assert "not built before stopping" in caplog.text and len(rollup_names(dataset)) == len(published) - left
     # the next start of that writer builds what is missing (its flow files carry its writer id)
     from flowpipe.dataset.rollups.build import repair_writers

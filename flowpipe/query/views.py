@@ -251,6 +251,7 @@ def install_views(con: duckdb.DuckDBPyConnection, directory: Path | str | None =
 
 IDENTITY_WORKLOADS_VIEW = "identity_workloads"
 HELD_IDENTITY_WORKLOADS = "_identity_workloads_held"
+NO_IDENTITY_WORKLOADS = "_identity_workloads_none"
 
 
 def hold_identity_workloads(con: duckdb.DuckDBPyConnection) -> None:
@@ -270,3 +271,15 @@ def hold_identity_workloads(con: duckdb.DuckDBPyConnection) -> None:
         )
     except duckdb.Error as exc:
         raise QueryError(f"cannot compute the view {IDENTITY_WORKLOADS_VIEW}: {exc}") from exc
+
+
+def unname_identities(con: duckdb.DuckDBPyConnection) -> None:
+    """Make the view `identity_workloads` empty (its columns, no rows): pods known only by their identity stay
+    unnamed, as rollups store them (their names are looked up over every rollup when read). Raises
+    `duckdb.Error`."""
+    con.execute(
+        f'CREATE OR REPLACE TABLE "{NO_IDENTITY_WORKLOADS}" AS SELECT * FROM "{IDENTITY_WORKLOADS_VIEW}" LIMIT 0'
+    )
+    con.execute(
+        f'CREATE OR REPLACE VIEW "{IDENTITY_WORKLOADS_VIEW}" AS SELECT * FROM "{NO_IDENTITY_WORKLOADS}"'
+    )

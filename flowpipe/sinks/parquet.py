@@ -362,8 +362,8 @@ class ParquetSink:
             self._abort([], exc)
             raise
         if self._rollups is not None:
-            # Held only while the part is small enough to be built from memory; a larger one is read back
-            # (DuckDB reads a file back for about the CPU of a table in memory), so its flows are not held.
+            # The builder takes at most HELD_ROWS flows from memory and reads larger files back: a larger
+            # part's flows would never be used, so they are not held.
             if part.rows + table.num_rows <= self._rollups.HELD_ROWS:
                 part.tables.append(table)
             else:

@@ -9,8 +9,9 @@ up over any split of the flows (records are summed, times take min and max, desc
 - `build`: each published flow part file `<dataset>/flows/date=D/hour=H/NAME` gets its rollup
   `<dataset>/edges/date=D/hour=H/NAME` (and the workloads it names per pod identity,
   `<dataset>/edge_identities/date=D/hour=H/NAME`), built once it is published by the writer's background
-  thread (collect, ingest; `build.RollupBuilder`) or by compaction. The rollup is named after the flow file it summarises: building it again gives the same file, so
-  a crash between the two writes is repaired by building the missing one, never by counting twice.
+  thread (collect, ingest; `build.RollupBuilder`) or by compaction. The rollup is named after the flow file it
+  summarises: building it again gives the same file, so a crash between the two writes is repaired by
+  building the missing one, never by counting twice.
 - `read`: a query over `--source auto` reads, for every hour whose flow files all have their rollup (or whose
   flows are past their retention), the rollup rows, and raw flows for the other hours (the open hour, the
   files of a crashed writer); the view `connections` merges both into the same rows the flows alone give.

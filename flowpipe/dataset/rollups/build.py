@@ -41,11 +41,17 @@ from flowpipe.dataset.maintenance import PartitionFiles, list_partitions
 from flowpipe.dataset.rollups import EDGE_IDENTITIES_TABLE, EDGES_TABLE, ROLLUP_TABLES
 from flowpipe.errors import DatasetWriteError, FlowpipeError, QueryError
 from flowpipe.model import FLOW_SCHEMA
+from flowpipe.query.views import (
+    FALLBACK_NEEDED_SQL,
+    IDENTITY_WORKLOADS_VIEW,
+    install_views,
+    load_views,
+    unname_identities,
+)
 
 log = logging.getLogger(__name__)
 
 OBSERVATIONS_VIEW = "edge_observations"
-IDENTITY_WORKLOADS_VIEW = "identity_workloads"
 IDENTITIES_VIEW = "edge_identities"
 
 
@@ -126,30 +132,18 @@ class Summariser:
     def summarise(self, flows: FlowSource) -> tuple[pa.Table, pa.Table]:
         """The rollup of `flows` (see `FlowSource`): (`edge_observations` rows, `edge_identities` rows). Files
         are read column by column as the SQL needs (labels only where it does)."""
-        from flowpipe.query.views import FALLBACK_NEEDED_SQL, install_views, load_views
-
         try:
             con = self._con if self._con is not None else self._open()
             flows_view(con, flows)
             fallbacks = bool(con.execute(FALLBACK_NEEDED_SQL).fetchall()[0][0])
             if fallbacks != self._fallbacks:
                 self._fallbacks = install_views(con)
+            else:  # `identity_workloads` as installed (the previous call emptied it)
                 con.execute(
-                    "CREATE OR REPLACE TABLE _rollup_no_identities AS "
-                    f"SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0"
-                )
-            else:  # the view the previous call emptied, as installed
-                if not self._workloads_sql:
-                    view = next(v for v in load_views() if v.name == IDENTITY_WORKLOADS_VIEW)
-                    self._workloads_sql = {True: view.sql, False: view.sql_without_fallbacks}
-                con.execute(
-                    f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS\n{self._workloads_sql[fallbacks]}"
+                    f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS\n{self._installed(fallbacks)}"
                 )
             identities = _arrow(con.sql(f"SELECT * FROM {IDENTITIES_VIEW}"))
-            # Pods known only by identity stay unnamed here: their name is looked up over every rollup when read.
-            con.execute(
-                f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _rollup_no_identities"
-            )
+            unname_identities(con)  # pods known only by identity: named when read, over every rollup
             observations = _arrow(con.sql(f"SELECT * FROM {OBSERVATIONS_VIEW}"))
             if not isinstance(flows, list):
                 con.unregister("_rollup_flow_table")  # the flows are not kept alive by the connection
@@ -157,6 +151,13 @@ class Summariser:
             self.close()
             raise QueryError(f"cannot summarise flows into edge rollups: {exc}") from exc
         return observations, identities
+
+    def _installed(self, fallbacks: bool) -> str:
+        """The SELECT of `identity_workloads` as `install_views` creates it."""
+        if not self._workloads_sql:
+            view = next(v for v in load_views() if v.name == IDENTITY_WORKLOADS_VIEW)
+            self._workloads_sql = {True: view.sql, False: view.sql_without_fallbacks}
+        return self._workloads_sql[fallbacks]
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         con = self._con = connect()
@@ -199,8 +200,9 @@ def build_rollup(
     """Write the rollup of one flow part file (replacing any); returns the path of its `edges` file.
     `summariser` is the caller's (one for many files: its views are created once), else one for this file.
 
-    `flows` are the file's flows when the writer still holds them (the file is then not read back): a table
-    in memory is summarised for about half the CPU of reading the file's columns again."""
+    `flows` are the file's flows when the writer still holds them (a small file: it is then not read back; a
+    local file is read back by DuckDB for about the CPU of a table in memory, one on an object store through
+    Arrow, with its requests)."""
     source: FlowSource
     if flows is not None:
         source, count = flows, flows.num_rows
@@ -330,7 +332,8 @@ class RollupBuilder:
 
     HELD_ROWS = 50_000
     """Flows held in memory for files waiting to be built (small files, built from memory); larger files are
-    read back when their turn comes, so a builder that trails holds no flows (a collector's memory stays flat)."""
+    read back when their turn comes, so a builder that trails holds no flows (a collector's memory stays flat).
+    A writer keeps an open part's flows only up to this many (`flowpipe.sinks.parquet`)."""
 
     def __init__(self, dataset: Dataset, *, zstd_level: int = 3) -> None:
         self.dataset = dataset

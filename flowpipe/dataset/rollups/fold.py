@@ -109,10 +109,10 @@ def fold_sql(columns: list[str]) -> str:
 
 def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
     """The folded rows of the rollup files `edge_files` (the `edges` files of one hour's flow files)."""
-    from flowpipe.dataset.rollups.build import IDENTITY_WORKLOADS_VIEW, OBSERVATIONS_VIEW, _arrow, connect
+    from flowpipe.dataset.rollups.build import OBSERVATIONS_VIEW, _arrow, connect
     from flowpipe.dataset.rollups.read import register_files
     from flowpipe.model import FLOW_SCHEMA
-    from flowpipe.query.views import install_views, load_views
+    from flowpipe.query.views import install_views, load_views, unname_identities
 
     con = connect()
     try:
@@ -121,9 +121,7 @@ def fold_rows(dataset: Dataset, edge_files: list[str]) -> pa.Table:
         install_views(con)
         rows = register_files(con, dataset, "_fold_rows", edge_files, OBSERVATIONS_VIEW)
         con.execute(f"CREATE OR REPLACE VIEW {OBSERVATIONS_VIEW} AS SELECT * FROM {rows}")
-        # pods known only by identity stay unnamed: they are named when read, over every rollup
-        con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
-        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _fold_no_identities")
+        unname_identities(con)  # pods known only by identity: named when read, over every rollup
         connections = next(view for view in load_views() if view.name == "connections")
         con.execute(f"CREATE OR REPLACE VIEW connections AS\n{connections.sql}")
         columns = [str(row[0]) for row in con.execute("DESCRIBE connections").fetchall()]
@@ -139,9 +137,9 @@ def privilege_rows(dataset: Dataset, flow_files: list[str]) -> pa.Table:
     reported at either end is among them) folded by every column but the time: `flows` summed, `first_seen` and
     `last_seen` bounded. Pods known only by identity stay unnamed (their identity is kept in
     `*_identity_key`): they are named when read, over every rollup, as `flows_enriched` names them."""
-    from flowpipe.dataset.rollups.build import IDENTITY_WORKLOADS_VIEW, _arrow, connect, flows_view
+    from flowpipe.dataset.rollups.build import _arrow, connect, flows_view
     from flowpipe.model import FLOW_SCHEMA
-    from flowpipe.query.views import install_views
+    from flowpipe.query.views import install_views, unname_identities
 
     con = connect()
     try:
@@ -154,8 +152,7 @@ def privilege_rows(dataset: Dataset, flow_files: list[str]) -> pa.Table:
             ),
         )
         install_views(con)
-        con.execute(f"CREATE TABLE _fold_no_identities AS SELECT * FROM {IDENTITY_WORKLOADS_VIEW} LIMIT 0")
-        con.execute(f"CREATE OR REPLACE VIEW {IDENTITY_WORKLOADS_VIEW} AS SELECT * FROM _fold_no_identities")
+        unname_identities(con)
         columns = [str(row[0]) for row in con.execute(f"DESCRIBE {PRIVILEGE_VIEW}").fetchall()]
         return _arrow(con.sql(_folding_sql(columns, PRIVILEGE_VIEW, {}, PRIVILEGE_SUMS)))
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
